@@ -1,0 +1,341 @@
+"""RoutePolicy: how traffic for one virtual model name is spread over pools (short name ``rp``),
+with scoring weights, tenant budgets, batch-level routing, admission control, difficulty routing
+and the response cache."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from kvroute_api.meta import (
+    CONDITION_REASON,
+    DNS_SUBDOMAIN,
+    ApiModel,
+    Condition,
+    LocalObjectReference,
+    ResourceBase,
+    Rule,
+    SecretKeyReference,
+)
+
+HEADER_NAME = r"^[a-z0-9][-a-z0-9_]*$"
+
+# The router's built-in scoring plugins; the router's registry is keyed by these names.
+ScorerType = Literal[
+    "prefix-precise", "prefix-approx", "queue-depth", "kv-utilization", "running-requests",
+    "lora-affinity",
+]
+PickerType = Literal["max-score", "weighted-random"]
+
+
+class HeaderMatch(ApiModel):
+    """A request header that must have a given value."""
+
+    name: str = Field(max_length=256, pattern=HEADER_NAME,
+                      description="Header name, lower case.")
+    value: str = Field(max_length=4096, description="Exact value the header must have.")
+
+
+class MatchSpec(ApiModel):
+    """Which requests the policy applies to."""
+
+    model: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][-._/:A-Za-z0-9]*$",
+                       description="The `model` name clients send; the policy owns this name.")
+    headers: list[HeaderMatch] = Field(default_factory=list, max_length=16,
+                                       description="Headers that must also match (all of them).")
+
+
+class PoolTarget(ApiModel):
+    """A pool that serves the policy's traffic."""
+
+    name: str = Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN,
+                      description="InferencePool name in the policy's namespace.")
+    weight: int = Field(default=1, ge=0, le=1000,
+                        description="Relative share of traffic when no budget or difficulty "
+                                    "rule decides (0 = only as fallback).")
+    role: Literal["primary", "fallback"] = Field(
+        default="primary", description="primary pools take traffic; fallback pools only when "
+                                       "every primary pool has no ready endpoint.")
+
+
+class ScorerWeight(ApiModel):
+    """A scorer and its weight in the endpoint score."""
+
+    type: ScorerType = Field(description="Built-in scorer: prefix-precise (KV-event index), "
+                                         "prefix-approx (router's own history), queue-depth, "
+                                         "kv-utilization, running-requests, lora-affinity.")
+    weight: float = Field(default=1.0, ge=0, le=100, description="Weight of this scorer.")
+
+
+class ScoringSpec(ApiModel):
+    """How an endpoint inside a pool is chosen: weighted scorers and a picker."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="self.scorers.all(a, self.scorers.exists_one(b, b.type == a.type))",
+             message="each scorer type may appear only once",
+             check=lambda s: len({x.type for x in s.scorers}) == len(s.scorers),
+             field_path=".scorers", reason="FieldValueDuplicate"),
+    )
+
+    scorers: list[ScorerWeight] = Field(
+        default_factory=lambda: [
+            ScorerWeight(type="prefix-precise", weight=3.0),
+            ScorerWeight(type="queue-depth", weight=1.0),
+            ScorerWeight(type="kv-utilization", weight=1.0),
+        ],
+        max_length=8, description="Scorers and weights; scores are in 0-1 and summed by weight.")
+    picker: PickerType = Field(default="max-score",
+                               description="max-score (random tie-break) or weighted-random.")
+    prefix_block_chars: int = Field(
+        default=256, ge=16, le=65536,
+        description="Block size in characters of the approximate prefix scorer.")
+    stale_metrics_ms: int = Field(
+        default=1000, ge=100, le=600000,
+        description="Metrics older than this are stale; load scorers treat the endpoint as "
+                    "average rather than trusting old numbers.")
+
+
+class TenancySpec(ApiModel):
+    """How the router tells tenants apart. Budgets apply per tenant."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="self.source != 'APIKey' || has(self.apiKeysSecretRef)",
+             message="source APIKey needs apiKeysSecretRef",
+             check=lambda s: s.source != "APIKey" or s.api_keys_secret_ref is not None,
+             field_path=".apiKeysSecretRef", reason="FieldValueRequired"),
+    )
+
+    source: Literal["Header", "APIKey"] = Field(
+        default="Header",
+        description="Header: the tenant is the value of `header`, which must be set by a trusted "
+                    "gateway (the router strips it from untrusted clients). APIKey: the tenant "
+                    "is looked up from the bearer token in apiKeysSecretRef.")
+    header: str = Field(default="x-kvroute-tenant", max_length=256, pattern=HEADER_NAME,
+                        description="Header carrying the tenant (source Header).")
+    api_keys_secret_ref: LocalObjectReference | None = Field(
+        default=None, alias="apiKeysSecretRef",
+        description="Secret whose keys are tenants and values are their API keys.")
+    default_tenant: str = Field(default="anonymous", max_length=253, pattern=r"^[-._a-zA-Z0-9]+$",
+                                description="Tenant of requests that carry none.")
+
+
+class BudgetSpec(ApiModel):
+    """A spending or capacity limit for one tenant (or all, with tenant "*")."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="has(self.usd) || has(self.tokensPerMinute) || has(self.requestsPerMinute) || "
+                 "has(self.maxConcurrency)",
+             message="a budget needs at least one limit: usd, tokensPerMinute, "
+                     "requestsPerMinute or maxConcurrency",
+             check=lambda s: any(v is not None for v in (
+                 s.usd, s.tokens_per_minute, s.requests_per_minute, s.max_concurrency)),
+             reason="FieldValueRequired"),
+    )
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                      description="Budget name, unique in the policy (metrics label).")
+    tenant: str = Field(default="*", max_length=253, pattern=r"^(\*|[-._a-zA-Z0-9]+)$",
+                        description="Tenant the budget applies to; * applies to each tenant "
+                                    "separately.")
+    usd: float | None = Field(default=None, gt=0, le=1e9,
+                              description="Most USD the tenant may spend per window.")
+    window: Literal["1m", "1h", "1d", "7d", "30d"] = Field(
+        default="1d", description="Window of the usd limit (rolling).")
+    tokens_per_minute: int | None = Field(default=None, ge=1, le=10**12,
+                                          description="Most tokens (prompt + output) per minute.")
+    requests_per_minute: int | None = Field(default=None, ge=1, le=10**9,
+                                            description="Most requests per minute.")
+    max_concurrency: int | None = Field(default=None, ge=1, le=10**6,
+                                        description="Most requests in flight at once.")
+    on_exhausted: Literal["Reject", "Downgrade"] = Field(
+        default="Reject",
+        description="Reject: answer 429. Downgrade: route to the cheapest pool that the "
+                    "remaining budget affords, else 429.")
+
+
+class BatchingSpec(ApiModel):
+    """Batch-level routing: requests arriving within the window are assigned to pools jointly
+    under the cost budget and each pool's free capacity."""
+
+    enabled: bool = Field(default=True, description="Assign requests to pools in batches.")
+    window_ms: int = Field(default=5, ge=0, le=1000,
+                           description="How long the router gathers a batch, in milliseconds.")
+    max_batch_size: int = Field(default=64, ge=1, le=4096,
+                                description="Largest batch assigned at once.")
+
+
+class PriorityClass(ApiModel):
+    """A request priority (chosen by the x-kvroute-priority header)."""
+
+    name: str = Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                      description="Name clients send in x-kvroute-priority.")
+    priority: int = Field(ge=-1000, le=1000, description="Higher is served first.")
+    sheddable: bool = Field(default=False,
+                            description="Whether requests of this class are shed (429) under "
+                                        "saturation instead of queued.")
+
+
+class AdmissionSpec(ApiModel):
+    """What the router admits, queues or sheds."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="!has(self.defaultPriorityClass) || "
+                 "self.priorityClasses.exists(p, p.name == self.defaultPriorityClass)",
+             message="defaultPriorityClass must name one of priorityClasses",
+             check=lambda s: s.default_priority_class is None
+             or any(p.name == s.default_priority_class for p in s.priority_classes),
+             field_path=".defaultPriorityClass"),
+    )
+
+    max_prompt_tokens: int | None = Field(default=None, ge=1, le=10_485_760,
+                                          description="Longer prompts are rejected with 413.")
+    max_output_tokens: int | None = Field(default=None, ge=1, le=10_485_760,
+                                          description="Larger max_tokens are rejected with 400.")
+    max_queue_depth: int = Field(default=1024, ge=0, le=1_000_000,
+                                 description="Requests the router holds while every endpoint "
+                                             "is saturated; beyond it requests get 429.")
+    queue_timeout_ms: int = Field(default=30000, ge=0, le=3_600_000,
+                                  description="How long a request may wait in the router's "
+                                              "queue before it gets 429.")
+    saturation_queue_depth: int = Field(
+        default=8, ge=1, le=100000,
+        description="An endpoint with this many waiting requests counts as saturated.")
+    priority_classes: list[PriorityClass] = Field(default_factory=list, max_length=16,
+                                                  description="Request priorities.")
+    default_priority_class: str | None = Field(default=None, max_length=63,
+                                               description="Priority of requests naming none.")
+
+
+class DifficultySpec(ApiModel):
+    """Difficulty routing: hard prompts go to strong pools, easy ones to cheap pools."""
+
+    enabled: bool = Field(default=False, description="Route by estimated prompt difficulty.")
+    strong_share: float = Field(default=0.3, ge=0, le=1,
+                                description="Target share of requests sent to the strong tier.")
+    estimator: Literal["length", "lexical"] = Field(
+        default="lexical",
+        description="Difficulty estimator: length (prompt length) or lexical (a small model "
+                    "over prompt features, trained offline).")
+
+
+class ResponseCacheSpec(ApiModel):
+    """Reuse of earlier answers (exact, then semantic)."""
+
+    cache_tier_ref: LocalObjectReference = Field(description="CacheTier holding the responses.")
+    similarity_threshold: float | None = Field(
+        default=None, ge=0.5, le=1,
+        description="Cosine similarity above which a cached answer is reused; overrides the "
+                    "CacheTier's threshold; 1 means exact matches only.")
+    ttl_seconds: int | None = Field(default=None, ge=1, le=31_536_000,
+                                    description="Lifetime of entries; overrides the CacheTier.")
+    scope: Literal["Tenant", "Global"] = Field(
+        default="Tenant", description="Tenant: answers are reused within a tenant only.")
+    allow_sampling: bool = Field(
+        default=False, description="Also cache requests with temperature > 0.")
+
+
+class RetrySpec(ApiModel):
+    """Retries of requests whose endpoint fails before the first byte."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10,
+                              description="Attempts in total, on distinct endpoints.")
+    per_try_timeout_ms: int = Field(default=10000, ge=100, le=600000,
+                                    description="Time to first byte allowed per attempt.")
+
+
+class RoutePolicySpec(ApiModel):
+    """Desired state of a RoutePolicy."""
+
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="self.pools.all(a, self.pools.exists_one(b, b.name == a.name))",
+             message="each pool may be listed only once",
+             check=lambda s: len({p.name for p in s.pools}) == len(s.pools),
+             field_path=".pools", reason="FieldValueDuplicate"),
+        Rule(cel="self.budgets.all(a, self.budgets.exists_one(b, b.name == a.name))",
+             message="budget names must be unique",
+             check=lambda s: len({b.name for b in s.budgets}) == len(s.budgets),
+             field_path=".budgets", reason="FieldValueDuplicate"),
+        Rule(cel="self.pools.exists(p, p.role == 'primary' && p.weight > 0)",
+             message="at least one pool must be a primary pool with weight > 0",
+             check=lambda s: any(p.role == "primary" and p.weight > 0 for p in s.pools),
+             field_path=".pools"),
+        Rule(cel="!has(self.difficulty) || !self.difficulty.enabled || size(self.pools) >= 2",
+             message="difficulty routing needs at least two pools (a weak and a strong one)",
+             check=lambda s: s.difficulty is None or not s.difficulty.enabled
+             or len(s.pools) >= 2,
+             field_path=".difficulty.enabled"),
+    )
+
+    match: MatchSpec = Field(description="Which requests this policy routes.")
+    pools: list[PoolTarget] = Field(min_length=1, max_length=16,
+                                    description="Pools that serve the traffic.")
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec,
+                                 description="Endpoint scoring inside a pool.")
+    tenancy: TenancySpec = Field(default_factory=TenancySpec,
+                                 description="How tenants are identified.")
+    budgets: list[BudgetSpec] = Field(default_factory=list, max_length=32,
+                                      description="Cost and capacity budgets per tenant.")
+    batching: BatchingSpec = Field(default_factory=BatchingSpec,
+                                   description="Batch-level routing.")
+    admission: AdmissionSpec = Field(default_factory=AdmissionSpec,
+                                     description="Admission control and shedding.")
+    difficulty: DifficultySpec | None = Field(default=None, description="Difficulty routing.")
+    response_cache: ResponseCacheSpec | None = Field(default=None,
+                                                     description="Response cache.")
+    retries: RetrySpec = Field(default_factory=RetrySpec, description="Retry behaviour.")
+    request_timeout_seconds: int = Field(default=600, ge=1, le=86400,
+                                         description="Longest a request may take end to end.")
+
+
+class BudgetStatus(ApiModel):
+    """Usage of one budget (as counted by the routers, via Prometheus)."""
+
+    name: str = Field(max_length=63, description="Budget name.")
+    tenant: str = Field(default="*", max_length=253, description="Tenant.")
+    spent_usd: float | None = Field(default=None, ge=0, alias="spentUSD",
+                                    description="USD spent in the current window.")
+    limit_usd: float | None = Field(default=None, ge=0, alias="limitUSD",
+                                    description="USD limit of the window.")
+    window: str = Field(default="", max_length=8, description="Window of the usd limit.")
+    percent_used: int = Field(default=0, ge=0, description="Highest usage of any limit, in %.")
+
+
+class RoutePolicyStatus(ApiModel):
+    """Observed state of a RoutePolicy."""
+
+    observed_generation: int | None = Field(default=None, ge=0,
+                                            description="Generation this status describes.")
+    resolved_pools: list[str] = Field(default_factory=list, max_length=16,
+                                      description="Pools that exist and were resolved.")
+    budgets: list[BudgetStatus] = Field(default_factory=list, max_length=32,
+                                        description="Usage of each budget.")
+    budget_used_percent: int | None = Field(default=None, ge=0,
+                                            description="Highest usage of any budget, in %.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16,
+                                        description="Accepted, ResolvedRefs and BudgetExhausted.")
+
+
+class RoutePolicy(ResourceBase):
+    """How traffic for one model name is spread over pools, within budgets."""
+
+    KIND: ClassVar[str] = "RoutePolicy"
+    PLURAL: ClassVar[str] = "routepolicies"
+    SHORT_NAMES: ClassVar[tuple[str, ...]] = ("rp",)
+
+    spec: RoutePolicySpec = Field(description="Desired routing behaviour.")
+    status: RoutePolicyStatus | None = Field(default=None,
+                                             description="Observed state of the policy.")
+
+
+__all__ = [
+    "CONDITION_REASON",
+    "AdmissionSpec",
+    "BudgetSpec",
+    "PickerType",
+    "RoutePolicy",
+    "RoutePolicySpec",
+    "ScorerType",
+    "ScoringSpec",
+    "SecretKeyReference",
+]

@@ -1,0 +1,33 @@
+"""Real vLLM-CPU engines for end-to-end tests.
+
+``engine_fleet`` is session-scoped: the suite pays the ~90 s engine start-up once, and every e2e
+test (router, KV events, budgets, …) shares the same engines. Tests must not assume an empty
+cache: use prompts unique to the test (``unique_prompt``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kvroute_cli.localengines import LocalEngineFleet
+
+
+@pytest.fixture(scope="session")
+def engine_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEngineFleet]:
+    count = int(os.environ.get("KVROUTE_E2E_ENGINES", "2"))
+    fleet = LocalEngineFleet(count=count, workdir=Path(tmp_path_factory.mktemp("engines")))
+    fleet.start(progress=True)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture
+def unique_prompt() -> str:
+    """A prefix no other test uses, so cache effects are this test's own."""
+    return f"[{uuid.uuid4().hex}] "

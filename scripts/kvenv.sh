@@ -16,7 +16,9 @@ PY="${KVROUTE_PYTHON:-python3.11}"
 mkdir -p "$CACHE"
 
 log() { echo "[kvenv] $*" >&2; }
-key() { sha256sum "$@" | sha256sum | cut -c1-12; }
+# pip here warns about every package missing from the machine's local file indexes; hide that noise.
+quiet_pip() { "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2) >&2; }
+key() { cat "$@" | sha256sum | cut -c1-12; }
 
 build_dev() {
   local venv="$CACHE/dev-$(key "$ROOT/requirements/dev.lock")"
@@ -24,12 +26,12 @@ build_dev() {
     log "building dev venv $venv (first run on this machine: a few minutes)"
     rm -rf "$venv"
     "$PY" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/dev.lock" hatchling editables >&2
+    quiet_pip "$venv/bin/python" -m pip install -q --upgrade pip
+    quiet_pip "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/dev.lock"
     touch "$venv/.complete"
   fi
   # The project itself: editable, re-pointed at this clone on every run (seconds).
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >&2
+  quiet_pip "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   echo "$venv"
 }
 
@@ -39,7 +41,7 @@ build_engine() {
     log "building vLLM engine venv $venv (first run on this machine: ~3.5 GB, several minutes)"
     rm -rf "$venv"
     "$PY" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/engine.txt" >&2
+    quiet_pip "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/engine.txt"
     # PyPI's torchvision/torchaudio builds fail to load beside CPU torch and break `import vllm`.
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
     "$venv/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2

@@ -1,0 +1,130 @@
+"""Prometheus access for the autoscaler and the budget status, through ``prometheus-api-client``
+(synchronous, so each query runs in a worker thread).
+
+Metric names live here once:
+
+* engine metrics (vLLM): :data:`WAITING_METRIC`, :data:`KV_USAGE_METRIC`, selected by the
+  ``namespace`` and ``pod`` labels that Prometheus' Kubernetes pod discovery attaches;
+* router budget counters: :data:`BUDGET_SPEND_METRIC` and :data:`BUDGET_TOKENS_METRIC`, labelled
+  ``policy``, ``budget`` and ``tenant`` (the router's budget ledger exports them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kvroute_api.route_policy import BudgetSpec
+
+from kvroute_operator.autoscaling import PoolLoad
+
+WAITING_METRIC: Final = "vllm:num_requests_waiting"
+KV_USAGE_METRIC: Final = "vllm:kv_cache_usage_perc"
+BUDGET_SPEND_METRIC: Final = "kvroute_budget_spend_usd_total"
+BUDGET_TOKENS_METRIC: Final = "kvroute_budget_tokens_total"
+QUERY_TIMEOUT_SECONDS: Final = 5
+
+
+class PrometheusUnavailableError(Exception):
+    """Prometheus could not be queried (unreachable, error answer, malformed data)."""
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def pod_selector(namespace: str, deployment: str) -> str:
+    """Label matchers for the pods of a Deployment (``NAME-<hash>-<suffix>``)."""
+    pods = re.escape(deployment).replace("\\-", "-")
+    return f'namespace="{_quote(namespace)}",pod=~"{_quote(pods)}-[a-z0-9]+-[a-z0-9]+"'
+
+
+def selector_matchers(namespace: str, pod_names: list[str]) -> str:
+    """Label matchers for an explicit set of pods (External pools selected by labels)."""
+    alternatives = "|".join(re.escape(p) for p in sorted(pod_names)) or "^$"
+    return f'namespace="{_quote(namespace)}",pod=~"{_quote(alternatives)}"'
+
+
+@dataclass(frozen=True)
+class BudgetUsage:
+    """Usage of one budget: the worst tenant's spend in the window and token rate."""
+
+    spent_usd: float | None
+    tokens_per_minute: float | None
+    tenant: str | None
+
+
+class PrometheusMetrics:
+    """Queries one Prometheus server."""
+
+    def __init__(self, url: str) -> None:
+        from prometheus_api_client import PrometheusConnect
+
+        self.url = url
+        self._client = PrometheusConnect(url=url, disable_ssl=False,
+                                         timeout=QUERY_TIMEOUT_SECONDS)
+
+    def _query_sync(self, promql: str) -> list[dict[str, Any]]:
+        try:
+            result = self._client.custom_query(promql)
+        except Exception as exc:  # requests' and the client's errors alike
+            raise PrometheusUnavailableError(f"{self.url}: {exc}") from exc
+        if not isinstance(result, list):
+            raise PrometheusUnavailableError(f"{self.url}: unexpected answer to {promql!r}")
+        return [r for r in result if isinstance(r, dict)]
+
+    async def query(self, promql: str) -> list[dict[str, Any]]:
+        """Instant-vector samples of a query."""
+        return await asyncio.to_thread(self._query_sync, promql)
+
+    async def by_label(self, promql: str, label: str) -> dict[str, float]:
+        """{label value: sample value} of an instant query."""
+        out: dict[str, float] = {}
+        for sample in await self.query(promql):
+            key = (sample.get("metric") or {}).get(label, "")
+            try:
+                out[str(key)] = float(sample["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                raise PrometheusUnavailableError(
+                    f"{self.url}: malformed sample {sample!r}") from exc
+        return out
+
+    async def pool_load(self, matchers: str) -> PoolLoad:
+        """Waiting requests and KV-cache usage of each pod matched."""
+        waiting = await self.by_label(f"max by (pod) ({WAITING_METRIC}{{{matchers}}})", "pod")
+        kv = await self.by_label(f"max by (pod) ({KV_USAGE_METRIC}{{{matchers}}})", "pod")
+        return PoolLoad(waiting_requests=waiting, kv_cache_usage=kv)
+
+    async def budget_usage(self, policy: str, budget: BudgetSpec) -> BudgetUsage:
+        """Spend over the budget's window and tokens per minute, per tenant; the worst tenant
+        counts (a ``*`` budget applies to each tenant separately)."""
+        matchers = f'policy="{_quote(policy)}",budget="{_quote(budget.name)}"'
+        if budget.tenant != "*":
+            matchers += f',tenant="{_quote(budget.tenant)}"'
+        spent: dict[str, float] = {}
+        tokens: dict[str, float] = {}
+        if budget.usd is not None:
+            spent = await self.by_label(
+                f"sum by (tenant) (increase({BUDGET_SPEND_METRIC}{{{matchers}}}"
+                f"[{budget.window}]))", "tenant")
+        if budget.tokens_per_minute is not None:
+            tokens = await self.by_label(
+                f"sum by (tenant) (rate({BUDGET_TOKENS_METRIC}{{{matchers}}}[1m])) * 60",
+                "tenant")
+        worst_tenant: str | None = None
+        worst = -1.0
+        for tenant in set(spent) | set(tokens):
+            share = max(spent.get(tenant, 0.0) / budget.usd if budget.usd else 0.0,
+                        tokens.get(tenant, 0.0) / budget.tokens_per_minute
+                        if budget.tokens_per_minute else 0.0)
+            if share > worst:
+                worst, worst_tenant = share, tenant
+        return BudgetUsage(
+            spent_usd=spent.get(worst_tenant, 0.0) if budget.usd is not None and worst_tenant
+            else (0.0 if budget.usd is not None else None),
+            tokens_per_minute=tokens.get(worst_tenant, 0.0)
+            if budget.tokens_per_minute is not None and worst_tenant
+            else (0.0 if budget.tokens_per_minute is not None else None),
+            tenant=worst_tenant)

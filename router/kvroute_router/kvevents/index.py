@@ -1,0 +1,180 @@
+"""The prefix index: which endpoint holds which KV block, and how long a prompt's cached prefix is.
+
+Two structures, kept consistent:
+
+* per endpoint, an insertion-ordered ``dict`` block hash → reference count (vLLM may cache two
+  physical blocks with the same hash; each ``BlockStored`` adds one reference, each
+  ``BlockRemoved`` takes one away). Re-storing a block moves it to the end, so the order is
+  "least recently stored first" and the per-endpoint bound evicts from the front — the same
+  LRU direction as the engine;
+* a global ``dict`` block hash → bitmask of endpoint *slots* (one bit per endpoint). A bitmask
+  is a small int — values under 257 are shared CPython objects — so the map costs one dict slot
+  plus the key per block, not a set per block.
+
+``match()`` walks the prompt's block hashes in order, AND-ing the masks: the endpoints still set
+after block *i* hold the consecutive prefix 0..i. It stops at the first block no endpoint holds,
+so it is O(prompt blocks) and usually much less. Bytes per entry are measured in
+``tests/unit/kvevents/test_index.py`` and stated in ``docs/kv-events.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+DEFAULT_MAX_BLOCKS_PER_ENDPOINT = 1 << 20
+
+
+class PrefixIndex:
+    """Block hash → endpoints, with per-endpoint reference counts and a size bound."""
+
+    def __init__(self, max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT) -> None:
+        if max_blocks_per_endpoint < 1:
+            raise ValueError(f"max_blocks_per_endpoint must be >= 1, got "
+                             f"{max_blocks_per_endpoint}")
+        self.max_blocks_per_endpoint = max_blocks_per_endpoint
+        self._slot_of: dict[str, int] = {}
+        self._endpoint_of_slot: dict[int, str] = {}
+        self._blocks: dict[str, dict[int, int]] = {}
+        self._holders: dict[int, int] = {}
+        self.evicted_for_bound = 0
+
+    # -- endpoints -------------------------------------------------------------------------
+    def add_endpoint(self, endpoint: str) -> None:
+        """Register an endpoint (idempotent); it holds no blocks until events arrive."""
+        if endpoint in self._slot_of:
+            return
+        slot = next(s for s in range(len(self._slot_of) + 1) if s not in self._endpoint_of_slot)
+        self._slot_of[endpoint] = slot
+        self._endpoint_of_slot[slot] = endpoint
+        self._blocks[endpoint] = {}
+
+    def remove_endpoint(self, endpoint: str) -> None:
+        """Forget an endpoint and all its blocks; its slot is reused."""
+        if endpoint not in self._slot_of:
+            return
+        self.clear(endpoint)
+        slot = self._slot_of.pop(endpoint)
+        del self._endpoint_of_slot[slot]
+        del self._blocks[endpoint]
+
+    def endpoints(self) -> list[str]:
+        return list(self._slot_of)
+
+    # -- updates ---------------------------------------------------------------------------
+    def store(self, endpoint: str, hashes: Iterable[int]) -> int:
+        """Add one reference per hash; returns how many hashes were new to this endpoint."""
+        self.add_endpoint(endpoint)
+        blocks = self._blocks[endpoint]
+        bit = 1 << self._slot_of[endpoint]
+        new = 0
+        for block_hash in hashes:
+            count = blocks.pop(block_hash, 0)
+            blocks[block_hash] = count + 1
+            if count == 0:
+                new += 1
+                self._holders[block_hash] = self._holders.get(block_hash, 0) | bit
+        overflow = len(blocks) - self.max_blocks_per_endpoint
+        if overflow > 0:
+            oldest = list(_first(blocks, overflow))
+            for block_hash in oldest:
+                del blocks[block_hash]
+                self._drop_holder(block_hash, bit)
+            self.evicted_for_bound += len(oldest)
+        return new
+
+    def remove(self, endpoint: str, hashes: Iterable[int]) -> int:
+        """Take one reference per hash; returns how many hashes this endpoint no longer holds.
+
+        Removing a hash the endpoint does not hold is ignored (vLLM publishes duplicates, and a
+        replay may repeat what was already applied).
+        """
+        blocks = self._blocks.get(endpoint)
+        if blocks is None:
+            return 0
+        bit = 1 << self._slot_of[endpoint]
+        gone = 0
+        for block_hash in hashes:
+            count = blocks.get(block_hash)
+            if count is None:
+                continue
+            if count > 1:
+                blocks[block_hash] = count - 1
+                continue
+            del blocks[block_hash]
+            self._drop_holder(block_hash, bit)
+            gone += 1
+        return gone
+
+    def clear(self, endpoint: str) -> int:
+        """Drop every block of one endpoint (restart, AllBlocksCleared); returns how many."""
+        blocks = self._blocks.get(endpoint)
+        if not blocks:
+            return 0
+        bit = 1 << self._slot_of[endpoint]
+        for block_hash in blocks:
+            self._drop_holder(block_hash, bit)
+        dropped = len(blocks)
+        blocks.clear()
+        return dropped
+
+    def _drop_holder(self, block_hash: int, bit: int) -> None:
+        mask = self._holders.get(block_hash, 0) & ~bit
+        if mask:
+            self._holders[block_hash] = mask
+        else:
+            self._holders.pop(block_hash, None)
+
+    # -- queries ---------------------------------------------------------------------------
+    def match(self, prompt_hashes: Sequence[int],
+              endpoints: Iterable[str] | None = None) -> dict[str, int]:
+        """Longest consecutive cached prefix, in blocks, per endpoint (0 when none).
+
+        ``endpoints`` restricts the answer (unknown names get 0); default: every endpoint.
+        """
+        wanted = list(self._slot_of) if endpoints is None else list(endpoints)
+        result = dict.fromkeys(wanted, 0)
+        alive = 0
+        for name in wanted:
+            slot = self._slot_of.get(name)
+            if slot is not None:
+                alive |= 1 << slot
+        depth = 0
+        for block_hash in prompt_hashes:
+            if not alive:
+                break
+            still = alive & self._holders.get(block_hash, 0)
+            if still != alive:
+                self._record(result, alive & ~still, depth)
+            alive = still
+            depth += 1
+        if alive:
+            self._record(result, alive, depth)
+        return result
+
+    def _record(self, result: dict[str, int], mask: int, depth: int) -> None:
+        while mask:
+            low = mask & -mask
+            result[self._endpoint_of_slot[low.bit_length() - 1]] = depth
+            mask ^= low
+
+    def holds(self, endpoint: str, block_hash: int) -> bool:
+        return block_hash in self._blocks.get(endpoint, {})
+
+    def block_count(self, endpoint: str) -> int:
+        """Distinct blocks one endpoint holds."""
+        return len(self._blocks.get(endpoint, {}))
+
+    def distinct_blocks(self) -> int:
+        """Distinct block hashes held by any endpoint."""
+        return len(self._holders)
+
+    def entries(self) -> int:
+        """(endpoint, block) pairs: the size the memory bound is about."""
+        return sum(len(b) for b in self._blocks.values())
+
+
+def _first(blocks: dict[int, int], count: int) -> Iterable[int]:
+    for number, block_hash in enumerate(blocks):
+        if number >= count:
+            return
+        yield block_hash

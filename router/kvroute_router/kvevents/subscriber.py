@@ -1,0 +1,425 @@
+"""One KV-event subscriber per engine: ZMQ SUB → bounded queue → prefix index, with replay.
+
+Three tasks per connection, all on the router's event loop:
+
+* the **receiver** reads ``[topic, seq, payload]`` from a SUB socket (topic filter) and puts it
+  on a bounded queue with ``put_nowait``; when the queue is full the batch is dropped and a
+  resync is flagged — the loop never waits on a slow consumer, and the replay recovers the batch;
+* the **monitor** watches the socket's connect/disconnect events: a disconnect makes the
+  endpoint's index untrusted (the scorer falls back), a reconnect triggers a resync;
+* the **applier** decodes batches (:mod:`.events`) and applies them to the
+  :class:`~.index.PrefixIndex` in sequence order, runs the hash self-check on a sample, and
+  resynchronises when needed.
+
+Sequence rules: ``seq == last + 1`` applies; a gap (``seq > last + 1``) asks the engine's replay
+socket (a DEALER sending ``[b"", start_seq]``, reading until ``seq == -1``) for what was missed;
+``seq <= last`` with the payload we already applied is a duplicate; ``seq <= last`` with other
+content means the engine restarted (vLLM's sequence starts again at 0): the endpoint's blocks are
+dropped and rebuilt from the replay. A resync asks for the replay from the last applied ``seq``:
+if the engine's batch at that ``seq`` differs from ours (or it has none), the engine is not the
+one we followed — restart — and the index for that endpoint is rebuilt from ``seq`` 0 (as much
+as the engine's replay buffer still holds; ``status.complete_history`` says whether that was
+everything). ``AllBlocksCleared`` drops the endpoint's blocks too.
+
+ZMQ reconnects on its own, with exponential backoff between ``reconnect_ivl_ms`` and
+``reconnect_ivl_max_ms``; if a session fails on an exception the subscriber starts a new one
+after a backoff of its own. Service loops run until :meth:`KVEventSubscriber.stop`; every inner
+loop (replay reading) is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from kvroute_router.kvevents.events import (
+    END_OF_REPLAY_SEQ,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventDecodeError,
+    decode_batch,
+    decode_seq,
+    event_hash,
+    indexable,
+)
+from kvroute_router.kvevents.hashing import BlockHasher
+from kvroute_router.kvevents.index import PrefixIndex
+from kvroute_router.kvevents.metrics import KVEventMetrics
+from kvroute_router.kvevents.selfcheck import BlockHashSelfCheck, HashCheckStatus
+
+logger = logging.getLogger("kvroute.kvevents.subscriber")
+
+RECENT_DIGESTS = 4096
+
+
+@dataclass(frozen=True)
+class KVEventSource:
+    """Where one engine publishes: the index names its blocks after ``endpoint``."""
+
+    endpoint: str
+    events_endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = "kv"
+
+
+@dataclass(frozen=True)
+class SubscriberSettings:
+    """Tunables shared by every subscriber of a router."""
+
+    queue_size: int = 4096
+    replay_timeout_s: float = 5.0
+    max_replay_batches: int = 20_000
+    reconnect_ivl_ms: int = 100
+    reconnect_ivl_max_ms: int = 5_000
+    session_backoff_s: float = 0.5
+    session_backoff_max_s: float = 10.0
+    idle_poll_s: float = 0.2
+    self_check_sample_every: int = 16
+
+
+@dataclass
+class SubscriberStatus:
+    """The state of one endpoint's event stream, for the scorer and for operators."""
+
+    endpoint: str
+    connected: bool = False
+    synced: bool = False
+    complete_history: bool = False
+    last_seq: int | None = None
+    last_batch_unix: float | None = None
+    last_batch_monotonic: float | None = None
+    batches_applied: int = 0
+    gaps: int = 0
+    replays: int = 0
+    restarts: int = 0
+    dropped: int = 0
+    disconnected_since: float | None = None
+    hash_check: HashCheckStatus = field(default_factory=HashCheckStatus)
+
+    @property
+    def trustworthy(self) -> bool:
+        """Connected, in sequence, and its hashes reproduce: the index is right for it."""
+        return self.connected and self.synced and self.hash_check.state != "mismatch"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint, "connected": self.connected, "synced": self.synced,
+            "trustworthy": self.trustworthy, "complete_history": self.complete_history,
+            "last_seq": self.last_seq, "last_batch_unix": self.last_batch_unix,
+            "batches_applied": self.batches_applied, "gaps": self.gaps, "replays": self.replays,
+            "restarts": self.restarts, "dropped": self.dropped,
+            "hash_check": self.hash_check.as_dict(),
+        }
+
+
+def _digest(payload: bytes) -> int:
+    return zlib.crc32(payload)
+
+
+class KVEventSubscriber:
+    """Follows one engine's KV events into the shared prefix index."""
+
+    def __init__(self, source: KVEventSource, index: PrefixIndex, hasher: BlockHasher | None,
+                 metrics: KVEventMetrics, *, context: zmq.asyncio.Context | None = None,
+                 settings: SubscriberSettings | None = None) -> None:
+        self.source = source
+        self.index = index
+        self.metrics = metrics
+        self.settings = settings or SubscriberSettings()
+        self._context = context or zmq.asyncio.Context.instance()
+        self.self_check = (BlockHashSelfCheck(source.endpoint, hasher,
+                                              sample_every=self.settings.self_check_sample_every)
+                           if hasher is not None else None)
+        self.status = SubscriberStatus(endpoint=source.endpoint)
+        if self.self_check is not None:
+            self.status.hash_check = self.self_check.status
+        self._queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(self.settings.queue_size)
+        self._recent: OrderedDict[int, int] = OrderedDict()
+        self._resync_needed = True
+        self._stopping = False
+        self._ever_connected = False
+        index.add_endpoint(source.endpoint)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stopping = True
+
+    async def run(self) -> None:
+        """Follow the engine until :meth:`stop` or cancellation, restarting failed sessions."""
+        backoff = self.settings.session_backoff_s
+        while not self._stopping:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("kv-events session for %s failed; retrying in %.1fs",
+                                 self.source.endpoint, backoff)
+            self.status.connected = False
+            self.status.synced = False
+            self._resync_needed = True
+            if self._stopping:
+                break
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.settings.session_backoff_max_s)
+
+    async def _session(self) -> None:
+        sub = self._context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.RECONNECT_IVL, self.settings.reconnect_ivl_ms)
+        sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.settings.reconnect_ivl_max_ms)
+        sub.setsockopt(zmq.SUBSCRIBE, self.source.topic.encode("utf-8"))
+        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sub.connect(self.source.events_endpoint)
+        tasks = [asyncio.create_task(self._receive(sub)),
+                 asyncio.create_task(self._watch(monitor)),
+                 asyncio.create_task(self._apply_loop())]
+        try:
+            while not self._stopping:
+                done, _ = await asyncio.wait(tasks, timeout=self.settings.idle_poll_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # re-raise a failed task: the session restarts
+                if done:
+                    raise RuntimeError("a kv-events task ended unexpectedly")
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            sub.disable_monitor()
+            monitor.close(linger=0)
+            sub.close(linger=0)
+
+    # -- tasks -----------------------------------------------------------------------------
+    async def _receive(self, sub: zmq.asyncio.Socket) -> None:
+        endpoint = self.source.endpoint
+        while True:
+            frames = await sub.recv_multipart()
+            if len(frames) != 3:
+                self._drop("undecodable")
+                continue
+            try:
+                seq = decode_seq(frames[1])
+            except EventDecodeError:
+                self._drop("undecodable")
+                continue
+            try:
+                self._queue.put_nowait((seq, frames[2]))
+            except asyncio.QueueFull:
+                self._drop("queue_full")
+                self._resync_needed = True
+                logger.warning("kv-events queue of %s full; batch %d dropped, will replay",
+                               endpoint, seq)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        while True:
+            message = parse_monitor_message(await monitor.recv_multipart())
+            event = message["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self.status.connected = True
+                self.status.disconnected_since = None
+                self.metrics.reconnects.labels(self.source.endpoint).inc()
+                if self._ever_connected:
+                    # Missed batches, or a different engine behind the address: find out.
+                    self._resync_needed = True
+                    self.status.synced = False
+                self._ever_connected = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.status.connected = False
+                self.status.disconnected_since = time.monotonic()
+                self.status.synced = False
+                self._resync_needed = True
+
+    async def _apply_loop(self) -> None:
+        while True:
+            try:
+                seq, payload = await asyncio.wait_for(self._queue.get(),
+                                                      self.settings.idle_poll_s)
+            except TimeoutError:
+                if self._resync_needed and self.status.connected:
+                    await self._resync()
+                continue
+            if self._resync_needed:
+                await self._resync()
+            await self._accept(seq, payload)
+
+    # -- sequence handling -----------------------------------------------------------------
+    async def _accept(self, seq: int, payload: bytes) -> None:
+        last = self.status.last_seq
+        if last is not None and seq <= last:
+            if self._recent.get(seq) == _digest(payload):
+                self.metrics.events_dropped.labels(self.source.endpoint, "duplicate").inc()
+                return
+            self._engine_restarted(f"sequence went back from {last} to {seq}")
+            await self._resync()
+            return
+        if last is not None and seq > last + 1:
+            self.status.gaps += 1
+            self.metrics.gaps.labels(self.source.endpoint).inc()
+            await self._resync()
+            if self.status.last_seq is not None and seq <= self.status.last_seq:
+                return
+        self._apply(seq, payload, "live")
+
+    def _engine_restarted(self, reason: str) -> None:
+        endpoint = self.source.endpoint
+        logger.warning("kv-events: engine %s restarted (%s); dropping its blocks", endpoint,
+                       reason)
+        self.status.restarts += 1
+        self.metrics.restarts.labels(endpoint).inc()
+        self._clear("restart")
+        self.status.last_seq = None
+        self._recent.clear()
+
+    def _clear(self, reason: str) -> None:
+        endpoint = self.source.endpoint
+        self.index.clear(endpoint)
+        self.metrics.cleared.labels(endpoint, reason).inc()
+        self.metrics.index_blocks.labels(endpoint).set(0)
+
+    async def _resync(self) -> None:
+        """Bring the index in line with the engine through its replay socket."""
+        self._resync_needed = False
+        endpoint = self.source.endpoint
+        if self.source.replay_endpoint is None:
+            self.metrics.replays.labels(endpoint, "unavailable").inc()
+            self.status.synced = True
+            return
+        last = self.status.last_seq
+        batches = await self._replay(last if last is not None else 0)
+        if batches is None:
+            self._resync_needed = True
+            return
+        if last is not None:
+            first = batches[0] if batches else None
+            if first is not None and first[0] == last and \
+                    self._recent.get(last) == _digest(first[1]):
+                batches = batches[1:]
+            else:
+                if first is not None and first[0] > last:
+                    self.metrics.replays.labels(endpoint, "history_lost").inc()
+                    self._clear("history_lost")
+                    self.status.last_seq = None
+                    self._recent.clear()
+                else:
+                    self._engine_restarted("replay disagrees with the batches applied")
+                replayed = await self._replay(0)
+                if replayed is None:
+                    self._resync_needed = True
+                    return
+                batches = replayed
+        if self.status.last_seq is None:
+            self.status.complete_history = not batches or batches[0][0] == 0
+        for seq, payload in batches:
+            if self.status.last_seq is None or seq > self.status.last_seq:
+                self._apply(seq, payload, "replay")
+        self.status.synced = True
+
+    async def _replay(self, start_seq: int) -> list[tuple[int, bytes]] | None:
+        """Batches with ``seq >= start_seq`` still in the engine's buffer; None on timeout."""
+        assert self.source.replay_endpoint is not None
+        endpoint = self.source.endpoint
+        self.status.replays += 1
+        dealer = self._context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(self.source.replay_endpoint)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.replay_timeout_s
+        batches: list[tuple[int, bytes]] = []
+        try:
+            await dealer.send_multipart([b"", start_seq.to_bytes(8, "big")])
+            for _ in range(self.settings.max_replay_batches + 1):
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await dealer.poll(int(remaining * 1000) + 1):
+                    self.metrics.replays.labels(endpoint, "timeout").inc()
+                    logger.warning("kv-events replay from %s (seq >= %d) timed out", endpoint,
+                                   start_seq)
+                    return None
+                frames = await dealer.recv_multipart()
+                if frames and frames[0] == b"":
+                    frames = frames[1:]
+                if len(frames) != 3:
+                    continue
+                seq = decode_seq(frames[1])
+                if seq == END_OF_REPLAY_SEQ:
+                    break
+                batches.append((seq, frames[2]))
+        finally:
+            dealer.close(linger=0)
+        self.metrics.replays.labels(endpoint, "ok").inc()
+        return batches
+
+    # -- applying --------------------------------------------------------------------------
+    def _drop(self, reason: str) -> None:
+        self.status.dropped += 1
+        self.metrics.events_dropped.labels(self.source.endpoint, reason).inc()
+
+    def _apply(self, seq: int, payload: bytes, path: str) -> None:
+        endpoint = self.source.endpoint
+        metrics = self.metrics
+        metrics.messages_received.labels(endpoint, path).inc()
+        self.status.last_seq = seq
+        self._recent[seq] = _digest(payload)
+        while len(self._recent) > RECENT_DIGESTS:
+            self._recent.popitem(last=False)
+        try:
+            batch = decode_batch(seq, payload)
+        except EventDecodeError:
+            self._drop("undecodable")
+            return
+        if batch.unknown_events:
+            metrics.events_dropped.labels(endpoint, "unknown_type").inc(batch.unknown_events)
+        for event in batch.events:
+            if isinstance(event, BlockStored):
+                metrics.events_decoded.labels(endpoint, "BlockStored").inc()
+                if not indexable(event):
+                    metrics.events_dropped.labels(endpoint, "other_medium").inc()
+                    continue
+                hashes = [event_hash(h) for h in event.block_hashes]
+                new = self.index.store(endpoint, hashes)
+                if new < len(hashes):
+                    metrics.duplicate_blocks.labels(endpoint, "BlockStored").inc(
+                        len(hashes) - new)
+                if self.self_check is not None:
+                    self._self_check(event)
+            elif isinstance(event, BlockRemoved):
+                metrics.events_decoded.labels(endpoint, "BlockRemoved").inc()
+                if not indexable(event):
+                    metrics.events_dropped.labels(endpoint, "other_medium").inc()
+                    continue
+                hashes = [event_hash(h) for h in event.block_hashes]
+                gone = self.index.remove(endpoint, hashes)
+                if gone < len(hashes):
+                    metrics.duplicate_blocks.labels(endpoint, "BlockRemoved").inc(
+                        len(hashes) - gone)
+            elif isinstance(event, AllBlocksCleared):
+                metrics.events_decoded.labels(endpoint, "AllBlocksCleared").inc()
+                self._clear("all_blocks_cleared")
+        self.status.batches_applied += 1
+        self.status.last_batch_unix = batch.ts
+        self.status.last_batch_monotonic = time.monotonic()
+        metrics.last_event_age.labels(endpoint).set(batch.ts)
+        metrics.index_blocks.labels(endpoint).set(self.index.block_count(endpoint))
+        metrics.index_distinct_blocks.set(self.index.distinct_blocks())
+
+    def _self_check(self, event: BlockStored) -> None:
+        assert self.self_check is not None
+        result = self.self_check.check(event)
+        if result == "skipped":
+            return
+        self.metrics.hash_checks.labels(self.source.endpoint, result).inc()
+        if result == "mismatch":
+            self.metrics.hash_mismatches.labels(self.source.endpoint).inc()

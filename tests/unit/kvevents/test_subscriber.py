@@ -1,0 +1,231 @@
+"""The subscriber against a real ZMQ publisher on loopback speaking vLLM's KV-event protocol.
+
+``LoopbackPublisher`` binds a PUB and a ROUTER socket the way vLLM's ``ZmqEventPublisher``
+does, keeps a replay buffer, and can skip sending a batch live (a gap) or start again at
+sequence 0 (an engine restart). Every test waits on conditions with a deadline, not on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+import zmq.asyncio
+from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher
+from kvroute_router.kvevents.index import PrefixIndex
+from kvroute_router.kvevents.metrics import KVEventMetrics
+from kvroute_router.kvevents.subscriber import (
+    KVEventSource,
+    KVEventSubscriber,
+    SubscriberSettings,
+)
+
+BLOCK = 4
+TOPIC = b"kv"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LoopbackPublisher:
+    """vLLM's publishing protocol on loopback: PUB for live batches, ROUTER for replay."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, pub_port: int, replay_port: int) -> None:
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.bind(f"tcp://127.0.0.1:{pub_port}")
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.bind(f"tcp://127.0.0.1:{replay_port}")
+        self.buffer: list[tuple[int, bytes]] = []
+        self.seq = 0
+        self.replay_task = asyncio.create_task(self._serve_replay())
+
+    async def _serve_replay(self) -> None:
+        while True:
+            client, _, start = await self.router.recv_multipart()
+            first = int.from_bytes(start, "big")
+            for seq, payload in self.buffer:
+                if seq >= first:
+                    await self.router.send_multipart(
+                        [client, b"", TOPIC, seq.to_bytes(8, "big"), payload])
+            await self.router.send_multipart(
+                [client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""])
+
+    async def publish(self, events: list[dict[str, Any]], *, live: bool = True) -> int:
+        payload = msgspec.msgpack.encode([time.time(), events, 0])
+        seq = self.seq
+        self.seq += 1
+        self.buffer.append((seq, payload))
+        if live:
+            await self.pub.send_multipart([TOPIC, seq.to_bytes(8, "big"), payload])
+        return seq
+
+    async def close(self) -> None:
+        self.replay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.replay_task
+        self.pub.close(linger=0)
+        self.router.close(linger=0)
+
+
+def stored(hasher: BlockHasher, tokens: list[int], **extra: Any) -> dict[str, Any]:
+    return {"type": "BlockStored", "block_hashes": hasher.block_hashes(tokens),
+            "parent_block_hash": None, "token_ids": tokens, "block_size": BLOCK,
+            "lora_id": None, "medium": "GPU", "lora_name": None, **extra}
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
+    context = zmq.asyncio.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+class Rig:
+    def __init__(self, ctx: zmq.asyncio.Context, *, router_seed: str = "vllm-none-hash",
+                 queue_size: int = 4096) -> None:
+        self.ctx = ctx
+        self.pub_port, self.replay_port = free_port(), free_port()
+        self.hasher = BlockHasher(BlockHashConfig(block_size=BLOCK))
+        self.index = PrefixIndex()
+        self.metrics = KVEventMetrics()
+        source = KVEventSource("engine-0", f"tcp://127.0.0.1:{self.pub_port}",
+                               f"tcp://127.0.0.1:{self.replay_port}")
+        self.subscriber = KVEventSubscriber(
+            source, self.index, BlockHasher(BlockHashConfig(BLOCK, seed=router_seed)),
+            self.metrics, context=ctx,
+            settings=SubscriberSettings(queue_size=queue_size, replay_timeout_s=3.0,
+                                        idle_poll_s=0.05, self_check_sample_every=1))
+        self.publisher = LoopbackPublisher(ctx, self.pub_port, self.replay_port)
+        self.task = asyncio.create_task(self.subscriber.run())
+
+    async def restart_publisher(self) -> None:
+        await self.publisher.close()
+        self.publisher = LoopbackPublisher(self.ctx, self.pub_port, self.replay_port)
+
+    async def close(self) -> None:
+        self.subscriber.stop()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.publisher.close()
+
+    def matched(self, tokens: list[int]) -> int:
+        return self.index.match(self.hasher.block_hashes(tokens))["engine-0"]
+
+    def metric(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
+
+
+async def publish_until_seen(rig: Rig, tokens: list[int], blocks: int) -> None:
+    """The first live batches may race the SUB connect (slow joiner); replay covers them."""
+    await rig.publisher.publish([stored(rig.hasher, tokens)])
+    await eventually(lambda: rig.matched(tokens) == blocks, "the stored blocks in the index")
+
+
+async def test_follows_stores_removals_and_clears(ctx: zmq.asyncio.Context) -> None:
+    rig = Rig(ctx)
+    try:
+        await eventually(lambda: rig.subscriber.status.connected, "connection")
+        tokens = list(range(100, 112))
+        await publish_until_seen(rig, tokens, 3)
+        assert rig.subscriber.status.trustworthy
+        hashes = rig.hasher.block_hashes(tokens)
+        await rig.publisher.publish([{"type": "BlockRemoved", "block_hashes": hashes[1:2],
+                                      "medium": "GPU"}])
+        await eventually(lambda: rig.matched(tokens) == 1, "the removal")
+        await rig.publisher.publish([{"type": "AllBlocksCleared"}])
+        await eventually(lambda: rig.index.block_count("engine-0") == 0, "the clear")
+        assert rig.subscriber.status.hash_check.state == "ok"
+        assert rig.metric("kvroute_kv_events_hash_checks_total", endpoint="engine-0",
+                          result="match") >= 1
+    finally:
+        await rig.close()
+
+
+async def test_gap_is_filled_from_replay(ctx: zmq.asyncio.Context) -> None:
+    rig = Rig(ctx)
+    try:
+        await eventually(lambda: rig.subscriber.status.connected, "connection")
+        first = list(range(10, 18))
+        await publish_until_seen(rig, first, 2)
+        missed = list(range(20, 28))
+        await rig.publisher.publish([stored(rig.hasher, missed)], live=False)
+        after = list(range(30, 38))
+        await rig.publisher.publish([stored(rig.hasher, after)])
+        await eventually(lambda: rig.matched(after) == 2, "the batch after the gap")
+        assert rig.matched(missed) == 2
+        assert rig.subscriber.status.gaps >= 1
+        assert rig.subscriber.status.last_seq == rig.publisher.seq - 1
+    finally:
+        await rig.close()
+
+
+async def test_restart_drops_the_endpoints_blocks(ctx: zmq.asyncio.Context) -> None:
+    rig = Rig(ctx)
+    try:
+        await eventually(lambda: rig.subscriber.status.connected, "connection")
+        old = list(range(40, 48))
+        await publish_until_seen(rig, old, 2)
+        for number in range(3):
+            await rig.publisher.publish([stored(rig.hasher, [number] * BLOCK)])
+        await eventually(lambda: rig.subscriber.status.last_seq == 3, "all old batches")
+        await rig.restart_publisher()
+        new = list(range(50, 58))
+        await eventually(lambda: rig.subscriber.status.restarts >= 1
+                         or rig.subscriber.status.connected, "reconnection")
+        await rig.publisher.publish([stored(rig.hasher, new)])
+        await eventually(lambda: rig.matched(new) == 2, "the new engine's blocks")
+        await eventually(lambda: rig.matched(old) == 0, "the old engine's blocks dropped")
+        assert rig.subscriber.status.restarts >= 1
+        assert rig.metric("kvroute_kv_events_engine_restarts_total", endpoint="engine-0") >= 1
+    finally:
+        await rig.close()
+
+
+async def test_wrong_seed_raises_the_hash_alarm(ctx: zmq.asyncio.Context) -> None:
+    rig = Rig(ctx, router_seed="not-the-engines-seed")
+    try:
+        await eventually(lambda: rig.subscriber.status.connected, "connection")
+        await rig.publisher.publish([stored(rig.hasher, list(range(8)))])
+        await eventually(lambda: rig.subscriber.status.hash_check.state == "mismatch",
+                         "the mismatch alarm")
+        assert not rig.subscriber.status.trustworthy
+        assert rig.metric("kvroute_kv_events_hash_mismatch_total", endpoint="engine-0") >= 1
+        detail = rig.subscriber.status.hash_check.last_mismatch
+        assert detail is not None and "seed" in detail["likely_cause"]
+    finally:
+        await rig.close()
+
+
+async def test_full_queue_drops_without_blocking_and_replay_recovers(
+        ctx: zmq.asyncio.Context) -> None:
+    rig = Rig(ctx, queue_size=1)
+    try:
+        await eventually(lambda: rig.subscriber.status.connected, "connection")
+        sequences = [list(range(1000 + 8 * n, 1008 + 8 * n)) for n in range(40)]
+        for tokens in sequences:
+            await rig.publisher.publish([stored(rig.hasher, tokens)])
+        await eventually(lambda: rig.subscriber.status.last_seq == 39, "every batch")
+        assert all(rig.matched(tokens) == 2 for tokens in sequences)
+    finally:
+        await rig.close()

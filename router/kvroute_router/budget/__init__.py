@@ -1,0 +1,1 @@
+"""Budgets, tenant resolution, quality estimation, batch-level assignment and admission control."""

@@ -1,0 +1,159 @@
+"""Admission control from ``RoutePolicy.spec.admission``: token limits (413 for the prompt, 400
+for ``max_tokens``, naming the limit), and, when every endpoint is saturated, shedding of
+sheddable priority classes (429) and a bounded priority queue with a timeout for the rest.
+
+Saturation is computed from load the caller passes in (queue depth and KV-cache utilisation per
+endpoint, from the metrics scraper): an endpoint is saturated when its waiting requests reach
+``saturationQueueDepth`` or its KV-cache utilisation reaches ``kv_saturation``; the pool is
+saturated when all its endpoints are. Queued requests are released, highest priority first, by
+``release_waiting()``, which the request path calls when a request finishes or metrics refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from kvroute_api.route_policy import AdmissionSpec
+
+from kvroute_router.budget.ledger import ApiError
+from kvroute_router.budget.metrics import BudgetMetrics
+
+PRIORITY_HEADER = "x-kvroute-priority"
+
+
+@dataclass(frozen=True)
+class EndpointLoad:
+    """Load of one endpoint, from its metrics."""
+
+    waiting: int
+    kv_utilization: float
+
+
+@dataclass(frozen=True)
+class Priority:
+    """A request's priority class."""
+
+    name: str
+    value: int
+    sheddable: bool
+
+
+class AdmissionController:
+    """One policy's admission control; see the module docstring."""
+
+    def __init__(self, policy: str, spec: AdmissionSpec,
+                 load: Callable[[], Sequence[EndpointLoad]], *, kv_saturation: float = 0.95,
+                 metrics: BudgetMetrics | None = None) -> None:
+        self.policy = policy
+        self.spec = spec
+        self.load = load
+        self.kv_saturation = kv_saturation
+        self.metrics = metrics
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._sequence = itertools.count()
+
+    def update_spec(self, spec: AdmissionSpec) -> None:
+        self.spec = spec
+        self.release_waiting()
+
+    def check_tokens(self, prompt_tokens: int, max_tokens: int | None) -> ApiError | None:
+        """413 when the prompt is longer than maxPromptTokens, 400 when max_tokens asks for more
+        than maxOutputTokens."""
+        limit = self.spec.max_prompt_tokens
+        if limit is not None and prompt_tokens > limit:
+            return self._reject("max_prompt_tokens", ApiError(
+                status=413, type="invalid_request_error", code="prompt_too_long",
+                param="messages",
+                message=f"prompt has {prompt_tokens} tokens; this model accepts at most {limit} "
+                        "(RoutePolicy spec.admission.maxPromptTokens)"))
+        limit = self.spec.max_output_tokens
+        if limit is not None and max_tokens is not None and max_tokens > limit:
+            return self._reject("max_output_tokens", ApiError(
+                status=400, type="invalid_request_error", code="max_tokens_too_large",
+                param="max_tokens",
+                message=f"max_tokens is {max_tokens}; this model allows at most {limit} "
+                        "(RoutePolicy spec.admission.maxOutputTokens)"))
+        return None
+
+    def priority_of(self, headers: Mapping[str, str]) -> Priority:
+        """The class named by x-kvroute-priority, else the default class, else priority 0 and
+        not sheddable. Unknown names get the default."""
+        classes = {c.name: c for c in self.spec.priority_classes}
+        chosen = classes.get(headers.get(PRIORITY_HEADER, "").strip())
+        if chosen is None and self.spec.default_priority_class is not None:
+            chosen = classes.get(self.spec.default_priority_class)
+        if chosen is None:
+            return Priority("default", 0, False)
+        return Priority(chosen.name, chosen.priority, chosen.sheddable)
+
+    def saturated(self) -> bool:
+        endpoints = self.load()
+        if not endpoints:
+            return False
+        return all(e.waiting >= self.spec.saturation_queue_depth
+                   or e.kv_utilization >= self.kv_saturation for e in endpoints)
+
+    async def admit(self, priority: Priority) -> ApiError | None:
+        """None when the request may go on (at once or after queueing); a 429 otherwise."""
+        if not self.saturated() and not self._waiting:
+            return None
+        if priority.sheddable:
+            if self.metrics is not None:
+                self.metrics.admission_shed.labels(self.policy, priority.name).inc()
+            return ApiError(status=429, type="rate_limit_exceeded", code="overloaded",
+                            message=f"every endpoint is saturated; priority class "
+                                    f"'{priority.name}' is sheddable", retry_after_s=1.0)
+        if len(self._waiting) >= self.spec.max_queue_depth:
+            return self._reject("queue_full", ApiError(
+                status=429, type="rate_limit_exceeded", code="queue_full",
+                message=f"admission queue is full ({self.spec.max_queue_depth} waiting; "
+                        "RoutePolicy spec.admission.maxQueueDepth)", retry_after_s=1.0))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (-priority.value, next(self._sequence), future)
+        heapq.heappush(self._waiting, entry)
+        self._set_depth()
+        self.release_waiting()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self.spec.queue_timeout_ms / 1000.0)
+        except TimeoutError:
+            if not future.done():
+                future.cancel()
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+                self._set_depth()
+                return self._reject("queue_timeout", ApiError(
+                    status=429, type="rate_limit_exceeded", code="queue_timeout",
+                    message=f"waited {self.spec.queue_timeout_ms} ms for a free endpoint "
+                            "(RoutePolicy spec.admission.queueTimeoutMs)", retry_after_s=1.0))
+        return None
+
+    def release_waiting(self) -> int:
+        """Let queued requests go, highest priority first, while endpoints are not saturated;
+        returns how many were released."""
+        released = 0
+        while self._waiting and not self.saturated():
+            _, _, future = heapq.heappop(self._waiting)
+            if not future.done():
+                future.set_result(None)
+                released += 1
+                # One at a time: the caller's load snapshot changes as requests start.
+                break
+        self._set_depth()
+        return released
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.policy).set(len(self._waiting))
+
+    def _reject(self, reason: str, error: ApiError) -> ApiError:
+        if self.metrics is not None:
+            self.metrics.admission_rejected.labels(self.policy, reason).inc()
+        return error

@@ -1,0 +1,323 @@
+"""Budget ledgers: per-tenant USD, token, request and concurrency limits from
+``RoutePolicy.spec.budgets``, enforced by reserve-then-settle accounting.
+
+At admission the router calls ``BudgetLedger.reserve`` with the candidate pools (preferred
+first) and an *upper-bound* estimate of the request (prompt tokens counted, output tokens =
+``max_tokens`` or the policy's default). Every applicable budget's meters are checked and
+charged atomically, so concurrent requests cannot together overspend. When the response is
+done, ``settle`` corrects the charge to the real token counts and releases the concurrency
+slot; ``cancel`` undoes a request that never reached an engine.
+
+When a USD limit does not fit the preferred pool and the budget says ``onExhausted:
+Downgrade``, the cheapest candidate the budget still affords is reserved instead; otherwise the
+decision carries a 429 with ``Retry-After`` and an OpenAI-style error naming the budget.
+
+``update_policy`` replaces a policy's limits in place (meters keep their history, so an edit
+applies to the next request). Without a shared store each replica enforces
+``replica_share`` x each limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from kvroute_api.route_policy import BudgetSpec
+
+from kvroute_router.budget.meters import InMemoryMeterStore, MeterCharge, MeterStore
+from kvroute_router.budget.metrics import BudgetMetrics
+from kvroute_router.budget.pricing import PoolEconomics
+
+WINDOW_SECONDS: dict[str, float] = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0,
+                                    "7d": 7 * 86400.0, "30d": 30 * 86400.0}
+MINUTE = 60.0
+_MEMBER_COUNTER = itertools.count()
+
+
+@dataclass(frozen=True)
+class ApiError:
+    """An HTTP refusal with an OpenAI-style body."""
+
+    status: int
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+    retry_after_s: float | None = None
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"retry-after": str(max(1, math.ceil(self.retry_after_s)))}
+
+
+@dataclass(frozen=True)
+class RequestEstimate:
+    """What the request will use at most (output = max_tokens or the policy default)."""
+
+    prompt_tokens: int
+    max_output_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.max_output_tokens
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Charges held for one admitted request until it is settled or cancelled."""
+
+    policy: str
+    tenant: str
+    pool: str
+    member: str
+    charged_at: float
+    charges: tuple[tuple[str, MeterCharge], ...]
+    estimate: RequestEstimate
+    usd: float
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """Outcome of ``reserve``: a pool and a reservation, or a refusal."""
+
+    pool: str | None
+    reservation: Reservation | None
+    downgraded: bool = False
+    error: ApiError | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def admitted(self) -> bool:
+        return self.reservation is not None
+
+
+@dataclass(frozen=True)
+class _Limit:
+    budget: BudgetSpec
+    field: str
+    kind: str  # "usd" | "tokens" | "requests" | "concurrency"
+    value: float
+    window_s: float
+
+
+def _limits_of(budget: BudgetSpec, share: float) -> list[_Limit]:
+    limits: list[_Limit] = []
+    if budget.usd is not None:
+        limits.append(_Limit(budget, "usd", "usd", budget.usd * share,
+                             WINDOW_SECONDS[budget.window]))
+    if budget.tokens_per_minute is not None:
+        limits.append(_Limit(budget, "tokensPerMinute", "tokens",
+                             budget.tokens_per_minute * share, MINUTE))
+    if budget.requests_per_minute is not None:
+        limits.append(_Limit(budget, "requestsPerMinute", "requests",
+                             budget.requests_per_minute * share, MINUTE))
+    if budget.max_concurrency is not None:
+        limits.append(_Limit(budget, "maxConcurrency", "concurrency",
+                             max(1.0, math.floor(budget.max_concurrency * share)), 0.0))
+    return limits
+
+
+_METRIC_LIMIT = {"usd": "usd", "tokens": "tokens_per_minute", "requests": "requests_per_minute",
+                 "concurrency": "max_concurrency"}
+
+
+class BudgetLedger:
+    """Budgets of every policy, over one ``MeterStore``; see the module docstring."""
+
+    def __init__(self, store: MeterStore | None = None, *, replica_share: float = 1.0,
+                 metrics: BudgetMetrics | None = None,
+                 clock: Callable[[], float] = time.time,
+                 in_flight_deadline_s: float = 600.0) -> None:
+        if not 0 < replica_share <= 1:
+            raise ValueError(f"replica_share must be in (0, 1], got {replica_share}")
+        self.store: MeterStore = store or InMemoryMeterStore()
+        self.replica_share = replica_share
+        self.metrics = metrics
+        self.clock = clock
+        self.in_flight_deadline_s = in_flight_deadline_s
+        self._budgets: dict[str, list[BudgetSpec]] = {}
+
+    # -- configuration -------------------------------------------------------------------
+
+    def update_policy(self, policy: str, budgets: Sequence[BudgetSpec]) -> None:
+        """Install or replace a policy's budgets; takes effect for the next reservation."""
+        self._budgets[policy] = list(budgets)
+        if self.metrics is not None:
+            for budget in budgets:
+                if budget.usd is not None:
+                    self.metrics.window_seconds.labels(policy, budget.name).set(
+                        WINDOW_SECONDS[budget.window])
+
+    def remove_policy(self, policy: str) -> None:
+        self._budgets.pop(policy, None)
+
+    def budgets_for(self, policy: str, tenant: str) -> list[BudgetSpec]:
+        return [b for b in self._budgets.get(policy, []) if b.tenant in ("*", tenant)]
+
+    @staticmethod
+    def meter_key(policy: str, budget: str, tenant: str, kind: str) -> str:
+        return f"{policy}:{budget}:{tenant}:{kind}"
+
+    # -- reservations --------------------------------------------------------------------
+
+    def _charges(self, policy: str, tenant: str, budgets: Sequence[BudgetSpec],
+                 estimate: RequestEstimate, usd: float) -> list[tuple[_Limit, MeterCharge]]:
+        charges: list[tuple[_Limit, MeterCharge]] = []
+        for budget in budgets:
+            for limit in _limits_of(budget, self.replica_share):
+                amount = {"usd": usd, "tokens": float(estimate.tokens), "requests": 1.0,
+                          "concurrency": 1.0}[limit.kind]
+                key = self.meter_key(policy, budget.name, tenant, limit.kind)
+                if limit.kind == "concurrency":
+                    charge = MeterCharge(key, "inflight", limit.value, 1.0)
+                else:
+                    charge = MeterCharge(key, "window", limit.value, amount,
+                                         window_s=limit.window_s)
+                charges.append((limit, charge))
+        return charges
+
+    async def reserve(self, policy: str, tenant: str, candidates: Sequence[PoolEconomics],
+                      estimate: RequestEstimate) -> BudgetDecision:
+        """Reserve ``estimate`` on the first candidate pool (the preferred one); see the module
+        docstring for downgrade and refusal."""
+        if not candidates:
+            raise ValueError("reserve needs at least one candidate pool")
+        budgets = self.budgets_for(policy, tenant)
+        now = self.clock()
+        member = f"{now:.6f}-{next(_MEMBER_COUNTER)}"
+        deadline = now + self.in_flight_deadline_s
+        preferred = candidates[0]
+        cheapest_first = sorted(candidates, key=lambda p: p.request_usd(
+            estimate.prompt_tokens, estimate.max_output_tokens))
+        attempts = [preferred] + [p for p in cheapest_first if p.name != preferred.name]
+        first_refusal: tuple[_Limit, float, float] | None = None
+        for attempt, pool in enumerate(attempts):
+            usd = pool.request_usd(estimate.prompt_tokens, estimate.max_output_tokens)
+            charges = self._charges(policy, tenant, budgets, estimate, usd)
+            refused = await self.store.try_charge([c for _, c in charges], now, member, deadline)
+            if refused is None:
+                reservation = Reservation(
+                    policy=policy, tenant=tenant, pool=pool.name, member=member,
+                    charged_at=now,
+                    charges=tuple((limit.budget.name, charge) for limit, charge in charges),
+                    estimate=estimate, usd=usd)
+                outcome = "downgraded" if attempt > 0 else "admitted"
+                self._count_requests(policy, tenant, budgets, outcome)
+                return BudgetDecision(pool=pool.name, reservation=reservation,
+                                      downgraded=attempt > 0)
+            limit = charges[refused.index][0]
+            if first_refusal is None:
+                first_refusal = (limit, refused.used, refused.retry_after_s)
+            self._count_exhausted(policy, tenant, limit)
+            # Only a USD limit of a Downgrade budget can be helped by a cheaper pool.
+            if not (limit.kind == "usd" and limit.budget.on_exhausted == "Downgrade"):
+                break
+            if attempt + 1 < len(attempts) and attempts[attempt + 1].request_usd(
+                    estimate.prompt_tokens, estimate.max_output_tokens) >= usd:
+                break
+        assert first_refusal is not None
+        limit, used, retry = first_refusal
+        self._count_requests(policy, tenant, budgets, "rejected")
+        return BudgetDecision(pool=None, reservation=None,
+                              error=self._exhausted_error(limit, tenant, used, retry))
+
+    def _exhausted_error(self, limit: _Limit, tenant: str, used: float,
+                         retry_after_s: float) -> ApiError:
+        budget = limit.budget
+        if limit.kind == "usd":
+            what = (f"USD {used:.4f} of {limit.value:.4f} spent in the rolling "
+                    f"{budget.window} window")
+        elif limit.kind == "concurrency":
+            what = f"{int(used)} of {int(limit.value)} requests in flight"
+        else:
+            unit = "tokens" if limit.kind == "tokens" else "requests"
+            what = f"{used:.0f} of {limit.value:.0f} {unit} used in the last minute"
+        return ApiError(
+            status=429, type="rate_limit_exceeded", code="budget_exhausted",
+            param=f"budgets[{budget.name}].{limit.field}",
+            message=(f"budget '{budget.name}' ({limit.field}) is exhausted for tenant "
+                     f"'{tenant}': {what}; retry after {max(1, math.ceil(retry_after_s))}s"),
+            retry_after_s=retry_after_s)
+
+    async def settle(self, reservation: Reservation, pool: PoolEconomics, prompt_tokens: int,
+                     output_tokens: int) -> float:
+        """Replace the estimate with the real usage and free the concurrency slot; returns the
+        USD charged."""
+        now = self.clock()
+        usd = pool.request_usd(prompt_tokens, output_tokens)
+        actual_tokens = prompt_tokens + output_tokens
+        for _, charge in reservation.charges:
+            if charge.kind == "inflight":
+                await self.store.release(charge.key, reservation.member)
+                continue
+            kind = charge.key.rsplit(":", 1)[1]
+            delta = {"usd": usd - charge.amount,
+                     "tokens": actual_tokens - charge.amount}.get(kind, 0.0)
+            if delta:
+                await self.store.adjust(charge.key, delta, reservation.charged_at, now,
+                                        charge.window_s, charge.buckets)
+        if self.metrics is not None:
+            for name in {budget for budget, _ in reservation.charges}:
+                labels = (reservation.policy, name, reservation.tenant)
+                self.metrics.spend_usd.labels(*labels).inc(usd)
+                self.metrics.tokens.labels(*labels, "prompt").inc(prompt_tokens)
+                self.metrics.tokens.labels(*labels, "output").inc(output_tokens)
+        return usd
+
+    async def cancel(self, reservation: Reservation) -> None:
+        """Undo a reservation whose request never reached an engine (the request still counts
+        against requests per minute)."""
+        now = self.clock()
+        for _, charge in reservation.charges:
+            if charge.kind == "inflight":
+                await self.store.release(charge.key, reservation.member)
+            elif not charge.key.endswith(":requests"):
+                await self.store.adjust(charge.key, -charge.amount, reservation.charged_at, now,
+                                        charge.window_s, charge.buckets)
+
+    async def remaining_usd(self, policy: str, tenant: str) -> float | None:
+        """The smallest USD headroom of the tenant's budgets (None when none limits USD)."""
+        now = self.clock()
+        headroom: float | None = None
+        for budget in self.budgets_for(policy, tenant):
+            for limit in _limits_of(budget, self.replica_share):
+                if limit.kind != "usd":
+                    continue
+                key = self.meter_key(policy, budget.name, tenant, "usd")
+                used = await self.store.used(
+                    MeterCharge(key, "window", limit.value, 0.0, window_s=limit.window_s), now)
+                if self.metrics is not None:
+                    self.metrics.window_spend_usd.labels(policy, budget.name, tenant).set(used)
+                    self.metrics.limit_usd.labels(policy, budget.name, tenant).set(limit.value)
+                left = max(0.0, limit.value - used)
+                headroom = left if headroom is None else min(headroom, left)
+        return headroom
+
+    def usd_limit_per_second(self, policy: str, tenant: str) -> float | None:
+        """The tightest USD budget as a spend rate (limit / window): the pacing rate the batch
+        stage divides among requests."""
+        rates = [b.usd * self.replica_share / WINDOW_SECONDS[b.window]
+                 for b in self.budgets_for(policy, tenant) if b.usd is not None]
+        return min(rates) if rates else None
+
+    # -- metrics -------------------------------------------------------------------------
+
+    def _count_requests(self, policy: str, tenant: str, budgets: Sequence[BudgetSpec],
+                        outcome: str) -> None:
+        if self.metrics is None:
+            return
+        for budget in budgets:
+            self.metrics.requests.labels(policy, budget.name, tenant, outcome).inc()
+
+    def _count_exhausted(self, policy: str, tenant: str, limit: _Limit) -> None:
+        if self.metrics is not None:
+            self.metrics.exhausted.labels(policy, limit.budget.name, tenant,
+                                          _METRIC_LIMIT[limit.kind]).inc()

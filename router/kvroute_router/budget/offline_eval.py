@@ -1,0 +1,245 @@
+"""Offline evaluation of budgeted routing between a weak and a strong model on labelled prompts
+(RouteLLM correctness format): the engine behind ``kvroute eval routing`` and
+``bench/routing_eval.py``.
+
+Test prompts are cut into consecutive batches of ``batch_size``; each batch may spend
+``budget x len(batch)`` USD (``budget`` is the average cost per request). Methods:
+
+* ``always-weak`` / ``always-strong`` — references (always-strong ignores the budget);
+* ``random`` — each prompt goes strong with probability s* = (budget - c_weak) / (c_strong -
+  c_weak), the share the budget affords; the batch budget is enforced (a strong call that no
+  longer fits is downgraded, as kvroute's ledger would);
+* ``per-query-threshold`` — RouteLLM-style: strong when the predicted gain (P_strong - P_weak)
+  reaches a threshold calibrated on the training set (leave-one-out predictions) so that a share
+  s* of training prompts goes strong. Decides each prompt alone and knows no budget, so it may
+  overspend a batch (``max_batch_cost``);
+* ``per-query-cutoff`` — the same threshold, with a running cut-off: once the batch's budget
+  cannot pay for another strong call, the rest go weak;
+* ``kvroute-batch`` — the batch MILP (``assignment.solve_batch``) on predicted quality;
+* ``kvroute-robust`` — the same on the robust quality (``assignment.robust_quality``);
+* ``oracle`` — the batch MILP on the true labels under the same budget (an upper bound).
+
+Order ``random`` shuffles the test set; ``adversarial`` sorts it by the predicted benefit of the
+strong model (highest first), so the prompts that look hard arrive together and fill whole
+batches — a per-query router then overspends those batches (or, with a cut-off, spends the
+budget on whichever hard prompts come first) and leaves the budget of the easy batches unused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from kvroute_router.budget.assignment import AssignmentProblem, robust_quality, solve_batch
+from kvroute_router.budget.quality import (
+    KnnQualityEstimator,
+    LabelledPrompt,
+    QualityEstimate,
+    Tier,
+)
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+Order = Literal["random", "adversarial"]
+
+METHODS: tuple[str, ...] = ("always-weak", "always-strong", "random", "per-query-threshold",
+                            "per-query-cutoff", "kvroute-batch", "kvroute-robust", "oracle")
+TIERS: tuple[Tier, ...] = ("weak", "strong")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Parameters of one evaluation run."""
+
+    cost_weak: float
+    cost_strong: float
+    budget: float
+    batch_size: int
+    order: Order = "random"
+    seed: int = 0
+    robust_kappa: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cost_weak < self.cost_strong:
+            raise ValueError(f"need 0 <= cost-weak < cost-strong, got {self.cost_weak} and "
+                             f"{self.cost_strong}")
+        if self.budget <= 0:
+            raise ValueError(f"budget must be > 0 (average USD per request), got {self.budget}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch-size must be >= 1, got {self.batch_size}")
+        if self.order not in ("random", "adversarial"):
+            raise ValueError(f"order must be random or adversarial, got {self.order!r}")
+
+    @property
+    def strong_share(self) -> float:
+        """Share of strong calls the budget affords on average."""
+        share = (self.budget - self.cost_weak) / (self.cost_strong - self.cost_weak)
+        return float(min(1.0, max(0.0, share)))
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """Outcome of one method; costs are per request."""
+
+    accuracy: float
+    mean_cost: float
+    max_batch_cost: float
+    strong_share: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "mean_cost": self.mean_cost,
+                "max_batch_cost": self.max_batch_cost, "strong_share": self.strong_share}
+
+
+@dataclass
+class EvalReport:
+    """Results of every method, plus solver timing."""
+
+    config: EvalConfig
+    methods: dict[str, MethodResult]
+    test_rows: int
+    batches: int
+    solver_seconds: dict[str, list[float]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        return {"budget": self.config.budget, "batch_size": self.config.batch_size,
+                "order": self.config.order,
+                "methods": {name: result.as_dict() for name, result in self.methods.items()}}
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Test labels and predictions, and the training predictions used for calibration."""
+
+    weak_correct: IntArray
+    strong_correct: IntArray
+    test: QualityEstimate
+    train_gain: FloatArray
+
+
+def prepare(train: Sequence[LabelledPrompt], test: Sequence[LabelledPrompt], *,
+            k: int = 32) -> PreparedData:
+    """Fit the default kNN estimator on ``train`` and predict ``test`` (and ``train``
+    held-out, for the per-query threshold)."""
+    estimator = KnnQualityEstimator(train, k=k)
+    predicted = estimator.predict([row.prompt for row in test], TIERS)
+    held_out = estimator.predict_training_held_out(TIERS)
+    return PreparedData(
+        weak_correct=np.asarray([row.weak_correct for row in test], dtype=np.int64),
+        strong_correct=np.asarray([row.strong_correct for row in test], dtype=np.int64),
+        test=predicted, train_gain=held_out.mean[:, 1] - held_out.mean[:, 0])
+
+
+def batch_order(predicted_gain: FloatArray, order: Order, seed: int) -> IntArray:
+    """Test row indices in arrival order. ``adversarial`` sorts by the predicted benefit of the
+    strong model, highest first (ties random), so the prompts the router itself sees as hard
+    arrive together and fill whole batches."""
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permutation(len(predicted_gain)).astype(np.int64)
+    if order == "random":
+        return shuffled
+    return shuffled[np.argsort(-predicted_gain[shuffled], kind="stable")]
+
+
+def threshold_for_share(train_gain: FloatArray, share: float) -> float:
+    """Predicted-gain threshold above which a ``share`` of training prompts go strong."""
+    if share <= 0.0:
+        return float("inf")
+    if share >= 1.0:
+        return float("-inf")
+    return float(np.quantile(train_gain, 1.0 - share))
+
+
+def _cap_in_order(wants_strong: npt.NDArray[np.bool_], config: EvalConfig) -> IntArray:
+    """Running budget cut-off over one batch: strong requests in arrival order while the batch
+    budget still pays for them (and for weak calls for everyone after them)."""
+    budget = config.budget * len(wants_strong)
+    spent = config.cost_weak * len(wants_strong)  # every request costs at least the weak price
+    upgrade = config.cost_strong - config.cost_weak
+    chosen = np.zeros(len(wants_strong), dtype=np.int64)
+    for i, wants in enumerate(wants_strong):
+        if wants and spent + upgrade <= budget + 1e-12:
+            chosen[i] = 1
+            spent += upgrade
+    return chosen
+
+
+def _solve(quality: FloatArray, config: EvalConfig) -> tuple[IntArray, float]:
+    n = quality.shape[0]
+    cost = np.tile(np.asarray([config.cost_weak, config.cost_strong]), (n, 1))
+    result = solve_batch(AssignmentProblem(quality=quality, cost=cost,
+                                           budget_usd=config.budget * n))
+    # A budget below the weak price leaves requests unserved; score them as weak-served.
+    return np.maximum(result.pools, 0), result.solve_seconds
+
+
+def evaluate(data: PreparedData, config: EvalConfig,
+             methods: Sequence[str] = METHODS) -> EvalReport:
+    """Run ``methods`` over the test batches; see the module docstring."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; valid: {', '.join(METHODS)}")
+    mean, std = data.test.mean, data.test.std
+    gain = mean[:, 1] - mean[:, 0]
+    order = batch_order(gain, config.order, config.seed)
+    batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    rng = np.random.default_rng(config.seed + 1)
+    share = config.strong_share
+    threshold = threshold_for_share(data.train_gain, share)
+    robust = robust_quality(mean, std, config.robust_kappa, baseline=0)
+    truth = np.stack([data.weak_correct, data.strong_correct], axis=1).astype(np.float64)
+    timings: dict[str, list[float]] = {"kvroute-batch": [], "kvroute-robust": [], "oracle": []}
+
+    def per_batch(name: str) -> Callable[[IntArray], IntArray]:
+        def choose(rows: IntArray) -> IntArray:
+            n = len(rows)
+            if name == "always-weak":
+                return np.zeros(n, dtype=np.int64)
+            if name == "always-strong":
+                return np.ones(n, dtype=np.int64)
+            if name == "random":
+                return _cap_in_order(rng.random(n) < share, config)
+            if name == "per-query-threshold":
+                return (gain[rows] >= threshold).astype(np.int64)
+            if name == "per-query-cutoff":
+                return _cap_in_order(gain[rows] >= threshold, config)
+            matrix = {"kvroute-batch": mean, "kvroute-robust": robust, "oracle": truth}[name]
+            chosen, seconds = _solve(matrix[rows], config)
+            timings[name].append(seconds)
+            return chosen
+        return choose
+
+    results: dict[str, MethodResult] = {}
+    for name in methods:
+        choose = per_batch(name)
+        correct = 0
+        total_cost = 0.0
+        strong_calls = 0
+        worst = 0.0
+        for rows in batches:
+            chosen = choose(rows)
+            correct += int(np.where(chosen == 1, data.strong_correct[rows],
+                                    data.weak_correct[rows]).sum())
+            cost = float(np.where(chosen == 1, config.cost_strong, config.cost_weak).sum())
+            total_cost += cost
+            strong_calls += int(chosen.sum())
+            worst = max(worst, cost / len(rows))
+        count = len(order)
+        results[name] = MethodResult(accuracy=correct / count, mean_cost=total_cost / count,
+                                     max_batch_cost=worst, strong_share=strong_calls / count)
+    return EvalReport(config=config, methods=results, test_rows=len(order),
+                      batches=len(batches),
+                      solver_seconds={k: v for k, v in timings.items() if v})
+
+
+def timed_prepare(train: Sequence[LabelledPrompt],
+                  test: Sequence[LabelledPrompt]) -> tuple[PreparedData, float]:
+    """``prepare`` and how long it took (seconds)."""
+    started = time.perf_counter()
+    data = prepare(train, test)
+    return data, time.perf_counter() - started

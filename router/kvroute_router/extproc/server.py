@@ -1,0 +1,210 @@
+"""Envoy ``envoy.service.ext_proc.v3.ExternalProcessor`` speaking the Gateway API Inference
+Extension's endpoint-picker protocol, plus ``grpc.health.v1``.
+
+Per HTTP request Envoy opens one ``Process`` stream. Expected processing mode:
+``request_header_mode: SEND``, ``request_body_mode: BUFFERED`` (or ``FULL_DUPLEX_STREAMED``:
+chunks are gathered until ``end_of_stream``), ``response_header_mode: SEND``, response body
+``NONE``. The server
+
+* answers the request headers with an empty ``HeadersResponse`` (continue);
+* on the complete body: parses it as an OpenAI request (path ``…/chat/completions`` → chat),
+  routes it through the director, and answers with a ``BodyResponse`` whose header mutation
+  sets ``x-gateway-destination-endpoint: ip:port`` (and rewrites ``model`` when the pool serves
+  another name), with dynamic metadata ``envoy.lb`` → ``x-gateway-destination-endpoint`` =
+  the target followed by fallbacks, comma separated;
+* answers with an ``ImmediateResponse`` (OpenAI JSON body) for 400/404/413/429/503;
+* counts the request in flight on the endpoint until the stream ends (Envoy closes it when
+  the HTTP exchange is over); the ``:status`` of the response headers is the outcome.
+
+A GIE subset hint (``metadata_context.filter_metadata["envoy.lb.subset_hint"]
+["x-gateway-destination-endpoint-subset"]``) restricts the candidates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import msgspec
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from kvroute_router.director import Decision, Director, Outcome, RoutingError
+from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.request import RequestKind
+from kvroute_router.proxy.openai_errors import error_body
+from kvroute_router.proxy.openai_request import BadRequestError, request_from_body
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+MAX_BODY_BYTES = 32 * 1024 * 1024
+OVERWRITE = base_pb2.HeaderValueOption.HeaderAppendAction.Value("OVERWRITE_IF_EXISTS_OR_ADD")
+
+
+def _header(key: str, value: str) -> Any:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=OVERWRITE)
+
+
+def immediate(status: int, message: str, code: str, retry_after: float | None = None) -> Any:
+    """An ``ImmediateResponse`` with an OpenAI-style JSON error body."""
+    headers = [_header("content-type", "application/json")]
+    if retry_after is not None:
+        headers.append(_header("retry-after", str(max(1, int(retry_after + 0.999)))))
+    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=ep.HeaderMutation(set_headers=headers),
+        body=error_body(status, message, code), details=f"kvroute_{code}"))
+
+
+def _headers_of(message: Any) -> dict[str, str]:
+    return {h.key.lower(): (h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+            for h in message.headers.headers}
+
+
+def _subset_hint(request: Any) -> frozenset[str] | None:
+    if not request.HasField("metadata_context"):
+        return None
+    namespaces = request.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in namespaces:
+        return None
+    value = namespaces[SUBSET_NAMESPACE].fields.get(SUBSET_KEY)
+    if value is None:
+        return None
+    if value.HasField("list_value"):
+        return frozenset(v.string_value for v in value.list_value.values)
+    return frozenset(a.strip() for a in value.string_value.split(",") if a.strip())
+
+
+class ExtProcServer:
+    """The ``Process`` stream handler."""
+
+    def __init__(self, director: Director) -> None:
+        self.director = director
+
+    async def process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        headers: dict[str, str] = {}
+        body = bytearray()
+        subset: frozenset[str] | None = None
+        decision: Decision | None = None
+        endpoint: Endpoint | None = None
+        status = 0
+        started = time.monotonic()
+        try:
+            async for request in requests:
+                which = request.WhichOneof("request")
+                if which == "request_headers":
+                    headers = _headers_of(request.request_headers)
+                    subset = _subset_hint(request)
+                    if request.request_headers.end_of_stream:
+                        yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+                        continue
+                    yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+                elif which == "request_body":
+                    body.extend(request.request_body.body)
+                    if len(body) > MAX_BODY_BYTES:
+                        yield immediate(413, f"Request body larger than {MAX_BODY_BYTES} bytes",
+                                        "request_too_large")
+                        return
+                    if not request.request_body.end_of_stream:
+                        continue
+                    if subset is None:
+                        subset = _subset_hint(request)
+                    answer, decision = await self._pick(headers, bytes(body), subset)
+                    if decision is not None:
+                        endpoint = decision.endpoints[0]
+                        self.director.dispatch(decision, endpoint)
+                    yield answer
+                    if decision is None:
+                        return
+                elif which == "response_headers":
+                    try:
+                        status = int(_headers_of(request.response_headers).get(":status", "0"))
+                    except ValueError:
+                        status = 0
+                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+                elif which == "response_body":
+                    yield ep.ProcessingResponse(response_body=ep.BodyResponse())
+                elif which == "request_trailers":
+                    yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
+                elif which == "response_trailers":
+                    yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
+        finally:
+            if decision is not None and endpoint is not None:
+                self.director.end_attempt(decision, endpoint)
+                self.director.finish(decision, endpoint, Outcome(
+                    status=status or 499, e2e_s=time.monotonic() - started))
+
+    async def _pick(self, headers: dict[str, str], raw: bytes,
+                    subset: frozenset[str] | None) -> tuple[Any, Decision | None]:
+        path = headers.get(":path", "")
+        kind: RequestKind = "chat" if "chat/completions" in path else "completions"
+        try:
+            body = msgspec.json.decode(raw)
+            request = request_from_body(body, kind, headers)
+        except msgspec.DecodeError as exc:
+            return immediate(400, f"The body is not valid JSON: {exc}", "invalid_json"), None
+        except BadRequestError as exc:
+            return immediate(400, str(exc), "invalid_request_error"), None
+        request.allowed_addresses = subset
+        try:
+            decision = await self.director.route(request, entrypoint="ext_proc")
+        except RoutingError as exc:
+            return immediate(exc.status, exc.message, exc.code, exc.retry_after), None
+        addresses = [e.address for e in decision.endpoints]
+        set_headers = [_header(DESTINATION_HEADER, addresses[0])]
+        mutation: Any = None
+        served = decision.pool.model_name
+        if body.get("model") != served:
+            new_body = msgspec.json.encode({**body, "model": served})
+            mutation = ep.BodyMutation(body=new_body)
+            set_headers.append(_header("content-length", str(len(new_body))))
+        common = ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=set_headers),
+                                   clear_route_cache=True)
+        if mutation is not None:
+            common.body_mutation.CopyFrom(mutation)
+        metadata = struct_pb2.Struct()
+        metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(addresses)}})
+        return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
+                                     dynamic_metadata=metadata), decision
+
+
+def add_health(server: Any, services: list[str]) -> Any:
+    """Register ``grpc.health.v1.Health`` reporting SERVING for "" and ``services``."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+async def set_serving(servicer: Any, services: list[str]) -> None:
+    for name in ["", *services]:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def start_ext_proc_server(director: Director, host: str, port: int
+                                ) -> tuple[Any, int]:
+    """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)])
+    handler = ExtProcServer(director)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Process": grpc.stream_stream_rpc_method_handler(
+            handler.process, request_deserializer=ep.ProcessingRequest.FromString,
+            response_serializer=ep.ProcessingResponse.SerializeToString),
+    }),))
+    servicer = add_health(server, [SERVICE])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await set_serving(servicer, [SERVICE])
+    return server, bound

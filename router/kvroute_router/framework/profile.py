@@ -1,0 +1,133 @@
+"""Scheduler profiles: the filters, weighted scorers and picker for one (RoutePolicy, pool),
+built from ``RoutePolicy.spec.scoring`` through the registry, and the scheduling cycle that runs
+them (filter, then sum of clamped weighted scores, then pick).
+
+A scorer type the registry lacks degrades to its fallback (``prefix-precise`` →
+``prefix-approx``) with a warning, so policies written for the full product still route when a
+component is missing; a type with no fallback is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvroute_router.framework.cycle_state import CycleState
+from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.plugins import (
+    DispatchObserver,
+    Filter,
+    Picker,
+    ScoredEndpoint,
+    Scorer,
+)
+from kvroute_router.framework.registry import PluginContext, PluginRegistry
+from kvroute_router.framework.request import LLMRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILTERS: tuple[str, ...] = ("subset-filter", "healthy-filter")
+"""Filters every profile runs, in order."""
+
+SCORER_FALLBACKS: dict[str, str] = {"prefix-precise": "prefix-approx"}
+"""Scorer types that stand in for a missing one."""
+
+
+class ProfileBuildError(ValueError):
+    """A profile names a plugin of the wrong kind or a picker that does not exist."""
+
+
+@dataclass(slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float
+    type_name: str
+
+
+@dataclass
+class SchedulerProfile:
+    """Filters → weighted scorers → picker."""
+
+    name: str
+    filters: list[Filter]
+    scorers: list[WeightedScorer]
+    picker: Picker
+    observers: list[DispatchObserver] = field(default_factory=list)
+    degraded: dict[str, str] = field(default_factory=dict)
+    """Requested scorer type → the type that stands in for it."""
+
+    def run(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint],
+            limit: int) -> list[ScoredEndpoint]:
+        """One scheduling cycle; returns up to ``limit`` endpoints, best first (empty when the
+        filters leave nothing)."""
+        candidates: Sequence[Endpoint] = endpoints
+        for flt in self.filters:
+            candidates = flt.filter(state, request, candidates)
+            if not candidates:
+                return []
+        scored = [ScoredEndpoint(ep) for ep in candidates]
+        for weighted in self.scorers:
+            values = weighted.scorer.score(state, request, candidates)
+            name = weighted.type_name
+            weight = weighted.weight
+            for entry, value in zip(scored, values, strict=True):
+                clamped = 0.0 if value != value else min(1.0, max(0.0, value))  # NaN → 0
+                entry.by_scorer[name] = clamped
+                entry.total += weight * clamped
+        return self.picker.pick(state, request, scored, limit)
+
+    def dispatched(self, state: CycleState, request: LLMRequest, endpoint: Endpoint) -> None:
+        for observer in self.observers:
+            observer.on_dispatch(state, request, endpoint)
+
+
+def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -> SchedulerProfile:
+    """The profile for ``context.scoring``."""
+    filters: list[Filter] = []
+    for type_name in DEFAULT_FILTERS:
+        entry = registry.lookup(type_name)
+        if entry is None:
+            continue
+        if entry.kind != "filter":
+            raise ProfileBuildError(f"plugin {type_name!r} is a {entry.kind}, not a filter")
+        filters.append(entry.factory(context))
+
+    scorers: list[WeightedScorer] = []
+    degraded: dict[str, str] = {}
+    for item in context.scoring.scorers:
+        type_name = str(item.type)
+        entry = registry.lookup(type_name)
+        if entry is None and type_name in SCORER_FALLBACKS:
+            stand_in = SCORER_FALLBACKS[type_name]
+            if any(s.type_name == stand_in for s in scorers) or any(
+                    s.type == stand_in for s in context.scoring.scorers):
+                log.warning("profile %s: scorer %s is not available; %s is already configured, "
+                            "so %s is dropped", name, type_name, stand_in, type_name)
+                degraded[type_name] = ""
+                continue
+            log.warning("profile %s: scorer %s is not available in this router; using %s "
+                        "instead", name, type_name, stand_in)
+            degraded[type_name] = stand_in
+            type_name, entry = stand_in, registry.lookup(stand_in)
+        if entry is None:
+            log.warning("profile %s: scorer %s is not available; skipped", name, item.type)
+            degraded[item.type] = ""
+            continue
+        if entry.kind != "scorer":
+            raise ProfileBuildError(f"plugin {type_name!r} is a {entry.kind}, not a scorer")
+        if item.weight <= 0:
+            continue
+        scorers.append(WeightedScorer(entry.factory(context), float(item.weight), type_name))
+
+    picker_entry = registry.lookup(context.scoring.picker)
+    if picker_entry is None or picker_entry.kind != "picker":
+        raise ProfileBuildError(f"picker {context.scoring.picker!r} is not registered; "
+                                f"known pickers: {', '.join(registry.types('picker'))}")
+    picker: Picker = picker_entry.factory(context)
+
+    observers: list[DispatchObserver] = [
+        plugin for plugin in [*filters, *(s.scorer for s in scorers), picker]
+        if isinstance(plugin, DispatchObserver)]
+    return SchedulerProfile(name=name, filters=filters, scorers=scorers, picker=picker,
+                            observers=observers, degraded=degraded)

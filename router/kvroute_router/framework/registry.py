@@ -1,0 +1,91 @@
+"""The plugin registry: factories keyed by type name (the names RoutePolicy.spec.scoring uses).
+
+Nothing registers itself at import time; :func:`kvroute_router.plugins.register_builtin_plugins`
+fills a registry explicitly, and other subpackages add theirs the same way (e.g. the KV-event
+index registers ``prefix-precise``). A factory gets a :class:`PluginContext` and returns the
+plugin.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from kvroute_api.inference_pool import InferencePool
+from kvroute_api.route_policy import ScoringSpec
+
+PluginKind = Literal["filter", "scorer", "picker"]
+T = TypeVar("T")
+
+
+class SharedServices:
+    """Long-lived objects shared by plugin instances across profile rebuilds (config reloads),
+    e.g. the approximate prefix history of a pool. Keyed by string; created on first use."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get_or_create(self, key: str, kind: type[T], factory: Callable[[], T]) -> T:
+        with self._lock:
+            value = self._objects.get(key)
+            if not isinstance(value, kind):
+                value = factory()
+                self._objects[key] = value
+            return value
+
+    def get(self, key: str, kind: type[T]) -> T | None:
+        value = self._objects.get(key)
+        return value if isinstance(value, kind) else None
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._objects[key] = value
+
+    def drop_prefix(self, prefix: str) -> None:
+        with self._lock:
+            for key in [k for k in self._objects if k.startswith(prefix)]:
+                del self._objects[key]
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What a factory may use to build a plugin for one (policy, pool) profile."""
+
+    scoring: ScoringSpec
+    pool_key: str
+    """The pool's datastore key (``namespace/name``)."""
+    pool: InferencePool | None
+    services: SharedServices
+    policy_key: str = ""
+
+
+PluginFactory = Callable[[PluginContext], Any]
+
+
+@dataclass(frozen=True)
+class Registration:
+    kind: PluginKind
+    factory: PluginFactory
+
+
+class PluginRegistry:
+    """Factories by type name."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Registration] = {}
+
+    def register(self, type_name: str, kind: PluginKind, factory: PluginFactory) -> None:
+        """Add (or replace: a later registration overrides a built-in) a plugin type."""
+        self._entries[type_name] = Registration(kind, factory)
+
+    def lookup(self, type_name: str) -> Registration | None:
+        return self._entries.get(type_name)
+
+    def types(self, kind: PluginKind | None = None) -> list[str]:
+        return sorted(t for t, r in self._entries.items() if kind is None or r.kind == kind)
+
+    def __contains__(self, type_name: str) -> bool:
+        return type_name in self._entries

@@ -1,0 +1,167 @@
+"""The ``kvroute.v1.Router`` gRPC service: ``Pick`` routes a request through the director and
+returns the endpoint (plus fallbacks and the scores behind the choice); ``Report`` closes the
+decision with its outcome. A picked request counts as in flight on its endpoint until it is
+reported or its policy's ``requestTimeoutSeconds`` passes (so a sidecar that never reports
+cannot inflate the load forever). Served beside ``grpc.health.v1``.
+
+Errors map to gRPC codes: unknown model → NOT_FOUND, bad input → INVALID_ARGUMENT, prompt too
+large → OUT_OF_RANGE, shed → RESOURCE_EXHAUSTED (``retry-after`` trailing metadata), no
+endpoint → UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import Any
+
+import grpc
+
+from kvroute_router.director import Decision, Director, Outcome, RoutingError
+from kvroute_router.extproc.server import add_health, set_serving
+from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.request import LLMRequest, render_chat_prompt
+from kvroute_router.proto_gen import router_pb2 as pb
+
+SERVICE = "kvroute.v1.Router"
+MAX_PENDING = 100_000
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.OUT_OF_RANGE,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def request_from_pick(message: pb.PickRequest) -> LLMRequest:
+    headers = {k.lower(): v for k, v in message.headers.items()}
+    which = message.WhichOneof("input")
+    text: str = ""
+    tokens: list[int] | None = None
+    if which == "prompt":
+        text = message.prompt
+    elif which == "messages":
+        text = render_chat_prompt([{"role": m.role, "content": m.content}
+                                   for m in message.messages.messages])
+    elif which == "token_ids":
+        tokens = list(message.token_ids.ids)
+    request = LLMRequest(model=message.model, kind="pick", prompt_text=text, token_ids=tokens,
+                         tenant=message.tenant or None, headers=headers,
+                         max_tokens=message.max_tokens or None)
+    if message.request_id:
+        request.request_id = message.request_id
+    return request
+
+
+class RouterService:
+    """Pick/Report handlers and the table of decisions awaiting a Report."""
+
+    def __init__(self, director: Director) -> None:
+        self.director = director
+        self.pending: dict[str, tuple[Decision, Endpoint, float]] = {}
+
+    async def pick(self, message: pb.PickRequest, context: Any) -> pb.PickResponse:
+        if not message.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
+        request = request_from_pick(message)
+        try:
+            decision = await self.director.route(request, entrypoint="grpc")
+        except RoutingError as exc:
+            if exc.retry_after is not None:
+                context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
+            await context.abort(STATUS_CODES.get(exc.status, grpc.StatusCode.UNKNOWN),
+                                exc.message)
+            raise  # abort raises; this keeps type checkers aware
+        endpoint = decision.endpoints[0]
+        self.director.dispatch(decision, endpoint)
+        decision_id = uuid.uuid4().hex
+        self._expire(time.monotonic())
+        self.pending[decision_id] = (
+            decision, endpoint,
+            time.monotonic() + decision.policy.spec.request_timeout_seconds)
+        ratio = decision.prefix_match_ratio(endpoint)
+        return pb.PickResponse(
+            endpoint=endpoint.address, endpoint_name=endpoint.name,
+            fallbacks=[e.address for e in decision.endpoints[1:]],
+            pool=decision.pool.name, policy=decision.policy_name,
+            target_model=decision.pool.model_name, decision_id=decision_id,
+            reasons=decision.reasons(),
+            scores=[pb.EndpointScore(endpoint=s.endpoint.name, address=s.endpoint.address,
+                                     total=s.total, scores=s.by_scorer)
+                    for s in decision.ranked],
+            prefix_match_ratio=ratio or 0.0)
+
+    async def report(self, message: pb.ReportRequest, context: Any) -> pb.ReportResponse:
+        entry = self.pending.pop(message.decision_id, None)
+        if entry is None:
+            return pb.ReportResponse(accepted=False)
+        decision, endpoint, _ = entry
+        served = endpoint
+        if message.endpoint and message.endpoint != endpoint.address:
+            served = next((e for e in decision.endpoints if e.address == message.endpoint),
+                          endpoint)
+        self.director.end_attempt(decision, endpoint)
+        self.director.finish(decision, served, Outcome(
+            status=message.status, ttft_s=message.ttft_seconds or None,
+            e2e_s=message.e2e_seconds or None, prompt_tokens=message.prompt_tokens or None,
+            completion_tokens=message.completion_tokens or None))
+        return pb.ReportResponse(accepted=True)
+
+    def _expire(self, now: float) -> None:
+        """Close decisions past their deadline; cap the table's size."""
+        if not self.pending:
+            return
+        expired = [k for k, (_, _, deadline) in self.pending.items() if deadline < now]
+        overflow = len(self.pending) - len(expired) - MAX_PENDING
+        if overflow > 0:
+            expired.extend(list(self.pending)[:overflow])
+        for key in expired:
+            entry = self.pending.pop(key, None)
+            if entry is not None:
+                decision, endpoint, _ = entry
+                self.director.end_attempt(decision, endpoint)
+                self.director.finish(decision, endpoint, Outcome(status=0, error="not reported"))
+
+    async def expire_forever(self, period_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self._expire(time.monotonic())
+
+
+class RouterServer:
+    """A running native gRPC server and its background expiry task."""
+
+    def __init__(self, server: Any, service: RouterService, task: asyncio.Task[None]) -> None:
+        self.server = server
+        self.service = service
+        self.task = task
+
+    async def stop(self, grace: float | None = None) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.server.stop(grace)
+
+
+async def start_router_grpc_server(director: Director, host: str, port: int
+                                   ) -> tuple[RouterServer, int]:
+    server = grpc.aio.server()
+    service = RouterService(director)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Pick": grpc.unary_unary_rpc_method_handler(
+            service.pick, request_deserializer=pb.PickRequest.FromString,
+            response_serializer=pb.PickResponse.SerializeToString),
+        "Report": grpc.unary_unary_rpc_method_handler(
+            service.report, request_deserializer=pb.ReportRequest.FromString,
+            response_serializer=pb.ReportResponse.SerializeToString),
+    }),))
+    servicer = add_health(server, [SERVICE])
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    await set_serving(servicer, [SERVICE])
+    task = asyncio.get_running_loop().create_task(service.expire_forever(), name="pick-expiry")
+    return RouterServer(server, service, task), bound

@@ -1,0 +1,307 @@
+"""The OpenAI-compatible proxy: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
+``/health`` and ``/metrics``.
+
+Per request: parse the body, ask the director for a decision, then try the ranked endpoints in
+order (at most ``spec.retries.maxAttempts``). An attempt that fails *before the first byte* —
+connection refused, a 5xx status, or (for streams) no first chunk within ``perTryTimeoutMs`` —
+moves on to the next endpoint; once a byte went to the client the stream is committed. The
+answer is relayed chunk by chunk as it arrives (no buffering), with ``x-kvroute-endpoint``
+naming the engine. A client that disconnects cancels the handler (``handler_cancellation``),
+which closes the upstream connection, so vLLM aborts the request. Every wait is bounded by the
+policy's ``requestTimeoutSeconds``.
+
+Non-streaming answers arrive from vLLM all at once, so their first byte is their last: only
+connection failures and 5xx are retried for them, and the per-try timeout does not apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvroute_router.datastore.store import Datastore
+from kvroute_router.director import Decision, Director, Outcome, RoutingError
+from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.request import RequestKind
+from kvroute_router.proxy.openai_errors import error_body, error_response
+from kvroute_router.proxy.openai_request import BadRequestError, request_from_body
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_HEADER = "x-kvroute-endpoint"
+POOL_HEADER = "x-kvroute-pool"
+MAX_BODY_BYTES = 32 * 1024 * 1024
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+})
+PASS_BACK = ("content-type", "content-encoding", "cache-control", "x-request-id")
+ERROR_BODY_LIMIT = 64 * 1024
+USAGE_TAIL = 8192
+
+
+class UpstreamAttemptError(Exception):
+    """An attempt failed before the first byte reached the client."""
+
+    def __init__(self, message: str, status: int = 0, timed_out: bool = False,
+                 body: bytes = b"", content_type: str = "application/json") -> None:
+        super().__init__(message)
+        self.status = status
+        self.timed_out = timed_out
+        self.body = body
+        self.content_type = content_type
+
+
+def _usage(tail: bytes) -> tuple[int | None, int | None]:
+    """prompt/completion tokens from the last ``usage`` object in the answer, if any."""
+    at = tail.rfind(b'"usage"')
+    if at == -1:
+        return None, None
+    start = tail.find(b"{", at)
+    end = tail.find(b"}", start)
+    if start == -1 or end == -1:
+        return None, None
+    try:
+        usage = msgspec.json.decode(tail[start:end + 1])
+    except msgspec.DecodeError:
+        return None, None
+    if not isinstance(usage, dict):
+        return None, None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else None,
+            completion if isinstance(completion, int) else None)
+
+
+class OpenAIProxy:
+    """The aiohttp application and its pooled upstream client."""
+
+    def __init__(self, director: Director, datastore: Datastore,
+                 connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0) -> None:
+        self.director = director
+        self.datastore = datastore
+        self.connect_timeout_s = connect_timeout_s
+        self.unavailable_for_s = unavailable_for_s
+        self._session: aiohttp.ClientSession | None = None
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES,
+                                   middlewares=[self._error_middleware])
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_post("/v1/chat/completions", self.chat_completions)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.app.on_startup.append(self._open)
+        self.app.on_cleanup.append(self._close)
+
+    async def _open(self, app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, force_close=False),
+            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+
+    async def _close(self, app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @web.middleware
+    async def _error_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = {404: f"Unknown path {request.path}",
+                       405: f"Method {request.method} is not allowed on {request.path}",
+                       413: f"Request body larger than {MAX_BODY_BYTES} bytes"}.get(
+                exc.status, exc.reason)
+            return error_response(exc.status, message, exc.reason.lower().replace(" ", "_"))
+
+    # ---- simple endpoints ----------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "kvroute"}
+                for name in self.datastore.models()]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        endpoints = self.datastore.endpoints()
+        healthy = sum(1 for ep in endpoints if ep.healthy())
+        return web.json_response({"status": "ok", "loaded": self.datastore.loaded,
+                                  "endpoints": len(endpoints), "healthy_endpoints": healthy})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.director.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # ---- inference ---------------------------------------------------------------------------
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completions", "/v1/completions")
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat", "/v1/chat/completions")
+
+    async def _serve(self, http: web.Request, kind: RequestKind, path: str
+                     ) -> web.StreamResponse:
+        try:
+            raw = await http.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"Request body larger than {MAX_BODY_BYTES} bytes",
+                                  "request_too_large")
+        try:
+            body = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            return error_response(400, f"The body is not valid JSON: {exc}", "invalid_json")
+        headers = {k.lower(): v for k, v in http.headers.items()}
+        try:
+            llm_request = request_from_body(body, kind, headers)
+        except BadRequestError as exc:
+            return error_response(400, str(exc), "invalid_request_error", exc.param)
+        started = time.monotonic()
+        try:
+            decision = await asyncio.wait_for(self.director.route(llm_request),
+                                              timeout=600.0)
+        except RoutingError as exc:
+            return error_response(exc.status, exc.message, exc.code,
+                                  retry_after=exc.retry_after)
+        except TimeoutError:
+            return error_response(504, "Timed out waiting for admission", "timeout")
+        deadline = started + decision.policy.spec.request_timeout_seconds
+        payload = self._upstream_body(raw, body, decision)
+        upstream_headers = {k: v for k, v in http.headers.items()
+                            if k.lower() not in HOP_BY_HOP}
+        upstream_headers["x-request-id"] = llm_request.request_id
+        return await self._relay(http, decision, path, payload, upstream_headers, started,
+                                 deadline)
+
+    @staticmethod
+    def _upstream_body(raw: bytes, body: dict[str, Any], decision: Decision) -> bytes:
+        served = decision.pool.model_name
+        if body.get("model") == served:
+            return raw
+        return msgspec.json.encode({**body, "model": served})
+
+    async def _relay(self, http: web.Request, decision: Decision, path: str, payload: bytes,
+                     headers: Mapping[str, str], started: float, deadline: float
+                     ) -> web.StreamResponse:
+        attempts = decision.endpoints[:max(1, decision.max_attempts)]
+        last_error: UpstreamAttemptError | None = None
+        for number, endpoint in enumerate(attempts):
+            if time.monotonic() >= deadline:
+                break
+            if number > 0:
+                self.director.metrics.retries.labels(decision.policy_name,
+                                                     decision.pool.name).inc()
+            try:
+                return await self._attempt(http, decision, endpoint, path, payload, headers,
+                                           started, deadline)
+            except UpstreamAttemptError as exc:
+                last_error = exc
+                log.info("attempt %d of %s on %s failed: %s", number + 1,
+                         decision.request.request_id, endpoint.address, exc)
+        if last_error is not None and last_error.status >= 500 and last_error.body:
+            self.director.finish(decision, attempts[-1], Outcome(status=last_error.status))
+            return web.Response(status=last_error.status, body=last_error.body,
+                                content_type=last_error.content_type.split(";")[0],
+                                headers={ENDPOINT_HEADER: attempts[-1].address})
+        timed_out = last_error is None or last_error.timed_out
+        status = 504 if timed_out else 503
+        self.director.finish(decision, None, Outcome(status=status, error=str(last_error)))
+        message = (f"No endpoint answered in time ({len(attempts)} attempt(s))" if timed_out
+                   else f"Every endpoint tried failed ({len(attempts)} attempt(s)): "
+                        f"{last_error}")
+        return error_response(status, message, "timeout" if timed_out else "upstream_failed")
+
+    async def _attempt(self, http: web.Request, decision: Decision, endpoint: Endpoint,
+                       path: str, payload: bytes, headers: Mapping[str, str], started: float,
+                       deadline: float) -> web.StreamResponse:
+        assert self._session is not None
+        stream = decision.request.stream
+        per_try = decision.policy.spec.retries.per_try_timeout_ms / 1000.0
+        first_byte_by = min(deadline, time.monotonic() + per_try) if stream else deadline
+        self.director.dispatch(decision, endpoint)
+        status = 0
+        ttft: float | None = None
+        tail = b""
+        try:
+            try:
+                async with asyncio.timeout_at(_loop_time(first_byte_by)):
+                    upstream_cm = self._session.post(
+                        f"{endpoint.url}{path}", data=payload, headers=headers,
+                        timeout=aiohttp.ClientTimeout(total=None,
+                                                      connect=self.connect_timeout_s))
+                    upstream = await upstream_cm.__aenter__()
+                    try:
+                        status = upstream.status
+                        if status >= 500:
+                            body = await upstream.content.read(ERROR_BODY_LIMIT)
+                            raise UpstreamAttemptError(
+                                f"HTTP {status}", status=status, body=body,
+                                content_type=upstream.headers.get("content-type",
+                                                                  "application/json"))
+                        first = await upstream.content.readany()
+                    except BaseException:
+                        await upstream_cm.__aexit__(None, None, None)
+                        raise
+            except TimeoutError as exc:
+                raise UpstreamAttemptError("no first byte in time", timed_out=True) from exc
+            except aiohttp.ClientConnectorError as exc:
+                self.director.mark_unavailable(endpoint, self.unavailable_for_s)
+                raise UpstreamAttemptError(f"cannot connect: {exc}") from exc
+            except (aiohttp.ClientError, OSError) as exc:
+                raise UpstreamAttemptError(f"{type(exc).__name__}: {exc}") from exc
+
+            # Committed: from here on the client gets this endpoint's answer.
+            response = web.StreamResponse(status=status)
+            try:
+                ttft = time.monotonic() - started
+                for name in PASS_BACK:
+                    if name in upstream.headers:
+                        response.headers[name] = upstream.headers[name]
+                response.headers[ENDPOINT_HEADER] = endpoint.address
+                response.headers[POOL_HEADER] = decision.pool.name
+                await response.prepare(http)
+                tail = first[-USAGE_TAIL:]
+                if first:
+                    await response.write(first)
+                async with asyncio.timeout_at(_loop_time(deadline)):
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+                        tail = (tail + chunk)[-USAGE_TAIL:]
+                await response.write_eof()
+            except TimeoutError:
+                log.warning("request %s exceeded its deadline mid-stream on %s",
+                            decision.request.request_id, endpoint.address)
+                status = 504
+            except (aiohttp.ClientError, ConnectionResetError, OSError) as exc:
+                log.info("stream of %s on %s broke: %s", decision.request.request_id,
+                         endpoint.address, exc)
+                status = 502 if status < 400 else status
+            finally:
+                await upstream_cm.__aexit__(None, None, None)
+            prompt_tokens, completion_tokens = _usage(tail)
+            self.director.finish(decision, endpoint, Outcome(
+                status=status, ttft_s=ttft if stream else None,
+                e2e_s=time.monotonic() - started, prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens))
+            return response
+        except asyncio.CancelledError:
+            self.director.finish(decision, endpoint, Outcome(status=499,
+                                                             error="client disconnected"))
+            raise
+        finally:
+            self.director.end_attempt(decision, endpoint)
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A ``time.monotonic()`` deadline on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
+
+
+__all__ = ["ENDPOINT_HEADER", "OpenAIProxy", "error_body"]

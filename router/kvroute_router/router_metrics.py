@@ -1,0 +1,51 @@
+"""The router's own Prometheus metrics (``kvroute_*``), in a registry per router instance so
+several routers (tests, benchmarks) can live in one process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+DECISION_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+class RouterMetrics:
+    """Every metric the router exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kvroute_requests", "Requests finished, by policy, pool, endpoint and HTTP status.",
+            ["policy", "pool", "endpoint", "status"], registry=r)
+        self.decision_latency = Histogram(
+            "kvroute_decision_latency_seconds",
+            "Time to choose an endpoint (resolve, admission, filters, scorers, picker).",
+            ["entrypoint"], buckets=DECISION_BUCKETS, registry=r)
+        self.prefix_match = Histogram(
+            "kvroute_prefix_match_ratio",
+            "Share of the prompt's blocks the chosen endpoint was known to hold.",
+            ["policy", "pool"], buckets=RATIO_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "kvroute_ttft_seconds", "Time to first token as observed by the proxy (streams).",
+            ["policy", "pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "kvroute_e2e_latency_seconds", "End-to-end request latency as observed by the proxy.",
+            ["policy", "pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "kvroute_in_flight_requests", "Requests this router dispatched that have not finished.",
+            ["pool", "endpoint"], registry=r)
+        self.retries = Counter(
+            "kvroute_retries", "Attempts retried on another endpoint before the first byte.",
+            ["policy", "pool"], registry=r)
+        self.shed = Counter(
+            "kvroute_shed_requests", "Requests rejected by admission (429), by reason.",
+            ["policy", "reason"], registry=r)
+        self.routing_errors = Counter(
+            "kvroute_routing_errors", "Requests that got no endpoint, by HTTP status.",
+            ["status"], registry=r)
+        self.degraded_scorers = Gauge(
+            "kvroute_degraded_scorers",
+            "Scorers a policy asked for that this router replaced (1) by a fallback.",
+            ["policy", "scorer", "replacement"], registry=r)

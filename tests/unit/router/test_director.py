@@ -1,0 +1,137 @@
+"""The director's request path: resolution, limits, admission hooks, pool choice, scheduling,
+in-flight accounting and prefix affinity."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kvroute_router.datastore.store import Resolution
+from kvroute_router.director import Admission, Decision, Outcome, RoutingError
+from kvroute_router.framework.request import LLMRequest
+from router_fixtures import make_director, make_policy, make_pool, set_metrics
+
+LONG = "You are a helpful assistant. " * 40
+
+
+async def test_unknown_model_is_404_and_pool_model_resolves_implicitly() -> None:
+    director, _ = make_director([make_pool()], [make_policy()])
+    with pytest.raises(RoutingError) as err:
+        await director.route(LLMRequest(model="nope"))
+    assert err.value.status == 404 and "chat" in err.value.message
+    decision = await director.route(LLMRequest(model="test-model", prompt_text="hi"))
+    assert decision.policy_key == "implicit/test-model"
+    assert decision.pool.name == "local"
+
+
+async def test_output_and_prompt_limits() -> None:
+    policy = make_policy(admission={"maxOutputTokens": 10, "maxPromptTokens": 100})
+    director, _ = make_director([make_pool()], [policy])
+    with pytest.raises(RoutingError) as err:
+        await director.route(LLMRequest(model="chat", max_tokens=11))
+    assert err.value.status == 400
+    with pytest.raises(RoutingError) as err:
+        await director.route(LLMRequest(model="chat", prompt_text="x" * 4000))
+    assert err.value.status == 413
+
+
+async def test_same_prefix_sticks_distinct_prefixes_spread() -> None:
+    director, store = make_director([make_pool(count=4)], [make_policy()])
+    for ep in store.endpoints():
+        set_metrics(ep)
+    first = await director.route(LLMRequest(model="chat", prompt_text=LONG + "q1"))
+    target = first.endpoints[0]
+    director.dispatch(first, target)
+    for i in range(5):
+        again = await director.route(LLMRequest(model="chat", prompt_text=LONG + f"q{i + 2}"))
+        assert again.endpoints[0] is target
+        assert again.prefix_match_ratio() == pytest.approx(1.0, abs=0.1)
+    # Distinct prompts, dispatched and still in flight: they spread over all endpoints.
+    used = set()
+    for i in range(4):
+        d = await director.route(LLMRequest(model="chat", prompt_text=f"{i}" * 2000))
+        director.dispatch(d, d.endpoints[0])
+        used.add(d.endpoints[0].name)
+    assert len(used) >= 3
+
+
+async def test_in_flight_counts_immediately_and_finish_releases() -> None:
+    director, _store = make_director([make_pool(count=2)], [make_policy()])
+    decision = await director.route(LLMRequest(model="chat", prompt_text="a"))
+    ep = decision.endpoints[0]
+    director.dispatch(decision, ep)
+    assert ep.in_flight == 1 and ep.dispatched_since_scrape == 1
+    director.end_attempt(decision, ep)
+    director.finish(decision, ep, Outcome(status=200, e2e_s=0.1))
+    director.finish(decision, ep, Outcome(status=200))  # idempotent
+    assert ep.in_flight == 0
+    text = director.metrics.registry.get_sample_value(
+        "kvroute_requests_total", {"policy": "chat", "pool": "local", "endpoint": ep.name,
+                                   "status": "200"})
+    assert text == 1.0
+
+
+async def test_unhealthy_endpoints_are_filtered_and_none_left_is_503() -> None:
+    director, store = make_director([make_pool(count=2)], [make_policy()])
+    eps = store.endpoints()
+    eps[0].scrape_failures = 3
+    decision = await director.route(LLMRequest(model="chat", prompt_text="a"))
+    assert decision.endpoints == [eps[1]]
+    director.mark_unavailable(eps[1], for_s=60)
+    with pytest.raises(RoutingError) as err:
+        await director.route(LLMRequest(model="chat", prompt_text="a"))
+    assert err.value.status == 503
+
+
+async def test_admission_hook_can_shed_narrow_pools_and_hear_the_outcome() -> None:
+    pools = [make_pool("a", base_port=8100), make_pool("b", base_port=8200)]
+    policy = make_policy(pools=[{"name": "a"}, {"name": "b"}])
+    director, _ = make_director(pools, [policy])
+    finished: list[int] = []
+
+    class OnlyB:
+        async def admit(self, request: LLMRequest, resolution: Resolution) -> Admission:
+            if request.tenant == "greedy":
+                raise RoutingError(429, "budget_exhausted", "over budget", retry_after=3)
+            return Admission(pools=["b"],
+                             on_finish=lambda d, o: finished.append(o.status))
+
+    director.add_admission_hook(OnlyB())
+    for _ in range(10):
+        d = await director.route(LLMRequest(model="chat", prompt_text="x"))
+        assert d.pool.name == "b"
+    director.finish(d, d.endpoints[0], Outcome(status=200))
+    assert finished == [200]
+    with pytest.raises(RoutingError) as err:
+        await director.route(LLMRequest(model="chat", headers={"x-kvroute-tenant": "greedy"}))
+    assert err.value.status == 429 and err.value.retry_after == 3
+    assert director.metrics.registry.get_sample_value(
+        "kvroute_shed_requests_total", {"policy": "chat", "reason": "budget_exhausted"}) == 1.0
+
+
+async def test_fallback_pool_used_only_when_primaries_have_no_endpoint() -> None:
+    pools = [make_pool("a", base_port=8100), make_pool("b", base_port=8200)]
+    policy = make_policy(pools=[{"name": "a"}, {"name": "b", "role": "fallback"}])
+    director, store = make_director(pools, [policy])
+    for _ in range(5):
+        assert (await director.route(LLMRequest(model="chat"))).pool.name == "a"
+    for ep in store.endpoints():
+        if ep.pool == "default/a":
+            ep.scrape_failures = 5
+    assert (await director.route(LLMRequest(model="chat"))).pool.name == "b"
+
+
+async def test_load_scorers_prefer_idle_and_treat_stale_as_average() -> None:
+    policy = make_policy(scoring={"scorers": [{"type": "queue-depth"},
+                                              {"type": "kv-utilization"}]})
+    director, store = make_director([make_pool(count=3)], [policy])
+    e0, e1, e2 = store.endpoints()
+    set_metrics(e0, waiting=5, kv_cache_usage=0.9)
+    set_metrics(e1, waiting=0, kv_cache_usage=0.1)
+    set_metrics(e2, waiting=0, kv_cache_usage=0.0)
+    e2.metrics = e2.metrics.__class__(waiting=0, kv_cache_usage=0.0,
+                                      scraped_at=time.monotonic() - 60)  # stale
+    decision: Decision = await director.route(LLMRequest(model="chat"))
+    assert decision.endpoints[0] is e1
+    stale = next(s for s in decision.ranked if s.endpoint is e2)
+    assert stale.by_scorer["kv-utilization"] == pytest.approx(0.5)

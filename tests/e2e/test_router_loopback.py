@@ -1,0 +1,244 @@
+"""The proxy against fake engines on loopback (no vLLM needed, so not marked e2e): streaming
+without buffering, retries before the first byte, client disconnects, OpenAI errors and
+timeouts. The fakes speak just enough of vLLM's HTTP API (SSE completions and /metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from kvroute_router.app import Router, RouterSettings
+
+METRICS = ('vllm:num_requests_running{engine="0"} 0.0\n'
+           'vllm:num_requests_waiting{engine="0"} 0.0\n'
+           'vllm:kv_cache_usage_perc{engine="0"} 0.1\n')
+
+
+@dataclass
+class FakeEngine:
+    """A loopback HTTP server imitating one vLLM engine."""
+
+    mode: str = "ok"  # ok | fail | hang
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    gate_stream: bool = False
+    requests: int = 0
+    cancelled: int = 0
+    models_seen: list[str] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.completions)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=METRICS)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        body = await request.json()
+        self.models_seen.append(body["model"])
+        if self.mode == "fail":
+            return web.json_response({"error": {"message": "boom"}}, status=500)
+        try:
+            if self.mode == "hang":
+                await asyncio.sleep(3600)
+            if not body.get("stream"):
+                return web.json_response({"choices": [{"text": "hello"}],
+                                          "usage": {"prompt_tokens": 3,
+                                                    "completion_tokens": 1}})
+            response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(b'data: {"choices":[{"text":"first"}]}\n\n')
+            if self.gate_stream:
+                await asyncio.wait_for(self.release.wait(), 30)
+            await response.write(b'data: {"choices":[{"text":"second"}]}\n\n')
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+
+@contextlib.asynccontextmanager
+async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
+                         **policy_spec: object) -> AsyncIterator[tuple[Router, str]]:
+    addresses = [e if isinstance(e, str) else e.address for e in engines]
+    docs = [
+        {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
+         "metadata": {"name": "fake"},
+         "spec": {"mode": "External", "model": {"name": "fake-model"}, "resources": {"gpus": 0},
+                  "endpoints": [{"name": f"fake-{i}", "address": a}
+                                for i, a in enumerate(addresses)]}},
+        {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
+         "spec": {"match": {"model": "chat"}, "pools": [{"name": "fake"}],
+                  "scoring": {"scorers": [{"type": "prefix-approx", "weight": 3},
+                                          {"type": "running-requests"}]},
+                  **policy_spec}},
+    ]
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump_all(docs))
+    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                   scrape_interval_s=0.05))
+    await router.start()
+    try:
+        yield router, f"http://127.0.0.1:{router.ports['http']}"
+    finally:
+        await router.stop()
+
+
+@pytest.fixture
+async def engines() -> AsyncIterator[list[FakeEngine]]:
+    fakes = [FakeEngine(), FakeEngine()]
+    for fake in fakes:
+        await fake.start()
+    yield fakes
+    for fake in fakes:
+        fake.release.set()
+        await fake.stop()
+
+
+async def test_stream_is_relayed_chunk_by_chunk(tmp_path: Path, engines: list[FakeEngine]
+                                                ) -> None:
+    for fake in engines:
+        fake.gate_stream = True
+    async with running_router(tmp_path, engines) as (router, url), aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/completions", json={
+                "model": "chat", "prompt": "p", "stream": True}) as resp:
+            assert resp.status == 200
+            served = resp.headers["x-kvroute-endpoint"]
+            # The first chunk arrives while the engine still holds back the rest.
+            first = await asyncio.wait_for(resp.content.readline(), 10)
+            assert b"first" in first
+            for fake in engines:
+                fake.release.set()
+            rest = await asyncio.wait_for(resp.content.read(), 10)
+            assert b"second" in rest and b"[DONE]" in rest
+        fake = next(f for f in engines if f.address == served)
+        assert fake.models_seen == ["fake-model"]  # the virtual name was rewritten
+        ttft = router.metrics.registry.get_sample_value(
+            "kvroute_ttft_seconds_count", {"policy": "chat", "pool": "fake"})
+        assert ttft == 1.0
+
+
+async def test_failure_before_first_byte_is_retried_elsewhere(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    engines[0].mode = "fail"
+    async with running_router(tmp_path, engines) as (router, url), aiohttp.ClientSession() as s:
+        for i in range(6):
+            async with s.post(f"{url}/v1/completions",
+                              json={"model": "chat", "prompt": f"{i}" * 600}) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-kvroute-endpoint"] == engines[1].address
+                assert (await resp.json())["choices"][0]["text"] == "hello"
+        assert engines[0].requests >= 1
+        assert router.metrics.registry.get_sample_value(
+            "kvroute_retries_total", {"policy": "chat", "pool": "fake"}) == engines[0].requests
+
+
+async def test_refused_connections_are_routed_around(tmp_path: Path,
+                                                     engines: list[FakeEngine]) -> None:
+    dead = engines[0].address
+    await engines[0].stop()
+    async with running_router(tmp_path, [dead, engines[1].address]) as (_, url), \
+            aiohttp.ClientSession() as s:
+        for i in range(4):
+            async with s.post(f"{url}/v1/completions",
+                              json={"model": "chat", "prompt": f"{i}"}) as resp:
+                assert resp.status == 200
+                assert resp.headers["x-kvroute-endpoint"] == engines[1].address
+
+
+async def test_client_disconnect_cancels_the_upstream_request(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    for fake in engines:
+        fake.gate_stream = True
+    async with running_router(tmp_path, engines) as (router, url):
+        async with aiohttp.ClientSession() as s, s.post(
+                f"{url}/v1/completions",
+                json={"model": "chat", "prompt": "p", "stream": True}) as resp:
+            await asyncio.wait_for(resp.content.readline(), 10)
+        # The client is gone; the engine's handler must be cancelled soon after.
+        for _ in range(100):
+            if sum(f.cancelled for f in engines):
+                break
+            await asyncio.sleep(0.05)
+        assert sum(f.cancelled for f in engines) == 1
+        for _ in range(100):
+            if sum(e.in_flight for e in router.datastore.endpoints()) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(e.in_flight for e in router.datastore.endpoints()) == 0
+
+
+async def test_openai_errors(tmp_path: Path, engines: list[FakeEngine]) -> None:
+    async with running_router(tmp_path, engines,
+                              admission={"maxOutputTokens": 100}) as (_, url), \
+            aiohttp.ClientSession() as s:
+        cases = [
+            (b"{not json", 400),
+            (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404),
+            (json.dumps({"model": "chat", "prompt": "x", "max_tokens": 1000}).encode(), 400),
+            (json.dumps({"model": "chat"}).encode(), 400),
+            (b'{"model": "chat", "prompt": "' + b"x" * (33 * 1024 * 1024) + b'"}', 413),
+        ]
+        for body, status in cases:
+            async with s.post(f"{url}/v1/completions", data=body,
+                              headers={"content-type": "application/json"}) as resp:
+                assert resp.status == status
+                error = (await resp.json())["error"]
+                assert error["message"] and error["type"]
+        async with s.get(f"{url}/v1/nothing") as resp:
+            assert resp.status == 404 and "error" in await resp.json()
+        async with s.get(f"{url}/v1/models") as resp:
+            ids = {m["id"] for m in (await resp.json())["data"]}
+            assert ids == {"chat", "fake-model"}
+        async with s.get(f"{url}/health") as resp:
+            assert (await resp.json())["status"] == "ok"
+        async with s.get(f"{url}/metrics") as resp:
+            assert "kvroute_decision_latency_seconds" in await resp.text()
+
+
+async def test_hanging_engines_time_out_with_504_and_dead_ones_503(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    for fake in engines:
+        fake.mode = "hang"
+    retries = {"maxAttempts": 2, "perTryTimeoutMs": 300}
+    body = {"model": "chat", "prompt": "p", "stream": True}
+    async with running_router(tmp_path, engines, retries=retries) as (_, url), \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s, \
+            s.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 504
+        assert (await resp.json())["error"]["code"] == "timeout"
+    addresses = [f.address for f in engines]
+    for fake in engines:
+        await fake.stop()
+    async with running_router(tmp_path, addresses) as (_, url), aiohttp.ClientSession() as s, \
+            s.post(f"{url}/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
+        assert resp.status == 503
+        assert "error" in await resp.json()

@@ -1,0 +1,183 @@
+"""ext_proc (Envoy's messages) and kvroute.v1.Router Pick/Report over real grpc.aio channels
+on port 0, plus gRPC health."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from kvroute_api.inference_pool import InferencePool
+from kvroute_api.route_policy import RoutePolicy
+from kvroute_router.datastore.store import Datastore
+from kvroute_router.director import Director
+from kvroute_router.extproc.server import start_ext_proc_server
+from kvroute_router.framework.registry import PluginRegistry
+from kvroute_router.grpcapi.client import RouterClient
+from kvroute_router.grpcapi.server import start_router_grpc_server
+from kvroute_router.plugins import register_builtin_plugins
+from kvroute_router.proto_gen import router_pb2 as pb
+
+PROMPT = "Shared system prompt for the gRPC tests. " * 30
+
+
+def _objects() -> tuple[InferencePool, RoutePolicy]:
+    pool = InferencePool.model_validate({
+        "kind": "InferencePool", "metadata": {"name": "local"},
+        "spec": {"mode": "External", "model": {"name": "served-model"},
+                 "resources": {"gpus": 0},
+                 "endpoints": [{"name": f"e{i}", "address": f"10.0.0.{i + 1}:8000"}
+                               for i in range(3)]}}, by_alias=True)
+    policy = RoutePolicy.model_validate({
+        "kind": "RoutePolicy", "metadata": {"name": "chat"},
+        "spec": {"match": {"model": "chat"}, "pools": [{"name": "local"}],
+                 "admission": {"maxPromptTokens": 5000}}}, by_alias=True)
+    return pool, policy
+
+
+@pytest.fixture
+def director() -> Director:
+    store = Datastore()
+    store.replace(*[[o] for o in _objects()])
+    return Director(store, register_builtin_plugins(PluginRegistry()), rng=random.Random(3))
+
+
+def _headers(path: str) -> Any:
+    return ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=":path", raw_value=path.encode()),
+                 base_pb2.HeaderValue(key=":method", raw_value=b"POST"),
+                 base_pb2.HeaderValue(key="content-type", value="application/json")])))
+
+
+def _body(payload: dict[str, Any]) -> Any:
+    return ep.ProcessingRequest(request_body=ep.HttpBody(body=json.dumps(payload).encode(),
+                                                         end_of_stream=True))
+
+
+async def _exchange(port: int, messages: list[Any]) -> list[Any]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=ep.ProcessingRequest.SerializeToString,
+            response_deserializer=ep.ProcessingResponse.FromString)
+
+        async def source() -> AsyncIterator[Any]:
+            for m in messages:
+                yield m
+
+        return [r async for r in call(source(), timeout=10)]
+
+
+async def test_ext_proc_picks_sets_header_metadata_and_rewrites_model(director: Director
+                                                                      ) -> None:
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    try:
+        chosen = []
+        for i in range(3):
+            responses = await _exchange(port, [
+                _headers("/v1/chat/completions"),
+                _body({"model": "chat", "messages": [
+                    {"role": "system", "content": PROMPT}, {"role": "user", "content": str(i)}]}),
+                ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
+                    headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")]))),
+            ])
+            assert [r.WhichOneof("response") for r in responses] == [
+                "request_headers", "request_body", "response_headers"]
+            common = responses[1].request_body.response
+            headers = {h.header.key: h.header.raw_value.decode()
+                       for h in common.header_mutation.set_headers}
+            target = headers["x-gateway-destination-endpoint"]
+            chosen.append(target)
+            assert json.loads(common.body_mutation.body)["model"] == "served-model"
+            assert headers["content-length"] == str(len(common.body_mutation.body))
+            lb = responses[1].dynamic_metadata.fields["envoy.lb"].struct_value
+            addresses = lb.fields["x-gateway-destination-endpoint"].string_value.split(",")
+            assert addresses[0] == target and len(set(addresses)) == 3
+        # The shared prefix keeps the same target once it was sent there.
+        assert len(set(chosen)) == 1
+        assert sum(e.in_flight for e in director.datastore.endpoints()) == 0
+    finally:
+        await server.stop(None)
+
+
+async def test_ext_proc_immediate_responses(director: Director) -> None:
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    try:
+        cases = [
+            ({"model": "unknown", "prompt": "x"}, 404),
+            ({"prompt": "x"}, 400),
+            ({"model": "chat", "prompt": "x" * 40000}, 413),
+        ]
+        for payload, status in cases:
+            responses = await _exchange(port, [_headers("/v1/completions"), _body(payload)])
+            final = responses[-1]
+            assert final.WhichOneof("response") == "immediate_response"
+            assert final.immediate_response.status.code == status
+            assert "error" in json.loads(final.immediate_response.body)
+        for e in director.datastore.endpoints():
+            e.scrape_failures = 9
+        responses = await _exchange(port, [_headers("/v1/completions"),
+                                           _body({"model": "chat", "prompt": "x"})])
+        assert responses[-1].immediate_response.status.code == 503
+    finally:
+        await server.stop(None)
+
+
+async def test_ext_proc_subset_hint_restricts_candidates(director: Director) -> None:
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    try:
+        hint = struct_pb2.Struct()
+        hint.update({"x-gateway-destination-endpoint-subset": ["10.0.0.2:8000"]})
+        headers = _headers("/v1/completions")
+        headers.metadata_context.filter_metadata["envoy.lb.subset_hint"].CopyFrom(hint)
+        for _ in range(5):
+            responses = await _exchange(port, [headers, _body({"model": "chat", "prompt": "y"})])
+            lb = responses[1].dynamic_metadata.fields["envoy.lb"].struct_value
+            assert lb.fields["x-gateway-destination-endpoint"].string_value == "10.0.0.2:8000"
+    finally:
+        await server.stop(None)
+
+
+async def test_pick_and_report_over_a_channel(director: Director) -> None:
+    server, port = await start_router_grpc_server(director, "127.0.0.1", 0)
+    try:
+        async with RouterClient(f"127.0.0.1:{port}") as client:
+            first = await client.pick(pb.PickRequest(model="chat", prompt=PROMPT + "a"))
+            assert first.endpoint.startswith("10.0.0.") and len(first.fallbacks) == 2
+            assert first.target_model == "served-model" and first.policy == "chat"
+            assert any(r.startswith("policy=") for r in first.reasons)
+            assert {s.address for s in first.scores} == {"10.0.0.1:8000", "10.0.0.2:8000",
+                                                         "10.0.0.3:8000"}
+            endpoint = director.datastore.endpoint_by_address(first.endpoint)
+            assert endpoint is not None and endpoint.in_flight == 1
+            second = await client.pick(pb.PickRequest(model="chat", prompt=PROMPT + "b"))
+            assert second.endpoint == first.endpoint and second.prefix_match_ratio > 0.9
+            for d in (first, second):
+                reply = await client.report(pb.ReportRequest(
+                    decision_id=d.decision_id, status=200, ttft_seconds=0.1, e2e_seconds=0.5))
+                assert reply.accepted
+            assert endpoint.in_flight == 0
+            again = await client.report(pb.ReportRequest(decision_id=first.decision_id))
+            assert not again.accepted
+            tokens = await client.pick(pb.PickRequest(
+                model="chat", token_ids=pb.TokenIds(ids=list(range(64)))))
+            assert tokens.endpoint
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.pick(pb.PickRequest(model="nope", prompt="x"))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.pick(pb.PickRequest(model="chat", prompt="x" * 40000))
+            assert err.value.code() == grpc.StatusCode.OUT_OF_RANGE
+            health = health_pb2_grpc.HealthStub(client.channel)
+            status = await health.Check(health_pb2.HealthCheckRequest(
+                service="kvroute.v1.Router"))
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(None)

@@ -150,9 +150,10 @@ async def test_failure_before_first_byte_is_retried_elsewhere(
         tmp_path: Path, engines: list[FakeEngine]) -> None:
     engines[0].mode = "fail"
     async with running_router(tmp_path, engines) as (router, url), aiohttp.ClientSession() as s:
-        for i in range(6):
+        # Ties are broken at random: 20 requests reach the failing engine with near certainty.
+        for i in range(20):
             async with s.post(f"{url}/v1/completions",
-                              json={"model": "chat", "prompt": f"{i}" * 600}) as resp:
+                              json={"model": "chat", "prompt": f"{i:02d}" * 300}) as resp:
                 assert resp.status == 200
                 assert resp.headers["x-kvroute-endpoint"] == engines[1].address
                 assert (await resp.json())["choices"][0]["text"] == "hello"

@@ -215,7 +215,9 @@ class KnnQualityEstimator:
         total = weights.sum(axis=1) + self.prior_strength
         hits = (weights * labels[neighbours]).sum(axis=1) + self.prior_strength * base
         mean = hits / total
-        std = np.sqrt(mean * (1.0 - mean) / (total + 1.0))
+        # Half a pseudo-count each way keeps the spread above zero when every neighbour agrees.
+        spread = (hits + 0.5) / (total + 1.0)
+        std = np.sqrt(spread * (1.0 - spread) / (total + 2.0))
         return mean, std
 
     def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:

@@ -1,0 +1,70 @@
+"""``kvroute eval routing``: the JSON shape on a small file, and the acceptance properties on
+the shared RouteLLM data (skipped when ../shared/data is absent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kvroute_cli.main import main
+from kvroute_router.budget.offline_eval import METHODS, EvalConfig, evaluate, prepare
+from kvroute_router.budget.quality import load_labelled_csv, split_examples
+
+from .conftest import ROUTELLM_CSV
+
+
+def _write_csv(path: Path) -> None:
+    lines = ["dataset,subject,prompt,weak_correct,strong_correct,contaminated"]
+    for i in range(60):
+        lines.append(f"gsm8k,math,solve equation number {i} for x,0,1,0")
+        lines.append(f"mmlu,geo,which river flows through city {i},1,1,0")
+        lines.append(f"mmlu,geo,leaked question {i},1,1,1")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_json_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv_path = tmp_path / "labelled.csv"
+    _write_csv(csv_path)
+    code = main(["eval", "routing", "--train", str(csv_path), "--cost-weak", "0.1",
+                 "--cost-strong", "1", "--budget", "0.4", "--batch-size", "8", "--order",
+                 "adversarial", "--seed", "1", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["budget"] == 0.4 and report["batch_size"] == 8
+    assert report["order"] == "adversarial"
+    assert list(report["methods"]) == list(METHODS)
+    for result in report["methods"].values():
+        assert set(result) == {"accuracy", "mean_cost", "max_batch_cost", "strong_share"}
+    assert report["methods"]["kvroute-batch"]["max_batch_cost"] <= 0.4 + 1e-9
+    # 36 test prompts: 18 need the strong model; the budget affords a third of them strong.
+    assert report["methods"]["kvroute-batch"]["accuracy"] > report["methods"]["random"][
+        "accuracy"]
+
+
+def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv_path = tmp_path / "labelled.csv"
+    _write_csv(csv_path)
+    code = main(["eval", "routing", "--train", str(csv_path), "--cost-weak", "2",
+                 "--cost-strong", "1", "--budget", "0.4"])
+    assert code == 2
+    assert "cost-weak < cost-strong" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ROUTELLM_CSV.exists(), reason=f"shared data absent: {ROUTELLM_CSV}")
+def test_acceptance_on_routellm_data() -> None:
+    rows = load_labelled_csv(ROUTELLM_CSV)
+    train, test = split_examples(rows, test_fraction=0.3, seed=0)
+    data = prepare(train, test)
+    budget_holding = ("random", "per-query-cutoff", "kvroute-batch", "kvroute-robust", "oracle")
+    for order in ("random", "adversarial"):
+        report = evaluate(data, EvalConfig(cost_weak=0.1, cost_strong=1.0, budget=0.3,
+                                           batch_size=64, order=order, seed=0))
+        methods = report.methods
+        for name in budget_holding:
+            assert methods[name].max_batch_cost <= 0.3 + 1e-9, name
+        assert methods["kvroute-batch"].accuracy > methods["per-query-cutoff"].accuracy
+        assert methods["kvroute-batch"].accuracy > methods["random"].accuracy
+        assert methods["oracle"].accuracy >= methods["kvroute-batch"].accuracy
+    # Under adversarial order the per-query router without the ledger breaks batch budgets.
+    assert methods["per-query-threshold"].max_batch_cost > 0.3

@@ -1,0 +1,136 @@
+"""Per-pool KV-event state: the prefix index, the hasher, the tokenizer and one subscriber per
+engine — the object the router wires in and the ``prefix-precise`` scorer reads.
+
+The router owns the lifecycle: it calls :meth:`PoolKVEvents.set_sources` (from its event loop)
+whenever the pool's endpoints change — embedded mode from ``StaticEndpoint.kvEventsEndpoint`` /
+``kvEventsReplayEndpoint``, Kubernetes from each ready pod's IP with the pool's
+``engine.kvEvents.port`` / ``replayPort`` (5557 / 5558) — and :meth:`aclose` on shutdown.
+:func:`sources_from_pool` builds the embedded-mode list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+from kvroute_api.inference_pool import InferencePool
+
+from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher, resolve_seed
+from kvroute_router.kvevents.index import DEFAULT_MAX_BLOCKS_PER_ENDPOINT, PrefixIndex
+from kvroute_router.kvevents.metrics import KVEventMetrics
+from kvroute_router.kvevents.subscriber import (
+    KVEventSource,
+    KVEventSubscriber,
+    SubscriberSettings,
+    SubscriberStatus,
+)
+from kvroute_router.kvevents.tokenization import PromptTokenizer
+
+logger = logging.getLogger("kvroute.kvevents.hub")
+
+
+def hash_config_for_pool(pool: InferencePool) -> BlockHashConfig:
+    """The engines' hash settings: block size, algorithm, and the seed from their env."""
+    engine = pool.spec.engine
+    env = {var.name: var.value for var in engine.env}
+    return BlockHashConfig(block_size=engine.block_size,
+                           algorithm=engine.prefix_caching_hash_algo,
+                           seed=resolve_seed(env.get("PYTHONHASHSEED")))
+
+
+def sources_from_pool(pool: InferencePool, topic: str = "kv") -> list[KVEventSource]:
+    """Embedded mode: one source per static endpoint that names a KV-event endpoint.
+
+    Endpoints are named like the router's (``StaticEndpoint.name``, else its address).
+    """
+    sources: list[KVEventSource] = []
+    for static in pool.spec.endpoints:
+        if static.kv_events_endpoint is None:
+            continue
+        sources.append(KVEventSource(endpoint=static.name or static.address,
+                                     events_endpoint=static.kv_events_endpoint,
+                                     replay_endpoint=static.kv_events_replay_endpoint,
+                                     topic=topic))
+    return sources
+
+
+def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool,
+               topic: str = "kv") -> KVEventSource:
+    """Kubernetes: the pod's PUB and replay ports from the pool's ``engine.kvEvents``."""
+    spec = pool.spec.engine.kv_events
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return KVEventSource(endpoint=endpoint_name, events_endpoint=f"tcp://{host}:{spec.port}",
+                         replay_endpoint=f"tcp://{host}:{spec.replay_port}", topic=topic)
+
+
+class PoolKVEvents:
+    """Everything precise prefix routing needs for one pool."""
+
+    def __init__(self, hash_config: BlockHashConfig, *, metrics: KVEventMetrics | None = None,
+                 tokenizer: PromptTokenizer | None = None,
+                 settings: SubscriberSettings | None = None,
+                 max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT,
+                 context: zmq.asyncio.Context | None = None) -> None:
+        self.hasher = BlockHasher(hash_config)
+        self.index = PrefixIndex(max_blocks_per_endpoint)
+        self.metrics = metrics or KVEventMetrics()
+        self.tokenizer = tokenizer
+        self.settings = settings or SubscriberSettings()
+        self._context = context
+        self._subscribers: dict[str, tuple[KVEventSubscriber, asyncio.Task[None]]] = {}
+
+    @classmethod
+    def for_pool(cls, pool: InferencePool, *, tokenizer_dir: Path | None = None,
+                 **kwargs: Any) -> PoolKVEvents:
+        tokenizer = PromptTokenizer.from_directory(tokenizer_dir) if tokenizer_dir else None
+        return cls(hash_config_for_pool(pool), tokenizer=tokenizer, **kwargs)
+
+    async def set_sources(self, sources: Iterable[KVEventSource]) -> None:
+        """Subscribe to exactly these engines: start new subscribers, stop departed ones
+        (dropping their blocks), restart ones whose addresses changed."""
+        wanted = {source.endpoint: source for source in sources}
+        for name in list(self._subscribers):
+            subscriber, _ = self._subscribers[name]
+            if wanted.get(name) != subscriber.source:
+                await self._stop(name)
+                if name not in wanted:
+                    self.index.remove_endpoint(name)
+        for name, source in wanted.items():
+            if name in self._subscribers:
+                continue
+            self.index.clear(name)
+            subscriber = KVEventSubscriber(source, self.index, self.hasher, self.metrics,
+                                           context=self._context, settings=self.settings)
+            task = asyncio.create_task(subscriber.run(), name=f"kv-events:{name}")
+            self._subscribers[name] = (subscriber, task)
+            logger.info("kv-events: following %s at %s (replay %s)", name,
+                        source.events_endpoint, source.replay_endpoint)
+
+    async def _stop(self, name: str) -> None:
+        subscriber, task = self._subscribers.pop(name)
+        subscriber.stop()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def aclose(self) -> None:
+        for name in list(self._subscribers):
+            await self._stop(name)
+
+    def status(self, endpoint: str) -> SubscriberStatus | None:
+        entry = self._subscribers.get(endpoint)
+        return entry[0].status if entry else None
+
+    def trustworthy(self, endpoint: str) -> bool:
+        """Whether the index is right for this endpoint now (else: approximate fallback)."""
+        status = self.status(endpoint)
+        return status is not None and status.trustworthy
+
+    def statuses(self) -> list[dict[str, Any]]:
+        """Every subscriber's status, for the router's debug/health endpoint."""
+        return [subscriber.status.as_dict() for subscriber, _ in self._subscribers.values()]

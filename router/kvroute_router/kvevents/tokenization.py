@@ -1,0 +1,259 @@
+"""Prompt → token ids exactly as the vLLM engine computes them, so block hashes line up.
+
+In process, from the pool's tokenizer files (``tokenizer.json`` + ``tokenizer_config.json``) with
+the ``tokenizers`` library:
+
+* **completions**: a string prompt is encoded with ``add_special_tokens`` as the request says
+  (vLLM's default for completions: ``True``, so a BOS post-processor applies); token-id prompts
+  are used as they are;
+* **chat**: the chat template is rendered the way ``transformers``' ``apply_chat_template`` does
+  (which vLLM calls): a sandboxed Jinja2 environment with ``trim_blocks``/``lstrip_blocks`` and
+  loop controls, ``raise_exception``/``strftime_now`` globals, a ``tojson`` filter, the special
+  tokens of ``tokenizer_config.json`` as variables, ``add_generation_prompt`` (default ``True``)
+  and the request's ``chat_template_kwargs``. The text is then encoded with
+  ``add_special_tokens`` defaulting to ``False`` (vLLM's chat default). Text-part lists are
+  joined with newlines for templates that read ``content`` as a string, as vLLM does.
+
+Anything the in-process path cannot reproduce faithfully (``continue_final_message``, tools,
+non-text parts, templates that fail to render) returns ``None`` from :meth:`tokenize`; the async
+:meth:`tokenize_via_engine` asks the engine's own ``/tokenize`` instead. Results are kept in a
+bounded LRU cache keyed by a digest of the prompt and the options that change the tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+from tokenizers import Tokenizer
+
+logger = logging.getLogger("kvroute.kvevents.tokenization")
+
+DEFAULT_CACHE_TOKENS = 4_000_000
+_CONTENT_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
+
+
+class ChatTemplateError(ValueError):
+    """The chat template could not be rendered for these messages."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _special_token_text(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return str(value["content"])
+    return None
+
+
+class PromptTokenizer:
+    """Tokenises completions and chat prompts like one pool's engines do."""
+
+    def __init__(self, tokenizer: Tokenizer, *, chat_template: str | None = None,
+                 special_tokens: Mapping[str, str] | None = None,
+                 cache_tokens: int = DEFAULT_CACHE_TOKENS) -> None:
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
+        self.cache_tokens = cache_tokens
+        self._cache: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        self._cached_tokens = 0
+        self.hits = 0
+        self.misses = 0
+        self._template: jinja2.Template | None = None
+        self._content_as_parts = False
+        if chat_template is not None:
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+            env.filters["tojson"] = _tojson
+            env.globals["raise_exception"] = _raise_exception
+            env.globals["strftime_now"] = _strftime_now
+            self._template = env.from_string(chat_template)
+            self._content_as_parts = bool(_CONTENT_LOOP.search(chat_template))
+
+    @classmethod
+    def from_directory(cls, directory: Path, **kwargs: Any) -> PromptTokenizer:
+        """Load ``tokenizer.json`` and, when present, ``tokenizer_config.json`` (template and
+        special tokens) from a model folder."""
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        config_path = directory / "tokenizer_config.json"
+        config: dict[str, Any] = {}
+        if config_path.exists():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        template = config.get("chat_template")
+        template_file = directory / "chat_template.jinja"
+        if template is None and template_file.exists():
+            template = template_file.read_text(encoding="utf-8")
+        if isinstance(template, list):  # named templates: vLLM uses "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        special = {key: text for key, value in config.items()
+                   if key.endswith("_token") and (text := _special_token_text(value)) is not None}
+        return cls(tokenizer, chat_template=template if isinstance(template, str) else None,
+                   special_tokens=special, **kwargs)
+
+    # -- cache -------------------------------------------------------------------------------
+    def _cached(self, key: bytes) -> list[int] | None:
+        found = self._cache.get(key)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._cache.move_to_end(key)
+        return list(found)
+
+    def _remember(self, key: bytes, tokens: Sequence[int]) -> None:
+        if len(tokens) > self.cache_tokens:
+            return
+        old = self._cache.pop(key, None)
+        if old is not None:
+            self._cached_tokens -= len(old)
+        self._cache[key] = tuple(tokens)
+        self._cached_tokens += len(tokens)
+        while self._cached_tokens > self.cache_tokens and self._cache:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_tokens -= len(evicted)
+
+    @staticmethod
+    def _key(*parts: Any) -> bytes:
+        return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode("utf-8"),
+                               digest_size=16).digest()
+
+    # -- tokenising --------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """``text`` → token ids (cached)."""
+        key = self._key("text", text, add_special_tokens)
+        found = self._cached(key)
+        if found is not None:
+            return found
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        self._remember(key, ids)
+        return ids
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                    add_generation_prompt: bool = True,
+                    chat_template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """The chat template applied to ``messages``, as ``apply_chat_template(tokenize=False)``."""
+        if self._template is None:
+            raise ChatTemplateError("the tokenizer has no chat_template")
+        conversation = [self._normalise(message) for message in messages]
+        variables: dict[str, Any] = dict(self.special_tokens)
+        variables.update(chat_template_kwargs or {})
+        variables.update(messages=conversation, tools=None, documents=None,
+                         add_generation_prompt=add_generation_prompt)
+        try:
+            return self._template.render(**variables)
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateError(f"chat template failed: {exc}") from exc
+
+    def _normalise(self, message: Mapping[str, Any]) -> dict[str, Any]:
+        content = message.get("content")
+        out = dict(message)
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, Mapping) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise ChatTemplateError("only text content parts are tokenised in process")
+                texts.append(part["text"])
+            out["content"] = ([{"type": "text", "text": t} for t in texts]
+                              if self._content_as_parts else "\n".join(texts))
+        return out
+
+    def tokenize(self, kind: str, body: Mapping[str, Any] | None, *,
+                 prompt_text: str = "", token_ids: Sequence[int] | None = None,
+                 ) -> list[int] | None:
+        """Token ids of a completions or chat request, or ``None`` if only the engine can say."""
+        if token_ids is not None:
+            return list(token_ids)
+        body = body or {}
+        if kind == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or body.get("continue_final_message") or \
+                    body.get("tools") or body.get("chat_template") or self._template is None:
+                return None
+            add_generation_prompt = bool(body.get("add_generation_prompt", True))
+            kwargs = body.get("chat_template_kwargs") or {}
+            add_special = bool(body.get("add_special_tokens", False))
+            key = self._key("chat", messages, add_generation_prompt, kwargs, add_special)
+            found = self._cached(key)
+            if found is not None:
+                return found
+            try:
+                text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                        chat_template_kwargs=kwargs)
+            except ChatTemplateError as exc:
+                logger.debug("in-process chat rendering declined: %s", exc)
+                return None
+            ids: list[int] = self.tokenizer.encode(text, add_special_tokens=add_special).ids
+            self._remember(key, ids)
+            return ids
+        prompt = body.get("prompt", prompt_text) if body else prompt_text
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
+            prompt = prompt[0]  # a batch: route by its first prompt
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            return None
+        return self.encode(prompt, bool(body.get("add_special_tokens", True)))
+
+    async def tokenize_via_engine(self, session: aiohttp.ClientSession, base_url: str,
+                                  model: str, kind: str, body: Mapping[str, Any],
+                                  timeout_s: float = 2.0) -> list[int] | None:
+        """Ask an engine's ``/tokenize`` (the fallback); the answer is cached like ours."""
+        request: dict[str, Any] = {"model": model}
+        if kind == "chat":
+            request.update(messages=body.get("messages"),
+                           add_generation_prompt=body.get("add_generation_prompt", True),
+                           add_special_tokens=body.get("add_special_tokens", False))
+            for option in ("continue_final_message", "chat_template_kwargs", "tools",
+                           "chat_template"):
+                if body.get(option) is not None:
+                    request[option] = body[option]
+        else:
+            request.update(prompt=body.get("prompt"),
+                           add_special_tokens=body.get("add_special_tokens", True))
+        key = self._key("engine", request)
+        found = self._cached(key)
+        if found is not None:
+            return found
+        try:
+            async with session.post(f"{base_url}/tokenize", json=request,
+                                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+                if resp.status != 200:
+                    return None
+                answer = await resp.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("engine /tokenize at %s failed: %s", base_url, exc)
+            return None
+        tokens = answer.get("tokens") if isinstance(answer, dict) else None
+        if not isinstance(tokens, list):
+            return None
+        self._remember(key, tokens)
+        return list(tokens)

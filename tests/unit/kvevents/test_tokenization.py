@@ -1,0 +1,45 @@
+"""In-process tokenisation against transformers' own ``apply_chat_template`` (what vLLM calls)
+on the test model's tokenizer files; the e2e tests compare with the engine's ``/tokenize``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kvroute_cli.testmodel import build_test_model
+from kvroute_router.kvevents.tokenization import PromptTokenizer
+
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": [{"type": "text", "text": "héllo"},
+                                 {"type": "text", "text": "world"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_model(tmp_path_factory.mktemp("model"))
+
+
+def test_chat_matches_transformers(model_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    ours = PromptTokenizer.from_directory(model_dir)
+    joined = [dict(m, content="héllo\nworld") if m["role"] == "user" else m for m in MESSAGES]
+    for add_generation_prompt in (True, False):
+        text = reference.apply_chat_template(joined, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+        assert ours.render_chat(MESSAGES, add_generation_prompt=add_generation_prompt) == text
+        body = {"messages": MESSAGES, "add_generation_prompt": add_generation_prompt}
+        assert ours.tokenize("chat", body) == reference.encode(text, add_special_tokens=False)
+
+
+def test_completions_token_ids_and_cache(model_dir: Path) -> None:
+    ours = PromptTokenizer.from_directory(model_dir, cache_tokens=64)
+    assert ours.tokenize("completions", {"prompt": "abc"}) == [ord("a"), ord("b"), ord("c")]
+    assert ours.tokenize("completions", {"prompt": "abc"}) == [ord("a"), ord("b"), ord("c")]
+    assert ours.hits == 1
+    assert ours.tokenize("completions", {"prompt": [5, 6, 7]}) == [5, 6, 7]
+    assert ours.tokenize("completions", None, token_ids=[1, 2]) == [1, 2]
+    ours.tokenize("completions", {"prompt": "x" * 100})  # larger than the cache: not kept
+    assert ours.tokenize("chat", {"messages": MESSAGES, "continue_final_message": True}) is None

@@ -1,0 +1,34 @@
+# The kvroute image: one image, whose `kvroute` console script runs the operator
+# (`kvroute operator`) and the router (`kvroute router`); charts/kvroute uses it for both.
+#
+# Dependencies come from pyproject.toml's ranges (requirements/dev.lock pins the development
+# and test venv, with test tools an image does not need). Untested here: the development
+# machines have no container engine (see docs/helm.md).
+#
+#   docker build -t ghcr.io/kvroute/kvroute:0.1.0 .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+# Only what the wheel is built from (hatchling: the four packages, README for the metadata).
+COPY pyproject.toml README.md ./
+COPY crds/kvroute_api crds/kvroute_api
+COPY operator/kvroute_operator operator/kvroute_operator
+COPY router/kvroute_router router/kvroute_router
+COPY cli/kvroute_cli cli/kvroute_cli
+RUN pip install . && rm -rf /src
+
+# The non-root user the chart's securityContext expects (runAsUser/runAsGroup 10001). The
+# chart mounts /tmp as an emptyDir and makes the root filesystem read-only.
+RUN groupadd --system --gid 10001 kvroute \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin kvroute
+USER 10001:10001
+WORKDIR /tmp
+
+ENTRYPOINT ["kvroute"]
+CMD ["--help"]

@@ -1,0 +1,126 @@
+"""RBAC: the chart grants exactly the rules the operator and router declare in Python
+(kvroute_operator.rbac.OPERATOR_RULES, kvroute_router.rbac.ROUTER_RULES, listed once there and
+copied into files/rbac/), in both scopes; namespaced installs get no cluster-wide write access."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "kvroute"
+READ = {"get", "list", "watch"}
+SOURCES = {"operator": ("kvroute_operator.rbac", "OPERATOR_RULES"),
+           "router": ("kvroute_router.rbac", "ROUTER_RULES")}
+
+
+def declared_rules(component: str) -> list[dict[str, list[str]]]:
+    module_name, attr = SOURCES[component]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"{module_name} is not importable yet ({exc}); the chart's "
+                    f"files/rbac/{component}.yaml cannot be checked against it")
+    rules: list[dict[str, list[str]]] = getattr(module, attr)
+    return rules
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """Every (apiGroup, resource, verb) a list of PolicyRules allows."""
+    return {(g, r, v) for rule in rules for g in rule.get("apiGroups", [])
+            for r in rule.get("resources", []) for v in rule["verbs"]}
+
+
+def bound_rules(manifests: Any, component: str) -> dict[str, list[tuple[str, list[Any]]]]:
+    """{"cluster": [(name, rules)], "<ns>": [(name, rules)]} of the roles bound to the
+    component's ServiceAccount."""
+    sa = f"kvroute-{component}"
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d["rules"]
+             for d in manifests if d["kind"] in {"ClusterRole", "Role"}}
+    out: dict[str, list[tuple[str, list[Any]]]] = {}
+    for b in manifests:
+        if b["kind"] not in {"ClusterRoleBinding", "RoleBinding"}:
+            continue
+        if not any(s["kind"] == "ServiceAccount" and s["name"] == sa
+                   and s["namespace"] == "kvroute-system" for s in b["subjects"]):
+            continue
+        ref = b["roleRef"]
+        ns = b["metadata"].get("namespace")
+        key = (ref["kind"], None if ref["kind"] == "ClusterRole" else ns, ref["name"])
+        assert key in roles, f"{b['kind']} {b['metadata']['name']} binds missing {key}"
+        scope = "cluster" if b["kind"] == "ClusterRoleBinding" else ns
+        out.setdefault(scope, []).append((ref["name"], roles[key]))
+    return out
+
+
+@pytest.mark.parametrize("component", sorted(SOURCES))
+def test_rules_file_is_the_declared_list(component: str) -> None:
+    declared = declared_rules(component)
+    copy = yaml.safe_load((CHART / "files" / "rbac" / f"{component}.yaml").read_text("utf-8"))
+    assert copy == declared, (
+        f"charts/kvroute/files/rbac/{component}.yaml differs from {'.'.join(SOURCES[component])}"
+        f"; its content should be:\n"
+        + yaml.safe_dump(declared, default_flow_style=None, sort_keys=False, width=100))
+
+
+@pytest.mark.parametrize("component", sorted(SOURCES))
+def test_cluster_mode_grants_exactly_the_declared_rules(defaults: Any, component: str) -> None:
+    declared = grants(declared_rules(component))
+    bound = bound_rules(defaults, component)
+    assert set(bound) == {"cluster"}, f"cluster mode binds namespaced roles: {sorted(bound)}"
+    granted = grants([r for _, rules in bound["cluster"] for r in rules])
+    assert declared <= granted, f"missing: {sorted(declared - granted)}"
+    assert granted <= declared, f"more than the {component} declares: {sorted(granted - declared)}"
+
+
+@pytest.mark.parametrize("component", sorted(SOURCES))
+def test_namespaced_mode_grants_the_rules_in_the_namespace_only(render: Any, ci_values: Any,
+                                                               component: str) -> None:
+    declared = grants(declared_rules(component))
+    bound = bound_rules(render(ci_values("namespaced")), component)
+    assert set(bound) <= {"cluster", "inference"}, sorted(bound)
+    cluster = grants([r for _, rules in bound.get("cluster", []) for r in rules])
+    in_ns = grants([r for _, rules in bound["inference"] for r in rules])
+    # Cluster-wide: read-only, and only cluster-scoped resources (CRDs, namespaces).
+    assert {v for _, _, v in cluster} <= READ, f"cluster-wide writes: {sorted(cluster)}"
+    assert {r for _, r, _ in cluster} <= {"customresourcedefinitions", "namespaces"}, cluster
+    assert declared <= cluster | in_ns, f"missing: {sorted(declared - (cluster | in_ns))}"
+    assert cluster | in_ns <= declared
+
+
+def test_namespaced_mode_has_no_cluster_access_to_workloads(render: Any, ci_values: Any) -> None:
+    manifests = render(ci_values("namespaced"))
+    for role in manifests.kind("ClusterRole"):
+        for group, resource, verb in grants(role["rules"]):
+            assert verb in READ, f"{role['metadata']['name']}: {verb} {group}/{resource}"
+            assert resource not in {"pods", "deployments", "services", "poddisruptionbudgets",
+                                    "secrets", "inferencepools", "routepolicies", "cachetiers"}, (
+                f"{role['metadata']['name']} reads {resource} cluster-wide")
+    assert {r["metadata"]["namespace"] for r in manifests.kind("Role")} == {"inference"}
+
+
+def test_operator_across_namespaces_without_router(render: Any,
+                                                   helm_error: type[Exception]) -> None:
+    """The operator watches several namespaces (one Role each); the router watches one, so a
+    multi-namespace release must leave the router to per-namespace releases."""
+    ns = ["team-a", "team-b"]
+    with pytest.raises(helm_error, match="the router watches one"):
+        render(sets={"watchNamespaces": ns})
+    manifests = render(sets={"watchNamespaces": ns, "router.enabled": False})
+    assert sorted(r["metadata"]["namespace"] for r in manifests.kind("Role")) == ns
+    args = manifests.deployment("operator")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace=")] == [f"--namespace={n}" for n in ns]
+
+
+def test_router_watches_its_namespace(render: Any, ci_values: Any) -> None:
+    dep = render(ci_values("namespaced")).deployment("router")
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=inference"]
+
+
+def test_rbac_can_be_left_to_the_user(render: Any) -> None:
+    m = render(sets={"operator.rbac.create": False, "router.rbac.create": False})
+    assert not [d for d in m if d["kind"].endswith(("Role", "RoleBinding"))]

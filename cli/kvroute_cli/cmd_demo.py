@@ -143,6 +143,7 @@ def _plot(contenders: list[ContenderResult], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, (ax_cdf, ax_bar) = plt.subplots(1, 2, figsize=(11, 4.2))
     for c, color in zip(contenders, ("tab:gray", "tab:blue"), strict=False):
@@ -151,6 +152,8 @@ def _plot(contenders: list[ContenderResult], path: Path) -> None:
             ax_cdf.step(values, [(i + 1) / len(values) for i in range(len(values))],
                         where="post", label=c.name, color=color)
     ax_cdf.set_xscale("log")
+    ax_cdf.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_cdf.xaxis.set_minor_formatter(NullFormatter())
     ax_cdf.set_xlabel("time to first token (ms, log)")
     ax_cdf.set_ylabel("share of requests")
     ax_cdf.set_title("TTFT CDF")

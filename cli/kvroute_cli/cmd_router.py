@@ -17,6 +17,16 @@ def _port(value: str) -> int | None:
     return None if port < 0 else port
 
 
+def _tokenizer_dirs(values: list[str]) -> dict[str, Path]:
+    dirs: dict[str, Path] = {}
+    for value in values:
+        model, sep, folder = value.partition("=")
+        if not sep or not model or not folder:
+            raise ValueError(f"--tokenizer-dir wants MODEL=DIR, got {value!r}")
+        dirs[model] = Path(folder)
+    return dirs
+
+
 def _router(args: argparse.Namespace) -> int:
     from kvroute_router.app import Router, RouterSettings
 
@@ -30,6 +40,12 @@ def _router(args: argparse.Namespace) -> int:
         namespace=args.namespace, host=args.host, http_port=args.port,
         ext_proc_port=args.ext_proc_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, scrape_interval_s=args.scrape_interval_ms / 1000.0)
+    try:
+        settings.tokenizer_dirs = _tokenizer_dirs(args.tokenizer_dir or [])
+    except ValueError as exc:
+        print(f"kvroute router: {exc}")
+        return 2
+    settings.kv_events = not args.no_kv_events
     router = Router(settings)
     try:
         asyncio.run(router.serve_forever())
@@ -62,6 +78,12 @@ def register(sub: Any) -> None:
                         help="Prometheus metrics port (-1 disables; also on --port /metrics)")
     parser.add_argument("--scrape-interval-ms", type=float, default=100.0,
                         help="how often each engine's /metrics is scraped")
+    parser.add_argument("--tokenizer-dir", action="append", metavar="MODEL=DIR",
+                        help="tokenizer folder of a served model, for exact prompt hashing by "
+                             "the prefix-precise scorer (repeatable)")
+    parser.add_argument("--no-kv-events", action="store_true",
+                        help="do not follow engines' KV events (prefix-precise then uses the "
+                             "approximate history)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_router)

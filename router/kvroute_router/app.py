@@ -19,6 +19,7 @@ from kvroute_router.datastore.kube_source import KubernetesSource
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Director
 from kvroute_router.framework.registry import PluginRegistry, SharedServices
+from kvroute_router.kvevents_feed import KVEventFeeds, register_precise_prefix
 from kvroute_router.plugins import register_builtin_plugins
 from kvroute_router.proxy.server import OpenAIProxy
 from kvroute_router.router_metrics import RouterMetrics
@@ -40,6 +41,10 @@ class RouterSettings:
     metrics_port: int | None = 9090
     scrape_interval_s: float = 0.1
     config_poll_interval_s: float = 1.0
+    kv_events: bool = True
+    """Follow engines' KV events for the ``prefix-precise`` scorer."""
+    tokenizer_dirs: dict[str, Path] = field(default_factory=dict)
+    """Tokenizer folder per served model name (exact prompt hashing for prefix-precise)."""
 
 
 class Router:
@@ -52,7 +57,11 @@ class Router:
         self.datastore = Datastore()
         self.metrics = RouterMetrics()
         self.services = SharedServices()
-        self.registry = registry or register_builtin_plugins(PluginRegistry())
+        if registry is None:
+            registry = register_builtin_plugins(PluginRegistry())
+            if settings.kv_events:
+                register_precise_prefix(registry)
+        self.registry = registry
         self.director = Director(self.datastore, self.registry, self.metrics, self.services)
         self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s)
         self.datastore.add_listener(self._forget_removed)
@@ -63,6 +72,10 @@ class Router:
             self.source = ConfigFileSource(self.datastore, settings.config_paths,
                                            settings.config_poll_interval_s)
         self.proxy = OpenAIProxy(self.director, self.datastore)
+        self.kv_event_feeds: KVEventFeeds | None = None
+        if settings.kv_events and "prefix-precise" in self.registry:
+            self.kv_event_feeds = KVEventFeeds(self.datastore, self.services,
+                                               settings.tokenizer_dirs)
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
         self.ports: dict[str, int] = {}
@@ -81,6 +94,8 @@ class Router:
         if self.source is not None:
             await self.source.start()
         await self.scraper.start()
+        if self.kv_event_feeds is not None:
+            await self.kv_event_feeds.start()
         s = self.settings
         if s.http_port is not None:
             self.ports["http"] = await self._serve_http(self.proxy.app, s.http_port)
@@ -122,6 +137,8 @@ class Router:
         for runner in self._runners:
             await runner.cleanup()
         await self.scraper.stop()
+        if self.kv_event_feeds is not None:
+            await self.kv_event_feeds.stop()
         if self.source is not None:
             await self.source.stop()
 

@@ -1,0 +1,114 @@
+"""Wires the KV-event index (``kvroute_router.kvevents``) into a running router: registers the
+``prefix-precise`` scorer and keeps one ``PoolKVEvents`` per pool subscribed to exactly the
+pool's current engines.
+
+Sources: static endpoints with ``kvEventsEndpoint`` (embedded mode), and in Kubernetes mode each
+ready pod's IP with the pool's ``engine.kvEvents`` ports. The ``PoolKVEvents`` live in the
+router's shared services under ``kvevents/<pool key>``, where the scorer's factory finds them.
+A tokenizer folder per served model name (``--tokenizer-dir MODEL=DIR``) lets the scorer hash
+prompts exactly as the engine does; without one it scores by the approximate history.
+If the ``kvevents`` package cannot be imported, precise scoring degrades to ``prefix-approx``
+(see ``framework/profile.py``) and this feed does nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kvroute_router.datastore.store import Datastore, PoolState
+from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.registry import PluginRegistry, SharedServices
+
+log = logging.getLogger(__name__)
+
+
+def register_precise_prefix(registry: PluginRegistry) -> bool:
+    """Register ``prefix-precise`` if the kvevents package is usable; returns whether it was."""
+    try:
+        from kvroute_router.kvevents.scorer import PrecisePrefixScorer
+    except Exception as exc:  # a missing optional dependency must not stop the router
+        log.warning("prefix-precise unavailable (%s); policies fall back to prefix-approx", exc)
+        return False
+    registry.register(PrecisePrefixScorer.TYPE, "scorer", PrecisePrefixScorer.build)
+    return True
+
+
+class KVEventFeeds:
+    """One KV-event subscription set per pool, following the datastore."""
+
+    def __init__(self, datastore: Datastore, services: SharedServices,
+                 tokenizer_dirs: Mapping[str, Path] | None = None) -> None:
+        self.datastore = datastore
+        self.services = services
+        self.tokenizer_dirs = dict(tokenizer_dirs or {})
+        self._pools: dict[str, Any] = {}
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.datastore.add_listener(self._on_change)
+        self._dirty.set()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-event-feeds")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for events in self._pools.values():
+            with contextlib.suppress(Exception):
+                await events.aclose()
+        self._pools.clear()
+
+    def _on_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
+        self._dirty.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("updating KV-event subscriptions failed")
+
+    async def sync(self) -> None:
+        from kvroute_router.kvevents.hub import PoolKVEvents, pod_source
+        from kvroute_router.kvevents.scorer import services_key
+        from kvroute_router.kvevents.subscriber import KVEventSource
+
+        current = {state.key: state for state in self.datastore.pools()}
+        for key in [k for k in self._pools if k not in current]:
+            await self._pools.pop(key).aclose()
+            self.services.drop_prefix(services_key(key))
+        for key, state in current.items():
+            events = self._pools.get(key)
+            if events is None:
+                events = self._create(state, PoolKVEvents)
+                self._pools[key] = events
+                self.services.put(services_key(key), events)
+            sources = []
+            kv_spec = state.pool.spec.engine.kv_events
+            for ep in state.endpoints.values():
+                if ep.kv_events_endpoint:
+                    sources.append(KVEventSource(endpoint=ep.name,
+                                                 events_endpoint=ep.kv_events_endpoint,
+                                                 replay_endpoint=ep.kv_events_replay_endpoint))
+                elif not state.pool.spec.endpoints and kv_spec.enabled:
+                    host = ep.address.rsplit(":", 1)[0].strip("[]")
+                    sources.append(pod_source(ep.name, host, state.pool))
+            await events.set_sources(sources)
+
+    def _create(self, state: PoolState, factory: Any) -> Any:
+        tokenizer_dir = self.tokenizer_dirs.get(state.model_name)
+        try:
+            return factory.for_pool(state.pool, tokenizer_dir=tokenizer_dir)
+        except Exception as exc:
+            log.warning("pool %s: tokenizer in %s unusable (%s); precise prefix scoring "
+                        "will use the approximate history", state.key, tokenizer_dir, exc)
+            return factory.for_pool(state.pool)

@@ -1,0 +1,52 @@
+"""The router registers prefix-precise and keeps one KV-event subscription set per pool that
+follows the datastore's endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+
+from kvroute_api.inference_pool import InferencePool
+from kvroute_router.app import Router, RouterSettings
+from kvroute_router.datastore.store import Datastore
+from kvroute_router.framework.profile import build_profile
+from kvroute_router.framework.registry import PluginContext, SharedServices
+from kvroute_router.kvevents.hub import PoolKVEvents
+from kvroute_router.kvevents_feed import KVEventFeeds
+from router_fixtures import make_policy
+
+
+def pool_with_events(count: int) -> InferencePool:
+    return InferencePool.model_validate({
+        "kind": "InferencePool", "metadata": {"name": "local"},
+        "spec": {"mode": "External", "model": {"name": "m"}, "resources": {"gpus": 0},
+                 "endpoints": [{"name": f"e{i}", "address": f"127.0.0.1:{9100 + i}",
+                                "kvEventsEndpoint": f"tcp://127.0.0.1:{9200 + i}"}
+                               for i in range(count)]}}, by_alias=True)
+
+
+async def test_feeds_follow_the_pool_and_the_scorer_finds_them() -> None:
+    store = Datastore()
+    services = SharedServices()
+    store.replace([pool_with_events(2)], [make_policy()])
+    feeds = KVEventFeeds(store, services)
+    await feeds.sync()
+    events = services.get("kvevents/default/local", PoolKVEvents)
+    assert events is not None
+    assert {s["endpoint"] for s in events.statuses()} == {"e0", "e1"}
+    store.replace([pool_with_events(1)], [make_policy()])
+    await feeds.sync()
+    assert {s["endpoint"] for s in events.statuses()} == {"e0"}
+    router = Router(RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                                   metrics_port=None))
+    assert "prefix-precise" in router.registry
+    context = PluginContext(scoring=make_policy().spec.scoring, pool_key="default/local",
+                            pool=store.pool("default/local").pool,  # type: ignore[union-attr]
+                            services=services)
+    profile = build_profile(router.registry, context, "t")
+    assert profile.scorers[0].type_name == "prefix-precise" and not profile.degraded
+    assert profile.scorers[0].scorer.pool_events is events  # type: ignore[attr-defined]
+    store.replace([], [])
+    await feeds.sync()
+    assert services.get("kvevents/default/local", PoolKVEvents) is None
+    await feeds.stop()
+    await asyncio.sleep(0)

@@ -62,11 +62,14 @@ async def _run(args: argparse.Namespace, engines: list[Any], model: str, block_s
     console = Console()
     config = out / "router.yaml"
     _policy_config(config, model, engines, block_size)
+    # The engines' tokenizer lets prefix-precise hash prompts exactly as vLLM does.
     router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=None, grpc_port=None, metrics_port=None))
+                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                   tokenizer_dirs={model: out / "engines" / "model"}))
     await router.start()
     router_url = f"http://127.0.0.1:{router.ports['http']}"
     console.print(f"router (embedded) on {router_url}, config {config}")
+    console.print("scorers available: " + ", ".join(router.registry.types("scorer")))
     engine_urls = [e.url for e in engines]
     contenders: list[ContenderResult] = []
     try:
@@ -110,6 +113,12 @@ async def _run(args: argparse.Namespace, engines: list[Any], model: str, block_s
                     contenders.append(ContenderResult(
                         name=name, results=results, wall_s=wall,
                         prefix_queries=after[0] - before[0], prefix_hits=after[1] - before[1]))
+        if router.kv_event_feeds is not None:
+            for pool, statuses in router.kv_event_feeds.statuses().items():
+                state = ", ".join(f"{s['endpoint']}: "
+                                  f"{'trustworthy' if s['trustworthy'] else 'not trusted'}, "
+                                  f"{s['batches_applied']} event batches" for s in statuses)
+                console.print(f"KV-event index of {pool} (prefix-precise): {state or 'none'}")
     finally:
         await router.stop()
     return contenders

@@ -65,6 +65,10 @@ class KVEventFeeds:
                 await events.aclose()
         self._pools.clear()
 
+    def statuses(self) -> dict[str, list[dict[str, Any]]]:
+        """Per pool key, each engine's subscription status (connected, synced, trustworthy)."""
+        return {key: events.statuses() for key, events in self._pools.items()}
+
     def _on_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         self._dirty.set()
 

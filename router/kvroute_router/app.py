@@ -6,7 +6,9 @@ scraper, plugin registry, director, and the servers — OpenAI proxy (8080), Env
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,8 +145,15 @@ class Router:
             await self.source.stop()
 
     async def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop the servers gracefully."""
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stopping.set)
         await self.start()
         try:
-            await asyncio.Event().wait()
+            await stopping.wait()
+            log.info("stopping")
         finally:
             await self.stop()

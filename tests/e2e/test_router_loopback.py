@@ -104,7 +104,7 @@ async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
     config.write_text(yaml.safe_dump_all(docs))
     router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
                                    ext_proc_port=None, grpc_port=None, metrics_port=None,
-                                   scrape_interval_s=0.05))
+                                   scrape_interval_s=0.05, config_poll_interval_s=0.05))
     await router.start()
     try:
         yield router, f"http://127.0.0.1:{router.ports['http']}"
@@ -243,3 +243,29 @@ async def test_hanging_engines_time_out_with_504_and_dead_ones_503(
             s.post(f"{url}/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
         assert resp.status == 503
         assert "error" in await resp.json()
+
+
+async def test_config_reload_does_not_drop_a_stream(tmp_path: Path,
+                                                   engines: list[FakeEngine]) -> None:
+    for fake in engines:
+        fake.gate_stream = True
+    async with running_router(tmp_path, engines[:1]) as (router, url), \
+            aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/completions", json={
+                "model": "chat", "prompt": "p", "stream": True}) as resp:
+            assert await asyncio.wait_for(resp.content.readline(), 10)
+            # Swap the pool to the other engine while the stream is open.
+            config = tmp_path / "router.yaml"
+            config.write_text(config.read_text().replace(engines[0].address,
+                                                         engines[1].address))
+            for _ in range(100):
+                if [e.address for e in router.datastore.endpoints()] == [engines[1].address]:
+                    break
+                await asyncio.sleep(0.05)
+            engines[0].release.set()
+            rest = await asyncio.wait_for(resp.content.read(), 10)
+            assert b"[DONE]" in rest
+        engines[1].release.set()
+        async with s.post(f"{url}/v1/completions", json={"model": "chat", "prompt": "q"}) as r2:
+            assert r2.status == 200
+            assert r2.headers["x-kvroute-endpoint"] == engines[1].address

@@ -85,9 +85,11 @@ async def _run(args: argparse.Namespace, engines: list[Any], model: str, block_s
             with Progress(TextColumn("{task.description:<12}"), BarColumn(),
                           MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                           TimeElapsedColumn(), console=console) as progress:
-                tasks = {name: progress.add_task(name, total=args.requests, note="")
+                tasks = {name: progress.add_task(name, total=args.requests, note="",
+                                                 start=False)
                          for name, _ in plans}
                 for name, via in plans:
+                    progress.start_task(tasks[name])
                     trace = build_trace(args.seed, name, args.tenants, args.requests,
                                         args.prompt_chars)
                     if via is None:

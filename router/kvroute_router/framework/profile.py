@@ -69,12 +69,16 @@ class SchedulerProfile:
         scored = [ScoredEndpoint(ep) for ep in candidates]
         for weighted in self.scorers:
             values = weighted.scorer.score(state, request, candidates)
+            if len(values) != len(scored):
+                raise ValueError(f"scorer {weighted.type_name} returned {len(values)} scores "
+                                 f"for {len(scored)} endpoints")
             name = weighted.type_name
             weight = weighted.weight
-            for entry, value in zip(scored, values, strict=True):
-                clamped = 0.0 if value != value else min(1.0, max(0.0, value))  # NaN → 0
-                entry.by_scorer[name] = clamped
-                entry.total += weight * clamped
+            for entry, value in zip(scored, values, strict=False):
+                if not 0.0 <= value <= 1.0:  # clamp; NaN fails both tests → 0
+                    value = 1.0 if value > 1.0 else 0.0
+                entry.by_scorer[name] = value
+                entry.total += weight * value
         return self.picker.pick(state, request, scored, limit)
 
     def dispatched(self, state: CycleState, request: LLMRequest, endpoint: Endpoint) -> None:

@@ -15,6 +15,7 @@ of (parent key, block): 64-bit, process-local (history lives in memory only).
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import ClassVar
@@ -46,10 +47,16 @@ def text_block_keys(text: str, block_chars: int) -> list[int]:
 
 def token_block_keys(tokens: Sequence[int], block_size: int) -> list[int]:
     """Chained keys of the full ``block_size``-token blocks of ``tokens``."""
+    try:
+        data = array("Q", tokens).tobytes()
+    except (OverflowError, TypeError):
+        data = repr(list(tokens)).encode()  # not plain non-negative ints: still deterministic
+        return text_block_keys(data.decode(), block_size * 8)
+    width = 8 * block_size
     keys: list[int] = []
     parent = TOKEN_SEED
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = hash((parent, tuple(tokens[start:start + block_size])))
+    for start in range(0, len(data) - width + 1, width):
+        parent = hash((parent, data[start:start + width]))
         keys.append(parent)
     return keys
 
@@ -64,24 +71,32 @@ class ApproxPrefixIndex:
         self._lock = threading.Lock()
 
     def match(self, keys: Sequence[int], endpoints: Sequence[str]) -> dict[str, int]:
-        """Blocks of the prefix each endpoint holds (only endpoints with at least one)."""
-        matched: dict[str, int] = {}
-        active = set(endpoints)
+        """Blocks of the prefix each endpoint holds (only endpoints with at least one).
+
+        Holding is monotone along a prompt (an endpoint that holds block *i* holds every block
+        before it: ``record`` refreshes shallow blocks last, so LRU eviction removes deep
+        blocks first), so each endpoint's depth is found by binary search over the keys."""
+        if not keys:
+            return {}
         holders_of = self._holders
-        for depth, key in enumerate(keys, start=1):
-            holders = holders_of.get(key)
-            if not holders:
-                break
-            if len(holders) < len(active):
-                still = [name for name in holders if name in active]
-            else:
-                still = [name for name in active if name in holders]
-            if not still:
-                break
-            for name in still:
-                matched[name] = depth
-            if len(still) != len(active):
-                active = set(still)
+        first = holders_of.get(keys[0])
+        if not first:
+            return {}
+        wanted = set(endpoints)
+        matched: dict[str, int] = {}
+        total = len(keys)
+        for name in first:
+            if name not in wanted:
+                continue
+            low, high = 1, total  # invariant: holds keys[:low]; the answer is <= high
+            while low < high:
+                mid = (low + high + 1) // 2
+                holders = holders_of.get(keys[mid - 1])
+                if holders is not None and name in holders:
+                    low = mid
+                else:
+                    high = mid - 1
+            matched[name] = low
         return matched
 
     def record(self, endpoint: str, keys: Sequence[int]) -> None:
@@ -92,12 +107,17 @@ class ApproxPrefixIndex:
             lru = self._lru.get(endpoint)
             if lru is None:
                 lru = self._lru[endpoint] = OrderedDict()
-            for key in keys:
+            holders_of = self._holders
+            for key in reversed(keys):  # shallow blocks end up most recent: evicted last
                 if key in lru:
                     lru.move_to_end(key)
                 else:
                     lru[key] = None
-                    self._holders.setdefault(key, {})[endpoint] = None
+                    holders = holders_of.get(key)
+                    if holders is None:
+                        holders_of[key] = {endpoint: None}
+                    else:
+                        holders[endpoint] = None
             while len(lru) > self.max_blocks_per_endpoint:
                 old, _ = lru.popitem(last=False)
                 self._drop_holder(old, endpoint)

@@ -53,3 +53,31 @@ def test_holders_stay_consistent_with_lrus(prompts: list[str], capacity: int) ->
             assert name in index._holders[key]
     for key, holders in index._holders.items():
         assert holders and all(key in index._lru[h] for h in holders)
+
+
+def _linear_depth(index: ApproxPrefixIndex, keys: list[int], name: str) -> int:
+    depth = 0
+    for key in keys:
+        if name not in index._holders.get(key, {}):
+            break
+        depth += 1
+    return depth
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(1, 12)),
+                min_size=1, max_size=40),
+       st.integers(min_value=1, max_value=24))
+def test_binary_search_match_equals_a_linear_walk(records: list[tuple[int, int, int]],
+                                                  capacity: int) -> None:
+    # Prompts share prefixes (family f, length n blocks); LRU eviction must keep holding
+    # monotone along each prompt so the binary search finds the same depth as a walk.
+    index = ApproxPrefixIndex(max_blocks_per_endpoint=capacity)
+    prompts = {f: text_block_keys("".join(f"{f}{i:03d}" for i in range(12)), 4)
+               for f in range(6)}
+    for endpoint, family, blocks in records:
+        index.record(f"e{endpoint}", prompts[family][:blocks])
+    for keys in prompts.values():
+        matched = index.match(keys, [f"e{i}" for i in range(4)])
+        for i in range(4):
+            assert matched.get(f"e{i}", 0) == _linear_depth(index, keys, f"e{i}")

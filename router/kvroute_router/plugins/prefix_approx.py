@@ -1,11 +1,11 @@
 """``prefix-approx``: the approximate prefix-cache scorer, from the router's own history.
 
 The router remembers which prompt blocks it sent to which endpoint. A prompt is cut into
-fixed-size blocks (``spec.scoring.prefixBlockChars`` characters of text, or the pool's
-``engine.blockSize`` tokens when the caller sent token ids); block *i*'s key chains the key of
-block *i-1*, so a key stands for the whole prefix up to it, as vLLM's own block hashes do. Only
-full blocks count (vLLM caches only full blocks). The score of an endpoint is the share of the
-request's blocks that form a prefix it was sent before.
+fixed-size blocks (``spec.scoring.prefixBlockChars`` characters of text, or whole multiples
+of the pool's ``engine.blockSize`` of at least 64 tokens when the caller sent token ids);
+block *i*'s key chains the key of block *i-1*, so a key stands for the whole prefix up to it,
+as vLLM's own block hashes do. Only full blocks count (vLLM caches only full blocks). The score
+of an endpoint is the share of the request's blocks that form a prefix it was sent before.
 
 Memory is bounded: each endpoint keeps at most ``max_blocks_per_endpoint`` keys in LRU order,
 and an endpoint's keys are dropped when it leaves the pool. The keys are Python ``hash`` values
@@ -26,6 +26,7 @@ from kvroute_router.framework.registry import PluginContext
 from kvroute_router.framework.request import LLMRequest
 
 DEFAULT_MAX_BLOCKS_PER_ENDPOINT = 32768
+MIN_TOKEN_BLOCK = 64
 TEXT_SEED = 0x6B76726F757465  # separates text-block keys from token-block keys
 TOKEN_SEED = 0x746F6B656E73
 
@@ -183,7 +184,10 @@ class ApproxPrefixScorer:
     def build(cls, context: PluginContext) -> ApproxPrefixScorer:
         index = context.services.get_or_create(
             f"prefix-approx/{context.pool_key}", ApproxPrefixIndex, ApproxPrefixIndex)
-        block_tokens = context.pool.spec.engine.block_size if context.pool else 16
+        engine_block = context.pool.spec.engine.block_size if context.pool else 16
+        # Whole engine blocks, at least MIN_TOKEN_BLOCK tokens: approximate matching needs no
+        # finer grain, and 4k-token prompts then cost 64 hashes, not 256.
+        block_tokens = engine_block * max(1, -(-MIN_TOKEN_BLOCK // engine_block))
         return cls(index, context.scoring.prefix_block_chars, block_tokens)
 
 

@@ -45,6 +45,9 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.posting.level = logging.WARNING  # only warnings from logs become Events
     settings.posting.reporting_component = "kvroute-operator"
     settings.execution.max_workers = 4
+    # Timers stop promptly on shutdown (kopf polls an exiting timer this often).
+    settings.background.cancellation_polling = 1
+    settings.background.instant_exit_timeout = 0.1
 
 
 def _context(memo: Any) -> OperatorContext:

@@ -1,0 +1,1 @@
+"""Operator tests against the kmock Kubernetes emulator (and, opt-in, a real cluster)."""

@@ -3,12 +3,13 @@
 #
 #   dev     the project with its pinned dependencies and test tools (requirements/dev.lock)
 #   engine  vLLM's CPU build, used to run real engines in e2e tests, demo and benchmarks
+#   bench   the peer routers (vllm-router, sglang-router) and aiperf for `kvroute bench`
 #
 # Both live outside the clone, under ${KVROUTE_CACHE_DIR:-~/.cache/kvroute}/venvs, keyed by the
 # hash of the file that pins them, so a warm machine reuses them and a cold one builds them.
 # A venv is only used once its ".complete" marker exists; a half-built one is rebuilt.
 #
-# Usage: scripts/kvenv.sh dev|engine|relock     (prints the venv path on stdout)
+# Usage: scripts/kvenv.sh dev|engine|bench|relock     (prints the venv path on stdout)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KVROUTE_CACHE_DIR:-$HOME/.cache/kvroute}/venvs"
@@ -50,6 +51,20 @@ build_engine() {
   echo "$venv"
 }
 
+build_bench() {
+  local venv="$CACHE/bench-$(key "$ROOT/requirements/bench.txt")"
+  if [[ ! -f "$venv/.complete" ]]; then
+    log "building bench venv $venv (peer routers and aiperf; first run: a minute or two)"
+    rm -rf "$venv"
+    "$PY" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/bench.txt" >&2
+    "$venv/bin/vllm-router" --help >/dev/null
+    "$venv/bin/sglang-router" --help >/dev/null
+    touch "$venv/.complete"
+  fi
+  echo "$venv"
+}
+
 relock() {
   local tmp; tmp="$(mktemp -d)"
   "$PY" -m venv "$tmp/v"
@@ -64,6 +79,7 @@ relock() {
 case "${1:-}" in
   dev) build_dev ;;
   engine) build_engine ;;
+  bench) build_bench ;;
   relock) relock ;;
-  *) echo "usage: $0 dev|engine|relock" >&2; exit 2 ;;
+  *) echo "usage: $0 dev|engine|bench|relock" >&2; exit 2 ;;
 esac

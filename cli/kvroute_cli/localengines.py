@@ -104,6 +104,9 @@ class LocalEngineFleet:
     startup_timeout_s: float = 600.0
     python: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    # Extra environment for every engine, applied last (e.g. VLLM_SERVER_DEV_MODE=1 for the
+    # benchmarks' /reset_prefix_cache between contenders).
+    env: dict[str, str] = field(default_factory=dict)
     engines: list[LocalEngine] = field(default_factory=list)
 
     def command(self, engine: LocalEngine, model_dir: Path, python: str) -> list[str]:
@@ -143,6 +146,7 @@ class LocalEngineFleet:
             env["VLLM_CPU_OMP_THREADS_BIND"] = (
                 f"{first}-{first + per - 1}" if per > 1 else str(first))
         env.pop("PYTHONPATH", None)
+        env.update(self.env)
         return env
 
     def start(self, progress: bool = False) -> list[LocalEngine]:

@@ -1,0 +1,69 @@
+"""The arguments of ``kvroute bench``, kept free of heavy imports.
+
+``kvroute`` builds every sub-command's parser on each start, so this module imports nothing
+beyond the standard library; the names it offers are checked against the workload and
+contender registries by the unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing")
+CONTENDER_NAMES = ("direct-rr", "kvroute-approx", "kvroute-precise", "kvroute-precise-load",
+                   "vllm-router-rr", "vllm-router-cache", "vllm-router-kv",
+                   "sglang-router-cache")
+
+
+def _names(valid: tuple[str, ...]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        bad = [n for n in text.split(",") if n.strip() and n.strip() not in valid]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(bad)}; valid: {', '.join(valid)}")
+        return text
+    return check
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("--workload", type=_names(WORKLOAD_NAMES), default="chat",
+                        help=f"comma-separated, run one after the other on the same engines: "
+                             f"{', '.join(WORKLOAD_NAMES)}")
+    parser.add_argument("--requests", type=int, default=60,
+                        help="measured requests per contender (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="requests sent first and excluded from the results")
+    parser.add_argument("--rate", default="1.0",
+                        help="arrival rate, requests/s (one, or one per workload, comma-separated)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="workload parameter override (repeatable; single workload only), "
+                             "e.g. tenants=16 or "
+                             "system=1200:0.35:400:2000 (median:sigma:low:high)")
+    parser.add_argument("--contenders", default="",
+                        help=f"comma-separated; default: all present. Known: "
+                             f"{', '.join(CONTENDER_NAMES)}")
+    parser.add_argument("--engines", type=int, default=2, help="number of vLLM-CPU engines")
+    parser.add_argument("--kv-blocks", type=int, default=384,
+                        help="KV blocks per engine (--num-gpu-blocks-override; 0: vLLM's "
+                             "default from 1 GiB). Small enough that one engine cannot hold "
+                             "the whole working set")
+    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--attach", help="JSON list of running engines instead of starting")
+    parser.add_argument("--bench-venv", help="venv with vllm-router and sglang-router "
+                                             "(default: $KVROUTE_BENCH_VENV or kvenv.sh bench)")
+    parser.add_argument("--request-timeout", type=float, default=180.0)
+    parser.add_argument("--out", default=default_out, help="folder for JSON, table and plots")
+    parser.add_argument("--name", help="prefix of the output file names (default: none; the "
+                                       "workload names them)")
+    sim = parser.add_argument_group("fleet simulator (--sim)")
+    sim.add_argument("--sim", action="store_true",
+                     help="simulate the pods instead of starting real engines")
+    sim.add_argument("--pods", type=int, default=16, help="simulated engines")
+    sim.add_argument("--profile", choices=("cpu", "h100"), default="cpu",
+                     help="cost profile of a simulated engine")
+    sim.add_argument("--sim-pickers", default="round-robin,kvroute-approx,kvroute-approx-load",
+                     help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load")
+    parser.add_argument("--workdir", default=".kvroute/bench",
+                        help="folder for engine and router logs")

@@ -1,0 +1,114 @@
+"""The open-loop load generator: sends a trace's streaming requests at their arrival times.
+
+Open loop means a request is sent at its scheduled time whether or not earlier ones have
+finished, so a slow contender builds a queue instead of slowing the offered load (the mistake
+a closed-loop client makes). Each request is an OpenAI ``/v1/completions`` call with
+``stream: true``; TTFT is the time to the first streamed chunk that carries a token, e2e the time
+to the end of the stream. ``ignore_eos`` makes the test model (random weights) produce exactly
+``max_tokens`` tokens, so every contender does the same decoding work.
+
+With several base URLs the client rotates over them itself: that is the "direct round-robin"
+contender, with no router process in the path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import aiohttp
+
+from kvroute_bench.stats import RequestResult
+from kvroute_bench.workloads import TraceRequest
+
+
+def request_body(model: str, request: TraceRequest) -> dict[str, object]:
+    """The completions body sent for ``request``."""
+    return {
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def _one(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest,
+               timeout_s: float) -> RequestResult:
+    result = RequestResult(index=request.index, sent_s=time.monotonic(),
+                           prompt_tokens=request.prompt_tokens)
+    token_chunks = 0
+    usage_tokens: int | None = None
+    try:
+        async with session.post(f"{url}/v1/completions", json=request_body(model, request),
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                body = (await resp.text())[:200]
+                result.error = f"HTTP {resp.status}: {body}"
+                return result
+            buffer = b""
+            async for data in resp.content.iter_any():
+                buffer += data
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    line = line.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        continue
+                    event = json.loads(payload)
+                    if event.get("error"):
+                        result.error = f"stream error: {str(event['error'])[:200]}"
+                        return result
+                    choices = event.get("choices") or []
+                    if choices:  # a token, even one whose text is a partial UTF-8 byte
+                        if result.first_token_s is None:
+                            result.first_token_s = time.monotonic()
+                        token_chunks += 1
+                    usage = event.get("usage")
+                    if usage and usage.get("completion_tokens") is not None:
+                        usage_tokens = int(usage["completion_tokens"])
+            result.done_s = time.monotonic()
+            result.output_tokens = usage_tokens if usage_tokens is not None else token_chunks
+            if result.first_token_s is None:
+                result.error = "stream ended without any token"
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"[:200]
+    return result
+
+
+async def run_trace(base_urls: Sequence[str], model: str, requests: Sequence[TraceRequest],
+                    *, timeout_s: float = 180.0, max_connections: int = 512,
+                    on_done: Callable[[RequestResult], None] | None = None,
+                    ) -> list[RequestResult]:
+    """Send ``requests`` open-loop (at their ``arrival_s`` relative to now); return results.
+
+    Request *i* goes to ``base_urls[i % len(base_urls)]``. Every request ends within
+    ``timeout_s`` of being sent, so the whole run is bounded by the last arrival plus it.
+    """
+    if not base_urls:
+        raise ValueError("at least one base URL is needed")
+    if not requests:
+        return []
+    offset = requests[0].arrival_s
+    connector = aiohttp.TCPConnector(limit=max_connections, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.monotonic()
+
+        async def scheduled(position: int, request: TraceRequest) -> RequestResult:
+            delay = start + (request.arrival_s - offset) - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            url = base_urls[position % len(base_urls)]
+            result = await _one(session, url, model, request, timeout_s)
+            if on_done is not None:
+                on_done(result)
+            return result
+
+        tasks = [asyncio.create_task(scheduled(i, r)) for i, r in enumerate(requests)]
+        return list(await asyncio.gather(*tasks))

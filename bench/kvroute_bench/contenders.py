@@ -1,0 +1,320 @@
+"""The contenders of a side-by-side run: how to start each router in front of the engines.
+
+A contender turns the running engines into base URLs for the load generator, usually by
+starting a router process on a free loopback port and waiting until it answers
+``/v1/models`` (or its own readiness path). "direct-rr" starts nothing: the client rotates
+over the engines itself, the baseline every router is compared with.
+
+Peers are the routers published on PyPI (``requirements/bench.txt``), run from the bench venv
+(``scripts/kvenv.sh bench``): ``vllm-router`` (round_robin, cache_aware, and kv_aware fed by
+the engines' ZMQ KV events) and ``sglang-router`` (cache_aware). kvroute's own contenders run
+``kvroute router --config FILE`` with a generated External pool and RoutePolicy whose scorers
+select approximate, precise or precise+load scoring, with only its HTTP proxy listening.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a contender needs to know about one engine."""
+
+    name: str
+    url: str  # http://127.0.0.1:PORT
+    kv_events_endpoint: str
+    replay_endpoint: str
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
+
+
+@dataclass(frozen=True)
+class FleetInfo:
+    """The engines of a run and what they serve."""
+
+    engines: list[EngineInfo]
+    model: str
+    block_size: int
+    model_dir: Path | None = None  # the served model's folder (its tokenizer), when known
+
+
+class ContenderStartError(RuntimeError):
+    """A router process exited or did not become ready; carries its log tail."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class RunningContender:
+    """A started contender: where to send requests, and its process (if any)."""
+
+    base_urls: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class Contender:
+    """A named way of routing: ``command`` builds the router's argv (None: direct rotation)."""
+
+    name: str
+    family: str  # baseline | kvroute | vllm-router | sglang-router
+    description: str
+    command: Callable[[FleetInfo, int, Path], list[str]] | None = None
+    needs: str | None = None  # executable that must exist for this contender
+    env: Callable[[FleetInfo], dict[str, str]] | None = None  # extra environment
+    ready_timeout_s: float = 120.0
+    # Answers 200 once the router can route; /v1/models must also list the served model.
+    ready_path: str = "/v1/models"
+
+    def start(self, fleet: FleetInfo, workdir: Path, bin_dirs: Sequence[Path] = ()
+              ) -> RunningContender:
+        """Start the router and wait until it serves ``/v1/models``; direct: nothing to start."""
+        if self.command is None:
+            return RunningContender(base_urls=[e.url for e in fleet.engines])
+        workdir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        argv = self.command(fleet, port, workdir)
+        argv[0] = resolve_executable(argv[0], bin_dirs)
+        log_path = workdir / f"{self.name}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True,
+                                       env=_router_env(self.env(fleet) if self.env else {}))
+        running = RunningContender([f"http://127.0.0.1:{port}"], process, log_path)
+        try:
+            _wait_ready(running, fleet.model, self.ready_path, self.ready_timeout_s)
+        except BaseException:
+            running.stop()
+            raise
+        return running
+
+
+def _router_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    env.setdefault("RUST_LOG", "warn")
+    env["HF_HUB_OFFLINE"] = "1"
+    env["NO_PROXY"] = "127.0.0.1,localhost"
+    return env
+
+
+def resolve_executable(name: str, bin_dirs: Sequence[Path]) -> str:
+    """``name`` from the first of ``bin_dirs`` that has it, else as found on PATH."""
+    if os.sep in name:
+        return name
+    for directory in bin_dirs:
+        candidate = directory / name
+        if candidate.exists():
+            return str(candidate)
+    return name
+
+
+def available(contender: Contender, bin_dirs: Sequence[Path]) -> bool:
+    """Whether the contender's executable can be found (always true for built-in ones)."""
+    if contender.needs is None:
+        return True
+    found = resolve_executable(contender.needs, bin_dirs)
+    if os.sep in found:
+        return Path(found).exists()
+    return any((Path(p) / found).exists() for p in os.environ.get("PATH", "").split(os.pathsep))
+
+
+def _wait_ready(running: RunningContender, model: str, path: str, timeout_s: float) -> None:
+    assert running.process is not None and running.log_path is not None
+    deadline = time.monotonic() + timeout_s
+    url = f"{running.base_urls[0]}{path}"
+    need = model.encode() if path == "/v1/models" else b""
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            raise ContenderStartError(f"router exited with {running.process.returncode}:\n"
+                                      f"{_log_tail(running.log_path)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200 and need in resp.read():
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise ContenderStartError(f"router not ready at {url} after {timeout_s:.0f}s:\n"
+                              f"{_log_tail(running.log_path)}")
+
+
+# --- peers ------------------------------------------------------------------------------
+
+def _vllm_router(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
+    def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
+        argv = ["vllm-router", "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *[e.url for e in fleet.engines], "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+                "--log-level", "warning"]
+        if policy == "kv_aware":
+            for e in fleet.engines:
+                argv += ["--kv-event-source", f"{e.url}={e.kv_events_endpoint}",
+                         "--kv-event-replay-source", f"{e.url}={e.replay_endpoint}"]
+            argv += ["--kv-event-block-size", str(fleet.block_size),
+                     "--kv-event-model", fleet.model]
+        return argv
+    return command
+
+
+def _vllm_router_env(fleet: FleetInfo) -> dict[str, str]:
+    # kv_aware hashes token ids; with text prompts it needs the model's tokenizer, which it
+    # reads from this variable (a local model folder) since it cannot reach a model hub here.
+    return {"VLLM_ROUTER_TOKENIZER": str(fleet.model_dir)} if fleet.model_dir else {}
+
+
+def _sglang_router(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
+    def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
+        return ["sglang-router", "launch", "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *[e.url for e in fleet.engines], "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+                "--log-level", "warn"]
+    return command
+
+
+# --- kvroute ------------------------------------------------------------------------------
+
+KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
+    "approx": [{"type": "prefix-approx", "weight": 1.0}],
+    "precise": [{"type": "prefix-precise", "weight": 1.0}],
+    "precise-load": [{"type": "prefix-precise", "weight": 3.0},
+                     {"type": "queue-depth", "weight": 1.0},
+                     {"type": "kv-utilization", "weight": 1.0}],
+}
+
+
+def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The External InferencePool and RoutePolicy documents for ``kvroute router --config``."""
+    pool = {
+        "apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": "local"},
+        "spec": {
+            "mode": "External", "model": {"name": fleet.model},
+            "engine": {"blockSize": fleet.block_size}, "resources": {"gpus": 0},
+            "endpoints": [{"name": e.name, "address": e.address,
+                           "kvEventsEndpoint": e.kv_events_endpoint,
+                           "kvEventsReplayEndpoint": e.replay_endpoint} for e in fleet.engines],
+        },
+    }
+    policy = {
+        "apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
+        "metadata": {"name": "bench"},
+        "spec": {"match": {"model": fleet.model}, "pools": [{"name": "local"}],
+                 "scoring": {"scorers": scorers, "picker": "max-score"}},
+    }
+    return [pool, policy]
+
+
+def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
+    def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
+        config = workdir / f"kvroute-{variant}.yaml"
+        config.write_text(yaml.safe_dump_all(kvroute_config(fleet, KVROUTE_SCORING[variant]),
+                                             sort_keys=False))
+        argv = [sys.executable, "-m", "kvroute_cli.main", "router", "--config", str(config),
+                "--host", "127.0.0.1", "--port", str(port), "--ext-proc-port", "-1",
+                "--grpc-port", "-1", "--metrics-port", "-1", "--log-level", "warning"]
+        if fleet.model_dir is not None:
+            argv += ["--tokenizer-dir", f"{fleet.model}={fleet.model_dir}"]
+        return argv
+    return command
+
+
+@dataclass(frozen=True)
+class ContenderSet:
+    """Every known contender, by name, in report order."""
+
+    contenders: list[Contender] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [c.name for c in self.contenders]
+
+    def select(self, names: Sequence[str]) -> list[Contender]:
+        by_name = {c.name: c for c in self.contenders}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise ValueError(f"unknown contender(s) {', '.join(unknown)}; valid: "
+                             f"{', '.join(self.names())}")
+        return [by_name[n] for n in names]
+
+
+def kvroute_router_present() -> bool:
+    """Whether this checkout has ``kvroute router`` (cmd_router) yet."""
+    try:
+        import kvroute_cli
+    except ImportError:
+        return False
+    return any((Path(p) / "cmd_router.py").exists() for p in kvroute_cli.__path__)
+
+
+CONTENDERS = ContenderSet([
+    Contender("direct-rr", "baseline",
+              "client-side round-robin straight to the engines (no router process)"),
+    Contender("kvroute-approx", "kvroute",
+              "kvroute, approximate prefix scorer (router's own request history)",
+              _kvroute("approx"), ready_timeout_s=180),
+    Contender("kvroute-precise", "kvroute",
+              "kvroute, precise prefix scorer (engines' KV events)",
+              _kvroute("precise"), ready_timeout_s=180),
+    Contender("kvroute-precise-load", "kvroute",
+              "kvroute, precise prefix (x3) + queue depth + KV utilisation",
+              _kvroute("precise-load"), ready_timeout_s=180),
+    Contender("vllm-router-rr", "vllm-router", "vllm-router --policy round_robin",
+              _vllm_router("round_robin"), needs="vllm-router", env=_vllm_router_env),
+    Contender("vllm-router-cache", "vllm-router", "vllm-router --policy cache_aware",
+              _vllm_router("cache_aware"), needs="vllm-router", env=_vllm_router_env),
+    Contender("vllm-router-kv", "vllm-router",
+              "vllm-router --policy kv_aware with the engines' ZMQ KV events",
+              _vllm_router("kv_aware"), needs="vllm-router", env=_vllm_router_env),
+    Contender("sglang-router-cache", "sglang-router", "sglang-router --policy cache_aware",
+              _sglang_router("cache_aware"), needs="sglang-router",
+              # It lists its model as "unknown" (no tokenizer here); readiness counts workers.
+              ready_path="/readiness"),
+])
+
+
+def default_contenders() -> list[str]:
+    """Every contender whose router exists in this checkout."""
+    present = kvroute_router_present()
+    return [c.name for c in CONTENDERS.contenders if c.family != "kvroute" or present]

@@ -1,0 +1,244 @@
+"""One simulated vLLM engine: continuous batching, chunked prefill, a prefix cache with LRU
+eviction inside a fixed KV capacity, and the metrics and KV events a real engine publishes.
+
+The model follows vLLM v1's scheduler in the parts that decide routing outcomes:
+
+* A step has a token budget (``max_batched_tokens``). Running sequences that are decoding take
+  one token each first; then sequences still prefilling take chunks of their remaining prompt;
+  then waiting sequences are admitted in arrival order while ``max_num_seqs`` and the KV
+  capacity allow (chunked prefill: a long prompt spreads over several steps).
+* On admission the prompt's full blocks are looked up in the prefix cache; the longest cached
+  run of leading blocks is reused (at least one prompt token is always computed, as in vLLM).
+  Queried and hit tokens feed ``prefix_cache_queries`` / ``prefix_cache_hits``.
+* KV blocks are reserved for the whole prompt and output at admission (a simplification: vLLM
+  allocates as it goes and preempts on exhaustion; here a sequence waits instead). Blocks
+  whose prompt tokens are computed become cached (``BlockStored``); when a sequence finishes,
+  its cached blocks stay resident but evictable, least recently used first (``BlockRemoved``
+  when evicted). Output tokens are not cached (the workloads' outputs are never reused).
+
+Block hashes chain like vLLM's (each depends on its parent and its tokens) but use BLAKE2b
+over the token bytes instead of sha256_cbor: they identify blocks inside the simulation only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvroute_bench.sim.profile import CostProfile
+
+
+def block_hashes(tokens: bytes, block_size: int) -> list[int]:
+    """Chained 64-bit hashes of the full blocks of ``tokens``."""
+    hashes: list[int] = []
+    parent = b"kvroute-sim-root"
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        digest = hashlib.blake2b(parent + tokens[start:start + block_size],
+                                 digest_size=8).digest()
+        hashes.append(int.from_bytes(digest, "big"))
+        parent = digest
+    return hashes
+
+
+@dataclass
+class SimRequest:
+    """A request inside the simulator, and what happened to it."""
+
+    id: int
+    arrival_s: float
+    prompt_tokens: int
+    max_tokens: int
+    hashes: list[int]
+    prompt: str = ""  # kept only when a picker needs the text (the router's prefix scorers)
+    engine: int = -1
+    admitted_s: float | None = None
+    first_token_s: float | None = None
+    done_s: float | None = None
+    cached_tokens: int = 0
+    computed: int = 0  # prompt tokens computed so far (cached ones count as computed)
+    generated: int = 0
+    blocks: list[int] = field(default_factory=list)  # hashes of cached blocks it pins
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token_s is None else self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.done_s is None else self.done_s - self.arrival_s
+
+
+@dataclass
+class StepPlan:
+    """What one step computes: prefill chunks per request, and the decoding requests."""
+
+    prefill: list[tuple[SimRequest, int]]
+    decode: list[SimRequest]
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(n for _, n in self.prefill)
+
+
+class SimEngine:
+    """One engine; the fleet loop calls :meth:`enqueue`, :meth:`plan_step`, :meth:`finish_step`."""
+
+    def __init__(self, index: int, profile: CostProfile) -> None:
+        self.index = index
+        self.profile = profile
+        self.waiting: deque[SimRequest] = deque()
+        self.running: list[SimRequest] = []
+        self.refcount: dict[int, int] = {}  # cached block hash -> sequences pinning it
+        self.evictable: OrderedDict[int, None] = OrderedDict()  # unpinned cached, LRU first
+        self.reserved = 0  # blocks reserved by running sequences beyond their pinned hits
+        self.events: list[dict[str, Any]] = []  # KV events since the last drain
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+        self.finished = 0
+        self.busy_until: float | None = None
+
+    # --- capacity ------------------------------------------------------------------------
+
+    def _used_blocks(self) -> int:
+        """Blocks held by running sequences (pinned cached blocks + reservations)."""
+        return sum(1 for c in self.refcount.values() if c > 0) + self.reserved
+
+    def _free_blocks(self) -> int:
+        resident = len(self.refcount)  # pinned + evictable cached blocks
+        return self.profile.kv_blocks - resident - self.reserved
+
+    def _evict(self, need: int) -> bool:
+        """Evict LRU unpinned cached blocks until ``need`` blocks are free."""
+        removed: list[int] = []
+        while self._free_blocks() < need and self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            del self.refcount[block]
+            removed.append(block)
+        if removed:
+            self.events.append({"type": "BlockRemoved", "block_hashes": removed})
+        return self._free_blocks() >= need
+
+    # --- requests ------------------------------------------------------------------------
+
+    def enqueue(self, request: SimRequest) -> None:
+        request.engine = self.index
+        self.waiting.append(request)
+
+    def _admit(self, request: SimRequest, now: float) -> bool:
+        bs = self.profile.block_size
+        hit_blocks = 0
+        for h in request.hashes:
+            if h not in self.refcount:
+                break
+            hit_blocks += 1
+        # vLLM always computes at least the last prompt token.
+        if hit_blocks * bs >= request.prompt_tokens:
+            hit_blocks = max(0, (request.prompt_tokens - 1) // bs)
+        total_blocks = -(-(request.prompt_tokens + request.max_tokens) // bs)
+        new_blocks = total_blocks - hit_blocks
+        # Pin the hits first so eviction cannot take them.
+        hits = request.hashes[:hit_blocks]
+        for h in hits:
+            self.refcount[h] += 1
+            self.evictable.pop(h, None)
+        if not self._evict(new_blocks):
+            for h in hits:
+                self._unpin(h)
+            return False
+        request.blocks = list(hits)
+        self.reserved += new_blocks
+        request.cached_tokens = hit_blocks * bs
+        request.computed = request.cached_tokens
+        request.admitted_s = now
+        self.prefix_queries += request.prompt_tokens
+        self.prefix_hits += request.cached_tokens
+        return True
+
+    def _unpin(self, block: int) -> None:
+        self.refcount[block] -= 1
+        if self.refcount[block] == 0:
+            self.evictable[block] = None
+
+    def plan_step(self, now: float) -> StepPlan | None:
+        """Choose the next step's work (admitting waiting requests); None when idle."""
+        budget = self.profile.max_batched_tokens
+        decode = [r for r in self.running if r.computed >= r.prompt_tokens]
+        budget -= len(decode)
+        prefill: list[tuple[SimRequest, int]] = []
+        for r in self.running:
+            if r.computed < r.prompt_tokens and budget > 0:
+                chunk = min(budget, r.prompt_tokens - r.computed)
+                prefill.append((r, chunk))
+                budget -= chunk
+        while (self.waiting and budget > 0
+               and len(self.running) < self.profile.max_num_seqs):
+            if not self._admit(self.waiting[0], now):
+                break
+            r = self.waiting.popleft()
+            self.running.append(r)
+            chunk = min(budget, r.prompt_tokens - r.computed)
+            prefill.append((r, chunk))
+            budget -= chunk
+        if not prefill and not decode:
+            return None
+        return StepPlan(prefill=prefill, decode=decode)
+
+    def step_duration(self, plan: StepPlan) -> float:
+        return self.profile.step_s(plan.prefill_tokens, len(plan.decode))
+
+    def finish_step(self, plan: StepPlan, now: float) -> list[SimRequest]:
+        """Apply a step that ended at ``now``; returns the requests that finished."""
+        bs = self.profile.block_size
+        stored: list[int] = []
+        for r, chunk in plan.prefill:
+            before = r.computed // bs
+            r.computed += chunk
+            after = min(r.computed // bs, len(r.hashes))
+            for h in r.hashes[before:after]:
+                if h in self.refcount:  # computed again by a concurrent request: share it
+                    self.refcount[h] += 1
+                    self.evictable.pop(h, None)
+                    self.reserved -= 1
+                else:
+                    self.refcount[h] = 1
+                    self.reserved -= 1
+                    stored.append(h)
+                r.blocks.append(h)
+            if r.computed >= r.prompt_tokens:
+                r.first_token_s = now
+                r.generated = 1
+        for r in plan.decode:
+            r.generated += 1
+        if stored:
+            self.events.append({"type": "BlockStored", "block_hashes": stored,
+                                "block_size": bs})
+        done = [r for r in self.running
+                if r.computed >= r.prompt_tokens and r.generated >= r.max_tokens]
+        for r in done:
+            r.done_s = now
+            self.running.remove(r)
+            total_blocks = -(-(r.prompt_tokens + r.max_tokens) // bs)
+            self.reserved -= total_blocks - len(r.blocks)
+            for h in r.blocks:
+                self._unpin(h)
+            self.finished += 1
+        return done
+
+    # --- what a real engine exposes --------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """The vLLM gauges and counters the router's scrapers read."""
+        return {
+            "vllm:num_requests_running": float(len(self.running)),
+            "vllm:num_requests_waiting": float(len(self.waiting)),
+            "vllm:kv_cache_usage_perc": self._used_blocks() / self.profile.kv_blocks,
+            "vllm:prefix_cache_queries_total": float(self.prefix_queries),
+            "vllm:prefix_cache_hits_total": float(self.prefix_hits),
+            "vllm:request_success_total": float(self.finished),
+        }
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events

@@ -1,0 +1,134 @@
+"""The simulated fleet's event loop: arrivals, routing decisions, engine steps.
+
+Time is simulated (no sleeping): a heap holds arrivals and step completions. At an arrival
+the :class:`Picker` chooses an engine from the engines' current metrics (and, for a
+prefix-aware picker, the KV events they have published so far); an idle engine with work
+plans a step and schedules its completion. The picker is the seam where the router's own
+scheduling code plugs in (``docs/benchmarks/README.md``, "Fleet simulator"); the simulator
+ships only round-robin, the baseline; :mod:`~kvroute_bench.sim.router_picker` runs kvroute's
+own scheduler profile, so no routing policy is re-implemented here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from kvroute_bench.sim.engine import SimEngine, SimRequest, StepPlan, block_hashes
+from kvroute_bench.sim.profile import CostProfile
+from kvroute_bench.workloads import TraceRequest
+
+
+class Picker(Protocol):
+    """Chooses an engine for a request; sees every engine's KV events before each decision."""
+
+    def observe(self, engine: int, events: list[dict[str, Any]]) -> None: ...
+
+    def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int: ...
+
+
+class RoundRobinPicker:
+    """The baseline: engines in turn, blind to caches and load."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
+        return None
+
+    def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
+        choice = self._next % len(engines)
+        self._next += 1
+        return choice
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What a simulated run measured, in the shape of the real benchmark's numbers."""
+
+    requests: int
+    unfinished: int
+    ttft_p50_s: float
+    ttft_p90_s: float
+    ttft_p99_s: float
+    e2e_p50_s: float
+    e2e_p99_s: float
+    output_tokens_per_s: float
+    prefix_hit_rate: float
+    requests_per_engine: list[int]
+    simulated_s: float
+
+
+def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: bool = False
+                    ) -> list[SimRequest]:
+    return [SimRequest(id=r.index, arrival_s=r.arrival_s, prompt_tokens=r.prompt_tokens,
+                       max_tokens=r.max_tokens,
+                       hashes=block_hashes(r.prompt.encode(), block_size),
+                       prompt=r.prompt if keep_text else "") for r in trace]
+
+
+def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
+             max_simulated_s: float = 86_400.0) -> SimResult:
+    """Run ``requests`` through ``pods`` engines of ``profile``; stops at ``max_simulated_s``."""
+    engines = [SimEngine(i, profile) for i in range(pods)]
+    capacity = profile.kv_blocks * profile.block_size
+    for r in requests:
+        if r.prompt_tokens + r.max_tokens > capacity:
+            raise ValueError(f"request {r.id} needs {r.prompt_tokens + r.max_tokens} tokens "
+                             f"of KV cache; one engine holds {capacity}")
+    heap: list[tuple[float, int, str, Any]] = []
+    order = itertools.count()
+    for r in requests:
+        heapq.heappush(heap, (r.arrival_s, next(order), "arrive", r))
+    plans: dict[int, StepPlan] = {}
+    now = 0.0
+
+    def kick(engine: SimEngine) -> None:
+        if engine.index in plans:
+            return
+        plan = engine.plan_step(now)
+        if plan is not None:
+            plans[engine.index] = plan
+            heapq.heappush(heap, (now + engine.step_duration(plan), next(order), "step",
+                                  engine))
+
+    while heap:
+        now, _, kind, item = heapq.heappop(heap)
+        if now > max_simulated_s:
+            break
+        if kind == "arrive":
+            request: SimRequest = item
+            for engine in engines:
+                events = engine.drain_events()
+                if events:
+                    picker.observe(engine.index, events)
+            choice = picker.pick(request, engines)
+            engines[choice].enqueue(request)
+            kick(engines[choice])
+        else:
+            engine = item
+            engine.finish_step(plans.pop(engine.index), now)
+            kick(engine)
+    done = [r for r in requests if r.done_s is not None]
+    ttft = [r.ttft_s for r in done if r.ttft_s is not None]
+    e2e = [r.e2e_s for r in done if r.e2e_s is not None]
+    queries = sum(e.prefix_queries for e in engines)
+    span = (max((r.done_s for r in done if r.done_s is not None), default=0.0)
+            - min((r.arrival_s for r in requests), default=0.0))
+
+    def pct(values: list[float], q: float) -> float:
+        return float(np.percentile(values, q)) if values else math.nan
+
+    return SimResult(
+        requests=len(requests), unfinished=len(requests) - len(done),
+        ttft_p50_s=pct(ttft, 50), ttft_p90_s=pct(ttft, 90), ttft_p99_s=pct(ttft, 99),
+        e2e_p50_s=pct(e2e, 50), e2e_p99_s=pct(e2e, 99),
+        output_tokens_per_s=sum(r.max_tokens for r in done) / span if span > 0 else math.nan,
+        prefix_hit_rate=sum(e.prefix_hits for e in engines) / queries if queries else 0.0,
+        requests_per_engine=[e.finished for e in engines], simulated_s=now)

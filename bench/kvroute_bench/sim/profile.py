@@ -1,0 +1,97 @@
+"""Cost and capacity profiles for simulated engines.
+
+A step of a simulated engine costs ``step_base_s`` + ``prefill_s_per_token`` * (prompt tokens
+computed in the step) + the decode cost of the step's decoding sequences, interpolated from
+``decode_step_s_by_batch`` (batch size → seconds for one decode step of that many sequences).
+Cached prompt tokens cost nothing: that is the whole point of prefix-aware routing.
+
+Two profiles ship:
+
+* :func:`cpu_test_engine` — the vLLM-CPU test engines of ``kvroute bench`` on this 2-core
+  machine. Prefill from the measurements in DESIGN.md and the benchmark logs (a cold
+  ~2,400-token prefill ≈ 1 s, the same prompt cached ≈ 0.07 s); decode from the benchmark's
+  own e2e - TTFT over output tokens. To be refitted by the calibration step (see
+  ``docs/benchmarks/README.md``).
+* :func:`h100_llama8b` — an 8B Llama on one H100. Prefill from the measured file
+  ``../shared/data/calibration/h100-llama8b-shape.json`` (≈ 32k prompt tokens/s at ≥ 2k
+  tokens; a suffix after a cached prefix ≈ 44 ms, which sets the fixed step cost). That file's
+  decode numbers are eager-mode PyTorch, not vLLM, so decode comes from published vLLM
+  figures instead: vLLM's performance blog for v0.6.0 (Sept. 2024) reports Llama-3-8B on one
+  H100 serving at ~5-10 ms per output token at low to moderate batch; the table below uses
+  7 ms at batch 1 rising to 20 ms at batch 256, a memory-bandwidth-bound shape. These are
+  stated assumptions, not measurements of ours.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """How long a simulated engine's steps take and how much it can hold."""
+
+    name: str
+    prefill_s_per_token: float
+    step_base_s: float
+    decode_step_s_by_batch: dict[int, float] = field(default_factory=dict)
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 2048
+    block_size: int = 32
+    kv_blocks: int = 4096
+
+    def decode_step_s(self, batch: int) -> float:
+        """Seconds of one decode step of ``batch`` sequences (linear between table points)."""
+        if batch <= 0 or not self.decode_step_s_by_batch:
+            return 0.0
+        sizes = sorted(self.decode_step_s_by_batch)
+        if batch <= sizes[0]:
+            return self.decode_step_s_by_batch[sizes[0]]
+        if batch >= sizes[-1]:
+            last, before = sizes[-1], sizes[-2] if len(sizes) > 1 else sizes[-1]
+            slope = ((self.decode_step_s_by_batch[last] - self.decode_step_s_by_batch[before])
+                     / (last - before)) if last != before else 0.0
+            return self.decode_step_s_by_batch[last] + slope * (batch - last)
+        i = bisect.bisect_left(sizes, batch)
+        lo, hi = sizes[i - 1], sizes[i]
+        frac = (batch - lo) / (hi - lo)
+        return (self.decode_step_s_by_batch[lo]
+                + frac * (self.decode_step_s_by_batch[hi] - self.decode_step_s_by_batch[lo]))
+
+    def step_s(self, prefill_tokens: int, decoding: int) -> float:
+        """Seconds of one engine step computing ``prefill_tokens`` and decoding ``decoding``."""
+        if prefill_tokens <= 0 and decoding <= 0:
+            return 0.0
+        return (self.step_base_s + self.prefill_s_per_token * prefill_tokens
+                + self.decode_step_s(decoding))
+
+
+def cpu_test_engine(kv_blocks: int = 384) -> CostProfile:
+    """The byte-level test model on vLLM-CPU, 2 shared cores (see the module docstring)."""
+    return CostProfile(
+        name="cpu-test-engine",
+        # (1.0 s - 0.07 s) / ~2,370 uncached tokens
+        prefill_s_per_token=0.00039,
+        step_base_s=0.02,
+        decode_step_s_by_batch={1: 0.012, 8: 0.02, 32: 0.045},
+        max_num_seqs=256, max_batched_tokens=2048, block_size=32, kv_blocks=kv_blocks)
+
+
+def h100_llama8b(calibration: Path, kv_blocks: int = 30_000) -> CostProfile:
+    """An 8B Llama on one H100: prefill from ``calibration``, decode from published figures."""
+    data = json.loads(calibration.read_text())
+    rates = data["prefill_tokens_per_s_by_prompt_tokens"]
+    # Long prompts are matmul-bound: use the rate at >= 2k tokens.
+    long_rates = [float(v) for k, v in rates.items() if int(k) >= 2048]
+    per_token = 1.0 / (sum(long_rates) / len(long_rates))
+    suffix = data["suffix_256_tokens_after_cached_prefix_ms"]
+    suffix_s = min(float(v) for v in suffix.values()) / 1000.0
+    base = max(0.0, suffix_s - 256 * per_token)
+    return CostProfile(
+        name="h100-llama8b",
+        prefill_s_per_token=per_token, step_base_s=base,
+        decode_step_s_by_batch={1: 0.007, 32: 0.009, 64: 0.011, 128: 0.014, 256: 0.020},
+        max_num_seqs=256, max_batched_tokens=8192, block_size=16, kv_blocks=kv_blocks)

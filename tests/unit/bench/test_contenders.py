@@ -1,0 +1,84 @@
+"""Contender definitions: names agree with the CLI, commands are well formed, and the kvroute
+configuration they write is a valid pool and RoutePolicy for the API models."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+from kvroute_api import InferencePool, RoutePolicy
+from kvroute_bench import arguments
+from kvroute_bench.contenders import (
+    CONTENDERS,
+    KVROUTE_SCORING,
+    EngineInfo,
+    FleetInfo,
+    kvroute_config,
+)
+from kvroute_bench.workloads import WORKLOADS
+
+FLEET = FleetInfo(
+    engines=[EngineInfo(f"engine-{i}", f"http://127.0.0.1:{8100 + i}",
+                        f"tcp://127.0.0.1:{5557 + 10 * i}", f"tcp://127.0.0.1:{5558 + 10 * i}")
+             for i in range(2)],
+    model="kvroute-test-model", block_size=32, model_dir=Path("/models/test"))
+
+
+def test_cli_names_match_the_registries() -> None:
+    assert set(arguments.WORKLOAD_NAMES) == set(WORKLOADS)
+    assert list(arguments.CONTENDER_NAMES) == CONTENDERS.names()
+
+
+def test_cli_rejects_unknown_workloads() -> None:
+    parser = argparse.ArgumentParser()
+    arguments.add_arguments(parser, "out")
+    assert parser.parse_args(["--workload", "chat,rag"]).workload == "chat,rag"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--workload", "chat,nope"])
+
+
+def test_select_names_unknown_contenders() -> None:
+    assert [c.name for c in CONTENDERS.select(["direct-rr"])] == ["direct-rr"]
+    with pytest.raises(ValueError, match="unknown contender"):
+        CONTENDERS.select(["direct-rr", "magic"])
+
+
+@pytest.mark.parametrize("variant", sorted(KVROUTE_SCORING))
+def test_kvroute_config_is_a_valid_pool_and_policy(variant: str) -> None:
+    pool, policy = kvroute_config(FLEET, KVROUTE_SCORING[variant])
+    parsed_pool = InferencePool.model_validate(pool)
+    parsed_policy = RoutePolicy.model_validate(policy)
+    assert parsed_pool.spec.mode == "External"
+    assert [s.type for s in parsed_policy.spec.scoring.scorers] == [
+        s["type"] for s in KVROUTE_SCORING[variant]]
+
+
+def test_kvroute_command_writes_its_config_and_listens_on_loopback(tmp_path: Path) -> None:
+    contender = CONTENDERS.select(["kvroute-precise"])[0]
+    assert contender.command is not None
+    argv = contender.command(FLEET, 18080, tmp_path)
+    assert argv[argv.index("--port") + 1] == "18080"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert "kvroute-test-model=/models/test" in argv
+    docs = list(yaml.safe_load_all((tmp_path / "kvroute-precise.yaml").read_text()))
+    assert [d["kind"] for d in docs] == ["InferencePool", "RoutePolicy"]
+
+
+def test_vllm_router_kv_aware_gets_every_engines_events(tmp_path: Path) -> None:
+    contender = CONTENDERS.select(["vllm-router-kv"])[0]
+    assert contender.command is not None and contender.env is not None
+    argv = contender.command(FLEET, 30000, tmp_path)
+    assert argv[argv.index("--policy") + 1] == "kv_aware"
+    sources = [argv[i + 1] for i, a in enumerate(argv) if a == "--kv-event-source"]
+    assert sources == [f"{e.url}={e.kv_events_endpoint}" for e in FLEET.engines]
+    assert argv[argv.index("--kv-event-block-size") + 1] == "32"
+    assert contender.env(FLEET) == {"VLLM_ROUTER_TOKENIZER": "/models/test"}
+
+
+def test_direct_round_robin_starts_nothing(tmp_path: Path) -> None:
+    running = CONTENDERS.select(["direct-rr"])[0].start(FLEET, tmp_path)
+    assert running.process is None
+    assert running.base_urls == [e.url for e in FLEET.engines]
+    running.stop()

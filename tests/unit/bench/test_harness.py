@@ -1,0 +1,50 @@
+"""Turning a measured window into a contender's result, and the JSON written for it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from kvroute_bench import promtext
+from kvroute_bench.contenders import CONTENDERS
+from kvroute_bench.harness import contender_result, fill_router_added, skipped_result, to_json
+from kvroute_bench.stats import RequestResult
+
+
+def engine(requests: float, queries: float, hits: float, ttft_sum: float
+           ) -> promtext.EngineDelta:
+    return promtext.EngineDelta(requests=requests, prompt_tokens=queries, generation_tokens=0,
+                                prefix_queries=queries, prefix_hits=hits, ttft_sum_s=ttft_sum,
+                                ttft_count=requests)
+
+
+def results(ttft: float) -> list[RequestResult]:
+    return [RequestResult(index=i, sent_s=float(i), first_token_s=i + ttft, done_s=i + 1.0,
+                          output_tokens=8) for i in range(4)]
+
+
+def test_result_combines_client_and_engine_numbers() -> None:
+    direct, router = CONTENDERS.select(["direct-rr", "vllm-router-rr"])
+    fleet = promtext.FleetDelta([engine(3, 3000, 1500, 0.6), engine(1, 1000, 0, 0.2)])
+    r = contender_result(direct, results(0.25), fleet)
+    assert r.requests == 4 and r.errors == 0
+    assert r.prefix_hit_rate == 1500 / 4000
+    assert r.requests_per_engine == [3, 1] and r.request_imbalance == 1.5
+    assert r.computed_tokens_per_engine == [1500, 1000]
+    assert math.isclose(r.engine_ttft_mean_s, 0.2)
+    assert math.isclose(r.outside_engine_ttft_s, 0.05)
+    routed = contender_result(router, results(0.27), fleet)
+    skipped = skipped_result(CONTENDERS.select(["sglang-router-cache"])[0], "not installed")
+    all_results = [r, routed, skipped]
+    fill_router_added(all_results)
+    assert math.isclose(r.router_added_s, 0.0, abs_tol=1e-12)
+    assert math.isclose(routed.router_added_s, 0.02, abs_tol=1e-9)
+    assert math.isnan(skipped.router_added_s)
+
+
+def test_json_has_no_nan() -> None:
+    skipped = skipped_result(CONTENDERS.select(["direct-rr"])[0], "because")
+    text = json.dumps(to_json([skipped], {"workload": "chat"}), allow_nan=False)
+    data = json.loads(text)
+    assert data["contenders"][0]["ttft_p50_s"] is None
+    assert data["contenders"][0]["skipped"] == "because"

@@ -1,0 +1,78 @@
+"""Parsing vLLM's /metrics text and the per-engine deltas of a measured window."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from kvroute_bench import promtext
+
+BEFORE = """\
+# HELP vllm:prefix_cache_queries_total Prefix cache queries, in tokens.
+# TYPE vllm:prefix_cache_queries_total counter
+vllm:prefix_cache_queries_total{engine="0",model_name="kvroute-test-model"} 1000.0
+vllm:prefix_cache_hits_total{engine="0",model_name="kvroute-test-model"} 400.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="m"} 10.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 2.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 3.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 12.0
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 5.0
+vllm:cache_config_info{block_size="32",prefix_caching_hash_algo="sha256_cbor"} 1.0
+"""
+
+_CHANGES = {
+    "} 1000.0": "} 3000.0",  # prefix-cache queries
+    "} 400.0": "} 1900.0",  # prefix-cache hits
+    'reason="length",model_name="m"} 10.0': 'reason="length",model_name="m"} 20.0',
+    'sum{engine="0",model_name="m"} 3.0': 'sum{engine="0",model_name="m"} 5.0',
+    'count{engine="0",model_name="m"} 12.0': 'count{engine="0",model_name="m"} 22.0',
+}
+AFTER = BEFORE
+for old, new in _CHANGES.items():
+    AFTER = AFTER.replace(old, new)
+
+
+def test_parse_keys_by_name_and_sorted_labels() -> None:
+    samples = promtext.parse(BEFORE)
+    key = ("vllm:cache_config_info",
+           (("block_size", "32"), ("prefix_caching_hash_algo", "sha256_cbor")))
+    assert samples[key] == 1.0
+    assert promtext.total(samples, promtext.REQUESTS) == 12.0
+    assert promtext.total(samples, "absent_metric") == 0.0
+
+
+def test_parse_skips_comments_garbage_and_handles_escaped_quotes() -> None:
+    samples = promtext.parse('# c\n\nbad line here\nx{a="q\\"x"} 2\ny 1.5e3 1700000000\n')
+    assert samples[("x", (("a", 'q\\"x'),))] == 2.0
+    assert samples[("y", ())] == 1500.0
+
+
+def test_delta_of_one_engine() -> None:
+    d = promtext.delta(promtext.parse(BEFORE), promtext.parse(AFTER))
+    assert d.requests == 10.0
+    assert d.prefix_queries == 2000.0 and d.prefix_hits == 1500.0
+    assert d.computed_prompt_tokens == 500.0
+    assert d.ttft_sum_s == 2.0 and d.ttft_count == 10.0
+
+
+def test_counter_reset_reads_as_the_after_value() -> None:
+    d = promtext.delta(promtext.parse(AFTER), promtext.parse(BEFORE))
+    assert d.prefix_queries == 1000.0
+
+
+def test_fleet_hit_rate_ttft_and_imbalance() -> None:
+    one = promtext.delta(promtext.parse(BEFORE), promtext.parse(AFTER))
+    idle = promtext.delta(promtext.parse(BEFORE), promtext.parse(BEFORE))
+    fleet = promtext.FleetDelta([one, idle])
+    assert fleet.prefix_hit_rate == pytest.approx(0.75)
+    assert fleet.engine_ttft_mean_s == pytest.approx(0.2)
+    assert fleet.requests_per_engine == [10.0, 0.0]
+    assert promtext.imbalance(fleet.requests_per_engine) == pytest.approx(2.0)
+    assert promtext.imbalance([5.0, 5.0, 5.0]) == 1.0
+    assert math.isnan(promtext.imbalance([0.0, 0.0]))
+    assert math.isnan(promtext.FleetDelta([idle]).engine_ttft_mean_s)
+
+
+def test_engine_deltas_need_matching_scrapes() -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        promtext.engine_deltas([{}], [{}, {}])

@@ -1,0 +1,172 @@
+"""The simulated engine: batching, chunked prefill, prefix reuse, LRU eviction, events."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kvroute_bench.sim.engine import SimEngine, SimRequest, block_hashes
+from kvroute_bench.sim.fleet import RoundRobinPicker, simulate, to_sim_requests
+from kvroute_bench.sim.profile import CostProfile, cpu_test_engine, h100_llama8b
+from kvroute_bench.workloads import ChatParams, generate
+
+CALIBRATION = Path(__file__).resolve().parents[4] / "shared" / "data" / "calibration" / \
+    "h100-llama8b-shape.json"
+
+PROFILE = CostProfile(name="test", prefill_s_per_token=0.001, step_base_s=0.01,
+                      decode_step_s_by_batch={1: 0.01, 8: 0.02}, max_num_seqs=4,
+                      max_batched_tokens=64, block_size=4, kv_blocks=40)
+
+
+def request(rid: int, tokens: bytes, max_tokens: int = 2, at: float = 0.0) -> SimRequest:
+    return SimRequest(id=rid, arrival_s=at, prompt_tokens=len(tokens), max_tokens=max_tokens,
+                      hashes=block_hashes(tokens, PROFILE.block_size))
+
+
+def run_until_idle(engine: SimEngine, start: float = 0.0, max_steps: int = 1000) -> float:
+    now = start
+    for _ in range(max_steps):
+        plan = engine.plan_step(now)
+        if plan is None:
+            return now
+        now += engine.step_duration(plan)
+        engine.finish_step(plan, now)
+    raise AssertionError("engine did not go idle")
+
+
+def test_block_hashes_chain_and_cover_only_full_blocks() -> None:
+    a = block_hashes(b"abcdefgh12", 4)
+    b = block_hashes(b"abcdXXgh", 4)
+    assert len(a) == 2 and len(b) == 2
+    assert a[0] == b[0] and a[1] != b[1]
+    assert block_hashes(b"zzzzefgh", 4)[1] != a[1]  # same tokens, other parent
+
+
+def test_decode_cost_interpolates_and_extrapolates() -> None:
+    assert PROFILE.decode_step_s(0) == 0.0
+    assert PROFILE.decode_step_s(1) == pytest.approx(0.01)
+    assert PROFILE.decode_step_s(4) == pytest.approx(0.01 + 3 / 7 * 0.01)
+    assert PROFILE.decode_step_s(15) == pytest.approx(0.03)
+    assert PROFILE.step_s(0, 0) == 0.0
+    assert PROFILE.step_s(10, 1) == pytest.approx(0.01 + 0.01 + 0.01)
+
+
+def test_second_request_with_the_same_prefix_hits_the_cache() -> None:
+    engine = SimEngine(0, PROFILE)
+    engine.enqueue(request(1, b"a" * 20 + b"x"))
+    run_until_idle(engine)
+    stored = engine.drain_events()
+    assert stored[0]["type"] == "BlockStored" and len(stored[0]["block_hashes"]) == 5
+    second = request(2, b"a" * 20 + b"y")
+    engine.enqueue(second)
+    run_until_idle(engine)
+    assert second.cached_tokens == 20
+    assert engine.prefix_queries == 42 and engine.prefix_hits == 20
+    assert engine.metrics()["vllm:request_success_total"] == 2.0
+
+
+def test_an_exact_repeat_still_computes_its_last_token() -> None:
+    engine = SimEngine(0, PROFILE)
+    engine.enqueue(request(1, b"b" * 16))
+    run_until_idle(engine)
+    again = request(2, b"b" * 16)
+    engine.enqueue(again)
+    run_until_idle(engine)
+    assert again.cached_tokens == 12
+
+
+def test_long_prompts_are_prefilled_in_chunks_and_ttft_follows() -> None:
+    engine = SimEngine(0, PROFILE)
+    r = request(1, b"c" * 100, max_tokens=3)
+    engine.enqueue(r)
+    steps = 0
+    now = 0.0
+    while (plan := engine.plan_step(now)) is not None:
+        assert plan.prefill_tokens + len(plan.decode) <= PROFILE.max_batched_tokens
+        now += engine.step_duration(plan)
+        engine.finish_step(plan, now)
+        steps += 1
+    assert steps == 2 + 2  # 64 + 36 prompt tokens, then two more decode steps
+    assert r.first_token_s is not None and r.done_s == pytest.approx(now)
+    assert r.done_s is not None and r.first_token_s < r.done_s
+
+
+def test_max_num_seqs_limits_the_batch() -> None:
+    engine = SimEngine(0, PROFILE)
+    for i in range(6):
+        engine.enqueue(request(i, bytes([65 + i]) * 8, max_tokens=1))
+    plan = engine.plan_step(0.0)
+    assert plan is not None and len(plan.prefill) == 4
+    assert engine.metrics()["vllm:num_requests_waiting"] == 2.0
+
+
+def test_lru_eviction_frees_the_oldest_unpinned_blocks() -> None:
+    engine = SimEngine(0, PROFILE)  # 40 blocks of 4 tokens
+    first = request(1, b"p" * 64, max_tokens=1)  # 16 blocks + 1 output block
+    second = request(2, b"q" * 64, max_tokens=1)
+    engine.enqueue(first)
+    run_until_idle(engine)
+    engine.enqueue(second)
+    run_until_idle(engine)
+    engine.drain_events()
+    third = request(3, b"r" * 64, max_tokens=1)  # needs 17: evicts from "p" (the oldest)
+    engine.enqueue(third)
+    run_until_idle(engine)
+    events = engine.drain_events()
+    removed = [h for e in events if e["type"] == "BlockRemoved" for h in e["block_hashes"]]
+    assert removed and set(removed) <= set(first.hashes)
+    assert not set(removed) & set(second.hashes)
+    assert engine.metrics()["vllm:kv_cache_usage_perc"] == 0.0  # nothing pinned when idle
+
+
+def test_requests_wait_for_kv_capacity_instead_of_overcommitting() -> None:
+    engine = SimEngine(0, PROFILE)
+    engine.enqueue(request(1, b"s" * 120, max_tokens=8))  # 32 blocks
+    engine.enqueue(request(2, b"t" * 60, max_tokens=8))  # 17 blocks: must wait
+    plan = engine.plan_step(0.0)
+    assert plan is not None and len(plan.prefill) == 1
+    assert engine.metrics()["vllm:kv_cache_usage_perc"] == pytest.approx(32 / 40)
+    run_until_idle(engine)
+    assert engine.finished == 2
+
+
+def test_fleet_round_robin_on_a_chat_trace() -> None:
+    trace = generate(ChatParams(requests=60, rate=2.0))
+    profile = cpu_test_engine()
+    result = simulate(to_sim_requests(trace.requests, profile.block_size), pods=2,
+                      profile=profile, picker=RoundRobinPicker())
+    assert result.unfinished == 0
+    assert result.requests_per_engine == [30, 30]
+    assert 0.0 < result.prefix_hit_rate < 1.0
+    assert result.ttft_p50_s <= result.ttft_p99_s
+
+
+def test_fleet_rejects_requests_larger_than_an_engine() -> None:
+    big = request(1, b"u" * 400)
+    with pytest.raises(ValueError, match="one engine holds 160"):
+        simulate([big], pods=1, profile=PROFILE, picker=RoundRobinPicker())
+
+
+@pytest.mark.skipif(not CALIBRATION.exists(), reason="shared calibration data not present")
+def test_h100_profile_reads_the_calibration_file() -> None:
+    profile = h100_llama8b(CALIBRATION)
+    # ~32k tokens/s at >= 2k tokens; a 256-token suffix after a cached prefix ~ 44 ms
+    assert 1 / profile.prefill_s_per_token == pytest.approx(32_300, rel=0.05)
+    assert profile.step_s(256, 0) == pytest.approx(0.0437, rel=0.05)
+
+
+def test_router_picker_runs_the_routers_own_profile() -> None:
+    from kvroute_bench.sim.router_picker import RouterPicker
+
+    picker = RouterPicker({"scorers": [{"type": "prefix-approx", "weight": 1.0}]},
+                          block_size=PROFILE.block_size)
+    assert [s.type_name for s in picker.profile.scorers] == ["prefix-approx"]
+    engines = [SimEngine(i, PROFILE) for i in range(4)]
+    shared = "x" * 2000
+    first = SimRequest(id=1, arrival_s=0.0, prompt_tokens=2010, max_tokens=1, hashes=[],
+                       prompt=shared + "first-tail")
+    second = SimRequest(id=2, arrival_s=0.0, prompt_tokens=2011, max_tokens=1, hashes=[],
+                        prompt=shared + "second-tail")
+    chosen = picker.pick(first, engines)
+    # The router remembers where it sent the shared prefix and sends the next one there.
+    assert picker.pick(second, engines) == chosen

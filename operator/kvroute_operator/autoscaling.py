@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvroute_api.inference_pool import AutoscalingSpec
 
@@ -86,6 +87,9 @@ class AutoscalerMemory:
 
     history: list[tuple[float, int]] = field(default_factory=list)
     last_evaluated: float | None = None
+    # What the last evaluation reported (a condition and status fields, as the reconciler
+    # writes them), repeated in every status write until the next evaluation.
+    last_report: tuple[list[Any], dict[str, Any]] = field(default_factory=lambda: ([], {}))
 
     def due(self, now: float, spec: AutoscalingSpec) -> bool:
         return self.last_evaluated is None or now - self.last_evaluated >= spec.interval_seconds

@@ -82,14 +82,11 @@ def register_handlers(registry: kopf.OperatorRegistry,
     @kopf.on.create(GROUP, "inferencepools", registry=registry)
     @kopf.on.resume(GROUP, "inferencepools", registry=registry)
     @kopf.on.update(GROUP, "inferencepools", registry=registry)
-    async def pool_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-        await reconcile_pool(_context(memo), body)
-
     @kopf.timer(GROUP, "inferencepools", interval=interval, initial_delay=interval,
                 registry=registry)
-    async def pool_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    async def pool_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         ctx = _context(memo)
-        conditions, status = await autoscale_pool(ctx, body)
+        conditions, status = await autoscale_pool(ctx, body)  # evaluates only when due
         await reconcile_pool(ctx, body, conditions, status)
 
     @kopf.on.delete(GROUP, "inferencepools", registry=registry)

@@ -193,22 +193,26 @@ async def autoscale_pool(ctx: OperatorContext, body: kopf.Body
     memory = ctx.autoscalers.setdefault(key, AutoscalerMemory())
     now = time.monotonic()
     if not memory.due(now, auto):
-        return [], {}
+        conditions, fields = memory.last_report
+        return list(conditions), dict(fields)
     prometheus = ctx.prometheus(auto.prometheus_url)
     current = pool.spec.replicas
     if prometheus is None:
         memory.last_evaluated = now
-        return [ConditionUpdate("ScalingActive", "False", "PrometheusNotConfigured",
-                                f"holding {current} replicas: set "
-                                "spec.autoscaling.prometheusUrl or the operator's "
-                                "--prometheus-url")], {}
+        memory.last_report = ([ConditionUpdate(
+            "ScalingActive", "False", "PrometheusNotConfigured",
+            f"holding {current} replicas: set spec.autoscaling.prometheusUrl or the "
+            "operator's --prometheus-url")], {})
+        return memory.last_report
     try:
         load = await prometheus.pool_load(pod_selector(meta.get("namespace") or "",
                                                        pool.metadata.name))
     except PrometheusUnavailableError as exc:
         memory.last_evaluated = now
-        return [ConditionUpdate("ScalingActive", "False", "PrometheusUnavailable",
-                                f"holding {current} replicas: {exc}")], {}
+        memory.last_report = ([ConditionUpdate("ScalingActive", "False",
+                                               "PrometheusUnavailable",
+                                               f"holding {current} replicas: {exc}")], {})
+        return memory.last_report
     decision = memory.decide(now, current, load, auto)
     status: dict[str, Any] = {"recommendedReplicas": decision.desired}
     if decision.changes:
@@ -219,7 +223,9 @@ async def autoscale_pool(ctx: OperatorContext, body: kopf.Body
                                  meta["name"], decision.desired)
             kopf.info(body, reason=decision.reason, message=decision.message)
     reason = "DryRun" if auto.dry_run else decision.reason
-    return [ConditionUpdate("ScalingActive", "True", reason, decision.message)], status
+    memory.last_report = ([ConditionUpdate("ScalingActive", "True", reason, decision.message)],
+                          status)
+    return memory.last_report
 
 
 # --------------------------------------------------------------------------- RoutePolicy

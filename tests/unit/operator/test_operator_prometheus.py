@@ -1,0 +1,115 @@
+"""Prometheus access of the autoscaler and the budget status, against a real HTTP server on
+loopback that speaks the Prometheus instant-query API (``/api/v1/query``) and answers from a
+table of series."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from kvroute_api.route_policy import BudgetSpec
+from kvroute_operator.budgets import policy_budget_status
+from kvroute_operator.prometheus import (
+    BUDGET_SPEND_METRIC,
+    BUDGET_TOKENS_METRIC,
+    PrometheusMetrics,
+    PrometheusUnavailableError,
+    pod_selector,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class PrometheusServer:
+    """Answers instant queries: each rule is (regex over the PromQL, vector result)."""
+
+    def __init__(self) -> None:
+        self.rules: list[tuple[str, list[dict[str, Any]]]] = []
+        self.queries: list[str] = []
+
+    async def query(self, request: web.Request) -> web.Response:
+        promql = request.query.get("query", "")
+        self.queries.append(promql)
+        for pattern, result in self.rules:
+            if re.search(pattern, promql):
+                return web.json_response({"status": "success", "data": {
+                    "resultType": "vector", "result": result}})
+        return web.json_response({"status": "success",
+                                  "data": {"resultType": "vector", "result": []}})
+
+
+def sample(labels: dict[str, str], value: float) -> dict[str, Any]:
+    return {"metric": labels, "value": [1700000000.0, str(value)]}
+
+
+@pytest_asyncio.fixture()
+async def prometheus() -> AsyncIterator[tuple[PrometheusServer, str]]:
+    server = PrometheusServer()
+    app = web.Application()
+    app.router.add_get("/api/v1/query", server.query)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield server, f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+async def test_pool_load_per_pod(prometheus: tuple[PrometheusServer, str]) -> None:
+    server, url = prometheus
+    server.rules = [
+        (r"vllm:num_requests_waiting", [sample({"pod": "llama-8b-5d-a1"}, 6),
+                                        sample({"pod": "llama-8b-5d-b2"}, 2)]),
+        (r"vllm:kv_cache_usage_perc", [sample({"pod": "llama-8b-5d-a1"}, 0.7)]),
+    ]
+    load = await PrometheusMetrics(url).pool_load(pod_selector("inference", "llama-8b"))
+    assert load.waiting_requests == {"llama-8b-5d-a1": 6.0, "llama-8b-5d-b2": 2.0}
+    assert load.kv_cache_usage == {"llama-8b-5d-a1": 0.7}
+    assert 'namespace="inference"' in server.queries[0]
+    assert 'pod=~"llama-8b-[a-z0-9]+-[a-z0-9]+"' in server.queries[0]
+
+
+async def test_budget_usage_and_status(prometheus: tuple[PrometheusServer, str]) -> None:
+    server, url = prometheus
+    server.rules = [
+        (rf"{BUDGET_SPEND_METRIC}.*budget=\"team-search\".*\[1d\]",
+         [sample({"tenant": "search"}, 210.0)]),
+        (rf"{BUDGET_TOKENS_METRIC}.*budget=\"team-search\"",
+         [sample({"tenant": "search"}, 500000.0)]),
+        (rf"{BUDGET_SPEND_METRIC}.*budget=\"per-tenant\"",
+         [sample({"tenant": "a"}, 1.0), sample({"tenant": "b"}, 4.0)]),
+    ]
+    budgets = [BudgetSpec.model_validate(b) for b in (
+        {"name": "team-search", "tenant": "search", "usd": 200, "window": "1d",
+         "tokensPerMinute": 2000000},
+        {"name": "per-tenant", "tenant": "*", "usd": 10, "window": "1h"},
+    )]
+    metrics = PrometheusMetrics(url)
+    usage = {b.name: await metrics.budget_usage("chat", b) for b in budgets}
+    statuses, used, condition = policy_budget_status(budgets, usage)
+    search, per_tenant = statuses
+    assert (search.spent_usd, search.limit_usd, search.window, search.percent_used) == (
+        210.0, 200, "1d", 105)
+    assert (per_tenant.tenant, per_tenant.spent_usd, per_tenant.percent_used) == ("b", 4.0, 40)
+    assert used == 105
+    assert condition.status == "True" and "team-search" in condition.message
+    assert any('policy="chat"' in q and 'tenant="search"' in q for q in server.queries)
+
+
+async def test_within_budget(prometheus: tuple[PrometheusServer, str]) -> None:
+    server, url = prometheus
+    server.rules = [(BUDGET_SPEND_METRIC, [sample({"tenant": "x"}, 5.0)])]
+    budget = BudgetSpec.model_validate({"name": "b", "usd": 50})
+    usage = {"b": await PrometheusMetrics(url).budget_usage("p", budget)}
+    _, used, condition = policy_budget_status([budget], usage)
+    assert used == 10 and condition.status == "False" and condition.reason == "WithinBudget"
+
+
+async def test_unreachable_prometheus_is_an_error() -> None:
+    with pytest.raises(PrometheusUnavailableError):
+        await PrometheusMetrics("http://127.0.0.1:9").query("up")

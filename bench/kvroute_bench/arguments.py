@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                         help="requests sent first and excluded from the results")
     parser.add_argument("--rate", default="1.0",
                         help="arrival rate, requests/s (one, or one per workload, comma-separated)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over all contenders, order reversed every other round; "
+                             "results pool every round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="workload parameter override (repeatable; single workload only), "
@@ -57,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", default=default_out, help="folder for JSON, table and plots")
     parser.add_argument("--name", help="prefix of the output file names (default: none; the "
                                        "workload names them)")
+    parser.add_argument("--cross-check", action="store_true",
+                        help="after the contenders, replay each measured trace with aiperf "
+                             "(direct round-robin) and record its percentiles beside ours")
     sim = parser.add_argument_group("fleet simulator (--sim)")
     sim.add_argument("--sim", action="store_true",
                      help="simulate the pods instead of starting real engines")

@@ -34,8 +34,9 @@ from kvroute_bench.contenders import (
 )
 from kvroute_bench.harness import (
     ContenderResult,
+    Measurement,
     RunPlan,
-    fill_router_added,
+    aggregate,
     run_contender,
     skipped_result,
 )
@@ -151,34 +152,61 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
     console.print(f"trace: {trace.summary()} (first {args.warmup} are warm-up)")
     meta: dict[str, Any] = {
         "workload": trace.workload, "params": trace.params, "trace": trace.summary(),
-        "warmup": args.warmup, "engines": len(fleet.engines), "kv_blocks": args.kv_blocks,
+        "warmup": args.warmup, "repeats": args.repeats, "engines": len(fleet.engines),
+        "kv_blocks": args.kv_blocks,
         "block_size": args.block_size, "machine": machine_description(),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "kvroute " + " ".join(sys.argv[1:]),
     }
-    results: list[ContenderResult] = []
     started = time.monotonic()
     plan = RunPlan(trace=trace, warmup=args.warmup, contenders=contenders, workdir=workdir,
                    bin_dirs=bin_dirs, request_timeout_s=args.request_timeout)
+    rounds: dict[str, list[Measurement]] = {c.name: [] for c in contenders}
+    failed: dict[str, str] = {}
+    for c in contenders:
+        if not available(c, bin_dirs):
+            failed[c.name] = f"{c.needs} not installed"
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as bar:
-        for contender in contenders:
-            if not available(contender, bin_dirs):
-                results.append(skipped_result(contender, f"{contender.needs} not installed"))
-                continue
-            task = bar.add_task(f"{contender.name}: starting", total=len(trace.requests))
+        for round_ in range(args.repeats):
+            # Alternate the order so slow drifts of a shared machine's background load do not
+            # always favour the same contenders.
+            order = contenders if round_ % 2 == 0 else list(reversed(contenders))
+            for contender in order:
+                if contender.name in failed:
+                    continue
+                label = f"{contender.name} (round {round_ + 1}/{args.repeats})"
+                task = bar.add_task(f"{label}: starting", total=len(trace.requests))
 
-            def progress(phase: str, done: int, total: int, task: Any = task,
-                         name: str = contender.name) -> None:
-                offset = 0 if phase == "warm-up" else args.warmup
-                bar.update(task, completed=offset + done, description=f"{name}: {phase}")
+                def progress(phase: str, done: int, total: int, task: Any = task,
+                             name: str = label) -> None:
+                    offset = 0 if phase == "warm-up" else args.warmup
+                    bar.update(task, completed=offset + min(done, total - args.warmup),
+                               description=f"{name}: {phase}")
 
-            try:
-                results.append(run_contender(plan, contender, fleet, progress))
-            except ContenderStartError as exc:
-                console.print(f"[red]{contender.name} did not start[/]: {exc}")
-                results.append(skipped_result(contender, str(exc).splitlines()[0]))
-            bar.update(task, description=f"{contender.name}: done")
+                try:
+                    rounds[contender.name].append(run_contender(plan, contender, fleet,
+                                                                progress))
+                except ContenderStartError as exc:
+                    console.print(f"[red]{contender.name} did not start[/]: {exc}")
+                    failed[contender.name] = str(exc).splitlines()[0]
+                bar.update(task, description=f"{label}: done")
+    results: list[ContenderResult] = [
+        aggregate(c, rounds[c.name]) if rounds[c.name] else skipped_result(c, failed[c.name])
+        for c in contenders]
+    if args.cross_check:
+        from kvroute_bench import crosscheck
+
+        console.print("cross-check: replaying the measured trace with aiperf (direct-rr)")
+        check = crosscheck.run(fleet, trace.requests[: args.warmup],
+                               trace.requests[args.warmup:], workdir / "aiperf", bin_dirs,
+                               timeout_s=trace.requests[-1].arrival_s + 600)
+        ours = next((r for r in results if r.name == "direct-rr" and not r.skipped), None)
+        if ours is not None:
+            check["ours"] = {"ttft_p50_s": ours.ttft_p50_s, "ttft_p90_s": ours.ttft_p90_s,
+                             "ttft_p99_s": ours.ttft_p99_s, "e2e_p50_s": ours.e2e_p50_s,
+                             "e2e_p99_s": ours.e2e_p99_s}
+        meta["cross_check_aiperf"] = check
+        console.print(f"cross-check: {check}")
     meta["duration_s"] = round(time.monotonic() - started, 1)
-    fill_router_added(results)
     return results, meta

@@ -37,7 +37,7 @@ def request_body(model: str, request: TraceRequest) -> dict[str, object]:
     }
 
 
-async def _one(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest,
+async def send_one(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest,
                timeout_s: float) -> RequestResult:
     result = RequestResult(index=request.index, sent_s=time.monotonic(),
                            prompt_tokens=request.prompt_tokens)
@@ -105,7 +105,7 @@ async def run_trace(base_urls: Sequence[str], model: str, requests: Sequence[Tra
             if delay > 0:
                 await asyncio.sleep(delay)
             url = base_urls[position % len(base_urls)]
-            result = await _one(session, url, model, request, timeout_s)
+            result = await send_one(session, url, model, request, timeout_s)
             if on_done is not None:
                 on_done(result)
             return result

@@ -7,10 +7,13 @@ KV-event subscribers start empty), start the contender's router, send the warm-u
 send the rest of the trace open-loop, scrape again, stop the router. Only the second part is
 reported, and engine counters are the difference of the two scrapes.
 
-Router-added latency is estimated without instrumenting any router: the gap between the
-client's mean TTFT and the engines' own mean TTFT (their histograms' sum/count deltas) is the
-time spent outside the engine — client, HTTP, and for a router its proxying and queueing.
-The same gap for ``direct-rr`` (no router) is subtracted from each router's gap.
+Router-added latency is measured without instrumenting any router, after the measured window:
+``OVERHEAD_PAIRS`` pairs of tiny requests (a fresh 48-token prompt, one output token), sent one
+at a time, alternately through the router and straight to an engine; the median router time
+minus the median direct time is what the router adds to an unloaded request. The gap between
+the client's mean TTFT and the engines' own mean TTFT (their histograms' sum/count deltas) is
+kept too (``outside_engine_ttft_s``): under load it also holds queueing in the router and the
+engines' HTTP front ends.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import statistics
 import time
 import urllib.error
 import urllib.request
@@ -26,11 +30,35 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from kvroute_bench import promtext
-from kvroute_bench.client import run_trace
+from kvroute_bench.client import run_trace, send_one
 from kvroute_bench.contenders import Contender, FleetInfo
-from kvroute_bench.stats import RequestResult, summarize
-from kvroute_bench.workloads import Trace
+from kvroute_bench.stats import RequestResult, summarize_rounds
+from kvroute_bench.workloads import Trace, TraceRequest
+
+OVERHEAD_PAIRS = 15
+
+
+async def _overhead(router_url: str, engine_urls: Sequence[str], model: str, tag: str
+                    ) -> float:
+    """Median TTFT via the router minus median TTFT direct, over alternating tiny requests."""
+    via: list[float] = []
+    direct: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(OVERHEAD_PAIRS):
+            for target, sink in ((router_url, via), (engine_urls[i % len(engine_urls)], direct)):
+                prompt = f"{tag} overhead probe {i:03d} {target} "
+                prompt = (prompt + "z" * 48)[:48]
+                r = await send_one(session, target, model, TraceRequest(
+                    index=i, arrival_s=0.0, prompt=prompt, max_tokens=1, group="probe",
+                    shared_tokens=0), timeout_s=30.0)
+                if r.ok:
+                    sink.append(r.ttft_s)
+    if not via or not direct:
+        return math.nan
+    return statistics.median(via) - statistics.median(direct)
 
 
 class CacheResetError(RuntimeError):
@@ -90,15 +118,36 @@ class ContenderResult:
     prefill_imbalance: float
     engine_ttft_mean_s: float
     outside_engine_ttft_s: float  # client mean TTFT minus the engines' mean TTFT
-    router_added_s: float = math.nan  # outside_engine_ttft_s minus direct-rr's
+    router_added_s: float = math.nan  # median TTFT of tiny requests: via router - direct
     error_samples: list[str] = field(default_factory=list)
     ttfts_s: list[float] = field(default_factory=list)
     skipped: str | None = None
+    rounds: int = 1
 
 
-def contender_result(contender: Contender, results: Sequence[RequestResult],
+@dataclass
+class Measurement:
+    """One measured window of one contender."""
+
+    results: list[RequestResult]
+    fleet: promtext.FleetDelta
+    router_added_s: float
+
+
+def aggregate(contender: Contender, rounds: Sequence[Measurement]) -> ContenderResult:
+    """The contender's result over every round it ran (repeats pool their requests)."""
+    result = contender_result(contender, [m.results for m in rounds],
+                              promtext.combine([m.fleet for m in rounds]))
+    added = [m.router_added_s for m in rounds if not math.isnan(m.router_added_s)]
+    result.router_added_s = statistics.median(added) if added else math.nan
+    result.rounds = len(rounds)
+    return result
+
+
+def contender_result(contender: Contender, rounds: Sequence[Sequence[RequestResult]],
                      fleet: promtext.FleetDelta) -> ContenderResult:
-    summary = summarize(results)
+    summary = summarize_rounds(rounds)
+    results = [r for round_ in rounds for r in round_]
     return ContenderResult(
         name=contender.name, description=contender.description,
         **asdict(summary),
@@ -140,8 +189,8 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
 def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
-                  progress: Progress) -> ContenderResult:
-    """Reset caches, start the contender, warm up, measure, stop; the contender's result."""
+                  progress: Progress) -> Measurement:
+    """Reset caches, start the contender, warm up, measure, probe its overhead, stop."""
     for engine in fleet.engines:
         reset_prefix_cache(engine.url)
     running = contender.start(fleet, plan.workdir / "routers", plan.bin_dirs)
@@ -168,23 +217,18 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                                         on_done=tick("measured", len(measured))))
         time.sleep(1.0)  # engines update their counters just after the last stream ends
         after = [scrape(e.url) for e in fleet.engines]
+        added = 0.0
+        if contender.command is not None:
+            progress("router overhead probe", 0, OVERHEAD_PAIRS)
+            added = asyncio.run(_overhead(running.base_urls[0], [e.url for e in fleet.engines],
+                                          fleet.model, contender.name))
     finally:
         running.stop()
-    return contender_result(contender, results, promtext.engine_deltas(before, after))
+    return Measurement(results, promtext.engine_deltas(before, after), added)
 
 
 def _model(fleet: FleetInfo) -> str:
     return fleet.model
-
-
-def fill_router_added(results: list[ContenderResult]) -> None:
-    """Subtract direct-rr's outside-engine TTFT from every contender's (when it ran)."""
-    base = next((r for r in results if r.name == "direct-rr" and r.skipped is None), None)
-    if base is None:
-        return
-    for r in results:
-        if r.skipped is None:
-            r.router_added_s = r.outside_engine_ttft_s - base.outside_engine_ttft_s
 
 
 def to_json(results: Sequence[ContenderResult], meta: dict[str, Any]) -> dict[str, Any]:

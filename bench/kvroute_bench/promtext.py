@@ -118,6 +118,23 @@ class FleetDelta:
         return [e.computed_prompt_tokens for e in self.engines]
 
 
+def combine(deltas: Sequence[FleetDelta]) -> FleetDelta:
+    """Several windows on the same engines added up, engine by engine."""
+    if not deltas:
+        return FleetDelta([])
+    engines: list[EngineDelta] = []
+    for parts in zip(*(d.engines for d in deltas), strict=True):
+        engines.append(EngineDelta(
+            requests=sum(e.requests for e in parts),
+            prompt_tokens=sum(e.prompt_tokens for e in parts),
+            generation_tokens=sum(e.generation_tokens for e in parts),
+            prefix_queries=sum(e.prefix_queries for e in parts),
+            prefix_hits=sum(e.prefix_hits for e in parts),
+            ttft_sum_s=sum(e.ttft_sum_s for e in parts),
+            ttft_count=sum(e.ttft_count for e in parts)))
+    return FleetDelta(engines)
+
+
 def imbalance(loads: Sequence[float]) -> float:
     """Max over mean of per-engine load: 1.0 is perfectly even, N means one engine did all."""
     if not loads:

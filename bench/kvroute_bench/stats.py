@@ -65,15 +65,25 @@ class LatencySummary:
 
 def summarize(results: Sequence[RequestResult]) -> LatencySummary:
     """Percentiles and throughput; the window runs from the first send to the last finish."""
+    return summarize_rounds([results])
+
+
+def _window(results: Sequence[RequestResult]) -> float:
+    if not results:
+        return 0.0
+    start = min(r.sent_s for r in results)
+    end = max([r.done_s for r in results if r.ok and r.done_s is not None] + [start])
+    return end - start
+
+
+def summarize_rounds(rounds: Sequence[Sequence[RequestResult]]) -> LatencySummary:
+    """Several measured windows of one contender (repeats): percentiles over the pooled
+    requests; throughput = everything finished / the sum of the windows."""
+    results = [r for round_ in rounds for r in round_]
     ok = [r for r in results if r.ok]
     ttft = [r.ttft_s for r in ok]
     e2e = [r.e2e_s for r in ok]
-    if results:
-        start = min(r.sent_s for r in results)
-        end = max([r.done_s for r in ok if r.done_s is not None] + [start])
-        window = end - start
-    else:
-        window = 0.0
+    window = sum(_window(round_) for round_ in rounds)
     tokens = sum(r.output_tokens for r in ok)
     return LatencySummary(
         requests=len(results), errors=len(results) - len(ok),

@@ -8,8 +8,9 @@ engines' own prefix-cache hit rate side by side, and writes ``results.json`` and
 
 Each engine's KV cache is capped (``--cache-blocks``) so that one engine holds about half of
 the tenants' system prompts and the fleet holds all of them: the regime where *where* a request
-goes decides whether its prefix is cached. Each contender gets its own prompt set (see
-``demo_workload``), so the second run inherits nothing from the first.
+goes decides whether its prefix is cached. The contenders alternate in rounds (ABBA order, so
+load drifting on a shared machine hits both alike), and every round of every contender gets its
+own prompt set (see ``demo_workload``), so no run inherits another's cached prefixes.
 """
 
 from __future__ import annotations
@@ -81,40 +82,50 @@ async def _run(args: argparse.Namespace, engines: list[Any], model: str, block_s
                         timeout=aiohttp.ClientTimeout(total=120)) as resp:
                     await resp.read()
             await asyncio.sleep(0.3)  # first scrapes
-            plans = [("round-robin", None), ("kvroute", router_url)]
+            plans = {"round-robin": None, "kvroute": router_url}
+            totals = {name: ContenderResult(name=name) for name in plans}
+            failures = dict.fromkeys(plans, 0)
+            per_round = max(1, args.requests // args.rounds)
             with Progress(TextColumn("{task.description:<12}"), BarColumn(),
                           MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
                           TimeElapsedColumn(), console=console) as progress:
-                tasks = {name: progress.add_task(name, total=args.requests, note="",
+                tasks = {name: progress.add_task(name, total=per_round * args.rounds, note="",
                                                  start=False)
-                         for name, _ in plans}
-                for name, via in plans:
-                    progress.start_task(tasks[name])
-                    trace = build_trace(args.seed, name, args.tenants, args.requests,
-                                        args.prompt_chars)
-                    if via is None:
-                        cycle = itertools.cycle(engine_urls)
-                        urls = [f"{next(cycle)}/v1/chat/completions" for _ in trace]
-                        target_model = model
-                    else:
-                        urls = [f"{via}/v1/chat/completions"] * len(trace)
-                        target_model = "chat"
-                    failures = 0
+                         for name in plans}
 
-                    def done(result: RequestResult, name: str = name) -> None:
-                        nonlocal failures
-                        failures += 0 if result.ok else 1
-                        progress.update(tasks[name], advance=1,
-                                        note=f"{failures} failed" if failures else "")
+                def done(result: RequestResult, name: str) -> None:
+                    failures[name] += 0 if result.ok else 1
+                    progress.update(tasks[name], advance=1,
+                                    note=f"{failures[name]} failed" if failures[name] else "")
 
-                    before = await prefix_counters(session, engine_urls)
-                    results, wall = await replay(
-                        trace, lambda i, urls=urls: urls[i], target_model,  # type: ignore[misc]
-                        args.concurrency, args.max_tokens, args.request_timeout, done)
-                    after = await prefix_counters(session, engine_urls)
-                    contenders.append(ContenderResult(
-                        name=name, results=results, wall_s=wall,
-                        prefix_queries=after[0] - before[0], prefix_hits=after[1] - before[1]))
+                # ABBA: alternate who goes first so drifting machine load hits both alike.
+                for round_no in range(args.rounds):
+                    order = list(plans) if round_no % 2 == 0 else list(plans)[::-1]
+                    for name in order:
+                        progress.start_task(tasks[name])
+                        trace = build_trace(args.seed + round_no, f"{name}/{round_no}",
+                                            args.tenants, per_round, args.prompt_chars)
+                        via = plans[name]
+                        if via is None:
+                            cycle = itertools.cycle(engine_urls)
+                            urls = [f"{next(cycle)}/v1/chat/completions" for _ in trace]
+                            target_model = model
+                        else:
+                            urls = [f"{via}/v1/chat/completions"] * len(trace)
+                            target_model = "chat"
+                        before = await prefix_counters(session, engine_urls)
+                        results, wall = await replay(
+                            trace, urls.__getitem__, target_model, args.concurrency,
+                            args.max_tokens, args.request_timeout,
+                            lambda r, name=name: done(r, name))  # type: ignore[misc]
+                        after = await prefix_counters(session, engine_urls)
+                        total = totals[name]
+                        total.results.extend(results)
+                        total.wall_s += wall
+                        total.prefix_queries += after[0] - before[0]
+                        total.prefix_hits += after[1] - before[1]
+                        progress.stop_task(tasks[name])
+            contenders = list(totals.values())
         if router.kv_event_feeds is not None:
             for pool, statuses in router.kv_event_feeds.statuses().items():
                 state = ", ".join(f"{s['endpoint']}: "
@@ -238,4 +249,7 @@ def register(sub: Any) -> None:
     demo.add_argument("--request-timeout", type=float, default=120.0,
                       help="seconds before a request counts as failed")
     demo.add_argument("--seed", type=int, default=7, help="workload seed")
+    demo.add_argument("--rounds", type=int, default=2,
+                      help="rounds per contender, alternating who goes first (ABBA), each "
+                           "with fresh prompts")
     demo.set_defaults(func=_demo)

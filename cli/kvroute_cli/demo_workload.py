@@ -78,7 +78,7 @@ class ContenderResult:
 def _text(rng: random.Random, chars: int) -> str:
     words: list[str] = []
     length = 0
-    while length < chars:
+    while length <= chars:  # joined length is length - 1: at least chars
         word = rng.choice(WORDS)
         words.append(word)
         length += len(word) + 1

@@ -10,8 +10,8 @@ Two profiles ship:
 * :func:`cpu_test_engine` — the vLLM-CPU test engines of ``kvroute bench`` on this 2-core
   machine. Prefill from the measurements in DESIGN.md and the benchmark logs (a cold
   ~2,400-token prefill ≈ 1 s, the same prompt cached ≈ 0.07 s); decode from the benchmark's
-  own e2e - TTFT over output tokens. To be refitted by the calibration step (see
-  ``docs/benchmarks/README.md``).
+  own e2e - TTFT over output tokens (hand-fitted to run 1, see ``docs/benchmarks/README.md``;
+  an automatic fit is still to be written).
 * :func:`h100_llama8b` — an 8B Llama on one H100. Prefill from the measured file
   ``../shared/data/calibration/h100-llama8b-shape.json`` (≈ 32k prompt tokens/s at ≥ 2k
   tokens; a suffix after a cached prefix ≈ 44 ms, which sets the fixed step cost). That file's
@@ -75,8 +75,10 @@ def cpu_test_engine(kv_blocks: int = 384) -> CostProfile:
         name="cpu-test-engine",
         # (1.0 s - 0.07 s) / ~2,370 uncached tokens
         prefill_s_per_token=0.00039,
-        step_base_s=0.02,
-        decode_step_s_by_batch={1: 0.012, 8: 0.02, 32: 0.045},
+        # Run 1 (chat, docs/benchmarks/results/chat.json): e2e p50 - TTFT p50 over ~28
+        # output tokens is 5-9 ms per token at 1-4 concurrent sequences.
+        step_base_s=0.004,
+        decode_step_s_by_batch={1: 0.003, 4: 0.005, 32: 0.02},
         max_num_seqs=256, max_batched_tokens=2048, block_size=32, kv_blocks=kv_blocks)
 
 

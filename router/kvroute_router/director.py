@@ -16,8 +16,11 @@
    → picker; the picker's order gives the target and fallbacks — 503 if no pool has one.
 
 The caller then calls ``dispatch(decision, endpoint)`` for each attempt (counts the request in
-flight at once and lets plugins learn, e.g. the prefix history) and ``finish(...)`` with the
-:class:`Outcome` when the attempt ends; ``CompletionObserver``s hear every final outcome.
+flight at once and lets plugins learn, e.g. the prefix history) — for the first attempt right
+after ``route`` returns, with no ``await`` in between, so that concurrent requests see each
+other's dispatches (route must run in the caller's task: no ``wait_for``/``create_task``) —
+and ``finish(...)`` with the :class:`Outcome` when the attempt ends;
+``CompletionObserver``s hear every final outcome.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ class FakeEngine:
     """A loopback HTTP server imitating one vLLM engine."""
 
     mode: str = "ok"  # ok | fail | hang
+    kv_usage: float = 0.1
     release: asyncio.Event = field(default_factory=asyncio.Event)
     gate_stream: bool = False
     requests: int = 0
@@ -55,7 +56,7 @@ class FakeEngine:
         return f"127.0.0.1:{self.port}"
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=METRICS)
+        return web.Response(text=METRICS.replace("} 0.1", f"}} {self.kv_usage}"))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -86,7 +87,8 @@ class FakeEngine:
 
 @contextlib.asynccontextmanager
 async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
-                         **policy_spec: object) -> AsyncIterator[tuple[Router, str]]:
+                         scrape_interval_s: float = 0.05, **policy_spec: object
+                         ) -> AsyncIterator[tuple[Router, str]]:
     addresses = [e if isinstance(e, str) else e.address for e in engines]
     docs = [
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
@@ -96,15 +98,15 @@ async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
                                 for i, a in enumerate(addresses)]}},
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
          "spec": {"match": {"model": "chat"}, "pools": [{"name": "fake"}],
-                  "scoring": {"scorers": [{"type": "prefix-approx", "weight": 3},
-                                          {"type": "running-requests"}]},
-                  **policy_spec}},
+                  **{"scoring": {"scorers": [{"type": "prefix-approx", "weight": 3},
+                                             {"type": "running-requests"}]}, **policy_spec}}},
     ]
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump_all(docs))
     router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
                                    ext_proc_port=None, grpc_port=None, metrics_port=None,
-                                   scrape_interval_s=0.05, config_poll_interval_s=0.05))
+                                   scrape_interval_s=scrape_interval_s,
+                                   config_poll_interval_s=0.05))
     await router.start()
     try:
         yield router, f"http://127.0.0.1:{router.ports['http']}"
@@ -269,3 +271,31 @@ async def test_config_reload_does_not_drop_a_stream(tmp_path: Path,
         async with s.post(f"{url}/v1/completions", json={"model": "chat", "prompt": "q"}) as r2:
             assert r2.status == 200
             assert r2.headers["x-kvroute-endpoint"] == engines[1].address
+
+
+async def test_concurrent_distinct_requests_spread_before_the_next_scrape(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    # Engine 1 looks slightly busier (KV usage), so without counting its own fresh dispatches
+    # the router would send the whole burst to engine 0. Default scoring (queue-depth sees
+    # dispatches since the last scrape); one scrape at start-up, none during the burst.
+    engines[1].kv_usage = 0.2
+    for fake in engines:
+        fake.gate_stream = True
+    async with running_router(tmp_path, engines, scrape_interval_s=30.0,
+                              scoring={"staleMetricsMs": 600000}) as (_, url), \
+            aiohttp.ClientSession() as s:
+        await asyncio.sleep(0.2)  # the first scrape
+
+        async def first_line(i: int) -> str:
+            async with s.post(f"{url}/v1/completions", json={
+                    "model": "chat", "prompt": f"distinct {i} " * 100, "stream": True}) as resp:
+                await asyncio.wait_for(resp.content.readline(), 10)
+                return resp.headers["x-kvroute-endpoint"]
+
+        tasks = [asyncio.create_task(first_line(i)) for i in range(6)]
+        await asyncio.sleep(0.5)
+        for fake in engines:
+            fake.release.set()
+        served = await asyncio.gather(*tasks)
+    assert sorted(served).count(engines[0].address) == 3
+    assert sorted(served).count(engines[1].address) == 3

@@ -45,6 +45,7 @@ HOP_BY_HOP = frozenset({
 })
 PASS_BACK = ("content-type", "content-encoding", "cache-control", "x-request-id")
 ERROR_BODY_LIMIT = 64 * 1024
+ADMISSION_TIMEOUT_S = 600.0
 USAGE_TAIL = 8192
 
 
@@ -164,8 +165,11 @@ class OpenAIProxy:
             return error_response(400, str(exc), "invalid_request_error", exc.param)
         started = time.monotonic()
         try:
-            decision = await asyncio.wait_for(self.director.route(llm_request),
-                                              timeout=600.0)
+            # asyncio.timeout, not wait_for: route() must run in this task so that dispatch()
+            # follows it with no other request's decision in between (in-flight counts are
+            # what spreads concurrent requests before the next scrape).
+            async with asyncio.timeout(ADMISSION_TIMEOUT_S):
+                decision = await self.director.route(llm_request)
         except RoutingError as exc:
             return error_response(exc.status, exc.message, exc.code,
                                   retry_after=exc.retry_after)

@@ -6,8 +6,10 @@ p90, output tokens/s and engine prefix-cache hit rate side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,15 +31,17 @@ def _num(value: float, digits: int = 2) -> str:
 def table(results: Sequence[ContenderResult], title: str) -> Table:
     t = Table(title=title)
     for column in ("contender", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99", "out tok/s",
-                   "req/s", "errors", "prefix hit", "imbalance req/prefill", "router +ms"):
+                   "req/s", "errors", "prefix hit", "prefilled ktok", "imbalance req/prefill",
+                   "router +ms"):
         t.add_column(column, justify="left" if column == "contender" else "right")
     for r in results:
         if r.skipped:
-            t.add_row(r.name, *["-"] * 10, f"skipped: {r.skipped}"[:40])
+            t.add_row(r.name, *["-"] * 11, f"skipped: {r.skipped}"[:40])
             continue
         t.add_row(r.name, _ms(r.ttft_p50_s), _ms(r.ttft_p90_s), _ms(r.ttft_p99_s),
                   _ms(r.e2e_p50_s), _ms(r.e2e_p99_s), _num(r.output_tokens_per_s, 1),
                   _num(r.requests_per_s), str(r.errors), f"{r.prefix_hit_rate:.1%}",
+                  _num(sum(r.computed_tokens_per_engine) / 1000, 1),
                   f"{_num(r.request_imbalance)}/{_num(r.prefill_imbalance)}",
                   _ms(r.router_added_s))
     return t
@@ -46,16 +50,18 @@ def table(results: Sequence[ContenderResult], title: str) -> Table:
 def markdown_table(results: Sequence[ContenderResult]) -> str:
     """The same table as Markdown, for docs/benchmarks/README.md."""
     head = ("| contender | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms "
-            "| out tok/s | req/s | errors | prefix hit | imbalance req / prefill | router +ms |")
-    lines = [head, "|" + "---|" * 12]
+            "| out tok/s | req/s | errors | prefix hit | prefilled ktok | imbalance req / prefill "
+            "| router +ms |")
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.name} | skipped: {r.skipped} |" + " |" * 10)
+            lines.append(f"| {r.name} | skipped: {r.skipped} |" + " |" * 11)
             continue
         lines.append(
             f"| {r.name} | {_ms(r.ttft_p50_s)} | {_ms(r.ttft_p90_s)} | {_ms(r.ttft_p99_s)} "
             f"| {_ms(r.e2e_p50_s)} | {_ms(r.e2e_p99_s)} | {_num(r.output_tokens_per_s, 1)} "
             f"| {_num(r.requests_per_s)} | {r.errors} | {r.prefix_hit_rate:.1%} "
+            f"| {_num(sum(r.computed_tokens_per_engine) / 1000, 1)} "
             f"| {_num(r.request_imbalance)} / {_num(r.prefill_imbalance)} "
             f"| {_ms(r.router_added_s)} |")
     return "\n".join(lines)
@@ -109,6 +115,28 @@ def plots(results: Sequence[ContenderResult], out_dir: Path, stem: str, title: s
     return [cdf_path, bars_path]
 
 
+def load(path: Path) -> tuple[list[ContenderResult], dict[str, Any]]:
+    """Results and metadata back from a JSON file written by :func:`write`."""
+    data = json.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(ContenderResult)}
+    results = []
+    for entry in data["contenders"]:
+        values: dict[str, Any] = {k: (math.nan if v is None and k != "skipped" else v)
+                                  for k, v in entry.items() if k in fields}
+        results.append(ContenderResult(**values))
+    return results, data["meta"]
+
+
+def rerender(path: Path) -> list[Path]:
+    """Rewrite the Markdown table and plots of ``path`` (after a change to the report)."""
+    results, meta = load(path)
+    stem = path.name.removesuffix(".json")
+    title = f"{meta.get('workload', '?')} ({meta.get('engines', '?')} engines)"
+    md_path = path.with_name(f"{stem}.md")
+    md_path.write_text(markdown_table(results) + "\n")
+    return [md_path, *plots(results, path.parent, stem, title)]
+
+
 def write(results: Sequence[ContenderResult], meta: dict[str, Any], out_dir: Path, stem: str,
           console: Console) -> list[Path]:
     """Print the table; write JSON, Markdown table and plots under ``out_dir``."""
@@ -120,3 +148,9 @@ def write(results: Sequence[ContenderResult], meta: dict[str, Any], out_dir: Pat
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(markdown_table(results) + "\n")
     return [json_path, md_path, *plots(results, out_dir, stem, title)]
+
+
+if __name__ == "__main__":
+    for argument in sys.argv[1:]:
+        for written in rerender(Path(argument)):
+            print(f"wrote {written}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 from kvroute_bench import promtext
 from kvroute_bench.contenders import CONTENDERS
@@ -67,3 +68,22 @@ def test_repeats_pool_requests_and_add_engine_counters() -> None:
     assert math.isclose(r.router_added_s, 0.005)
     assert math.isclose(r.window_s, 2 * 4.0)  # each round: first send 0 to last finish 4
     assert math.isclose(r.ttft_p50_s, 0.3)
+
+
+def test_report_round_trips_through_json(tmp_path: Path) -> None:
+    from kvroute_bench import report
+
+    direct = CONTENDERS.select(["direct-rr"])[0]
+    fleet = promtext.FleetDelta([engine(3, 3000, 1500, 0.6), engine(1, 1000, 0, 0.2)])
+    original = [contender_result(direct, [results(0.25)], fleet),
+                skipped_result(CONTENDERS.select(["vllm-router-kv"])[0], "not installed")]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(to_json(original, {"workload": "chat", "engines": 2})))
+    loaded, meta = report.load(path)
+    assert meta["workload"] == "chat"
+    assert loaded[0].prefix_hit_rate == original[0].prefix_hit_rate
+    assert loaded[1].skipped == "not installed" and math.isnan(loaded[1].ttft_p50_s)
+    table = report.markdown_table(loaded)
+    assert "| direct-rr | 250 |" in table and "| 2.5 |" in table  # prefilled ktok
+    written = report.rerender(path)
+    assert [p.name for p in written] == ["chat.md", "chat-ttft-cdf.png", "chat-summary.png"]

@@ -46,6 +46,10 @@ def _router(args: argparse.Namespace) -> int:
         print(f"kvroute router: {exc}")
         return 2
     settings.kv_events = not args.no_kv_events
+    settings.trust_tenant_header = args.trust_tenant_header
+    settings.quality_data = Path(args.quality_data) if args.quality_data else None
+    settings.budget_redis_url = args.budget_redis_url
+    settings.budget_replica_share = args.budget_replica_share
     router = Router(settings)
     try:
         asyncio.run(router.serve_forever())
@@ -84,6 +88,17 @@ def register(sub: Any) -> None:
     parser.add_argument("--no-kv-events", action="store_true",
                         help="do not follow engines' KV events (prefix-precise then uses the "
                              "approximate history)")
+    parser.add_argument("--trust-tenant-header", action="store_true",
+                        help="the proxy is behind a gateway that sets the tenant header: "
+                             "believe it (otherwise clients' tenant headers are dropped)")
+    parser.add_argument("--quality-data", metavar="CSV", default=None,
+                        help="labelled prompts (RouteLLM CSV) for the batch router's quality "
+                             "estimator (default: a length/keyword heuristic)")
+    parser.add_argument("--budget-redis-url", metavar="URL", default=None,
+                        help="shared budget meters in Redis (all replicas; survives restarts)")
+    parser.add_argument("--budget-replica-share", type=float, default=1.0,
+                        help="without Redis: this replica's share of every budget limit "
+                             "(1 / router replicas)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_router)

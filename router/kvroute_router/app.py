@@ -9,13 +9,19 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
+from kvroute_router.budget.hook import BudgetHook
+from kvroute_router.budget.ledger import BudgetLedger
+from kvroute_router.budget.meters import MeterStore
+from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.datastore.file_source import ConfigFileSource
 from kvroute_router.datastore.kube_source import KubernetesSource
 from kvroute_router.datastore.store import Datastore
@@ -47,6 +53,19 @@ class RouterSettings:
     """Follow engines' KV events for the ``prefix-precise`` scorer."""
     tokenizer_dirs: dict[str, Path] = field(default_factory=dict)
     """Tokenizer folder per served model name (exact prompt hashing for prefix-precise)."""
+    budgets: bool = True
+    """Enforce RoutePolicy budgets, admission control and batch routing (``BudgetHook``)."""
+    trust_tenant_header: bool = False
+    """The proxy sits behind a gateway that sets the tenant header: believe it. Otherwise the
+    proxy drops tenant headers from clients (ext_proc always trusts its gateway)."""
+    quality_data: Path | None = None
+    """Labelled CSV (RouteLLM format) for the kNN quality estimator; else the heuristic."""
+    budget_redis_url: str | None = None
+    """Shared budget meters in Redis (all replicas, survives restarts); else in memory."""
+    budget_replica_share: float = 1.0
+    """Without Redis: this replica's share of every limit (1 / router replicas)."""
+    api_keys: dict[str, dict[str, str]] = field(default_factory=dict)
+    """``tenancy.source: APIKey``: Secret name → {tenant: API key} (embedded mode)."""
 
 
 class Router:
@@ -73,14 +92,45 @@ class Router:
         elif settings.config_paths:
             self.source = ConfigFileSource(self.datastore, settings.config_paths,
                                            settings.config_poll_interval_s)
-        self.proxy = OpenAIProxy(self.director, self.datastore)
+        self.proxy = OpenAIProxy(self.director, self.datastore,
+                                 trust_tenant_header=settings.trust_tenant_header)
         self.kv_event_feeds: KVEventFeeds | None = None
         if settings.kv_events and "prefix-precise" in self.registry:
             self.kv_event_feeds = KVEventFeeds(self.datastore, self.services,
                                                settings.tokenizer_dirs)
+            # Each pool's KV-event metrics live in their own registry: serve them here too.
+            self.metrics.registry.register(_KVEventMetricsCollector(self.kv_event_feeds))
+        self.budget_metrics = BudgetMetrics(self.metrics.registry)
+        self.budget_hook: BudgetHook | None = None
+        if settings.budgets:
+            self.budget_hook = self._budget_hook(settings)
+            self.director.add_admission_hook(self.budget_hook)
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
         self.ports: dict[str, int] = {}
+
+    def _budget_hook(self, settings: RouterSettings) -> BudgetHook:
+        from kvroute_router.budget.quality import build_default_estimator
+
+        store: MeterStore | None = None
+        if settings.budget_redis_url:
+            import redis.asyncio
+
+            from kvroute_router.budget.meters import RedisMeterStore
+
+            store = RedisMeterStore(redis.asyncio.Redis.from_url(settings.budget_redis_url))
+        share = 1.0 if store is not None else settings.budget_replica_share
+        ledger = BudgetLedger(store, replica_share=share, metrics=self.budget_metrics)
+        secrets = settings.api_keys
+
+        def api_keys(policy: Any) -> dict[str, str]:
+            ref = policy.spec.tenancy.api_keys_secret_ref
+            return dict(secrets.get(ref.name, {})) if ref is not None else {}
+
+        return BudgetHook(self.datastore, metrics=self.budget_metrics, ledger=ledger,
+                          estimator=build_default_estimator(settings.quality_data),
+                          api_keys=api_keys,
+                          refresh_interval_s=max(0.05, settings.scrape_interval_s))
 
     def _forget_removed(self, added: list[Any], removed: list[Any]) -> None:
         from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex
@@ -98,6 +148,8 @@ class Router:
         await self.scraper.start()
         if self.kv_event_feeds is not None:
             await self.kv_event_feeds.start()
+        if self.budget_hook is not None:
+            await self.budget_hook.start()
         s = self.settings
         if s.http_port is not None:
             self.ports["http"] = await self._serve_http(self.proxy.app, s.http_port)
@@ -139,6 +191,8 @@ class Router:
         for runner in self._runners:
             await runner.cleanup()
         await self.scraper.stop()
+        if self.budget_hook is not None:
+            await self.budget_hook.stop()
         if self.kv_event_feeds is not None:
             await self.kv_event_feeds.stop()
         if self.source is not None:
@@ -157,3 +211,28 @@ class Router:
             log.info("stopping")
         finally:
             await self.stop()
+
+
+class _KVEventMetricsCollector:
+    """Re-exports the metrics of every pool's KV-event index (one registry each) through the
+    router's registry, merging same-named families, so ``/metrics`` carries them."""
+
+    def __init__(self, feeds: KVEventFeeds) -> None:
+        self.feeds = feeds
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        # KVEventFeeds keeps its PoolKVEvents by pool key (kvevents_feed.py is wired by the
+        # KV-event owner; read-only access here).
+        pools: dict[str, Any] = getattr(self.feeds, "_pools", {})
+        for events in list(pools.values()):
+            registry = getattr(getattr(events, "metrics", None), "registry", None)
+            if registry is None:
+                continue
+            for family in registry.collect():
+                into = merged.get(family.name)
+                if into is None:
+                    into = Metric(family.name, family.documentation, family.type, family.unit)
+                    merged[family.name] = into
+                into.samples.extend(family.samples)
+        yield from merged.values()

@@ -80,8 +80,10 @@ class Admission:
 
     pools: Sequence[str] | None = None
     """Pool names (of the policy) the request may use; None: any."""
-    on_finish: Callable[[Decision, Outcome], None] | None = None
-    """Called once when the request finished (accounting, releasing concurrency)."""
+    on_finish: Callable[[Decision | None, Outcome], None] | None = None
+    """Called once when the request finished (accounting, releasing concurrency); with
+    ``None`` for the decision when the request was refused after this hook admitted it (a
+    later hook shed it, or no endpoint was available), so reservations are never leaked."""
 
 
 class AdmissionHook(Protocol):
@@ -220,6 +222,9 @@ class Director:
                     self.metrics.shed.labels(policy.metadata.name, exc.reason).inc()
                 self._release(admissions, None, Outcome(status=exc.status, error=exc.code))
                 raise
+            except BaseException:  # cancelled while queued: earlier hooks' holds are freed
+                self._release(admissions, None, Outcome(status=499, error="cancelled"))
+                raise
             waited += time.perf_counter() - hook_started
             if verdict is not None:
                 admissions.append(verdict)
@@ -329,7 +334,7 @@ class Director:
     def _release(admissions: Sequence[Admission], decision: Decision | None,
                  outcome: Outcome) -> None:
         for admission in admissions:
-            if admission.on_finish is not None and decision is not None:
+            if admission.on_finish is not None:
                 try:
                     admission.on_finish(decision, outcome)
                 except Exception:

@@ -39,7 +39,8 @@ from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import RequestKind
 from kvroute_router.proxy.openai_errors import error_body
-from kvroute_router.proxy.openai_request import BadRequestError, request_from_body
+from kvroute_router.proxy.openai_request import BadRequestError, request_from_body, usage_of
+from kvroute_router.proxy.server import USAGE_TAIL, upstream_changes
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class ExtProcServer:
         decision: Decision | None = None
         endpoint: Endpoint | None = None
         status = 0
+        tail = b""
         started = time.monotonic()
         try:
             async for request in requests:
@@ -136,6 +138,9 @@ class ExtProcServer:
                         status = 0
                     yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
                 elif which == "response_body":
+                    # Only when Envoy is configured to send the response body (mode
+                    # STREAMED/BUFFERED): the engine's usage settles budgets exactly.
+                    tail = (tail + request.response_body.body)[-USAGE_TAIL:]
                     yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif which == "request_trailers":
                     yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
@@ -144,8 +149,10 @@ class ExtProcServer:
         finally:
             if decision is not None and endpoint is not None:
                 self.director.end_attempt(decision, endpoint)
+                prompt_tokens, completion_tokens = usage_of(tail)
                 self.director.finish(decision, endpoint, Outcome(
-                    status=status or 499, e2e_s=time.monotonic() - started))
+                    status=status or 499, e2e_s=time.monotonic() - started,
+                    prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
     async def _pick(self, headers: dict[str, str], raw: bytes,
                     subset: frozenset[str] | None) -> tuple[Any, Decision | None]:
@@ -166,9 +173,9 @@ class ExtProcServer:
         addresses = [e.address for e in decision.endpoints]
         set_headers = [_header(DESTINATION_HEADER, addresses[0])]
         mutation: Any = None
-        served = decision.pool.model_name
-        if body.get("model") != served:
-            new_body = msgspec.json.encode({**body, "model": served})
+        changes = upstream_changes(body, decision)
+        if changes:
+            new_body = msgspec.json.encode({**body, **changes})
             mutation = ep.BodyMutation(body=new_body)
             set_headers.append(_header("content-length", str(len(new_body))))
         common = ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=set_headers),

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from kvroute_router.framework.request import LLMRequest, RequestKind, render_chat_prompt
 
 
@@ -62,3 +64,31 @@ def request_from_body(body: Any, kind: RequestKind, headers: Mapping[str, str]) 
     if supplied:
         request.request_id = supplied[:128]
     return request
+
+
+def usage_of(tail: bytes) -> tuple[int | None, int | None]:
+    """prompt/completion tokens from the last ``usage`` object in the answer, if any."""
+    at = tail.rfind(b'"usage"')
+    if at == -1:
+        return None, None
+    start = tail.find(b"{", at)
+    end = tail.find(b"}", start)
+    if start == -1 or end == -1:
+        return None, None
+    try:
+        usage = msgspec.json.decode(tail[start:end + 1])
+    except msgspec.DecodeError:
+        return None, None
+    if not isinstance(usage, dict):
+        return None, None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else None,
+            completion if isinstance(completion, int) else None)
+
+
+def streamed_events(previous: bytes, chunk: bytes) -> int:
+    """``data: {`` events that end in ``chunk`` (``previous``: the bytes before it, so an event
+    marker split across chunks is counted once)."""
+    marker = b"data: {"
+    carry = previous[-(len(marker) - 1):]
+    return (carry + chunk).count(marker) - carry.count(marker)

@@ -32,7 +32,12 @@ from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import RequestKind
 from kvroute_router.proxy.openai_errors import error_body, error_response
-from kvroute_router.proxy.openai_request import BadRequestError, request_from_body
+from kvroute_router.proxy.openai_request import (
+    BadRequestError,
+    request_from_body,
+    streamed_events,
+    usage_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,7 @@ PASS_BACK = ("content-type", "content-encoding", "cache-control", "x-request-id"
 ERROR_BODY_LIMIT = 64 * 1024
 ADMISSION_TIMEOUT_S = 600.0
 USAGE_TAIL = 8192
+DEFAULT_TENANT_HEADER = "x-kvroute-tenant"
 
 
 class UpstreamAttemptError(Exception):
@@ -61,33 +67,17 @@ class UpstreamAttemptError(Exception):
         self.content_type = content_type
 
 
-def _usage(tail: bytes) -> tuple[int | None, int | None]:
-    """prompt/completion tokens from the last ``usage`` object in the answer, if any."""
-    at = tail.rfind(b'"usage"')
-    if at == -1:
-        return None, None
-    start = tail.find(b"{", at)
-    end = tail.find(b"}", start)
-    if start == -1 or end == -1:
-        return None, None
-    try:
-        usage = msgspec.json.decode(tail[start:end + 1])
-    except msgspec.DecodeError:
-        return None, None
-    if not isinstance(usage, dict):
-        return None, None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (prompt if isinstance(prompt, int) else None,
-            completion if isinstance(completion, int) else None)
-
-
 class OpenAIProxy:
     """The aiohttp application and its pooled upstream client."""
 
     def __init__(self, director: Director, datastore: Datastore,
-                 connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0) -> None:
+                 connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0,
+                 trust_tenant_header: bool = False) -> None:
         self.director = director
         self.datastore = datastore
+        self.trust_tenant_header = trust_tenant_header
+        """Believe clients' tenant headers (only behind a gateway that sets them)."""
+        self._tenant_headers: tuple[int, frozenset[str]] = (-1, frozenset())
         self.connect_timeout_s = connect_timeout_s
         self.unavailable_for_s = unavailable_for_s
         self._session: aiohttp.ClientSession | None = None
@@ -158,7 +148,9 @@ class OpenAIProxy:
             body = msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
             return error_response(400, f"The body is not valid JSON: {exc}", "invalid_json")
-        headers = {k.lower(): v for k, v in http.headers.items()}
+        untrusted = self._untrusted_headers()
+        headers = {k.lower(): v for k, v in http.headers.items()
+                   if k.lower() not in untrusted}
         try:
             llm_request = request_from_body(body, kind, headers)
         except BadRequestError as exc:
@@ -178,17 +170,30 @@ class OpenAIProxy:
         deadline = started + decision.policy.spec.request_timeout_seconds
         payload = self._upstream_body(raw, body, decision)
         upstream_headers = {k: v for k, v in http.headers.items()
-                            if k.lower() not in HOP_BY_HOP}
+                            if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
         upstream_headers["x-request-id"] = llm_request.request_id
         return await self._relay(http, decision, path, payload, upstream_headers, started,
                                  deadline)
 
+    def _untrusted_headers(self) -> frozenset[str]:
+        """Tenant headers of ``source: Header`` policies: dropped from clients' requests (for
+        routing and forwarding) unless the router is trusted to sit behind a gateway that sets
+        them, so a client cannot choose another tenant's budget."""
+        if self.trust_tenant_header:
+            return frozenset()
+        version, names = self._tenant_headers
+        if version != self.datastore.version:
+            names = frozenset(p.spec.tenancy.header for p in self.datastore.policies().values()
+                              if p.spec.tenancy.source == "Header") | {DEFAULT_TENANT_HEADER}
+            self._tenant_headers = (self.datastore.version, names)
+        return names
+
     @staticmethod
     def _upstream_body(raw: bytes, body: dict[str, Any], decision: Decision) -> bytes:
-        served = decision.pool.model_name
-        if body.get("model") == served:
+        changes = upstream_changes(body, decision)
+        if not changes:
             return raw
-        return msgspec.json.encode({**body, "model": served})
+        return msgspec.json.encode({**body, **changes})
 
     async def _relay(self, http: web.Request, decision: Decision, path: str, payload: bytes,
                      headers: Mapping[str, str], started: float, deadline: float
@@ -232,6 +237,7 @@ class OpenAIProxy:
         status = 0
         ttft: float | None = None
         tail = b""
+        events = [0]
         try:
             try:
                 async with asyncio.timeout_at(_loop_time(first_byte_by)):
@@ -271,11 +277,15 @@ class OpenAIProxy:
                 response.headers[POOL_HEADER] = decision.pool.name
                 await response.prepare(http)
                 tail = first[-USAGE_TAIL:]
+                if stream:
+                    events[0] += streamed_events(b"", first)
                 if first:
                     await response.write(first)
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
+                        if stream:
+                            events[0] += streamed_events(tail, chunk)
                         tail = (tail + chunk)[-USAGE_TAIL:]
                 await response.write_eof()
             except TimeoutError:
@@ -288,18 +298,41 @@ class OpenAIProxy:
                 status = 502 if status < 400 else status
             finally:
                 await upstream_cm.__aexit__(None, None, None)
-            prompt_tokens, completion_tokens = _usage(tail)
+            prompt_tokens, completion_tokens = usage_of(tail)
+            if completion_tokens is None and stream:
+                completion_tokens = streamed_tokens(events, decision.request.kind)
             self.director.finish(decision, endpoint, Outcome(
                 status=status, ttft_s=ttft if stream else None,
                 e2e_s=time.monotonic() - started, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens))
             return response
         except asyncio.CancelledError:
+            counted = streamed_tokens(events, decision.request.kind) if stream and ttft else None
             self.director.finish(decision, endpoint, Outcome(status=499,
+                                                             completion_tokens=counted,
                                                              error="client disconnected"))
             raise
         finally:
             self.director.end_attempt(decision, endpoint)
+
+
+def streamed_tokens(events: list[int], kind: str) -> int:
+    """Completion tokens of a stream without ``usage``: one per data event (vLLM sends a
+    token per event; chat streams open with a role-only event)."""
+    return max(0, events[0] - (1 if kind == "chat" else 0))
+
+
+def upstream_changes(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
+    """Fields the forwarded body needs: the pool's served model name, and ``max_tokens`` when
+    the admission hooks bounded a request that named none (the budget's estimate)."""
+    changes: dict[str, Any] = {}
+    served = decision.pool.model_name
+    if body.get("model") != served:
+        changes["model"] = served
+    bound = decision.request.max_tokens
+    if bound is not None and "max_tokens" not in body and "max_completion_tokens" not in body:
+        changes["max_tokens"] = bound
+    return changes
 
 
 def _loop_time(monotonic_deadline: float) -> float:

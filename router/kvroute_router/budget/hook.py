@@ -1,0 +1,359 @@
+"""The director's admission hook for budgets, admission control and batch-level routing.
+
+One :class:`BudgetHook` per router (``Director.add_admission_hook``); it keeps, per RoutePolicy,
+a :class:`TenantResolver`, an :class:`AdmissionController` and a :class:`BatchRouter`, over one
+shared :class:`BudgetLedger`. Per request (``admit``):
+
+1. **tenant** — ``source: Header``: ``request.tenant`` as the entry point left it. The director
+   takes it from the tenancy header, which reaches the request only on a trusted path: the
+   proxy drops the header from untrusted clients (unless the router runs with
+   ``--trust-tenant-header``, behind a gateway that sets it), Envoy ext_proc trusts the gateway,
+   gRPC Pick passes the tenant explicitly. ``source: APIKey``: the bearer token looked up in the
+   policy's key mapping; unknown → ``defaultTenant``.
+2. **admission** — the priority class from ``x-kvroute-priority``; when every endpoint of the
+   policy's pools is saturated, sheddable classes get 429 at once, others queue (bounded, with a
+   timeout) until released.
+3. **batch stage** — only when the tenant has a USD budget and the policy has two or more
+   priced candidate pools: ``BatchRouter.assign`` picks the pool (adaptive window: never waits
+   when the budget and capacity do not bind). ``None`` (no pool fits budget and capacity) → 429.
+4. **budget** — ``BudgetLedger.reserve`` with an upper-bound estimate (prompt: token ids, else
+   UTF-8 bytes; output: ``max_tokens``, else ``maxOutputTokens``, else the router default, which
+   is then written into the forwarded body) on the chosen pool first, then the others cheapest
+   first. Refused → 429 naming the budget with ``Retry-After``; ``onExhausted: Downgrade`` →
+   the request is restricted to the cheaper pool the ledger reserved.
+5. **finish** — ``on_finish`` settles the reservation with the engine's usage (prompt and
+   completion tokens from the response ``usage``, or counted from the stream), on the pool that
+   actually served it; a request that never reached an engine is cancelled. Then one queued
+   request is released.
+
+Policies are re-read whenever the datastore's version changes (config-file reload or a
+Kubernetes watch event): limits, admission and batching settings apply to the next request;
+meters keep their history. A background task releases queued requests as metrics refresh and
+refreshes the ``kvroute_budget_window_spend_usd`` / ``limit_usd`` gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from kvroute_api.route_policy import RoutePolicy, RoutePolicySpec
+
+from kvroute_router.budget.admission import AdmissionController, EndpointLoad
+from kvroute_router.budget.batcher import BatchRequest, BatchRouter
+from kvroute_router.budget.batcher import PoolState as BatchPoolState
+from kvroute_router.budget.ledger import BudgetLedger, RequestEstimate, Reservation
+from kvroute_router.budget.metrics import BudgetMetrics
+from kvroute_router.budget.pricing import PoolEconomics
+from kvroute_router.budget.quality import HeuristicQualityEstimator, QualityEstimator
+from kvroute_router.budget.tenancy import TenantResolver
+from kvroute_router.datastore.store import Datastore, PoolState, Resolution, object_key
+from kvroute_router.director import Admission, Decision, Outcome, RoutingError
+from kvroute_router.framework.request import LLMRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OUTPUT_TOKENS = 1024
+"""Output bound of a request that names no ``max_tokens`` when its policy sets no
+``maxOutputTokens``; written into the forwarded body so the settle cannot exceed it."""
+
+ApiKeyLookup = Callable[[RoutePolicy], Mapping[str, str]]
+"""tenant → API key for a policy with ``tenancy.source: APIKey`` (its Secret's data)."""
+
+
+def _no_api_keys(policy: RoutePolicy) -> Mapping[str, str]:
+    return {}
+
+
+def prompt_tokens_upper_bound(request: LLMRequest) -> int:
+    """Prompt tokens, never underestimated: exact with token ids, else UTF-8 bytes (no
+    tokenizer emits more tokens than bytes; a byte-level one emits exactly as many)."""
+    if request.token_ids is not None:
+        return len(request.token_ids)
+    return len(request.prompt_text.encode("utf-8", "replace"))
+
+
+@dataclass
+class _Policy:
+    """Per-policy state of the hook."""
+
+    name: str
+    key: str
+    policy: RoutePolicy
+    resolver: TenantResolver
+    controller: AdmissionController
+    batcher: BatchRouter
+    economics: dict[str, PoolEconomics] = field(default_factory=dict)
+
+
+class BudgetHook:
+    """Budgets, admission control and batch routing on the director's request path."""
+
+    def __init__(self, datastore: Datastore, *, metrics: BudgetMetrics | None = None,
+                 ledger: BudgetLedger | None = None, estimator: QualityEstimator | None = None,
+                 api_keys: ApiKeyLookup | None = None,
+                 default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+                 robust_kappa: float = 0.0, refresh_interval_s: float = 0.1,
+                 gauge_interval_s: float = 10.0) -> None:
+        self.datastore = datastore
+        self.metrics = metrics
+        self.ledger = ledger or BudgetLedger(metrics=metrics)
+        if self.ledger.metrics is None:
+            self.ledger.metrics = metrics
+        self.estimator = estimator or HeuristicQualityEstimator()
+        self.api_keys = api_keys or _no_api_keys
+        self.default_max_output_tokens = default_max_output_tokens
+        self.robust_kappa = robust_kappa
+        self.refresh_interval_s = refresh_interval_s
+        self.gauge_interval_s = gauge_interval_s
+        self._policies: dict[str, _Policy] = {}
+        self._version = -1
+        self._active: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pump: asyncio.Task[None] | None = None
+
+    # ---- policies ----------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Follow the datastore's policies (added, edited, deleted)."""
+        version = self.datastore.version
+        if version == self._version:
+            return
+        self._version = version
+        current = self.datastore.policies()
+        for key in [k for k in self._policies if k not in current]:
+            gone = self._policies.pop(key)
+            if not any(p.metadata.name == gone.name for p in current.values()):
+                self.ledger.remove_policy(gone.name)
+        for key, policy in current.items():
+            state = self._policies.get(key)
+            if state is None:
+                self._policies[key] = self._create(key, policy)
+                continue
+            if state.policy is policy:
+                continue
+            old, new = state.policy.spec, policy.spec
+            state.policy = policy
+            if old.budgets != new.budgets:
+                self.ledger.update_policy(state.name, new.budgets)
+            if old.admission != new.admission:
+                state.controller.update_spec(new.admission)
+            if old.batching != new.batching:
+                state.batcher.update_batching(new.batching)
+            if old.tenancy != new.tenancy:
+                state.resolver = TenantResolver(new.tenancy, self.api_keys(policy))
+            self.ledger.in_flight_deadline_s = max(
+                self.ledger.in_flight_deadline_s, float(new.request_timeout_seconds))
+        for state in self._policies.values():
+            state.economics = {}
+
+    def _create(self, key: str, policy: RoutePolicy) -> _Policy:
+        name = policy.metadata.name
+        spec = policy.spec
+        self.ledger.update_policy(name, spec.budgets)
+        state = _Policy(
+            name=name, key=key, policy=policy,
+            resolver=TenantResolver(spec.tenancy, self.api_keys(policy)),
+            controller=AdmissionController(name, spec.admission, lambda: self._load(key),
+                                           metrics=self.metrics),
+            batcher=BatchRouter(name, spec.batching, self.estimator,
+                                lambda: self._batch_pools(key), self.ledger,
+                                robust_kappa=self.robust_kappa, metrics=self.metrics))
+        return state
+
+    def _candidates(self, key: str) -> list[PoolState]:
+        """The policy's pools that can take traffic now: primaries with endpoints, else the
+        fallbacks with endpoints (the director's order of precedence)."""
+        state = self._policies.get(key)
+        if state is None:
+            return []
+        namespace = state.policy.metadata.namespace
+        primaries: list[PoolState] = []
+        fallbacks: list[PoolState] = []
+        for target in state.policy.spec.pools:
+            pool = self.datastore.pool(object_key(namespace, target.name))
+            if pool is None or not pool.endpoints:
+                continue
+            if target.role == "primary" and target.weight > 0:
+                primaries.append(pool)
+            else:
+                fallbacks.append(pool)
+        return primaries or fallbacks
+
+    def _economics(self, state: _Policy, pool: PoolState) -> PoolEconomics:
+        cached = state.economics.get(pool.name)
+        ready = sum(1 for ep in pool.endpoints.values() if ep.healthy())
+        if cached is None or cached.replicas != max(1, ready):
+            cached = PoolEconomics.from_spec(pool.name, pool.pool.spec,
+                                             ready_replicas=max(1, ready))
+            state.economics[pool.name] = cached
+        return cached
+
+    def _batch_pools(self, key: str) -> list[BatchPoolState]:
+        state = self._policies.get(key)
+        if state is None:
+            return []
+        return [BatchPoolState(self._economics(state, pool),
+                               in_flight=int(sum(ep.running_estimate()
+                                                 for ep in pool.endpoints.values())))
+                for pool in self._candidates(key)]
+
+    def _load(self, key: str) -> list[EndpointLoad]:
+        state = self._policies.get(key)
+        stale_s = (state.policy.spec.scoring.stale_metrics_ms / 1000.0) if state else 1.0
+        loads: list[EndpointLoad] = []
+        for pool in self._candidates(key):
+            for ep in pool.endpoints.values():
+                if not ep.healthy():
+                    continue
+                kv = 0.0
+                if ep.metrics is not None and not ep.metrics_stale(stale_s):
+                    kv = ep.metrics.kv_cache_usage
+                loads.append(EndpointLoad(waiting=int(ep.waiting_estimate()),
+                                          kv_utilization=kv))
+        return loads
+
+    # ---- the hook ----------------------------------------------------------------------------
+    async def admit(self, request: LLMRequest, resolution: Resolution) -> Admission | None:
+        if resolution.implicit:
+            return None  # no RoutePolicy: nothing configured to enforce
+        self.sync()
+        state = self._policies.get(resolution.policy_key)
+        if state is None:
+            return None
+        spec: RoutePolicySpec = state.policy.spec
+
+        if spec.tenancy.source == "APIKey":
+            request.tenant = state.resolver.resolve(request.headers,
+                                                    from_trusted_gateway=False).name
+        tenant = request.tenant or spec.tenancy.default_tenant
+        request.tenant = tenant
+
+        controller = state.controller
+        error = await controller.admit(controller.priority_of(request.headers))
+        if error is not None:
+            raise RoutingError(error.status, error.code, error.message,
+                               retry_after=error.retry_after_s)
+
+        if not self.ledger.budgets_for(state.name, tenant):
+            return None  # nothing to account; the director's weighted pool order applies
+        self._active.add((state.name, tenant))
+
+        candidates = self._candidates(resolution.policy_key)
+        if not candidates:
+            return None  # the director answers 503
+        economics = [self._economics(state, pool) for pool in candidates]
+        max_output = (request.max_tokens if request.max_tokens is not None
+                      else spec.admission.max_output_tokens or self.default_max_output_tokens)
+        if request.max_tokens is None:
+            request.max_tokens = max_output  # forwarded, so usage cannot exceed the estimate
+        estimate = RequestEstimate(prompt_tokens_upper_bound(request), max_output)
+
+        restrict = False
+        ordered = economics
+        batched = (len(economics) > 1 and any(e.priced for e in economics)
+                   and self.ledger.usd_limit_per_second(state.name, tenant) is not None)
+        if batched:
+            choice = await state.batcher.assign(BatchRequest(
+                request.prompt_text, estimate.prompt_tokens, max_output, tenant))
+            if choice.pool is None:
+                controller.release_waiting()
+                raise RoutingError(429, "capacity_exhausted",
+                                   f"no pool of policy '{state.name}' has capacity and budget "
+                                   f"for this request now (tenant '{tenant}')",
+                                   retry_after=1.0, reason="capacity_exhausted")
+            preferred = next(e for e in economics if e.name == choice.pool)
+            ordered = [preferred, *(e for e in economics if e.name != choice.pool)]
+            restrict = True
+        elif len(economics) > 1:
+            # The director picks among the pools by weight: reserve the dearest (upper bound).
+            ordered = sorted(economics, key=lambda e: -e.request_usd(estimate.prompt_tokens,
+                                                                     max_output))
+
+        decision = await self.ledger.reserve(state.name, tenant, ordered, estimate)
+        if decision.error is not None or decision.reservation is None or decision.pool is None:
+            controller.release_waiting()
+            err = decision.error
+            raise RoutingError(429, err.code if err else "budget_exhausted",
+                               err.message if err else "budget exhausted",
+                               retry_after=err.retry_after_s if err else None,
+                               reason="budget_exhausted")
+        reservation = decision.reservation
+        pools = [decision.pool] if (restrict or decision.downgraded) else None
+        return Admission(pools=pools, on_finish=lambda d, o: self._finished(
+            state, reservation, estimate, d, o))
+
+    # ---- finishing ---------------------------------------------------------------------------
+    def _finished(self, state: _Policy, reservation: Reservation, estimate: RequestEstimate,
+                  decision: Decision | None, outcome: Outcome) -> None:
+        try:
+            task = asyncio.get_running_loop().create_task(
+                self._settle(state, reservation, estimate, decision, outcome))
+        except RuntimeError:  # no loop (shutdown): the in-flight deadline frees the slot
+            log.warning("cannot settle budget reservation of %s: no event loop", state.name)
+        else:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        state.controller.release_waiting()
+
+    async def _settle(self, state: _Policy, reservation: Reservation,
+                      estimate: RequestEstimate, decision: Decision | None,
+                      outcome: Outcome) -> None:
+        try:
+            served = outcome.prompt_tokens is not None or outcome.completion_tokens is not None
+            reached = decision is not None and (
+                served or 200 <= outcome.status < 400 or outcome.status in (499, 504))
+            if not reached or decision is None:
+                await self.ledger.cancel(reservation)
+                return
+            pool = self._economics(state, decision.pool)
+            prompt = (outcome.prompt_tokens if outcome.prompt_tokens is not None
+                      else estimate.prompt_tokens)
+            output = (outcome.completion_tokens if outcome.completion_tokens is not None
+                      else estimate.max_output_tokens)
+            await self.ledger.settle(reservation, pool, prompt, output)
+        except Exception:
+            log.exception("settling the budget reservation of policy %s failed", state.name)
+
+    # ---- background --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.sync()
+        self._pump = asyncio.get_running_loop().create_task(self._run(), name="budget-hook")
+
+    async def stop(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+
+    async def _run(self) -> None:
+        next_gauges = 0.0
+        while True:
+            await asyncio.sleep(self.refresh_interval_s)
+            try:
+                self.sync()
+                for state in self._policies.values():
+                    if state.controller.queue_depth:
+                        state.controller.release_waiting()
+                if time.monotonic() >= next_gauges:
+                    next_gauges = time.monotonic() + self.gauge_interval_s
+                    await self.refresh_gauges()
+            except Exception:
+                log.exception("budget hook refresh failed")
+
+    async def refresh_gauges(self) -> None:
+        """Window spend and limit gauges of every (policy, tenant) seen with budgets."""
+        for policy, tenant in list(self._active):
+            if not self.ledger.budgets_for(policy, tenant):
+                self._active.discard((policy, tenant))
+                continue
+            await self.ledger.remaining_usd(policy, tenant)
+
+
+__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "BudgetHook", "prompt_tokens_upper_bound"]

@@ -1,0 +1,228 @@
+"""The budget admission hook on the director's request path: 429 naming the budget, downgrade
+to the cheap pool, settle with real usage, concurrency slots freed on every path, live policy
+edits, API-key tenants, and the proxy's tenant-header and body handling."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from kvroute_api.inference_pool import InferencePool
+from kvroute_api.route_policy import RoutePolicy
+from kvroute_router.app import Router, RouterSettings
+from kvroute_router.budget.hook import BudgetHook, prompt_tokens_upper_bound
+from kvroute_router.budget.metrics import BudgetMetrics
+from kvroute_router.datastore.store import Datastore
+from kvroute_router.director import Decision, Director, Outcome, RoutingError
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.proxy.openai_request import streamed_events, usage_of
+from kvroute_router.proxy.server import OpenAIProxy, upstream_changes
+from prometheus_client import CollectorRegistry, generate_latest
+from router_fixtures import make_director, make_policy, make_pool
+
+# 1000 USD per million tokens = 0.001 USD a token (strong); 10 USD per million (weak).
+STRONG = {"cost": {"perMillionInputTokensUSD": 1000, "perMillionOutputTokensUSD": 1000},
+          "quality": {"tier": "strong"}}
+WEAK = {"cost": {"perMillionInputTokensUSD": 10, "perMillionOutputTokensUSD": 10},
+        "quality": {"tier": "weak"}}
+PROMPT = "x" * 100  # 100 UTF-8 bytes: the prompt's upper bound is 100 tokens
+
+
+def _pools() -> list[InferencePool]:
+    return [make_pool("strong", base_port=8100, **STRONG),
+            make_pool("weak", base_port=8200, **WEAK)]
+
+
+def _setup(policy: RoutePolicy, pools: list[InferencePool] | None = None
+           ) -> tuple[Director, Datastore, BudgetHook, CollectorRegistry]:
+    director, store = make_director(pools or _pools(), [policy])
+    registry = CollectorRegistry()
+    hook = BudgetHook(store, metrics=BudgetMetrics(registry))
+    director.add_admission_hook(hook)
+    return director, store, hook, registry
+
+
+async def _settled(hook: BudgetHook) -> None:
+    for _ in range(50):  # settles run as tasks; bounded
+        if not hook._tasks:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _serve(director: Director, hook: BudgetHook, request: LLMRequest,
+                 completion_tokens: int = 10) -> Decision:
+    decision = await director.route(request)
+    endpoint = decision.endpoints[0]
+    director.dispatch(decision, endpoint)
+    director.end_attempt(decision, endpoint)
+    director.finish(decision, endpoint, Outcome(status=200, prompt_tokens=100,
+                                                completion_tokens=completion_tokens))
+    await _settled(hook)
+    return decision
+
+
+def _request(**kw: Any) -> LLMRequest:
+    return LLMRequest(model="chat", prompt_text=PROMPT, max_tokens=10, **kw)
+
+
+async def test_usd_budget_refuses_with_429_naming_the_budget_and_settles_real_usage() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "team", "usd": 0.3, "window": "1m"}])
+    director, _, hook, registry = _setup(policy)
+    for _ in range(2):  # 110 tokens x 0.001 = 0.11 USD each
+        assert (await _serve(director, hook, _request())).pool.name == "strong"
+    with pytest.raises(RoutingError) as refused:
+        await director.route(_request())
+    err = refused.value
+    assert err.status == 429 and err.code == "budget_exhausted"
+    assert "budget 'team' (usd)" in err.message and "'anonymous'" in err.message
+    assert err.retry_after is not None and 0 < err.retry_after <= 60
+    labels = {"policy": "chat", "budget": "team", "tenant": "anonymous"}
+    assert registry.get_sample_value("kvroute_budget_spend_usd_total",
+                                      labels) == pytest.approx(0.22)
+    assert registry.get_sample_value("kvroute_budget_tokens_total",
+                                      {**labels, "kind": "output"}) == 20
+    assert registry.get_sample_value("kvroute_budget_requests_total",
+                                      {**labels, "outcome": "rejected"}) == 1
+    assert director.metrics.registry.get_sample_value(
+        "kvroute_shed_requests_total", {"policy": "chat", "reason": "budget_exhausted"}) == 1
+
+
+async def test_downgrade_routes_to_the_cheap_pool_when_the_strong_one_is_unaffordable() -> None:
+    policy = make_policy(pools=[{"name": "strong"}, {"name": "weak"}], budgets=[
+        {"name": "team", "usd": 0.25, "window": "1m", "onExhausted": "Downgrade"}],
+        batching={"enabled": False})
+    director, _, hook, registry = _setup(policy)
+    served = [(await _serve(director, hook, _request())).pool.name for _ in range(6)]
+    assert "weak" in served and served[-1] == "weak"
+    spend = registry.get_sample_value("kvroute_budget_spend_usd_total",
+                                      {"policy": "chat", "budget": "team",
+                                       "tenant": "anonymous"})
+    assert spend is not None and spend <= 0.25 + 1e-9
+
+
+async def test_concurrency_slot_is_freed_by_finish_and_by_a_request_that_got_no_endpoint(
+        ) -> None:
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "lanes", "maxConcurrency": 2}])
+    director, store, hook, _ = _setup(policy)
+    held = [await director.route(_request()) for _ in range(2)]
+    with pytest.raises(RoutingError) as refused:
+        await director.route(_request())
+    assert refused.value.status == 429 and "maxConcurrency" in refused.value.message
+    director.finish(held[0], held[0].endpoints[0], Outcome(status=200, prompt_tokens=1,
+                                                           completion_tokens=1))
+    await _settled(hook)
+    held[0] = await director.route(_request())
+    # A request admitted by the hook but refused later (no healthy endpoint: 503) frees its slot.
+    director.finish(held[0], held[0].endpoints[0], Outcome(status=200))
+    await _settled(hook)
+    for ep in store.endpoints():
+        ep.scrape_failures = 5
+    with pytest.raises(RoutingError) as unavailable:
+        await director.route(_request())
+    assert unavailable.value.status == 503
+    await _settled(hook)
+    for ep in store.endpoints():
+        ep.scrape_failures = 0
+    await director.route(_request())  # 1 held + this one = 2: fits
+
+
+async def test_policy_edits_apply_to_the_next_request() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "team", "requestsPerMinute": 1}])
+    director, store, hook, _ = _setup(policy)
+    await _serve(director, hook, _request())
+    with pytest.raises(RoutingError):
+        await director.route(_request())
+    store.replace(_pools(), [make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "team", "requestsPerMinute": 3}])])
+    await _serve(director, hook, _request())
+    store.replace(_pools(), [make_policy(pools=[{"name": "strong"}])])  # budgets removed
+    for _ in range(3):
+        await _serve(director, hook, _request())
+
+
+async def test_tenants_are_separate_and_api_keys_map_to_tenants() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "each", "tenant": "*", "requestsPerMinute": 1}],
+        tenancy={"source": "APIKey", "apiKeysSecretRef": {"name": "keys"}})
+    director, store = make_director(_pools(), [policy])
+    hook = BudgetHook(store, metrics=BudgetMetrics(CollectorRegistry()),
+                      api_keys=lambda p: {"alice": "key-a", "bob": "key-b"})
+    director.add_admission_hook(hook)
+
+    def keyed(key: str) -> LLMRequest:
+        return _request(headers={"authorization": f"Bearer {key}",
+                                 "x-kvroute-tenant": "bob"})
+
+    assert (await _serve(director, hook, keyed("key-a"))).request.tenant == "alice"
+    with pytest.raises(RoutingError):
+        await director.route(keyed("key-a"))  # the header does not switch the tenant
+    assert (await _serve(director, hook, keyed("key-b"))).request.tenant == "bob"
+    assert (await _serve(director, hook, keyed("nope"))).request.tenant == "anonymous"
+
+
+async def test_admission_sheds_sheddable_traffic_under_saturation() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], admission={
+        "saturationQueueDepth": 1, "priorityClasses": [
+            {"name": "batch", "priority": -1, "sheddable": True}]})
+    director, store, _, registry = _setup(policy)
+    for ep in store.endpoints():
+        ep.dispatched_since_scrape = 3  # waiting estimate 3 >= 1 on every endpoint
+    with pytest.raises(RoutingError) as shed:
+        await director.route(_request(headers={"x-kvroute-priority": "batch"}))
+    assert shed.value.status == 429 and shed.value.code == "overloaded"
+    assert registry.get_sample_value("kvroute_admission_shed_total",
+                                      {"policy": "chat", "priority": "batch"}) == 1
+
+
+async def test_requests_without_budgets_are_left_alone() -> None:
+    director, _, _, _ = _setup(make_policy(pools=[{"name": "strong"}, {"name": "weak"}]))
+    request = LLMRequest(model="chat", prompt_text=PROMPT)
+    decision = await director.route(request)
+    assert decision.admissions == [] and request.max_tokens is None
+
+
+async def test_a_request_without_max_tokens_is_bounded_for_the_estimate() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[{"name": "t", "usd": 10}],
+                         admission={"maxOutputTokens": 64})
+    director, _, _, _ = _setup(policy)
+    request = LLMRequest(model="chat", prompt_text=PROMPT, body={"model": "chat"})
+    decision = await director.route(request)
+    assert request.max_tokens == 64
+    assert upstream_changes({"model": "chat"}, decision) == {"model": "test-model",
+                                                             "max_tokens": 64}
+    assert upstream_changes({"model": "test-model", "max_completion_tokens": 5}, decision) == {}
+    assert prompt_tokens_upper_bound(LLMRequest(model="m", prompt_text="é")) == 2
+    assert prompt_tokens_upper_bound(LLMRequest(model="m", token_ids=[1, 2, 3])) == 3
+
+
+def test_stream_events_are_counted_once_across_chunk_boundaries() -> None:
+    stream = b"".join(b'data: {"n": %d}\n\n' % i for i in range(5)) + b"data: [DONE]\n\n"
+    for cut in range(1, len(stream)):
+        first, second = stream[:cut], stream[cut:]
+        assert streamed_events(b"", first) + streamed_events(first, second) == 5
+    assert usage_of(b'"usage": {"prompt_tokens": 7, "completion_tokens": 3}}') == (7, 3)
+
+
+def test_proxy_drops_client_tenant_headers_unless_trusted() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], tenancy={"header": "x-team"})
+    director, store = make_director(_pools(), [policy])
+    untrusted = OpenAIProxy(director, store)._untrusted_headers()
+    assert {"x-team", "x-kvroute-tenant"} <= untrusted
+    assert OpenAIProxy(director, store, trust_tenant_header=True)._untrusted_headers() == set()
+
+
+def test_router_serves_budget_metrics_in_its_registry_and_routers_coexist() -> None:
+    settings = RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                              metrics_port=None)
+    first, second = Router(settings), Router(settings)
+    for router in (first, second):
+        text = generate_latest(router.metrics.registry).decode()
+        assert "kvroute_budget_spend_usd_total" in text
+        assert "kvroute_budget_tokens_total" in text
+        assert "kvroute_requests_total" in text
+        assert router.budget_hook is not None
+        assert router.budget_hook in router.director.admission_hooks

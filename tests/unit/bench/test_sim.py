@@ -150,9 +150,11 @@ def test_fleet_rejects_requests_larger_than_an_engine() -> None:
 @pytest.mark.skipif(not CALIBRATION.exists(), reason="shared calibration data not present")
 def test_h100_profile_reads_the_calibration_file() -> None:
     profile = h100_llama8b(CALIBRATION)
-    # ~32k tokens/s at >= 2k tokens; a 256-token suffix after a cached prefix ~ 44 ms
+    # ~32k tokens/s at >= 2k tokens; the suffix timing's eager-mode floor is not vLLM's
     assert 1 / profile.prefill_s_per_token == pytest.approx(32_300, rel=0.05)
-    assert profile.step_s(256, 0) == pytest.approx(0.0437, rel=0.05)
+    assert profile.step_base_s < 0.005
+    assert profile.step_s(0, 1) == pytest.approx(0.007, abs=0.005)
+    assert profile.step_s(6144, 0) == pytest.approx(0.19, rel=0.1)  # the file's 6k prompt
 
 
 def test_router_picker_runs_the_routers_own_profile() -> None:

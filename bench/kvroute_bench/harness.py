@@ -123,6 +123,9 @@ class ContenderResult:
     ttfts_s: list[float] = field(default_factory=list)
     skipped: str | None = None
     rounds: int = 1
+    # Each engine's own mean TTFT (its histogram's sum/count): tells a slow engine from a
+    # bad routing decision.
+    engine_ttft_mean_per_engine_s: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -159,7 +162,9 @@ def contender_result(contender: Contender, rounds: Sequence[Sequence[RequestResu
         engine_ttft_mean_s=fleet.engine_ttft_mean_s,
         outside_engine_ttft_s=summary.ttft_mean_s - fleet.engine_ttft_mean_s,
         error_samples=sorted({r.error for r in results if r.error})[:5],
-        ttfts_s=sorted(r.ttft_s for r in results if r.ok))
+        ttfts_s=sorted(r.ttft_s for r in results if r.ok),
+        engine_ttft_mean_per_engine_s=[e.ttft_sum_s / e.ttft_count if e.ttft_count else math.nan
+                                       for e in fleet.engines])
 
 
 def skipped_result(contender: Contender, reason: str) -> ContenderResult:

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 from kvroute_bench import promtext
 from kvroute_bench.contenders import CONTENDERS
 from kvroute_bench.harness import (
@@ -39,6 +40,7 @@ def test_result_combines_client_and_engine_numbers() -> None:
     assert r.requests_per_engine == [3, 1] and r.request_imbalance == 1.5
     assert r.computed_tokens_per_engine == [1500, 1000]
     assert math.isclose(r.engine_ttft_mean_s, 0.2)
+    assert r.engine_ttft_mean_per_engine_s == pytest.approx([0.2, 0.2])
     assert math.isclose(r.outside_engine_ttft_s, 0.05)
     routed = contender_result(router, [results(0.27)], fleet)
     assert math.isclose(routed.outside_engine_ttft_s, 0.07)

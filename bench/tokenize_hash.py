@@ -2,24 +2,43 @@
 
 Uses the test model's byte-level tokenizer (one byte = one token, so a 4,096-character prompt is
 4,096 tokens) and, when ``--tokenizer-dir`` names another model folder, that tokenizer instead.
-Every iteration uses a *different* prompt, so the tokenisation cache never hits; the cached case
-is measured separately. Prints median and p99 per phase.
 
-    python bench/tokenize_hash.py [--tokens 4096] [--block-size 16] [--iterations 300]
+Cases, each measured per prompt in CPU time of this process (``time.process_time``, which also
+counts a tokenizer worker thread, if any: what the request itself costs, not how long other
+load on the machine kept it waiting) and wall time:
+
+* ``cold``: a prompt never seen (tokenisation cache and block memo miss) — tokenise, hash, both;
+* ``repeat``: the same prompt again (cache and memo hit);
+* ``extended``: the prompt plus 256 new characters (the next chat turn: the text is tokenised
+  again, the old blocks come from the memo, 16 new blocks are hashed);
+* ``ids, vocab N``: a token-id prompt drawn from a real-sized vocabulary (the byte-level test
+  tokenizer only produces ids below 260, which encode in 1-2 bytes);
+* references in the same run: ``Tokenizer.encode`` (with offsets, the previous code), hashing
+  without the memo, and hashing each block with ``cbor2`` instead of the hand-written encoder.
+
+Every case runs ``--rounds`` rounds over fresh prompts; the report gives each round's median and
+the median over rounds (the machine is shared, so single rounds can be disturbed).
+
+    python bench/tokenize_hash.py [--tokens 4096] [--block-size 16] [--iterations 200] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import random
 import statistics
 import string
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import cbor2
 from kvroute_cli.testmodel import build_test_model
-from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher
+from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher, to_event_ints
 from kvroute_router.kvevents.tokenization import PromptTokenizer
 
 
@@ -28,42 +47,111 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def cbor2_block_hashes(hasher: BlockHasher, tokens: list[int]) -> list[int]:
+    """The reference encoder: ``cbor2.dumps`` of every block's tuple."""
+    size = hasher.block_size
+    parent = hasher.none_hash
+    digests = []
+    for start in range(0, len(tokens) - size + 1, size):
+        parent = hashlib.sha256(cbor2.dumps((parent, tuple(tokens[start:start + size]), None),
+                                            canonical=True)).digest()
+        digests.append(parent)
+    return to_event_ints(digests)
+
+
+def timed(samples: dict[str, list[tuple[float, float]]], label: str,
+          action: Callable[[], Any]) -> Any:
+    c0, w0 = time.process_time(), time.perf_counter()
+    result = action()
+    samples.setdefault(label, []).append(((time.process_time() - c0) * 1e3,
+                                          (time.perf_counter() - w0) * 1e3))
+    return result
+
+
+def one_prompt(samples: dict[str, list[tuple[float, float]]], tokenizer: PromptTokenizer,
+               hasher: BlockHasher, plain: BlockHasher, prompt: str, turn: str,
+               algorithm: str) -> None:
+    """Every case for one new prompt (and its next turn), checking they agree."""
+
+    def cold() -> list[int]:
+        tokens = timed(samples, "cold: tokenise",
+                       lambda: tokenizer.tokenize("completions", {"prompt": prompt}) or [])
+        hashes: list[int] = timed(samples, "cold: hash", lambda: hasher.block_hashes(tokens))
+        return hashes
+
+    expected = timed(samples, "cold: tokenise+hash", cold)
+    again = timed(samples, "repeat: tokenise+hash", lambda: hasher.block_hashes(
+        tokenizer.tokenize("completions", {"prompt": prompt}) or []))
+    timed(samples, "extended: tokenise+hash", lambda: hasher.block_hashes(
+        tokenizer.tokenize("completions", {"prompt": turn}) or []))
+    tokens = tokenizer.encode_uncached(prompt, True)
+    timed(samples, "ref: Tokenizer.encode (offsets)",
+          lambda: tokenizer.tokenizer.encode(prompt, add_special_tokens=True).ids)
+    without_memo = timed(samples, "ref: hash without memo", lambda: plain.block_hashes(tokens))
+    if algorithm == "sha256_cbor":
+        by_cbor2 = timed(samples, "ref: hash with cbor2 per block",
+                         lambda: cbor2_block_hashes(plain, tokens))
+        assert by_cbor2 == expected
+    assert again == expected == without_memo
+    samples["prompt tokens"] = [(float(len(tokens)), 0.0)]
+
+
+def one_round(args: argparse.Namespace, directory: Path, rng: random.Random
+              ) -> dict[str, list[tuple[float, float]]]:
+    tokenizer = PromptTokenizer.from_directory(directory)
+    config = BlockHashConfig(args.block_size, args.algorithm)
+    hasher = BlockHasher(config)
+    plain = BlockHasher(config, memo_blocks=0)
+    alphabet = string.ascii_letters + " "
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.iterations):
+        prompt = "".join(rng.choice(alphabet) for _ in range(args.tokens))
+        turn = prompt + "".join(rng.choice(alphabet) for _ in range(256))
+        one_prompt(samples, tokenizer, hasher, plain, prompt, turn, args.algorithm)
+        ids = [rng.randrange(args.vocab) for _ in range(args.tokens)]
+        big = timed(samples, f"ids, vocab {args.vocab}: hash",
+                    lambda ids=ids: hasher.block_hashes(ids))
+        if args.algorithm == "sha256_cbor":
+            assert big == timed(samples, f"ids, vocab {args.vocab}: ref cbor2",
+                                lambda ids=ids: cbor2_block_hashes(plain, ids))
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--algorithm", choices=["sha256_cbor", "sha256"], default="sha256_cbor")
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=200, help="prompts per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokenizer-dir", type=Path)
+    parser.add_argument("--vocab", type=int, default=152_064,
+                        help="vocabulary of the token-id case (Qwen2's by default)")
+    parser.add_argument("--json", type=Path, help="also write the summary here")
     args = parser.parse_args()
     directory = args.tokenizer_dir or build_test_model(Path(tempfile.mkdtemp()) / "model")
-    tokenizer = PromptTokenizer.from_directory(directory)
-    hasher = BlockHasher(BlockHashConfig(args.block_size, args.algorithm))
     rng = random.Random(7)
-    alphabet = string.ascii_letters + " "
-    prompts = ["".join(rng.choice(alphabet) for _ in range(args.tokens))
-               for _ in range(args.iterations)]
-    tokenize_ms, hash_ms, total_ms, cached_ms = [], [], [], []
-    counts = []
-    for prompt in prompts:
-        start = time.perf_counter()
-        tokens = tokenizer.tokenize("completions", {"prompt": prompt}) or []
-        middle = time.perf_counter()
-        hasher.block_hashes(tokens)
-        end = time.perf_counter()
-        counts.append(len(tokens))
-        tokenize_ms.append((middle - start) * 1e3)
-        hash_ms.append((end - middle) * 1e3)
-        total_ms.append((end - start) * 1e3)
-        again = time.perf_counter()
-        hasher.block_hashes(tokenizer.tokenize("completions", {"prompt": prompt}) or [])
-        cached_ms.append((time.perf_counter() - again) * 1e3)
-    print(f"prompt tokens {statistics.median(counts):.0f}, block size {args.block_size}, "
-          f"{args.algorithm}, {args.iterations} prompts")
-    for label, values in (("tokenise", tokenize_ms), ("hash", hash_ms),
-                          ("tokenise+hash", total_ms), ("cached tokens+hash", cached_ms)):
-        print(f"{label:>20}: median {statistics.median(values):.3f} ms, "
-              f"p99 {percentile(values, 0.99):.3f} ms")
+    rounds = [one_round(args, directory, rng) for _ in range(args.rounds)]
+    tokens = rounds[0].pop("prompt tokens")[0][0]
+    print(f"prompt tokens {tokens:.0f}, block size {args.block_size}, {args.algorithm}, "
+          f"{args.rounds} rounds x {args.iterations} prompts; ms, CPU time (wall in brackets)")
+    summary: dict[str, Any] = {}
+    for label in rounds[0]:
+        if label == "prompt tokens":
+            continue
+        cpu_medians = [statistics.median(c for c, _ in r[label]) for r in rounds]
+        wall_medians = [statistics.median(w for _, w in r[label]) for r in rounds]
+        cpu_p99 = [percentile([c for c, _ in r[label]], 0.99) for r in rounds]
+        summary[label] = {"cpu_median_ms": statistics.median(cpu_medians),
+                          "cpu_round_medians_ms": cpu_medians,
+                          "cpu_p99_ms": statistics.median(cpu_p99),
+                          "wall_median_ms": statistics.median(wall_medians)}
+        print(f"{label:>32}: median {statistics.median(cpu_medians):.3f} "
+              f"({statistics.median(wall_medians):.3f}); per round "
+              f"{' '.join(f'{m:.3f}' for m in cpu_medians)}; p99 "
+              f"{statistics.median(cpu_p99):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

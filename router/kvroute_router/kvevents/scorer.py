@@ -36,8 +36,12 @@ from kvroute_router.plugins.prefix_approx import ApproxPrefixScorer
 
 STATE_HASHES = "prefix-precise/hashes"
 STATE_MATCH = "prefix-precise/match"
-"""CycleState keys: the prompt's block hashes (list[int]) and the precise match per endpoint
-name in blocks (dict[str, int]; endpoints scored approximately are absent)."""
+STATE_UNHASHABLE = "prefix-precise/unhashable"
+"""CycleState keys: the prompt's block hashes (list[int]), computed once per request and read
+by every later step (re-scoring, the approximate fallback's bookkeeping, logging); the precise
+match per endpoint name in blocks (dict[str, int]; endpoints scored approximately are absent);
+and a marker (``True``) that the hashes cannot be computed in process, so a second scoring of
+the same request does not try again."""
 
 
 def services_key(pool_key: str) -> str:
@@ -59,6 +63,16 @@ class PrecisePrefixScorer:
         cached = state.read(STATE_HASHES, list)
         if cached is not None:
             return cached
+        if STATE_UNHASHABLE in state:
+            return None
+        hashes = self._compute_hashes(request)
+        if hashes is None:
+            state.write(STATE_UNHASHABLE, True)
+        else:
+            state.write(STATE_HASHES, hashes)
+        return hashes
+
+    def _compute_hashes(self, request: LLMRequest) -> list[int] | None:
         if request.lora_adapter is not None:
             return None
         tokenizer = self.pool_events.tokenizer
@@ -73,10 +87,8 @@ class PrecisePrefixScorer:
         if tokens is None:
             return None
         salt = (request.body or {}).get("cache_salt")
-        hashes = self.pool_events.hasher.block_hashes(
+        return self.pool_events.hasher.block_hashes(
             tokens, cache_salt=salt if isinstance(salt, str) else None)
-        state.write(STATE_HASHES, hashes)
-        return hashes
 
     def score(self, state: CycleState, request: LLMRequest,
               endpoints: Sequence[Endpoint]) -> list[float]:

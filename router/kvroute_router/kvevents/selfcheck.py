@@ -24,8 +24,9 @@ from kvroute_router.kvevents.events import BlockStored, event_hash
 from kvroute_router.kvevents.hashing import (
     BlockHashConfig,
     BlockHasher,
+    ExtraKeys,
     HashAlgorithm,
-    to_event_int,
+    to_event_ints,
 )
 
 logger = logging.getLogger("kvroute.kvevents.selfcheck")
@@ -83,7 +84,7 @@ class BlockHashSelfCheck:
         digests = self._chain(parent, event.token_ids, len(event.block_hashes), salt,
                               self.hasher)
         published = [event_hash(h) for h in event.block_hashes]
-        computed = [to_event_int(d) for d in digests]
+        computed = to_event_ints(digests)
         self.status.checked += 1
         if computed != published:
             return self._mismatch(event, self._diagnose(event, parent, salt, published),
@@ -101,13 +102,10 @@ class BlockHashSelfCheck:
     @staticmethod
     def _chain(parent: bytes | None, tokens: list[int], blocks: int, salt: str | None,
                hasher: BlockHasher) -> list[bytes]:
-        size = hasher.block_size
-        digests: list[bytes] = []
-        for index in range(blocks):
-            keys = (("cache_salt", salt),) if index == 0 and salt else None
-            parent = hasher.hash_block(parent, tokens[index * size:(index + 1) * size], keys)
-            digests.append(parent)
-        return digests
+        """The hasher's chain (memoised: blocks the router already hashed for a prompt cost a
+        lookup, with the same result)."""
+        first: ExtraKeys | None = (("cache_salt", salt),) if salt else None
+        return hasher.chain(parent, tokens, blocks, first_keys=first, keys=None)
 
     def _diagnose(self, event: BlockStored, parent: bytes | None, salt: str | None,
                   published: list[int]) -> str:
@@ -115,9 +113,10 @@ class BlockHashSelfCheck:
         config = self.hasher.config
         other: HashAlgorithm = "sha256" if config.algorithm == "sha256_cbor" else "sha256_cbor"
         if parent is None:
-            alternative = BlockHasher(BlockHashConfig(config.block_size, other, config.seed))
+            alternative = BlockHasher(BlockHashConfig(config.block_size, other, config.seed),
+                                      memo_blocks=0)
             alt = self._chain(None, event.token_ids, len(published), salt, alternative)
-            if [to_event_int(d) for d in alt] == published:
+            if to_event_ints(alt) == published:
                 return f"hash algorithm (engine uses {other}, router {config.algorithm})"
         return ("seed or algorithm (engine PYTHONHASHSEED differs from the router's seed "
                 f"{config.seed!r}, or an algorithm other than {config.algorithm})")

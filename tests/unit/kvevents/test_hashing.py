@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import cbor2
 import pytest
 from hypothesis import given
@@ -11,6 +13,7 @@ from kvroute_router.kvevents.hashing import (
     BlockHasher,
     resolve_seed,
     to_event_int,
+    to_event_ints,
 )
 
 
@@ -60,3 +63,91 @@ def test_event_int_is_last_eight_bytes() -> None:
     digest = bytes(range(32))
     assert to_event_int(digest) == int.from_bytes(bytes(range(24, 32)), "big")
     assert cbor2.dumps(1) == b"\x01"
+
+
+def _reference(hasher: BlockHasher, tokens: list[int], salt: str | None = None,
+               lora: tuple[str, str] | None = None) -> list[bytes]:
+    """Block by block through ``hash_block`` (never memoised)."""
+    size = hasher.block_size
+    lora_keys: tuple[tuple[str, ...], ...] = (("lora", *lora),) if lora else ()
+    out: list[bytes] = []
+    parent: bytes | None = None
+    for index in range(len(tokens) // size):
+        keys = (*lora_keys, ("cache_salt", salt)) if index == 0 and salt else lora_keys
+        parent = hasher.hash_block(parent, tokens[index * size:(index + 1) * size], keys or None)
+        out.append(parent)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["sha256_cbor", "sha256"])
+@given(tokens=st.lists(st.integers(min_value=0, max_value=2**64 - 1), max_size=80),
+       block_size=st.integers(min_value=1, max_value=9),
+       salt=st.one_of(st.none(), st.text(max_size=5)))
+def test_memoised_chain_equals_block_by_block(algorithm: str, tokens: list[int],
+                                              block_size: int, salt: str | None) -> None:
+    hasher = BlockHasher(BlockHashConfig(block_size, algorithm))  # type: ignore[arg-type]
+    expected = _reference(hasher, tokens, salt or None)
+    assert hasher.block_digests(tokens, cache_salt=salt) == expected  # cold
+    assert hasher.block_digests(tokens, cache_salt=salt) == expected  # from the memo
+    longer = tokens + [7] * (2 * block_size)
+    assert hasher.block_digests(longer, cache_salt=salt) == _reference(hasher, longer,
+                                                                        salt or None)
+    assert BlockHasher(hasher.config, memo_blocks=0).block_digests(
+        tokens, cache_salt=salt) == expected
+
+
+def test_memo_serves_repeats_and_extensions_only_hashing_new_blocks() -> None:
+    hasher = BlockHasher(BlockHashConfig(block_size=16))  # memo runs of 8 blocks
+    prompt = list(range(1000, 1000 + 16 * 16))
+    first = hasher.block_hashes(prompt)
+    assert hasher.memo_hits == 0 and hasher.memo_misses == 16
+    assert hasher.block_hashes(prompt) == first
+    assert hasher.memo_hits == 16 and hasher.memo_misses == 16
+    extended = hasher.block_hashes(prompt + list(range(16 * 3)))
+    assert extended[:16] == first and hasher.memo_hits == 32 and hasher.memo_misses == 19
+    # a different salt changes block 0, so nothing after it can come from the memo
+    salted = hasher.block_hashes(prompt, cache_salt="t")
+    assert all(a != b for a, b in zip(salted, first, strict=True))
+    assert hasher.memo_hits == 32
+
+
+def test_memo_is_bounded_and_still_exact_after_eviction() -> None:
+    hasher = BlockHasher(BlockHashConfig(block_size=4), memo_blocks=128)
+    fresh = BlockHasher(BlockHashConfig(block_size=4), memo_blocks=0)
+    prompts = [[seed * 1000 + i for i in range(4 * 40)] for seed in range(20)]
+    for order in (prompts, prompts[::-1]):  # the second pass starts with memoised prompts
+        for prompt in order:
+            assert hasher.block_digests(prompt) == fresh.block_digests(prompt)
+            assert hasher.memo_size() <= 128 + 32
+    assert hasher.memo_hits > 0
+
+
+def test_token_widths_do_not_share_memo_entries() -> None:
+    """Prompts packed as 32-bit and as 64-bit ints name their blocks with different keys."""
+    hasher = BlockHasher(BlockHashConfig(block_size=64))  # memo runs of 2 blocks
+    small = list(range(256))
+    big = [*small, 2**40, *range(127)]
+    assert hasher.block_digests(small) == _reference(hasher, small)
+    assert hasher.block_digests(big) == _reference(hasher, big)
+    assert hasher.block_digests(big)[:4] == hasher.block_digests(small)
+
+
+def test_event_ints_batch_equals_one_by_one() -> None:
+    digests = [bytes([i]) * 32 for i in range(5)] + [bytes(range(32))]
+    assert to_event_ints(digests) == [to_event_int(d) for d in digests]
+    assert to_event_ints([]) == []
+
+
+def test_vectorised_encoding_equals_cbor2_at_every_width_boundary() -> None:
+    edges = [0, 1, 23, 24, 25, 255, 256, 257, 65_535, 65_536, 65_537, 2**32 - 1, 2**32,
+             2**32 + 1, 2**63 - 1, 2**63, 2**64 - 1]
+    hasher = BlockHasher(BlockHashConfig(block_size=3), memo_blocks=0)
+    for offset in range(3):  # every edge at every position of a block
+        tokens = [0] * offset + edges + [5] * (3 - offset)
+        assert hasher.block_digests(tokens) == _reference(hasher, tokens)
+        assert hasher.block_digests(tokens[:offset + 15]) == _reference(hasher,
+                                                                        tokens[:offset + 15])
+    parent = hasher.none_hash
+    for value in edges:
+        assert hasher.hash_block(parent, [value, value, value]) == hashlib.sha256(
+            cbor2.dumps((parent, (value, value, value), None), canonical=True)).digest()

@@ -57,6 +57,12 @@ def golden_cases(count: int, rng: random.Random) -> list[dict[str, Any]]:
         if rng.random() < 0.3:
             case["cache_salt"] = rng.choice(["tenant-a", "salt with spaces", "ß" * 30])
         cases.append(case)
+    # Extensions of earlier prompts (the next chat turn): a shared hasher serves their first
+    # blocks from its memo, and the result must still be vLLM's.
+    for number in range(count // 10):
+        base = cases[2 + number]
+        extra = [rng.randrange(0, 65_536) for _ in range(rng.randrange(0, 3 * base["block_size"]))]
+        cases.append({**base, "tokens": base["tokens"] + extra})
     return cases
 
 
@@ -71,9 +77,13 @@ def run_oracle(cases: list[dict[str, Any]], python_hash_seed: str | None) -> lis
     return result
 
 
-def ours(case: dict[str, Any], seed: str) -> list[str]:
-    hasher = BlockHasher(BlockHashConfig(block_size=case["block_size"],
-                                         algorithm=case["algorithm"], seed=seed))
+def ours(case: dict[str, Any], seed: str,
+         shared: dict[BlockHashConfig, BlockHasher] | None = None) -> list[str]:
+    """Our digests; with ``shared``, one memoising hasher per configuration across cases."""
+    config = BlockHashConfig(block_size=case["block_size"], algorithm=case["algorithm"],
+                             seed=seed)
+    hasher = (BlockHasher(config) if shared is None
+              else shared.setdefault(config, BlockHasher(config)))
     lora = (case["lora_name"], case.get("lora_path", "")) if case.get("lora_name") else None
     return [d.hex() for d in hasher.block_digests(case["tokens"], lora=lora,
                                                   cache_salt=case.get("cache_salt"))]
@@ -88,6 +98,12 @@ def test_block_hashes_match_vllm(python_hash_seed: str | None) -> None:
                   for number, (case, want) in enumerate(zip(cases, expected, strict=True))
                   if ours(case, seed) != want]
     assert not mismatches, f"cases differing from vLLM (index, algorithm, block size): {mismatches}"
+    shared: dict[BlockHashConfig, BlockHasher] = {}
+    for attempt in ("cold memo", "warm memo"):
+        memoised = [number for number, (case, want) in enumerate(zip(cases, expected, strict=True))
+                    if ours(case, seed, shared) != want]
+        assert not memoised, f"{attempt}: cases differing from vLLM: {memoised}"
+    assert sum(h.memo_hits for h in shared.values()) > 0
     # The DESIGN.md vector, as vLLM computed it here, in event form.
     assert [to_event_int(bytes.fromhex(h)) for h in expected[0]] == (
         [8866452693264111234, 807986237951177663] if python_hash_seed is None else

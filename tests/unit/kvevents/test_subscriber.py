@@ -45,7 +45,12 @@ class LoopbackPublisher:
         self.pub = ctx.socket(zmq.PUB)
         self.pub.bind(f"tcp://127.0.0.1:{pub_port}")
         self.router = ctx.socket(zmq.ROUTER)
-        self.router.bind(f"tcp://127.0.0.1:{replay_port}")
+        try:
+            self.router.bind(f"tcp://127.0.0.1:{replay_port}")
+        except zmq.ZMQError:
+            self.pub.close(linger=0)
+            self.router.close(linger=0)
+            raise
         self.buffer: list[tuple[int, bytes]] = []
         self.seq = 0
         self.replay_task = asyncio.create_task(self._serve_replay())
@@ -118,8 +123,18 @@ class Rig:
         self.task = asyncio.create_task(self.subscriber.run())
 
     async def restart_publisher(self) -> None:
+        """A new publisher on the same ports. ZMQ closes sockets in its I/O thread, so the old
+        one may hold the port a moment longer: retry the bind for a bounded time."""
         await self.publisher.close()
-        self.publisher = LoopbackPublisher(self.ctx, self.pub_port, self.replay_port)
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self.publisher = LoopbackPublisher(self.ctx, self.pub_port, self.replay_port)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         self.subscriber.stop()

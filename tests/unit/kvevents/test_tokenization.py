@@ -43,3 +43,15 @@ def test_completions_token_ids_and_cache(model_dir: Path) -> None:
     assert ours.tokenize("completions", None, token_ids=[1, 2]) == [1, 2]
     ours.tokenize("completions", {"prompt": "x" * 100})  # larger than the cache: not kept
     assert ours.tokenize("chat", {"messages": MESSAGES, "continue_final_message": True}) is None
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_fast_encoding_gives_the_same_ids_as_encode(model_dir: Path,
+                                                    add_special_tokens: bool) -> None:
+    tokenizer = PromptTokenizer.from_directory(model_dir)
+    texts = ["", "hello", " leading space", "<s>special</s> inside", "ünïcode ✓ 中文",
+             "x" * 5000, "line\nbreaks\ttabs"]
+    for text in texts:
+        expected = tokenizer.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        assert tokenizer.encode_uncached(text, add_special_tokens) == expected
+        assert tokenizer.encode(text, add_special_tokens) == expected

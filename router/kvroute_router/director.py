@@ -52,13 +52,16 @@ class RoutingError(Exception):
     """The request cannot be routed; carries the HTTP status and an OpenAI-style error code."""
 
     def __init__(self, status: int, code: str, message: str,
-                 retry_after: float | None = None, reason: str | None = None) -> None:
+                 retry_after: float | None = None, reason: str | None = None,
+                 param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
         self.reason = reason or code
+        self.param = param
+        """The OpenAI error's ``param`` (e.g. the budget limit that refused)."""
 
 
 @dataclass

@@ -236,7 +236,7 @@ class BudgetHook:
         error = await controller.admit(controller.priority_of(request.headers))
         if error is not None:
             raise RoutingError(error.status, error.code, error.message,
-                               retry_after=error.retry_after_s)
+                               retry_after=error.retry_after_s, param=error.param)
 
         if not self.ledger.budgets_for(state.name, tenant):
             return None  # nothing to account; the director's weighted pool order applies
@@ -280,7 +280,7 @@ class BudgetHook:
             raise RoutingError(429, err.code if err else "budget_exhausted",
                                err.message if err else "budget exhausted",
                                retry_after=err.retry_after_s if err else None,
-                               reason="budget_exhausted")
+                               reason="budget_exhausted", param=err.param if err else None)
         reservation = decision.reservation
         pools = [decision.pool] if (restrict or decision.downgraded) else None
         return Admission(pools=pools, on_finish=lambda d, o: self._finished(

@@ -59,7 +59,8 @@ def _header(key: str, value: str) -> Any:
         append_action=OVERWRITE)
 
 
-def immediate(status: int, message: str, code: str, retry_after: float | None = None) -> Any:
+def immediate(status: int, message: str, code: str, retry_after: float | None = None,
+              param: str | None = None) -> Any:
     """An ``ImmediateResponse`` with an OpenAI-style JSON error body."""
     headers = [_header("content-type", "application/json")]
     if retry_after is not None:
@@ -67,7 +68,7 @@ def immediate(status: int, message: str, code: str, retry_after: float | None = 
     return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status),
         headers=ep.HeaderMutation(set_headers=headers),
-        body=error_body(status, message, code), details=f"kvroute_{code}"))
+        body=error_body(status, message, code, param), details=f"kvroute_{code}"))
 
 
 def _headers_of(message: Any) -> dict[str, str]:
@@ -169,7 +170,8 @@ class ExtProcServer:
         try:
             decision = await self.director.route(request, entrypoint="ext_proc")
         except RoutingError as exc:
-            return immediate(exc.status, exc.message, exc.code, exc.retry_after), None
+            return immediate(exc.status, exc.message, exc.code, exc.retry_after,
+                             exc.param), None
         addresses = [e.address for e in decision.endpoints]
         set_headers = [_header(DESTINATION_HEADER, addresses[0])]
         mutation: Any = None

@@ -163,7 +163,7 @@ class OpenAIProxy:
             async with asyncio.timeout(ADMISSION_TIMEOUT_S):
                 decision = await self.director.route(llm_request)
         except RoutingError as exc:
-            return error_response(exc.status, exc.message, exc.code,
+            return error_response(exc.status, exc.message, exc.code, exc.param,
                                   retry_after=exc.retry_after)
         except TimeoutError:
             return error_response(504, "Timed out waiting for admission", "timeout")

@@ -77,6 +77,7 @@ async def test_usd_budget_refuses_with_429_naming_the_budget_and_settles_real_us
     err = refused.value
     assert err.status == 429 and err.code == "budget_exhausted"
     assert "budget 'team' (usd)" in err.message and "'anonymous'" in err.message
+    assert err.param == "budgets[team].usd"
     assert err.retry_after is not None and 0 < err.retry_after <= 60
     labels = {"policy": "chat", "budget": "team", "tenant": "anonymous"}
     assert registry.get_sample_value("kvroute_budget_spend_usd_total",

@@ -180,9 +180,13 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
 
                 def progress(phase: str, done: int, total: int, task: Any = task,
                              name: str = label) -> None:
-                    offset = 0 if phase == "warm-up" else args.warmup
-                    bar.update(task, completed=offset + min(done, total - args.warmup),
-                               description=f"{name}: {phase}")
+                    if phase == "warm-up":
+                        bar.update(task, completed=done, description=f"{name}: {phase}")
+                    elif phase == "measured":
+                        bar.update(task, completed=args.warmup + done,
+                                   description=f"{name}: {phase}")
+                    else:
+                        bar.update(task, description=f"{name}: {phase}")
 
                 try:
                     rounds[contender.name].append(run_contender(plan, contender, fleet,

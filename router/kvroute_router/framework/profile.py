@@ -27,8 +27,10 @@ from kvroute_router.framework.request import LLMRequest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FILTERS: tuple[str, ...] = ("subset-filter", "healthy-filter")
-"""Filters every profile runs, in order."""
+DEFAULT_FILTERS: tuple[str, ...] = ("subset-filter", "healthy-filter", "load-headroom")
+"""Filters every profile runs, in order: the gateway's subset, then health, then load headroom
+(so the scorers, prefix affinity above all, choose only among endpoints that are not
+saturated; see :mod:`kvroute_router.plugins.load_headroom`)."""
 
 SCORER_FALLBACKS: dict[str, str] = {"prefix-precise": "prefix-approx"}
 """Scorer types that stand in for a missing one."""

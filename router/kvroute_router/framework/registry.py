@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from kvroute_api.inference_pool import InferencePool
-from kvroute_api.route_policy import ScoringSpec
+from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 
 PluginKind = Literal["filter", "scorer", "picker"]
 T = TypeVar("T")
@@ -60,6 +60,9 @@ class PluginContext:
     pool: InferencePool | None
     services: SharedServices
     policy_key: str = ""
+    admission: AdmissionSpec | None = None
+    """The policy's ``spec.admission`` (saturation thresholds for load-aware plugins); None
+    means the API defaults."""
 
 
 PluginFactory = Callable[[PluginContext], Any]

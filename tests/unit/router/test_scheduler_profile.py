@@ -39,7 +39,8 @@ def test_default_scoring_degrades_prefix_precise_to_approx(caplog: pytest.LogCap
                                                       "kv-utilization"]
     assert profile.degraded == {"prefix-precise": "prefix-approx"}
     assert "prefix-precise is not available" in caplog.text
-    assert [f.name for f in profile.filters] == ["subset-filter", "healthy-filter"]
+    assert [f.name for f in profile.filters] == ["subset-filter", "healthy-filter",
+                                                 "load-headroom"]
 
 
 def test_registered_precise_scorer_is_used_and_both_prefix_types_coexist() -> None:

@@ -1,0 +1,134 @@
+"""The ``load-headroom`` filter: prefix affinity only among endpoints that are not saturated."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
+from kvroute_router.framework.cycle_state import CycleState
+from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics
+from kvroute_router.framework.profile import build_profile
+from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.plugins import register_builtin_plugins
+from kvroute_router.plugins.load_headroom import (
+    STATE_SATURATED,
+    LoadHeadroomFilter,
+)
+from kvroute_router.plugins.max_score import MaxScorePicker
+
+PROMPT = "system prompt of the hot tenant " * 64
+
+
+def endpoint(name: str, waiting: float = 0.0, kv: float = 0.1, since_scrape: int = 0,
+             age_s: float = 0.0) -> Endpoint:
+    ep = Endpoint(name=name, address=f"{name}:8000", pool="default/p")
+    ep.metrics = EndpointMetrics(waiting=waiting, kv_cache_usage=kv,
+                                 scraped_at=time.monotonic() - age_s)
+    ep.dispatched_since_scrape = since_scrape
+    return ep
+
+
+def names(eps: list[Endpoint]) -> list[str]:
+    return [ep.name for ep in eps]
+
+
+def test_keeps_endpoints_below_the_queue_and_kv_thresholds() -> None:
+    flt = LoadHeadroomFilter(max_waiting=4, max_kv_utilization=0.9)
+    eps = [endpoint("a"), endpoint("b", waiting=4), endpoint("c", kv=0.95),
+           endpoint("d", waiting=2, since_scrape=2), endpoint("e", waiting=3, kv=0.5)]
+    state = CycleState()
+    assert names(flt.filter(state, LLMRequest(model="m"), eps)) == ["a", "e"]
+    assert state.read(STATE_SATURATED, list) == ["b", "c", "d"]
+
+
+def test_none_with_headroom_keeps_the_least_queued() -> None:
+    flt = LoadHeadroomFilter(max_waiting=2)
+    eps = [endpoint("a", waiting=5), endpoint("b", waiting=3), endpoint("c", waiting=3),
+           endpoint("d", waiting=1, kv=0.99)]
+    assert names(flt.filter(CycleState(), LLMRequest(model="m"), eps)) == ["d"]
+    eps = eps[:3]
+    assert names(flt.filter(CycleState(), LLMRequest(model="m"), eps)) == ["b", "c"]
+
+
+def test_stale_metrics_count_only_the_routers_own_dispatches() -> None:
+    flt = LoadHeadroomFilter(max_waiting=3, stale_after_s=1.0)
+    eps = [endpoint("old-busy", waiting=50, kv=1.0, age_s=10),
+           endpoint("old-sent", age_s=10, since_scrape=3), endpoint("never")]
+    eps[2].metrics = None
+    assert names(flt.filter(CycleState(), LLMRequest(model="m"), eps)) == ["old-busy", "never"]
+
+
+def test_single_endpoint_is_never_filtered() -> None:
+    flt = LoadHeadroomFilter(max_waiting=1)
+    eps = [endpoint("a", waiting=9, kv=1.0)]
+    assert names(flt.filter(CycleState(), LLMRequest(model="m"), eps)) == ["a"]
+
+
+def test_threshold_comes_from_admission_saturation_queue_depth() -> None:
+    registry = register_builtin_plugins(PluginRegistry())
+    scoring = ScoringSpec()
+    ctx = PluginContext(scoring=scoring, pool_key="default/p", pool=None,
+                        services=SharedServices(),
+                        admission=AdmissionSpec.model_validate({"saturationQueueDepth": 3}))
+    profile = build_profile(registry, ctx, "t")
+    flt = next(f for f in profile.filters if isinstance(f, LoadHeadroomFilter))
+    assert flt.max_waiting == 3
+    default = build_profile(registry, PluginContext(scoring=scoring, pool_key="default/p",
+                                                    pool=None, services=SharedServices()), "t")
+    flt = next(f for f in default.filters if isinstance(f, LoadHeadroomFilter))
+    assert flt.max_waiting == AdmissionSpec().saturation_queue_depth
+
+
+def test_hot_prefix_stops_attracting_requests_to_a_saturated_endpoint() -> None:
+    """The default scoring (prefix weight 3, queue-depth, kv-utilization): the endpoint holding the
+    hot prompt wins while it has headroom, and loses it as soon as its queue reaches the
+    saturation depth, although its prefix score is still perfect."""
+    registry = register_builtin_plugins(PluginRegistry())
+    ctx = PluginContext(scoring=ScoringSpec(), pool_key="default/p", pool=None,
+                        services=SharedServices(),
+                        admission=AdmissionSpec.model_validate({"saturationQueueDepth": 4}))
+    profile = build_profile(registry, ctx, "t")
+    profile.picker = MaxScorePicker(random.Random(0))
+    hot, other = endpoint("hot"), endpoint("other")
+
+    def route() -> str:
+        state = CycleState()
+        request = LLMRequest(model="m", prompt_text=PROMPT)
+        chosen = profile.run(state, request, [hot, other], limit=1)[0]
+        profile.dispatched(state, request, chosen.endpoint)
+        return chosen.endpoint.name
+
+    profile.dispatched(CycleState(), LLMRequest(model="m", prompt_text=PROMPT), hot)
+
+    # Some load on the holder, none elsewhere: the prefix match still wins below saturation.
+    hot.metrics = endpoint("x", waiting=3, kv=0.6).metrics
+    assert [route() for _ in range(3)] == ["hot", "hot", "hot"]
+
+    # At the saturation depth the holder is filtered out: the hot prefix goes elsewhere.
+    hot.metrics = endpoint("x", waiting=4, kv=0.6).metrics
+    assert route() == "other"
+    # ... and the new holder keeps it while the old one stays saturated.
+    other.metrics = endpoint("x", waiting=1, kv=0.3).metrics
+    assert route() == "other"
+
+    # Once the first holder drains, both hold the prefix; the less loaded one wins.
+    hot.metrics = endpoint("x", waiting=0, kv=0.2).metrics
+    assert route() == "hot"
+
+
+def test_without_the_filter_the_same_load_cannot_outvote_the_prefix() -> None:
+    """What the filter fixes: with scorers alone, a saturated holder keeps winning."""
+    registry = register_builtin_plugins(PluginRegistry())
+    registry.register("load-headroom", "filter",
+                      lambda ctx: LoadHeadroomFilter(max_waiting=float("inf"),
+                                                     max_kv_utilization=float("inf")))
+    profile = build_profile(registry, PluginContext(scoring=ScoringSpec(), pool_key="d/p",
+                                                    pool=None, services=SharedServices()), "t")
+    hot, other = endpoint("hot", waiting=50, kv=0.9), endpoint("other")
+    state = CycleState()
+    request = LLMRequest(model="m", prompt_text=PROMPT)
+    profile.dispatched(state, request, hot)
+    chosen = profile.run(CycleState(), request, [hot, other], limit=1)[0]
+    assert chosen.endpoint.name == "hot"

@@ -37,8 +37,10 @@ import numpy.typing as npt
 
 from kvroute_router.budget.assignment import AssignmentProblem, robust_quality, solve_batch
 from kvroute_router.budget.quality import (
+    BlendedQualityEstimator,
     KnnQualityEstimator,
     LabelledPrompt,
+    LogisticQualityEstimator,
     QualityEstimate,
     Tier,
 )
@@ -122,13 +124,27 @@ class PreparedData:
     train_gain: FloatArray
 
 
+ESTIMATORS: tuple[str, ...] = ("knn", "blend", "logistic")
+
+
 def prepare(train: Sequence[LabelledPrompt], test: Sequence[LabelledPrompt], *,
-            k: int = 32) -> PreparedData:
-    """Fit the default kNN estimator on ``train`` and predict ``test`` (and ``train``
-    held-out, for the per-query threshold)."""
-    estimator = KnnQualityEstimator(train, k=k)
-    predicted = estimator.predict([row.prompt for row in test], TIERS)
-    held_out = estimator.predict_training_held_out(TIERS)
+            k: int = 32, estimator: str = "knn") -> PreparedData:
+    """Fit the quality estimator on ``train`` (default kNN; ``"blend"`` = kNN + logistic
+    regression, ``"logistic"`` alone; docs/budgets.md has their measured ranking quality),
+    predict ``test``, and predict ``train`` held out (leave-one-out for kNN, cross-fitted for
+    the logistic model) for the per-query threshold. Every method that uses predictions,
+    per-query and batch alike, uses these same ones."""
+    fitted: KnnQualityEstimator | LogisticQualityEstimator | BlendedQualityEstimator
+    if estimator == "blend":
+        fitted = BlendedQualityEstimator(train, k=k)
+    elif estimator == "logistic":
+        fitted = LogisticQualityEstimator(train)
+    elif estimator == "knn":
+        fitted = KnnQualityEstimator(train, k=k)
+    else:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    predicted = fitted.predict([row.prompt for row in test], TIERS)
+    held_out = fitted.predict_training_held_out(TIERS)
     return PreparedData(
         weak_correct=np.asarray([row.weak_correct for row in test], dtype=np.int64),
         strong_correct=np.asarray([row.strong_correct for row in test], dtype=np.int64),

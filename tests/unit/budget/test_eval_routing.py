@@ -51,6 +51,28 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "cost-weak < cost-strong" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("estimator", ["blend", "logistic"])
+def test_other_estimators_hold_the_budget(tmp_path: Path, estimator: str) -> None:
+    csv_path = tmp_path / "labelled.csv"
+    _write_csv(csv_path)
+    train, test = split_examples(load_labelled_csv(csv_path), test_fraction=0.3, seed=1)
+    data = prepare(train, test, estimator=estimator)
+    for order in ("random", "adversarial"):
+        report = evaluate(data, EvalConfig(cost_weak=0.1, cost_strong=1.0, budget=0.4,
+                                           batch_size=8, order=order, seed=1))
+        for name in ("random", "per-query-cutoff", "kvroute-batch", "kvroute-robust"):
+            assert report.methods[name].max_batch_cost <= 0.4 + 1e-9, name
+        assert report.methods["kvroute-batch"].accuracy > report.methods["random"].accuracy
+
+
+def test_unknown_estimator_is_refused(tmp_path: Path) -> None:
+    csv_path = tmp_path / "labelled.csv"
+    _write_csv(csv_path)
+    rows = load_labelled_csv(csv_path)
+    with pytest.raises(ValueError, match="estimator"):
+        prepare(rows, rows, estimator="bert")
+
+
 @pytest.mark.skipif(not ROUTELLM_CSV.exists(), reason=f"shared data absent: {ROUTELLM_CSV}")
 def test_acceptance_on_routellm_data() -> None:
     rows = load_labelled_csv(ROUTELLM_CSV)

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kvroute_router.budget.quality import (
+    BlendedQualityEstimator,
     HashedNgramEmbedder,
     HeuristicQualityEstimator,
     KnnQualityEstimator,
     LabelledPrompt,
+    LogisticQualityEstimator,
     build_default_estimator,
     load_labelled_csv,
     split_examples,
@@ -81,3 +83,18 @@ def test_split_is_seeded() -> None:
         rows, test_fraction=0.25, seed=3)
     train, test = split_examples(rows, test_fraction=0.25, seed=3)
     assert len(test) == 20 and len(train) == 60
+
+
+@pytest.mark.parametrize("kind", [LogisticQualityEstimator, BlendedQualityEstimator])
+def test_logistic_and_blend_learn_the_strong_models_benefit(kind: type) -> None:
+    estimator = kind(_synthetic())
+    estimate = estimator.predict(["integral of polynomial number 99",
+                                  "capital city of country number 99"], ["weak", "strong"])
+    gain = estimate.mean[:, 1] - estimate.mean[:, 0]
+    assert gain[0] > gain[1] + 0.2
+    assert ((estimate.mean >= 0) & (estimate.mean <= 1)).all()
+    assert (estimate.std > 0).all()
+    held_out = estimator.predict_training_held_out(["weak", "strong"])
+    assert held_out.mean.shape == (80, 2)
+    again = kind(_synthetic()).predict(["integral of polynomial number 99"], ["weak", "strong"])
+    assert np.allclose(again.mean, estimate.mean[:1])

@@ -180,7 +180,8 @@ class Director:
             return cached[1]
         scoring = resolution.policy.spec.scoring
         context = PluginContext(scoring=scoring, pool_key=pool.key, pool=pool.pool,
-                                services=self.services, policy_key=resolution.policy_key)
+                                services=self.services, policy_key=resolution.policy_key,
+                                admission=resolution.policy.spec.admission)
         profile = build_profile(self.registry, context, f"{resolution.policy_key}@{pool.key}")
         if cached is None or cached[1].degraded != profile.degraded:
             for wanted, stand_in in profile.degraded.items():

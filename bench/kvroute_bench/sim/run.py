@@ -61,8 +61,9 @@ def run_sim(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     for workload, rate in zip(args.workloads, args.rates, strict=True):
-        trace = generate(build_params(workload, requests=args.requests, rate=rate,
-                                      seed=args.seed))
+        overrides = dict(item.split("=", 1) for item in args.set or [])
+        trace = generate(build_params(workload, overrides if len(args.workloads) == 1 else None,
+                                      requests=args.requests, rate=rate, seed=args.seed))
         table = Table(title=f"simulated {workload}: {args.pods} pods, profile {profile.name}, "
                             f"{args.requests} requests at {rate}/s")
         for column in ("picker", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99",

@@ -9,6 +9,7 @@ import pytest
 from kvroute_router.datastore.store import Resolution
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
 from kvroute_router.framework.request import LLMRequest
+from kvroute_router.plugins.load_headroom import LoadHeadroomFilter
 from router_fixtures import make_director, make_policy, make_pool, set_metrics
 
 LONG = "You are a helpful assistant. " * 40
@@ -135,3 +136,14 @@ async def test_load_scorers_prefer_idle_and_treat_stale_as_average() -> None:
     assert decision.endpoints[0] is e1
     stale = next(s for s in decision.ranked if s.endpoint is e2)
     assert stale.by_scorer["kv-utilization"] == pytest.approx(0.5)
+
+
+async def test_policy_saturation_threshold_reaches_the_load_headroom_filter() -> None:
+    director, store = make_director([make_pool()], [make_policy(
+        admission={"saturationQueueDepth": 3})])
+    decision = await director.route(LLMRequest(model="chat", prompt_text="hi"))
+    resolution = store.resolve("chat", {})
+    assert resolution is not None
+    profile = director.profile_for(resolution, decision.pool)
+    filters = [f for f in profile.filters if isinstance(f, LoadHeadroomFilter)]
+    assert filters and filters[0].max_waiting == 3

@@ -44,10 +44,27 @@ def engine_python() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago (held open together while
+    chosen, so they differ). Another process may still take one before the engine binds it:
+    :meth:`LocalEngineFleet.start` relaunches an engine whose bind failed."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+BIND_FAILURE_MARKERS = ("Address already in use", "EADDRINUSE", "Errno 98")
+MAX_LAUNCH_ATTEMPTS = 3
 
 
 @dataclass
@@ -60,6 +77,7 @@ class LocalEngine:
     replay_port: int
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
+    launches: int = 0
 
     @property
     def address(self) -> str:
@@ -108,6 +126,8 @@ class LocalEngineFleet:
     # benchmarks' /reset_prefix_cache between contenders).
     env: dict[str, str] = field(default_factory=dict)
     engines: list[LocalEngine] = field(default_factory=list)
+    _python: str = field(default="", init=False, repr=False)
+    _model_dir: Path = field(default=Path(), init=False, repr=False)
 
     def command(self, engine: LocalEngine, model_dir: Path, python: str) -> list[str]:
         kv_events = {
@@ -151,16 +171,13 @@ class LocalEngineFleet:
 
     def start(self, progress: bool = False) -> list[LocalEngine]:
         """Start every engine and wait until all are healthy; on failure stop them all."""
-        python = self.python or engine_python()
-        model_dir = build_test_model(self.workdir / "model", self.model_name)
+        self._python = self.python or engine_python()
+        self._model_dir = build_test_model(self.workdir / "model", self.model_name)
         self.workdir.mkdir(parents=True, exist_ok=True)
         for i in range(self.count):
-            engine = LocalEngine(index=i, port=free_port(), kv_events_port=free_port(),
-                                 replay_port=free_port(), log_path=self.workdir / f"engine-{i}.log")
-            with engine.log_path.open("wb") as log:
-                engine.process = subprocess.Popen(
-                    self.command(engine, model_dir, python), env=self.environment(engine),
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            engine = LocalEngine(index=i, port=0, kv_events_port=0, replay_port=0,
+                                 log_path=self.workdir / f"engine-{i}.log")
+            self._launch(engine)
             self.engines.append(engine)
         try:
             self._wait_healthy(progress)
@@ -168,6 +185,15 @@ class LocalEngineFleet:
             self.stop()
             raise
         return self.engines
+
+    def _launch(self, engine: LocalEngine) -> None:
+        engine.port, engine.kv_events_port, engine.replay_port = free_ports(3)
+        engine.launches += 1
+        with engine.log_path.open("wb") as log:
+            engine.process = subprocess.Popen(
+                self.command(engine, self._model_dir, self._python),
+                env=self.environment(engine), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
 
     def _wait_healthy(self, progress: bool) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -180,6 +206,12 @@ class LocalEngineFleet:
                 engine = self.engines[i]
                 assert engine.process is not None
                 if engine.process.poll() is not None:
+                    log_tail = engine.log_tail(200)
+                    if (engine.launches < MAX_LAUNCH_ATTEMPTS
+                            and any(m in log_tail for m in BIND_FAILURE_MARKERS)):
+                        # Another process took one of the ports first: new ports, once more.
+                        self._launch(engine)
+                        continue
                     raise EngineStartError(
                         f"engine {i} exited with {engine.process.returncode}:\n"
                         f"{engine.log_tail()}")

@@ -305,6 +305,8 @@ class Director:
     def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
         """An attempt on ``endpoint`` is over (successful or not)."""
         endpoint.in_flight = max(0, endpoint.in_flight - 1)
+        # A finished request is no longer one the engine's last snapshot is missing.
+        endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)
         self.metrics.in_flight.labels(decision.pool.name, endpoint.name).dec()
 
     def mark_unavailable(self, endpoint: Endpoint, for_s: float = 2.0) -> None:

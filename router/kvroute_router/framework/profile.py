@@ -64,8 +64,14 @@ class SchedulerProfile:
         """One scheduling cycle; returns up to ``limit`` endpoints, best first (empty when the
         filters leave nothing)."""
         candidates: Sequence[Endpoint] = endpoints
+        held_back: list[Endpoint] = []
         for flt in self.filters:
-            candidates = flt.filter(state, request, candidates)
+            kept = flt.filter(state, request, candidates)
+            if getattr(flt, "SOFT", False):
+                # Removed only for load: still better than nothing as a retry target.
+                names = {ep.name for ep in kept}
+                held_back.extend(ep for ep in candidates if ep.name not in names)
+            candidates = kept
             if not candidates:
                 return []
         scored = [ScoredEndpoint(ep) for ep in candidates]
@@ -81,7 +87,10 @@ class SchedulerProfile:
                     value = 1.0 if value > 1.0 else 0.0
                 entry.by_scorer[name] = value
                 entry.total += weight * value
-        return self.picker.pick(state, request, scored, limit)
+        ranked = self.picker.pick(state, request, scored, limit)
+        if len(ranked) < limit and held_back:
+            ranked.extend(ScoredEndpoint(ep) for ep in held_back[:limit - len(ranked)])
+        return ranked
 
     def dispatched(self, state: CycleState, request: LLMRequest, endpoint: Endpoint) -> None:
         for observer in self.observers:

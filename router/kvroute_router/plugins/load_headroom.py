@@ -44,6 +44,9 @@ all, or when none had headroom (it then keeps the least-queued ones)."""
 
 class LoadHeadroomFilter:
     TYPE: ClassVar[str] = "load-headroom"
+    SOFT: ClassVar[bool] = True
+    """Endpoints it removes stay last-resort retry targets (the profile ranks them after every
+    endpoint with headroom), so a failing pod with headroom is still retried elsewhere."""
 
     def __init__(self, max_waiting: float = DEFAULT_MAX_WAITING,
                  max_kv_utilization: float = DEFAULT_MAX_KV_UTILIZATION,

@@ -132,3 +132,18 @@ def test_without_the_filter_the_same_load_cannot_outvote_the_prefix() -> None:
     profile.dispatched(state, request, hot)
     chosen = profile.run(CycleState(), request, [hot, other], limit=1)[0]
     assert chosen.endpoint.name == "hot"
+
+
+def test_saturated_endpoints_remain_last_resort_retry_targets() -> None:
+    """The filter narrows who is tried first, not who may be tried at all: a request whose
+    only unsaturated endpoint fails must still have somewhere to retry."""
+    registry = register_builtin_plugins(PluginRegistry())
+    ctx = PluginContext(scoring=ScoringSpec(), pool_key="default/p", pool=None,
+                        services=SharedServices(),
+                        admission=AdmissionSpec.model_validate({"saturationQueueDepth": 2}))
+    profile = build_profile(registry, ctx, "t")
+    eps = [endpoint("busy-1", waiting=5), endpoint("idle"), endpoint("busy-2", waiting=7)]
+    ranked = profile.run(CycleState(), LLMRequest(model="m", prompt_text=PROMPT), eps, limit=3)
+    assert ranked[0].endpoint.name == "idle"
+    assert sorted(s.endpoint.name for s in ranked[1:]) == ["busy-1", "busy-2"]
+    assert len(profile.run(CycleState(), LLMRequest(model="m"), eps, limit=2)) == 2

@@ -55,7 +55,12 @@ from kvroute_cli.demo_workload import (
     prefix_counters,
     send_chat,
 )
-from kvroute_cli.localengines import EngineStartError, LocalEngine, LocalEngineFleet
+from kvroute_cli.localengines import (
+    EngineStartError,
+    LocalEngine,
+    LocalEngineFleet,
+    external_pool_manifest,
+)
 
 CONTENDERS = ("precise", "approx", "round-robin")
 SCENARIOS = ("router-only", "bypass")
@@ -107,14 +112,7 @@ def write_config(path: Path, model: str, engines: list[LocalEngine], block_size:
     import yaml
 
     docs = [
-        {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
-         "metadata": {"name": "local"},
-         "spec": {"mode": "External", "model": {"name": model},
-                  "engine": {"blockSize": block_size}, "resources": {"gpus": 0},
-                  "endpoints": [{"name": f"engine-{e.index}", "address": e.address,
-                                 "kvEventsEndpoint": e.kv_events_endpoint,
-                                 "kvEventsReplayEndpoint": e.replay_endpoint}
-                                for e in engines]}},
+        external_pool_manifest(engines, model, block_size),
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
          "metadata": {"name": "chat"},
          "spec": {"match": {"model": "chat"}, "pools": [{"name": "local"}],

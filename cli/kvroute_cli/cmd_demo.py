@@ -30,20 +30,14 @@ from kvroute_cli.demo_workload import (
     prefix_counters,
     replay,
 )
+from kvroute_cli.localengines import external_pool_manifest
 
 
 def _policy_config(path: Path, model: str, engines: list[Any], block_size: int) -> None:
     import yaml
 
     docs = [
-        {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
-         "metadata": {"name": "local"},
-         "spec": {"mode": "External", "model": {"name": model},
-                  "engine": {"blockSize": block_size}, "resources": {"gpus": 0},
-                  "endpoints": [{"name": f"engine-{e.index}", "address": e.address,
-                                 "kvEventsEndpoint": e.kv_events_endpoint,
-                                 "kvEventsReplayEndpoint": e.replay_endpoint}
-                                for e in engines]}},
+        external_pool_manifest(engines, model, block_size),
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
          "metadata": {"name": "chat"},
          "spec": {"match": {"model": "chat"}, "pools": [{"name": "local"}],

@@ -15,23 +15,7 @@ def _engines(args: argparse.Namespace) -> int:
 
     fleet = LocalEngineFleet(count=args.count, workdir=Path(args.workdir))
     fleet.start(progress=True)
-    pool = {
-        "apiVersion": "kvroute.io/v1alpha1",
-        "kind": "InferencePool",
-        "metadata": {"name": "local"},
-        "spec": {
-            "mode": "External",
-            "model": {"name": fleet.model_name},
-            "engine": {"blockSize": fleet.block_size},
-            "resources": {"gpus": 0},
-            "endpoints": [{
-                "name": f"engine-{e.index}",
-                "address": e.address,
-                "kvEventsEndpoint": e.kv_events_endpoint,
-                "kvEventsReplayEndpoint": e.replay_endpoint,
-            } for e in fleet.engines],
-        },
-    }
+    pool = fleet.pool_manifest()
     print("# Local engines are up; an External InferencePool for them:")
     print(yaml.safe_dump(pool, sort_keys=False), flush=True)
     try:

@@ -21,11 +21,34 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from kvroute_cli.testmodel import build_test_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BLOCK_SIZE = 32
+
+
+def external_pool_manifest(engines: list[LocalEngine], model: str, block_size: int,
+                           name: str = "local") -> dict[str, Any]:
+    """An External InferencePool manifest listing ``engines`` as static endpoints."""
+    return {
+        "apiVersion": "kvroute.io/v1alpha1",
+        "kind": "InferencePool",
+        "metadata": {"name": name},
+        "spec": {
+            "mode": "External",
+            "model": {"name": model},
+            "engine": {"blockSize": block_size},
+            "resources": {"gpus": 0},
+            "endpoints": [{
+                "name": f"engine-{e.index}",
+                "address": e.address,
+                "kvEventsEndpoint": e.kv_events_endpoint,
+                "kvEventsReplayEndpoint": e.replay_endpoint,
+            } for e in engines],
+        },
+    }
 
 
 class EngineStartError(RuntimeError):
@@ -249,6 +272,13 @@ class LocalEngineFleet:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(engine.process.pid, signal.SIGKILL)
                 engine.process.wait(timeout=10)
+
+    def pool_manifest(self, name: str = "local",
+                      engines: list[LocalEngine] | None = None) -> dict[str, Any]:
+        """An External InferencePool for these engines (static endpoints with their KV-event
+        and replay sockets): what the router's embedded mode reads."""
+        return external_pool_manifest(self.engines if engines is None else engines,
+                                      self.model_name, self.block_size, name)
 
     def __enter__(self) -> LocalEngineFleet:
         self.start()

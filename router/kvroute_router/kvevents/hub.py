@@ -21,7 +21,11 @@ import zmq.asyncio
 from kvroute_api.inference_pool import InferencePool
 
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher, resolve_seed
-from kvroute_router.kvevents.index import DEFAULT_MAX_BLOCKS_PER_ENDPOINT, PrefixIndex
+from kvroute_router.kvevents.index import (
+    DEFAULT_MAX_BLOCKS_PER_ENDPOINT,
+    DEFAULT_PENDING_TTL_S,
+    PrefixIndex,
+)
 from kvroute_router.kvevents.metrics import KVEventMetrics
 from kvroute_router.kvevents.subscriber import (
     KVEventSource,
@@ -75,9 +79,10 @@ class PoolKVEvents:
                  tokenizer: PromptTokenizer | None = None,
                  settings: SubscriberSettings | None = None,
                  max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT,
+                 pending_ttl: float = DEFAULT_PENDING_TTL_S,
                  context: zmq.asyncio.Context | None = None) -> None:
         self.hasher = BlockHasher(hash_config)
-        self.index = PrefixIndex(max_blocks_per_endpoint)
+        self.index = PrefixIndex(max_blocks_per_endpoint, pending_ttl=pending_ttl)
         self.metrics = metrics or KVEventMetrics()
         self.tokenizer = tokenizer
         self.settings = settings or SubscriberSettings()

@@ -15,23 +15,51 @@ Two structures, kept consistent:
 after block *i* hold the consecutive prefix 0..i. It stops at the first block no endpoint holds,
 so it is O(prompt blocks) and usually much less. Bytes per entry are measured in
 ``tests/unit/kvevents/test_index.py`` and stated in ``docs/kv-events.md``.
+
+*Pending* blocks: vLLM publishes a block only once it is computed, so a prompt still in prefill
+is invisible to the index. :meth:`PrefixIndex.mark_pending` (called when the router dispatches a
+request) records the request's blocks as pending on that endpoint for ``pending_ttl`` seconds;
+``match()`` counts a block as held when it is published *or* pending. A ``BlockStored`` or
+``BlockRemoved`` for the block, a clear (restart, AllBlocksCleared) or expiry drops the mark.
+Pending marks are kept like the published ones — per endpoint an insertion-ordered
+``dict[hash, expiry]`` (oldest first, bounded by ``max_pending_per_endpoint``), globally a
+``dict[hash, bitmask]`` — and expired marks are purged from the front before each match, so the
+cost stays amortised O(1) per mark and the match O(prompt blocks).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 
 DEFAULT_MAX_BLOCKS_PER_ENDPOINT = 1 << 20
+DEFAULT_PENDING_TTL_S = 5.0
+"""How long a dispatched request's blocks count as held before the engine's events confirm
+them: longer than a typical prefill (so a burst of same-prefix requests sticks together), short
+enough that a request that fails or is preempted before caching does not attract traffic for
+long."""
+DEFAULT_MAX_PENDING_PER_ENDPOINT = 1 << 16
 
 
 class PrefixIndex:
     """Block hash → endpoints, with per-endpoint reference counts and a size bound."""
 
-    def __init__(self, max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT) -> None:
+    def __init__(self, max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT, *,
+                 pending_ttl: float = DEFAULT_PENDING_TTL_S,
+                 max_pending_per_endpoint: int = DEFAULT_MAX_PENDING_PER_ENDPOINT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if max_blocks_per_endpoint < 1:
             raise ValueError(f"max_blocks_per_endpoint must be >= 1, got "
                              f"{max_blocks_per_endpoint}")
+        if max_pending_per_endpoint < 0:
+            raise ValueError(f"max_pending_per_endpoint must be >= 0, got "
+                             f"{max_pending_per_endpoint}")
         self.max_blocks_per_endpoint = max_blocks_per_endpoint
+        self.pending_ttl = pending_ttl
+        self.max_pending_per_endpoint = max_pending_per_endpoint
+        self.clock = clock
+        self._pending: dict[str, dict[int, float]] = {}
+        self._pending_holders: dict[int, int] = {}
         self._slot_of: dict[str, int] = {}
         self._endpoint_of_slot: dict[int, str] = {}
         self._blocks: dict[str, dict[int, int]] = {}
@@ -47,6 +75,7 @@ class PrefixIndex:
         self._slot_of[endpoint] = slot
         self._endpoint_of_slot[slot] = endpoint
         self._blocks[endpoint] = {}
+        self._pending[endpoint] = {}
 
     def remove_endpoint(self, endpoint: str) -> None:
         """Forget an endpoint and all its blocks; its slot is reused."""
@@ -56,6 +85,7 @@ class PrefixIndex:
         slot = self._slot_of.pop(endpoint)
         del self._endpoint_of_slot[slot]
         del self._blocks[endpoint]
+        del self._pending[endpoint]
 
     def endpoints(self) -> list[str]:
         return list(self._slot_of)
@@ -65,9 +95,12 @@ class PrefixIndex:
         """Add one reference per hash; returns how many hashes were new to this endpoint."""
         self.add_endpoint(endpoint)
         blocks = self._blocks[endpoint]
+        pending = self._pending[endpoint]
         bit = 1 << self._slot_of[endpoint]
         new = 0
         for block_hash in hashes:
+            if pending and pending.pop(block_hash, None) is not None:
+                self._drop_pending_holder(block_hash, bit)
             count = blocks.pop(block_hash, 0)
             blocks[block_hash] = count + 1
             if count == 0:
@@ -91,9 +124,12 @@ class PrefixIndex:
         blocks = self._blocks.get(endpoint)
         if blocks is None:
             return 0
+        pending = self._pending[endpoint]
         bit = 1 << self._slot_of[endpoint]
         gone = 0
         for block_hash in hashes:
+            if pending and pending.pop(block_hash, None) is not None:
+                self._drop_pending_holder(block_hash, bit)
             count = blocks.get(block_hash)
             if count is None:
                 continue
@@ -106,7 +142,9 @@ class PrefixIndex:
         return gone
 
     def clear(self, endpoint: str) -> int:
-        """Drop every block of one endpoint (restart, AllBlocksCleared); returns how many."""
+        """Drop every block of one endpoint (restart, AllBlocksCleared), pending marks too;
+        returns how many published blocks were dropped."""
+        self.clear_pending(endpoint)
         blocks = self._blocks.get(endpoint)
         if not blocks:
             return 0
@@ -116,6 +154,79 @@ class PrefixIndex:
         dropped = len(blocks)
         blocks.clear()
         return dropped
+
+    # -- pending (dispatched, not yet published) ------------------------------------------
+    def mark_pending(self, endpoint: str, hashes: Iterable[int]) -> int:
+        """Count these blocks as held by ``endpoint`` until published, removed, cleared or
+        ``pending_ttl`` seconds from now; returns how many were marked (blocks already
+        published there are skipped)."""
+        if self.max_pending_per_endpoint == 0 or self.pending_ttl <= 0:
+            return 0
+        self.add_endpoint(endpoint)
+        blocks = self._blocks[endpoint]
+        pending = self._pending[endpoint]
+        bit = 1 << self._slot_of[endpoint]
+        expiry = self.clock() + self.pending_ttl
+        marked = 0
+        for block_hash in hashes:
+            if block_hash in blocks:
+                continue
+            if pending.pop(block_hash, None) is None:
+                self._pending_holders[block_hash] = self._pending_holders.get(block_hash, 0) | bit
+            pending[block_hash] = expiry  # (re-)inserted at the end: the dict stays by expiry
+            marked += 1
+        overflow = len(pending) - self.max_pending_per_endpoint
+        if overflow > 0:
+            for block_hash in list(_first(pending, overflow)):
+                del pending[block_hash]
+                self._drop_pending_holder(block_hash, bit)
+        return marked
+
+    def clear_pending(self, endpoint: str) -> int:
+        """Drop every pending mark of one endpoint; returns how many."""
+        pending = self._pending.get(endpoint)
+        if not pending:
+            return 0
+        bit = 1 << self._slot_of[endpoint]
+        for block_hash in pending:
+            self._drop_pending_holder(block_hash, bit)
+        dropped = len(pending)
+        pending.clear()
+        return dropped
+
+    def expire_pending(self) -> int:
+        """Drop pending marks whose time is up; returns how many. ``match()`` calls it."""
+        if not self._pending_holders:
+            return 0
+        now = self.clock()
+        expired = 0
+        for endpoint, pending in self._pending.items():
+            if not pending:
+                continue
+            bit = 1 << self._slot_of[endpoint]
+            while pending:
+                block_hash = next(iter(pending))
+                if pending[block_hash] > now:
+                    break
+                del pending[block_hash]
+                self._drop_pending_holder(block_hash, bit)
+                expired += 1
+        return expired
+
+    def pending_count(self, endpoint: str) -> int:
+        """Pending marks of one endpoint (expired ones included until the next purge)."""
+        return len(self._pending.get(endpoint, {}))
+
+    def is_pending(self, endpoint: str, block_hash: int) -> bool:
+        expiry = self._pending.get(endpoint, {}).get(block_hash)
+        return expiry is not None and expiry > self.clock()
+
+    def _drop_pending_holder(self, block_hash: int, bit: int) -> None:
+        mask = self._pending_holders.get(block_hash, 0) & ~bit
+        if mask:
+            self._pending_holders[block_hash] = mask
+        else:
+            self._pending_holders.pop(block_hash, None)
 
     def _drop_holder(self, block_hash: int, bit: int) -> None:
         mask = self._holders.get(block_hash, 0) & ~bit
@@ -129,8 +240,11 @@ class PrefixIndex:
               endpoints: Iterable[str] | None = None) -> dict[str, int]:
         """Longest consecutive cached prefix, in blocks, per endpoint (0 when none).
 
+        A block counts when it is published or pending (unexpired) on the endpoint.
         ``endpoints`` restricts the answer (unknown names get 0); default: every endpoint.
         """
+        self.expire_pending()
+        pending = self._pending_holders
         wanted = list(self._slot_of) if endpoints is None else list(endpoints)
         result = dict.fromkeys(wanted, 0)
         alive = 0
@@ -142,7 +256,10 @@ class PrefixIndex:
         for block_hash in prompt_hashes:
             if not alive:
                 break
-            still = alive & self._holders.get(block_hash, 0)
+            held = self._holders.get(block_hash, 0)
+            if pending:
+                held |= pending.get(block_hash, 0)
+            still = alive & held
             if still != alive:
                 self._record(result, alive & ~still, depth)
             alive = still
@@ -173,7 +290,7 @@ class PrefixIndex:
         return sum(len(b) for b in self._blocks.values())
 
 
-def _first(blocks: dict[int, int], count: int) -> Iterable[int]:
+def _first(blocks: Iterable[int], count: int) -> Iterable[int]:
     for number, block_hash in enumerate(blocks):
         if number >= count:
             return

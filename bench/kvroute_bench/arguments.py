@@ -35,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--warmup", type=int, default=10,
                         help="requests sent first and excluded from the results")
     parser.add_argument("--rate", default="1.0",
-                        help="arrival rate, requests/s (one, or one per workload, comma-separated)")
+                        help="arrival rate, requests/s: one, or one per workload, "
+                             "comma-separated; several with a single workload sweep the rate "
+                             "(the same prompts at each rate, plus a <workload>-sweep summary)")
+    parser.add_argument("--slo-ttft", type=float, default=1.0, metavar="SECONDS",
+                        help="TTFT objective for the sweep's goodput (requests/s that met it)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds over all contenders, order reversed every other round; "
                              "results pool every round")

@@ -110,10 +110,19 @@ def run(args: argparse.Namespace) -> int:
     overrides = dict(item.split("=", 1) for item in args.set or [])
     workloads = _split(args.workload)
     rates = [float(r) for r in _split(args.rate)]
+    # One workload with several rates is a rate sweep: the same seeded prompts at each rate.
+    sweeping = len(workloads) == 1 and len(rates) > 1
+    if sweeping:
+        workloads = workloads * len(rates)
     if len(rates) == 1:
         rates *= len(workloads)
     if len(rates) != len(workloads):
-        console.print(f"--rate gives {len(rates)} rates for {len(workloads)} workloads")
+        console.print(f"--rate gives {len(rates)} rates for {len(workloads)} workloads "
+                      "(give one rate, one per workload, or several for a single workload "
+                      "to sweep)")
+        return 2
+    if args.sim and sweeping:
+        console.print("--sim runs one rate per workload; sweep with separate --sim runs")
         return 2
     if args.sim:
         from kvroute_bench.sim.run import run_sim
@@ -122,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
         args.sim_pickers = _split(args.sim_pickers)
         args.kv_blocks_set = "--kv-blocks" in sys.argv
         return run_sim(args)
-    traces = [generate(build_params(w, overrides if len(workloads) == 1 else None,
+    single = len(set(workloads)) == 1
+    traces = [generate(build_params(w, overrides if single else None,
                                     requests=args.requests + args.warmup, rate=rate,
                                     seed=args.seed))
               for w, rate in zip(workloads, rates, strict=True)]
@@ -133,11 +143,26 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     fleet, handle = _start_fleet(args, workdir)
     try:
-        for trace in traces:
+        swept: list[tuple[float, list[ContenderResult]]] = []
+        for trace, rate in zip(traces, rates, strict=True):
             stem = f"{args.name}-{trace.workload}" if args.name else trace.workload
+            if sweeping:
+                stem = f"{stem}-r{rate:g}"
             results, meta = _run_workload(args, console, trace, contenders, fleet, bin_dirs,
                                           workdir)
             for path in report.write(results, meta, out_dir, stem, console):
+                console.print(f"wrote {path}")
+            swept.append((rate, results))
+        if sweeping:
+            from kvroute_bench import sweep
+
+            stem = f"{args.name}-{workloads[0]}" if args.name else workloads[0]
+            meta = {"workload": workloads[0], "rates": rates, "engines": len(fleet.engines),
+                    "requests": args.requests, "warmup": args.warmup, "seed": args.seed,
+                    "machine": machine_description(),
+                    "command": "kvroute " + " ".join(sys.argv[1:])}
+            points = sweep.collect(swept, args.slo_ttft)
+            for path in sweep.write(points, meta, out_dir, stem, args.slo_ttft, console):
                 console.print(f"wrote {path}")
     finally:
         if handle is not None:

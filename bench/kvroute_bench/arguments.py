@@ -11,8 +11,8 @@ import argparse
 from collections.abc import Callable
 
 WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing")
-CONTENDER_NAMES = ("direct-rr", "kvroute-approx", "kvroute-precise", "kvroute-precise-load",
-                   "vllm-router-rr", "vllm-router-cache", "vllm-router-kv",
+CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise",
+                   "kvroute-precise-load", "vllm-router-rr", "vllm-router-cache", "vllm-router-kv",
                    "sglang-router-cache")
 
 

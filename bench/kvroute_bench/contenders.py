@@ -107,12 +107,15 @@ class Contender:
     ready_timeout_s: float = 120.0
     # Answers 200 once the router can route; /v1/models must also list the served model.
     ready_path: str = "/v1/models"
+    # Direct contenders only: how many engines the client rotates over (None: all of them).
+    direct_engines: int | None = None
 
     def start(self, fleet: FleetInfo, workdir: Path, bin_dirs: Sequence[Path] = ()
               ) -> RunningContender:
         """Start the router and wait until it serves ``/v1/models``; direct: nothing to start."""
         if self.command is None:
-            return RunningContender(base_urls=[e.url for e in fleet.engines])
+            return RunningContender(base_urls=[e.url for e in fleet.engines][
+                : self.direct_engines])
         workdir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         argv = self.command(fleet, port, workdir)
@@ -291,6 +294,11 @@ def kvroute_router_present() -> bool:
 CONTENDERS = ContenderSet([
     Contender("direct-rr", "baseline",
               "client-side round-robin straight to the engines (no router process)"),
+    # A control, not a router: everything to the first engine. On a machine whose engines
+    # share cores, one busy engine can beat two (docs/benchmarks/README.md, "Machine").
+    Contender("direct-one", "baseline",
+              "control: every request straight to the first engine (the others idle)",
+              direct_engines=1),
     Contender("kvroute-approx", "kvroute",
               "kvroute, approximate prefix scorer (router's own request history)",
               _kvroute("approx"), ready_timeout_s=180),

@@ -82,3 +82,10 @@ def test_direct_round_robin_starts_nothing(tmp_path: Path) -> None:
     assert running.process is None
     assert running.base_urls == [e.url for e in FLEET.engines]
     running.stop()
+
+
+def test_direct_one_sends_everything_to_the_first_engine(tmp_path: Path) -> None:
+    assert len(FLEET.engines) > 1
+    running = CONTENDERS.select(["direct-one"])[0].start(FLEET, tmp_path)
+    assert running.process is None
+    assert running.base_urls == [FLEET.engines[0].url]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from kvroute_api.route_policy import AdmissionSpec
 
 from kvroute_router.budget.ledger import ApiError
-from kvroute_router.budget.metrics import BudgetMetrics
+from kvroute_router.budget.metrics import BudgetMetrics, policy_labels
 
 PRIORITY_HEADER = "x-kvroute-priority"
 
@@ -43,7 +43,8 @@ class Priority:
 
 
 class AdmissionController:
-    """One policy's admission control; see the module docstring."""
+    """One policy's admission control; see the module docstring. ``policy`` is its
+    ``namespace/name`` (a bare name is in ``default``), the metric labels' source."""
 
     def __init__(self, policy: str, spec: AdmissionSpec,
                  load: Callable[[], Sequence[EndpointLoad]], *, kv_saturation: float = 0.95,
@@ -103,7 +104,8 @@ class AdmissionController:
             return None
         if priority.sheddable:
             if self.metrics is not None:
-                self.metrics.admission_shed.labels(self.policy, priority.name).inc()
+                self.metrics.admission_shed.labels(*policy_labels(self.policy),
+                                                   priority.name).inc()
             return ApiError(status=429, type="rate_limit_exceeded", code="overloaded",
                             message=f"every endpoint is saturated; priority class "
                                     f"'{priority.name}' is sheddable", retry_after_s=1.0)
@@ -151,9 +153,10 @@ class AdmissionController:
 
     def _set_depth(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.policy).set(len(self._waiting))
+            self.metrics.queue_depth.labels(*policy_labels(self.policy)).set(
+                len(self._waiting))
 
     def _reject(self, reason: str, error: ApiError) -> ApiError:
         if self.metrics is not None:
-            self.metrics.admission_rejected.labels(self.policy, reason).inc()
+            self.metrics.admission_rejected.labels(*policy_labels(self.policy), reason).inc()
         return error

@@ -34,7 +34,7 @@ from kvroute_router.budget.assignment import (
     solve_batch,
 )
 from kvroute_router.budget.ledger import BudgetLedger
-from kvroute_router.budget.metrics import BudgetMetrics
+from kvroute_router.budget.metrics import BudgetMetrics, policy_labels
 from kvroute_router.budget.pricing import PoolEconomics
 from kvroute_router.budget.quality import QualityEstimator
 
@@ -96,7 +96,8 @@ class _Window:
 
 
 class BatchRouter:
-    """One policy's batch stage; see the module docstring."""
+    """One policy's batch stage; see the module docstring. ``policy`` is its
+    ``namespace/name`` as the ledger knows it (a bare name is in ``default``)."""
 
     def __init__(self, policy: str, batching: BatchingSpec, estimator: QualityEstimator,
                  pools: Callable[[], Sequence[PoolState]], ledger: BudgetLedger, *,
@@ -202,8 +203,9 @@ class BatchRouter:
                 capacities=[PoolCapacity(free_sequences=f) for f in free])
             result: Assignment = solve_batch(problem)
             if self.metrics is not None:
-                self.metrics.batch_solve_seconds.labels(self.policy).observe(result.solve_seconds)
-                self.metrics.batch_size.labels(self.policy).observe(len(rows))
+                labels = policy_labels(self.policy)
+                self.metrics.batch_solve_seconds.labels(*labels).observe(result.solve_seconds)
+                self.metrics.batch_size.labels(*labels).observe(len(rows))
             for position, row in enumerate(rows):
                 pool = int(result.pools[position])
                 if pool < 0:

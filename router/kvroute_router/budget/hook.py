@@ -8,8 +8,10 @@ shared :class:`BudgetLedger`. Per request (``admit``):
    takes it from the tenancy header, which reaches the request only on a trusted path: the
    proxy drops the header from untrusted clients (unless the router runs with
    ``--trust-tenant-header``, behind a gateway that sets it), Envoy ext_proc trusts the gateway,
-   gRPC Pick passes the tenant explicitly. ``source: APIKey``: the bearer token looked up in the
-   policy's key mapping; unknown → ``defaultTenant``.
+   gRPC Pick passes the tenant explicitly. ``source: APIKey``: the bearer token's SHA-256
+   digest looked up in the policy's key table — the Secret named by ``apiKeysSecretRef`` as the
+   Kubernetes source hashed it into the datastore, plus any embedded mapping (``api_keys``);
+   unknown → ``defaultTenant``.
 2. **admission** — the priority class from ``x-kvroute-priority``; when every endpoint of the
    policy's pools is saturated, sheddable classes get 429 at once, others queue (bounded, with a
    timeout) until released.
@@ -19,17 +21,21 @@ shared :class:`BudgetLedger`. Per request (``admit``):
 4. **budget** — ``BudgetLedger.reserve`` with an upper-bound estimate (prompt: token ids, else
    UTF-8 bytes; output: ``max_tokens``, else ``maxOutputTokens``, else the router default, which
    is then written into the forwarded body) on the chosen pool first, then the others cheapest
-   first. Refused → 429 naming the budget with ``Retry-After``; ``onExhausted: Downgrade`` →
-   the request is restricted to the cheaper pool the ledger reserved.
+   first — the policy's fallback pools with endpoints included as downgrade targets. Refused →
+   429 naming the budget with ``Retry-After``; ``onExhausted: Downgrade`` → the request is
+   restricted to the cheaper pool the ledger reserved.
 5. **finish** — ``on_finish`` settles the reservation with the engine's usage (prompt and
    completion tokens from the response ``usage``, or counted from the stream), on the pool that
    actually served it; a request that never reached an engine is cancelled. Then one queued
    request is released.
 
 Policies are re-read whenever the datastore's version changes (config-file reload or a
-Kubernetes watch event): limits, admission and batching settings apply to the next request;
-meters keep their history. A background task releases queued requests as metrics refresh and
-refreshes the ``kvroute_budget_window_spend_usd`` / ``limit_usd`` gauges.
+Kubernetes watch event, including an API-key Secret's): limits, admission, batching and
+tenancy settings apply to the next request; meters keep their history. Everything budgetary is
+keyed by the policy's ``namespace/name`` (the datastore key), so same-named policies in two
+namespaces have separate meters, Redis keys and metric series (``policy_namespace`` label).
+A background task releases queued requests as metrics refresh and refreshes the
+``kvroute_budget_window_spend_usd`` / ``limit_usd`` gauges.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.budget.pricing import PoolEconomics
 from kvroute_router.budget.quality import HeuristicQualityEstimator, QualityEstimator
 from kvroute_router.budget.tenancy import TenantResolver
+from kvroute_router.datastore.api_keys import KeyDigests
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution, object_key
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
 from kvroute_router.framework.request import LLMRequest
@@ -62,7 +69,9 @@ DEFAULT_MAX_OUTPUT_TOKENS = 1024
 ``maxOutputTokens``; written into the forwarded body so the settle cannot exceed it."""
 
 ApiKeyLookup = Callable[[RoutePolicy], Mapping[str, str]]
-"""tenant → API key for a policy with ``tenancy.source: APIKey`` (its Secret's data)."""
+"""tenant → API key (plaintext) for a policy with ``tenancy.source: APIKey``: the embedded
+mapping (``RouterSettings.api_keys``); hashed when the resolver is built. In Kubernetes mode
+the datastore's digest tables (from the watched Secrets) are used as well."""
 
 
 def _no_api_keys(policy: RoutePolicy) -> Mapping[str, str]:
@@ -83,11 +92,14 @@ class _Policy:
 
     name: str
     key: str
+    """``namespace/name``: the ledger's, the controller's and the batcher's policy id."""
     policy: RoutePolicy
     resolver: TenantResolver
     controller: AdmissionController
     batcher: BatchRouter
     economics: dict[str, PoolEconomics] = field(default_factory=dict)
+    key_table: KeyDigests | None = None
+    """The datastore's digest table the resolver was built from (rebuilt when it changes)."""
 
 
 class BudgetHook:
@@ -125,41 +137,53 @@ class BudgetHook:
         self._version = version
         current = self.datastore.policies()
         for key in [k for k in self._policies if k not in current]:
-            gone = self._policies.pop(key)
-            if not any(p.metadata.name == gone.name for p in current.values()):
-                self.ledger.remove_policy(gone.name)
+            self._policies.pop(key)
+            self.ledger.remove_policy(key)
         for key, policy in current.items():
             state = self._policies.get(key)
             if state is None:
                 self._policies[key] = self._create(key, policy)
                 continue
             if state.policy is policy:
+                if self._key_table(policy) is not state.key_table:  # its Secret changed
+                    state.resolver, state.key_table = self._resolver(policy)
                 continue
             old, new = state.policy.spec, policy.spec
             state.policy = policy
             if old.budgets != new.budgets:
-                self.ledger.update_policy(state.name, new.budgets)
+                self.ledger.update_policy(key, new.budgets)
             if old.admission != new.admission:
                 state.controller.update_spec(new.admission)
             if old.batching != new.batching:
                 state.batcher.update_batching(new.batching)
-            if old.tenancy != new.tenancy:
-                state.resolver = TenantResolver(new.tenancy, self.api_keys(policy))
+            if old.tenancy != new.tenancy or self._key_table(policy) is not state.key_table:
+                state.resolver, state.key_table = self._resolver(policy)
             self.ledger.in_flight_deadline_s = max(
                 self.ledger.in_flight_deadline_s, float(new.request_timeout_seconds))
         for state in self._policies.values():
             state.economics = {}
 
+    def _key_table(self, policy: RoutePolicy) -> KeyDigests | None:
+        ref = policy.spec.tenancy.api_keys_secret_ref
+        if ref is None:
+            return None
+        return self.datastore.api_keys(object_key(policy.metadata.namespace, ref.name))
+
+    def _resolver(self, policy: RoutePolicy) -> tuple[TenantResolver, KeyDigests | None]:
+        table = self._key_table(policy)
+        return (TenantResolver(policy.spec.tenancy, self.api_keys(policy), key_digests=table),
+                table)
+
     def _create(self, key: str, policy: RoutePolicy) -> _Policy:
         name = policy.metadata.name
         spec = policy.spec
-        self.ledger.update_policy(name, spec.budgets)
+        self.ledger.update_policy(key, spec.budgets)
+        resolver, table = self._resolver(policy)
         state = _Policy(
-            name=name, key=key, policy=policy,
-            resolver=TenantResolver(spec.tenancy, self.api_keys(policy)),
-            controller=AdmissionController(name, spec.admission, lambda: self._load(key),
+            name=name, key=key, policy=policy, resolver=resolver, key_table=table,
+            controller=AdmissionController(key, spec.admission, lambda: self._load(key),
                                            metrics=self.metrics),
-            batcher=BatchRouter(name, spec.batching, self.estimator,
+            batcher=BatchRouter(key, spec.batching, self.estimator,
                                 lambda: self._batch_pools(key), self.ledger,
                                 robust_kappa=self.robust_kappa, metrics=self.metrics))
         return state
@@ -167,9 +191,14 @@ class BudgetHook:
     def _candidates(self, key: str) -> list[PoolState]:
         """The policy's pools that can take traffic now: primaries with endpoints, else the
         fallbacks with endpoints (the director's order of precedence)."""
+        primaries, fallbacks = self._pools_by_role(key)
+        return primaries or fallbacks
+
+    def _pools_by_role(self, key: str) -> tuple[list[PoolState], list[PoolState]]:
+        """(primaries, fallbacks) of the policy that have endpoints."""
         state = self._policies.get(key)
         if state is None:
-            return []
+            return [], []
         namespace = state.policy.metadata.namespace
         primaries: list[PoolState] = []
         fallbacks: list[PoolState] = []
@@ -181,7 +210,7 @@ class BudgetHook:
                 primaries.append(pool)
             else:
                 fallbacks.append(pool)
-        return primaries or fallbacks
+        return primaries, fallbacks
 
     def _economics(self, state: _Policy, pool: PoolState) -> PoolEconomics:
         cached = state.economics.get(pool.name)
@@ -235,17 +264,24 @@ class BudgetHook:
         controller = state.controller
         error = await controller.admit(controller.priority_of(request.headers))
         if error is not None:
+            self.ledger.count_requests(state.key, tenant,
+                                       self.ledger.budgets_for(state.key, tenant), "shed")
             raise RoutingError(error.status, error.code, error.message,
                                retry_after=error.retry_after_s, param=error.param)
 
-        if not self.ledger.budgets_for(state.name, tenant):
+        budgets = self.ledger.budgets_for(state.key, tenant)
+        if not budgets:
             return None  # nothing to account; the director's weighted pool order applies
-        self._active.add((state.name, tenant))
+        self._active.add((state.key, tenant))
 
-        candidates = self._candidates(resolution.policy_key)
+        primaries, fallbacks = self._pools_by_role(resolution.policy_key)
+        candidates = primaries or fallbacks
         if not candidates:
             return None  # the director answers 503
         economics = [self._economics(state, pool) for pool in candidates]
+        # Fallback pools are where a Downgrade budget may send a request too (the ledger only
+        # moves to a pool cheaper than the preferred one).
+        downgrades = [self._economics(state, pool) for pool in fallbacks] if primaries else []
         max_output = (request.max_tokens if request.max_tokens is not None
                       else spec.admission.max_output_tokens or self.default_max_output_tokens)
         if request.max_tokens is None:
@@ -255,12 +291,13 @@ class BudgetHook:
         restrict = False
         ordered = economics
         batched = (len(economics) > 1 and any(e.priced for e in economics)
-                   and self.ledger.usd_limit_per_second(state.name, tenant) is not None)
+                   and self.ledger.usd_limit_per_second(state.key, tenant) is not None)
         if batched:
             choice = await state.batcher.assign(BatchRequest(
                 request.prompt_text, estimate.prompt_tokens, max_output, tenant))
             if choice.pool is None:
                 controller.release_waiting()
+                self.ledger.count_requests(state.key, tenant, budgets, "shed")
                 raise RoutingError(429, "capacity_exhausted",
                                    f"no pool of policy '{state.name}' has capacity and budget "
                                    f"for this request now (tenant '{tenant}')",
@@ -273,7 +310,8 @@ class BudgetHook:
             ordered = sorted(economics, key=lambda e: -e.request_usd(estimate.prompt_tokens,
                                                                      max_output))
 
-        decision = await self.ledger.reserve(state.name, tenant, ordered, estimate)
+        decision = await self.ledger.reserve(state.key, tenant, [*ordered, *downgrades],
+                                             estimate)
         if decision.error is not None or decision.reservation is None or decision.pool is None:
             controller.release_waiting()
             err = decision.error

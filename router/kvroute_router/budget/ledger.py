@@ -15,6 +15,11 @@ decision carries a 429 with ``Retry-After`` and an OpenAI-style error naming the
 ``update_policy`` replaces a policy's limits in place (meters keep their history, so an edit
 applies to the next request). Without a shared store each replica enforces
 ``replica_share`` x each limit.
+
+Policies are identified by ``namespace/name`` (the datastore's key; a bare name is
+``default/name``): meter keys (also the Redis keys), the budgets table and the metric labels
+(``policy_namespace``, ``policy``) all carry the namespace, so same-named policies in two
+namespaces never share state.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import dataclass, field
 from kvroute_api.route_policy import BudgetSpec
 
 from kvroute_router.budget.meters import InMemoryMeterStore, MeterCharge, MeterStore
-from kvroute_router.budget.metrics import BudgetMetrics
+from kvroute_router.budget.metrics import BudgetMetrics, policy_id, policy_labels
 from kvroute_router.budget.pricing import PoolEconomics
 
 WINDOW_SECONDS: dict[str, float] = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0,
@@ -148,23 +153,25 @@ class BudgetLedger:
     # -- configuration -------------------------------------------------------------------
 
     def update_policy(self, policy: str, budgets: Sequence[BudgetSpec]) -> None:
-        """Install or replace a policy's budgets; takes effect for the next reservation."""
-        self._budgets[policy] = list(budgets)
+        """Install or replace a policy's budgets (``policy``: ``namespace/name``, or a bare
+        name in ``default``); takes effect for the next reservation."""
+        self._budgets[policy_id(policy)] = list(budgets)
         if self.metrics is not None:
             for budget in budgets:
                 if budget.usd is not None:
-                    self.metrics.window_seconds.labels(policy, budget.name).set(
+                    self.metrics.window_seconds.labels(*policy_labels(policy), budget.name).set(
                         WINDOW_SECONDS[budget.window])
 
     def remove_policy(self, policy: str) -> None:
-        self._budgets.pop(policy, None)
+        self._budgets.pop(policy_id(policy), None)
 
     def budgets_for(self, policy: str, tenant: str) -> list[BudgetSpec]:
-        return [b for b in self._budgets.get(policy, []) if b.tenant in ("*", tenant)]
+        return [b for b in self._budgets.get(policy_id(policy), []) if b.tenant in ("*", tenant)]
 
     @staticmethod
     def meter_key(policy: str, budget: str, tenant: str, kind: str) -> str:
-        return f"{policy}:{budget}:{tenant}:{kind}"
+        """``namespace/name:budget:tenant:kind`` (no part can contain ``:``)."""
+        return f"{policy_id(policy)}:{budget}:{tenant}:{kind}"
 
     # -- reservations --------------------------------------------------------------------
 
@@ -205,12 +212,16 @@ class BudgetLedger:
             refused = await self.store.try_charge([c for _, c in charges], now, member, deadline)
             if refused is None:
                 reservation = Reservation(
-                    policy=policy, tenant=tenant, pool=pool.name, member=member,
+                    policy=policy_id(policy), tenant=tenant, pool=pool.name, member=member,
                     charged_at=now,
                     charges=tuple((limit.budget.name, charge) for limit, charge in charges),
                     estimate=estimate, usd=usd)
                 outcome = "downgraded" if attempt > 0 else "admitted"
-                self._count_requests(policy, tenant, budgets, outcome)
+                self.count_requests(policy, tenant, budgets, outcome)
+                if self.metrics is not None:
+                    for budget in budgets:
+                        self.metrics.in_flight.labels(*policy_labels(policy), budget.name,
+                                                      tenant).inc()
                 return BudgetDecision(pool=pool.name, reservation=reservation,
                                       downgraded=attempt > 0)
             limit = charges[refused.index][0]
@@ -225,7 +236,7 @@ class BudgetLedger:
                 break
         assert first_refusal is not None
         limit, used, retry = first_refusal
-        self._count_requests(policy, tenant, budgets, "rejected")
+        self.count_requests(policy, tenant, budgets, "rejected")
         return BudgetDecision(pool=None, reservation=None,
                               error=self._exhausted_error(limit, tenant, used, retry))
 
@@ -266,10 +277,11 @@ class BudgetLedger:
                                         charge.window_s, charge.buckets)
         if self.metrics is not None:
             for name in {budget for budget, _ in reservation.charges}:
-                labels = (reservation.policy, name, reservation.tenant)
+                labels = (*policy_labels(reservation.policy), name, reservation.tenant)
                 self.metrics.spend_usd.labels(*labels).inc(usd)
                 self.metrics.tokens.labels(*labels, "prompt").inc(prompt_tokens)
                 self.metrics.tokens.labels(*labels, "output").inc(output_tokens)
+                self.metrics.in_flight.labels(*labels).dec()
         return usd
 
     async def cancel(self, reservation: Reservation) -> None:
@@ -282,6 +294,10 @@ class BudgetLedger:
             elif not charge.key.endswith(":requests"):
                 await self.store.adjust(charge.key, -charge.amount, reservation.charged_at, now,
                                         charge.window_s, charge.buckets)
+        if self.metrics is not None:
+            for name in {budget for budget, _ in reservation.charges}:
+                self.metrics.in_flight.labels(*policy_labels(reservation.policy), name,
+                                              reservation.tenant).dec()
 
     async def remaining_usd(self, policy: str, tenant: str) -> float | None:
         """The smallest USD headroom of the tenant's budgets (None when none limits USD)."""
@@ -295,8 +311,9 @@ class BudgetLedger:
                 used = await self.store.used(
                     MeterCharge(key, "window", limit.value, 0.0, window_s=limit.window_s), now)
                 if self.metrics is not None:
-                    self.metrics.window_spend_usd.labels(policy, budget.name, tenant).set(used)
-                    self.metrics.limit_usd.labels(policy, budget.name, tenant).set(limit.value)
+                    labels = (*policy_labels(policy), budget.name, tenant)
+                    self.metrics.window_spend_usd.labels(*labels).set(used)
+                    self.metrics.limit_usd.labels(*labels).set(limit.value)
                 left = max(0.0, limit.value - used)
                 headroom = left if headroom is None else min(headroom, left)
         return headroom
@@ -310,14 +327,18 @@ class BudgetLedger:
 
     # -- metrics -------------------------------------------------------------------------
 
-    def _count_requests(self, policy: str, tenant: str, budgets: Sequence[BudgetSpec],
-                        outcome: str) -> None:
+    def count_requests(self, policy: str, tenant: str, budgets: Sequence[BudgetSpec],
+                       outcome: str) -> None:
+        """Count one request under each budget: ``admitted``, ``downgraded``, ``rejected``
+        (by the ledger) or ``shed`` (refused before the budget check: admission control under
+        saturation, or no pool with capacity)."""
         if self.metrics is None:
             return
         for budget in budgets:
-            self.metrics.requests.labels(policy, budget.name, tenant, outcome).inc()
+            self.metrics.requests.labels(*policy_labels(policy), budget.name, tenant,
+                                         outcome).inc()
 
     def _count_exhausted(self, policy: str, tenant: str, limit: _Limit) -> None:
         if self.metrics is not None:
-            self.metrics.exhausted.labels(policy, limit.budget.name, tenant,
+            self.metrics.exhausted.labels(*policy_labels(policy), limit.budget.name, tenant,
                                           _METRIC_LIMIT[limit.kind]).inc()

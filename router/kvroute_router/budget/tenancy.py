@@ -5,16 +5,19 @@
   one). On an untrusted path the header is ignored and the request is the default tenant, so a
   client cannot pick another tenant's budget by sending the header itself.
 * ``source: APIKey`` — the bearer token is looked up in the Secret's mapping (tenant → key);
-  unknown or missing keys are the default tenant.
+  unknown or missing keys are the default tenant. Keys are held only as SHA-256 digests
+  (:mod:`kvroute_router.datastore.api_keys`): the token's digest is looked up, so no plaintext
+  key stays in memory and a lookup takes the same time whatever the token.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvroute_api.route_policy import TenancySpec
+
+from kvroute_router.datastore.api_keys import KeyDigests, api_key_digest, digests_of
 
 
 @dataclass(frozen=True)
@@ -28,9 +31,13 @@ class ResolvedTenant:
 class TenantResolver:
     """Resolves tenants for one policy; rebuild it when the policy or its Secret changes."""
 
-    def __init__(self, tenancy: TenancySpec, api_keys: Mapping[str, str] | None = None) -> None:
+    def __init__(self, tenancy: TenancySpec, api_keys: Mapping[str, str] | None = None, *,
+                 key_digests: KeyDigests | None = None) -> None:
+        """``api_keys``: {tenant: key} in plaintext (hashed here, not kept); ``key_digests``:
+        {sha256 digest: tenant}, e.g. from a Kubernetes Secret. Both may be given."""
         self.tenancy = tenancy
-        self._tenant_by_key = {key: tenant for tenant, key in (api_keys or {}).items() if key}
+        self._tenant_by_digest: dict[str, str] = dict(key_digests or {})
+        self._tenant_by_digest.update(digests_of(api_keys or {}))
 
     def resolve(self, headers: Mapping[str, str], *, from_trusted_gateway: bool) -> ResolvedTenant:
         """``headers`` with lower-case names."""
@@ -44,11 +51,8 @@ class TenantResolver:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return default
-        token = token.strip()
-        for key, tenant in self._tenant_by_key.items():
-            if hmac.compare_digest(key.encode(), token.encode()):
-                return ResolvedTenant(tenant, "api-key")
-        return default
+        tenant = self._tenant_by_digest.get(api_key_digest(token))
+        return ResolvedTenant(tenant, "api-key") if tenant is not None else default
 
     def untrusted_headers_to_strip(self) -> tuple[str, ...]:
         """Headers the proxy must drop from untrusted clients before forwarding."""

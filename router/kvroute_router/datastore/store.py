@@ -74,6 +74,7 @@ class Datastore:
     def __init__(self) -> None:
         self._pools: dict[str, PoolState] = {}
         self._policies: dict[str, RoutePolicy] = {}
+        self._api_keys: dict[str, dict[str, str]] = {}
         self._listeners: list[EndpointListener] = []
         self.version = 0
         """Bumped on every pool or policy change (profile caches key on it)."""
@@ -148,6 +149,30 @@ class Datastore:
         if policies.pop(key, None) is not None:
             self._policies = policies
             self.version += 1
+
+    def set_api_keys(self, secret_key: str, digests: Mapping[str, str]) -> None:
+        """The API-key table (sha256 digest → tenant) of the Secret ``namespace/name``; a
+        changed table bumps ``version`` so the budget hook rebuilds its tenant resolvers."""
+        if self._api_keys.get(secret_key) == digests:
+            return
+        tables = dict(self._api_keys)
+        tables[secret_key] = dict(digests)
+        self._api_keys = tables
+        self.version += 1
+
+    def delete_api_keys(self, secret_key: str) -> None:
+        tables = dict(self._api_keys)
+        if tables.pop(secret_key, None) is not None:
+            self._api_keys = tables
+            self.version += 1
+
+    def api_keys(self, secret_key: str) -> Mapping[str, str] | None:
+        """The digest table of a Secret (``namespace/name``), None when none is known; the
+        same object until the Secret changes."""
+        return self._api_keys.get(secret_key)
+
+    def api_key_secrets(self) -> list[str]:
+        return list(self._api_keys)
 
     def replace(self, pools: Iterable[InferencePool], policies: Iterable[RoutePolicy]) -> None:
         """Make the store hold exactly these objects (a config file was (re)loaded)."""

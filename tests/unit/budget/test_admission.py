@@ -10,6 +10,8 @@ from kvroute_router.budget.admission import AdmissionController, EndpointLoad
 from kvroute_router.budget.metrics import BudgetMetrics
 from prometheus_client import CollectorRegistry
 
+CHAT = {"policy_namespace": "default", "policy": "chat"}  # a policy's metric labels
+
 SPEC = AdmissionSpec.model_validate({
     "maxPromptTokens": 100, "maxOutputTokens": 50, "maxQueueDepth": 2, "queueTimeoutMs": 50,
     "saturationQueueDepth": 4,
@@ -45,7 +47,7 @@ def test_token_limits_name_the_limit() -> None:
     assert too_many is not None and too_many.status == 400 and too_many.param == "max_tokens"
     assert controller.check_tokens(100, 50) is None
     assert registry.get_sample_value("kvroute_admission_rejected_total",
-                                     {"policy": "chat", "reason": "max_prompt_tokens"}) == 1
+                                     {**CHAT, "reason": "max_prompt_tokens"}) == 1
 
 
 def test_priority_classes() -> None:

@@ -13,6 +13,8 @@ from kvroute_router.budget.pricing import PoolEconomics
 from kvroute_router.budget.quality import HeuristicQualityEstimator
 from prometheus_client import CollectorRegistry
 
+CHAT = {"policy_namespace": "default", "policy": "chat"}  # a policy's metric labels
+
 
 def _request(prompt: str, tenant: str = "a") -> BatchRequest:
     return BatchRequest(prompt=prompt, prompt_tokens=500, max_output_tokens=500, tenant=tenant)
@@ -47,7 +49,7 @@ async def test_window_assigns_jointly_within_the_budget_share(
     spent = sum(c.estimated_usd for c in choices if c.batch_size > 1)
     batched = sum(1 for c in choices if c.batch_size > 1)
     assert spent <= batched * share + 1e-12
-    assert registry.get_sample_value("kvroute_batch_size_count", {"policy": "chat"})
+    assert registry.get_sample_value("kvroute_batch_size_count", {**CHAT})
 
 
 async def test_full_pools_leave_requests_unassigned() -> None:

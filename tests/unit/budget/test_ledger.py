@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from .conftest import ManualClock
 
+CHAT = {"policy_namespace": "default", "policy": "chat"}  # a policy's metric labels
+
 THOUSAND = RequestEstimate(prompt_tokens=500, max_output_tokens=500)  # 1000 tokens
 
 
@@ -151,11 +153,11 @@ async def test_metrics_count_spend_and_outcomes(
     assert first.reservation and second.reservation
     await ledger.settle(first.reservation, strong_pool, 500, 500)
     await ledger.remaining_usd("chat", "a")
-    labels = {"policy": "chat", "budget": "team", "tenant": "a"}
+    labels = {**CHAT, "budget": "team", "tenant": "a"}
     sample = registry.get_sample_value
     assert sample("kvroute_budget_spend_usd_total", labels) == pytest.approx(0.01)
     assert sample("kvroute_budget_tokens_total", {**labels, "kind": "output"}) == 500
     assert sample("kvroute_budget_requests_total", {**labels, "outcome": "downgraded"}) == 1
     assert sample("kvroute_budget_exhausted_total", {**labels, "limit": "usd"}) == 1
     assert sample("kvroute_budget_limit_usd", labels) == pytest.approx(0.012)
-    assert sample("kvroute_budget_window_seconds", {"policy": "chat", "budget": "team"}) == 86400
+    assert sample("kvroute_budget_window_seconds", {**CHAT, "budget": "team"}) == 86400

@@ -56,3 +56,18 @@ async def test_concurrency_slots_are_released(redis_client: Any, clock: ManualCl
     assert (await ledger.reserve("chat", "a", [weak_pool], THOUSAND)).admitted
     clock.advance(31)  # a replica that died holding slots cannot leak them past the deadline
     assert (await ledger.reserve("chat", "a", [weak_pool], THOUSAND)).admitted
+
+
+async def test_same_named_policies_in_two_namespaces_have_separate_redis_meters(
+        redis_client: Any, clock: ManualClock, strong_pool: PoolEconomics) -> None:
+    ledger = BudgetLedger(RedisMeterStore(redis_client), clock=clock)
+    for policy in ("team-a/chat", "team-b/chat"):
+        ledger.update_policy(policy, BUDGETS)
+    spent = [await ledger.reserve("team-a/chat", "a", [strong_pool], THOUSAND)
+             for _ in range(11)]
+    assert [d.admitted for d in spent] == [True] * 10 + [False]
+    assert (await ledger.reserve("team-b/chat", "a", [strong_pool], THOUSAND)).admitted
+    keys = {k.decode() if isinstance(k, bytes) else k
+            for k in await redis_client.keys("kvroute:budget:*")}
+    assert "kvroute:budget:team-a/chat:team:a:usd" in keys
+    assert "kvroute:budget:team-b/chat:team:a:usd" in keys

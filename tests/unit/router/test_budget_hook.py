@@ -21,6 +21,8 @@ from kvroute_router.proxy.server import OpenAIProxy, upstream_changes
 from prometheus_client import CollectorRegistry, generate_latest
 from router_fixtures import make_director, make_policy, make_pool
 
+CHAT = {"policy_namespace": "default", "policy": "chat"}  # a policy's metric labels
+
 # 1000 USD per million tokens = 0.001 USD a token (strong); 10 USD per million (weak).
 STRONG = {"cost": {"perMillionInputTokensUSD": 1000, "perMillionOutputTokensUSD": 1000},
           "quality": {"tier": "strong"}}
@@ -79,7 +81,7 @@ async def test_usd_budget_refuses_with_429_naming_the_budget_and_settles_real_us
     assert "budget 'team' (usd)" in err.message and "'anonymous'" in err.message
     assert err.param == "budgets[team].usd"
     assert err.retry_after is not None and 0 < err.retry_after <= 60
-    labels = {"policy": "chat", "budget": "team", "tenant": "anonymous"}
+    labels = {**CHAT, "budget": "team", "tenant": "anonymous"}
     assert registry.get_sample_value("kvroute_budget_spend_usd_total",
                                       labels) == pytest.approx(0.22)
     assert registry.get_sample_value("kvroute_budget_tokens_total",
@@ -98,7 +100,7 @@ async def test_downgrade_routes_to_the_cheap_pool_when_the_strong_one_is_unaffor
     served = [(await _serve(director, hook, _request())).pool.name for _ in range(6)]
     assert "weak" in served and served[-1] == "weak"
     spend = registry.get_sample_value("kvroute_budget_spend_usd_total",
-                                      {"policy": "chat", "budget": "team",
+                                      {**CHAT, "budget": "team",
                                        "tenant": "anonymous"})
     assert spend is not None and spend <= 0.25 + 1e-9
 
@@ -176,7 +178,7 @@ async def test_admission_sheds_sheddable_traffic_under_saturation() -> None:
         await director.route(_request(headers={"x-kvroute-priority": "batch"}))
     assert shed.value.status == 429 and shed.value.code == "overloaded"
     assert registry.get_sample_value("kvroute_admission_shed_total",
-                                      {"policy": "chat", "priority": "batch"}) == 1
+                                      {**CHAT, "priority": "batch"}) == 1
 
 
 async def test_requests_without_budgets_are_left_alone() -> None:
@@ -227,3 +229,94 @@ def test_router_serves_budget_metrics_in_its_registry_and_routers_coexist() -> N
         assert "kvroute_requests_total" in text
         assert router.budget_hook is not None
         assert router.budget_hook in router.director.admission_hooks
+
+
+async def test_same_named_policies_in_two_namespaces_share_no_budget_state() -> None:
+    """Two RoutePolicies named ``chat`` (team-a, team-b), each routing its own model: spending
+    one's budget leaves the other's untouched, and each has its own metric series."""
+    pools = []
+    for ns, port in (("team-a", 8100), ("team-b", 8300)):
+        pool = make_pool("strong", model="m", base_port=port, **STRONG)
+        pool.metadata.namespace = ns
+        pools.append(pool)
+    policies = []
+    for ns, model in (("team-a", "model-a"), ("team-b", "model-b")):
+        policy = make_policy(model=model, pools=[{"name": "strong"}], budgets=[
+            {"name": "team", "usd": 0.3, "window": "1m"}])
+        policy.metadata.namespace = ns
+        policies.append(policy)
+    director, store = make_director(pools, policies)
+    registry = CollectorRegistry()
+    hook = BudgetHook(store, metrics=BudgetMetrics(registry))
+    director.add_admission_hook(hook)
+
+    def request(model: str) -> LLMRequest:
+        return LLMRequest(model=model, prompt_text=PROMPT, max_tokens=10)
+
+    for _ in range(2):  # 0.11 USD each: team-a's budget is spent
+        await _serve(director, hook, request("model-a"))
+    with pytest.raises(RoutingError) as err:
+        await director.route(request("model-a"))
+    assert err.value.status == 429
+    for _ in range(2):  # team-b's budget of the same name is untouched
+        await _serve(director, hook, request("model-b"))
+    assert hook.ledger.meter_key("team-a/chat", "team", "anonymous", "usd") != \
+        hook.ledger.meter_key("team-b/chat", "team", "anonymous", "usd")
+
+    def spend(ns: str) -> float | None:
+        return registry.get_sample_value("kvroute_budget_spend_usd_total", {
+            "policy_namespace": ns, "policy": "chat", "budget": "team", "tenant": "anonymous"})
+
+    assert spend("team-a") == pytest.approx(0.22) and spend("team-b") == pytest.approx(0.22)
+    assert registry.get_sample_value("kvroute_budget_requests_total", {
+        "policy_namespace": "team-a", "policy": "chat", "budget": "team", "tenant": "anonymous",
+        "outcome": "rejected"}) == 1
+    assert registry.get_sample_value("kvroute_budget_requests_total", {
+        "policy_namespace": "team-b", "policy": "chat", "budget": "team", "tenant": "anonymous",
+        "outcome": "rejected"}) is None
+    # Deleting team-a's policy forgets only its budgets.
+    store.delete_policy("team-a/chat")
+    hook.sync()
+    assert not hook.ledger.budgets_for("team-a/chat", "anonymous")
+    assert hook.ledger.budgets_for("team-b/chat", "anonymous")
+
+
+async def test_api_keys_from_the_datastore_are_hashed_and_followed_live() -> None:
+    """Kubernetes mode: the Secret's keys reach the hook as SHA-256 digests in the datastore;
+    a changed Secret applies to the next request; no plaintext key is kept by the resolver."""
+    from kvroute_router.datastore.api_keys import digests_of
+
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "each", "tenant": "*", "requestsPerMinute": 100}],
+        tenancy={"source": "APIKey", "apiKeysSecretRef": {"name": "keys"}})
+    director, store, hook, _ = _setup(policy)
+
+    def keyed(key: str) -> LLMRequest:
+        return _request(headers={"authorization": f"Bearer {key}"})
+
+    assert (await _serve(director, hook, keyed("key-a"))).request.tenant == "anonymous"
+    store.set_api_keys("default/keys", digests_of({"alice": "key-a", "bob": "key-b\nkey-b2"}))
+    assert (await _serve(director, hook, keyed("key-a"))).request.tenant == "alice"
+    assert (await _serve(director, hook, keyed("key-b2"))).request.tenant == "bob"
+    state = hook._policies["default/chat"]
+    assert "key-a" not in repr(vars(state.resolver))  # digests only
+    store.set_api_keys("default/keys", digests_of({"carol": "key-a"}))  # rotated
+    assert (await _serve(director, hook, keyed("key-a"))).request.tenant == "carol"
+    assert (await _serve(director, hook, keyed("key-b"))).request.tenant == "anonymous"
+    store.delete_api_keys("default/keys")
+    assert (await _serve(director, hook, keyed("key-a"))).request.tenant == "anonymous"
+
+
+async def test_a_downgrade_budget_may_send_requests_to_a_fallback_pool() -> None:
+    """The ledger's downgrade step (not the batch stage): one primary pool (strong) and a
+    cheaper fallback; once the USD budget cannot pay for strong, requests go to the fallback."""
+    policy = make_policy(pools=[{"name": "strong"}, {"name": "weak", "role": "fallback"}],
+                         budgets=[{"name": "team", "usd": 0.25, "window": "1m",
+                                   "onExhausted": "Downgrade"}])
+    director, _, hook, registry = _setup(policy)
+    served = [(await _serve(director, hook, _request())).pool.name for _ in range(4)]
+    assert served == ["strong", "strong", "weak", "weak"]
+    labels = {**CHAT, "budget": "team", "tenant": "anonymous"}
+    assert registry.get_sample_value("kvroute_budget_requests_total",
+                                     {**labels, "outcome": "downgraded"}) == 2
+    assert registry.get_sample_value("kvroute_budget_in_flight", labels) == 0

@@ -7,6 +7,14 @@ label selector the operator writes to ``status.selector`` (Managed pools), else
 ``spec.selector.matchLabels`` (External pools), on port ``spec.engine.port``; External pools with
 static ``spec.endpoints`` use those. :data:`kvroute_router.rbac.ROUTER_RULES` lists the
 permissions this needs.
+
+Secrets are watched too, for ``tenancy.source: APIKey``: only a Secret that a RoutePolicy of
+the same namespace names in ``spec.tenancy.apiKeysSecretRef`` is read, and its data (tenant →
+API key, one key per line) is turned into SHA-256 digests at once
+(:func:`~kvroute_router.datastore.api_keys.digests_of_secret`) and stored in the datastore;
+every other Secret is dropped as soon as it is seen, and no key is ever logged. A policy that
+starts naming a Secret not yet seen makes the source ``get`` it; a Secret no policy names any
+more is forgotten.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from kvroute_api.meta import GROUP, VERSION
 from kvroute_api.route_policy import RoutePolicy
 from pydantic import ValidationError
 
+from kvroute_router.datastore.api_keys import digests_of_secret
 from kvroute_router.datastore.store import Datastore, EndpointSpec, object_key
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,9 @@ class KubernetesSource:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._core: Any | None = None
+        """CoreV1Api, for reading a newly referenced Secret (set by ``start``)."""
+        self._fetching: set[str] = set()
 
     async def start(self) -> None:
         import importlib
@@ -83,6 +95,7 @@ class KubernetesSource:
         self._loop = asyncio.get_running_loop()
         custom = client.CustomObjectsApi(self._api_client)
         core = client.CoreV1Api(self._api_client)
+        self._core = core
         ns = self.namespace
         plans: list[tuple[str, Callable[..., Any], dict[str, Any]]] = [
             ("inferencepools", custom.list_namespaced_custom_object if ns
@@ -95,6 +108,8 @@ class KubernetesSource:
               **({"namespace": ns} if ns else {})}),
             ("pods", core.list_namespaced_pod if ns else core.list_pod_for_all_namespaces,
              {"namespace": ns} if ns else {}),
+            ("secrets", core.list_namespaced_secret if ns
+             else core.list_secret_for_all_namespaces, {"namespace": ns} if ns else {}),
         ]
         for kind, lister, kwargs in plans:
             thread = threading.Thread(target=self._watch, args=(kind, lister, kwargs),
@@ -139,6 +154,14 @@ class KubernetesSource:
 
     # ---- applied on the event loop ------------------------------------------------------
     def _relist(self, kind: str, items: list[dict[str, Any]]) -> None:
+        if kind == "secrets":
+            seen = set()
+            for item in items:
+                seen.add(self._apply_secret(item))
+            for key in self.datastore.api_key_secrets():
+                if key not in seen:
+                    self.datastore.delete_api_keys(key)
+            return
         if kind == "pods":
             self._pods = {object_key(p["metadata"].get("namespace"), p["metadata"]["name"]): p
                           for p in items}
@@ -152,9 +175,19 @@ class KubernetesSource:
         for key in existing:
             if key not in keys:
                 self._delete(kind, key)
+        if kind == "routepolicies":
+            self._follow_secret_refs()
         self.datastore.loaded = True
 
     def _event(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+        if kind == "secrets":
+            meta = obj.get("metadata") or {}
+            if event_type == "DELETED":
+                self.datastore.delete_api_keys(object_key(meta.get("namespace"),
+                                                          meta.get("name", "")))
+            else:
+                self._apply_secret(obj)
+            return
         if kind == "pods":
             key = object_key(obj["metadata"].get("namespace"), obj["metadata"]["name"])
             if event_type == "DELETED":
@@ -167,6 +200,8 @@ class KubernetesSource:
             self._delete(kind, object_key(meta.get("namespace"), meta.get("name", "")))
         else:
             self._apply(kind, event_type, obj)
+        if kind == "routepolicies":
+            self._follow_secret_refs()
 
     def _apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> str:
         meta = obj.get("metadata") or {}
@@ -188,6 +223,64 @@ class KubernetesSource:
             self.datastore.delete_pool(key)
         else:
             self.datastore.delete_policy(key)
+
+    # ---- API-key Secrets ----------------------------------------------------------------
+    def _secret_refs(self) -> set[str]:
+        """``namespace/name`` of every Secret a policy names as its API keys."""
+        refs = set()
+        for policy in self.datastore.policies().values():
+            ref = policy.spec.tenancy.api_keys_secret_ref
+            if ref is not None:
+                refs.add(object_key(policy.metadata.namespace, ref.name))
+        return refs
+
+    def _apply_secret(self, obj: dict[str, Any]) -> str:
+        """Hash a referenced Secret's keys into the datastore; ignore any other Secret."""
+        meta = obj.get("metadata") or {}
+        key = object_key(meta.get("namespace"), meta.get("name", ""))
+        if key in self._secret_refs():
+            self.datastore.set_api_keys(key, digests_of_secret(obj))
+        else:
+            self.datastore.delete_api_keys(key)
+        return key
+
+    def _follow_secret_refs(self) -> None:
+        """After a policy change: forget Secrets no policy names, read newly named ones."""
+        refs = self._secret_refs()
+        for key in self.datastore.api_key_secrets():
+            if key not in refs:
+                self.datastore.delete_api_keys(key)
+        for key in refs:
+            if self.datastore.api_keys(key) is None and key not in self._fetching:
+                self._fetch_secret(key)
+
+    def _fetch_secret(self, key: str) -> None:
+        if self._core is None or self._loop is None:
+            return  # not started (tests feed Secrets as events)
+        core = self._core
+        namespace, _, name = key.partition("/")
+        self._fetching.add(key)
+
+        def read() -> None:
+            import json
+
+            try:
+                response = core.read_namespaced_secret(name, namespace, _preload_content=False)
+                obj = json.loads(response.data)
+            except Exception as exc:
+                status = getattr(exc, "status", None)
+                log.warning("cannot read API-key Secret %s (status %s); its tenants' requests "
+                            "are the default tenant until it appears", key,
+                            status if status is not None else type(exc).__name__)
+                self._post(self._fetching.discard, key)
+                return
+            self._post(self._fetched, key, obj)
+
+        threading.Thread(target=read, name=f"read-secret-{key}", daemon=True).start()
+
+    def _fetched(self, key: str, obj: dict[str, Any]) -> None:
+        self._fetching.discard(key)
+        self._apply_secret(obj)
 
     def _pool_pods(self, pool: InferencePool) -> list[EndpointSpec]:
         selector = pool_selector(pool)

@@ -58,3 +58,107 @@ def test_watch_events_drive_pool_endpoints() -> None:
     assert store.pool("inference/llama") is None
     source._event("routepolicies", "ADDED", {"metadata": {"name": "bad"}, "spec": {}})
     assert "default/bad" not in store.policies()  # invalid objects are ignored
+
+
+def _keyed_policy(name: str, secret: str | None) -> dict[str, Any]:
+    tenancy: dict[str, Any] = {"source": "Header"}
+    if secret is not None:
+        tenancy = {"source": "APIKey", "apiKeysSecretRef": {"name": secret}}
+    return {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
+            "metadata": {"name": name, "namespace": "inference"},
+            "spec": {"match": {"model": name}, "pools": [{"name": "llama"}],
+                     "tenancy": tenancy}}
+
+
+def _secret(name: str, data: dict[str, str], namespace: str = "inference") -> dict[str, Any]:
+    import base64
+
+    return {"metadata": {"name": name, "namespace": namespace},
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+
+
+class FakeCore:
+    """CoreV1Api.read_namespaced_secret for a Secret named by a policy after the watch saw
+    it (or before the watch lists it)."""
+
+    def __init__(self, secrets: dict[str, dict[str, Any]]) -> None:
+        self.secrets = secrets
+        self.reads: list[tuple[str, str]] = []
+
+    def read_namespaced_secret(self, name: str, namespace: str,
+                               _preload_content: bool = True) -> Any:
+        import json
+        import types
+
+        self.reads.append((namespace, name))
+        return types.SimpleNamespace(data=json.dumps(self.secrets[name]).encode())
+
+
+async def test_api_key_secrets_are_followed_hashed_and_scoped() -> None:
+    import asyncio
+
+    from kvroute_router.datastore.api_keys import api_key_digest
+
+    store = Datastore()
+    source = KubernetesSource(store, namespace="inference")
+    source._loop = asyncio.get_running_loop()
+    keys = _secret("keys", {"alice": "key-a", "bob": "key-b1\nkey-b2\n"})
+    core = FakeCore({"keys": keys,
+                     "late": {"metadata": {"name": "late", "namespace": "inference"},
+                              "stringData": {"carol": "key-c"}}})
+    source._core = core
+    # Secrets are listed before any policy names them: nothing is kept.
+    source._relist("secrets", [keys, _secret("unrelated", {"password": "hunter2"})])
+    assert store.api_key_secrets() == []
+    source._relist("routepolicies", [_keyed_policy("chat", "keys"), _keyed_policy("plain", None)])
+    # Named now, but the watch already passed it: the source reads it (in a thread).
+    for _ in range(100):
+        if store.api_keys("inference/keys") is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert core.reads == [("inference", "keys")]
+    table = store.api_keys("inference/keys")
+    assert table == {api_key_digest("key-a"): "alice", api_key_digest("key-b1"): "bob",
+                     api_key_digest("key-b2"): "bob"}
+    assert "key-a" not in repr(store._api_keys) and "hunter2" not in repr(store._api_keys)
+    # Other Secrets, and Secrets of the same name in another namespace, are ignored.
+    source._event("secrets", "ADDED", _secret("keys", {"mallory": "key-m"}, namespace="other"))
+    source._event("secrets", "ADDED", _secret("unrelated", {"x": "y"}))
+    assert store.api_key_secrets() == ["inference/keys"]
+    # A rotated key applies; the datastore version moves so the budget hook rebuilds.
+    version = store.version
+    source._event("secrets", "MODIFIED", _secret("keys", {"alice": "key-a2"}))
+    assert store.version > version
+    assert store.api_keys("inference/keys") == {api_key_digest("key-a2"): "alice"}
+    # A policy naming a Secret the watch has not delivered: read through the API.
+    source._event("routepolicies", "ADDED", _keyed_policy("late", "late"))
+    for _ in range(100):
+        if store.api_keys("inference/late") is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert store.api_keys("inference/late") == {api_key_digest("key-c"): "carol"}
+    # The Secret is deleted, then no policy names it any more: forgotten.
+    source._event("secrets", "DELETED", _secret("keys", {}))
+    assert store.api_keys("inference/keys") is None
+    source._event("routepolicies", "DELETED", _keyed_policy("late", "late"))
+    assert store.api_keys("inference/late") is None
+
+
+async def test_unreadable_secret_logs_its_name_but_never_a_key(caplog: Any) -> None:
+    import asyncio
+
+    store = Datastore()
+    source = KubernetesSource(store, namespace="inference")
+    source._loop = asyncio.get_running_loop()
+    source._core = FakeCore({})  # KeyError on read: "not found"
+    source._event("secrets", "ADDED", _secret("keys", {"alice": "sekrit-key"}))
+    with caplog.at_level("DEBUG"):
+        source._relist("routepolicies", [_keyed_policy("chat", "keys")])
+        for _ in range(100):
+            if not source._fetching:
+                break
+            await asyncio.sleep(0.01)
+        source._event("secrets", "MODIFIED", _secret("keys", {"alice": "sekrit-key"}))
+    assert "inference/keys" in caplog.text
+    assert "sekrit" not in caplog.text
+    assert store.api_keys("inference/keys") is not None

@@ -252,17 +252,19 @@ async def bench_proxy(iterations: int) -> dict[str, Any]:
 
 READING = (
     "Reading: the built-in path's cost is mostly hashing the prompt into blocks and the "
-    "per-endpoint score loop (64 endpoints, 3 scorers). The prefix-precise row is dominated "
-    "(about 80% in a profile) by recomputing vLLM's SHA-256/CBOR block hashes of every 16-token "
-    "block in Python (the `kvevents` package); the gRPC row adds a loopback round trip and "
-    "protobuf (de)serialisation of 4,096 token ids to the decision. The proxy row is the extra "
-    "hop: parse, decide, relay through a pooled keep-alive connection.")
+    "per-endpoint score loop (64 endpoints, 3 scorers). The prefix-precise row is mostly vLLM's "
+    "SHA-256/CBOR block hashes of the prompt's 16-token blocks (the `kvevents` package): the "
+    "3k-token tenant prefixes come from the hasher's block memo, the 1k new tokens are encoded "
+    "with numpy and hashed block by block. The gRPC row adds a loopback round trip and protobuf "
+    "(de)serialisation of 4,096 token ids to the decision. The proxy row is the extra hop: "
+    "parse, decide, relay through a pooled keep-alive connection.")
 
 
-def _report(results: dict[str, Any], command: str) -> str:
+def report(results: dict[str, Any], command: str, script: str = "bench/decision_path.py") -> str:
+    """The 64-endpoint sections (``bench/overhead_sweep.py`` appends its sweep to them)."""
     lines = ["# Router overhead", "",
-             "Measured by `bench/decision_path.py` (one process, one thread for the decision "
-             "path; router and fake engine as separate processes for the proxy).", "",
+             f"Measured by `{script}` (one process, one thread for the decision path; router "
+             "and fake engine as separate processes for the proxy).", "",
              f"Command: `{command}`", "",
              f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
              f"cores, Python {platform.python_version()}; shared with other work while measured, "
@@ -330,7 +332,7 @@ def main() -> int:
     print(json.dumps(results, indent=2))
     command = "python bench/decision_path.py " + " ".join(sys.argv[1:])
     if args.write:
-        Path(args.write).write_text(_report(results, command.strip()))
+        Path(args.write).write_text(report(results, command.strip()))
     return 0
 
 

@@ -1,5 +1,7 @@
 """Pure computation of a RoutePolicy's budget status from measured usage: per budget the spend
-against its USD limit and the token rate against tokensPerMinute, the highest percentage, and
+against its USD limit, the token rate against tokensPerMinute, the admitted request rate against
+requestsPerMinute and the requests in flight against maxConcurrency; the highest percentage of
+any of them (``percentUsed``; BudgetStatus has dedicated fields for the USD limit only), and
 the BudgetExhausted condition."""
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ def budget_status(budget: BudgetSpec, usage: BudgetUsage) -> BudgetStatus:
         shares.append(usage.spent_usd / budget.usd)
     if budget.tokens_per_minute is not None and usage.tokens_per_minute is not None:
         shares.append(usage.tokens_per_minute / budget.tokens_per_minute)
+    if budget.requests_per_minute is not None and usage.requests_per_minute is not None:
+        shares.append(usage.requests_per_minute / budget.requests_per_minute)
+    if budget.max_concurrency is not None and usage.in_flight is not None:
+        shares.append(usage.in_flight / budget.max_concurrency)
     percent = math.floor(max(shares, default=0.0) * 100)
     tenant = budget.tenant if budget.tenant != "*" or usage.tenant is None else usage.tenant
     return BudgetStatus(

@@ -5,8 +5,12 @@ Metric names live here once:
 
 * engine metrics (vLLM): :data:`WAITING_METRIC`, :data:`KV_USAGE_METRIC`, selected by the
   ``namespace`` and ``pod`` labels that Prometheus' Kubernetes pod discovery attaches;
-* router budget counters: :data:`BUDGET_SPEND_METRIC` and :data:`BUDGET_TOKENS_METRIC`, labelled
-  ``policy``, ``budget`` and ``tenant`` (the router's budget ledger exports them).
+* router budget metrics: :data:`BUDGET_SPEND_METRIC`, :data:`BUDGET_TOKENS_METRIC`,
+  :data:`BUDGET_REQUESTS_METRIC` (counters) and :data:`BUDGET_IN_FLIGHT_METRIC` (gauge, per
+  replica), labelled ``policy_namespace``, ``policy``, ``budget`` and ``tenant`` (the router's
+  budget ledger exports them). One budget kind per limit: ``usd`` → spend over the window,
+  ``tokensPerMinute`` → token rate, ``requestsPerMinute`` → admitted request rate,
+  ``maxConcurrency`` → requests in flight summed over replicas.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ WAITING_METRIC: Final = "vllm:num_requests_waiting"
 KV_USAGE_METRIC: Final = "vllm:kv_cache_usage_perc"
 BUDGET_SPEND_METRIC: Final = "kvroute_budget_spend_usd_total"
 BUDGET_TOKENS_METRIC: Final = "kvroute_budget_tokens_total"
+BUDGET_REQUESTS_METRIC: Final = "kvroute_budget_requests_total"
+BUDGET_IN_FLIGHT_METRIC: Final = "kvroute_budget_in_flight"
+BUDGET_NAMESPACE_LABEL: Final = "policy_namespace"
 QUERY_TIMEOUT_SECONDS: Final = 5
 
 
@@ -49,11 +56,15 @@ def selector_matchers(namespace: str, pod_names: list[str]) -> str:
 
 @dataclass(frozen=True)
 class BudgetUsage:
-    """Usage of one budget: the worst tenant's spend in the window and token rate."""
+    """Usage of one budget by its worst tenant (the one closest to any of its limits): spend in
+    the window, tokens and admitted requests per minute, requests in flight. ``None`` for a
+    limit the budget does not set."""
 
     spent_usd: float | None
     tokens_per_minute: float | None
     tenant: str | None
+    requests_per_minute: float | None = None
+    in_flight: float | None = None
 
 
 class PrometheusMetrics:
@@ -97,34 +108,45 @@ class PrometheusMetrics:
         kv = await self.by_label(f"max by (pod) ({KV_USAGE_METRIC}{{{matchers}}})", "pod")
         return PoolLoad(waiting_requests=waiting, kv_cache_usage=kv)
 
-    async def budget_usage(self, policy: str, budget: BudgetSpec) -> BudgetUsage:
-        """Spend over the budget's window and tokens per minute, per tenant; the worst tenant
-        counts (a ``*`` budget applies to each tenant separately)."""
+    async def budget_usage(self, policy: str, budget: BudgetSpec,
+                           namespace: str | None = None) -> BudgetUsage:
+        """Usage of every limit the budget sets, per tenant; the worst tenant counts (a ``*``
+        budget applies to each tenant separately). ``namespace``: the policy's, matched on the
+        ``policy_namespace`` label, so same-named policies of other namespaces do not count."""
         matchers = f'policy="{_quote(policy)}",budget="{_quote(budget.name)}"'
+        if namespace is not None:
+            matchers = f'{BUDGET_NAMESPACE_LABEL}="{_quote(namespace)}",' + matchers
         if budget.tenant != "*":
             matchers += f',tenant="{_quote(budget.tenant)}"'
-        spent: dict[str, float] = {}
-        tokens: dict[str, float] = {}
+        measured: dict[str, tuple[float, dict[str, float]]] = {}
         if budget.usd is not None:
-            spent = await self.by_label(
+            measured["usd"] = (budget.usd, await self.by_label(
                 f"sum by (tenant) (increase({BUDGET_SPEND_METRIC}{{{matchers}}}"
-                f"[{budget.window}]))", "tenant")
+                f"[{budget.window}]))", "tenant"))
         if budget.tokens_per_minute is not None:
-            tokens = await self.by_label(
+            measured["tokens"] = (budget.tokens_per_minute, await self.by_label(
                 f"sum by (tenant) (rate({BUDGET_TOKENS_METRIC}{{{matchers}}}[1m])) * 60",
-                "tenant")
+                "tenant"))
+        if budget.requests_per_minute is not None:
+            measured["requests"] = (budget.requests_per_minute, await self.by_label(
+                f"sum by (tenant) (rate({BUDGET_REQUESTS_METRIC}{{{matchers},"
+                f'outcome=~"admitted|downgraded"}}[1m])) * 60', "tenant"))
+        if budget.max_concurrency is not None:
+            measured["concurrency"] = (budget.max_concurrency, await self.by_label(
+                f"sum by (tenant) ({BUDGET_IN_FLIGHT_METRIC}{{{matchers}}})", "tenant"))
         worst_tenant: str | None = None
         worst = -1.0
-        for tenant in set(spent) | set(tokens):
-            share = max(spent.get(tenant, 0.0) / budget.usd if budget.usd else 0.0,
-                        tokens.get(tenant, 0.0) / budget.tokens_per_minute
-                        if budget.tokens_per_minute else 0.0)
+        for tenant in sorted({t for _, values in measured.values() for t in values}):
+            share = max(values.get(tenant, 0.0) / limit for limit, values in measured.values())
             if share > worst:
                 worst, worst_tenant = share, tenant
-        return BudgetUsage(
-            spent_usd=spent.get(worst_tenant, 0.0) if budget.usd is not None and worst_tenant
-            else (0.0 if budget.usd is not None else None),
-            tokens_per_minute=tokens.get(worst_tenant, 0.0)
-            if budget.tokens_per_minute is not None and worst_tenant
-            else (0.0 if budget.tokens_per_minute is not None else None),
-            tenant=worst_tenant)
+
+        def of(kind: str) -> float | None:
+            if kind not in measured:
+                return None
+            values = measured[kind][1]
+            return values.get(worst_tenant, 0.0) if worst_tenant is not None else 0.0
+
+        return BudgetUsage(spent_usd=of("usd"), tokens_per_minute=of("tokens"),
+                           tenant=worst_tenant, requests_per_minute=of("requests"),
+                           in_flight=of("concurrency"))

@@ -289,7 +289,8 @@ async def reconcile_policy(ctx: OperatorContext, body: kopf.Body) -> None:
                                        "start the operator with --prometheus-url to see usage"))
     else:
         try:
-            usage = {b.name: await prometheus.budget_usage(policy.metadata.name, b)
+            usage = {b.name: await prometheus.budget_usage(policy.metadata.name, b,
+                                                           namespace or "default")
                      for b in policy.spec.budgets}
         except PrometheusUnavailableError as exc:
             updates.append(ConditionUpdate("BudgetExhausted", "Unknown",

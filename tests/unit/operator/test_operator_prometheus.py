@@ -14,6 +14,8 @@ from aiohttp import web
 from kvroute_api.route_policy import BudgetSpec
 from kvroute_operator.budgets import policy_budget_status
 from kvroute_operator.prometheus import (
+    BUDGET_IN_FLIGHT_METRIC,
+    BUDGET_REQUESTS_METRIC,
     BUDGET_SPEND_METRIC,
     BUDGET_TOKENS_METRIC,
     PrometheusMetrics,
@@ -108,6 +110,33 @@ async def test_within_budget(prometheus: tuple[PrometheusServer, str]) -> None:
     usage = {"b": await PrometheusMetrics(url).budget_usage("p", budget)}
     _, used, condition = policy_budget_status([budget], usage)
     assert used == 10 and condition.status == "False" and condition.reason == "WithinBudget"
+
+
+async def test_request_rate_and_concurrency_count_towards_percent_used(
+        prometheus: tuple[PrometheusServer, str]) -> None:
+    """requestsPerMinute and maxConcurrency budgets: the admitted request rate and the requests
+    in flight (summed over router replicas) are read, in the policy's namespace only."""
+    server, url = prometheus
+    server.rules = [
+        (rf"{BUDGET_REQUESTS_METRIC}.*budget=\"rpm\"",
+         [sample({"tenant": "a"}, 30.0), sample({"tenant": "b"}, 90.0)]),
+        (rf"{BUDGET_IN_FLIGHT_METRIC}.*budget=\"lanes\"", [sample({"tenant": "a"}, 4.0)]),
+    ]
+    budgets = [BudgetSpec.model_validate(b) for b in (
+        {"name": "rpm", "requestsPerMinute": 100},
+        {"name": "lanes", "maxConcurrency": 4},
+    )]
+    metrics = PrometheusMetrics(url)
+    usage = {b.name: await metrics.budget_usage("chat", b, "team-a") for b in budgets}
+    assert usage["rpm"].requests_per_minute == 90.0 and usage["rpm"].tenant == "b"
+    assert usage["rpm"].spent_usd is None and usage["rpm"].in_flight is None
+    assert usage["lanes"].in_flight == 4.0
+    statuses, used, condition = policy_budget_status(budgets, usage)
+    assert [s.percent_used for s in statuses] == [90, 100]
+    assert used == 100 and condition.status == "True" and "lanes" in condition.message
+    assert all('policy_namespace="team-a"' in q for q in server.queries)
+    rate = next(q for q in server.queries if BUDGET_REQUESTS_METRIC in q)
+    assert 'outcome=~"admitted|downgraded"' in rate and "[1m]" in rate
 
 
 async def test_unreachable_prometheus_is_an_error() -> None:

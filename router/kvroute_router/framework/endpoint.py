@@ -7,8 +7,15 @@ The datastore owns :class:`Endpoint` objects and mutates them (the scraper repla
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from kvroute_router.framework.cycle_state import CycleState
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +78,175 @@ class Endpoint:
             return False
         return (time.monotonic() if now is None else now) >= self.unavailable_until
 
-    def running_estimate(self) -> float:
+    def fresh_metrics(self, stale_after_s: float, now: float) -> EndpointMetrics | None:
+        """The latest snapshot if it is at most ``stale_after_s`` old at ``now``, else None."""
+        m = self.metrics
+        if m is None or now - m.scraped_at > stale_after_s:
+            return None
+        return m
+
+    # The load estimates below are the one definition of an endpoint's load that every
+    # load-aware plugin (load-headroom, queue-depth, running-requests) and admission use.
+    # ``stale_after_s``/``now`` make them staleness-aware: a snapshot older than that is not
+    # read, and ``stale_value`` (the plugins pass 0, or the fresh candidates' average) stands
+    # in for its number; the router's own counts always apply. Without ``now`` the snapshot is
+    # used whatever its age.
+
+    def running_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
+                         stale_value: float = 0.0) -> float:
         """Running requests: the engine's number, or this router's own in-flight count when
         that is larger (fresh dispatches are not in the snapshot yet)."""
-        scraped = self.metrics.running if self.metrics else 0.0
-        return max(scraped, float(self.in_flight))
+        m = self.metrics
+        if m is None:
+            scraped = stale_value
+        elif now is None or now - m.scraped_at <= stale_after_s:
+            scraped = m.running
+        else:
+            scraped = stale_value
+        in_flight = float(self.in_flight)
+        return in_flight if in_flight > scraped else scraped  # max(scraped, in_flight)
 
-    def waiting_estimate(self) -> float:
+    def waiting_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
+                         stale_value: float = 0.0) -> float:
         """Waiting requests, counting dispatches after the snapshot as waiting."""
-        scraped = self.metrics.waiting if self.metrics else 0.0
+        m = self.metrics
+        if m is None:
+            scraped = stale_value
+        elif now is None or now - m.scraped_at <= stale_after_s:
+            scraped = m.waiting
+        else:
+            scraped = stale_value
         return scraped + float(self.dispatched_since_scrape)
+
+    def kv_usage_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
+                          stale_value: float = 0.0) -> float:
+        """KV-cache utilisation (0-1) of the snapshot; ``stale_value`` when stale or missing."""
+        m = self.metrics
+        if m is None or (now is not None and now - m.scraped_at > stale_after_s):
+            return stale_value
+        return m.kv_cache_usage
+
+
+@dataclass(frozen=True, slots=True)
+class LoadEstimates:
+    """The load estimates of :class:`Endpoint` for a whole candidate list at once, as arrays
+    (one entry per endpoint, in order), for plugins that look at every endpoint of a pool per
+    request. Entry *i* of ``waiting(v)``, ``running(v)`` and ``kv_usage(v)`` equals
+    ``endpoints[i].waiting_estimate(stale_after_s, now, v)`` (resp. ``running_estimate``,
+    ``kv_usage_estimate``): the same definition, computed in one pass
+    (``tests/unit/router/test_plugins_load_estimates.py`` checks the equality).
+
+    :meth:`for_cycle` computes them once per candidate list and scheduling cycle and keeps
+    them in the :class:`CycleState`, so the ``load-headroom`` filter and the load scorers share
+    one pass over the endpoints."""
+
+    endpoints: Sequence[Endpoint]
+    fresh: npt.NDArray[np.bool_]
+    """Whether the snapshot is at most ``stale_after_s`` old (False without one)."""
+    scraped_waiting: npt.NDArray[np.float64]
+    scraped_running: npt.NDArray[np.float64]
+    scraped_kv_usage: npt.NDArray[np.float64]
+    """The snapshot's numbers (0 where not fresh)."""
+    dispatched_since_scrape: npt.NDArray[np.float64]
+    in_flight: npt.NDArray[np.float64]
+    stale_after_s: float
+    now: float
+
+    @classmethod
+    def of(cls, endpoints: Sequence[Endpoint], stale_after_s: float,
+           now: float) -> LoadEstimates:
+        # One comprehension per column and no call per endpoint: this runs over the pool.
+        ms = [ep.metrics or _NO_METRICS for ep in endpoints]
+        f64 = np.float64
+        fresh = ~(now - np.array([m.scraped_at for m in ms], dtype=f64) > stale_after_s)
+        all_fresh = bool(fresh.all())
+
+        def column(values: list[float]) -> npt.NDArray[np.float64]:
+            array = np.array(values, dtype=f64)
+            return array if all_fresh else np.where(fresh, array, 0.0)
+
+        return cls(endpoints=endpoints, fresh=fresh,
+                   scraped_waiting=column([m.waiting for m in ms]),
+                   scraped_running=column([m.running for m in ms]),
+                   scraped_kv_usage=column([m.kv_cache_usage for m in ms]),
+                   dispatched_since_scrape=np.array(
+                       [ep.dispatched_since_scrape for ep in endpoints], dtype=f64),
+                   in_flight=np.array([ep.in_flight for ep in endpoints], dtype=f64),
+                   stale_after_s=stale_after_s, now=now)
+
+    @classmethod
+    def for_cycle(cls, state: CycleState, endpoints: Sequence[Endpoint],
+                  stale_after_s: float, now: float) -> LoadEstimates:
+        """The estimates of ``endpoints`` (this very list) for this cycle: computed on first
+        use, then shared by every plugin that asks for the same list and staleness limit
+        (the first caller's ``now`` holds for the cycle)."""
+        cached = state.read(STATE_LOAD_ESTIMATES, list)
+        if cached:
+            for entry in cached:
+                if entry.endpoints is endpoints and entry.stale_after_s == stale_after_s:
+                    return entry  # type: ignore[no-any-return]
+        estimates = cls.of(endpoints, stale_after_s, now)
+        if cached is None:
+            state.write(STATE_LOAD_ESTIMATES, [estimates])
+        else:
+            cached.append(estimates)
+        return estimates
+
+    def subset(self, keep: npt.NDArray[np.bool_], endpoints: Sequence[Endpoint],
+               state: CycleState | None = None) -> LoadEstimates:
+        """The estimates of the endpoints where ``keep`` is True, which must be ``endpoints``
+        (a filter's result); remembered in ``state`` for the plugins after the filter."""
+        sub = LoadEstimates(
+            endpoints=endpoints, fresh=self.fresh[keep],
+            scraped_waiting=self.scraped_waiting[keep],
+            scraped_running=self.scraped_running[keep],
+            scraped_kv_usage=self.scraped_kv_usage[keep],
+            dispatched_since_scrape=self.dispatched_since_scrape[keep],
+            in_flight=self.in_flight[keep], stale_after_s=self.stale_after_s, now=self.now)
+        if state is not None:
+            cached = state.read(STATE_LOAD_ESTIMATES, list)
+            if cached is None:
+                state.write(STATE_LOAD_ESTIMATES, [sub])
+            else:
+                cached.append(sub)
+        return sub
+
+    def fresh_average(self, column: npt.NDArray[np.float64]) -> float:
+        """Average of ``column`` over the fresh entries (0 when none is), summed in order."""
+        total = 0.0
+        count = 0
+        for value, fresh in zip(column.tolist(), self.fresh.tolist(), strict=True):
+            if fresh:
+                total += value
+                count += 1
+        return total / count if count else 0.0
+
+    def _scraped(self, column: npt.NDArray[np.float64],
+                 stale_value: float | None) -> npt.NDArray[np.float64]:
+        if bool(self.fresh.all()):
+            return column
+        if stale_value is None:  # the fresh candidates' average
+            stale_value = self.fresh_average(column)
+        return np.where(self.fresh, column, stale_value)
+
+    def waiting(self, stale_value: float | None = 0.0) -> npt.NDArray[np.float64]:
+        """``Endpoint.waiting_estimate`` per endpoint; ``stale_value=None``: the fresh
+        endpoints' average stands in for a stale snapshot."""
+        return self._scraped(self.scraped_waiting, stale_value) + self.dispatched_since_scrape
+
+    def running(self, stale_value: float | None = 0.0) -> npt.NDArray[np.float64]:
+        """``Endpoint.running_estimate`` per endpoint (see :meth:`waiting`)."""
+        scraped = self._scraped(self.scraped_running, stale_value)
+        return np.where(self.in_flight > scraped, self.in_flight, scraped)
+
+    def kv_usage(self, stale_value: float | None = 0.0) -> npt.NDArray[np.float64]:
+        """``Endpoint.kv_usage_estimate`` per endpoint (see :meth:`waiting`)."""
+        return self._scraped(self.scraped_kv_usage, stale_value)
+
+
+STATE_LOAD_ESTIMATES = "load/estimates"
+"""CycleState key: the cycle's :class:`LoadEstimates` (list, one per candidate list)."""
+
+
+_NO_METRICS = EndpointMetrics(scraped_at=-math.inf)
+"""Stands in for a missing snapshot in :meth:`LoadEstimates.of` (always stale)."""

@@ -68,6 +68,17 @@ class Picker(Protocol):
 
 
 @runtime_checkable
+class IndexPicker(Protocol):
+    """Optional fast path of a :class:`Picker`: ranks candidates from their weighted totals
+    (one per candidate, in order) and returns candidate indices, best first (at most
+    ``limit``). It must order exactly as ``pick`` would; the profile then builds
+    :class:`ScoredEndpoint` objects only for the returned candidates."""
+
+    def pick_indices(self, state: CycleState, request: LLMRequest, totals: Sequence[float],
+                     limit: int) -> list[int]: ...
+
+
+@runtime_checkable
 class DispatchObserver(Protocol):
     """Told when the request is sent to an endpoint (after the pick, once per attempt)."""
 

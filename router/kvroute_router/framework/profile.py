@@ -13,6 +13,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.plugins import (
@@ -47,9 +50,27 @@ class WeightedScorer:
     type_name: str
 
 
+def is_soft(flt: Filter) -> bool:
+    """Whether ``flt`` removes endpoints only for load (class attribute ``SOFT = True``): what
+    it removes stays a last-resort retry target instead of being dropped."""
+    return bool(getattr(flt, "SOFT", False))
+
+
 @dataclass
 class SchedulerProfile:
-    """Filters → weighted scorers → picker."""
+    """Filters → weighted scorers → picker.
+
+    Hard filters (health, the gateway's subset: an endpoint they remove must not be used) run
+    before soft ones (``SOFT = True``, e.g. ``load-headroom``: an endpoint it removes is still a
+    last-resort retry target). The profile enforces that order when it is built (a stable
+    partition of ``filters``), so an endpoint a hard filter would drop is never held back as a
+    retry target by a soft filter that ran first.
+
+    Scores are clamped and summed per endpoint in NumPy arrays; a picker with
+    ``pick_indices(state, request, totals, limit) -> list[int]`` (both built-ins) ranks from
+    the totals, and only the endpoints it returns get a :class:`ScoredEndpoint` (with their
+    per-scorer scores); other pickers get every candidate's ``ScoredEndpoint`` through ``pick``.
+    """
 
     name: str
     filters: list[Filter]
@@ -59,6 +80,11 @@ class SchedulerProfile:
     degraded: dict[str, str] = field(default_factory=dict)
     """Requested scorer type → the type that stands in for it."""
 
+    def __post_init__(self) -> None:
+        hard = [f for f in self.filters if not is_soft(f)]
+        soft = [f for f in self.filters if is_soft(f)]
+        self.filters = hard + soft
+
     def run(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint],
             limit: int) -> list[ScoredEndpoint]:
         """One scheduling cycle; returns up to ``limit`` endpoints, best first (empty when the
@@ -67,27 +93,33 @@ class SchedulerProfile:
         held_back: list[Endpoint] = []
         for flt in self.filters:
             kept = flt.filter(state, request, candidates)
-            if getattr(flt, "SOFT", False):
+            if len(kept) < len(candidates) and is_soft(flt):
                 # Removed only for load: still better than nothing as a retry target.
                 names = {ep.name for ep in kept}
                 held_back.extend(ep for ep in candidates if ep.name not in names)
             candidates = kept
             if not candidates:
                 return []
-        scored = [ScoredEndpoint(ep) for ep in candidates]
+        count = len(candidates)
+        totals = np.zeros(count)
+        columns: list[tuple[str, npt.NDArray[np.float64]]] = []
         for weighted in self.scorers:
             values = weighted.scorer.score(state, request, candidates)
-            if len(values) != len(scored):
+            if len(values) != count:
                 raise ValueError(f"scorer {weighted.type_name} returned {len(values)} scores "
-                                 f"for {len(scored)} endpoints")
-            name = weighted.type_name
-            weight = weighted.weight
-            for entry, value in zip(scored, values, strict=False):
-                if not 0.0 <= value <= 1.0:  # clamp; NaN fails both tests → 0
-                    value = 1.0 if value > 1.0 else 0.0
-                entry.by_scorer[name] = value
-                entry.total += weight * value
-        ranked = self.picker.pick(state, request, scored, limit)
+                                 f"for {count} endpoints")
+            column = np.asarray(values, dtype=np.float64)
+            # Clamp to [0, 1]; NaN fails both tests → 0.
+            column = np.where(column > 1.0, 1.0, np.where(column >= 0.0, column, 0.0))
+            columns.append((weighted.type_name, column))
+            totals += weighted.weight * column
+        pick_indices = getattr(self.picker, "pick_indices", None)
+        if pick_indices is not None:
+            order: list[int] = pick_indices(state, request, totals, limit)
+            ranked = [_scored(candidates[i], i, totals, columns) for i in order]
+        else:
+            scored = [_scored(ep, i, totals, columns) for i, ep in enumerate(candidates)]
+            ranked = self.picker.pick(state, request, scored, limit)
         if len(ranked) < limit and held_back:
             ranked.extend(ScoredEndpoint(ep) for ep in held_back[:limit - len(ranked)])
         return ranked
@@ -95,6 +127,12 @@ class SchedulerProfile:
     def dispatched(self, state: CycleState, request: LLMRequest, endpoint: Endpoint) -> None:
         for observer in self.observers:
             observer.on_dispatch(state, request, endpoint)
+
+
+def _scored(endpoint: Endpoint, i: int, totals: npt.NDArray[np.float64],
+            columns: list[tuple[str, npt.NDArray[np.float64]]]) -> ScoredEndpoint:
+    return ScoredEndpoint(endpoint, float(totals[i]),
+                          {name: float(column[i]) for name, column in columns})
 
 
 def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -> SchedulerProfile:

@@ -23,7 +23,10 @@ class HealthyFilter:
     def filter(self, state: CycleState, request: LLMRequest,
                endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         now = time.monotonic()
-        return [ep for ep in endpoints if ep.healthy(now, self.max_scrape_failures)]
+        limit = self.max_scrape_failures
+        # Endpoint.healthy, inlined: this runs over every endpoint of the pool per request.
+        return [ep for ep in endpoints
+                if ep.scrape_failures < limit and now >= ep.unavailable_until]
 
     @classmethod
     def build(cls, context: PluginContext) -> HealthyFilter:

@@ -8,10 +8,9 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from kvroute_router.framework.cycle_state import CycleState
-from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.endpoint import Endpoint, LoadEstimates
 from kvroute_router.framework.registry import PluginContext
 from kvroute_router.framework.request import LLMRequest
-from kvroute_router.plugins.load_values import fresh_or_average
 
 
 class KVUtilizationScorer:
@@ -23,9 +22,9 @@ class KVUtilizationScorer:
 
     def score(self, state: CycleState, request: LLMRequest,
               endpoints: Sequence[Endpoint]) -> list[float]:
-        usage = fresh_or_average(endpoints, self.stale_after_s, time.monotonic(),
-                                 lambda m: m.kv_cache_usage)
-        return [1.0 - u for u in usage]
+        loads = LoadEstimates.for_cycle(state, endpoints, self.stale_after_s, time.monotonic())
+        scores: list[float] = (1.0 - loads.kv_usage(stale_value=None)).tolist()
+        return scores
 
     @classmethod
     def build(cls, context: PluginContext) -> KVUtilizationScorer:

@@ -18,7 +18,9 @@ whose waiting queue equals the smallest one), never an empty list: routing conti
 admission control (which sees the same saturation) decides about queueing or shedding.
 
 Endpoints whose metrics are stale or missing are judged by the router's own dispatch count
-only (an old number neither saturates nor clears an endpoint).
+only (an old number neither saturates nor clears an endpoint). The numbers are
+:meth:`Endpoint.waiting_estimate` and :meth:`Endpoint.kv_usage_estimate` with a stale value of
+0, the same estimates the load scorers use.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from kvroute_router.framework.cycle_state import CycleState
-from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.endpoint import Endpoint, LoadEstimates
 from kvroute_router.framework.registry import PluginContext
 from kvroute_router.framework.request import LLMRequest
 
@@ -58,28 +60,32 @@ class LoadHeadroomFilter:
 
     def load_of(self, endpoint: Endpoint, now: float) -> tuple[float, float]:
         """(waiting estimate, KV utilisation) of ``endpoint``; stale metrics count as 0."""
-        m = endpoint.metrics
-        queued = float(endpoint.dispatched_since_scrape)
-        if m is None or now - m.scraped_at > self.stale_after_s:
-            return queued, 0.0
-        return m.waiting + queued, m.kv_cache_usage
+        return (endpoint.waiting_estimate(self.stale_after_s, now),
+                endpoint.kv_usage_estimate(self.stale_after_s, now))
 
     def filter(self, state: CycleState, request: LLMRequest,
                endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         if len(endpoints) <= 1:
             return list(endpoints)
-        now = time.monotonic()
-        loads = [self.load_of(ep, now) for ep in endpoints]
-        kept = [ep for ep, (waiting, kv) in zip(endpoints, loads, strict=True)
-                if waiting < self.max_waiting and kv < self.max_kv_utilization]
-        if not kept:
-            least = min(waiting for waiting, _ in loads)
+        loads = LoadEstimates.for_cycle(state, endpoints, self.stale_after_s, time.monotonic())
+        waiting = loads.waiting()
+        keep = (waiting < self.max_waiting) & (loads.kv_usage() < self.max_kv_utilization)
+        if not keep.any():
+            least = waiting.min()
             state.write(STATE_SATURATED, [])
-            return [ep for ep, (waiting, _) in zip(endpoints, loads, strict=True)
-                    if waiting <= least]
-        if len(kept) < len(endpoints):
-            names = {ep.name for ep in kept}
-            state.write(STATE_SATURATED, [ep.name for ep in endpoints if ep.name not in names])
+            keep = waiting <= least
+            kept = [ep for ep, k in zip(endpoints, keep.tolist(), strict=True) if k]
+            loads.subset(keep, kept, state)
+            return kept
+        if keep.all():
+            kept = list(endpoints)
+            loads.subset(keep, kept, state)
+            return kept
+        flags = keep.tolist()
+        kept = [ep for ep, k in zip(endpoints, flags, strict=True) if k]
+        state.write(STATE_SATURATED,
+                    [ep.name for ep, k in zip(endpoints, flags, strict=True) if not k])
+        loads.subset(keep, kept, state)
         return kept
 
     @classmethod

@@ -1,5 +1,7 @@
 """``queue-depth``: prefers endpoints with fewer waiting requests (the engine's
-``vllm:num_requests_waiting`` plus this router's dispatches since that scrape)."""
+``vllm:num_requests_waiting`` plus this router's dispatches since that scrape, i.e.
+:meth:`Endpoint.waiting_estimate`; a stale snapshot's number is replaced by the fresh
+candidates' average)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from kvroute_router.framework.cycle_state import CycleState
-from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.endpoint import Endpoint, LoadEstimates
 from kvroute_router.framework.registry import PluginContext
 from kvroute_router.framework.request import LLMRequest
-from kvroute_router.plugins.load_values import fresh_or_average, less_is_better
+from kvroute_router.plugins.load_values import less_is_better
 
 
 class QueueDepthScorer:
@@ -23,10 +25,8 @@ class QueueDepthScorer:
 
     def score(self, state: CycleState, request: LLMRequest,
               endpoints: Sequence[Endpoint]) -> list[float]:
-        scraped = fresh_or_average(endpoints, self.stale_after_s, time.monotonic(),
-                                   lambda m: m.waiting)
-        return less_is_better([s + ep.dispatched_since_scrape
-                               for s, ep in zip(scraped, endpoints, strict=True)])
+        loads = LoadEstimates.for_cycle(state, endpoints, self.stale_after_s, time.monotonic())
+        return less_is_better(loads.waiting(stale_value=None))
 
     @classmethod
     def build(cls, context: PluginContext) -> QueueDepthScorer:

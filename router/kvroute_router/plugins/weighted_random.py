@@ -7,6 +7,8 @@ import random
 from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
+
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.plugins import ScoredEndpoint
 from kvroute_router.framework.registry import PluginContext
@@ -29,6 +31,15 @@ class WeightedRandomPicker:
         keyed = [(rnd() ** (1.0 / max(s.total, FLOOR)), i) for i, s in enumerate(scored)]
         keyed.sort(reverse=True)
         return [scored[i] for _, i in keyed[:limit]]
+
+    def pick_indices(self, state: CycleState, request: LLMRequest, totals: Sequence[float],
+                     limit: int) -> list[int]:
+        """``pick`` on the totals alone: the same keys, drawn in the same order."""
+        rnd = self.rng.random
+        values = totals.tolist() if isinstance(totals, np.ndarray) else list(totals)
+        keyed = [(rnd() ** (1.0 / max(t, FLOOR)), i) for i, t in enumerate(values)]
+        keyed.sort(reverse=True)
+        return [i for _, i in keyed[:limit]]
 
     @classmethod
     def build(cls, context: PluginContext) -> WeightedRandomPicker:

@@ -93,17 +93,19 @@ class SimEngine:
         self.refcount: dict[int, int] = {}  # cached block hash -> sequences pinning it
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unpinned cached, LRU first
         self.reserved = 0  # blocks reserved by running sequences beyond their pinned hits
+        self.pinned = 0  # cached blocks with refcount > 0 (kept up to date, not recounted)
         self.events: list[dict[str, Any]] = []  # KV events since the last drain
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.finished = 0
         self.busy_until: float | None = None
+        self.version = 0  # bumped on every change a metrics reader could see
 
     # --- capacity ------------------------------------------------------------------------
 
     def _used_blocks(self) -> int:
         """Blocks held by running sequences (pinned cached blocks + reservations)."""
-        return sum(1 for c in self.refcount.values() if c > 0) + self.reserved
+        return self.pinned + self.reserved
 
     def _free_blocks(self) -> int:
         resident = len(self.refcount)  # pinned + evictable cached blocks
@@ -125,6 +127,7 @@ class SimEngine:
     def enqueue(self, request: SimRequest) -> None:
         request.engine = self.index
         self.waiting.append(request)
+        self.version += 1
 
     def _admit(self, request: SimRequest, now: float) -> bool:
         bs = self.profile.block_size
@@ -141,8 +144,10 @@ class SimEngine:
         # Pin the hits first so eviction cannot take them.
         hits = request.hashes[:hit_blocks]
         for h in hits:
+            if self.refcount[h] == 0:
+                self.pinned += 1
+                del self.evictable[h]
             self.refcount[h] += 1
-            self.evictable.pop(h, None)
         if not self._evict(new_blocks):
             for h in hits:
                 self._unpin(h)
@@ -159,10 +164,12 @@ class SimEngine:
     def _unpin(self, block: int) -> None:
         self.refcount[block] -= 1
         if self.refcount[block] == 0:
+            self.pinned -= 1
             self.evictable[block] = None
 
     def plan_step(self, now: float) -> StepPlan | None:
         """Choose the next step's work (admitting waiting requests); None when idle."""
+        self.version += 1
         budget = self.profile.max_batched_tokens
         decode = [r for r in self.running if r.computed >= r.prompt_tokens]
         budget -= len(decode)
@@ -190,6 +197,7 @@ class SimEngine:
 
     def finish_step(self, plan: StepPlan, now: float) -> list[SimRequest]:
         """Apply a step that ended at ``now``; returns the requests that finished."""
+        self.version += 1
         bs = self.profile.block_size
         stored: list[int] = []
         for r, chunk in plan.prefill:
@@ -197,12 +205,16 @@ class SimEngine:
             r.computed += chunk
             after = min(r.computed // bs, len(r.hashes))
             for h in r.hashes[before:after]:
-                if h in self.refcount:  # computed again by a concurrent request: share it
-                    self.refcount[h] += 1
-                    self.evictable.pop(h, None)
+                count = self.refcount.get(h)
+                if count is not None:  # computed again by a concurrent request: share it
+                    if count == 0:
+                        self.pinned += 1
+                        del self.evictable[h]
+                    self.refcount[h] = count + 1
                     self.reserved -= 1
                 else:
                     self.refcount[h] = 1
+                    self.pinned += 1
                     self.reserved -= 1
                     stored.append(h)
                 r.blocks.append(h)
@@ -216,9 +228,11 @@ class SimEngine:
                                 "block_size": bs})
         done = [r for r in self.running
                 if r.computed >= r.prompt_tokens and r.generated >= r.max_tokens]
+        if done:
+            self.running = [r for r in self.running
+                            if r.computed < r.prompt_tokens or r.generated < r.max_tokens]
         for r in done:
             r.done_s = now
-            self.running.remove(r)
             total_blocks = -(-(r.prompt_tokens + r.max_tokens) // bs)
             self.reserved -= total_blocks - len(r.blocks)
             for h in r.blocks:

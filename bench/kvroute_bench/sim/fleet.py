@@ -1,6 +1,9 @@
 """The simulated fleet's event loop: arrivals, routing decisions, engine steps.
 
-Time is simulated (no sleeping): a heap holds arrivals and step completions. At an arrival
+Time is simulated (no sleeping): a heap holds arrivals, step completions and (for a picker
+that models scraping) metrics scrapes. Nothing scans the fleet per event: an engine is looked
+at when its own step ends or a request is sent to it, and KV events are collected only from
+engines that stepped since the previous decision. At an arrival
 the :class:`Picker` chooses an engine from the engines' current metrics (and, for a
 prefix-aware picker, the KV events they have published so far); an idle engine with work
 plans a step and schedules its completion. The picker is the seam where the router's own
@@ -26,7 +29,11 @@ from kvroute_bench.workloads import TraceRequest
 
 
 class Picker(Protocol):
-    """Chooses an engine for a request; sees every engine's KV events before each decision."""
+    """Chooses an engine for a request; sees every engine's KV events before each decision.
+
+    Optional: a picker with ``scrape_interval_s`` > 0 and ``scrape(engines, now)`` is called
+    every ``scrape_interval_s`` of simulated time (from the first arrival), to take the
+    metrics snapshot its decisions see until the next one (the router's scrape loop)."""
 
     def observe(self, engine: int, events: list[dict[str, Any]]) -> None: ...
 
@@ -65,11 +72,15 @@ class SimResult:
     simulated_s: float
 
 
-def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: bool = False
-                    ) -> list[SimRequest]:
+def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: bool = False,
+                    hash_blocks: bool = True) -> list[SimRequest]:
+    """The trace as simulator requests. ``hash_blocks=False`` leaves ``hashes`` empty for a
+    picker that sets them at its decision (the KV-event picker hashes with the router's
+    vLLM-compatible hasher)."""
     return [SimRequest(id=r.index, arrival_s=r.arrival_s, prompt_tokens=r.prompt_tokens,
                        max_tokens=r.max_tokens,
-                       hashes=block_hashes(r.prompt.encode(), block_size),
+                       hashes=block_hashes(r.prompt.encode(), block_size) if hash_blocks
+                       else [],
                        prompt=r.prompt if keep_text else "") for r in trace]
 
 
@@ -82,39 +93,55 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
         if r.prompt_tokens + r.max_tokens > capacity:
             raise ValueError(f"request {r.id} needs {r.prompt_tokens + r.max_tokens} tokens "
                              f"of KV cache; one engine holds {capacity}")
-    heap: list[tuple[float, int, str, Any]] = []
-    order = itertools.count()
-    for r in requests:
-        heapq.heappush(heap, (r.arrival_s, next(order), "arrive", r))
+    heap: list[tuple[float, int, str, Any]] = [
+        (r.arrival_s, i, "arrive", r) for i, r in enumerate(requests)]
+    heapq.heapify(heap)
+    order = itertools.count(len(heap))
     plans: dict[int, StepPlan] = {}
+    touched: set[int] = set()  # engines that stepped since the last decision (may have events)
     now = 0.0
+    scrape_every = float(getattr(picker, "scrape_interval_s", 0.0) or 0.0)
+    scrape = getattr(picker, "scrape", None) if scrape_every > 0 else None
+    if scrape is not None and heap:
+        now = heap[0][0]
+        scrape(engines, now)
+        heapq.heappush(heap, (now + scrape_every, next(order), "scrape", None))
 
     def kick(engine: SimEngine) -> None:
         if engine.index in plans:
             return
         plan = engine.plan_step(now)
+        touched.add(engine.index)
         if plan is not None:
             plans[engine.index] = plan
             heapq.heappush(heap, (now + engine.step_duration(plan), next(order), "step",
                                   engine))
 
+    pop = heapq.heappop
     while heap:
-        now, _, kind, item = heapq.heappop(heap)
+        now, _, kind, item = pop(heap)
         if now > max_simulated_s:
             break
-        if kind == "arrive":
-            request: SimRequest = item
-            for engine in engines:
-                events = engine.drain_events()
-                if events:
-                    picker.observe(engine.index, events)
-            choice = picker.pick(request, engines)
-            engines[choice].enqueue(request)
-            kick(engines[choice])
-        else:
+        if kind == "step":
             engine = item
             engine.finish_step(plans.pop(engine.index), now)
             kick(engine)
+        elif kind == "arrive":
+            request: SimRequest = item
+            if touched:  # only engines that stepped can have published events
+                for index in sorted(touched):
+                    events = engines[index].drain_events()
+                    if events:
+                        picker.observe(index, events)
+                touched.clear()
+            choice = picker.pick(request, engines)
+            engines[choice].enqueue(request)
+            kick(engines[choice])
+        else:  # a metrics scrape; the next one only while anything else is pending
+            assert scrape is not None
+            scrape(engines, now)
+            if heap:
+                heapq.heappush(heap, (now + scrape_every, next(order), "scrape", None))
     done = [r for r in requests if r.done_s is not None]
     ttft = [r.ttft_s for r in done if r.ttft_s is not None]
     e2e = [r.e2e_s for r in done if r.e2e_s is not None]

@@ -1,18 +1,36 @@
 """A simulator picker that runs kvroute's own scheduler: filters, weighted scorers, picker.
 
 It builds a ``SchedulerProfile`` from a RoutePolicy's ``scoring`` with the router's plugin
-registry (``register_builtin_plugins``) exactly as the router's director does, shows it one
-``Endpoint`` per simulated engine with metrics taken from that engine at decision time, and
-reports each dispatch back to the profile (so ``prefix-approx`` learns its history as in
-production). Not yet wired: the KV-event index behind ``prefix-precise`` (the simulator's
-block hashes would have to be the router's vLLM-compatible ones); until then the registry's
-fallback stands in for it, as in a router without KV events. Simulated metrics are always
-fresh: the real router scrapes every ~100 ms, so this is its best case.
+registry (``register_builtin_plugins``, plus ``prefix-precise`` from ``kvroute_router.kvevents``)
+exactly as the director does, shows it one ``Endpoint`` per simulated engine, and reports each
+dispatch back to the profile (so ``prefix-approx`` learns its history as in production).
+
+**Metrics.** With ``scrape_interval_s`` = 0 every decision sees every engine's state of that
+instant (the router's best case). With ``scrape_interval_s`` > 0 (the router scrapes every
+100 ms) the fleet loop calls :meth:`RouterPicker.scrape` every ``scrape_interval_s`` of
+simulated time and the endpoints' metrics are that snapshot; between scrapes the router's own
+counts move as in the director: a dispatch adds one to ``in_flight`` and
+``dispatched_since_scrape``, a finished request takes one off both (``end_attempt``), a scrape
+resets ``dispatched_since_scrape``. All engines are scraped at the same instants (the real
+scrapers run one loop per endpoint with independent phases; the age of a snapshot at a decision
+is uniform over [0, interval) either way).
+
+**KV events** (``precise=True``). Engines hash their prompt blocks with the router's own
+vLLM-compatible :class:`~kvroute_router.kvevents.hashing.BlockHasher` (sha256_cbor, the engine's
+block size; tokens are the prompt's bytes, as for the byte-level test model), computed once per
+request by the ``prefix-precise`` scorer at its decision and handed to the engine with the
+request. Their ``BlockStored`` / ``BlockRemoved`` events go into the router's
+:class:`~kvroute_router.kvevents.index.PrefixIndex` of the pool's ``PoolKVEvents`` (what the ZMQ
+subscriber does after decoding; the simulated feed is lossless and in order, so every endpoint
+is trustworthy), whose pending marks expire on the simulated clock.
+
+Only the engines whose state changed since the last look are re-read, so a decision costs the
+scheduler's own work, not a scan of the fleet.
 """
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,44 +47,96 @@ from kvroute_bench.sim.engine import SimEngine, SimRequest
 POOL_KEY = "sim/pool"
 
 
+class ByteTokenizer:
+    """The byte-level test model's tokenizer: one token per UTF-8 byte of the prompt text
+    (duck-typed ``PromptTokenizer.tokenize`` for ``PoolKVEvents``)."""
+
+    def tokenize(self, kind: str, body: Any, *, prompt_text: str = "") -> list[int]:
+        return list(prompt_text.encode())
+
+
 class RouterPicker:
     """Routes simulated requests with the router's scheduler profile for ``scoring``."""
 
     def __init__(self, scoring: dict[str, Any] | ScoringSpec, model: str = "sim-model",
-                 block_size: int = 32) -> None:
+                 block_size: int = 32, scrape_interval_s: float = 0.0,
+                 precise: bool = False) -> None:
         spec = scoring if isinstance(scoring, ScoringSpec) else ScoringSpec.model_validate(
             scoring)
         registry = register_builtin_plugins(PluginRegistry())
+        services = SharedServices()
+        self.now = 0.0  # simulated time of the latest decision or scrape
+        self.pool_events: Any = None
+        self._state_hashes = ""
+        if precise:
+            self._wire_kv_events(registry, services, block_size)
         context = PluginContext(scoring=spec, pool_key=POOL_KEY, pool=None,
-                                services=SharedServices(), policy_key="sim/policy")
+                                services=services, policy_key="sim/policy")
         self.profile: SchedulerProfile = build_profile(registry, context, "sim")
         self.model = model
         self.block_size = block_size
+        self.scrape_interval_s = scrape_interval_s
+        self.precise = precise
         self._endpoints: list[Endpoint] = []
+        self._position: dict[int, int] = {}  # id(endpoint) -> engine index
+        self._seen: list[int] = []  # engine.version at the last look (-1: never)
+        self._scraped: list[int] = []  # engine.version at the last scrape (-1: never)
+        self._finished: list[int] = []  # engine.finished at the last look
+
+    def _wire_kv_events(self, registry: PluginRegistry, services: SharedServices,
+                        block_size: int) -> None:
+        from kvroute_router.kvevents.hashing import BlockHashConfig
+        from kvroute_router.kvevents.hub import PoolKVEvents
+        from kvroute_router.kvevents.index import PrefixIndex
+        from kvroute_router.kvevents.scorer import STATE_HASHES, PrecisePrefixScorer, services_key
+
+        class SimPoolKVEvents(PoolKVEvents):
+            """The pool's KV-event state, fed by the simulated engines (no ZMQ)."""
+
+            def trustworthy(self, endpoint: str) -> bool:
+                return True
+
+        registry.register(PrecisePrefixScorer.TYPE, "scorer", PrecisePrefixScorer.build)
+        events = SimPoolKVEvents(BlockHashConfig(block_size=block_size),
+                                 tokenizer=ByteTokenizer())  # type: ignore[arg-type]
+        events.index = PrefixIndex(events.index.max_blocks_per_endpoint,
+                                   pending_ttl=events.index.pending_ttl, clock=self._clock)
+        services.put(services_key(POOL_KEY), events)
+        self.pool_events = events
+        self._state_hashes = STATE_HASHES
+
+    def _clock(self) -> float:
+        return self.now
+
+    # --- what the fleet loop calls -----------------------------------------------------------
 
     def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
-        return None  # the KV-event index is not wired yet (see the module docstring)
+        """KV events of ``engine`` since the last call, into the router's prefix index."""
+        if self.pool_events is None:
+            return
+        index = self.pool_events.index
+        name = f"pod-{engine}"
+        for event in events:
+            if event["type"] == "BlockStored":
+                index.store(name, event["block_hashes"])
+            elif event["type"] == "BlockRemoved":
+                index.remove(name, event["block_hashes"])
 
-    def _sync(self, engines: Sequence[SimEngine]) -> list[Endpoint]:
-        while len(self._endpoints) < len(engines):
-            i = len(self._endpoints)
-            self._endpoints.append(Endpoint(name=f"pod-{i}", address=f"10.0.0.{i}:8000",
-                                            pool=POOL_KEY))
-        now = time.monotonic()
-        for endpoint, engine in zip(self._endpoints, engines, strict=False):
-            m = engine.metrics()
-            endpoint.metrics = EndpointMetrics(
-                running=m["vllm:num_requests_running"], waiting=m["vllm:num_requests_waiting"],
-                kv_cache_usage=m["vllm:kv_cache_usage_perc"],
-                prefix_cache_queries=m["vllm:prefix_cache_queries_total"],
-                prefix_cache_hits=m["vllm:prefix_cache_hits_total"],
-                block_size=self.block_size, num_gpu_blocks=engine.profile.kv_blocks,
-                scraped_at=now)
-            endpoint.in_flight = len(engine.running) + len(engine.waiting)
+    def scrape(self, engines: Sequence[SimEngine], now: float) -> None:
+        """A metrics scrape of every engine at simulated time ``now`` (stale mode only)."""
+        self.now = now
+        self._grow(engines)
+        for i, engine in enumerate(engines):
+            endpoint = self._endpoints[i]
+            if self._seen[i] != engine.version:
+                self._refresh_counts(i, endpoint, engine)
+            if self._scraped[i] != engine.version:
+                endpoint.metrics = self._snapshot(engine)
+                self._scraped[i] = engine.version
             endpoint.dispatched_since_scrape = 0
-        return self._endpoints[: len(engines)]
 
     def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
+        self.now = request.arrival_s
         endpoints = self._sync(engines)
         llm = LLMRequest(model=self.model, prompt_text=request.prompt,
                          max_tokens=request.max_tokens)
@@ -76,4 +146,65 @@ class RouterPicker:
             raise RuntimeError("the router's filters left no endpoint for a simulated request")
         chosen = ranked[0].endpoint
         self.profile.dispatched(state, llm, chosen)
-        return endpoints.index(chosen)
+        index = self._position[id(chosen)]
+        if self.scrape_interval_s > 0:  # director.dispatch: counted before the next scrape
+            chosen.in_flight += 1
+            chosen.dispatched_since_scrape += 1
+            self._seen[index] = -1  # re-read the engine's counts at the next look
+        if self.precise:
+            hashes = state.read(self._state_hashes, list)
+            if hashes is None:  # the profile did not run prefix-precise: hash here
+                hashes = self.pool_events.hasher.block_hashes(list(request.prompt.encode()))
+            request.hashes = hashes
+        return index
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    def _grow(self, engines: Sequence[SimEngine]) -> None:
+        while len(self._endpoints) < len(engines):
+            i = len(self._endpoints)
+            endpoint = Endpoint(name=f"pod-{i}", address=f"10.0.0.{i}:8000", pool=POOL_KEY)
+            self._endpoints.append(endpoint)
+            self._position[id(endpoint)] = i
+            self._seen.append(-1)
+            self._scraped.append(-1)
+            self._finished.append(0)
+
+    def _snapshot(self, engine: SimEngine) -> EndpointMetrics:
+        # scraped_at = +inf: the plugins judge staleness on the wall clock (time.monotonic),
+        # and in simulated time a snapshot is at most one scrape interval (100 ms) old, well
+        # inside the router's 1 s staleness limit: it always counts as fresh, deterministically.
+        return EndpointMetrics(
+            running=float(len(engine.running)), waiting=float(len(engine.waiting)),
+            kv_cache_usage=engine._used_blocks() / engine.profile.kv_blocks,
+            prefix_cache_queries=float(engine.prefix_queries),
+            prefix_cache_hits=float(engine.prefix_hits),
+            block_size=self.block_size, num_gpu_blocks=engine.profile.kv_blocks,
+            scraped_at=math.inf)
+
+    def _refresh_counts(self, i: int, endpoint: Endpoint, engine: SimEngine) -> None:
+        """The router's own counts: in flight (it sees every completion), and finished
+        requests taken off ``dispatched_since_scrape`` as ``Director.end_attempt`` does."""
+        endpoint.in_flight = len(engine.running) + len(engine.waiting)
+        done = engine.finished - self._finished[i]
+        if done:
+            endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - done)
+            self._finished[i] = engine.finished
+        self._seen[i] = engine.version
+
+    def _sync(self, engines: Sequence[SimEngine]) -> list[Endpoint]:
+        self._grow(engines)
+        seen = self._seen
+        stale_mode = self.scrape_interval_s > 0
+        for i, engine in enumerate(engines):
+            if seen[i] == engine.version:
+                continue
+            endpoint = self._endpoints[i]
+            if stale_mode:  # metrics wait for the next scrape; the router's counts do not
+                self._refresh_counts(i, endpoint, engine)
+                continue
+            endpoint.metrics = self._snapshot(engine)
+            endpoint.in_flight = len(engine.running) + len(engine.waiting)
+            endpoint.dispatched_since_scrape = 0
+            seen[i] = engine.version
+        return self._endpoints[: len(engines)]

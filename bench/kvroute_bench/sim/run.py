@@ -1,9 +1,13 @@
 """``kvroute bench --sim``: a workload through simulated pods, once per picker, as a table.
 
 Pickers: ``round-robin`` (the baseline) and kvroute's own scheduler profiles
-(``kvroute-approx``, ``kvroute-approx-load``), built by :class:`RouterPicker` from the same
-scorer lists the real-engine contenders use. Profiles: ``cpu`` (the local test engines) and
-``h100`` (an 8B model on one H100, from the shared calibration file).
+(``kvroute-approx``, ``kvroute-approx-load``, ``kvroute-precise-load``: the last with the
+KV-event index fed by the simulated engines), built by :class:`RouterPicker` from the same
+scorer lists the real-engine contenders use. A suffix ``@MS`` on a kvroute picker's name
+(``kvroute-approx-load@100``) makes its metrics a scrape every MS milliseconds of simulated
+time (the router's ``--scrape-interval-ms``, default 100) instead of the engines' state at the
+instant of each decision. Profiles: ``cpu`` (the local test engines) and ``h100`` (an 8B model
+on one H100, from the shared calibration file).
 """
 
 from __future__ import annotations
@@ -31,7 +35,33 @@ SIM_PICKERS: dict[str, list[dict[str, Any]] | None] = {
     "kvroute-approx-load": [{"type": "prefix-approx", "weight": 3.0},
                             {"type": "queue-depth", "weight": 1.0},
                             {"type": "kv-utilization", "weight": 1.0}],
+    "kvroute-precise-load": [{"type": "prefix-precise", "weight": 3.0},
+                             {"type": "queue-depth", "weight": 1.0},
+                             {"type": "kv-utilization", "weight": 1.0}],
 }
+
+
+def split_picker_name(name: str) -> tuple[str, float]:
+    """``kvroute-approx-load@100`` → (``kvroute-approx-load``, 0.1 s scrape interval)."""
+    base, _, interval = name.partition("@")
+    if not interval:
+        return base, 0.0
+    try:
+        ms = float(interval)
+    except ValueError:
+        raise SystemExit(f"picker {name!r}: the part after @ is a scrape interval in "
+                         f"milliseconds") from None
+    if ms < 0 or base == "round-robin":
+        raise SystemExit(f"picker {name!r}: a scrape interval needs a kvroute picker and "
+                         f"a non-negative number of milliseconds")
+    return base, ms / 1000.0
+
+
+def needs_block_hashes(name: str) -> bool:
+    """Whether the trace must carry the simulator's own block hashes (every picker except
+    the KV-event one, whose engines get the router's hashes at its decisions)."""
+    scorers = SIM_PICKERS.get(split_picker_name(name)[0]) or []
+    return not any(s["type"] == "prefix-precise" for s in scorers)
 
 
 def profile_named(name: str, kv_blocks: int) -> CostProfile:
@@ -45,14 +75,18 @@ def profile_named(name: str, kv_blocks: int) -> CostProfile:
 
 
 def make_picker(name: str, block_size: int) -> Picker:
-    if name not in SIM_PICKERS:
-        raise SystemExit(f"unknown simulator picker {name!r}; valid: {', '.join(SIM_PICKERS)}")
-    scorers = SIM_PICKERS[name]
+    base, scrape_interval_s = split_picker_name(name)
+    if base not in SIM_PICKERS:
+        raise SystemExit(f"unknown simulator picker {name!r}; valid: {', '.join(SIM_PICKERS)} "
+                         f"(kvroute ones optionally with @MS, a scrape interval)")
+    scorers = SIM_PICKERS[base]
     if scorers is None:
         return RoundRobinPicker()
     from kvroute_bench.sim.router_picker import RouterPicker
 
-    return RouterPicker({"scorers": scorers}, block_size=block_size)
+    precise = any(s["type"] == "prefix-precise" for s in scorers)
+    return RouterPicker({"scorers": scorers}, block_size=block_size,
+                        scrape_interval_s=scrape_interval_s, precise=precise)
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -72,9 +106,11 @@ def run_sim(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         for name in args.sim_pickers:
             started = time.monotonic()
+            picker = make_picker(name, profile.block_size)
             result = simulate(to_sim_requests(trace.requests, profile.block_size,
-                                              keep_text=name != "round-robin"),
-                              args.pods, profile, make_picker(name, profile.block_size))
+                                              keep_text=name != "round-robin",
+                                              hash_blocks=needs_block_hashes(name)),
+                              args.pods, profile, picker)
             wall = time.monotonic() - started
             rows.append({"picker": name, "wall_s": round(wall, 2), **asdict(result)})
             table.add_row(name, f"{result.ttft_p50_s * 1000:.0f}",

@@ -1,0 +1,165 @@
+"""The simulator's router picker: KV events into the router's own index, scraped metrics with
+staleness, and the run-time picker names."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from kvroute_bench.sim.engine import SimEngine, SimRequest
+from kvroute_bench.sim.fleet import simulate, to_sim_requests
+from kvroute_bench.sim.profile import CostProfile, cpu_test_engine
+from kvroute_bench.sim.router_picker import RouterPicker
+from kvroute_bench.sim.run import make_picker, needs_block_hashes, split_picker_name
+from kvroute_bench.workloads import ChatParams, generate
+from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher
+
+PROFILE = CostProfile(name="test", prefill_s_per_token=0.001, step_base_s=0.01,
+                      decode_step_s_by_batch={1: 0.01, 8: 0.02}, max_num_seqs=4,
+                      max_batched_tokens=64, block_size=4, kv_blocks=400)
+PRECISE = {"scorers": [{"type": "prefix-precise", "weight": 3.0},
+                       {"type": "queue-depth", "weight": 1.0}]}
+
+
+def sim_request(rid: int, prompt: str, at: float = 0.0) -> SimRequest:
+    return SimRequest(id=rid, arrival_s=at, prompt_tokens=len(prompt.encode()), max_tokens=1,
+                      hashes=[], prompt=prompt)
+
+
+def drain(engine: SimEngine, picker: RouterPicker, now: float = 0.0) -> float:
+    for _ in range(1000):
+        plan = engine.plan_step(now)
+        if plan is None:
+            break
+        now += engine.step_duration(plan)
+        engine.finish_step(plan, now)
+    picker.observe(engine.index, engine.drain_events())
+    return now
+
+
+def test_precise_picker_feeds_engine_events_with_the_routers_hashes() -> None:
+    picker = RouterPicker(PRECISE, block_size=PROFILE.block_size, precise=True)
+    assert [s.type_name for s in picker.profile.scorers] == ["prefix-precise", "queue-depth"]
+    assert picker.profile.degraded == {}
+    engines = [SimEngine(i, PROFILE) for i in range(4)]
+    first = sim_request(1, "system prompt " * 10 + "question one")
+    chosen = picker.pick(first, engines)
+    # The request carries the router's vLLM-compatible hashes of its prompt bytes.
+    hasher = BlockHasher(BlockHashConfig(block_size=PROFILE.block_size))
+    assert first.hashes == hasher.block_hashes(list(first.prompt.encode()))
+    engines[chosen].enqueue(first)
+    drain(engines[chosen], picker)
+    index = picker.pool_events.index
+    assert index.block_count(f"pod-{chosen}") == len(first.hashes)
+    second = sim_request(2, "system prompt " * 10 + "question two", at=10.0)
+    matched = index.match(hasher.block_hashes(list(second.prompt.encode())))
+    assert matched == {f"pod-{chosen}": 37}  # the shared 149 bytes: 37 blocks of 4
+    assert picker.pick(second, engines) == chosen
+
+
+def test_precise_picker_forgets_evicted_blocks() -> None:
+    picker = RouterPicker(PRECISE, block_size=PROFILE.block_size, precise=True)
+    engine = SimEngine(0, PROFILE)
+    req = sim_request(1, "abcd" * 20)
+    picker.pick(req, [engine])
+    engine.enqueue(req)
+    drain(engine, picker)
+    assert picker.pool_events.index.block_count("pod-0") == 20
+    engine._evict(PROFILE.kv_blocks)  # make room for everything: evicts all cached blocks
+    picker.observe(0, engine.drain_events())
+    assert picker.pool_events.index.block_count("pod-0") == 0
+
+
+def test_scraped_metrics_change_only_at_scrapes_and_count_dispatches() -> None:
+    picker = RouterPicker({"scorers": [{"type": "queue-depth", "weight": 1.0}]},
+                          block_size=PROFILE.block_size, scrape_interval_s=0.1)
+    engines = [SimEngine(i, PROFILE) for i in range(2)]
+    picker.scrape(engines, 0.0)
+    endpoints = picker._endpoints
+    assert [ep.metrics.waiting for ep in endpoints if ep.metrics] == [0.0, 0.0]
+    picks = []
+    for rid in range(4):
+        req = sim_request(rid, f"prompt {rid}", at=0.01 * rid)
+        choice = picker.pick(req, engines)
+        engines[choice].enqueue(req)
+        picks.append(choice)
+    # No scrape yet: the snapshot still says idle, the router's own dispatches spread the
+    # load (queue-depth counts dispatched_since_scrape as waiting).
+    assert sorted(picks) == [0, 0, 1, 1]
+    assert [ep.metrics.waiting for ep in endpoints if ep.metrics] == [0.0, 0.0]
+    assert [ep.dispatched_since_scrape for ep in endpoints] == [2, 2]
+    assert [ep.in_flight for ep in endpoints] == [2, 2]
+    picker.scrape(engines, 0.1)
+    assert [ep.metrics.waiting for ep in endpoints if ep.metrics] == [2.0, 2.0]
+    assert [ep.dispatched_since_scrape for ep in endpoints] == [0, 0]
+
+
+def test_fleet_scrapes_on_the_simulated_clock() -> None:
+    scrapes: list[float] = []
+
+    class Counting(RouterPicker):
+        def scrape(self, engines: list[SimEngine], now: float) -> None:  # type: ignore[override]
+            scrapes.append(now)
+            super().scrape(engines, now)
+
+    trace = generate(ChatParams(requests=30, rate=10.0))
+    profile = cpu_test_engine()
+    picker = Counting({"scorers": [{"type": "prefix-approx", "weight": 1.0}]},
+                      block_size=profile.block_size, scrape_interval_s=0.1)
+    result = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True),
+                      pods=3, profile=profile, picker=picker)
+    assert result.unfinished == 0
+    gaps = {round(b - a, 9) for a, b in itertools.pairwise(scrapes)}
+    assert gaps == {0.1}
+    assert scrapes[0] == trace.requests[0].arrival_s
+    assert scrapes[-1] <= result.simulated_s + 0.1
+
+
+def test_precise_run_on_a_chat_trace_hits_more_than_round_robin() -> None:
+    trace = generate(ChatParams(requests=80, rate=4.0))
+    profile = cpu_test_engine()
+    rr = simulate(to_sim_requests(trace.requests, profile.block_size), pods=4,
+                  profile=profile, picker=make_picker("round-robin", profile.block_size))
+    precise = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True,
+                                       hash_blocks=False), pods=4, profile=profile,
+                       picker=make_picker("kvroute-precise-load@100", profile.block_size))
+    assert precise.unfinished == 0
+    assert precise.prefix_hit_rate > rr.prefix_hit_rate
+
+
+def test_picker_names() -> None:
+    assert split_picker_name("kvroute-approx-load") == ("kvroute-approx-load", 0.0)
+    assert split_picker_name("kvroute-approx-load@100") == ("kvroute-approx-load", 0.1)
+    assert not needs_block_hashes("kvroute-precise-load@100")
+    assert needs_block_hashes("kvroute-approx") and needs_block_hashes("round-robin")
+    picker = make_picker("kvroute-precise-load@50", 32)
+    assert isinstance(picker, RouterPicker)
+    assert picker.precise and picker.scrape_interval_s == pytest.approx(0.05)
+    with pytest.raises(SystemExit):
+        make_picker("round-robin@100", 32)
+    with pytest.raises(SystemExit):
+        make_picker("kvroute-approx@soon", 32)
+
+
+@pytest.mark.parametrize(("picker", "fingerprint"), [("max-score", "57dd648a1d95eb6c"),
+                                                     ("weighted-random", "c736155f7f8904e3")])
+def test_fast_paths_pick_what_the_per_endpoint_code_picked(picker: str,
+                                                           fingerprint: str) -> None:
+    """Fingerprints of every request's engine, recorded with the code before the vectorised
+    decision path and the event-driven fleet loop (commit f9e21b3): same seeds, same picks."""
+    import hashlib
+    import random
+
+    from kvroute_bench.workloads import build_params
+
+    profile = cpu_test_engine(384)
+    trace = generate(build_params("chat", None, requests=600, rate=24, seed=3))
+    reqs = to_sim_requests(trace.requests, profile.block_size, keep_text=True)
+    sim_picker = RouterPicker({"picker": picker, "scorers": [
+        {"type": "prefix-approx", "weight": 3.0}, {"type": "queue-depth", "weight": 1.0},
+        {"type": "kv-utilization", "weight": 1.0}, {"type": "running-requests", "weight": 1.0}]},
+        block_size=32)
+    sim_picker.profile.picker.rng = random.Random(11)  # type: ignore[attr-defined]
+    simulate(reqs, 24, profile, sim_picker)
+    engines = ",".join(str(r.engine) for r in reqs)
+    assert hashlib.sha256(engines.encode()).hexdigest()[:16] == fingerprint

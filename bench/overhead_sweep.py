@@ -591,13 +591,16 @@ def scaling_table(cells: Sequence[Cell]) -> list[str]:
     counts = sorted({c.endpoints for c in cells})
     lo, hi = counts[0], counts[-1]
     lines = ["| scorer | prompt (tokens) | decision CPU p50 ≈ fixed + per endpoint (µs) "
+             "| pool where the per-endpoint part equals the fixed part "
              "| largest pool with CPU p99 < 1 ms | gRPC Pick extra CPU over the decision, "
-             f"{lo} / {hi} endpoints (µs) |", "|---|---|---|---|---|"]
+             f"{lo} / {hi} endpoints (µs) |", "|---|---|---|---|---|---|"]
     for r in rows:
         extra = r["grpc_extra_cpu_us"]
         under = r["max_endpoints_cpu_p99_under_1ms"]
+        even = (f"{r['fixed_us'] / r['per_endpoint_us']:,.0f}" if r["per_endpoint_us"] > 0
+                else "-")
         lines.append(f"| {r['scorer']} | {r['prompt_tokens']:,} | {r['fixed_us']:,.0f} + "
-                     f"{r['per_endpoint_us']:.2f} x endpoints | "
+                     f"{r['per_endpoint_us']:.2f} x endpoints | {even} | "
                      f"{'none' if under is None else under} | "
                      f"{extra[lo]:,.0f} / {extra[hi]:,.0f} |")
     return lines
@@ -612,8 +615,8 @@ READING = (
     "tokens, and the index match itself is O(prompt blocks) whatever the index holds. The "
     "per-endpoint part is the filters, the three scorers' loops and the picker over every "
     "endpoint, plus, for `prefix-precise`, a trust check per endpoint, the per-endpoint match "
-    "result and the pending-mark purge that visits every endpoint; it is the same for every "
-    "prompt length, so from a few hundred endpoints on it dominates for both scorers. The gRPC "
+    "result and the pending-mark purge that visits every endpoint; it does not depend on the "
+    "prompt length, so past the pool size in the table's second column it dominates. The gRPC "
     "Pick adds a loopback round trip, protobuf (de)serialisation of the token ids, and a "
     "response that carries every ranked endpoint's scores and a `reasons()` line per endpoint; "
     "the last column of the table shows how much of that extra CPU is a fixed per-RPC cost and "
@@ -702,6 +705,26 @@ def _progress_line(number: int, total: int, cell: Cell) -> None:
           f"load {cell.load_avg_1m:.1f}; {cell.seconds:.1f} s", file=sys.stderr, flush=True)
 
 
+DECISION_SOURCES = tuple(f"router/kvroute_router/{part}" for part in (
+    "director.py", "framework", "plugins", "kvevents", "grpcapi", "datastore"))
+
+
+def source_state() -> dict[str, Any]:
+    """The commit measured and whether the router's sources differed from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *DECISION_SOURCES],
+                               cwd=root, check=True, capture_output=True, text=True,
+                               timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "router_modified": None}
+    return {"commit": commit, "router_modified": bool(dirty.strip())}
+
+
 def machine() -> dict[str, Any]:
     return {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "platform": platform.platform()}
@@ -712,7 +735,7 @@ async def collect(config: SweepConfig, *, base: bool, base_iterations: int,
     started = time.perf_counter()
     load_start = os.getloadavg()
     results: dict[str, Any] = {"config": asdict(config), "machine": machine(),
-                               "load_avg_start": load_start}
+                               "source": source_state(), "load_avg_start": load_start}
     if base:
         import decision_path
 
@@ -733,6 +756,17 @@ async def collect(config: SweepConfig, *, base: bool, base_iterations: int,
     results["load_avg_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - started
     return results
+
+
+def _source_line(results: dict[str, Any]) -> str:
+    source = results.get("source") or {}
+    if not source.get("commit"):
+        return "the code as checked out (commit unknown)"
+    line = f"the router at commit `{source['commit']}`"
+    if source.get("router_modified"):
+        line += (" with uncommitted changes in the decision path's sources (director, "
+                 "framework, plugins, kvevents, grpcapi, datastore)")
+    return line
 
 
 def render(results: dict[str, Any], command: str, png_name: str, json_name: str) -> str:
@@ -757,7 +791,7 @@ def render(results: dict[str, Any], command: str, png_name: str, json_name: str)
               f"(`--seed {results['config']['seed']}`): the prompts, placements and load "
               "metrics repeat; the timings do not. The scheduler's per-endpoint loops "
               "(`router/kvroute_router/framework`, `plugins`) were being optimised concurrently "
-              "with this benchmark: these numbers are for the code at the commit measured.", "",
+              f"with this benchmark: these numbers are for {_source_line(results)}.", "",
               *reading(results)]
     return "\n".join(lines)
 

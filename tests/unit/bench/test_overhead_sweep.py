@@ -55,7 +55,11 @@ def test_tiny_sweep_writes_report_json_and_plot(tmp_path: Path) -> None:
     assert "## Sweep: endpoints, prompt length, prefix scorer" in text
     assert "## Index memory vs blocks tracked" in text
     assert "![latency vs endpoints](router-overhead-sweep.png)" in text
-    assert "## Machine and run" in text
+    assert "## Machine and run" in text and "### How it scales" in text
+    assert results["source"].keys() == {"commit", "router_modified"}
+    scaling = [line for line in text.splitlines() if line.startswith(("| approx | 256 |",
+                                                                       "| precise | 256 |"))]
+    assert len(scaling) == 2 and all("x endpoints" in line for line in scaling)
     table_rows = [line for line in text.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
     assert len(table_rows) == 4  # one per (scorer, endpoints, prompt length)
 

@@ -591,7 +591,7 @@ def scaling_table(cells: Sequence[Cell]) -> list[str]:
     counts = sorted({c.endpoints for c in cells})
     lo, hi = counts[0], counts[-1]
     lines = ["| scorer | prompt (tokens) | decision CPU p50 ≈ fixed + per endpoint (µs) "
-             "| pool where the per-endpoint part equals the fixed part "
+             "| break-even pool (per-endpoint part = fixed part) "
              "| largest pool with CPU p99 < 1 ms | gRPC Pick extra CPU over the decision, "
              f"{lo} / {hi} endpoints (µs) |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -616,7 +616,8 @@ READING = (
     "per-endpoint part is the filters, the three scorers' loops and the picker over every "
     "endpoint, plus, for `prefix-precise`, a trust check per endpoint, the per-endpoint match "
     "result and the pending-mark purge that visits every endpoint; it does not depend on the "
-    "prompt length, so past the pool size in the table's second column it dominates. The gRPC "
+    "prompt length, so in pools larger than the table's break-even column it dominates. The "
+    "gRPC "
     "Pick adds a loopback round trip, protobuf (de)serialisation of the token ids, and a "
     "response that carries every ranked endpoint's scores and a `reasons()` line per endpoint; "
     "the last column of the table shows how much of that extra CPU is a fixed per-RPC cost and "
@@ -819,6 +820,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", default=None, help="write the Markdown report here; the JSON "
                         "and PNG go beside it as <stem>-sweep.json / <stem>-sweep.png")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--from-json", default=None, help="measure nothing: re-render --write's "
+                        "Markdown and PNG from a JSON this script wrote")
     args = parser.parse_args(argv)
     unknown = set(args.scorers) - set(SCORERS)
     if unknown:
@@ -836,19 +839,23 @@ def config_from(args: argparse.Namespace) -> SweepConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config = config_from(args)
-    results = asyncio.run(collect(config, base=not args.no_base,
-                                  base_iterations=args.base_iterations,
-                                  proxy_iterations=args.proxy_iterations, quiet=args.quiet))
-    command = "python bench/overhead_sweep.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
-    results["command"] = command.strip()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+    else:
+        config = config_from(args)
+        results = asyncio.run(collect(config, base=not args.no_base,
+                                      base_iterations=args.base_iterations,
+                                      proxy_iterations=args.proxy_iterations, quiet=args.quiet))
+        command = "python bench/overhead_sweep.py " + " ".join(
+            sys.argv[1:] if argv is None else argv)
+        results["command"] = command.strip()
     if args.write:
         md = Path(args.write)
         png = md.with_name(f"{md.stem}-sweep.png")
         js = md.with_name(f"{md.stem}-sweep.json")
         md.parent.mkdir(parents=True, exist_ok=True)
-        js.write_text(json.dumps(results, indent=1) + "\n")
+        if not args.from_json or Path(args.from_json).resolve() != js.resolve():
+            js.write_text(json.dumps(results, indent=1) + "\n")
         plot([Cell(**c) for c in results["cells"]], png)
         md.write_text(render(results, results["command"], png.name, js.name))
         print(f"wrote {md}, {png}, {js}", file=sys.stderr)

@@ -60,6 +60,12 @@ def test_tiny_sweep_writes_report_json_and_plot(tmp_path: Path) -> None:
     scaling = [line for line in text.splitlines() if line.startswith(("| approx | 256 |",
                                                                        "| precise | 256 |"))]
     assert len(scaling) == 2 and all("x endpoints" in line for line in scaling)
+
+    # re-rendering from the JSON measures nothing and gives the same page
+    md.unlink()
+    assert sweep.main(["--from-json", str(tmp_path / "router-overhead-sweep.json"),
+                       "--write", str(md)]) == 0
+    assert md.read_text() == text
     table_rows = [line for line in text.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
     assert len(table_rows) == 4  # one per (scorer, endpoints, prompt length)
 

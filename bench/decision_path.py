@@ -10,7 +10,10 @@
    (``kvroute router``) in a subprocess, one client request at a time: latency direct vs
    through the router, p50/p99.
 
-Run: ``python bench/decision_path.py [--iterations N] [--write docs/benchmarks/router-overhead.md]``
+Run: ``python bench/decision_path.py [--iterations N] [--write FILE]``. The published page,
+``docs/benchmarks/router-overhead.md``, is written by ``bench/overhead_sweep.py``, which runs
+these rows and appends the endpoint/prompt-length sweep and the index memory; ``--write`` here
+gives these rows alone.
 """
 
 from __future__ import annotations

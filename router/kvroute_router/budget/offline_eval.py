@@ -19,6 +19,13 @@ Test prompts are cut into consecutive batches of ``batch_size``; each batch may 
 * ``kvroute-robust`` — the same on the robust quality (``assignment.robust_quality``);
 * ``oracle`` — the batch MILP on the true labels under the same budget (an upper bound).
 
+Outside ``METHODS`` (for the benchmark's docs and plot only), ``budget_safe_threshold`` is a
+per-query threshold raised until no *training* batch in the same order would have overspent,
+scored by ``evaluate_threshold``.
+
+Predictions come from one estimator fitted on the training rows (``prepare``): by default kNN
+over all-MiniLM-L6-v2 embeddings with hyper-parameters chosen by leave-one-out on train.
+
 Orders (how test prompts arrive, hence how they fall into batches):
 
 * ``random`` shuffles the test set (seeded);
@@ -53,8 +60,12 @@ from kvroute_router.budget.quality import (
     KnnQualityEstimator,
     LabelledPrompt,
     LogisticQualityEstimator,
+    MiniLmEmbedder,
     QualityEstimate,
     Tier,
+    TuningResult,
+    benefit_auc,
+    make_embedder,
 )
 
 FloatArray = npt.NDArray[np.float64]
@@ -135,25 +146,37 @@ class PreparedData:
     strong_correct: IntArray
     test: QualityEstimate
     train_gain: FloatArray
+    train_weak: FloatArray | None = None
+    estimator: str = ""
+    tuning: TuningResult | None = None
 
 
-ESTIMATORS: tuple[str, ...] = ("knn", "blend", "logistic")
+ESTIMATORS: tuple[str, ...] = ("auto", "minilm", "hashed", "logistic", "blend")
 
 
 def prepare(train: Sequence[LabelledPrompt], test: Sequence[LabelledPrompt], *,
-            k: int = 32, estimator: str = "knn") -> PreparedData:
-    """Fit the quality estimator on ``train`` (default kNN; ``"blend"`` = kNN + logistic
-    regression, ``"logistic"`` alone; docs/budgets.md has their measured ranking quality),
-    predict ``test``, and predict ``train`` held out (leave-one-out for kNN, cross-fitted for
-    the logistic model) for the per-query threshold. Every method that uses predictions,
-    per-query and batch alike, uses these same ones."""
+            k: int | None = None, estimator: str = "auto") -> PreparedData:
+    """Fit the quality estimator on ``train``, predict ``test``, and predict ``train`` held out
+    (leave-one-out for kNN, cross-fitted for the logistic model) for the per-query threshold.
+    Every method that uses predictions, per-query and batch alike, uses these same ones.
+
+    Estimators: ``minilm`` — kNN over all-MiniLM-L6-v2 embeddings (NumPy), with k, similarity
+    power and prior strength tuned by leave-one-out on train (``k`` pins k); ``hashed`` — the
+    same kNN over hashed word n-gram TF-IDF; ``auto`` (default) — ``minilm`` when the model
+    package is installed, else ``hashed``; ``logistic`` and ``blend`` (kNN + logistic) over
+    hashed TF-IDF. docs/budgets.md has their measured ranking quality."""
     fitted: KnnQualityEstimator | LogisticQualityEstimator | BlendedQualityEstimator
-    if estimator == "blend":
-        fitted = BlendedQualityEstimator(train, k=k)
+    name = estimator
+    if estimator in ("auto", "minilm", "hashed"):
+        embedder, name = make_embedder(estimator)
+        if isinstance(embedder, MiniLmEmbedder):
+            # One bulk call over every prompt: its disk-cache key is the same for any split.
+            embedder.embed([row.prompt for row in (*train, *test)])
+        fitted = KnnQualityEstimator.tuned(train, embedder=embedder, fixed_k=k)
+    elif estimator == "blend":
+        fitted = BlendedQualityEstimator(train, k=k or 32)
     elif estimator == "logistic":
         fitted = LogisticQualityEstimator(train)
-    elif estimator == "knn":
-        fitted = KnnQualityEstimator(train, k=k)
     else:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     predicted = fitted.predict([row.prompt for row in test], TIERS)
@@ -161,7 +184,31 @@ def prepare(train: Sequence[LabelledPrompt], test: Sequence[LabelledPrompt], *,
     return PreparedData(
         weak_correct=np.asarray([row.weak_correct for row in test], dtype=np.int64),
         strong_correct=np.asarray([row.strong_correct for row in test], dtype=np.int64),
-        test=predicted, train_gain=held_out.mean[:, 1] - held_out.mean[:, 0])
+        test=predicted, train_gain=held_out.mean[:, 1] - held_out.mean[:, 0],
+        train_weak=held_out.mean[:, 0], estimator=name,
+        tuning=fitted.tuning if isinstance(fitted, KnnQualityEstimator) else None)
+
+
+@dataclass(frozen=True)
+class RankingQuality:
+    """How well predicted benefit P_strong - P_weak ranks the test prompts: AUC for "weak wrong
+    and strong right", Spearman and Pearson correlation with strong_correct - weak_correct."""
+
+    auc: float
+    spearman: float
+    pearson: float
+
+
+def ranking_quality(data: PreparedData) -> RankingQuality:
+    from scipy.stats import pearsonr, spearmanr
+
+    gain = data.test.mean[:, 1] - data.test.mean[:, 0]
+    truth = (data.strong_correct - data.weak_correct).astype(np.float64)
+    return RankingQuality(
+        auc=benefit_auc(gain, data.weak_correct.astype(np.float64),
+                        data.strong_correct.astype(np.float64)),
+        spearman=float(spearmanr(gain, truth).statistic),
+        pearson=float(pearsonr(gain, truth).statistic))
 
 
 def batch_order(predicted_weak: FloatArray, predicted_gain: FloatArray, order: Order,
@@ -189,6 +236,40 @@ def threshold_for_share(train_gain: FloatArray, share: float) -> float:
     if share >= 1.0:
         return float("-inf")
     return float(np.quantile(train_gain, 1.0 - share))
+
+
+def budget_safe_threshold(data: PreparedData, config: EvalConfig) -> float:
+    """A per-query threshold that would have kept every *training* batch within budget: the
+    training prompts (held-out predictions) arrive in ``config.order`` with ``config.seed``, are
+    cut into batches of ``config.batch_size``, and the threshold is raised above the gain of the
+    (affordable + 1)-th best prompt of every batch — and never below the affordable-share
+    threshold. It is still a per-query rule: on test it may overspend a batch."""
+    if data.train_weak is None:
+        raise ValueError("budget_safe_threshold needs held-out training predictions of P_weak")
+    threshold = threshold_for_share(data.train_gain, config.strong_share)
+    order = batch_order(data.train_weak, data.train_gain, config.order, config.seed)
+    upgrade = config.cost_strong - config.cost_weak
+    for start in range(0, len(order), config.batch_size):
+        gains = np.sort(data.train_gain[order[start:start + config.batch_size]])[::-1]
+        affordable = int(np.floor((config.budget - config.cost_weak) * len(gains) / upgrade
+                                  + 1e-9))
+        if 0 <= affordable < len(gains):
+            threshold = max(threshold, float(np.nextafter(gains[affordable], np.inf)))
+    return threshold
+
+
+def evaluate_threshold(data: PreparedData, config: EvalConfig, threshold: float) -> MethodResult:
+    """A plain per-query threshold rule (no ledger, no cut-off) on the test batches."""
+    mean = data.test.mean
+    gain = mean[:, 1] - mean[:, 0]
+    order = batch_order(mean[:, 0], gain, config.order, config.seed)
+    chosen = (gain >= threshold).astype(np.int64)
+    cost = np.where(chosen == 1, config.cost_strong, config.cost_weak)
+    correct = np.where(chosen == 1, data.strong_correct, data.weak_correct)
+    worst = max(float(cost[order[i:i + config.batch_size]].mean())
+                for i in range(0, len(order), config.batch_size))
+    return MethodResult(accuracy=float(correct.mean()), mean_cost=float(cost.mean()),
+                        max_batch_cost=worst, strong_share=float(chosen.mean()))
 
 
 def _cap_in_order(wants_strong: npt.NDArray[np.bool_], config: EvalConfig) -> IntArray:

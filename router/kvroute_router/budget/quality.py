@@ -277,8 +277,8 @@ def benefit_auc(predicted_gain: FloatArray, weak_correct: FloatArray,
 
 
 DEFAULT_GRID: dict[str, tuple[float, ...]] = {
-    "k": (8, 16, 32, 64, 128, 256), "weight_power": (1.0, 4.0, 16.0),
-    "prior_strength": (0.5, 2.0, 8.0)}
+    "k": (16, 32, 64, 128, 256, 512, 1024), "weight_power": (0.0, 1.0, 4.0),
+    "prior_strength": (0.5, 4.0)}
 
 
 class KnnQualityEstimator:

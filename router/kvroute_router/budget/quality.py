@@ -21,10 +21,13 @@ import csv
 import gzip
 import io
 import itertools
+import logging
 import math
 import re
+import threading
+import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -36,6 +39,7 @@ import scipy.sparse as sp
 Tier = Literal["weak", "standard", "strong"]
 TIERS: tuple[Tier, ...] = ("weak", "standard", "strong")
 FloatArray = npt.NDArray[np.float64]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -596,15 +600,63 @@ def make_embedder(embedding: str = "auto", *,
     raise ValueError(f"embedding must be 'auto', 'minilm' or 'hashed', got {embedding!r}")
 
 
+class UpgradingQualityEstimator:
+    """Answers with ``first`` until ``build_better`` (run once, in a daemon thread) returns,
+    then with what it built. A router must not wait minutes at start-up while MiniLM embeds
+    its training set: it serves with the hashed-TF-IDF kNN (seconds to fit, the same ranking
+    quality on the RouteLLM data, docs/benchmarks/batch-routing.md) and moves to MiniLM when
+    the embeddings are ready. If the build fails, ``first`` stays and ``error`` says why."""
+
+    def __init__(self, first: QualityEstimator, build_better: Callable[[], QualityEstimator],
+                 *, label: str = "minilm") -> None:
+        self._current = first
+        self.label = label
+        self.upgraded = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._build, args=(build_better,),
+                                        name=f"quality-{label}", daemon=True)
+        self._thread.start()
+
+    def _build(self, build_better: Callable[[], QualityEstimator]) -> None:
+        started = time.monotonic()
+        try:
+            better = build_better()
+        except Exception as error:  # keep serving with the first estimator
+            self.error = error
+            log.warning("quality estimator %s not built, keeping the first one: %s",
+                        self.label, error)
+            return
+        self._current = better
+        self.upgraded.set()
+        log.info("quality estimator switched to %s after %.1f s", self.label,
+                 time.monotonic() - started)
+
+    @property
+    def current(self) -> QualityEstimator:
+        return self._current
+
+    def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:
+        return self._current.predict(prompts, tiers)
+
+
 def build_default_estimator(data_path: str | Path | None, *, embedding: str = "auto",
-                            minilm_path: str | Path | None = None) -> QualityEstimator:
+                            minilm_path: str | Path | None = None,
+                            background: bool = False) -> QualityEstimator:
     """The estimator a policy gets: with labelled data at ``data_path``, kNN tuned by
     leave-one-out on it, over all-MiniLM-L6-v2 embeddings (``embedding="auto"``: when the
     model package is installed or ``minilm_path`` is given; hashed TF-IDF otherwise, or with
-    ``embedding="hashed"``); without data, the heuristic."""
+    ``embedding="hashed"``); without data, the heuristic. With ``background`` (the router),
+    a MiniLM estimator is built in a thread behind a hashed one that answers meanwhile."""
     if data_path is None:
         return HeuristicQualityEstimator()
     examples = load_labelled_csv(data_path)
+    if background:
+        embedder, name = make_embedder(embedding, minilm_path=minilm_path)
+        if name == "minilm":
+            first = KnnQualityEstimator.tuned(examples, embedder=HashedNgramEmbedder())
+            return UpgradingQualityEstimator(
+                first, lambda: KnnQualityEstimator.tuned(examples, embedder=embedder))
+        return KnnQualityEstimator.tuned(examples, embedder=embedder)
     embedder, _ = make_embedder(embedding, minilm_path=minilm_path)
     return KnnQualityEstimator.tuned(examples, embedder=embedder)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,9 @@ from kvroute_router.budget.quality import (
     KnnQualityEstimator,
     LabelledPrompt,
     LogisticQualityEstimator,
+    QualityEstimate,
+    Tier,
+    UpgradingQualityEstimator,
     benefit_auc,
     build_default_estimator,
     load_labelled_csv,
@@ -181,3 +186,69 @@ def test_default_estimator_uses_minilm_when_installed(tmp_path: Path) -> None:
                                   "capital city of a country, number 99"], ["weak", "strong"])
     gain = estimate.mean[:, 1] - estimate.mean[:, 0]
     assert gain[0] > gain[1] + 0.3
+
+
+class _Fixed:
+    """An estimator that answers one constant for every prompt and tier."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:
+        shape = (len(prompts), len(tiers))
+        return QualityEstimate(tuple(tiers), np.full(shape, self.value), np.zeros(shape))
+
+
+def test_upgrading_estimator_answers_first_until_the_better_one_is_built() -> None:
+    release = threading.Event()
+
+    def build() -> _Fixed:
+        assert release.wait(10)
+        return _Fixed(0.9)
+
+    estimator = UpgradingQualityEstimator(_Fixed(0.1), build)
+    assert estimator.predict(["a"], ["weak"]).mean[0, 0] == 0.1  # still building
+    assert not estimator.upgraded.is_set()
+    release.set()
+    assert estimator.upgraded.wait(10)
+    assert estimator.predict(["a", "b"], ["weak", "strong"]).mean.tolist() == [[0.9, 0.9]] * 2
+    assert estimator.error is None
+
+
+def test_upgrading_estimator_keeps_the_first_when_the_build_fails() -> None:
+    def build() -> _Fixed:
+        raise FileNotFoundError("model.safetensors")
+
+    estimator = UpgradingQualityEstimator(_Fixed(0.1), build)
+    estimator._thread.join(10)
+    assert isinstance(estimator.error, FileNotFoundError)
+    assert not estimator.upgraded.is_set()
+    assert estimator.predict(["a"], ["strong"]).mean[0, 0] == 0.1
+
+
+def test_router_default_serves_hashed_while_minilm_builds(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    path = tmp_path / "c.csv"
+    lines = [HEADER.strip()] + [f"m,s,{r.prompt},{r.weak_correct},{r.strong_correct},0"
+                                for r in _synthetic()]
+    path.write_text("\n".join(lines) + "\n")
+    release = threading.Event()
+    built: list[str] = []
+
+    class SlowEmbedder(HashedNgramEmbedder):  # stands in for MiniLM: slow to embed
+        def fit(self, prompts: Sequence[str]) -> None:
+            assert release.wait(10)
+            built.append("slow")
+            super().fit(prompts)
+
+    monkeypatch.setattr("kvroute_router.budget.quality.make_embedder",
+                        lambda embedding, minilm_path=None: (SlowEmbedder(), "minilm"))
+    estimator = build_default_estimator(path, background=True)
+    assert isinstance(estimator, UpgradingQualityEstimator)
+    first = estimator.current
+    assert isinstance(first, KnnQualityEstimator) and type(first.embedder) is HashedNgramEmbedder
+    release.set()
+    assert estimator.upgraded.wait(30)
+    assert built == ["slow"] and isinstance(estimator.current, KnnQualityEstimator)
+    assert isinstance(estimator.current.embedder, SlowEmbedder)

@@ -78,13 +78,6 @@ class Endpoint:
             return False
         return (time.monotonic() if now is None else now) >= self.unavailable_until
 
-    def fresh_metrics(self, stale_after_s: float, now: float) -> EndpointMetrics | None:
-        """The latest snapshot if it is at most ``stale_after_s`` old at ``now``, else None."""
-        m = self.metrics
-        if m is None or now - m.scraped_at > stale_after_s:
-            return None
-        return m
-
     # The load estimates below are the one definition of an endpoint's load that every
     # load-aware plugin (load-headroom, queue-depth, running-requests) and admission use.
     # ``stale_after_s``/``now`` make them staleness-aware: a snapshot older than that is not
@@ -92,39 +85,36 @@ class Endpoint:
     # in for its number; the router's own counts always apply. Without ``now`` the snapshot is
     # used whatever its age.
 
+    def fresh_metrics(self, stale_after_s: float = math.inf, now: float | None = None
+                      ) -> EndpointMetrics | None:
+        """The latest snapshot if it is at most ``stale_after_s`` old at ``now`` (any age
+        without ``now``), else None."""
+        m = self.metrics
+        if m is None or (now is not None and now - m.scraped_at > stale_after_s):
+            return None
+        return m
+
     def running_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
                          stale_value: float = 0.0) -> float:
         """Running requests: the engine's number, or this router's own in-flight count when
         that is larger (fresh dispatches are not in the snapshot yet)."""
-        m = self.metrics
-        if m is None:
-            scraped = stale_value
-        elif now is None or now - m.scraped_at <= stale_after_s:
-            scraped = m.running
-        else:
-            scraped = stale_value
+        m = self.fresh_metrics(stale_after_s, now)
+        scraped = stale_value if m is None else m.running
         in_flight = float(self.in_flight)
         return in_flight if in_flight > scraped else scraped  # max(scraped, in_flight)
 
     def waiting_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
                          stale_value: float = 0.0) -> float:
         """Waiting requests, counting dispatches after the snapshot as waiting."""
-        m = self.metrics
-        if m is None:
-            scraped = stale_value
-        elif now is None or now - m.scraped_at <= stale_after_s:
-            scraped = m.waiting
-        else:
-            scraped = stale_value
+        m = self.fresh_metrics(stale_after_s, now)
+        scraped = stale_value if m is None else m.waiting
         return scraped + float(self.dispatched_since_scrape)
 
     def kv_usage_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
                           stale_value: float = 0.0) -> float:
         """KV-cache utilisation (0-1) of the snapshot; ``stale_value`` when stale or missing."""
-        m = self.metrics
-        if m is None or (now is not None and now - m.scraped_at > stale_after_s):
-            return stale_value
-        return m.kv_cache_usage
+        m = self.fresh_metrics(stale_after_s, now)
+        return stale_value if m is None else m.kv_cache_usage
 
 
 @dataclass(frozen=True, slots=True)

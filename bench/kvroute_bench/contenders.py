@@ -15,6 +15,7 @@ select approximate, precise or precise+load scoring, with only its HTTP proxy li
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket
@@ -81,6 +82,14 @@ class RunningContender:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the router's process group (it is started
+        in a session of its own, so that is the router and anything it spawned); 0 for
+        direct contenders. NaN where /proc cannot be read."""
+        if self.process is None:
+            return 0.0
+        return process_group_cpu_seconds(self.process.pid)
+
     def stop(self, grace_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -132,6 +141,29 @@ class Contender:
             running.stop()
             raise
         return running
+
+
+def process_group_cpu_seconds(pgid: int, proc: Path = Path("/proc")) -> float:
+    """User + system CPU seconds of every live process in process group ``pgid`` (Linux
+    /proc/PID/stat fields 14-15, in clock ticks), plus what their reaped children used
+    (fields 16-17). NaN without /proc."""
+    if not proc.is_dir():
+        return math.nan
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        # The command name (field 2) is in parentheses and may hold spaces: split after it.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) != pgid:  # field 5, pgrp
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / ticks
 
 
 def _router_env(extra: dict[str, str]) -> dict[str, str]:

@@ -109,6 +109,9 @@ class ContenderResult(LatencySummary):
     engine_ttft_mean_s: float
     outside_engine_ttft_s: float  # client mean TTFT minus the engines' mean TTFT
     router_added_s: float = math.nan  # median TTFT of tiny requests: via router - direct
+    # CPU seconds the router process used over the measured window, per measured request: on
+    # a machine whose engines share the cores with the router, this is taken from them.
+    router_cpu_ms_per_request: float = math.nan
     error_samples: list[str] = field(default_factory=list)
     ttfts_s: list[float] = field(default_factory=list)
     skipped: str | None = None
@@ -125,6 +128,7 @@ class Measurement:
     results: list[RequestResult]
     fleet: promtext.FleetDelta
     router_added_s: float
+    router_cpu_s: float = math.nan  # the router's CPU time over the measured window
 
 
 def aggregate(contender: Contender, rounds: Sequence[Measurement]) -> ContenderResult:
@@ -133,6 +137,10 @@ def aggregate(contender: Contender, rounds: Sequence[Measurement]) -> ContenderR
                               promtext.combine([m.fleet for m in rounds]))
     added = [m.router_added_s for m in rounds if not math.isnan(m.router_added_s)]
     result.router_added_s = statistics.median(added) if added else math.nan
+    cpu = [m.router_cpu_s for m in rounds]
+    served = sum(len(m.results) for m in rounds)
+    if served and not any(math.isnan(c) for c in cpu):
+        result.router_cpu_ms_per_request = 1000.0 * sum(cpu) / served
     result.rounds = len(rounds)
     return result
 
@@ -206,12 +214,14 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                                   timeout_s=plan.request_timeout_s,
                                   on_done=tick("warm-up", len(warm))))
         before = [scrape(e.url) for e in fleet.engines]
+        cpu_before = running.cpu_seconds()
         done[0] = 0
         results = asyncio.run(run_trace(running.base_urls, _model(fleet), measured,
                                         timeout_s=plan.request_timeout_s,
                                         on_done=tick("measured", len(measured))))
         time.sleep(1.0)  # engines update their counters just after the last stream ends
         after = [scrape(e.url) for e in fleet.engines]
+        router_cpu = running.cpu_seconds() - cpu_before
         added = 0.0
         if contender.command is not None:
             progress("router overhead probe", 0, OVERHEAD_PAIRS)
@@ -219,7 +229,7 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                                           fleet.model, contender.name))
     finally:
         running.stop()
-    return Measurement(results, promtext.engine_deltas(before, after), added)
+    return Measurement(results, promtext.engine_deltas(before, after), added, router_cpu)
 
 
 def _model(fleet: FleetInfo) -> str:

@@ -32,18 +32,18 @@ def table(results: Sequence[ContenderResult], title: str) -> Table:
     t = Table(title=title)
     for column in ("contender", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99", "out tok/s",
                    "req/s", "errors", "prefix hit", "prefilled ktok", "imbalance req/prefill",
-                   "router +ms"):
+                   "router +ms", "router CPU ms/req"):
         t.add_column(column, justify="left" if column == "contender" else "right")
     for r in results:
         if r.skipped:
-            t.add_row(r.name, *["-"] * 11, f"skipped: {r.skipped}"[:40])
+            t.add_row(r.name, *["-"] * 12, f"skipped: {r.skipped}"[:40])
             continue
         t.add_row(r.name, _ms(r.ttft_p50_s), _ms(r.ttft_p90_s), _ms(r.ttft_p99_s),
                   _ms(r.e2e_p50_s), _ms(r.e2e_p99_s), _num(r.output_tokens_per_s, 1),
                   _num(r.requests_per_s), str(r.errors), f"{r.prefix_hit_rate:.1%}",
                   _num(sum(r.computed_tokens_per_engine) / 1000, 1),
                   f"{_num(r.request_imbalance)}/{_num(r.prefill_imbalance)}",
-                  _ms(r.router_added_s))
+                  _ms(r.router_added_s), _num(r.router_cpu_ms_per_request, 1))
     return t
 
 
@@ -51,11 +51,11 @@ def markdown_table(results: Sequence[ContenderResult]) -> str:
     """The same table as Markdown, for docs/benchmarks/README.md."""
     head = ("| contender | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | e2e p50 ms | e2e p99 ms "
             "| out tok/s | req/s | errors | prefix hit | prefilled ktok | imbalance req / prefill "
-            "| router +ms |")
-    lines = [head, "|" + "---|" * 13]
+            "| router +ms | router CPU ms/req |")
+    lines = [head, "|" + "---|" * 14]
     for r in results:
         if r.skipped:
-            lines.append(f"| {r.name} | skipped: {r.skipped} |" + " |" * 11)
+            lines.append(f"| {r.name} | skipped: {r.skipped} |" + " |" * 12)
             continue
         lines.append(
             f"| {r.name} | {_ms(r.ttft_p50_s)} | {_ms(r.ttft_p90_s)} | {_ms(r.ttft_p99_s)} "
@@ -63,7 +63,7 @@ def markdown_table(results: Sequence[ContenderResult]) -> str:
             f"| {_num(r.requests_per_s)} | {r.errors} | {r.prefix_hit_rate:.1%} "
             f"| {_num(sum(r.computed_tokens_per_engine) / 1000, 1)} "
             f"| {_num(r.request_imbalance)} / {_num(r.prefill_imbalance)} "
-            f"| {_ms(r.router_added_s)} |")
+            f"| {_ms(r.router_added_s)} | {_num(r.router_cpu_ms_per_request, 1)} |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,11 @@ configuration they write is a valid pool and RoutePolicy for the API models."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +94,41 @@ def test_direct_one_sends_everything_to_the_first_engine(tmp_path: Path) -> None
     running = CONTENDERS.select(["direct-one"])[0].start(FLEET, tmp_path)
     assert running.process is None
     assert running.base_urls == [FLEET.engines[0].url]
+
+
+def test_process_group_cpu_counts_only_that_group(tmp_path: Path) -> None:
+    from kvroute_bench.contenders import process_group_cpu_seconds
+
+    ticks = os.sysconf("SC_CLK_TCK")
+
+    def stat(pid: int, name: str, pgrp: int, utime: int, stime: int, cutime: int = 0) -> None:
+        (tmp_path / str(pid)).mkdir()
+        fields = ["S", "1", str(pgrp), "0", "0", "0", "0", "0", "0", "0", "0",
+                  str(utime), str(stime), str(cutime), "0", "20"]
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({name}) " + " ".join(fields) + "\n")
+
+    stat(100, "router", 100, utime=3 * ticks, stime=ticks)
+    stat(101, "worker (a) b", 100, utime=ticks, stime=0, cutime=ticks)  # odd name, same group
+    stat(200, "other", 200, utime=50 * ticks, stime=0)
+    (tmp_path / "self").mkdir()
+    assert process_group_cpu_seconds(100, tmp_path) == pytest.approx(6.0)
+    assert process_group_cpu_seconds(999, tmp_path) == 0.0
+    assert math.isnan(process_group_cpu_seconds(100, tmp_path / "absent"))
+
+
+def test_a_busy_router_process_group_shows_cpu_time() -> None:
+    from kvroute_bench.contenders import RunningContender
+
+    busy = subprocess.Popen([sys.executable, "-c",
+                             "import time\nend = time.process_time() + 0.3\n"
+                             "while time.process_time() < end: pass\ntime.sleep(30)"],
+                            start_new_session=True)
+    running = RunningContender(["http://127.0.0.1:1"], busy)
+    try:
+        deadline = time.monotonic() + 20
+        while running.cpu_seconds() < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running.cpu_seconds() >= 0.25
+    finally:
+        running.stop()
+    assert RunningContender(["http://127.0.0.1:1"]).cpu_seconds() == 0.0

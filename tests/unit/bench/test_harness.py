@@ -70,6 +70,9 @@ def test_repeats_pool_requests_and_add_engine_counters() -> None:
     assert math.isclose(r.router_added_s, 0.005)
     assert math.isclose(r.window_s, 2 * 4.0)  # each round: first send 0 to last finish 4
     assert math.isclose(r.ttft_p50_s, 0.3)
+    assert math.isnan(r.router_cpu_ms_per_request)  # a round without a CPU reading
+    one.router_cpu_s, two.router_cpu_s = 0.02, 0.06
+    assert math.isclose(aggregate(router, [one, two]).router_cpu_ms_per_request, 80.0 / 8)
 
 
 def test_report_round_trips_through_json(tmp_path: Path) -> None:

@@ -46,15 +46,32 @@ def _adapters(labels: dict[str, str], name: str) -> frozenset[str]:
     return frozenset(a for a in labels.get(name, "").split(",") if a)
 
 
+def _wanted_lines(text: str) -> list[str]:
+    """The lines that start with a wanted metric name, found with ``str.find`` per name (C
+    speed) instead of walking every line in Python: a vLLM page is ~600 lines, nearly all
+    histogram buckets, and every endpoint is scraped every 100 ms, so this is the router's
+    largest idle cost. Lines keep page order within a name."""
+    body = "\n" + text
+    lines: list[str] = []
+    for name in WANTED:
+        needle = "\n" + name
+        at = body.find(needle)
+        while at != -1:
+            stop = body.find("\n", at + 1)
+            after = at + len(needle)
+            if body[after:after + 1] in ("{", " ", "\t"):  # the whole name, not a longer one
+                lines.append(body[at + 1:] if stop == -1 else body[at + 1:stop])
+            at = -1 if stop == -1 else body.find(needle, stop)
+    return lines
+
+
 def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
     """The router's metrics snapshot from a vLLM ``/metrics`` body."""
     sums: dict[str, float] = {}
     cache_labels: dict[str, str] = {}
     lora_labels: dict[str, str] = {}
     lora_stamp = float("-inf")
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
+    for line in _wanted_lines(text):
         brace = line.find("{")
         space = line.find(" ")
         end = brace if brace != -1 and (space == -1 or brace < space) else space

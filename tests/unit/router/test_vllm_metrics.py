@@ -54,3 +54,16 @@ def test_fast_parser_matches_prometheus_client() -> None:
 def test_garbage_and_empty_text_give_zero_snapshot() -> None:
     m = parse_vllm_metrics("not metrics\nvllm:num_requests_running{broken\n", scraped_at=1)
     assert m.running == 0 and m.block_size is None
+
+
+def test_only_whole_wanted_names_count_wherever_the_line_is() -> None:
+    from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
+
+    text = ('vllm:num_requests_running{engine="0"} 2\n'  # first line: no newline before it
+            'vllm:num_requests_running_total{engine="0"} 50\n'  # a longer name: not ours
+            'vllm:num_requests_waitingx 9\n'
+            '# HELP vllm:num_requests_waiting waiting\n'
+            'vllm:num_requests_running{engine="1"} 3\n'
+            'vllm:num_requests_waiting{engine="0"} 4')  # last line: no newline after it
+    m = parse_vllm_metrics(text, 1.0)
+    assert (m.running, m.waiting) == (5.0, 4.0)

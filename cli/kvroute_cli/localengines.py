@@ -256,6 +256,25 @@ class LocalEngineFleet:
         if progress and interactive:
             print(flush=True)
 
+    def restart(self, progress: bool = False) -> None:
+        """Start the (stopped) engines again on the same ports and wait until all are healthy
+        (within ``startup_timeout_s``): an engine restart as the router sees one — same
+        addresses, empty cache, KV-event sequence from 0."""
+        for engine in self.engines:
+            if engine.process is not None and engine.process.poll() is None:
+                raise RuntimeError(f"engine {engine.index} is still running; stop() it first")
+            engine.launches += 1
+            with engine.log_path.open("ab") as log:
+                engine.process = subprocess.Popen(
+                    self.command(engine, self._model_dir, self._python),
+                    env=self.environment(engine), stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True)
+        try:
+            self._wait_healthy(progress)
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self, grace_s: float = 20.0) -> None:
         """Terminate every engine (its whole process group), waiting up to ``grace_s``."""
         for engine in self.engines:

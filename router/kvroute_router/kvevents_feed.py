@@ -14,7 +14,6 @@ If the ``kvevents`` package cannot be imported, precise scoring degrades to ``pr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from kvroute_router.datastore.store import Datastore, PoolState
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.registry import PluginRegistry, SharedServices
+from kvroute_router.framework.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +57,14 @@ class KVEventFeeds:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for events in self._pools.values():
-            with contextlib.suppress(Exception):
-                await events.aclose()
+            await cancel_and_wait([self._task], what="kv-event feeds")
+        pools = list(self._pools.values())
         self._pools.clear()
+        results = await asyncio.gather(*(events.aclose() for events in pools),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("closing a pool's KV-event subscriptions failed: %r", result)
 
     def statuses(self) -> dict[str, list[dict[str, Any]]]:
         """Per pool key, each engine's subscription status (connected, synced, trustworthy)."""

@@ -19,7 +19,9 @@ from kvroute_cli.localengines import LocalEngineFleet
 @pytest.fixture(scope="session")
 def engine_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalEngineFleet]:
     count = int(os.environ.get("KVROUTE_E2E_ENGINES", "2"))
-    fleet = LocalEngineFleet(count=count, workdir=Path(tmp_path_factory.mktemp("engines")))
+    # Bounded well inside the 600 s test timeout: a start that hangs fails, saying which engine.
+    fleet = LocalEngineFleet(count=count, workdir=Path(tmp_path_factory.mktemp("engines")),
+                             startup_timeout_s=300.0)
     fleet.start(progress=True)
     try:
         yield fleet

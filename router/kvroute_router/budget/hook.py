@@ -41,7 +41,6 @@ A background task releases queued requests as metrics refresh and refreshes the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -61,6 +60,7 @@ from kvroute_router.datastore.api_keys import KeyDigests
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution, object_key
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
 from kvroute_router.framework.request import LLMRequest
+from kvroute_router.framework.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -363,9 +363,7 @@ class BudgetHook:
 
     async def stop(self) -> None:
         if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
+            await cancel_and_wait([self._pump], what="budget hook")
             self._pump = None
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)

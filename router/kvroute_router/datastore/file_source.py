@@ -10,7 +10,6 @@ edit is logged and ignored: the router keeps serving the last good config.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from kvroute_api.manifests import load_objects
 from kvroute_api.route_policy import RoutePolicy
 
 from kvroute_router.datastore.store import Datastore
+from kvroute_router.framework.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,7 @@ class ConfigFileSource:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task], what="config watch")
 
     async def _poll(self) -> None:
         while True:

@@ -11,7 +11,6 @@ whenever the pool's endpoints change — embedded mode from ``StaticEndpoint.kvE
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import zmq.asyncio
 from kvroute_api.inference_pool import InferencePool
 
+from kvroute_router.framework.tasks import DEFAULT_STOP_TIMEOUT_S, cancel_and_wait
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher, resolve_seed
 from kvroute_router.kvevents.index import (
     DEFAULT_MAX_BLOCKS_PER_ENDPOINT,
@@ -80,13 +80,15 @@ class PoolKVEvents:
                  settings: SubscriberSettings | None = None,
                  max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT,
                  pending_ttl: float = DEFAULT_PENDING_TTL_S,
-                 context: zmq.asyncio.Context | None = None) -> None:
+                 context: zmq.asyncio.Context | None = None,
+                 stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         self.hasher = BlockHasher(hash_config)
         self.index = PrefixIndex(max_blocks_per_endpoint, pending_ttl=pending_ttl)
         self.metrics = metrics or KVEventMetrics()
         self.tokenizer = tokenizer
         self.settings = settings or SubscriberSettings()
         self._context = context
+        self.stop_timeout_s = stop_timeout_s
         self._subscribers: dict[str, tuple[KVEventSubscriber, asyncio.Task[None]]] = {}
 
     @classmethod
@@ -117,15 +119,17 @@ class PoolKVEvents:
                         source.events_endpoint, source.replay_endpoint)
 
     async def _stop(self, name: str) -> None:
+        """Stop one subscriber; returns within ``stop_timeout_s`` whatever its sockets do."""
         subscriber, task = self._subscribers.pop(name)
         subscriber.stop()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not await cancel_and_wait([task], what=f"kv-events subscriber {name}",
+                                     timeout_s=self.stop_timeout_s):
+            subscriber.abandon()
 
     async def aclose(self) -> None:
-        for name in list(self._subscribers):
-            await self._stop(name)
+        """Stop every subscriber, together: returns within ``stop_timeout_s`` (plus the
+        socket closes), whatever state each connection is in."""
+        await asyncio.gather(*(self._stop(name) for name in list(self._subscribers)))
 
     def status(self, endpoint: str) -> SubscriberStatus | None:
         entry = self._subscribers.get(endpoint)

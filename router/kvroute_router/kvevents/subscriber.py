@@ -24,7 +24,12 @@ everything). ``AllBlocksCleared`` drops the endpoint's blocks too.
 ZMQ reconnects on its own, with exponential backoff between ``reconnect_ivl_ms`` and
 ``reconnect_ivl_max_ms``; if a session fails on an exception the subscriber starts a new one
 after a backoff of its own. Service loops run until :meth:`KVEventSubscriber.stop`; every inner
-loop (replay reading) is bounded in count and time.
+loop (replay reading) is bounded in count and time, and so is every await on a shutdown path:
+the session's tasks are cancelled with :func:`~kvroute_router.framework.tasks.cancel_and_wait`,
+and a subscriber whose task does not end in time has its sockets closed by :meth:`abandon`.
+No loop waits with ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation that
+arrives as the awaited item does, which left a closing subscriber polling forever (issue 12);
+``asyncio.timeout`` does not.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.kvevents.events import (
     END_OF_REPLAY_SEQ,
     AllBlocksCleared,
@@ -149,11 +155,31 @@ class KVEventSubscriber:
         self._resync_needed = True
         self._stopping = False
         self._ever_connected = False
+        self._sockets: set[zmq.asyncio.Socket] = set()
         index.add_endpoint(source.endpoint)
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self) -> None:
+        """Ask every loop to end; the owner then cancels :meth:`run` (bounded)."""
         self._stopping = True
+
+    def abandon(self) -> None:
+        """Last resort when :meth:`run` did not end after cancellation: close every socket it
+        holds, so nothing stays connected to the engine and no pending receive keeps it alive."""
+        self._stopping = True
+        for socket in list(self._sockets):
+            self._close_socket(socket)
+
+    def _open_socket(self, kind: int) -> zmq.asyncio.Socket:
+        socket = self._context.socket(kind)
+        socket.setsockopt(zmq.LINGER, 0)
+        self._sockets.add(socket)
+        return socket
+
+    def _close_socket(self, socket: zmq.asyncio.Socket) -> None:
+        self._sockets.discard(socket)
+        with contextlib.suppress(zmq.ZMQError):
+            socket.close(linger=0)
 
     async def run(self) -> None:
         """Follow the engine until :meth:`stop` or cancellation, restarting failed sessions."""
@@ -175,12 +201,12 @@ class KVEventSubscriber:
             backoff = min(backoff * 2, self.settings.session_backoff_max_s)
 
     async def _session(self) -> None:
-        sub = self._context.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
+        sub = self._open_socket(zmq.SUB)
         sub.setsockopt(zmq.RECONNECT_IVL, self.settings.reconnect_ivl_ms)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.settings.reconnect_ivl_max_ms)
         sub.setsockopt(zmq.SUBSCRIBE, self.source.topic.encode("utf-8"))
         monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._sockets.add(monitor)
         sub.connect(self.source.events_endpoint)
         tasks = [asyncio.create_task(self._receive(sub)),
                  asyncio.create_task(self._watch(monitor)),
@@ -194,19 +220,18 @@ class KVEventSubscriber:
                 if done:
                     raise RuntimeError("a kv-events task ended unexpectedly")
         finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            sub.disable_monitor()
-            monitor.close(linger=0)
-            sub.close(linger=0)
+            try:
+                await cancel_and_wait(tasks, what=f"kv-events session of {self.source.endpoint}")
+            finally:
+                with contextlib.suppress(zmq.ZMQError):
+                    sub.disable_monitor()
+                self._close_socket(monitor)
+                self._close_socket(sub)
 
     # -- tasks -----------------------------------------------------------------------------
     async def _receive(self, sub: zmq.asyncio.Socket) -> None:
         endpoint = self.source.endpoint
-        while True:
+        while not self._stopping:
             frames = await sub.recv_multipart()
             if len(frames) != 3:
                 self._drop("undecodable")
@@ -225,7 +250,7 @@ class KVEventSubscriber:
                                endpoint, seq)
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
-        while True:
+        while not self._stopping:
             message = parse_monitor_message(await monitor.recv_multipart())
             event = message["event"]
             if event == zmq.EVENT_CONNECTED:
@@ -244,10 +269,10 @@ class KVEventSubscriber:
                 self._resync_needed = True
 
     async def _apply_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                seq, payload = await asyncio.wait_for(self._queue.get(),
-                                                      self.settings.idle_poll_s)
+                async with asyncio.timeout(self.settings.idle_poll_s):
+                    seq, payload = await self._queue.get()
             except TimeoutError:
                 if self._resync_needed and self.status.connected:
                     await self._resync()
@@ -333,32 +358,29 @@ class KVEventSubscriber:
         assert self.source.replay_endpoint is not None
         endpoint = self.source.endpoint
         self.status.replays += 1
-        dealer = self._context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
+        dealer = self._open_socket(zmq.DEALER)
         dealer.connect(self.source.replay_endpoint)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.replay_timeout_s
         batches: list[tuple[int, bytes]] = []
         try:
-            await dealer.send_multipart([b"", start_seq.to_bytes(8, "big")])
-            for _ in range(self.settings.max_replay_batches + 1):
-                remaining = deadline - loop.time()
-                if remaining <= 0 or not await dealer.poll(int(remaining * 1000) + 1):
-                    self.metrics.replays.labels(endpoint, "timeout").inc()
-                    logger.warning("kv-events replay from %s (seq >= %d) timed out", endpoint,
-                                   start_seq)
-                    return None
-                frames = await dealer.recv_multipart()
-                if frames and frames[0] == b"":
-                    frames = frames[1:]
-                if len(frames) != 3:
-                    continue
-                seq = decode_seq(frames[1])
-                if seq == END_OF_REPLAY_SEQ:
-                    break
-                batches.append((seq, frames[2]))
+            # One deadline over the request and every reply (the send too: a DEALER can block).
+            async with asyncio.timeout(self.settings.replay_timeout_s):
+                await dealer.send_multipart([b"", start_seq.to_bytes(8, "big")])
+                for _ in range(self.settings.max_replay_batches + 1):
+                    frames = await dealer.recv_multipart()
+                    if frames and frames[0] == b"":
+                        frames = frames[1:]
+                    if len(frames) != 3:
+                        continue
+                    seq = decode_seq(frames[1])
+                    if seq == END_OF_REPLAY_SEQ:
+                        break
+                    batches.append((seq, frames[2]))
+        except TimeoutError:
+            self.metrics.replays.labels(endpoint, "timeout").inc()
+            logger.warning("kv-events replay from %s (seq >= %d) timed out", endpoint, start_seq)
+            return None
         finally:
-            dealer.close(linger=0)
+            self._close_socket(dealer)
         self.metrics.replays.labels(endpoint, "ok").inc()
         return batches
 

@@ -10,7 +10,6 @@ they start when endpoints appear and stop when they leave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -18,6 +17,7 @@ import aiohttp
 
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
 
 log = logging.getLogger(__name__)
@@ -47,11 +47,7 @@ class MetricsScraper:
         self._started = False
         tasks = list(self._tasks.values())
         self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks, what="metrics scraper")
         if self._session is not None:
             await self._session.close()
 

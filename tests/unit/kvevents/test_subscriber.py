@@ -244,3 +244,115 @@ async def test_full_queue_drops_without_blocking_and_replay_recovers(
         assert all(rig.matched(tokens) == 2 for tokens in sequences)
     finally:
         await rig.close()
+
+
+# -- closing never hangs (issue 12) ---------------------------------------------------------
+async def test_a_cancel_that_arrives_with_a_batch_still_ends_the_apply_loop(
+        ctx: zmq.asyncio.Context) -> None:
+    """The batch and the cancellation land in the same loop iteration.
+
+    On Python 3.11, ``asyncio.wait_for`` around ``queue.get()`` returns the batch and swallows
+    the cancellation; the loop then polled forever and the owner's ``await task`` never returned
+    (the 600 s hang of the e2e restart test). The apply loop must end all the same.
+    """
+    source = KVEventSource("engine-0", f"tcp://127.0.0.1:{free_port()}")
+    subscriber = KVEventSubscriber(source, PrefixIndex(), None, KVEventMetrics(), context=ctx,
+                                   settings=SubscriberSettings(idle_poll_s=30.0))
+    subscriber.status.connected = True
+    subscriber._resync_needed = False  # replay is not what this test is about
+    task = asyncio.create_task(subscriber._apply_loop())
+    await asyncio.sleep(0.05)  # the loop is now waiting on the queue
+    assert not task.done()
+    subscriber.stop()
+    subscriber._queue.put_nowait((0, b"\x93"))  # wakes the waiting get() ...
+    task.cancel()  # ... and cancels, before the loop had a chance to run
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    if not done:
+        task.cancel()
+        raise AssertionError("the apply loop swallowed its cancellation and kept polling")
+
+
+async def test_restart_then_close_returns_promptly(ctx: zmq.asyncio.Context) -> None:
+    """An engine restarts (new sequence), the subscriber follows it, then the pool closes:
+    close returns within the stop bound."""
+    from kvroute_router.kvevents.hub import PoolKVEvents
+
+    pub_port, replay_port = free_port(), free_port()
+    hasher = BlockHasher(BlockHashConfig(block_size=BLOCK))
+    events = PoolKVEvents(BlockHashConfig(block_size=BLOCK), context=ctx,
+                          settings=SubscriberSettings(replay_timeout_s=3.0, idle_poll_s=0.05))
+    publisher = LoopbackPublisher(ctx, pub_port, replay_port)
+    await events.set_sources([KVEventSource("engine-0", f"tcp://127.0.0.1:{pub_port}",
+                                            f"tcp://127.0.0.1:{replay_port}")])
+    try:
+        await eventually(lambda: events.trustworthy("engine-0"), "the subscriber in sync")
+        for number in range(3):
+            await publisher.publish([stored(hasher, [number] * BLOCK)])
+        status = events.status("engine-0")
+        assert status is not None
+        await eventually(lambda: status.last_seq == 2, "the first engine's batches")
+        await publisher.close()
+        deadline = time.monotonic() + 10.0
+        while True:  # ZMQ releases the ports asynchronously
+            try:
+                publisher = LoopbackPublisher(ctx, pub_port, replay_port)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        await publisher.publish([stored(hasher, list(range(60, 68)))])
+        await eventually(lambda: status.restarts >= 1 and status.trustworthy,
+                         "the restart followed")
+        # Keep batches flowing while closing: the race of the first test, on the real path.
+        publishing = asyncio.create_task(_publish_forever(publisher, hasher))
+        try:
+            async with asyncio.timeout(5.0):
+                await events.aclose()
+        except TimeoutError:
+            raise AssertionError("PoolKVEvents.aclose() did not return within 5 s") from None
+        finally:
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
+        assert events.statuses() == []
+    finally:
+        await events.aclose()
+        await publisher.close()
+
+
+async def _publish_forever(publisher: LoopbackPublisher, hasher: BlockHasher) -> None:
+    for number in range(100_000):
+        await publisher.publish([stored(hasher, [number % 1000] * BLOCK)])
+        await asyncio.sleep(0)
+
+
+async def test_close_abandons_a_subscriber_that_will_not_stop(
+        ctx: zmq.asyncio.Context, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subscriber task that outlives its cancellation (whatever the cause) is left behind
+    with its sockets closed: close still returns."""
+    from kvroute_router.kvevents.hub import PoolKVEvents
+
+    release = asyncio.Event()
+
+    async def stubborn(self: KVEventSubscriber) -> None:
+        sock = self._open_socket(zmq.SUB)
+        sock.connect(self.source.events_endpoint)
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(1.0)
+
+    monkeypatch.setattr(KVEventSubscriber, "run", stubborn)
+    events = PoolKVEvents(BlockHashConfig(block_size=BLOCK), context=ctx, stop_timeout_s=0.2)
+    await events.set_sources([KVEventSource("engine-0", f"tcp://127.0.0.1:{free_port()}")])
+    subscriber = events._subscribers["engine-0"][0]
+    await asyncio.sleep(0.05)
+    assert subscriber._sockets
+    try:
+        async with asyncio.timeout(5.0):
+            await events.aclose()
+    except TimeoutError:
+        raise AssertionError("close waited on a task that ignores cancellation") from None
+    finally:
+        release.set()
+    assert not subscriber._sockets

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import msgspec
@@ -33,14 +33,15 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.request import RequestKind
-from kvroute_router.proxy.openai_errors import error_body
-from kvroute_router.proxy.openai_request import BadRequestError, request_from_body, usage_of
-from kvroute_router.proxy.server import USAGE_TAIL, upstream_changes
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.grpc_health import add_health, set_serving
+from kvroute_router.openai.errors import BadRequestError, error_body
+from kvroute_router.openai.requests import decode_body, endpoint_kind, parse_request
+from kvroute_router.openai.upstream import upstream_changes
+from kvroute_router.openai.usage import USAGE_TAIL, usage_of
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +158,13 @@ class ExtProcServer:
 
     async def _pick(self, headers: dict[str, str], raw: bytes,
                     subset: frozenset[str] | None) -> tuple[Any, Decision | None]:
-        path = headers.get(":path", "")
-        kind: RequestKind = "chat" if "chat/completions" in path else "completions"
+        kind: Literal["completions", "chat"] = (
+            "chat" if endpoint_kind(headers.get(":path", "")) == "chat" else "completions")
         try:
-            body = msgspec.json.decode(raw)
-            request = request_from_body(body, kind, headers)
-        except msgspec.DecodeError as exc:
-            return immediate(400, f"The body is not valid JSON: {exc}", "invalid_json"), None
+            parsed = parse_request(decode_body(raw), kind)
         except BadRequestError as exc:
-            return immediate(400, str(exc), "invalid_request_error"), None
+            return immediate(400, str(exc), exc.code, param=exc.param), None
+        request = LLMRequest.from_openai(parsed, headers)
         request.allowed_addresses = subset
         try:
             decision = await self.director.route(request, entrypoint="ext_proc")
@@ -175,9 +174,10 @@ class ExtProcServer:
         addresses = [e.address for e in decision.endpoints]
         set_headers = [_header(DESTINATION_HEADER, addresses[0])]
         mutation: Any = None
-        changes = upstream_changes(body, decision)
+        changes = upstream_changes(parsed.body, parsed.kind, decision.pool.model_name,
+                                   decision.request.max_tokens)
         if changes:
-            new_body = msgspec.json.encode({**body, **changes})
+            new_body = msgspec.json.encode({**parsed.body, **changes})
             mutation = ep.BodyMutation(body=new_body)
             set_headers.append(_header("content-length", str(len(new_body))))
         common = ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=set_headers),
@@ -188,18 +188,6 @@ class ExtProcServer:
         metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(addresses)}})
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
                                      dynamic_metadata=metadata), decision
-
-
-def add_health(server: Any, services: list[str]) -> Any:
-    """Register ``grpc.health.v1.Health`` reporting SERVING for "" and ``services``."""
-    servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    return servicer
-
-
-async def set_serving(servicer: Any, services: list[str]) -> None:
-    for name in ["", *services]:
-        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def start_ext_proc_server(director: Director, host: str, port: int

@@ -20,9 +20,11 @@ from typing import Any
 import grpc
 
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
-from kvroute_router.extproc.server import add_health, set_serving
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.request import LLMRequest, render_chat_prompt
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.grpc_health import add_health, set_serving
+from kvroute_router.openai.errors import BadRequestError
+from kvroute_router.openai.requests import MAX_COUNT, render_chat_prompt
 from kvroute_router.proto_gen import router_pb2 as pb
 
 SERVICE = "kvroute.v1.Router"
@@ -38,6 +40,11 @@ STATUS_CODES = {
 
 
 def request_from_pick(message: pb.PickRequest) -> LLMRequest:
+    """The routing view of a Pick; BadRequestError names a field out of range."""
+    if not message.model:
+        raise BadRequestError("model is required", "model")
+    if message.max_tokens > MAX_COUNT:
+        raise BadRequestError(f"max_tokens must be at most {MAX_COUNT}", "max_tokens")
     headers = {k.lower(): v for k, v in message.headers.items()}
     which = message.WhichOneof("input")
     text: str = ""
@@ -65,9 +72,12 @@ class RouterService:
         self.pending: dict[str, tuple[Decision, Endpoint, float]] = {}
 
     async def pick(self, message: pb.PickRequest, context: Any) -> pb.PickResponse:
-        if not message.model:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
-        request = request_from_pick(message)
+        try:
+            request = request_from_pick(message)
+        except BadRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{exc} (param: {exc.param})" if exc.param else str(exc))
+            raise  # abort raises; this keeps type checkers aware
         try:
             decision = await self.director.route(request, entrypoint="grpc")
         except RoutingError as exc:

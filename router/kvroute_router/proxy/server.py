@@ -20,24 +20,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
-import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.request import RequestKind
-from kvroute_router.proxy.openai_errors import error_body, error_response
-from kvroute_router.proxy.openai_request import (
-    BadRequestError,
-    request_from_body,
-    streamed_events,
-    usage_of,
-)
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.openai.errors import BadRequestError
+from kvroute_router.openai.requests import OpenAIRequest, decode_body, parse_request
+from kvroute_router.openai.upstream import upstream_body
+from kvroute_router.openai.usage import USAGE_TAIL, streamed_events, streamed_tokens, usage_of
+from kvroute_router.proxy.openai_errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +48,6 @@ HOP_BY_HOP = frozenset({
 PASS_BACK = ("content-type", "content-encoding", "cache-control", "x-request-id")
 ERROR_BODY_LIMIT = 64 * 1024
 ADMISSION_TIMEOUT_S = 600.0
-USAGE_TAIL = 8192
 DEFAULT_TENANT_HEADER = "x-kvroute-tenant"
 
 
@@ -137,24 +133,21 @@ class OpenAIProxy:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "chat", "/v1/chat/completions")
 
-    async def _serve(self, http: web.Request, kind: RequestKind, path: str
+    async def _serve(self, http: web.Request, kind: Literal["completions", "chat"], path: str
                      ) -> web.StreamResponse:
         try:
             raw = await http.read()
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"Request body larger than {MAX_BODY_BYTES} bytes",
                                   "request_too_large")
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            return error_response(400, f"The body is not valid JSON: {exc}", "invalid_json")
         untrusted = self._untrusted_headers()
         headers = {k.lower(): v for k, v in http.headers.items()
                    if k.lower() not in untrusted}
         try:
-            llm_request = request_from_body(body, kind, headers)
+            parsed = parse_request(decode_body(raw), kind)
         except BadRequestError as exc:
-            return error_response(400, str(exc), "invalid_request_error", exc.param)
+            return error_response(400, str(exc), exc.code, exc.param)
+        llm_request = LLMRequest.from_openai(parsed, headers)
         started = time.monotonic()
         try:
             # asyncio.timeout, not wait_for: route() must run in this task so that dispatch()
@@ -168,7 +161,7 @@ class OpenAIProxy:
         except TimeoutError:
             return error_response(504, "Timed out waiting for admission", "timeout")
         deadline = started + decision.policy.spec.request_timeout_seconds
-        payload = self._upstream_body(raw, body, decision)
+        payload = self._upstream_body(raw, parsed, decision)
         upstream_headers = {k: v for k, v in http.headers.items()
                             if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
         upstream_headers["x-request-id"] = llm_request.request_id
@@ -189,11 +182,9 @@ class OpenAIProxy:
         return names
 
     @staticmethod
-    def _upstream_body(raw: bytes, body: dict[str, Any], decision: Decision) -> bytes:
-        changes = upstream_changes(body, decision)
-        if not changes:
-            return raw
-        return msgspec.json.encode({**body, **changes})
+    def _upstream_body(raw: bytes, parsed: OpenAIRequest, decision: Decision) -> bytes:
+        return upstream_body(raw, parsed.body, parsed.kind, decision.pool.model_name,
+                             decision.request.max_tokens)
 
     async def _relay(self, http: web.Request, decision: Decision, path: str, payload: bytes,
                      headers: Mapping[str, str], started: float, deadline: float
@@ -300,14 +291,15 @@ class OpenAIProxy:
                 await upstream_cm.__aexit__(None, None, None)
             prompt_tokens, completion_tokens = usage_of(tail)
             if completion_tokens is None and stream:
-                completion_tokens = streamed_tokens(events, decision.request.kind)
+                completion_tokens = streamed_tokens(events[0], decision.request.kind)
             self.director.finish(decision, endpoint, Outcome(
                 status=status, ttft_s=ttft if stream else None,
                 e2e_s=time.monotonic() - started, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens))
             return response
         except asyncio.CancelledError:
-            counted = streamed_tokens(events, decision.request.kind) if stream and ttft else None
+            counted = (streamed_tokens(events[0], decision.request.kind) if stream and ttft
+                       else None)
             self.director.finish(decision, endpoint, Outcome(status=499,
                                                              completion_tokens=counted,
                                                              error="client disconnected"))
@@ -316,29 +308,10 @@ class OpenAIProxy:
             self.director.end_attempt(decision, endpoint)
 
 
-def streamed_tokens(events: list[int], kind: str) -> int:
-    """Completion tokens of a stream without ``usage``: one per data event (vLLM sends a
-    token per event; chat streams open with a role-only event)."""
-    return max(0, events[0] - (1 if kind == "chat" else 0))
-
-
-def upstream_changes(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    """Fields the forwarded body needs: the pool's served model name, and ``max_tokens`` when
-    the admission hooks bounded a request that named none (the budget's estimate)."""
-    changes: dict[str, Any] = {}
-    served = decision.pool.model_name
-    if body.get("model") != served:
-        changes["model"] = served
-    bound = decision.request.max_tokens
-    if bound is not None and "max_tokens" not in body and "max_completion_tokens" not in body:
-        changes["max_tokens"] = bound
-    return changes
-
-
 def _loop_time(monotonic_deadline: float) -> float:
     """A ``time.monotonic()`` deadline on the running loop's clock."""
     loop = asyncio.get_running_loop()
     return loop.time() + (monotonic_deadline - time.monotonic())
 
 
-__all__ = ["ENDPOINT_HEADER", "OpenAIProxy", "error_body"]
+__all__ = ["ENDPOINT_HEADER", "OpenAIProxy"]

@@ -16,8 +16,9 @@ from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.request import LLMRequest
-from kvroute_router.proxy.openai_request import streamed_events, usage_of
-from kvroute_router.proxy.server import OpenAIProxy, upstream_changes
+from kvroute_router.openai.upstream import upstream_changes
+from kvroute_router.openai.usage import streamed_events, usage_of
+from kvroute_router.proxy.server import OpenAIProxy
 from prometheus_client import CollectorRegistry, generate_latest
 from router_fixtures import make_director, make_policy, make_pool
 
@@ -192,12 +193,14 @@ async def test_a_request_without_max_tokens_is_bounded_for_the_estimate() -> Non
     policy = make_policy(pools=[{"name": "strong"}], budgets=[{"name": "t", "usd": 10}],
                          admission={"maxOutputTokens": 64})
     director, _, _, _ = _setup(policy)
-    request = LLMRequest(model="chat", prompt_text=PROMPT, body={"model": "chat"})
+    request = LLMRequest(model="chat", prompt_text=PROMPT)
     decision = await director.route(request)
     assert request.max_tokens == 64
-    assert upstream_changes({"model": "chat"}, decision) == {"model": "test-model",
+    served, bound = decision.pool.model_name, request.max_tokens
+    assert upstream_changes({"model": "chat"}, "chat", served, bound) == {"model": "test-model",
                                                              "max_tokens": 64}
-    assert upstream_changes({"model": "test-model", "max_completion_tokens": 5}, decision) == {}
+    assert upstream_changes({"model": "test-model", "max_completion_tokens": 5}, "chat", served,
+                            bound) == {}
     assert prompt_tokens_upper_bound(LLMRequest(model="m", prompt_text="é")) == 2
     assert prompt_tokens_upper_bound(LLMRequest(model="m", token_ids=[1, 2, 3])) == 3
 

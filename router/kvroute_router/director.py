@@ -256,12 +256,19 @@ class Director:
                            f"(policy {resolution.policy_key}); retry later")
 
     def _check_limits(self, policy: RoutePolicy, request: LLMRequest) -> None:
+        """``maxOutputTokens`` against the bound the engine will use (``request.max_tokens``;
+        absent or null: the limit becomes the bound, written upstream), and
+        ``maxPromptTokens`` against the largest prompt's low estimate."""
         admission = policy.spec.admission
-        if (admission.max_output_tokens is not None and request.max_tokens is not None
-                and request.max_tokens > admission.max_output_tokens):
-            raise RoutingError(400, "invalid_request_error",
-                               f"max_tokens {request.max_tokens} exceeds the limit of "
-                               f"{admission.max_output_tokens} for model '{request.model}'")
+        limit = admission.max_output_tokens
+        if limit is not None:
+            if request.max_tokens is None:
+                request.max_tokens = limit
+            elif request.max_tokens > limit:
+                raise RoutingError(400, "invalid_request_error",
+                                   f"{request.output_param} {request.max_tokens} exceeds the "
+                                   f"limit of {limit} for model '{request.model}'",
+                                   param=request.output_param)
         if admission.max_prompt_tokens is not None:
             size = request.prompt_size_estimate()
             if size > admission.max_prompt_tokens:

@@ -41,6 +41,7 @@ class FakeEngine:
     requests: int = 0
     cancelled: int = 0
     models_seen: list[str] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -70,6 +71,7 @@ class FakeEngine:
         self.requests += 1
         body = await request.json()
         self.models_seen.append(body["model"])
+        self.bodies.append(body)
         if self.mode == "fail":
             return web.json_response({"error": {"message": "boom"}}, status=500)
         try:
@@ -378,3 +380,60 @@ async def test_ext_proc_and_pick_answer_hostile_input_as_client_faults(
         finally:
             await pick_server.stop(None)
         assert all(e.in_flight == 0 for e in router.datastore.endpoints())
+
+
+async def test_the_output_bound_is_the_one_the_engine_reads_and_is_written_upstream(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    """Issue 14.4: null must not skip maxOutputTokens, and max_completion_tokens must not hide
+    the max_tokens a completions engine reads."""
+    chat = [{"role": "user", "content": "hi"}]
+    async with running_router(tmp_path, engines, admission={"maxOutputTokens": 16}) as (
+            router, url), aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/completions", json={
+                "model": "chat", "prompt": "x", "max_completion_tokens": 1,
+                "max_tokens": 100000}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == "max_tokens"
+        cases: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+            ("/v1/chat/completions", {"messages": chat, "max_tokens": None},
+             {"max_tokens": 16}),
+            ("/v1/completions", {"prompt": "x", "max_tokens": None}, {"max_tokens": 16}),
+            ("/v1/completions", {"prompt": "x"}, {"max_tokens": 16}),
+            ("/v1/chat/completions", {"messages": chat, "max_completion_tokens": 5,
+                                      "max_tokens": 100000}, {"max_completion_tokens": 5}),
+        ]
+        received: list[dict[str, Any]] = []
+        for engine in engines:
+            engine.bodies = received  # one list, in arrival order
+        for path, body, expected in cases:
+            async with s.post(f"{url}{path}", json={"model": "chat", **body}) as resp:
+                assert resp.status == 200, await resp.text()
+            seen = received[-1]
+            assert {k: seen.get(k) for k in expected} == expected, (body, seen)
+
+        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream(
+                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                    request_serializer=ep.ProcessingRequest.SerializeToString,
+                    response_deserializer=ep.ProcessingResponse.FromString)
+                refused = [_headers("/v1/completions"), ep.ProcessingRequest(
+                    request_body=ep.HttpBody(body=json.dumps({
+                        "model": "chat", "prompt": "x", "max_completion_tokens": 1,
+                        "max_tokens": 100000}).encode(), end_of_stream=True))]
+                answers = [r async for r in call(iter(refused), timeout=30)]
+                final = answers[-1].immediate_response
+                assert final.status.code == 400
+                assert json.loads(final.body)["error"]["param"] == "max_tokens"
+                bounded = [_headers("/v1/chat/completions"), ep.ProcessingRequest(
+                    request_body=ep.HttpBody(body=json.dumps({
+                        "model": "chat", "messages": chat, "max_tokens": None}).encode(),
+                        end_of_stream=True))]
+                answers = [r async for r in call(iter(bounded), timeout=30)]
+                common = answers[-1].request_body.response
+                assert json.loads(common.body_mutation.body)["max_tokens"] == 16
+        finally:
+            await server.stop(None)
+        assert all(e.in_flight == 0 for e in router.datastore.endpoints())
+

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from kvroute_router.openai.requests import OpenAIRequest, routing_text
+from kvroute_router.openai.requests import CompletionRequest, OpenAIRequest, routing_text
 
 RequestKind = Literal["completions", "chat", "pick"]
 
@@ -62,8 +62,12 @@ class LLMRequest:
         return request
 
     def prompt_size_estimate(self) -> int:
-        """Tokens in the prompt: exact with token ids, else a low estimate from UTF-8 bytes
-        (4 bytes a token), so that limits never reject a prompt that would fit."""
+        """Tokens in the prompt (the largest of a batch): exact with token ids, else a low
+        estimate from UTF-8 bytes (4 bytes a token), so that limits never reject a prompt
+        that would fit."""
+        if isinstance(self.openai, CompletionRequest) and len(self.openai.prompts) > 1:
+            return max(len(p) if isinstance(p, tuple) else len(p.encode("utf-8", "replace")) // 4
+                       for p in self.openai.prompts)
         if self.token_ids is not None:
             return len(self.token_ids)
         return len(self.prompt_text.encode("utf-8", "replace")) // 4

@@ -77,6 +77,30 @@ VLLM_USAGE = ('{"prompt_tokens":7,"total_tokens":10,"completion_tokens":3,'
               '"prompt_tokens_details":{"cached_tokens":0}}')
 
 
+# Serialised by vLLM 0.32's own protocol classes (CompletionStreamResponse / CompletionResponse
+# with UsageInfo + PromptTokenUsageInfo, dumped the way its serving code dumps them).
+VLLM_STREAM_END = (
+    b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"kvroute-test-model",'
+    b'"choices":[],"usage":{"prompt_tokens":7,"total_tokens":10,"completion_tokens":3,'
+    b'"prompt_tokens_details":{"cached_tokens":0},"completion_tokens_details":'
+    b'{"reasoning_tokens":0}}}\n\ndata: [DONE]\n\n')
+VLLM_ANSWER = (
+    b'{"id":"cmpl-2","object":"text_completion","created":1,"model":"kvroute-test-model",'
+    b'"choices":[{"index":0,"text":"} \\"usage\\": {","logprobs":null,"finish_reason":"length",'
+    b'"stop_reason":null,"token_ids":null,"prompt_logprobs":null,"prompt_token_ids":null,'
+    b'"routed_experts":null}],"service_tier":null,"system_fingerprint":null,"usage":'
+    b'{"prompt_tokens":7,"total_tokens":10,"completion_tokens":3,"prompt_tokens_details":'
+    b'{"cached_tokens":0,"created_cache_tokens":null,"multimodal_tokens":null},'
+    b'"completion_tokens_details":{"reasoning_tokens":0}},"kv_transfer_params":null,'
+    b'"ec_transfer_params":null,"metrics":null}')
+
+
+def test_usage_of_vllm_serialised_answers() -> None:
+    assert usage_of(VLLM_STREAM_END) == (7, 3)
+    assert usage_of(VLLM_ANSWER) == (7, 3)
+    assert json.loads(VLLM_ANSWER)["usage"]["prompt_tokens"] == 7  # the golden is valid JSON
+
+
 def test_usage_with_nested_details_is_read_from_a_stream_and_a_whole_answer() -> None:
     stream = (b'data: {"id":"cmpl-1","object":"text_completion","created":1,"model":"m",'
               b'"choices":[{"index":0,"text":" x","logprobs":null,"finish_reason":null}]}\n\n'

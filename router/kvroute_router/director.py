@@ -15,28 +15,32 @@
 5. **scheduling** in the first pool whose profile leaves a candidate: filters → weighted scorers
    → picker; the picker's order gives the target and fallbacks — 503 if no pool has one.
 
-The caller then calls ``dispatch(decision, endpoint)`` for each attempt (counts the request in
-flight at once and lets plugins learn, e.g. the prefix history) — for the first attempt right
-after ``route`` returns, with no ``await`` in between, so that concurrent requests see each
-other's dispatches (route must run in the caller's task: no ``wait_for``/``create_task``) —
-and ``finish(...)`` with the :class:`Outcome` when the attempt ends;
-``CompletionObserver``s hear every final outcome.
+Servers call ``open(request)`` instead: it routes and dispatches the first attempt (counts the
+request in flight at once and lets plugins learn, e.g. the prefix history) with no ``await`` in
+between, and returns a :class:`RequestLifecycle` that dispatches further attempts, ends them and
+finishes the request exactly once — also when anything raises or is cancelled (the rule is in
+:mod:`kvroute_router.framework.lifecycle`). ``CompletionObserver``s hear every final outcome.
+A plugin that raises while scheduling frees what the admission hooks held before the error
+propagates.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvroute_api.route_policy import RoutePolicy
+from prometheus_client import CollectorRegistry
 
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.lifecycle import Admission, DecisionView, Outcome, RoutingError
 from kvroute_router.framework.plugins import ScoredEndpoint
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
@@ -46,47 +50,6 @@ from kvroute_router.router_metrics import RouterMetrics
 log = logging.getLogger(__name__)
 
 PREFIX_SCORERS = ("prefix-precise", "prefix-approx")
-
-
-class RoutingError(Exception):
-    """The request cannot be routed; carries the HTTP status and an OpenAI-style error code."""
-
-    def __init__(self, status: int, code: str, message: str,
-                 retry_after: float | None = None, reason: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after = retry_after
-        self.reason = reason or code
-        self.param = param
-        """The OpenAI error's ``param`` (e.g. the budget limit that refused)."""
-
-
-@dataclass
-class Outcome:
-    """How an attempt ended."""
-
-    status: int
-    """HTTP status the endpoint answered (0: no answer: connection failure or timeout)."""
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    error: str | None = None
-
-
-@dataclass
-class Admission:
-    """What an admission hook decided for an admitted request."""
-
-    pools: Sequence[str] | None = None
-    """Pool names (of the policy) the request may use; None: any."""
-    on_finish: Callable[[Decision | None, Outcome], None] | None = None
-    """Called once when the request finished (accounting, releasing concurrency); with
-    ``None`` for the decision when the request was refused after this hook admitted it (a
-    later hook shed it, or no endpoint was available), so reservations are never leaked."""
 
 
 class AdmissionHook(Protocol):
@@ -130,6 +93,22 @@ class Decision:
     def max_attempts(self) -> int:
         return self.policy.spec.retries.max_attempts
 
+    @property
+    def pool_name(self) -> str:
+        return self.pool.name
+
+    @property
+    def served_model(self) -> str:
+        return self.pool.model_name
+
+    @property
+    def request_timeout_s(self) -> float:
+        return float(self.policy.spec.request_timeout_seconds)
+
+    @property
+    def per_try_timeout_s(self) -> float:
+        return self.policy.spec.retries.per_try_timeout_ms / 1000.0
+
     def prefix_match_ratio(self, endpoint: Endpoint | None = None) -> float | None:
         target = endpoint or self.ranked[0].endpoint
         for scored in self.ranked:
@@ -148,6 +127,59 @@ class Decision:
             parts = " ".join(f"{k}={v:.3f}" for k, v in scored.by_scorer.items())
             lines.append(f"{scored.endpoint.name} total={scored.total:.3f} {parts}".rstrip())
         return lines
+
+
+class RequestLifecycle:
+    """A routed request from its first dispatch to its outcome (the
+    :class:`~kvroute_router.framework.lifecycle.RoutedRequest` the servers hold)."""
+
+    def __init__(self, director: Director, decision: Decision) -> None:
+        self._director = director
+        self._decision = decision
+        self._endpoint: Endpoint | None = None
+
+    @property
+    def decision(self) -> Decision:
+        return self._decision
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return self._endpoint
+
+    def dispatch(self, endpoint: Endpoint) -> None:
+        self.end_attempt()
+        self._endpoint = endpoint  # first: a plugin raising in dispatch still gets ended
+        self._director.dispatch(self._decision, endpoint)
+
+    def end_attempt(self) -> None:
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            self._director.end_attempt(self._decision, endpoint)
+
+    def finish(self, endpoint: Endpoint | None, outcome: Outcome) -> None:
+        self.end_attempt()
+        self._director.finish(self._decision, endpoint, outcome)
+
+    def close(self, error: BaseException | None = None) -> None:
+        endpoint = self._endpoint
+        self.end_attempt()
+        if self._decision.finished:
+            return
+        if isinstance(error, asyncio.CancelledError):
+            outcome = Outcome(status=499, error="cancelled")
+        elif error is not None:
+            log.error("request %s failed after routing: %r", self._decision.request.request_id,
+                      error)
+            outcome = Outcome(status=500, error=f"{type(error).__name__}: {error}")
+        else:
+            outcome = Outcome(status=0, error="not finished")
+        self._director.finish(self._decision, endpoint, outcome)
+
+    async def __aenter__(self) -> RequestLifecycle:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.close(exc)
 
 
 class Director:
@@ -190,7 +222,27 @@ class Director:
         self._profiles[key] = (version, profile)
         return profile
 
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    def count_retry(self, decision: DecisionView) -> None:
+        self.metrics.retries.labels(decision.policy_name, decision.pool_name).inc()
+
     # ---- routing -----------------------------------------------------------------------------
+    async def open(self, request: LLMRequest, entrypoint: str = "proxy") -> RequestLifecycle:
+        """Route ``request`` and dispatch its first attempt on the top-ranked endpoint, with
+        no ``await`` in between (call it in the serving task: no ``wait_for``/``create_task``,
+        so concurrent requests see each other's dispatches)."""
+        decision = await self.route(request, entrypoint)
+        routed = RequestLifecycle(self, decision)
+        try:
+            routed.dispatch(decision.endpoints[0])
+        except BaseException as exc:
+            routed.close(exc)
+            raise
+        return routed
+
     async def route(self, request: LLMRequest, entrypoint: str = "proxy") -> Decision:
         started = time.perf_counter()
         try:
@@ -238,30 +290,45 @@ class Director:
             if verdict.pools is not None:
                 allowed = set(verdict.pools) if allowed is None else allowed & set(verdict.pools)
 
-        for pool in self._pool_order(resolution, allowed):
-            profile = self.profile_for(resolution, pool)
-            state = CycleState()
-            ranked = profile.run(state, request, list(pool.endpoints.values()),
-                                 limit=max(1, spec.retries.max_attempts))
-            if ranked:
-                # Time spent waiting in admission hooks (queueing) is not decision cost.
-                decided = time.perf_counter() - started - waited
-                return Decision(request=request, policy=policy,
-                                policy_key=resolution.policy_key, pool=pool, profile=profile,
-                                state=state, ranked=ranked, decided_in_s=decided,
-                                admissions=admissions)
+        try:
+            for pool in self._pool_order(resolution, allowed):
+                profile = self.profile_for(resolution, pool)
+                state = CycleState()
+                ranked = profile.run(state, request, list(pool.endpoints.values()),
+                                     limit=max(1, spec.retries.max_attempts))
+                if ranked:
+                    # Time spent waiting in admission hooks (queueing) is not decision cost.
+                    decided = time.perf_counter() - started - waited
+                    return Decision(request=request, policy=policy,
+                                    policy_key=resolution.policy_key, pool=pool,
+                                    profile=profile, state=state, ranked=ranked,
+                                    decided_in_s=decided, admissions=admissions)
+        except BaseException as exc:  # a plugin raised: what the hooks admitted is freed
+            if not isinstance(exc, asyncio.CancelledError):
+                log.exception("scheduling request %s failed", request.request_id)
+            self._release(admissions, None, Outcome(
+                status=499 if isinstance(exc, asyncio.CancelledError) else 500,
+                error=f"scheduling failed: {type(exc).__name__}"))
+            raise
         self._release(admissions, None, Outcome(status=503, error="no_endpoint"))
         raise RoutingError(503, "no_endpoint_available",
                            f"No ready endpoint serves model '{request.model}' right now "
                            f"(policy {resolution.policy_key}); retry later")
 
     def _check_limits(self, policy: RoutePolicy, request: LLMRequest) -> None:
+        """``maxOutputTokens`` against the bound the engine will use (``request.max_tokens``;
+        absent or null: the limit becomes the bound, written upstream), and
+        ``maxPromptTokens`` against the largest prompt's low estimate."""
         admission = policy.spec.admission
-        if (admission.max_output_tokens is not None and request.max_tokens is not None
-                and request.max_tokens > admission.max_output_tokens):
-            raise RoutingError(400, "invalid_request_error",
-                               f"max_tokens {request.max_tokens} exceeds the limit of "
-                               f"{admission.max_output_tokens} for model '{request.model}'")
+        limit = admission.max_output_tokens
+        if limit is not None:
+            if request.max_tokens is None:
+                request.max_tokens = limit
+            elif request.max_tokens > limit:
+                raise RoutingError(400, "invalid_request_error",
+                                   f"{request.output_param} {request.max_tokens} exceeds the "
+                                   f"limit of {limit} for model '{request.model}'",
+                                   param=request.output_param)
         if admission.max_prompt_tokens is not None:
             size = request.prompt_size_estimate()
             if size > admission.max_prompt_tokens:
@@ -345,3 +412,7 @@ class Director:
                     admission.on_finish(decision, outcome)
                 except Exception:
                     log.exception("admission on_finish failed")
+
+
+__all__ = ["Admission", "AdmissionHook", "CompletionObserver", "Decision", "Director", "Outcome",
+           "RequestLifecycle", "RoutingError"]

@@ -30,6 +30,7 @@ from kvroute_router.kvevents.hub import PoolKVEvents
 from kvroute_router.kvevents.scorer import PrecisePrefixScorer
 from kvroute_router.kvevents.subscriber import KVEventSource
 from kvroute_router.kvevents.tokenization import PromptTokenizer
+from kvroute_router.openai.requests import parse_request
 from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex, ApproxPrefixScorer
 
 pytestmark = pytest.mark.e2e
@@ -133,8 +134,8 @@ async def test_prompts_sent_directly_are_routed_to_their_engine(
     await eventually(indexed, "every prompt's blocks indexed on engine-0")
     picked_target = 0
     for prompt in prompts:
-        request = LLMRequest(model=MODEL, kind="completions", prompt_text=prompt,
-                             body={"model": MODEL, "prompt": prompt})
+        request = LLMRequest.from_openai(
+            parse_request({"model": MODEL, "prompt": prompt}, "completions"), {})
         scores = scorer.score(CycleState(), request, endpoints)
         if scores[0] > scores[1]:
             picked_target += 1

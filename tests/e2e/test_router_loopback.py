@@ -10,12 +10,20 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 import yaml
 from aiohttp import web
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from kvroute_router.app import Router, RouterSettings
+from kvroute_router.extproc.server import start_ext_proc_server
+from kvroute_router.grpcapi.client import RouterClient
+from kvroute_router.grpcapi.server import start_router_grpc_server
+from kvroute_router.proto_gen import router_pb2 as pb
 
 METRICS = ('vllm:num_requests_running{engine="0"} 0.0\n'
            'vllm:num_requests_waiting{engine="0"} 0.0\n'
@@ -33,6 +41,7 @@ class FakeEngine:
     requests: int = 0
     cancelled: int = 0
     models_seen: list[str] = field(default_factory=list)
+    bodies: list[dict[str, Any]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -62,6 +71,7 @@ class FakeEngine:
         self.requests += 1
         body = await request.json()
         self.models_seen.append(body["model"])
+        self.bodies.append(body)
         if self.mode == "fail":
             return web.json_response({"error": {"message": "boom"}}, status=500)
         try:
@@ -299,3 +309,131 @@ async def test_concurrent_distinct_requests_spread_before_the_next_scrape(
         served = await asyncio.gather(*tasks)
     assert sorted(served).count(engines[0].address) == 3
     assert sorted(served).count(engines[1].address) == 3
+
+
+# ---- hostile OpenAI bodies on every entry point ----------------------------------------------
+DEEP = 100_000
+CASES: list[tuple[str, bytes, str | None]] = [
+    ("/v1/completions", b'{"model": "chat", "prompt": "x", "tools": ' + b"[" * DEEP
+     + b"]" * DEEP + b"}", "tools"),
+    ("/v1/completions", b"[" * DEEP + b"]" * DEEP, None),
+    ("/v1/completions", b'{"model": "chat", "prompt": "\xff\xfe"}', "prompt"),
+    ("/v1/completions", b'{"model": "chat", "prompt": "x", "max_tokens": 1e400}', "max_tokens"),
+    ("/v1/completions", b'{"model": "chat", "prompt": "x", "max_tokens": '
+     + str(10**30).encode() + b"}", "max_tokens"),
+    ("/v1/completions", b'{"model": "chat", "prompt": "x", "max_tokens": NaN}', "max_tokens"),
+    ("/v1/completions", b'{"model": "chat", "prompt": "x", "n": "many"}', "n"),
+    ("/v1/chat/completions", b'{"model": "chat", "messages": [1]}', "messages"),
+]
+
+
+async def test_proxy_answers_hostile_bodies_with_400_naming_the_field(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    async with running_router(tmp_path, engines) as (router, url), \
+            aiohttp.ClientSession() as s:
+        for path, body, param in CASES:
+            async with s.post(f"{url}{path}", data=body,
+                              headers={"content-type": "application/json"}) as resp:
+                assert resp.status == 400, (path, body[:60])
+                error = (await resp.json())["error"]
+                assert error["param"] == param and error["type"] == "invalid_request_error"
+        assert sum(e.requests for e in engines) == 0
+        async with s.post(f"{url}/v1/completions",
+                          json={"model": "chat", "prompt": "still serving"}) as resp:
+            assert resp.status == 200
+        assert all(ep.in_flight == 0 for ep in router.datastore.endpoints())
+
+
+def _headers(path: str) -> Any:
+    return ep.ProcessingRequest(request_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
+        headers=[base_pb2.HeaderValue(key=":path", raw_value=path.encode()),
+                 base_pb2.HeaderValue(key=":method", raw_value=b"POST")])))
+
+
+async def test_ext_proc_and_pick_answer_hostile_input_as_client_faults(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    async with running_router(tmp_path, engines) as (router, _):
+        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream(
+                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                    request_serializer=ep.ProcessingRequest.SerializeToString,
+                    response_deserializer=ep.ProcessingResponse.FromString)
+                for path, body, param in CASES:
+                    messages = [_headers(path), ep.ProcessingRequest(
+                        request_body=ep.HttpBody(body=body, end_of_stream=True))]
+                    answers = [r async for r in call(iter(messages), timeout=30)]
+                    final = answers[-1].immediate_response
+                    assert final.status.code == 400, (path, body[:60])
+                    assert json.loads(final.body)["error"]["param"] == param
+        finally:
+            await server.stop(None)
+        pick_server, pick_port = await start_router_grpc_server(router.director, "127.0.0.1", 0)
+        try:
+            async with RouterClient(f"127.0.0.1:{pick_port}") as client:
+                for message in (pb.PickRequest(model="chat", prompt="x", max_tokens=2**32 - 1),
+                                pb.PickRequest(prompt="x")):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await client.pick(message)
+                    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        finally:
+            await pick_server.stop(None)
+        assert all(e.in_flight == 0 for e in router.datastore.endpoints())
+
+
+async def test_the_output_bound_is_the_one_the_engine_reads_and_is_written_upstream(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    """Issue 14.4: null must not skip maxOutputTokens, and max_completion_tokens must not hide
+    the max_tokens a completions engine reads."""
+    chat = [{"role": "user", "content": "hi"}]
+    async with running_router(tmp_path, engines, admission={"maxOutputTokens": 16}) as (
+            router, url), aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/completions", json={
+                "model": "chat", "prompt": "x", "max_completion_tokens": 1,
+                "max_tokens": 100000}) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == "max_tokens"
+        cases: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+            ("/v1/chat/completions", {"messages": chat, "max_tokens": None},
+             {"max_tokens": 16}),
+            ("/v1/completions", {"prompt": "x", "max_tokens": None}, {"max_tokens": 16}),
+            ("/v1/completions", {"prompt": "x"}, {"max_tokens": 16}),
+            ("/v1/chat/completions", {"messages": chat, "max_completion_tokens": 5,
+                                      "max_tokens": 100000}, {"max_completion_tokens": 5}),
+        ]
+        received: list[dict[str, Any]] = []
+        for engine in engines:
+            engine.bodies = received  # one list, in arrival order
+        for path, body, expected in cases:
+            async with s.post(f"{url}{path}", json={"model": "chat", **body}) as resp:
+                assert resp.status == 200, await resp.text()
+            seen = received[-1]
+            assert {k: seen.get(k) for k in expected} == expected, (body, seen)
+
+        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream(
+                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                    request_serializer=ep.ProcessingRequest.SerializeToString,
+                    response_deserializer=ep.ProcessingResponse.FromString)
+                refused = [_headers("/v1/completions"), ep.ProcessingRequest(
+                    request_body=ep.HttpBody(body=json.dumps({
+                        "model": "chat", "prompt": "x", "max_completion_tokens": 1,
+                        "max_tokens": 100000}).encode(), end_of_stream=True))]
+                answers = [r async for r in call(iter(refused), timeout=30)]
+                final = answers[-1].immediate_response
+                assert final.status.code == 400
+                assert json.loads(final.body)["error"]["param"] == "max_tokens"
+                bounded = [_headers("/v1/chat/completions"), ep.ProcessingRequest(
+                    request_body=ep.HttpBody(body=json.dumps({
+                        "model": "chat", "messages": chat, "max_tokens": None}).encode(),
+                        end_of_stream=True))]
+                answers = [r async for r in call(iter(bounded), timeout=30)]
+                common = answers[-1].request_body.response
+                assert json.loads(common.body_mutation.body)["max_tokens"] == 16
+        finally:
+            await server.stop(None)
+        assert all(e.in_flight == 0 for e in router.datastore.endpoints())
+

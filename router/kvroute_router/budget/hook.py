@@ -19,11 +19,13 @@ shared :class:`BudgetLedger`. Per request (``admit``):
    priced candidate pools: ``BatchRouter.assign`` picks the pool (adaptive window: never waits
    when the budget and capacity do not bind). ``None`` (no pool fits budget and capacity) → 429.
 4. **budget** — ``BudgetLedger.reserve`` with an upper-bound estimate (prompt: token ids, else
-   UTF-8 bytes; output: ``max_tokens``, else ``maxOutputTokens``, else the router default, which
-   is then written into the forwarded body) on the chosen pool first, then the others cheapest
-   first — the policy's fallback pools with endpoints included as downgrade targets. Refused →
-   429 naming the budget with ``Retry-After``; ``onExhausted: Downgrade`` → the request is
-   restricted to the cheaper pool the ledger reserved.
+   UTF-8 bytes, over every prompt, tools schemas, images and the chat template; output: the
+   engine's bound ``max_tokens``, else ``maxOutputTokens``, else the router default, which is
+   then written into the forwarded body, times ``max(n, best_of)``) on the chosen pool first,
+   then the others cheapest first — the policy's fallback pools with endpoints included as
+   downgrade targets. Refused → 429 naming the budget with ``Retry-After``;
+   ``onExhausted: Downgrade`` → the request is restricted to the cheaper pool the ledger
+   reserved.
 5. **finish** — ``on_finish`` settles the reservation with the engine's usage (prompt and
    completion tokens from the response ``usage``, or counted from the stream), on the pool that
    actually served it; a request that never reached an engine is cancelled. Then one queued
@@ -79,11 +81,9 @@ def _no_api_keys(policy: RoutePolicy) -> Mapping[str, str]:
 
 
 def prompt_tokens_upper_bound(request: LLMRequest) -> int:
-    """Prompt tokens, never underestimated: exact with token ids, else UTF-8 bytes (no
-    tokenizer emits more tokens than bytes; a byte-level one emits exactly as many)."""
-    if request.token_ids is not None:
-        return len(request.token_ids)
-    return len(request.prompt_text.encode("utf-8", "replace"))
+    """Prompt tokens, never underestimated (:meth:`LLMRequest.prompt_upper_bound`: every
+    prompt of a list, tools schemas, images and the chat template)."""
+    return request.prompt_upper_bound()
 
 
 @dataclass
@@ -286,6 +286,8 @@ class BudgetHook:
                       else spec.admission.max_output_tokens or self.default_max_output_tokens)
         if request.max_tokens is None:
             request.max_tokens = max_output  # forwarded, so usage cannot exceed the estimate
+        # Each of the n / best_of sequences may generate the whole bound.
+        max_output *= max(1, request.sequences)
         estimate = RequestEstimate(prompt_tokens_upper_bound(request), max_output)
 
         restrict = False

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import msgspec
@@ -33,14 +33,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kvroute_router.director import Decision, Director, Outcome, RoutingError
-from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.request import RequestKind
-from kvroute_router.proxy.openai_errors import error_body
-from kvroute_router.proxy.openai_request import BadRequestError, request_from_body, usage_of
-from kvroute_router.proxy.server import USAGE_TAIL, upstream_changes
+from kvroute_router.framework.lifecycle import Outcome, RequestRouter, RoutedRequest, RoutingError
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.grpc_health import add_health, set_serving
+from kvroute_router.openai.errors import BadRequestError, error_body
+from kvroute_router.openai.requests import decode_body, endpoint_kind, parse_request
+from kvroute_router.openai.upstream import upstream_changes
+from kvroute_router.openai.usage import USAGE_TAIL, usage_of
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,14 @@ def _subset_hint(request: Any) -> frozenset[str] | None:
 class ExtProcServer:
     """The ``Process`` stream handler."""
 
-    def __init__(self, director: Director) -> None:
+    def __init__(self, director: RequestRouter) -> None:
         self.director = director
 
     async def process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         headers: dict[str, str] = {}
         body = bytearray()
         subset: frozenset[str] | None = None
-        decision: Decision | None = None
-        endpoint: Endpoint | None = None
+        routed: RoutedRequest | None = None
         status = 0
         tail = b""
         started = time.monotonic()
@@ -125,12 +124,9 @@ class ExtProcServer:
                         continue
                     if subset is None:
                         subset = _subset_hint(request)
-                    answer, decision = await self._pick(headers, bytes(body), subset)
-                    if decision is not None:
-                        endpoint = decision.endpoints[0]
-                        self.director.dispatch(decision, endpoint)
+                    answer, routed = await self._pick(headers, bytes(body), subset)
                     yield answer
-                    if decision is None:
+                    if routed is None:
                         return
                 elif which == "response_headers":
                     try:
@@ -148,34 +144,43 @@ class ExtProcServer:
                 elif which == "response_trailers":
                     yield ep.ProcessingResponse(response_trailers=ep.TrailersResponse())
         finally:
-            if decision is not None and endpoint is not None:
-                self.director.end_attempt(decision, endpoint)
+            if routed is not None:
                 prompt_tokens, completion_tokens = usage_of(tail)
-                self.director.finish(decision, endpoint, Outcome(
+                routed.finish(routed.decision.endpoints[0], Outcome(
                     status=status or 499, e2e_s=time.monotonic() - started,
                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
     async def _pick(self, headers: dict[str, str], raw: bytes,
-                    subset: frozenset[str] | None) -> tuple[Any, Decision | None]:
-        path = headers.get(":path", "")
-        kind: RequestKind = "chat" if "chat/completions" in path else "completions"
+                    subset: frozenset[str] | None) -> tuple[Any, RoutedRequest | None]:
+        """The answer to the complete request body, and the routed request (None when the
+        answer refuses it); the request's first attempt is dispatched."""
+        kind: Literal["completions", "chat"] = (
+            "chat" if endpoint_kind(headers.get(":path", "")) == "chat" else "completions")
         try:
-            body = msgspec.json.decode(raw)
-            request = request_from_body(body, kind, headers)
-        except msgspec.DecodeError as exc:
-            return immediate(400, f"The body is not valid JSON: {exc}", "invalid_json"), None
+            parsed = parse_request(decode_body(raw), kind)
         except BadRequestError as exc:
-            return immediate(400, str(exc), "invalid_request_error"), None
+            return immediate(400, str(exc), exc.code, param=exc.param), None
+        request = LLMRequest.from_openai(parsed, headers)
         request.allowed_addresses = subset
         try:
-            decision = await self.director.route(request, entrypoint="ext_proc")
+            routed = await self.director.open(request, entrypoint="ext_proc")
         except RoutingError as exc:
             return immediate(exc.status, exc.message, exc.code, exc.retry_after,
                              exc.param), None
+        try:
+            return self._route_to(parsed.body, parsed.kind, routed), routed
+        except BaseException as exc:
+            routed.close(exc)
+            raise
+
+    @staticmethod
+    def _route_to(body: dict[str, Any], kind: str, routed: RoutedRequest) -> Any:
+        """The ``BodyResponse`` sending the request to the decision's endpoints."""
+        decision = routed.decision
         addresses = [e.address for e in decision.endpoints]
         set_headers = [_header(DESTINATION_HEADER, addresses[0])]
         mutation: Any = None
-        changes = upstream_changes(body, decision)
+        changes = upstream_changes(body, kind, decision.served_model, decision.request.max_tokens)
         if changes:
             new_body = msgspec.json.encode({**body, **changes})
             mutation = ep.BodyMutation(body=new_body)
@@ -187,22 +192,10 @@ class ExtProcServer:
         metadata = struct_pb2.Struct()
         metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(addresses)}})
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
-                                     dynamic_metadata=metadata), decision
+                                     dynamic_metadata=metadata)
 
 
-def add_health(server: Any, services: list[str]) -> Any:
-    """Register ``grpc.health.v1.Health`` reporting SERVING for "" and ``services``."""
-    servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    return servicer
-
-
-async def set_serving(servicer: Any, services: list[str]) -> None:
-    for name in ["", *services]:
-        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-
-async def start_ext_proc_server(director: Director, host: str, port: int
+async def start_ext_proc_server(director: RequestRouter, host: str, port: int
                                 ) -> tuple[Any, int]:
     """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)])

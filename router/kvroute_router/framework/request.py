@@ -6,7 +6,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from kvroute_router.openai.requests import CompletionRequest, OpenAIRequest, routing_text
 
 RequestKind = Literal["completions", "chat", "pick"]
 
@@ -25,9 +27,19 @@ class LLMRequest:
     tenant: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     """Lower-case request headers."""
-    body: dict[str, Any] | None = None
-    """The parsed OpenAI body (proxy and ext_proc), for plugins that need more fields."""
+    openai: OpenAIRequest | None = None
+    """The typed OpenAI request (proxy, ext_proc and chat Picks), for plugins that need more
+    fields (the chat template's options, ``cache_salt``)."""
     max_tokens: int | None = None
+    """The per-sequence output bound the engine will use; None: not bounded by the request.
+    Admission fills it in (then it is written upstream)."""
+    output_param: str = "max_tokens"
+    """The body field ``max_tokens`` was read from (what an error about it names)."""
+    sequences: int = 1
+    """Sequences the engine generates (``max(n, best_of)``); reservations multiply by it."""
+    prompt_tokens_bound: int | None = None
+    """Prompt tokens at most, over every prompt, tools, images and the chat template (None:
+    derive it from ``token_ids`` / ``prompt_text``)."""
     stream: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     allowed_addresses: frozenset[str] | None = None
@@ -35,32 +47,36 @@ class LLMRequest:
     lora_adapter: str | None = None
     """The LoRA adapter named by ``model`` when it is not the pool's base model."""
 
+    @classmethod
+    def from_openai(cls, parsed: OpenAIRequest, headers: Mapping[str, str]) -> LLMRequest:
+        """The routing view of a parsed OpenAI request (``x-request-id`` is kept, capped)."""
+        text, token_ids = routing_text(parsed)
+        request = cls(model=parsed.model, kind=parsed.kind, prompt_text=text,
+                      token_ids=token_ids, headers=headers, openai=parsed,
+                      max_tokens=parsed.output_bound, output_param=parsed.output_param,
+                      sequences=parsed.sequences, prompt_tokens_bound=parsed.prompt_tokens_bound,
+                      stream=parsed.stream)
+        supplied = headers.get("x-request-id")
+        if supplied:
+            request.request_id = supplied[:128]
+        return request
+
     def prompt_size_estimate(self) -> int:
-        """Tokens in the prompt: exact with token ids, else a low estimate from UTF-8 bytes
-        (4 bytes a token), so that limits never reject a prompt that would fit."""
+        """Tokens in the prompt (the largest of a batch): exact with token ids, else a low
+        estimate from UTF-8 bytes (4 bytes a token), so that limits never reject a prompt
+        that would fit."""
+        if isinstance(self.openai, CompletionRequest) and len(self.openai.prompts) > 1:
+            return max(len(p) if isinstance(p, tuple) else len(p.encode("utf-8", "replace")) // 4
+                       for p in self.openai.prompts)
         if self.token_ids is not None:
             return len(self.token_ids)
         return len(self.prompt_text.encode("utf-8", "replace")) // 4
 
-
-def render_chat_prompt(messages: Any) -> str:
-    """Chat messages as one string for prefix hashing: role and text of each message in order.
-
-    Only text matters for prefix affinity; image parts and unknown shapes are skipped, so a
-    malformed message never fails routing (the engine validates the body)."""
-    if not isinstance(messages, list):
-        return ""
-    parts: list[str] = []
-    for message in messages:
-        if not isinstance(message, dict):
-            continue
-        parts.append(f"<|{message.get('role', '')}|>")
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            for part in content:
-                if isinstance(part, dict) and isinstance(part.get("text"), str):
-                    parts.append(part["text"])
-        parts.append("\n")
-    return "".join(parts)
+    def prompt_upper_bound(self) -> int:
+        """Prompt tokens, never underestimated: the parsed bound when there is one, else exact
+        with token ids, else UTF-8 bytes (no tokenizer emits more tokens than bytes)."""
+        if self.prompt_tokens_bound is not None:
+            return self.prompt_tokens_bound
+        if self.token_ids is not None:
+            return len(self.token_ids)
+        return len(self.prompt_text.encode("utf-8", "replace"))

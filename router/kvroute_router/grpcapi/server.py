@@ -19,10 +19,11 @@ from typing import Any
 
 import grpc
 
-from kvroute_router.director import Decision, Director, Outcome, RoutingError
-from kvroute_router.extproc.server import add_health, set_serving
-from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.request import LLMRequest, render_chat_prompt
+from kvroute_router.framework.lifecycle import Outcome, RequestRouter, RoutedRequest, RoutingError
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.grpc_health import add_health, set_serving
+from kvroute_router.openai.errors import BadRequestError
+from kvroute_router.openai.requests import MAX_COUNT, render_chat_prompt
 from kvroute_router.proto_gen import router_pb2 as pb
 
 SERVICE = "kvroute.v1.Router"
@@ -38,6 +39,11 @@ STATUS_CODES = {
 
 
 def request_from_pick(message: pb.PickRequest) -> LLMRequest:
+    """The routing view of a Pick; BadRequestError names a field out of range."""
+    if not message.model:
+        raise BadRequestError("model is required", "model")
+    if message.max_tokens > MAX_COUNT:
+        raise BadRequestError(f"max_tokens must be at most {MAX_COUNT}", "max_tokens")
     headers = {k.lower(): v for k, v in message.headers.items()}
     which = message.WhichOneof("input")
     text: str = ""
@@ -60,35 +66,47 @@ def request_from_pick(message: pb.PickRequest) -> LLMRequest:
 class RouterService:
     """Pick/Report handlers and the table of decisions awaiting a Report."""
 
-    def __init__(self, director: Director) -> None:
+    def __init__(self, director: RequestRouter) -> None:
         self.director = director
-        self.pending: dict[str, tuple[Decision, Endpoint, float]] = {}
+        self.pending: dict[str, tuple[RoutedRequest, float]] = {}
+        """decision id → the routed request awaiting its Report, and its deadline."""
 
     async def pick(self, message: pb.PickRequest, context: Any) -> pb.PickResponse:
-        if not message.model:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required")
-        request = request_from_pick(message)
         try:
-            decision = await self.director.route(request, entrypoint="grpc")
+            request = request_from_pick(message)
+        except BadRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{exc} (param: {exc.param})" if exc.param else str(exc))
+            raise  # abort raises; this keeps type checkers aware
+        try:
+            routed = await self.director.open(request, entrypoint="grpc")
         except RoutingError as exc:
             if exc.retry_after is not None:
                 context.set_trailing_metadata((("retry-after", str(exc.retry_after)),))
             await context.abort(STATUS_CODES.get(exc.status, grpc.StatusCode.UNKNOWN),
                                 exc.message)
             raise  # abort raises; this keeps type checkers aware
+        try:
+            decision_id = uuid.uuid4().hex
+            self._expire(time.monotonic())
+            self.pending[decision_id] = (routed,
+                                         time.monotonic() + routed.decision.request_timeout_s)
+            return self._answer(routed, decision_id)
+        except BaseException as exc:
+            self.pending.pop(decision_id, None)
+            routed.close(exc)
+            raise
+
+    @staticmethod
+    def _answer(routed: RoutedRequest, decision_id: str) -> pb.PickResponse:
+        decision = routed.decision
         endpoint = decision.endpoints[0]
-        self.director.dispatch(decision, endpoint)
-        decision_id = uuid.uuid4().hex
-        self._expire(time.monotonic())
-        self.pending[decision_id] = (
-            decision, endpoint,
-            time.monotonic() + decision.policy.spec.request_timeout_seconds)
         ratio = decision.prefix_match_ratio(endpoint)
         return pb.PickResponse(
             endpoint=endpoint.address, endpoint_name=endpoint.name,
             fallbacks=[e.address for e in decision.endpoints[1:]],
-            pool=decision.pool.name, policy=decision.policy_name,
-            target_model=decision.pool.model_name, decision_id=decision_id,
+            pool=decision.pool_name, policy=decision.policy_name,
+            target_model=decision.served_model, decision_id=decision_id,
             reasons=decision.reasons(),
             scores=[pb.EndpointScore(endpoint=s.endpoint.name, address=s.endpoint.address,
                                      total=s.total, scores=s.by_scorer)
@@ -99,13 +117,13 @@ class RouterService:
         entry = self.pending.pop(message.decision_id, None)
         if entry is None:
             return pb.ReportResponse(accepted=False)
-        decision, endpoint, _ = entry
+        routed, _ = entry
+        endpoint = routed.decision.endpoints[0]
         served = endpoint
         if message.endpoint and message.endpoint != endpoint.address:
-            served = next((e for e in decision.endpoints if e.address == message.endpoint),
-                          endpoint)
-        self.director.end_attempt(decision, endpoint)
-        self.director.finish(decision, served, Outcome(
+            served = next((e for e in routed.decision.endpoints
+                           if e.address == message.endpoint), endpoint)
+        routed.finish(served, Outcome(
             status=message.status, ttft_s=message.ttft_seconds or None,
             e2e_s=message.e2e_seconds or None, prompt_tokens=message.prompt_tokens or None,
             completion_tokens=message.completion_tokens or None))
@@ -115,16 +133,16 @@ class RouterService:
         """Close decisions past their deadline; cap the table's size."""
         if not self.pending:
             return
-        expired = [k for k, (_, _, deadline) in self.pending.items() if deadline < now]
+        expired = [k for k, (_, deadline) in self.pending.items() if deadline < now]
         overflow = len(self.pending) - len(expired) - MAX_PENDING
         if overflow > 0:
             expired.extend(list(self.pending)[:overflow])
         for key in expired:
             entry = self.pending.pop(key, None)
             if entry is not None:
-                decision, endpoint, _ = entry
-                self.director.end_attempt(decision, endpoint)
-                self.director.finish(decision, endpoint, Outcome(status=0, error="not reported"))
+                routed, _ = entry
+                routed.finish(routed.decision.endpoints[0],
+                              Outcome(status=0, error="not reported"))
 
     async def expire_forever(self, period_s: float = 5.0) -> None:
         while True:
@@ -147,7 +165,7 @@ class RouterServer:
         await self.server.stop(grace)
 
 
-async def start_router_grpc_server(director: Director, host: str, port: int
+async def start_router_grpc_server(director: RequestRouter, host: str, port: int
                                    ) -> tuple[RouterServer, int]:
     server = grpc.aio.server()
     service = RouterService(director)

@@ -87,14 +87,14 @@ class PrecisePrefixScorer:
             tokens = list(request.token_ids)
         elif tokenizer is None:
             return None
+        elif request.openai is not None:
+            tokens = tokenizer.tokenize_request(request.openai)
         else:
-            tokens = tokenizer.tokenize(request.kind, request.body,
-                                        prompt_text=request.prompt_text)
+            tokens = tokenizer.tokenize(request.kind, None, prompt_text=request.prompt_text)
         if tokens is None:
             return None
-        salt = (request.body or {}).get("cache_salt")
-        return self.pool_events.hasher.block_hashes(
-            tokens, cache_salt=salt if isinstance(salt, str) else None)
+        salt = request.openai.cache_salt if request.openai is not None else None
+        return self.pool_events.hasher.block_hashes(tokens, cache_salt=salt)
 
     def score(self, state: CycleState, request: LLMRequest,
               endpoints: Sequence[Endpoint]) -> list[float]:

@@ -38,6 +38,9 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from kvroute_router.openai.errors import BadRequestError
+from kvroute_router.openai.requests import CompletionRequest, OpenAIRequest, parse_request
+
 logger = logging.getLogger("kvroute.kvevents.tokenization")
 
 DEFAULT_CACHE_TOKENS = 4_000_000
@@ -200,41 +203,47 @@ class PromptTokenizer:
     def tokenize(self, kind: str, body: Mapping[str, Any] | None, *,
                  prompt_text: str = "", token_ids: Sequence[int] | None = None,
                  ) -> list[int] | None:
-        """Token ids of a completions or chat request, or ``None`` if only the engine can say."""
+        """Token ids of a completions or chat body given as a dict (tests, benchmarks), or
+        ``None`` if only the engine can say; the router itself calls
+        :meth:`tokenize_request` with the request it parsed once."""
         if token_ids is not None:
             return list(token_ids)
-        body = body or {}
-        if kind == "chat":
-            messages = body.get("messages")
-            if not isinstance(messages, list) or body.get("continue_final_message") or \
-                    body.get("tools") or body.get("chat_template") or self._template is None:
-                return None
-            add_generation_prompt = bool(body.get("add_generation_prompt", True))
-            kwargs = body.get("chat_template_kwargs") or {}
-            add_special = bool(body.get("add_special_tokens", False))
-            key = self._key("chat", messages, add_generation_prompt, kwargs, add_special)
-            found = self._cached(key)
-            if found is not None:
-                return found
-            try:
-                text = self.render_chat(messages, add_generation_prompt=add_generation_prompt,
-                                        chat_template_kwargs=kwargs)
-            except ChatTemplateError as exc:
-                logger.debug("in-process chat rendering declined: %s", exc)
-                return None
-            ids = self.encode_uncached(text, add_special)
-            self._remember(key, ids)
-            return ids
-        prompt = body.get("prompt", prompt_text) if body else prompt_text
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list):
-            prompt = prompt[0]  # a batch: route by its first prompt
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
+        fields: dict[str, Any] = {"model": "-", **(body or {})}
+        if kind != "chat" and "prompt" not in fields:
+            fields["prompt"] = prompt_text
+        try:
+            parsed = parse_request(fields, "chat" if kind == "chat" else "completions")
+        except BadRequestError:
             return None
-        return self.encode(prompt, bool(body.get("add_special_tokens", True)))
+        return self.tokenize_request(parsed)
+
+    def tokenize_request(self, request: OpenAIRequest) -> list[int] | None:
+        """Token ids of a parsed request (a batch of prompts: its routing prompt), or ``None``
+        if only the engine can say."""
+        if isinstance(request, CompletionRequest):
+            prompt = request.routing_prompt
+            if isinstance(prompt, tuple):
+                return list(prompt)
+            return self.encode(prompt, request.add_special_tokens)
+        if request.continue_final_message or request.tools or request.chat_template \
+                or self._template is None:
+            return None
+        messages = list(request.messages)
+        kwargs = request.chat_template_kwargs or {}
+        key = self._key("chat", messages, request.add_generation_prompt, kwargs,
+                        request.add_special_tokens)
+        found = self._cached(key)
+        if found is not None:
+            return found
+        try:
+            text = self.render_chat(messages, add_generation_prompt=request.add_generation_prompt,
+                                    chat_template_kwargs=kwargs)
+        except ChatTemplateError as exc:
+            logger.debug("in-process chat rendering declined: %s", exc)
+            return None
+        ids = self.encode_uncached(text, request.add_special_tokens)
+        self._remember(key, ids)
+        return ids
 
     async def tokenize_via_engine(self, session: aiohttp.ClientSession, base_url: str,
                                   model: str, kind: str, body: Mapping[str, Any],

@@ -1,32 +1,10 @@
-"""OpenAI-style JSON error bodies: ``{"error": {"message", "type", "param", "code"}}``."""
+"""OpenAI-style error responses of the aiohttp proxy (the body: :func:`error_body`)."""
 
 from __future__ import annotations
 
-import msgspec
 from aiohttp import web
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    429: "rate_limit_exceeded",
-    499: "request_cancelled",
-    500: "internal_error",
-    502: "upstream_error",
-    503: "service_unavailable",
-    504: "timeout",
-}
-
-
-def error_body(status: int, message: str, code: str | None = None,
-               param: str | None = None) -> bytes:
-    return msgspec.json.encode({"error": {
-        "message": message,
-        "type": ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "error"),
-        "param": param,
-        "code": code,
-    }})
+from kvroute_router.openai.errors import error_body
 
 
 def error_response(status: int, message: str, code: str | None = None,

@@ -20,24 +20,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
-import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvroute_router.datastore.store import Datastore
-from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.request import RequestKind
-from kvroute_router.proxy.openai_errors import error_body, error_response
-from kvroute_router.proxy.openai_request import (
-    BadRequestError,
-    request_from_body,
-    streamed_events,
-    usage_of,
+from kvroute_router.framework.lifecycle import (
+    DecisionView,
+    ModelCatalog,
+    Outcome,
+    RequestRouter,
+    RoutedRequest,
+    RoutingError,
 )
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.openai.errors import BadRequestError
+from kvroute_router.openai.requests import decode_body, parse_request
+from kvroute_router.openai.upstream import upstream_body
+from kvroute_router.openai.usage import USAGE_TAIL, streamed_events, streamed_tokens, usage_of
+from kvroute_router.proxy.openai_errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,6 @@ HOP_BY_HOP = frozenset({
 PASS_BACK = ("content-type", "content-encoding", "cache-control", "x-request-id")
 ERROR_BODY_LIMIT = 64 * 1024
 ADMISSION_TIMEOUT_S = 600.0
-USAGE_TAIL = 8192
 DEFAULT_TENANT_HEADER = "x-kvroute-tenant"
 
 
@@ -70,7 +72,7 @@ class UpstreamAttemptError(Exception):
 class OpenAIProxy:
     """The aiohttp application and its pooled upstream client."""
 
-    def __init__(self, director: Director, datastore: Datastore,
+    def __init__(self, director: RequestRouter, datastore: ModelCatalog,
                  connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0,
                  trust_tenant_header: bool = False) -> None:
         self.director = director
@@ -127,7 +129,7 @@ class OpenAIProxy:
                                   "endpoints": len(endpoints), "healthy_endpoints": healthy})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.director.metrics.registry)
+        body = generate_latest(self.director.metrics_registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # ---- inference ---------------------------------------------------------------------------
@@ -137,43 +139,42 @@ class OpenAIProxy:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "chat", "/v1/chat/completions")
 
-    async def _serve(self, http: web.Request, kind: RequestKind, path: str
+    async def _serve(self, http: web.Request, kind: Literal["completions", "chat"], path: str
                      ) -> web.StreamResponse:
         try:
             raw = await http.read()
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"Request body larger than {MAX_BODY_BYTES} bytes",
                                   "request_too_large")
-        try:
-            body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            return error_response(400, f"The body is not valid JSON: {exc}", "invalid_json")
         untrusted = self._untrusted_headers()
         headers = {k.lower(): v for k, v in http.headers.items()
                    if k.lower() not in untrusted}
         try:
-            llm_request = request_from_body(body, kind, headers)
+            parsed = parse_request(decode_body(raw), kind)
         except BadRequestError as exc:
-            return error_response(400, str(exc), "invalid_request_error", exc.param)
+            return error_response(400, str(exc), exc.code, exc.param)
+        llm_request = LLMRequest.from_openai(parsed, headers)
         started = time.monotonic()
         try:
-            # asyncio.timeout, not wait_for: route() must run in this task so that dispatch()
-            # follows it with no other request's decision in between (in-flight counts are
-            # what spreads concurrent requests before the next scrape).
+            # asyncio.timeout, not wait_for: open() must run in this task (it dispatches the
+            # first attempt right after routing; see framework/lifecycle.py).
             async with asyncio.timeout(ADMISSION_TIMEOUT_S):
-                decision = await self.director.route(llm_request)
+                routed = await self.director.open(llm_request)
         except RoutingError as exc:
             return error_response(exc.status, exc.message, exc.code, exc.param,
                                   retry_after=exc.retry_after)
         except TimeoutError:
             return error_response(504, "Timed out waiting for admission", "timeout")
-        deadline = started + decision.policy.spec.request_timeout_seconds
-        payload = self._upstream_body(raw, body, decision)
-        upstream_headers = {k: v for k, v in http.headers.items()
-                            if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
-        upstream_headers["x-request-id"] = llm_request.request_id
-        return await self._relay(http, decision, path, payload, upstream_headers, started,
-                                 deadline)
+        async with routed:
+            decision = routed.decision
+            deadline = started + decision.request_timeout_s
+            payload = upstream_body(raw, parsed.body, parsed.kind, decision.served_model,
+                                    llm_request.max_tokens)
+            upstream_headers = {k: v for k, v in http.headers.items()
+                                if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
+            upstream_headers["x-request-id"] = llm_request.request_id
+            return await self._relay(http, routed, path, payload, upstream_headers, started,
+                                     deadline)
 
     def _untrusted_headers(self) -> frozenset[str]:
         """Tenant headers of ``source: Header`` policies: dropped from clients' requests (for
@@ -188,52 +189,48 @@ class OpenAIProxy:
             self._tenant_headers = (self.datastore.version, names)
         return names
 
-    @staticmethod
-    def _upstream_body(raw: bytes, body: dict[str, Any], decision: Decision) -> bytes:
-        changes = upstream_changes(body, decision)
-        if not changes:
-            return raw
-        return msgspec.json.encode({**body, **changes})
-
-    async def _relay(self, http: web.Request, decision: Decision, path: str, payload: bytes,
-                     headers: Mapping[str, str], started: float, deadline: float
-                     ) -> web.StreamResponse:
+    async def _relay(self, http: web.Request, routed: RoutedRequest, path: str,
+                     payload: bytes, headers: Mapping[str, str], started: float,
+                     deadline: float) -> web.StreamResponse:
+        decision = routed.decision
         attempts = decision.endpoints[:max(1, decision.max_attempts)]
         last_error: UpstreamAttemptError | None = None
         for number, endpoint in enumerate(attempts):
             if time.monotonic() >= deadline:
                 break
-            if number > 0:
-                self.director.metrics.retries.labels(decision.policy_name,
-                                                     decision.pool.name).inc()
+            if number > 0:  # the first attempt was dispatched by open()
+                self.director.count_retry(decision)
+                routed.dispatch(endpoint)
             try:
-                return await self._attempt(http, decision, endpoint, path, payload, headers,
+                return await self._attempt(http, routed, endpoint, path, payload, headers,
                                            started, deadline)
             except UpstreamAttemptError as exc:
                 last_error = exc
                 log.info("attempt %d of %s on %s failed: %s", number + 1,
                          decision.request.request_id, endpoint.address, exc)
         if last_error is not None and last_error.status >= 500 and last_error.body:
-            self.director.finish(decision, attempts[-1], Outcome(status=last_error.status))
+            routed.finish(attempts[-1], Outcome(status=last_error.status))
             return web.Response(status=last_error.status, body=last_error.body,
                                 content_type=last_error.content_type.split(";")[0],
                                 headers={ENDPOINT_HEADER: attempts[-1].address})
         timed_out = last_error is None or last_error.timed_out
         status = 504 if timed_out else 503
-        self.director.finish(decision, None, Outcome(status=status, error=str(last_error)))
+        routed.finish(None, Outcome(status=status, error=str(last_error)))
         message = (f"No endpoint answered in time ({len(attempts)} attempt(s))" if timed_out
                    else f"Every endpoint tried failed ({len(attempts)} attempt(s)): "
                         f"{last_error}")
         return error_response(status, message, "timeout" if timed_out else "upstream_failed")
 
-    async def _attempt(self, http: web.Request, decision: Decision, endpoint: Endpoint,
+    async def _attempt(self, http: web.Request, routed: RoutedRequest, endpoint: Endpoint,
                        path: str, payload: bytes, headers: Mapping[str, str], started: float,
                        deadline: float) -> web.StreamResponse:
+        """One attempt on ``endpoint`` (already dispatched); finishes the request once a byte
+        went to the client, raises UpstreamAttemptError before that."""
         assert self._session is not None
+        decision: DecisionView = routed.decision
         stream = decision.request.stream
-        per_try = decision.policy.spec.retries.per_try_timeout_ms / 1000.0
-        first_byte_by = min(deadline, time.monotonic() + per_try) if stream else deadline
-        self.director.dispatch(decision, endpoint)
+        first_byte_by = (min(deadline, time.monotonic() + decision.per_try_timeout_s) if stream
+                         else deadline)
         status = 0
         ttft: float | None = None
         tail = b""
@@ -274,7 +271,7 @@ class OpenAIProxy:
                     if name in upstream.headers:
                         response.headers[name] = upstream.headers[name]
                 response.headers[ENDPOINT_HEADER] = endpoint.address
-                response.headers[POOL_HEADER] = decision.pool.name
+                response.headers[POOL_HEADER] = decision.pool_name
                 await response.prepare(http)
                 tail = first[-USAGE_TAIL:]
                 if stream:
@@ -300,39 +297,20 @@ class OpenAIProxy:
                 await upstream_cm.__aexit__(None, None, None)
             prompt_tokens, completion_tokens = usage_of(tail)
             if completion_tokens is None and stream:
-                completion_tokens = streamed_tokens(events, decision.request.kind)
-            self.director.finish(decision, endpoint, Outcome(
+                completion_tokens = streamed_tokens(events[0], decision.request.kind)
+            routed.finish(endpoint, Outcome(
                 status=status, ttft_s=ttft if stream else None,
                 e2e_s=time.monotonic() - started, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens))
             return response
         except asyncio.CancelledError:
-            counted = streamed_tokens(events, decision.request.kind) if stream and ttft else None
-            self.director.finish(decision, endpoint, Outcome(status=499,
-                                                             completion_tokens=counted,
-                                                             error="client disconnected"))
+            counted = (streamed_tokens(events[0], decision.request.kind) if stream and ttft
+                       else None)
+            routed.finish(endpoint, Outcome(status=499, completion_tokens=counted,
+                                            error="client disconnected"))
             raise
         finally:
-            self.director.end_attempt(decision, endpoint)
-
-
-def streamed_tokens(events: list[int], kind: str) -> int:
-    """Completion tokens of a stream without ``usage``: one per data event (vLLM sends a
-    token per event; chat streams open with a role-only event)."""
-    return max(0, events[0] - (1 if kind == "chat" else 0))
-
-
-def upstream_changes(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    """Fields the forwarded body needs: the pool's served model name, and ``max_tokens`` when
-    the admission hooks bounded a request that named none (the budget's estimate)."""
-    changes: dict[str, Any] = {}
-    served = decision.pool.model_name
-    if body.get("model") != served:
-        changes["model"] = served
-    bound = decision.request.max_tokens
-    if bound is not None and "max_tokens" not in body and "max_completion_tokens" not in body:
-        changes["max_tokens"] = bound
-    return changes
+            routed.end_attempt()
 
 
 def _loop_time(monotonic_deadline: float) -> float:
@@ -341,4 +319,4 @@ def _loop_time(monotonic_deadline: float) -> float:
     return loop.time() + (monotonic_deadline - time.monotonic())
 
 
-__all__ = ["ENDPOINT_HEADER", "OpenAIProxy", "error_body"]
+__all__ = ["ENDPOINT_HEADER", "OpenAIProxy"]

@@ -8,6 +8,7 @@ from kvroute_router.framework.request import LLMRequest
 from kvroute_router.kvevents.hashing import BlockHashConfig
 from kvroute_router.kvevents.hub import PoolKVEvents
 from kvroute_router.kvevents.scorer import STATE_HASHES, PrecisePrefixScorer
+from kvroute_router.openai.requests import parse_request
 from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex, ApproxPrefixScorer
 
 
@@ -32,8 +33,8 @@ def test_hashes_are_computed_once_per_cycle_and_lora_falls_back() -> None:
     events = PoolKVEvents(BlockHashConfig(block_size=4))
     scorer = PrecisePrefixScorer(events, ApproxPrefixScorer(ApproxPrefixIndex(), 8, 4))
     state = CycleState()
-    request = LLMRequest(model="m", token_ids=list(range(9)),
-                         body={"cache_salt": "tenant-a"})
+    request = LLMRequest(model="m", token_ids=list(range(9)), openai=parse_request(
+        {"model": "m", "prompt": list(range(9)), "cache_salt": "tenant-a"}, "completions"))
     hashes = scorer.block_hashes(state, request)
     assert hashes == events.hasher.block_hashes(list(range(9)), cache_salt="tenant-a")
     assert state.read(STATE_HASHES, list) == hashes

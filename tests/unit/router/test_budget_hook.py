@@ -16,8 +16,10 @@ from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.request import LLMRequest
-from kvroute_router.proxy.openai_request import streamed_events, usage_of
-from kvroute_router.proxy.server import OpenAIProxy, upstream_changes
+from kvroute_router.openai.requests import parse_request
+from kvroute_router.openai.upstream import upstream_changes
+from kvroute_router.openai.usage import streamed_events, usage_of
+from kvroute_router.proxy.server import OpenAIProxy
 from prometheus_client import CollectorRegistry, generate_latest
 from router_fixtures import make_director, make_policy, make_pool
 
@@ -192,12 +194,14 @@ async def test_a_request_without_max_tokens_is_bounded_for_the_estimate() -> Non
     policy = make_policy(pools=[{"name": "strong"}], budgets=[{"name": "t", "usd": 10}],
                          admission={"maxOutputTokens": 64})
     director, _, _, _ = _setup(policy)
-    request = LLMRequest(model="chat", prompt_text=PROMPT, body={"model": "chat"})
+    request = LLMRequest(model="chat", prompt_text=PROMPT)
     decision = await director.route(request)
     assert request.max_tokens == 64
-    assert upstream_changes({"model": "chat"}, decision) == {"model": "test-model",
+    served, bound = decision.pool.model_name, request.max_tokens
+    assert upstream_changes({"model": "chat"}, "chat", served, bound) == {"model": "test-model",
                                                              "max_tokens": 64}
-    assert upstream_changes({"model": "test-model", "max_completion_tokens": 5}, decision) == {}
+    assert upstream_changes({"model": "test-model", "max_completion_tokens": 5}, "chat", served,
+                            bound) == {}
     assert prompt_tokens_upper_bound(LLMRequest(model="m", prompt_text="é")) == 2
     assert prompt_tokens_upper_bound(LLMRequest(model="m", token_ids=[1, 2, 3])) == 3
 
@@ -337,3 +341,58 @@ async def test_shed_requests_are_counted_under_the_tenants_budgets() -> None:
                                      {**labels, "outcome": "shed"}) == 1
     assert registry.get_sample_value("kvroute_budget_requests_total",
                                      {**labels, "outcome": "admitted"}) is None
+
+
+def _parsed(body: dict[str, Any], kind: str = "chat") -> LLMRequest:
+    return LLMRequest.from_openai(
+        parse_request({"model": "chat", **body}, "chat" if kind == "chat" else "completions"),
+        {})
+
+
+async def _admitted(director: Director, request: LLMRequest) -> bool:
+    try:
+        await director.route(request)
+    except RoutingError as exc:
+        assert exc.status == 429 and exc.code == "budget_exhausted", exc.message
+        return False
+    return True
+
+
+async def test_reservations_cover_n_best_of_every_prompt_tools_and_images() -> None:
+    """Issue 14.5: a reservation is the request's real upper bound. With 10,000 tokens a
+    minute, each request below fits alone and reserves more than half, so a second one held
+    at the same time is refused (today each reserved ~the first prompt and one output)."""
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "t", "tokensPerMinute": 10_000}])
+    chat = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "d" * 280,
+                                                "parameters": {"type": "object"}}}
+             for i in range(20)]  # ~6.5 kB of schema
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    heavy = [
+        _parsed({"messages": chat, "max_tokens": 100, "n": 64}),
+        _parsed({"prompt": "x", "max_tokens": 100, "best_of": 60, "n": 2}, "completions"),
+        _parsed({"prompt": ["x", "y" * 6000], "max_tokens": 1}, "completions"),
+        _parsed({"messages": chat, "max_tokens": 1, "tools": tools}),
+        _parsed({"messages": [{"role": "user", "content": [image, image]}], "max_tokens": 1,
+                 "functions": []}),
+    ]
+    for request in heavy:
+        director, _, _, _ = _setup(policy)
+        assert await _admitted(director, request)
+        assert not await _admitted(director, request), request
+    light = _parsed({"messages": chat, "max_tokens": 100})
+    director, _, _, _ = _setup(policy)
+    assert all([await _admitted(director, light) for _ in range(5)])
+
+
+async def test_a_200_kb_tools_schema_reserves_its_size() -> None:
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "d" * 1000,
+                                                "parameters": {"type": "object"}}}
+             for i in range(200)]
+    request = _parsed({"messages": [{"role": "user", "content": "hi"}], "tools": tools})
+    assert prompt_tokens_upper_bound(request) >= 200_000
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "t", "tokensPerMinute": 100_000}])
+    director, _, _, _ = _setup(policy)
+    assert not await _admitted(director, request)

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, Literal
+
 import pytest
-from kvroute_router.framework.request import render_chat_prompt
-from kvroute_router.proxy.openai_request import BadRequestError, request_from_body
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.openai.errors import BadRequestError
+from kvroute_router.openai.requests import parse_request, render_chat_prompt
 from kvroute_router.rbac import ROUTER_RULES
+
+
+def request_from_body(body: dict[str, Any], kind: Literal["completions", "chat"],
+                      headers: Mapping[str, str]) -> LLMRequest:
+    return LLMRequest.from_openai(parse_request(body, kind), headers)
 
 
 def test_chat_and_completion_bodies() -> None:

@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from kvroute_router.budget.hook import BudgetHook
+from kvroute_router.admission.hook import BudgetHook
 from kvroute_router.budget.ledger import BudgetLedger
 from kvroute_router.budget.meters import MeterStore
 from kvroute_router.budget.metrics import BudgetMetrics
@@ -113,7 +113,7 @@ class Router:
         self.ports: dict[str, int] = {}
 
     def _budget_hook(self, settings: RouterSettings) -> BudgetHook:
-        from kvroute_router.budget.quality import build_default_estimator
+        from kvroute_router.batching.quality import build_default_estimator
 
         store: MeterStore | None = None
         if settings.budget_redis_url:

@@ -11,7 +11,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from kvroute_router.budget.embedding import INSTALL_HINT, MiniLmModel, minilm_available
+from kvroute_router.batching.embedding import INSTALL_HINT, MiniLmModel, minilm_available
 
 REFERENCE = r"""
 import json, sys

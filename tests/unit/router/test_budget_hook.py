@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from kvroute_api.inference_pool import InferencePool
 from kvroute_api.route_policy import RoutePolicy
+from kvroute_router.admission.hook import BudgetHook, prompt_tokens_upper_bound
 from kvroute_router.app import Router, RouterSettings
-from kvroute_router.budget.hook import BudgetHook, prompt_tokens_upper_bound
 from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Decision, Director, Outcome, RoutingError

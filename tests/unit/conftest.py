@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kvroute_router.budget.pricing import PoolEconomics
 
-ROUTELLM_CSV = (Path(__file__).resolve().parents[3].parent
+ROUTELLM_CSV = (Path(__file__).resolve().parents[2].parent
                 / "shared/data/routellm/correctness.csv.gz")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from kvroute_api.route_policy import AdmissionSpec
-from kvroute_router.budget.admission import AdmissionController, EndpointLoad
+from kvroute_router.admission.controller import AdmissionController, EndpointLoad
 from kvroute_router.budget.metrics import BudgetMetrics
 from prometheus_client import CollectorRegistry
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvroute_api.route_policy import TenancySpec
-from kvroute_router.budget.tenancy import TenantResolver
+from kvroute_router.admission.tenancy import TenantResolver
 
 
 def test_header_is_trusted_only_from_the_gateway() -> None:

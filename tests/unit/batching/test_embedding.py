@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kvroute_router.budget.embedding import (
+from kvroute_router.batching.embedding import (
     INSTALL_HINT,
     EmbeddingCache,
     MiniLmModel,
     default_model_dir,
     minilm_available,
 )
-from kvroute_router.budget.quality import MiniLmEmbedder, make_embedder
+from kvroute_router.batching.quality import MiniLmEmbedder, make_embedder
 
 needs_model = pytest.mark.skipif(not minilm_available(),
                                  reason=f"model package absent ({INSTALL_HINT})")

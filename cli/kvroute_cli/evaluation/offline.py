@@ -53,20 +53,19 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-
-from kvroute_router.budget.assignment import AssignmentProblem, robust_quality, solve_batch
-from kvroute_router.budget.quality import (
-    BlendedQualityEstimator,
+from kvroute_router.batching.assignment import AssignmentProblem, robust_quality, solve_batch
+from kvroute_router.batching.quality import (
     KnnQualityEstimator,
     LabelledPrompt,
-    LogisticQualityEstimator,
     MiniLmEmbedder,
     QualityEstimate,
-    Tier,
     TuningResult,
     benefit_auc,
     make_embedder,
 )
+from kvroute_router.budget.pricing import Tier
+
+from kvroute_cli.evaluation.estimators import BlendedQualityEstimator, LogisticQualityEstimator
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

@@ -66,7 +66,7 @@ def _director(precise: bool = False) -> Any:
     store.replace([pool], [policy])
     registry = register_builtin_plugins(PluginRegistry())
     if precise:
-        from kvroute_router.kvevents_feed import register_precise_prefix
+        from kvroute_router.kvevents.feed import register_precise_prefix
 
         register_precise_prefix(registry)
     return Director(store, registry, rng=random.Random(1))

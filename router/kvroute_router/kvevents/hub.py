@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 from kvroute_api.inference_pool import InferencePool
 
+from kvroute_router.framework.request import LLMRequest
 from kvroute_router.framework.tasks import DEFAULT_STOP_TIMEOUT_S, cancel_and_wait
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher, resolve_seed
 from kvroute_router.kvevents.index import (
@@ -139,6 +140,39 @@ class PoolKVEvents:
         """Whether the index is right for this endpoint now (else: approximate fallback)."""
         status = self.status(endpoint)
         return status is not None and status.trustworthy
+
+    # ---- kvroute_router.plugins.prefix_precise.PoolPrefixCache ------------------------------
+    def prompt_block_hashes(self, request: LLMRequest) -> list[int] | None:
+        """The prompt's block hashes as the engine computes them (its token ids, else the
+        pool's tokenizer); None when it cannot be tokenised in process."""
+        tokens: list[int] | None
+        if request.token_ids is not None:
+            tokens = list(request.token_ids)
+        elif self.tokenizer is None:
+            return None
+        else:
+            tokens = self.tokenizer.tokenize(request.kind, request.body,
+                                             prompt_text=request.prompt_text)
+        if tokens is None:
+            return None
+        salt = (request.body or {}).get("cache_salt")
+        return self.hasher.block_hashes(tokens,
+                                        cache_salt=salt if isinstance(salt, str) else None)
+
+    def match(self, hashes: Sequence[int], endpoints: Sequence[str]) -> dict[str, int]:
+        return self.index.match(hashes, endpoints)
+
+    def mark_pending(self, endpoint: str, hashes: Sequence[int]) -> None:
+        self.index.mark_pending(endpoint, hashes)
+
+    def record_scoring(self, precise: int | None, approximate: int,
+                       best_match: int | None) -> None:
+        if best_match is not None:
+            self.metrics.match_blocks.observe(best_match)
+        if precise is not None:
+            self.metrics.scorer_source.labels("precise").inc(precise)
+        if approximate:
+            self.metrics.scorer_source.labels("approximate").inc(approximate)
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every subscriber's status, for the router's debug/health endpoint."""

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 ENDPOINTS = 64
-TOKENS = 4096
 TOKEN_BLOCK = 16
 CHARS = 16384
 

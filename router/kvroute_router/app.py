@@ -181,9 +181,8 @@ class Router:
         site = web.TCPSite(runner, self.settings.host, port, backlog=1024, reuse_address=True)
         await site.start()
         self._runners.append(runner)
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        addresses = runner.addresses  # the bound sockets' names: the port when 0 was asked
+        return int(addresses[0][1]) if addresses else port
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry),

@@ -46,7 +46,6 @@ Orders (how test prompts arrive, hence how they fall into batches):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -351,11 +350,3 @@ def evaluate(data: PreparedData, config: EvalConfig,
     return EvalReport(config=config, methods=results, test_rows=len(order),
                       batches=len(batches),
                       solver_seconds={k: v for k, v in timings.items() if v})
-
-
-def timed_prepare(train: Sequence[LabelledPrompt],
-                  test: Sequence[LabelledPrompt]) -> tuple[PreparedData, float]:
-    """``prepare`` and how long it took (seconds)."""
-    started = time.perf_counter()
-    data = prepare(train, test)
-    return data, time.perf_counter() - started

@@ -65,25 +65,6 @@ class AdmissionController:
         self.spec = spec
         self.release_waiting()
 
-    def check_tokens(self, prompt_tokens: int, max_tokens: int | None) -> ApiError | None:
-        """413 when the prompt is longer than maxPromptTokens, 400 when max_tokens asks for more
-        than maxOutputTokens."""
-        limit = self.spec.max_prompt_tokens
-        if limit is not None and prompt_tokens > limit:
-            return self._reject("max_prompt_tokens", ApiError(
-                status=413, type="invalid_request_error", code="prompt_too_long",
-                param="messages",
-                message=f"prompt has {prompt_tokens} tokens; this model accepts at most {limit} "
-                        "(RoutePolicy spec.admission.maxPromptTokens)"))
-        limit = self.spec.max_output_tokens
-        if limit is not None and max_tokens is not None and max_tokens > limit:
-            return self._reject("max_output_tokens", ApiError(
-                status=400, type="invalid_request_error", code="max_tokens_too_large",
-                param="max_tokens",
-                message=f"max_tokens is {max_tokens}; this model allows at most {limit} "
-                        "(RoutePolicy spec.admission.maxOutputTokens)"))
-        return None
-
     def priority_of(self, headers: Mapping[str, str]) -> Priority:
         """The class named by x-kvroute-priority, else the default class, else priority 0 and
         not sheddable. Unknown names get the default."""

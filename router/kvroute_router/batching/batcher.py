@@ -111,7 +111,6 @@ class BatchRouter:
         self.metrics = metrics
         self.rates = RequestRate()
         self._window = _Window()
-        self._pending_per_pool: dict[str, int] = {}
 
     def update_batching(self, batching: BatchingSpec) -> None:
         self.batching = batching

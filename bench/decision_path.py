@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 ENDPOINTS = 64
-TOKENS = 4096
 TOKEN_BLOCK = 16
 CHARS = 16384
 
@@ -66,7 +65,7 @@ def _director(precise: bool = False) -> Any:
     store.replace([pool], [policy])
     registry = register_builtin_plugins(PluginRegistry())
     if precise:
-        from kvroute_router.kvevents_feed import register_precise_prefix
+        from kvroute_router.kvevents.feed import register_precise_prefix
 
         register_precise_prefix(registry)
     return Director(store, registry, rng=random.Random(1))

@@ -166,9 +166,8 @@ def build_director(endpoints: int, scorer: str) -> tuple[Any, Any]:
     services = SharedServices()
     events = None
     if scorer == "precise":
+        from kvroute_router.kvevents.feed import register_precise_prefix, services_key
         from kvroute_router.kvevents.hub import hash_config_for_pool
-        from kvroute_router.kvevents.scorer import services_key
-        from kvroute_router.kvevents_feed import register_precise_prefix
 
         if not register_precise_prefix(registry):
             raise RuntimeError("prefix-precise is unavailable in this environment")
@@ -377,10 +376,10 @@ def _scored_by_source(events: Any) -> tuple[float, float]:
 
 
 def _approx_entries(director: Any) -> int:
-    from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex
+    from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex, services_key
 
     (state,) = director.datastore.pools()
-    index = director.services.get(f"prefix-approx/{state.key}", ApproxPrefixIndex)
+    index = director.services.get(services_key(state.key), ApproxPrefixIndex)
     return int(index.blocks()) if index is not None else 0
 
 

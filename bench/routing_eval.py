@@ -25,7 +25,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from kvroute_router.budget.offline_eval import (
+from kvroute_cli.evaluation.estimators import split_examples
+from kvroute_cli.evaluation.offline import (
     METHODS,
     ORDERS,
     EvalConfig,
@@ -38,7 +39,7 @@ from kvroute_router.budget.offline_eval import (
     prepare,
     ranking_quality,
 )
-from kvroute_router.budget.quality import load_labelled_csv, split_examples
+from kvroute_router.batching.quality import load_labelled_csv
 from scipy.stats import t as student_t
 
 REPO = Path(__file__).resolve().parents[1]

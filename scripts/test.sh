@@ -15,6 +15,7 @@ export PATH="$DEV/bin:$PATH"
 echo "== ruff"; ruff check .
 echo "== mypy --strict"; mypy crds/kvroute_api operator/kvroute_operator router/kvroute_router cli/kvroute_cli
 echo "== import-linter"; lint-imports
+echo "== vulture (dead code; whitelist: scripts/vulture_whitelist.py)"; vulture
 echo "== pytest"
 set +e
 python -m pytest -p no:cacheprovider -ra "$@"

@@ -1,6 +1,6 @@
 """``kvroute eval routing``: offline evaluation of budgeted weak/strong routing on a labelled CSV
 (RouteLLM correctness format), comparing per-query routers with kvroute's batch-level
-assignment. The engine is ``kvroute_router.budget.offline_eval``."""
+assignment. The engine is ``kvroute_cli.evaluation.offline``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from typing import Any
 
 
 def _routing(args: argparse.Namespace) -> int:
-    from kvroute_router.budget.offline_eval import METHODS, EvalConfig, evaluate, prepare
-    from kvroute_router.budget.quality import load_labelled_csv, split_examples
+    from kvroute_router.batching.quality import load_labelled_csv
+
+    from kvroute_cli.evaluation.estimators import split_examples
+    from kvroute_cli.evaluation.offline import METHODS, EvalConfig, evaluate, prepare
 
     try:
         config = EvalConfig(cost_weak=args.cost_weak, cost_strong=args.cost_strong,

@@ -63,11 +63,3 @@ def merge_conditions(existing: Iterable[dict[str, Any]], updates: Iterable[Condi
             transitions.append(Transition(update.type, old_status, update.status,
                                           update.reason, update.message))
     return list(by_type.values()), transitions
-
-
-def condition_status(conditions: Iterable[dict[str, Any]], type_: str) -> str | None:
-    for condition in conditions:
-        if condition.get("type") == type_:
-            status = condition.get("status")
-            return str(status) if status is not None else None
-    return None

@@ -104,7 +104,6 @@ class KubeClient:
     """Async calls the operator makes; one aiohttp session shared by all handlers."""
 
     def __init__(self, connection: KubeConnection) -> None:
-        self._connection = connection
         ssl_context: ssl.SSLContext | bool = False
         if connection.server.startswith("https"):
             if connection.verify_ssl:

@@ -48,12 +48,6 @@ def pod_selector(namespace: str, deployment: str) -> str:
     return f'namespace="{_quote(namespace)}",pod=~"{_quote(pods)}-[a-z0-9]+-[a-z0-9]+"'
 
 
-def selector_matchers(namespace: str, pod_names: list[str]) -> str:
-    """Label matchers for an explicit set of pods (External pools selected by labels)."""
-    alternatives = "|".join(re.escape(p) for p in sorted(pod_names)) or "^$"
-    return f'namespace="{_quote(namespace)}",pod=~"{_quote(alternatives)}"'
-
-
 @dataclass(frozen=True)
 class BudgetUsage:
     """Usage of one budget by its worst tenant (the one closest to any of its limits): spend in

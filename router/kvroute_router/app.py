@@ -9,16 +9,14 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import Metric
 
-from kvroute_router.budget.hook import BudgetHook
+from kvroute_router.admission.hook import BudgetHook
 from kvroute_router.budget.ledger import BudgetLedger
 from kvroute_router.budget.meters import MeterStore
 from kvroute_router.budget.metrics import BudgetMetrics
@@ -27,8 +25,13 @@ from kvroute_router.datastore.kube_source import KubernetesSource
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Director
 from kvroute_router.framework.registry import PluginRegistry, SharedServices
-from kvroute_router.kvevents_feed import KVEventFeeds, register_precise_prefix
+from kvroute_router.kvevents.feed import (
+    KVEventFeeds,
+    KVEventMetricsCollector,
+    register_precise_prefix,
+)
 from kvroute_router.plugins import register_builtin_plugins
+from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 from kvroute_router.proxy.server import OpenAIProxy
 from kvroute_router.router_metrics import RouterMetrics
 
@@ -98,11 +101,11 @@ class Router:
         self.proxy = OpenAIProxy(self.director, self.datastore,
                                  trust_tenant_header=settings.trust_tenant_header)
         self.kv_event_feeds: KVEventFeeds | None = None
-        if settings.kv_events and "prefix-precise" in self.registry:
+        if settings.kv_events and PrecisePrefixScorer.TYPE in self.registry:
             self.kv_event_feeds = KVEventFeeds(self.datastore, self.services,
                                                settings.tokenizer_dirs)
             # Each pool's KV-event metrics live in their own registry: serve them here too.
-            self.metrics.registry.register(_KVEventMetricsCollector(self.kv_event_feeds))
+            self.metrics.registry.register(KVEventMetricsCollector(self.kv_event_feeds))
         self.budget_metrics = BudgetMetrics(self.metrics.registry)
         self.budget_hook: BudgetHook | None = None
         if settings.budgets:
@@ -113,7 +116,7 @@ class Router:
         self.ports: dict[str, int] = {}
 
     def _budget_hook(self, settings: RouterSettings) -> BudgetHook:
-        from kvroute_router.budget.quality import build_default_estimator
+        from kvroute_router.batching.quality import build_default_estimator
 
         store: MeterStore | None = None
         if settings.budget_redis_url:
@@ -138,12 +141,8 @@ class Router:
                           refresh_interval_s=max(0.05, settings.scrape_interval_s))
 
     def _forget_removed(self, added: list[Any], removed: list[Any]) -> None:
-        from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex
-
         for ep in removed:
-            index = self.services.get(f"prefix-approx/{ep.pool}", ApproxPrefixIndex)
-            if index is not None:
-                index.forget(ep.name)
+            self.registry.endpoint_removed(self.services, ep.pool, ep.name)
 
     async def start(self) -> None:
         if isinstance(self.source, ConfigFileSource):
@@ -182,9 +181,8 @@ class Router:
         site = web.TCPSite(runner, self.settings.host, port, backlog=1024, reuse_address=True)
         await site.start()
         self._runners.append(runner)
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        addresses = runner.addresses  # the bound sockets' names: the port when 0 was asked
+        return int(addresses[0][1]) if addresses else port
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry),
@@ -216,28 +214,3 @@ class Router:
             log.info("stopping")
         finally:
             await self.stop()
-
-
-class _KVEventMetricsCollector:
-    """Re-exports the metrics of every pool's KV-event index (one registry each) through the
-    router's registry, merging same-named families, so ``/metrics`` carries them."""
-
-    def __init__(self, feeds: KVEventFeeds) -> None:
-        self.feeds = feeds
-
-    def collect(self) -> Iterator[Metric]:
-        merged: dict[str, Metric] = {}
-        # KVEventFeeds keeps its PoolKVEvents by pool key (kvevents_feed.py is wired by the
-        # KV-event owner; read-only access here).
-        pools: dict[str, Any] = getattr(self.feeds, "_pools", {})
-        for events in list(pools.values()):
-            registry = getattr(getattr(events, "metrics", None), "registry", None)
-            if registry is None:
-                continue
-            for family in registry.collect():
-                into = merged.get(family.name)
-                if into is None:
-                    into = Metric(family.name, family.documentation, family.type, family.unit)
-                    merged[family.name] = into
-                into.samples.extend(family.samples)
-        yield from merged.values()

@@ -49,8 +49,6 @@ from kvroute_router.router_metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
-PREFIX_SCORERS = ("prefix-precise", "prefix-approx")
-
 
 class AdmissionHook(Protocol):
     """Runs before the pick; raise RoutingError(429, ...) to shed, await to queue."""
@@ -113,9 +111,9 @@ class Decision:
         target = endpoint or self.ranked[0].endpoint
         for scored in self.ranked:
             if scored.endpoint is target:
-                for name in PREFIX_SCORERS:
-                    if name in scored.by_scorer:
-                        return scored.by_scorer[name]
+                for name, value in scored.by_scorer.items():
+                    if name in self.profile.prefix_scorers:
+                        return value
         return None
 
     def reasons(self) -> list[str]:

@@ -10,8 +10,7 @@ import json
 import subprocess
 
 import numpy as np
-import pytest
-from kvroute_router.budget.embedding import INSTALL_HINT, MiniLmModel, minilm_available
+from kvroute_router.batching.embedding import MiniLmModel
 
 REFERENCE = r"""
 import json, sys
@@ -47,7 +46,6 @@ SENTENCES = [
 ]
 
 
-@pytest.mark.skipif(not minilm_available(), reason=f"model package absent ({INSTALL_HINT})")
 def test_numpy_minilm_matches_transformers() -> None:
     from kvroute_cli.localengines import engine_python
 

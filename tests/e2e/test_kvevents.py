@@ -27,11 +27,11 @@ from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.kvevents.hashing import BlockHashConfig, engine_seed_from_environment
 from kvroute_router.kvevents.hub import PoolKVEvents
-from kvroute_router.kvevents.scorer import PrecisePrefixScorer
 from kvroute_router.kvevents.subscriber import KVEventSource
 from kvroute_router.kvevents.tokenization import PromptTokenizer
 from kvroute_router.openai.requests import parse_request
 from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex, ApproxPrefixScorer
+from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 
 pytestmark = pytest.mark.e2e
 MODEL = "kvroute-test-model"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ class FakeEngine:
     cancelled: int = 0
     models_seen: list[str] = field(default_factory=list)
     bodies: list[dict[str, Any]] = field(default_factory=list)
+    headers_seen: list[dict[str, str]] = field(default_factory=list)
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -69,6 +70,7 @@ class FakeEngine:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.headers_seen.append({k.lower(): v for k, v in request.headers.items()})
         body = await request.json()
         self.models_seen.append(body["model"])
         self.bodies.append(body)
@@ -95,10 +97,22 @@ class FakeEngine:
             raise
 
 
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Wait until ``condition()`` holds; fail naming ``what`` if it does not within the
+    (generous, hang-detecting) bound."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        if condition():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{what} within {timeout_s} s")
+        await asyncio.sleep(0.01)
+
+
 @contextlib.asynccontextmanager
 async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
-                         scrape_interval_s: float = 0.05, **policy_spec: object
-                         ) -> AsyncIterator[tuple[Router, str]]:
+                         scrape_interval_s: float = 0.05, trust_tenant_header: bool = False,
+                         **policy_spec: object) -> AsyncIterator[tuple[Router, str]]:
     addresses = [e if isinstance(e, str) else e.address for e in engines]
     docs = [
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
@@ -116,7 +130,8 @@ async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
     router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
                                    ext_proc_port=None, grpc_port=None, metrics_port=None,
                                    scrape_interval_s=scrape_interval_s,
-                                   config_poll_interval_s=0.05))
+                                   config_poll_interval_s=0.05,
+                                   trust_tenant_header=trust_tenant_header))
     await router.start()
     try:
         yield router, f"http://127.0.0.1:{router.ports['http']}"
@@ -197,21 +212,16 @@ async def test_client_disconnect_cancels_the_upstream_request(
                 json={"model": "chat", "prompt": "p", "stream": True}) as resp:
             await asyncio.wait_for(resp.content.readline(), 10)
         # The client is gone; the engine's handler must be cancelled soon after.
-        for _ in range(100):
-            if sum(f.cancelled for f in engines):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: sum(f.cancelled for f in engines) >= 1,
+                         "the upstream request was not cancelled")
         assert sum(f.cancelled for f in engines) == 1
-        for _ in range(100):
-            if sum(e.in_flight for e in router.datastore.endpoints()) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert sum(e.in_flight for e in router.datastore.endpoints()) == 0
+        await eventually(lambda: sum(e.in_flight for e in router.datastore.endpoints()) == 0,
+                         "the cancelled request's slot was not released")
 
 
 async def test_openai_errors(tmp_path: Path, engines: list[FakeEngine]) -> None:
     async with running_router(tmp_path, engines,
-                              admission={"maxOutputTokens": 100}) as (_, url), \
+                              admission={"maxOutputTokens": 100}) as (router, url), \
             aiohttp.ClientSession() as s:
         cases = [
             (b"{not json", 400),
@@ -231,8 +241,17 @@ async def test_openai_errors(tmp_path: Path, engines: list[FakeEngine]) -> None:
         async with s.get(f"{url}/v1/models") as resp:
             ids = {m["id"] for m in (await resp.json())["data"]}
             assert ids == {"chat", "fake-model"}
+        # /health is the liveness answer ("ok" while the process serves); what changes is in
+        # the counts: both fakes scraped healthy.
         async with s.get(f"{url}/health") as resp:
-            assert (await resp.json())["status"] == "ok"
+            health = await resp.json()
+            assert resp.status == 200 and health["status"] == "ok"
+            assert health["loaded"] is True and health["endpoints"] == 2
+        await eventually(lambda: all(e.metrics is not None
+                                     for e in router.datastore.endpoints()),
+                         "the fakes were not scraped")
+        async with s.get(f"{url}/health") as resp:
+            assert (await resp.json())["healthy_endpoints"] == 2
         async with s.get(f"{url}/metrics") as resp:
             assert "kvroute_decision_latency_seconds" in await resp.text()
 
@@ -270,10 +289,8 @@ async def test_config_reload_does_not_drop_a_stream(tmp_path: Path,
             config = tmp_path / "router.yaml"
             config.write_text(config.read_text().replace(engines[0].address,
                                                          engines[1].address))
-            for _ in range(100):
-                if [e.address for e in router.datastore.endpoints()] == [engines[1].address]:
-                    break
-                await asyncio.sleep(0.05)
+            await eventually(lambda: [e.address for e in router.datastore.endpoints()]
+                             == [engines[1].address], "the config reload was not applied")
             engines[0].release.set()
             rest = await asyncio.wait_for(resp.content.read(), 10)
             assert b"[DONE]" in rest
@@ -292,9 +309,11 @@ async def test_concurrent_distinct_requests_spread_before_the_next_scrape(
     for fake in engines:
         fake.gate_stream = True
     async with running_router(tmp_path, engines, scrape_interval_s=30.0,
-                              scoring={"staleMetricsMs": 600000}) as (_, url), \
+                              scoring={"staleMetricsMs": 600000}) as (router, url), \
             aiohttp.ClientSession() as s:
-        await asyncio.sleep(0.2)  # the first scrape
+        await eventually(lambda: all(e.metrics is not None
+                                     for e in router.datastore.endpoints()),
+                         "the first scrape did not happen")
 
         async def first_line(i: int) -> str:
             async with s.post(f"{url}/v1/completions", json={
@@ -303,7 +322,9 @@ async def test_concurrent_distinct_requests_spread_before_the_next_scrape(
                 return resp.headers["x-kvroute-endpoint"]
 
         tasks = [asyncio.create_task(first_line(i)) for i in range(6)]
-        await asyncio.sleep(0.5)
+        # Every request was routed and reached its engine before any finishes.
+        await eventually(lambda: sum(f.requests for f in engines) == 6,
+                         "the burst did not reach the engines")
         for fake in engines:
             fake.release.set()
         served = await asyncio.gather(*tasks)
@@ -437,3 +458,23 @@ async def test_the_output_bound_is_the_one_the_engine_reads_and_is_written_upstr
             await server.stop(None)
         assert all(e.in_flight == 0 for e in router.datastore.endpoints())
 
+@pytest.mark.parametrize("trusted", [False, True])
+async def test_client_tenant_headers_choose_no_budget_unless_trusted(
+        tmp_path: Path, engines: list[FakeEngine], trusted: bool) -> None:
+    # One request per minute per tenant. An untrusted client naming two tenants in the header
+    # is still one tenant (the default): the second request is refused and the engine never
+    # sees the header. Behind a trusted gateway the header names the tenant.
+    budgets = [{"name": "each", "tenant": "*", "requestsPerMinute": 1}]
+    async with running_router(tmp_path, engines, trust_tenant_header=trusted,
+                              tenancy={"header": "x-team"}, budgets=budgets) as (_, url), \
+            aiohttp.ClientSession() as s:
+        statuses = []
+        for team in ("a", "b"):
+            async with s.post(f"{url}/v1/completions", headers={"x-team": team},
+                              json={"model": "chat", "prompt": "p", "max_tokens": 1}) as resp:
+                statuses.append(resp.status)
+                if resp.status == 429:
+                    assert (await resp.json())["error"]["code"] == "budget_exhausted"
+    assert statuses == ([200, 200] if trusted else [200, 429])
+    seen = sorted((h.get("x-team") for engine in engines for h in engine.headers_seen), key=str)
+    assert seen == (["a", "b"] if trusted else [None])

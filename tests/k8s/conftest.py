@@ -4,8 +4,8 @@ handlers as production) running as a task in the test's event loop against it.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -148,8 +148,13 @@ OperatorStarter = Callable[[], Awaitable[OperatorStopper]]
 @pytest_asyncio.fixture()
 async def operator(cluster: Cluster) -> AsyncIterator[OperatorStarter]:
     """Start (and stop) real kopf operators against the emulator; returns a starter whose
-    result stops that operator. Every operator left running is stopped at teardown."""
-    running: list[tuple[asyncio.Task[None], asyncio.Event]] = []
+    result stops that operator. Every operator left running is stopped at teardown.
+
+    Each operator runs in its own thread and event loop, as kopf recommends for embedding: at
+    shutdown kopf cancels every task of its loop created after it started, so sharing the
+    test's loop would cancel the very task waiting for the shutdown. A shutdown that does not
+    finish within ``WAIT_SECONDS`` fails the test."""
+    running: list[OperatorThread] = []
 
     async def start() -> OperatorStopper:
         config = OperatorConfig(resync_seconds=RESYNC_SECONDS,
@@ -160,27 +165,53 @@ async def operator(cluster: Cluster) -> AsyncIterator[OperatorStarter]:
         def login(**_: Any) -> kopf.ConnectionInfo:
             return kopf.ConnectionInfo(server=cluster.url, insecure=True)
 
-        stop_flag, ready_flag = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(kopf.operator(
-            registry=registry, standalone=True, clusterwide=True, memo=kopf.Memo(config=config),
-            stop_flag=stop_flag, ready_flag=ready_flag))
-        entry = (task, stop_flag)
+        entry = OperatorThread(registry, config)
         running.append(entry)
-        await asyncio.wait_for(ready_flag.wait(), WAIT_SECONDS)
+        entry.start()
+        if not await asyncio.to_thread(entry.ready.wait, WAIT_SECONDS):
+            pytest.fail(f"the operator was not ready within {WAIT_SECONDS} s")
 
         async def stop() -> None:
-            stop_flag.set()
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(task, WAIT_SECONDS)
             running.remove(entry)
+            await entry.stop()
 
         return stop
 
     yield start
-    for task, stop_flag in list(running):
-        stop_flag.set()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, WAIT_SECONDS)
+    for entry in list(running):
+        await entry.stop()
+
+
+class OperatorThread:
+    """One kopf operator on its own event loop in a daemon thread."""
+
+    def __init__(self, registry: kopf.OperatorRegistry, config: OperatorConfig) -> None:
+        self.registry, self.config = registry, config
+        self.ready, self.stop_flag = threading.Event(), threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kopf-operator", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(kopf.operator(
+                registry=self.registry, standalone=True, clusterwide=True,
+                memo=kopf.Memo(config=self.config), stop_flag=self.stop_flag,
+                ready_flag=self.ready))
+        except BaseException as exc:  # reported by stop()
+            self.error = exc
+
+    async def stop(self) -> None:
+        """Set the stop flag and require the operator to finish within the bound; an error
+        it raised is raised here."""
+        self.stop_flag.set()
+        await asyncio.to_thread(self.thread.join, WAIT_SECONDS)
+        if self.thread.is_alive():
+            pytest.fail(f"the operator did not stop within {WAIT_SECONDS} s of its stop flag")
+        if self.error is not None:
+            raise self.error
 
 
 @pytest.fixture()

@@ -85,10 +85,11 @@ class RouterPicker:
 
     def _wire_kv_events(self, registry: PluginRegistry, services: SharedServices,
                         block_size: int) -> None:
+        from kvroute_router.kvevents.feed import build_precise_prefix, services_key
         from kvroute_router.kvevents.hashing import BlockHashConfig
         from kvroute_router.kvevents.hub import PoolKVEvents
         from kvroute_router.kvevents.index import PrefixIndex
-        from kvroute_router.kvevents.scorer import STATE_HASHES, PrecisePrefixScorer, services_key
+        from kvroute_router.plugins.prefix_precise import STATE_HASHES, PrecisePrefixScorer
 
         class SimPoolKVEvents(PoolKVEvents):
             """The pool's KV-event state, fed by the simulated engines (no ZMQ)."""
@@ -96,7 +97,8 @@ class RouterPicker:
             def trustworthy(self, endpoint: str) -> bool:
                 return True
 
-        registry.register(PrecisePrefixScorer.TYPE, "scorer", PrecisePrefixScorer.build)
+        registry.register(PrecisePrefixScorer.TYPE, "scorer", build_precise_prefix,
+                          prefix_match=True)
         events = SimPoolKVEvents(BlockHashConfig(block_size=block_size),
                                  tokenizer=ByteTokenizer())  # type: ignore[arg-type]
         events.index = PrefixIndex(events.index.max_blocks_per_endpoint,

@@ -68,11 +68,6 @@ def adjustment_bucket(delta: float, charged_at: float, now: float, window_s: flo
     return target
 
 
-def window_total(buckets: Mapping[int, float], now: float, charge: MeterCharge) -> float:
-    oldest = bucket_of(now, charge.width_s) - charge.buckets + 1
-    return sum(v for b, v in buckets.items() if b >= oldest)
-
-
 def retry_after(buckets: Mapping[int, float], now: float, charge: MeterCharge) -> float:
     """Seconds until enough old buckets leave the window for ``charge.amount`` to fit; the whole
     window when even an empty window could not hold it."""

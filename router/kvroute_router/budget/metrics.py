@@ -83,8 +83,8 @@ class BudgetMetrics:
             registry=target)
         self.admission_rejected = Counter(
             ADMISSION_REJECTED_TOTAL.removesuffix("_total"),
-            "Requests refused by admission control, by reason (max_prompt_tokens | "
-            "max_output_tokens | queue_full | queue_timeout).", [*policy, "reason"],
+            "Requests refused by admission control, by reason (queue_full | queue_timeout).",
+            [*policy, "reason"],
             registry=target)
         self.admission_shed = Counter(
             ADMISSION_SHED_TOTAL.removesuffix("_total"),

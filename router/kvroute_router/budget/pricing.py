@@ -10,10 +10,12 @@ GPUs per replica / (3600 x tokens/s per replica). A pool with no usable price co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from kvroute_api.inference_pool import InferencePoolSpec
 
-from kvroute_router.budget.quality import Tier
+Tier = Literal["weak", "standard", "strong"]
+"""A pool's quality tier (``InferencePool.spec.quality.tier``)."""
 
 
 @dataclass(frozen=True)

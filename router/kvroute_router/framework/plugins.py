@@ -17,13 +17,6 @@ from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import LLMRequest
 
 
-class Plugin(Protocol):
-    """Anything the registry builds."""
-
-    @property
-    def name(self) -> str: ...
-
-
 @runtime_checkable
 class Filter(Protocol):
     """Removes endpoints that must not serve the request."""
@@ -65,17 +58,6 @@ class Picker(Protocol):
 
     def pick(self, state: CycleState, request: LLMRequest,
              scored: Sequence[ScoredEndpoint], limit: int) -> list[ScoredEndpoint]: ...
-
-
-@runtime_checkable
-class IndexPicker(Protocol):
-    """Optional fast path of a :class:`Picker`: ranks candidates from their weighted totals
-    (one per candidate, in order) and returns candidate indices, best first (at most
-    ``limit``). It must order exactly as ``pick`` would; the profile then builds
-    :class:`ScoredEndpoint` objects only for the returned candidates."""
-
-    def pick_indices(self, state: CycleState, request: LLMRequest, totals: Sequence[float],
-                     limit: int) -> list[int]: ...
 
 
 @runtime_checkable

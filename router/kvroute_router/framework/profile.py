@@ -2,9 +2,11 @@
 built from ``RoutePolicy.spec.scoring`` through the registry, and the scheduling cycle that runs
 them (filter, then sum of clamped weighted scores, then pick).
 
-A scorer type the registry lacks degrades to its fallback (``prefix-precise`` →
-``prefix-approx``) with a warning, so policies written for the full product still route when a
-component is missing; a type with no fallback is skipped with a warning.
+Every profile first runs the filters registered as ``default_filter`` (in registration order).
+A scorer type the registry lacks degrades to the fallback registered for it
+(:meth:`PluginRegistry.add_fallback`, e.g. ``prefix-precise`` → ``prefix-approx``) with a
+warning, so policies written for the full product still route when a component is missing; a
+type with no fallback is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -29,15 +31,6 @@ from kvroute_router.framework.registry import PluginContext, PluginRegistry
 from kvroute_router.framework.request import LLMRequest
 
 log = logging.getLogger(__name__)
-
-DEFAULT_FILTERS: tuple[str, ...] = ("subset-filter", "healthy-filter", "load-headroom")
-"""Filters every profile runs, in order: the gateway's subset, then health, then load headroom
-(so the scorers, prefix affinity above all, choose only among endpoints that are not
-saturated; see :mod:`kvroute_router.plugins.load_headroom`)."""
-
-SCORER_FALLBACKS: dict[str, str] = {"prefix-precise": "prefix-approx"}
-"""Scorer types that stand in for a missing one."""
-
 
 class ProfileBuildError(ValueError):
     """A profile names a plugin of the wrong kind or a picker that does not exist."""
@@ -79,6 +72,8 @@ class SchedulerProfile:
     observers: list[DispatchObserver] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
     """Requested scorer type → the type that stands in for it."""
+    prefix_scorers: frozenset[str] = frozenset()
+    """Scorer types whose score is a prefix-match ratio (declared at registration)."""
 
     def __post_init__(self) -> None:
         hard = [f for f in self.filters if not is_soft(f)]
@@ -138,7 +133,7 @@ def _scored(endpoint: Endpoint, i: int, totals: npt.NDArray[np.float64],
 def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -> SchedulerProfile:
     """The profile for ``context.scoring``."""
     filters: list[Filter] = []
-    for type_name in DEFAULT_FILTERS:
+    for type_name in registry.default_filters():
         entry = registry.lookup(type_name)
         if entry is None:
             continue
@@ -151,8 +146,9 @@ def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -
     for item in context.scoring.scorers:
         type_name = str(item.type)
         entry = registry.lookup(type_name)
-        if entry is None and type_name in SCORER_FALLBACKS:
-            stand_in = SCORER_FALLBACKS[type_name]
+        fallback = registry.fallback_for(type_name) if entry is None else None
+        if fallback is not None:
+            stand_in = fallback
             if any(s.type_name == stand_in for s in scorers) or any(
                     s.type == stand_in for s in context.scoring.scorers):
                 log.warning("profile %s: scorer %s is not available; %s is already configured, "
@@ -183,4 +179,5 @@ def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -
         plugin for plugin in [*filters, *(s.scorer for s in scorers), picker]
         if isinstance(plugin, DispatchObserver)]
     return SchedulerProfile(name=name, filters=filters, scorers=scorers, picker=picker,
-                            observers=observers, degraded=degraded)
+                            observers=observers, degraded=degraded,
+                            prefix_scorers=registry.prefix_match_scorers())

@@ -4,6 +4,12 @@ Nothing registers itself at import time; :func:`kvroute_router.plugins.register_
 fills a registry explicitly, and other subpackages add theirs the same way (e.g. the KV-event
 index registers ``prefix-precise``). A factory gets a :class:`PluginContext` and returns the
 plugin.
+
+What the framework must know about particular plugins is declared by the plugins when they
+register, never named here: which filters every profile runs (``default_filter``), which
+scorers' scores are prefix-match ratios (``prefix_match``, the ``kvroute_prefix_match_ratio``
+metric), which registered type stands in for a missing one (:meth:`PluginRegistry.add_fallback`),
+and what must be forgotten when an endpoint leaves (:meth:`PluginRegistry.on_endpoint_removed`).
 """
 
 from __future__ import annotations
@@ -68,21 +74,57 @@ class PluginContext:
 PluginFactory = Callable[[PluginContext], Any]
 
 
+EndpointRemoved = Callable[[SharedServices, str, str], None]
+"""Told ``(services, pool key, endpoint name)`` when an endpoint leaves its pool."""
+
+
 @dataclass(frozen=True)
 class Registration:
     kind: PluginKind
     factory: PluginFactory
+    default_filter: bool = False
+    """A filter every profile runs (in registration order), whatever the policy says."""
+    prefix_match: bool = False
+    """A scorer whose score is the share of the prompt the endpoint holds (0-1)."""
 
 
 class PluginRegistry:
-    """Factories by type name."""
+    """Factories by type name, and what plugins declared about themselves."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Registration] = {}
+        self._fallbacks: dict[str, str] = {}
+        self._removal_listeners: list[EndpointRemoved] = []
 
-    def register(self, type_name: str, kind: PluginKind, factory: PluginFactory) -> None:
+    def register(self, type_name: str, kind: PluginKind, factory: PluginFactory, *,
+                 default_filter: bool = False, prefix_match: bool = False) -> None:
         """Add (or replace: a later registration overrides a built-in) a plugin type."""
-        self._entries[type_name] = Registration(kind, factory)
+        if default_filter and kind != "filter":
+            raise ValueError(f"{type_name}: only a filter can be a default filter")
+        self._entries.pop(type_name, None)  # a replacement takes the new position
+        self._entries[type_name] = Registration(kind, factory, default_filter, prefix_match)
+
+    def add_fallback(self, missing: str, stand_in: str) -> None:
+        """When a policy names ``missing`` and it is not registered, ``stand_in`` is used."""
+        self._fallbacks[missing] = stand_in
+
+    def fallback_for(self, type_name: str) -> str | None:
+        return self._fallbacks.get(type_name)
+
+    def default_filters(self) -> list[str]:
+        """The filters every profile runs, in registration order."""
+        return [t for t, r in self._entries.items() if r.default_filter]
+
+    def prefix_match_scorers(self) -> frozenset[str]:
+        return frozenset(t for t, r in self._entries.items() if r.prefix_match)
+
+    def on_endpoint_removed(self, listener: EndpointRemoved) -> None:
+        """Call ``listener`` for every endpoint that leaves a pool (plugins' per-endpoint state)."""
+        self._removal_listeners.append(listener)
+
+    def endpoint_removed(self, services: SharedServices, pool_key: str, endpoint: str) -> None:
+        for listener in self._removal_listeners:
+            listener(services, pool_key, endpoint)
 
     def lookup(self, type_name: str) -> Registration | None:
         return self._entries.get(type_name)

@@ -5,20 +5,20 @@ The router owns the lifecycle: it calls :meth:`PoolKVEvents.set_sources` (from i
 whenever the pool's endpoints change — embedded mode from ``StaticEndpoint.kvEventsEndpoint`` /
 ``kvEventsReplayEndpoint``, Kubernetes from each ready pod's IP with the pool's
 ``engine.kvEvents.port`` / ``replayPort`` (5557 / 5558) — and :meth:`aclose` on shutdown.
-:func:`sources_from_pool` builds the embedded-mode list.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
 from kvroute_api.inference_pool import InferencePool
 
+from kvroute_router.framework.request import LLMRequest
 from kvroute_router.framework.tasks import DEFAULT_STOP_TIMEOUT_S, cancel_and_wait
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher, resolve_seed
 from kvroute_router.kvevents.index import (
@@ -45,22 +45,6 @@ def hash_config_for_pool(pool: InferencePool) -> BlockHashConfig:
     return BlockHashConfig(block_size=engine.block_size,
                            algorithm=engine.prefix_caching_hash_algo,
                            seed=resolve_seed(env.get("PYTHONHASHSEED")))
-
-
-def sources_from_pool(pool: InferencePool, topic: str = "kv") -> list[KVEventSource]:
-    """Embedded mode: one source per static endpoint that names a KV-event endpoint.
-
-    Endpoints are named like the router's (``StaticEndpoint.name``, else its address).
-    """
-    sources: list[KVEventSource] = []
-    for static in pool.spec.endpoints:
-        if static.kv_events_endpoint is None:
-            continue
-        sources.append(KVEventSource(endpoint=static.name or static.address,
-                                     events_endpoint=static.kv_events_endpoint,
-                                     replay_endpoint=static.kv_events_replay_endpoint,
-                                     topic=topic))
-    return sources
 
 
 def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool,
@@ -139,6 +123,39 @@ class PoolKVEvents:
         """Whether the index is right for this endpoint now (else: approximate fallback)."""
         status = self.status(endpoint)
         return status is not None and status.trustworthy
+
+    # ---- kvroute_router.plugins.prefix_precise.PoolPrefixCache ------------------------------
+    def prompt_block_hashes(self, request: LLMRequest) -> list[int] | None:
+        """The prompt's block hashes as the engine computes them (its token ids, else the
+        pool's tokenizer); None when it cannot be tokenised in process."""
+        tokens: list[int] | None
+        if request.token_ids is not None:
+            tokens = list(request.token_ids)
+        elif self.tokenizer is None:
+            return None
+        elif request.openai is not None:
+            tokens = self.tokenizer.tokenize_request(request.openai)
+        else:
+            tokens = self.tokenizer.tokenize(request.kind, None, prompt_text=request.prompt_text)
+        if tokens is None:
+            return None
+        salt = request.openai.cache_salt if request.openai is not None else None
+        return self.hasher.block_hashes(tokens, cache_salt=salt)
+
+    def match(self, hashes: Sequence[int], endpoints: Sequence[str]) -> dict[str, int]:
+        return self.index.match(hashes, endpoints)
+
+    def mark_pending(self, endpoint: str, hashes: Sequence[int]) -> None:
+        self.index.mark_pending(endpoint, hashes)
+
+    def record_scoring(self, precise: int | None, approximate: int,
+                       best_match: int | None) -> None:
+        if best_match is not None:
+            self.metrics.match_blocks.observe(best_match)
+        if precise is not None:
+            self.metrics.scorer_source.labels("precise").inc(precise)
+        if approximate:
+            self.metrics.scorer_source.labels("approximate").inc(approximate)
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every subscriber's status, for the router's debug/health endpoint."""

@@ -7,7 +7,10 @@ before the scorers in every profile and keeps only the endpoints with **headroom
 
 * a waiting queue (the engine's ``vllm:num_requests_waiting`` plus this router's dispatches
   since that scrape) below ``max_waiting`` (``RoutePolicy.spec.admission.saturationQueueDepth``),
-* and KV-cache utilisation below ``max_kv_utilization`` (the admission gate's 0.95).
+* and KV-cache utilisation below ``max_kv_utilization`` (``framework.saturation.KV_SATURATION``).
+
+The thresholds are admission control's: both use
+:class:`~kvroute_router.framework.saturation.Saturation`.
 
 So prefix affinity decides only among endpoints that can start the request soon; a saturated
 endpoint stops attracting its hot prefix, the overflow goes elsewhere, and the prefix scorer
@@ -33,10 +36,11 @@ from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, LoadEstimates
 from kvroute_router.framework.registry import PluginContext
 from kvroute_router.framework.request import LLMRequest
+from kvroute_router.framework.saturation import DEFAULT_QUEUE_DEPTH, KV_SATURATION, Saturation
 
-DEFAULT_MAX_WAITING = 8
+DEFAULT_MAX_WAITING = DEFAULT_QUEUE_DEPTH
 """``AdmissionSpec.saturationQueueDepth``'s default, used when the context carries none."""
-DEFAULT_MAX_KV_UTILIZATION = 0.95
+DEFAULT_MAX_KV_UTILIZATION = KV_SATURATION
 """The admission gate's KV saturation level."""
 
 STATE_SATURATED = "load-headroom/saturated"
@@ -54,14 +58,16 @@ class LoadHeadroomFilter:
                  max_kv_utilization: float = DEFAULT_MAX_KV_UTILIZATION,
                  stale_after_s: float = 1.0) -> None:
         self.name = self.TYPE
-        self.max_waiting = max_waiting
-        self.max_kv_utilization = max_kv_utilization
+        self.saturation = Saturation(queue_depth=max_waiting, kv_utilization=max_kv_utilization)
         self.stale_after_s = stale_after_s
 
-    def load_of(self, endpoint: Endpoint, now: float) -> tuple[float, float]:
-        """(waiting estimate, KV utilisation) of ``endpoint``; stale metrics count as 0."""
-        return (endpoint.waiting_estimate(self.stale_after_s, now),
-                endpoint.kv_usage_estimate(self.stale_after_s, now))
+    @property
+    def max_waiting(self) -> float:
+        return self.saturation.queue_depth
+
+    @property
+    def max_kv_utilization(self) -> float:
+        return self.saturation.kv_utilization
 
     def filter(self, state: CycleState, request: LLMRequest,
                endpoints: Sequence[Endpoint]) -> list[Endpoint]:
@@ -69,7 +75,7 @@ class LoadHeadroomFilter:
             return list(endpoints)
         loads = LoadEstimates.for_cycle(state, endpoints, self.stale_after_s, time.monotonic())
         waiting = loads.waiting()
-        keep = (waiting < self.max_waiting) & (loads.kv_usage() < self.max_kv_utilization)
+        keep = self.saturation.headroom(waiting, loads.kv_usage())
         if not keep.any():
             least = waiting.min()
             state.write(STATE_SATURATED, [])
@@ -90,8 +96,7 @@ class LoadHeadroomFilter:
 
     @classmethod
     def build(cls, context: PluginContext) -> LoadHeadroomFilter:
-        admission = context.admission
-        max_waiting = (admission.saturation_queue_depth if admission is not None
-                       else DEFAULT_MAX_WAITING)
-        return cls(max_waiting=max_waiting,
+        saturation = Saturation.of(context.admission)
+        return cls(max_waiting=saturation.queue_depth,
+                   max_kv_utilization=saturation.kv_utilization,
                    stale_after_s=context.scoring.stale_metrics_ms / 1000.0)

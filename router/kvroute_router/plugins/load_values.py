@@ -28,19 +28,6 @@ def fresh_average(endpoints: Sequence[Endpoint], stale_after_s: float, now: floa
     return total / count if count else 0.0
 
 
-def fresh_or_average(endpoints: Sequence[Endpoint], stale_after_s: float, now: float,
-                     value: Callable[[EndpointMetrics], float]) -> list[float]:
-    """``value`` of each endpoint's metrics; endpoints with stale or no metrics get the average
-    of the fresh ones (0 when none is fresh), so old numbers neither attract nor repel."""
-    average = fresh_average(endpoints, stale_after_s, now, value)
-    out: list[float] = []
-    for ep in endpoints:
-        m = ep.metrics
-        out.append(value(m) if m is not None and now - m.scraped_at <= stale_after_s
-                   else average)
-    return out
-
-
 def less_is_better(values: Sequence[float] | npt.NDArray[np.float64]) -> list[float]:
     """1 for the smallest value, 0 for the largest, linear between; all 1 when equal."""
     if len(values) == 0:

@@ -22,7 +22,7 @@ from typing import ClassVar
 
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.registry import PluginContext
+from kvroute_router.framework.registry import PluginContext, SharedServices
 from kvroute_router.framework.request import LLMRequest
 
 DEFAULT_MAX_BLOCKS_PER_ENDPOINT = 32768
@@ -130,11 +130,6 @@ class ApproxPrefixIndex:
             for key in lru or ():
                 self._drop_holder(key, endpoint)
 
-    def retain(self, endpoints: set[str]) -> None:
-        """Forget every endpoint not in ``endpoints``."""
-        for name in [n for n in self._lru if n not in endpoints]:
-            self.forget(name)
-
     def blocks(self, endpoint: str | None = None) -> int:
         if endpoint is None:
             return sum(len(lru) for lru in self._lru.values())
@@ -183,7 +178,7 @@ class ApproxPrefixScorer:
     @classmethod
     def build(cls, context: PluginContext) -> ApproxPrefixScorer:
         index = context.services.get_or_create(
-            f"prefix-approx/{context.pool_key}", ApproxPrefixIndex, ApproxPrefixIndex)
+            services_key(context.pool_key), ApproxPrefixIndex, ApproxPrefixIndex)
         engine_block = context.pool.spec.engine.block_size if context.pool else 16
         # Whole engine blocks, at least MIN_TOKEN_BLOCK tokens: approximate matching needs no
         # finer grain, and 4k-token prompts then cost 64 hashes, not 256.
@@ -191,10 +186,14 @@ class ApproxPrefixScorer:
         return cls(index, context.scoring.prefix_block_chars, block_tokens)
 
 
-def match_ratio(state: CycleState, endpoint: Endpoint) -> float | None:
-    """Share of the request's blocks the chosen endpoint held (None if not computed)."""
-    keys = state.read(STATE_BLOCKS, list)
-    matched = state.read(STATE_MATCH, dict)
-    if not keys or matched is None:
-        return None if keys is None else 0.0
-    return float(matched.get(endpoint.name, 0)) / len(keys)
+def services_key(pool_key: str) -> str:
+    """Where a pool's :class:`ApproxPrefixIndex` lives in the shared services."""
+    return f"prefix-approx/{pool_key}"
+
+
+def forget_endpoint(services: SharedServices, pool_key: str, endpoint: str) -> None:
+    """An endpoint left its pool: drop its history (registered as an endpoint-removed
+    listener, so a pod that comes back under the same name starts empty)."""
+    index = services.get(services_key(pool_key), ApproxPrefixIndex)
+    if index is not None:
+        index.forget(endpoint)

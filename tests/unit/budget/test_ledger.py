@@ -12,7 +12,7 @@ from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.budget.pricing import PoolEconomics
 from prometheus_client import CollectorRegistry
 
-from .conftest import ManualClock
+from tests.unit.conftest import ManualClock
 
 CHAT = {"policy_namespace": "default", "policy": "chat"}  # a policy's metric labels
 

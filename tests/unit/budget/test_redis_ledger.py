@@ -12,7 +12,7 @@ from kvroute_router.budget.ledger import BudgetLedger, RequestEstimate
 from kvroute_router.budget.meters import RedisMeterStore
 from kvroute_router.budget.pricing import PoolEconomics
 
-from .conftest import ManualClock
+from tests.unit.conftest import ManualClock
 
 THOUSAND = RequestEstimate(prompt_tokens=500, max_output_tokens=500)
 BUDGETS = [BudgetSpec(name="team", tenant="*", usd=0.1, window="1h", max_concurrency=100)]

@@ -25,16 +25,15 @@ from kvroute_router.kvevents.hashing import (
 )
 
 ORACLE = Path(__file__).with_name("vllm_hash_oracle.py")
-DEFAULT_ENGINE_PYTHON = Path.home() / ".cache/kvroute/venvs/engine-d30924ad282a/bin/python"
 
 
 def engine_python() -> str:
-    configured = os.environ.get("KVROUTE_ENGINE_PYTHON")
-    if configured:
-        return configured
-    if DEFAULT_ENGINE_PYTHON.exists():
-        return str(DEFAULT_ENGINE_PYTHON)
-    pytest.skip("no vLLM engine interpreter: set KVROUTE_ENGINE_PYTHON")
+    """vLLM's interpreter: $KVROUTE_ENGINE_PYTHON (scripts/test.sh exports it), else the engine
+    venv ``scripts/kvenv.sh engine`` finds or builds: never skipped, since this is the only
+    check that the router's block hashes are vLLM's."""
+    from kvroute_cli.localengines import engine_python as configured_engine_python
+
+    return configured_engine_python()
 
 
 def golden_cases(count: int, rng: random.Random) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ from kvroute_router.framework.request import LLMRequest
 from kvroute_router.kvevents.hashing import BlockHashConfig
 from kvroute_router.kvevents.hub import PoolKVEvents
 from kvroute_router.kvevents.index import PrefixIndex
-from kvroute_router.kvevents.scorer import PrecisePrefixScorer
 from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex, ApproxPrefixScorer
+from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 
 
 class FakeClock:

@@ -7,9 +7,9 @@ from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.kvevents.hashing import BlockHashConfig
 from kvroute_router.kvevents.hub import PoolKVEvents
-from kvroute_router.kvevents.scorer import STATE_HASHES, PrecisePrefixScorer
 from kvroute_router.openai.requests import parse_request
 from kvroute_router.plugins.prefix_approx import ApproxPrefixIndex, ApproxPrefixScorer
+from kvroute_router.plugins.prefix_precise import STATE_HASHES, PrecisePrefixScorer
 
 
 def test_endpoints_without_events_use_the_approximate_score() -> None:

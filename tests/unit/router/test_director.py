@@ -31,9 +31,11 @@ async def test_output_and_prompt_limits() -> None:
     with pytest.raises(RoutingError) as err:
         await director.route(LLMRequest(model="chat", max_tokens=11))
     assert err.value.status == 400
+    assert err.value.code == "invalid_request_error" and "10" in err.value.message
     with pytest.raises(RoutingError) as err:
         await director.route(LLMRequest(model="chat", prompt_text="x" * 4000))
     assert err.value.status == 413
+    assert err.value.code == "context_length_exceeded" and "100" in err.value.message
 
 
 async def test_same_prefix_sticks_distinct_prefixes_spread() -> None:

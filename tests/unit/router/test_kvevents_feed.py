@@ -10,8 +10,8 @@ from kvroute_router.app import Router, RouterSettings
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.framework.profile import build_profile
 from kvroute_router.framework.registry import PluginContext, SharedServices
+from kvroute_router.kvevents.feed import KVEventFeeds
 from kvroute_router.kvevents.hub import PoolKVEvents
-from kvroute_router.kvevents_feed import KVEventFeeds
 from router_fixtures import make_policy
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from kvroute_router.budget.hook import BudgetHook
+from kvroute_router.admission.hook import BudgetHook
 from kvroute_router.director import Director
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint

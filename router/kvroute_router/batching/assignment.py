@@ -78,10 +78,6 @@ class Assignment:
     method: str
     notes: tuple[str, ...] = field(default_factory=tuple)
 
-    @property
-    def unserved(self) -> list[int]:
-        return [int(i) for i in np.flatnonzero(self.pools < 0)]
-
 
 def _capacity_of(problem: AssignmentProblem, pool: int) -> PoolCapacity:
     return problem.capacities[pool] if problem.capacities else PoolCapacity()

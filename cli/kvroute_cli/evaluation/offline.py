@@ -46,27 +46,25 @@ Orders (how test prompts arrive, hence how they fall into batches):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-
-from kvroute_router.budget.assignment import AssignmentProblem, robust_quality, solve_batch
-from kvroute_router.budget.quality import (
-    BlendedQualityEstimator,
+from kvroute_router.batching.assignment import AssignmentProblem, robust_quality, solve_batch
+from kvroute_router.batching.quality import (
     KnnQualityEstimator,
     LabelledPrompt,
-    LogisticQualityEstimator,
     MiniLmEmbedder,
     QualityEstimate,
-    Tier,
     TuningResult,
     benefit_auc,
     make_embedder,
 )
+from kvroute_router.budget.pricing import Tier
+
+from kvroute_cli.evaluation.estimators import BlendedQualityEstimator, LogisticQualityEstimator
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -352,11 +350,3 @@ def evaluate(data: PreparedData, config: EvalConfig,
     return EvalReport(config=config, methods=results, test_rows=len(order),
                       batches=len(batches),
                       solver_seconds={k: v for k, v in timings.items() if v})
-
-
-def timed_prepare(train: Sequence[LabelledPrompt],
-                  test: Sequence[LabelledPrompt]) -> tuple[PreparedData, float]:
-    """``prepare`` and how long it took (seconds)."""
-    started = time.perf_counter()
-    data = prepare(train, test)
-    return data, time.perf_counter() - started

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kvroute_router.budget.pricing import PoolEconomics
 
-ROUTELLM_CSV = (Path(__file__).resolve().parents[3].parent
+ROUTELLM_CSV = (Path(__file__).resolve().parents[2].parent
                 / "shared/data/routellm/correctness.csv.gz")
 
 
@@ -58,7 +58,7 @@ def _free_port() -> int:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     binary = shutil.which("redis-server")
     if binary is None:
-        pytest.skip("redis-server is not installed (scripts/system-deps.sh installs it)")
+        pytest.fail("redis-server is not installed: scripts/system-deps.sh installs it")
     port = _free_port()
     workdir = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(

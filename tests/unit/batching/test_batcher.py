@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 
 from kvroute_api.route_policy import BatchingSpec, BudgetSpec
-from kvroute_router.budget.batcher import BatchRequest, BatchRouter, PoolState
+from kvroute_router.batching.batcher import BatchRequest, BatchRouter, PoolState
+from kvroute_router.batching.quality import HeuristicQualityEstimator
 from kvroute_router.budget.ledger import BudgetLedger
 from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.budget.pricing import PoolEconomics
-from kvroute_router.budget.quality import HeuristicQualityEstimator
 from prometheus_client import CollectorRegistry
 
 CHAT = {"policy_namespace": "default", "policy": "chat"}  # a policy's metric labels

@@ -26,17 +26,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from kvroute_api.route_policy import BatchingSpec
 
-from kvroute_router.budget.assignment import (
+from kvroute_router.batching.assignment import (
     Assignment,
     AssignmentProblem,
     PoolCapacity,
     robust_quality,
     solve_batch,
 )
+from kvroute_router.batching.quality import QualityEstimator
 from kvroute_router.budget.ledger import BudgetLedger
 from kvroute_router.budget.metrics import BudgetMetrics, policy_labels
 from kvroute_router.budget.pricing import PoolEconomics
-from kvroute_router.budget.quality import QualityEstimator
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,6 @@ class BatchRouter:
         self.metrics = metrics
         self.rates = RequestRate()
         self._window = _Window()
-        self._pending_per_pool: dict[str, int] = {}
 
     def update_batching(self, batching: BatchingSpec) -> None:
         self.batching = batching

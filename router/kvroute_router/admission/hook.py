@@ -45,19 +45,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kvroute_api.route_policy import RoutePolicy, RoutePolicySpec
+from kvroute_api.route_policy import BudgetSpec, RoutePolicy, RoutePolicySpec
 
-from kvroute_router.budget.admission import AdmissionController, EndpointLoad
-from kvroute_router.budget.batcher import BatchRequest, BatchRouter
-from kvroute_router.budget.batcher import PoolState as BatchPoolState
+from kvroute_router.admission.controller import AdmissionController, EndpointLoad
+from kvroute_router.admission.tenancy import TenantResolver
+from kvroute_router.batching.batcher import BatchRequest, BatchRouter
+from kvroute_router.batching.batcher import PoolState as BatchPoolState
+from kvroute_router.batching.quality import HeuristicQualityEstimator, QualityEstimator
 from kvroute_router.budget.ledger import BudgetLedger, RequestEstimate, Reservation
 from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.budget.pricing import PoolEconomics
-from kvroute_router.budget.quality import HeuristicQualityEstimator, QualityEstimator
-from kvroute_router.budget.tenancy import TenantResolver
 from kvroute_router.datastore.api_keys import KeyDigests
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution, object_key
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
@@ -247,33 +247,19 @@ class BudgetHook:
 
     # ---- the hook ----------------------------------------------------------------------------
     async def admit(self, request: LLMRequest, resolution: Resolution) -> Admission | None:
+        """The steps of the module docstring, in order; None when nothing is enforced."""
         if resolution.implicit:
             return None  # no RoutePolicy: nothing configured to enforce
         self.sync()
         state = self._policies.get(resolution.policy_key)
         if state is None:
             return None
-        spec: RoutePolicySpec = state.policy.spec
-
-        if spec.tenancy.source == "APIKey":
-            request.tenant = state.resolver.resolve(request.headers,
-                                                    from_trusted_gateway=False).name
-        tenant = request.tenant or spec.tenancy.default_tenant
-        request.tenant = tenant
-
-        controller = state.controller
-        error = await controller.admit(controller.priority_of(request.headers))
-        if error is not None:
-            self.ledger.count_requests(state.key, tenant,
-                                       self.ledger.budgets_for(state.key, tenant), "shed")
-            raise RoutingError(error.status, error.code, error.message,
-                               retry_after=error.retry_after_s, param=error.param)
-
+        tenant = self._resolve_tenant(state, request)
+        await self._admission_control(state, request, tenant)
         budgets = self.ledger.budgets_for(state.key, tenant)
         if not budgets:
             return None  # nothing to account; the director's weighted pool order applies
         self._active.add((state.key, tenant))
-
         primaries, fallbacks = self._pools_by_role(resolution.policy_key)
         candidates = primaries or fallbacks
         if not candidates:
@@ -282,49 +268,83 @@ class BudgetHook:
         # Fallback pools are where a Downgrade budget may send a request too (the ledger only
         # moves to a pool cheaper than the preferred one).
         downgrades = [self._economics(state, pool) for pool in fallbacks] if primaries else []
+        estimate = self._estimate(state.policy.spec, request)
+        ordered, restrict = await self._order_pools(state, request, tenant, budgets, economics,
+                                                    estimate)
+        reservation, pool, downgraded = await self._reserve(state, tenant,
+                                                            [*ordered, *downgrades], estimate)
+        pools = [pool] if (restrict or downgraded) else None
+        return Admission(pools=pools, on_finish=lambda d, o: self._finished(
+            state, reservation, estimate, d, o))
+
+    # ---- the steps of admit ------------------------------------------------------------------
+    def _resolve_tenant(self, state: _Policy, request: LLMRequest) -> str:
+        """Step 1: the request's tenant (written back to ``request.tenant``)."""
+        spec = state.policy.spec
+        if spec.tenancy.source == "APIKey":
+            request.tenant = state.resolver.resolve(request.headers).name
+        tenant = request.tenant or spec.tenancy.default_tenant
+        request.tenant = tenant
+        return tenant
+
+    async def _admission_control(self, state: _Policy, request: LLMRequest, tenant: str) -> None:
+        """Step 2: shed or queue by priority class when every endpoint is saturated."""
+        controller = state.controller
+        error = await controller.admit(controller.priority_of(request.headers))
+        if error is not None:
+            self.ledger.count_requests(state.key, tenant,
+                                       self.ledger.budgets_for(state.key, tenant), "shed")
+            raise RoutingError(error.status, error.code, error.message,
+                               retry_after=error.retry_after_s, param=error.param)
+
+    def _estimate(self, spec: RoutePolicySpec, request: LLMRequest) -> RequestEstimate:
+        """The upper-bound estimate the ledger reserves; a request without ``max_tokens`` gets
+        the bound written into its forwarded body, so usage cannot exceed the estimate."""
         max_output = (request.max_tokens if request.max_tokens is not None
                       else spec.admission.max_output_tokens or self.default_max_output_tokens)
         if request.max_tokens is None:
             request.max_tokens = max_output  # forwarded, so usage cannot exceed the estimate
         # Each of the n / best_of sequences may generate the whole bound.
         max_output *= max(1, request.sequences)
-        estimate = RequestEstimate(prompt_tokens_upper_bound(request), max_output)
+        return RequestEstimate(prompt_tokens_upper_bound(request), max_output)
 
-        restrict = False
-        ordered = economics
+    async def _order_pools(self, state: _Policy, request: LLMRequest, tenant: str,
+                           budgets: Sequence[BudgetSpec], economics: list[PoolEconomics],
+                           estimate: RequestEstimate) -> tuple[list[PoolEconomics], bool]:
+        """Step 3: the pools to reserve on, preferred first, and whether the request is
+        restricted to the one reserved (the batch stage chose it)."""
         batched = (len(economics) > 1 and any(e.priced for e in economics)
                    and self.ledger.usd_limit_per_second(state.key, tenant) is not None)
         if batched:
             choice = await state.batcher.assign(BatchRequest(
-                request.prompt_text, estimate.prompt_tokens, max_output, tenant))
+                request.prompt_text, estimate.prompt_tokens, estimate.max_output_tokens, tenant))
             if choice.pool is None:
-                controller.release_waiting()
+                state.controller.release_waiting()
                 self.ledger.count_requests(state.key, tenant, budgets, "shed")
                 raise RoutingError(429, "capacity_exhausted",
                                    f"no pool of policy '{state.name}' has capacity and budget "
                                    f"for this request now (tenant '{tenant}')",
                                    retry_after=1.0, reason="capacity_exhausted")
             preferred = next(e for e in economics if e.name == choice.pool)
-            ordered = [preferred, *(e for e in economics if e.name != choice.pool)]
-            restrict = True
-        elif len(economics) > 1:
+            return [preferred, *(e for e in economics if e.name != choice.pool)], True
+        if len(economics) > 1:
             # The director picks among the pools by weight: reserve the dearest (upper bound).
-            ordered = sorted(economics, key=lambda e: -e.request_usd(estimate.prompt_tokens,
-                                                                     max_output))
+            return sorted(economics, key=lambda e: -e.request_usd(
+                estimate.prompt_tokens, estimate.max_output_tokens)), False
+        return economics, False
 
-        decision = await self.ledger.reserve(state.key, tenant, [*ordered, *downgrades],
-                                             estimate)
+    async def _reserve(self, state: _Policy, tenant: str, pools: list[PoolEconomics],
+                       estimate: RequestEstimate) -> tuple[Reservation, str, bool]:
+        """Step 4: reserve the estimate on the first pool the budgets allow; 429 if none."""
+        decision = await self.ledger.reserve(state.key, tenant, pools, estimate)
         if decision.error is not None or decision.reservation is None or decision.pool is None:
-            controller.release_waiting()
+            state.controller.release_waiting()
             err = decision.error
             raise RoutingError(429, err.code if err else "budget_exhausted",
                                err.message if err else "budget exhausted",
                                retry_after=err.retry_after_s if err else None,
                                reason="budget_exhausted", param=err.param if err else None)
-        reservation = decision.reservation
-        pools = [decision.pool] if (restrict or decision.downgraded) else None
-        return Admission(pools=pools, on_finish=lambda d, o: self._finished(
-            state, reservation, estimate, d, o))
+        return decision.reservation, decision.pool, decision.downgraded
 
     # ---- finishing ---------------------------------------------------------------------------
     def _finished(self, state: _Policy, reservation: Reservation, estimate: RequestEstimate,
@@ -367,8 +387,16 @@ class BudgetHook:
         if self._pump is not None:
             await cancel_and_wait([self._pump], what="budget hook")
             self._pump = None
+        if not await self.settled(5.0):
+            log.warning("budget settles still running at shutdown; the in-flight deadline "
+                        "frees their slots")
+
+    async def settled(self, timeout_s: float) -> bool:
+        """Wait for the settles of finished requests (they run as tasks); False if some are
+        still running after ``timeout_s``."""
         if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5.0)
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        return not self._tasks
 
     async def _run(self) -> None:
         next_gauges = 0.0

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from kvroute_router.budget.assignment import (
+from kvroute_router.batching.assignment import (
     AssignmentProblem,
     PoolCapacity,
     assign_single,

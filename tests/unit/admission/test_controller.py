@@ -1,12 +1,13 @@
-"""Admission control: token limits name the limit; sheddable traffic is shed first under
-saturation; the queue is bounded, ordered by priority and times out."""
+"""Admission control: sheddable traffic is shed first under saturation; the queue is bounded,
+ordered by priority and times out, and refusals are counted by reason. (Token limits are the
+director's: tests/unit/router/test_director.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 
 from kvroute_api.route_policy import AdmissionSpec
-from kvroute_router.budget.admission import AdmissionController, EndpointLoad
+from kvroute_router.admission.controller import AdmissionController, EndpointLoad
 from kvroute_router.budget.metrics import BudgetMetrics
 from prometheus_client import CollectorRegistry
 
@@ -35,19 +36,6 @@ class Load:
 
     def relieve(self) -> None:
         self.endpoints = [EndpointLoad(0, 0.2)]
-
-
-def test_token_limits_name_the_limit() -> None:
-    registry = CollectorRegistry()
-    controller = AdmissionController("chat", SPEC, Load(), metrics=BudgetMetrics(registry))
-    too_long = controller.check_tokens(101, None)
-    assert too_long is not None and too_long.status == 413
-    assert "maxPromptTokens" in too_long.message and "100" in too_long.message
-    too_many = controller.check_tokens(10, 51)
-    assert too_many is not None and too_many.status == 400 and too_many.param == "max_tokens"
-    assert controller.check_tokens(100, 50) is None
-    assert registry.get_sample_value("kvroute_admission_rejected_total",
-                                     {**CHAT, "reason": "max_prompt_tokens"}) == 1
 
 
 def test_priority_classes() -> None:
@@ -86,8 +74,11 @@ async def test_sheddable_is_shed_and_others_queue_under_saturation() -> None:
 async def test_queue_timeout_answers_429() -> None:
     load = Load()
     load.saturate()
-    controller = AdmissionController("chat", SPEC, load)
+    registry = CollectorRegistry()
+    controller = AdmissionController("chat", SPEC, load, metrics=BudgetMetrics(registry))
     outcome = await controller.admit(controller.priority_of({}))
     assert outcome is not None and outcome.code == "queue_timeout"
+    assert registry.get_sample_value("kvroute_admission_rejected_total",
+                                     {**CHAT, "reason": "queue_timeout"}) == 1
     assert outcome.headers() == {"retry-after": "1"}
     assert controller.queue_depth == 0

@@ -1,9 +1,10 @@
 """Which tenant a request belongs to, from the RoutePolicy's ``spec.tenancy``.
 
-* ``source: Header`` — the tenant header is believed only when the request came through a
-  trusted gateway (the ext_proc path behind Envoy, or a proxy the operator marked as behind
-  one). On an untrusted path the header is ignored and the request is the default tenant, so a
-  client cannot pick another tenant's budget by sending the header itself.
+* ``source: Header`` — resolved by the entry points, not here: the director takes the tenant
+  from the header, which reaches the request only on a trusted path (the proxy drops it from
+  untrusted clients unless started with ``--trust-tenant-header``; Envoy ext_proc trusts its
+  gateway; gRPC Pick passes the tenant explicitly). :meth:`TenantResolver.resolve` answers the
+  default tenant for such a policy.
 * ``source: APIKey`` — the bearer token is looked up in the Secret's mapping (tenant → key);
   unknown or missing keys are the default tenant. Keys are held only as SHA-256 digests
   (:mod:`kvroute_router.datastore.api_keys`): the token's digest is looked up, so no plaintext
@@ -39,13 +40,11 @@ class TenantResolver:
         self._tenant_by_digest: dict[str, str] = dict(key_digests or {})
         self._tenant_by_digest.update(digests_of(api_keys or {}))
 
-    def resolve(self, headers: Mapping[str, str], *, from_trusted_gateway: bool) -> ResolvedTenant:
-        """``headers`` with lower-case names."""
+    def resolve(self, headers: Mapping[str, str]) -> ResolvedTenant:
+        """The tenant of the request's API key (``headers`` with lower-case names); the default
+        tenant for an unknown or missing key, or when the policy's tenancy is not by API key."""
         default = ResolvedTenant(self.tenancy.default_tenant, "default")
-        if self.tenancy.source == "Header":
-            value = headers.get(self.tenancy.header, "").strip()
-            if value and from_trusted_gateway:
-                return ResolvedTenant(value, "header")
+        if self.tenancy.source != "APIKey":
             return default
         authorization = headers.get("authorization", "")
         scheme, _, token = authorization.partition(" ")
@@ -53,7 +52,3 @@ class TenantResolver:
             return default
         tenant = self._tenant_by_digest.get(api_key_digest(token))
         return ResolvedTenant(tenant, "api-key") if tenant is not None else default
-
-    def untrusted_headers_to_strip(self) -> tuple[str, ...]:
-        """Headers the proxy must drop from untrusted clients before forwarding."""
-        return (self.tenancy.header,) if self.tenancy.source == "Header" else ()

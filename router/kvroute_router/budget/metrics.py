@@ -84,7 +84,8 @@ class BudgetMetrics:
         self.admission_rejected = Counter(
             ADMISSION_REJECTED_TOTAL.removesuffix("_total"),
             "Requests refused by admission control, by reason (max_prompt_tokens | "
-            "max_output_tokens | queue_full | queue_timeout).", [*policy, "reason"],
+            "max_output_tokens | queue_full | queue_timeout | cancelled: the client left while "
+            "queued).", [*policy, "reason"],
             registry=target)
         self.admission_shed = Counter(
             ADMISSION_SHED_TOTAL.removesuffix("_total"),

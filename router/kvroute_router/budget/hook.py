@@ -150,16 +150,16 @@ class BudgetHook:
                 continue
             old, new = state.policy.spec, policy.spec
             state.policy = policy
-            if old.budgets != new.budgets:
-                self.ledger.update_policy(key, new.budgets)
+            if (old.budgets != new.budgets
+                    or old.request_timeout_seconds != new.request_timeout_seconds):
+                self.ledger.update_policy(key, new.budgets,
+                                          request_timeout_s=float(new.request_timeout_seconds))
             if old.admission != new.admission:
                 state.controller.update_spec(new.admission)
             if old.batching != new.batching:
                 state.batcher.update_batching(new.batching)
             if old.tenancy != new.tenancy or self._key_table(policy) is not state.key_table:
                 state.resolver, state.key_table = self._resolver(policy)
-            self.ledger.in_flight_deadline_s = max(
-                self.ledger.in_flight_deadline_s, float(new.request_timeout_seconds))
         for state in self._policies.values():
             state.economics = {}
 
@@ -177,7 +177,8 @@ class BudgetHook:
     def _create(self, key: str, policy: RoutePolicy) -> _Policy:
         name = policy.metadata.name
         spec = policy.spec
-        self.ledger.update_policy(key, spec.budgets)
+        self.ledger.update_policy(key, spec.budgets,
+                                  request_timeout_s=float(spec.request_timeout_seconds))
         resolver, table = self._resolver(policy)
         state = _Policy(
             name=name, key=key, policy=policy, resolver=resolver, key_table=table,

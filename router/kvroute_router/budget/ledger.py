@@ -13,7 +13,10 @@ Downgrade``, the cheapest candidate the budget still affords is reserved instead
 decision carries a 429 with ``Retry-After`` and an OpenAI-style error naming the budget.
 
 ``update_policy`` replaces a policy's limits in place (meters keep their history, so an edit
-applies to the next request). Without a shared store each replica enforces
+applies to the next request). A concurrency slot is held until its request settles, or at most
+the policy's ``requestTimeoutSeconds`` plus ``DEADLINE_MARGIN_S`` (a replica that dies holding
+slots leaks them no longer than that); ``in_flight_deadline_s`` applies to a policy installed
+without a request timeout. Without a shared store each replica enforces
 ``replica_share`` x each limit.
 
 Policies are identified by ``namespace/name`` (the datastore's key; a bare name is
@@ -39,6 +42,9 @@ from kvroute_router.budget.pricing import PoolEconomics
 WINDOW_SECONDS: dict[str, float] = {"1m": 60.0, "1h": 3600.0, "1d": 86400.0,
                                     "7d": 7 * 86400.0, "30d": 30 * 86400.0}
 MINUTE = 60.0
+DEADLINE_MARGIN_S = 30.0
+"""Slack past a policy's request timeout before its concurrency slots expire: the settle of a
+request that ran to its timeout must land before its slot expires."""
 _MEMBER_COUNTER = itertools.count()
 
 
@@ -149,13 +155,20 @@ class BudgetLedger:
         self.clock = clock
         self.in_flight_deadline_s = in_flight_deadline_s
         self._budgets: dict[str, list[BudgetSpec]] = {}
+        self._deadlines: dict[str, float] = {}
 
     # -- configuration -------------------------------------------------------------------
 
-    def update_policy(self, policy: str, budgets: Sequence[BudgetSpec]) -> None:
+    def update_policy(self, policy: str, budgets: Sequence[BudgetSpec], *,
+                      request_timeout_s: float | None = None) -> None:
         """Install or replace a policy's budgets (``policy``: ``namespace/name``, or a bare
-        name in ``default``); takes effect for the next reservation."""
+        name in ``default``) and its request timeout (the concurrency slots' deadline is that
+        plus ``DEADLINE_MARGIN_S``); takes effect for the next reservation."""
         self._budgets[policy_id(policy)] = list(budgets)
+        if request_timeout_s is None:
+            self._deadlines.pop(policy_id(policy), None)
+        else:
+            self._deadlines[policy_id(policy)] = request_timeout_s + DEADLINE_MARGIN_S
         if self.metrics is not None:
             for budget in budgets:
                 if budget.usd is not None:
@@ -164,6 +177,11 @@ class BudgetLedger:
 
     def remove_policy(self, policy: str) -> None:
         self._budgets.pop(policy_id(policy), None)
+        self._deadlines.pop(policy_id(policy), None)
+
+    def slot_deadline_s(self, policy: str) -> float:
+        """How long a concurrency slot of ``policy`` is held at most."""
+        return self._deadlines.get(policy_id(policy), self.in_flight_deadline_s)
 
     def budgets_for(self, policy: str, tenant: str) -> list[BudgetSpec]:
         return [b for b in self._budgets.get(policy_id(policy), []) if b.tenant in ("*", tenant)]
@@ -200,7 +218,7 @@ class BudgetLedger:
         budgets = self.budgets_for(policy, tenant)
         now = self.clock()
         member = f"{now:.6f}-{next(_MEMBER_COUNTER)}"
-        deadline = now + self.in_flight_deadline_s
+        deadline = now + self.slot_deadline_s(policy)
         preferred = candidates[0]
         cheapest_first = sorted(candidates, key=lambda p: p.request_usd(
             estimate.prompt_tokens, estimate.max_output_tokens))

@@ -121,7 +121,10 @@ class Router:
 
             from kvroute_router.budget.meters import RedisMeterStore
 
-            store = RedisMeterStore(redis.asyncio.Redis.from_url(settings.budget_redis_url))
+            # Socket timeouts bound a black-holed Redis below the per-call asyncio timeout
+            # (RoutePolicy spec.budgetStore.timeoutMs), which is what the request waits.
+            store = RedisMeterStore(redis.asyncio.Redis.from_url(
+                settings.budget_redis_url, socket_connect_timeout=2.0, socket_timeout=5.0))
         share = 1.0 if store is not None else settings.budget_replica_share
         ledger = BudgetLedger(store, replica_share=share, metrics=self.budget_metrics)
         secrets = settings.api_keys

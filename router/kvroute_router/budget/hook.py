@@ -23,7 +23,8 @@ shared :class:`BudgetLedger`. Per request (``admit``):
    is then written into the forwarded body) on the chosen pool first, then the others cheapest
    first — the policy's fallback pools with endpoints included as downgrade targets. Refused →
    429 naming the budget with ``Retry-After``; ``onExhausted: Downgrade`` → the request is
-   restricted to the cheaper pool the ledger reserved.
+   restricted to the cheaper pool the ledger reserved. The store failing (Redis refused, timed
+   out) → ``budgetStore.onError``: admitted unmetered, or 503 ``budget_store_unavailable``.
 5. **finish** — ``on_finish`` settles the reservation with the engine's usage (prompt and
    completion tokens from the response ``usage``, or counted from the stream), on the pool that
    actually served it; a request that never reached an engine is cancelled. Then one queued
@@ -150,10 +151,11 @@ class BudgetHook:
                 continue
             old, new = state.policy.spec, policy.spec
             state.policy = policy
-            if (old.budgets != new.budgets
+            if (old.budgets != new.budgets or old.budget_store != new.budget_store
                     or old.request_timeout_seconds != new.request_timeout_seconds):
                 self.ledger.update_policy(key, new.budgets,
-                                          request_timeout_s=float(new.request_timeout_seconds))
+                                          request_timeout_s=float(new.request_timeout_seconds),
+                                          store=new.budget_store)
             if old.admission != new.admission:
                 state.controller.update_spec(new.admission)
             if old.batching != new.batching:
@@ -178,7 +180,8 @@ class BudgetHook:
         name = policy.metadata.name
         spec = policy.spec
         self.ledger.update_policy(key, spec.budgets,
-                                  request_timeout_s=float(spec.request_timeout_seconds))
+                                  request_timeout_s=float(spec.request_timeout_seconds),
+                                  store=spec.budget_store)
         resolver, table = self._resolver(policy)
         state = _Policy(
             name=name, key=key, policy=policy, resolver=resolver, key_table=table,
@@ -313,19 +316,28 @@ class BudgetHook:
 
         decision = await self.ledger.reserve(state.key, tenant, [*ordered, *downgrades],
                                              estimate)
+        if decision.unmetered:  # the store failed and the policy fails open
+            return Admission(pools=[decision.pool] if restrict and decision.pool else None,
+                             on_finish=lambda d, o: self._release_next(state))
         if decision.error is not None or decision.reservation is None or decision.pool is None:
             controller.release_waiting()
             err = decision.error
-            raise RoutingError(429, err.code if err else "budget_exhausted",
+            raise RoutingError(err.status if err else 429,
+                               err.code if err else "budget_exhausted",
                                err.message if err else "budget exhausted",
                                retry_after=err.retry_after_s if err else None,
-                               reason="budget_exhausted", param=err.param if err else None)
+                               reason=err.code if err else "budget_exhausted",
+                               param=err.param if err else None)
         reservation = decision.reservation
         pools = [decision.pool] if (restrict or decision.downgraded) else None
         return Admission(pools=pools, on_finish=lambda d, o: self._finished(
             state, reservation, estimate, d, o))
 
     # ---- finishing ---------------------------------------------------------------------------
+    @staticmethod
+    def _release_next(state: _Policy) -> None:
+        state.controller.release_waiting()
+
     def _finished(self, state: _Policy, reservation: Reservation, estimate: RequestEstimate,
                   decision: Decision | None, outcome: Outcome) -> None:
         try:

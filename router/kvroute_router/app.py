@@ -87,7 +87,8 @@ class Router:
                 register_precise_prefix(registry)
         self.registry = registry
         self.director = Director(self.datastore, self.registry, self.metrics, self.services)
-        self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s)
+        self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s,
+                                      metrics=self.metrics)
         self.datastore.add_listener(self._forget_removed)
         self.source: ConfigFileSource | KubernetesSource | None = None
         if settings.kubernetes:

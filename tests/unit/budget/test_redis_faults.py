@@ -274,3 +274,32 @@ async def test_a_fail_closed_policy_answers_503_with_an_openai_error_body(
     assert body["error"]["code"] == "budget_store_unavailable"
     assert "FailClosed" in body["error"]["message"]
     assert response.headers.get("retry-after") == "1"
+
+
+async def test_a_fail_open_policy_routes_unmetered_and_finishes_cleanly() -> None:
+    import redis.asyncio as aioredis
+    from kvroute_router.director import Outcome
+
+    director, store = _router({"onError": "FailOpen", "timeoutMs": 200}, _free_port())
+    client = aioredis.Redis(host="127.0.0.1", port=_free_port())
+    registry = CollectorRegistry()
+    metrics = BudgetMetrics(registry)
+    hook = BudgetHook(store, metrics=metrics, ledger=BudgetLedger(RedisMeterStore(client)))
+    director.add_admission_hook(hook)
+    try:
+        from kvroute_router.framework.request import LLMRequest
+
+        for _ in range(3):  # maxConcurrency 5 is not enforced, nothing is held either
+            decision = await asyncio.wait_for(director.route(LLMRequest(
+                model="chat", prompt_text="hi", max_tokens=5)), HANG_BOUND_S)
+            endpoint = decision.endpoints[0]
+            director.dispatch(decision, endpoint)
+            director.end_attempt(decision, endpoint)
+            director.finish(decision, endpoint, Outcome(status=200, prompt_tokens=1,
+                                                        completion_tokens=1))
+        assert not hook._tasks  # nothing to settle
+        assert registry.get_sample_value("kvroute_budget_requests_total", {
+            "policy_namespace": "default", "policy": "chat", "budget": "team",
+            "tenant": "anonymous", "outcome": "unmetered"}) == 3
+    finally:
+        await client.aclose()

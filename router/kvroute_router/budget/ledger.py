@@ -22,7 +22,9 @@ without a request timeout. Without a shared store each replica enforces
 **Store failures.** Every store call is bounded by the policy's ``budgetStore.timeoutMs``. A
 reservation the store cannot make (refused connection, timeout, any store error) follows
 ``budgetStore.onError``: ``FailOpen`` admits the request unmetered (``BudgetDecision.unmetered``;
-nothing to settle), ``FailClosed`` refuses it with 503 ``budget_store_unavailable``. A failed
+nothing to settle), ``FailClosed`` refuses it with 503 ``budget_store_unavailable``. After a
+failed reservation the store is not asked again for ``STORE_PROBE_S``: requests in between get
+``onError`` at once instead of each waiting out the timeout (one probe per interval). A failed
 settle correction is dropped (logged); a failed concurrency release is retried with backoff for
 ``RELEASE_RETRY_S`` and otherwise expires at the slot's deadline. Every failure counts in
 ``kvroute_budget_store_errors_total`` and is logged (at most once per ``LOG_EVERY_S`` per policy
@@ -56,6 +58,8 @@ MINUTE = 60.0
 RELEASE_RETRY_S = 15.0
 """How long a failed concurrency release is retried (backoff 0.25 s doubling, up to 4 s)."""
 LOG_EVERY_S = 10.0
+STORE_PROBE_S = 1.0
+"""After a failed reservation, how long requests skip the store (and get ``onError`` at once)."""
 log = logging.getLogger(__name__)
 DEADLINE_MARGIN_S = 30.0
 """Slack past a policy's request timeout before its concurrency slots expire: the settle of a
@@ -163,7 +167,8 @@ class BudgetLedger:
     def __init__(self, store: MeterStore | None = None, *, replica_share: float = 1.0,
                  metrics: BudgetMetrics | None = None,
                  clock: Callable[[], float] = time.time,
-                 in_flight_deadline_s: float = 600.0) -> None:
+                 in_flight_deadline_s: float = 600.0,
+                 store_probe_s: float = STORE_PROBE_S) -> None:
         if not 0 < replica_share <= 1:
             raise ValueError(f"replica_share must be in (0, 1], got {replica_share}")
         self.store: MeterStore = store or InMemoryMeterStore()
@@ -175,6 +180,9 @@ class BudgetLedger:
         self._deadlines: dict[str, float] = {}
         self._store_specs: dict[str, BudgetStoreSpec] = {}
         self._logged_at: dict[tuple[str, str], float] = {}
+        self.store_probe_s = store_probe_s
+        self._store_down_until = 0.0
+        """``time.monotonic()`` before which reservations do not ask the failed store."""
 
     # -- configuration -------------------------------------------------------------------
 
@@ -293,11 +301,14 @@ class BudgetLedger:
             usd = pool.request_usd(estimate.prompt_tokens, estimate.max_output_tokens)
             charges = self._charges(policy, tenant, budgets, estimate, usd)
             store = self.store_spec(policy)
+            if time.monotonic() < self._store_down_until:  # failed a moment ago: don't wait
+                return self._unavailable(policy, tenant, budgets, pool.name, store)
             try:
                 async with asyncio.timeout(store.timeout_ms / 1000.0):
                     refused = await self.store.try_charge([c for _, c in charges], now, member,
                                                           deadline)
             except Exception as exc:  # the store is remote: any failure is the store's
+                self._store_down_until = time.monotonic() + self.store_probe_s
                 self._store_failed(policy, "reserve", store, exc)
                 return self._unavailable(policy, tenant, budgets, pool.name, store)
             if refused is None:

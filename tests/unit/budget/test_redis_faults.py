@@ -146,6 +146,29 @@ async def test_redis_refused_fails_closed_with_503_or_open_unmetered(
             "on_error": on_error}) == 1
 
 
+async def test_during_an_outage_only_one_request_per_probe_interval_waits_for_redis(
+        strong_pool: PoolEconomics) -> None:
+    # The others get onError at once instead of each waiting out timeoutMs.
+    registry = CollectorRegistry()
+    async with BlackHole() as hole:
+        ledger, client = _ledger(hole.port, OPEN, metrics=BudgetMetrics(registry))
+        ledger.store_probe_s = 600.0  # no second probe within the test, however slow the host
+        try:
+            decisions = [await asyncio.wait_for(ledger.reserve("chat", "a", [strong_pool],
+                                                                SMALL), HANG_BOUND_S)
+                         for _ in range(10)]
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), HANG_BOUND_S)
+    assert all(d.unmetered for d in decisions)
+    assert registry.get_sample_value("kvroute_budget_store_errors_total", {
+        "policy_namespace": "default", "policy": "chat", "operation": "reserve",
+        "on_error": "FailOpen"}) == 1
+    assert registry.get_sample_value("kvroute_budget_requests_total", {
+        "policy_namespace": "default", "policy": "chat", "budget": "team", "tenant": "a",
+        "outcome": "unmetered"}) == 10
+
+
 async def test_redis_black_holed_answers_within_the_store_timeout(
         strong_pool: PoolEconomics) -> None:
     async with BlackHole() as hole:

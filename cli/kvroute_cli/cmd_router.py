@@ -51,6 +51,7 @@ def _router(args: argparse.Namespace) -> int:
     settings.quality_embedding = args.quality_embedding
     settings.budget_redis_url = args.budget_redis_url
     settings.budget_replica_share = args.budget_replica_share
+    settings.shutdown_grace_s = args.shutdown_grace_seconds
     router = Router(settings)
     try:
         asyncio.run(router.serve_forever())
@@ -105,6 +106,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--budget-replica-share", type=float, default=1.0,
                         help="without Redis: this replica's share of every budget limit "
                              "(1 / router replicas)")
+    parser.add_argument("--shutdown-grace-seconds", type=float,
+                        default=50.0,  # kvroute_router.app.DEFAULT_SHUTDOWN_GRACE_S
+                        help="on SIGTERM, how long in-flight requests and streams get to finish "
+                             "(readiness turns false first; default %(default)s: the chart's "
+                             "terminationGracePeriodSeconds minus 10)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_router)

@@ -8,6 +8,8 @@ what would be valid. Documents of other API groups are skipped (they are not our
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +57,9 @@ class Document:
     def label(self) -> str:
         if isinstance(self.body, dict):
             kind = self.body.get("kind", "?")
-            name = (self.body.get("metadata") or {}).get("name", f"#{self.index}")
-            return f"{kind}/{name}"
+            metadata = self.body.get("metadata")  # any YAML value: not trusted to be a mapping
+            name = metadata.get("name") if isinstance(metadata, dict) else None
+            return f"{kind}/{name if name is not None else f'#{self.index}'}"
         return f"document #{self.index}"
 
 
@@ -70,10 +73,20 @@ def _short(value: Any) -> str | None:
 _MISSING = object()
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_$-]+$")
+
+
 def _path(loc: Iterable[int | str]) -> str:
+    """``spec.pools[0].name``; a key that would not read back as one path part (empty, with
+    dots, brackets or spaces) is shown quoted: ``spec[""]``, ``metadata["a.b"]``."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _PLAIN_KEY.match(str(part)):
+            out += f"[{json.dumps(str(part))}]"
+        else:
+            out += f".{part}" if out else str(part)
     return out
 
 
@@ -152,6 +165,11 @@ def validate_paths(paths: Iterable[Path]) -> tuple[list[ResourceBase], list[Prob
             docs = list(parse_documents(path.read_text(encoding="utf-8"), str(path)))
         except OSError as exc:
             problems.append(Problem(str(path), "file", "", _MISSING, f"cannot read: {exc}"))
+            continue
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(str(path), "file", "", _MISSING,
+                                    f"not UTF-8 text (byte {exc.start}); save the manifest as "
+                                    "UTF-8"))
             continue
         except yaml.YAMLError as exc:
             problems.append(Problem(str(path), "file", "", _MISSING, f"invalid YAML: {exc}"))

@@ -154,6 +154,22 @@ class BudgetSpec(ApiModel):
                     "remaining budget affords, else 429.")
 
 
+class BudgetStoreSpec(ApiModel):
+    """What budgeted requests get when the shared budget store (Redis) fails."""
+
+    on_error: Literal["FailOpen", "FailClosed"] = Field(
+        default="FailOpen",
+        description="When the budget store cannot be reached or does not answer within "
+                    "timeoutMs: FailOpen admits the request without metering it (availability "
+                    "first; spend during the outage is not counted against budgets), "
+                    "FailClosed refuses it with 503 code budget_store_unavailable (budgets "
+                    "are never overspent). Either way the router counts "
+                    "kvroute_budget_store_errors_total and logs the error.")
+    timeout_ms: int = Field(default=250, ge=10, le=10000,
+                            description="Longest a budget store call may take before onError "
+                                        "applies, in milliseconds.")
+
+
 class BatchingSpec(ApiModel):
     """Batch-level routing: requests arriving within the window are assigned to pools jointly
     under the cost budget and each pool's free capacity."""
@@ -276,6 +292,9 @@ class RoutePolicySpec(ApiModel):
                                  description="How tenants are identified.")
     budgets: list[BudgetSpec] = Field(default_factory=list, max_length=32,
                                       description="Cost and capacity budgets per tenant.")
+    budget_store: BudgetStoreSpec = Field(
+        default_factory=BudgetStoreSpec,
+        description="Behaviour of budgeted requests when the shared budget store fails.")
     batching: BatchingSpec = Field(default_factory=BatchingSpec,
                                    description="Batch-level routing.")
     admission: AdmissionSpec = Field(default_factory=AdmissionSpec,

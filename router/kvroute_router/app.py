@@ -37,6 +37,9 @@ from kvroute_router.router_metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SHUTDOWN_GRACE_S = 50.0
+"""The chart's router ``terminationGracePeriodSeconds`` (60) minus a 10 s margin."""
+
 
 @dataclass
 class RouterSettings:
@@ -72,6 +75,10 @@ class RouterSettings:
     """Without Redis: this replica's share of every limit (1 / router replicas)."""
     api_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     """``tenancy.source: APIKey``: Secret name → {tenant: API key} (embedded mode)."""
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    """On SIGTERM: readiness turns false at once, new requests and streams are refused, and
+    in-flight ones (proxy requests, ext_proc streams, Pick calls) get this long to finish. The
+    chart passes the pod's ``terminationGracePeriodSeconds`` minus 10 s."""
 
 
 class Router:
@@ -90,7 +97,8 @@ class Router:
                 register_precise_prefix(registry)
         self.registry = registry
         self.director = Director(self.datastore, self.registry, self.metrics, self.services)
-        self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s)
+        self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s,
+                                      metrics=self.metrics)
         self.datastore.add_listener(self._forget_removed)
         self.source: ConfigFileSource | KubernetesSource | None = None
         if settings.kubernetes:
@@ -114,6 +122,11 @@ class Router:
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
         self.ports: dict[str, int] = {}
+        self.draining = False
+        """Set when shutdown begins: readiness answers 503 from then on."""
+        # Readiness, next to the proxy's /health (liveness): 503 until the datastore has its
+        # first complete listing, and again once shutdown begins.
+        self.proxy.app.router.add_get("/ready", self._ready)
 
     def _budget_hook(self, settings: RouterSettings) -> BudgetHook:
         from kvroute_router.batching.quality import build_default_estimator
@@ -124,7 +137,10 @@ class Router:
 
             from kvroute_router.budget.meters import RedisMeterStore
 
-            store = RedisMeterStore(redis.asyncio.Redis.from_url(settings.budget_redis_url))
+            # Socket timeouts bound a black-holed Redis below the per-call asyncio timeout
+            # (RoutePolicy spec.budgetStore.timeoutMs), which is what the request waits.
+            store = RedisMeterStore(redis.asyncio.Redis.from_url(
+                settings.budget_redis_url, socket_connect_timeout=2.0, socket_timeout=5.0))
         share = 1.0 if store is not None else settings.budget_replica_share
         ledger = BudgetLedger(store, replica_share=share, metrics=self.budget_metrics)
         secrets = settings.api_keys
@@ -175,8 +191,17 @@ class Router:
             self.ports["grpc"] = port
         log.info("router listening: %s", ", ".join(f"{k}={v}" for k, v in self.ports.items()))
 
+    def ready(self) -> bool:
+        return self.datastore.loaded and not self.draining
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        ready = self.ready()
+        return web.json_response({"ready": ready, "loaded": self.datastore.loaded,
+                                  "draining": self.draining}, status=200 if ready else 503)
+
     async def _serve_http(self, app: web.Application, port: int) -> int:
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=self.settings.shutdown_grace_s)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, port, backlog=1024, reuse_address=True)
         await site.start()
@@ -189,10 +214,12 @@ class Router:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def stop(self) -> None:
-        for server in self._grpc_servers:
-            await server.stop(grace=1.0)
-        for runner in self._runners:
-            await runner.cleanup()
+        """Readiness false first, then every server stops accepting and its in-flight work gets
+        ``shutdown_grace_s`` to finish (all servers at once, so the grace is not summed)."""
+        self.draining = True
+        grace = self.settings.shutdown_grace_s
+        await asyncio.gather(*(server.stop(grace=grace) for server in self._grpc_servers),
+                             *(runner.cleanup() for runner in self._runners))
         await self.scraper.stop()
         if self.budget_hook is not None:
             await self.budget_hook.stop()

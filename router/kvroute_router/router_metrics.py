@@ -49,3 +49,9 @@ class RouterMetrics:
             "kvroute_degraded_scorers",
             "Scorers a policy asked for that this router replaced (1) by a fallback.",
             ["policy", "scorer", "replacement"], registry=r)
+        self.scrape_errors = Counter(
+            "kvroute_scrape_errors",
+            "Failed scrapes of an engine's /metrics, by reason (unreachable: connection error "
+            "or timeout | http_status: not 200 | bad_page: a body the parser rejects, e.g. a "
+            "non-numeric or non-finite value; the endpoint's metrics are then dropped until "
+            "the next good scrape).", ["pool", "endpoint", "reason"], registry=r)

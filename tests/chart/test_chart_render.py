@@ -122,7 +122,11 @@ def test_router_deployment_and_service(defaults: Any) -> None:
     for flag in ("--port=8080", "--ext-proc-port=9002", "--grpc-port=9003",
                  "--metrics-port=9090"):
         assert flag in c["args"]
-    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    # In-flight streams get the pod's grace (60 s) minus a margin to finish on SIGTERM.
+    assert pod["terminationGracePeriodSeconds"] == 60
+    assert "--shutdown-grace-seconds=50" in c["args"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 8080, "grpc-ext-proc": 9002, "grpc": 9003, "metrics": 9090}
     svc = defaults.one("Service", "kvroute-router")

@@ -106,18 +106,43 @@ class AdmissionController:
         self._set_depth()
         self.release_waiting()
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.spec.queue_timeout_ms / 1000.0)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+            # that arrives together with the release, and a gone client would be admitted.
+            async with asyncio.timeout(self.spec.queue_timeout_ms / 1000.0):
+                await asyncio.shield(future)
         except TimeoutError:
             if not future.done():
-                future.cancel()
-                self._waiting.remove(entry)
-                heapq.heapify(self._waiting)
-                self._set_depth()
+                self._leave(entry)
                 return self._reject("queue_timeout", ApiError(
                     status=429, type="rate_limit_exceeded", code="queue_timeout",
                     message=f"waited {self.spec.queue_timeout_ms} ms for a free endpoint "
                             "(RoutePolicy spec.admission.queueTimeoutMs)", retry_after_s=1.0))
+        except BaseException:
+            # The client went away (or the router is stopping) while queued: leave the queue at
+            # once, and hand a slot this waiter was just given to the next live one.
+            self._leave(entry)
+            if self.metrics is not None:
+                self.metrics.admission_rejected.labels(*policy_labels(self.policy),
+                                                       "cancelled").inc()
+            raise
         return None
+
+    def _leave(self, entry: tuple[int, int, asyncio.Future[None]]) -> None:
+        """Take a waiter out of the queue; when it had already been released, release the next
+        one in its place (a slot must never go to a waiter that is gone)."""
+        future = entry[2]
+        released = future.done() and not future.cancelled()
+        if not future.done():
+            future.cancel()
+        try:
+            self._waiting.remove(entry)
+        except ValueError:
+            pass
+        else:
+            heapq.heapify(self._waiting)
+        self._set_depth()
+        if released:
+            self.release_waiting()
 
     def release_waiting(self) -> int:
         """Let queued requests go, highest priority first, while endpoints are not saturated;
@@ -125,7 +150,7 @@ class AdmissionController:
         released = 0
         while self._waiting and not self.saturated():
             _, _, future = heapq.heappop(self._waiting)
-            if not future.done():
+            if not future.done():  # a cancelled waiter's future is done: skipped
                 future.set_result(None)
                 released += 1
                 # One at a time: the caller's load snapshot changes as requests start.

@@ -25,7 +25,8 @@ shared :class:`BudgetLedger`. Per request (``admit``):
    then the others cheapest first — the policy's fallback pools with endpoints included as
    downgrade targets. Refused → 429 naming the budget with ``Retry-After``;
    ``onExhausted: Downgrade`` → the request is restricted to the cheaper pool the ledger
-   reserved.
+   reserved. The store failing (Redis refused, timed out) → ``budgetStore.onError``: admitted
+   unmetered, or 503 ``budget_store_unavailable``.
 5. **finish** — ``on_finish`` settles the reservation with the engine's usage (prompt and
    completion tokens from the response ``usage``, or counted from the stream), on the pool that
    actually served it; a request that never reached an engine is cancelled. Then one queued
@@ -55,7 +56,12 @@ from kvroute_router.admission.tenancy import TenantResolver
 from kvroute_router.batching.batcher import BatchRequest, BatchRouter
 from kvroute_router.batching.batcher import PoolState as BatchPoolState
 from kvroute_router.batching.quality import HeuristicQualityEstimator, QualityEstimator
-from kvroute_router.budget.ledger import BudgetLedger, RequestEstimate, Reservation
+from kvroute_router.budget.ledger import (
+    BudgetDecision,
+    BudgetLedger,
+    RequestEstimate,
+    Reservation,
+)
 from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.budget.pricing import PoolEconomics
 from kvroute_router.datastore.api_keys import KeyDigests
@@ -150,16 +156,17 @@ class BudgetHook:
                 continue
             old, new = state.policy.spec, policy.spec
             state.policy = policy
-            if old.budgets != new.budgets:
-                self.ledger.update_policy(key, new.budgets)
+            if (old.budgets != new.budgets or old.budget_store != new.budget_store
+                    or old.request_timeout_seconds != new.request_timeout_seconds):
+                self.ledger.update_policy(key, new.budgets,
+                                          request_timeout_s=float(new.request_timeout_seconds),
+                                          store=new.budget_store)
             if old.admission != new.admission:
                 state.controller.update_spec(new.admission)
             if old.batching != new.batching:
                 state.batcher.update_batching(new.batching)
             if old.tenancy != new.tenancy or self._key_table(policy) is not state.key_table:
                 state.resolver, state.key_table = self._resolver(policy)
-            self.ledger.in_flight_deadline_s = max(
-                self.ledger.in_flight_deadline_s, float(new.request_timeout_seconds))
         for state in self._policies.values():
             state.economics = {}
 
@@ -177,7 +184,9 @@ class BudgetHook:
     def _create(self, key: str, policy: RoutePolicy) -> _Policy:
         name = policy.metadata.name
         spec = policy.spec
-        self.ledger.update_policy(key, spec.budgets)
+        self.ledger.update_policy(key, spec.budgets,
+                                  request_timeout_s=float(spec.request_timeout_seconds),
+                                  store=spec.budget_store)
         resolver, table = self._resolver(policy)
         state = _Policy(
             name=name, key=key, policy=policy, resolver=resolver, key_table=table,
@@ -271,9 +280,13 @@ class BudgetHook:
         estimate = self._estimate(state.policy.spec, request)
         ordered, restrict = await self._order_pools(state, request, tenant, budgets, economics,
                                                     estimate)
-        reservation, pool, downgraded = await self._reserve(state, tenant,
-                                                            [*ordered, *downgrades], estimate)
-        pools = [pool] if (restrict or downgraded) else None
+        decision = await self._reserve(state, tenant, [*ordered, *downgrades], estimate)
+        if decision.unmetered:  # the store failed and the policy fails open
+            return Admission(pools=[decision.pool] if restrict and decision.pool else None,
+                             on_finish=lambda d, o: self._release_next(state))
+        reservation = decision.reservation
+        assert reservation is not None and decision.pool is not None
+        pools = [decision.pool] if (restrict or decision.downgraded) else None
         return Admission(pools=pools, on_finish=lambda d, o: self._finished(
             state, reservation, estimate, d, o))
 
@@ -334,19 +347,29 @@ class BudgetHook:
         return economics, False
 
     async def _reserve(self, state: _Policy, tenant: str, pools: list[PoolEconomics],
-                       estimate: RequestEstimate) -> tuple[Reservation, str, bool]:
-        """Step 4: reserve the estimate on the first pool the budgets allow; 429 if none."""
+                       estimate: RequestEstimate) -> BudgetDecision:
+        """Step 4: reserve the estimate on the first pool the budgets allow; 429 if none (503
+        when the store failed and the policy fails closed). An ``unmetered`` decision means the
+        store failed and the policy fails open."""
         decision = await self.ledger.reserve(state.key, tenant, pools, estimate)
+        if decision.unmetered:
+            return decision
         if decision.error is not None or decision.reservation is None or decision.pool is None:
             state.controller.release_waiting()
             err = decision.error
-            raise RoutingError(429, err.code if err else "budget_exhausted",
+            raise RoutingError(err.status if err else 429,
+                               err.code if err else "budget_exhausted",
                                err.message if err else "budget exhausted",
                                retry_after=err.retry_after_s if err else None,
-                               reason="budget_exhausted", param=err.param if err else None)
-        return decision.reservation, decision.pool, decision.downgraded
+                               reason=err.code if err else "budget_exhausted",
+                               param=err.param if err else None)
+        return decision
 
     # ---- finishing ---------------------------------------------------------------------------
+    @staticmethod
+    def _release_next(state: _Policy) -> None:
+        state.controller.release_waiting()
+
     def _finished(self, state: _Policy, reservation: Reservation, estimate: RequestEstimate,
                   decision: Decision | None, outcome: Outcome) -> None:
         try:

@@ -17,6 +17,7 @@ IN_FLIGHT = "kvroute_budget_in_flight"
 ADMISSION_REJECTED_TOTAL = "kvroute_admission_rejected_total"
 ADMISSION_SHED_TOTAL = "kvroute_admission_shed_total"
 ADMISSION_QUEUE_DEPTH = "kvroute_admission_queue_depth"
+STORE_ERRORS_TOTAL = "kvroute_budget_store_errors_total"
 BATCH_SOLVE_SECONDS = "kvroute_batch_solve_seconds"
 BATCH_SIZE = "kvroute_batch_size"
 
@@ -58,7 +59,7 @@ class BudgetMetrics:
         self.requests = Counter(
             REQUESTS_TOTAL.removesuffix("_total"),
             "Requests checked against a budget, by outcome (admitted | downgraded | rejected | "
-            "shed).",
+            "shed | unmetered: the budget store failed and the policy fails open).",
             [*budget, "outcome"],
             registry=target)
         self.limit_usd = Gauge(LIMIT_USD, "USD limit of a budget per window (this replica's "
@@ -81,10 +82,16 @@ class BudgetMetrics:
             IN_FLIGHT, "Requests admitted under a budget and not yet finished (this replica; "
             "sum over replicas).", budget,
             registry=target)
+        self.store_errors = Counter(
+            STORE_ERRORS_TOTAL.removesuffix("_total"),
+            "Budget store (Redis) calls that failed or timed out, by operation (reserve | "
+            "settle | release | read) and the policy's choice (FailOpen | FailClosed; "
+            "'release' is retried).", [*policy, "operation", "on_error"],
+            registry=target)
         self.admission_rejected = Counter(
             ADMISSION_REJECTED_TOTAL.removesuffix("_total"),
-            "Requests refused by admission control, by reason (queue_full | queue_timeout).",
-            [*policy, "reason"],
+            "Requests refused by admission control, by reason (queue_full | queue_timeout | "
+            "cancelled: the client left while queued).", [*policy, "reason"],
             registry=target)
         self.admission_shed = Counter(
             ADMISSION_SHED_TOTAL.removesuffix("_total"),

@@ -1,8 +1,16 @@
 """Kubernetes mode: the datastore fed by watches of InferencePools, RoutePolicies and Pods.
 
 Each kind is listed and then watched (``kubernetes`` client, in a worker thread per kind, with
-a bounded ``timeout_seconds`` and re-list on expiry or error); events are applied to the
-datastore on the event loop. A pool's endpoints are its ready Pods with an IP, matched by the
+a server-side ``timeout_seconds`` and re-list on expiry or error); events are applied to the
+datastore on the event loop. A half-open connection (the API server or a load balancer gone
+without a FIN) would leave a watch reading forever and the endpoints stale, so every call
+carries a client-side ``_request_timeout`` (the read timeout outlasts the server's watch
+timeout), and a **watchdog** on the event loop restarts a kind's watch whose thread has shown
+no sign of life (a listing, an event, a watch ending) for ``stall_s``; the stale thread's
+later events are ignored (a generation number) and it ends at its next read. The datastore is
+``loaded`` (the router's readiness) once pools, policies and pods have each been listed.
+
+A pool's endpoints are its ready Pods with an IP, matched by the
 label selector the operator writes to ``status.selector`` (Managed pools), else
 ``spec.selector.matchLabels`` (External pools), on port ``spec.engine.port``; External pools with
 static ``spec.endpoints`` use those. :data:`kvroute_router.rbac.ROUTER_RULES` lists the
@@ -23,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +45,14 @@ from kvroute_router.datastore.store import Datastore, EndpointSpec, object_key
 
 log = logging.getLogger(__name__)
 
-WATCH_TIMEOUT_S = 300
+WATCH_TIMEOUT_S = 60
+"""Server-side watch timeout: a quiet watch ends and is re-established this often."""
+READ_TIMEOUT_S = 90.0
+"""Client-side read timeout of lists and watches (longer than the server's watch timeout)."""
+CONNECT_TIMEOUT_S = 10.0
+STALL_S = 150.0
+"""A watch thread silent for this long is replaced by the watchdog."""
+LISTED_FOR_READY = frozenset({"inferencepools", "routepolicies", "pods"})
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -69,10 +85,22 @@ class KubernetesSource:
     """Watches one namespace (or all) and keeps the datastore in step."""
 
     def __init__(self, datastore: Datastore, namespace: str | None = None,
-                 api_client: Any | None = None) -> None:
+                 api_client: Any | None = None, *, watch_timeout_s: int = WATCH_TIMEOUT_S,
+                 read_timeout_s: float = READ_TIMEOUT_S, stall_s: float = STALL_S,
+                 retry_s: float = 2.0) -> None:
         self.datastore = datastore
         self.namespace = namespace
         self._api_client = api_client
+        self.watch_timeout_s = watch_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.stall_s = stall_s
+        self.retry_s = retry_s
+        self._plans: dict[str, tuple[Callable[..., Any], dict[str, Any]]] = {}
+        self._generation: dict[str, int] = {}
+        self._alive_at: dict[str, float] = {}
+        """``time.monotonic()`` of each kind's last sign of life (written by its thread)."""
+        self._listed: set[str] = set()
+        self._watchdog: asyncio.Task[None] | None = None
         self._pods: dict[str, dict[str, Any]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -112,40 +140,77 @@ class KubernetesSource:
              else core.list_secret_for_all_namespaces, {"namespace": ns} if ns else {}),
         ]
         for kind, lister, kwargs in plans:
-            thread = threading.Thread(target=self._watch, args=(kind, lister, kwargs),
-                                      name=f"watch-{kind}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._plans[kind] = (lister, kwargs)
+            self._start_watch(kind)
+        self._watchdog = self._loop.create_task(self._watch_dog(), name="kube-watchdog")
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
 
-    def _watch(self, kind: str, lister: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    def _start_watch(self, kind: str) -> None:
+        generation = self._generation.get(kind, 0) + 1
+        self._generation[kind] = generation
+        self._alive_at[kind] = time.monotonic()
+        lister, kwargs = self._plans[kind]
+        thread = threading.Thread(target=self._watch, args=(kind, lister, kwargs, generation),
+                                  name=f"watch-{kind}-{generation}", daemon=True)
+        thread.start()
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+
+    async def _watch_dog(self) -> None:
+        while not self._stop.is_set():
+            await asyncio.sleep(min(5.0, self.stall_s / 4))
+            now = time.monotonic()
+            for kind in list(self._plans):
+                silent = now - self._alive_at.get(kind, now)
+                if silent > self.stall_s:
+                    log.warning("watch of %s silent for %.0f s (stalled connection?); "
+                                "starting a new list and watch", kind, silent)
+                    self._start_watch(kind)
+
+    def _current(self, kind: str, generation: int) -> bool:
+        return not self._stop.is_set() and self._generation.get(kind) == generation
+
+    def _watch(self, kind: str, lister: Callable[..., Any], kwargs: dict[str, Any],
+               generation: int) -> None:
         import importlib
         import json
 
         watch: Any = importlib.import_module("kubernetes.watch")
-        while not self._stop.is_set():
+        timeout = (CONNECT_TIMEOUT_S, self.read_timeout_s)
+        while self._current(kind, generation):
             try:
-                listing = lister(**kwargs, _preload_content=False)
+                listing = lister(**kwargs, _preload_content=False, _request_timeout=timeout)
                 body = json.loads(listing.data)
                 items = body.get("items") or []
-                self._post(self._relist, kind, items)
+                self._alive_at[kind] = time.monotonic()
+                self._post(self._relist, kind, items, generation)
                 version = (body.get("metadata") or {}).get("resourceVersion")
                 stream = watch.Watch()
                 for event in stream.stream(lister, **kwargs, resource_version=version,
-                                           timeout_seconds=WATCH_TIMEOUT_S):
-                    if self._stop.is_set():
+                                           timeout_seconds=self.watch_timeout_s,
+                                           _request_timeout=timeout):
+                    if not self._current(kind, generation):
                         stream.stop()
                         return
+                    self._alive_at[kind] = time.monotonic()
                     obj = event["object"]
                     if not isinstance(obj, dict):
                         assert self._api_client is not None
                         obj = self._api_client.sanitize_for_serialization(obj)
-                    self._post(self._event, kind, event["type"], obj)
+                    self._post(self._event, kind, event["type"], obj, generation)
+                self._alive_at[kind] = time.monotonic()
             except Exception as exc:
-                log.warning("watch of %s failed, re-listing in 2 s: %s", kind, exc)
-                self._stop.wait(2.0)
+                if not self._current(kind, generation):
+                    return
+                log.warning("watch of %s failed, re-listing in %.0f s: %s", kind, self.retry_s,
+                            exc)
+                self._stop.wait(self.retry_s)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -153,7 +218,16 @@ class KubernetesSource:
             self._loop.call_soon_threadsafe(fn, *args)
 
     # ---- applied on the event loop ------------------------------------------------------
-    def _relist(self, kind: str, items: list[dict[str, Any]]) -> None:
+    def _relist(self, kind: str, items: list[dict[str, Any]],
+                generation: int | None = None) -> None:
+        if generation is not None and self._generation.get(kind) != generation:
+            return  # from a watch the watchdog replaced
+        self._apply_listing(kind, items)
+        self._listed.add(kind)
+        if self._listed >= LISTED_FOR_READY:
+            self.datastore.loaded = True
+
+    def _apply_listing(self, kind: str, items: list[dict[str, Any]]) -> None:
         if kind == "secrets":
             seen = set()
             for item in items:
@@ -177,9 +251,11 @@ class KubernetesSource:
                 self._delete(kind, key)
         if kind == "routepolicies":
             self._follow_secret_refs()
-        self.datastore.loaded = True
 
-    def _event(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+    def _event(self, kind: str, event_type: str, obj: dict[str, Any],
+               generation: int | None = None) -> None:
+        if generation is not None and self._generation.get(kind) != generation:
+            return  # from a watch the watchdog replaced
         if kind == "secrets":
             meta = obj.get("metadata") or {}
             if event_type == "DELETED":

@@ -69,6 +69,11 @@ class BlockHashSelfCheck:
             return "skipped"
         if event.lora_name is not None or event.lora_id is not None or not event.block_hashes:
             return self._unverifiable()
+        if event.block_size <= 0 or \
+                len(event.token_ids) < len(event.block_hashes) * event.block_size:
+            # A malformed event (no block size, fewer tokens than its blocks hold) says nothing
+            # about the hash settings; raising the alarm on it would turn precise routing off.
+            return self._unverifiable()
         if event.block_size != self.hasher.block_size:
             return self._mismatch(event, "block size", computed=None)
         salt_known, salt = _cache_salt(event)

@@ -27,6 +27,15 @@ after a backoff of its own. Service loops run until :meth:`KVEventSubscriber.sto
 loop (replay reading) is bounded in count and time, and so is every await on a shutdown path:
 the session's tasks are cancelled with :func:`~kvroute_router.framework.tasks.cancel_and_wait`,
 and a subscriber whose task does not end in time has its sockets closed by :meth:`abandon`.
+**The event loop is shared with the request path**, so no task here runs on it for more than
+about ``SLICE_S`` at a time: applying a batch costs ~0.4 ms (decode, index, self-check) and a
+replay can carry ``max_replay_batches`` (20k) of them, so the replay reader, the replay apply
+and the live apply loop all yield to the loop every ``SLICE_S`` (awaiting a ZMQ receive or a
+queue that already holds an item does not yield). A message frame larger than
+``max_message_bytes`` (ZMQ ``MAXMSGSIZE``; 8 MiB by default, ~1.5M tokens of ``BlockStored``
+in one batch) makes ZMQ drop the connection: the endpoint is untrusted and resynchronised on
+reconnect, and one batch cannot hold the loop for long.
+
 No loop waits with ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation that
 arrives as the awaited item does, which left a closing subscriber polling forever (issue 12);
 ``asyncio.timeout`` does not.
@@ -67,6 +76,20 @@ from kvroute_router.kvevents.selfcheck import BlockHashSelfCheck, HashCheckStatu
 logger = logging.getLogger("kvroute.kvevents.subscriber")
 
 RECENT_DIGESTS = 4096
+SLICE_S = 0.01
+"""Longest stretch a subscriber task runs on the event loop before yielding."""
+
+
+class _Slicer:
+    """Yields to the event loop once ``SLICE_S`` has passed since the last yield."""
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    async def pause(self) -> None:
+        if time.perf_counter() - self._since >= SLICE_S:
+            await asyncio.sleep(0)
+            self._since = time.perf_counter()
 
 
 @dataclass(frozen=True)
@@ -92,6 +115,8 @@ class SubscriberSettings:
     session_backoff_max_s: float = 10.0
     idle_poll_s: float = 0.2
     self_check_sample_every: int = 16
+    max_message_bytes: int = 8 * 1024 * 1024
+    """ZMQ ``MAXMSGSIZE`` of the SUB and replay sockets: a larger frame drops the connection."""
 
 
 @dataclass
@@ -205,6 +230,7 @@ class KVEventSubscriber:
         sub.setsockopt(zmq.RECONNECT_IVL, self.settings.reconnect_ivl_ms)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.settings.reconnect_ivl_max_ms)
         sub.setsockopt(zmq.SUBSCRIBE, self.source.topic.encode("utf-8"))
+        sub.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._sockets.add(monitor)
         sub.connect(self.source.events_endpoint)
@@ -269,7 +295,9 @@ class KVEventSubscriber:
                 self._resync_needed = True
 
     async def _apply_loop(self) -> None:
+        slicer = _Slicer()
         while not self._stopping:
+            await slicer.pause()  # a backlog in the queue must not hold the loop
             try:
                 async with asyncio.timeout(self.settings.idle_poll_s):
                     seq, payload = await self._queue.get()
@@ -348,9 +376,11 @@ class KVEventSubscriber:
                 batches = replayed
         if self.status.last_seq is None:
             self.status.complete_history = not batches or batches[0][0] == 0
+        slicer = _Slicer()
         for seq, payload in batches:
             if self.status.last_seq is None or seq > self.status.last_seq:
                 self._apply(seq, payload, "replay")
+            await slicer.pause()
         self.status.synced = True
 
     async def _replay(self, start_seq: int) -> list[tuple[int, bytes]] | None:
@@ -359,13 +389,16 @@ class KVEventSubscriber:
         endpoint = self.source.endpoint
         self.status.replays += 1
         dealer = self._open_socket(zmq.DEALER)
+        dealer.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         dealer.connect(self.source.replay_endpoint)
         batches: list[tuple[int, bytes]] = []
+        slicer = _Slicer()
         try:
             # One deadline over the request and every reply (the send too: a DEALER can block).
             async with asyncio.timeout(self.settings.replay_timeout_s):
                 await dealer.send_multipart([b"", start_seq.to_bytes(8, "big")])
                 for _ in range(self.settings.max_replay_batches + 1):
+                    await slicer.pause()
                     frames = await dealer.recv_multipart()
                     if frames and frames[0] == b"":
                         frames = frames[1:]

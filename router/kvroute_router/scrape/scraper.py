@@ -3,8 +3,12 @@ per endpoint, and swaps the parsed snapshot into the :class:`Endpoint`.
 
 A failed or timed-out scrape counts toward ``scrape_failures`` (the healthy filter drops an
 endpoint after 3 in a row); the old snapshot stays and ages, so scorers see it as stale after
-the policy's ``staleMetricsMs`` and fall back to averages. Scrape tasks follow the datastore:
-they start when endpoints appear and stop when they leave.
+the policy's ``staleMetricsMs`` and fall back to averages. A page the parser rejects (a
+non-numeric or non-finite value, undecodable text) is not an unreachable engine: it does not
+count toward ``scrape_failures``, but the endpoint's snapshot is dropped (its metrics are stale
+until a good page). Every failure counts in ``kvroute_scrape_errors_total`` by reason, and no
+error ends an endpoint's scrape loop. Scrape tasks follow the datastore: they start when
+endpoints appear and stop when they leave.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import aiohttp
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.tasks import cancel_and_wait
+from kvroute_router.router_metrics import RouterMetrics
 from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
 
 log = logging.getLogger(__name__)
@@ -27,8 +32,9 @@ class MetricsScraper:
     """Scrape loops for all endpoints of a datastore."""
 
     def __init__(self, datastore: Datastore, interval_s: float = 0.1,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, metrics: RouterMetrics | None = None) -> None:
         self.datastore = datastore
+        self.metrics = metrics
         self.interval_s = interval_s
         self.timeout_s = timeout_s if timeout_s is not None else max(0.5, 5 * interval_s)
         self._tasks: dict[int, asyncio.Task[None]] = {}
@@ -63,31 +69,58 @@ class MetricsScraper:
                 self._tasks[id(ep)] = asyncio.get_running_loop().create_task(
                     self._loop(ep), name=f"scrape {ep.address}")
 
+    def _count(self, ep: Endpoint, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.scrape_errors.labels(ep.pool, ep.name, reason).inc()
+
     async def scrape_once(self, ep: Endpoint) -> bool:
         assert self._session is not None
         try:
             async with self._session.get(f"{ep.url}/metrics") as resp:
                 if resp.status != 200:
+                    self._count(ep, "http_status")
                     raise aiohttp.ClientResponseError(
                         resp.request_info, resp.history, status=resp.status)
-                text = await resp.text()
+                body = await resp.read()
+        except aiohttp.ClientResponseError as exc:
+            return self._failed(ep, exc)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            ep.scrape_failures += 1
-            if ep.scrape_failures in (1, 3):
-                log.info("scrape of %s failed (%d in a row): %s", ep.address,
-                         ep.scrape_failures, exc)
+            self._count(ep, "unreachable")
+            return self._failed(ep, exc)
+        try:
+            metrics = parse_vllm_metrics(body.decode("utf-8"), time.monotonic())
+        except ValueError as exc:  # MetricsParseError, UnicodeDecodeError
+            self._count(ep, "bad_page")
+            if ep.metrics is not None:
+                log.warning("scrape of %s: bad /metrics page (%s); its metrics are stale "
+                            "until a good page", ep.address, exc)
+            ep.metrics = None
             return False
-        ep.metrics = parse_vllm_metrics(text, time.monotonic())
+        ep.metrics = metrics
         ep.dispatched_since_scrape = 0
         if ep.scrape_failures >= 3:
             log.info("scrape of %s succeeds again", ep.address)
         ep.scrape_failures = 0
         return True
 
+    @staticmethod
+    def _failed(ep: Endpoint, exc: BaseException) -> bool:
+        ep.scrape_failures += 1
+        if ep.scrape_failures in (1, 3):
+            log.info("scrape of %s failed (%d in a row): %s", ep.address, ep.scrape_failures,
+                     exc)
+        return False
+
     async def _loop(self, ep: Endpoint) -> None:
         while True:
             started = time.monotonic()
-            ok = await self.scrape_once(ep)
+            try:
+                ok = await self.scrape_once(ep)
+            except Exception:  # never let one endpoint's scrape loop die
+                log.exception("scrape of %s failed unexpectedly", ep.address)
+                self._count(ep, "bad_page")
+                ep.metrics = None
+                ok = False
             # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
             pause = self.interval_s if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
             await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))

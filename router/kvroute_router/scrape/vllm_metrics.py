@@ -9,6 +9,7 @@ and reads the label-only info series (``vllm:cache_config_info``, ``vllm:lora_re
 
 from __future__ import annotations
 
+import math
 import re
 
 from kvroute_router.framework.endpoint import EndpointMetrics
@@ -27,6 +28,12 @@ MAXED = {KV_USAGE, KV_USAGE_LEGACY}
 INFO = {CACHE_CONFIG, LORA_INFO}
 WANTED = SUMMED | MAXED | INFO
 
+
+
+class MetricsParseError(ValueError):
+    """A wanted series has a value that is not a finite number: the page cannot be trusted."""
+
+
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -38,7 +45,7 @@ def parse_labels(text: str) -> dict[str, str]:
 def _int_label(labels: dict[str, str], name: str) -> int | None:
     try:
         return int(float(labels[name]))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, OverflowError):  # absent, not a number, or infinite
         return None
 
 
@@ -66,7 +73,9 @@ def _wanted_lines(text: str) -> list[str]:
 
 
 def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
-    """The router's metrics snapshot from a vLLM ``/metrics`` body."""
+    """The router's metrics snapshot from a vLLM ``/metrics`` body; :class:`MetricsParseError`
+    when a wanted series' value is not a finite number (load computed from it would be
+    meaningless: the scraper drops the endpoint's snapshot instead)."""
     sums: dict[str, float] = {}
     cache_labels: dict[str, str] = {}
     lora_labels: dict[str, str] = {}
@@ -82,6 +91,8 @@ def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
             continue
         if brace == end:
             close = line.rfind("}")
+            if close == -1:
+                continue  # a truncated line, not a value
             labels_text, rest = line[brace + 1:close], line[close + 1:]
         else:
             labels_text, rest = "", line[end:]
@@ -91,7 +102,9 @@ def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
         try:
             value = float(fields[0])
         except ValueError:
-            continue
+            raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}") from None
+        if not math.isfinite(value) and name not in INFO:
+            raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}")
         if name in SUMMED:
             sums[name] = sums.get(name, 0.0) + value
         elif name in MAXED:

@@ -82,3 +82,55 @@ async def test_queue_timeout_answers_429() -> None:
                                      {**CHAT, "reason": "queue_timeout"}) == 1
     assert outcome.headers() == {"retry-after": "1"}
     assert controller.queue_depth == 0
+
+
+LONG_QUEUE = AdmissionSpec.model_validate({
+    "maxQueueDepth": 2, "queueTimeoutMs": 60_000, "saturationQueueDepth": 4})
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_cancelled_waiters_leave_the_queue_at_once() -> None:
+    # Clients that disconnect while queued (aiohttp cancels their handler) must not hold queue
+    # places until the queue timeout: the next live request queues instead of queue_full.
+    load = Load()
+    load.saturate()
+    registry = CollectorRegistry()
+    controller = AdmissionController("chat", LONG_QUEUE, load, metrics=BudgetMetrics(registry))
+    gone = [asyncio.create_task(controller.admit(controller.priority_of({})))
+            for _ in range(2)]
+    await _settle()
+    assert controller.queue_depth == 2
+    for task in gone:
+        task.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    assert controller.queue_depth == 0
+    live = asyncio.create_task(controller.admit(controller.priority_of({})))
+    await _settle()
+    assert not live.done() and controller.queue_depth == 1  # queued, not queue_full
+    load.relieve()
+    assert controller.release_waiting() == 1
+    assert await asyncio.wait_for(live, 5) is None
+    assert registry.get_sample_value("kvroute_admission_rejected_total",
+                                     {**CHAT, "reason": "cancelled"}) == 2
+
+
+async def test_a_slot_released_to_a_waiter_that_is_gone_goes_to_the_next_live_one() -> None:
+    load = Load()
+    load.saturate()
+    controller = AdmissionController("chat", LONG_QUEUE, load)
+    first = asyncio.create_task(controller.admit(controller.priority_of({})))
+    await _settle()
+    second = asyncio.create_task(controller.admit(controller.priority_of({})))
+    await _settle()
+    load.relieve()
+    assert controller.release_waiting() == 1  # the slot goes to `first` ...
+    first.cancel()  # ... whose client disconnects before it runs
+    await asyncio.gather(first, return_exceptions=True)
+    assert first.cancelled()
+    # The slot moved on to the live waiter (no further release_waiting call needed).
+    assert await asyncio.wait_for(second, 5) is None
+    assert controller.queue_depth == 0

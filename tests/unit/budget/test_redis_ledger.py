@@ -69,5 +69,5 @@ async def test_same_named_policies_in_two_namespaces_have_separate_redis_meters(
     assert (await ledger.reserve("team-b/chat", "a", [strong_pool], THOUSAND)).admitted
     keys = {k.decode() if isinstance(k, bytes) else k
             for k in await redis_client.keys("kvroute:budget:*")}
-    assert "kvroute:budget:team-a/chat:team:a:usd" in keys
-    assert "kvroute:budget:team-b/chat:team:a:usd" in keys
+    assert "kvroute:budget:{team-a/chat:a}:team:usd" in keys
+    assert "kvroute:budget:{team-b/chat:a}:team:usd" in keys

@@ -130,6 +130,34 @@ async def test_concurrency_slot_is_freed_by_finish_and_by_a_request_that_got_no_
     await director.route(_request())  # 1 held + this one = 2: fits
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_concurrency_slots_expire_after_the_policys_request_timeout_from_start_up(
+        ) -> None:
+    # A slot whose settle never comes (a crash between admission and finish) is held for the
+    # policy's requestTimeoutSeconds plus a margin, also for policies loaded at start-up (they
+    # kept the ledger's 600 s default).
+    from kvroute_router.budget.ledger import BudgetLedger
+
+    policy = make_policy(pools=[{"name": "strong"}], requestTimeoutSeconds=20, budgets=[
+        {"name": "lanes", "maxConcurrency": 1}])
+    director, store = make_director(_pools(), [policy])
+    clock = _Clock()
+    hook = BudgetHook(store, ledger=BudgetLedger(clock=clock))
+    director.add_admission_hook(hook)
+    await director.route(_request())  # never finished
+    with pytest.raises(RoutingError):
+        await director.route(_request())
+    clock.now += 20 + 30 + 1  # past the timeout and ledger.DEADLINE_MARGIN_S (30 s)
+    await director.route(_request())
+
+
 async def test_policy_edits_apply_to_the_next_request() -> None:
     policy = make_policy(pools=[{"name": "strong"}], budgets=[
         {"name": "team", "requestsPerMinute": 1}])

@@ -3,8 +3,11 @@ the pool's selector, readiness, deletions)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
+import pytest
 from kvroute_router.datastore.kube_source import KubernetesSource, parse_selector, pod_ready
 from kvroute_router.datastore.store import Datastore
 
@@ -162,3 +165,92 @@ async def test_unreadable_secret_logs_its_name_but_never_a_key(caplog: Any) -> N
     assert "inference/keys" in caplog.text
     assert "sekrit" not in caplog.text
     assert store.api_keys("inference/keys") is not None
+
+
+# -- fault tolerance (issue 16) --------------------------------------------------------------
+def test_the_datastore_is_loaded_only_once_pools_policies_and_pods_are_listed() -> None:
+    # The router's readiness: pools and policies without pods would route to no endpoint.
+    store = Datastore()
+    source = KubernetesSource(store, namespace="inference")
+    source._relist("inferencepools", [pool()])
+    source._relist("routepolicies", [])
+    assert not store.loaded
+    source._relist("secrets", [])
+    assert not store.loaded
+    source._relist("pods", [pod("a", "10.0.0.1", True)])
+    assert store.loaded
+
+
+class StallingApiServer:
+    """A loopback Kubernetes API that answers lists and never answers a watch (a half-open
+    connection: the request went out, nothing ever comes back)."""
+
+    def __init__(self) -> None:
+        self.pods = [pod("a", "10.0.0.1", True)]
+        self.lists: dict[str, int] = {}
+        self.port = 0
+        self._runner: Any = None
+        self._forever: asyncio.Event | None = None
+
+    async def __aenter__(self) -> StallingApiServer:
+        from aiohttp import web
+
+        self._forever = asyncio.Event()
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if request.query.get("watch") in ("true", "True", "1"):
+                assert self._forever is not None
+                await self._forever.wait()  # never set: the watch hangs
+            plural = request.path.rstrip("/").rsplit("/", 1)[-1]
+            self.lists[plural] = self.lists.get(plural, 0) + 1
+            items = {"inferencepools": [pool()], "pods": self.pods}.get(plural, [])
+            return web.json_response({"kind": "List", "apiVersion": "v1", "items": items,
+                                      "metadata": {"resourceVersion": "1"}})
+
+        app = web.Application()
+        app.router.add_route("GET", "/{tail:.*}", handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()
+
+    def client(self) -> Any:
+        from kubernetes import client
+
+        configuration = client.Configuration()
+        configuration.host = f"http://127.0.0.1:{self.port}"
+        return client.ApiClient(configuration)
+
+
+async def _until(condition: Any, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("guard", ["read_timeout", "watchdog"])
+async def test_a_stalled_watch_is_replaced_and_endpoints_catch_up(guard: str) -> None:
+    # read_timeout: the client-side read timeout ends the hung watch; watchdog: with a read
+    # timeout too long to help, the watchdog starts a new list and watch.
+    settings = ({"read_timeout_s": 1.0, "stall_s": 600.0} if guard == "read_timeout"
+                else {"read_timeout_s": 600.0, "stall_s": 1.0})
+    async with StallingApiServer() as api:
+        store = Datastore()
+        source = KubernetesSource(store, namespace="inference", api_client=api.client(),
+                                  watch_timeout_s=600, retry_s=0.1, **settings)
+        await source.start()
+        try:
+            await _until(lambda: store.loaded, "the first listing")
+            assert [e.name for e in store.endpoints()] == ["a"]
+            api.pods = [pod("a", "10.0.0.1", True), pod("b", "10.0.0.2", True)]  # missed
+            await _until(lambda: sorted(e.name for e in store.endpoints()) == ["a", "b"],
+                         "the endpoints to catch up after the stalled watch")
+            assert api.lists["pods"] >= 2
+        finally:
+            await source.stop()

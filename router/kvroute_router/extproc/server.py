@@ -41,6 +41,7 @@ from kvroute_router.framework.request import RequestKind
 from kvroute_router.proxy.openai_errors import error_body
 from kvroute_router.proxy.openai_request import BadRequestError, request_from_body, usage_of
 from kvroute_router.proxy.server import USAGE_TAIL, upstream_changes
+from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,9 @@ def _subset_hint(request: Any) -> frozenset[str] | None:
 class ExtProcServer:
     """The ``Process`` stream handler."""
 
-    def __init__(self, director: Director) -> None:
+    def __init__(self, director: Director, response_cache: ResponseCache | None = None) -> None:
         self.director = director
+        self.response_cache = response_cache
 
     async def process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         headers: dict[str, str] = {}
@@ -105,6 +107,8 @@ class ExtProcServer:
         status = 0
         tail = b""
         started = time.monotonic()
+        lookup = CacheLookup()
+        recorder = None
         try:
             async for request in requests:
                 which = request.WhichOneof("request")
@@ -125,7 +129,8 @@ class ExtProcServer:
                         continue
                     if subset is None:
                         subset = _subset_hint(request)
-                    answer, decision = await self._pick(headers, bytes(body), subset)
+                    answer, decision, lookup = await self._pick(headers, bytes(body), subset)
+                    recorder = lookup.recorder()
                     if decision is not None:
                         endpoint = decision.endpoints[0]
                         self.director.dispatch(decision, endpoint)
@@ -137,11 +142,17 @@ class ExtProcServer:
                         status = int(_headers_of(request.response_headers).get(":status", "0"))
                     except ValueError:
                         status = 0
-                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(
+                        response=_cache_header(lookup)))
                 elif which == "response_body":
                     # Only when Envoy is configured to send the response body (mode
                     # STREAMED/BUFFERED): the engine's usage settles budgets exactly.
                     tail = (tail + request.response_body.body)[-USAGE_TAIL:]
+                    if recorder is not None:
+                        recorder.feed(request.response_body.body)
+                        if request.response_body.end_of_stream:
+                            lookup.finish(recorder, status)
+                            recorder = None
                     yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif which == "request_trailers":
                     yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
@@ -155,23 +166,28 @@ class ExtProcServer:
                     status=status or 499, e2e_s=time.monotonic() - started,
                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
-    async def _pick(self, headers: dict[str, str], raw: bytes,
-                    subset: frozenset[str] | None) -> tuple[Any, Decision | None]:
+    async def _pick(self, headers: dict[str, str], raw: bytes, subset: frozenset[str] | None
+                    ) -> tuple[Any, Decision | None, CacheLookup]:
         path = headers.get(":path", "")
         kind: RequestKind = "chat" if "chat/completions" in path else "completions"
         try:
             body = msgspec.json.decode(raw)
             request = request_from_body(body, kind, headers)
         except msgspec.DecodeError as exc:
-            return immediate(400, f"The body is not valid JSON: {exc}", "invalid_json"), None
+            return (immediate(400, f"The body is not valid JSON: {exc}", "invalid_json"), None,
+                    CacheLookup())
         except BadRequestError as exc:
-            return immediate(400, str(exc), "invalid_request_error"), None
+            return immediate(400, str(exc), "invalid_request_error"), None, CacheLookup()
         request.allowed_addresses = subset
+        lookup = (await self.response_cache.lookup(request) if self.response_cache
+                  else CacheLookup())
+        if lookup.hit:  # answered by Envoy from the cache: no engine, no budget
+            return cached_immediate(lookup), None, lookup
         try:
             decision = await self.director.route(request, entrypoint="ext_proc")
         except RoutingError as exc:
             return immediate(exc.status, exc.message, exc.code, exc.retry_after,
-                             exc.param), None
+                             exc.param), None, lookup
         addresses = [e.address for e in decision.endpoints]
         set_headers = [_header(DESTINATION_HEADER, addresses[0])]
         mutation: Any = None
@@ -187,7 +203,25 @@ class ExtProcServer:
         metadata = struct_pb2.Struct()
         metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(addresses)}})
         return ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
-                                     dynamic_metadata=metadata), decision
+                                     dynamic_metadata=metadata), decision, lookup
+
+
+def cached_immediate(lookup: CacheLookup) -> Any:
+    """A response-cache hit as an ``ImmediateResponse`` (HTTP 200, JSON or SSE)."""
+    body, content_type = lookup.body()
+    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=200),
+        headers=ep.HeaderMutation(set_headers=[_header("content-type", content_type),
+                                               _header(CACHE_HEADER, str(lookup.match))]),
+        body=body, details="kvroute_response_cache_hit"))
+
+
+def _cache_header(lookup: CacheLookup) -> Any:
+    """``x-kvroute-cache: miss`` on the engine's answer when the policy uses the cache."""
+    if lookup.header is None:
+        return None
+    return ep.CommonResponse(header_mutation=ep.HeaderMutation(
+        set_headers=[_header(CACHE_HEADER, lookup.header)]))
 
 
 def add_health(server: Any, services: list[str]) -> Any:
@@ -202,11 +236,12 @@ async def set_serving(servicer: Any, services: list[str]) -> None:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def start_ext_proc_server(director: Director, host: str, port: int
+async def start_ext_proc_server(director: Director, host: str, port: int,
+                                response_cache: ResponseCache | None = None
                                 ) -> tuple[Any, int]:
     """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)])
-    handler = ExtProcServer(director)
+    handler = ExtProcServer(director, response_cache)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Process": grpc.stream_stream_rpc_method_handler(
             handler.process, request_deserializer=ep.ProcessingRequest.FromString,

@@ -38,6 +38,7 @@ from kvroute_router.proxy.openai_request import (
     streamed_events,
     usage_of,
 )
+from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,10 @@ class OpenAIProxy:
 
     def __init__(self, director: Director, datastore: Datastore,
                  connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0,
-                 trust_tenant_header: bool = False) -> None:
+                 trust_tenant_header: bool = False,
+                 response_cache: ResponseCache | None = None) -> None:
         self.director = director
+        self.response_cache = response_cache
         self.datastore = datastore
         self.trust_tenant_header = trust_tenant_header
         """Believe clients' tenant headers (only behind a gateway that sets them)."""
@@ -155,6 +158,12 @@ class OpenAIProxy:
             llm_request = request_from_body(body, kind, headers)
         except BadRequestError as exc:
             return error_response(400, str(exc), "invalid_request_error", exc.param)
+        lookup = (await self.response_cache.lookup(llm_request) if self.response_cache
+                  else CacheLookup())
+        if lookup.hit:  # answered before routing: no engine, no admission, no budget
+            cached, content_type = lookup.body()
+            return web.Response(body=cached, content_type=content_type,
+                                headers={CACHE_HEADER: str(lookup.match)})
         started = time.monotonic()
         try:
             # asyncio.timeout, not wait_for: route() must run in this task so that dispatch()
@@ -173,7 +182,7 @@ class OpenAIProxy:
                             if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
         upstream_headers["x-request-id"] = llm_request.request_id
         return await self._relay(http, decision, path, payload, upstream_headers, started,
-                                 deadline)
+                                 deadline, lookup)
 
     def _untrusted_headers(self) -> frozenset[str]:
         """Tenant headers of ``source: Header`` policies: dropped from clients' requests (for
@@ -196,8 +205,8 @@ class OpenAIProxy:
         return msgspec.json.encode({**body, **changes})
 
     async def _relay(self, http: web.Request, decision: Decision, path: str, payload: bytes,
-                     headers: Mapping[str, str], started: float, deadline: float
-                     ) -> web.StreamResponse:
+                     headers: Mapping[str, str], started: float, deadline: float,
+                     lookup: CacheLookup | None = None) -> web.StreamResponse:
         attempts = decision.endpoints[:max(1, decision.max_attempts)]
         last_error: UpstreamAttemptError | None = None
         for number, endpoint in enumerate(attempts):
@@ -208,7 +217,7 @@ class OpenAIProxy:
                                                      decision.pool.name).inc()
             try:
                 return await self._attempt(http, decision, endpoint, path, payload, headers,
-                                           started, deadline)
+                                           started, deadline, lookup or CacheLookup())
             except UpstreamAttemptError as exc:
                 last_error = exc
                 log.info("attempt %d of %s on %s failed: %s", number + 1,
@@ -228,7 +237,7 @@ class OpenAIProxy:
 
     async def _attempt(self, http: web.Request, decision: Decision, endpoint: Endpoint,
                        path: str, payload: bytes, headers: Mapping[str, str], started: float,
-                       deadline: float) -> web.StreamResponse:
+                       deadline: float, lookup: CacheLookup) -> web.StreamResponse:
         assert self._session is not None
         stream = decision.request.stream
         per_try = decision.policy.spec.retries.per_try_timeout_ms / 1000.0
@@ -268,6 +277,7 @@ class OpenAIProxy:
 
             # Committed: from here on the client gets this endpoint's answer.
             response = web.StreamResponse(status=status)
+            recorder = lookup.recorder()
             try:
                 ttft = time.monotonic() - started
                 for name in PASS_BACK:
@@ -275,15 +285,21 @@ class OpenAIProxy:
                         response.headers[name] = upstream.headers[name]
                 response.headers[ENDPOINT_HEADER] = endpoint.address
                 response.headers[POOL_HEADER] = decision.pool.name
+                if lookup.header is not None:
+                    response.headers[CACHE_HEADER] = lookup.header
                 await response.prepare(http)
                 tail = first[-USAGE_TAIL:]
                 if stream:
                     events[0] += streamed_events(b"", first)
                 if first:
                     await response.write(first)
+                    if recorder is not None:
+                        recorder.feed(first)
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
+                        if recorder is not None:
+                            recorder.feed(chunk)
                         if stream:
                             events[0] += streamed_events(tail, chunk)
                         tail = (tail + chunk)[-USAGE_TAIL:]
@@ -298,6 +314,7 @@ class OpenAIProxy:
                 status = 502 if status < 400 else status
             finally:
                 await upstream_cm.__aexit__(None, None, None)
+            lookup.finish(recorder, status)  # written only when complete and successful
             prompt_tokens, completion_tokens = usage_of(tail)
             if completion_tokens is None and stream:
                 completion_tokens = streamed_tokens(events, decision.request.kind)

@@ -211,12 +211,17 @@ class DifficultySpec(ApiModel):
     """Difficulty routing: hard prompts go to strong pools, easy ones to cheap pools."""
 
     enabled: bool = Field(default=False, description="Route by estimated prompt difficulty.")
-    strong_share: float = Field(default=0.3, ge=0, le=1,
-                                description="Target share of requests sent to the strong tier.")
-    estimator: Literal["length", "lexical"] = Field(
-        default="lexical",
-        description="Difficulty estimator: length (prompt length) or lexical (a small model "
-                    "over prompt features, trained offline).")
+    strong_share: float = Field(
+        default=0.3, ge=0, le=1,
+        description="Target share of requests sent to the strong tier (the primary pools of "
+                    "highest quality.score, else quality.tier); the rest go to the others.")
+    estimator: Literal["heuristic", "knn-hashed", "knn-minilm"] = Field(
+        default="heuristic",
+        description="Quality estimator that scores each prompt: heuristic (length, digits, "
+                    "keywords; no data), knn-hashed (kNN over the router's labelled data, "
+                    "hashed TF-IDF), knn-minilm (the same kNN over all-MiniLM-L6-v2 "
+                    "embeddings). The kNN estimators need the router's --quality-data, "
+                    "else the heuristic is used.")
 
 
 class ResponseCacheSpec(ApiModel):

@@ -110,6 +110,11 @@ class Router:
             # Each pool's KV-event metrics live in their own registry: serve them here too.
             self.metrics.registry.register(_KVEventMetricsCollector(self.kv_event_feeds))
         self.budget_metrics = BudgetMetrics(self.metrics.registry)
+        from kvroute_router.difficulty import DifficultyRouter
+
+        self.difficulty = DifficultyRouter(self.datastore, self.metrics.registry,
+                                           quality_data=settings.quality_data)
+        self.director.add_admission_hook(self.difficulty)
         self.budget_hook: BudgetHook | None = None
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)

@@ -83,6 +83,9 @@ class Admission:
 
     pools: Sequence[str] | None = None
     """Pool names (of the policy) the request may use; None: any."""
+    prefer: Sequence[str] | None = None
+    """Pool names to try first among those allowed (difficulty routing); the others stay
+    available as fallbacks."""
     on_finish: Callable[[Decision | None, Outcome], None] | None = None
     """Called once when the request finished (accounting, releasing concurrency); with
     ``None`` for the decision when the request was refused after this hook admitted it (a
@@ -234,11 +237,17 @@ class Director:
                 admissions.append(verdict)
 
         allowed: set[str] | None = None
+        preferred: set[str] = set()
         for verdict in admissions:
             if verdict.pools is not None:
                 allowed = set(verdict.pools) if allowed is None else allowed & set(verdict.pools)
+            if verdict.prefer is not None:
+                preferred.update(verdict.prefer)
 
-        for pool in self._pool_order(resolution, allowed):
+        order = self._pool_order(resolution, allowed)
+        if preferred:  # stable: weighted order kept inside each group
+            order.sort(key=lambda state: state.name not in preferred)
+        for pool in order:
             profile = self.profile_for(resolution, pool)
             state = CycleState()
             ranked = profile.run(state, request, list(pool.endpoints.values()),

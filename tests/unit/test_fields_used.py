@@ -43,9 +43,6 @@ READ_INDIRECTLY: dict[str, str] = {
 NOT_YET_READ: dict[str, str] = {
     # path -> the open work that will read it. The test fails when one of these starts being
     # read (delete the entry) and for any unread field not listed anywhere.
-    **{f"RoutePolicy.spec.difficulty{sub}": "issue 18 item 3: difficulty routing is not "
-       "implemented yet; the field is accepted and documented as not honoured"
-       for sub in ("", ".enabled", ".strongShare", ".estimator")},
 }
 
 

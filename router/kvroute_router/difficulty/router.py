@@ -1,0 +1,141 @@
+"""Difficulty routing: hard prompts to the strong tier, easy ones to the cheap tier, so that
+about ``strongShare`` of a policy's requests go strong.
+
+Tiers: among the policy's primary pools, the **strong tier** is the pools of highest quality —
+``spec.quality.score`` when set, else the tier (weak 0.25, standard 0.5, strong 0.75) — and the
+**cheap tier** the others. All primaries of equal quality: nothing to choose, no preference.
+
+Per request, the estimator named by ``spec.difficulty.estimator`` predicts the gain of the
+strong tier over the weak one, P(strong answers well) - P(weak answers well):
+
+* ``heuristic`` — prompt length, digits and keywords (``HeuristicQualityEstimator``); needs no
+  data;
+* ``knn-hashed`` — kNN over the router's labelled data (``--quality-data``) with hashed TF-IDF;
+* ``knn-minilm`` — the same kNN over all-MiniLM-L6-v2 embeddings (NumPy; built in a thread
+  behind the hashed one, which answers meanwhile).
+
+The kNN estimators need ``--quality-data``; without it the heuristic answers (logged once).
+
+The request goes strong when its gain is at or above the ``1 - strongShare`` quantile of the
+gains of the policy's last :data:`WINDOW` requests (itself included), so the strong share
+follows ``strongShare`` whatever the estimator's scale and the traffic's mix. The choice is a
+*preference* (an :class:`Admission` with ``prefer``): when a budget restricts the request to a
+pool (batch-level assignment under a USD budget, or a Downgrade), the budget's pool wins, and a
+tier without ready endpoints falls back to the other. With batching on and a USD budget, the
+batch solver already assigns whole windows by the same estimator's quality; the preference
+then orders the pools the budget leaves open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from collections import deque
+from pathlib import Path
+
+from kvroute_api.inference_pool import InferencePoolSpec
+from kvroute_api.route_policy import DifficultySpec
+from prometheus_client import CollectorRegistry, Counter
+
+from kvroute_router.budget.quality import (
+    HashedNgramEmbedder,
+    HeuristicQualityEstimator,
+    KnnQualityEstimator,
+    QualityEstimator,
+    build_default_estimator,
+    load_labelled_csv,
+)
+from kvroute_router.datastore.store import Datastore, Resolution
+from kvroute_router.director import Admission
+from kvroute_router.framework.request import LLMRequest
+
+log = logging.getLogger(__name__)
+
+WINDOW = 512
+TIER_QUALITY = {"weak": 0.25, "standard": 0.5, "strong": 0.75}
+
+
+def pool_quality(spec: InferencePoolSpec) -> float:
+    """The quality a pool is ranked by: its measured score, else its tier's value."""
+    if spec.quality.score is not None:
+        return spec.quality.score
+    return TIER_QUALITY[spec.quality.tier]
+
+
+class DifficultyRouter:
+    """The director's admission hook for ``spec.difficulty``."""
+
+    def __init__(self, datastore: Datastore, registry: CollectorRegistry, *,
+                 quality_data: Path | None = None) -> None:
+        self.datastore = datastore
+        self.quality_data = quality_data
+        self._estimators: dict[str, QualityEstimator] = {}
+        self._gains: dict[str, deque[float]] = {}
+        self.decisions = Counter(
+            "kvroute_difficulty_decisions_total",
+            "Difficulty routing: requests preferred to the strong or the cheap tier.",
+            ["policy", "tier", "estimator"], registry=registry)
+
+    def estimator(self, name: str) -> tuple[QualityEstimator, str]:
+        """The estimator for ``name`` and the name actually used (heuristic without data)."""
+        if name != "heuristic" and self.quality_data is None:
+            if "heuristic-fallback" not in self._estimators:
+                log.warning("difficulty estimator %s needs the router's --quality-data; using "
+                            "the heuristic", name)
+                self._estimators["heuristic-fallback"] = HeuristicQualityEstimator()
+            return self._estimators["heuristic-fallback"], "heuristic"
+        if name not in self._estimators:
+            if name == "heuristic":
+                self._estimators[name] = HeuristicQualityEstimator()
+            elif name == "knn-hashed":
+                assert self.quality_data is not None
+                self._estimators[name] = KnnQualityEstimator.tuned(
+                    load_labelled_csv(self.quality_data), embedder=HashedNgramEmbedder())
+            else:
+                self._estimators[name] = build_default_estimator(
+                    self.quality_data, embedding="minilm", background=True)
+        return self._estimators[name], name
+
+    def tiers(self, resolution: Resolution) -> tuple[list[str], list[str]]:
+        """(strong, cheap) pool names among the policy's primary pools."""
+        ranked = [(pool_quality(state.pool.spec), target.name)
+                  for state, target in resolution.pools
+                  if state is not None and target.role == "primary" and target.weight > 0]
+        if not ranked:
+            return [], []
+        best = max(q for q, _ in ranked)
+        return ([n for q, n in ranked if q == best], [n for q, n in ranked if q < best])
+
+    def choose(self, policy_key: str, gain: float, strong_share: float) -> bool:
+        """Whether a request with ``gain`` goes strong (quantile of the recent gains)."""
+        window = self._gains.setdefault(policy_key, deque(maxlen=WINDOW))
+        window.append(gain)
+        if strong_share <= 0.0:
+            return False
+        if strong_share >= 1.0:
+            return True
+        ordered = sorted(window)
+        # Gains strictly above this one: the request goes strong if fewer than
+        # strong_share of the window lies above it.
+        above = len(ordered) - bisect.bisect_right(ordered, gain)
+        return above < strong_share * len(ordered)
+
+    async def admit(self, request: LLMRequest, resolution: Resolution) -> Admission | None:
+        spec: DifficultySpec | None = resolution.policy.spec.difficulty
+        if spec is None or not spec.enabled or resolution.implicit:
+            return None
+        strong, cheap = self.tiers(resolution)
+        if not strong or not cheap:
+            return None
+        estimator, used = self.estimator(spec.estimator)
+        estimate = await asyncio.to_thread(estimator.predict, [request.prompt_text],
+                                           ("weak", "strong"))
+        gain = float(estimate.mean[0, 1] - estimate.mean[0, 0])
+        goes_strong = self.choose(resolution.policy_key, gain, spec.strong_share)
+        self.decisions.labels(resolution.policy.metadata.name,
+                              "strong" if goes_strong else "cheap", used).inc()
+        return Admission(prefer=strong if goes_strong else cheap)
+
+
+__all__ = ["DifficultyRouter", "pool_quality"]

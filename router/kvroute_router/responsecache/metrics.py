@@ -6,7 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class ResponseCacheMetrics:
-    """The response cache's series, in the router's registry."""
+    """The response cache's series, in the router's registry. ``cache_tier`` is the tier's
+    ``namespace/name`` (the operator reads entries and hit rate by it for CacheTier status)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.lookups = Counter(

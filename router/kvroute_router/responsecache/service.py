@@ -238,9 +238,11 @@ class ResponseCache:
         tier = self._tier(policy.metadata.namespace, settings)
         name = policy.metadata.name
         if tier is None:
-            self.metrics.lookups.labels(name, settings.cache_tier_ref.name, "error").inc()
+            self.metrics.lookups.labels(name, object_key(policy.metadata.namespace,
+                                                         settings.cache_tier_ref.name),
+                                        "error").inc()
             return CacheLookup()
-        tier_name = settings.cache_tier_ref.name
+        tier_name = tier.key
         options = body.get("stream_options")
         lookup = CacheLookup(
             match="miss", policy=name, kind=request.kind, model=request.model,
@@ -301,8 +303,7 @@ class ResponseCache:
 
     def _count_hit(self, lookup: CacheLookup) -> None:
         assert lookup.answer is not None and lookup.match is not None
-        tier_name = lookup._tier.rpartition("/")[2]
-        self.metrics.lookups.labels(lookup.policy, tier_name, lookup.match).inc()
+        self.metrics.lookups.labels(lookup.policy, lookup._tier, lookup.match).inc()
         self.metrics.hits.labels(lookup.policy, lookup.tenant, lookup.match).inc()
         prompt, completion = usage_tokens(lookup.answer)
         self.metrics.hit_tokens.labels(lookup.policy, lookup.tenant, "prompt").inc(prompt)
@@ -312,7 +313,7 @@ class ResponseCache:
     # ---- writes ------------------------------------------------------------------------------
     def store(self, lookup: CacheLookup, answer: dict[str, Any] | None) -> None:
         tier = self._tiers.get(lookup._tier)
-        tier_name = lookup._tier.rpartition("/")[2]
+        tier_name = lookup._tier
         if answer is None or tier is None or tier.store is None or lookup._key is None:
             self.metrics.writes.labels(tier_name, "rejected").inc()
             return

@@ -205,7 +205,7 @@ async def test_errors_and_cut_streams_are_not_written(tmp_path: Path, engine: En
         assert header == "miss"
         assert router.metrics.registry.get_sample_value(
             "kvroute_response_cache_writes_total",
-            {"cache_tier": "answers", "result": "rejected"}) == 1  # the cut stream
+            {"cache_tier": "default/answers", "result": "rejected"}) == 1  # the cut stream
 
 
 async def test_threshold_one_means_exact_only_and_ttl_expires(tmp_path: Path,

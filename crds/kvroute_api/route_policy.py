@@ -57,6 +57,12 @@ class PoolTarget(ApiModel):
     role: Literal["primary", "fallback"] = Field(
         default="primary", description="primary pools take traffic; fallback pools only when "
                                        "every primary pool has no ready endpoint.")
+    lora_adapter: str | None = Field(
+        default=None, max_length=256, pattern=r"^[A-Za-z0-9][-._/:A-Za-z0-9]*$",
+        description="LoRA adapter of the pool's engines that serves this policy's traffic (the "
+                    "name vLLM serves it under, --lora-modules NAME=PATH): forwarded as the "
+                    "request's model, and the lora-affinity scorer prefers engines that have "
+                    "it loaded. Unset: the pool's base model.")
 
 
 class ScorerWeight(ApiModel):

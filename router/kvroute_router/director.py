@@ -247,7 +247,9 @@ class Director:
         order = self._pool_order(resolution, allowed)
         if preferred:  # stable: weighted order kept inside each group
             order.sort(key=lambda state: state.name not in preferred)
+        adapters = {target.name: target.lora_adapter for _, target in resolution.pools}
         for pool in order:
+            request.lora_adapter = adapters.get(pool.name)
             profile = self.profile_for(resolution, pool)
             state = CycleState()
             ranked = profile.run(state, request, list(pool.endpoints.values()),

@@ -88,7 +88,8 @@ class RouterService:
             endpoint=endpoint.address, endpoint_name=endpoint.name,
             fallbacks=[e.address for e in decision.endpoints[1:]],
             pool=decision.pool.name, policy=decision.policy_name,
-            target_model=decision.pool.model_name, decision_id=decision_id,
+            target_model=decision.request.lora_adapter or decision.pool.model_name,
+            decision_id=decision_id,
             reasons=decision.reasons(),
             scores=[pb.EndpointScore(endpoint=s.endpoint.name, address=s.endpoint.address,
                                      total=s.total, scores=s.by_scorer)

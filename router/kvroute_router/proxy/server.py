@@ -340,10 +340,11 @@ def streamed_tokens(events: list[int], kind: str) -> int:
 
 
 def upstream_changes(body: dict[str, Any], decision: Decision) -> dict[str, Any]:
-    """Fields the forwarded body needs: the pool's served model name, and ``max_tokens`` when
-    the admission hooks bounded a request that named none (the budget's estimate)."""
+    """Fields the forwarded body needs: the pool's served model name (or the policy's LoRA
+    adapter for that pool), and ``max_tokens`` when the admission hooks bounded a request
+    that named none (the budget's estimate)."""
     changes: dict[str, Any] = {}
-    served = decision.pool.model_name
+    served = decision.request.lora_adapter or decision.pool.model_name
     if body.get("model") != served:
         changes["model"] = served
     bound = decision.request.max_tokens

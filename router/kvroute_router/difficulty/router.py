@@ -16,9 +16,13 @@ strong tier over the weak one, P(strong answers well) - P(weak answers well):
 
 The kNN estimators need ``--quality-data``; without it the heuristic answers (logged once).
 
-The request goes strong when its gain is at or above the ``1 - strongShare`` quantile of the
-gains of the policy's last :data:`WINDOW` requests (itself included), so the strong share
-follows ``strongShare`` whatever the estimator's scale and the traffic's mix. The choice is a
+**Per request** (``spec.batching.enabled: false`` or ``windowMs: 0``): the request goes strong
+when its gain is in the top ``strongShare`` of the gains of the policy's last :data:`WINDOW`
+requests (itself included), so the strong share follows ``strongShare`` whatever the
+estimator's scale and the traffic's mix. **Batch-level** (batching on): requests arriving within
+``windowMs`` (at most ``maxBatchSize``) are scored in one estimator call and the
+``strongShare x n`` of highest gain go strong (the fractional remainder carried to the next
+batch, so the long-run share is exact); the request waits at most ``windowMs``. The choice is a
 *preference* (an :class:`Admission` with ``prefer``): when a budget restricts the request to a
 pool (batch-level assignment under a USD budget, or a Downgrade), the budget's pool wins, and a
 tier without ready endpoints falls back to the other. With batching on and a USD budget, the
@@ -72,6 +76,8 @@ class DifficultyRouter:
         self.quality_data = quality_data
         self._estimators: dict[str, QualityEstimator] = {}
         self._gains: dict[str, deque[float]] = {}
+        self._batches: dict[str, _Batch] = {}
+        self._carry: dict[str, float] = {}
         self.decisions = Counter(
             "kvroute_difficulty_decisions_total",
             "Difficulty routing: requests preferred to the strong or the cheap tier.",
@@ -129,13 +135,74 @@ class DifficultyRouter:
         if not strong or not cheap:
             return None
         estimator, used = self.estimator(spec.estimator)
-        estimate = await asyncio.to_thread(estimator.predict, [request.prompt_text],
-                                           ("weak", "strong"))
-        gain = float(estimate.mean[0, 1] - estimate.mean[0, 0])
-        goes_strong = self.choose(resolution.policy_key, gain, spec.strong_share)
+        batching = resolution.policy.spec.batching
+        if batching.enabled and batching.window_ms > 0:
+            goes_strong = await self._in_batch(resolution.policy_key, request.prompt_text,
+                                               estimator, spec.strong_share,
+                                               batching.window_ms / 1000.0,
+                                               batching.max_batch_size)
+        else:
+            estimate = await asyncio.to_thread(estimator.predict, [request.prompt_text],
+                                               ("weak", "strong"))
+            gain = float(estimate.mean[0, 1] - estimate.mean[0, 0])
+            goes_strong = self.choose(resolution.policy_key, gain, spec.strong_share)
         self.decisions.labels(resolution.policy.metadata.name,
                               "strong" if goes_strong else "cheap", used).inc()
         return Admission(prefer=strong if goes_strong else cheap)
+
+    async def _in_batch(self, key: str, prompt: str, estimator: QualityEstimator,
+                        strong_share: float, window_s: float, max_size: int) -> bool:
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _Batch()
+            loop = asyncio.get_running_loop()
+            batch.timer = loop.call_later(window_s, self._close, key, batch, estimator,
+                                          strong_share)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        batch.entries.append((prompt, future))
+        if len(batch.entries) >= max_size:
+            self._close(key, batch, estimator, strong_share)
+        return await future
+
+    def _close(self, key: str, batch: _Batch, estimator: QualityEstimator,
+               strong_share: float) -> None:
+        if self._batches.get(key) is batch:
+            del self._batches[key]
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if batch.closed:
+            return
+        batch.closed = True
+        task = asyncio.get_running_loop().create_task(
+            self._decide(key, batch, estimator, strong_share))
+        batch.task = task
+
+    async def _decide(self, key: str, batch: _Batch, estimator: QualityEstimator,
+                      strong_share: float) -> None:
+        prompts = [p for p, _ in batch.entries]
+        try:
+            estimate = await asyncio.to_thread(estimator.predict, prompts, ("weak", "strong"))
+        except Exception as exc:  # never strand the waiting requests
+            for _, future in batch.entries:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        gains = estimate.mean[:, 1] - estimate.mean[:, 0]
+        wanted = strong_share * len(prompts) + self._carry.get(key, 0.0)
+        count = min(len(prompts), int(wanted))
+        self._carry[key] = wanted - count
+        strong = set(sorted(range(len(prompts)), key=lambda i: -float(gains[i]))[:count])
+        for i, (_, future) in enumerate(batch.entries):
+            if not future.done():
+                future.set_result(i in strong)
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, asyncio.Future[bool]]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.closed = False
 
 
 __all__ = ["DifficultyRouter", "pool_quality"]

@@ -29,6 +29,7 @@ def prompts(count: int) -> list[str]:
 
 
 def setup(strong_share: float, budgets: list[dict[str, Any]] | None = None,
+          batching: dict[str, Any] | None = None,
           **quality: dict[str, Any]) -> tuple[Any, DifficultyRouter]:
     pools = [make_pool("cheap", model="m", count=1, base_port=8100,
                        quality=quality.get("cheap", {"tier": "weak"})),
@@ -36,7 +37,8 @@ def setup(strong_share: float, budgets: list[dict[str, Any]] | None = None,
                        quality=quality.get("strong", {"tier": "strong"}))]
     policy = make_policy("chat", model="chat", pools=[{"name": "cheap"}, {"name": "strong"}],
                          difficulty={"enabled": True, "strongShare": strong_share},
-                         budgets=budgets or [])
+                         budgets=budgets or [],
+                         batching=batching or {"enabled": False})
     director, store = make_director(pools, [policy])
     difficulty = DifficultyRouter(store, CollectorRegistry())
     director.add_admission_hook(difficulty)
@@ -92,3 +94,23 @@ async def test_knn_without_data_falls_back_to_the_heuristic() -> None:
     difficulty._estimators = {}
     estimator, used = difficulty.estimator("knn-minilm")
     assert used == "heuristic" and isinstance(estimator, HeuristicQualityEstimator)
+
+
+async def test_batch_level_sends_the_hardest_share_of_each_window_strong() -> None:
+    """Batching on: a window of 10 concurrent requests at strongShare 0.3 sends exactly the 3
+    hardest strong (the remainder carried), scored in one estimator call."""
+    import asyncio
+
+    director, _ = setup(0.3, batching={"enabled": True, "windowMs": 200, "maxBatchSize": 10})
+    texts = prompts(10)
+
+    async def one(text: str) -> str:
+        decision = await director.route(LLMRequest(model="chat", prompt_text=text))
+        director.finish(decision, None, _ok())
+        return str(decision.pool.name)
+
+    pools = await asyncio.wait_for(asyncio.gather(*(one(t) for t in texts)), 60)
+    hardness = HeuristicQualityEstimator.difficulty
+    hardest = sorted(texts, key=hardness, reverse=True)[:3]
+    assert sorted(t for t, p in zip(texts, pools, strict=True) if p == "strong") == \
+        sorted(hardest)

@@ -276,6 +276,15 @@ class InferencePoolSpec(ApiModel):
              check=lambda s: s.resources.gpus == 0
              or s.engine.tensor_parallel_size <= s.resources.gpus,
              field_path=".engine.tensorParallelSize"),
+        Rule(cel="!has(self.cost) || !has(self.cost.perGPUHourUSD) || "
+                 "(has(self.capacity) && has(self.capacity.tokensPerSecondPerReplica))",
+             message="cost.perGPUHourUSD needs capacity.tokensPerSecondPerReplica (the router "
+                     "turns the hourly price into a price per token with it; without it the "
+                     "pool would cost nothing)",
+             check=lambda s: s.cost is None or s.cost.per_gpu_hour_usd is None
+             or (s.capacity is not None
+                 and s.capacity.tokens_per_second_per_replica is not None),
+             field_path=".capacity.tokensPerSecondPerReplica", reason="FieldValueRequired"),
     )
 
     mode: Literal["Managed", "External"] = Field(

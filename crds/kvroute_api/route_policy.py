@@ -57,6 +57,12 @@ class PoolTarget(ApiModel):
     role: Literal["primary", "fallback"] = Field(
         default="primary", description="primary pools take traffic; fallback pools only when "
                                        "every primary pool has no ready endpoint.")
+    lora_adapter: str | None = Field(
+        default=None, max_length=256, pattern=r"^[A-Za-z0-9][-._/:A-Za-z0-9]*$",
+        description="LoRA adapter of the pool's engines that serves this policy's traffic (the "
+                    "name vLLM serves it under, --lora-modules NAME=PATH): forwarded as the "
+                    "request's model, and the lora-affinity scorer prefers engines that have "
+                    "it loaded. Unset: the pool's base model.")
 
 
 class ScorerWeight(ApiModel):
@@ -227,12 +233,17 @@ class DifficultySpec(ApiModel):
     """Difficulty routing: hard prompts go to strong pools, easy ones to cheap pools."""
 
     enabled: bool = Field(default=False, description="Route by estimated prompt difficulty.")
-    strong_share: float = Field(default=0.3, ge=0, le=1,
-                                description="Target share of requests sent to the strong tier.")
-    estimator: Literal["length", "lexical"] = Field(
-        default="lexical",
-        description="Difficulty estimator: length (prompt length) or lexical (a small model "
-                    "over prompt features, trained offline).")
+    strong_share: float = Field(
+        default=0.3, ge=0, le=1,
+        description="Target share of requests sent to the strong tier (the primary pools of "
+                    "highest quality.score, else quality.tier); the rest go to the others.")
+    estimator: Literal["heuristic", "knn-hashed", "knn-minilm"] = Field(
+        default="heuristic",
+        description="Quality estimator that scores each prompt: heuristic (length, digits, "
+                    "keywords; no data), knn-hashed (kNN over the router's labelled data, "
+                    "hashed TF-IDF), knn-minilm (the same kNN over all-MiniLM-L6-v2 "
+                    "embeddings). The kNN estimators need the router's --quality-data, "
+                    "else the heuristic is used.")
 
 
 class ResponseCacheSpec(ApiModel):

@@ -5,6 +5,10 @@ Metric names live here once:
 
 * engine metrics (vLLM): :data:`WAITING_METRIC`, :data:`KV_USAGE_METRIC`, selected by the
   ``namespace`` and ``pod`` labels that Prometheus' Kubernetes pod discovery attaches;
+* engine prefix-cache counters :data:`PREFIX_HITS_METRIC` / :data:`PREFIX_QUERIES_METRIC`
+  (tokens), for ``InferencePool.status.prefixCacheHitRate`` over :data:`HIT_RATE_WINDOW`;
+* router response-cache metrics :data:`CACHE_LOOKUPS_METRIC` and :data:`CACHE_ENTRIES_METRIC`
+  (label ``cache_tier`` = the tier's ``namespace/name``), for ``CacheTier.status``;
 * router budget metrics: :data:`BUDGET_SPEND_METRIC`, :data:`BUDGET_TOKENS_METRIC`,
   :data:`BUDGET_REQUESTS_METRIC` (counters) and :data:`BUDGET_IN_FLIGHT_METRIC` (gauge, per
   replica), labelled ``policy_namespace``, ``policy``, ``budget`` and ``tenant`` (the router's
@@ -31,6 +35,11 @@ BUDGET_TOKENS_METRIC: Final = "kvroute_budget_tokens_total"
 BUDGET_REQUESTS_METRIC: Final = "kvroute_budget_requests_total"
 BUDGET_IN_FLIGHT_METRIC: Final = "kvroute_budget_in_flight"
 BUDGET_NAMESPACE_LABEL: Final = "policy_namespace"
+PREFIX_HITS_METRIC: Final = "vllm:prefix_cache_hits_total"
+PREFIX_QUERIES_METRIC: Final = "vllm:prefix_cache_queries_total"
+CACHE_LOOKUPS_METRIC: Final = "kvroute_response_cache_lookups_total"
+CACHE_ENTRIES_METRIC: Final = "kvroute_response_cache_entries"
+HIT_RATE_WINDOW: Final = "1h"
 QUERY_TIMEOUT_SECONDS: Final = 5
 
 
@@ -46,6 +55,12 @@ def pod_selector(namespace: str, deployment: str) -> str:
     """Label matchers for the pods of a Deployment (``NAME-<hash>-<suffix>``)."""
     pods = re.escape(deployment).replace("\\-", "-")
     return f'namespace="{_quote(namespace)}",pod=~"{_quote(pods)}-[a-z0-9]+-[a-z0-9]+"'
+
+
+def selector_matchers(namespace: str, pod_names: list[str]) -> str:
+    """Label matchers for an explicit set of pods (External pools selected by labels)."""
+    alternatives = "|".join(re.escape(p) for p in sorted(pod_names)) or "^$"
+    return f'namespace="{_quote(namespace)}",pod=~"{_quote(alternatives)}"'
 
 
 @dataclass(frozen=True)
@@ -144,3 +159,43 @@ class PrometheusMetrics:
         return BudgetUsage(spent_usd=of("usd"), tokens_per_minute=of("tokens"),
                            tenant=worst_tenant, requests_per_minute=of("requests"),
                            in_flight=of("concurrency"))
+
+
+def percent(ratio: float) -> str:
+    """A ratio as the status' ``12.5%`` form."""
+    return f"{min(100.0, max(0.0, 100.0 * ratio)):.1f}%"
+
+
+async def _single(metrics: PrometheusMetrics, promql: str) -> float | None:
+    samples = await metrics.by_label(promql, "__none__")
+    value = samples.get("")
+    return None if value is None or value != value else value  # NaN: 0/0
+
+
+async def prefix_cache_hit_rate(metrics: PrometheusMetrics, matchers: str) -> float | None:
+    """Share of prompt tokens the pool's engines found in their prefix cache over the window
+    (None: no queries in the window)."""
+    return await _single(metrics, (
+        f"sum(increase({PREFIX_HITS_METRIC}{{{matchers}}}[{HIT_RATE_WINDOW}])) / "
+        f"sum(increase({PREFIX_QUERIES_METRIC}{{{matchers}}}[{HIT_RATE_WINDOW}]))"))
+
+
+async def response_cache_status(metrics: PrometheusMetrics, tier: str
+                                ) -> tuple[int | None, float | None]:
+    """(entries, hit rate over the window) of a CacheTier (``namespace/name``) as its routers
+    report them: entries summed over replicas for ``memory`` (each holds its own), the largest
+    report for ``redis`` (shared); hit rate = hits / (hits + misses), skipped requests not
+    counted."""
+    matcher = f'cache_tier="{_quote(tier)}"'
+    by_backend_sum = await metrics.by_label(
+        f"sum by (backend) ({CACHE_ENTRIES_METRIC}{{{matcher}}})", "backend")
+    by_backend_max = await metrics.by_label(
+        f"max by (backend) ({CACHE_ENTRIES_METRIC}{{{matcher}}})", "backend")
+    entries: int | None = None
+    if by_backend_sum or by_backend_max:
+        entries = int(by_backend_sum.get("memory", 0.0) + by_backend_max.get("redis", 0.0))
+    rate = await _single(metrics, (
+        f'sum(increase({CACHE_LOOKUPS_METRIC}{{{matcher},result=~"exact|semantic"}}'
+        f"[{HIT_RATE_WINDOW}])) / sum(increase({CACHE_LOOKUPS_METRIC}{{{matcher},"
+        f'result=~"exact|semantic|miss"}}[{HIT_RATE_WINDOW}]))'))
+    return entries, rate

@@ -29,7 +29,14 @@ from kvroute_operator.builders import (
 from kvroute_operator.conditions import ConditionUpdate, Transition, merge_conditions
 from kvroute_operator.context import OperatorContext
 from kvroute_operator.kube import KubeApiError
-from kvroute_operator.prometheus import PrometheusUnavailableError, pod_selector
+from kvroute_operator.prometheus import (
+    PrometheusUnavailableError,
+    percent,
+    pod_selector,
+    prefix_cache_hit_rate,
+    response_cache_status,
+    selector_matchers,
+)
 from kvroute_operator.status import observe_pool
 
 RETRY_DELAY_SECONDS = 10
@@ -159,8 +166,28 @@ async def reconcile_pool(ctx: OperatorContext, body: kopf.Body,
                                       delay=RETRY_DELAY_SECONDS) from exc
         raise
     status, pool_updates = observe_pool(pool, deployment, pods, tier_problem)
+    await _prefix_cache_hit_rate(ctx, pool, pods, status)
     status.update(extra_status or {})
     await _write_status(ctx, body, "InferencePool", status, pool_updates + updates)
+
+
+async def _prefix_cache_hit_rate(ctx: OperatorContext, pool: InferencePool,
+                                 pods: list[dict[str, Any]], status: dict[str, Any]) -> None:
+    """``status.prefixCacheHitRate`` (the CACHE-HIT column) from the engines' prefix-cache
+    counters in Prometheus; left out without Prometheus, pods or traffic."""
+    prometheus = ctx.prometheus(None)
+    namespace = pool.metadata.namespace or "default"
+    if prometheus is None or not pods:
+        return
+    matchers = (pod_selector(namespace, pool.metadata.name) if pool.spec.mode == "Managed"
+                else selector_matchers(namespace, [p["metadata"]["name"] for p in pods]))
+    try:
+        rate = await prefix_cache_hit_rate(prometheus, matchers)
+    except PrometheusUnavailableError as exc:
+        log.info("prefix-cache hit rate of %s unknown: %s", pool.metadata.name, exc)
+        return
+    if rate is not None:
+        status["prefixCacheHitRate"] = percent(rate)
 
 
 async def delete_pool(ctx: OperatorContext, body: kopf.Body) -> None:
@@ -326,5 +353,18 @@ async def reconcile_tier(ctx: OperatorContext, body: kopf.Body) -> None:
     if tier.spec.response is not None:
         parts.append(f"response cache on {tier.spec.response.backend}")
     used = f"; used by {', '.join(pools)}" if pools else "; no pool references it"
-    await _write_status(ctx, body, "CacheTier", {"pools": pools}, [
+    status: dict[str, Any] = {"pools": pools}
+    prometheus = ctx.prometheus(None)
+    if tier.spec.response is not None and prometheus is not None:
+        key = f"{meta.get('namespace') or 'default'}/{tier.metadata.name}"
+        try:
+            entries, rate = await response_cache_status(prometheus, key)
+        except PrometheusUnavailableError as exc:
+            log.info("response-cache status of %s unknown: %s", key, exc)
+        else:
+            if entries is not None:
+                status["entries"] = entries
+            if rate is not None:
+                status["hitRate"] = percent(rate)
+    await _write_status(ctx, body, "CacheTier", status, [
         ConditionUpdate("Ready", "True", "Accepted", ", ".join(parts) + used)])

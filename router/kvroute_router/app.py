@@ -33,6 +33,8 @@ from kvroute_router.kvevents.feed import (
 from kvroute_router.plugins import register_builtin_plugins
 from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 from kvroute_router.proxy.server import OpenAIProxy
+from kvroute_router.responsecache import ResponseCache
+from kvroute_router.responsecache.metrics import ResponseCacheMetrics
 from kvroute_router.router_metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
@@ -106,8 +108,12 @@ class Router:
         elif settings.config_paths:
             self.source = ConfigFileSource(self.datastore, settings.config_paths,
                                            settings.config_poll_interval_s)
+        self.response_cache = ResponseCache(
+            self.datastore, ResponseCacheMetrics(self.metrics.registry),
+            api_keys=self._api_keys)
         self.proxy = OpenAIProxy(self.director, self.datastore,
-                                 trust_tenant_header=settings.trust_tenant_header)
+                                 trust_tenant_header=settings.trust_tenant_header,
+                                 response_cache=self.response_cache)
         self.kv_event_feeds: KVEventFeeds | None = None
         if settings.kv_events and PrecisePrefixScorer.TYPE in self.registry:
             self.kv_event_feeds = KVEventFeeds(self.datastore, self.services,
@@ -115,6 +121,11 @@ class Router:
             # Each pool's KV-event metrics live in their own registry: serve them here too.
             self.metrics.registry.register(KVEventMetricsCollector(self.kv_event_feeds))
         self.budget_metrics = BudgetMetrics(self.metrics.registry)
+        from kvroute_router.difficulty import DifficultyRouter
+
+        self.difficulty = DifficultyRouter(self.datastore, self.metrics.registry,
+                                           quality_data=settings.quality_data)
+        self.director.add_admission_hook(self.difficulty)
         self.budget_hook: BudgetHook | None = None
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)
@@ -143,18 +154,17 @@ class Router:
                 settings.budget_redis_url, socket_connect_timeout=2.0, socket_timeout=5.0))
         share = 1.0 if store is not None else settings.budget_replica_share
         ledger = BudgetLedger(store, replica_share=share, metrics=self.budget_metrics)
-        secrets = settings.api_keys
-
-        def api_keys(policy: Any) -> dict[str, str]:
-            ref = policy.spec.tenancy.api_keys_secret_ref
-            return dict(secrets.get(ref.name, {})) if ref is not None else {}
-
         return BudgetHook(self.datastore, metrics=self.budget_metrics, ledger=ledger,
                           estimator=build_default_estimator(
                               settings.quality_data, embedding=settings.quality_embedding,
                               background=True),
-                          api_keys=api_keys,
+                          api_keys=self._api_keys,
                           refresh_interval_s=max(0.05, settings.scrape_interval_s))
+
+    def _api_keys(self, policy: Any) -> dict[str, str]:
+        """The embedded {tenant: API key} of a ``tenancy.source: APIKey`` policy."""
+        ref = policy.spec.tenancy.api_keys_secret_ref
+        return dict(self.settings.api_keys.get(ref.name, {})) if ref is not None else {}
 
     def _forget_removed(self, added: list[Any], removed: list[Any]) -> None:
         for ep in removed:
@@ -180,7 +190,8 @@ class Router:
         if s.ext_proc_port is not None:
             from kvroute_router.extproc.server import start_ext_proc_server
 
-            server, port = await start_ext_proc_server(self.director, s.host, s.ext_proc_port)
+            server, port = await start_ext_proc_server(self.director, s.host, s.ext_proc_port,
+                                                       self.response_cache)
             self._grpc_servers.append(server)
             self.ports["ext_proc"] = port
         if s.grpc_port is not None:
@@ -221,6 +232,7 @@ class Router:
         await asyncio.gather(*(server.stop(grace=grace) for server in self._grpc_servers),
                              *(runner.cleanup() for runner in self._runners))
         await self.scraper.stop()
+        await self.response_cache.stop()
         if self.budget_hook is not None:
             await self.budget_hook.stop()
         if self.kv_event_feeds is not None:

@@ -97,7 +97,9 @@ class Decision:
 
     @property
     def served_model(self) -> str:
-        return self.pool.model_name
+        """The model name the engine is asked for: the pool's LoRA adapter when the policy
+        names one, else the pool's served model."""
+        return self.request.lora_adapter or self.pool.model_name
 
     @property
     def request_timeout_s(self) -> float:
@@ -284,12 +286,20 @@ class Director:
                 admissions.append(verdict)
 
         allowed: set[str] | None = None
+        preferred: set[str] = set()
         for verdict in admissions:
             if verdict.pools is not None:
                 allowed = set(verdict.pools) if allowed is None else allowed & set(verdict.pools)
+            if verdict.prefer is not None:
+                preferred.update(verdict.prefer)
 
+        order = self._pool_order(resolution, allowed)
+        if preferred:  # stable: weighted order kept inside each group
+            order.sort(key=lambda state: state.name not in preferred)
+        adapters = {target.name: target.lora_adapter for _, target in resolution.pools}
         try:
-            for pool in self._pool_order(resolution, allowed):
+            for pool in order:
+                request.lora_adapter = adapters.get(pool.name)
                 profile = self.profile_for(resolution, pool)
                 state = CycleState()
                 ranked = profile.run(state, request, list(pool.endpoints.values()),

@@ -4,7 +4,7 @@ dicts; the Helm chart renders its Role/ClusterRole from this list (and its tests
 from __future__ import annotations
 
 ROUTER_RULES: list[dict[str, list[str]]] = [
-    {"apiGroups": ["kvroute.io"], "resources": ["inferencepools", "routepolicies"],
+    {"apiGroups": ["kvroute.io"], "resources": ["inferencepools", "routepolicies", "cachetiers"],
      "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     # API keys of `tenancy.source: APIKey` policies (the Secret named by apiKeysSecretRef);

@@ -101,3 +101,20 @@ def test_cross_field_rules_are_rendered_as_cel() -> None:
                for r in autoscaling["x-kubernetes-validations"])
     budget = _schema(crdgen.RoutePolicy)["properties"]["spec"]["properties"]["budgets"]["items"]
     assert all(r["message"] for r in budget["x-kubernetes-validations"])
+
+
+def test_hourly_price_without_throughput_is_refused() -> None:
+    """A pool priced only per GPU hour used to cost $0 per token when it did not say its
+    throughput; now the manifest is refused, naming the missing field."""
+    import pydantic
+    from kvroute_api.inference_pool import InferencePool
+
+    body = {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
+            "metadata": {"name": "p"},
+            "spec": {"mode": "External", "model": {"name": "m"},
+                     "endpoints": [{"address": "127.0.0.1:8000"}],
+                     "cost": {"perGPUHourUSD": 2.0}}}
+    with pytest.raises(pydantic.ValidationError, match="tokensPerSecondPerReplica"):
+        InferencePool.model_validate(body, by_alias=True)
+    body["spec"]["capacity"] = {"tokensPerSecondPerReplica": 1000}  # type: ignore[index]
+    InferencePool.model_validate(body, by_alias=True)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from kvroute_api.cache_tier import CacheTier
 from kvroute_api.inference_pool import InferencePool
 from kvroute_api.manifests import load_objects
 from kvroute_api.route_policy import RoutePolicy
@@ -59,7 +60,7 @@ def load_config(datastore: Datastore, paths: Sequence[Path]) -> tuple[int, int]:
     if managed:
         log.warning("pools %s have no static endpoints; embedded mode only serves External "
                     "pools with spec.endpoints", ", ".join(managed))
-    datastore.replace(pools, policies)
+    datastore.replace(pools, policies, [o for o in objects if isinstance(o, CacheTier)])
     return len(pools), len(policies)
 
 

@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kvroute_api.cache_tier import CacheTier
 from kvroute_api.inference_pool import InferencePool
 from kvroute_api.meta import GROUP, VERSION
 from kvroute_api.route_policy import RoutePolicy
@@ -133,6 +134,10 @@ class KubernetesSource:
             ("routepolicies", custom.list_namespaced_custom_object if ns
              else custom.list_cluster_custom_object,
              {"group": GROUP, "version": VERSION, "plural": "routepolicies",
+              **({"namespace": ns} if ns else {})}),
+            ("cachetiers", custom.list_namespaced_custom_object if ns
+             else custom.list_cluster_custom_object,
+             {"group": GROUP, "version": VERSION, "plural": "cachetiers",
               **({"namespace": ns} if ns else {})}),
             ("pods", core.list_namespaced_pod if ns else core.list_pod_for_all_namespaces,
              {"namespace": ns} if ns else {}),
@@ -245,6 +250,7 @@ class KubernetesSource:
         for item in items:
             keys.add(self._apply(kind, "ADDED", item))
         existing = ([s.key for s in self.datastore.pools()] if kind == "inferencepools"
+                    else self.datastore.cache_tier_keys() if kind == "cachetiers"
                     else list(self.datastore.policies()))
         for key in existing:
             if key not in keys:
@@ -288,6 +294,8 @@ class KubernetesSource:
                 pool = InferencePool.model_validate(body, by_alias=True)
                 static = bool(pool.spec.endpoints)
                 self.datastore.set_pool(pool, None if static else self._pool_pods(pool))
+            elif kind == "cachetiers":
+                self.datastore.set_cache_tier(CacheTier.model_validate(body, by_alias=True))
             else:
                 self.datastore.set_policy(RoutePolicy.model_validate(body, by_alias=True))
         except ValidationError as exc:
@@ -297,6 +305,8 @@ class KubernetesSource:
     def _delete(self, kind: str, key: str) -> None:
         if kind == "inferencepools":
             self.datastore.delete_pool(key)
+        elif kind == "cachetiers":
+            self.datastore.delete_cache_tier(key)
         else:
             self.datastore.delete_policy(key)
 

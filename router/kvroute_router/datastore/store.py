@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from kvroute_api.cache_tier import CacheTier
 from kvroute_api.inference_pool import InferencePool
 from kvroute_api.route_policy import MatchSpec, PoolTarget, RoutePolicy, RoutePolicySpec
 
@@ -75,6 +76,7 @@ class Datastore:
         self._pools: dict[str, PoolState] = {}
         self._policies: dict[str, RoutePolicy] = {}
         self._api_keys: dict[str, dict[str, str]] = {}
+        self._cache_tiers: dict[str, CacheTier] = {}
         self._listeners: list[EndpointListener] = []
         self.version = 0
         """Bumped on every pool or policy change (profile caches key on it)."""
@@ -150,6 +152,25 @@ class Datastore:
             self._policies = policies
             self.version += 1
 
+    def set_cache_tier(self, tier: CacheTier) -> None:
+        tiers = dict(self._cache_tiers)
+        tiers[object_key(tier.metadata.namespace, tier.metadata.name)] = tier
+        self._cache_tiers = tiers
+        self.version += 1
+
+    def delete_cache_tier(self, key: str) -> None:
+        tiers = dict(self._cache_tiers)
+        if tiers.pop(key, None) is not None:
+            self._cache_tiers = tiers
+            self.version += 1
+
+    def cache_tier(self, key: str) -> CacheTier | None:
+        """The CacheTier ``namespace/name`` (the response cache reads ``spec.response``)."""
+        return self._cache_tiers.get(key)
+
+    def cache_tier_keys(self) -> list[str]:
+        return list(self._cache_tiers)
+
     def set_api_keys(self, secret_key: str, digests: Mapping[str, str]) -> None:
         """The API-key table (sha256 digest → tenant) of the Secret ``namespace/name``; a
         changed table bumps ``version`` so the budget hook rebuilds its tenant resolvers."""
@@ -174,7 +195,8 @@ class Datastore:
     def api_key_secrets(self) -> list[str]:
         return list(self._api_keys)
 
-    def replace(self, pools: Iterable[InferencePool], policies: Iterable[RoutePolicy]) -> None:
+    def replace(self, pools: Iterable[InferencePool], policies: Iterable[RoutePolicy],
+                cache_tiers: Iterable[CacheTier] = ()) -> None:
         """Make the store hold exactly these objects (a config file was (re)loaded)."""
         pools = list(pools)
         wanted = {object_key(p.metadata.namespace, p.metadata.name) for p in pools}
@@ -184,6 +206,8 @@ class Datastore:
             self.set_pool(pool)
         self._policies = {object_key(p.metadata.namespace, p.metadata.name): p
                           for p in policies}
+        self._cache_tiers = {object_key(t.metadata.namespace, t.metadata.name): t
+                             for t in cache_tiers}
         self.version += 1
         self.loaded = True
 

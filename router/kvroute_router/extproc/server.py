@@ -41,6 +41,7 @@ from kvroute_router.openai.errors import BadRequestError, error_body
 from kvroute_router.openai.requests import decode_body, endpoint_kind, parse_request
 from kvroute_router.openai.upstream import upstream_changes
 from kvroute_router.openai.usage import USAGE_TAIL, usage_of
+from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,10 @@ def _subset_hint(request: Any) -> frozenset[str] | None:
 class ExtProcServer:
     """The ``Process`` stream handler."""
 
-    def __init__(self, director: RequestRouter) -> None:
+    def __init__(self, director: RequestRouter,
+                 response_cache: ResponseCache | None = None) -> None:
         self.director = director
+        self.response_cache = response_cache
 
     async def process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         headers: dict[str, str] = {}
@@ -104,6 +107,8 @@ class ExtProcServer:
         status = 0
         tail = b""
         started = time.monotonic()
+        lookup = CacheLookup()
+        recorder = None
         try:
             async for request in requests:
                 which = request.WhichOneof("request")
@@ -124,7 +129,8 @@ class ExtProcServer:
                         continue
                     if subset is None:
                         subset = _subset_hint(request)
-                    answer, routed = await self._pick(headers, bytes(body), subset)
+                    answer, routed, lookup = await self._pick(headers, bytes(body), subset)
+                    recorder = lookup.recorder()
                     yield answer
                     if routed is None:
                         return
@@ -133,11 +139,17 @@ class ExtProcServer:
                         status = int(_headers_of(request.response_headers).get(":status", "0"))
                     except ValueError:
                         status = 0
-                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse())
+                    yield ep.ProcessingResponse(response_headers=ep.HeadersResponse(
+                        response=_cache_header(lookup)))
                 elif which == "response_body":
                     # Only when Envoy is configured to send the response body (mode
                     # STREAMED/BUFFERED): the engine's usage settles budgets exactly.
                     tail = (tail + request.response_body.body)[-USAGE_TAIL:]
+                    if recorder is not None:
+                        recorder.feed(request.response_body.body)
+                        if request.response_body.end_of_stream:
+                            lookup.finish(recorder, status)
+                            recorder = None
                     yield ep.ProcessingResponse(response_body=ep.BodyResponse())
                 elif which == "request_trailers":
                     yield ep.ProcessingResponse(request_trailers=ep.TrailersResponse())
@@ -151,24 +163,30 @@ class ExtProcServer:
                     prompt_tokens=prompt_tokens, completion_tokens=completion_tokens))
 
     async def _pick(self, headers: dict[str, str], raw: bytes,
-                    subset: frozenset[str] | None) -> tuple[Any, RoutedRequest | None]:
-        """The answer to the complete request body, and the routed request (None when the
-        answer refuses it); the request's first attempt is dispatched."""
+                    subset: frozenset[str] | None
+                    ) -> tuple[Any, RoutedRequest | None, CacheLookup]:
+        """The answer to the complete request body, the routed request (None when the answer
+        refuses it or comes from the response cache) and the cache lookup; the request's first
+        attempt is dispatched."""
         kind: Literal["completions", "chat"] = (
             "chat" if endpoint_kind(headers.get(":path", "")) == "chat" else "completions")
         try:
             parsed = parse_request(decode_body(raw), kind)
         except BadRequestError as exc:
-            return immediate(400, str(exc), exc.code, param=exc.param), None
+            return immediate(400, str(exc), exc.code, param=exc.param), None, CacheLookup()
         request = LLMRequest.from_openai(parsed, headers)
         request.allowed_addresses = subset
+        lookup = (await self.response_cache.lookup(request) if self.response_cache
+                  else CacheLookup())
+        if lookup.hit:  # answered by Envoy from the cache: no engine, no budget
+            return cached_immediate(lookup), None, lookup
         try:
             routed = await self.director.open(request, entrypoint="ext_proc")
         except RoutingError as exc:
             return immediate(exc.status, exc.message, exc.code, exc.retry_after,
-                             exc.param), None
+                             exc.param), None, lookup
         try:
-            return self._route_to(parsed.body, parsed.kind, routed), routed
+            return self._route_to(parsed.body, parsed.kind, routed), routed, lookup
         except BaseException as exc:
             routed.close(exc)
             raise
@@ -195,11 +213,30 @@ class ExtProcServer:
                                      dynamic_metadata=metadata)
 
 
-async def start_ext_proc_server(director: RequestRouter, host: str, port: int
+def cached_immediate(lookup: CacheLookup) -> Any:
+    """A response-cache hit as an ``ImmediateResponse`` (HTTP 200, JSON or SSE)."""
+    body, content_type = lookup.body()
+    return ep.ProcessingResponse(immediate_response=ep.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=200),
+        headers=ep.HeaderMutation(set_headers=[_header("content-type", content_type),
+                                               _header(CACHE_HEADER, str(lookup.match))]),
+        body=body, details="kvroute_response_cache_hit"))
+
+
+def _cache_header(lookup: CacheLookup) -> Any:
+    """``x-kvroute-cache: miss`` on the engine's answer when the policy uses the cache."""
+    if lookup.header is None:
+        return None
+    return ep.CommonResponse(header_mutation=ep.HeaderMutation(
+        set_headers=[_header(CACHE_HEADER, lookup.header)]))
+
+
+async def start_ext_proc_server(director: RequestRouter, host: str, port: int,
+                                response_cache: ResponseCache | None = None
                                 ) -> tuple[Any, int]:
     """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)])
-    handler = ExtProcServer(director)
+    handler = ExtProcServer(director, response_cache)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Process": grpc.stream_stream_rpc_method_handler(
             handler.process, request_deserializer=ep.ProcessingRequest.FromString,

@@ -63,6 +63,9 @@ class Admission:
 
     pools: Sequence[str] | None = None
     """Pool names (of the policy) the request may use; None: any."""
+    prefer: Sequence[str] | None = None
+    """Pool names to try first among those allowed (difficulty routing); the others stay
+    available as fallbacks."""
     on_finish: Callable[[Any, Outcome], None] | None = None
     """Called once when the request finished (accounting, releasing concurrency), with the
     director's ``Decision``; with ``None`` for the decision when the request was refused or

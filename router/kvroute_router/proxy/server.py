@@ -41,6 +41,7 @@ from kvroute_router.openai.requests import decode_body, parse_request
 from kvroute_router.openai.upstream import upstream_body
 from kvroute_router.openai.usage import USAGE_TAIL, streamed_events, streamed_tokens, usage_of
 from kvroute_router.proxy.openai_errors import error_response
+from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,10 @@ class OpenAIProxy:
 
     def __init__(self, director: RequestRouter, datastore: ModelCatalog,
                  connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0,
-                 trust_tenant_header: bool = False) -> None:
+                 trust_tenant_header: bool = False,
+                 response_cache: ResponseCache | None = None) -> None:
         self.director = director
+        self.response_cache = response_cache
         self.datastore = datastore
         self.trust_tenant_header = trust_tenant_header
         """Believe clients' tenant headers (only behind a gateway that sets them)."""
@@ -154,6 +157,12 @@ class OpenAIProxy:
         except BadRequestError as exc:
             return error_response(400, str(exc), exc.code, exc.param)
         llm_request = LLMRequest.from_openai(parsed, headers)
+        lookup = (await self.response_cache.lookup(llm_request) if self.response_cache
+                  else CacheLookup())
+        if lookup.hit:  # answered before routing: no engine, no admission, no budget
+            cached, content_type = lookup.body()
+            return web.Response(body=cached, content_type=content_type,
+                                headers={CACHE_HEADER: str(lookup.match)})
         started = time.monotonic()
         try:
             # asyncio.timeout, not wait_for: open() must run in this task (it dispatches the
@@ -174,7 +183,7 @@ class OpenAIProxy:
                                 if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
             upstream_headers["x-request-id"] = llm_request.request_id
             return await self._relay(http, routed, path, payload, upstream_headers, started,
-                                     deadline)
+                                     deadline, lookup)
 
     def _untrusted_headers(self) -> frozenset[str]:
         """Tenant headers of ``source: Header`` policies: dropped from clients' requests (for
@@ -191,7 +200,7 @@ class OpenAIProxy:
 
     async def _relay(self, http: web.Request, routed: RoutedRequest, path: str,
                      payload: bytes, headers: Mapping[str, str], started: float,
-                     deadline: float) -> web.StreamResponse:
+                     deadline: float, lookup: CacheLookup) -> web.StreamResponse:
         decision = routed.decision
         attempts = decision.endpoints[:max(1, decision.max_attempts)]
         last_error: UpstreamAttemptError | None = None
@@ -203,7 +212,7 @@ class OpenAIProxy:
                 routed.dispatch(endpoint)
             try:
                 return await self._attempt(http, routed, endpoint, path, payload, headers,
-                                           started, deadline)
+                                           started, deadline, lookup)
             except UpstreamAttemptError as exc:
                 last_error = exc
                 log.info("attempt %d of %s on %s failed: %s", number + 1,
@@ -223,7 +232,7 @@ class OpenAIProxy:
 
     async def _attempt(self, http: web.Request, routed: RoutedRequest, endpoint: Endpoint,
                        path: str, payload: bytes, headers: Mapping[str, str], started: float,
-                       deadline: float) -> web.StreamResponse:
+                       deadline: float, lookup: CacheLookup) -> web.StreamResponse:
         """One attempt on ``endpoint`` (already dispatched); finishes the request once a byte
         went to the client, raises UpstreamAttemptError before that."""
         assert self._session is not None
@@ -265,6 +274,7 @@ class OpenAIProxy:
 
             # Committed: from here on the client gets this endpoint's answer.
             response = web.StreamResponse(status=status)
+            recorder = lookup.recorder()
             try:
                 ttft = time.monotonic() - started
                 for name in PASS_BACK:
@@ -272,15 +282,21 @@ class OpenAIProxy:
                         response.headers[name] = upstream.headers[name]
                 response.headers[ENDPOINT_HEADER] = endpoint.address
                 response.headers[POOL_HEADER] = decision.pool_name
+                if lookup.header is not None:
+                    response.headers[CACHE_HEADER] = lookup.header
                 await response.prepare(http)
                 tail = first[-USAGE_TAIL:]
                 if stream:
                     events[0] += streamed_events(b"", first)
                 if first:
                     await response.write(first)
+                    if recorder is not None:
+                        recorder.feed(first)
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
+                        if recorder is not None:
+                            recorder.feed(chunk)
                         if stream:
                             events[0] += streamed_events(tail, chunk)
                         tail = (tail + chunk)[-USAGE_TAIL:]
@@ -295,6 +311,7 @@ class OpenAIProxy:
                 status = 502 if status < 400 else status
             finally:
                 await upstream_cm.__aexit__(None, None, None)
+            lookup.finish(recorder, status)  # written only when complete and successful
             prompt_tokens, completion_tokens = usage_of(tail)
             if completion_tokens is None and stream:
                 completion_tokens = streamed_tokens(events[0], decision.request.kind)

@@ -216,7 +216,9 @@ def redis_cluster_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int
     workdir = tmp_path_factory.mktemp("redis-cluster")
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--cluster-enabled", "yes", "--cluster-config-file", str(workdir / "nodes.conf"),
+         # The bus port defaults to port + 10000, past 65535 for a high ephemeral port.
+         "--cluster-enabled", "yes", "--cluster-port", str(_free_port()),
+         "--cluster-config-file", str(workdir / "nodes.conf"),
          "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):

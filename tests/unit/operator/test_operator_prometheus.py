@@ -142,3 +142,32 @@ async def test_request_rate_and_concurrency_count_towards_percent_used(
 async def test_unreachable_prometheus_is_an_error() -> None:
     with pytest.raises(PrometheusUnavailableError):
         await PrometheusMetrics("http://127.0.0.1:9").query("up")
+
+
+async def test_cache_hit_rates_for_the_status_columns(
+        prometheus: tuple[PrometheusServer, str]) -> None:
+    """InferencePool CACHE-HIT from the engines' prefix-cache counters; CacheTier entries
+    (memory: summed over replicas; redis: shared, counted once) and hit rate from the routers'
+    response-cache metrics."""
+    from kvroute_operator.prometheus import (
+        percent,
+        prefix_cache_hit_rate,
+        response_cache_status,
+    )
+
+    server, url = prometheus
+    server.rules = [
+        (r"^sum\(increase\(vllm:prefix_cache_hits_total", [sample({}, 0.735)]),
+        (r"sum by \(backend\) \(kvroute_response_cache_entries\{cache_tier=\"ns/answers\"",
+         [sample({"backend": "memory"}, 30.0), sample({"backend": "redis"}, 200.0)]),
+        (r"max by \(backend\) \(kvroute_response_cache_entries\{cache_tier=\"ns/answers\"",
+         [sample({"backend": "memory"}, 20.0), sample({"backend": "redis"}, 100.0)]),
+        (r"kvroute_response_cache_lookups_total\{cache_tier=\"ns/answers\",result=~\"exact",
+         [sample({}, 0.125)]),
+    ]
+    metrics = PrometheusMetrics(url)
+    rate = await prefix_cache_hit_rate(metrics, pod_selector("ns", "llama"))
+    assert rate is not None and percent(rate) == "73.5%"
+    entries, hit = await response_cache_status(metrics, "ns/answers")
+    assert entries == 30 + 100 and hit is not None and percent(hit) == "12.5%"
+    assert await response_cache_status(metrics, "ns/other") == (None, None)

@@ -149,3 +149,27 @@ async def test_policy_saturation_threshold_reaches_the_load_headroom_filter() ->
     profile = director.profile_for(resolution, decision.pool)
     filters = [f for f in profile.filters if isinstance(f, LoadHeadroomFilter)]
     assert filters and filters[0].max_waiting == 3
+
+
+async def test_policy_lora_adapter_reaches_the_scorer_and_the_forwarded_model() -> None:
+    """PoolTarget.loraAdapter: the lora-affinity scorer sees the adapter (it prefers the engine
+    that has it loaded) and the engine is asked for the adapter, not the base model."""
+    from kvroute_router.openai.upstream import upstream_changes
+
+    pool = make_pool("local", model="base", count=2)
+    policy = make_policy("sql", model="sql", pools=[{"name": "local", "loraAdapter": "sql-lora"}],
+                         scoring={"scorers": [{"type": "lora-affinity"}]})
+    director, store = make_director([pool], [policy])
+    local = store.pool("default/local")
+    assert local is not None
+    endpoints = list(local.endpoints.values())
+    set_metrics(endpoints[0], running_loras=frozenset(), max_loras=1,
+                waiting_loras=frozenset({"other"}))
+    set_metrics(endpoints[1], running_loras=frozenset({"sql-lora"}), max_loras=1)
+    for _ in range(5):
+        decision = await director.route(LLMRequest(model="sql", prompt_text="q"))
+        assert decision.request.lora_adapter == "sql-lora"
+        assert decision.endpoints[0] is endpoints[1]
+        changes = upstream_changes({"model": "sql"}, "completions", decision.served_model,
+                                   decision.request.max_tokens)
+        assert changes["model"] == "sql-lora"

@@ -74,10 +74,13 @@ def _too_deep(value: Any, depth: int) -> bool:
         value, depth = stack.pop()
         if depth > MAX_DEPTH:
             return True
-        for child in (value.values() if type(value) is dict else value):
-            kind = type(child)
-            if kind is dict or kind is list:
-                stack.append((child, depth + 1))
+        children = value.values() if type(value) is dict else value
+        kinds = set(map(type, children))  # in C: a flat list of token ids is not walked
+        if dict in kinds or list in kinds:
+            for child in children:
+                kind = type(child)
+                if kind is dict or kind is list:
+                    stack.append((child, depth + 1))
     return False
 
 
@@ -274,13 +277,13 @@ def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
         return (value,)
     if not isinstance(value, list) or not value:
         raise error
-    if all(type(t) is int for t in value):
+    if set(map(type, value)) == {int}:
         return (tuple(value),)
     prompts: list[str | tuple[int, ...]] = []
     for item in value:
         if isinstance(item, str):
             prompts.append(item)
-        elif isinstance(item, list) and item and all(type(t) is int for t in item):
+        elif isinstance(item, list) and item and set(map(type, item)) == {int}:
             prompts.append(tuple(item))
         else:
             raise error

@@ -27,6 +27,7 @@ from kvroute_router.datastore.kube_source import KubernetesSource
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Director
 from kvroute_router.framework.registry import PluginRegistry, SharedServices
+from kvroute_router.grpcauth import CallerTokens
 from kvroute_router.kvevents_feed import KVEventFeeds, register_precise_prefix
 from kvroute_router.plugins import register_builtin_plugins
 from kvroute_router.proxy.server import OpenAIProxy
@@ -57,7 +58,17 @@ class RouterSettings:
     """Enforce RoutePolicy budgets, admission control and batch routing (``BudgetHook``)."""
     trust_tenant_header: bool = False
     """The proxy sits behind a gateway that sets the tenant header: believe it. Otherwise the
-    proxy drops tenant headers from clients (ext_proc always trusts its gateway)."""
+    proxy drops tenant and other trust-gated headers from clients not in
+    ``trusted_proxy_cidrs``."""
+    trusted_proxy_cidrs: list[str] = field(default_factory=list)
+    """Proxy clients in these networks are a trusted hop: their trust-gated headers (tenant,
+    priority, namespace scope, policy match headers) are believed (docs/security.md)."""
+    ext_proc_trust_gateway_headers: bool = False
+    """ext_proc believes trust-gated headers: its gateway strips clients' copies."""
+    grpc_tokens_dir: Path | None = None
+    """Mounted Secret of caller tokens: Pick/Report need one; the caller is the tenant."""
+    ext_proc_require_token: bool = False
+    """With ``grpc_tokens_dir``: ext_proc calls need a caller token too."""
     quality_data: Path | None = None
     """Labelled CSV (RouteLLM format) for the kNN quality estimator; else the heuristic."""
     quality_embedding: str = "auto"
@@ -96,7 +107,10 @@ class Router:
             self.source = ConfigFileSource(self.datastore, settings.config_paths,
                                            settings.config_poll_interval_s)
         self.proxy = OpenAIProxy(self.director, self.datastore,
-                                 trust_tenant_header=settings.trust_tenant_header)
+                                 trust_tenant_header=settings.trust_tenant_header,
+                                 trusted_proxy_cidrs=settings.trusted_proxy_cidrs)
+        self.caller_tokens: CallerTokens | None = (
+            CallerTokens(settings.grpc_tokens_dir) if settings.grpc_tokens_dir else None)
         self.kv_event_feeds: KVEventFeeds | None = None
         if settings.kv_events and "prefix-precise" in self.registry:
             self.kv_event_feeds = KVEventFeeds(self.datastore, self.services,
@@ -165,13 +179,17 @@ class Router:
         if s.ext_proc_port is not None:
             from kvroute_router.extproc.server import start_ext_proc_server
 
-            server, port = await start_ext_proc_server(self.director, s.host, s.ext_proc_port)
+            server, port = await start_ext_proc_server(
+                self.director, s.host, s.ext_proc_port,
+                trust_gateway_headers=s.ext_proc_trust_gateway_headers,
+                tokens=self.caller_tokens if s.ext_proc_require_token else None)
             self._grpc_servers.append(server)
             self.ports["ext_proc"] = port
         if s.grpc_port is not None:
             from kvroute_router.grpcapi.server import start_router_grpc_server
 
-            server, port = await start_router_grpc_server(self.director, s.host, s.grpc_port)
+            server, port = await start_router_grpc_server(self.director, s.host, s.grpc_port,
+                                                          tokens=self.caller_tokens)
             self._grpc_servers.append(server)
             self.ports["grpc"] = port
         log.info("router listening: %s", ", ".join(f"{k}={v}" for k, v in self.ports.items()))

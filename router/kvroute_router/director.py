@@ -34,6 +34,7 @@ from typing import Protocol
 
 from kvroute_api.route_policy import RoutePolicy
 
+from kvroute_router.datastore.resolution import PolicyConflictError
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
@@ -75,6 +76,10 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    witness: str = "router"
+    """Who vouches for this outcome (docs/security.md, accounting): ``router`` (the proxy saw
+    the engine's answer, or Envoy reported it to ext_proc), ``caller`` (an authenticated Pick
+    caller's Report) or ``unverified`` (an anonymous Report, or a Pick never reported)."""
 
 
 @dataclass
@@ -202,7 +207,10 @@ class Director:
         return decision
 
     async def _route(self, request: LLMRequest, started: float) -> Decision:
-        resolution = self.datastore.resolve(request.model, request.headers)
+        try:
+            resolution = self.datastore.resolve(request.model, request.headers)
+        except PolicyConflictError as exc:
+            raise RoutingError(409, "policy_conflict", str(exc), param="model") from exc
         if resolution is None:
             known = ", ".join(self.datastore.models()) or "none"
             raise RoutingError(404, "model_not_found",

@@ -24,10 +24,10 @@ shared :class:`BudgetLedger`. Per request (``admit``):
    first — the policy's fallback pools with endpoints included as downgrade targets. Refused →
    429 naming the budget with ``Retry-After``; ``onExhausted: Downgrade`` → the request is
    restricted to the cheaper pool the ledger reserved.
-5. **finish** — ``on_finish`` settles the reservation with the engine's usage (prompt and
-   completion tokens from the response ``usage``, or counted from the stream), on the pool that
-   actually served it; a request that never reached an engine is cancelled. Then one queued
-   request is released.
+5. **finish** — ``on_finish`` settles the reservation on the pool that actually served it,
+   with what :func:`~kvroute_router.budget.accounting.charge_for` says: the engine's usage
+   from a trustworthy witness, else the reservation; refunded only when the attempt provably
+   produced nothing (docs/security.md). Then one queued request is released.
 
 Policies are re-read whenever the datastore's version changes (config-file reload or a
 Kubernetes watch event, including an API-key Secret's): limits, admission, batching and
@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 from kvroute_api.route_policy import RoutePolicy, RoutePolicySpec
 
+from kvroute_router.budget.accounting import charge_for
 from kvroute_router.budget.admission import AdmissionController, EndpointLoad
 from kvroute_router.budget.batcher import BatchRequest, BatchRouter
 from kvroute_router.budget.batcher import PoolState as BatchPoolState
@@ -123,6 +124,8 @@ class BudgetHook:
         self.refresh_interval_s = refresh_interval_s
         self.gauge_interval_s = gauge_interval_s
         self._policies: dict[str, _Policy] = {}
+        self._implicit: dict[str, _Policy] = {}
+        """Default policies of directly reachable served names, by ``implicit/<model>``."""
         self._version = -1
         self._active: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -160,8 +163,18 @@ class BudgetHook:
                 state.resolver, state.key_table = self._resolver(policy)
             self.ledger.in_flight_deadline_s = max(
                 self.ledger.in_flight_deadline_s, float(new.request_timeout_seconds))
-        for state in self._policies.values():
+        for state in [*self._policies.values(), *self._implicit.values()]:
             state.economics = {}
+
+    def _implicit_state(self, resolution: Resolution) -> _Policy:
+        """The per-model state of the default policy implied by directly reachable pools
+        (rebuilt when the datastore changes)."""
+        key = resolution.policy_key
+        state = self._implicit.get(key)
+        if state is None or state.policy.spec.pools != resolution.policy.spec.pools:
+            state = self._create(key, resolution.policy)
+            self._implicit[key] = state
+        return state
 
     def _key_table(self, policy: RoutePolicy) -> KeyDigests | None:
         ref = policy.spec.tenancy.api_keys_secret_ref
@@ -194,9 +207,12 @@ class BudgetHook:
         primaries, fallbacks = self._pools_by_role(key)
         return primaries or fallbacks
 
+    def _state(self, key: str) -> _Policy | None:
+        return self._policies.get(key) or self._implicit.get(key)
+
     def _pools_by_role(self, key: str) -> tuple[list[PoolState], list[PoolState]]:
         """(primaries, fallbacks) of the policy that have endpoints."""
-        state = self._policies.get(key)
+        state = self._state(key)
         if state is None:
             return [], []
         namespace = state.policy.metadata.namespace
@@ -222,7 +238,7 @@ class BudgetHook:
         return cached
 
     def _batch_pools(self, key: str) -> list[BatchPoolState]:
-        state = self._policies.get(key)
+        state = self._state(key)
         if state is None:
             return []
         return [BatchPoolState(self._economics(state, pool),
@@ -231,7 +247,7 @@ class BudgetHook:
                 for pool in self._candidates(key)]
 
     def _load(self, key: str) -> list[EndpointLoad]:
-        state = self._policies.get(key)
+        state = self._state(key)
         stale_s = (state.policy.spec.scoring.stale_metrics_ms / 1000.0) if state else 1.0
         loads: list[EndpointLoad] = []
         for pool in self._candidates(key):
@@ -247,10 +263,10 @@ class BudgetHook:
 
     # ---- the hook ----------------------------------------------------------------------------
     async def admit(self, request: LLMRequest, resolution: Resolution) -> Admission | None:
-        if resolution.implicit:
-            return None  # no RoutePolicy: nothing configured to enforce
         self.sync()
-        state = self._policies.get(resolution.policy_key)
+        # A served name reached directly gets the default policy's limits (docs/security.md).
+        state = (self._implicit_state(resolution) if resolution.implicit
+                 else self._policies.get(resolution.policy_key))
         if state is None:
             return None
         spec: RoutePolicySpec = state.policy.spec
@@ -341,18 +357,13 @@ class BudgetHook:
                       estimate: RequestEstimate, decision: Decision | None,
                       outcome: Outcome) -> None:
         try:
-            served = outcome.prompt_tokens is not None or outcome.completion_tokens is not None
-            reached = decision is not None and (
-                served or 200 <= outcome.status < 400 or outcome.status in (499, 504))
-            if not reached or decision is None:
+            charge = charge_for(decision is not None, outcome, estimate)
+            if charge.refund or decision is None:
                 await self.ledger.cancel(reservation)
                 return
             pool = self._economics(state, decision.pool)
-            prompt = (outcome.prompt_tokens if outcome.prompt_tokens is not None
-                      else estimate.prompt_tokens)
-            output = (outcome.completion_tokens if outcome.completion_tokens is not None
-                      else estimate.max_output_tokens)
-            await self.ledger.settle(reservation, pool, prompt, output)
+            await self.ledger.settle(reservation, pool, charge.prompt_tokens,
+                                     charge.output_tokens)
         except Exception:
             log.exception("settling the budget reservation of policy %s failed", state.name)
 
@@ -374,7 +385,7 @@ class BudgetHook:
             await asyncio.sleep(self.refresh_interval_s)
             try:
                 self.sync()
-                for state in self._policies.values():
+                for state in [*self._policies.values(), *self._implicit.values()]:
                     if state.controller.queue_depth:
                         state.controller.release_waiting()
                 if time.monotonic() >= next_gauges:

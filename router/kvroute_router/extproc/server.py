@@ -38,9 +38,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import RequestKind
+from kvroute_router.grpcauth import BearerAuthInterceptor, CallerTokens
 from kvroute_router.proxy.openai_errors import error_body
 from kvroute_router.proxy.openai_request import BadRequestError, request_from_body, usage_of
 from kvroute_router.proxy.server import USAGE_TAIL, upstream_changes
+from kvroute_router.trust import HeaderTrust
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,12 @@ def _subset_hint(request: Any) -> frozenset[str] | None:
 class ExtProcServer:
     """The ``Process`` stream handler."""
 
-    def __init__(self, director: Director) -> None:
+    def __init__(self, director: Director, trust: HeaderTrust | None = None,
+                 trust_gateway_headers: bool = False) -> None:
         self.director = director
+        self.trust = trust or HeaderTrust(director.datastore)
+        self.trust_gateway_headers = trust_gateway_headers
+        """Believe trust-gated headers: the gateway strips clients' copies (docs/security.md)."""
 
     async def process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         headers: dict[str, str] = {}
@@ -158,6 +164,7 @@ class ExtProcServer:
     async def _pick(self, headers: dict[str, str], raw: bytes,
                     subset: frozenset[str] | None) -> tuple[Any, Decision | None]:
         path = headers.get(":path", "")
+        headers = self.trust.for_routing(headers, self.trust_gateway_headers)
         kind: RequestKind = "chat" if "chat/completions" in path else "completions"
         try:
             body = msgspec.json.decode(raw)
@@ -202,11 +209,16 @@ async def set_serving(servicer: Any, services: list[str]) -> None:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
 
-async def start_ext_proc_server(director: Director, host: str, port: int
-                                ) -> tuple[Any, int]:
-    """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)])
-    handler = ExtProcServer(director)
+async def start_ext_proc_server(director: Director, host: str, port: int, *,
+                                trust_gateway_headers: bool = False,
+                                tokens: CallerTokens | None = None) -> tuple[Any, int]:
+    """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port).
+    With ``tokens``, ext_proc calls need a caller token (:mod:`kvroute_router.grpcauth`)."""
+    interceptors = [BearerAuthInterceptor(tokens, [SERVICE])] if tokens is not None else []
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)],
+        interceptors=interceptors)
+    handler = ExtProcServer(director, trust_gateway_headers=trust_gateway_headers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Process": grpc.stream_stream_rpc_method_handler(
             handler.process, request_deserializer=ep.ProcessingRequest.FromString,

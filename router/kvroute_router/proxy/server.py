@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -38,6 +38,7 @@ from kvroute_router.proxy.openai_request import (
     streamed_events,
     usage_of,
 )
+from kvroute_router.trust import HeaderTrust
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ PASS_BACK = ("content-type", "content-encoding", "cache-control", "x-request-id"
 ERROR_BODY_LIMIT = 64 * 1024
 ADMISSION_TIMEOUT_S = 600.0
 USAGE_TAIL = 8192
-DEFAULT_TENANT_HEADER = "x-kvroute-tenant"
 
 
 class UpstreamAttemptError(Exception):
@@ -72,12 +72,13 @@ class OpenAIProxy:
 
     def __init__(self, director: Director, datastore: Datastore,
                  connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0,
-                 trust_tenant_header: bool = False) -> None:
+                 trust_tenant_header: bool = False,
+                 trusted_proxy_cidrs: Iterable[str] = ()) -> None:
         self.director = director
         self.datastore = datastore
-        self.trust_tenant_header = trust_tenant_header
-        """Believe clients' tenant headers (only behind a gateway that sets them)."""
-        self._tenant_headers: tuple[int, frozenset[str]] = (-1, frozenset())
+        self.trust = HeaderTrust(datastore, trusted_proxy_cidrs, trust_all=trust_tenant_header)
+        """Trust-gated headers (tenant, priority, scope, match headers) are believed only
+        from the trusted proxies (every client with ``trust_tenant_header``)."""
         self.connect_timeout_s = connect_timeout_s
         self.unavailable_for_s = unavailable_for_s
         self._session: aiohttp.ClientSession | None = None
@@ -148,9 +149,9 @@ class OpenAIProxy:
             body = msgspec.json.decode(raw)
         except msgspec.DecodeError as exc:
             return error_response(400, f"The body is not valid JSON: {exc}", "invalid_json")
-        untrusted = self._untrusted_headers()
-        headers = {k.lower(): v for k, v in http.headers.items()
-                   if k.lower() not in untrusted}
+        trusted = self.trust.peer_trusted(http.remote)
+        headers = self.trust.for_routing({k.lower(): v for k, v in http.headers.items()},
+                                         trusted)
         try:
             llm_request = request_from_body(body, kind, headers)
         except BadRequestError as exc:
@@ -170,23 +171,11 @@ class OpenAIProxy:
         deadline = started + decision.policy.spec.request_timeout_seconds
         payload = self._upstream_body(raw, body, decision)
         upstream_headers = {k: v for k, v in http.headers.items()
-                            if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
+                            if k.lower() not in HOP_BY_HOP
+                            and self.trust.forwardable(k.lower(), trusted)}
         upstream_headers["x-request-id"] = llm_request.request_id
         return await self._relay(http, decision, path, payload, upstream_headers, started,
                                  deadline)
-
-    def _untrusted_headers(self) -> frozenset[str]:
-        """Tenant headers of ``source: Header`` policies: dropped from clients' requests (for
-        routing and forwarding) unless the router is trusted to sit behind a gateway that sets
-        them, so a client cannot choose another tenant's budget."""
-        if self.trust_tenant_header:
-            return frozenset()
-        version, names = self._tenant_headers
-        if version != self.datastore.version:
-            names = frozenset(p.spec.tenancy.header for p in self.datastore.policies().values()
-                              if p.spec.tenancy.source == "Header") | {DEFAULT_TENANT_HEADER}
-            self._tenant_headers = (self.datastore.version, names)
-        return names
 
     @staticmethod
     def _upstream_body(raw: bytes, body: dict[str, Any], decision: Decision) -> bytes:

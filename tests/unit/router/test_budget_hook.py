@@ -213,9 +213,16 @@ def test_stream_events_are_counted_once_across_chunk_boundaries() -> None:
 def test_proxy_drops_client_tenant_headers_unless_trusted() -> None:
     policy = make_policy(pools=[{"name": "strong"}], tenancy={"header": "x-team"})
     director, store = make_director(_pools(), [policy])
-    untrusted = OpenAIProxy(director, store)._untrusted_headers()
-    assert {"x-team", "x-kvroute-tenant"} <= untrusted
-    assert OpenAIProxy(director, store, trust_tenant_header=True)._untrusted_headers() == set()
+    sent = {"x-team": "a", "x-kvroute-tenant": "b", "x-kvroute-priority": "c",
+            "content-type": "application/json"}
+    trust = OpenAIProxy(director, store).trust
+    assert trust.for_routing(sent, trust.peer_trusted("10.0.0.1")) == {
+        "content-type": "application/json"}
+    assert not trust.forwardable("x-team", False) and trust.forwardable("content-type", False)
+    trust = OpenAIProxy(director, store, trust_tenant_header=True).trust
+    assert trust.for_routing(sent, trust.peer_trusted("10.0.0.1")) == sent
+    trust = OpenAIProxy(director, store, trusted_proxy_cidrs=["10.0.0.0/8"]).trust
+    assert trust.peer_trusted("10.0.0.1") and not trust.peer_trusted("192.168.0.1")
 
 
 def test_router_serves_budget_metrics_in_its_registry_and_routers_coexist() -> None:

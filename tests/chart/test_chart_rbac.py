@@ -124,3 +124,28 @@ def test_router_watches_its_namespace(render: Any, ci_values: Any) -> None:
 def test_rbac_can_be_left_to_the_user(render: Any) -> None:
     m = render(sets={"operator.rbac.create": False, "router.rbac.create": False})
     assert not [d for d in m if d["kind"].endswith(("Role", "RoleBinding"))]
+
+
+def test_no_secret_access_unless_api_key_secrets_are_named(defaults: Any, render: Any,
+                                                           ci_values: Any) -> None:
+    """Least privilege (docs/security.md): the router never lists or watches Secrets, and
+    reads only the API-key Secrets named in router.apiKeySecrets."""
+    for manifests in (defaults, render(ci_values("namespaced"))):
+        bound = bound_rules(manifests, "router")
+        assert not [r for roles in bound.values() for _, rules in roles for r in rules
+                    if "secrets" in r["resources"]]
+    m = render(sets={"router.apiKeySecrets": [{"name": "chat-keys"},
+                                              {"name": "b-keys", "namespace": "team-b"},
+                                              {"name": "chat-keys"}]})
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in m.kind("Role")}
+    assert set(roles) == {("kvroute-system", "kvroute-router-api-key-secrets"),
+                          ("team-b", "kvroute-router-api-key-secrets")}
+    assert roles[("kvroute-system", "kvroute-router-api-key-secrets")]["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+         "resourceNames": ["chat-keys"]}]
+    bound = bound_rules(m, "router")
+    assert [name for name, _ in bound["team-b"]] == ["kvroute-router-api-key-secrets"]
+    # Namespaced installs: the watched namespace by default.
+    m = render(ci_values("namespaced"), sets={"router.apiKeySecrets": [{"name": "k"}]})
+    [role] = [r for r in m.kind("Role") if r["metadata"]["name"].endswith("api-key-secrets")]
+    assert role["metadata"]["namespace"] == "inference"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,9 @@ def _router(args: argparse.Namespace) -> int:
     settings.quality_embedding = args.quality_embedding
     settings.budget_redis_url = args.budget_redis_url
     settings.budget_replica_share = args.budget_replica_share
+    settings.budget_peer_service = args.budget_peer_service
+    settings.budget_peer_namespace = args.budget_peer_namespace or os.environ.get("POD_NAMESPACE")
+    settings.pod_name = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME")
     router = Router(settings)
     try:
         asyncio.run(router.serve_forever())
@@ -121,6 +125,12 @@ def register(sub: Any) -> None:
     parser.add_argument("--budget-replica-share", type=float, default=1.0,
                         help="without Redis: this replica's share of every budget limit "
                              "(1 / router replicas)")
+    parser.add_argument("--budget-peer-service", metavar="SERVICE", default=None,
+                        help="without Redis: share every budget limit among the ready "
+                             "endpoints of this Service (the router's own), followed live")
+    parser.add_argument("--budget-peer-namespace", metavar="NS", default=None,
+                        help="namespace of --budget-peer-service (default: $POD_NAMESPACE, "
+                             "else --namespace)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_router)

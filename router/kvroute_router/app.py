@@ -77,7 +77,15 @@ class RouterSettings:
     budget_redis_url: str | None = None
     """Shared budget meters in Redis (all replicas, survives restarts); else in memory."""
     budget_replica_share: float = 1.0
-    """Without Redis: this replica's share of every limit (1 / router replicas)."""
+    """Without Redis: this replica's share of every limit (1 / router replicas); replaced by
+    the live count when ``budget_peer_service`` is set."""
+    budget_peer_service: str | None = None
+    """Without Redis: the router's own Service; every limit is shared by its ready endpoints
+    (``1 / ready replicas``, followed live; docs/security.md)."""
+    budget_peer_namespace: str | None = None
+    """Namespace of ``budget_peer_service`` (default: ``namespace``, else ``default``)."""
+    pod_name: str | None = None
+    """This router's pod name (counted as a replica while it is not ready yet)."""
     api_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     """``tenancy.source: APIKey``: Secret name → {tenant: API key} (embedded mode)."""
 
@@ -119,6 +127,8 @@ class Router:
             self.metrics.registry.register(_KVEventMetricsCollector(self.kv_event_feeds))
         self.budget_metrics = BudgetMetrics(self.metrics.registry)
         self.budget_hook: BudgetHook | None = None
+        self.peer_count: Any = None
+        """``PeerCount`` of the router's Service (budget share without Redis), when set."""
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)
             self.director.add_admission_hook(self.budget_hook)
@@ -138,6 +148,17 @@ class Router:
             store = RedisMeterStore(redis.asyncio.Redis.from_url(settings.budget_redis_url))
         share = 1.0 if store is not None else settings.budget_replica_share
         ledger = BudgetLedger(store, replica_share=share, metrics=self.budget_metrics)
+        if store is None and settings.budget_peer_service:
+            from kvroute_router.datastore.peers import PeerCount
+
+            def follow(replicas: int) -> None:
+                ledger.replica_share = 1.0 / replicas
+                log.info("budget limits shared by %d router replica(s): this one enforces "
+                         "1/%d of each", replicas, replicas)
+
+            self.peer_count = PeerCount(
+                settings.budget_peer_namespace or settings.namespace or "default",
+                settings.budget_peer_service, settings.pod_name, follow)
         secrets = settings.api_keys
 
         def api_keys(policy: Any) -> dict[str, str]:
@@ -169,6 +190,12 @@ class Router:
             await self.kv_event_feeds.start()
         if self.budget_hook is not None:
             await self.budget_hook.start()
+            if self.settings.budget_redis_url is None:
+                log.warning("budget meters are in memory: a restart or rollout of this router "
+                            "forgets the spend of the current windows (use --budget-redis-url "
+                            "for long windows; docs/security.md)")
+        if self.peer_count is not None:
+            await self.peer_count.start()
         s = self.settings
         if s.http_port is not None:
             self.ports["http"] = await self._serve_http(self.proxy.app, s.http_port)
@@ -216,6 +243,8 @@ class Router:
         await self.scraper.stop()
         if self.budget_hook is not None:
             await self.budget_hook.stop()
+        if self.peer_count is not None:
+            await self.peer_count.stop()
         if self.kv_event_feeds is not None:
             await self.kv_event_feeds.stop()
         if self.source is not None:

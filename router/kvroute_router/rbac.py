@@ -10,6 +10,11 @@ ROUTER_RULES: list[dict[str, list[str]]] = [
 ]
 """Granted to the router everywhere it watches. Secrets are not among them: see below."""
 
+PEER_COUNT_RULE: dict[str, list[str]] = {
+    "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}
+"""``--budget-peer-service``: the router counts the ready endpoints of its own Service to share
+budget limits among its replicas; the chart grants this in the release namespace only."""
+
 API_KEY_SECRET_RULE: dict[str, list[str]] = {
     "apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
 """API keys of ``tenancy.source: APIKey`` policies: the router reads each Secret a policy names

@@ -368,3 +368,23 @@ async def test_an_authenticated_callers_reports_are_believed(
                                           completion_tokens=tokens), timeout=10, metadata=alice)
         # 0 (a believed empty answer) + 7 (reported) + 40 (an error report: the reservation)
         assert await _output_tokens(router, "alice", 47) == 47
+
+
+async def test_ext_proc_can_require_a_caller_token(tmp_path: Path, engine: FakeEngine) -> None:
+    import grpc
+    from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+
+    docs = [pool("fake", engine.address), policy("chat", ["fake"])]
+    async with running_router(tmp_path, docs, ext_proc_port=0, ext_proc_require_token=True,
+                              grpc_tokens_dir=_tokens_dir(tmp_path)) as (router, _), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{router.ports['ext_proc']}") as channel:
+        process = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=ep.ProcessingRequest.SerializeToString,
+            response_deserializer=ep.ProcessingResponse.FromString)
+        call = process(timeout=30)  # refused before any message is read
+        assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "--grpc-tokens-dir" in (await call.details() or "")
+        call = process(timeout=30, metadata=(("authorization", "Bearer bob-secret-token"),))
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK  # an empty stream, accepted

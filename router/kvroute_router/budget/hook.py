@@ -5,10 +5,10 @@ a :class:`TenantResolver`, an :class:`AdmissionController` and a :class:`BatchRo
 shared :class:`BudgetLedger`. Per request (``admit``):
 
 1. **tenant** — ``source: Header``: ``request.tenant`` as the entry point left it. The director
-   takes it from the tenancy header, which reaches the request only on a trusted path: the
-   proxy drops the header from untrusted clients (unless the router runs with
-   ``--trust-tenant-header``, behind a gateway that sets it), Envoy ext_proc trusts the gateway,
-   gRPC Pick passes the tenant explicitly. ``source: APIKey``: the bearer token's SHA-256
+   takes it from the tenancy header, which reaches the request only from a trusted hop
+   (:mod:`kvroute_router.trust`, docs/security.md): the proxy drops it from clients outside
+   ``--trusted-proxy-cidr``, ext_proc unless ``--ext-proc-trust-gateway-headers``; gRPC Pick's
+   tenant is its authenticated caller. ``source: APIKey``: the bearer token's SHA-256
    digest looked up in the policy's key table — the Secret named by ``apiKeysSecretRef`` as the
    Kubernetes source hashed it into the datastore, plus any embedded mapping (``api_keys``);
    unknown → ``defaultTenant``.

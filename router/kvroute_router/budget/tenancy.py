@@ -1,9 +1,9 @@
 """Which tenant a request belongs to, from the RoutePolicy's ``spec.tenancy``.
 
-* ``source: Header`` — the tenant header is believed only when the request came through a
-  trusted gateway (the ext_proc path behind Envoy, or a proxy the operator marked as behind
-  one). On an untrusted path the header is ignored and the request is the default tenant, so a
-  client cannot pick another tenant's budget by sending the header itself.
+* ``source: Header`` — the tenant header is believed only when the request came over a
+  trusted hop (docs/security.md): the entry points drop it otherwise
+  (:mod:`kvroute_router.trust`), and the request is the default tenant, so a client cannot pick
+  another tenant's budget by sending the header itself.
 * ``source: APIKey`` — the bearer token is looked up in the Secret's mapping (tenant → key);
   unknown or missing keys are the default tenant. Keys are held only as SHA-256 digests
   (:mod:`kvroute_router.datastore.api_keys`): the token's digest is looked up, so no plaintext

@@ -167,13 +167,14 @@ class BudgetHook:
             state.economics = {}
 
     def _implicit_state(self, resolution: Resolution) -> _Policy:
-        """The per-model state of the default policy implied by directly reachable pools
-        (rebuilt when the datastore changes)."""
+        """The per-model state of the default policy implied by directly reachable pools."""
         key = resolution.policy_key
         state = self._implicit.get(key)
-        if state is None or state.policy.spec.pools != resolution.policy.spec.pools:
+        if state is None:
             state = self._create(key, resolution.policy)
             self._implicit[key] = state
+        else:  # the pools serving the name may change; the queue and its waiters stay
+            state.policy = resolution.policy
         return state
 
     def _key_table(self, policy: RoutePolicy) -> KeyDigests | None:

@@ -112,7 +112,8 @@ async def test_a_policy_in_another_namespace_cannot_capture_a_model(
     docs = [pool("fake", engine.address, namespace="team"),
             policy("chat", ["fake"], namespace="team", budgets=ONE_PER_MINUTE),
             pool("sink", engine.address, model="sink-model", namespace="aaa"),
-            policy("grab", ["sink"], namespace="aaa")]
+            policy("grab", ["sink"], namespace="aaa"),
+            pool("other", engine.address, model="other-model", namespace="aaa")]
     async with running_router(tmp_path, docs, trusted_proxy_cidrs=["127.0.0.1/32"]) \
             as (_, url), aiohttp.ClientSession(timeout=TIMEOUT) as s:
         status, body = await post(s, url, "chat")
@@ -123,6 +124,10 @@ async def test_a_policy_in_another_namespace_cannot_capture_a_model(
         assert "team/chat" in body["error"]["message"]
         # The trusted hop scopes the request to its namespace: the team's policy and budget.
         scoped = {"x-kvroute-namespace": "team"}
+        async with s.get(f"{url}/v1/models", headers=scoped) as resp:
+            assert [m["id"] for m in (await resp.json())["data"]] == ["chat"]
+        async with s.get(f"{url}/v1/models") as resp:
+            assert [m["id"] for m in (await resp.json())["data"]] == ["chat", "other-model"]
         assert (await post(s, url, "chat", scoped))[0] == 200
         assert (await post(s, url, "chat", scoped))[0] == 429
     assert engine.models_seen == ["fake-model"]

@@ -239,10 +239,11 @@ class Datastore:
                     return ep
         return None
 
-    def models(self) -> list[str]:
-        """Model names clients may use: policies' names (not refused by the operator) and the
-        served names of pools reachable directly (:mod:`.resolution`)."""
-        return client_models(self._policies, self._reachable(), None)
+    def models(self, scope: str | None = None) -> list[str]:
+        """Model names clients may use (in namespace ``scope``, or all): policies' names (not
+        refused by the operator) and the served names of pools reachable directly
+        (:mod:`.resolution`)."""
+        return client_models(self._policies, self._reachable(), scope)
 
     def _reachable(self) -> list[PoolView]:
         targeted = targeted_pools(self._policies.values())

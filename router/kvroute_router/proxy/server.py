@@ -27,6 +27,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from kvroute_router.datastore.resolution import NAMESPACE_HEADER
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Decision, Director, Outcome, RoutingError
 from kvroute_router.framework.endpoint import Endpoint
@@ -117,8 +118,11 @@ class OpenAIProxy:
 
     # ---- simple endpoints ----------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
+        # The namespace scope (docs/security.md) counts only from a trusted hop.
+        trusted = self.trust.peer_trusted(request.remote)
+        scope = request.headers.get(NAMESPACE_HEADER) if trusted else None
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "kvroute"}
-                for name in self.datastore.models()]
+                for name in self.datastore.models(scope or None)]
         return web.json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:

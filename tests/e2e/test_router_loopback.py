@@ -220,7 +220,9 @@ async def test_openai_errors(tmp_path: Path, engines: list[FakeEngine]) -> None:
             assert resp.status == 404 and "error" in await resp.json()
         async with s.get(f"{url}/v1/models") as resp:
             ids = {m["id"] for m in (await resp.json())["data"]}
-            assert ids == {"chat", "fake-model"}
+            # "fake-model" is served by a pool the policy targets: only "chat" may be used
+            # (docs/security.md).
+            assert ids == {"chat"}
         async with s.get(f"{url}/health") as resp:
             assert (await resp.json())["status"] == "ok"
         async with s.get(f"{url}/metrics") as resp:

@@ -30,7 +30,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from kvroute_api.route_policy import RoutePolicy
 
@@ -76,7 +76,7 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
-    witness: str = "router"
+    witness: Literal["router", "caller", "unverified"] = "router"
     """Who vouches for this outcome (docs/security.md, accounting): ``router`` (the proxy saw
     the engine's answer, or Envoy reported it to ext_proc), ``caller`` (an authenticated Pick
     caller's Report) or ``unverified`` (an anonymous Report, or a Pick never reported)."""

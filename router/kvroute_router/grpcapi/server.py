@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -123,7 +123,8 @@ class RouterService:
         decision, endpoint, _, _ = entry
         # An authenticated caller's report is believed (0 tokens: nothing produced); an
         # anonymous one is not: the reservation is billed (budget/accounting.py).
-        witness = "caller" if caller is not None else "unverified"
+        witness: Literal["caller", "unverified"] = (
+            "caller" if caller is not None else "unverified")
         served = endpoint
         if message.endpoint and message.endpoint != endpoint.address:
             served = next((e for e in decision.endpoints if e.address == message.endpoint),

@@ -104,6 +104,34 @@ async def test_a_pool_that_opts_in_is_reachable_directly_through_a_default_polic
         assert requests == 2
 
 
+async def test_a_directly_reached_name_is_admitted_like_any_policy(
+        tmp_path: Path, engine: FakeEngine) -> None:
+    """The default policy's limits apply: with every endpoint saturated the request queues in
+    admission control instead of going straight to the engine (it used to skip the hook)."""
+    engine.kv_usage = 1.0
+    docs = [pool("fake", engine.address)]  # no policy targets it: reachable directly
+    async with running_router(tmp_path, docs) as (router, url), \
+            aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        for _ in range(200):  # bounded: until the first scrape saw the saturated engine
+            if router.datastore.endpoints()[0].metrics is not None:
+                break
+            await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(post(s, url, "fake-model"))
+        depth = None
+        for _ in range(200):  # bounded wait for the request to reach the queue
+            depth = router.metrics.registry.get_sample_value(
+                "kvroute_admission_queue_depth",
+                {"policy_namespace": "implicit", "policy": "fake-model"})
+            if depth == 1 or waiting.done():
+                break
+            await asyncio.sleep(0.05)
+        assert depth == 1 and engine.requests == 0
+        engine.kv_usage = 0.1  # capacity is back: released (within the 30 s queue timeout)
+        status, body = await waiting
+        assert status == 200, body
+    assert engine.requests == 1
+
+
 # ---- item 6: resolution scoped to namespaces, conflicts refused --------------------------------
 
 async def test_a_policy_in_another_namespace_cannot_capture_a_model(

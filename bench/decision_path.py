@@ -144,7 +144,8 @@ async def bench_grpc_pick(iterations: int) -> dict[str, Any]:
     rng = random.Random(9)
     director = _director()
     _refresh_metrics(director, rng)
-    server, port = await start_router_grpc_server(director, "127.0.0.1", 0)
+    server, port = await start_router_grpc_server(director, "127.0.0.1", 0,
+                                                  catalog=director.datastore)
     latencies = []
     try:
         async with RouterClient(f"127.0.0.1:{port}") as client:

@@ -310,7 +310,8 @@ async def measure_cell(config: SweepConfig, scorer: str, endpoints: int,
     by_wall = min(rounds, key=lambda r: quantile(r[0], 0.5))
     by_cpu = min(rounds, key=lambda r: quantile(r[1], 0.5))
 
-    server, port = await start_router_grpc_server(director, "127.0.0.1", 0)
+    server, port = await start_router_grpc_server(director, "127.0.0.1", 0,
+                                                  catalog=director.datastore)
     grpc_rounds: list[tuple[list[float], float]] = []
     try:
         async with RouterClient(f"127.0.0.1:{port}") as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,18 @@ def _router(args: argparse.Namespace) -> int:
         return 2
     settings.kv_events = not args.no_kv_events
     settings.trust_tenant_header = args.trust_tenant_header
+    settings.trusted_proxy_cidrs = list(args.trusted_proxy_cidr or [])
+    settings.ext_proc_trust_gateway_headers = args.ext_proc_trust_gateway_headers
+    settings.grpc_tokens_dir = Path(args.grpc_tokens_dir) if args.grpc_tokens_dir else None
+    settings.ext_proc_require_token = args.ext_proc_require_token
     settings.quality_data = Path(args.quality_data) if args.quality_data else None
     settings.quality_embedding = args.quality_embedding
     settings.budget_redis_url = args.budget_redis_url
     settings.budget_replica_share = args.budget_replica_share
     settings.shutdown_grace_s = args.shutdown_grace_seconds
+    settings.budget_peer_service = args.budget_peer_service
+    settings.budget_peer_namespace = args.budget_peer_namespace or os.environ.get("POD_NAMESPACE")
+    settings.pod_name = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME")
     router = Router(settings)
     try:
         asyncio.run(router.serve_forever())
@@ -93,6 +101,18 @@ def register(sub: Any) -> None:
     parser.add_argument("--trust-tenant-header", action="store_true",
                         help="the proxy is behind a gateway that sets the tenant header: "
                              "believe it (otherwise clients' tenant headers are dropped)")
+    parser.add_argument("--trusted-proxy-cidr", action="append", metavar="CIDR",
+                        help="proxy clients in this network are a trusted hop whose tenant, "
+                             "priority, namespace and policy-match headers are believed "
+                             "(repeatable; docs/security.md)")
+    parser.add_argument("--ext-proc-trust-gateway-headers", action="store_true",
+                        help="the gateway in front of ext_proc strips clients' x-kvroute-* "
+                             "and policy-match headers: believe the ones it forwards")
+    parser.add_argument("--grpc-tokens-dir", metavar="DIR", default=None,
+                        help="mounted Secret of caller tokens (file name = caller): Pick/Report "
+                             "need 'authorization: Bearer <token>' and the caller is the tenant")
+    parser.add_argument("--ext-proc-require-token", action="store_true",
+                        help="with --grpc-tokens-dir: ext_proc calls need a caller token too")
     parser.add_argument("--quality-data", metavar="CSV", default=None,
                         help="labelled prompts (RouteLLM CSV) for the batch router's quality "
                              "estimator (default: a length/keyword heuristic)")
@@ -111,6 +131,12 @@ def register(sub: Any) -> None:
                         help="on SIGTERM, how long in-flight requests and streams get to finish "
                              "(readiness turns false first; default %(default)s: the chart's "
                              "terminationGracePeriodSeconds minus 10)")
+    parser.add_argument("--budget-peer-service", metavar="SERVICE", default=None,
+                        help="without Redis: share every budget limit among the ready "
+                             "endpoints of this Service (the router's own), followed live")
+    parser.add_argument("--budget-peer-namespace", metavar="NS", default=None,
+                        help="namespace of --budget-peer-service (default: $POD_NAMESPACE, "
+                             "else --namespace)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_router)

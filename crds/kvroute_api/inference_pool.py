@@ -315,6 +315,14 @@ class InferencePoolSpec(ApiModel):
     endpoints: list[StaticEndpoint] = Field(
         default_factory=list, max_length=256,
         description="External pools without a cluster: static engine addresses.")
+    direct_access: bool = Field(
+        default=False,
+        description="Let clients name this pool's served model (spec.model.name) directly. "
+                    "When a RoutePolicy targets the pool, its served name is otherwise not a "
+                    "model clients may use (404, not listed by /v1/models), so no request "
+                    "escapes the policy's budgets; with true, the served name routes through "
+                    "a default policy (admission control, the router's output bound, no "
+                    "budgets). A pool no RoutePolicy targets is always reachable directly.")
 
 
 class PoolEndpointStatus(ApiModel):

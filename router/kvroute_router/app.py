@@ -25,6 +25,7 @@ from kvroute_router.datastore.kube_source import KubernetesSource
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Director
 from kvroute_router.framework.registry import PluginRegistry, SharedServices
+from kvroute_router.grpcauth import CallerTokens
 from kvroute_router.kvevents.feed import (
     KVEventFeeds,
     KVEventMetricsCollector,
@@ -65,7 +66,17 @@ class RouterSettings:
     """Enforce RoutePolicy budgets, admission control and batch routing (``BudgetHook``)."""
     trust_tenant_header: bool = False
     """The proxy sits behind a gateway that sets the tenant header: believe it. Otherwise the
-    proxy drops tenant headers from clients (ext_proc always trusts its gateway)."""
+    proxy drops tenant and other trust-gated headers from clients not in
+    ``trusted_proxy_cidrs``."""
+    trusted_proxy_cidrs: list[str] = field(default_factory=list)
+    """Proxy clients in these networks are a trusted hop: their trust-gated headers (tenant,
+    priority, namespace scope, policy match headers) are believed (docs/security.md)."""
+    ext_proc_trust_gateway_headers: bool = False
+    """ext_proc believes trust-gated headers: its gateway strips clients' copies."""
+    grpc_tokens_dir: Path | None = None
+    """Mounted Secret of caller tokens: Pick/Report need one; the caller is the tenant."""
+    ext_proc_require_token: bool = False
+    """With ``grpc_tokens_dir``: ext_proc calls need a caller token too."""
     quality_data: Path | None = None
     """Labelled CSV (RouteLLM format) for the kNN quality estimator; else the heuristic."""
     quality_embedding: str = "auto"
@@ -74,7 +85,15 @@ class RouterSettings:
     budget_redis_url: str | None = None
     """Shared budget meters in Redis (all replicas, survives restarts); else in memory."""
     budget_replica_share: float = 1.0
-    """Without Redis: this replica's share of every limit (1 / router replicas)."""
+    """Without Redis: this replica's share of every limit (1 / router replicas); replaced by
+    the live count when ``budget_peer_service`` is set."""
+    budget_peer_service: str | None = None
+    """Without Redis: the router's own Service; every limit is shared by its ready endpoints
+    (``1 / ready replicas``, followed live; docs/security.md)."""
+    budget_peer_namespace: str | None = None
+    """Namespace of ``budget_peer_service`` (default: ``namespace``, else ``default``)."""
+    pod_name: str | None = None
+    """This router's pod name (counted as a replica while it is not ready yet)."""
     api_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     """``tenancy.source: APIKey``: Secret name → {tenant: API key} (embedded mode)."""
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
@@ -113,7 +132,10 @@ class Router:
             api_keys=self._api_keys)
         self.proxy = OpenAIProxy(self.director, self.datastore,
                                  trust_tenant_header=settings.trust_tenant_header,
+                                 trusted_proxy_cidrs=settings.trusted_proxy_cidrs,
                                  response_cache=self.response_cache)
+        self.caller_tokens: CallerTokens | None = (
+            CallerTokens(settings.grpc_tokens_dir) if settings.grpc_tokens_dir else None)
         self.kv_event_feeds: KVEventFeeds | None = None
         if settings.kv_events and PrecisePrefixScorer.TYPE in self.registry:
             self.kv_event_feeds = KVEventFeeds(self.datastore, self.services,
@@ -127,6 +149,8 @@ class Router:
                                            quality_data=settings.quality_data)
         self.director.add_admission_hook(self.difficulty)
         self.budget_hook: BudgetHook | None = None
+        self.peer_count: Any = None
+        """``PeerCount`` of the router's Service (budget share without Redis), when set."""
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)
             self.director.add_admission_hook(self.budget_hook)
@@ -154,6 +178,17 @@ class Router:
                 settings.budget_redis_url, socket_connect_timeout=2.0, socket_timeout=5.0))
         share = 1.0 if store is not None else settings.budget_replica_share
         ledger = BudgetLedger(store, replica_share=share, metrics=self.budget_metrics)
+        if store is None and settings.budget_peer_service:
+            from kvroute_router.datastore.peers import PeerCount
+
+            def follow(replicas: int) -> None:
+                ledger.replica_share = 1.0 / replicas
+                log.info("budget limits shared by %d router replica(s): this one enforces "
+                         "1/%d of each", replicas, replicas)
+
+            self.peer_count = PeerCount(
+                settings.budget_peer_namespace or settings.namespace or "default",
+                settings.budget_peer_service, settings.pod_name, follow)
         return BudgetHook(self.datastore, metrics=self.budget_metrics, ledger=ledger,
                           estimator=build_default_estimator(
                               settings.quality_data, embedding=settings.quality_embedding,
@@ -180,6 +215,12 @@ class Router:
             await self.kv_event_feeds.start()
         if self.budget_hook is not None:
             await self.budget_hook.start()
+            if self.settings.budget_redis_url is None:
+                log.warning("budget meters are in memory: a restart or rollout of this router "
+                            "forgets the spend of the current windows (use --budget-redis-url "
+                            "for long windows; docs/security.md)")
+        if self.peer_count is not None:
+            await self.peer_count.start()
         s = self.settings
         if s.http_port is not None:
             self.ports["http"] = await self._serve_http(self.proxy.app, s.http_port)
@@ -190,14 +231,19 @@ class Router:
         if s.ext_proc_port is not None:
             from kvroute_router.extproc.server import start_ext_proc_server
 
-            server, port = await start_ext_proc_server(self.director, s.host, s.ext_proc_port,
-                                                       self.response_cache)
+            server, port = await start_ext_proc_server(
+                self.director, s.host, s.ext_proc_port, catalog=self.datastore,
+                response_cache=self.response_cache,
+                trust_gateway_headers=s.ext_proc_trust_gateway_headers,
+                tokens=self.caller_tokens if s.ext_proc_require_token else None)
             self._grpc_servers.append(server)
             self.ports["ext_proc"] = port
         if s.grpc_port is not None:
             from kvroute_router.grpcapi.server import start_router_grpc_server
 
-            server, port = await start_router_grpc_server(self.director, s.host, s.grpc_port)
+            server, port = await start_router_grpc_server(self.director, s.host, s.grpc_port,
+                                                          catalog=self.datastore,
+                                                          tokens=self.caller_tokens)
             self._grpc_servers.append(server)
             self.ports["grpc"] = port
         log.info("router listening: %s", ", ".join(f"{k}={v}" for k, v in self.ports.items()))
@@ -235,6 +281,8 @@ class Router:
         await self.response_cache.stop()
         if self.budget_hook is not None:
             await self.budget_hook.stop()
+        if self.peer_count is not None:
+            await self.peer_count.stop()
         if self.kv_event_feeds is not None:
             await self.kv_event_feeds.stop()
         if self.source is not None:

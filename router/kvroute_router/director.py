@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from kvroute_api.route_policy import RoutePolicy
 from prometheus_client import CollectorRegistry
 
+from kvroute_router.datastore.resolution import PolicyConflictError
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
@@ -254,7 +255,10 @@ class Director:
         return decision
 
     async def _route(self, request: LLMRequest, started: float) -> Decision:
-        resolution = self.datastore.resolve(request.model, request.headers)
+        try:
+            resolution = self.datastore.resolve(request.model, request.headers)
+        except PolicyConflictError as exc:
+            raise RoutingError(409, "policy_conflict", str(exc), param="model") from exc
         if resolution is None:
             known = ", ".join(self.datastore.models()) or "none"
             raise RoutingError(404, "model_not_found",

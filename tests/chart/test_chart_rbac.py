@@ -30,9 +30,15 @@ def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
             for r in rule.get("resources", []) for v in rule["verbs"]}
 
 
-def bound_rules(manifests: Any, component: str) -> dict[str, list[tuple[str, list[Any]]]]:
+EXTRA_ROLES = ("-peers", "-api-key-secrets")
+"""The router's Roles beyond its watch rules, checked by their own tests: counting its peers
+(PEER_COUNT_RULE, release namespace) and reading named API-key Secrets."""
+
+
+def bound_rules(manifests: Any, component: str, extras: bool = False
+                ) -> dict[str, list[tuple[str, list[Any]]]]:
     """{"cluster": [(name, rules)], "<ns>": [(name, rules)]} of the roles bound to the
-    component's ServiceAccount."""
+    component's ServiceAccount (without EXTRA_ROLES unless ``extras``)."""
     sa = f"kvroute-{component}"
     roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d["rules"]
              for d in manifests if d["kind"] in {"ClusterRole", "Role"}}
@@ -44,6 +50,8 @@ def bound_rules(manifests: Any, component: str) -> dict[str, list[tuple[str, lis
                    and s["namespace"] == "kvroute-system" for s in b["subjects"]):
             continue
         ref = b["roleRef"]
+        if not extras and ref["name"].endswith(EXTRA_ROLES):
+            continue
         ns = b["metadata"].get("namespace")
         key = (ref["kind"], None if ref["kind"] == "ClusterRole" else ns, ref["name"])
         assert key in roles, f"{b['kind']} {b['metadata']['name']} binds missing {key}"
@@ -95,7 +103,8 @@ def test_namespaced_mode_has_no_cluster_access_to_workloads(render: Any, ci_valu
             assert resource not in {"pods", "deployments", "services", "poddisruptionbudgets",
                                     "secrets", "inferencepools", "routepolicies", "cachetiers"}, (
                 f"{role['metadata']['name']} reads {resource} cluster-wide")
-    assert {r["metadata"]["namespace"] for r in manifests.kind("Role")} == {"inference"}
+    assert {r["metadata"]["namespace"] for r in manifests.kind("Role")
+            if not r["metadata"]["name"].endswith(EXTRA_ROLES)} == {"inference"}
 
 
 def test_operator_across_namespaces_without_router(render: Any,
@@ -120,3 +129,47 @@ def test_router_watches_its_namespace(render: Any, ci_values: Any) -> None:
 def test_rbac_can_be_left_to_the_user(render: Any) -> None:
     m = render(sets={"operator.rbac.create": False, "router.rbac.create": False})
     assert not [d for d in m if d["kind"].endswith(("Role", "RoleBinding"))]
+
+
+def test_no_secret_access_unless_api_key_secrets_are_named(defaults: Any, render: Any,
+                                                           ci_values: Any) -> None:
+    """Least privilege (docs/security.md): the router never lists or watches Secrets, and
+    reads only the API-key Secrets named in router.apiKeySecrets."""
+    for manifests in (defaults, render(ci_values("namespaced"))):
+        bound = bound_rules(manifests, "router", extras=True)
+        assert not [r for roles in bound.values() for _, rules in roles for r in rules
+                    if "secrets" in r["resources"]]
+    m = render(sets={"router.apiKeySecrets": [{"name": "chat-keys"},
+                                              {"name": "b-keys", "namespace": "team-b"},
+                                              {"name": "chat-keys"}]})
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in m.kind("Role")
+             if r["metadata"]["name"].endswith("-api-key-secrets")}
+    assert set(roles) == {("kvroute-system", "kvroute-router-api-key-secrets"),
+                          ("team-b", "kvroute-router-api-key-secrets")}
+    assert roles[("kvroute-system", "kvroute-router-api-key-secrets")]["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+         "resourceNames": ["chat-keys"]}]
+    bound = bound_rules(m, "router", extras=True)
+    assert [name for name, _ in bound["team-b"]] == ["kvroute-router-api-key-secrets"]
+    # Namespaced installs: the watched namespace by default.
+    m = render(ci_values("namespaced"), sets={"router.apiKeySecrets": [{"name": "k"}]})
+    [role] = [r for r in m.kind("Role") if r["metadata"]["name"].endswith("api-key-secrets")]
+    assert role["metadata"]["namespace"] == "inference"
+
+
+def test_the_router_counts_its_peers_in_its_own_namespace(defaults: Any, render: Any,
+                                                          ci_values: Any) -> None:
+    """Budgets without Redis are shared by the ready router replicas (docs/security.md): the
+    router lists its own Service's EndpointSlices, in the release namespace only."""
+    from kvroute_router.rbac import PEER_COUNT_RULE
+
+    for manifests in (defaults, render(ci_values("namespaced"))):
+        role = manifests.one("Role", "kvroute-router-peers")
+        assert role["metadata"]["namespace"] == "kvroute-system"
+        assert role["rules"] == [PEER_COUNT_RULE]
+        bound = bound_rules(manifests, "router", extras=True)
+        assert "kvroute-router-peers" in [n for n, _ in bound["kvroute-system"]]
+        args = manifests.deployment("router")["spec"]["template"]["spec"]["containers"][0][
+            "args"]
+        assert "--budget-peer-service=kvroute-router" in args
+        assert manifests.one("Service", "kvroute-router")

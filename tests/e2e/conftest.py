@@ -8,12 +8,17 @@ cache: use prompts unique to the test (``unique_prompt``).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from kvroute_cli.localengines import LocalEngineFleet
+
+HERE = str(Path(__file__).parent)
+if HERE not in sys.path:  # the loopback tests share test_router_loopback's FakeEngine
+    sys.path.insert(0, HERE)
 
 
 @pytest.fixture(scope="session")

@@ -86,11 +86,13 @@ def write_config(config: Path, docs: list[dict[str, Any]]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def budget_router(config: Path, docs: list[dict[str, Any]]) -> AsyncIterator[Router]:
+async def budget_router(config: Path, docs: list[dict[str, Any]], *,
+                        ext_proc_trust_gateway_headers: bool = False) -> AsyncIterator[Router]:
     write_config(config, docs)
     router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
                                    ext_proc_port=0, grpc_port=None, metrics_port=0,
-                                   kv_events=False, config_poll_interval_s=0.2))
+                                   kv_events=False, config_poll_interval_s=0.2,
+                                   ext_proc_trust_gateway_headers=ext_proc_trust_gateway_headers))
     await router.start()
     try:
         yield router
@@ -272,7 +274,10 @@ async def test_ledger_downgrade_lands_on_the_cheapest_pool(
 
 async def test_ext_proc_answers_429_when_the_budget_is_spent(
         tmp_path: Path, engine_fleet: LocalEngineFleet, unique_prompt: str) -> None:
-    async with budget_router(tmp_path / "router.yaml", config_docs(engine_fleet)) as router, \
+    # The gateway vouches for the tenant header (it strips clients' copies): docs/security.md.
+    # Without the flag ext_proc ignores it (tests/e2e/test_security_loopback.py).
+    async with budget_router(tmp_path / "router.yaml", config_docs(engine_fleet),
+                             ext_proc_trust_gateway_headers=True) as router, \
             grpc.aio.insecure_channel(f"127.0.0.1:{router.ports['ext_proc']}") as channel, \
             aiohttp.ClientSession(timeout=TIMEOUT) as s:
         process = channel.stream_stream(
@@ -333,7 +338,7 @@ async def test_ext_proc_answers_429_when_the_budget_is_spent(
         assert int(headers["retry-after"]) >= 1
         error = json.loads(immediate.body)["error"]
         assert error["code"] == "budget_exhausted" and "budget 'team'" in error["message"]
-        assert "'ext-a'" in error["message"]  # the gateway's tenant header is trusted here
+        assert "'ext-a'" in error["message"]  # the vouching gateway's tenant header
         # Another tenant (set by the gateway) has its own budget.
         assert (await through_envoy("ext-b", 0))[0] == "routed"
         labels = {"policy_namespace": "default", "policy": "strict", "budget": "team",

@@ -240,7 +240,9 @@ async def test_openai_errors(tmp_path: Path, engines: list[FakeEngine]) -> None:
             assert resp.status == 404 and "error" in await resp.json()
         async with s.get(f"{url}/v1/models") as resp:
             ids = {m["id"] for m in (await resp.json())["data"]}
-            assert ids == {"chat", "fake-model"}
+            # "fake-model" is served by a pool the policy targets: only "chat" may be used
+            # (docs/security.md).
+            assert ids == {"chat"}
         # /health is the liveness answer ("ok" while the process serves); what changes is in
         # the counts: both fakes scraped healthy.
         async with s.get(f"{url}/health") as resp:
@@ -374,7 +376,8 @@ def _headers(path: str) -> Any:
 async def test_ext_proc_and_pick_answer_hostile_input_as_client_faults(
         tmp_path: Path, engines: list[FakeEngine]) -> None:
     async with running_router(tmp_path, engines) as (router, _):
-        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0)
+        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0,
+                                                   catalog=router.datastore)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 call = channel.stream_stream(
@@ -390,7 +393,8 @@ async def test_ext_proc_and_pick_answer_hostile_input_as_client_faults(
                     assert json.loads(final.body)["error"]["param"] == param
         finally:
             await server.stop(None)
-        pick_server, pick_port = await start_router_grpc_server(router.director, "127.0.0.1", 0)
+        pick_server, pick_port = await start_router_grpc_server(
+            router.director, "127.0.0.1", 0, catalog=router.datastore)
         try:
             async with RouterClient(f"127.0.0.1:{pick_port}") as client:
                 for message in (pb.PickRequest(model="chat", prompt="x", max_tokens=2**32 - 1),
@@ -432,7 +436,8 @@ async def test_the_output_bound_is_the_one_the_engine_reads_and_is_written_upstr
             seen = received[-1]
             assert {k: seen.get(k) for k in expected} == expected, (body, seen)
 
-        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0)
+        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0,
+                                                   catalog=router.datastore)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 call = channel.stream_stream(

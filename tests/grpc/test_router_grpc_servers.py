@@ -77,7 +77,7 @@ async def _exchange(port: int, messages: list[Any]) -> list[Any]:
 
 async def test_ext_proc_picks_sets_header_metadata_and_rewrites_model(director: Director
                                                                       ) -> None:
-    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
     try:
         chosen = []
         for i in range(3):
@@ -108,7 +108,7 @@ async def test_ext_proc_picks_sets_header_metadata_and_rewrites_model(director: 
 
 
 async def test_ext_proc_immediate_responses(director: Director) -> None:
-    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
     try:
         cases = [
             ({"model": "unknown", "prompt": "x"}, 404),
@@ -131,7 +131,7 @@ async def test_ext_proc_immediate_responses(director: Director) -> None:
 
 
 async def test_ext_proc_subset_hint_restricts_candidates(director: Director) -> None:
-    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
     try:
         hint = struct_pb2.Struct()
         hint.update({"x-gateway-destination-endpoint-subset": ["10.0.0.2:8000"]})
@@ -146,7 +146,8 @@ async def test_ext_proc_subset_hint_restricts_candidates(director: Director) -> 
 
 
 async def test_pick_and_report_over_a_channel(director: Director) -> None:
-    server, port = await start_router_grpc_server(director, "127.0.0.1", 0)
+    server, port = await start_router_grpc_server(director, "127.0.0.1", 0,
+                                                  catalog=director.datastore)
     try:
         async with RouterClient(f"127.0.0.1:{port}") as client:
             first = await client.pick(pb.PickRequest(model="chat", prompt=PROMPT + "a"))

@@ -5,10 +5,10 @@ a :class:`TenantResolver`, an :class:`AdmissionController` and a :class:`BatchRo
 shared :class:`BudgetLedger`. Per request (``admit``):
 
 1. **tenant** — ``source: Header``: ``request.tenant`` as the entry point left it. The director
-   takes it from the tenancy header, which reaches the request only on a trusted path: the
-   proxy drops the header from untrusted clients (unless the router runs with
-   ``--trust-tenant-header``, behind a gateway that sets it), Envoy ext_proc trusts the gateway,
-   gRPC Pick passes the tenant explicitly. ``source: APIKey``: the bearer token's SHA-256
+   takes it from the tenancy header, which reaches the request only from a trusted hop
+   (:mod:`kvroute_router.trust`, docs/security.md): the proxy drops it from clients outside
+   ``--trusted-proxy-cidr``, ext_proc unless ``--ext-proc-trust-gateway-headers``; gRPC Pick's
+   tenant is its authenticated caller. ``source: APIKey``: the bearer token's SHA-256
    digest looked up in the policy's key table — the Secret named by ``apiKeysSecretRef`` as the
    Kubernetes source hashed it into the datastore, plus any embedded mapping (``api_keys``);
    unknown → ``defaultTenant``.
@@ -27,10 +27,10 @@ shared :class:`BudgetLedger`. Per request (``admit``):
    ``onExhausted: Downgrade`` → the request is restricted to the cheaper pool the ledger
    reserved. The store failing (Redis refused, timed out) → ``budgetStore.onError``: admitted
    unmetered, or 503 ``budget_store_unavailable``.
-5. **finish** — ``on_finish`` settles the reservation with the engine's usage (prompt and
-   completion tokens from the response ``usage``, or counted from the stream), on the pool that
-   actually served it; a request that never reached an engine is cancelled. Then one queued
-   request is released.
+5. **finish** — ``on_finish`` settles the reservation on the pool that actually served it,
+   with what :func:`~kvroute_router.budget.accounting.charge_for` says: the engine's usage
+   from a trustworthy witness, else the reservation; refunded only when the attempt provably
+   produced nothing (docs/security.md). Then one queued request is released.
 
 Policies are re-read whenever the datastore's version changes (config-file reload or a
 Kubernetes watch event, including an API-key Secret's): limits, admission, batching and
@@ -56,6 +56,7 @@ from kvroute_router.admission.tenancy import TenantResolver
 from kvroute_router.batching.batcher import BatchRequest, BatchRouter
 from kvroute_router.batching.batcher import PoolState as BatchPoolState
 from kvroute_router.batching.quality import HeuristicQualityEstimator, QualityEstimator
+from kvroute_router.budget.accounting import charge_for
 from kvroute_router.budget.ledger import (
     BudgetDecision,
     BudgetLedger,
@@ -129,6 +130,8 @@ class BudgetHook:
         self.refresh_interval_s = refresh_interval_s
         self.gauge_interval_s = gauge_interval_s
         self._policies: dict[str, _Policy] = {}
+        self._implicit: dict[str, _Policy] = {}
+        """Default policies of directly reachable served names, by ``implicit/<model>``."""
         self._version = -1
         self._active: set[tuple[str, str]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -167,8 +170,19 @@ class BudgetHook:
                 state.batcher.update_batching(new.batching)
             if old.tenancy != new.tenancy or self._key_table(policy) is not state.key_table:
                 state.resolver, state.key_table = self._resolver(policy)
-        for state in self._policies.values():
+        for state in [*self._policies.values(), *self._implicit.values()]:
             state.economics = {}
+
+    def _implicit_state(self, resolution: Resolution) -> _Policy:
+        """The per-model state of the default policy implied by directly reachable pools."""
+        key = resolution.policy_key
+        state = self._implicit.get(key)
+        if state is None:
+            state = self._create(key, resolution.policy)
+            self._implicit[key] = state
+        else:  # the pools serving the name may change; the queue and its waiters stay
+            state.policy = resolution.policy
+        return state
 
     def _key_table(self, policy: RoutePolicy) -> KeyDigests | None:
         ref = policy.spec.tenancy.api_keys_secret_ref
@@ -203,9 +217,12 @@ class BudgetHook:
         primaries, fallbacks = self._pools_by_role(key)
         return primaries or fallbacks
 
+    def _state(self, key: str) -> _Policy | None:
+        return self._policies.get(key) or self._implicit.get(key)
+
     def _pools_by_role(self, key: str) -> tuple[list[PoolState], list[PoolState]]:
         """(primaries, fallbacks) of the policy that have endpoints."""
-        state = self._policies.get(key)
+        state = self._state(key)
         if state is None:
             return [], []
         namespace = state.policy.metadata.namespace
@@ -231,7 +248,7 @@ class BudgetHook:
         return cached
 
     def _batch_pools(self, key: str) -> list[BatchPoolState]:
-        state = self._policies.get(key)
+        state = self._state(key)
         if state is None:
             return []
         return [BatchPoolState(self._economics(state, pool),
@@ -240,7 +257,7 @@ class BudgetHook:
                 for pool in self._candidates(key)]
 
     def _load(self, key: str) -> list[EndpointLoad]:
-        state = self._policies.get(key)
+        state = self._state(key)
         stale_s = (state.policy.spec.scoring.stale_metrics_ms / 1000.0) if state else 1.0
         loads: list[EndpointLoad] = []
         for pool in self._candidates(key):
@@ -257,10 +274,10 @@ class BudgetHook:
     # ---- the hook ----------------------------------------------------------------------------
     async def admit(self, request: LLMRequest, resolution: Resolution) -> Admission | None:
         """The steps of the module docstring, in order; None when nothing is enforced."""
-        if resolution.implicit:
-            return None  # no RoutePolicy: nothing configured to enforce
         self.sync()
-        state = self._policies.get(resolution.policy_key)
+        # A served name reached directly gets the default policy's limits (docs/security.md).
+        state = (self._implicit_state(resolution) if resolution.implicit
+                 else self._policies.get(resolution.policy_key))
         if state is None:
             return None
         tenant = self._resolve_tenant(state, request)
@@ -386,18 +403,13 @@ class BudgetHook:
                       estimate: RequestEstimate, decision: Decision | None,
                       outcome: Outcome) -> None:
         try:
-            served = outcome.prompt_tokens is not None or outcome.completion_tokens is not None
-            reached = decision is not None and (
-                served or 200 <= outcome.status < 400 or outcome.status in (499, 504))
-            if not reached or decision is None:
+            charge = charge_for(decision is not None, outcome, estimate)
+            if charge.refund or decision is None:
                 await self.ledger.cancel(reservation)
                 return
             pool = self._economics(state, decision.pool)
-            prompt = (outcome.prompt_tokens if outcome.prompt_tokens is not None
-                      else estimate.prompt_tokens)
-            output = (outcome.completion_tokens if outcome.completion_tokens is not None
-                      else estimate.max_output_tokens)
-            await self.ledger.settle(reservation, pool, prompt, output)
+            await self.ledger.settle(reservation, pool, charge.prompt_tokens,
+                                     charge.output_tokens)
         except Exception:
             log.exception("settling the budget reservation of policy %s failed", state.name)
 
@@ -427,7 +439,7 @@ class BudgetHook:
             await asyncio.sleep(self.refresh_interval_s)
             try:
                 self.sync()
-                for state in self._policies.values():
+                for state in [*self._policies.values(), *self._implicit.values()]:
                     if state.controller.queue_depth:
                         state.controller.release_waiting()
                 if time.monotonic() >= next_gauges:

@@ -1,10 +1,9 @@
 """Which tenant a request belongs to, from the RoutePolicy's ``spec.tenancy``.
 
-* ``source: Header`` — resolved by the entry points, not here: the director takes the tenant
-  from the header, which reaches the request only on a trusted path (the proxy drops it from
-  untrusted clients unless started with ``--trust-tenant-header``; Envoy ext_proc trusts its
-  gateway; gRPC Pick passes the tenant explicitly). :meth:`TenantResolver.resolve` answers the
-  default tenant for such a policy.
+* ``source: Header`` — the tenant header is believed only when the request came over a
+  trusted hop (docs/security.md): the entry points drop it otherwise
+  (:mod:`kvroute_router.trust`), and the request is the default tenant, so a client cannot pick
+  another tenant's budget by sending the header itself.
 * ``source: APIKey`` — the bearer token is looked up in the Secret's mapping (tenant → key);
   unknown or missing keys are the default tenant. Keys are held only as SHA-256 digests
   (:mod:`kvroute_router.datastore.api_keys`): the token's digest is looked up, so no plaintext

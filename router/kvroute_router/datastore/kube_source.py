@@ -16,13 +16,15 @@ label selector the operator writes to ``status.selector`` (Managed pools), else
 static ``spec.endpoints`` use those. :data:`kvroute_router.rbac.ROUTER_RULES` lists the
 permissions this needs.
 
-Secrets are watched too, for ``tenancy.source: APIKey``: only a Secret that a RoutePolicy of
-the same namespace names in ``spec.tenancy.apiKeysSecretRef`` is read, and its data (tenant →
-API key, one key per line) is turned into SHA-256 digests at once
-(:func:`~kvroute_router.datastore.api_keys.digests_of_secret`) and stored in the datastore;
-every other Secret is dropped as soon as it is seen, and no key is ever logged. A policy that
-starts naming a Secret not yet seen makes the source ``get`` it; a Secret no policy names any
-more is forgotten.
+Secrets, for ``tenancy.source: APIKey``, are read **by name only** (least privilege,
+docs/security.md): a Secret that a RoutePolicy of the same namespace names in
+``spec.tenancy.apiKeysSecretRef`` is ``get`` when a policy starts naming it and again every
+``SECRET_REFRESH_S`` (a rotation applies within that time); Secrets are never listed or watched,
+so the router needs no permission on any other Secret (the chart grants ``get`` with
+``resourceNames``). Its data (tenant → API key, one key per line) is turned into SHA-256 digests
+at once (:func:`~kvroute_router.datastore.api_keys.digests_of_secret`) and stored in the
+datastore, and no key is ever logged. A Secret that is gone (404) or no policy names any more is
+forgotten.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pydantic import ValidationError
 
 from kvroute_router.datastore.api_keys import digests_of_secret
 from kvroute_router.datastore.store import Datastore, EndpointSpec, object_key
+from kvroute_router.framework.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ CONNECT_TIMEOUT_S = 10.0
 STALL_S = 150.0
 """A watch thread silent for this long is replaced by the watchdog."""
 LISTED_FOR_READY = frozenset({"inferencepools", "routepolicies", "pods"})
+SECRET_REFRESH_S = 60.0
+"""API-key Secrets named by policies are re-read by name this often."""
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -141,20 +146,30 @@ class KubernetesSource:
               **({"namespace": ns} if ns else {})}),
             ("pods", core.list_namespaced_pod if ns else core.list_pod_for_all_namespaces,
              {"namespace": ns} if ns else {}),
-            ("secrets", core.list_namespaced_secret if ns
-             else core.list_secret_for_all_namespaces, {"namespace": ns} if ns else {}),
         ]
         for kind, lister, kwargs in plans:
             self._plans[kind] = (lister, kwargs)
             self._start_watch(kind)
         self._watchdog = self._loop.create_task(self._watch_dog(), name="kube-watchdog")
+        thread = threading.Thread(target=self._refresh_secrets_forever, name="read-secrets",
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _refresh_secrets_forever(self) -> None:
+        """Re-read every named API-key Secret by name (no list, no watch of Secrets)."""
+        while not self._stop.wait(SECRET_REFRESH_S):
+            self._post(self._refresh_secrets)
+
+    def _refresh_secrets(self) -> None:
+        for key in self._secret_refs():
+            if key not in self._fetching:
+                self._fetch_secret(key)
 
     async def stop(self) -> None:
         self._stop.set()
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+            await cancel_and_wait([self._watchdog], what="kube watchdog")
             self._watchdog = None
 
     def _start_watch(self, kind: str) -> None:
@@ -356,9 +371,12 @@ class KubernetesSource:
             except Exception as exc:
                 status = getattr(exc, "status", None)
                 log.warning("cannot read API-key Secret %s (status %s); its tenants' requests "
-                            "are the default tenant until it appears", key,
+                            "are the default tenant until it can be read (the router needs "
+                            "'get' on it: router.apiKeySecrets in the chart)", key,
                             status if status is not None else type(exc).__name__)
                 self._post(self._fetching.discard, key)
+                if status == 404:
+                    self._post(self.datastore.delete_api_keys, key)
                 return
             self._post(self._fetched, key, obj)
 

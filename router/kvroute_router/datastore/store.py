@@ -15,8 +15,18 @@ from dataclasses import dataclass, field
 
 from kvroute_api.cache_tier import CacheTier
 from kvroute_api.inference_pool import InferencePool
-from kvroute_api.route_policy import MatchSpec, PoolTarget, RoutePolicy, RoutePolicySpec
+from kvroute_api.route_policy import PoolTarget, RoutePolicy
 
+from kvroute_router.datastore.resolution import (
+    NAMESPACE_HEADER,
+    PoolView,
+    client_models,
+    directly_reachable,
+    implied_policy,
+    pick_direct_pools,
+    pick_policy,
+    targeted_pools,
+)
 from kvroute_router.framework.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
@@ -253,42 +263,40 @@ class Datastore:
                     return ep
         return None
 
-    def models(self) -> list[str]:
-        """Model names clients may ask for: policies' names and pools' served names."""
-        names = {p.spec.match.model for p in self._policies.values()}
-        names.update(state.model_name for state in self._pools.values())
-        return sorted(names)
+    def models(self, scope: str | None = None) -> list[str]:
+        """Model names clients may use (in namespace ``scope``, or all): policies' names (not
+        refused by the operator) and the served names of pools reachable directly
+        (:mod:`.resolution`)."""
+        return client_models(self._policies, self._reachable(), scope)
+
+    def _reachable(self) -> list[PoolView]:
+        targeted = targeted_pools(self._policies.values())
+        return directly_reachable((_view(s) for s in self._pools.values()), targeted)
 
     def resolve(self, model: str, headers: Mapping[str, str]) -> Resolution | None:
-        """The policy for ``model`` (header matches must hold; the most specific policy wins),
-        or a policy implied by the pools serving ``model`` under that name."""
-        best: tuple[int, str, RoutePolicy] | None = None
-        for key, policy in self._policies.items():
-            match = policy.spec.match
-            if match.model != model:
-                continue
-            if any(headers.get(h.name) != h.value for h in match.headers):
-                continue
-            rank = len(match.headers)
-            if best is None or rank > best[0] or (rank == best[0] and key < best[1]):
-                best = (rank, key, policy)
-        if best is not None:
-            _, key, policy = best
+        """The policy for ``model`` in the request's namespace scope (the trusted
+        ``x-kvroute-namespace`` header), or the default policy implied by the directly
+        reachable pools serving ``model``; raises :class:`PolicyConflictError` when two
+        claim it (:mod:`.resolution`)."""
+        scope = headers.get(NAMESPACE_HEADER) or None
+        chosen = pick_policy(model, headers, self._policies, scope)
+        if chosen is not None:
+            key, policy = chosen
             namespace = policy.metadata.namespace
             return Resolution(policy=policy, policy_key=key, implicit=False, pools=[
                 (self._pools.get(object_key(namespace, t.name)), t) for t in policy.spec.pools])
-        serving = sorted((s for s in self._pools.values() if s.model_name == model),
-                         key=lambda s: s.key)
+        serving = pick_direct_pools(model, self._reachable(), scope)
         if not serving:
             return None
-        first = serving[0].pool.metadata
-        policy = RoutePolicy.model_validate({
-            "metadata": {"name": f"implicit-{first.name}", "namespace": first.namespace},
-            "spec": RoutePolicySpec(match=MatchSpec(model=model), pools=[
-                PoolTarget(name=s.pool.metadata.name) for s in serving]),
-        })
-        return Resolution(policy=policy, policy_key=f"implicit/{model}", implicit=True,
-                          pools=[(s, PoolTarget(name=s.pool.metadata.name)) for s in serving])
+        return Resolution(policy=implied_policy(model, serving), policy_key=f"implicit/{model}",
+                          implicit=True,
+                          pools=[(self._pools[p.key], PoolTarget(name=p.name)) for p in serving])
+
+
+def _view(state: PoolState) -> PoolView:
+    meta = state.pool.metadata
+    return PoolView(key=state.key, namespace=meta.namespace or "default", name=meta.name,
+                    model_name=state.model_name, direct_access=state.pool.spec.direct_access)
 
 
 def static_endpoints(pool: InferencePool) -> list[EndpointSpec]:

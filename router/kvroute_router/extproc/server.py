@@ -37,11 +37,13 @@ from google.protobuf import struct_pb2
 from kvroute_router.framework.lifecycle import Outcome, RequestRouter, RoutedRequest, RoutingError
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.grpc_health import add_health, set_serving
+from kvroute_router.grpcauth import BearerAuthInterceptor, CallerTokens
 from kvroute_router.openai.errors import BadRequestError, error_body
 from kvroute_router.openai.requests import decode_body, endpoint_kind, parse_request
 from kvroute_router.openai.upstream import upstream_changes
 from kvroute_router.openai.usage import USAGE_TAIL, usage_of
 from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
+from kvroute_router.trust import HeaderTrust, PolicyCatalog
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +96,14 @@ def _subset_hint(request: Any) -> frozenset[str] | None:
 class ExtProcServer:
     """The ``Process`` stream handler."""
 
-    def __init__(self, director: RequestRouter,
-                 response_cache: ResponseCache | None = None) -> None:
+    def __init__(self, director: RequestRouter, catalog: PolicyCatalog,
+                 response_cache: ResponseCache | None = None,
+                 trust_gateway_headers: bool = False) -> None:
         self.director = director
         self.response_cache = response_cache
+        self.trust = HeaderTrust(catalog)
+        self.trust_gateway_headers = trust_gateway_headers
+        """Believe trust-gated headers: the gateway strips clients' copies (docs/security.md)."""
 
     async def process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         headers: dict[str, str] = {}
@@ -170,6 +176,7 @@ class ExtProcServer:
         attempt is dispatched."""
         kind: Literal["completions", "chat"] = (
             "chat" if endpoint_kind(headers.get(":path", "")) == "chat" else "completions")
+        headers = self.trust.for_routing(headers, self.trust_gateway_headers)
         try:
             parsed = parse_request(decode_body(raw), kind)
         except BadRequestError as exc:
@@ -231,12 +238,19 @@ def _cache_header(lookup: CacheLookup) -> Any:
         set_headers=[_header(CACHE_HEADER, lookup.header)]))
 
 
-async def start_ext_proc_server(director: RequestRouter, host: str, port: int,
-                                response_cache: ResponseCache | None = None
-                                ) -> tuple[Any, int]:
-    """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)])
-    handler = ExtProcServer(director, response_cache)
+async def start_ext_proc_server(director: RequestRouter, host: str, port: int, *,
+                                catalog: PolicyCatalog,
+                                response_cache: ResponseCache | None = None,
+                                trust_gateway_headers: bool = False,
+                                tokens: CallerTokens | None = None) -> tuple[Any, int]:
+    """Start a ``grpc.aio`` server with ext_proc and health; returns (server, bound port).
+    With ``tokens``, ext_proc calls need a caller token (:mod:`kvroute_router.grpcauth`)."""
+    interceptors = [BearerAuthInterceptor(tokens, [SERVICE])] if tokens is not None else []
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", MAX_BODY_BYTES + 65536)],
+        interceptors=interceptors)
+    handler = ExtProcServer(director, catalog, response_cache,
+                            trust_gateway_headers=trust_gateway_headers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Process": grpc.stream_stream_rpc_method_handler(
             handler.process, request_deserializer=ep.ProcessingRequest.FromString,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from kvroute_api.route_policy import RoutePolicy
 from prometheus_client import CollectorRegistry
@@ -55,6 +55,10 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    witness: Literal["router", "caller", "unverified"] = "router"
+    """Who vouches for this outcome (docs/security.md, accounting): ``router`` (the proxy saw
+    the engine's answer, or Envoy reported it to ext_proc), ``caller`` (an authenticated Pick
+    caller's Report) or ``unverified`` (an anonymous Report, or a Pick never reported)."""
 
 
 @dataclass
@@ -167,7 +171,7 @@ class ModelCatalog(Protocol):
     @property
     def loaded(self) -> bool: ...
 
-    def models(self) -> list[str]: ...
+    def models(self, namespace: str | None = None) -> list[str]: ...
 
     def endpoints(self) -> list[Endpoint]: ...
 

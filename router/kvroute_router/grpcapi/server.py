@@ -15,22 +15,25 @@ import asyncio
 import contextlib
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
 from kvroute_router.framework.lifecycle import Outcome, RequestRouter, RoutedRequest, RoutingError
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.grpc_health import add_health, set_serving
+from kvroute_router.grpcauth import BearerAuthInterceptor, CallerTokens
 from kvroute_router.openai.errors import BadRequestError
 from kvroute_router.openai.requests import MAX_COUNT, render_chat_prompt
 from kvroute_router.proto_gen import router_pb2 as pb
+from kvroute_router.trust import HeaderTrust, PolicyCatalog
 
 SERVICE = "kvroute.v1.Router"
 MAX_PENDING = 100_000
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.OUT_OF_RANGE,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -66,10 +69,20 @@ def request_from_pick(message: pb.PickRequest) -> LLMRequest:
 class RouterService:
     """Pick/Report handlers and the table of decisions awaiting a Report."""
 
-    def __init__(self, director: RequestRouter) -> None:
+    def __init__(self, director: RequestRouter, catalog: PolicyCatalog,
+                 tokens: CallerTokens | None = None) -> None:
         self.director = director
-        self.pending: dict[str, tuple[RoutedRequest, float]] = {}
-        """decision id → the routed request awaiting its Report, and its deadline."""
+        self.tokens = tokens
+        """Caller tokens: an authenticated caller is the request's tenant and its Reports
+        are believed; without tokens every caller is anonymous (docs/security.md)."""
+        self.trust = HeaderTrust(catalog)
+        self.pending: dict[str, tuple[RoutedRequest, float, str | None]] = {}
+        """decision id → the routed request awaiting its Report, its deadline, its caller."""
+
+    def _caller(self, context: Any) -> str | None:
+        if self.tokens is None:
+            return None
+        return self.tokens.caller_of(context.invocation_metadata())
 
     async def pick(self, message: pb.PickRequest, context: Any) -> pb.PickResponse:
         try:
@@ -78,6 +91,13 @@ class RouterService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{exc} (param: {exc.param})" if exc.param else str(exc))
             raise  # abort raises; this keeps type checkers aware
+        caller = self._caller(context)
+        if caller is not None and message.tenant and message.tenant != caller:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"caller '{caller}' may only pick for its own tenant, not "
+                                f"'{message.tenant}' (leave tenant empty)")
+        request.tenant = caller  # anonymous: the policy's default tenant
+        request.headers = self.trust.for_routing(request.headers, trusted=caller is not None)
         try:
             routed = await self.director.open(request, entrypoint="grpc")
         except RoutingError as exc:
@@ -89,8 +109,8 @@ class RouterService:
         try:
             decision_id = uuid.uuid4().hex
             self._expire(time.monotonic())
-            self.pending[decision_id] = (routed,
-                                         time.monotonic() + routed.decision.request_timeout_s)
+            self.pending[decision_id] = (
+                routed, time.monotonic() + routed.decision.request_timeout_s, caller)
             return self._answer(routed, decision_id)
         except BaseException as exc:
             self.pending.pop(decision_id, None)
@@ -114,35 +134,43 @@ class RouterService:
             prefix_match_ratio=ratio or 0.0)
 
     async def report(self, message: pb.ReportRequest, context: Any) -> pb.ReportResponse:
-        entry = self.pending.pop(message.decision_id, None)
-        if entry is None:
+        entry = self.pending.get(message.decision_id)
+        caller = self._caller(context)
+        if entry is None or entry[2] != caller:  # only the caller that picked may report
             return pb.ReportResponse(accepted=False)
-        routed, _ = entry
+        self.pending.pop(message.decision_id, None)
+        routed, _, _ = entry
         endpoint = routed.decision.endpoints[0]
+        # An authenticated caller's report is believed (0 tokens: nothing produced); an
+        # anonymous one is not: the reservation is billed (budget/accounting.py).
+        witness: Literal["caller", "unverified"] = (
+            "caller" if caller is not None else "unverified")
         served = endpoint
         if message.endpoint and message.endpoint != endpoint.address:
             served = next((e for e in routed.decision.endpoints
                            if e.address == message.endpoint), endpoint)
         routed.finish(served, Outcome(
             status=message.status, ttft_s=message.ttft_seconds or None,
-            e2e_s=message.e2e_seconds or None, prompt_tokens=message.prompt_tokens or None,
-            completion_tokens=message.completion_tokens or None))
+            e2e_s=message.e2e_seconds or None,
+            prompt_tokens=message.prompt_tokens if witness == "caller" else None,
+            completion_tokens=message.completion_tokens if witness == "caller" else None,
+            witness=witness))
         return pb.ReportResponse(accepted=True)
 
     def _expire(self, now: float) -> None:
         """Close decisions past their deadline; cap the table's size."""
         if not self.pending:
             return
-        expired = [k for k, (_, deadline) in self.pending.items() if deadline < now]
+        expired = [k for k, (_, deadline, _) in self.pending.items() if deadline < now]
         overflow = len(self.pending) - len(expired) - MAX_PENDING
         if overflow > 0:
             expired.extend(list(self.pending)[:overflow])
         for key in expired:
             entry = self.pending.pop(key, None)
             if entry is not None:
-                routed, _ = entry
-                routed.finish(routed.decision.endpoints[0],
-                              Outcome(status=0, error="not reported"))
+                routed, _, _ = entry
+                routed.finish(routed.decision.endpoints[0], Outcome(
+                    status=0, error="not reported", witness="unverified"))
 
     async def expire_forever(self, period_s: float = 5.0) -> None:
         while True:
@@ -165,10 +193,13 @@ class RouterServer:
         await self.server.stop(grace)
 
 
-async def start_router_grpc_server(director: RequestRouter, host: str, port: int
+async def start_router_grpc_server(director: RequestRouter, host: str, port: int, *,
+                                   catalog: PolicyCatalog, tokens: CallerTokens | None = None
                                    ) -> tuple[RouterServer, int]:
-    server = grpc.aio.server()
-    service = RouterService(director)
+    """With ``tokens``, Pick/Report need a caller token and the caller is the tenant."""
+    interceptors = [BearerAuthInterceptor(tokens, [SERVICE])] if tokens is not None else []
+    server = grpc.aio.server(interceptors=interceptors)
+    service = RouterService(director, catalog, tokens)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Pick": grpc.unary_unary_rpc_method_handler(
             service.pick, request_deserializer=pb.PickRequest.FromString,

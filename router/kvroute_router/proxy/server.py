@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import aiohttp
@@ -42,6 +42,7 @@ from kvroute_router.openai.upstream import upstream_body
 from kvroute_router.openai.usage import USAGE_TAIL, streamed_events, streamed_tokens, usage_of
 from kvroute_router.proxy.openai_errors import error_response
 from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
+from kvroute_router.trust import NAMESPACE_HEADER, HeaderTrust
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ HOP_BY_HOP = frozenset({
 PASS_BACK = ("content-type", "content-encoding", "cache-control", "x-request-id")
 ERROR_BODY_LIMIT = 64 * 1024
 ADMISSION_TIMEOUT_S = 600.0
-DEFAULT_TENANT_HEADER = "x-kvroute-tenant"
 
 
 class UpstreamAttemptError(Exception):
@@ -76,13 +76,14 @@ class OpenAIProxy:
     def __init__(self, director: RequestRouter, datastore: ModelCatalog,
                  connect_timeout_s: float = 2.0, unavailable_for_s: float = 2.0,
                  trust_tenant_header: bool = False,
-                 response_cache: ResponseCache | None = None) -> None:
+                 response_cache: ResponseCache | None = None,
+                 trusted_proxy_cidrs: Iterable[str] = ()) -> None:
         self.director = director
         self.response_cache = response_cache
         self.datastore = datastore
-        self.trust_tenant_header = trust_tenant_header
-        """Believe clients' tenant headers (only behind a gateway that sets them)."""
-        self._tenant_headers: tuple[int, frozenset[str]] = (-1, frozenset())
+        self.trust = HeaderTrust(datastore, trusted_proxy_cidrs, trust_all=trust_tenant_header)
+        """Trust-gated headers (tenant, priority, scope, match headers) are believed only
+        from the trusted proxies (every client with ``trust_tenant_header``)."""
         self.connect_timeout_s = connect_timeout_s
         self.unavailable_for_s = unavailable_for_s
         self._session: aiohttp.ClientSession | None = None
@@ -121,8 +122,11 @@ class OpenAIProxy:
 
     # ---- simple endpoints ----------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
+        # The namespace scope (docs/security.md) counts only from a trusted hop.
+        trusted = self.trust.peer_trusted(request.remote)
+        scope = request.headers.get(NAMESPACE_HEADER) if trusted else None
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "kvroute"}
-                for name in self.datastore.models()]
+                for name in self.datastore.models(scope or None)]
         return web.json_response({"object": "list", "data": data})
 
     async def health(self, request: web.Request) -> web.Response:
@@ -149,9 +153,9 @@ class OpenAIProxy:
         except web.HTTPRequestEntityTooLarge:
             return error_response(413, f"Request body larger than {MAX_BODY_BYTES} bytes",
                                   "request_too_large")
-        untrusted = self._untrusted_headers()
-        headers = {k.lower(): v for k, v in http.headers.items()
-                   if k.lower() not in untrusted}
+        trusted = self.trust.peer_trusted(http.remote)
+        headers = self.trust.for_routing({k.lower(): v for k, v in http.headers.items()},
+                                         trusted)
         try:
             parsed = parse_request(decode_body(raw), kind)
         except BadRequestError as exc:
@@ -180,23 +184,11 @@ class OpenAIProxy:
             payload = upstream_body(raw, parsed.body, parsed.kind, decision.served_model,
                                     llm_request.max_tokens)
             upstream_headers = {k: v for k, v in http.headers.items()
-                                if k.lower() not in HOP_BY_HOP and k.lower() not in untrusted}
+                                if k.lower() not in HOP_BY_HOP
+                                and self.trust.forwardable(k.lower(), trusted)}
             upstream_headers["x-request-id"] = llm_request.request_id
             return await self._relay(http, routed, path, payload, upstream_headers, started,
                                      deadline, lookup)
-
-    def _untrusted_headers(self) -> frozenset[str]:
-        """Tenant headers of ``source: Header`` policies: dropped from clients' requests (for
-        routing and forwarding) unless the router is trusted to sit behind a gateway that sets
-        them, so a client cannot choose another tenant's budget."""
-        if self.trust_tenant_header:
-            return frozenset()
-        version, names = self._tenant_headers
-        if version != self.datastore.version:
-            names = frozenset(p.spec.tenancy.header for p in self.datastore.policies().values()
-                              if p.spec.tenancy.source == "Header") | {DEFAULT_TENANT_HEADER}
-            self._tenant_headers = (self.datastore.version, names)
-        return names
 
     async def _relay(self, http: web.Request, routed: RoutedRequest, path: str,
                      payload: bytes, headers: Mapping[str, str], started: float,

@@ -33,6 +33,7 @@ from kvroute_api.cache_tier import CacheTier, ResponseCacheTierSpec
 from kvroute_api.route_policy import ResponseCacheSpec, RoutePolicy
 
 from kvroute_router.admission.tenancy import TenantResolver
+from kvroute_router.datastore.resolution import PolicyConflictError
 from kvroute_router.datastore.store import Datastore, object_key
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.framework.tasks import cancel_and_wait
@@ -228,7 +229,10 @@ class ResponseCache:
         body = request.openai.body if request.openai is not None else None
         if body is None or request.kind == "pick":
             return CacheLookup()
-        resolution = self.datastore.resolve(request.model, request.headers)
+        try:
+            resolution = self.datastore.resolve(request.model, request.headers)
+        except PolicyConflictError:  # the director answers 409 naming both policies
+            return CacheLookup()
         if resolution is None or resolution.implicit:
             return CacheLookup()
         policy = resolution.policy

@@ -102,6 +102,8 @@ async def cache_router(tmp_path: Path, engine: Engine, *, policy: dict[str, Any]
     router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
                                    ext_proc_port=0, grpc_port=None, metrics_port=None,
                                    kv_events=False, trust_tenant_header=True,
+                                   # behind the chart's Envoy, which strips clients' copies
+                                   ext_proc_trust_gateway_headers=True,
                                    scrape_interval_s=0.05))
     await router.start()
     await asyncio.wait_for(router.response_cache.warm_up(), 300)

@@ -18,6 +18,7 @@ from kvroute_router.framework.request import LLMRequest
 from kvroute_router.openai.requests import parse_request
 from kvroute_router.openai.upstream import upstream_changes
 from kvroute_router.openai.usage import streamed_events, usage_of
+from kvroute_router.proxy.server import OpenAIProxy
 from prometheus_client import CollectorRegistry, generate_latest
 from router_fixtures import make_director, make_policy, make_pool
 
@@ -238,6 +239,21 @@ def test_stream_events_are_counted_once_across_chunk_boundaries() -> None:
         first, second = stream[:cut], stream[cut:]
         assert streamed_events(b"", first) + streamed_events(first, second) == 5
     assert usage_of(b'"usage": {"prompt_tokens": 7, "completion_tokens": 3}}') == (7, 3)
+
+
+def test_proxy_drops_client_tenant_headers_unless_trusted() -> None:
+    policy = make_policy(pools=[{"name": "strong"}], tenancy={"header": "x-team"})
+    director, store = make_director(_pools(), [policy])
+    sent = {"x-team": "a", "x-kvroute-tenant": "b", "x-kvroute-priority": "c",
+            "content-type": "application/json"}
+    trust = OpenAIProxy(director, store).trust
+    assert trust.for_routing(sent, trust.peer_trusted("10.0.0.1")) == {
+        "content-type": "application/json"}
+    assert not trust.forwardable("x-team", False) and trust.forwardable("content-type", False)
+    trust = OpenAIProxy(director, store, trust_tenant_header=True).trust
+    assert trust.for_routing(sent, trust.peer_trusted("10.0.0.1")) == sent
+    trust = OpenAIProxy(director, store, trusted_proxy_cidrs=["10.0.0.0/8"]).trust
+    assert trust.peer_trusted("10.0.0.1") and not trust.peer_trusted("192.168.0.1")
 
 
 def test_router_serves_budget_metrics_in_its_registry_and_routers_coexist() -> None:

@@ -16,13 +16,22 @@ LONG = "You are a helpful assistant. " * 40
 
 
 async def test_unknown_model_is_404_and_pool_model_resolves_implicitly() -> None:
-    director, _ = make_director([make_pool()], [make_policy()])
+    director, _ = make_director([make_pool(), make_pool("other", model="other-model")],
+                                [make_policy()])
     with pytest.raises(RoutingError) as err:
         await director.route(LLMRequest(model="nope"))
     assert err.value.status == 404 and "chat" in err.value.message
+    # A pool no policy targets is reachable by its served name, through a default policy.
+    decision = await director.route(LLMRequest(model="other-model", prompt_text="hi"))
+    assert decision.policy_key == "implicit/other-model"
+    assert decision.pool.name == "other"
+    # A pool a policy targets is not (docs/security.md), unless it opts in.
+    with pytest.raises(RoutingError) as err:
+        await director.route(LLMRequest(model="test-model", prompt_text="hi"))
+    assert err.value.status == 404
+    director, _ = make_director([make_pool(directAccess=True)], [make_policy()])
     decision = await director.route(LLMRequest(model="test-model", prompt_text="hi"))
     assert decision.policy_key == "implicit/test-model"
-    assert decision.pool.name == "local"
 
 
 async def test_output_and_prompt_limits() -> None:

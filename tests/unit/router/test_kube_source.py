@@ -254,3 +254,43 @@ async def test_a_stalled_watch_is_replaced_and_endpoints_catch_up(guard: str) ->
             assert api.lists["pods"] >= 2
         finally:
             await source.stop()
+async def test_named_secrets_are_re_read_by_name_and_a_deleted_one_is_forgotten() -> None:
+    """No Secret list or watch (least privilege): rotations arrive by re-reading each named
+    Secret; a 404 forgets it."""
+    import asyncio
+
+    from kvroute_router.datastore.api_keys import api_key_digest
+
+    class NotFoundError(Exception):
+        status = 404
+
+    class Core(FakeCore):
+        def read_namespaced_secret(self, name: str, namespace: str,
+                                   _preload_content: bool = True) -> Any:
+            if name not in self.secrets:
+                self.reads.append((namespace, name))
+                raise NotFoundError()
+            return super().read_namespaced_secret(name, namespace, _preload_content)
+
+    async def until(check: Any) -> None:
+        for _ in range(200):  # reads run in threads: bounded wait
+            if check() and not source._fetching:
+                return
+            await asyncio.sleep(0.01)
+
+    store = Datastore()
+    source = KubernetesSource(store, namespace="inference")
+    source._loop = asyncio.get_running_loop()
+    core = Core({"keys": _secret("keys", {"alice": "key-a"})})
+    source._core = core
+    source._relist("routepolicies", [_keyed_policy("chat", "keys")])
+    await until(lambda: store.api_keys("inference/keys") is not None)
+    core.secrets["keys"] = _secret("keys", {"alice": "key-a2"})  # rotated
+    source._refresh_secrets()
+    await until(lambda: store.api_keys("inference/keys") == {api_key_digest("key-a2"): "alice"})
+    assert store.api_keys("inference/keys") == {api_key_digest("key-a2"): "alice"}
+    del core.secrets["keys"]
+    source._refresh_secrets()
+    await until(lambda: store.api_keys("inference/keys") is None)
+    assert store.api_keys("inference/keys") is None
+    assert set(core.reads) == {("inference", "keys")}  # only the named Secret, by name

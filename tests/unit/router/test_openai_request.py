@@ -47,4 +47,5 @@ def test_router_rbac_rules_are_read_only_policy_rules() -> None:
         assert set(rule) == {"apiGroups", "resources", "verbs"}
         assert set(rule["verbs"]) <= {"get", "list", "watch"}
     resources = {r for rule in ROUTER_RULES for r in rule["resources"]}
-    assert resources == {"inferencepools", "routepolicies", "cachetiers", "pods", "secrets"}
+    # Secrets: read by name only
+    assert resources == {"inferencepools", "routepolicies", "cachetiers", "pods"}

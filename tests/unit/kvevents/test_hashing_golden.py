@@ -24,6 +24,8 @@ from kvroute_router.kvevents.hashing import (
     to_event_int,
 )
 
+pytestmark = pytest.mark.vllm
+
 ORACLE = Path(__file__).with_name("vllm_hash_oracle.py")
 
 

@@ -1,4 +1,5 @@
-"""The proxy against fake engines on loopback (no vLLM needed, so not marked e2e): streaming
+"""The proxy against fake engines on loopback (the ``loopback`` tier: real servers on
+127.0.0.1, no vLLM): streaming
 without buffering, retries before the first byte, client disconnects, OpenAI errors and
 timeouts. The fakes speak just enough of vLLM's HTTP API (SSE completions and /metrics)."""
 
@@ -16,6 +17,8 @@ import pytest
 import yaml
 from aiohttp import web
 from kvroute_router.app import Router, RouterSettings
+
+pytestmark = pytest.mark.loopback
 
 METRICS = ('vllm:num_requests_running{engine="0"} 0.0\n'
            'vllm:num_requests_waiting{engine="0"} 0.0\n'

@@ -1,6 +1,9 @@
-# The two commands of the README. Both set up everything they need on first run
-# (cached venvs under ~/.cache/kvroute, Debian packages) and are fast on a warm machine.
-.PHONY: demo test crds
+# The two commands of the README (demo, test), and the everyday targets a contributor runs.
+# Everything runs from the cached dev venv (scripts/kvenv.sh dev; built on first use).
+.PHONY: demo test unit lint fmt crds crds-check
+
+DEV = $$(scripts/kvenv.sh dev)/bin
+UNIT_MARKERS = not e2e and not k8s and not cluster and not loopback and not vllm
 
 demo:  ## run the router demo on local vLLM-CPU engines (no cluster, no GPU)
 	scripts/demo.sh
@@ -8,5 +11,24 @@ demo:  ## run the router demo on local vLLM-CPU engines (no cluster, no GPU)
 test:  ## lint, type-check and run the whole test suite
 	scripts/test.sh
 
-crds:  ## regenerate crds/*.yaml from the API models
-	"$$(scripts/kvenv.sh dev)/bin/kvroute" crds --write crds/
+unit:  ## the fast tier: tests/unit without network servers, engines or the vLLM venv
+	scripts/system-deps.sh
+	"$(DEV)/python" -m pytest -p no:cacheprovider -q -m "$(UNIT_MARKERS)" tests/unit
+
+lint:  ## ruff, mypy (packages strict; bench strict; tests checked), import layers, dead code
+	"$(DEV)/ruff" check .
+	"$(DEV)/mypy" crds/kvroute_api operator/kvroute_operator router/kvroute_router cli/kvroute_cli
+	"$(DEV)/mypy" bench tests
+	"$(DEV)/lint-imports"
+	"$(DEV)/vulture"
+
+fmt:  ## apply ruff's automatic fixes (import order, pyupgrade, ...)
+	"$(DEV)/ruff" check --fix .
+
+crds:  ## regenerate crds/*.yaml from the API models, and the chart's copies
+	"$(DEV)/kvroute" crds --write crds/
+	cp crds/*.yaml charts/kvroute/files/crds/
+
+crds-check:  ## fail if crds/*.yaml or the chart's copies differ from the API models
+	"$(DEV)/kvroute" crds --check --check-dir crds
+	for f in crds/*.yaml; do cmp "$$f" "charts/kvroute/files/crds/$$(basename "$$f")" || exit 1; done

@@ -87,7 +87,7 @@ def random_units(count: int, dims: int, seed: int) -> Any:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-async def lookup_speed(store: Any, queries: Any, exact_ids: list[str]) -> dict[str, float]:
+async def lookup_speed(store: Any, queries: Any) -> dict[str, float]:
     times = []
     for i, q in enumerate(queries):
         started = time.perf_counter()
@@ -106,7 +106,7 @@ async def memory_speed(entries: int, queries: Any, dims: int) -> dict[str, float
     expiry = time.time() + 3600
     for i in range(entries):
         await store.put(Entry(f"e{i}", "p", vectors[i], b"{}", expiry))
-    return await lookup_speed(store, queries, [])
+    return await lookup_speed(store, queries)
 
 
 def start_redis() -> tuple[subprocess.Popen[bytes], int, str]:
@@ -154,7 +154,7 @@ async def redis_speed(entries: int, queries: Any, dims: int) -> dict[str, float]
         started = time.perf_counter()
         await store.rebuild()
         rebuild_s = time.perf_counter() - started
-        result = await lookup_speed(store, queries, [])
+        result = await lookup_speed(store, queries)
         result["index_rebuild_s"] = rebuild_s
         result["redis_used_memory_mib"] = (await client.info("memory"))["used_memory"] / 2**20
         await client.aclose()

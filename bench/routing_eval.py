@@ -113,7 +113,7 @@ def _sweep(run: Run, data: PreparedData, args: argparse.Namespace, seed: int) ->
     for order in ORDERS:
         for budget in BUDGETS:
             config = EvalConfig(cost_weak=args.cost_weak, cost_strong=args.cost_strong,
-                                budget=budget, batch_size=args.batch_size, order=order,  # type: ignore[arg-type]
+                                budget=budget, batch_size=args.batch_size, order=order,
                                 seed=seed)
             report = evaluate(data, config)
             methods = dict(report.methods)

@@ -25,6 +25,7 @@ the median over rounds (the machine is shared, so single rounds can be disturbed
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import random
@@ -110,10 +111,10 @@ def one_round(args: argparse.Namespace, directory: Path, rng: random.Random
         one_prompt(samples, tokenizer, hasher, plain, prompt, turn, args.algorithm)
         ids = [rng.randrange(args.vocab) for _ in range(args.tokens)]
         big = timed(samples, f"ids, vocab {args.vocab}: hash",
-                    lambda ids=ids: hasher.block_hashes(ids))
+                    functools.partial(hasher.block_hashes, ids))
         if args.algorithm == "sha256_cbor":
             assert big == timed(samples, f"ids, vocab {args.vocab}: ref cbor2",
-                                lambda ids=ids: cbor2_block_hashes(plain, ids))
+                                functools.partial(cbor2_block_hashes, plain, ids))
     return samples
 
 

@@ -104,3 +104,6 @@ pytestmark  # unused variable (tests/k8s/test_autoscaling.py:17)
 pytestmark  # unused variable (tests/k8s/test_lifecycle.py:15)
 pytestmark  # unused variable (tests/k8s/test_real_cluster.py:25)
 pytestmark  # unused variable (tests/unit/operator/test_operator_prometheus.py:26)
+
+# gRPC server interceptor API: grpc.aio calls it by name
+_.intercept_service  # unused method (router/kvroute_router/grpcauth.py)

@@ -71,10 +71,6 @@ class HeaderTrust:
             self._cache = (self.datastore.version, tenant, gated)
         return tenant, gated
 
-    def is_gated(self, name: str) -> bool:
-        """``name`` in lower case."""
-        return name.startswith(GATED_PREFIX) or name in self._names()[1]
-
     def for_routing(self, headers: Mapping[str, str], trusted: bool) -> dict[str, str]:
         """The headers routing may read (lower-case names): gated ones only when trusted."""
         if trusted:

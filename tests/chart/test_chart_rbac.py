@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kvroute_router.rbac import API_KEY_SECRET_RULE
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kvroute"
 READ = {"get", "list", "watch"}
@@ -147,8 +148,8 @@ def test_no_secret_access_unless_api_key_secrets_are_named(defaults: Any, render
     assert set(roles) == {("kvroute-system", "kvroute-router-api-key-secrets"),
                           ("team-b", "kvroute-router-api-key-secrets")}
     assert roles[("kvroute-system", "kvroute-router-api-key-secrets")]["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
-         "resourceNames": ["chat-keys"]}]
+        {**API_KEY_SECRET_RULE, "resourceNames": ["chat-keys"]}]
+    assert API_KEY_SECRET_RULE == {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
     bound = bound_rules(m, "router", extras=True)
     assert [name for name, _ in bound["team-b"]] == ["kvroute-router-api-key-secrets"]
     # Namespaced installs: the watched namespace by default.

@@ -13,7 +13,7 @@ import yaml
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "kvroute"
 
-BAD_VALUES = [
+BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     # (--set-json overrides, text expected in helm's error)
     ({"routr": {}}, "Additional property routr is not allowed"),
     ({"router.replcas": 3}, "Additional property replcas is not allowed"),
@@ -36,8 +36,8 @@ BAD_VALUES = [
 
 
 @pytest.mark.parametrize(("sets", "message"), BAD_VALUES,
-                         ids=[next(iter(s)) + "=" + json.dumps(next(iter(s.values())))
-                              for s, _ in BAD_VALUES])
+                         ids=[f"{key}={json.dumps(value)}" for sets, _ in BAD_VALUES
+                              for key, value in list(sets.items())[:1]])
 def test_bad_value_is_rejected(render: Any, helm_error: type[Exception], sets: dict[str, Any],
                                message: str) -> None:
     with pytest.raises(helm_error) as caught:

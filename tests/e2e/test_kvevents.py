@@ -142,7 +142,8 @@ async def test_prompts_sent_directly_are_routed_to_their_engine(
     assert picked_target >= len(prompts) - 1, f"{picked_target}/{len(prompts)}"
     for name in ("engine-0", "engine-1"):
         status = pool_events.status(name)
-        assert status is not None and status.hash_check.state != "mismatch", status.as_dict()
+        assert status is not None
+        assert status.hash_check.state != "mismatch", status.as_dict()
     check = pool_events.status("engine-0")
     assert check is not None and check.hash_check.matched > 0
 

@@ -45,7 +45,8 @@ def _objects() -> tuple[InferencePool, RoutePolicy]:
 @pytest.fixture
 def director() -> Director:
     store = Datastore()
-    store.replace(*[[o] for o in _objects()])
+    pool, policy = _objects()
+    store.replace([pool], [policy])
     return Director(store, register_builtin_plugins(PluginRegistry()), rng=random.Random(3))
 
 

@@ -64,7 +64,9 @@ class Cluster:
         return kmock.resource(group=group, version=version, plural=plural)
 
     def get(self, api_version: str, plural: str, name: str,
-            namespace: str = NAMESPACE) -> dict[str, Any] | None:
+            namespace: str = NAMESPACE) -> Any:
+        """The stored object, None when absent. Typed ``Any`` so that ``eventually`` checks can
+        index it directly: indexing None raises TypeError, which ``eventually`` retries."""
         key = (self.resource(api_version, plural), namespace, name)
         if key not in self.emulator.objects or self.emulator.objects[key].deleted:
             return None
@@ -116,13 +118,13 @@ class Cluster:
         await self.call("DELETE", self.path(api_version, plural, name), None,
                         "application/json")
 
-    def pool(self, name: str) -> dict[str, Any] | None:
+    def pool(self, name: str) -> Any:
         return self.get(f"{GROUP}/{VERSION}", "inferencepools", name)
 
-    def policy(self, name: str) -> dict[str, Any] | None:
+    def policy(self, name: str) -> Any:
         return self.get(f"{GROUP}/{VERSION}", "routepolicies", name)
 
-    def tier(self, name: str) -> dict[str, Any] | None:
+    def tier(self, name: str) -> Any:
         return self.get(f"{GROUP}/{VERSION}", "cachetiers", name)
 
 

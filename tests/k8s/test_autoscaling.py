@@ -79,4 +79,4 @@ async def test_unreachable_prometheus_holds_size(cluster: Cluster, operator: Ope
                             "ScalingActive")
     assert held["status"] == "False" and held["reason"] == "PrometheusUnavailable"
     assert "holding 2 replicas" in held["message"]
-    assert cluster.pool("llama-8b")["spec"]["replicas"] == 2  # type: ignore[index]
+    assert cluster.pool("llama-8b")["spec"]["replicas"] == 2

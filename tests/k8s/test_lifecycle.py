@@ -5,6 +5,7 @@ restarted -> no duplicates; kubectl-scale path -> Deployment follows."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ CHILDREN = (("apps/v1", "deployments"), ("v1", "services"), ("policy/v1",
                                                              "poddisruptionbudgets"))
 
 
-def deployment(cluster: Cluster, name: str = "llama-8b") -> dict[str, Any] | None:
+def deployment(cluster: Cluster, name: str = "llama-8b") -> Any:
     return cluster.get("apps/v1", "deployments", name)
 
 
@@ -50,8 +51,8 @@ async def test_create_update_drift_and_delete(cluster: Cluster, operator: Any,
     # Create -> Deployment, Service, PDB owned by the pool, with the tier's offload flags.
     dep = await eventually(lambda: deployment(cluster), "the Deployment")
     for api_version, plural in CHILDREN:
-        child = await eventually(lambda a=api_version, p=plural: cluster.get(a, p, "llama-8b"),
-                                 f"{plural}")
+        child = await eventually(functools.partial(cluster.get, api_version, plural,
+                                                   "llama-8b"), f"{plural}")
         assert child["metadata"]["ownerReferences"][0]["uid"] == uid
         assert child["metadata"]["labels"]["kvroute.io/pool"] == "llama-8b"
     assert dep["spec"]["replicas"] == 2
@@ -108,7 +109,7 @@ async def test_create_update_drift_and_delete(cluster: Cluster, operator: Any,
     await cluster.delete(API, "inferencepools", "llama-8b")
     await eventually(lambda: cluster.pool("llama-8b") is None, "pool gone")
     for api_version, plural in CHILDREN:
-        await eventually(lambda a=api_version, p=plural: cluster.get(a, p, "llama-8b") is None,
+        await eventually(functools.partial(absent, cluster, api_version, plural, "llama-8b"),
                          f"{plural} deleted")
 
 
@@ -182,3 +183,7 @@ async def test_external_pool_reports_selected_pods(cluster: Cluster, operator: A
                                             "ready": True}]
     assert pool["status"]["selector"] == "app=my-vllm"
     assert deployment(cluster, "adopted") is None
+
+
+def absent(cluster: Cluster, api_version: str, plural: str, name: str) -> bool:
+    return cluster.get(api_version, plural, name) is None

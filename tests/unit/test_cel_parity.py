@@ -12,6 +12,7 @@ from typing import Any
 import celpy
 import pytest
 import yaml
+from celpy.adapter import json_to_cel
 from kvroute_api import crdgen
 from kvroute_api.meta import ApiModel, Rule
 from pydantic import BaseModel
@@ -54,7 +55,7 @@ def _objects_of(model: type[ApiModel], node: Any, out: list[dict[str, Any]]) -> 
 def _cel(rule: Rule, obj: dict[str, Any]) -> bool:
     env = celpy.Environment()
     program = env.program(env.compile(rule.cel))
-    return bool(program.evaluate({"self": celpy.json_to_cel(obj)}))
+    return bool(program.evaluate({"self": json_to_cel(obj)}))
 
 
 def _lenient(model: type[ApiModel], obj: dict[str, Any]) -> ApiModel:

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import yaml
 from kvroute_api import crdgen
+from kvroute_api.inference_pool import InferencePool
 from kvroute_api.meta import ResourceBase
+from kvroute_api.route_policy import RoutePolicy
 
 KINDS = crdgen.KINDS
 
@@ -70,7 +72,7 @@ def test_subresources_names_and_columns() -> None:
         assert names["shortNames"] == list(kind.SHORT_NAMES)
         columns = [c["name"] for c in version["additionalPrinterColumns"]]
         assert columns[-1] == "Age" and len(columns) >= 4
-    pool = crdgen.crd(crdgen.InferencePool)["spec"]["versions"][0]
+    pool = crdgen.crd(InferencePool)["spec"]["versions"][0]
     assert pool["subresources"]["scale"] == {
         "specReplicasPath": ".spec.replicas",
         "statusReplicasPath": ".status.replicas",
@@ -93,13 +95,13 @@ def test_printer_columns_point_at_real_fields() -> None:
 
 
 def test_cross_field_rules_are_rendered_as_cel() -> None:
-    pool = _schema(crdgen.InferencePool)["properties"]["spec"]
+    pool = _schema(InferencePool)["properties"]["spec"]
     rules = [r["rule"] for r in pool["x-kubernetes-validations"]]
     assert "self.mode != 'Managed' || has(self.model.source)" in rules
     autoscaling = pool["properties"]["autoscaling"]
     assert any("minReplicas <= self.maxReplicas" in r["rule"]
                for r in autoscaling["x-kubernetes-validations"])
-    budget = _schema(crdgen.RoutePolicy)["properties"]["spec"]["properties"]["budgets"]["items"]
+    budget = _schema(RoutePolicy)["properties"]["spec"]["properties"]["budgets"]["items"]
     assert all(r["message"] for r in budget["x-kubernetes-validations"])
 
 

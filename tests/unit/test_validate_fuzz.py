@@ -49,8 +49,6 @@ def mutated(draw: st.DrawFn) -> Any:
                     node.pop(key)
                 break
             node = child
-        else:  # pragma: no cover
-            pass
         if isinstance(node, dict) and draw(st.booleans()):
             node[draw(st.text(max_size=10))] = draw(VALUES)
     return doc

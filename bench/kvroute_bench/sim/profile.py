@@ -8,7 +8,7 @@ Cached prompt tokens cost nothing: that is the whole point of prefix-aware routi
 Two profiles ship:
 
 * :func:`cpu_test_engine` — the vLLM-CPU test engines of ``kvroute bench`` on this 2-core
-  machine. Prefill from the measurements in DESIGN.md and the benchmark logs (a cold
+  machine. Prefill from the measurements in docs/design.md and the benchmark logs (a cold
   ~2,400-token prefill ≈ 1 s, the same prompt cached ≈ 0.07 s); decode from the benchmark's
   own e2e - TTFT over output tokens (hand-fitted to run 1, see ``docs/benchmarks/README.md``;
   an automatic fit is still to be written).

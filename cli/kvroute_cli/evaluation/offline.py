@@ -69,7 +69,7 @@ from kvroute_cli.evaluation.estimators import BlendedQualityEstimator, LogisticQ
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 Order = Literal["random", "adversarial", "benefit-sorted"]
-ORDERS: tuple[str, ...] = ("random", "adversarial", "benefit-sorted")
+ORDERS: tuple[Order, ...] = ("random", "adversarial", "benefit-sorted")
 
 METHODS: tuple[str, ...] = ("always-weak", "always-strong", "random", "per-query-threshold",
                             "per-query-cutoff", "kvroute-batch", "kvroute-robust", "oracle")

@@ -256,15 +256,6 @@ class ChatRequest(_Common):
     def kind(self) -> Literal["chat"]:
         return "chat"
 
-    @property
-    def text_only(self) -> bool:
-        """True when every content part is text (what in-process tokenising handles)."""
-        for message in self.messages:
-            content = message.get("content")
-            if isinstance(content, list) and any(
-                    not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                return False
-        return True
 
 
 OpenAIRequest = CompletionRequest | ChatRequest

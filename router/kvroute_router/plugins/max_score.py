@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.plugins import ScoredEndpoint
@@ -32,7 +33,8 @@ class MaxScorePicker:
         ordered = sorted(scored, key=lambda s: (-round(s.total, 9), rnd()))
         return ordered[:limit]
 
-    def pick_indices(self, state: CycleState, request: LLMRequest, totals: Sequence[float],
+    def pick_indices(self, state: CycleState, request: LLMRequest,
+                     totals: Sequence[float] | npt.NDArray[np.float64],
                      limit: int) -> list[int]:
         """``pick`` on the totals alone: the same random draws in the same order, the same
         keys (-round(total, 9), draw), the same stable order. Rounding is monotone, so only

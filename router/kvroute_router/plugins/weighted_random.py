@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.plugins import ScoredEndpoint
@@ -32,7 +33,8 @@ class WeightedRandomPicker:
         keyed.sort(reverse=True)
         return [scored[i] for _, i in keyed[:limit]]
 
-    def pick_indices(self, state: CycleState, request: LLMRequest, totals: Sequence[float],
+    def pick_indices(self, state: CycleState, request: LLMRequest,
+                     totals: Sequence[float] | npt.NDArray[np.float64],
                      limit: int) -> list[int]:
         """``pick`` on the totals alone: the same keys, drawn in the same order."""
         rnd = self.rng.random

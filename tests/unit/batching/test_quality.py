@@ -132,7 +132,8 @@ def _noisy_synthetic(seed: int = 0) -> list[LabelledPrompt]:
 
 
 def test_tuned_knn_chooses_from_the_grid_by_leave_one_out() -> None:
-    grid = {"k": (1, 40), "weight_power": (1.0, 4.0), "prior_strength": (0.5, 8.0)}
+    grid: dict[str, tuple[float, ...]] = {"k": (1, 40), "weight_power": (1.0, 4.0),
+                                          "prior_strength": (0.5, 8.0)}
     estimator = KnnQualityEstimator.tuned(_noisy_synthetic(), grid=grid)
     tuning = estimator.tuning
     assert tuning is not None and len(tuning.candidates) == 8

@@ -113,9 +113,8 @@ def _ledger(port: int, store: BudgetStoreSpec, clock: ManualClock | None = None,
     # No retries inside the client: the outage below outlasts any client retry budget.
     client = aioredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=5,
                             retry=Retry(NoBackoff(), 0))
-    ledger = BudgetLedger(RedisMeterStore(client),
-                          metrics=metrics,
-                          **({"clock": clock} if clock else {}))
+    ledger = (BudgetLedger(RedisMeterStore(client), metrics=metrics, clock=clock) if clock
+              else BudgetLedger(RedisMeterStore(client), metrics=metrics))
     ledger.update_policy("chat", BUDGETS, request_timeout_s=60, store=store)
     return ledger, client
 

@@ -84,7 +84,7 @@ def test_budget_safe_threshold_holds_every_training_batch() -> None:
                         train_gain=train_gain, train_weak=train_weak)
     for order in ORDERS:
         config = EvalConfig(cost_weak=0.1, cost_strong=1.0, budget=0.3, batch_size=64,
-                            order=order, seed=2)  # type: ignore[arg-type]
+                            order=order, seed=2)
         threshold = budget_safe_threshold(data, config)
         arrival = batch_order(train_weak, train_gain, order, seed=2)
         per_batch = [int((train_gain[arrival[i:i + 64]] >= threshold).sum())

@@ -24,6 +24,8 @@ from kvroute_router.kvevents.hashing import (
     to_event_int,
 )
 
+pytestmark = pytest.mark.vllm
+
 ORACLE = Path(__file__).with_name("vllm_hash_oracle.py")
 
 
@@ -103,7 +105,7 @@ def test_block_hashes_match_vllm(python_hash_seed: str | None) -> None:
                     if ours(case, seed, shared) != want]
         assert not memoised, f"{attempt}: cases differing from vLLM: {memoised}"
     assert sum(h.memo_hits for h in shared.values()) > 0
-    # The DESIGN.md vector, as vLLM computed it here, in event form.
+    # The docs/design.md vector, as vLLM computed it here, in event form.
     assert [to_event_int(bytes.fromhex(h)) for h in expected[0]] == (
         [8866452693264111234, 807986237951177663] if python_hash_seed is None else
         [to_event_int(bytes.fromhex(h)) for h in ours(cases[0], seed)])

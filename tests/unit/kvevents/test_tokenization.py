@@ -4,12 +4,13 @@ on the test model's tokenizer files; the e2e tests compare with the engine's ``/
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kvroute_cli.testmodel import build_test_model
 from kvroute_router.kvevents.tokenization import PromptTokenizer
 
-MESSAGES = [
+MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": [{"type": "text", "text": "héllo"},
                                  {"type": "text", "text": "world"}]},

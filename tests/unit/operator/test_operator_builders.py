@@ -15,6 +15,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from kvroute_api.inference_pool import InferencePool
 from kvroute_api.manifests import load_objects
 from kvroute_operator.builders import Owner, build_children
 from kvroute_operator.render import rendered_children, to_yaml
@@ -106,7 +107,7 @@ def test_s3_source_uses_an_init_container(examples_dir: Path) -> None:
     body = pool.to_wire()
     body["spec"]["model"]["source"] = "s3://weights/llama-70b"
     body["spec"]["model"]["s3CredentialsSecretRef"] = {"name": "s3-creds"}
-    pool = type(pool).model_validate(body)
+    pool = InferencePool.model_validate(body)
     deployment = build_children(pool, owner=Owner(name="llama-70b", uid="u-1"))[0]
     spec = deployment["spec"]["template"]["spec"]
     (init,) = spec["initContainers"]

@@ -20,14 +20,16 @@ from kvroute_router.openai.upstream import upstream_changes
 from kvroute_router.openai.usage import streamed_events, usage_of
 from kvroute_router.proxy.server import OpenAIProxy
 from prometheus_client import CollectorRegistry, generate_latest
-from router_fixtures import make_director, make_policy, make_pool
+
+from tests.unit.router.router_fixtures import make_director, make_policy, make_pool
 
 CHAT = {"policy_namespace": "default", "policy": "chat"}  # a policy's metric labels
 
 # 1000 USD per million tokens = 0.001 USD a token (strong); 10 USD per million (weak).
-STRONG = {"cost": {"perMillionInputTokensUSD": 1000, "perMillionOutputTokensUSD": 1000},
-          "quality": {"tier": "strong"}}
-WEAK = {"cost": {"perMillionInputTokensUSD": 10, "perMillionOutputTokensUSD": 10},
+STRONG: dict[str, Any] = {
+    "cost": {"perMillionInputTokensUSD": 1000, "perMillionOutputTokensUSD": 1000},
+    "quality": {"tier": "strong"}}
+WEAK: dict[str, Any] = {"cost": {"perMillionInputTokensUSD": 10, "perMillionOutputTokensUSD": 10},
         "quality": {"tier": "weak"}}
 PROMPT = "x" * 100  # 100 UTF-8 bytes: the prompt's upper bound is 100 tokens
 

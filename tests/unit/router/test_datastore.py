@@ -8,7 +8,8 @@ from pathlib import Path
 import yaml
 from kvroute_router.datastore.file_source import ConfigFileSource
 from kvroute_router.datastore.store import Datastore, EndpointSpec
-from router_fixtures import make_policy, make_pool
+
+from tests.unit.router.router_fixtures import make_policy, make_pool
 
 
 def test_endpoint_objects_survive_updates_and_listeners_hear_changes() -> None:

@@ -14,7 +14,8 @@ from kvroute_router.batching.quality import HeuristicQualityEstimator
 from kvroute_router.difficulty import DifficultyRouter
 from kvroute_router.framework.request import LLMRequest
 from prometheus_client import CollectorRegistry
-from router_fixtures import make_director, make_policy, make_pool
+
+from tests.unit.router.router_fixtures import make_director, make_policy, make_pool
 
 DATA = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "routellm" / \
     "correctness.csv.gz"

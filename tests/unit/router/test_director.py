@@ -8,9 +8,11 @@ import time
 import pytest
 from kvroute_router.datastore.store import Resolution
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
+from kvroute_router.framework.endpoint import EndpointMetrics
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.load_headroom import LoadHeadroomFilter
-from router_fixtures import make_director, make_policy, make_pool, set_metrics
+
+from tests.unit.router.router_fixtures import make_director, make_policy, make_pool, set_metrics
 
 LONG = "You are a helpful assistant. " * 40
 
@@ -141,7 +143,7 @@ async def test_load_scorers_prefer_idle_and_treat_stale_as_average() -> None:
     set_metrics(e0, waiting=5, kv_cache_usage=0.9)
     set_metrics(e1, waiting=0, kv_cache_usage=0.1)
     set_metrics(e2, waiting=0, kv_cache_usage=0.0)
-    e2.metrics = e2.metrics.__class__(waiting=0, kv_cache_usage=0.0,
+    e2.metrics = EndpointMetrics(waiting=0, kv_cache_usage=0.0,
                                       scraped_at=time.monotonic() - 60)  # stale
     decision: Decision = await director.route(LLMRequest(model="chat"))
     assert decision.endpoints[0] is e1

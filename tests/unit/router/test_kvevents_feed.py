@@ -12,7 +12,8 @@ from kvroute_router.framework.profile import build_profile
 from kvroute_router.framework.registry import PluginContext, SharedServices
 from kvroute_router.kvevents.feed import KVEventFeeds
 from kvroute_router.kvevents.hub import PoolKVEvents
-from router_fixtures import make_policy
+
+from tests.unit.router.router_fixtures import make_policy
 
 
 def pool_with_events(count: int) -> InferencePool:

@@ -16,7 +16,8 @@ from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.lifecycle import Outcome, RoutingError
 from kvroute_router.framework.request import LLMRequest
-from router_fixtures import make_director, make_policy, make_pool
+
+from tests.unit.router.router_fixtures import make_director, make_policy, make_pool
 
 
 class FaultyScorer:
@@ -64,7 +65,7 @@ def _director() -> tuple[Director, Finished]:
         scoring={"scorers": [{"type": "running-requests"}]})
     director, store = make_director([make_pool()], [policy])
     director.registry.register("running-requests", "scorer",
-                               lambda context: FaultyScorer())  # type: ignore[arg-type,return-value]
+                               lambda context: FaultyScorer())
     hook = BudgetHook(store)
     HOOKS[id(director)] = hook
     director.add_admission_hook(hook)

@@ -58,8 +58,8 @@ def test_load_estimates_equal_the_endpoint_estimates(seed: int) -> None:
             ep.running_estimate(1.0, NOW, stale_value) for ep in eps]
         assert loads.kv_usage(stale_value).tolist() == [
             ep.kv_usage_estimate(1.0, NOW, stale_value) for ep in eps]
-    fresh = [ep.metrics for ep in eps if ep.fresh_metrics(1.0, NOW) is not None]
-    average = sum(m.waiting for m in fresh) / len(fresh)  # type: ignore[union-attr]
+    fresh = [m for m in (ep.fresh_metrics(1.0, NOW) for ep in eps) if m is not None]
+    average = sum(m.waiting for m in fresh) / len(fresh)
     assert loads.waiting(None).tolist() == [
         ep.waiting_estimate(1.0, NOW, average) for ep in eps]
 
@@ -124,8 +124,9 @@ def test_profile_ranks_alike_through_either_picker_path(picker: str) -> None:
                             services=SharedServices())
         profiles.append(build_profile(registry, ctx, "t"))
     fast, generic = profiles
-    fast.picker.rng = random.Random(3)  # type: ignore[attr-defined]
-    generic.picker = PickOnly(type(fast.picker)(random.Random(3)))  # type: ignore[call-arg]
+    assert isinstance(fast.picker, MaxScorePicker | WeightedRandomPicker)
+    fast.picker.rng = random.Random(3)
+    generic.picker = PickOnly(type(fast.picker)(random.Random(3)))
     eps = random_endpoints(rng, 64)
     for ep in eps:  # fresh metrics on the wall clock the plugins read
         if ep.metrics is not None:

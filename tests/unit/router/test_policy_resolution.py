@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from kvroute_router.datastore.resolution import PolicyConflictError
 from kvroute_router.datastore.store import Datastore
-from router_fixtures import make_policy, make_pool
+
+from tests.unit.router.router_fixtures import make_policy, make_pool
 
 
 def _in(namespace: str, obj: object) -> object:
@@ -54,7 +55,7 @@ def test_the_scope_selects_the_namespace_and_direct_pools_do_not_mix_namespaces(
     store = Datastore()
     store.replace([_in("team", make_pool("a")), _in("aaa", make_pool("b"))],  # type: ignore[list-item]
                   [_in("team", make_policy("chat", pools=[{"name": "a"}])),  # type: ignore[list-item]
-                   _in("aaa", make_policy("grab", pools=[{"name": "b"}]))])
+                   _in("aaa", make_policy("grab", pools=[{"name": "b"}]))])  # type: ignore[list-item]
     resolution = store.resolve("chat", {"x-kvroute-namespace": "team"})
     assert resolution is not None and resolution.policy_key == "team/chat"
     assert store.resolve("chat", {"x-kvroute-namespace": "other"}) is None

@@ -13,7 +13,8 @@ from kvroute_router.datastore.store import Datastore
 from kvroute_router.router_metrics import RouterMetrics
 from kvroute_router.scrape.scraper import MetricsScraper
 from kvroute_router.scrape.vllm_metrics import MetricsParseError, parse_vllm_metrics
-from router_fixtures import make_pool
+
+from tests.unit.router.router_fixtures import make_pool
 
 GOOD = ('vllm:num_requests_running{engine="0"} 3.0\n'
         'vllm:cache_config_info{block_size="16",num_gpu_blocks="100"} 1.0\n')

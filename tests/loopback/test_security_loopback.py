@@ -14,7 +14,10 @@ import aiohttp
 import pytest
 import yaml
 from kvroute_router.app import Router, RouterSettings
-from test_router_loopback import FakeEngine
+
+from tests.loopback.test_router_loopback import FakeEngine
+
+pytestmark = pytest.mark.loopback
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 

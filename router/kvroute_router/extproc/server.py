@@ -296,7 +296,7 @@ class ExtProcServer:
         except msgspec.DecodeError as exc:
             return immediate(400, f"The body is not valid JSON: {exc}", "invalid_json")
         except BadRequestError as exc:
-            return immediate(400, str(exc), "invalid_request_error")
+            return immediate(400, str(exc), "invalid_request_error", param=exc.param)
         request.allowed_addresses = subset
         try:
             decision = await self.director.route(request, entrypoint="ext_proc")

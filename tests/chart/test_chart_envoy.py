@@ -159,6 +159,7 @@ def test_fail_open_forwards_to_the_backend(render: Any) -> None:
     to router.envoy.failOpenBackend (round robin over its DNS answers)."""
     _, boot = bootstrap_of(render(sets={
         "router.envoy.enabled": True, "router.envoy.failureMode": "FailOpen",
+        "router.envoy.requestBodyMode": "BUFFERED", "router.envoy.responseBodyMode": "STREAMED",
         "router.envoy.failOpenBackend": "llama-8b.models.svc:8000"}))
     hcm = unpack_hcm(next(x for x in boot.static_resources.listeners if x.name == "inference"))
     ext_proc = ext_proc_pb2.ExternalProcessor()
@@ -186,3 +187,10 @@ def test_local_replies_are_openai_errors(render: Any) -> None:
     for mapper in mappers:
         error = mapper.body_format_override.json_format["error"]
         assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_fail_open_refused_in_full_duplex_mode(render: Any, helm_error: Any) -> None:
+    """Envoy 1.40 ignores failure_mode_allow in FULL_DUPLEX_STREAMED mode (tests/envoy
+    measured a 500): the chart refuses that combination, saying what to set."""
+    with pytest.raises(helm_error, match="requestBodyMode=BUFFERED"):
+        render(sets={"router.envoy.enabled": True, "router.envoy.failureMode": "FailOpen"})

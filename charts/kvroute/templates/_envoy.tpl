@@ -13,6 +13,9 @@ tests/chart parses it into envoy.config.bootstrap.v3.Bootstrap with xds-protos.
 {{- $fullDuplexReq := eq $envoy.requestBodyMode "FULL_DUPLEX_STREAMED" -}}
 {{- $fullDuplexResp := eq $envoy.responseBodyMode "FULL_DUPLEX_STREAMED" -}}
 {{- $failOpen := eq $envoy.failureMode "FailOpen" -}}
+{{- if and $failOpen (or $fullDuplexReq $fullDuplexResp) -}}
+{{- fail "router.envoy.failureMode=FailOpen needs router.envoy.requestBodyMode=BUFFERED and responseBodyMode STREAMED or NONE: Envoy does not fail open in FULL_DUPLEX_STREAMED mode (the request gets 500 whatever failure_mode_allow says)" -}}
+{{- end -}}
 admin:
   address:
     socket_address: {address: 127.0.0.1, port_value: {{ $envoy.adminPort }}}

@@ -259,3 +259,45 @@ async def test_ext_proc_buffered_request_streamed_response(director: Director) -
         assert not responses[3].response_body.HasField("response")
     finally:
         await server.stop(None)
+
+
+async def test_ext_proc_reads_back_the_served_endpoint(director: Director) -> None:
+    """GIE x-gateway-destination-endpoint-served (envoy.lb metadata on the response): when the
+    data plane fell back down the list, the request is accounted to the pod that served it."""
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    try:
+        first = _headers("/v1/completions")
+        first.protocol_config.CopyFrom(_protocol("BUFFERED", "NONE"))
+        outbox: list[Any] = [first, _body({"model": "chat", "prompt": PROMPT})]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                request_serializer=ep.ProcessingRequest.SerializeToString,
+                response_deserializer=ep.ProcessingResponse.FromString)(timeout=10)
+            for message in outbox:
+                await call.write(message)
+            await call.read()  # headers answer
+            routed = await call.read()
+            lb = routed.dynamic_metadata.fields["envoy.lb"].struct_value
+            primary, fallback, *_ = lb.fields["x-gateway-destination-endpoint"] \
+                .string_value.split(",")
+            served = struct_pb2.Struct()
+            served.update({"envoy.lb": {"x-gateway-destination-endpoint-served": fallback}})
+            response_headers = ep.ProcessingRequest(
+                response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"200")])))
+            response_headers.metadata_context.filter_metadata["envoy.lb"].CopyFrom(served.fields[
+                "envoy.lb"].struct_value)
+            await call.write(response_headers)
+            await call.read()
+            by_address = {e.address: e for e in director.datastore.endpoints()}
+            assert by_address[fallback].in_flight == 1 and by_address[primary].in_flight == 0
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+        registry = director.metrics.registry
+        assert registry.get_sample_value("kvroute_requests_total", {
+            "policy": "chat", "pool": "local", "endpoint": by_address[fallback].name,
+            "status": "200"}) == 1
+        assert sum(e.in_flight for e in director.datastore.endpoints()) == 0
+    finally:
+        await server.stop(None)

@@ -301,3 +301,20 @@ async def test_ext_proc_reads_back_the_served_endpoint(director: Director) -> No
         assert sum(e.in_flight for e in director.datastore.endpoints()) == 0
     finally:
         await server.stop(None)
+
+
+async def test_ext_proc_request_without_body_gets_an_openai_404(director: Director) -> None:
+    """GET /v1/models through the gateway: no body to route on, so an OpenAI 404 that names
+    the router's own port, instead of a request Envoy could not forward anywhere."""
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0)
+    try:
+        request = ep.ProcessingRequest(request_headers=ep.HttpHeaders(
+            end_of_stream=True, headers=base_pb2.HeaderMap(headers=[
+                base_pb2.HeaderValue(key=":path", raw_value=b"/v1/models"),
+                base_pb2.HeaderValue(key=":method", raw_value=b"GET")])))
+        [answer] = await _exchange(port, [request])
+        assert answer.immediate_response.status.code == 404
+        error = json.loads(answer.immediate_response.body)["error"]
+        assert "/v1/models" in error["message"] and error["code"] == "unsupported_request"
+    finally:
+        await server.stop(None)

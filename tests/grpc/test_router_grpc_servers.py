@@ -183,3 +183,140 @@ async def test_pick_and_report_over_a_channel(director: Director) -> None:
             assert status.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(None)
+
+
+def _protocol(request_mode: str, response_mode: str) -> Any:
+    from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+
+    mode = processing_mode_pb2.ProcessingMode
+    return ep.ProtocolConfiguration(request_body_mode=mode.BodySendMode.Value(request_mode),
+                                    response_body_mode=mode.BodySendMode.Value(response_mode))
+
+
+async def test_ext_proc_full_duplex_streamed_bodies(director: Director) -> None:
+    """FULL_DUPLEX_STREAMED (GIE's mode, the chart's default), as Envoy 1.40 sends it: the
+    destination rides on the headers answer, held until the last body chunk; the body goes back
+    as StreamedBodyResponse chunks; response chunks come back unmodified as streamed responses.
+    (A plain BodyResponse here makes Envoy fail the request: 'Spurious response message'.)"""
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
+    try:
+        raw = json.dumps({"model": "chat", "stream": True, "messages": [
+            {"role": "system", "content": PROMPT}, {"role": "user", "content": "hi"}]}).encode()
+        first = _headers("/v1/chat/completions")
+        first.protocol_config.CopyFrom(_protocol("FULL_DUPLEX_STREAMED", "FULL_DUPLEX_STREAMED"))
+        half = len(raw) // 2
+        sse = [b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
+               b'data: {"choices":[],"usage":{"prompt_tokens":9,"completion_tokens":1}}\n\n'
+               b"data: [DONE]\n\n"]
+        responses = await _exchange(port, [
+            first,
+            ep.ProcessingRequest(request_body=ep.HttpBody(body=raw[:half])),
+            ep.ProcessingRequest(request_body=ep.HttpBody(body=raw[half:])),
+            ep.ProcessingRequest(request_trailers=ep.HttpTrailers()),
+            ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")]))),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=sse[0])),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=sse[1], end_of_stream=True)),
+        ])
+        kinds = [r.WhichOneof("response") for r in responses]
+        assert kinds == ["request_headers", "request_body", "request_trailers",
+                         "response_headers", "response_body", "response_body"]
+        common = responses[0].request_headers.response
+        headers = {h.header.key: h.header.raw_value.decode()
+                   for h in common.header_mutation.set_headers}
+        lb = responses[0].dynamic_metadata.fields["envoy.lb"].struct_value
+        assert lb.fields["x-gateway-destination-endpoint"].string_value.split(",")[0] == \
+            headers["x-gateway-destination-endpoint"]
+        streamed = responses[1].request_body.response.body_mutation.streamed_response
+        assert json.loads(streamed.body)["model"] == "served-model"
+        assert headers["content-length"] == str(len(streamed.body))
+        assert not streamed.end_of_stream  # trailers follow
+        for answer, chunk in zip(responses[4:], sse, strict=True):
+            back = answer.response_body.response.body_mutation.streamed_response
+            assert back.body == chunk
+        assert responses[-1].response_body.response.body_mutation.streamed_response.end_of_stream
+        assert sum(e.in_flight for e in director.datastore.endpoints()) == 0
+    finally:
+        await server.stop(None)
+
+
+async def test_ext_proc_buffered_request_streamed_response(director: Director) -> None:
+    """BUFFERED request body + STREAMED response body: headers answered at once, the body
+    answer carries the destination, response chunks are acknowledged without mutation."""
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
+    try:
+        first = _headers("/v1/completions")
+        first.protocol_config.CopyFrom(_protocol("BUFFERED", "STREAMED"))
+        responses = await _exchange(port, [
+            first, _body({"model": "chat", "prompt": "x"}),
+            ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
+                headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")]))),
+            ep.ProcessingRequest(response_body=ep.HttpBody(body=b"{}", end_of_stream=True)),
+        ])
+        assert [r.WhichOneof("response") for r in responses] == [
+            "request_headers", "request_body", "response_headers", "response_body"]
+        assert not responses[0].request_headers.HasField("response")
+        mutation = responses[1].request_body.response.header_mutation
+        assert "x-gateway-destination-endpoint" in {h.header.key for h in mutation.set_headers}
+        assert not responses[3].response_body.HasField("response")
+    finally:
+        await server.stop(None)
+
+
+async def test_ext_proc_reads_back_the_served_endpoint(director: Director) -> None:
+    """GIE x-gateway-destination-endpoint-served (envoy.lb metadata on the response): when the
+    data plane fell back down the list, the request is accounted to the pod that served it."""
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
+    try:
+        first = _headers("/v1/completions")
+        first.protocol_config.CopyFrom(_protocol("BUFFERED", "NONE"))
+        outbox: list[Any] = [first, _body({"model": "chat", "prompt": PROMPT})]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                request_serializer=ep.ProcessingRequest.SerializeToString,
+                response_deserializer=ep.ProcessingResponse.FromString)(timeout=10)
+            for message in outbox:
+                await call.write(message)
+            await call.read()  # headers answer
+            routed = await call.read()
+            lb = routed.dynamic_metadata.fields["envoy.lb"].struct_value
+            primary, fallback, *_ = lb.fields["x-gateway-destination-endpoint"] \
+                .string_value.split(",")
+            served = struct_pb2.Struct()
+            served.update({"envoy.lb": {"x-gateway-destination-endpoint-served": fallback}})
+            response_headers = ep.ProcessingRequest(
+                response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"200")])))
+            response_headers.metadata_context.filter_metadata["envoy.lb"].CopyFrom(served.fields[
+                "envoy.lb"].struct_value)
+            await call.write(response_headers)
+            await call.read()
+            by_address = {e.address: e for e in director.datastore.endpoints()}
+            assert by_address[fallback].in_flight == 1 and by_address[primary].in_flight == 0
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+        registry = director.metrics.registry
+        assert registry.get_sample_value("kvroute_requests_total", {
+            "policy": "chat", "pool": "local", "endpoint": by_address[fallback].name,
+            "status": "200"}) == 1
+        assert sum(e.in_flight for e in director.datastore.endpoints()) == 0
+    finally:
+        await server.stop(None)
+
+
+async def test_ext_proc_request_without_body_gets_an_openai_404(director: Director) -> None:
+    """GET /v1/models through the gateway: no body to route on, so an OpenAI 404 that names
+    the router's own port, instead of a request Envoy could not forward anywhere."""
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
+    try:
+        request = ep.ProcessingRequest(request_headers=ep.HttpHeaders(
+            end_of_stream=True, headers=base_pb2.HeaderMap(headers=[
+                base_pb2.HeaderValue(key=":path", raw_value=b"/v1/models"),
+                base_pb2.HeaderValue(key=":method", raw_value=b"GET")])))
+        [answer] = await _exchange(port, [request])
+        assert answer.immediate_response.status.code == 404
+        error = json.loads(answer.immediate_response.body)["error"]
+        assert "/v1/models" in error["message"] and error["code"] == "unsupported_request"
+    finally:
+        await server.stop(None)

@@ -37,7 +37,7 @@ METRICS = ('vllm:num_requests_running{engine="0"} 0.0\n'
 class FakeEngine:
     """A loopback HTTP server imitating one vLLM engine."""
 
-    mode: str = "ok"  # ok | fail | hang
+    mode: str = "ok"  # ok | fail | hang | die (the connection drops after the first bytes)
     kv_usage: float = 0.1
     release: asyncio.Event = field(default_factory=asyncio.Event)
     gate_stream: bool = False
@@ -82,6 +82,15 @@ class FakeEngine:
         try:
             if self.mode == "hang":
                 await asyncio.sleep(3600)
+            if self.mode == "die":  # killed mid-answer: no final chunk, no [DONE]
+                response = web.StreamResponse(headers={"content-type": (
+                    "text/event-stream" if body.get("stream") else "application/json")})
+                await response.prepare(request)
+                await response.write(b'data: {"choices":[{"text":"first"}]}\n\n'
+                                     if body.get("stream") else b'{"choices": [{"te')
+                assert request.transport is not None
+                request.transport.abort()
+                return response
             if not body.get("stream"):
                 return web.json_response({"choices": [{"text": "hello"}],
                                           "usage": {"prompt_tokens": 3,
@@ -486,3 +495,31 @@ async def test_client_tenant_headers_choose_no_budget_unless_trusted(
     assert statuses == ([200, 200] if trusted else [200, 429])
     seen = sorted((h.get("x-team") for engine in engines for h in engine.headers_seen), key=str)
     assert seen == (["a", "b"] if trusted else [None])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_engine_dying_mid_answer_never_looks_like_a_clean_end(
+        tmp_path: Path, engines: list[FakeEngine], stream: bool) -> None:
+    """Issue 16: the client used to get 200 and a cleanly ended body (no [DONE], no error)
+    while the router recorded 502. Now a stream carries an error event and no [DONE], and the
+    connection is cut, so every HTTP client sees the answer as incomplete."""
+    for engine in engines:
+        engine.mode = "die"
+    async with running_router(tmp_path, engines) as (router, url), \
+            aiohttp.ClientSession() as s:
+        received = b""
+        failed = False
+        async with s.post(f"{url}/v1/completions",
+                          json={"model": "chat", "prompt": "hi", "stream": stream}) as resp:
+            assert resp.status == 200
+            try:
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+            except aiohttp.ClientPayloadError:
+                failed = True
+        assert b"[DONE]" not in received
+        assert failed, f"the client saw a clean end: {received!r}"
+        if stream:
+            assert b'"upstream_stream_broken"' in received
+        await eventually(lambda: all(ep.in_flight == 0 for ep in router.datastore.endpoints()),
+                         "the attempt ended")

@@ -8,6 +8,10 @@ upper bound it was admitted with):
 * never dispatched → refund;
 * the router or Envoy saw the engine answer an error (≥ 400, not 499/504) with no usage →
   refund: an engine that answers an error generated nothing;
+* no first byte before the deadline (504, nothing answered) → the prompt only: the engine may
+  have computed the prefill, it generated no token the client saw;
+* an answer cut after it had started (the engine died mid-stream; ``Outcome.answered``) with
+  no usage → the reservation (streams count their tokens as usage, so they pay those);
 * usage known from a trustworthy witness → that usage (cancelled streams: the tokens counted
   up to the cancellation);
 * an authenticated Pick caller's Report with a non-error status → the tokens it reports (0: a
@@ -21,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute_router.budget.ledger import RequestEstimate
-from kvroute_router.director import Outcome
+from kvroute_router.framework.lifecycle import Outcome
 
 NO_OUTPUT_STATUSES = range(400, 600)
 """Engine answers that carry no generated output (when no usage came with them)."""
@@ -51,6 +55,10 @@ def charge_for(dispatched: bool, outcome: Outcome, estimate: RequestEstimate) ->
         if not 200 <= outcome.status < 400 or not usage_known:
             return reservation
     elif not usage_known:
+        if outcome.answered:
+            return reservation
+        if outcome.status == 504:
+            return Charge(estimate.prompt_tokens, 0, reason="no first token in time")
         if outcome.status in NO_OUTPUT_STATUSES and outcome.status not in STILL_RUNNING:
             return Charge(0, 0, refund=True, reason=f"engine answered {outcome.status}")
         return reservation

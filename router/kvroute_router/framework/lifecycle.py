@@ -59,6 +59,9 @@ class Outcome:
     """Who vouches for this outcome (docs/security.md, accounting): ``router`` (the proxy saw
     the engine's answer, or Envoy reported it to ext_proc), ``caller`` (an authenticated Pick
     caller's Report) or ``unverified`` (an anonymous Report, or a Pick never reported)."""
+    answered: bool = False
+    """The engine's answer had started (a first byte reached the router): an attempt cut after
+    that generated an unknown amount, so without usage it pays its reservation."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ connection failures and 5xx are retried for them, and the per-try timeout does n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -36,7 +37,7 @@ from kvroute_router.framework.lifecycle import (
     RoutingError,
 )
 from kvroute_router.framework.request import LLMRequest
-from kvroute_router.openai.errors import BadRequestError
+from kvroute_router.openai.errors import BadRequestError, error_body
 from kvroute_router.openai.requests import decode_body, parse_request
 from kvroute_router.openai.upstream import upstream_body
 from kvroute_router.openai.usage import USAGE_TAIL, streamed_events, streamed_tokens, usage_of
@@ -236,6 +237,7 @@ class OpenAIProxy:
         ttft: float | None = None
         tail = b""
         events = [0]
+        broken: str | None = None
         try:
             try:
                 async with asyncio.timeout_at(_loop_time(first_byte_by)):
@@ -297,12 +299,16 @@ class OpenAIProxy:
                 log.warning("request %s exceeded its deadline mid-stream on %s",
                             decision.request.request_id, endpoint.address)
                 status = 504
+                broken = "the request's deadline passed while the answer was streaming"
             except (aiohttp.ClientError, ConnectionResetError, OSError) as exc:
-                log.info("stream of %s on %s broke: %s", decision.request.request_id,
-                         endpoint.address, exc)
+                log.warning("stream of %s on %s broke: %s", decision.request.request_id,
+                            endpoint.address, exc)
                 status = 502 if status < 400 else status
+                broken = f"the engine's answer broke off ({type(exc).__name__})"
             finally:
                 await upstream_cm.__aexit__(None, None, None)
+            if broken is not None:
+                await _cut_short(http, response, stream, broken)
             lookup.finish(recorder, status)  # written only when complete and successful
             prompt_tokens, completion_tokens = usage_of(tail)
             if completion_tokens is None and stream:
@@ -310,16 +316,31 @@ class OpenAIProxy:
             routed.finish(endpoint, Outcome(
                 status=status, ttft_s=ttft if stream else None,
                 e2e_s=time.monotonic() - started, prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens))
+                completion_tokens=completion_tokens, answered=True))
             return response
         except asyncio.CancelledError:
             counted = (streamed_tokens(events[0], decision.request.kind) if stream and ttft
                        else None)
             routed.finish(endpoint, Outcome(status=499, completion_tokens=counted,
-                                            error="client disconnected"))
+                                            error="client disconnected",
+                                            answered=ttft is not None))
             raise
         finally:
             routed.end_attempt()
+
+
+async def _cut_short(http: web.Request, response: web.StreamResponse, stream: bool,
+                     reason: str) -> None:
+    """The answer broke off after it was committed to the client: never let it look complete.
+    A stream gets an OpenAI error event (no ``[DONE]``); then the connection is cut without the
+    final chunk, so any HTTP client sees an incomplete body rather than a clean end."""
+    if stream:
+        event = b"data: " + error_body(502, reason, "upstream_stream_broken") + b"\n\n"
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await response.write(event)
+    transport = http.transport
+    if transport is not None:
+        transport.abort()
 
 
 def _loop_time(monotonic_deadline: float) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from kvroute_router.budget.accounting import charge_for
 from kvroute_router.budget.ledger import RequestEstimate
-from kvroute_router.director import Outcome
+from kvroute_router.framework.lifecycle import Outcome
 
 ESTIMATE = RequestEstimate(100, 40)
 
@@ -18,7 +18,9 @@ ESTIMATE = RequestEstimate(100, 40)
     (True, Outcome(status=200, prompt_tokens=90, completion_tokens=12), (90, 12)),
     (True, Outcome(status=499, completion_tokens=5), (100, 5)),  # cancelled stream: counted
     (True, Outcome(status=499), (100, 40)),  # cancelled, usage unknown: the reservation
-    (True, Outcome(status=504), (100, 40)),
+    (True, Outcome(status=504), (100, 0)),  # no first token in time: the prompt only
+    (True, Outcome(status=504, answered=True), (100, 40)),  # deadline mid-answer
+    (True, Outcome(status=502, answered=True), (100, 40)),  # engine died mid-answer: no refund
     (True, Outcome(status=200), (100, 40)),
     # Pick reports.
     (True, Outcome(status=0, error="not reported", witness="unverified"), (100, 40)),

@@ -19,11 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kvroute_emulator.model.profile import CostProfile, cpu_test_engine, h100_llama8b
 from rich.console import Console
 from rich.table import Table
 
 from kvroute_bench.sim.fleet import Picker, RoundRobinPicker, simulate, to_sim_requests
-from kvroute_bench.sim.profile import CostProfile, cpu_test_engine, h100_llama8b
 from kvroute_bench.workloads import build_params, generate
 
 CALIBRATION = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "calibration" \

@@ -7,7 +7,8 @@ over the engines itself, the baseline every router is compared with.
 
 Peers are the routers published on PyPI (``requirements/bench.txt``), run from the bench venv
 (``scripts/kvenv.sh bench``): ``vllm-router`` (round_robin, cache_aware, and kv_aware fed by
-the engines' ZMQ KV events) and ``sglang-router`` (cache_aware). kvroute's own contenders run
+the engines' ZMQ KV events), ``sglang-router`` (cache_aware) and its successor ``smg``
+(Shepherd Model Gateway, cache_aware). kvroute's own contenders run
 ``kvroute router --config FILE`` with a generated External pool and RoutePolicy whose scorers
 select approximate, precise or precise+load scoring, with only its HTTP proxy listening.
 """
@@ -108,7 +109,7 @@ class Contender:
     """A named way of routing: ``command`` builds the router's argv (None: direct rotation)."""
 
     name: str
-    family: str  # baseline | kvroute | vllm-router | sglang-router
+    family: str  # baseline | kvroute | vllm-router | sglang-router | smg
     description: str
     command: Callable[[FleetInfo, int, Path], list[str]] | None = None
     needs: str | None = None  # executable that must exist for this contender
@@ -249,6 +250,17 @@ def _sglang_router(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
     return command
 
 
+def _smg(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
+    """Shepherd Model Gateway (PyPI ``smg``), sglang-router's successor: ``smg launch`` is its
+    router (the Rust CLI), with HTTP workers as vLLM serves them."""
+    def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
+        return ["smg", "launch", "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *[e.url for e in fleet.engines], "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+                "--log-level", "warn"]
+    return command
+
+
 # --- kvroute ------------------------------------------------------------------------------
 
 KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
@@ -351,6 +363,9 @@ CONTENDERS = ContenderSet([
               _sglang_router("cache_aware"), needs="sglang-router",
               # It lists its model as "unknown" (no tokenizer here); readiness counts workers.
               ready_path="/readiness"),
+    Contender("smg-cache", "smg",
+              "Shepherd Model Gateway (smg launch) --policy cache_aware",
+              _smg("cache_aware"), needs="smg", ready_path="/readiness"),
 ])
 
 

@@ -272,6 +272,7 @@ class EmulatedEngine:
             touched = [r for r, _ in plan.prefill] + plan.decode
             self.sim.finish_step(plan, now)
             self.steps += 1
+            finished: list[Generation] = []
             for r in touched:
                 gen = self.generations.get(r.id)
                 if gen is None:
@@ -288,9 +289,13 @@ class EmulatedEngine:
                         self.stats.e2e.observe(r.done_s - r.arrival_s)
                         if r.admitted_s is not None:
                             self.stats.queue.observe(r.admitted_s - r.arrival_s)
-                        self._release(gen)
+                        finished.append(gen)
                     gen.updates.put_nowait("tokens")
+            # Publish before releasing: a request that ends in the step that stored its last
+            # blocks still holds their parents and token ids.
             await self._publish(self.sim.drain_events())
+            for gen in finished:
+                self._release(gen)
 
     async def _publish(self, raw: list[dict[str, Any]]) -> None:
         if not raw or self.publisher is None:

@@ -90,6 +90,28 @@ async def test_block_stored_chains_are_vllm_hashes_of_the_prompt(fleet: Emulated
         sub.close()
 
 
+async def test_a_request_ending_with_its_prefill_still_publishes_its_chain(
+        fleet: EmulatedFleet) -> None:
+    """max_tokens=1: the request finishes in the step that stores its blocks; the event must
+    still carry their token ids and parent (it was published empty once)."""
+    e = fleet.endpoints()[0]
+    sub = await _subscribed(e["kv_events_endpoint"], e["url"])
+    try:
+        ids = list(("R" * 64 + "S" * 70).encode())
+        await _complete(e["url"], "R" * 64, max_tokens=1)
+        [(_, _, (_, [first], _))] = await sub.batches(1)
+        await _complete(e["url"], "R" * 64 + "S" * 70, max_tokens=1)
+        [(_, _, (_, [second], _))] = await sub.batches(1)
+        hashes = block_hashes(ids, 32)
+        assert first["block_hashes"] == hashes[:2] and first["token_ids"] == ids[:64]
+        assert first["parent_block_hash"] is None
+        assert second["block_hashes"] == hashes[2:4]
+        assert second["parent_block_hash"] == hashes[1]
+        assert second["token_ids"] == ids[64:128]
+    finally:
+        sub.close()
+
+
 async def test_replay_answers_from_a_sequence_number(fleet: EmulatedFleet) -> None:
     e = fleet.endpoints()[1]
     for i in range(3):

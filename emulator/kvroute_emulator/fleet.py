@@ -149,7 +149,7 @@ class EmulatedFleet:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._ctx is not None:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # closes any socket left open, never blocks
             self._ctx = None
 
     def endpoints(self) -> list[dict[str, Any]]:

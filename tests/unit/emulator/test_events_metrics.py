@@ -38,8 +38,7 @@ class Subscriber:
         return out
 
     def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
+        self.ctx.destroy(linger=0)
 
 
 async def _complete(url: str, prompt: str | list[int], max_tokens: int = 2) -> dict[str, Any]:
@@ -133,8 +132,7 @@ async def test_replay_answers_from_a_sequence_number(fleet: EmulatedFleet) -> No
                 got.append(int.from_bytes(frames[2], "big"))
         assert got == [1, 2]
     finally:
-        dealer.close(linger=0)
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 def _families(text: str) -> dict[str, Any]:
@@ -180,6 +178,12 @@ async def test_lru_eviction_publishes_block_removed(model_dir: Path) -> None:
         e = f.endpoints()[0]
         sub = await _subscribed(e["kv_events_endpoint"], e["url"])
         try:
+            # Forget the probes' blocks (they would be evicted first, being older).
+            async with aiohttp.ClientSession() as s, s.post(
+                    f"{e['url']}/reset_prefix_cache") as r:
+                assert (await r.json())["success"] is True
+            [(_, _, (_, cleared, _))] = await sub.batches(1)
+            assert cleared == [{"type": "AllBlocksCleared"}]
             removed: list[int] = []
             first = block_hashes(list(("X" * 128).encode()), 32)
             for ch in "XYZW":

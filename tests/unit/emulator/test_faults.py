@@ -114,8 +114,7 @@ async def test_dropped_events_advance_the_sequence_and_stay_in_replay(fleet: Emu
         with pytest.raises(msgspec.DecodeError):
             msgspec.msgpack.decode(payload)
     finally:
-        sub.close(linger=0)
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 async def test_admin_rejects_bad_input(fleet: EmulatedFleet) -> None:

@@ -163,7 +163,7 @@ def _start_fleet(args: argparse.Namespace, workdir: Path) -> tuple[FleetInfo, An
                                       kv_events_endpoint=e["kv_events_endpoint"],
                                       replay_endpoint=e["replay_endpoint"]) for e in engines],
                           emulated.info["model"], int(emulated.info["block_size"]),
-                          emulated.model_dir)
+                          emulated.model_dir, float(args.time_scale))
         return fleet, emulated
     if args.attach:
         return _attached(args.attach, "kvroute-test-model", args.block_size), None

@@ -55,6 +55,8 @@ class FleetInfo:
     model: str
     block_size: int
     model_dir: Path | None = None  # the served model's folder (its tokenizer), when known
+    # Wall seconds per engine second (an emulated fleet runs slower than real time).
+    time_scale: float = 1.0
 
 
 class ContenderStartError(RuntimeError):
@@ -285,12 +287,17 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
                            "kvEventsReplayEndpoint": e.replay_endpoint} for e in fleet.engines],
         },
     }
-    policy = {
-        "apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
-        "metadata": {"name": "bench"},
-        "spec": {"match": {"model": fleet.model}, "pools": [{"name": "local"}],
-                 "scoring": {"scorers": scorers, "picker": "max-score"}},
-    }
+    spec: dict[str, Any] = {"match": {"model": fleet.model}, "pools": [{"name": "local"}],
+                            "scoring": {"scorers": scorers, "picker": "max-score"}}
+    if fleet.time_scale != 1.0:
+        # kvroute's wall-clock timeouts, stretched like the fleet's time, so they mean on the
+        # emulated fleet what their defaults mean on real engines (10 s to a stream's first
+        # byte, 600 s per request). Unscaled, a 10 s first-byte timeout is 0.6 s of emulated
+        # time at scale 16, and kvroute would abandon and retry requests no user's would.
+        spec["retries"] = {"perTryTimeoutMs": min(600_000, round(10_000 * fleet.time_scale))}
+        spec["requestTimeoutSeconds"] = min(86_400, round(600 * fleet.time_scale))
+    policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
+              "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]
 
 

@@ -121,3 +121,16 @@ def test_dilation_round_trip() -> None:
     assert (a.ttft_s, a.e2e_s) == (pytest.approx(0.2), pytest.approx(1.0))
     assert b.sent_s == pytest.approx(102.0) and b.ttft_s == pytest.approx(0.1)
     assert b.done_s is None
+
+
+def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
+    from kvroute_api.route_policy import RoutePolicySpec
+    from kvroute_bench.contenders import EngineInfo, FleetInfo, kvroute_config
+
+    engines = [EngineInfo("e0", "http://127.0.0.1:1", "tcp://127.0.0.1:2", "tcp://127.0.0.1:3")]
+    real = kvroute_config(FleetInfo(engines, "m", 16), [])[1]["spec"]
+    assert "retries" not in real
+    spec = kvroute_config(FleetInfo(engines, "m", 16, time_scale=16.0), [])[1]["spec"]
+    parsed = RoutePolicySpec.model_validate(spec)
+    assert parsed.retries.per_try_timeout_ms == 160_000
+    assert parsed.request_timeout_seconds == 9_600

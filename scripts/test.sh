@@ -13,7 +13,8 @@ export KVROUTE_ENGINE_PYTHON="$ENGINE/bin/python"
 export PATH="$DEV/bin:$PATH"
 
 echo "== ruff"; ruff check .
-echo "== mypy --strict"; mypy crds/kvroute_api operator/kvroute_operator router/kvroute_router cli/kvroute_cli
+echo "== mypy --strict"; mypy crds/kvroute_api operator/kvroute_operator router/kvroute_router cli/kvroute_cli \
+  emulator/kvroute_emulator
 echo "== mypy: bench (strict) and tests (checked, see pyproject)"; mypy bench tests
 echo "== import-linter"; lint-imports
 echo "== vulture (dead code; whitelist: scripts/vulture_whitelist.py)"; vulture

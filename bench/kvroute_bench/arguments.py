@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing")
+WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing", "precise-prefix")
 CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise",
                    "kvroute-precise-load", "vllm-router-rr", "vllm-router-cache", "vllm-router-kv",
-                   "sglang-router-cache")
+                   "sglang-router-cache", "smg-cache")
 
 
 def _names(valid: tuple[str, ...]) -> Callable[[str], str]:
@@ -67,12 +67,30 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--cross-check", action="store_true",
                         help="after the contenders, replay each measured trace with aiperf "
                              "(direct round-robin) and record its percentiles beside ours")
+    parser.add_argument("--fleet", choices=("real", "emulated"), default="real",
+                        help="real: vLLM-CPU engines; emulated: kvroute's engine emulator "
+                             "(python -m kvroute_emulator) with --profile's timing")
+    parser.add_argument("--time-scale", type=float, default=0,
+                        help="emulated fleet: wall seconds per emulated second (0: 1 for the "
+                             "cpu profile, the engine count for h100-llama8b). Arrivals are "
+                             "stretched and measured latencies divided by it")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="replay a JSONL trace (Mooncake or OpenAI-style) instead of "
+                             "--workload; --requests/--warmup take its first requests")
+    parser.add_argument("--trace-format", choices=("auto", "mooncake", "openai"),
+                        default="auto")
+    parser.add_argument("--trace-time-scale", type=float, default=1.0,
+                        help="multiply the trace's arrival times (0.5: twice as fast)")
+    parser.add_argument("--max-context", type=int, default=0,
+                        help="context limit for traces and the emulated engines (0: the "
+                             "profile's default; 4096 on real engines)")
     sim = parser.add_argument_group("fleet simulator (--sim)")
     sim.add_argument("--sim", action="store_true",
                      help="simulate the pods instead of starting real engines")
     sim.add_argument("--pods", type=int, default=16, help="simulated engines")
-    sim.add_argument("--profile", choices=("cpu", "h100"), default="cpu",
-                     help="cost profile of a simulated engine")
+    sim.add_argument("--profile", default="cpu",
+                     help="cost profile of a simulated or emulated engine: cpu, h100-llama8b "
+                          "(alias h100), or (emulated) a JSON file of CostProfile fields")
     sim.add_argument("--sim-pickers", default="round-robin,kvroute-approx,kvroute-approx-load",
                      help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load")
     parser.add_argument("--workdir", default=".kvroute/bench",

@@ -86,7 +86,85 @@ def _split(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+class EmulatedFleetProcess:
+    """``python -m kvroute_emulator`` serving the engines of an emulated run."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        from kvroute_cli.testmodel import build_test_model
+
+        folder = workdir / "engines"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model_dir = build_test_model(folder / "model")
+        self.info_path = folder / "emulated.json"
+        self.info_path.unlink(missing_ok=True)
+        self.log_path = folder / "emulator.log"
+        argv = [sys.executable, "-m", "kvroute_emulator", "--count", str(args.engines),
+                "--profile", args.profile, "--time-scale", str(args.time_scale),
+                "--model-dir", str(self.model_dir), "--endpoints-file", str(self.info_path)]
+        if args.kv_blocks_set:
+            argv += ["--kv-blocks", str(args.kv_blocks)]
+        if args.block_size_set:
+            argv += ["--block-size", str(args.block_size)]
+        if args.max_context:
+            argv += ["--max-model-len", str(args.max_context)]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT / "emulator"), *filter(None, [env.get("PYTHONPATH")])])
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env=env, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not self.info_path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise SystemExit("the emulated fleet did not start:\n"
+                                 + self.log_path.read_text(errors="replace")[-2000:])
+            time.sleep(0.2)
+        self.info = self._describe()
+
+    def _describe(self) -> dict[str, Any]:
+        """The description the emulator prints once it listens (admin URL, profile, …)."""
+        decoder = json.JSONDecoder()
+        for _ in range(100):
+            text = self.log_path.read_text(errors="replace")
+            try:
+                value, _ = decoder.raw_decode(text[text.find("{"):])
+                if isinstance(value, dict):
+                    return value
+            except json.JSONDecodeError:
+                pass
+            time.sleep(0.1)
+        raise SystemExit(f"could not read the emulator's description from {self.log_path}")
+
+    def status(self) -> list[dict[str, Any]]:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.info['admin_url']}/engines", timeout=10) as r:
+            data: list[dict[str, Any]] = json.loads(r.read())
+            return data
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
 def _start_fleet(args: argparse.Namespace, workdir: Path) -> tuple[FleetInfo, Any]:
+    if args.fleet == "emulated":
+        emulated = EmulatedFleetProcess(args, workdir)
+        engines = json.loads(emulated.info_path.read_text())
+        fleet = FleetInfo([EngineInfo(name=e["name"], url=e["url"],
+                                      kv_events_endpoint=e["kv_events_endpoint"],
+                                      replay_endpoint=e["replay_endpoint"]) for e in engines],
+                          emulated.info["model"], int(emulated.info["block_size"]),
+                          emulated.model_dir, float(args.time_scale))
+        return fleet, emulated
     if args.attach:
         return _attached(args.attach, "kvroute-test-model", args.block_size), None
     from kvroute_cli.localengines import LocalEngineFleet
@@ -121,6 +199,17 @@ def run(args: argparse.Namespace) -> int:
                       "(give one rate, one per workload, or several for a single workload "
                       "to sweep)")
         return 2
+    args.kv_blocks_set = "--kv-blocks" in sys.argv
+    args.block_size_set = "--block-size" in sys.argv
+    if args.profile == "h100":
+        args.profile = "h100-llama8b"
+    if args.fleet == "emulated" and not args.time_scale:
+        args.time_scale = float(args.engines) if args.profile == "h100-llama8b" else 1.0
+    if args.trace:
+        workloads = [f"trace:{args.trace}"] * len(workloads)
+        sweeping = len(rates) > 1
+        if sweeping:
+            workloads = [workloads[0]] * len(rates)
     if args.sim and sweeping:
         console.print("--sim runs one rate per workload; sweep with separate --sim runs")
         return 2
@@ -129,13 +218,8 @@ def run(args: argparse.Namespace) -> int:
 
         args.workloads, args.rates = workloads, rates
         args.sim_pickers = _split(args.sim_pickers)
-        args.kv_blocks_set = "--kv-blocks" in sys.argv
         return run_sim(args)
     single = len(set(workloads)) == 1
-    traces = [generate(build_params(w, overrides if single else None,
-                                    requests=args.requests + args.warmup, rate=rate,
-                                    seed=args.seed))
-              for w, rate in zip(workloads, rates, strict=True)]
     names = _split(args.contenders) if args.contenders else default_contenders()
     contenders = CONTENDERS.select(names)
     bin_dirs = bench_bin_dirs(args.bench_venv)
@@ -143,21 +227,77 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     fleet, handle = _start_fleet(args, workdir)
     try:
+        traces = [_trace(args, w, rate, overrides if single else None, fleet, handle)
+                  for w, rate in zip(workloads, rates, strict=True)]
+    except BaseException:
+        if handle is not None:
+            handle.stop()
+        raise
+    return _run_all(args, console, traces, rates, workloads, sweeping, contenders, fleet,
+                    handle, bin_dirs, out_dir, workdir)
+
+
+def _fleet_kv_tokens(handle: Any, fleet: FleetInfo, args: argparse.Namespace) -> int:
+    if isinstance(handle, EmulatedFleetProcess):
+        return len(fleet.engines) * int(handle.info["kv_blocks"]) * fleet.block_size
+    return len(fleet.engines) * int(args.kv_blocks) * fleet.block_size
+
+
+def _max_context(args: argparse.Namespace, handle: Any) -> int:
+    if args.max_context:
+        return int(args.max_context)
+    if isinstance(handle, EmulatedFleetProcess):
+        return int(handle.info["max_model_len"])
+    return 4096
+
+
+def _trace(args: argparse.Namespace, workload: str, rate: float,
+           overrides: dict[str, str] | None, fleet: FleetInfo, handle: Any) -> Trace:
+    """The trace of one run: a trace file (its own arrival times, scaled), or a generated
+    workload at ``rate``."""
+    if workload.startswith("trace:"):
+        from kvroute_bench.traces import TraceOptions, load
+
+        # A rate sweep over a trace file scales its arrival times: rate 2 = twice as fast.
+        trace = load(TraceOptions(Path(args.trace), args.trace_format,
+                                  args.trace_time_scale / rate,
+                                  _max_context(args, handle),
+                                  args.requests + args.warmup, args.seed))
+        return trace
+    common: dict[str, Any] = {"requests": args.requests + args.warmup, "rate": rate,
+                              "seed": args.seed}
+    if workload == "precise-prefix":
+        common["fleet_kv_tokens"] = _fleet_kv_tokens(handle, fleet, args)
+        common["max_context"] = _max_context(args, handle)
+    return generate(build_params(workload, overrides, **common))
+
+
+def _run_all(args: argparse.Namespace, console: Console, traces: list[Trace],
+             rates: list[float], workloads: list[str], sweeping: bool,
+             contenders: list[Contender], fleet: FleetInfo, handle: Any,
+             bin_dirs: list[Path], out_dir: Path, workdir: Path) -> int:
+    try:
         swept: list[tuple[float, list[ContenderResult]]] = []
+        swept_oracle: list[float] = []
         for trace, rate in zip(traces, rates, strict=True):
             stem = f"{args.name}-{trace.workload}" if args.name else trace.workload
             if sweeping:
                 stem = f"{stem}-r{rate:g}"
             results, meta = _run_workload(args, console, trace, contenders, fleet, bin_dirs,
-                                          workdir)
+                                          workdir, handle)
             for path in report.write(results, meta, out_dir, stem, console):
                 console.print(f"wrote {path}")
             swept.append((rate, results))
+            swept_oracle.append(meta["oracle_hit_rate"])
         if sweeping:
             from kvroute_bench import sweep
 
-            stem = f"{args.name}-{workloads[0]}" if args.name else workloads[0]
-            meta = {"workload": workloads[0], "rates": rates, "engines": len(fleet.engines),
+            base = traces[0].workload
+            stem = f"{args.name}-{base}" if args.name else base
+            meta = {"workload": base, "rates": rates, "engines": len(fleet.engines),
+                    "fleet": args.fleet, "profile": args.profile,
+                    "time_scale": args.time_scale if args.fleet == "emulated" else 1.0,
+                    "oracle_hit_rate": swept_oracle[0] if swept_oracle else None,
                     "requests": args.requests, "warmup": args.warmup, "seed": args.seed,
                     "machine": machine_description(),
                     "command": "kvroute " + " ".join(sys.argv[1:])}
@@ -170,22 +310,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _oracle(trace: Trace, warmup: int, fleet: FleetInfo) -> float:
+    from kvroute_bench.oracle import byte_tokens, oracle_hit_rate, served_model_tokenizer
+
+    tokenize = (served_model_tokenizer(str(fleet.model_dir), fleet.model)
+                if fleet.model_dir is not None else byte_tokens)
+    return oracle_hit_rate(trace.requests, warmup, fleet.block_size, tokenize)
+
+
 def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
                   contenders: list[Contender], fleet: FleetInfo, bin_dirs: list[Path],
-                  workdir: Path) -> tuple[list[ContenderResult], dict[str, Any]]:
-    console.print(f"[bold]{trace.workload}[/]: {WORKLOADS[trace.workload].description}")
+                  workdir: Path, handle: Any = None
+                  ) -> tuple[list[ContenderResult], dict[str, Any]]:
+    description = (WORKLOADS[trace.workload].description if trace.workload in WORKLOADS
+                   else f"replay of {trace.params.get('trace')} ({trace.params.get('format')})")
+    console.print(f"[bold]{trace.workload}[/]: {description}")
     console.print(f"trace: {trace.summary()} (first {args.warmup} are warm-up)")
     meta: dict[str, Any] = {
         "workload": trace.workload, "params": trace.params, "trace": trace.summary(),
         "warmup": args.warmup, "repeats": args.repeats, "engines": len(fleet.engines),
-        "kv_blocks": args.kv_blocks,
-        "block_size": args.block_size, "machine": machine_description(),
+        "kv_blocks": (handle.info["kv_blocks"] if isinstance(handle, EmulatedFleetProcess)
+                      else args.kv_blocks),
+        "block_size": fleet.block_size, "machine": machine_description(),
+        "fleet": args.fleet, "profile": args.profile if args.fleet == "emulated" else None,
+        "time_scale": args.time_scale if args.fleet == "emulated" else 1.0,
+        "oracle_hit_rate": round(_oracle(trace, args.warmup, fleet), 4),
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "kvroute " + " ".join(sys.argv[1:]),
     }
     started = time.monotonic()
     plan = RunPlan(trace=trace, warmup=args.warmup, contenders=contenders, workdir=workdir,
-                   bin_dirs=bin_dirs, request_timeout_s=args.request_timeout)
+                   bin_dirs=bin_dirs, request_timeout_s=args.request_timeout,
+                   time_scale=args.time_scale if args.fleet == "emulated" else 1.0)
     rounds: dict[str, list[Measurement]] = {c.name: [] for c in contenders}
     failed: dict[str, str] = {}
     for c in contenders:
@@ -238,4 +394,10 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
         meta["cross_check_aiperf"] = check
         console.print(f"cross-check: {check}")
     meta["duration_s"] = round(time.monotonic() - started, 1)
+    if isinstance(handle, EmulatedFleetProcess):
+        # How far the emulator fell behind real time (emulated s, summed over the run): large
+        # values mean the machine, not the engine model, shaped the latencies.
+        status = handle.status()
+        meta["emulator_lag_s_max_engine"] = max(e["lag_s"] for e in status)
+        meta["emulator_steps"] = sum(e["steps"] for e in status)
     return results, meta

@@ -24,11 +24,19 @@ from kvroute_bench.stats import RequestResult
 from kvroute_bench.workloads import TraceRequest
 
 
+def request_path(request: TraceRequest) -> str:
+    return "/v1/chat/completions" if request.messages is not None else "/v1/completions"
+
+
 def request_body(model: str, request: TraceRequest) -> dict[str, object]:
-    """The completions body sent for ``request``."""
+    """The completions (or, for a chat request, chat completions) body sent for ``request``."""
+    text: dict[str, object] = (
+        {"messages": [{"role": role, "content": content}
+                      for role, content in request.messages]}
+        if request.messages is not None else {"prompt": request.prompt})
     return {
         "model": model,
-        "prompt": request.prompt,
+        **text,
         "max_tokens": request.max_tokens,
         "temperature": 0.0,
         "stream": True,
@@ -44,7 +52,8 @@ async def send_one(session: aiohttp.ClientSession, url: str, model: str, request
     token_chunks = 0
     usage_tokens: int | None = None
     try:
-        async with session.post(f"{url}/v1/completions", json=request_body(model, request),
+        async with session.post(f"{url}{request_path(request)}",
+                                json=request_body(model, request),
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:200]
@@ -66,6 +75,8 @@ async def send_one(session: aiohttp.ClientSession, url: str, model: str, request
                         result.error = f"stream error: {str(event['error'])[:200]}"
                         return result
                     choices = event.get("choices") or []
+                    if choices and "role" in (choices[0].get("delta") or {}):
+                        continue  # a chat stream's opening chunk carries the role, no token
                     if choices:  # a token, even one whose text is a partial UTF-8 byte
                         if result.first_token_s is None:
                             result.first_token_s = time.monotonic()

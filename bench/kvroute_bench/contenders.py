@@ -7,7 +7,8 @@ over the engines itself, the baseline every router is compared with.
 
 Peers are the routers published on PyPI (``requirements/bench.txt``), run from the bench venv
 (``scripts/kvenv.sh bench``): ``vllm-router`` (round_robin, cache_aware, and kv_aware fed by
-the engines' ZMQ KV events) and ``sglang-router`` (cache_aware). kvroute's own contenders run
+the engines' ZMQ KV events), ``sglang-router`` (cache_aware) and its successor ``smg``
+(Shepherd Model Gateway, cache_aware). kvroute's own contenders run
 ``kvroute router --config FILE`` with a generated External pool and RoutePolicy whose scorers
 select approximate, precise or precise+load scoring, with only its HTTP proxy listening.
 """
@@ -54,6 +55,8 @@ class FleetInfo:
     model: str
     block_size: int
     model_dir: Path | None = None  # the served model's folder (its tokenizer), when known
+    # Wall seconds per engine second (an emulated fleet runs slower than real time).
+    time_scale: float = 1.0
 
 
 class ContenderStartError(RuntimeError):
@@ -108,7 +111,7 @@ class Contender:
     """A named way of routing: ``command`` builds the router's argv (None: direct rotation)."""
 
     name: str
-    family: str  # baseline | kvroute | vllm-router | sglang-router
+    family: str  # baseline | kvroute | vllm-router | sglang-router | smg
     description: str
     command: Callable[[FleetInfo, int, Path], list[str]] | None = None
     needs: str | None = None  # executable that must exist for this contender
@@ -249,6 +252,17 @@ def _sglang_router(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
     return command
 
 
+def _smg(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
+    """Shepherd Model Gateway (PyPI ``smg``), sglang-router's successor: ``smg launch`` is its
+    router (the Rust CLI), with HTTP workers as vLLM serves them."""
+    def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
+        return ["smg", "launch", "--host", "127.0.0.1", "--port", str(port),
+                "--worker-urls", *[e.url for e in fleet.engines], "--policy", policy,
+                "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+                "--log-level", "warn"]
+    return command
+
+
 # --- kvroute ------------------------------------------------------------------------------
 
 KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
@@ -273,12 +287,17 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
                            "kvEventsReplayEndpoint": e.replay_endpoint} for e in fleet.engines],
         },
     }
-    policy = {
-        "apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
-        "metadata": {"name": "bench"},
-        "spec": {"match": {"model": fleet.model}, "pools": [{"name": "local"}],
-                 "scoring": {"scorers": scorers, "picker": "max-score"}},
-    }
+    spec: dict[str, Any] = {"match": {"model": fleet.model}, "pools": [{"name": "local"}],
+                            "scoring": {"scorers": scorers, "picker": "max-score"}}
+    if fleet.time_scale != 1.0:
+        # kvroute's wall-clock timeouts, stretched like the fleet's time, so they mean on the
+        # emulated fleet what their defaults mean on real engines (10 s to a stream's first
+        # byte, 600 s per request). Unscaled, a 10 s first-byte timeout is 0.6 s of emulated
+        # time at scale 16, and kvroute would abandon and retry requests no user's would.
+        spec["retries"] = {"perTryTimeoutMs": min(600_000, round(10_000 * fleet.time_scale))}
+        spec["requestTimeoutSeconds"] = min(86_400, round(600 * fleet.time_scale))
+    policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
+              "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]
 
 
@@ -351,6 +370,9 @@ CONTENDERS = ContenderSet([
               _sglang_router("cache_aware"), needs="sglang-router",
               # It lists its model as "unknown" (no tokenizer here); readiness counts workers.
               ready_path="/readiness"),
+    Contender("smg-cache", "smg",
+              "Shepherd Model Gateway (smg launch) --policy cache_aware",
+              _smg("cache_aware"), needs="smg", ready_path="/readiness"),
 ])
 
 

@@ -19,6 +19,7 @@ engines' HTTP front ends.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import statistics
@@ -186,6 +187,28 @@ class RunPlan:
     workdir: Path
     bin_dirs: list[Path] = field(default_factory=list)
     request_timeout_s: float = 180.0
+    # Emulated fleets run slower than real time by this factor: arrivals are stretched by it
+    # and the client's measured times divided by it, so results are in emulated seconds.
+    time_scale: float = 1.0
+
+
+def dilate(requests: Sequence[TraceRequest], scale: float) -> list[TraceRequest]:
+    """The trace with its arrival times stretched by ``scale``."""
+    return [dataclasses.replace(r, arrival_s=r.arrival_s * scale) for r in requests]
+
+
+def undilate(results: Sequence[RequestResult], scale: float) -> list[RequestResult]:
+    """Results with every interval since the first send divided by ``scale``."""
+    if scale == 1.0 or not results:
+        return list(results)
+    t0 = min(r.sent_s for r in results)
+
+    def squeeze(t: float | None) -> float | None:
+        return None if t is None else t0 + (t - t0) / scale
+
+    return [dataclasses.replace(r, sent_s=t0 + (r.sent_s - t0) / scale,
+                                first_token_s=squeeze(r.first_token_s),
+                                done_s=squeeze(r.done_s)) for r in results]
 
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -199,8 +222,9 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
     running = contender.start(fleet, plan.workdir / "routers", plan.bin_dirs)
     try:
         time.sleep(1.0)  # let KV-event subscribers connect before the first request
-        warm = plan.trace.requests[: plan.warmup]
-        measured = plan.trace.requests[plan.warmup:]
+        scale = plan.time_scale
+        warm = dilate(plan.trace.requests[: plan.warmup], scale)
+        measured = dilate(plan.trace.requests[plan.warmup:], scale)
         done = [0]
 
         def tick(phase: str, total: int) -> Callable[[RequestResult], None]:
@@ -211,14 +235,15 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
 
         if warm:
             asyncio.run(run_trace(running.base_urls, _model(fleet), warm,
-                                  timeout_s=plan.request_timeout_s,
+                                  timeout_s=plan.request_timeout_s * scale,
                                   on_done=tick("warm-up", len(warm))))
         before = [scrape(e.url) for e in fleet.engines]
         cpu_before = running.cpu_seconds()
         done[0] = 0
-        results = asyncio.run(run_trace(running.base_urls, _model(fleet), measured,
-                                        timeout_s=plan.request_timeout_s,
-                                        on_done=tick("measured", len(measured))))
+        results = undilate(asyncio.run(run_trace(
+            running.base_urls, _model(fleet), measured,
+            timeout_s=plan.request_timeout_s * scale,
+            on_done=tick("measured", len(measured)))), scale)
         time.sleep(1.0)  # engines update their counters just after the last stream ends
         after = [scrape(e.url) for e in fleet.engines]
         router_cpu = running.cpu_seconds() - cpu_before

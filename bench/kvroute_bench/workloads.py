@@ -35,6 +35,9 @@ class TraceRequest:
     max_tokens: int
     group: str  # tenant, document or prefix label: what the request shares with others
     shared_tokens: int  # how many leading tokens were built to be shared with other requests
+    # A chat request (sent to /v1/chat/completions) instead of a completion prompt; ``prompt``
+    # then holds the messages' text, for sizes only.
+    messages: tuple[tuple[str, str], ...] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -169,6 +172,34 @@ class HotspotParams(CommonParams):
 
 
 @dataclass(frozen=True)
+class PrecisePrefixParams(CommonParams):
+    """The llm-d precise-prefix-routing shape: tenants, each with a long shared context, and
+    several users per tenant sending ~1.2k-token questions after it.
+
+    ``tenants=0`` sizes the tenant count to the fleet: ``kv_fraction`` of its KV capacity holds
+    every tenant's context once (``kvroute bench`` fills it in from the engine count and
+    profile; llm-d's published run: 150 tenants x 6k tokens on 8 pods). Each question is new
+    text, so the shareable part of a prompt is its tenant's context.
+    """
+
+    max_context: int = 8192
+    tenants: int = 0
+    kv_fraction: float = 0.7
+    fleet_kv_tokens: int = 0  # engines x KV blocks x block size (set by kvroute bench)
+    context_tokens: int = 6000
+    users_per_tenant: int = 5
+    question: LogNormal = field(default_factory=lambda: LogNormal(1200, 0.1, 900, 1500))
+    output: LogNormal = field(default_factory=lambda: LogNormal(128, 0.3, 32, 256))
+
+    def tenant_count(self) -> int:
+        if self.tenants > 0:
+            return self.tenants
+        if self.fleet_kv_tokens <= 0:
+            return 150  # llm-d's published count, when the fleet is not known
+        return max(1, round(self.kv_fraction * self.fleet_kv_tokens / self.context_tokens))
+
+
+@dataclass(frozen=True)
 class LowSharingParams(CommonParams):
     """Control: every prompt is unique, so cache affinity can gain nothing."""
 
@@ -264,6 +295,30 @@ def hotspot_trace(p: HotspotParams) -> list[TraceRequest]:
     return requests
 
 
+def precise_prefix_trace(p: PrecisePrefixParams) -> list[TraceRequest]:
+    arrivals = poisson_arrivals(_rng(p.seed, _ARRIVALS), p.rate, p.requests)
+    mix = _rng(p.seed, _MIX)
+    tenants = p.tenant_count()
+    contexts: dict[int, str] = {}
+    requests = []
+    for i, at in enumerate(arrivals):
+        tenant = int(mix.integers(tenants))
+        user = int(mix.integers(max(1, p.users_per_tenant)))
+        if tenant not in contexts:
+            contexts[tenant] = (f"[tenant {tenant} context] "
+                                + make_text(_rng(p.seed, _SYSTEM, tenant), p.context_tokens))
+        qrng = _rng(p.seed, _QUESTION, i)
+        question = make_text(qrng, p.question.draw(qrng))
+        output = p.output.draw(_rng(p.seed, _OUTPUT, i))
+        shared = contexts[tenant]
+        prompt = f"{shared}\n[user {user}] {question}\nA:"
+        prompt = prompt[: p.max_context - CONTEXT_MARGIN - output]
+        requests.append(TraceRequest(index=i, arrival_s=at, prompt=prompt, max_tokens=output,
+                                     group=f"tenant-{tenant}",
+                                     shared_tokens=min(len(shared), len(prompt))))
+    return requests
+
+
 def low_sharing_trace(p: LowSharingParams) -> list[TraceRequest]:
     arrivals = poisson_arrivals(_rng(p.seed, _ARRIVALS), p.rate, p.requests)
     requests = []
@@ -298,6 +353,9 @@ WORKLOADS: dict[str, Workload] = {
                  "one prefix dominates (70% of requests): load must win over affinity"),
         Workload("low-sharing", LowSharingParams, low_sharing_trace,
                  "control: unique prompts, nothing to gain from cache affinity"),
+        Workload("precise-prefix", PrecisePrefixParams, precise_prefix_trace,
+                 "llm-d's precise-prefix shape: tenants x long shared context x users with "
+                 "~1.2k-token questions, tenants sized to ~70% of the fleet's KV capacity"),
     )
 }
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from kvroute_emulator.model.engine import SimEngine, SimRequest, StepPlan, block_hashes
+from kvroute_emulator.model.profile import CostProfile
 
-from kvroute_bench.sim.engine import SimEngine, SimRequest, StepPlan, block_hashes
-from kvroute_bench.sim.profile import CostProfile
 from kvroute_bench.workloads import TraceRequest
 
 

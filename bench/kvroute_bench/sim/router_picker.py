@@ -35,14 +35,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvroute_api.route_policy import ScoringSpec
+from kvroute_emulator.model.engine import SimEngine, SimRequest
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.builtin import register_builtin_plugins
-
-from kvroute_bench.sim.engine import SimEngine, SimRequest
 
 POOL_KEY = "sim/pool"
 

@@ -19,11 +19,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kvroute_emulator.model.profile import (
+    CostProfile,
+    cpu_test_engine,
+    h100_llama8b,
+    h100_llama8b_builtin,
+)
 from rich.console import Console
 from rich.table import Table
 
 from kvroute_bench.sim.fleet import Picker, RoundRobinPicker, simulate, to_sim_requests
-from kvroute_bench.sim.profile import CostProfile, cpu_test_engine, h100_llama8b
 from kvroute_bench.workloads import build_params, generate
 
 CALIBRATION = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "calibration" \
@@ -67,11 +72,11 @@ def needs_block_hashes(name: str) -> bool:
 def profile_named(name: str, kv_blocks: int) -> CostProfile:
     if name == "cpu":
         return cpu_test_engine(kv_blocks or 384)
-    if name == "h100":
-        if not CALIBRATION.exists():
-            raise SystemExit(f"the h100 profile needs {CALIBRATION}")
+    if name in ("h100", "h100-llama8b"):
+        if not CALIBRATION.exists():  # the same numbers, built in
+            return h100_llama8b_builtin(kv_blocks or 30_000)
         return h100_llama8b(CALIBRATION, kv_blocks or 30_000)
-    raise SystemExit(f"unknown profile {name!r}; valid: cpu, h100")
+    raise SystemExit(f"unknown profile {name!r}; valid: cpu, h100-llama8b")
 
 
 def make_picker(name: str, block_size: int) -> Picker:

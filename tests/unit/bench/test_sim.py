@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from kvroute_bench.sim.engine import SimEngine, SimRequest, block_hashes
 from kvroute_bench.sim.fleet import RoundRobinPicker, simulate, to_sim_requests
-from kvroute_bench.sim.profile import CostProfile, cpu_test_engine, h100_llama8b
 from kvroute_bench.workloads import ChatParams, generate
+from kvroute_emulator.model.engine import SimEngine, SimRequest, block_hashes
+from kvroute_emulator.model.profile import CostProfile, cpu_test_engine, h100_llama8b
 
 CALIBRATION = Path(__file__).resolve().parents[4] / "shared" / "data" / "calibration" / \
     "h100-llama8b-shape.json"

@@ -6,12 +6,12 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from kvroute_bench.sim.engine import SimEngine, SimRequest
 from kvroute_bench.sim.fleet import simulate, to_sim_requests
-from kvroute_bench.sim.profile import CostProfile, cpu_test_engine
 from kvroute_bench.sim.router_picker import RouterPicker
 from kvroute_bench.sim.run import make_picker, needs_block_hashes, split_picker_name
 from kvroute_bench.workloads import ChatParams, generate
+from kvroute_emulator.model.engine import SimEngine, SimRequest
+from kvroute_emulator.model.profile import CostProfile, cpu_test_engine
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher
 
 PROFILE = CostProfile(name="test", prefill_s_per_token=0.001, step_base_s=0.01,

@@ -44,7 +44,7 @@ def test_every_request_fits_the_context_and_is_ascii(name: str) -> None:
     trace = generate(build_params(name, requests=200))
     assert len(trace.requests) == 200
     for r in trace.requests:
-        assert r.prompt_tokens + r.max_tokens <= 4096 - CONTEXT_MARGIN
+        assert r.prompt_tokens + r.max_tokens <= trace.params["max_context"] - CONTEXT_MARGIN
         assert r.prompt.isascii()
         assert r.max_tokens >= 1
         assert 0 <= r.shared_tokens <= r.prompt_tokens

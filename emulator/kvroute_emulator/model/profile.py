@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -102,3 +102,52 @@ def h100_llama8b(calibration: Path, kv_blocks: int = 30_000) -> CostProfile:
         prefill_s_per_token=per_token, step_base_s=base,
         decode_step_s_by_batch={1: 0.007, 32: 0.009, 64: 0.011, 128: 0.014, 256: 0.020},
         max_num_seqs=256, max_batched_tokens=8192, block_size=16, kv_blocks=kv_blocks)
+
+
+# h100_llama8b(CALIBRATION) evaluated once, so the emulator needs no file from outside the
+# repository: the mean prefill rate at >= 2k tokens (32,609, 32,925, 31,480 tokens/s) and a
+# step base of 0 (tests/unit/emulator/test_profiles.py re-derives both when the file exists).
+H100_PREFILL_S_PER_TOKEN = 3.0 / (32_609 + 32_925 + 31_480)
+
+
+def h100_llama8b_builtin(kv_blocks: int = 30_000) -> CostProfile:
+    """:func:`h100_llama8b` with the calibration file's numbers built in."""
+    return CostProfile(
+        name="h100-llama8b",
+        prefill_s_per_token=H100_PREFILL_S_PER_TOKEN, step_base_s=0.0,
+        decode_step_s_by_batch={1: 0.007, 32: 0.009, 64: 0.011, 128: 0.014, 256: 0.020},
+        max_num_seqs=256, max_batched_tokens=8192, block_size=16, kv_blocks=kv_blocks)
+
+
+PROFILE_NAMES = ("h100-llama8b", "cpu")
+
+
+def profile_from_file(path: Path) -> CostProfile:
+    """A profile from JSON: :class:`CostProfile`'s fields (``decode_step_s_by_batch`` keys are
+    batch sizes as strings)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a profile is a JSON object of CostProfile's fields")
+    known = set(CostProfile.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown profile fields {unknown}; known: {sorted(known)}")
+    table = data.pop("decode_step_s_by_batch", {})
+    return CostProfile(**{"name": path.stem, **data},
+                       decode_step_s_by_batch={int(k): float(v) for k, v in table.items()})
+
+
+def named_profile(spec: str, kv_blocks: int = 0, block_size: int = 0) -> CostProfile:
+    """``h100-llama8b``, ``cpu`` or a JSON file; ``kv_blocks``/``block_size`` override (0: the
+    profile's own)."""
+    if spec == "h100-llama8b":
+        profile = h100_llama8b_builtin()
+    elif spec == "cpu":
+        profile = cpu_test_engine()
+    elif Path(spec).is_file():
+        profile = profile_from_file(Path(spec))
+    else:
+        raise ValueError(f"unknown profile {spec!r}: use {', '.join(PROFILE_NAMES)} or a JSON "
+                         "file of CostProfile fields")
+    return replace(profile, kv_blocks=kv_blocks or profile.kv_blocks,
+                   block_size=block_size or profile.block_size)

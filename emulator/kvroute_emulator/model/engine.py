@@ -30,7 +30,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvroute_bench.sim.profile import CostProfile
+from kvroute_emulator.model.profile import CostProfile
 
 
 def block_hashes(tokens: bytes, block_size: int) -> list[int]:
@@ -242,6 +242,37 @@ class SimEngine:
                 self._unpin(h)
             self.finished += 1
         return done
+
+    def abort(self, request: SimRequest) -> bool:
+        """Drop ``request`` (its client went away), releasing what it holds; call between
+        steps, never while a planned step is in flight. False when it is not here."""
+        for i, r in enumerate(self.waiting):
+            if r is request:
+                del self.waiting[i]
+                self.version += 1
+                return True
+        for i, r in enumerate(self.running):
+            if r is request:
+                del self.running[i]
+                total_blocks = -(-(r.prompt_tokens + r.max_tokens) // self.profile.block_size)
+                self.reserved -= total_blocks - len(r.blocks)
+                for h in r.blocks:
+                    self._unpin(h)
+                r.blocks = []
+                self.version += 1
+                return True
+        return False
+
+    def clear_cache(self) -> bool:
+        """Forget every cached block that no sequence pins (vLLM's reset_prefix_cache, which
+        succeeds only when nothing runs). False, changing nothing, while sequences run."""
+        if self.running:
+            return False
+        self.refcount.clear()
+        self.evictable.clear()
+        self.pinned = 0
+        self.version += 1
+        return True
 
     # --- what a real engine exposes --------------------------------------------------------
 

@@ -152,6 +152,18 @@ def test_no_secret_access_unless_api_key_secrets_are_named(defaults: Any, render
     assert API_KEY_SECRET_RULE == {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}
     bound = bound_rules(m, "router", extras=True)
     assert [name for name, _ in bound["team-b"]] == ["kvroute-router-api-key-secrets"]
+    # CacheTiers' redis.urlSecretRef Secrets join the same Role of their namespace.
+    m = render(sets={"router.apiKeySecrets": [{"name": "chat-keys"}],
+                     "router.cacheTierSecrets": [{"name": "redis-url"},
+                                                 {"name": "c-redis", "namespace": "team-c"}]})
+    roles = {(r["metadata"]["namespace"], r["metadata"]["name"]): r for r in m.kind("Role")
+             if r["metadata"]["name"].endswith("-api-key-secrets")}
+    assert roles[("kvroute-system", "kvroute-router-api-key-secrets")]["rules"] == [
+        {**API_KEY_SECRET_RULE, "resourceNames": ["chat-keys", "redis-url"]}]
+    assert roles[("team-c", "kvroute-router-api-key-secrets")]["rules"] == [
+        {**API_KEY_SECRET_RULE, "resourceNames": ["c-redis"]}]
+    assert [name for name, _ in bound_rules(m, "router", extras=True)["team-c"]] == [
+        "kvroute-router-api-key-secrets"]
     # Namespaced installs: the watched namespace by default.
     m = render(ci_values("namespaced"), sets={"router.apiKeySecrets": [{"name": "k"}]})
     [role] = [r for r in m.kind("Role") if r["metadata"]["name"].endswith("api-key-secrets")]

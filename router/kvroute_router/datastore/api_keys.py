@@ -36,6 +36,12 @@ def digests_of_secret(secret: Mapping[str, object]) -> dict[str, str]:
     """A Secret object (wire format: base64 ``data``, optional plaintext ``stringData``) →
     {digest: tenant}. Values that are not valid base64 UTF-8 are skipped (by tenant name
     only, never by value)."""
+    return digests_of(secret_strings(secret))
+
+
+def secret_strings(secret: Mapping[str, object]) -> dict[str, str]:
+    """A Secret object's data as text: base64 ``data`` decoded, plaintext ``stringData``
+    over it; values that are not valid base64 UTF-8 are skipped."""
     plain: dict[str, str] = {}
     data = secret.get("data") or {}
     if isinstance(data, Mapping):
@@ -47,7 +53,7 @@ def digests_of_secret(secret: Mapping[str, object]) -> dict[str, str]:
     string_data = secret.get("stringData") or {}
     if isinstance(string_data, Mapping):
         plain.update({str(k): str(v) for k, v in string_data.items()})
-    return digests_of(plain)
+    return plain
 
 
-__all__ = ["KeyDigests", "api_key_digest", "digests_of", "digests_of_secret"]
+__all__ = ["KeyDigests", "api_key_digest", "digests_of", "digests_of_secret", "secret_strings"]

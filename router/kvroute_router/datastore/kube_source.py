@@ -25,6 +25,11 @@ so the router needs no permission on any other Secret (the chart grants ``get`` 
 at once (:func:`~kvroute_router.datastore.api_keys.digests_of_secret`) and stored in the
 datastore, and no key is ever logged. A Secret that is gone (404) or no policy names any more is
 forgotten.
+
+CacheTiers' ``spec.response.redis.urlSecretRef`` (the Redis URL with credentials) are read the
+same way: the Secret named, in the CacheTier's namespace, ``get`` by name when a tier starts
+naming it and every ``SECRET_REFRESH_S``; only the named data key is kept
+(:meth:`~kvroute_router.datastore.store.Datastore.secret_value`), never logged.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from kvroute_api.meta import GROUP, VERSION
 from kvroute_api.route_policy import RoutePolicy
 from pydantic import ValidationError
 
-from kvroute_router.datastore.api_keys import digests_of_secret
+from kvroute_router.datastore.api_keys import digests_of_secret, secret_strings
 from kvroute_router.datastore.store import Datastore, EndpointSpec, object_key
 from kvroute_router.framework.tasks import cancel_and_wait
 
@@ -58,7 +63,7 @@ STALL_S = 150.0
 """A watch thread silent for this long is replaced by the watchdog."""
 LISTED_FOR_READY = frozenset({"inferencepools", "routepolicies", "pods"})
 SECRET_REFRESH_S = 60.0
-"""API-key Secrets named by policies are re-read by name this often."""
+"""Secrets named by policies and CacheTiers are re-read by name this often."""
 
 
 def parse_selector(text: str) -> dict[str, str]:
@@ -157,7 +162,7 @@ class KubernetesSource:
         self._threads.append(thread)
 
     def _refresh_secrets_forever(self) -> None:
-        """Re-read every named API-key Secret by name (no list, no watch of Secrets)."""
+        """Re-read every named Secret by name (no list, no watch of Secrets)."""
         while not self._stop.wait(SECRET_REFRESH_S):
             self._post(self._refresh_secrets)
 
@@ -252,9 +257,9 @@ class KubernetesSource:
             seen = set()
             for item in items:
                 seen.add(self._apply_secret(item))
-            for key in self.datastore.api_key_secrets():
+            for key in self.datastore.api_key_secrets() + self.datastore.value_secrets():
                 if key not in seen:
-                    self.datastore.delete_api_keys(key)
+                    self._forget_secret(key)
             return
         if kind == "pods":
             self._pods = {object_key(p["metadata"].get("namespace"), p["metadata"]["name"]): p
@@ -270,7 +275,7 @@ class KubernetesSource:
         for key in existing:
             if key not in keys:
                 self._delete(kind, key)
-        if kind == "routepolicies":
+        if kind in ("routepolicies", "cachetiers"):
             self._follow_secret_refs()
 
     def _event(self, kind: str, event_type: str, obj: dict[str, Any],
@@ -280,8 +285,7 @@ class KubernetesSource:
         if kind == "secrets":
             meta = obj.get("metadata") or {}
             if event_type == "DELETED":
-                self.datastore.delete_api_keys(object_key(meta.get("namespace"),
-                                                          meta.get("name", "")))
+                self._forget_secret(object_key(meta.get("namespace"), meta.get("name", "")))
             else:
                 self._apply_secret(obj)
             return
@@ -297,7 +301,7 @@ class KubernetesSource:
             self._delete(kind, object_key(meta.get("namespace"), meta.get("name", "")))
         else:
             self._apply(kind, event_type, obj)
-        if kind == "routepolicies":
+        if kind in ("routepolicies", "cachetiers"):
             self._follow_secret_refs()
 
     def _apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> str:
@@ -326,7 +330,7 @@ class KubernetesSource:
             self.datastore.delete_policy(key)
 
     # ---- API-key Secrets ----------------------------------------------------------------
-    def _secret_refs(self) -> set[str]:
+    def _api_key_refs(self) -> set[str]:
         """``namespace/name`` of every Secret a policy names as its API keys."""
         refs = set()
         for policy in self.datastore.policies().values():
@@ -335,24 +339,63 @@ class KubernetesSource:
                 refs.add(object_key(policy.metadata.namespace, ref.name))
         return refs
 
+    def _value_refs(self) -> dict[str, set[str]]:
+        """``namespace/name`` → data keys of every Secret a CacheTier names
+        (``spec.response.redis.urlSecretRef``, in the tier's namespace)."""
+        refs: dict[str, set[str]] = {}
+        for tier_key in self.datastore.cache_tier_keys():
+            tier = self.datastore.cache_tier(tier_key)
+            response = tier.spec.response if tier is not None else None
+            ref = (response.redis.url_secret_ref
+                   if response is not None and response.redis is not None else None)
+            if tier is not None and ref is not None:
+                key = object_key(tier.metadata.namespace, ref.name)
+                refs.setdefault(key, set()).add(ref.key)
+        return refs
+
+    def _secret_refs(self) -> set[str]:
+        """Every Secret the router reads (by name): API keys and CacheTier URLs."""
+        return self._api_key_refs() | set(self._value_refs())
+
+    def _forget_secret(self, key: str) -> None:
+        self.datastore.delete_api_keys(key)
+        self.datastore.delete_secret_values(key)
+
     def _apply_secret(self, obj: dict[str, Any]) -> str:
-        """Hash a referenced Secret's keys into the datastore; ignore any other Secret."""
+        """Hash a referenced Secret's keys into the datastore, keep the data keys CacheTiers
+        name; ignore any other Secret."""
         meta = obj.get("metadata") or {}
         key = object_key(meta.get("namespace"), meta.get("name", ""))
-        if key in self._secret_refs():
+        if key in self._api_key_refs():
             self.datastore.set_api_keys(key, digests_of_secret(obj))
         else:
             self.datastore.delete_api_keys(key)
+        wanted = self._value_refs().get(key)
+        if wanted:
+            data = secret_strings(obj)
+            self.datastore.set_secret_values(key, {k: data[k].strip() for k in wanted
+                                                   if k in data})
+        else:
+            self.datastore.delete_secret_values(key)
         return key
 
     def _follow_secret_refs(self) -> None:
-        """After a policy change: forget Secrets no policy names, read newly named ones."""
-        refs = self._secret_refs()
+        """After a policy or CacheTier change: forget Secrets nothing names, read newly
+        named ones."""
+        api_refs, value_refs = self._api_key_refs(), self._value_refs()
         for key in self.datastore.api_key_secrets():
-            if key not in refs:
+            if key not in api_refs:
                 self.datastore.delete_api_keys(key)
-        for key in refs:
-            if self.datastore.api_keys(key) is None and key not in self._fetching:
+        known_values = set(self.datastore.value_secrets())
+        for key in known_values - set(value_refs):
+            self.datastore.delete_secret_values(key)
+        for key in api_refs | set(value_refs):
+            if key in self._fetching:
+                continue
+            if ((key in api_refs and self.datastore.api_keys(key) is None)
+                    or (key in value_refs and (key not in known_values or any(
+                        self.datastore.secret_value(key, k) is None
+                        for k in value_refs[key])))):
                 self._fetch_secret(key)
 
     def _fetch_secret(self, key: str) -> None:
@@ -370,13 +413,15 @@ class KubernetesSource:
                 obj = json.loads(response.data)
             except Exception as exc:
                 status = getattr(exc, "status", None)
-                log.warning("cannot read API-key Secret %s (status %s); its tenants' requests "
-                            "are the default tenant until it can be read (the router needs "
-                            "'get' on it: router.apiKeySecrets in the chart)", key,
+                log.warning("cannot read Secret %s (status %s); until it can be read, an "
+                            "API-key policy's requests are its default tenant and a CacheTier "
+                            "whose redis.urlSecretRef names it has no response cache (the "
+                            "router needs 'get' on it: router.apiKeySecrets or "
+                            "router.cacheTierSecrets in the chart)", key,
                             status if status is not None else type(exc).__name__)
                 self._post(self._fetching.discard, key)
                 if status == 404:
-                    self._post(self.datastore.delete_api_keys, key)
+                    self._post(self._forget_secret, key)
                 return
             self._post(self._fetched, key, obj)
 

@@ -86,6 +86,7 @@ class Datastore:
         self._pools: dict[str, PoolState] = {}
         self._policies: dict[str, RoutePolicy] = {}
         self._api_keys: dict[str, dict[str, str]] = {}
+        self._secret_values: dict[str, dict[str, str]] = {}
         self._cache_tiers: dict[str, CacheTier] = {}
         self._listeners: list[EndpointListener] = []
         self.version = 0
@@ -204,6 +205,25 @@ class Datastore:
 
     def api_key_secrets(self) -> list[str]:
         return list(self._api_keys)
+
+    def set_secret_values(self, secret_key: str, values: Mapping[str, str]) -> None:
+        """The values of the data keys that CacheTiers name (``redis.urlSecretRef``) in the
+        Secret ``namespace/name``; only those keys are kept."""
+        tables = dict(self._secret_values)
+        tables[secret_key] = dict(values)
+        self._secret_values = tables
+
+    def delete_secret_values(self, secret_key: str) -> None:
+        tables = dict(self._secret_values)
+        if tables.pop(secret_key, None) is not None:
+            self._secret_values = tables
+
+    def secret_value(self, secret_key: str, data_key: str) -> str | None:
+        """A CacheTier's Secret value (``namespace/name``, key), None when not read."""
+        return self._secret_values.get(secret_key, {}).get(data_key)
+
+    def value_secrets(self) -> list[str]:
+        return list(self._secret_values)
 
     def replace(self, pools: Iterable[InferencePool], policies: Iterable[RoutePolicy],
                 cache_tiers: Iterable[CacheTier] = ()) -> None:

@@ -52,8 +52,10 @@ log = logging.getLogger(__name__)
 
 CACHE_HEADER = "x-kvroute-cache"
 REDIS_URL_ENV = "KVROUTE_RESPONSE_CACHE_REDIS_URL"
-"""Where the router finds the URL of a tier whose ``redis.urlSecretRef`` names a Secret: the
-Deployment maps that Secret key to this variable (``valueFrom.secretKeyRef``)."""
+"""The URL of a tier whose ``redis.urlSecretRef`` names a Secret the router has not read: in
+Kubernetes mode the router reads that Secret by name (the datastore's
+:meth:`~kvroute_router.datastore.store.Datastore.secret_value`); embedded mode (config file,
+no Secrets) takes the URL from this variable."""
 BACKEND_TIMEOUT_S = 2.0
 Match = Literal["exact", "semantic", "miss"]
 ApiKeyLookup = Callable[[RoutePolicy], Mapping[str, str]]
@@ -119,6 +121,7 @@ class _Tier:
     key: str
     spec: ResponseCacheTierSpec
     store: ResponseStore | None
+    url: str | None = None
     embedder: SentenceEmbedder | None = None
     embedder_error: str | None = None
     loading: asyncio.Task[None] | None = None
@@ -146,27 +149,41 @@ class ResponseCache:
         key = object_key(namespace, settings.cache_tier_ref.name)
         tier_obj: CacheTier | None = self.datastore.cache_tier(key)
         spec = tier_obj.spec.response if tier_obj is not None else None
-        if spec is None:
+        if tier_obj is None or spec is None:
             return None
+        url = self._redis_url(tier_obj.metadata.namespace, spec)
         tier = self._tiers.get(key)
-        if tier is not None and tier.spec == spec:
+        if tier is not None and tier.spec == spec and tier.url == url:
             return tier
         if tier is not None and tier.store is not None:
             self._spawn(tier.store.close())
-        tier = _Tier(key=key, spec=spec, store=self._open_store(key, spec))
+        tier = _Tier(key=key, spec=spec, store=self._open_store(key, spec, url), url=url)
         self._tiers[key] = tier
         return tier
 
-    def _open_store(self, key: str, spec: ResponseCacheTierSpec) -> ResponseStore | None:
+    def _redis_url(self, namespace: str | None,
+                   spec: ResponseCacheTierSpec) -> str | None:
+        """The tier's Redis URL: the value of ``redis.urlSecretRef`` (read by the Kubernetes
+        source), else ``$KVROUTE_RESPONSE_CACHE_REDIS_URL`` (embedded mode), else
+        ``redis.url``."""
+        if spec.backend != "redis" or spec.redis is None:
+            return None
+        ref = spec.redis.url_secret_ref
+        if ref is None:
+            return spec.redis.url
+        return (self.datastore.secret_value(object_key(namespace, ref.name), ref.key)
+                or os.environ.get(REDIS_URL_ENV) or spec.redis.url)
+
+    def _open_store(self, key: str, spec: ResponseCacheTierSpec,
+                    url: str | None) -> ResponseStore | None:
         if spec.backend == "memory":
             return MemoryStore(spec.max_entries, clock=self.clock)
         assert spec.redis is not None  # the API's rule
-        url = spec.redis.url
-        if spec.redis.url_secret_ref is not None:
-            url = os.environ.get(REDIS_URL_ENV) or url
         if not url:
-            log.error("CacheTier %s: redis.urlSecretRef is set but %s is not in the router's "
-                      "environment; the response cache of this tier is off", key, REDIS_URL_ENV)
+            ref = spec.redis.url_secret_ref
+            log.error("CacheTier %s: the Secret key %s of redis.urlSecretRef is not readable "
+                      "(yet), and %s is not set; the response cache of this tier is off until "
+                      "it is", key, f"{ref.name}/{ref.key}" if ref else "?", REDIS_URL_ENV)
             return None
         import redis.asyncio
 

@@ -294,3 +294,63 @@ async def test_named_secrets_are_re_read_by_name_and_a_deleted_one_is_forgotten(
     await until(lambda: store.api_keys("inference/keys") is None)
     assert store.api_keys("inference/keys") is None
     assert set(core.reads) == {("inference", "keys")}  # only the named Secret, by name
+
+
+def _redis_tier(name: str, secret: str, key: str = "url") -> dict[str, Any]:
+    return {"apiVersion": "kvroute.io/v1alpha1", "kind": "CacheTier",
+            "metadata": {"name": name, "namespace": "inference"},
+            "spec": {"response": {"backend": "redis",
+                                  "redis": {"urlSecretRef": {"name": secret, "key": key}}}}}
+
+
+async def test_cache_tier_url_secrets_are_read_by_name_and_only_the_named_key_is_kept() -> None:
+    """CacheTier.spec.response.redis.urlSecretRef: the Secret the tier names is read by name in
+    the tier's namespace (no list, no watch), re-read for rotations, forgotten when gone."""
+    import asyncio
+
+    class NotFoundError(Exception):
+        status = 404
+
+    class Core(FakeCore):
+        def read_namespaced_secret(self, name: str, namespace: str,
+                                   _preload_content: bool = True) -> Any:
+            if name not in self.secrets:
+                self.reads.append((namespace, name))
+                raise NotFoundError()
+            return super().read_namespaced_secret(name, namespace, _preload_content)
+
+    async def until(check: Any) -> None:
+        for _ in range(200):  # reads run in threads: bounded wait
+            if check() and not source._fetching:
+                return
+            await asyncio.sleep(0.01)
+
+    store = Datastore()
+    source = KubernetesSource(store, namespace="inference")
+    source._loop = asyncio.get_running_loop()
+    core = Core({"redis": _secret("redis", {"url": "redis://:pw@redis:6379/0",
+                                            "other": "not-kept"})})
+    source._core = core
+    source._relist("cachetiers", [_redis_tier("answers", "redis")])
+    await until(lambda: store.secret_value("inference/redis", "url") is not None)
+    assert store.secret_value("inference/redis", "url") == "redis://:pw@redis:6379/0"
+    assert "not-kept" not in repr(store._secret_values)
+    assert store.api_keys("inference/redis") is None  # not an API-key Secret
+    core.secrets["redis"] = _secret("redis", {"url": "redis://:pw2@redis:6379/0"})  # rotated
+    source._refresh_secrets()
+    await until(lambda: store.secret_value("inference/redis", "url")
+                == "redis://:pw2@redis:6379/0")
+    assert store.secret_value("inference/redis", "url") == "redis://:pw2@redis:6379/0"
+    # A Secret no tier names is ignored; a tier deleted: its Secret forgotten.
+    source._event("secrets", "ADDED", _secret("unrelated", {"url": "redis://x"}))
+    assert store.value_secrets() == ["inference/redis"]
+    source._event("cachetiers", "DELETED", _redis_tier("answers", "redis"))
+    assert store.value_secrets() == []
+    # Named again, then deleted in the cluster (404): forgotten.
+    source._event("cachetiers", "ADDED", _redis_tier("answers", "redis"))
+    await until(lambda: store.secret_value("inference/redis", "url") is not None)
+    del core.secrets["redis"]
+    source._refresh_secrets()
+    await until(lambda: store.secret_value("inference/redis", "url") is None)
+    assert store.secret_value("inference/redis", "url") is None
+    assert set(core.reads) == {("inference", "redis")}  # only the named Secret, by name

@@ -5,8 +5,10 @@ An answer is kept as the non-streaming OpenAI object (``chat.completion`` or
 ``text_completion``) with its ``usage``. :class:`AnswerRecorder` assembles it from the bytes the
 engine sent: a JSON body, or a stream of ``data:`` events that must end with ``[DONE]`` and
 give every choice a ``finish_reason`` — a cut stream, an error event, an HTTP error or an
-answer over :data:`MAX_ANSWER_BYTES` is never recorded. Streams whose deltas carry tool calls
-are not assembled (JSON answers with tool calls are kept).
+answer over :data:`MAX_ANSWER_BYTES` is never recorded. Tool-call deltas of a chat stream are
+assembled by their ``index`` into ``message.tool_calls`` (``id``, ``type`` and the function's
+``name`` from the deltas that carry them, ``arguments`` concatenated), as the JSON answer has
+them; a malformed tool-call delta makes the stream unrecordable.
 
 :func:`render` replays an answer as JSON or as SSE chunks (role, content, finish, usage,
 ``[DONE]``), with a fresh ``id`` and ``created`` and the model name the client sent.
@@ -111,10 +113,13 @@ def _assemble_stream(raw: bytes, kind: str) -> dict[str, Any] | None:
             if not isinstance(index, int):
                 return None
             slot = choices.setdefault(index, {"index": index, "text": [], "finish": None,
-                                              "role": "assistant"})
+                                              "role": "assistant", "tools": {}})
             if kind == "chat":
                 delta = choice.get("delta") or {}
-                if not isinstance(delta, dict) or delta.get("tool_calls"):
+                if not isinstance(delta, dict):
+                    return None
+                if delta.get("tool_calls") and not _add_tool_calls(slot["tools"],
+                                                                   delta["tool_calls"]):
                     return None
                 if isinstance(delta.get("role"), str):
                     slot["role"] = delta["role"]
@@ -132,8 +137,11 @@ def _assemble_stream(raw: bytes, kind: str) -> dict[str, Any] | None:
         c = choices[index]
         text = "".join(c["text"])
         if kind == "chat":
-            out.append({"index": index, "message": {"role": c["role"], "content": text},
-                        "finish_reason": c["finish"]})
+            message: dict[str, Any] = {"role": c["role"], "content": text}
+            if c["tools"]:
+                message["content"] = text or None
+                message["tool_calls"] = [_tool_call(c["tools"][i]) for i in sorted(c["tools"])]
+            out.append({"index": index, "message": message, "finish_reason": c["finish"]})
         else:
             out.append({"index": index, "text": text, "finish_reason": c["finish"]})
     answer: dict[str, Any] = {
@@ -143,6 +151,38 @@ def _assemble_stream(raw: bytes, kind: str) -> dict[str, Any] | None:
     if usage is not None:
         answer["usage"] = usage
     return answer
+
+
+def _add_tool_calls(tools: dict[int, dict[str, Any]], deltas: Any) -> bool:
+    """Merge one delta's ``tool_calls`` into ``tools`` (by ``index``); False: malformed."""
+    if not isinstance(deltas, list):
+        return False
+    for call in deltas:
+        if not isinstance(call, dict) or not isinstance(call.get("index"), int):
+            return False
+        function = call.get("function") or {}
+        if not isinstance(function, dict):
+            return False
+        slot = tools.setdefault(call["index"], {"id": None, "type": None, "name": None,
+                                                "arguments": []})
+        for field, value in (("id", call.get("id")), ("type", call.get("type")),
+                             ("name", function.get("name"))):
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                return False
+            slot[field] = value
+        arguments = function.get("arguments")
+        if arguments is not None:
+            if not isinstance(arguments, str):
+                return False
+            slot["arguments"].append(arguments)
+    return True
+
+
+def _tool_call(slot: dict[str, Any]) -> dict[str, Any]:
+    return {"id": slot["id"] or "", "type": slot["type"] or "function",
+            "function": {"name": slot["name"] or "", "arguments": "".join(slot["arguments"])}}
 
 
 def render_json(answer: dict[str, Any], kind: str, model: str) -> bytes:

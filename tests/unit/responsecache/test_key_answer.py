@@ -112,3 +112,38 @@ def test_completions_stream_and_json() -> None:
     recorder.feed(render_json(answer, "completions", "m"))
     again = recorder.answer(200)
     assert again is not None and again["choices"][0]["text"] == "Hello"
+
+
+def test_streamed_tool_calls_are_assembled_and_malformed_ones_are_not_recorded() -> None:
+    def event(delta: dict[str, object], finish: str | None = None) -> dict[str, object]:
+        return {"id": "t", "created": 1, "model": "m",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    calls = [event({"role": "assistant"}),
+             event({"tool_calls": [{"index": 0, "id": "a", "type": "function",
+                                    "function": {"name": "f", "arguments": "{\"x\""}},
+                                   {"index": 1, "id": "b", "type": "function",
+                                    "function": {"name": "g", "arguments": ""}}]}),
+             event({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}},
+                                   {"index": 1, "function": {"arguments": "{}"}}]}),
+             event({}, "tool_calls")]
+    recorder = AnswerRecorder("chat", stream=True)
+    recorder.feed(sse(calls))
+    answer = recorder.answer(200)
+    assert answer is not None
+    message = answer["choices"][0]["message"]
+    assert message["content"] is None
+    assert message["tool_calls"] == [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
+        {"id": "b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    # Replayed as a stream and recorded again: the same answer.
+    again = AnswerRecorder("chat", stream=True)
+    again.feed(render_sse(answer, "chat", "m", include_usage=False))
+    replayed = again.answer(200)
+    assert replayed is not None and replayed["choices"] == answer["choices"]
+    bads: list[object] = [[{"id": "no-index"}], [{"index": 0, "function": {"arguments": 5}}],
+                          "x"]
+    for bad in bads:
+        recorder = AnswerRecorder("chat", stream=True)
+        recorder.feed(sse([calls[0], event({"tool_calls": bad}), calls[-1]]))
+        assert recorder.answer(200) is None

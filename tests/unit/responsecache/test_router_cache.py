@@ -30,7 +30,7 @@ class Engine:
 
     def __init__(self) -> None:
         self.requests = 0
-        self.mode = "ok"  # ok | fail | cut
+        self.mode = "ok"  # ok | fail | cut | tools (a streamed tool call)
         self.runner: web.AppRunner | None = None
         self.port = 0
 
@@ -61,8 +61,20 @@ class Engine:
                                           "message": {"role": "assistant", "content": text}}]})
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
-        for delta, finish in (({"role": "assistant", "content": ""}, None),
-                              ({"content": text}, None), ({}, "stop")):
+        deltas: tuple[tuple[dict[str, Any], str | None], ...] = (
+            ({"role": "assistant", "content": ""}, None), ({"content": text}, None),
+            ({}, "stop"))
+        if self.mode == "tools":  # vLLM's shape: id and name first, arguments in pieces
+            deltas = (({"role": "assistant", "content": ""}, None),
+                      ({"tool_calls": [{"index": 0, "id": f"call_{self.requests}",
+                                        "type": "function", "function": {
+                                            "name": "get_weather", "arguments": ""}}]}, None),
+                      ({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+                       None),
+                      ({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+                       None),
+                      ({}, "tool_calls"))
+        for delta, finish in deltas:
             await response.write(b"data: " + json.dumps({
                 "id": "x", "object": "chat.completion.chunk", "created": 1,
                 "model": body["model"],
@@ -265,4 +277,56 @@ async def test_ext_proc_answers_a_hit_with_an_immediate_response(tmp_path: Path,
         assert headers["x-kvroute-cache"] == "semantic"
         assert headers["content-type"] == "text/event-stream"
         assert content(immediate.body).startswith("reply 1 to What is the capital of Chile?")
+        assert engine.requests == 1
+
+
+def tool_calls(raw: bytes) -> list[dict[str, Any]]:
+    """The tool calls a client assembles from a stream (by index, arguments concatenated) or
+    reads from a JSON answer."""
+    if not raw.startswith(b"data:"):
+        return list(json.loads(raw)["choices"][0]["message"]["tool_calls"])
+    calls: dict[int, dict[str, Any]] = {}
+    for line in raw.decode().split("\n"):
+        if not line.startswith("data: {"):
+            continue
+        event = json.loads(line[6:])
+        for choice in event["choices"]:
+            for delta in choice["delta"].get("tool_calls") or []:
+                call = calls.setdefault(delta["index"], {"function": {"arguments": ""}})
+                for field in ("id", "type"):
+                    if field in delta:
+                        call[field] = delta[field]
+                function = delta.get("function") or {}
+                if "name" in function:
+                    call["function"]["name"] = function["name"]
+                call["function"]["arguments"] += function.get("arguments") or ""
+    return [calls[i] for i in sorted(calls)]
+
+
+async def test_a_streamed_tool_call_is_cached_and_replayed_with_the_same_calls(
+        tmp_path: Path, engine: Engine) -> None:
+    engine.mode = "tools"
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {
+            "city": {"type": "string"}}}}}]
+    question = ask("What is the weather in Paris?", tools=tools, stream=True)
+    async with cache_router(tmp_path, engine) as (router, url), aiohttp.ClientSession() as s:
+        status, header, raw = await post(s, url, question)
+        assert (status, header) == (200, "miss") and raw.endswith(b"data: [DONE]\n\n")
+        expected = [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+        assert tool_calls(raw) == expected
+        await router.response_cache.drain()
+
+        status, header, raw = await post(s, url, question)
+        assert (status, header) == (200, "exact") and raw.endswith(b"data: [DONE]\n\n")
+        assert tool_calls(raw) == expected
+        finishes = [json.loads(line[6:])["choices"][0]["finish_reason"]
+                    for line in raw.decode().split("\n")
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"]]
+        assert finishes[-1] == "tool_calls"
+        status, header, raw = await post(s, url, {**question, "stream": False})
+        assert (status, header) == (200, "exact")
+        assert tool_calls(raw) == expected
+        assert json.loads(raw)["choices"][0]["message"]["content"] is None
         assert engine.requests == 1

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kvroute_cli.localredis import RedisStartError, start_redis
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "paraphrase" / \
     "pairs.json"
@@ -109,23 +109,12 @@ async def memory_speed(entries: int, queries: Any, dims: int) -> dict[str, float
     return await lookup_speed(store, queries)
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], int, str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+def start_local_redis() -> tuple[subprocess.Popen[bytes], int, str]:
     workdir = tempfile.mkdtemp(prefix="rc-bench-redis-")
-    process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save",
-                                "", "--appendonly", "no", "--dir", workdir],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                break
-        except OSError:
-            time.sleep(0.05)
+    try:
+        process, port = start_redis(Path(workdir))
+    except RedisStartError as exc:
+        sys.exit(str(exc))
     return process, port, workdir
 
 
@@ -133,7 +122,7 @@ async def redis_speed(entries: int, queries: Any, dims: int) -> dict[str, float]
     import redis.asyncio as aioredis
     from kvroute_router.responsecache.redis_store import RedisStore
 
-    process, port, workdir = start_redis()
+    process, port, workdir = start_local_redis()
     try:
         client = aioredis.Redis(host="127.0.0.1", port=port)
         prefix = "bench:rc:t:"

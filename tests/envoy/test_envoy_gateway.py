@@ -46,7 +46,10 @@ def test_completions_and_chat_streaming_and_not(gateway: LocalEnvoy, router: Rou
     chunks = list(client.completions.create(
         model="chat", prompt=unique_prompt + "streamed", max_tokens=6, stream=True,
         stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
-    assert len(chunks) > 2  # streamed through Envoy, not one blob
+    # Streamed through Envoy as SSE events: text chunk(s), then the usage chunk. (vLLM merges
+    # tokens that queued up while its API server was busy, so on a loaded machine all six
+    # tokens may arrive in one text event: count events, not tokens.)
+    assert len(chunks) >= 2 and not chunks[-1].choices
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
     assert "".join(c.choices[0].text for c in chunks if c.choices)
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from kvroute_cli.localredis import RedisStartError, free_port, start_redis
 from kvroute_router.budget.pricing import PoolEconomics
 
 ROUTELLM_CSV = (Path(__file__).resolve().parents[2].parent
@@ -49,30 +46,16 @@ def strong_pool() -> PoolEconomics:
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed: scripts/system-deps.sh installs it")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("redis-server did not start listening")
+        process, port = start_redis(tmp_path_factory.mktemp("redis"))
+    except RedisStartError as exc:
+        pytest.fail(str(exc))
+    try:
         yield port
     finally:
         process.terminate()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -20,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from kvroute_api.inference_pool import InferencePool
 from kvroute_api.route_policy import BudgetSpec, BudgetStoreSpec, RoutePolicy
+from kvroute_cli.localredis import RedisStartError, start_redis
 from kvroute_router.admission.hook import BudgetHook
 from kvroute_router.budget.ledger import BudgetLedger, RequestEstimate
 from kvroute_router.budget.meters import RedisMeterStore
@@ -208,26 +207,15 @@ async def test_a_release_that_fails_is_retried_and_the_slot_is_not_leaked(
 def redis_cluster_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """A one-node Redis Cluster owning every slot: it refuses a script whose keys hash to
     different slots (CROSSSLOT), as any cluster does."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (scripts/system-deps.sh installs it)")
-    port = _free_port()
     workdir = tmp_path_factory.mktemp("redis-cluster")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         # The bus port defaults to port + 10000, past 65535 for a high ephemeral port.
-         "--cluster-enabled", "yes", "--cluster-port", str(_free_port()),
-         "--cluster-config-file", str(workdir / "nodes.conf"),
-         "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.1):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            pytest.fail("redis-server did not start listening")
+        # The bus port defaults to port + 10000, past 65535 for a high ephemeral port.
+        process, port = start_redis(workdir, [
+            "--cluster-enabled", "yes", "--cluster-port", str(_free_port()),
+            "--cluster-config-file", str(workdir / "nodes.conf")])
+    except RedisStartError as exc:
+        pytest.fail(str(exc))
+    try:
         subprocess.run([shutil.which("redis-cli") or "redis-cli", "-p", str(port),
                         "cluster", "addslotsrange", "0", "16383"], check=True,
                        capture_output=True, timeout=10)

@@ -209,3 +209,12 @@ def test_informational_entries_exist() -> None:
     paths = {path for path, _, _, _ in spec_fields()}
     for listed in (INFORMATIONAL, READ_INDIRECTLY, NOT_YET_READ):
         assert not set(listed) - paths
+
+
+def test_docs_api_lists_every_top_level_spec_field() -> None:
+    """docs/api.md's "Spec fields" table names every top-level spec field of the three kinds
+    (a field added to the API without a line there fails here)."""
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    missing = [path for path, _, _, alias in spec_fields() if path.count(".") == 2
+               and f"| {path.split('.')[0]} | `{alias}` |" not in text]
+    assert not missing, f"add to docs/api.md's Spec fields table: {missing}"

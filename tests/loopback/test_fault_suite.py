@@ -261,7 +261,7 @@ async def test_kv_event_gaps_garbage_and_publisher_restart(
                                  for s in pool), "gaps detected and resynced by replay",
                          diagnose=lambda: statuses(router))
         # The index never claims more than the engines hold. (Exact equality after gaps does
-        # not always hold yet: in about one run in six one dropped batch stays missing; see
+        # not always hold yet: in 2 of ~12 early runs one dropped batch stayed missing; see
         # docs/reliability.md, open findings.)
         assert index_entries(router) <= engine_blocks(fleet)
         # Garbage: batches published as invalid msgpack (the engine's replay buffer holds the

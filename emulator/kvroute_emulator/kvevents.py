@@ -54,7 +54,16 @@ class KVEventPublisher:
     @staticmethod
     def _bind(socket: zmq.asyncio.Socket, host: str, port: int) -> str:
         if port:
-            socket.bind(f"tcp://{host}:{port}")
+            # A restart binds the port its previous sockets held; ZMQ closes those in its I/O
+            # thread, so the port may be busy for a few milliseconds (EADDRINUSE).
+            for attempt in range(200):
+                try:
+                    socket.bind(f"tcp://{host}:{port}")
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EADDRINUSE or attempt == 199:
+                        raise
+                    time.sleep(0.01)
         else:
             socket.bind(f"tcp://{host}:*")
         endpoint = socket.getsockopt(zmq.LAST_ENDPOINT)

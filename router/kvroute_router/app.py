@@ -33,7 +33,7 @@ from kvroute_router.kvevents.feed import (
 )
 from kvroute_router.plugins import register_builtin_plugins
 from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
-from kvroute_router.proxy.server import OpenAIProxy
+from kvroute_router.proxy.server import HTTP_PROTOCOL_LOG, OpenAIProxy
 from kvroute_router.responsecache import ResponseCache
 from kvroute_router.responsecache.metrics import ResponseCacheMetrics
 from kvroute_router.router_metrics import RouterMetrics
@@ -258,6 +258,7 @@ class Router:
 
     async def _serve_http(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                               logger=HTTP_PROTOCOL_LOG,
                                shutdown_timeout=self.settings.shutdown_grace_s)
         await runner.setup()
         site = web.TCPSite(runner, self.settings.host, port, backlog=1024, reuse_address=True)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import aiohttp
+import aiohttp.http_exceptions
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -46,6 +47,31 @@ from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCach
 from kvroute_router.trust import NAMESPACE_HEADER, HeaderTrust
 
 log = logging.getLogger(__name__)
+
+
+class _ClientFramingFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (bad framing: ``Content-Length`` with
+    ``Transfer-Encoding``, a bad chunk size, an invalid method or header) at ERROR with a
+    traceback, though it answers the client 400 and nothing on the router failed. Such a record
+    becomes one WARNING line without the traceback: ERROR stays for the router's own faults."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, aiohttp.http_exceptions.HttpProcessingError) and (
+                exc.code is None or 400 <= exc.code < 500):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = f"{record.msg}: malformed HTTP request answered %s (%s)"
+            record.args = (*(record.args if isinstance(record.args, tuple) else ()),
+                           exc.code or 400, exc.message.strip().splitlines()[0]
+                           if exc.message.strip() else type(exc).__name__)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+HTTP_PROTOCOL_LOG = logging.getLogger(f"{__name__}.http")
+"""The logger the router's HTTP servers hand aiohttp (``logger=``): aiohttp's protocol errors,
+client framing faults downgraded to WARNING."""
+HTTP_PROTOCOL_LOG.addFilter(_ClientFramingFilter())
 
 ENDPOINT_HEADER = "x-kvroute-endpoint"
 POOL_HEADER = "x-kvroute-pool"

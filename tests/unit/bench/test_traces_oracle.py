@@ -134,6 +134,7 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
     parsed = RoutePolicySpec.model_validate(spec)
     assert parsed.retries.per_try_timeout_ms == 160_000
     assert parsed.request_timeout_seconds == 9_600
+    assert parsed.scoring.stale_metrics_ms == 16_000  # the scrape period is stretched too
 
 
 def test_kvroute_scrape_interval_stretches_with_the_emulated_time(tmp_path: Path) -> None:

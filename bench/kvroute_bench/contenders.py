@@ -296,6 +296,9 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
         # time at scale 16, and kvroute would abandon and retry requests no user's would.
         spec["retries"] = {"perTryTimeoutMs": min(600_000, round(10_000 * fleet.time_scale))}
         spec["requestTimeoutSeconds"] = min(86_400, round(600 * fleet.time_scale))
+        # The scrape period is stretched too (see _kvroute), so the age at which load metrics
+        # count as stale must be: 1 s of engine time, its default on real engines.
+        spec["scoring"]["staleMetricsMs"] = min(600_000, round(1000 * fleet.time_scale))
     policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
               "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]
@@ -311,8 +314,19 @@ def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
                 "--grpc-port", "-1", "--metrics-port", "-1", "--log-level", "warning"]
         if fleet.model_dir is not None:
             argv += ["--tokenizer-dir", f"{fleet.model}={fleet.model_dir}"]
+        if fleet.time_scale != 1.0:
+            # The /metrics scrape period, stretched like the timeouts: 100 ms of engine time, as
+            # on real engines. Unscaled, kvroute scraped each emulated engine 16x as often per
+            # engine second as it would a real one (16 engines x 10/s for a run 16x longer in
+            # wall time), and that idle parsing was charged to every request's router CPU.
+            argv += ["--scrape-interval-ms", f"{scrape_interval_ms(fleet):g}"]
         return argv
     return command
+
+
+def scrape_interval_ms(fleet: FleetInfo) -> float:
+    """kvroute's metrics scrape period in wall ms: its 100 ms default in engine time."""
+    return min(60_000.0, 100.0 * fleet.time_scale)
 
 
 @dataclass(frozen=True)

@@ -134,3 +134,14 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
     parsed = RoutePolicySpec.model_validate(spec)
     assert parsed.retries.per_try_timeout_ms == 160_000
     assert parsed.request_timeout_seconds == 9_600
+    assert parsed.scoring.stale_metrics_ms == 16_000  # the scrape period is stretched too
+
+
+def test_kvroute_scrape_interval_stretches_with_the_emulated_time(tmp_path: Path) -> None:
+    from kvroute_bench.contenders import EngineInfo, FleetInfo, _kvroute
+
+    engines = [EngineInfo("e0", "http://127.0.0.1:1", "tcp://127.0.0.1:2", "tcp://127.0.0.1:3")]
+    real = _kvroute("precise-load")(FleetInfo(engines, "m", 16), 9000, tmp_path)
+    assert "--scrape-interval-ms" not in real
+    argv = _kvroute("precise-load")(FleetInfo(engines, "m", 16, time_scale=16.0), 9000, tmp_path)
+    assert argv[argv.index("--scrape-interval-ms") + 1] == "1600"

@@ -4,7 +4,11 @@ Two changes exist: ``model`` becomes the pool's served name, and the output boun
 admitted is written in the field the engine reads (``max_tokens`` on ``/v1/completions``;
 ``max_completion_tokens`` when a chat body sets it, else ``max_tokens``) whenever the body's
 own bound for the engine is absent, null or larger — so the engine can never generate more
-than was admitted and reserved.
+than was admitted and reserved. On the proxy path a stream that does not ask for usage gets
+``stream_options.include_usage`` (``request_usage``): the engine's own count settles the budget
+(vLLM merges tokens that queue up into one event under load, so counting events undercounts),
+and the proxy drops that usage event from what the client sees
+(:class:`~kvroute_router.openai.usage.UsageEventFilter`).
 """
 
 from __future__ import annotations
@@ -15,12 +19,24 @@ from typing import Any
 import msgspec
 
 
+def usage_injected(body: Mapping[str, Any]) -> bool:
+    """A stream whose client did not ask for the final usage event (the proxy asks for it)."""
+    if body.get("stream") is not True:
+        return False
+    options = body.get("stream_options")
+    return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+
 def upstream_changes(body: Mapping[str, Any], kind: str, served_model: str,
-                     bound: int | None) -> dict[str, Any]:
+                     bound: int | None, request_usage: bool = False) -> dict[str, Any]:
     """Fields of ``body`` (a ``kind`` request: completions or chat) to overwrite."""
     changes: dict[str, Any] = {}
     if body.get("model") != served_model:
         changes["model"] = served_model
+    if request_usage and usage_injected(body):
+        options = body.get("stream_options")
+        changes["stream_options"] = {**(options if isinstance(options, dict) else {}),
+                                     "include_usage": True}
     if bound is None:
         return changes
     field = ("max_completion_tokens"
@@ -33,9 +49,9 @@ def upstream_changes(body: Mapping[str, Any], kind: str, served_model: str,
 
 
 def upstream_body(raw: bytes, body: Mapping[str, Any], kind: str, served_model: str,
-                  bound: int | None) -> bytes:
+                  bound: int | None, request_usage: bool = False) -> bytes:
     """The bytes to forward: ``raw`` unchanged when nothing needs changing."""
-    changes = upstream_changes(body, kind, served_model, bound)
+    changes = upstream_changes(body, kind, served_model, bound, request_usage)
     if not changes:
         return raw
     return msgspec.json.encode({**body, **changes})

@@ -99,3 +99,40 @@ def streamed_tokens(events: int, kind: str) -> int:
     """Completion tokens of a stream without ``usage``: one per data event (vLLM sends a
     token per event; chat streams open with a role-only event)."""
     return max(0, events - (1 if kind == "chat" else 0))
+
+
+class UsageEventFilter:
+    """The bytes a client gets from a stream whose usage event the router asked for and the
+    client did not: every event but the usage-only one (``"choices": []`` with a ``usage``
+    object), relayed at event boundaries (``\n\n``); what follows the last boundary waits for
+    the next chunk (or :meth:`flush`)."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        cut = data.rfind(b"\n\n")
+        if cut == -1:
+            self._pending = data
+            return b""
+        complete, self._pending = data[:cut + 2], data[cut + 2:]
+        if b'"choices":[]' not in complete and b'"choices": []' not in complete:
+            return complete
+        kept = [event for event in complete.split(b"\n\n")[:-1] if not _usage_only(event)]
+        return b"".join(event + b"\n\n" for event in kept)
+
+    def flush(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return rest
+
+
+def _usage_only(event: bytes) -> bool:
+    if not event.startswith(b"data: {"):
+        return False
+    try:
+        decoded = msgspec.json.decode(event[6:])
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return False
+    return (isinstance(decoded, dict) and decoded.get("choices") == []
+            and isinstance(decoded.get("usage"), dict))

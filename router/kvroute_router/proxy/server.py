@@ -40,8 +40,14 @@ from kvroute_router.framework.lifecycle import (
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.openai.errors import BadRequestError, error_body
 from kvroute_router.openai.requests import decode_body, parse_request
-from kvroute_router.openai.upstream import upstream_body
-from kvroute_router.openai.usage import USAGE_TAIL, streamed_events, streamed_tokens, usage_of
+from kvroute_router.openai.upstream import upstream_body, usage_injected
+from kvroute_router.openai.usage import (
+    USAGE_TAIL,
+    UsageEventFilter,
+    streamed_events,
+    streamed_tokens,
+    usage_of,
+)
 from kvroute_router.proxy.openai_errors import error_response
 from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
 from kvroute_router.trust import NAMESPACE_HEADER, HeaderTrust
@@ -208,18 +214,20 @@ class OpenAIProxy:
         async with routed:
             decision = routed.decision
             deadline = started + decision.request_timeout_s
+            strip_usage = usage_injected(parsed.body)
             payload = upstream_body(raw, parsed.body, parsed.kind, decision.served_model,
-                                    llm_request.max_tokens)
+                                    llm_request.max_tokens, request_usage=True)
             upstream_headers = {k: v for k, v in http.headers.items()
                                 if k.lower() not in HOP_BY_HOP
                                 and self.trust.forwardable(k.lower(), trusted)}
             upstream_headers["x-request-id"] = llm_request.request_id
             return await self._relay(http, routed, path, payload, upstream_headers, started,
-                                     deadline, lookup)
+                                     deadline, lookup, strip_usage)
 
     async def _relay(self, http: web.Request, routed: RoutedRequest, path: str,
                      payload: bytes, headers: Mapping[str, str], started: float,
-                     deadline: float, lookup: CacheLookup) -> web.StreamResponse:
+                     deadline: float, lookup: CacheLookup, strip_usage: bool = False
+                     ) -> web.StreamResponse:
         decision = routed.decision
         attempts = decision.endpoints[:max(1, decision.max_attempts)]
         last_error: UpstreamAttemptError | None = None
@@ -231,7 +239,7 @@ class OpenAIProxy:
                 routed.dispatch(endpoint)
             try:
                 return await self._attempt(http, routed, endpoint, path, payload, headers,
-                                           started, deadline, lookup)
+                                           started, deadline, lookup, strip_usage)
             except UpstreamAttemptError as exc:
                 last_error = exc
                 log.info("attempt %d of %s on %s failed: %s", number + 1,
@@ -251,9 +259,12 @@ class OpenAIProxy:
 
     async def _attempt(self, http: web.Request, routed: RoutedRequest, endpoint: Endpoint,
                        path: str, payload: bytes, headers: Mapping[str, str], started: float,
-                       deadline: float, lookup: CacheLookup) -> web.StreamResponse:
+                       deadline: float, lookup: CacheLookup, strip_usage: bool = False
+                       ) -> web.StreamResponse:
         """One attempt on ``endpoint`` (already dispatched); finishes the request once a byte
-        went to the client, raises UpstreamAttemptError before that."""
+        went to the client, raises UpstreamAttemptError before that. ``strip_usage``: the
+        router asked for the stream's usage event, the client did not: it is dropped from the
+        relayed bytes (and still read from the raw tail)."""
         assert self._session is not None
         decision: DecisionView = routed.decision
         stream = decision.request.stream
@@ -306,20 +317,28 @@ class OpenAIProxy:
                     response.headers[CACHE_HEADER] = lookup.header
                 await response.prepare(http)
                 tail = first[-USAGE_TAIL:]
+                relay = UsageEventFilter() if strip_usage else None
                 if stream:
                     events[0] += streamed_events(b"", first)
-                if first:
-                    await response.write(first)
-                    if recorder is not None:
-                        recorder.feed(first)
+                # The cache records the engine's whole answer (usage included): a hit is
+                # rebuilt in the form each client asks for.
+                if recorder is not None:
+                    recorder.feed(first)
+                out = relay.feed(first) if relay is not None else first
+                if out:
+                    await response.write(out)
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
                         if recorder is not None:
                             recorder.feed(chunk)
+                        out = relay.feed(chunk) if relay is not None else chunk
+                        if out:
+                            await response.write(out)
                         if stream:
                             events[0] += streamed_events(tail, chunk)
                         tail = (tail + chunk)[-USAGE_TAIL:]
+                if relay is not None and (rest := relay.flush()):
+                    await response.write(rest)
                 await response.write_eof()
             except TimeoutError:
                 log.warning("request %s exceeded its deadline mid-stream on %s",

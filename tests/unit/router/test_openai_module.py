@@ -160,3 +160,30 @@ def test_paths_are_classified() -> None:
     assert endpoint_kind("/v1/chat/completions?x=1") == "chat"
     assert endpoint_kind("/v1/completions") == "completions"
     assert endpoint_kind("/v1/embeddings") == "other"
+
+
+# -- the usage event the proxy asks for on the client's behalf ------------------------------
+def test_streams_without_usage_ask_the_engine_and_the_client_never_sees_the_event() -> None:
+    from kvroute_router.openai.upstream import upstream_changes, usage_injected
+    from kvroute_router.openai.usage import UsageEventFilter, usage_of
+
+    body = {"model": "m", "prompt": "x", "stream": True}
+    assert usage_injected(body)
+    assert upstream_changes(body, "completions", "m", None, request_usage=True) == {
+        "stream_options": {"include_usage": True}}
+    assert upstream_changes(body, "completions", "m", None) == {}  # ext_proc: unchanged
+    asked = {**body, "stream_options": {"include_usage": True}}
+    assert not usage_injected(asked) and not usage_injected({"model": "m", "prompt": "x"})
+
+    events = (b'data: {"choices":[{"text":"a"}]}\n\n'
+              b'data: {"choices":[{"text":"bc"}]}\n\n'
+              b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,'
+              b'"completion_tokens":5,"prompt_tokens_details":null}}\n\n'
+              b"data: [DONE]\n\n")
+    for size in (1, 7, 40, len(events)):  # any chunking
+        relay = UsageEventFilter()
+        out = b"".join(relay.feed(events[i:i + size]) for i in range(0, len(events), size))
+        out += relay.flush()
+        assert out == (b'data: {"choices":[{"text":"a"}]}\n\n'
+                       b'data: {"choices":[{"text":"bc"}]}\n\ndata: [DONE]\n\n'), size
+    assert usage_of(events) == (3, 5)  # the router still reads it from the raw stream

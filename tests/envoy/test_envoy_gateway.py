@@ -6,6 +6,7 @@ where requests went and what the router settled."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import httpx
@@ -170,9 +171,12 @@ def test_pod_dying_before_the_first_byte(gateway: LocalEnvoy, router: RouterProc
     client = client_for(gateway)
     failures = 0
     with httpx.Client(base_url=gateway.url, timeout=TIMEOUT) as http:
-        for i in range(10):  # the pick is the router's: bounded tries until it chose the pod
+        for i in range(20):  # the pick is the router's: bounded tries until it chose the pod
+            # A prefix of its own per try: a shared one would stick every try to the engine the
+            # first one went to (prefix affinity), and the dying pod might never be picked.
             response = http.post("/v1/completions", json={
-                "model": "flaky", "max_tokens": 2, "prompt": f"{unique_prompt} dying {i}"})
+                "model": "flaky", "max_tokens": 2,
+                "prompt": f"[{uuid.uuid4().hex}] {unique_prompt} dying {i}"})
             if response.status_code == 200:
                 continue
             failures += 1

@@ -254,6 +254,29 @@ async def test_a_stalled_watch_is_replaced_and_endpoints_catch_up(guard: str) ->
             assert api.lists["pods"] >= 2
         finally:
             await source.stop()
+class _NotFoundError(Exception):
+    status = 404
+
+
+class SecretReadingCore(FakeCore):
+    """A core API whose missing Secrets answer 404 (and are recorded as read)."""
+
+    def read_namespaced_secret(self, name: str, namespace: str,
+                               _preload_content: bool = True) -> Any:
+        if name not in self.secrets:
+            self.reads.append((namespace, name))
+            raise _NotFoundError()
+        return super().read_namespaced_secret(name, namespace, _preload_content)
+
+
+async def settled(source: KubernetesSource, check: Any) -> None:
+    """Until ``check()`` holds and no Secret read is in flight (reads run in threads)."""
+    for _ in range(200):
+        if check() and not source._fetching:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_named_secrets_are_re_read_by_name_and_a_deleted_one_is_forgotten() -> None:
     """No Secret list or watch (least privilege): rotations arrive by re-reading each named
     Secret; a 404 forgets it."""
@@ -261,37 +284,21 @@ async def test_named_secrets_are_re_read_by_name_and_a_deleted_one_is_forgotten(
 
     from kvroute_router.datastore.api_keys import api_key_digest
 
-    class NotFoundError(Exception):
-        status = 404
-
-    class Core(FakeCore):
-        def read_namespaced_secret(self, name: str, namespace: str,
-                                   _preload_content: bool = True) -> Any:
-            if name not in self.secrets:
-                self.reads.append((namespace, name))
-                raise NotFoundError()
-            return super().read_namespaced_secret(name, namespace, _preload_content)
-
-    async def until(check: Any) -> None:
-        for _ in range(200):  # reads run in threads: bounded wait
-            if check() and not source._fetching:
-                return
-            await asyncio.sleep(0.01)
-
     store = Datastore()
     source = KubernetesSource(store, namespace="inference")
     source._loop = asyncio.get_running_loop()
-    core = Core({"keys": _secret("keys", {"alice": "key-a"})})
+    core = SecretReadingCore({"keys": _secret("keys", {"alice": "key-a"})})
     source._core = core
     source._relist("routepolicies", [_keyed_policy("chat", "keys")])
-    await until(lambda: store.api_keys("inference/keys") is not None)
+    await settled(source, lambda: store.api_keys("inference/keys") is not None)
     core.secrets["keys"] = _secret("keys", {"alice": "key-a2"})  # rotated
     source._refresh_secrets()
-    await until(lambda: store.api_keys("inference/keys") == {api_key_digest("key-a2"): "alice"})
+    rotated = {api_key_digest("key-a2"): "alice"}
+    await settled(source, lambda: store.api_keys("inference/keys") == rotated)
     assert store.api_keys("inference/keys") == {api_key_digest("key-a2"): "alice"}
     del core.secrets["keys"]
     source._refresh_secrets()
-    await until(lambda: store.api_keys("inference/keys") is None)
+    await settled(source, lambda: store.api_keys("inference/keys") is None)
     assert store.api_keys("inference/keys") is None
     assert set(core.reads) == {("inference", "keys")}  # only the named Secret, by name
 
@@ -308,37 +315,20 @@ async def test_cache_tier_url_secrets_are_read_by_name_and_only_the_named_key_is
     the tier's namespace (no list, no watch), re-read for rotations, forgotten when gone."""
     import asyncio
 
-    class NotFoundError(Exception):
-        status = 404
-
-    class Core(FakeCore):
-        def read_namespaced_secret(self, name: str, namespace: str,
-                                   _preload_content: bool = True) -> Any:
-            if name not in self.secrets:
-                self.reads.append((namespace, name))
-                raise NotFoundError()
-            return super().read_namespaced_secret(name, namespace, _preload_content)
-
-    async def until(check: Any) -> None:
-        for _ in range(200):  # reads run in threads: bounded wait
-            if check() and not source._fetching:
-                return
-            await asyncio.sleep(0.01)
-
     store = Datastore()
     source = KubernetesSource(store, namespace="inference")
     source._loop = asyncio.get_running_loop()
-    core = Core({"redis": _secret("redis", {"url": "redis://:pw@redis:6379/0",
+    core = SecretReadingCore({"redis": _secret("redis", {"url": "redis://:pw@redis:6379/0",
                                             "other": "not-kept"})})
     source._core = core
     source._relist("cachetiers", [_redis_tier("answers", "redis")])
-    await until(lambda: store.secret_value("inference/redis", "url") is not None)
+    await settled(source, lambda: store.secret_value("inference/redis", "url") is not None)
     assert store.secret_value("inference/redis", "url") == "redis://:pw@redis:6379/0"
     assert "not-kept" not in repr(store._secret_values)
     assert store.api_keys("inference/redis") is None  # not an API-key Secret
     core.secrets["redis"] = _secret("redis", {"url": "redis://:pw2@redis:6379/0"})  # rotated
     source._refresh_secrets()
-    await until(lambda: store.secret_value("inference/redis", "url")
+    await settled(source, lambda: store.secret_value("inference/redis", "url")
                 == "redis://:pw2@redis:6379/0")
     assert store.secret_value("inference/redis", "url") == "redis://:pw2@redis:6379/0"
     # A Secret no tier names is ignored; a tier deleted: its Secret forgotten.
@@ -348,9 +338,9 @@ async def test_cache_tier_url_secrets_are_read_by_name_and_only_the_named_key_is
     assert store.value_secrets() == []
     # Named again, then deleted in the cluster (404): forgotten.
     source._event("cachetiers", "ADDED", _redis_tier("answers", "redis"))
-    await until(lambda: store.secret_value("inference/redis", "url") is not None)
+    await settled(source, lambda: store.secret_value("inference/redis", "url") is not None)
     del core.secrets["redis"]
     source._refresh_secrets()
-    await until(lambda: store.secret_value("inference/redis", "url") is None)
+    await settled(source, lambda: store.secret_value("inference/redis", "url") is None)
     assert store.secret_value("inference/redis", "url") is None
     assert set(core.reads) == {("inference", "redis")}  # only the named Secret, by name

@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvroute_router.admission.hook import BudgetHook
+from kvroute_router.admission.tenancy import TenantDirectory
 from kvroute_router.budget.ledger import BudgetLedger
 from kvroute_router.budget.meters import MeterStore
 from kvroute_router.budget.metrics import BudgetMetrics
@@ -127,9 +128,10 @@ class Router:
         elif settings.config_paths:
             self.source = ConfigFileSource(self.datastore, settings.config_paths,
                                            settings.config_poll_interval_s)
+        self.tenants = TenantDirectory(self.datastore, self._api_keys)
+        """Who each request's tenant is: one for the budget hook and the response cache."""
         self.response_cache = ResponseCache(
-            self.datastore, ResponseCacheMetrics(self.metrics.registry),
-            api_keys=self._api_keys)
+            self.datastore, ResponseCacheMetrics(self.metrics.registry), tenants=self.tenants)
         self.proxy = OpenAIProxy(self.director, self.datastore,
                                  trust_tenant_header=settings.trust_tenant_header,
                                  trusted_proxy_cidrs=settings.trusted_proxy_cidrs,
@@ -193,7 +195,7 @@ class Router:
                           estimator=build_default_estimator(
                               settings.quality_data, embedding=settings.quality_embedding,
                               background=True),
-                          api_keys=self._api_keys,
+                          tenants=self.tenants,
                           refresh_interval_s=max(0.05, settings.scrape_interval_s))
 
     def _api_keys(self, policy: Any) -> dict[str, str]:

@@ -1,8 +1,9 @@
 """The director's admission hook for budgets, admission control and batch-level routing.
 
 One :class:`BudgetHook` per router (``Director.add_admission_hook``); it keeps, per RoutePolicy,
-a :class:`TenantResolver`, an :class:`AdmissionController` and a :class:`BatchRouter`, over one
-shared :class:`BudgetLedger`. Per request (``admit``):
+an :class:`AdmissionController` and a :class:`BatchRouter`, over one shared
+:class:`BudgetLedger`; tenants come from the router's :class:`TenantDirectory`.
+Per request (``admit``):
 
 1. **tenant** — ``source: Header``: ``request.tenant`` as the entry point left it. The director
    takes it from the tenancy header, which reaches the request only from a trusted hop
@@ -46,13 +47,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvroute_api.route_policy import BudgetSpec, RoutePolicy, RoutePolicySpec
 
 from kvroute_router.admission.controller import AdmissionController, EndpointLoad
-from kvroute_router.admission.tenancy import TenantResolver
+from kvroute_router.admission.tenancy import ApiKeyLookup, TenantDirectory
 from kvroute_router.batching.batcher import BatchRequest, BatchRouter
 from kvroute_router.batching.batcher import PoolState as BatchPoolState
 from kvroute_router.batching.quality import HeuristicQualityEstimator, QualityEstimator
@@ -65,7 +66,6 @@ from kvroute_router.budget.ledger import (
 )
 from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.budget.pricing import PoolEconomics
-from kvroute_router.datastore.api_keys import KeyDigests
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution, object_key
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
 from kvroute_router.framework.request import LLMRequest
@@ -76,16 +76,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_OUTPUT_TOKENS = 1024
 """Output bound of a request that names no ``max_tokens`` when its policy sets no
 ``maxOutputTokens``; written into the forwarded body so the settle cannot exceed it."""
-
-ApiKeyLookup = Callable[[RoutePolicy], Mapping[str, str]]
-"""tenant → API key (plaintext) for a policy with ``tenancy.source: APIKey``: the embedded
-mapping (``RouterSettings.api_keys``); hashed when the resolver is built. In Kubernetes mode
-the datastore's digest tables (from the watched Secrets) are used as well."""
-
-
-def _no_api_keys(policy: RoutePolicy) -> Mapping[str, str]:
-    return {}
-
 
 def prompt_tokens_upper_bound(request: LLMRequest) -> int:
     """Prompt tokens, never underestimated (:meth:`LLMRequest.prompt_upper_bound`: every
@@ -101,12 +91,9 @@ class _Policy:
     key: str
     """``namespace/name``: the ledger's, the controller's and the batcher's policy id."""
     policy: RoutePolicy
-    resolver: TenantResolver
     controller: AdmissionController
     batcher: BatchRouter
     economics: dict[str, PoolEconomics] = field(default_factory=dict)
-    key_table: KeyDigests | None = None
-    """The datastore's digest table the resolver was built from (rebuilt when it changes)."""
 
 
 class BudgetHook:
@@ -114,7 +101,7 @@ class BudgetHook:
 
     def __init__(self, datastore: Datastore, *, metrics: BudgetMetrics | None = None,
                  ledger: BudgetLedger | None = None, estimator: QualityEstimator | None = None,
-                 api_keys: ApiKeyLookup | None = None,
+                 api_keys: ApiKeyLookup | None = None, tenants: TenantDirectory | None = None,
                  default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
                  robust_kappa: float = 0.0, refresh_interval_s: float = 0.1,
                  gauge_interval_s: float = 10.0) -> None:
@@ -124,7 +111,8 @@ class BudgetHook:
         if self.ledger.metrics is None:
             self.ledger.metrics = metrics
         self.estimator = estimator or HeuristicQualityEstimator()
-        self.api_keys = api_keys or _no_api_keys
+        self.tenants = tenants or TenantDirectory(datastore, api_keys)
+        """Who a request's tenant is; the app shares one directory with the response cache."""
         self.default_max_output_tokens = default_max_output_tokens
         self.robust_kappa = robust_kappa
         self.refresh_interval_s = refresh_interval_s
@@ -148,14 +136,13 @@ class BudgetHook:
         for key in [k for k in self._policies if k not in current]:
             self._policies.pop(key)
             self.ledger.remove_policy(key)
+        self.tenants.forget(set(current))
         for key, policy in current.items():
             state = self._policies.get(key)
             if state is None:
                 self._policies[key] = self._create(key, policy)
                 continue
             if state.policy is policy:
-                if self._key_table(policy) is not state.key_table:  # its Secret changed
-                    state.resolver, state.key_table = self._resolver(policy)
                 continue
             old, new = state.policy.spec, policy.spec
             state.policy = policy
@@ -168,8 +155,6 @@ class BudgetHook:
                 state.controller.update_spec(new.admission)
             if old.batching != new.batching:
                 state.batcher.update_batching(new.batching)
-            if old.tenancy != new.tenancy or self._key_table(policy) is not state.key_table:
-                state.resolver, state.key_table = self._resolver(policy)
         for state in [*self._policies.values(), *self._implicit.values()]:
             state.economics = {}
 
@@ -184,26 +169,14 @@ class BudgetHook:
             state.policy = resolution.policy
         return state
 
-    def _key_table(self, policy: RoutePolicy) -> KeyDigests | None:
-        ref = policy.spec.tenancy.api_keys_secret_ref
-        if ref is None:
-            return None
-        return self.datastore.api_keys(object_key(policy.metadata.namespace, ref.name))
-
-    def _resolver(self, policy: RoutePolicy) -> tuple[TenantResolver, KeyDigests | None]:
-        table = self._key_table(policy)
-        return (TenantResolver(policy.spec.tenancy, self.api_keys(policy), key_digests=table),
-                table)
-
     def _create(self, key: str, policy: RoutePolicy) -> _Policy:
         name = policy.metadata.name
         spec = policy.spec
         self.ledger.update_policy(key, spec.budgets,
                                   request_timeout_s=float(spec.request_timeout_seconds),
                                   store=spec.budget_store)
-        resolver, table = self._resolver(policy)
         state = _Policy(
-            name=name, key=key, policy=policy, resolver=resolver, key_table=table,
+            name=name, key=key, policy=policy,
             controller=AdmissionController(key, spec.admission, lambda: self._load(key),
                                            metrics=self.metrics),
             batcher=BatchRouter(key, spec.batching, self.estimator,
@@ -310,10 +283,7 @@ class BudgetHook:
     # ---- the steps of admit ------------------------------------------------------------------
     def _resolve_tenant(self, state: _Policy, request: LLMRequest) -> str:
         """Step 1: the request's tenant (written back to ``request.tenant``)."""
-        spec = state.policy.spec
-        if spec.tenancy.source == "APIKey":
-            request.tenant = state.resolver.resolve(request.headers).name
-        tenant = request.tenant or spec.tenancy.default_tenant
+        tenant = self.tenants.tenant_of(state.policy, request.headers, request.tenant)
         request.tenant = tenant
         return tenant
 

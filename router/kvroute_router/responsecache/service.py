@@ -24,15 +24,15 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import msgspec
 from kvroute_api.cache_tier import CacheTier, ResponseCacheTierSpec
-from kvroute_api.route_policy import ResponseCacheSpec, RoutePolicy
+from kvroute_api.route_policy import ResponseCacheSpec
 
-from kvroute_router.admission.tenancy import TenantResolver
+from kvroute_router.admission.tenancy import ApiKeyLookup, TenantDirectory
 from kvroute_router.datastore.resolution import PolicyConflictError
 from kvroute_router.datastore.store import Datastore, object_key
 from kvroute_router.framework.request import LLMRequest
@@ -58,11 +58,6 @@ Kubernetes mode the router reads that Secret by name (the datastore's
 no Secrets) takes the URL from this variable."""
 BACKEND_TIMEOUT_S = 2.0
 Match = Literal["exact", "semantic", "miss"]
-ApiKeyLookup = Callable[[RoutePolicy], Mapping[str, str]]
-
-
-def _no_keys(policy: RoutePolicy) -> Mapping[str, str]:
-    return {}
 
 
 @dataclass
@@ -131,17 +126,18 @@ class ResponseCache:
     """Lookups and writes of every policy with ``spec.responseCache``."""
 
     def __init__(self, datastore: Datastore, metrics: ResponseCacheMetrics, *,
-                 api_keys: ApiKeyLookup | None = None, clock: Callable[[], float] = time.time,
+                 api_keys: ApiKeyLookup | None = None, tenants: TenantDirectory | None = None,
+                 clock: Callable[[], float] = time.time,
                  embedder_factory: Callable[[str], SentenceEmbedder] | None = None) -> None:
         self.datastore = datastore
         self.metrics = metrics
-        self.api_keys = api_keys or _no_keys
+        self.tenants = tenants or TenantDirectory(datastore, api_keys)
+        """Scopes entries by the tenant the budget hook charges (the app shares one)."""
         self.clock = clock
         self.embedder_factory = embedder_factory or (lambda name: SentenceEmbedder(
             load_model(name)))
         self._tiers: dict[str, _Tier] = {}
         self._embedders: dict[str, SentenceEmbedder] = {}
-        self._resolvers: dict[str, tuple[RoutePolicy, Any, TenantResolver]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- configuration -----------------------------------------------------------------------
@@ -224,21 +220,6 @@ class ResponseCache:
             if tier.loading is not None:
                 await tier.loading
 
-    def _tenant(self, policy: RoutePolicy, headers: Mapping[str, str]) -> str:
-        tenancy = policy.spec.tenancy
-        if tenancy.source == "Header":
-            return headers.get(tenancy.header) or tenancy.default_tenant
-        ref = tenancy.api_keys_secret_ref
-        table = (self.datastore.api_keys(object_key(policy.metadata.namespace, ref.name))
-                 if ref is not None else None)
-        key = object_key(policy.metadata.namespace, policy.metadata.name)
-        cached = self._resolvers.get(key)
-        if cached is None or cached[0] is not policy or cached[1] is not table:
-            cached = (policy, table, TenantResolver(tenancy, self.api_keys(policy),
-                                                    key_digests=table))
-            self._resolvers[key] = cached
-        return cached[2].resolve(headers).name
-
     # ---- lookups -----------------------------------------------------------------------------
     async def lookup(self, request: LLMRequest) -> CacheLookup:
         """The cached answer for ``request`` (a parsed completions or chat request), a miss
@@ -274,7 +255,7 @@ class ResponseCache:
             self.metrics.lookups.labels(name, tier_name,
                                         "error" if tier.store is None else "skipped").inc()
             return lookup
-        tenant = self._tenant(policy, request.headers)
+        tenant = self.tenants.tenant_of(policy, request.headers)
         scope = resolution.policy_key + ("\x00" + tenant if settings.scope == "Tenant" else "")
         key = cache_key(body, request.kind, request.model, scope)
         lookup.tenant = tenant

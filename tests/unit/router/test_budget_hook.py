@@ -338,8 +338,8 @@ async def test_api_keys_from_the_datastore_are_hashed_and_followed_live() -> Non
     store.set_api_keys("default/keys", digests_of({"alice": "key-a", "bob": "key-b\nkey-b2"}))
     assert (await _serve(director, hook, keyed("key-a"))).request.tenant == "alice"
     assert (await _serve(director, hook, keyed("key-b2"))).request.tenant == "bob"
-    state = hook._policies["default/chat"]
-    assert "key-a" not in repr(vars(state.resolver))  # digests only
+    policy_now = hook._policies["default/chat"].policy
+    assert "key-a" not in repr(vars(hook.tenants.resolver(policy_now)))  # digests only
     store.set_api_keys("default/keys", digests_of({"carol": "key-a"}))  # rotated
     assert (await _serve(director, hook, keyed("key-a"))).request.tenant == "carol"
     assert (await _serve(director, hook, keyed("key-b"))).request.tenant == "anonymous"

@@ -177,8 +177,15 @@ async def test_same_sse_framing(engine_fleet: LocalEngineFleet,
                 assert events[-2:] == ["data: [DONE]", ""]
                 assert all(e.startswith("data: ") for e in events[:-1])
                 chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
-                shapes[side].append((ctype, [_shape(c) for c in chunks]))
+                shapes[side].append((ctype, _runs([_shape(c) for c in chunks])))
     assert shapes["emulated"] == shapes["real"]
+
+
+def _runs(shapes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``shapes`` with consecutive repeats collapsed: the framing, not the number of token
+    events. A loaded vLLM merges tokens queued between two of its output steps into one event
+    (seen on a cold CI run: two token events instead of three), so counts differ by load."""
+    return [shape for i, shape in enumerate(shapes) if i == 0 or shapes[i - 1] != shape]
 
 
 async def test_same_metric_names_and_labels(engine_fleet: LocalEngineFleet,

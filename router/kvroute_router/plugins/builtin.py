@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from kvroute_router.framework.registry import PluginRegistry
 from kvroute_router.plugins.healthy_filter import HealthyFilter
-from kvroute_router.plugins.kv_utilization import KVUtilizationScorer
 from kvroute_router.plugins.load_headroom import LoadHeadroomFilter
+from kvroute_router.plugins.load_scorers import (
+    KVUtilizationScorer,
+    QueueDepthScorer,
+    RunningRequestsScorer,
+)
 from kvroute_router.plugins.lora_affinity import LoraAffinityScorer
 from kvroute_router.plugins.max_score import MaxScorePicker
 from kvroute_router.plugins.prefix_approx import ApproxPrefixScorer, forget_endpoint
 from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
-from kvroute_router.plugins.queue_depth import QueueDepthScorer
-from kvroute_router.plugins.running_requests import RunningRequestsScorer
 from kvroute_router.plugins.subset_filter import SubsetFilter
 from kvroute_router.plugins.weighted_random import WeightedRandomPicker
 

@@ -477,9 +477,9 @@ class KVEventSubscriber:
                       ) -> list[tuple[int, bytes]] | None:
         """Batches with ``seq >= start_seq`` still in the engine's buffer; None on timeout.
 
-        An answer is ``[topic, seq, payload]`` (vLLM 0.32 as checked, the emulator) or
-        ``[seq, payload]`` (vLLM's ``ZmqEventPublisher`` in other versions), after the empty
-        delimiter; both are read, and both end with ``seq == -1``."""
+        An answer is ``[topic, seq, payload]`` (vLLM 0.32, checked on a running engine; the
+        emulator) or ``[seq, payload]`` (vLLM's ``ZmqEventPublisher`` in other versions), after
+        the empty delimiter; both are read, and both end with ``seq == -1``."""
         assert self.source.replay_endpoint is not None
         endpoint = self.source.endpoint
         if tail:

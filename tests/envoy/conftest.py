@@ -12,6 +12,7 @@ for an engine killed mid-flight without killing the session's shared engines.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -114,6 +115,14 @@ class RouterProcess:
             time.sleep(0.05)
         return value
 
+    def health(self) -> dict[str, Any]:
+        """The router's ``/health``: endpoints known, and how many are healthy (not failing
+        their scrapes, not held out of picks after failing before answering)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/health",
+                                    timeout=10) as resp:
+            health: dict[str, Any] = json.loads(resp.read())
+            return health
+
     def log_tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 
@@ -161,11 +170,9 @@ def router(engine_fleet: LocalEngineFleet, tmp_path_factory: pytest.TempPathFact
         _policy("chat", ["local"], [big]),
         _policy("strict", ["local"], [{"name": "strict", "tenant": "*", "usd": 1e-6,
                                         "window": "1h"}]),
-        # Random picks: with max-score, the dying pod (no KV metrics) loses every tie to an idle
-        # engine, so whether it is ever picked would depend on the engine's load at the time.
-        {**_policy("flaky", ["flaky"]),
-         "spec": {**_policy("flaky", ["flaky"])["spec"],
-                  "scoring": {"picker": "weighted-random"}}},
+        # The default picker (max-score, random tie-break): the dying pod ties with an idle
+        # engine or beats a busy one (test_pod_dying_before_the_first_byte).
+        _policy("flaky", ["flaky"]),
         _policy("nowhere", ["gone"]),
     ]
     config = workdir / "router.yaml"

@@ -32,7 +32,9 @@ class KVEventMetrics:
             "held, or BlockRemoved for one it did not.", ["endpoint", "type"], registry=r)
         self.replays = Counter(
             "kvroute_kv_events_replays", "Replay requests to an engine, by outcome (ok, "
-            "timeout, history_lost, unavailable).", ["endpoint", "outcome"], registry=r)
+            "timeout, history_lost, unavailable, incomplete: an answer with a hole, asked "
+            "again; hole: a batch in no answer, stepped over; tail_check: an idle engine "
+            "asked what follows its last batch).", ["endpoint", "outcome"], registry=r)
         self.gaps = Counter(
             "kvroute_kv_events_gaps", "Sequence gaps detected (missed batches).", ["endpoint"],
             registry=r)

@@ -21,6 +21,13 @@ one we followed — restart — and the index for that endpoint is rebuilt from 
 as the engine's replay buffer still holds; ``status.complete_history`` says whether that was
 everything). ``AllBlocksCleared`` drops the endpoint's blocks too.
 
+Nothing is ever stepped over: while a resync is due and its replay has failed (timeout, then a
+backoff) no live batch is applied (``synced`` stays false; the replay brings them, from the last
+batch applied); a replay answer with a hole is applied up to the hole and asked again (a ROUTER
+drops what exceeds its high-water mark, silently); a batch missing from ``MAX_HOLE_RETRIES + 1``
+answers is taken as lost at the engine and counted. An idle subscriber asks what follows its last
+batch every ``tail_check_s``: a lost *last* batch has no successor to reveal the gap.
+
 ZMQ reconnects on its own, with exponential backoff between ``reconnect_ivl_ms`` and
 ``reconnect_ivl_max_ms``; if a session fails on an exception the subscriber starts a new one
 after a backoff of its own. Service loops run until :meth:`KVEventSubscriber.stop`; every inner
@@ -76,6 +83,9 @@ from kvroute_router.kvevents.selfcheck import BlockHashSelfCheck, HashCheckStatu
 logger = logging.getLogger("kvroute.kvevents.subscriber")
 
 RECENT_DIGESTS = 4096
+MAX_HOLE_RETRIES = 2
+"""Replays asked again for a batch missing from a replay answer before it is taken as lost at
+the source (counted as ``replays_total{outcome="hole"}``) and stepped over."""
 SLICE_S = 0.01
 """Longest stretch a subscriber task runs on the event loop before yielding."""
 
@@ -108,12 +118,20 @@ class SubscriberSettings:
 
     queue_size: int = 4096
     replay_timeout_s: float = 5.0
+    replay_backoff_s: float = 0.5
+    replay_backoff_max_s: float = 5.0
+    """After a failed replay the next one waits this long (doubling up to the max): batches
+    that cannot be applied in sequence meanwhile are left to it, and a dead replay socket
+    does not stall the apply loop for ``replay_timeout_s`` per batch."""
     max_replay_batches: int = 20_000
     reconnect_ivl_ms: int = 100
     reconnect_ivl_max_ms: int = 5_000
     session_backoff_s: float = 0.5
     session_backoff_max_s: float = 10.0
     idle_poll_s: float = 0.2
+    tail_check_s: float = 5.0
+    """After this long without a batch, ask the replay socket what follows the last one: a lost
+    *last* batch is otherwise found only when the engine publishes again. 0 turns it off."""
     self_check_sample_every: int = 16
     max_message_bytes: int = 8 * 1024 * 1024
     """ZMQ ``MAXMSGSIZE`` of the SUB and replay sockets: a larger frame drops the connection."""
@@ -133,6 +151,7 @@ class SubscriberStatus:
     batches_applied: int = 0
     gaps: int = 0
     replays: int = 0
+    tail_checks: int = 0
     restarts: int = 0
     dropped: int = 0
     disconnected_since: float | None = None
@@ -149,6 +168,7 @@ class SubscriberStatus:
             "trustworthy": self.trustworthy, "complete_history": self.complete_history,
             "last_seq": self.last_seq, "last_batch_unix": self.last_batch_unix,
             "batches_applied": self.batches_applied, "gaps": self.gaps, "replays": self.replays,
+            "tail_checks": self.tail_checks,
             "restarts": self.restarts, "dropped": self.dropped,
             "hash_check": self.hash_check.as_dict(),
         }
@@ -178,6 +198,10 @@ class KVEventSubscriber:
         self._queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(self.settings.queue_size)
         self._recent: OrderedDict[int, int] = OrderedDict()
         self._resync_needed = True
+        self._hole: tuple[int, int] | None = None  # (missing seq, answers seen without it)
+        self._last_activity = time.monotonic()
+        self._replay_not_before = 0.0
+        self._replay_backoff = self.settings.replay_backoff_s
         self._stopping = False
         self._ever_connected = False
         self._sockets: set[zmq.asyncio.Socket] = set()
@@ -304,14 +328,29 @@ class KVEventSubscriber:
             except TimeoutError:
                 if self._resync_needed and self.status.connected:
                     await self._resync()
+                elif self._tail_check_due():
+                    await self._resync(tail=True)
                 continue
+            self._last_activity = time.monotonic()
             if self._resync_needed:
                 await self._resync()
             await self._accept(seq, payload)
 
+    def _tail_check_due(self) -> bool:
+        every = self.settings.tail_check_s
+        return (every > 0 and self.status.connected and self.source.replay_endpoint is not None
+                and time.monotonic() - self._last_activity >= every)
+
     # -- sequence handling -----------------------------------------------------------------
     async def _accept(self, seq: int, payload: bytes) -> None:
         last = self.status.last_seq
+        if self._resync_needed and self.source.replay_endpoint is not None:
+            # A resync is due (first connect, reconnect, restart, overflow) and the replay for
+            # it failed or waits out its backoff. Applying this batch would move the point the
+            # replay starts from past what it is for: the batches before it (never asked for
+            # again), or the engine's batch at our last seq (what tells a restarted engine
+            # behind the same address). The replay brings this batch too.
+            return
         if last is not None and seq <= last:
             if self._recent.get(seq) == _digest(payload):
                 self.metrics.events_dropped.labels(self.source.endpoint, "duplicate").inc()
@@ -322,7 +361,13 @@ class KVEventSubscriber:
         if last is not None and seq > last + 1:
             self.status.gaps += 1
             self.metrics.gaps.labels(self.source.endpoint).inc()
-            await self._resync()
+            self.status.synced = False  # the index misses batches until the replay brings them
+            if not await self._resync():
+                # The replay failed or stopped at a hole. Applying this batch now would step
+                # over the missing ones for good: the next replay starts after the last batch
+                # applied. Leave it to that replay, which starts before the hole and brings
+                # this batch too.
+                return
             if self.status.last_seq is not None and seq <= self.status.last_seq:
                 return
         self._apply(seq, payload, "live")
@@ -336,6 +381,7 @@ class KVEventSubscriber:
         self._clear("restart")
         self.status.last_seq = None
         self._recent.clear()
+        self._hole = None
 
     def _clear(self, reason: str) -> None:
         endpoint = self.source.endpoint
@@ -343,19 +389,31 @@ class KVEventSubscriber:
         self.metrics.cleared.labels(endpoint, reason).inc()
         self.metrics.index_blocks.labels(endpoint).set(0)
 
-    async def _resync(self) -> None:
-        """Bring the index in line with the engine through its replay socket."""
+    async def _resync(self, *, tail: bool = False) -> bool:
+        """Bring the index in line with the engine through its replay socket.
+
+        True when every batch the engine still holds up to the end of its answer is applied;
+        False when the replay failed or its answer had a hole (``_resync_needed`` is then set:
+        the next try starts from the last batch applied). ``tail``: a periodic check of an
+        idle engine (finds a lost last batch)."""
         self._resync_needed = False
+        self._last_activity = time.monotonic()
         endpoint = self.source.endpoint
         if self.source.replay_endpoint is None:
             self.metrics.replays.labels(endpoint, "unavailable").inc()
             self.status.synced = True
-            return
+            return True
+        if time.monotonic() < self._replay_not_before:
+            self._resync_needed = True
+            self.status.synced = False
+            return False
         last = self.status.last_seq
-        batches = await self._replay(last if last is not None else 0)
+        batches = await self._replay(last if last is not None else 0, tail=tail)
+        self._last_activity = time.monotonic()
         if batches is None:
             self._resync_needed = True
-            return
+            self.status.synced = False
+            return False
         if last is not None:
             first = batches[0] if batches else None
             if first is not None and first[0] == last and \
@@ -372,22 +430,62 @@ class KVEventSubscriber:
                 replayed = await self._replay(0)
                 if replayed is None:
                     self._resync_needed = True
-                    return
+                    self.status.synced = False
+                    return False
                 batches = replayed
         if self.status.last_seq is None:
             self.status.complete_history = not batches or batches[0][0] == 0
+        if tail and any(last is None or seq > last for seq, _ in batches):
+            # The engine published after our last batch and we never saw it: a trailing gap.
+            self.status.gaps += 1
+            self.metrics.gaps.labels(endpoint).inc()
         slicer = _Slicer()
         for seq, payload in batches:
-            if self.status.last_seq is None or seq > self.status.last_seq:
-                self._apply(seq, payload, "replay")
+            applied = self.status.last_seq
+            if applied is not None and seq <= applied:
+                continue
+            if applied is not None and seq > applied + 1 and not self._step_over(applied + 1):
+                # A hole in the answer (a ROUTER socket drops what exceeds its high-water
+                # mark, silently): what follows it waits for the next replay.
+                self._resync_needed = True
+                self.status.synced = False
+                return False
+            self._apply(seq, payload, "replay")
             await slicer.pause()
-        self.status.synced = True
+        # A disconnect or a dropped live batch during the replay asks for another one.
+        self.status.synced = not self._resync_needed
+        return True
 
-    async def _replay(self, start_seq: int) -> list[tuple[int, bytes]] | None:
-        """Batches with ``seq >= start_seq`` still in the engine's buffer; None on timeout."""
+    def _step_over(self, missing: int) -> bool:
+        """A replay answer lacks batch ``missing``: ask again (False), up to
+        ``MAX_HOLE_RETRIES`` times; then take it as lost at the source (True)."""
+        endpoint = self.source.endpoint
+        seen = self._hole[1] + 1 if self._hole is not None and self._hole[0] == missing else 1
+        if seen <= MAX_HOLE_RETRIES:
+            self._hole = (missing, seen)
+            self.metrics.replays.labels(endpoint, "incomplete").inc()
+            logger.info("kv-events replay from %s lacks batch %d; asking again", endpoint,
+                        missing)
+            return False
+        self._hole = None
+        self.metrics.replays.labels(endpoint, "hole").inc()
+        logger.warning("kv-events: batch %d of %s is in none of %d replay answers; taken as "
+                       "lost at the engine", missing, endpoint, seen)
+        return True
+
+    async def _replay(self, start_seq: int, *, tail: bool = False
+                      ) -> list[tuple[int, bytes]] | None:
+        """Batches with ``seq >= start_seq`` still in the engine's buffer; None on timeout.
+
+        An answer is ``[topic, seq, payload]`` (vLLM 0.32, checked on a running engine; the
+        emulator) or ``[seq, payload]`` (vLLM's ``ZmqEventPublisher`` in other versions), after
+        the empty delimiter; both are read, and both end with ``seq == -1``."""
         assert self.source.replay_endpoint is not None
         endpoint = self.source.endpoint
-        self.status.replays += 1
+        if tail:
+            self.status.tail_checks += 1
+        else:
+            self.status.replays += 1
         dealer = self._open_socket(zmq.DEALER)
         dealer.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         dealer.connect(self.source.replay_endpoint)
@@ -402,19 +500,24 @@ class KVEventSubscriber:
                     frames = await dealer.recv_multipart()
                     if frames and frames[0] == b"":
                         frames = frames[1:]
-                    if len(frames) != 3:
+                    if len(frames) not in (2, 3):
                         continue
-                    seq = decode_seq(frames[1])
+                    seq = decode_seq(frames[-2])
                     if seq == END_OF_REPLAY_SEQ:
                         break
-                    batches.append((seq, frames[2]))
+                    batches.append((seq, frames[-1]))
         except TimeoutError:
             self.metrics.replays.labels(endpoint, "timeout").inc()
-            logger.warning("kv-events replay from %s (seq >= %d) timed out", endpoint, start_seq)
+            logger.warning("kv-events replay from %s (seq >= %d) timed out; next try in %.1fs",
+                           endpoint, start_seq, self._replay_backoff)
+            self._replay_not_before = time.monotonic() + self._replay_backoff
+            self._replay_backoff = min(self._replay_backoff * 2,
+                                       self.settings.replay_backoff_max_s)
             return None
         finally:
             self._close_socket(dealer)
-        self.metrics.replays.labels(endpoint, "ok").inc()
+        self._replay_backoff = self.settings.replay_backoff_s
+        self.metrics.replays.labels(endpoint, "tail_check" if tail else "ok").inc()
         return batches
 
     # -- applying --------------------------------------------------------------------------

@@ -106,7 +106,8 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
 
 class Rig:
     def __init__(self, ctx: zmq.asyncio.Context, *, router_seed: str = "vllm-none-hash",
-                 queue_size: int = 4096) -> None:
+                 queue_size: int = 4096,
+                 publisher: type[LoopbackPublisher] | None = None, **settings: Any) -> None:
         self.ctx = ctx
         self.pub_port, self.replay_port = free_port(), free_port()
         self.hasher = BlockHasher(BlockHashConfig(block_size=BLOCK))
@@ -117,9 +118,11 @@ class Rig:
         self.subscriber = KVEventSubscriber(
             source, self.index, BlockHasher(BlockHashConfig(BLOCK, seed=router_seed)),
             self.metrics, context=ctx,
-            settings=SubscriberSettings(queue_size=queue_size, replay_timeout_s=3.0,
-                                        idle_poll_s=0.05, self_check_sample_every=1))
-        self.publisher = LoopbackPublisher(ctx, self.pub_port, self.replay_port)
+            settings=SubscriberSettings(**{"queue_size": queue_size, "replay_timeout_s": 3.0,
+                                           "idle_poll_s": 0.05, "self_check_sample_every": 1,
+                                           **settings}))
+        self.publisher_class = publisher or LoopbackPublisher
+        self.publisher = self.publisher_class(ctx, self.pub_port, self.replay_port)
         self.task = asyncio.create_task(self.subscriber.run())
 
     async def restart_publisher(self) -> None:
@@ -129,7 +132,8 @@ class Rig:
         deadline = time.monotonic() + 10.0
         while True:
             try:
-                self.publisher = LoopbackPublisher(self.ctx, self.pub_port, self.replay_port)
+                self.publisher = self.publisher_class(self.ctx, self.pub_port,
+                                                      self.replay_port)
                 return
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:

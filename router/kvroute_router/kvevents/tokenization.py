@@ -216,12 +216,12 @@ class PromptTokenizer:
         for start, stop in itertools.pairwise(bounds[:-1]):  # every piece but the last
             digest.update(text[start:stop].encode("utf-8", "surrogatepass"))
             keys.append(b"piece" + digest.digest())
-        pieces: list[list[int] | None] = []
+        pieces: list[Sequence[int] | None] = []
         for key in keys:
             found = self._cache.get(key)
             if found is not None:
                 self._cache.move_to_end(key)
-            pieces.append(list(found) if found is not None else None)
+            pieces.append(found)
         missing = [i for i, piece in enumerate(pieces) if piece is None]
         missing.append(len(keys))  # the last piece (after the last seam) is never cached
         texts = [text[bounds[i]:bounds[i + 1]] for i in missing]
@@ -238,7 +238,7 @@ class PromptTokenizer:
                 self._remember(keys[i], ids)
         self.pieces_reused += len(keys) + 1 - len(missing)
         self.pieces_encoded += len(missing)
-        joined = [token for piece in pieces for token in (piece or ())]
+        joined = list(itertools.chain.from_iterable(p for p in pieces if p is not None))
         self._joined += 1
         if self._joined <= SEAM_CHECKS or self._joined % SEAM_CHECK_EVERY == 0:
             whole = self.encode_uncached(text, add_special_tokens)

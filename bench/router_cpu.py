@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -129,9 +130,10 @@ def trace(count: int, rate: float, seed: int, tenants: int, context: int, output
     return precise_prefix_trace(params)
 
 
-async def drive(targets: Sequence[tuple[str, TraceRequest]], model: str, timeout_s: float
-                ) -> list[RequestResult]:
-    """Send each (base URL, request) at its arrival time, open loop."""
+async def drive(targets: Sequence[tuple[str, TraceRequest]], model: str, timeout_s: float,
+                tag: str = "") -> list[RequestResult]:
+    """Send each (base URL, request) at its arrival time, open loop; with ``tag``, request
+    *i* carries ``x-request-id: {tag}-{i}`` (its index), which the emulator's timings use."""
     if not targets:
         return []
     connector = aiohttp.TCPConnector(limit=1024)
@@ -143,7 +145,8 @@ async def drive(targets: Sequence[tuple[str, TraceRequest]], model: str, timeout
             delay = start + request.arrival_s - offset - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            return await send_one(session, url, model, request, timeout_s)
+            headers = {"x-request-id": f"{tag}-{request.index}"} if tag else None
+            return await send_one(session, url, model, request, timeout_s, headers)
 
         return list(await asyncio.gather(*(one(u, r) for u, r in targets)))
 
@@ -229,13 +232,18 @@ class CeilingStep:
     routed: int
     direct: int
     errors: int
+    unmatched: int  # answered requests the emulator has no timing for
     achieved_rate: float
-    via_p50_ms: float
-    via_p99_ms: float
-    direct_p50_ms: float
-    direct_p99_ms: float
-    added_p50_ms: float
-    added_p99_ms: float
+    via_ttft_p50_ms: float
+    via_ttft_p99_ms: float
+    direct_ttft_p50_ms: float
+    # Outside the engine: client TTFT minus (first token written - arrival) at the engine.
+    via_outside_p50_ms: float
+    via_outside_p99_ms: float
+    direct_outside_p50_ms: float
+    direct_outside_p99_ms: float
+    added_p50_ms: float  # via_outside_p50 - direct_outside_p50
+    added_p99_ms: float  # via_outside_p99 - direct_outside_p99
     router_cpu_cores: float
     router_cpu_ms_per_request: float
     emulator_cpu_cores: float
@@ -244,6 +252,14 @@ class CeilingStep:
 
 def _ms(values: Sequence[float], q: float) -> float:
     return 1000.0 * percentile(values, q)
+
+
+def take_timings(fleet: Fleet) -> dict[str, tuple[float, float]]:
+    """The emulator's (arrival, first token written) per x-request-id since the last call."""
+    with urllib.request.urlopen(f"{fleet.emulated.info['admin_url']}/timings",
+                                timeout=30) as resp:
+        data: dict[str, list[float]] = json.loads(resp.read())
+    return {k: (v[0], v[1]) for k, v in data.items()}
 
 
 def ceiling_step(fleet: Fleet, rate: float, seconds: float, args: argparse.Namespace,
@@ -262,20 +278,37 @@ def ceiling_step(fleet: Fleet, rate: float, seconds: float, args: argparse.Names
     targets += [(engines[i % len(engines)], replace(r, index=-1 - i, arrival_s=at))
                 for i, (r, at) in enumerate(zip(extra, direct_at, strict=True))]
     targets.sort(key=lambda t: t[1].arrival_s)
+    take_timings(fleet)  # forget anything earlier
     t0, c0, e0 = time.monotonic(), fleet.router_cpu(), fleet.emulator_cpu()
-    results = asyncio.run(drive(targets, fleet.info.model, 60.0))
+    results = asyncio.run(drive(targets, fleet.info.model, 60.0, tag=f"s{seed}"))
     window = time.monotonic() - t0
     cpu, emu = fleet.router_cpu() - c0, fleet.emulator_cpu() - e0
-    via = [r.ttft_s for r in results if r.ok and r.index >= 0]
-    direct = [r.ttft_s for r in results if r.ok and r.index < 0]
+    timings = take_timings(fleet)
+    via: list[float] = []
+    direct: list[float] = []
+    outside: dict[bool, list[float]] = {True: [], False: []}
+    unmatched = 0
+    for r in results:
+        if not r.ok:
+            continue
+        (via if r.index >= 0 else direct).append(r.ttft_s)
+        engine = timings.get(f"s{seed}-{r.index}")
+        if engine is None:
+            unmatched += 1
+            continue
+        outside[r.index >= 0].append(r.ttft_s - (engine[1] - engine[0]))
     sent = [r.sent_s for r in results if r.index >= 0]
+    out_via, out_direct = outside[True], outside[False]
     return CeilingStep(
         rate=rate, routed=len(routed), direct=direct_count,
-        errors=sum(1 for r in results if not r.ok),
+        errors=sum(1 for r in results if not r.ok), unmatched=unmatched,
         achieved_rate=len(sent) / max(1e-9, max(sent) - min(sent)) if len(sent) > 1 else 0.0,
-        via_p50_ms=_ms(via, 50), via_p99_ms=_ms(via, 99),
-        direct_p50_ms=_ms(direct, 50), direct_p99_ms=_ms(direct, 99),
-        added_p50_ms=_ms(via, 50) - _ms(direct, 50), added_p99_ms=_ms(via, 99) - _ms(direct, 99),
+        via_ttft_p50_ms=_ms(via, 50), via_ttft_p99_ms=_ms(via, 99),
+        direct_ttft_p50_ms=_ms(direct, 50),
+        via_outside_p50_ms=_ms(out_via, 50), via_outside_p99_ms=_ms(out_via, 99),
+        direct_outside_p50_ms=_ms(out_direct, 50), direct_outside_p99_ms=_ms(out_direct, 99),
+        added_p50_ms=_ms(out_via, 50) - _ms(out_direct, 50),
+        added_p99_ms=_ms(out_via, 99) - _ms(out_direct, 99),
         router_cpu_cores=cpu / window, router_cpu_ms_per_request=1000.0 * cpu / len(routed),
         emulator_cpu_cores=emu / window, loadavg=loadavg())
 
@@ -296,8 +329,8 @@ def measure_ceiling(args: argparse.Namespace) -> list[CeilingStep]:
                 step = ceiling_step(fleet, rate, args.seconds, args, args.seed + i)
                 steps.append(step)
                 print(json.dumps(asdict(step)), flush=True)
-                if step.added_p99_ms > 4 * args.added_limit_ms:
-                    break  # far past the limit: higher rates only queue
+                if step.errors or step.via_ttft_p50_ms > 1000.0 * args.overload_s:
+                    break  # overloaded: higher rates only queue
         finally:
             fleet.stop()
     return steps
@@ -313,10 +346,77 @@ def ceiling_of(steps: Sequence[CeilingStep], limit_ms: float) -> float:
     return best
 
 
+def cpu_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Markdown rows of ``cpu`` results (label, the JSON's ``result``)."""
+    lines = ["| run | engines | output tokens | requests (errors) | rate /s | idle CPU (cores) "
+             "| per scrape (ms) | gross ms/request | net ms/request | emulator ms/request "
+             "| load avg |", "|" + "---|" * 11]
+    for label, r in rows:
+        lines.append(
+            f"| {label} | {r['engines']} | {r['output_tokens']} | {r['requests']} "
+            f"({r['errors']}) | {r['rate']:g} | {r['idle_cpu_s_per_s']:.3f} "
+            f"| {r['idle_cpu_ms_per_scrape']:.2f} | {r['gross_cpu_ms_per_request']:.1f} "
+            f"| {r['net_cpu_ms_per_request']:.1f} | {r['emulator_cpu_ms_per_request']:.1f} "
+            f"| {r['loadavg_before']:.1f} to {r['loadavg_after']:.1f} |")
+    return "\n".join(lines)
+
+
+def ceiling_table(steps: Sequence[dict[str, Any]]) -> str:
+    """Markdown rows of ``ceiling`` steps."""
+    lines = ["| rate /s (sent) | routed / direct (errors) | TTFT p50 / p99 via router (ms) "
+             "| TTFT p50 direct (ms) | outside engine p50 / p99 via (ms) "
+             "| outside engine p50 / p99 direct (ms) | added p50 / p99 (ms) "
+             "| router CPU (cores; ms/request) | emulator CPU (cores) | load avg |",
+             "|" + "---|" * 10]
+    for s in steps:
+        lines.append(
+            f"| {s['rate']:g} ({s['achieved_rate']:.1f}) | {s['routed']} / {s['direct']} "
+            f"({s['errors']}; {s['unmatched']} unmatched) "
+            f"| {s['via_ttft_p50_ms']:.0f} / {s['via_ttft_p99_ms']:.0f} "
+            f"| {s['direct_ttft_p50_ms']:.0f} "
+            f"| {s['via_outside_p50_ms']:.1f} / {s['via_outside_p99_ms']:.1f} "
+            f"| {s['direct_outside_p50_ms']:.1f} / {s['direct_outside_p99_ms']:.1f} "
+            f"| {s['added_p50_ms']:.1f} / {s['added_p99_ms']:.1f} "
+            f"| {s['router_cpu_cores']:.2f}; {s['router_cpu_ms_per_request']:.1f} "
+            f"| {s['emulator_cpu_cores']:.2f} | {s['loadavg']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[str, Any]],
+         path: Path) -> None:
+    """Left: router CPU per request by run; right: added latency by rate step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [label for label, _ in cpu_rows]
+    net = [r["net_cpu_ms_per_request"] for _, r in cpu_rows]
+    idle = [r["gross_cpu_ms_per_request"] - r["net_cpu_ms_per_request"] for _, r in cpu_rows]
+    left.barh(labels, net, label="per request (net of idle)")
+    left.barh(labels, idle, left=net, label="idle share (scrapes, subscribers)")
+    left.axvline(1.0, color="k", linestyle="--", linewidth=1, label="target 1 ms")
+    left.set_xlabel("router CPU ms per request")
+    left.invert_yaxis()
+    left.legend(fontsize=8)
+    rates = [s["rate"] for s in steps]
+    right.plot(rates, [s["added_p50_ms"] for s in steps], "o-", label="added p50")
+    right.plot(rates, [s["added_p99_ms"] for s in steps], "s-", label="added p99")
+    right.plot(rates, [s["direct_outside_p99_ms"] for s in steps], "x:",
+               label="direct: outside-engine p99 (noise floor)")
+    right.axhline(5.0, color="k", linestyle="--", linewidth=1, label="5 ms")
+    right.set_xlabel("request rate through the router (/s)")
+    right.set_ylabel("ms")
+    right.set_yscale("symlog", linthresh=10)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="part", required=True)
-    for name in ("cpu", "ceiling"):
+    for name in ("cpu", "ceiling"):  # "report" is added below
         p = sub.add_parser(name)
         p.add_argument("--seed", type=int, default=1)
         p.add_argument("--tenants", type=int, default=16)
@@ -342,7 +442,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     ceiling.add_argument("--context", type=int, default=6800, help="shared tokens per tenant")
     ceiling.add_argument("--max-context", type=int, default=8192)
     ceiling.add_argument("--added-limit-ms", type=float, default=5.0)
+    ceiling.add_argument("--overload-s", type=float, default=2.0,
+                         help="stop stepping once the routed TTFT p50 passes this")
+    report = sub.add_parser("report", help="markdown tables and the plot from saved JSONs")
+    report.add_argument("--cpu", nargs="*", default=[], metavar="LABEL=FILE")
+    report.add_argument("--ceiling", type=Path)
+    report.add_argument("--plot", type=Path)
     args = parser.parse_args(argv)
+    if args.part == "report":
+        rows = [(spec.split("=", 1)[0], json.loads(Path(spec.split("=", 1)[1]).read_text())[
+            "result"]) for spec in args.cpu]
+        steps = json.loads(args.ceiling.read_text())["steps"] if args.ceiling else []
+        if rows:
+            print(cpu_table(rows) + "\n")
+        if steps:
+            print(ceiling_table(steps))
+        if args.plot:
+            plot(rows, steps, args.plot)
+        return
     meta = {"part": args.part, "argv": sys.argv[1:], "cpus": os.cpu_count(),
             "loadavg_start": loadavg(), "python": sys.version.split()[0]}
     if args.part == "cpu":

@@ -90,6 +90,7 @@ def test_a_shared_start_is_encoded_once_and_the_pieces_join_up(model_dir: Path) 
             assert tokenizer.encode(text, special) == expected
     assert tokenizer.piecewise
     assert tokenizer.pieces_reused >= 2 * len(context) // 1024  # the later prompts reused it
+    assert tokenizer.pieces_encoded < tokenizer.pieces_reused
 
 
 def test_byte_level_bpe_pieces_join_up() -> None:

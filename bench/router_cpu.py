@@ -15,20 +15,24 @@ question (``precise_prefix_trace`` of ``kvroute bench``).
    work on a shared machine. ``--py-spy FILE`` records a raw py-spy profile of the router over
    the measured window.
 2. ``ceiling``: 64 engines whose compute costs (almost) nothing (a profile with 1 µs per
-   prompt token and 0.5 ms steps), so the emulator answers at once and what grows with the
-   rate is the work of the processes, not queueing in engines; ~8k-token prompts, 2 output
-   tokens. The rate steps up; at each step requests go through the router at the step's rate
-   and, interleaved with them, a quarter as many go straight to an engine (rotating). Added
-   latency is the quantile difference of the two paths' TTFTs (p50 and p99 through the router
-   minus the same quantile direct): both see the same emulator and client, so what differs is
-   the router (its decision, the extra hop, and waiting behind other requests on its event
-   loop). The ceiling is the highest step whose added p99 stays under ``--added-limit-ms``.
+   prompt token and 0.5 ms steps), ~8k-token prompts, 2 output tokens. The rate steps up; at
+   each step requests go through the router at the step's rate and, interleaved with them, a
+   quarter as many go straight to an engine (rotating). Every request carries an
+   ``x-request-id``; the emulator records when each reached its handler and when its first
+   token was written (``GET /timings`` on its admin port, ``time.monotonic()``, which all
+   processes share). A request's *outside-engine* time is its client TTFT minus that engine
+   interval: the client, the hops, and for routed requests the router. The *added* latency
+   is the routed requests' outside-engine quantile minus the direct ones' (p50 and p99), and
+   the ceiling is the highest step whose added p99 stays within ``--added-limit-ms``.
 
 Run (the published figures: docs/benchmarks/router-cpu.md)::
 
-    python bench/router_cpu.py cpu --engines 16 --requests 400 --rate 20 --json out.json
-    python bench/router_cpu.py ceiling --engines 64 --rates 10,20,30,40 --seconds 20 \
-        --json ceiling.json
+    python bench/router_cpu.py cpu --engines 16 --requests 300 --warmup 30 --rate 20 \
+        --idle-seconds 6 --output-tokens 64 --json cpu.json
+    python bench/router_cpu.py ceiling --engines 64 --rates 2,5,10,20,30,45,60 \
+        --seconds 15 --json ceiling.json
+    python bench/router_cpu.py report --cpu LABEL=cpu.json ... --ceiling ceiling.json \
+        --plot docs/benchmarks/router-cpu.png
 """
 
 from __future__ import annotations
@@ -171,6 +175,7 @@ class CpuResult:
     emulator_cpu_ms_per_request: float
     loadavg_before: float
     loadavg_after: float
+    error_samples: list[str]
 
 
 def measure_cpu(args: argparse.Namespace) -> CpuResult:
@@ -207,6 +212,9 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     spy.wait(timeout=30)
             load_after = loadavg()
+            if any(not r.ok for r in results) and fleet.router.log_path is not None:
+                print(fleet.router.log_path.read_text(errors="replace")[-3000:],
+                      file=sys.stderr)
         finally:
             fleet.stop()
     n = len(measured)
@@ -221,7 +229,8 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
         gross_cpu_ms_per_request=1000.0 * cpu / n,
         net_cpu_ms_per_request=1000.0 * (cpu - idle_rate * window) / n,
         emulator_cpu_ms_per_request=1000.0 * emu / n,
-        loadavg_before=load_before, loadavg_after=load_after)
+        loadavg_before=load_before, loadavg_after=load_after,
+        error_samples=sorted({r.error for r in results if r.error})[:3])
 
 
 # --- part 2: the ceiling ----------------------------------------------------------------------
@@ -389,7 +398,7 @@ def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
     labels = [label for label, _ in cpu_rows]
     net = [r["net_cpu_ms_per_request"] for _, r in cpu_rows]
     idle = [r["gross_cpu_ms_per_request"] - r["net_cpu_ms_per_request"] for _, r in cpu_rows]
@@ -398,7 +407,7 @@ def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[st
     left.axvline(1.0, color="k", linestyle="--", linewidth=1, label="target 1 ms")
     left.set_xlabel("router CPU ms per request")
     left.invert_yaxis()
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     rates = [s["rate"] for s in steps]
     right.plot(rates, [s["added_p50_ms"] for s in steps], "o-", label="added p50")
     right.plot(rates, [s["added_p99_ms"] for s in steps], "s-", label="added p99")
@@ -408,7 +417,7 @@ def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[st
     right.set_xlabel("request rate through the router (/s)")
     right.set_ylabel("ms")
     right.set_yscale("symlog", linthresh=10)
-    right.legend(fontsize=8)
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

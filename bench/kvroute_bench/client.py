@@ -46,14 +46,14 @@ def request_body(model: str, request: TraceRequest) -> dict[str, object]:
 
 
 async def send_one(session: aiohttp.ClientSession, url: str, model: str, request: TraceRequest,
-               timeout_s: float) -> RequestResult:
+               timeout_s: float, headers: dict[str, str] | None = None) -> RequestResult:
     result = RequestResult(index=request.index, sent_s=time.monotonic(),
                            prompt_tokens=request.prompt_tokens)
     token_chunks = 0
     usage_tokens: int | None = None
     try:
         async with session.post(f"{url}{request_path(request)}",
-                                json=request_body(model, request),
+                                json=request_body(model, request), headers=headers,
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
                 body = (await resp.text())[:200]

@@ -18,6 +18,9 @@ Admin API (``admin_port``; JSON bodies; errors are 400/404 with an OpenAI-style 
   ``f`` times as long (1 restores).
 * ``POST /engines/{i}/events`` ``{"drop": p, "garble": p}`` — shares of KV-event batches the
   publisher drops (sequence numbers still advance; replay still has them) or garbles.
+* ``GET /timings`` — ``{x-request-id: [arrived, first token written]}`` (``time.monotonic()``
+  seconds) of the streamed requests that carried an ``x-request-id`` since the last call
+  (:class:`~kvroute_emulator.server.RequestTimings`; ``bench/router_cpu.py`` reads it).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from aiohttp import web
 from kvroute_emulator.engine import EmulatedEngine
 from kvroute_emulator.kvevents import KVEventPublisher
 from kvroute_emulator.model.profile import CostProfile
-from kvroute_emulator.server import ClientError, EngineServer
+from kvroute_emulator.server import ClientError, EngineServer, RequestTimings
 from kvroute_emulator.tokens import ServedModel
 
 
@@ -89,6 +92,7 @@ class EmulatedFleet:
     admin_port: int = 0
     _ctx: zmq.asyncio.Context | None = None
     _admin_runner: web.AppRunner | None = None
+    timings: RequestTimings = field(default_factory=RequestTimings)
 
     async def start(self) -> None:
         self.config.check()
@@ -99,6 +103,7 @@ class EmulatedFleet:
             await self._start_engine(index, model)
         admin = web.Application(middlewares=[_admin_errors])
         admin.router.add_get("/engines", self._list)
+        admin.router.add_get("/timings", self._timings)
         admin.router.add_post("/engines/{index}/{action}", self._act)
         self._admin_runner = web.AppRunner(admin, access_log=None)
         await self._admin_runner.setup()
@@ -120,7 +125,7 @@ class EmulatedFleet:
 
         engine = EmulatedEngine(index, self.config.profile, model, self.config.time_scale,
                                 publisher)
-        server = EngineServer(engine, self.config.eos_after)
+        server = EngineServer(engine, self.config.eos_after, self.timings)
         runner = web.AppRunner(server.app, access_log=None, handler_cancellation=True)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, 0)
@@ -165,6 +170,9 @@ class EmulatedFleet:
     async def _list(self, request: web.Request) -> web.Response:
         return web.json_response([{**e, **s.engine.status()}
                                   for e, s in zip(self.endpoints(), self.slots, strict=True)])
+
+    async def _timings(self, request: web.Request) -> web.Response:
+        return web.json_response(self.timings.take())
 
     async def _act(self, request: web.Request) -> web.Response:
         try:

@@ -20,6 +20,7 @@ import contextlib
 import json
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -87,13 +88,40 @@ def _bool_param(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+class RequestTimings:
+    """When each streamed request reached its engine's handler and when its first token was
+    written, by the request's ``x-request-id`` (``time.monotonic()``, the clock every process
+    of the machine shares): a benchmark subtracts this engine time from what its client saw to
+    find what a router in between added (``GET /timings`` on the admin port, which empties
+    it). Requests without an ``x-request-id`` are not recorded; the oldest go past ``limit``."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self.limit = limit
+        self._seen: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def record(self, key: str | None, arrived: float) -> None:
+        """The first token of the request ``key`` (its x-request-id) that reached the
+        handler at ``arrived`` is being written now."""
+        if not key:
+            return
+        self._seen[key] = (arrived, time.monotonic())
+        if len(self._seen) > self.limit:
+            self._seen.popitem(last=False)
+
+    def take(self) -> dict[str, tuple[float, float]]:
+        taken, self._seen = dict(self._seen), OrderedDict()
+        return taken
+
+
 class EngineServer:
     """Routes of one emulated engine (the aiohttp app)."""
 
-    def __init__(self, engine: EmulatedEngine, eos_after: int = 0) -> None:
+    def __init__(self, engine: EmulatedEngine, eos_after: int = 0,
+                 timings: RequestTimings | None = None) -> None:
         self.engine = engine
         self.model = engine.model
         self.eos_after = eos_after
+        self.timings = timings
         self.app = web.Application(client_max_size=64 * 1024 * 1024,
                                    middlewares=[self._errors])
         self.app.router.add_post("/v1/completions", self.completions)
@@ -214,26 +242,28 @@ class EngineServer:
     # --- generation ----------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         body = await _read_json(request)
         self._check_model(body)
         stream, include_usage, ignore_eos = self._common(body)
         ids = self._prompt_ids(body)
         max_tokens = self._max_tokens(body, len(ids), chat=False)
         return await self._generate(request, ids, max_tokens, ignore_eos, stream,
-                                    include_usage, chat=False)
+                                    include_usage, chat=False, arrived=arrived)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         body = await _read_json(request)
         self._check_model(body)
         stream, include_usage, ignore_eos = self._common(body)
         ids = self._chat_ids(body)
         max_tokens = self._max_tokens(body, len(ids), chat=True)
         return await self._generate(request, ids, max_tokens, ignore_eos, stream,
-                                    include_usage, chat=True)
+                                    include_usage, chat=True, arrived=arrived)
 
     async def _generate(self, request: web.Request, ids: list[int], max_tokens: int,
                         ignore_eos: bool, stream: bool, include_usage: bool,
-                        chat: bool) -> web.StreamResponse:
+                        chat: bool, arrived: float = 0.0) -> web.StreamResponse:
         stop_early = bool(self.eos_after) and not ignore_eos and self.eos_after < max_tokens
         length = self.eos_after if stop_early else max_tokens
         gen = self.engine.submit(ids, length)
@@ -243,7 +273,7 @@ class EngineServer:
         try:
             if stream:
                 return await self._stream(request, gen, request_id, created, reason, chat,
-                                          include_usage)
+                                          include_usage, arrived)
             return await self._whole(request, gen, request_id, created, reason, chat)
         finally:
             if not gen.done:
@@ -305,7 +335,7 @@ class EngineServer:
 
     async def _stream(self, request: web.Request, gen: Generation, request_id: str,
                       created: int, reason: str, chat: bool,
-                      include_usage: bool) -> web.StreamResponse:
+                      include_usage: bool, arrived: float = 0.0) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await response.prepare(request)
@@ -314,6 +344,7 @@ class EngineServer:
                 "created": created, "model": self.model.name}
         sent = 0
         first = True
+        recorded = False
         while True:
             if gen.finish_reason in ("abort", "killed"):
                 self._cut(request, gen)
@@ -349,6 +380,9 @@ class EngineServer:
             chunk: dict[str, Any] = {**head, "choices": [choice]}
             if last and not include_usage:
                 chunk["system_fingerprint"] = FINGERPRINT
+            if self.timings is not None and not recorded:
+                recorded = True
+                self.timings.record(request.headers.get("x-request-id"), arrived)
             await response.write(_sse(chunk))
         if include_usage:
             await response.write(_sse({**head, "choices": [], "usage": self._usage(gen),

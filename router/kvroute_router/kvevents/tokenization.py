@@ -14,6 +14,17 @@ the ``tokenizers`` library:
   ``add_special_tokens`` defaulting to ``False`` (vLLM's chat default). Text-part lists are
   joined with newlines for templates that read ``content`` as a string, as vLLM does.
 
+Long texts are encoded in pieces cut at *seams* — the first space after every
+:data:`PIECE_CHARS` characters that sits between two non-space characters — and each piece's
+ids are cached under a digest of the text up to its end, so a prompt that repeats another's
+first thousands of characters (a tenant's context, a system prompt, a conversation so far)
+encodes only what follows the shared part. That the pieces' ids, joined, equal the whole
+text's ids is a property of the tokenizer (byte-level BPE and Metaspace pre-tokenizers split
+before such a space; a normalizer that prepends to every text does not): the first
+:data:`SEAM_CHECKS` joined encodings of every tokenizer, and one in :data:`SEAM_CHECK_EVERY`
+after that, are compared with a whole encoding, and one difference turns the piecewise path
+off for that tokenizer (with a warning).
+
 Anything the in-process path cannot reproduce faithfully (``continue_final_message``, tools,
 non-text parts, templates that fail to render) returns ``None`` from :meth:`tokenize`; the async
 :meth:`tokenize_via_engine` asks the engine's own ``/tokenize`` instead. Results are kept in a
@@ -23,6 +34,7 @@ bounded LRU cache keyed by a digest of the prompt and the options that change th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -44,6 +56,12 @@ from kvroute_router.openai.requests import CompletionRequest, OpenAIRequest, par
 logger = logging.getLogger("kvroute.kvevents.tokenization")
 
 DEFAULT_CACHE_TOKENS = 4_000_000
+PIECE_CHARS = 1024
+"""Characters between seams (texts shorter than two pieces are encoded whole)."""
+SEAM_SEARCH_CHARS = 256
+"""How far past each multiple of :data:`PIECE_CHARS` a seam is looked for."""
+SEAM_CHECKS = 16
+SEAM_CHECK_EVERY = 64
 _CONTENT_LOOP = re.compile(r"for\s+\w+\s+in\s+\w+(\[['\"]content['\"]\]|\.content)")
 
 
@@ -73,6 +91,28 @@ def _special_token_text(value: Any) -> str | None:
     return None
 
 
+def _seams(text: str) -> list[int]:
+    """Where :meth:`PromptTokenizer.encode_long` cuts ``text``: for every multiple of
+    :data:`PIECE_CHARS` (except the last), the first space at or after it, within
+    :data:`SEAM_SEARCH_CHARS`, that has a non-space character on both sides. A seam depends
+    only on the text before it and two characters after, so texts that share a start share
+    its seams."""
+    seams: list[int] = []
+    last = len(text) - PIECE_CHARS
+    target = PIECE_CHARS
+    while target <= last:
+        at = text.find(" ", target, target + SEAM_SEARCH_CHARS)
+        while at != -1 and (text[at - 1].isspace() or text[at + 1:at + 2].isspace()
+                            or at + 1 >= len(text)):
+            at = text.find(" ", at + 1, target + SEAM_SEARCH_CHARS)
+        if at != -1:
+            seams.append(at)
+            target = at + PIECE_CHARS
+        else:
+            target += SEAM_SEARCH_CHARS
+    return seams
+
+
 class PromptTokenizer:
     """Tokenises completions and chat prompts like one pool's engines do."""
 
@@ -87,6 +127,11 @@ class PromptTokenizer:
         self._cached_tokens = 0
         self.hits = 0
         self.misses = 0
+        self.pieces_reused = 0
+        self.pieces_encoded = 0
+        self.piecewise = True
+        """Whether long texts are encoded in cached pieces (off after a failed check)."""
+        self._joined = 0
         self._template: jinja2.Template | None = None
         self._content_as_parts = False
         if chat_template is not None:
@@ -153,9 +198,56 @@ class PromptTokenizer:
         found = self._cached(key)
         if found is not None:
             return found
-        ids = self.encode_uncached(text, add_special_tokens)
+        ids = self.encode_long(text, add_special_tokens)
         self._remember(key, ids)
         return ids
+
+    def encode_long(self, text: str, add_special_tokens: bool) -> list[int]:
+        """``text`` → token ids, reusing the cached pieces of any text that shared its start
+        (see the module docstring); a whole encoding for short texts or when the pieces were
+        found not to join up for this tokenizer."""
+        seams = _seams(text) if self.piecewise else []
+        if not seams:
+            return self.encode_uncached(text, add_special_tokens)
+        bounds = [0, *seams, len(text)]
+        digest = hashlib.blake2b(b"special" if add_special_tokens else b"plain",
+                                 digest_size=16)
+        keys: list[bytes] = []
+        for start, stop in itertools.pairwise(bounds[:-1]):  # every piece but the last
+            digest.update(text[start:stop].encode("utf-8", "surrogatepass"))
+            keys.append(b"piece" + digest.digest())
+        pieces: list[Sequence[int] | None] = []
+        for key in keys:
+            found = self._cache.get(key)
+            if found is not None:
+                self._cache.move_to_end(key)
+            pieces.append(found)
+        missing = [i for i, piece in enumerate(pieces) if piece is None]
+        missing.append(len(keys))  # the last piece (after the last seam) is never cached
+        texts = [text[bounds[i]:bounds[i + 1]] for i in missing]
+        fast = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        encoded: list[list[int]] = []
+        if missing[0] == 0:  # the first piece carries the special tokens (BOS)
+            encoded.append(fast(texts[:1], add_special_tokens=add_special_tokens)[0].ids)
+        rest = texts[len(encoded):]
+        encoded += [e.ids for e in fast(rest, add_special_tokens=False)] if rest else []
+        pieces.append(None)
+        for i, ids in zip(missing, encoded, strict=True):
+            pieces[i] = ids
+            if i < len(keys):
+                self._remember(keys[i], ids)
+        self.pieces_reused += len(keys) + 1 - len(missing)
+        self.pieces_encoded += len(missing)
+        joined = list(itertools.chain.from_iterable(p for p in pieces if p is not None))
+        self._joined += 1
+        if self._joined <= SEAM_CHECKS or self._joined % SEAM_CHECK_EVERY == 0:
+            whole = self.encode_uncached(text, add_special_tokens)
+            if whole != joined:
+                self.piecewise = False
+                logger.warning("this tokenizer's ids differ when a text is encoded in pieces "
+                               "cut before a space; long prompts are encoded whole from now on")
+                return whole
+        return joined
 
     def encode_uncached(self, text: str, add_special_tokens: bool) -> list[int]:
         """``text`` → token ids without the cache.
@@ -241,7 +333,7 @@ class PromptTokenizer:
         except ChatTemplateError as exc:
             logger.debug("in-process chat rendering declined: %s", exc)
             return None
-        ids = self.encode_uncached(text, request.add_special_tokens)
+        ids = self.encode_long(text, request.add_special_tokens)
         self._remember(key, ids)
         return ids
 

@@ -1,5 +1,6 @@
 """Scrapes every endpoint's ``/metrics`` on a fixed interval (default 100 ms), one asyncio task
-per endpoint, and swaps the parsed snapshot into the :class:`Endpoint`.
+per endpoint over one kept-alive connection (:mod:`kvroute_router.scrape.connection`), and swaps
+the parsed snapshot into the :class:`Endpoint`.
 
 A failed or timed-out scrape counts toward ``scrape_failures`` (the healthy filter drops an
 endpoint after 3 in a row); the old snapshot stays and ages, so scorers see it as stale after
@@ -17,12 +18,11 @@ import asyncio
 import logging
 import time
 
-import aiohttp
-
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.router_metrics import RouterMetrics
+from kvroute_router.scrape.connection import MetricsConnection
 from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,10 @@ class MetricsScraper:
         self.interval_s = interval_s
         self.timeout_s = timeout_s if timeout_s is not None else max(0.5, 5 * interval_s)
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._connections: dict[int, MetricsConnection] = {}
         self._started = False
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         self._started = True
         self.datastore.add_listener(self._on_change)
         self._on_change(self.datastore.endpoints(), [])
@@ -54,8 +51,9 @@ class MetricsScraper:
         tasks = list(self._tasks.values())
         self._tasks.clear()
         await cancel_and_wait(tasks, what="metrics scraper")
-        if self._session is not None:
-            await self._session.close()
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
 
     def _on_change(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         if not self._started:
@@ -64,6 +62,9 @@ class MetricsScraper:
             task = self._tasks.pop(id(ep), None)
             if task is not None:
                 task.cancel()
+            connection = self._connections.pop(id(ep), None)
+            if connection is not None:
+                connection.close()
         for ep in added:
             if id(ep) not in self._tasks:
                 self._tasks[id(ep)] = asyncio.get_running_loop().create_task(
@@ -74,19 +75,20 @@ class MetricsScraper:
             self.metrics.scrape_errors.labels(ep.pool, ep.name, reason).inc()
 
     async def scrape_once(self, ep: Endpoint) -> bool:
-        assert self._session is not None
+        connection = self._connections.get(id(ep))
+        if connection is None or connection.address != ep.address:
+            if connection is not None:
+                connection.close()
+            connection = self._connections[id(ep)] = MetricsConnection(ep.address)
         try:
-            async with self._session.get(f"{ep.url}/metrics") as resp:
-                if resp.status != 200:
-                    self._count(ep, "http_status")
-                    raise aiohttp.ClientResponseError(
-                        resp.request_info, resp.history, status=resp.status)
-                body = await resp.read()
-        except aiohttp.ClientResponseError as exc:
-            return self._failed(ep, exc)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            async with asyncio.timeout(self.timeout_s):
+                status, body = await connection.get()
+        except (TimeoutError, OSError) as exc:  # ScrapeHTTPError is an OSError
             self._count(ep, "unreachable")
             return self._failed(ep, exc)
+        if status != 200:
+            self._count(ep, "http_status")
+            return self._failed(ep, RuntimeError(f"/metrics answered HTTP {status}"))
         try:
             metrics = parse_vllm_metrics(body.decode("utf-8"), time.monotonic())
         except ValueError as exc:  # MetricsParseError, UnicodeDecodeError

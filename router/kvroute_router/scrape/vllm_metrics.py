@@ -9,8 +9,10 @@ and reads the label-only info series (``vllm:cache_config_info``, ``vllm:lora_re
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+from collections.abc import Mapping
 
 from kvroute_router.framework.endpoint import EndpointMetrics
 
@@ -42,14 +44,22 @@ def parse_labels(text: str) -> dict[str, str]:
             for k, v in _LABEL.findall(text)}
 
 
-def _int_label(labels: dict[str, str], name: str) -> int | None:
+@functools.lru_cache(maxsize=1024)
+def _info_labels(text: str) -> Mapping[str, str]:
+    """:func:`parse_labels` of an info series, remembered: ``cache_config_info`` carries ~40
+    labels that never change, and decoding them was ~60 % of parsing a page (one page per
+    endpoint every 100 ms). The result is shared: read it, never change it."""
+    return parse_labels(text)
+
+
+def _int_label(labels: Mapping[str, str], name: str) -> int | None:
     try:
         return int(float(labels[name]))
     except (KeyError, ValueError, OverflowError):  # absent, not a number, or infinite
         return None
 
 
-def _adapters(labels: dict[str, str], name: str) -> frozenset[str]:
+def _adapters(labels: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(a for a in labels.get(name, "").split(",") if a)
 
 
@@ -77,8 +87,8 @@ def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
     when a wanted series' value is not a finite number (load computed from it would be
     meaningless: the scraper drops the endpoint's snapshot instead)."""
     sums: dict[str, float] = {}
-    cache_labels: dict[str, str] = {}
-    lora_labels: dict[str, str] = {}
+    cache_labels: Mapping[str, str] = {}
+    lora_labels: Mapping[str, str] = {}
     lora_stamp = float("-inf")
     for line in _wanted_lines(text):
         brace = line.find("{")
@@ -110,10 +120,10 @@ def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
         elif name in MAXED:
             sums[name] = max(sums.get(name, 0.0), value)
         elif name == CACHE_CONFIG:
-            cache_labels = parse_labels(labels_text)
+            cache_labels = _info_labels(labels_text)
         elif value >= lora_stamp:  # LORA_INFO: the latest sample wins
             lora_stamp = value
-            lora_labels = parse_labels(labels_text)
+            lora_labels = _info_labels(labels_text)
     kv = sums.get(KV_USAGE, sums.get(KV_USAGE_LEGACY, 0.0))
     return EndpointMetrics(
         running=sums.get(RUNNING, 0.0),

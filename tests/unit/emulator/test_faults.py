@@ -145,3 +145,26 @@ async def test_abandoned_stream_is_aborted_and_frees_the_engine(fleet: EmulatedF
     async with aiohttp.ClientSession() as s, s.get(f"{e['url']}/metrics") as r:
         text = await r.text()
     assert 'finished_reason="abort"} 1.0' in text.replace(',model_name="kvroute-test-model"', "")
+
+
+async def test_timings_of_streamed_requests_by_request_id(fleet: EmulatedFleet) -> None:
+    """``GET /timings``: arrival and first-token times of streamed requests that carried an
+    ``x-request-id`` (what bench/router_cpu.py subtracts to find a router's added time), then
+    empty."""
+    url = fleet.endpoints()[0]["url"]
+    async with aiohttp.ClientSession() as s:
+        before = asyncio.get_running_loop().time()
+        for rid in ("probe-1", None):
+            headers = {"x-request-id": rid} if rid else {}
+            async with s.post(f"{url}/v1/completions", headers=headers, json={
+                    "model": MODEL, "prompt": "T" * 64, "max_tokens": 2, "stream": True}) as r:
+                assert r.status == 200
+                await r.read()
+        admin = f"http://127.0.0.1:{fleet.admin_port}/timings"
+        async with s.get(admin) as r:
+            timings = await r.json()
+        assert list(timings) == ["probe-1"]
+        arrived, first = timings["probe-1"]
+        assert before <= arrived <= first <= asyncio.get_running_loop().time()
+        async with s.get(admin) as r:
+            assert await r.json() == {}

@@ -3,6 +3,7 @@ on the test model's tokenizer files; the e2e tests compare with the engine's ``/
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,69 @@ def test_fast_encoding_gives_the_same_ids_as_encode(model_dir: Path,
         expected = tokenizer.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         assert tokenizer.encode_uncached(text, add_special_tokens) == expected
         assert tokenizer.encode(text, add_special_tokens) == expected
+
+
+def _long_text(seed: int, words: int = 2400) -> str:
+    import random
+    rng = random.Random(seed)
+    vocabulary = ["alpha", "beta", "gamma", "x1", "42", "don't", "end.", "(see", "it)", "ünï",
+                  "中文", "tab\there", "new\nline", "a  b", "<s>", "12345", "!!", "'s"]
+    return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+
+def test_seams_are_spaces_between_non_spaces_and_shared_with_a_shared_start() -> None:
+    from kvroute_router.kvevents.tokenization import PIECE_CHARS, _seams
+    text = _long_text(1)
+    seams = _seams(text)
+    assert len(seams) >= 3
+    for at in seams:
+        assert text[at] == " " and not text[at - 1].isspace() and not text[at + 1].isspace()
+    assert all(b - a >= PIECE_CHARS for a, b in itertools.pairwise(seams))
+    other = text[:seams[2] + 2] + _long_text(2)
+    assert _seams(other)[:3] == seams[:3]
+    assert _seams("x" * 5000) == []  # no space: encoded whole
+
+
+def test_a_shared_start_is_encoded_once_and_the_pieces_join_up(model_dir: Path) -> None:
+    tokenizer = PromptTokenizer.from_directory(model_dir)
+    context = _long_text(3)
+    for n, question in enumerate(["first question?", "second one", "a third"]):
+        text = f"{context}\n[user {n}] {question}"
+        for special in (True, False):
+            expected = tokenizer.tokenizer.encode(text, add_special_tokens=special).ids
+            assert tokenizer.encode(text, special) == expected
+    assert tokenizer.piecewise
+    assert tokenizer.pieces_reused >= 2 * len(context) // 1024  # the later prompts reused it
+    assert tokenizer.pieces_encoded < tokenizer.pieces_reused
+
+
+def test_byte_level_bpe_pieces_join_up() -> None:
+    """A trained byte-level BPE (the GPT-2 / Llama-3 family's pre-tokenizer): every check of
+    joined pieces against the whole encoding passes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([_long_text(s, 300) for s in range(20)],
+                            trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PromptTokenizer(bpe)
+    for seed in range(10, 40):
+        text = _long_text(seed)
+        assert tokenizer.encode_long(text, False) == bpe.encode(text).ids
+    assert tokenizer.piecewise
+
+
+def test_a_tokenizer_whose_pieces_do_not_join_is_encoded_whole(model_dir: Path) -> None:
+    """A normalizer that prepends to every text (Llama-2's legacy tokenizers) makes each piece
+    start differently from the same text in place: the first check sees it and turns the
+    piecewise path off; every answer is still the whole text's ids."""
+    from tokenizers import Tokenizer, normalizers
+    raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    raw.normalizer = normalizers.Prepend("@")
+    tokenizer = PromptTokenizer(raw)
+    text = _long_text(5)
+    assert tokenizer.encode(text, True) == raw.encode(text, add_special_tokens=True).ids
+    assert not tokenizer.piecewise
+    other = _long_text(6)
+    assert tokenizer.encode(other, True) == raw.encode(other, add_special_tokens=True).ids

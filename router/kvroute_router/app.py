@@ -36,7 +36,7 @@ from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 from kvroute_router.proxy.server import HTTP_PROTOCOL_LOG, OpenAIProxy
 from kvroute_router.responsecache import ResponseCache
 from kvroute_router.responsecache.metrics import ResponseCacheMetrics
-from kvroute_router.router_metrics import RouterMetrics
+from kvroute_router.router_metrics import RouterMetrics, RuntimeCollector
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ class Router:
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)
             self.director.add_admission_hook(self.budget_hook)
+        self._runtime_collector: RuntimeCollector | None = None
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
         self.ports: dict[str, int] = {}
@@ -205,7 +206,18 @@ class Router:
         for ep in removed:
             self.registry.endpoint_removed(self.services, ep.pool, ep.name)
 
+    def internal_sizes(self) -> dict[str, int]:
+        """Entries of the in-memory tables that grow with traffic (``kvroute_internal_entries``;
+        the KV index has its own gauges, ``kvroute_kv_index_blocks``)."""
+        sizes = self.budget_hook.sizes() if self.budget_hook is not None else {}
+        sizes["datastore_endpoints"] = len(self.datastore.endpoints())
+        return sizes
+
     async def start(self) -> None:
+        if self._runtime_collector is None:
+            self._runtime_collector = RuntimeCollector(asyncio.get_running_loop(),
+                                                       self.internal_sizes)
+            self.metrics.registry.register(self._runtime_collector)
         if isinstance(self.source, ConfigFileSource):
             self.source.load()
         if self.source is not None:

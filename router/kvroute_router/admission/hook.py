@@ -448,6 +448,15 @@ class BudgetHook:
             except Exception:
                 log.exception("budget hook refresh failed")
 
+    def sizes(self) -> dict[str, int]:
+        """Entries of the hook's tables and its ledger's (``kvroute_internal_entries``)."""
+        return {"admission_controllers": len(self._policies) + len(self._implicit),
+                "admission_waiters": sum(state.controller.queue_depth for state in
+                                         [*self._policies.values(), *self._implicit.values()]),
+                "budget_tracked_tenants": len(self._active),
+                "budget_background_tasks": len(self._tasks),
+                **self.ledger.sizes()}
+
     async def refresh_gauges(self) -> None:
         """Window spend and limit gauges of every (policy, tenant) seen with budgets."""
         for policy, tenant in list(self._active):

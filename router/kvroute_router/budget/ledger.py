@@ -209,6 +209,14 @@ class BudgetLedger:
         self._deadlines.pop(policy_id(policy), None)
         self._store_specs.pop(policy_id(policy), None)
 
+    def sizes(self) -> dict[str, int]:
+        """Entries of the ledger's tables and of an in-memory store (leak watching)."""
+        out = {"budget_policies": len(self._budgets),
+               "budget_log_throttles": len(self._logged_at)}
+        if isinstance(self.store, InMemoryMeterStore):
+            out.update(self.store.sizes())
+        return out
+
     def store_spec(self, policy: str) -> BudgetStoreSpec:
         return self._store_specs.get(policy_id(policy)) or BudgetStoreSpec()
 

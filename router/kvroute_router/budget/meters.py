@@ -115,6 +115,12 @@ class InMemoryMeterStore:
         self._windows: dict[str, dict[int, float]] = {}
         self._inflight: dict[str, dict[str, float]] = {}
 
+    def sizes(self) -> dict[str, int]:
+        """Meter keys, window buckets and in-flight members held (for leak watching)."""
+        return {"budget_meter_keys": len(self._windows) + len(self._inflight),
+                "budget_window_buckets": sum(len(b) for b in self._windows.values()),
+                "budget_inflight_members": sum(len(m) for m in self._inflight.values())}
+
     def _prune(self, charge: MeterCharge, now: float) -> dict[int, float]:
         buckets = self._windows.setdefault(charge.key, {})
         oldest = bucket_of(now, charge.width_s) - charge.buckets + 1

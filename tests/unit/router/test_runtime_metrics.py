@@ -1,0 +1,54 @@
+"""The leak-watching gauges on a router's /metrics: process RSS and open fds, asyncio tasks, and
+the entries of the in-memory tables that grow with traffic (bench/soak.py reads them)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+from kvroute_router.app import Router, RouterSettings
+from kvroute_router.budget.meters import InMemoryMeterStore, MeterCharge, MeterKind
+from prometheus_client import generate_latest
+
+
+def _samples(router: Router) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in router.metrics.registry.collect() for s in family.samples}
+
+
+async def test_a_router_exports_tasks_table_sizes_and_process_gauges() -> None:
+    router = Router(RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                                   metrics_port=None, kv_events=False))
+    await router.start()
+    try:
+        held = asyncio.get_running_loop().create_task(asyncio.sleep(60), name="held")
+        samples = _samples(router)
+        tasks = samples[("kvroute_asyncio_tasks", ())]
+        assert tasks >= 2  # this test's own task and ``held``, at least
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        assert _samples(router)[("kvroute_asyncio_tasks", ())] == tasks - 1
+        tables = {labels[0][1]: v for (name, labels), v in samples.items()
+                  if name == "kvroute_internal_entries"}
+        assert {"budget_tracked_tenants", "budget_meter_keys", "budget_inflight_members",
+                "admission_controllers", "datastore_endpoints"} <= set(tables)
+        if sys.platform == "linux":
+            assert samples[("process_resident_memory_bytes", ())] > 0
+            assert samples[("process_open_fds", ())] > 0
+        assert b"kvroute_internal_entries{table=\"budget_meter_keys\"}" in generate_latest(
+            router.metrics.registry)
+    finally:
+        await router.stop()
+
+
+@pytest.mark.parametrize("kind", ["window", "inflight"])
+async def test_meter_store_sizes_count_keys_buckets_and_members(kind: MeterKind) -> None:
+    store = InMemoryMeterStore()
+    assert store.sizes() == {"budget_meter_keys": 0, "budget_window_buckets": 0,
+                             "budget_inflight_members": 0}
+    charge = MeterCharge(key="k", kind=kind, limit=10, amount=1, window_s=60, buckets=1)
+    assert await store.try_charge([charge], now=0.0, member="m", deadline=100.0) is None
+    sizes = store.sizes()
+    assert sizes["budget_meter_keys"] == 1
+    assert sizes["budget_window_buckets" if kind == "window" else "budget_inflight_members"] == 1

@@ -211,6 +211,8 @@ class Router:
         the KV index has its own gauges, ``kvroute_kv_index_blocks``)."""
         sizes = self.budget_hook.sizes() if self.budget_hook is not None else {}
         sizes["datastore_endpoints"] = len(self.datastore.endpoints())
+        if self.kv_event_feeds is not None:
+            sizes.update(self.kv_event_feeds.sizes())
         return sizes
 
     async def start(self) -> None:

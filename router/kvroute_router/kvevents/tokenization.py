@@ -120,6 +120,10 @@ class PromptTokenizer:
                    special_tokens=special, **kwargs)
 
     # -- cache -------------------------------------------------------------------------------
+    def cache_size(self) -> tuple[int, int]:
+        """(prompts, tokens) cached now; tokens are bounded by ``cache_tokens``."""
+        return len(self._cache), self._cached_tokens
+
     def _cached(self, key: bytes) -> list[int] | None:
         found = self._cache.get(key)
         if found is None:

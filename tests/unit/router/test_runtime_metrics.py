@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import pytest
 from kvroute_router.app import Router, RouterSettings
@@ -52,3 +53,21 @@ async def test_meter_store_sizes_count_keys_buckets_and_members(kind: MeterKind)
     sizes = store.sizes()
     assert sizes["budget_meter_keys"] == 1
     assert sizes["budget_window_buckets" if kind == "window" else "budget_inflight_members"] == 1
+
+
+def test_a_pool_reports_its_kv_event_caches(tmp_path: Path) -> None:
+    from kvroute_cli.testmodel import build_test_model
+    from kvroute_router.kvevents.hashing import BlockHashConfig
+    from kvroute_router.kvevents.hub import PoolKVEvents
+    from kvroute_router.kvevents.tokenization import PromptTokenizer
+
+    tokenizer = PromptTokenizer.from_directory(build_test_model(tmp_path / "model"))
+    pool = PoolKVEvents(BlockHashConfig(block_size=16), tokenizer=tokenizer)
+    assert pool.sizes()["kv_tokenizer_cache_tokens"] == 0
+    tokens = tokenizer.encode("a prompt of a few tokens", add_special_tokens=True)
+    pool.hasher.block_digests(tokens * 40)
+    sizes = pool.sizes()
+    assert sizes["kv_tokenizer_cache_prompts"] == 1
+    assert sizes["kv_tokenizer_cache_tokens"] == len(tokens)
+    assert sizes["kv_hash_memo_blocks"] > 0
+    assert sizes["kv_index_pending_blocks"] == 0

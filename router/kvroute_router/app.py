@@ -96,10 +96,15 @@ class RouterSettings:
     """This router's pod name (counted as a replica while it is not ready yet)."""
     api_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     """``tenancy.source: APIKey``: Secret name → {tenant: API key} (embedded mode)."""
+    shutdown_delay_s: float = 0.0
+    """On SIGTERM, before the listeners close: readiness 503 and gRPC health NOT_SERVING while
+    new requests are still served, for load balancers to stop sending (the chart passes 5 s,
+    one readiness period). Counted before ``shutdown_grace_s``."""
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
-    """On SIGTERM: readiness turns false at once, new requests and streams are refused, and
-    in-flight ones (proxy requests, ext_proc streams, Pick calls) get this long to finish. The
-    chart passes the pod's ``terminationGracePeriodSeconds`` minus 10 s."""
+    """On SIGTERM, after ``shutdown_delay_s``: new connections, requests and streams are
+    refused, and in-flight ones (proxy requests, ext_proc streams, Pick calls) get this long to
+    finish. The chart passes the pod's ``terminationGracePeriodSeconds`` minus 10 s minus the
+    delay."""
 
 
 class Router:
@@ -286,9 +291,18 @@ class Router:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def stop(self) -> None:
-        """Readiness false first, then every server stops accepting and its in-flight work gets
+        """Readiness false and gRPC health NOT_SERVING first (for ``shutdown_delay_s``, still
+        serving), then every server stops accepting and its in-flight work gets
         ``shutdown_grace_s`` to finish (all servers at once, so the grace is not summed)."""
+        from kvroute_router.grpc_health import enter_shutdown
+
         self.draining = True
+        for server in self._grpc_servers:
+            await enter_shutdown(server)
+        if self.settings.shutdown_delay_s > 0 and self.ports:
+            log.info("draining: not ready; closing the listeners in %g s",
+                     self.settings.shutdown_delay_s)
+            await asyncio.sleep(self.settings.shutdown_delay_s)
         grace = self.settings.shutdown_grace_s
         await asyncio.gather(*(server.stop(grace=grace) for server in self._grpc_servers),
                              *(runner.cleanup() for runner in self._runners))

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from array import array
 import logging
 import re
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import datetime

@@ -458,12 +458,14 @@ class BudgetHook:
                 **self.ledger.sizes()}
 
     async def refresh_gauges(self) -> None:
-        """Window spend and limit gauges of every (policy, tenant) seen with budgets."""
+        """Window spend and limit gauges of every (policy, tenant) that spent recently. A tenant
+        with nothing left in its USD windows (or no USD budget) leaves the set once its gauges
+        read 0 and joins again with its next request: the set, and this loop, were one entry
+        per tenant ever seen (kvroute_internal_entries{table="budget_tracked_tenants"})."""
         for policy, tenant in list(self._active):
-            if not self.ledger.budgets_for(policy, tenant):
+            if (not self.ledger.budgets_for(policy, tenant)
+                    or await self.ledger.usd_idle(policy, tenant)):
                 self._active.discard((policy, tenant))
-                continue
-            await self.ledger.remaining_usd(policy, tenant)
 
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "BudgetHook", "prompt_tokens_upper_bound"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from kvroute_router.app import Router, RouterSettings
-from kvroute_router.budget.meters import InMemoryMeterStore, MeterCharge, MeterKind
+from kvroute_router.budget.meters import SWEEP_S, InMemoryMeterStore, MeterCharge, MeterKind
 from prometheus_client import generate_latest
 
 
@@ -71,3 +71,22 @@ def test_a_pool_reports_its_kv_event_caches(tmp_path: Path) -> None:
     assert sizes["kv_tokenizer_cache_tokens"] == len(tokens)
     assert sizes["kv_hash_memo_blocks"] > 0
     assert sizes["kv_index_pending_blocks"] == 0
+
+
+async def test_meters_of_tenants_gone_quiet_are_dropped() -> None:
+    """One meter key per tenant ever seen stayed in memory (pruned only when its tenant came
+    back); the store now sweeps meters left empty."""
+    store = InMemoryMeterStore()
+    for tenant in range(100):  # tenants that come once
+        charges = [MeterCharge(key=f"t{tenant}:tokens", kind="window", limit=1e9, amount=10),
+                   MeterCharge(key=f"t{tenant}:concurrency", kind="inflight", limit=10,
+                               amount=1)]
+        assert await store.try_charge(charges, now=tenant / 100, member="r",
+                                      deadline=30.0) is None
+        await store.release(f"t{tenant}:concurrency", "r")
+    assert store.sizes()["budget_meter_keys"] == 100  # their windows still count
+    later = 60.0 + SWEEP_S  # every window has passed, a sweep is due
+    live = MeterCharge(key="steady:tokens", kind="window", limit=1e9, amount=10)
+    assert await store.try_charge([live], now=later, member="r", deadline=later + 30) is None
+    assert store.sizes() == {"budget_meter_keys": 1, "budget_window_buckets": 1,
+                             "budget_inflight_members": 0}

@@ -346,7 +346,8 @@ def plot(rows: list[dict[str, Any]], warmup_s: float, path: Path) -> None:
                 if max(values) > min(values):
                     ax.plot(t, values, label=table)
             ax.set_yscale("symlog", linthresh=10)
-            ax.legend(fontsize=6, ncol=2)
+            if ax.get_lines():
+                ax.legend(fontsize=6, ncol=2)
         else:
             ax.plot(t, [r[key] for r in rows])
         ax.axvline(warmup_s / 60, color="grey", linestyle=":", linewidth=1)

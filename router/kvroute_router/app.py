@@ -32,6 +32,7 @@ from kvroute_router.kvevents.feed import (
     register_precise_prefix,
 )
 from kvroute_router.plugins import register_builtin_plugins
+from kvroute_router.plugins.prefix_approx import history_entries
 from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 from kvroute_router.proxy.server import HTTP_PROTOCOL_LOG, OpenAIProxy
 from kvroute_router.responsecache import ResponseCache
@@ -216,6 +217,10 @@ class Router:
         the KV index has its own gauges, ``kvroute_kv_index_blocks``)."""
         sizes = self.budget_hook.sizes() if self.budget_hook is not None else {}
         sizes["datastore_endpoints"] = len(self.datastore.endpoints())
+        # Dispatches are recorded in the approximate history even under prefix-precise (its
+        # fallback stays warm): bounded per endpoint, ~350 bytes an entry.
+        sizes["prefix_approx_history_blocks"] = sum(
+            history_entries(self.services, state.key) for state in self.datastore.pools())
         if self.kv_event_feeds is not None:
             sizes.update(self.kv_event_feeds.sizes())
         return sizes

@@ -33,7 +33,8 @@ async def test_a_router_exports_tasks_table_sizes_and_process_gauges() -> None:
         tables = {labels[0][1]: v for (name, labels), v in samples.items()
                   if name == "kvroute_internal_entries"}
         assert {"budget_tracked_tenants", "budget_meter_keys", "budget_inflight_members",
-                "admission_controllers", "datastore_endpoints"} <= set(tables)
+                "admission_controllers", "datastore_endpoints",
+                "prefix_approx_history_blocks"} <= set(tables)
         if sys.platform == "linux":
             assert samples[("process_resident_memory_bytes", ())] > 0
             assert samples[("process_open_fds", ())] > 0
@@ -90,3 +91,21 @@ async def test_meters_of_tenants_gone_quiet_are_dropped() -> None:
     assert await store.try_charge([live], now=later, member="r", deadline=later + 30) is None
     assert store.sizes() == {"budget_meter_keys": 1, "budget_window_buckets": 1,
                              "budget_inflight_members": 0}
+
+
+def test_the_approximate_history_counts_its_entries() -> None:
+    from kvroute_router.framework.registry import SharedServices
+    from kvroute_router.plugins.prefix_approx import (
+        ApproxPrefixIndex,
+        history_entries,
+        services_key,
+    )
+
+    services = SharedServices()
+    assert history_entries(services, "default/pool") == 0
+    index = ApproxPrefixIndex(max_blocks_per_endpoint=3)
+    services.put(services_key("default/pool"), index)
+    index.record("e0", [1, 2])
+    index.record("e1", [1, 2, 3, 4, 5])  # over its bound: the oldest leave
+    assert index.entries() == 5
+    assert history_entries(services, "default/pool") == 5

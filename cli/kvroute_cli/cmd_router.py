@@ -57,6 +57,7 @@ def _router(args: argparse.Namespace) -> int:
     settings.budget_redis_url = args.budget_redis_url
     settings.budget_replica_share = args.budget_replica_share
     settings.shutdown_grace_s = args.shutdown_grace_seconds
+    settings.shutdown_delay_s = args.shutdown_delay_seconds
     settings.budget_peer_service = args.budget_peer_service
     settings.budget_peer_namespace = args.budget_peer_namespace or os.environ.get("POD_NAMESPACE")
     settings.pod_name = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME")
@@ -131,6 +132,11 @@ def register(sub: Any) -> None:
                         help="on SIGTERM, how long in-flight requests and streams get to finish "
                              "(readiness turns false first; default %(default)s: the chart's "
                              "terminationGracePeriodSeconds minus 10)")
+    parser.add_argument("--shutdown-delay-seconds", type=float, default=0.0,
+                        help="on SIGTERM, first answer /ready 503 and gRPC health NOT_SERVING "
+                             "for this long while still serving, so load balancers stop "
+                             "sending before the listeners close (the chart passes 5: one "
+                             "readiness period)")
     parser.add_argument("--budget-peer-service", metavar="SERVICE", default=None,
                         help="without Redis: share every budget limit among the ready "
                              "endpoints of this Service (the router's own), followed live")

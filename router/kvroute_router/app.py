@@ -33,11 +33,12 @@ from kvroute_router.kvevents.feed import (
     register_precise_prefix,
 )
 from kvroute_router.plugins import register_builtin_plugins
+from kvroute_router.plugins.prefix_approx import history_entries
 from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 from kvroute_router.proxy.server import HTTP_PROTOCOL_LOG, OpenAIProxy
 from kvroute_router.responsecache import ResponseCache
 from kvroute_router.responsecache.metrics import ResponseCacheMetrics
-from kvroute_router.router_metrics import RouterMetrics
+from kvroute_router.router_metrics import RouterMetrics, RuntimeCollector
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,15 @@ class RouterSettings:
     """This router's pod name (counted as a replica while it is not ready yet)."""
     api_keys: dict[str, dict[str, str]] = field(default_factory=dict)
     """``tenancy.source: APIKey``: Secret name → {tenant: API key} (embedded mode)."""
+    shutdown_delay_s: float = 0.0
+    """On SIGTERM, before the listeners close: readiness 503 and gRPC health NOT_SERVING while
+    new requests are still served, for load balancers to stop sending (the chart passes 5 s,
+    one readiness period). Counted before ``shutdown_grace_s``."""
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
-    """On SIGTERM: readiness turns false at once, new requests and streams are refused, and
-    in-flight ones (proxy requests, ext_proc streams, Pick calls) get this long to finish. The
-    chart passes the pod's ``terminationGracePeriodSeconds`` minus 10 s."""
+    """On SIGTERM, after ``shutdown_delay_s``: new connections, requests and streams are
+    refused, and in-flight ones (proxy requests, ext_proc streams, Pick calls) get this long to
+    finish. The chart passes the pod's ``terminationGracePeriodSeconds`` minus 10 s minus the
+    delay."""
 
 
 class Router:
@@ -156,6 +162,7 @@ class Router:
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)
             self.director.add_admission_hook(self.budget_hook)
+        self._runtime_collector: RuntimeCollector | None = None
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
         self.ports: dict[str, int] = {}
@@ -207,7 +214,24 @@ class Router:
         for ep in removed:
             self.registry.endpoint_removed(self.services, ep.pool, ep.name)
 
+    def internal_sizes(self) -> dict[str, int]:
+        """Entries of the in-memory tables that grow with traffic (``kvroute_internal_entries``;
+        the KV index has its own gauges, ``kvroute_kv_index_blocks``)."""
+        sizes = self.budget_hook.sizes() if self.budget_hook is not None else {}
+        sizes["datastore_endpoints"] = len(self.datastore.endpoints())
+        # Dispatches are recorded in the approximate history even under prefix-precise (its
+        # fallback stays warm): bounded per endpoint, ~350 bytes an entry.
+        sizes["prefix_approx_history_blocks"] = sum(
+            history_entries(self.services, state.key) for state in self.datastore.pools())
+        if self.kv_event_feeds is not None:
+            sizes.update(self.kv_event_feeds.sizes())
+        return sizes
+
     async def start(self) -> None:
+        if self._runtime_collector is None:
+            self._runtime_collector = RuntimeCollector(asyncio.get_running_loop(),
+                                                       self.internal_sizes)
+            self.metrics.registry.register(self._runtime_collector)
         if isinstance(self.source, ConfigFileSource):
             self.source.load()
         if self.source is not None:
@@ -274,9 +298,18 @@ class Router:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def stop(self) -> None:
-        """Readiness false first, then every server stops accepting and its in-flight work gets
+        """Readiness false and gRPC health NOT_SERVING first (for ``shutdown_delay_s``, still
+        serving), then every server stops accepting and its in-flight work gets
         ``shutdown_grace_s`` to finish (all servers at once, so the grace is not summed)."""
+        from kvroute_router.grpc_health import enter_shutdown
+
         self.draining = True
+        for server in self._grpc_servers:
+            await enter_shutdown(server)
+        if self.settings.shutdown_delay_s > 0 and self.ports:
+            log.info("draining: not ready; closing the listeners in %g s",
+                     self.settings.shutdown_delay_s)
+            await asyncio.sleep(self.settings.shutdown_delay_s)
         grace = self.settings.shutdown_grace_s
         await asyncio.gather(*(server.stop(grace=grace) for server in self._grpc_servers),
                              *(runner.cleanup() for runner in self._runners))

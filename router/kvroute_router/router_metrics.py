@@ -3,7 +3,11 @@ several routers (tests, benchmarks) can live in one process."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 DECISION_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -55,3 +59,33 @@ class RouterMetrics:
             "or timeout | http_status: not 200 | bad_page: a body the parser rejects, e.g. a "
             "non-numeric or non-finite value; the endpoint's metrics are then dropped until "
             "the next good scrape).", ["pool", "endpoint", "reason"], registry=r)
+
+        # The process's RSS, open fds, CPU (the standard ``process_*`` names every Prometheus
+        # client exports; Linux only, empty elsewhere).
+        ProcessCollector(registry=r)
+
+
+class RuntimeCollector:
+    """Gauges a leak shows in first (read at scrape time, nothing kept between scrapes):
+    ``kvroute_asyncio_tasks`` (tasks alive on the router's event loop) and
+    ``kvroute_internal_entries{table}`` (entries of each in-memory table that grows with
+    traffic: budget meters, tracked tenants, admission controllers, …; ``sizes`` returns them).
+    The soak benchmark (``bench/soak.py``, docs/benchmarks/soak.md) watches both."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop,
+                 sizes: Callable[[], Mapping[str, int]]) -> None:
+        self.loop = loop
+        self.sizes = sizes
+
+    def collect(self) -> Iterator[Metric]:
+        tasks = GaugeMetricFamily("kvroute_asyncio_tasks",
+                                  "Tasks alive (not done) on the router's event loop.")
+        tasks.add_metric([], float(len(asyncio.all_tasks(self.loop))))
+        yield tasks
+        tables = GaugeMetricFamily(
+            "kvroute_internal_entries",
+            "Entries of the router's in-memory tables that grow with traffic, by table "
+            "(docs/reliability.md, 'Soak').", labels=["table"])
+        for table, size in sorted(self.sizes().items()):
+            tables.add_metric([table], float(size))
+        yield tables

@@ -124,9 +124,11 @@ def test_router_deployment_and_service(defaults: Any) -> None:
         assert flag in c["args"]
     assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-    # In-flight streams get the pod's grace (60 s) minus a margin to finish on SIGTERM.
+    # On SIGTERM: 5 s not ready while still serving, then in-flight streams get the pod's
+    # grace (60 s) minus that and a 10 s margin to finish.
     assert pod["terminationGracePeriodSeconds"] == 60
-    assert "--shutdown-grace-seconds=50" in c["args"]
+    assert "--shutdown-delay-seconds=5" in c["args"]
+    assert "--shutdown-grace-seconds=45" in c["args"]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": 8080, "grpc-ext-proc": 9002, "grpc": 9003, "metrics": 9090}
     svc = defaults.one("Service", "kvroute-router")

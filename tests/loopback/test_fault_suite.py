@@ -13,14 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
+import socket
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvroute_cli.testmodel import build_test_model
 from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
 from kvroute_emulator.model.profile import cpu_test_engine
@@ -309,3 +314,160 @@ async def test_a_restarted_router_rebuilds_its_index_by_replay(
         await eventually(lambda: index_entries(router) == before,
                          "the restarted router's index rebuilt by replay")
         await served_all(router, url, range(300, 302))  # repeated prompts: served, billed
+
+
+# -- router SIGTERM under load (a real router process) -------------------------------------
+
+DRAIN_DELAY_S = 2.0
+"""``--shutdown-delay-seconds``: readiness false and gRPC health NOT_SERVING while the
+listeners still accept (the time a load balancer needs to stop sending)."""
+GRACE_S = 60.0
+STREAMS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _health_watch(address: str, seen: list[str], first: asyncio.Event) -> None:
+    """Follow ``grpc.health.v1.Health/Watch`` for the empty service name until the server goes
+    away; record every status (and how the watch ended)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=GRACE_S + 30)
+        try:
+            async for answer in call:
+                seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+                first.set()
+        except grpc.aio.AioRpcError as exc:
+            seen.append(exc.code().name)
+        first.set()
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, i: int,
+                  started: asyncio.Event) -> tuple[bytes, float]:
+    """A long chat stream; signals once its first chunk arrived; returns the whole body and
+    when it ended."""
+    body = {"model": "chat", "messages": [{"role": "user", "content": prompt(i)}],
+            "max_tokens": 400, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with session.post(f"{url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        data = await resp.content.readany()
+        started.set()
+        data += await resp.read()
+    return data, asyncio.get_running_loop().time()
+
+
+async def test_router_sigterm_under_load_drains_streams_and_refuses_new_work(
+        tmp_path: Path, model_dir: Path) -> None:
+    """SIGTERM to a real ``kvroute router`` process with streams in flight: ``/ready`` (the
+    chart's readinessProbe) and the gRPC health of ext_proc and Pick turn NOT_SERVING first,
+    while the listeners still accept; then new connections are refused; every in-flight stream
+    ends complete (``[DONE]`` and usage); the process exits 0 within the grace."""
+    # Real-time engines: a 400-token stream lasts longer than the drain delay.
+    fleet = EmulatedFleet(FleetConfig(count=2, profile=cpu_test_engine(), model_dir=model_dir,
+                                      served_model_name=MODEL, time_scale=1.0))
+    await fleet.start()
+    http, ext_proc, grpc_port = _free_port(), _free_port(), _free_port()
+    url = f"http://127.0.0.1:{http}"
+    log_path = tmp_path / "router.log"
+    with log_path.open("wb") as log:
+        router = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kvroute_cli.main", "router", "--config",
+            str(_config(tmp_path, fleet, 5000)), "--host", "127.0.0.1", "--port", str(http),
+            "--ext-proc-port", str(ext_proc), "--grpc-port", str(grpc_port),
+            "--metrics-port", "-1", "--tokenizer-dir", f"{MODEL}={model_dir}",
+            "--shutdown-grace-seconds", str(GRACE_S),
+            "--shutdown-delay-seconds", str(DRAIN_DELAY_S),
+            stdout=log, stderr=asyncio.subprocess.STDOUT)
+    loop = asyncio.get_running_loop()
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+            async def ready() -> bool:
+                try:
+                    async with s.get(f"{url}/ready") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientConnectorError:
+                    return False
+            deadline = loop.time() + 60
+            while not await ready():
+                assert router.returncode is None, log_path.read_text()
+                assert loop.time() < deadline, "the router did not become ready"
+                await asyncio.sleep(0.1)
+            watches: list[list[str]] = [[], []]
+            watched = [asyncio.Event(), asyncio.Event()]
+            watchers = [asyncio.create_task(_health_watch(f"127.0.0.1:{port}", seen, first))
+                        for port, seen, first in zip((ext_proc, grpc_port), watches, watched,
+                                                     strict=True)]
+            for first in watched:
+                await asyncio.wait_for(first.wait(), 30)
+            starts = [asyncio.Event() for _ in range(STREAMS)]
+            streams = [asyncio.create_task(_stream(s, url, 500 + i, started))
+                       for i, started in enumerate(starts)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in starts)), 30)
+
+            sigterm = loop.time()
+            router.send_signal(signal.SIGTERM)
+            # Readiness: 503 (with draining) before the port refuses; the probe's answers, in
+            # order, are 200* 503+ refused.
+            probes: list[str] = []
+            while not probes or probes[-1] != "refused":
+                try:
+                    async with aiohttp.ClientSession() as fresh, fresh.get(f"{url}/ready") as r:
+                        probes.append(str(r.status))
+                        if r.status == 503:
+                            assert (await r.json())["draining"] is True
+                except aiohttp.ClientConnectorError:
+                    probes.append("refused")
+                    refused_at = loop.time()
+                assert loop.time() - sigterm < GRACE_S, probes[-5:]
+                await asyncio.sleep(0.05)
+            first_503 = probes.index("503")  # raises if readiness never answered 503
+            assert set(probes[:first_503]) <= {"200"} and set(probes[first_503:-1]) == {"503"}
+            # Nothing new is accepted: a fresh connection is refused; a request on a kept-alive
+            # connection gets 503 with an OpenAI error body, or its connection is closed.
+            with pytest.raises(aiohttp.ClientConnectorError):
+                async with aiohttp.ClientSession() as fresh:
+                    await fresh.post(f"{url}/v1/completions", json={"model": "chat",
+                                                                    "prompt": "x"})
+            try:
+                async with s.post(f"{url}/v1/completions",
+                                  json={"model": "chat", "prompt": "late"}) as late:
+                    assert late.status == 503, await late.text()
+                    assert (await late.json())["error"]["code"] == "shutting_down"
+                    late_outcome = "503 shutting_down"
+            except aiohttp.ClientConnectionError as exc:  # incl. refused, server disconnected
+                late_outcome = type(exc).__name__
+            # Every in-flight stream ends complete.
+            ended = []
+            for task in streams:
+                data, at = await asyncio.wait_for(task, GRACE_S)
+                events = [line.removeprefix(b"data: ") for line in data.split(b"\n\n") if line]
+                assert events[-1] == b"[DONE]", data[-300:]
+                assert json.loads(events[-2])["usage"]["completion_tokens"] == 400
+                ended.append(at)
+            FAULTS["requests sent"] += STREAMS
+            # The process exits 0 once its work is done, not when the grace runs out.
+            code = await asyncio.wait_for(router.wait(), GRACE_S / 2)
+            exited = loop.time()
+            assert code == 0, log_path.read_text()[-2000:]
+            await asyncio.wait_for(asyncio.gather(*watchers), 30)
+            # gRPC health: SERVING, then NOT_SERVING before the server went away.
+            for seen in watches:
+                assert seen[0] == "SERVING" and "NOT_SERVING" in seen, seen
+                assert seen.index("NOT_SERVING") < len(seen) - 1 or seen[-1] == "NOT_SERVING"
+            FAULTS["faults injected"] += 1
+            print(f"\nSIGTERM with {STREAMS} streams in flight: /ready 503 from the first probe "
+                  f"{probes.index('503') == 0}, port refused at {refused_at - sigterm:.2f} s "
+                  f"(delay {DRAIN_DELAY_S} s), streams ended at {min(ended) - sigterm:.2f}-"
+                  f"{max(ended) - sigterm:.2f} s, exit 0 at {exited - sigterm:.2f} s (grace "
+                  f"{GRACE_S} s); a request on a kept-alive connection: {late_outcome}; gRPC "
+                  f"health watches (ext_proc, Pick): {watches}")
+    finally:
+        if router.returncode is None:
+            router.kill()
+            await asyncio.wait_for(router.wait(), 10)
+        await fleet.stop()

@@ -418,13 +418,24 @@ class BudgetHook:
             except Exception:
                 log.exception("budget hook refresh failed")
 
+    def sizes(self) -> dict[str, int]:
+        """Entries of the hook's tables and its ledger's (``kvroute_internal_entries``)."""
+        return {"admission_controllers": len(self._policies) + len(self._implicit),
+                "admission_waiters": sum(state.controller.queue_depth for state in
+                                         [*self._policies.values(), *self._implicit.values()]),
+                "budget_tracked_tenants": len(self._active),
+                "budget_background_tasks": len(self._tasks),
+                **self.ledger.sizes()}
+
     async def refresh_gauges(self) -> None:
-        """Window spend and limit gauges of every (policy, tenant) seen with budgets."""
+        """Window spend and limit gauges of every (policy, tenant) that spent recently. A tenant
+        with nothing left in its USD windows (or no USD budget) leaves the set once its gauges
+        read 0 and joins again with its next request: the set, and this loop, were one entry
+        per tenant ever seen (kvroute_internal_entries{table="budget_tracked_tenants"})."""
         for policy, tenant in list(self._active):
-            if not self.ledger.budgets_for(policy, tenant):
+            if (not self.ledger.budgets_for(policy, tenant)
+                    or await self.ledger.usd_idle(policy, tenant)):
                 self._active.discard((policy, tenant))
-                continue
-            await self.ledger.remaining_usd(policy, tenant)
 
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "BudgetHook", "prompt_tokens_upper_bound"]

@@ -209,6 +209,14 @@ class BudgetLedger:
         self._deadlines.pop(policy_id(policy), None)
         self._store_specs.pop(policy_id(policy), None)
 
+    def sizes(self) -> dict[str, int]:
+        """Entries of the ledger's tables and of an in-memory store (leak watching)."""
+        out = {"budget_policies": len(self._budgets),
+               "budget_log_throttles": len(self._logged_at)}
+        if isinstance(self.store, InMemoryMeterStore):
+            out.update(self.store.sizes())
+        return out
+
     def store_spec(self, policy: str) -> BudgetStoreSpec:
         return self._store_specs.get(policy_id(policy)) or BudgetStoreSpec()
 
@@ -425,8 +433,22 @@ class BudgetLedger:
 
     async def remaining_usd(self, policy: str, tenant: str) -> float | None:
         """The smallest USD headroom of the tenant's budgets (None when none limits USD)."""
+        windows, _ = await self._usd_windows(policy, tenant)
+        return min((max(0.0, limit - used) for limit, used in windows), default=None)
+
+    async def usd_idle(self, policy: str, tenant: str) -> bool:
+        """Whether the tenant has nothing in any USD window (or no USD budget): its gauges,
+        refreshed now, stay right until it spends again. False when a store read failed."""
+        windows, failed = await self._usd_windows(policy, tenant)
+        return not failed and all(used == 0 for _, used in windows)
+
+    async def _usd_windows(self, policy: str, tenant: str
+                           ) -> tuple[list[tuple[float, float]], bool]:
+        """(limit, used) of each USD window of the tenant, their gauges refreshed; and whether
+        a store read failed (that window is left out)."""
         now = self.clock()
-        headroom: float | None = None
+        windows: list[tuple[float, float]] = []
+        failed = False
         for budget in self.budgets_for(policy, tenant):
             for limit in _limits_of(budget, self.replica_share):
                 if limit.kind != "usd":
@@ -439,14 +461,14 @@ class BudgetLedger:
                             key, "window", limit.value, 0.0, window_s=limit.window_s), now)
                 except Exception as exc:  # the store is remote: any failure is the store's
                     self._store_failed(policy, "read", store, exc)
+                    failed = True
                     continue
                 if self.metrics is not None:
                     labels = (*policy_labels(policy), budget.name, tenant)
                     self.metrics.window_spend_usd.labels(*labels).set(used)
                     self.metrics.limit_usd.labels(*labels).set(limit.value)
-                left = max(0.0, limit.value - used)
-                headroom = left if headroom is None else min(headroom, left)
-        return headroom
+                windows.append((limit.value, used))
+        return windows, failed
 
     def usd_limit_per_second(self, policy: str, tenant: str) -> float | None:
         """The tightest USD budget as a spend rate (limit / window): the pacing rate the batch

@@ -23,6 +23,8 @@ from typing import Any, Literal, Protocol
 
 MeterKind = Literal["window", "inflight"]
 DEFAULT_BUCKETS = 60
+SWEEP_S = 60.0
+"""``InMemoryMeterStore`` drops the meters of tenants gone quiet at most this often."""
 
 
 @dataclass(frozen=True)
@@ -114,23 +116,54 @@ class InMemoryMeterStore:
     def __init__(self) -> None:
         self._windows: dict[str, dict[int, float]] = {}
         self._inflight: dict[str, dict[str, float]] = {}
+        self._shapes: dict[str, MeterCharge] = {}
+        """The last charge of each window meter: its bucket width and count, for the sweep."""
+        self._swept_at: float | None = None
+
+    def _sweep(self, now: float) -> None:
+        """Every ``SWEEP_S``: prune every meter, dropping those left empty. Without it a meter
+        was pruned only when its tenant came back: one per tenant ever seen stayed."""
+        if self._swept_at is not None and now - self._swept_at < SWEEP_S:
+            return
+        self._swept_at = now
+        for key in list(self._windows):
+            shape = self._shapes.get(key)
+            if shape is not None:
+                self._prune(shape, now)
+        for key in [k for k in self._shapes if k not in self._windows]:
+            del self._shapes[key]
+        for key in list(self._inflight):
+            self._live(key, now)
+
+    def sizes(self) -> dict[str, int]:
+        """Meter keys, window buckets and in-flight members held (for leak watching)."""
+        return {"budget_meter_keys": len(self._windows) + len(self._inflight),
+                "budget_window_buckets": sum(len(b) for b in self._windows.values()),
+                "budget_inflight_members": sum(len(m) for m in self._inflight.values())}
 
     def _prune(self, charge: MeterCharge, now: float) -> dict[int, float]:
-        buckets = self._windows.setdefault(charge.key, {})
+        """The meter's live buckets; a meter left empty is dropped (one key per tenant ever
+        seen stayed otherwise)."""
+        buckets = self._windows.get(charge.key, {})
         oldest = bucket_of(now, charge.width_s) - charge.buckets + 1
         for stale in [b for b in buckets if b < oldest]:
             del buckets[stale]
+        if not buckets:
+            self._windows.pop(charge.key, None)
         return buckets
 
     def _live(self, key: str, now: float) -> dict[str, float]:
-        members = self._inflight.setdefault(key, {})
+        members = self._inflight.get(key, {})
         for stale in [m for m, deadline in members.items() if deadline <= now]:
             del members[stale]
+        if not members:
+            self._inflight.pop(key, None)
         return members
 
     async def try_charge(self, charges: Sequence[MeterCharge], now: float, member: str,
                          deadline: float) -> ChargeRefused | None:
         # No await between the checks and the adds: atomic on the event loop.
+        self._sweep(now)
         for index, charge in enumerate(charges):
             if charge.kind == "window":
                 buckets = self._prune(charge, now)
@@ -144,10 +177,11 @@ class InMemoryMeterStore:
         for charge in charges:
             if charge.kind == "window":
                 bucket = bucket_of(now, charge.width_s)
-                buckets = self._windows[charge.key]
+                buckets = self._windows.setdefault(charge.key, {})
                 buckets[bucket] = buckets.get(bucket, 0.0) + charge.amount
+                self._shapes[charge.key] = charge
             else:
-                self._inflight[charge.key][member] = deadline
+                self._inflight.setdefault(charge.key, {})[member] = deadline
         return None
 
     async def adjust(self, key: str, delta: float, charged_at: float, now: float,
@@ -157,9 +191,15 @@ class InMemoryMeterStore:
             return
         meter = self._windows.setdefault(key, {})
         meter[target] = meter.get(target, 0.0) + delta
+        self._shapes.setdefault(key, MeterCharge(key, "window", 0.0, 0.0, window_s=window_s,
+                                                 buckets=buckets))
 
     async def release(self, key: str, member: str) -> None:
-        self._inflight.get(key, {}).pop(member, None)
+        members = self._inflight.get(key)
+        if members is not None:
+            members.pop(member, None)
+            if not members:
+                del self._inflight[key]
 
     async def used(self, charge: MeterCharge, now: float) -> float:
         if charge.kind == "window":

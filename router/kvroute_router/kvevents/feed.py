@@ -97,6 +97,14 @@ class KVEventFeeds:
         """Each pool's KV-event metrics registry (one per ``PoolKVEvents``)."""
         return [events.metrics.registry for events in list(self._pools.values())]
 
+    def sizes(self) -> dict[str, int]:
+        """Every pool's ``PoolKVEvents.sizes``, summed."""
+        out: dict[str, int] = {}
+        for events in list(self._pools.values()):
+            for key, value in events.sizes().items():
+                out[key] = out.get(key, 0) + value
+        return out
+
     def statuses(self) -> dict[str, list[dict[str, Any]]]:
         """Per pool key, each engine's subscription status (connected, synced, trustworthy)."""
         return {key: events.statuses() for key, events in self._pools.items()}

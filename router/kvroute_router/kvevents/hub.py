@@ -115,6 +115,19 @@ class PoolKVEvents:
         socket closes), whatever state each connection is in."""
         await asyncio.gather(*(self._stop(name) for name in list(self._subscribers)))
 
+    def sizes(self) -> dict[str, int]:
+        """Entries of this pool's bounded caches and queues (``kvroute_internal_entries``; the
+        index's blocks have their own gauge)."""
+        prompts, tokens = self.tokenizer.cache_size() if self.tokenizer else (0, 0)
+        sizes = {"kv_tokenizer_cache_prompts": prompts, "kv_tokenizer_cache_tokens": tokens,
+                 "kv_hash_memo_blocks": self.hasher.memo_size(),
+                 "kv_index_pending_blocks": sum(self.index.pending_count(name)
+                                                for name in self.index.endpoints())}
+        for subscriber, _ in self._subscribers.values():
+            for key, value in subscriber.sizes().items():
+                sizes[key] = sizes.get(key, 0) + value
+        return sizes
+
     def status(self, endpoint: str) -> SubscriberStatus | None:
         entry = self._subscribers.get(endpoint)
         return entry[0].status if entry else None

@@ -63,6 +63,10 @@ class BlockHashSelfCheck:
         self._known: OrderedDict[int, bytes] = OrderedDict()
         self._known_max = known_digests
 
+    def known_count(self) -> int:
+        """Block digests remembered now (bounded by ``known_digests``)."""
+        return len(self._known)
+
     def check(self, event: BlockStored) -> CheckResult:
         self._seen += 1
         if self.status.matched >= self.always_first and self._seen % self.sample_every:

@@ -230,6 +230,12 @@ class KVEventSubscriber:
         with contextlib.suppress(zmq.ZMQError):
             socket.close(linger=0)
 
+    def sizes(self) -> dict[str, int]:
+        """Entries held for this engine (``kvroute_internal_entries``)."""
+        return {"kv_recent_digests": len(self._recent), "kv_queued_batches": self._queue.qsize(),
+                "kv_selfcheck_digests": (self.self_check.known_count()
+                                         if self.self_check is not None else 0)}
+
     async def run(self) -> None:
         """Follow the engine until :meth:`stop` or cancellation, restarting failed sessions."""
         backoff = self.settings.session_backoff_s

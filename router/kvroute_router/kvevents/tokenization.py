@@ -28,7 +28,11 @@ off for that tokenizer (with a warning).
 Anything the in-process path cannot reproduce faithfully (``continue_final_message``, tools,
 non-text parts, templates that fail to render) returns ``None`` from :meth:`tokenize`; the async
 :meth:`tokenize_via_engine` asks the engine's own ``/tokenize`` instead. Results are kept in a
-bounded LRU cache keyed by a digest of the prompt and the options that change the tokens.
+bounded LRU cache keyed by a digest of the prompt and the options that change the tokens. Its
+ids are kept as 4-byte unsigned integers (``array('I')``): at the default bound of 4M tokens
+that is ~16 MB per pool whatever the vocabulary; as a tuple of Python ints it was ~33 MB with
+the byte-level test model and ~160 MB with a 128k vocabulary (an int object per id above 256),
+a cache the soak benchmark first took for a leak (docs/benchmarks/soak.md).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import itertools
 import json
 import logging
 import re
+from array import array
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -123,7 +128,7 @@ class PromptTokenizer:
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
         self.cache_tokens = cache_tokens
-        self._cache: OrderedDict[bytes, tuple[int, ...]] = OrderedDict()
+        self._cache: OrderedDict[bytes, array[int]] = OrderedDict()
         self._cached_tokens = 0
         self.hits = 0
         self.misses = 0
@@ -165,6 +170,10 @@ class PromptTokenizer:
                    special_tokens=special, **kwargs)
 
     # -- cache -------------------------------------------------------------------------------
+    def cache_size(self) -> tuple[int, int]:
+        """(prompts, tokens) cached now; tokens are bounded by ``cache_tokens``."""
+        return len(self._cache), self._cached_tokens
+
     def _cached(self, key: bytes) -> list[int] | None:
         found = self._cache.get(key)
         if found is None:
@@ -172,15 +181,19 @@ class PromptTokenizer:
             return None
         self.hits += 1
         self._cache.move_to_end(key)
-        return list(found)
+        return found.tolist()
 
     def _remember(self, key: bytes, tokens: Sequence[int]) -> None:
         if len(tokens) > self.cache_tokens:
             return
+        try:
+            ids = array("I", tokens)
+        except (OverflowError, TypeError):  # not a token id a tokenizer makes: not cached
+            return
         old = self._cache.pop(key, None)
         if old is not None:
             self._cached_tokens -= len(old)
-        self._cache[key] = tuple(tokens)
+        self._cache[key] = ids
         self._cached_tokens += len(tokens)
         while self._cached_tokens > self.cache_tokens and self._cache:
             _, evicted = self._cache.popitem(last=False)

@@ -71,6 +71,10 @@ class ApproxPrefixIndex:
         self._lru: dict[str, OrderedDict[int, None]] = {}
         self._lock = threading.Lock()
 
+    def entries(self) -> int:
+        """(endpoint, block) entries held now."""
+        return sum(len(lru) for lru in list(self._lru.values()))
+
     def match(self, keys: Sequence[int], endpoints: Sequence[str]) -> dict[str, int]:
         """Blocks of the prefix each endpoint holds (only endpoints with at least one).
 
@@ -189,6 +193,13 @@ class ApproxPrefixScorer:
 def services_key(pool_key: str) -> str:
     """Where a pool's :class:`ApproxPrefixIndex` lives in the shared services."""
     return f"prefix-approx/{pool_key}"
+
+
+def history_entries(services: SharedServices, pool_key: str) -> int:
+    """(endpoint, block) entries of a pool's approximate history (bounded per endpoint by
+    ``max_blocks_per_endpoint``); 0 when the pool has none."""
+    index = services.get(services_key(pool_key), ApproxPrefixIndex)
+    return index.entries() if index is not None else 0
 
 
 def forget_endpoint(services: SharedServices, pool_key: str, endpoint: str) -> None:

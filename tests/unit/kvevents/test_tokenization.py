@@ -123,3 +123,32 @@ def test_a_tokenizer_whose_pieces_do_not_join_is_encoded_whole(model_dir: Path) 
     assert not tokenizer.piecewise
     other = _long_text(6)
     assert tokenizer.encode(other, True) == raw.encode(other, add_special_tokens=True).ids
+
+
+def test_the_cache_keeps_4_bytes_per_token_whatever_the_vocabulary(model_dir: Path) -> None:
+    """The cache's bound is in tokens (4M by default); as Python ints a real vocabulary's ids
+    cost ~40 bytes each (an int object per id above 256: ~160 MB per pool at the bound), which
+    the soak benchmark saw as steady RSS growth. Stored as ``array('I')``: ~4 bytes."""
+    import random
+    import tracemalloc
+
+    tokenizer = PromptTokenizer.from_directory(model_dir, cache_tokens=10**9)
+    rng = random.Random(0)
+    prompts = 200
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(prompts):
+            ids = [rng.randrange(1000, 128_000) for _ in range(1000)]
+            tokenizer._remember(i.to_bytes(16, "big"), ids)
+            del ids
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert tokenizer.cache_size() == (prompts, prompts * 1000)
+    assert used / (prompts * 1000) < 6  # bytes per cached token (was ~40)
+    # What comes back is what went in, as a fresh list.
+    tokenizer._remember(b"k" * 16, [5, 70_000, 2**32 - 1])
+    assert tokenizer._cached(b"k" * 16) == [5, 70_000, 2**32 - 1]
+    tokenizer._remember(b"x" * 16, [-1])  # not a token id: not cached, no error
+    assert tokenizer._cached(b"x" * 16) is None

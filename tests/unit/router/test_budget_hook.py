@@ -433,3 +433,33 @@ async def test_a_200_kb_tools_schema_reserves_its_size() -> None:
         {"name": "t", "tokensPerMinute": 100_000}])
     director, _, _, _ = _setup(policy)
     assert not await _admitted(director, request)
+
+
+async def test_tenants_leave_the_gauge_refresh_once_their_usd_windows_are_empty() -> None:
+    """The hook refreshed the USD gauges of every (policy, tenant) ever seen, forever: a set and
+    a loop of one entry per tenant. A tenant without a USD budget, or whose USD windows are
+    empty (gauges then read 0), now leaves it until its next request."""
+    from kvroute_router.budget.ledger import BudgetLedger
+
+    now = [1000.0]
+    policy = make_policy(pools=[{"name": "strong"}], budgets=[
+        {"name": "team", "tenant": "*", "usd": 100, "window": "1m"},
+        {"name": "tokens", "tenant": "*", "tokensPerMinute": 10**6}])
+    director, store = make_director(_pools(), [policy])
+    registry = CollectorRegistry()
+    metrics = BudgetMetrics(registry)
+    hook = BudgetHook(store, metrics=metrics,
+                      ledger=BudgetLedger(metrics=metrics, clock=lambda: now[0]))
+    director.add_admission_hook(hook)
+    for tenant in ("a", "b"):
+        await _serve(director, hook, _request(headers={"x-kvroute-tenant": tenant}))
+    assert hook.sizes()["budget_tracked_tenants"] == 2
+    await hook.refresh_gauges()  # spend in the window: kept
+    assert hook.sizes()["budget_tracked_tenants"] == 2
+    now[0] += 120  # the windows have passed
+    await hook.refresh_gauges()
+    assert hook.sizes()["budget_tracked_tenants"] == 0
+    labels = {**CHAT, "budget": "team", "tenant": "a"}
+    assert registry.get_sample_value("kvroute_budget_window_spend_usd", labels) == 0
+    await _serve(director, hook, _request(headers={"x-kvroute-tenant": "a"}))
+    assert hook.sizes()["budget_tracked_tenants"] == 1  # back with its next request

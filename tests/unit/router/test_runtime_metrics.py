@@ -1,0 +1,111 @@
+"""The leak-watching gauges on a router's /metrics: process RSS and open fds, asyncio tasks, and
+the entries of the in-memory tables that grow with traffic (bench/soak.py reads them)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from kvroute_router.app import Router, RouterSettings
+from kvroute_router.budget.meters import SWEEP_S, InMemoryMeterStore, MeterCharge, MeterKind
+from prometheus_client import generate_latest
+
+
+def _samples(router: Router) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in router.metrics.registry.collect() for s in family.samples}
+
+
+async def test_a_router_exports_tasks_table_sizes_and_process_gauges() -> None:
+    router = Router(RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                                   metrics_port=None, kv_events=False))
+    await router.start()
+    try:
+        held = asyncio.get_running_loop().create_task(asyncio.sleep(60), name="held")
+        samples = _samples(router)
+        tasks = samples[("kvroute_asyncio_tasks", ())]
+        assert tasks >= 2  # this test's own task and ``held``, at least
+        held.cancel()
+        await asyncio.gather(held, return_exceptions=True)
+        assert _samples(router)[("kvroute_asyncio_tasks", ())] == tasks - 1
+        tables = {labels[0][1]: v for (name, labels), v in samples.items()
+                  if name == "kvroute_internal_entries"}
+        assert {"budget_tracked_tenants", "budget_meter_keys", "budget_inflight_members",
+                "admission_controllers", "datastore_endpoints",
+                "prefix_approx_history_blocks"} <= set(tables)
+        if sys.platform == "linux":
+            assert samples[("process_resident_memory_bytes", ())] > 0
+            assert samples[("process_open_fds", ())] > 0
+        assert b"kvroute_internal_entries{table=\"budget_meter_keys\"}" in generate_latest(
+            router.metrics.registry)
+    finally:
+        await router.stop()
+
+
+@pytest.mark.parametrize("kind", ["window", "inflight"])
+async def test_meter_store_sizes_count_keys_buckets_and_members(kind: MeterKind) -> None:
+    store = InMemoryMeterStore()
+    assert store.sizes() == {"budget_meter_keys": 0, "budget_window_buckets": 0,
+                             "budget_inflight_members": 0}
+    charge = MeterCharge(key="k", kind=kind, limit=10, amount=1, window_s=60, buckets=1)
+    assert await store.try_charge([charge], now=0.0, member="m", deadline=100.0) is None
+    sizes = store.sizes()
+    assert sizes["budget_meter_keys"] == 1
+    assert sizes["budget_window_buckets" if kind == "window" else "budget_inflight_members"] == 1
+
+
+def test_a_pool_reports_its_kv_event_caches(tmp_path: Path) -> None:
+    from kvroute_cli.testmodel import build_test_model
+    from kvroute_router.kvevents.hashing import BlockHashConfig
+    from kvroute_router.kvevents.hub import PoolKVEvents
+    from kvroute_router.kvevents.tokenization import PromptTokenizer
+
+    tokenizer = PromptTokenizer.from_directory(build_test_model(tmp_path / "model"))
+    pool = PoolKVEvents(BlockHashConfig(block_size=16), tokenizer=tokenizer)
+    assert pool.sizes()["kv_tokenizer_cache_tokens"] == 0
+    tokens = tokenizer.encode("a prompt of a few tokens", add_special_tokens=True)
+    pool.hasher.block_digests(tokens * 40)
+    sizes = pool.sizes()
+    assert sizes["kv_tokenizer_cache_prompts"] == 1
+    assert sizes["kv_tokenizer_cache_tokens"] == len(tokens)
+    assert sizes["kv_hash_memo_blocks"] > 0
+    assert sizes["kv_index_pending_blocks"] == 0
+
+
+async def test_meters_of_tenants_gone_quiet_are_dropped() -> None:
+    """One meter key per tenant ever seen stayed in memory (pruned only when its tenant came
+    back); the store now sweeps meters left empty."""
+    store = InMemoryMeterStore()
+    for tenant in range(100):  # tenants that come once
+        charges = [MeterCharge(key=f"t{tenant}:tokens", kind="window", limit=1e9, amount=10),
+                   MeterCharge(key=f"t{tenant}:concurrency", kind="inflight", limit=10,
+                               amount=1)]
+        assert await store.try_charge(charges, now=tenant / 100, member="r",
+                                      deadline=30.0) is None
+        await store.release(f"t{tenant}:concurrency", "r")
+    assert store.sizes()["budget_meter_keys"] == 100  # their windows still count
+    later = 60.0 + SWEEP_S  # every window has passed, a sweep is due
+    live = MeterCharge(key="steady:tokens", kind="window", limit=1e9, amount=10)
+    assert await store.try_charge([live], now=later, member="r", deadline=later + 30) is None
+    assert store.sizes() == {"budget_meter_keys": 1, "budget_window_buckets": 1,
+                             "budget_inflight_members": 0}
+
+
+def test_the_approximate_history_counts_its_entries() -> None:
+    from kvroute_router.framework.registry import SharedServices
+    from kvroute_router.plugins.prefix_approx import (
+        ApproxPrefixIndex,
+        history_entries,
+        services_key,
+    )
+
+    services = SharedServices()
+    assert history_entries(services, "default/pool") == 0
+    index = ApproxPrefixIndex(max_blocks_per_endpoint=3)
+    services.put(services_key("default/pool"), index)
+    index.record("e0", [1, 2])
+    index.record("e1", [1, 2, 3, 4, 5])  # over its bound: the oldest leave
+    assert index.entries() == 5
+    assert history_entries(services, "default/pool") == 5

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--contenders", default="",
                         help=f"comma-separated; default: all present. Known: "
                              f"{', '.join(CONTENDER_NAMES)}")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="independent copies of each router (own process, KV-event "
+                             "subscriptions and cache); the client spreads requests over them "
+                             "round-robin per request, like L7 balancing in front of a "
+                             "Deployment. Router CPU is summed over them")
     parser.add_argument("--engines", type=int, default=2, help="number of vLLM-CPU engines")
     parser.add_argument("--kv-blocks", type=int, default=384,
                         help="KV blocks per engine (--num-gpu-blocks-override; 0: vLLM's "

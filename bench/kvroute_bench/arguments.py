@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                      help="cost profile of a simulated or emulated engine: cpu, h100-llama8b "
                           "(alias h100), or (emulated) a JSON file of CostProfile fields")
     sim.add_argument("--sim-pickers", default="round-robin,kvroute-approx,kvroute-approx-load",
-                     help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load")
+                     help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load, "
+                          "kvroute-precise-load; kvroute ones optionally @MS (a scrape "
+                          "interval) and /xN or /xNshared (N replicas, see the docs)")
     parser.add_argument("--workdir", default=".kvroute/bench",
                         help="folder for engine and router logs")

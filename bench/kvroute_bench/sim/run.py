@@ -65,7 +65,7 @@ def split_picker_name(name: str) -> tuple[str, float]:
 def needs_block_hashes(name: str) -> bool:
     """Whether the trace must carry the simulator's own block hashes (every picker except
     the KV-event one, whose engines get the router's hashes at its decisions)."""
-    scorers = SIM_PICKERS.get(split_picker_name(name)[0]) or []
+    scorers = SIM_PICKERS.get(split_picker_name(split_replicas(name)[0])[0]) or []
     return not any(s["type"] == "prefix-precise" for s in scorers)
 
 
@@ -79,7 +79,33 @@ def profile_named(name: str, kv_blocks: int) -> CostProfile:
     raise SystemExit(f"unknown profile {name!r}; valid: cpu, h100-llama8b")
 
 
+def split_replicas(name: str) -> tuple[str, int, bool]:
+    """``kvroute-precise-load@1600/x3`` → (``kvroute-precise-load@1600``, 3, False): three
+    independent replicas behind per-request round-robin; ``/x3shared``: replicas that learn of
+    each other's dispatches at once (see ``ReplicatedPicker``)."""
+    base, _, spec = name.partition("/")
+    if not spec:
+        return base, 1, False
+    shared = spec.endswith("shared")
+    count = spec.removesuffix("shared").removeprefix("x")
+    if (not spec.startswith("x") or not count.isdigit() or int(count) < 1
+            or base.startswith("round-robin")):
+        raise SystemExit(f"picker {name!r}: the part after / is xN or xNshared (N replicas of "
+                         f"a kvroute picker)")
+    return base, int(count), shared
+
+
 def make_picker(name: str, block_size: int) -> Picker:
+    name, replicas, shared = split_replicas(name)
+    if replicas > 1 or shared:
+        from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
+
+        def one() -> RouterPicker:
+            picker = make_picker(name, block_size)
+            assert isinstance(picker, RouterPicker)
+            return picker
+
+        return ReplicatedPicker(one, replicas, shared)
     base, scrape_interval_s = split_picker_name(name)
     if base not in SIM_PICKERS:
         raise SystemExit(f"unknown simulator picker {name!r}; valid: {', '.join(SIM_PICKERS)} "

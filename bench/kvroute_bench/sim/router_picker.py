@@ -211,6 +211,9 @@ class RouterPicker:
         return self._endpoints[: len(engines)]
 
 
+SHARED_STATE = ("", "pending", "counts", "both")
+
+
 class ReplicatedPicker:
     """``replicas`` independent routers (``RouterPicker``s of one scoring) behind a per-request
     round-robin balancer, as ``kvroute bench --replicas N`` runs them on a real fleet: every
@@ -219,18 +222,21 @@ class ReplicatedPicker:
     ``dispatched_since_scrape`` counts — until the engines' events and the next scrape show
     the others'.
 
-    ``shared`` is the fix to test: each dispatch is made known to every replica at once (the
-    request's blocks marked pending on the chosen engine and its dispatch counted), as replica
-    coordination or a shared pending-block store would. A simplification either way: each
-    replica's ``in_flight`` is the engine's whole count (the simulator's ``RouterPicker`` reads
-    it from the engine), so only the between-scrape queue estimate and the pending marks differ
-    between replicas.
+    ``shared`` is the fix to test: each dispatch is made known to every replica at once, as
+    replica coordination would: ``"pending"`` marks the request's blocks pending on the chosen
+    engine in every replica's index (a shared pending-block store), ``"counts"`` counts the
+    dispatch in every replica's queue estimate, ``"both"`` does both; ``""`` shares nothing.
+    A simplification either way: each replica's ``in_flight`` is the engine's whole count
+    (the simulator's ``RouterPicker`` reads it from the engine), so only the between-scrape
+    queue estimate and the pending marks differ between replicas.
     """
 
     def __init__(self, make: Callable[[], RouterPicker], replicas: int,
-                 shared: bool = False) -> None:
+                 shared: str = "") -> None:
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
+        if shared not in SHARED_STATE:
+            raise ValueError(f"shared must be one of {SHARED_STATE}")
         self.replicas = [make() for _ in range(replicas)]
         self.scrape_interval_s = self.replicas[0].scrape_interval_s
         self.shared = shared
@@ -254,8 +260,9 @@ class ReplicatedPicker:
                     continue
                 other.now = request.arrival_s
                 other._grow(engines)
-                if other.pool_events is not None and request.hashes:
+                if (self.shared in ("pending", "both") and other.pool_events is not None
+                        and request.hashes):
                     other.pool_events.index.mark_pending(f"pod-{index}", request.hashes)
-                if other.scrape_interval_s > 0:
+                if self.shared in ("counts", "both") and other.scrape_interval_s > 0:
                     other._endpoints[index].dispatched_since_scrape += 1
         return index

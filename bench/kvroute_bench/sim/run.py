@@ -79,19 +79,24 @@ def profile_named(name: str, kv_blocks: int) -> CostProfile:
     raise SystemExit(f"unknown profile {name!r}; valid: cpu, h100-llama8b")
 
 
-def split_replicas(name: str) -> tuple[str, int, bool]:
-    """``kvroute-precise-load@1600/x3`` → (``kvroute-precise-load@1600``, 3, False): three
-    independent replicas behind per-request round-robin; ``/x3shared``: replicas that learn of
-    each other's dispatches at once (see ``ReplicatedPicker``)."""
+def split_replicas(name: str) -> tuple[str, int, str]:
+    """``kvroute-precise-load@1600/x3`` → (``kvroute-precise-load@1600``, 3, ""): three
+    independent replicas behind per-request round-robin. ``/x3shared`` (``"both"``),
+    ``/x3pending``, ``/x3counts``: replicas that learn of each other's dispatches at once
+    (see ``ReplicatedPicker``)."""
     base, _, spec = name.partition("/")
     if not spec:
-        return base, 1, False
-    shared = spec.endswith("shared")
-    count = spec.removesuffix("shared").removeprefix("x")
+        return base, 1, ""
+    count = spec.removeprefix("x")
+    shared = ""
+    for suffix, mode in (("shared", "both"), ("pending", "pending"), ("counts", "counts")):
+        if count.endswith(suffix):
+            count, shared = count.removesuffix(suffix), mode
+            break
     if (not spec.startswith("x") or not count.isdigit() or int(count) < 1
             or base.startswith("round-robin")):
-        raise SystemExit(f"picker {name!r}: the part after / is xN or xNshared (N replicas of "
-                         f"a kvroute picker)")
+        raise SystemExit(f"picker {name!r}: the part after / is xN, xNshared, xNpending or "
+                         f"xNcounts (N replicas of a kvroute picker)")
     return base, int(count), shared
 
 

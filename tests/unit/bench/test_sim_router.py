@@ -169,10 +169,11 @@ def test_replicated_picker_names() -> None:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
     from kvroute_bench.sim.run import split_replicas
 
-    assert split_replicas("kvroute-precise-load@100") == ("kvroute-precise-load@100", 1, False)
-    assert split_replicas("kvroute-precise-load@100/x3") == ("kvroute-precise-load@100", 3,
-                                                             False)
-    assert split_replicas("kvroute-precise-load/x2shared") == ("kvroute-precise-load", 2, True)
+    assert split_replicas("kvroute-precise-load@100") == ("kvroute-precise-load@100", 1, "")
+    assert split_replicas("kvroute-precise-load@100/x3") == ("kvroute-precise-load@100", 3, "")
+    assert split_replicas("kvroute-precise-load/x2shared") == ("kvroute-precise-load", 2, "both")
+    assert split_replicas("kvroute-precise-load/x2pending")[2] == "pending"
+    assert split_replicas("kvroute-precise-load/x2counts")[2] == "counts"
     picker = make_picker("kvroute-precise-load@100/x3", 32)
     assert isinstance(picker, ReplicatedPicker) and len(picker.replicas) == 3
     assert picker.scrape_interval_s == pytest.approx(0.1)
@@ -183,7 +184,7 @@ def test_replicated_picker_names() -> None:
             make_picker(bad, 32)
 
 
-def _replicated(shared: bool) -> tuple[object, list[SimEngine]]:
+def _replicated(shared: str) -> tuple[object, list[SimEngine]]:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
 
     picker = ReplicatedPicker(lambda: RouterPicker(PRECISE, block_size=PROFILE.block_size,
@@ -194,8 +195,8 @@ def _replicated(shared: bool) -> tuple[object, list[SimEngine]]:
     return picker, engines
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_replicas_take_turns_and_share_only_when_told(shared: bool) -> None:
+@pytest.mark.parametrize("shared", ["", "pending", "counts", "both"])
+def test_replicas_take_turns_and_share_only_when_told(shared: str) -> None:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
 
     picker, engines = _replicated(shared)
@@ -207,14 +208,13 @@ def test_replicas_take_turns_and_share_only_when_told(shared: bool) -> None:
     counts = [r._endpoints[chosen].dispatched_since_scrape for r in picker.replicas]
     pending = [r.pool_events.index.match(first.hashes).get(f"pod-{chosen}", 0)
                for r in picker.replicas]
-    if shared:
-        assert counts == [1, 1, 1] and pending == [len(first.hashes)] * 3
-    else:
-        assert counts == [1, 0, 0] and pending == [len(first.hashes), 0, 0]
+    full = len(first.hashes)
+    assert counts == ([1, 1, 1] if shared in ("counts", "both") else [1, 0, 0])
+    assert pending == ([full] * 3 if shared in ("pending", "both") else [full, 0, 0])
     # The second request (same tenant, before the first's blocks are published) goes to
     # replica 2: it follows the first to its engine only if it knew of it.
     second = sim_request(2, "tenant context " * 10 + "question two", at=0.001)
     again = picker.pick(second, engines)
-    if shared:
+    if shared in ("pending", "both"):
         assert again == chosen
     assert picker.replicas[1]._endpoints[again].dispatched_since_scrape >= 1

@@ -100,5 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                      help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load, "
                           "kvroute-precise-load; kvroute ones optionally @MS (a scrape "
                           "interval) and /xN or /xNshared (N replicas, see the docs)")
+    sim.add_argument("--sim-pending-ttl", type=float, default=None, metavar="SECONDS",
+                     help="how long kvroute pickers' pending-block marks last, simulated s "
+                          "(default: the router's 5 s; an emulated fleet at time scale S "
+                          "gives them 5/S)")
     parser.add_argument("--workdir", default=".kvroute/bench",
                         help="folder for engine and router logs")

@@ -1,7 +1,7 @@
 """Synthetic traces in the Mooncake format, for when the published traces cannot be fetched.
 
 The Mooncake FAST'25 traces (``conversation_trace.jsonl``, ``toolagent_trace.jsonl``,
-github.com/kvcache-ai/Mooncake, ``FAST25-release/traces``) are one hour of Kimi's production
+in the FAST'25 trace release of github.com/kvcache-ai/Mooncake) are one hour of Kimi's production
 requests, one JSON object per line: ``timestamp`` (ms), ``input_length``, ``output_length``
 and ``hash_ids`` (one id per 512-token block of the prompt; equal ids are equal content, so
 requests that share a prefix share its leading ids). No text is published. ``mooncake_like``

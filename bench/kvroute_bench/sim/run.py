@@ -125,6 +125,19 @@ def make_picker(name: str, block_size: int) -> Picker:
                         scrape_interval_s=scrape_interval_s, precise=precise)
 
 
+def set_pending_ttl(picker: Picker, seconds: float) -> None:
+    """How long a kvroute picker's pending-block marks last (simulated seconds; the router's
+    ``DEFAULT_PENDING_TTL_S`` otherwise): on an emulated fleet they last 5 s of *wall* time,
+    i.e. 5 / time-scale of engine time, which this reproduces."""
+    from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
+
+    routers = (picker.replicas if isinstance(picker, ReplicatedPicker)
+               else [picker] if isinstance(picker, RouterPicker) else [])
+    for router in routers:
+        if router.pool_events is not None:
+            router.pool_events.index.pending_ttl = seconds
+
+
 def run_sim(args: argparse.Namespace) -> int:
     console = Console(width=150)
     profile = profile_named(args.profile, args.kv_blocks if args.kv_blocks_set else 0)
@@ -143,6 +156,8 @@ def run_sim(args: argparse.Namespace) -> int:
         for name in args.sim_pickers:
             started = time.monotonic()
             picker = make_picker(name, profile.block_size)
+            if args.sim_pending_ttl is not None:
+                set_pending_ttl(picker, args.sim_pending_ttl)
             result = simulate(to_sim_requests(trace.requests, profile.block_size,
                                               keep_text=name != "round-robin",
                                               hash_blocks=needs_block_hashes(name)),

@@ -218,3 +218,17 @@ def test_replicas_take_turns_and_share_only_when_told(shared: str) -> None:
     if shared in ("pending", "both"):
         assert again == chosen
     assert picker.replicas[1]._endpoints[again].dispatched_since_scrape >= 1
+
+
+def test_pending_ttl_reaches_every_replica() -> None:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+    from kvroute_bench.sim.run import set_pending_ttl
+
+    single = make_picker("kvroute-precise-load@100", 32)
+    replicated = make_picker("kvroute-precise-load@100/x3", 32)
+    set_pending_ttl(single, 0.08)
+    set_pending_ttl(replicated, 0.08)
+    set_pending_ttl(make_picker("round-robin", 32), 0.08)  # no index: nothing to set
+    assert isinstance(single, RouterPicker) and isinstance(replicated, ReplicatedPicker)
+    assert single.pool_events.index.pending_ttl == 0.08
+    assert [r.pool_events.index.pending_ttl for r in replicated.replicas] == [0.08] * 3

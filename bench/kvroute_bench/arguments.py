@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing", "precise-prefix")
 CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise",
-                   "kvroute-precise-load", "vllm-router-rr", "vllm-router-cache", "vllm-router-kv",
-                   "sglang-router-cache", "smg-cache")
+                   "kvroute-precise-load", "kvroute-precise-load-nosat", "vllm-router-rr",
+                   "vllm-router-cache", "vllm-router-kv", "sglang-router-cache", "smg-cache")
 
 
 def _names(valid: tuple[str, ...]) -> Callable[[str], str]:

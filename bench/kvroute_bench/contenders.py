@@ -304,10 +304,21 @@ KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
                      {"type": "queue-depth", "weight": 1.0},
                      {"type": "kv-utilization", "weight": 1.0}],
 }
+KVROUTE_SCORING["precise-load-nosat"] = KVROUTE_SCORING["precise-load"]
 
 
-def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The External InferencePool and RoutePolicy documents for ``kvroute router --config``."""
+# Variants whose RoutePolicy differs beyond the scorers: spec fields merged into the policy.
+KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
+    # An A/B of the load-headroom filter's queue rule (an engine with >= 8 waiting requests
+    # loses headroom and stops attracting its prefix): effectively off, the KV rule stays.
+    "precise-load-nosat": {"admission": {"saturationQueueDepth": 100_000}},
+}
+
+
+def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
+                   extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The External InferencePool and RoutePolicy documents for ``kvroute router --config``
+    (``extra``: further RoutePolicy spec fields)."""
     pool = {
         "apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
         "metadata": {"name": "local"},
@@ -331,6 +342,7 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
         # The scrape period is stretched too (see _kvroute), so the age at which load metrics
         # count as stale must be: 1 s of engine time, its default on real engines.
         spec["scoring"]["staleMetricsMs"] = min(600_000, round(1000 * fleet.time_scale))
+    spec.update(extra or {})
     policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
               "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]
@@ -339,8 +351,9 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
 def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
     def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
         config = workdir / f"kvroute-{variant}.yaml"
-        config.write_text(yaml.safe_dump_all(kvroute_config(fleet, KVROUTE_SCORING[variant]),
-                                             sort_keys=False))
+        config.write_text(yaml.safe_dump_all(
+            kvroute_config(fleet, KVROUTE_SCORING[variant], KVROUTE_POLICY_EXTRA.get(variant)),
+            sort_keys=False))
         argv = [sys.executable, "-m", "kvroute_cli.main", "router", "--config", str(config),
                 "--host", "127.0.0.1", "--port", str(port), "--ext-proc-port", "-1",
                 "--grpc-port", "-1", "--metrics-port", "-1", "--log-level", "warning"]
@@ -405,6 +418,9 @@ CONTENDERS = ContenderSet([
     Contender("kvroute-precise-load", "kvroute",
               "kvroute, precise prefix (x3) + queue depth + KV utilisation",
               _kvroute("precise-load"), ready_timeout_s=180),
+    Contender("kvroute-precise-load-nosat", "kvroute",
+              "kvroute-precise-load with the load-headroom queue rule off (A/B)",
+              _kvroute("precise-load-nosat"), ready_timeout_s=180),
     Contender("vllm-router-rr", "vllm-router", "vllm-router --policy round_robin",
               _vllm_router("round_robin"), needs="vllm-router", env=_vllm_router_env),
     Contender("vllm-router-cache", "vllm-router", "vllm-router --policy cache_aware",

@@ -53,7 +53,10 @@ def test_select_names_unknown_contenders() -> None:
 
 @pytest.mark.parametrize("variant", sorted(KVROUTE_SCORING))
 def test_kvroute_config_is_a_valid_pool_and_policy(variant: str) -> None:
-    pool, policy = kvroute_config(FLEET, KVROUTE_SCORING[variant])
+    from kvroute_bench.contenders import KVROUTE_POLICY_EXTRA
+
+    pool, policy = kvroute_config(FLEET, KVROUTE_SCORING[variant],
+                                  KVROUTE_POLICY_EXTRA.get(variant))
     parsed_pool = InferencePool.model_validate(pool)
     parsed_policy = RoutePolicy.model_validate(policy)
     assert parsed_pool.spec.mode == "External"
@@ -212,3 +215,20 @@ def test_replicated_results_are_named_apart() -> None:
 
     assert replica_name("kvroute-precise-load", 1) == "kvroute-precise-load"
     assert replica_name("kvroute-precise-load", 3) == "kvroute-precise-load x3"
+
+
+def test_the_nosat_variant_only_lifts_the_queue_rule(tmp_path: Path) -> None:
+    from kvroute_bench.contenders import KVROUTE_POLICY_EXTRA
+
+    base = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-load"])[1])
+    nosat = RoutePolicy.model_validate(kvroute_config(
+        FLEET, KVROUTE_SCORING["precise-load-nosat"],
+        KVROUTE_POLICY_EXTRA["precise-load-nosat"])[1])
+    assert nosat.spec.admission.saturation_queue_depth == 100_000
+    assert base.spec.admission.saturation_queue_depth == 8
+    assert nosat.spec.scoring == base.spec.scoring
+    contender = CONTENDERS.select(["kvroute-precise-load-nosat"])[0]
+    assert contender.command is not None
+    contender.command(FLEET, 30000, tmp_path)
+    written = list(yaml.safe_load_all((tmp_path / "kvroute-precise-load-nosat.yaml").read_text()))
+    assert written[1]["spec"]["admission"] == {"saturationQueueDepth": 100_000}

@@ -342,7 +342,15 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
         # The scrape period is stretched too (see _kvroute), so the age at which load metrics
         # count as stale must be: 1 s of engine time, its default on real engines.
         spec["scoring"]["staleMetricsMs"] = min(600_000, round(1000 * fleet.time_scale))
-    spec.update(extra or {})
+        # How long admission control holds a request while every engine is saturated before
+        # answering 429 (30 s by default): unscaled it is 1.9 s of engine time at scale 16,
+        # and long overloaded runs got 429s that a real fleet would not give.
+        spec["admission"] = {"queueTimeoutMs": min(3_600_000, round(30_000 * fleet.time_scale))}
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
     policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
               "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]

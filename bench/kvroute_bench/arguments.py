@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing", "precise-prefix")
 CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise",
-                   "kvroute-precise-load", "vllm-router-rr", "vllm-router-cache", "vllm-router-kv",
-                   "sglang-router-cache", "smg-cache")
+                   "kvroute-precise-load", "kvroute-precise-load-nosat", "vllm-router-rr",
+                   "vllm-router-cache", "vllm-router-kv", "sglang-router-cache", "smg-cache")
 
 
 def _names(valid: tuple[str, ...]) -> Callable[[str], str]:
@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--contenders", default="",
                         help=f"comma-separated; default: all present. Known: "
                              f"{', '.join(CONTENDER_NAMES)}")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="independent copies of each router (own process, KV-event "
+                             "subscriptions and cache); the client spreads requests over them "
+                             "round-robin per request, like L7 balancing in front of a "
+                             "Deployment. Router CPU is summed over them")
     parser.add_argument("--engines", type=int, default=2, help="number of vLLM-CPU engines")
     parser.add_argument("--kv-blocks", type=int, default=384,
                         help="KV blocks per engine (--num-gpu-blocks-override; 0: vLLM's "
@@ -92,6 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                      help="cost profile of a simulated or emulated engine: cpu, h100-llama8b "
                           "(alias h100), or (emulated) a JSON file of CostProfile fields")
     sim.add_argument("--sim-pickers", default="round-robin,kvroute-approx,kvroute-approx-load",
-                     help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load")
+                     help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load, "
+                          "kvroute-precise-load; kvroute ones optionally @MS (a scrape "
+                          "interval) and /xN or /xNshared (N replicas, see the docs)")
+    sim.add_argument("--sim-pending-ttl", type=float, default=None, metavar="SECONDS",
+                     help="how long kvroute pickers' pending-block marks last, simulated s "
+                          "(default: the router's 5 s; an emulated fleet at time scale S "
+                          "gives them 5/S)")
     parser.add_argument("--workdir", default=".kvroute/bench",
                         help="folder for engine and router logs")

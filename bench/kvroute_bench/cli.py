@@ -310,6 +310,11 @@ def _run_all(args: argparse.Namespace, console: Console, traces: list[Trace],
     return 0
 
 
+def replica_name(name: str, replicas: int) -> str:
+    """How a contender run as ``replicas`` copies is named in the results."""
+    return name if replicas == 1 else f"{name} x{replicas}"
+
+
 def _oracle(trace: Trace, warmup: int, fleet: FleetInfo) -> float:
     from kvroute_bench.oracle import byte_tokens, oracle_hit_rate, served_model_tokenizer
 
@@ -341,7 +346,9 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
     started = time.monotonic()
     plan = RunPlan(trace=trace, warmup=args.warmup, contenders=contenders, workdir=workdir,
                    bin_dirs=bin_dirs, request_timeout_s=args.request_timeout,
-                   time_scale=args.time_scale if args.fleet == "emulated" else 1.0)
+                   time_scale=args.time_scale if args.fleet == "emulated" else 1.0,
+                   replicas=args.replicas)
+    meta["replicas"] = args.replicas
     rounds: dict[str, list[Measurement]] = {c.name: [] for c in contenders}
     failed: dict[str, str] = {}
     for c in contenders:
@@ -379,6 +386,10 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
     results: list[ContenderResult] = [
         aggregate(c, rounds[c.name]) if rounds[c.name] else skipped_result(c, failed[c.name])
         for c in contenders]
+    if args.replicas > 1:
+        for contender, result in zip(contenders, results, strict=True):
+            if contender.command is not None:
+                result.name = replica_name(contender.name, args.replicas)
     if args.cross_check:
         from kvroute_bench import crosscheck
 

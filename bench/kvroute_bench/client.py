@@ -7,8 +7,11 @@ a closed-loop client makes). Each request is an OpenAI ``/v1/completions`` call 
 to the end of the stream. ``ignore_eos`` makes the test model (random weights) produce exactly
 ``max_tokens`` tokens, so every contender does the same decoding work.
 
-With several base URLs the client rotates over them itself: that is the "direct round-robin"
-contender, with no router process in the path.
+With several base URLs the client rotates over them itself, request by request: that is the
+"direct round-robin" contender, with no router process in the path, and how requests are
+spread over several replicas of one router (``--replicas``): like a Kubernetes Service with
+per-request (L7) balancing, e.g. Envoy or a gateway, in front of the router Deployment. (Plain
+kube-proxy balances per connection; with keep-alive clients that pins a client to a replica.)
 """
 
 from __future__ import annotations

@@ -11,6 +11,12 @@ the engines' ZMQ KV events), ``sglang-router`` (cache_aware) and its successor `
 (Shepherd Model Gateway, cache_aware). kvroute's own contenders run
 ``kvroute router --config FILE`` with a generated External pool and RoutePolicy whose scorers
 select approximate, precise or precise+load scoring, with only its HTTP proxy listening.
+
+``start_replicas`` starts N copies of one router (``kvroute bench --replicas N``), each as its
+users run it: its own process, port, KV-event subscriptions and cache tree, sharing nothing.
+The client then spreads requests over their URLs round-robin per request (see
+``client.run_trace``), as a Kubernetes Service does with per-request (L7) balancing in front of
+an active-active Deployment; their CPU is summed.
 """
 
 from __future__ import annotations
@@ -84,16 +90,20 @@ class RunningContender:
     base_urls: list[str]
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # The other replicas of the same router (``start_replicas``): their URLs are in
+    # ``base_urls`` after this one's; CPU and stop cover them too.
+    replicas: list[RunningContender] = field(default_factory=list)
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the router's process group (it is started
-        in a session of its own, so that is the router and anything it spawned); 0 for
-        direct contenders. NaN where /proc cannot be read."""
-        if self.process is None:
-            return 0.0
-        return process_group_cpu_seconds(self.process.pid)
+        in a session of its own, so that is the router and anything it spawned), summed over
+        its replicas; 0 for direct contenders. NaN where /proc cannot be read."""
+        own = 0.0 if self.process is None else process_group_cpu_seconds(self.process.pid)
+        return own + sum(r.cpu_seconds() for r in self.replicas)
 
     def stop(self, grace_s: float = 10.0) -> None:
+        for replica in self.replicas:
+            replica.stop(grace_s)
         if self.process is None or self.process.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -122,9 +132,10 @@ class Contender:
     # Direct contenders only: how many engines the client rotates over (None: all of them).
     direct_engines: int | None = None
 
-    def start(self, fleet: FleetInfo, workdir: Path, bin_dirs: Sequence[Path] = ()
-              ) -> RunningContender:
-        """Start the router and wait until it serves ``/v1/models``; direct: nothing to start."""
+    def start(self, fleet: FleetInfo, workdir: Path, bin_dirs: Sequence[Path] = (),
+              replica: int = 0) -> RunningContender:
+        """Start the router and wait until it serves ``/v1/models``; direct: nothing to start.
+        ``replica`` > 0 names a further copy's log (``NAME-rN.log``)."""
         if self.command is None:
             return RunningContender(base_urls=[e.url for e in fleet.engines][
                 : self.direct_engines])
@@ -132,7 +143,7 @@ class Contender:
         port = free_port()
         argv = self.command(fleet, port, workdir)
         argv[0] = resolve_executable(argv[0], bin_dirs)
-        log_path = workdir / f"{self.name}.log"
+        log_path = workdir / (f"{self.name}-r{replica}.log" if replica else f"{self.name}.log")
         with log_path.open("wb") as log:
             process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                        start_new_session=True,
@@ -144,6 +155,27 @@ class Contender:
             running.stop()
             raise
         return running
+
+
+def start_replicas(contender: Contender, fleet: FleetInfo, workdir: Path,
+                   bin_dirs: Sequence[Path] = (), replicas: int = 1) -> RunningContender:
+    """``replicas`` independent copies of ``contender``'s router, started one after the other
+    (each ready before the next starts), as one RunningContender whose ``base_urls`` lists
+    every copy; a direct contender starts nothing whatever ``replicas`` says."""
+    if replicas < 1:
+        raise ValueError("replicas must be >= 1")
+    first = contender.start(fleet, workdir, bin_dirs)
+    if contender.command is None or replicas == 1:
+        return first
+    try:
+        for i in range(1, replicas):
+            other = contender.start(fleet, workdir, bin_dirs, replica=i)
+            first.replicas.append(other)
+            first.base_urls.extend(other.base_urls)
+    except BaseException:
+        first.stop()
+        raise
+    return first
 
 
 def process_group_cpu_seconds(pgid: int, proc: Path = Path("/proc")) -> float:
@@ -272,10 +304,21 @@ KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
                      {"type": "queue-depth", "weight": 1.0},
                      {"type": "kv-utilization", "weight": 1.0}],
 }
+KVROUTE_SCORING["precise-load-nosat"] = KVROUTE_SCORING["precise-load"]
 
 
-def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The External InferencePool and RoutePolicy documents for ``kvroute router --config``."""
+# Variants whose RoutePolicy differs beyond the scorers: spec fields merged into the policy.
+KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
+    # An A/B of the load-headroom filter's queue rule (an engine with >= 8 waiting requests
+    # loses headroom and stops attracting its prefix): effectively off, the KV rule stays.
+    "precise-load-nosat": {"admission": {"saturationQueueDepth": 100_000}},
+}
+
+
+def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
+                   extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The External InferencePool and RoutePolicy documents for ``kvroute router --config``
+    (``extra``: further RoutePolicy spec fields)."""
     pool = {
         "apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
         "metadata": {"name": "local"},
@@ -299,6 +342,15 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
         # The scrape period is stretched too (see _kvroute), so the age at which load metrics
         # count as stale must be: 1 s of engine time, its default on real engines.
         spec["scoring"]["staleMetricsMs"] = min(600_000, round(1000 * fleet.time_scale))
+        # How long admission control holds a request while every engine is saturated before
+        # answering 429 (30 s by default): unscaled it is 1.9 s of engine time at scale 16,
+        # and long overloaded runs got 429s that a real fleet would not give.
+        spec["admission"] = {"queueTimeoutMs": min(3_600_000, round(30_000 * fleet.time_scale))}
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
     policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
               "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]
@@ -307,8 +359,9 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]]) -> list[dict
 def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
     def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
         config = workdir / f"kvroute-{variant}.yaml"
-        config.write_text(yaml.safe_dump_all(kvroute_config(fleet, KVROUTE_SCORING[variant]),
-                                             sort_keys=False))
+        config.write_text(yaml.safe_dump_all(
+            kvroute_config(fleet, KVROUTE_SCORING[variant], KVROUTE_POLICY_EXTRA.get(variant)),
+            sort_keys=False))
         argv = [sys.executable, "-m", "kvroute_cli.main", "router", "--config", str(config),
                 "--host", "127.0.0.1", "--port", str(port), "--ext-proc-port", "-1",
                 "--grpc-port", "-1", "--metrics-port", "-1", "--log-level", "warning"]
@@ -373,6 +426,9 @@ CONTENDERS = ContenderSet([
     Contender("kvroute-precise-load", "kvroute",
               "kvroute, precise prefix (x3) + queue depth + KV utilisation",
               _kvroute("precise-load"), ready_timeout_s=180),
+    Contender("kvroute-precise-load-nosat", "kvroute",
+              "kvroute-precise-load with the load-headroom queue rule off (A/B)",
+              _kvroute("precise-load-nosat"), ready_timeout_s=180),
     Contender("vllm-router-rr", "vllm-router", "vllm-router --policy round_robin",
               _vllm_router("round_robin"), needs="vllm-router", env=_vllm_router_env),
     Contender("vllm-router-cache", "vllm-router", "vllm-router --policy cache_aware",

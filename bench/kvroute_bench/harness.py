@@ -35,7 +35,7 @@ import aiohttp
 
 from kvroute_bench import promtext
 from kvroute_bench.client import run_trace, send_one
-from kvroute_bench.contenders import Contender, FleetInfo
+from kvroute_bench.contenders import Contender, FleetInfo, start_replicas
 from kvroute_bench.stats import LatencySummary, RequestResult, summarize_rounds
 from kvroute_bench.workloads import Trace, TraceRequest
 
@@ -190,6 +190,8 @@ class RunPlan:
     # Emulated fleets run slower than real time by this factor: arrivals are stretched by it
     # and the client's measured times divided by it, so results are in emulated seconds.
     time_scale: float = 1.0
+    # Independent copies of each router, requests spread over them round-robin per request.
+    replicas: int = 1
 
 
 def dilate(requests: Sequence[TraceRequest], scale: float) -> list[TraceRequest]:
@@ -219,7 +221,8 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
     """Reset caches, start the contender, warm up, measure, probe its overhead, stop."""
     for engine in fleet.engines:
         reset_prefix_cache(engine.url)
-    running = contender.start(fleet, plan.workdir / "routers", plan.bin_dirs)
+    running = start_replicas(contender, fleet, plan.workdir / "routers", plan.bin_dirs,
+                             plan.replicas)
     try:
         time.sleep(1.0)  # let KV-event subscribers connect before the first request
         scale = plan.time_scale

@@ -31,7 +31,7 @@ scheduler's own work, not a scan of the fleet.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvroute_api.route_policy import ScoringSpec
@@ -209,3 +209,60 @@ class RouterPicker:
             endpoint.dispatched_since_scrape = 0
             seen[i] = engine.version
         return self._endpoints[: len(engines)]
+
+
+SHARED_STATE = ("", "pending", "counts", "both")
+
+
+class ReplicatedPicker:
+    """``replicas`` independent routers (``RouterPicker``s of one scoring) behind a per-request
+    round-robin balancer, as ``kvroute bench --replicas N`` runs them on a real fleet: every
+    replica sees every engine's KV events and takes its own metrics scrapes (all at the same
+    instants here), but knows only its own dispatches — its pending-block marks and its
+    ``dispatched_since_scrape`` counts — until the engines' events and the next scrape show
+    the others'.
+
+    ``shared`` is the fix to test: each dispatch is made known to every replica at once, as
+    replica coordination would: ``"pending"`` marks the request's blocks pending on the chosen
+    engine in every replica's index (a shared pending-block store), ``"counts"`` counts the
+    dispatch in every replica's queue estimate, ``"both"`` does both; ``""`` shares nothing.
+    A simplification either way: each replica's ``in_flight`` is the engine's whole count
+    (the simulator's ``RouterPicker`` reads it from the engine), so only the between-scrape
+    queue estimate and the pending marks differ between replicas.
+    """
+
+    def __init__(self, make: Callable[[], RouterPicker], replicas: int,
+                 shared: str = "") -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be >= 1")
+        if shared not in SHARED_STATE:
+            raise ValueError(f"shared must be one of {SHARED_STATE}")
+        self.replicas = [make() for _ in range(replicas)]
+        self.scrape_interval_s = self.replicas[0].scrape_interval_s
+        self.shared = shared
+        self._next = 0
+
+    def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
+        for replica in self.replicas:
+            replica.observe(engine, events)
+
+    def scrape(self, engines: Sequence[SimEngine], now: float) -> None:
+        for replica in self.replicas:
+            replica.scrape(engines, now)
+
+    def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
+        chooser = self.replicas[self._next % len(self.replicas)]
+        self._next += 1
+        index = chooser.pick(request, engines)
+        if self.shared:
+            for other in self.replicas:
+                if other is chooser:
+                    continue
+                other.now = request.arrival_s
+                other._grow(engines)
+                if (self.shared in ("pending", "both") and other.pool_events is not None
+                        and request.hashes):
+                    other.pool_events.index.mark_pending(f"pod-{index}", request.hashes)
+                if self.shared in ("counts", "both") and other.scrape_interval_s > 0:
+                    other._endpoints[index].dispatched_since_scrape += 1
+        return index

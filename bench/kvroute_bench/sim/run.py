@@ -65,7 +65,7 @@ def split_picker_name(name: str) -> tuple[str, float]:
 def needs_block_hashes(name: str) -> bool:
     """Whether the trace must carry the simulator's own block hashes (every picker except
     the KV-event one, whose engines get the router's hashes at its decisions)."""
-    scorers = SIM_PICKERS.get(split_picker_name(name)[0]) or []
+    scorers = SIM_PICKERS.get(split_picker_name(split_replicas(name)[0])[0]) or []
     return not any(s["type"] == "prefix-precise" for s in scorers)
 
 
@@ -79,7 +79,38 @@ def profile_named(name: str, kv_blocks: int) -> CostProfile:
     raise SystemExit(f"unknown profile {name!r}; valid: cpu, h100-llama8b")
 
 
+def split_replicas(name: str) -> tuple[str, int, str]:
+    """``kvroute-precise-load@1600/x3`` → (``kvroute-precise-load@1600``, 3, ""): three
+    independent replicas behind per-request round-robin. ``/x3shared`` (``"both"``),
+    ``/x3pending``, ``/x3counts``: replicas that learn of each other's dispatches at once
+    (see ``ReplicatedPicker``)."""
+    base, _, spec = name.partition("/")
+    if not spec:
+        return base, 1, ""
+    count = spec.removeprefix("x")
+    shared = ""
+    for suffix, mode in (("shared", "both"), ("pending", "pending"), ("counts", "counts")):
+        if count.endswith(suffix):
+            count, shared = count.removesuffix(suffix), mode
+            break
+    if (not spec.startswith("x") or not count.isdigit() or int(count) < 1
+            or base.startswith("round-robin")):
+        raise SystemExit(f"picker {name!r}: the part after / is xN, xNshared, xNpending or "
+                         f"xNcounts (N replicas of a kvroute picker)")
+    return base, int(count), shared
+
+
 def make_picker(name: str, block_size: int) -> Picker:
+    name, replicas, shared = split_replicas(name)
+    if replicas > 1 or shared:
+        from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
+
+        def one() -> RouterPicker:
+            picker = make_picker(name, block_size)
+            assert isinstance(picker, RouterPicker)
+            return picker
+
+        return ReplicatedPicker(one, replicas, shared)
     base, scrape_interval_s = split_picker_name(name)
     if base not in SIM_PICKERS:
         raise SystemExit(f"unknown simulator picker {name!r}; valid: {', '.join(SIM_PICKERS)} "
@@ -92,6 +123,19 @@ def make_picker(name: str, block_size: int) -> Picker:
     precise = any(s["type"] == "prefix-precise" for s in scorers)
     return RouterPicker({"scorers": scorers}, block_size=block_size,
                         scrape_interval_s=scrape_interval_s, precise=precise)
+
+
+def set_pending_ttl(picker: Picker, seconds: float) -> None:
+    """How long a kvroute picker's pending-block marks last (simulated seconds; the router's
+    ``DEFAULT_PENDING_TTL_S`` otherwise): on an emulated fleet they last 5 s of *wall* time,
+    i.e. 5 / time-scale of engine time, which this reproduces."""
+    from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
+
+    routers = (picker.replicas if isinstance(picker, ReplicatedPicker)
+               else [picker] if isinstance(picker, RouterPicker) else [])
+    for router in routers:
+        if router.pool_events is not None:
+            router.pool_events.index.pending_ttl = seconds
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -112,6 +156,8 @@ def run_sim(args: argparse.Namespace) -> int:
         for name in args.sim_pickers:
             started = time.monotonic()
             picker = make_picker(name, profile.block_size)
+            if args.sim_pending_ttl is not None:
+                set_pending_ttl(picker, args.sim_pending_ttl)
             result = simulate(to_sim_requests(trace.requests, profile.block_size,
                                               keep_text=name != "round-robin",
                                               hash_blocks=needs_block_hashes(name)),

@@ -18,6 +18,7 @@ from kvroute_bench import arguments
 from kvroute_bench.contenders import (
     CONTENDERS,
     KVROUTE_SCORING,
+    Contender,
     EngineInfo,
     FleetInfo,
     kvroute_config,
@@ -52,7 +53,10 @@ def test_select_names_unknown_contenders() -> None:
 
 @pytest.mark.parametrize("variant", sorted(KVROUTE_SCORING))
 def test_kvroute_config_is_a_valid_pool_and_policy(variant: str) -> None:
-    pool, policy = kvroute_config(FLEET, KVROUTE_SCORING[variant])
+    from kvroute_bench.contenders import KVROUTE_POLICY_EXTRA
+
+    pool, policy = kvroute_config(FLEET, KVROUTE_SCORING[variant],
+                                  KVROUTE_POLICY_EXTRA.get(variant))
     parsed_pool = InferencePool.model_validate(pool)
     parsed_policy = RoutePolicy.model_validate(policy)
     assert parsed_pool.spec.mode == "External"
@@ -132,3 +136,99 @@ def test_a_busy_router_process_group_shows_cpu_time() -> None:
     finally:
         running.stop()
     assert RunningContender(["http://127.0.0.1:1"]).cpu_seconds() == 0.0
+
+
+_FAKE_ROUTER = """
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'{"data": [{"id": "%s"}]}' % sys.argv[2].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _fake_router() -> Contender:
+    def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
+        return [sys.executable, "-c", _FAKE_ROUTER, str(port), fleet.model]
+    return Contender("fake", "test", "a stand-in router answering /v1/models", command,
+                     ready_timeout_s=30)
+
+
+def test_replicas_are_independent_processes_on_their_own_ports(tmp_path: Path) -> None:
+    from kvroute_bench.contenders import start_replicas
+
+    running = start_replicas(_fake_router(), FLEET, tmp_path, replicas=3)
+    try:
+        assert len(running.base_urls) == 3 and len(set(running.base_urls)) == 3
+        processes = [running.process, *(r.process for r in running.replicas)]
+        assert all(p is not None and p.poll() is None for p in processes)
+        assert len({p.pid for p in processes if p is not None}) == 3
+        # Each copy logs apart; the first keeps the contender's plain log name.
+        assert sorted(p.name for p in tmp_path.glob("fake*.log")) == [
+            "fake-r1.log", "fake-r2.log", "fake.log"]
+    finally:
+        running.stop()
+    assert all(p is not None and p.poll() is not None for p in processes)
+
+
+def test_replica_cpu_is_summed_over_every_copy() -> None:
+    from kvroute_bench.contenders import RunningContender
+
+    def busy() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c",
+                                 "import time\nend = time.process_time() + 0.2\n"
+                                 "while time.process_time() < end: pass\ntime.sleep(30)"],
+                                start_new_session=True)
+
+    running = RunningContender(["http://127.0.0.1:1"], busy())
+    running.replicas.append(RunningContender(["http://127.0.0.1:2"], busy()))
+    try:
+        deadline = time.monotonic() + 20
+        while running.cpu_seconds() < 0.35 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Either process alone stops at ~0.2 s: more than 0.35 s is both of them.
+        assert running.cpu_seconds() >= 0.35
+        assert running.replicas[0].cpu_seconds() < running.cpu_seconds()
+    finally:
+        running.stop()
+    assert running.replicas[0].process is not None
+    assert running.replicas[0].process.poll() is not None
+
+
+def test_direct_contenders_ignore_replicas(tmp_path: Path) -> None:
+    from kvroute_bench.contenders import start_replicas
+
+    running = start_replicas(CONTENDERS.select(["direct-rr"])[0], FLEET, tmp_path, replicas=3)
+    assert running.base_urls == [e.url for e in FLEET.engines] and not running.replicas
+    with pytest.raises(ValueError, match="replicas"):
+        start_replicas(CONTENDERS.select(["direct-rr"])[0], FLEET, tmp_path, replicas=0)
+
+
+def test_replicated_results_are_named_apart() -> None:
+    from kvroute_bench.cli import replica_name
+
+    assert replica_name("kvroute-precise-load", 1) == "kvroute-precise-load"
+    assert replica_name("kvroute-precise-load", 3) == "kvroute-precise-load x3"
+
+
+def test_the_nosat_variant_only_lifts_the_queue_rule(tmp_path: Path) -> None:
+    from kvroute_bench.contenders import KVROUTE_POLICY_EXTRA
+
+    base = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-load"])[1])
+    nosat = RoutePolicy.model_validate(kvroute_config(
+        FLEET, KVROUTE_SCORING["precise-load-nosat"],
+        KVROUTE_POLICY_EXTRA["precise-load-nosat"])[1])
+    assert nosat.spec.admission.saturation_queue_depth == 100_000
+    assert base.spec.admission.saturation_queue_depth == 8
+    assert nosat.spec.scoring == base.spec.scoring
+    contender = CONTENDERS.select(["kvroute-precise-load-nosat"])[0]
+    assert contender.command is not None
+    contender.command(FLEET, 30000, tmp_path)
+    written = list(yaml.safe_load_all((tmp_path / "kvroute-precise-load-nosat.yaml").read_text()))
+    assert written[1]["spec"]["admission"] == {"saturationQueueDepth": 100_000}

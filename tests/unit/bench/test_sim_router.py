@@ -163,3 +163,72 @@ def test_fast_paths_pick_what_the_per_endpoint_code_picked(picker: str,
     simulate(reqs, 24, profile, sim_picker)
     engines = ",".join(str(r.engine) for r in reqs)
     assert hashlib.sha256(engines.encode()).hexdigest()[:16] == fingerprint
+
+
+def test_replicated_picker_names() -> None:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+    from kvroute_bench.sim.run import split_replicas
+
+    assert split_replicas("kvroute-precise-load@100") == ("kvroute-precise-load@100", 1, "")
+    assert split_replicas("kvroute-precise-load@100/x3") == ("kvroute-precise-load@100", 3, "")
+    assert split_replicas("kvroute-precise-load/x2shared") == ("kvroute-precise-load", 2, "both")
+    assert split_replicas("kvroute-precise-load/x2pending")[2] == "pending"
+    assert split_replicas("kvroute-precise-load/x2counts")[2] == "counts"
+    picker = make_picker("kvroute-precise-load@100/x3", 32)
+    assert isinstance(picker, ReplicatedPicker) and len(picker.replicas) == 3
+    assert picker.scrape_interval_s == pytest.approx(0.1)
+    assert len({id(r.pool_events.index) for r in picker.replicas}) == 3  # nothing shared
+    assert not needs_block_hashes("kvroute-precise-load@100/x3")
+    for bad in ("round-robin/x3", "kvroute-precise-load/3", "kvroute-precise-load/x0"):
+        with pytest.raises(SystemExit):
+            make_picker(bad, 32)
+
+
+def _replicated(shared: str) -> tuple[object, list[SimEngine]]:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    picker = ReplicatedPicker(lambda: RouterPicker(PRECISE, block_size=PROFILE.block_size,
+                                                   scrape_interval_s=0.1, precise=True),
+                              3, shared)
+    engines = [SimEngine(i, PROFILE) for i in range(4)]
+    picker.scrape(engines, 0.0)
+    return picker, engines
+
+
+@pytest.mark.parametrize("shared", ["", "pending", "counts", "both"])
+def test_replicas_take_turns_and_share_only_when_told(shared: str) -> None:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    picker, engines = _replicated(shared)
+    assert isinstance(picker, ReplicatedPicker)
+    first = sim_request(1, "tenant context " * 10 + "question one")
+    chosen = picker.pick(first, engines)
+    engines[chosen].enqueue(first)
+    # Only the first replica dispatched; the others learn of it only when shared.
+    counts = [r._endpoints[chosen].dispatched_since_scrape for r in picker.replicas]
+    pending = [r.pool_events.index.match(first.hashes).get(f"pod-{chosen}", 0)
+               for r in picker.replicas]
+    full = len(first.hashes)
+    assert counts == ([1, 1, 1] if shared in ("counts", "both") else [1, 0, 0])
+    assert pending == ([full] * 3 if shared in ("pending", "both") else [full, 0, 0])
+    # The second request (same tenant, before the first's blocks are published) goes to
+    # replica 2: it follows the first to its engine only if it knew of it.
+    second = sim_request(2, "tenant context " * 10 + "question two", at=0.001)
+    again = picker.pick(second, engines)
+    if shared in ("pending", "both"):
+        assert again == chosen
+    assert picker.replicas[1]._endpoints[again].dispatched_since_scrape >= 1
+
+
+def test_pending_ttl_reaches_every_replica() -> None:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+    from kvroute_bench.sim.run import set_pending_ttl
+
+    single = make_picker("kvroute-precise-load@100", 32)
+    replicated = make_picker("kvroute-precise-load@100/x3", 32)
+    set_pending_ttl(single, 0.08)
+    set_pending_ttl(replicated, 0.08)
+    set_pending_ttl(make_picker("round-robin", 32), 0.08)  # no index: nothing to set
+    assert isinstance(single, RouterPicker) and isinstance(replicated, ReplicatedPicker)
+    assert single.pool_events.index.pending_ttl == 0.08
+    assert [r.pool_events.index.pending_ttl for r in replicated.replicas] == [0.08] * 3

@@ -135,6 +135,14 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
     assert parsed.retries.per_try_timeout_ms == 160_000
     assert parsed.request_timeout_seconds == 9_600
     assert parsed.scoring.stale_metrics_ms == 16_000  # the scrape period is stretched too
+    assert parsed.admission.queue_timeout_ms == 480_000  # admission's 30 s router queue
+    assert "admission" not in real
+    # A variant's own admission fields merge with the stretched timeout.
+    merged = RoutePolicySpec.model_validate(kvroute_config(
+        FleetInfo(engines, "m", 16, time_scale=16.0), [],
+        {"admission": {"saturationQueueDepth": 100_000}})[1]["spec"])
+    assert merged.admission.queue_timeout_ms == 480_000
+    assert merged.admission.saturation_queue_depth == 100_000
 
 
 def test_kvroute_scrape_interval_stretches_with_the_emulated_time(tmp_path: Path) -> None:

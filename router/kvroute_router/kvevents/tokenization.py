@@ -105,6 +105,15 @@ def _special_token_text(value: Any) -> str | None:
     return None
 
 
+def _text_key(text: str, add_special_tokens: bool) -> bytes:
+    """The cache key of a text's whole encoding: a digest of its UTF-8 bytes (no JSON
+    rendering of a long prompt: ~45 -> ~10 us at 8k characters). Its length (20 bytes) keeps
+    it apart from the JSON-digest keys (16) and the piece keys (21)."""
+    digest = hashlib.blake2b(b"special" if add_special_tokens else b"plain", digest_size=16)
+    digest.update(text.encode("utf-8", "surrogatepass"))
+    return b"text" + digest.digest()
+
+
 def _seams(text: str) -> list[int]:
     """Where :meth:`PromptTokenizer.encode_long` cuts ``text``: for every multiple of
     :data:`PIECE_CHARS` (except the last), the first space at or after it, within
@@ -212,7 +221,7 @@ class PromptTokenizer:
     # -- tokenising --------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """``text`` → token ids (cached)."""
-        key = self._key("text", text, add_special_tokens)
+        key = _text_key(text, add_special_tokens)
         found = self._cached(key)
         if found is not None:
             return found

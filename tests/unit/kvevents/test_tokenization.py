@@ -152,3 +152,37 @@ def test_the_cache_keeps_4_bytes_per_token_whatever_the_vocabulary(model_dir: Pa
     assert tokenizer._cached(b"k" * 16) == [5, 70_000, 2**32 - 1]
     tokenizer._remember(b"x" * 16, [-1])  # not a token id: not cached, no error
     assert tokenizer._cached(b"x" * 16) is None
+
+
+def test_a_sampled_check_runs_off_the_request_path_and_its_verdict_applies_next(
+        model_dir: Path) -> None:
+    """After the first checks, one joined encoding in SEAM_CHECK_EVERY is compared with the
+    whole encoding in a worker thread: that text gets its joined ids at once, and a difference
+    turns the piecewise path off (and forgets the cached texts) before the next text."""
+    from kvroute_router.kvevents.tokenization import SEAM_CHECK_EVERY
+    from tokenizers import Tokenizer, normalizers
+    raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    raw.normalizer = normalizers.Prepend("@")
+    tokenizer = PromptTokenizer(raw)
+    tokenizer._joined = SEAM_CHECK_EVERY - 1  # past the checks made on the spot
+    text = _long_text(7)
+    joined = tokenizer.encode(text, True)
+    assert joined != raw.encode(text, add_special_tokens=True).ids  # not checked on the spot
+    assert tokenizer.piecewise
+    assert tokenizer._check is not None and tokenizer._check.result(timeout=30)
+    other = _long_text(8)
+    assert tokenizer.encode(other, True) == raw.encode(other, add_special_tokens=True).ids
+    assert not tokenizer.piecewise
+    # the first text's joined ids were forgotten with the cache
+    assert tokenizer.encode(text, True) == raw.encode(text, add_special_tokens=True).ids
+
+
+def test_a_sampled_check_that_passes_keeps_the_piecewise_path(model_dir: Path) -> None:
+    from kvroute_router.kvevents.tokenization import SEAM_CHECK_EVERY
+    tokenizer = PromptTokenizer.from_directory(model_dir)
+    tokenizer._joined = SEAM_CHECK_EVERY - 1
+    text = _long_text(9)
+    assert tokenizer.encode(text, True) == tokenizer.tokenizer.encode(text).ids
+    assert tokenizer._check is not None and not tokenizer._check.result(timeout=30)
+    assert tokenizer.encode(_long_text(10), True)
+    assert tokenizer.piecewise

@@ -94,13 +94,36 @@ MESSAGES = st.lists(st.one_of(
 ), min_size=1, max_size=30)
 
 
+def _contradicts_the_block_size(messages: list[list[bytes]]) -> bool:
+    """Whether a message holds a well-formed BlockStored made with another block size: the
+    self-check's ERROR alarm is then the designed answer (an engine configured unlike the
+    router), not a fault the garbage caused."""
+    for message in messages:
+        try:
+            batch = msgspec.msgpack.decode(message[-1])
+        except (msgspec.DecodeError, IndexError, ValueError):  # not msgpack, bad UTF-8
+            continue
+        events = batch[1] if isinstance(batch, list) and len(batch) > 1 else None
+        for event in events if isinstance(events, list) else []:
+            if not isinstance(event, dict) or event.get("type") != "BlockStored":
+                continue
+            size, hashes, tokens = (event.get("block_size"), event.get("block_hashes"),
+                                    event.get("token_ids"))
+            if isinstance(size, int) and size > 0 and size != BLOCK and hashes and \
+                    isinstance(tokens, list) and len(tokens) >= len(hashes) * size:
+                return True
+    return False
+
+
 async def _garbage_then_valid(messages: list[list[bytes]]) -> None:
     ctx = zmq.asyncio.Context()
     errors: list[logging.LogRecord] = []
+    alarm_expected = _contradicts_the_block_size(messages)
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.ERROR:
+            if record.levelno >= logging.ERROR and not (
+                    alarm_expected and "hash mismatch" in record.getMessage()):
                 errors.append(record)
 
     handler = Collect()
@@ -162,6 +185,8 @@ def test_a_malformed_block_stored_does_not_raise_the_hash_alarm() -> None:
 @example(messages=[[TOPIC, (1).to_bytes(8, "big"), msgspec.msgpack.encode([0.0, [
     {"type": "BlockStored", "block_hashes": [0], "token_ids": [], "block_size": BLOCK},
     {"type": "BlockStored", "block_hashes": [0], "_": "no block_size"}], 0])]])
+@example(messages=[[TOPIC, (1).to_bytes(8, "big"), msgspec.msgpack.encode([0.0, [
+    {"type": "BlockStored", "block_hashes": [7], "token_ids": [3], "block_size": 1}], 0])]])
 @given(messages=MESSAGES)
 def test_garbage_frames_over_zmq_never_kill_the_subscriber(messages: list[list[bytes]]) -> None:
     asyncio.run(_garbage_then_valid(messages))

@@ -315,6 +315,13 @@ KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_PENDING_MS = 5000
+"""``engine.kvEvents.pendingMs``'s default: how long a dispatched request's blocks count as held
+before the engine's events confirm them. Stretched by the emulated fleet's time scale like the
+timeouts below (unscaled it is 78 ms of engine time at scale 64, shorter than the queueing
+there, and kvroute forgot where it had just sent a prefix)."""
+
+
 def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
                    extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The External InferencePool and RoutePolicy documents for ``kvroute router --config``
@@ -324,7 +331,8 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
         "metadata": {"name": "local"},
         "spec": {
             "mode": "External", "model": {"name": fleet.model},
-            "engine": {"blockSize": fleet.block_size}, "resources": {"gpus": 0},
+            "engine": {"blockSize": fleet.block_size, "kvEvents": {"pendingMs": round(
+                DEFAULT_PENDING_MS * fleet.time_scale)}}, "resources": {"gpus": 0},
             "endpoints": [{"name": e.name, "address": e.address,
                            "kvEventsEndpoint": e.kv_events_endpoint,
                            "kvEventsReplayEndpoint": e.replay_endpoint} for e in fleet.engines],

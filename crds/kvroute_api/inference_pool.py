@@ -64,6 +64,14 @@ class KVEventsSpec(ApiModel):
     replay_port: int = Field(default=5558, ge=1024, le=65535,
                              description="Port of the ZMQ replay (ROUTER) socket used to recover "
                                          "missed events.")
+    pending_ms: int = Field(
+        default=5000, ge=0, le=3_600_000,
+        description="How long the router counts a dispatched request's prompt blocks as cached "
+                    "on its pod before the pod's events confirm them (0 turns it off). It "
+                    "keeps a burst of same-prefix requests together while the first is still "
+                    "queued or in prefill; set it above the pods' usual queue + prefill time "
+                    "under load, and not far above it: a request that fails before caching "
+                    "keeps attracting its prefix for this long.")
 
 
 class EngineSpec(ApiModel):

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 EndpointListener = Callable[[list[Endpoint], list[Endpoint]], None]
 """Called with (added, removed) endpoints."""
+PoolListener = Callable[[str], None]
+"""Called with the key of a pool whose spec was set (added or edited)."""
 
 
 def object_key(namespace: str | None, name: str) -> str:
@@ -89,6 +91,7 @@ class Datastore:
         self._secret_values: dict[str, dict[str, str]] = {}
         self._cache_tiers: dict[str, CacheTier] = {}
         self._listeners: list[EndpointListener] = []
+        self._pool_listeners: list[PoolListener] = []
         self.version = 0
         """Bumped on every pool or policy change (profile caches key on it)."""
         self.loaded = False
@@ -97,6 +100,9 @@ class Datastore:
     # ---- listeners -------------------------------------------------------------------------
     def add_listener(self, listener: EndpointListener) -> None:
         self._listeners.append(listener)
+
+    def add_pool_listener(self, listener: PoolListener) -> None:
+        self._pool_listeners.append(listener)
 
     def _notify(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         if not added and not removed:
@@ -128,6 +134,11 @@ class Datastore:
         self._pools = pools
         self.version += 1
         self._notify(added, removed)
+        for listener in self._pool_listeners:
+            try:
+                listener(key)
+            except Exception:
+                log.exception("pool listener failed")
 
     def set_pool_endpoints(self, pool_key: str, endpoints: Iterable[EndpointSpec]) -> None:
         old = self._pools.get(pool_key)

@@ -44,12 +44,19 @@ def build_precise_prefix(context: PluginContext) -> PrecisePrefixScorer:
     nobody feeds when the router runs no feed for the pool: every endpoint then falls back to
     the approximate history)."""
     from kvroute_router.kvevents.hashing import BlockHashConfig
-    from kvroute_router.kvevents.hub import PoolKVEvents, hash_config_for_pool
+    from kvroute_router.kvevents.hub import (
+        PoolKVEvents,
+        hash_config_for_pool,
+        pending_ttl_for_pool,
+    )
+    from kvroute_router.kvevents.index import DEFAULT_PENDING_TTL_S
 
-    config = (hash_config_for_pool(context.pool) if context.pool
-              else BlockHashConfig(block_size=16))
+    pool = context.pool
+    config = hash_config_for_pool(pool) if pool else BlockHashConfig(block_size=16)
+    pending_ttl = pending_ttl_for_pool(pool) if pool else DEFAULT_PENDING_TTL_S
     pool_events = context.services.get_or_create(
-        services_key(context.pool_key), PoolKVEvents, lambda: PoolKVEvents(config))
+        services_key(context.pool_key), PoolKVEvents,
+        lambda: PoolKVEvents(config, pending_ttl=pending_ttl))
     return PrecisePrefixScorer(pool_events, ApproxPrefixScorer.build(context))
 
 
@@ -79,6 +86,7 @@ class KVEventFeeds:
 
     async def start(self) -> None:
         self.datastore.add_listener(self._on_change)
+        self.datastore.add_pool_listener(lambda _key: self._dirty.set())  # spec edits apply
         self._dirty.set()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-event-feeds")
 
@@ -122,7 +130,7 @@ class KVEventFeeds:
                 log.exception("updating KV-event subscriptions failed")
 
     async def sync(self) -> None:
-        from kvroute_router.kvevents.hub import PoolKVEvents, pod_source
+        from kvroute_router.kvevents.hub import PoolKVEvents, pending_ttl_for_pool, pod_source
         from kvroute_router.kvevents.subscriber import KVEventSource
 
         current = {state.key: state for state in self.datastore.pools()}
@@ -135,6 +143,7 @@ class KVEventFeeds:
                 events = self._create(state, PoolKVEvents)
                 self._pools[key] = events
                 self.services.put(services_key(key), events)
+            events.index.pending_ttl = pending_ttl_for_pool(state.pool)  # an edit applies
             sources = []
             kv_spec = state.pool.spec.engine.kv_events
             for ep in state.endpoints.values():

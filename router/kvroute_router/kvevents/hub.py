@@ -47,6 +47,11 @@ def hash_config_for_pool(pool: InferencePool) -> BlockHashConfig:
                            seed=resolve_seed(env.get("PYTHONHASHSEED")))
 
 
+def pending_ttl_for_pool(pool: InferencePool) -> float:
+    """Seconds a dispatched request's blocks count as held (``engine.kvEvents.pendingMs``)."""
+    return pool.spec.engine.kv_events.pending_ms / 1000
+
+
 def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool,
                topic: str = "kv") -> KVEventSource:
     """Kubernetes: the pod's PUB and replay ports from the pool's ``engine.kvEvents``."""
@@ -79,6 +84,7 @@ class PoolKVEvents:
     def for_pool(cls, pool: InferencePool, *, tokenizer_dir: Path | None = None,
                  **kwargs: Any) -> PoolKVEvents:
         tokenizer = PromptTokenizer.from_directory(tokenizer_dir) if tokenizer_dir else None
+        kwargs.setdefault("pending_ttl", pending_ttl_for_pool(pool))
         return cls(hash_config_for_pool(pool), tokenizer=tokenizer, **kwargs)
 
     async def set_sources(self, sources: Iterable[KVEventSource]) -> None:

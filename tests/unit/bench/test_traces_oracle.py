@@ -123,6 +123,18 @@ def test_dilation_round_trip() -> None:
     assert b.done_s is None
 
 
+def test_kvroutes_pending_window_stretches_with_the_emulated_time() -> None:
+    from kvroute_api.inference_pool import InferencePool, KVEventsSpec
+    from kvroute_bench.contenders import DEFAULT_PENDING_MS, EngineInfo, FleetInfo, kvroute_config
+
+    assert KVEventsSpec().pending_ms == DEFAULT_PENDING_MS  # the router's own default
+    engines = [EngineInfo("e0", "http://127.0.0.1:1", "tcp://127.0.0.1:2", "tcp://127.0.0.1:3")]
+    for scale, expected in ((1.0, 5000), (64.0, 320_000)):
+        pool = InferencePool.model_validate(
+            kvroute_config(FleetInfo(engines, "m", 16, time_scale=scale), [])[0])
+        assert pool.spec.engine.kv_events.pending_ms == expected
+
+
 def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
     from kvroute_api.route_policy import RoutePolicySpec
     from kvroute_bench.contenders import EngineInfo, FleetInfo, kvroute_config

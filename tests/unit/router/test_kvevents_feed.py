@@ -51,3 +51,42 @@ async def test_feeds_follow_the_pool_and_the_scorer_finds_them() -> None:
     assert services.get("kvevents/default/local", PoolKVEvents) is None
     await feeds.stop()
     await asyncio.sleep(0)
+
+
+def _with_pending_ms(pool: InferencePool, pending_ms: int) -> InferencePool:
+    spec = pool.spec.model_copy(update={"engine": pool.spec.engine.model_copy(update={
+        "kv_events": pool.spec.engine.kv_events.model_copy(update={"pending_ms": pending_ms})})})
+    return pool.model_copy(update={"spec": spec})
+
+
+async def test_the_pools_pending_window_reaches_the_index_and_an_edit_applies() -> None:
+    """``engine.kvEvents.pendingMs`` is how long a dispatched request's blocks count as held;
+    an edit of the pool alone (same endpoints) reaches the running index."""
+    store = Datastore()
+    services = SharedServices()
+    store.replace([_with_pending_ms(pool_with_events(1), 2000)], [make_policy()])
+    feeds = KVEventFeeds(store, services)
+    await feeds.start()
+    try:
+        for _ in range(200):
+            events = services.get("kvevents/default/local", PoolKVEvents)
+            if events is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert events is not None and events.index.pending_ttl == 2.0
+        store.set_pool(_with_pending_ms(pool_with_events(1), 40_000))
+        for _ in range(200):
+            if events.index.pending_ttl == 40.0:
+                break
+            await asyncio.sleep(0.01)
+        assert events.index.pending_ttl == 40.0
+        # The scorer built without a feed (no subscriptions) takes the pool's window too.
+        context = PluginContext(scoring=make_policy().spec.scoring, pool_key="other/pool",
+                                pool=_with_pending_ms(pool_with_events(1), 0),
+                                services=SharedServices())
+        router = Router(RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                                       metrics_port=None))
+        profile = build_profile(router.registry, context, "t")
+        assert profile.scorers[0].scorer.pool_events.index.pending_ttl == 0  # type: ignore[attr-defined]
+    finally:
+        await feeds.stop()

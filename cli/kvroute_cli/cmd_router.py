@@ -56,6 +56,7 @@ def _router(args: argparse.Namespace) -> int:
     settings.quality_embedding = args.quality_embedding
     settings.budget_redis_url = args.budget_redis_url
     settings.budget_replica_share = args.budget_replica_share
+    settings.replica_sync_redis_url = args.replica_sync_redis_url
     settings.shutdown_grace_s = args.shutdown_grace_seconds
     settings.shutdown_delay_s = args.shutdown_delay_seconds
     settings.budget_peer_service = args.budget_peer_service
@@ -124,6 +125,12 @@ def register(sub: Any) -> None:
                              "hashed TF-IDF answers until it is ready), else hashed")
     parser.add_argument("--budget-redis-url", metavar="URL", default=None,
                         help="shared budget meters in Redis (all replicas; survives restarts)")
+    parser.add_argument("--replica-sync-redis-url", metavar="URL",
+                        default=os.environ.get("KVROUTE_REPLICA_SYNC_REDIS_URL") or None,
+                        help="share each dispatch (pending KV blocks, dispatch counts) with the "
+                             "other router replicas over this Redis, so active-active replicas "
+                             "do not pile onto one engine (default: "
+                             "$KVROUTE_REPLICA_SYNC_REDIS_URL; docs/replica-sync.md)")
     parser.add_argument("--budget-replica-share", type=float, default=1.0,
                         help="without Redis: this replica's share of every budget limit "
                              "(1 / router replicas)")

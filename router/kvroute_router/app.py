@@ -36,6 +36,7 @@ from kvroute_router.plugins import register_builtin_plugins
 from kvroute_router.plugins.prefix_approx import history_entries
 from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 from kvroute_router.proxy.server import HTTP_PROTOCOL_LOG, OpenAIProxy
+from kvroute_router.replicasync.sync import ReplicaSync
 from kvroute_router.responsecache import ResponseCache
 from kvroute_router.responsecache.metrics import ResponseCacheMetrics
 from kvroute_router.router_metrics import RouterMetrics, RuntimeCollector
@@ -86,6 +87,10 @@ class RouterSettings:
     background behind the hashed one), minilm, or hashed (TF-IDF, no model)."""
     budget_redis_url: str | None = None
     """Shared budget meters in Redis (all replicas, survives restarts); else in memory."""
+    replica_sync_redis_url: str | None = None
+    """Replica coordination: publish this replica's dispatches (pending KV blocks, dispatch
+    counts) to the other replicas over this Redis and apply theirs (docs/replica-sync.md);
+    None: replicas route independently."""
     budget_replica_share: float = 1.0
     """Without Redis: this replica's share of every limit (1 / router replicas); replaced by
     the live count when ``budget_peer_service`` is set."""
@@ -162,6 +167,12 @@ class Router:
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)
             self.director.add_admission_hook(self.budget_hook)
+        self.replica_sync: ReplicaSync | None = None
+        if settings.replica_sync_redis_url:
+            self.replica_sync = ReplicaSync.from_url(
+                settings.replica_sync_redis_url, self.datastore, self.services,
+                self.metrics.registry)
+            self.director.add_dispatch_observer(self.replica_sync.on_dispatch)
         self._runtime_collector: RuntimeCollector | None = None
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
@@ -247,6 +258,8 @@ class Router:
                             "for long windows; docs/security.md)")
         if self.peer_count is not None:
             await self.peer_count.start()
+        if self.replica_sync is not None:
+            await self.replica_sync.start()
         s = self.settings
         if s.http_port is not None:
             self.ports["http"] = await self._serve_http(self.proxy.app, s.http_port)
@@ -319,6 +332,8 @@ class Router:
             await self.budget_hook.stop()
         if self.peer_count is not None:
             await self.peer_count.stop()
+        if self.replica_sync is not None:
+            await self.replica_sync.stop()
         if self.kv_event_feeds is not None:
             await self.kv_event_feeds.stop()
         if self.source is not None:

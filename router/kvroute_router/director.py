@@ -19,7 +19,8 @@ Servers call ``open(request)`` instead: it routes and dispatches the first attem
 request in flight at once and lets plugins learn, e.g. the prefix history) with no ``await`` in
 between, and returns a :class:`RequestLifecycle` that dispatches further attempts, ends them and
 finishes the request exactly once — also when anything raises or is cancelled (the rule is in
-:mod:`kvroute_router.framework.lifecycle`). ``CompletionObserver``s hear every final outcome.
+:mod:`kvroute_router.framework.lifecycle`). ``CompletionObserver``s hear every final outcome,
+``DispatchObserver``s every attempt sent.
 A plugin that raises while scheduling frees what the admission hooks held before the error
 propagates.
 """
@@ -62,6 +63,13 @@ class CompletionObserver(Protocol):
     """Told the final outcome of every routed request."""
 
     def on_complete(self, decision: Decision, outcome: Outcome) -> None: ...
+
+
+class DispatchObserver(Protocol):
+    """Told every attempt the director sends (replica sync shares it with the other
+    replicas)."""
+
+    def __call__(self, decision: Decision, endpoint: Endpoint) -> None: ...
 
 
 @dataclass
@@ -196,6 +204,7 @@ class Director:
         self.rng = rng or random.Random()
         self.admission_hooks: list[AdmissionHook] = []
         self.completion_observers: list[CompletionObserver] = []
+        self.dispatch_observers: list[DispatchObserver] = []
         self._profiles: dict[tuple[str, str], tuple[int, SchedulerProfile]] = {}
 
     def add_admission_hook(self, hook: AdmissionHook) -> None:
@@ -203,6 +212,11 @@ class Director:
 
     def add_completion_observer(self, observer: CompletionObserver) -> None:
         self.completion_observers.append(observer)
+
+    def add_dispatch_observer(self, observer: DispatchObserver) -> None:
+        """``observer(decision, endpoint)`` runs on every attempt sent, synchronously: it must
+        not block (replica sync queues a record)."""
+        self.dispatch_observers.append(observer)
 
     # ---- profiles ----------------------------------------------------------------------------
     def profile_for(self, resolution: Resolution, pool: PoolState) -> SchedulerProfile:
@@ -380,6 +394,8 @@ class Director:
         endpoint.dispatched_since_scrape += 1
         self.metrics.in_flight.labels(decision.pool.name, endpoint.name).inc()
         decision.profile.dispatched(decision.state, decision.request, endpoint)
+        for observer in self.dispatch_observers:
+            observer(decision, endpoint)
 
     def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
         """An attempt on ``endpoint`` is over (successful or not)."""

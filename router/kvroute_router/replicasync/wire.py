@@ -1,0 +1,143 @@
+"""The replica-sync message: what one router replica tells the others about its dispatches.
+
+A message is one Redis pub/sub payload::
+
+    b"KVRS" | version u8 (1) | sender id (16 bytes) | record count u16 | records
+
+and a record is one dispatch::
+
+    pool key length u16 | pool key (UTF-8) | endpoint length u16 | endpoint (UTF-8)
+    | block count u32 | block hashes (uint64 each, big-endian)
+
+All integers are big-endian. The block hashes are the vLLM event form (uint64) of the prompt's
+blocks the endpoint is about to compute — the ones the sender's index did not already show as
+held there — and may be empty (the record still counts one dispatch).
+
+Decoding is strict: a message that breaks any rule below is rejected whole with
+:class:`WireError` (a message comes from a trusted hop, Redis, but a bug or a stray publisher
+must cost at most that message): the magic and version, every length inside the payload and
+under its limit, UTF-8 names, no trailing bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MAGIC = b"KVRS"
+VERSION = 1
+SENDER_ID_BYTES = 16
+MAX_MESSAGE_BYTES = 1 << 20
+"""A message is at most 1 MiB (the sender splits larger batches)."""
+MAX_RECORDS = 1024
+MAX_NAME_BYTES = 512
+"""A pool key is ``namespace/name`` (two DNS labels of at most 253 characters): 512 bytes."""
+MAX_BLOCKS = 16384
+"""Blocks per record: 256k tokens at vLLM's default 16-token blocks."""
+
+_HEADER = struct.Struct(f">4sB{SENDER_ID_BYTES}sH")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+class WireError(ValueError):
+    """The payload is not a valid replica-sync message; the reason says which rule it broke."""
+
+
+@dataclass(frozen=True)
+class DispatchRecord:
+    """One dispatch: ``endpoint`` of pool ``pool_key`` is about to compute ``blocks``."""
+
+    pool_key: str
+    endpoint: str
+    blocks: tuple[int, ...] = ()
+
+    def encoded_size(self) -> int:
+        return (2 + len(self.pool_key.encode()) + 2 + len(self.endpoint.encode()) + 4
+                + 8 * len(self.blocks))
+
+
+def _name(value: str, what: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > MAX_NAME_BYTES:
+        raise WireError(f"{what} is {len(raw)} bytes, more than {MAX_NAME_BYTES}")
+    return raw
+
+
+def encode(sender: bytes, records: Sequence[DispatchRecord]) -> bytes:
+    """One message carrying ``records`` (at most :data:`MAX_RECORDS`, each within the limits;
+    the caller keeps the whole under :data:`MAX_MESSAGE_BYTES`)."""
+    if len(sender) != SENDER_ID_BYTES:
+        raise WireError(f"sender id must be {SENDER_ID_BYTES} bytes, got {len(sender)}")
+    if len(records) > MAX_RECORDS:
+        raise WireError(f"{len(records)} records, more than {MAX_RECORDS}")
+    parts = [_HEADER.pack(MAGIC, VERSION, sender, len(records))]
+    for record in records:
+        if len(record.blocks) > MAX_BLOCKS:
+            raise WireError(f"{len(record.blocks)} blocks, more than {MAX_BLOCKS}")
+        pool = _name(record.pool_key, "pool key")
+        endpoint = _name(record.endpoint, "endpoint name")
+        parts += [_U16.pack(len(pool)), pool, _U16.pack(len(endpoint)), endpoint,
+                  _U32.pack(len(record.blocks)),
+                  struct.pack(f">{len(record.blocks)}Q", *record.blocks)]
+    payload = b"".join(parts)
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message is {len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
+    return payload
+
+
+def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
+    """The sender id and records of one message; :class:`WireError` if it breaks a rule."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message is {len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
+    if len(payload) < _HEADER.size:
+        raise WireError(f"message is {len(payload)} bytes, shorter than its header")
+    magic, version, sender, count = _HEADER.unpack_from(payload, 0)
+    if magic != MAGIC:
+        raise WireError("not a replica-sync message (bad magic)")
+    if version != VERSION:
+        raise WireError(f"version {version}, this router reads {VERSION}")
+    if count > MAX_RECORDS:
+        raise WireError(f"{count} records, more than {MAX_RECORDS}")
+    offset = _HEADER.size
+    records: list[DispatchRecord] = []
+    for _ in range(count):
+        pool, offset = _read_name(payload, offset, "pool key")
+        endpoint, offset = _read_name(payload, offset, "endpoint name")
+        blocks_n, offset = _read(payload, offset, _U32, "block count")
+        if blocks_n > MAX_BLOCKS:
+            raise WireError(f"{blocks_n} blocks, more than {MAX_BLOCKS}")
+        end = offset + 8 * blocks_n
+        if end > len(payload):
+            raise WireError("block hashes run past the end of the message")
+        blocks = struct.unpack_from(f">{blocks_n}Q", payload, offset)
+        records.append(DispatchRecord(pool, endpoint, blocks))
+        offset = end
+    if offset != len(payload):
+        raise WireError(f"{len(payload) - offset} trailing bytes after the last record")
+    return sender, records
+
+
+def _read(payload: bytes, offset: int, shape: struct.Struct, what: str) -> tuple[int, int]:
+    if offset + shape.size > len(payload):
+        raise WireError(f"{what} runs past the end of the message")
+    (value,) = shape.unpack_from(payload, offset)
+    return int(value), offset + shape.size
+
+
+def _read_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
+    length, offset = _read(payload, offset, _U16, f"{what} length")
+    if length > MAX_NAME_BYTES:
+        raise WireError(f"{what} is {length} bytes, more than {MAX_NAME_BYTES}")
+    end = offset + length
+    if end > len(payload):
+        raise WireError(f"{what} runs past the end of the message")
+    try:
+        return payload[offset:end].decode("utf-8"), end
+    except UnicodeDecodeError:
+        raise WireError(f"{what} is not UTF-8") from None
+
+
+__all__ = ["MAX_BLOCKS", "MAX_MESSAGE_BYTES", "MAX_RECORDS", "DispatchRecord", "WireError",
+           "decode", "encode"]

@@ -1,0 +1,261 @@
+"""Replica sync against real parts: two in-process ``Router`` replicas in front of an emulated
+fleet (eight vLLM-compatible engines with KV events on real ZMQ sockets), sharing their
+dispatches through a real ``redis-server`` on loopback.
+
+The engines are stalled while requests are sent, so no engine publishes a block and no request
+finishes: the only way replica B can know where replica A sent a prompt is replica sync. Without
+it B's scores for the prefix are zero everywhere and the load scorer sends B's request away from
+A's engine, so every assertion on B's pick fails on a router without the feature."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from kvroute_cli.localredis import RedisStartError, start_redis
+from kvroute_cli.testmodel import build_test_model
+from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
+from kvroute_emulator.model.profile import cpu_test_engine
+from kvroute_router.app import Router, RouterSettings
+from kvroute_router.replicasync.wire import DispatchRecord, encode
+
+pytestmark = pytest.mark.loopback
+
+MODEL = "kvroute-test-model"
+ENGINES = 8
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    try:
+        process, port = start_redis(tmp_path_factory.mktemp("redis"))
+    except RedisStartError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
+    f = EmulatedFleet(FleetConfig(count=ENGINES, profile=cpu_test_engine(), model_dir=model_dir,
+                                  served_model_name=MODEL, time_scale=0.01))
+    await f.start()
+    try:
+        yield f
+    finally:
+        await f.stop()
+
+
+def _config(tmp_path: Path, fleet: EmulatedFleet) -> Path:
+    docs = [
+        {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
+         "metadata": {"name": "emu"},
+         "spec": {"mode": "External", "model": {"name": MODEL},
+                  "engine": {"blockSize": fleet.config.profile.block_size},
+                  "resources": {"gpus": 0},
+                  "endpoints": [{"name": e["name"], "address": e["url"].removeprefix("http://"),
+                                 "kvEventsEndpoint": e["kv_events_endpoint"],
+                                 "kvEventsReplayEndpoint": e["replay_endpoint"]}
+                                for e in fleet.endpoints()]}},
+        {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
+         "spec": {"match": {"model": "chat"}, "pools": [{"name": "emu"}],
+                  "scoring": {"scorers": [{"type": "prefix-precise", "weight": 3},
+                                          {"type": "running-requests"}]}}},
+    ]
+    config = tmp_path / "router.yaml"
+    config.write_text(yaml.safe_dump_all(docs))
+    return config
+
+
+@contextlib.asynccontextmanager
+async def replica(config: Path, model_dir: Path, sync_url: str | None,
+                  scrape_interval_s: float = 0.05) -> AsyncIterator[tuple[Router, str]]:
+    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                   scrape_interval_s=scrape_interval_s,
+                                   config_poll_interval_s=0.05, budgets=False,
+                                   tokenizer_dirs={MODEL: model_dir},
+                                   replica_sync_redis_url=sync_url))
+    await router.start()
+    try:
+        yield router, f"http://127.0.0.1:{router.ports['http']}"
+    finally:
+        await router.stop()
+
+
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"{what} within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+def trusted(router: Router) -> bool:
+    feeds = router.kv_event_feeds
+    assert feeds is not None
+    return all(status.get("trustworthy") and len(pool) == ENGINES
+               for pool in feeds.statuses().values() for status in pool)
+
+
+def sample(router: Router, name: str, **labels: str) -> float:
+    return sum(s.value for metric in router.metrics.registry.collect() for s in metric.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def busy(router: Router) -> dict[str, int]:
+    return {ep.name: ep.in_flight for ep in router.datastore.endpoints() if ep.in_flight}
+
+
+async def dispatched(router: Router, count: int) -> None:
+    await eventually(lambda: sum(busy(router).values()) == count, f"{count} dispatched")
+
+
+async def applied(router: Router, count: int) -> None:
+    await eventually(lambda: sample(router, "kvroute_replica_sync_received_records_total",
+                                    result="applied") >= count,
+                     f"{count} records of the other replica applied")
+
+
+def pending_blocks(router: Router, endpoint: str) -> int:
+    feeds = router.kv_event_feeds
+    assert feeds is not None
+    return sum(pool.index.pending_count(endpoint) for pool in feeds._pools.values())
+
+
+async def stall_all(fleet: EmulatedFleet, action: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        for index in range(ENGINES):
+            async with s.post(f"http://127.0.0.1:{fleet.admin_port}/engines/{index}/{action}",
+                              json={}) as resp:
+                assert resp.status == 200, await resp.text()
+
+
+def context(k: int) -> str:
+    """A tenant's long shared context (many blocks)."""
+    return f"tenant {k} context: " + " ".join(f"fact{k}x{j}" for j in range(120))
+
+
+async def complete(session: aiohttp.ClientSession, url: str, prompt: str) -> str:
+    body = {"model": "chat", "prompt": prompt, "max_tokens": 2}
+    async with asyncio.timeout(60), session.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+        return resp.headers["x-kvroute-endpoint"]
+
+
+async def test_a_replica_sends_a_tenant_to_the_engine_another_replica_just_chose(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
+    config = _config(tmp_path, fleet)
+    async with replica(config, model_dir, redis_url) as (a, url_a), \
+            replica(config, model_dir, redis_url) as (b, url_b), aiohttp.ClientSession() as s:
+        await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
+        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
+                         "replica B subscribed")
+        await stall_all(fleet, "stall")
+        tasks: list[asyncio.Task[str]] = []
+        chosen: list[str] = []
+        try:
+            for k in range(3):
+                before = busy(a)
+                tasks.append(asyncio.create_task(complete(s, url_a, context(k) + " question A")))
+                await dispatched(a, k + 1)
+                (engine,) = {e for e, n in busy(a).items() if n > before.get(e, 0)}
+                chosen.append(engine)
+                await applied(b, k + 1)
+                assert pending_blocks(b, engine) > 0
+                before_b = busy(b)
+                tasks.append(asyncio.create_task(complete(s, url_b, context(k) + " question B")))
+                await dispatched(b, k + 1)
+                (engine_b,) = {e for e, n in busy(b).items() if n > before_b.get(e, 0)}
+                assert engine_b == engine, f"tenant {k}: A chose {engine}, B chose {engine_b}"
+            assert len(set(chosen)) == 3  # the load scorer spread A's three tenants
+        finally:
+            await stall_all(fleet, "resume")
+            served = await asyncio.gather(*tasks)
+        assert served[0::2] == served[1::2]
+        assert sample(a, "kvroute_replica_sync_sent_records_total", result="published") >= 3
+        assert sample(b, "kvroute_replica_sync_rejected_messages_total") == 0
+
+
+async def test_a_dispatch_counts_as_load_on_the_other_replica_until_its_next_scrape(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
+    config = _config(tmp_path, fleet)
+    # A scrape every minute: the first one happens at start, the next not during the test.
+    async with replica(config, model_dir, redis_url, 60.0) as (_, url_a), \
+            replica(config, model_dir, redis_url, 60.0) as (b, _b), aiohttp.ClientSession() as s:
+        await eventually(lambda: all(ep.metrics is not None for ep in b.datastore.endpoints()),
+                         "B scraped every engine")
+        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
+                         "replica B subscribed")
+        served = await complete(s, url_a, context(7))
+        await eventually(lambda: sample(b, "kvroute_replica_sync_received_records_total",
+                                        result="applied") >= 1, "B applied A's dispatch")
+        counts = {ep.address: ep.dispatched_since_scrape for ep in b.datastore.endpoints()}
+        assert counts == {address: int(address == served) for address in counts}
+
+
+async def test_hostile_or_foreign_records_are_counted_and_change_nothing(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
+    import redis.asyncio
+
+    config = _config(tmp_path, fleet)
+    async with replica(config, model_dir, redis_url) as (b, url_b), aiohttp.ClientSession() as s:
+        assert b.replica_sync is not None
+        await eventually(lambda: trusted(b), "B trusts every engine")
+        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
+                         "replica B subscribed")
+        name = b.datastore.endpoints()[0].name
+        client = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            channel = b.replica_sync.channel
+            await client.publish(channel, b"garbage")
+            await client.publish(channel, encode(b"\x01" * 16, [
+                DispatchRecord("default/other-pool", name, (1, 2, 3)),
+                DispatchRecord("default/emu", "no-such-engine", (1, 2, 3))]))
+        finally:
+            await client.aclose()
+        await eventually(lambda: sample(b, "kvroute_replica_sync_received_records_total") >= 2,
+                         "B read the records")
+        assert sample(b, "kvroute_replica_sync_rejected_messages_total") == 1
+        assert sample(b, "kvroute_replica_sync_received_records_total",
+                      result="unknown_pool") == 1
+        assert sample(b, "kvroute_replica_sync_received_records_total",
+                      result="unknown_endpoint") == 1
+        assert all(pending_blocks(b, ep.name) == 0 for ep in b.datastore.endpoints())
+        await complete(s, url_b, context(9))  # still serving
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_without_redis_the_replica_routes_alone_and_says_so(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path) -> None:
+    url = f"redis://127.0.0.1:{_closed_port()}/0"
+    async with replica(_config(tmp_path, fleet), model_dir, url) as (b, url_b), \
+            aiohttp.ClientSession() as s:
+        for k in range(3):
+            await complete(s, url_b, context(20 + k))
+        await eventually(lambda: sample(b, "kvroute_replica_sync_sent_records_total",
+                                        result="failed") >= 1, "the failed publish counted")
+        assert sample(b, "kvroute_replica_sync_connected") == 0
+        assert sum(ep.in_flight for ep in b.datastore.endpoints()) == 0
+
+

@@ -1,0 +1,84 @@
+"""The replica-sync message format: what one replica publishes the others decode exactly, and
+anything else — truncated, oversized, stray bytes from another publisher — is rejected whole
+with a reason, never another exception."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvroute_router.replicasync.wire import (
+    MAX_BLOCKS,
+    MAX_MESSAGE_BYTES,
+    MAX_RECORDS,
+    DispatchRecord,
+    WireError,
+    decode,
+    encode,
+)
+
+SENDER = bytes(range(16))
+
+names = st.text(min_size=0, max_size=40)
+records = st.builds(DispatchRecord, names, names,
+                    st.lists(st.integers(0, 2**64 - 1), max_size=50).map(tuple))
+
+
+@given(st.lists(records, max_size=20))
+def test_what_is_encoded_decodes_to_the_same_records(batch: list[DispatchRecord]) -> None:
+    assert decode(encode(SENDER, batch)) == (SENDER, batch)
+
+
+def test_an_empty_block_list_still_counts_one_dispatch() -> None:
+    _, decoded = decode(encode(SENDER, [DispatchRecord("ns/pool", "pod-0")]))
+    assert decoded == [DispatchRecord("ns/pool", "pod-0", ())]
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300)
+def test_random_bytes_are_rejected_with_wire_error_only(payload: bytes) -> None:
+    with contextlib.suppress(WireError):
+        decode(payload)
+
+
+@given(st.lists(records, min_size=1, max_size=5), st.data())
+def test_every_truncation_of_a_valid_message_is_rejected(batch: list[DispatchRecord],
+                                                          data: st.DataObject) -> None:
+    payload = encode(SENDER, batch)
+    cut = data.draw(st.integers(0, len(payload) - 1))
+    with pytest.raises(WireError):
+        decode(payload[:cut])
+
+
+def _header(count: int, magic: bytes = b"KVRS", version: int = 1) -> bytes:
+    return struct.pack(">4sB16sH", magic, version, SENDER, count)
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (_header(0, magic=b"XXXX"), "bad magic"),
+    (_header(0, version=2), "version 2"),
+    (_header(MAX_RECORDS + 1), "records, more than"),
+    (_header(1) + struct.pack(">H", 600) + b"p" * 600, "pool key is 600 bytes"),
+    (_header(1) + struct.pack(">H", 2) + b"\xff\xfe", "pool key is not UTF-8"),
+    (_header(1) + struct.pack(">H", 1) + b"p" + struct.pack(">H", 1) + b"e"
+     + struct.pack(">I", MAX_BLOCKS + 1), "blocks, more than"),
+    (_header(1) + struct.pack(">H", 1) + b"p" + struct.pack(">H", 1) + b"e"
+     + struct.pack(">I", 3) + b"\x00" * 16, "past the end"),
+    (encode(SENDER, [DispatchRecord("p", "e", (1,))]) + b"\x00", "1 trailing bytes"),
+    (b"\x00" * (MAX_MESSAGE_BYTES + 1), "more than"),
+])
+def test_each_broken_rule_is_named(payload: bytes, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        decode(payload)
+
+
+def test_the_encoder_refuses_what_the_decoder_would() -> None:
+    with pytest.raises(WireError, match="sender id"):
+        encode(b"short", [])
+    with pytest.raises(WireError, match="blocks, more than"):
+        encode(SENDER, [DispatchRecord("p", "e", (0,) * (MAX_BLOCKS + 1))])
+    with pytest.raises(WireError, match="endpoint name is"):
+        encode(SENDER, [DispatchRecord("p", "e" * 513)])

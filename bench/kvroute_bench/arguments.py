@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                              "subscriptions and cache); the client spreads requests over them "
                              "round-robin per request, like L7 balancing in front of a "
                              "Deployment. Router CPU is summed over them")
+    parser.add_argument("--replica-sync", action="store_true",
+                        help="with --replicas: kvroute's copies share their dispatches "
+                             "(pending KV blocks, dispatch counts) through a throwaway "
+                             "redis-server, as --replica-sync-redis-url does in a cluster; "
+                             "the peers have no such option and run unchanged")
     parser.add_argument("--engines", type=int, default=2, help="number of vLLM-CPU engines")
     parser.add_argument("--kv-blocks", type=int, default=384,
                         help="KV blocks per engine (--num-gpu-blocks-override; 0: vLLM's "

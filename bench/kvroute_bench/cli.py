@@ -9,6 +9,7 @@ running (a JSON list of ``{"url", "kv_events_endpoint", "replay_endpoint"}``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -276,7 +277,17 @@ def _run_all(args: argparse.Namespace, console: Console, traces: list[Trace],
              rates: list[float], workloads: list[str], sweeping: bool,
              contenders: list[Contender], fleet: FleetInfo, handle: Any,
              bin_dirs: list[Path], out_dir: Path, workdir: Path) -> int:
+    redis_process = None
     try:
+        if args.replica_sync:
+            from kvroute_cli.localredis import start_redis
+
+            # Shared infrastructure the kvroute replicas are pointed at, as the chart points
+            # them at the operator's Redis; the peers have no such option.
+            (workdir / "redis").mkdir(parents=True, exist_ok=True)
+            redis_process, port = start_redis(workdir / "redis")
+            fleet = dataclasses.replace(fleet,
+                                        replica_sync_url=f"redis://127.0.0.1:{port}/0")
         swept: list[tuple[float, list[ContenderResult]]] = []
         swept_oracle: list[float] = []
         for trace, rate in zip(traces, rates, strict=True):
@@ -305,14 +316,20 @@ def _run_all(args: argparse.Namespace, console: Console, traces: list[Trace],
             for path in sweep.write(points, meta, out_dir, stem, args.slo_ttft, console):
                 console.print(f"wrote {path}")
     finally:
+        if redis_process is not None:
+            redis_process.terminate()
+            redis_process.wait(timeout=10)
         if handle is not None:
             handle.stop()
     return 0
 
 
-def replica_name(name: str, replicas: int) -> str:
-    """How a contender run as ``replicas`` copies is named in the results."""
-    return name if replicas == 1 else f"{name} x{replicas}"
+def replica_name(name: str, replicas: int, synced: bool = False) -> str:
+    """How a contender run as ``replicas`` copies is named in the results (``synced``: the
+    copies share their dispatches, ``--replica-sync``)."""
+    if replicas == 1:
+        return name
+    return f"{name} x{replicas}" + (" synced" if synced else "")
 
 
 def _oracle(trace: Trace, warmup: int, fleet: FleetInfo) -> float:
@@ -349,6 +366,7 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
                    time_scale=args.time_scale if args.fleet == "emulated" else 1.0,
                    replicas=args.replicas)
     meta["replicas"] = args.replicas
+    meta["replica_sync"] = bool(args.replica_sync)
     rounds: dict[str, list[Measurement]] = {c.name: [] for c in contenders}
     failed: dict[str, str] = {}
     for c in contenders:
@@ -389,7 +407,8 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
     if args.replicas > 1:
         for contender, result in zip(contenders, results, strict=True):
             if contender.command is not None:
-                result.name = replica_name(contender.name, args.replicas)
+                result.name = replica_name(contender.name, args.replicas,
+                                           args.replica_sync and contender.family == "kvroute")
     if args.cross_check:
         from kvroute_bench import crosscheck
 

@@ -63,6 +63,8 @@ class FleetInfo:
     model_dir: Path | None = None  # the served model's folder (its tokenizer), when known
     # Wall seconds per engine second (an emulated fleet runs slower than real time).
     time_scale: float = 1.0
+    # kvroute replicas share their dispatches through this Redis (``--replica-sync``).
+    replica_sync_url: str | None = None
 
 
 class ContenderStartError(RuntimeError):
@@ -381,6 +383,8 @@ def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
             # engine second as it would a real one (16 engines x 10/s for a run 16x longer in
             # wall time), and that idle parsing was charged to every request's router CPU.
             argv += ["--scrape-interval-ms", f"{scrape_interval_ms(fleet):g}"]
+        if fleet.replica_sync_url is not None:
+            argv += ["--replica-sync-redis-url", fleet.replica_sync_url]
         return argv
     return command
 

@@ -215,6 +215,18 @@ def test_replicated_results_are_named_apart() -> None:
 
     assert replica_name("kvroute-precise-load", 1) == "kvroute-precise-load"
     assert replica_name("kvroute-precise-load", 3) == "kvroute-precise-load x3"
+    assert replica_name("kvroute-precise-load", 3, True) == "kvroute-precise-load x3 synced"
+
+
+def test_synced_kvroute_replicas_are_pointed_at_the_shared_redis(tmp_path: Path) -> None:
+    import dataclasses
+
+    contender = CONTENDERS.select(["kvroute-precise-load"])[0]
+    assert contender.command is not None
+    assert "--replica-sync-redis-url" not in contender.command(FLEET, 30000, tmp_path)
+    synced = dataclasses.replace(FLEET, replica_sync_url="redis://127.0.0.1:6390/0")
+    argv = contender.command(synced, 30000, tmp_path)
+    assert argv[argv.index("--replica-sync-redis-url") + 1] == "redis://127.0.0.1:6390/0"
 
 
 def test_the_nosat_variant_only_lifts_the_queue_rule(tmp_path: Path) -> None:

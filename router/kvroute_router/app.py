@@ -172,7 +172,7 @@ class Router:
             self.replica_sync = ReplicaSync.from_url(
                 settings.replica_sync_redis_url, self.datastore, self.services,
                 self.metrics.registry)
-            self.director.add_dispatch_observer(self.replica_sync.on_dispatch)
+            self.director.add_dispatch_listener(self.replica_sync.on_dispatch)
         self._runtime_collector: RuntimeCollector | None = None
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []

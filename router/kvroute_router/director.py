@@ -20,7 +20,7 @@ request in flight at once and lets plugins learn, e.g. the prefix history) with 
 between, and returns a :class:`RequestLifecycle` that dispatches further attempts, ends them and
 finishes the request exactly once — also when anything raises or is cancelled (the rule is in
 :mod:`kvroute_router.framework.lifecycle`). ``CompletionObserver``s hear every final outcome,
-``DispatchObserver``s every attempt sent.
+``DispatchListener``s every attempt sent (as the profile's ``DispatchObserver`` plugins do).
 A plugin that raises while scheduling frees what the admission hooks held before the error
 propagates.
 """
@@ -65,7 +65,7 @@ class CompletionObserver(Protocol):
     def on_complete(self, decision: Decision, outcome: Outcome) -> None: ...
 
 
-class DispatchObserver(Protocol):
+class DispatchListener(Protocol):
     """Told every attempt the director sends (replica sync shares it with the other
     replicas)."""
 
@@ -204,7 +204,7 @@ class Director:
         self.rng = rng or random.Random()
         self.admission_hooks: list[AdmissionHook] = []
         self.completion_observers: list[CompletionObserver] = []
-        self.dispatch_observers: list[DispatchObserver] = []
+        self.dispatch_listeners: list[DispatchListener] = []
         self._profiles: dict[tuple[str, str], tuple[int, SchedulerProfile]] = {}
 
     def add_admission_hook(self, hook: AdmissionHook) -> None:
@@ -213,10 +213,10 @@ class Director:
     def add_completion_observer(self, observer: CompletionObserver) -> None:
         self.completion_observers.append(observer)
 
-    def add_dispatch_observer(self, observer: DispatchObserver) -> None:
-        """``observer(decision, endpoint)`` runs on every attempt sent, synchronously: it must
+    def add_dispatch_listener(self, listener: DispatchListener) -> None:
+        """``listener(decision, endpoint)`` runs on every attempt sent, synchronously: it must
         not block (replica sync queues a record)."""
-        self.dispatch_observers.append(observer)
+        self.dispatch_listeners.append(listener)
 
     # ---- profiles ----------------------------------------------------------------------------
     def profile_for(self, resolution: Resolution, pool: PoolState) -> SchedulerProfile:
@@ -394,8 +394,8 @@ class Director:
         endpoint.dispatched_since_scrape += 1
         self.metrics.in_flight.labels(decision.pool.name, endpoint.name).inc()
         decision.profile.dispatched(decision.state, decision.request, endpoint)
-        for observer in self.dispatch_observers:
-            observer(decision, endpoint)
+        for listener in self.dispatch_listeners:
+            listener(decision, endpoint)
 
     def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
         """An attempt on ``endpoint`` is over (successful or not)."""

@@ -164,6 +164,18 @@ def test_ha_router(render: Any, ci_values: Any) -> None:
     assert not m.kind("CustomResourceDefinition")
 
 
+def test_replica_sync_url_comes_from_a_secret(render: Any, defaults: Any) -> None:
+    def env(m: Any) -> dict[str, Any]:
+        (c,) = [c for c in m.deployment("router")["spec"]["template"]["spec"]["containers"]
+                if c["name"] == "router"]
+        return {e["name"]: e for e in c["env"]}
+
+    assert "KVROUTE_REPLICA_SYNC_REDIS_URL" not in env(defaults)
+    m = render(sets={"router.replicaSync.redisUrlSecretName": "router-redis"})
+    assert env(m)["KVROUTE_REPLICA_SYNC_REDIS_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "router-redis", "key": "url"}}
+
+
 def test_single_router_replica_has_no_pdb(render: Any) -> None:
     """A PDB over one replica would block node drains forever."""
     m = render(sets={"router.replicas": 1})

@@ -125,7 +125,7 @@ class ReplicaSync:
 
     # ---- sending -----------------------------------------------------------------------------
     def on_dispatch(self, decision: Decision, endpoint: Endpoint) -> None:
-        """Queue one dispatch for the other replicas (director dispatch observer; no I/O)."""
+        """Queue one dispatch for the other replicas (a director ``DispatchListener``; no I/O)."""
         blocks: tuple[int, ...] = ()
         hashes = decision.state.read(STATE_HASHES, list)
         if hashes:

@@ -307,6 +307,9 @@ KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
                      {"type": "kv-utilization", "weight": 1.0}],
 }
 KVROUTE_SCORING["precise-load-nosat"] = KVROUTE_SCORING["precise-load"]
+KVROUTE_SCORING["precise-load-nokvsat"] = KVROUTE_SCORING["precise-load"]
+# An A/B of the KV-utilisation scorer: prefix and queue only.
+KVROUTE_SCORING["precise-queue"] = KVROUTE_SCORING["precise-load"][:2]
 
 
 # Variants whose RoutePolicy differs beyond the scorers: spec fields merged into the policy.
@@ -314,6 +317,8 @@ KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
     # An A/B of the load-headroom filter's queue rule (an engine with >= 8 waiting requests
     # loses headroom and stops attracting its prefix): effectively off, the KV rule stays.
     "precise-load-nosat": {"admission": {"saturationQueueDepth": 100_000}},
+    # An A/B of its KV rule (an engine at >= 95 % KV use loses headroom): only a full cache.
+    "precise-load-nokvsat": {"admission": {"saturationKvUtilization": 1.0}},
 }
 
 
@@ -441,6 +446,12 @@ CONTENDERS = ContenderSet([
     Contender("kvroute-precise-load-nosat", "kvroute",
               "kvroute-precise-load with the load-headroom queue rule off (A/B)",
               _kvroute("precise-load-nosat"), ready_timeout_s=180),
+    Contender("kvroute-precise-load-nokvsat", "kvroute",
+              "kvroute-precise-load with the load-headroom KV rule at 100 % (A/B)",
+              _kvroute("precise-load-nokvsat"), ready_timeout_s=180),
+    Contender("kvroute-precise-queue", "kvroute",
+              "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",
+              _kvroute("precise-queue"), ready_timeout_s=180),
     Contender("vllm-router-rr", "vllm-router", "vllm-router --policy round_robin",
               _vllm_router("round_robin"), needs="vllm-router", env=_vllm_router_env),
     Contender("vllm-router-cache", "vllm-router", "vllm-router --policy cache_aware",

@@ -223,6 +223,12 @@ class AdmissionSpec(ApiModel):
     saturation_queue_depth: int = Field(
         default=8, ge=1, le=100000,
         description="An endpoint with this many waiting requests counts as saturated.")
+    saturation_kv_utilization: float = Field(
+        default=0.95, gt=0, le=1,
+        description="An endpoint whose KV-cache usage (vllm:kv_cache_usage_perc, 0-1) reaches "
+                    "this counts as saturated; 1 = only a full cache. Saturated endpoints stop "
+                    "attracting their prefixes (load-headroom) and, when all are, requests "
+                    "queue.")
     priority_classes: list[PriorityClass] = Field(default_factory=list, max_length=16,
                                                   description="Request priorities.")
     default_priority_class: str | None = Field(default=None, max_length=63,

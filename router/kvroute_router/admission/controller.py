@@ -6,7 +6,7 @@ Saturation is computed from load the caller passes in (queue depth and KV-cache 
 endpoint, from the metrics scraper) by :class:`~kvroute_router.framework.saturation.Saturation`,
 the definition the ``load-headroom`` filter uses too: an endpoint is saturated when its waiting
 requests reach ``saturationQueueDepth`` or its KV-cache utilisation reaches
-``KV_SATURATION``; the pool is saturated when all its endpoints are. Queued requests are
+``saturationKvUtilization``; the pool is saturated when all its endpoints are. Queued requests are
 released, highest priority first, by
 ``release_waiting()``, which the request path calls when a request finishes or metrics refresh.
 """
@@ -23,7 +23,7 @@ from kvroute_api.route_policy import AdmissionSpec
 
 from kvroute_router.budget.ledger import ApiError
 from kvroute_router.budget.metrics import BudgetMetrics, policy_labels
-from kvroute_router.framework.saturation import KV_SATURATION, Saturation
+from kvroute_router.framework.saturation import Saturation
 
 PRIORITY_HEADER = "x-kvroute-priority"
 
@@ -51,12 +51,10 @@ class AdmissionController:
 
     def __init__(self, policy: str, spec: AdmissionSpec,
                  load: Callable[[], Sequence[EndpointLoad]], *,
-                 kv_saturation: float = KV_SATURATION,
                  metrics: BudgetMetrics | None = None) -> None:
         self.policy = policy
         self.spec = spec
         self.load = load
-        self.kv_saturation = kv_saturation
         self.metrics = metrics
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._sequence = itertools.count()
@@ -80,8 +78,7 @@ class AdmissionController:
         endpoints = self.load()
         if not endpoints:
             return False
-        saturation = Saturation(queue_depth=self.spec.saturation_queue_depth,
-                                kv_utilization=self.kv_saturation)
+        saturation = Saturation.of(self.spec)
         return all(saturation.saturated(e.waiting, e.kv_utilization) for e in endpoints)
 
     async def admit(self, priority: Priority) -> ApiError | None:

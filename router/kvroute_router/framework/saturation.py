@@ -1,12 +1,13 @@
-"""When an endpoint counts as saturated: the one definition admission control and the
-``load-headroom`` filter share.
+"""When an endpoint counts as saturated: the one definition admission control and the ``load-
+headroom`` filter share.
 
 An endpoint is saturated when its waiting queue reaches the policy's
 ``spec.admission.saturationQueueDepth`` or its KV-cache utilisation reaches
-:data:`KV_SATURATION`. Admission control queues or sheds when *every* endpoint of a policy is
-saturated; ``load-headroom`` keeps only the endpoints that are not (so prefix affinity chooses
-among endpoints with headroom). Both read the thresholds from :class:`Saturation`, so the two
-can never disagree about which endpoints are full.
+``spec.admission.saturationKvUtilization`` (default :data:`KV_SATURATION`). Admission control
+queues or sheds when *every* endpoint of a policy is saturated; ``load-headroom`` keeps only
+the endpoints that are not (so prefix affinity chooses among endpoints with headroom). Both
+read the thresholds from :class:`Saturation`, so the two can never disagree about which
+endpoints are full.
 
 *Decision:* this lives in ``framework/`` (the lowest layer) rather than ``admission/`` because
 the plugin that uses it sits below admission in the router's layers (plugins must not import
@@ -21,8 +22,9 @@ import numpy as np
 import numpy.typing as npt
 from kvroute_api.route_policy import AdmissionSpec
 
-KV_SATURATION = 0.95
-"""KV-cache utilisation (0..1) at which an endpoint is saturated."""
+KV_SATURATION = AdmissionSpec.model_fields["saturation_kv_utilization"].default
+"""KV-cache utilisation (0..1) at which an endpoint is saturated, for a policy without
+``spec.admission``."""
 
 DEFAULT_QUEUE_DEPTH = AdmissionSpec.model_fields["saturation_queue_depth"].default
 """``AdmissionSpec.saturationQueueDepth``'s default, for a policy without ``spec.admission``."""
@@ -40,7 +42,8 @@ class Saturation:
         """The thresholds of a policy's ``spec.admission`` (defaults when it has none)."""
         if admission is None:
             return cls()
-        return cls(queue_depth=admission.saturation_queue_depth)
+        return cls(queue_depth=admission.saturation_queue_depth,
+                   kv_utilization=admission.saturation_kv_utilization)
 
     def saturated(self, waiting: float, kv_utilization: float) -> bool:
         """Whether one endpoint with this load is saturated."""

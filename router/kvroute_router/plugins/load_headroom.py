@@ -7,7 +7,7 @@ before the scorers in every profile and keeps only the endpoints with **headroom
 
 * a waiting queue (the engine's ``vllm:num_requests_waiting`` plus this router's dispatches
   since that scrape) below ``max_waiting`` (``RoutePolicy.spec.admission.saturationQueueDepth``),
-* and KV-cache utilisation below ``max_kv_utilization`` (``framework.saturation.KV_SATURATION``).
+* and KV-cache utilisation below ``max_kv_utilization`` (``saturationKvUtilization``).
 
 The thresholds are admission control's: both use
 :class:`~kvroute_router.framework.saturation.Saturation`.

@@ -38,6 +38,17 @@ class Load:
         self.endpoints = [EndpointLoad(0, 0.2)]
 
 
+def test_kv_saturation_is_the_policys() -> None:
+    load = Load()
+    load.endpoints = [EndpointLoad(0, 0.9)]
+    assert not AdmissionController("chat", SPEC, load).saturated()  # default 0.95
+    strict = SPEC.model_copy(update={"saturation_kv_utilization": 0.8})
+    assert AdmissionController("chat", strict, load).saturated()
+    lax = SPEC.model_copy(update={"saturation_kv_utilization": 1.0})
+    load.endpoints = [EndpointLoad(0, 0.99)]
+    assert not AdmissionController("chat", lax, load).saturated()
+
+
 def test_priority_classes() -> None:
     controller = AdmissionController("chat", SPEC, Load())
     assert controller.priority_of({"x-kvroute-priority": "batch"}).sheddable

@@ -244,3 +244,18 @@ def test_the_nosat_variant_only_lifts_the_queue_rule(tmp_path: Path) -> None:
     contender.command(FLEET, 30000, tmp_path)
     written = list(yaml.safe_load_all((tmp_path / "kvroute-precise-load-nosat.yaml").read_text()))
     assert written[1]["spec"]["admission"] == {"saturationQueueDepth": 100_000}
+
+
+def test_the_kv_ab_variants_change_one_thing_each() -> None:
+    from kvroute_bench.contenders import KVROUTE_POLICY_EXTRA
+
+    base = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-load"])[1])
+    nokvsat = RoutePolicy.model_validate(kvroute_config(
+        FLEET, KVROUTE_SCORING["precise-load-nokvsat"],
+        KVROUTE_POLICY_EXTRA["precise-load-nokvsat"])[1])
+    assert nokvsat.spec.admission.saturation_kv_utilization == 1.0
+    assert base.spec.admission.saturation_kv_utilization == 0.95
+    assert nokvsat.spec.scoring == base.spec.scoring
+    queue = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-queue"])[1])
+    assert [s.type for s in queue.spec.scoring.scorers] == ["prefix-precise", "queue-depth"]
+    assert queue.spec.admission == base.spec.admission

@@ -81,6 +81,18 @@ def test_threshold_comes_from_admission_saturation_queue_depth() -> None:
     assert flt.max_waiting == AdmissionSpec().saturation_queue_depth
 
 
+def test_kv_threshold_comes_from_admission_saturation_kv_utilization() -> None:
+    registry = register_builtin_plugins(PluginRegistry())
+    admission = AdmissionSpec.model_validate({"saturationKvUtilization": 0.5})
+    ctx = PluginContext(scoring=ScoringSpec(), pool_key="default/p", pool=None,
+                        services=SharedServices(), admission=admission)
+    flt = next(f for f in build_profile(registry, ctx, "t").filters
+               if isinstance(f, LoadHeadroomFilter))
+    assert flt.max_kv_utilization == 0.5
+    eps = [endpoint("a", kv=0.6), endpoint("b", kv=0.4)]
+    assert names(flt.filter(CycleState(), LLMRequest(model="m"), eps)) == ["b"]
+
+
 def test_hot_prefix_stops_attracting_requests_to_a_saturated_endpoint() -> None:
     """The default scoring (prefix weight 3, queue-depth, kv-utilization): the endpoint holding the
     hot prompt wins while it has headroom, and loses it as soon as its queue reaches the

@@ -1,5 +1,5 @@
-"""When an endpoint counts as saturated: the one definition admission control and the ``load-
-headroom`` filter share.
+"""When an endpoint counts as saturated: the one definition admission control and the
+``load-headroom`` filter share.
 
 An endpoint is saturated when its waiting queue reaches the policy's
 ``spec.admission.saturationQueueDepth`` or its KV-cache utilisation reaches

@@ -308,6 +308,7 @@ KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
 }
 KVROUTE_SCORING["precise-load-nosat"] = KVROUTE_SCORING["precise-load"]
 KVROUTE_SCORING["precise-load-nokvsat"] = KVROUTE_SCORING["precise-load"]
+KVROUTE_SCORING["precise-load-nohead"] = KVROUTE_SCORING["precise-load"]
 # An A/B of the KV-utilisation scorer: prefix and queue only.
 KVROUTE_SCORING["precise-queue"] = KVROUTE_SCORING["precise-load"][:2]
 
@@ -319,6 +320,10 @@ KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
     "precise-load-nosat": {"admission": {"saturationQueueDepth": 100_000}},
     # An A/B of its KV rule (an engine at >= 95 % KV use loses headroom): only a full cache.
     "precise-load-nokvsat": {"admission": {"saturationKvUtilization": 1.0}},
+    # Both rules lifted: no endpoint loses headroom, admission never queues in the router;
+    # prefix and load scorers alone decide (as the peers' policies do).
+    "precise-load-nohead": {"admission": {"saturationQueueDepth": 100_000,
+                                          "saturationKvUtilization": 1.0}},
 }
 
 
@@ -449,6 +454,9 @@ CONTENDERS = ContenderSet([
     Contender("kvroute-precise-load-nokvsat", "kvroute",
               "kvroute-precise-load with the load-headroom KV rule at 100 % (A/B)",
               _kvroute("precise-load-nokvsat"), ready_timeout_s=180),
+    Contender("kvroute-precise-load-nohead", "kvroute",
+              "kvroute-precise-load with both load-headroom rules lifted (A/B)",
+              _kvroute("precise-load-nohead"), ready_timeout_s=180),
     Contender("kvroute-precise-queue", "kvroute",
               "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",
               _kvroute("precise-queue"), ready_timeout_s=180),

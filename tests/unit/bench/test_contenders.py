@@ -259,3 +259,7 @@ def test_the_kv_ab_variants_change_one_thing_each() -> None:
     queue = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-queue"])[1])
     assert [s.type for s in queue.spec.scoring.scorers] == ["prefix-precise", "queue-depth"]
     assert queue.spec.admission == base.spec.admission
+    nohead = RoutePolicy.model_validate(kvroute_config(
+        FLEET, KVROUTE_SCORING["precise-load-nohead"],
+        KVROUTE_POLICY_EXTRA["precise-load-nohead"])[1]).spec.admission
+    assert (nohead.saturation_queue_depth, nohead.saturation_kv_utilization) == (100_000, 1.0)

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from tests.aiohttp_server import serving
 from tests.k8s.conftest import Cluster, OperatorStarter, condition, eventually
 
 pytestmark = [pytest.mark.k8s, pytest.mark.timeout(60)]
@@ -31,13 +32,8 @@ async def busy_prometheus() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/api/v1/query", query)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serving(app) as url:
+        yield url
 
 
 def with_prometheus(pool: dict[str, Any], url: str, **auto: Any) -> dict[str, Any]:

@@ -4,14 +4,17 @@ direct-rr contender and ``--replicas N`` (L7 balancing in front of a router Depl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from aiohttp import web
 from kvroute_bench.client import run_trace
 from kvroute_bench.workloads import TraceRequest
 
+from tests.aiohttp_server import serving
 
-async def _serve(seen: list[int], tag: int) -> tuple[web.AppRunner, str]:
+
+def _app(seen: list[int], tag: int) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         seen.append(int(body["prompt"].split()[1]))
@@ -25,28 +28,20 @@ async def _serve(seen: list[int], tag: int) -> tuple[web.AppRunner, str]:
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
+    return app
 
 
 def test_requests_rotate_over_base_urls_one_by_one() -> None:
     async def scenario() -> list[list[int]]:
         seen: list[list[int]] = [[], [], []]
-        servers = [await _serve(seen[i], i) for i in range(3)]
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [await stack.enter_async_context(serving(_app(seen[i], i)))
+                    for i in range(3)]
             requests = [TraceRequest(index=i, arrival_s=0.01 * i, prompt=f"req {i} x",
                                      max_tokens=1, group="g", shared_tokens=0)
                         for i in range(9)]
-            results = await run_trace([url for _, url in servers], "m", requests,
-                                      timeout_s=10)
+            results = await run_trace(urls, "m", requests, timeout_s=10)
             assert all(r.ok for r in results)
-        finally:
-            for runner, _ in servers:
-                await runner.cleanup()
         return seen
 
     seen = asyncio.run(scenario())

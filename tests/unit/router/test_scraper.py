@@ -14,6 +14,7 @@ from kvroute_router.router_metrics import RouterMetrics
 from kvroute_router.scrape.scraper import MetricsScraper
 from kvroute_router.scrape.vllm_metrics import MetricsParseError, parse_vllm_metrics
 
+from tests.aiohttp_server import serving
 from tests.unit.router.router_fixtures import make_pool
 
 GOOD = ('vllm:num_requests_running{engine="0"} 3.0\n'
@@ -54,34 +55,30 @@ async def test_a_bad_page_is_counted_marks_metrics_stale_and_scraping_goes_on() 
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    store = Datastore()
-    store.replace([make_pool("p", count=1, base_port=port)], [])
-    router_metrics = RouterMetrics()
-    scraper = MetricsScraper(store, interval_s=0.02, metrics=router_metrics)
-    await scraper.start()
-    try:
-        (ep,) = store.endpoints()
-        await _until(lambda: ep.metrics is not None and ep.metrics.running == 3.0, "a scrape")
-        page["body"] = INFINITE_LABEL  # this used to end the endpoint's scrape loop
-        await _until(lambda: ep.metrics is not None and ep.metrics.running == 4.0,
-                     "the page with an infinite block size")
-        assert ep.metrics is not None and ep.metrics.block_size is None
-        for number, bad in enumerate(BAD_PAGES, start=1):
-            page["body"] = bad
-            await _until(lambda: ep.metrics is None, f"bad page {number} to drop the snapshot")
-            count = router_metrics.registry.get_sample_value(
-                "kvroute_scrape_errors_total",
-                {"pool": ep.pool, "endpoint": ep.name, "reason": "bad_page"})
-            assert count is not None and count >= number
-            assert ep.scrape_failures == 0  # the engine answered: not "down"
-            page["body"] = GOOD.encode()
-            await _until(lambda: ep.metrics is not None, f"a good page after bad page {number}")
-            assert ep.metrics is not None and ep.metrics.block_size == 16
-    finally:
-        await scraper.stop()
-        await runner.cleanup()
+    async with serving(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=port)], [])
+        router_metrics = RouterMetrics()
+        scraper = MetricsScraper(store, interval_s=0.02, metrics=router_metrics)
+        await scraper.start()
+        try:
+            (ep,) = store.endpoints()
+            await _until(lambda: ep.metrics is not None and ep.metrics.running == 3.0, "a scrape")
+            page["body"] = INFINITE_LABEL  # this used to end the endpoint's scrape loop
+            await _until(lambda: ep.metrics is not None and ep.metrics.running == 4.0,
+                         "the page with an infinite block size")
+            assert ep.metrics is not None and ep.metrics.block_size is None
+            for number, bad in enumerate(BAD_PAGES, start=1):
+                page["body"] = bad
+                await _until(lambda: ep.metrics is None, f"bad page {number} to drop the snapshot")
+                count = router_metrics.registry.get_sample_value(
+                    "kvroute_scrape_errors_total",
+                    {"pool": ep.pool, "endpoint": ep.name, "reason": "bad_page"})
+                assert count is not None and count >= number
+                assert ep.scrape_failures == 0  # the engine answered: not "down"
+                page["body"] = GOOD.encode()
+                await _until(lambda: ep.metrics is not None, f"a good page after bad page {number}")
+                assert ep.metrics is not None and ep.metrics.block_size == 16
+        finally:
+            await scraper.stop()

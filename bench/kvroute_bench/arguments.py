@@ -13,7 +13,7 @@ from collections.abc import Callable
 WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing", "precise-prefix")
 CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise",
                    "kvroute-precise-load", "kvroute-precise-load-nosat",
-                   "kvroute-precise-load-nokvsat", "kvroute-precise-load-nohead",
+                   "kvroute-precise-load-kv95", "kvroute-precise-load-nohead",
                    "kvroute-precise-queue", "vllm-router-rr",
                    "vllm-router-cache", "vllm-router-kv", "sglang-router-cache", "smg-cache")
 

@@ -307,7 +307,7 @@ KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
                      {"type": "kv-utilization", "weight": 1.0}],
 }
 KVROUTE_SCORING["precise-load-nosat"] = KVROUTE_SCORING["precise-load"]
-KVROUTE_SCORING["precise-load-nokvsat"] = KVROUTE_SCORING["precise-load"]
+KVROUTE_SCORING["precise-load-kv95"] = KVROUTE_SCORING["precise-load"]
 KVROUTE_SCORING["precise-load-nohead"] = KVROUTE_SCORING["precise-load"]
 # An A/B of the KV-utilisation scorer: prefix and queue only.
 KVROUTE_SCORING["precise-queue"] = KVROUTE_SCORING["precise-load"][:2]
@@ -318,8 +318,9 @@ KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
     # An A/B of the load-headroom filter's queue rule (an engine with >= 8 waiting requests
     # loses headroom and stops attracting its prefix): effectively off, the KV rule stays.
     "precise-load-nosat": {"admission": {"saturationQueueDepth": 100_000}},
-    # An A/B of its KV rule (an engine at >= 95 % KV use loses headroom): only a full cache.
-    "precise-load-nokvsat": {"admission": {"saturationKvUtilization": 1.0}},
+    # An A/B of the KV rule: an engine at >= 95 % KV use loses headroom (the default until
+    # round 4 of the emulated-fleet benchmark; now 1.0, only a full cache).
+    "precise-load-kv95": {"admission": {"saturationKvUtilization": 0.95}},
     # Both rules lifted: no endpoint loses headroom, admission never queues in the router;
     # prefix and load scorers alone decide (as the peers' policies do).
     "precise-load-nohead": {"admission": {"saturationQueueDepth": 100_000,
@@ -451,9 +452,9 @@ CONTENDERS = ContenderSet([
     Contender("kvroute-precise-load-nosat", "kvroute",
               "kvroute-precise-load with the load-headroom queue rule off (A/B)",
               _kvroute("precise-load-nosat"), ready_timeout_s=180),
-    Contender("kvroute-precise-load-nokvsat", "kvroute",
-              "kvroute-precise-load with the load-headroom KV rule at 100 % (A/B)",
-              _kvroute("precise-load-nokvsat"), ready_timeout_s=180),
+    Contender("kvroute-precise-load-kv95", "kvroute",
+              "kvroute-precise-load with the KV rule at 95 % (the old default, A/B)",
+              _kvroute("precise-load-kv95"), ready_timeout_s=180),
     Contender("kvroute-precise-load-nohead", "kvroute",
               "kvroute-precise-load with both load-headroom rules lifted (A/B)",
               _kvroute("precise-load-nohead"), ready_timeout_s=180),

@@ -222,13 +222,15 @@ class AdmissionSpec(ApiModel):
                                               "queue before it gets 429.")
     saturation_queue_depth: int = Field(
         default=8, ge=1, le=100000,
-        description="An endpoint with this many waiting requests counts as saturated.")
+        description="An endpoint with this many waiting requests counts as saturated (admission "
+                    "queues or sheds when all are); one this many deeper than the least-queued "
+                    "endpoint stops attracting its prefixes.")
     saturation_kv_utilization: float = Field(
-        default=0.95, gt=0, le=1,
+        default=1.0, gt=0, le=1,
         description="An endpoint whose KV-cache usage (vllm:kv_cache_usage_perc, 0-1) reaches "
-                    "this counts as saturated; 1 = only a full cache. Saturated endpoints stop "
-                    "attracting their prefixes (load-headroom) and, when all are, requests "
-                    "queue.")
+                    "this counts as saturated: it stops attracting its prefixes and, when all "
+                    "are, requests queue. Default 1 (only a full cache): vLLM fills its cache "
+                    "by design and queues what does not fit, which saturationQueueDepth sees.")
     priority_classes: list[PriorityClass] = Field(default_factory=list, max_length=16,
                                                   description="Request priorities.")
     default_priority_class: str | None = Field(default=None, max_length=63,

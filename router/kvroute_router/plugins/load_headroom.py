@@ -6,19 +6,27 @@ on the endpoint that first served it, and its queue grows without bound. This fi
 before the scorers in every profile and keeps only the endpoints with **headroom**:
 
 * a waiting queue (the engine's ``vllm:num_requests_waiting`` plus this router's dispatches
-  since that scrape) below ``max_waiting`` (``RoutePolicy.spec.admission.saturationQueueDepth``),
-* and KV-cache utilisation below ``max_kv_utilization`` (``saturationKvUtilization``).
+  since that scrape) less than ``max_waiting`` (``RoutePolicy.spec.admission.
+  saturationQueueDepth``) *deeper than the least-queued candidate's*,
+* and KV-cache utilisation below ``max_kv_utilization`` (``saturationKvUtilization``, default
+  1: only a full cache).
 
-The thresholds are admission control's: both use
-:class:`~kvroute_router.framework.saturation.Saturation`.
+The queue rule is **relative** to the least-queued candidate: it removes hot spots, not busy
+engines. When one holder's queue runs ahead of the fleet (a hot tenant), it loses headroom, the
+overflow goes elsewhere, and the prefix scorer learns the new holders (hot prefixes replicate
+onto as many endpoints as their load needs). When *every* engine is queueing (a fleet-wide
+overload), none runs ahead of the others and prefix affinity keeps deciding: moving a tenant
+off its holder then only recomputes its context elsewhere and evicts another tenant's, which
+makes the overload worse. (Measured: with the absolute rule — an engine with 8 waiting requests
+lost headroom whatever the others had — and the 0.95 KV rule, a long overload on 16 emulated
+H100 engines kept only 67 % of the oracle's cache hits; docs/benchmarks/emulated-fleet.md,
+round 4.) Admission control keeps the absolute thresholds of
+:class:`~kvroute_router.framework.saturation.Saturation` (queue or shed when every endpoint is
+saturated).
 
-So prefix affinity decides only among endpoints that can start the request soon; a saturated
-endpoint stops attracting its hot prefix, the overflow goes elsewhere, and the prefix scorer
-learns the new holders (hot prefixes replicate onto as many endpoints as their load needs).
-
-When no endpoint has headroom, the filter keeps the least-queued endpoints (every endpoint
-whose waiting queue equals the smallest one), never an empty list: routing continues and
-admission control (which sees the same saturation) decides about queueing or shedding.
+When no endpoint has headroom (only the KV rule can do that now), the filter keeps the
+least-queued endpoints (every endpoint whose waiting queue equals the smallest one), never an
+empty list: routing continues and admission control decides about queueing or shedding.
 
 Endpoints whose metrics are stale or missing are judged by the router's own dispatch count
 only (an old number neither saturates nor clears an endpoint). The numbers are
@@ -75,7 +83,7 @@ class LoadHeadroomFilter:
             return list(endpoints)
         loads = LoadEstimates.for_cycle(state, endpoints, self.stale_after_s, time.monotonic())
         waiting = loads.waiting()
-        keep = self.saturation.headroom(waiting, loads.kv_usage())
+        keep = self.saturation.headroom(waiting - waiting.min(), loads.kv_usage())
         if not keep.any():
             least = waiting.min()
             state.write(STATE_SATURATED, [])

@@ -32,7 +32,7 @@ class Load:
         return self.endpoints
 
     def saturate(self) -> None:
-        self.endpoints = [EndpointLoad(4, 0.2), EndpointLoad(0, 0.97)]
+        self.endpoints = [EndpointLoad(4, 0.2), EndpointLoad(0, 1.0)]
 
     def relieve(self) -> None:
         self.endpoints = [EndpointLoad(0, 0.2)]
@@ -41,7 +41,7 @@ class Load:
 def test_kv_saturation_is_the_policys() -> None:
     load = Load()
     load.endpoints = [EndpointLoad(0, 0.9)]
-    assert not AdmissionController("chat", SPEC, load).saturated()  # default 0.95
+    assert not AdmissionController("chat", SPEC, load).saturated()  # default 1: a full cache
     strict = SPEC.model_copy(update={"saturation_kv_utilization": 0.8})
     assert AdmissionController("chat", strict, load).saturated()
     lax = SPEC.model_copy(update={"saturation_kv_utilization": 1.0})

@@ -251,10 +251,10 @@ def test_the_kv_ab_variants_change_one_thing_each() -> None:
 
     base = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-load"])[1])
     nokvsat = RoutePolicy.model_validate(kvroute_config(
-        FLEET, KVROUTE_SCORING["precise-load-nokvsat"],
-        KVROUTE_POLICY_EXTRA["precise-load-nokvsat"])[1])
-    assert nokvsat.spec.admission.saturation_kv_utilization == 1.0
-    assert base.spec.admission.saturation_kv_utilization == 0.95
+        FLEET, KVROUTE_SCORING["precise-load-kv95"],
+        KVROUTE_POLICY_EXTRA["precise-load-kv95"])[1])
+    assert nokvsat.spec.admission.saturation_kv_utilization == 0.95
+    assert base.spec.admission.saturation_kv_utilization == 1.0
     assert nokvsat.spec.scoring == base.spec.scoring
     queue = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-queue"])[1])
     assert [s.type for s in queue.spec.scoring.scorers] == ["prefix-precise", "queue-depth"]

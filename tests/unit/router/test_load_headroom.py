@@ -130,6 +130,28 @@ def test_hot_prefix_stops_attracting_requests_to_a_saturated_endpoint() -> None:
     assert route() == "hot"
 
 
+def test_a_fleet_wide_overload_keeps_tenants_on_their_holders() -> None:
+    """Every engine queues (all past saturationQueueDepth): no holder runs ahead of the
+    others, so the prefix keeps deciding — moving the tenant would recompute its context
+    elsewhere. (The absolute rule sent it to the least-queued engine instead.)"""
+    registry = register_builtin_plugins(PluginRegistry())
+    ctx = PluginContext(scoring=ScoringSpec(), pool_key="default/p", pool=None,
+                        services=SharedServices(),
+                        admission=AdmissionSpec.model_validate({"saturationQueueDepth": 8}))
+    profile = build_profile(registry, ctx, "t")
+    profile.picker = MaxScorePicker(random.Random(0))
+    holder, others = endpoint("holder", waiting=11, kv=0.99), [
+        endpoint(f"busy-{i}", waiting=10, kv=0.97) for i in range(3)]
+    profile.dispatched(CycleState(), LLMRequest(model="m", prompt_text=PROMPT), holder)
+    request = LLMRequest(model="m", prompt_text=PROMPT)
+    chosen = profile.run(CycleState(), request, [holder, *others], limit=1)[0]
+    assert chosen.endpoint.name == "holder"
+    # A hot spot still loses headroom: the holder 8 deeper than the least-queued.
+    holder.metrics = endpoint("x", waiting=18, kv=0.99).metrics
+    chosen = profile.run(CycleState(), request, [holder, *others], limit=1)[0]
+    assert chosen.endpoint.name != "holder"
+
+
 def test_without_the_filter_the_same_load_cannot_outvote_the_prefix() -> None:
     """What the filter fixes: with scorers alone, a saturated holder keeps winning."""
     registry = register_builtin_plugins(PluginRegistry())

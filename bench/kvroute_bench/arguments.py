@@ -14,6 +14,7 @@ WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing", "precise-prefix")
 CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise",
                    "kvroute-precise-load", "kvroute-precise-load-nosat",
                    "kvroute-precise-load-kv95", "kvroute-precise-load-nohead",
+                   "kvroute-precise-load-q16", "kvroute-precise-load-q32",
                    "kvroute-precise-queue", "vllm-router-rr",
                    "vllm-router-cache", "vllm-router-kv", "sglang-router-cache", "smg-cache")
 

@@ -309,6 +309,8 @@ KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
 KVROUTE_SCORING["precise-load-nosat"] = KVROUTE_SCORING["precise-load"]
 KVROUTE_SCORING["precise-load-kv95"] = KVROUTE_SCORING["precise-load"]
 KVROUTE_SCORING["precise-load-nohead"] = KVROUTE_SCORING["precise-load"]
+KVROUTE_SCORING["precise-load-q16"] = KVROUTE_SCORING["precise-load"]
+KVROUTE_SCORING["precise-load-q32"] = KVROUTE_SCORING["precise-load"]
 # An A/B of the KV-utilisation scorer: prefix and queue only.
 KVROUTE_SCORING["precise-queue"] = KVROUTE_SCORING["precise-load"][:2]
 
@@ -325,6 +327,10 @@ KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
     # prefix and load scorers alone decide (as the peers' policies do).
     "precise-load-nohead": {"admission": {"saturationQueueDepth": 100_000,
                                           "saturationKvUtilization": 1.0}},
+    # The queue depth at which admission holds requests in the router (every engine that
+    # deep) and an engine that much deeper than the least-queued loses headroom (default 8).
+    "precise-load-q16": {"admission": {"saturationQueueDepth": 16}},
+    "precise-load-q32": {"admission": {"saturationQueueDepth": 32}},
 }
 
 
@@ -458,6 +464,12 @@ CONTENDERS = ContenderSet([
     Contender("kvroute-precise-load-nohead", "kvroute",
               "kvroute-precise-load with both load-headroom rules lifted (A/B)",
               _kvroute("precise-load-nohead"), ready_timeout_s=180),
+    Contender("kvroute-precise-load-q16", "kvroute",
+              "kvroute-precise-load with saturationQueueDepth 16 (A/B)",
+              _kvroute("precise-load-q16"), ready_timeout_s=180),
+    Contender("kvroute-precise-load-q32", "kvroute",
+              "kvroute-precise-load with saturationQueueDepth 32 (A/B)",
+              _kvroute("precise-load-q32"), ready_timeout_s=180),
     Contender("kvroute-precise-queue", "kvroute",
               "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",
               _kvroute("precise-queue"), ready_timeout_s=180),

@@ -263,3 +263,9 @@ def test_the_kv_ab_variants_change_one_thing_each() -> None:
         FLEET, KVROUTE_SCORING["precise-load-nohead"],
         KVROUTE_POLICY_EXTRA["precise-load-nohead"])[1]).spec.admission
     assert (nohead.saturation_queue_depth, nohead.saturation_kv_utilization) == (100_000, 1.0)
+    for depth in (16, 32):
+        variant = RoutePolicy.model_validate(kvroute_config(
+            FLEET, KVROUTE_SCORING[f"precise-load-q{depth}"],
+            KVROUTE_POLICY_EXTRA[f"precise-load-q{depth}"])[1]).spec
+        assert variant.admission.saturation_queue_depth == depth
+        assert variant.scoring == base.spec.scoring

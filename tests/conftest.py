@@ -30,6 +30,23 @@ def examples_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A real ``redis-server`` on loopback for the session (budget meters, the response
+    cache, replica sync); its port."""
+    from kvroute_cli.localredis import RedisStartError, start_redis
+
+    try:
+        process, port = start_redis(tmp_path_factory.mktemp("redis"))
+    except RedisStartError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
 def engine_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """``KVROUTE_E2E_ENGINES`` (default 2) real engines, started once per session; or, with
     ``KVROUTE_E2E_ENGINES_RUNNING=<workdir of kvroute engines>``, the engines that

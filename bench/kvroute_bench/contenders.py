@@ -299,40 +299,56 @@ def _smg(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
 
 # --- kvroute ------------------------------------------------------------------------------
 
-KVROUTE_SCORING: dict[str, list[dict[str, Any]]] = {
-    "approx": [{"type": "prefix-approx", "weight": 1.0}],
-    "precise": [{"type": "prefix-precise", "weight": 1.0}],
-    "precise-load": [{"type": "prefix-precise", "weight": 3.0},
-                     {"type": "queue-depth", "weight": 1.0},
-                     {"type": "kv-utilization", "weight": 1.0}],
-}
-KVROUTE_SCORING["precise-load-nosat"] = KVROUTE_SCORING["precise-load"]
-KVROUTE_SCORING["precise-load-kv95"] = KVROUTE_SCORING["precise-load"]
-KVROUTE_SCORING["precise-load-nohead"] = KVROUTE_SCORING["precise-load"]
-KVROUTE_SCORING["precise-load-q16"] = KVROUTE_SCORING["precise-load"]
-KVROUTE_SCORING["precise-load-q32"] = KVROUTE_SCORING["precise-load"]
-# An A/B of the KV-utilisation scorer: prefix and queue only.
-KVROUTE_SCORING["precise-queue"] = KVROUTE_SCORING["precise-load"][:2]
+@dataclass(frozen=True)
+class KvrouteVariant:
+    """One way of configuring kvroute for a run: its scorers and further RoutePolicy spec
+    fields (merged into the generated policy). Run as the contender ``kvroute-<name>``."""
+
+    description: str
+    scoring: list[dict[str, Any]]
+    policy: dict[str, Any] = field(default_factory=dict)
 
 
-# Variants whose RoutePolicy differs beyond the scorers: spec fields merged into the policy.
-KVROUTE_POLICY_EXTRA: dict[str, dict[str, Any]] = {
-    # An A/B of the load-headroom filter's queue rule (an engine with >= 8 waiting requests
-    # loses headroom and stops attracting its prefix): effectively off, the KV rule stays.
-    "precise-load-nosat": {"admission": {"saturationQueueDepth": 100_000}},
-    # An A/B of the KV rule: an engine at >= 95 % KV use loses headroom (the default until
-    # round 4 of the emulated-fleet benchmark; now 1.0, only a full cache).
-    "precise-load-kv95": {"admission": {"saturationKvUtilization": 0.95}},
+_PRECISE_LOAD = [{"type": "prefix-precise", "weight": 3.0},
+                 {"type": "queue-depth", "weight": 1.0},
+                 {"type": "kv-utilization", "weight": 1.0}]
+
+KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
+    "approx": KvrouteVariant("kvroute, approximate prefix scorer (router's own request history)",
+                             [{"type": "prefix-approx", "weight": 1.0}]),
+    "precise": KvrouteVariant("kvroute, precise prefix scorer (engines' KV events)",
+                              [{"type": "prefix-precise", "weight": 1.0}]),
+    "precise-load": KvrouteVariant("kvroute, precise prefix (x3) + queue depth + KV utilisation",
+                                   _PRECISE_LOAD),
+    # A/B variants of precise-load (docs/benchmarks/emulated-fleet.md, rounds 3 and 4).
+    # The load-headroom filter's queue rule (an engine saturationQueueDepth deeper than the
+    # least-queued loses headroom; admission holds requests when every engine is that deep):
+    # effectively off.
+    "precise-load-nosat": KvrouteVariant(
+        "kvroute-precise-load with the load-headroom queue rule off (A/B)", _PRECISE_LOAD,
+        {"admission": {"saturationQueueDepth": 100_000}}),
+    # The KV rule at 95 % KV use (the default until round 4; now 1.0, only a full cache).
+    "precise-load-kv95": KvrouteVariant(
+        "kvroute-precise-load with the KV rule at 95 % (the old default, A/B)", _PRECISE_LOAD,
+        {"admission": {"saturationKvUtilization": 0.95}}),
     # Both rules lifted: no endpoint loses headroom, admission never queues in the router;
     # prefix and load scorers alone decide (as the peers' policies do).
-    "precise-load-nohead": {"admission": {"saturationQueueDepth": 100_000,
-                                          "saturationKvUtilization": 1.0}},
-    # The queue depth at which admission holds requests in the router (every engine that
-    # deep) and an engine that much deeper than the least-queued loses headroom (default 8).
-    "precise-load-q16": {"admission": {"saturationQueueDepth": 16}},
-    "precise-load-q32": {"admission": {"saturationQueueDepth": 32}},
+    "precise-load-nohead": KvrouteVariant(
+        "kvroute-precise-load with both load-headroom rules lifted (A/B)", _PRECISE_LOAD,
+        {"admission": {"saturationQueueDepth": 100_000, "saturationKvUtilization": 1.0}}),
+    "precise-load-q16": KvrouteVariant(
+        "kvroute-precise-load with saturationQueueDepth 16 (A/B)", _PRECISE_LOAD,
+        {"admission": {"saturationQueueDepth": 16}}),
+    "precise-load-q32": KvrouteVariant(
+        "kvroute-precise-load with saturationQueueDepth 32 (A/B)", _PRECISE_LOAD,
+        {"admission": {"saturationQueueDepth": 32}}),
+    # The KV-utilisation scorer: prefix and queue only.
+    "precise-queue": KvrouteVariant(
+        "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",
+        _PRECISE_LOAD[:2]),
 }
-
+KVROUTE_SCORING = {name: v.scoring for name, v in KVROUTE_VARIANTS.items()}
+KVROUTE_POLICY_EXTRA = {name: v.policy for name, v in KVROUTE_VARIANTS.items() if v.policy}
 
 DEFAULT_PENDING_MS = 5000
 """``engine.kvEvents.pendingMs``'s default: how long a dispatched request's blocks count as held
@@ -446,33 +462,8 @@ CONTENDERS = ContenderSet([
     Contender("direct-one", "baseline",
               "control: every request straight to the first engine (the others idle)",
               direct_engines=1),
-    Contender("kvroute-approx", "kvroute",
-              "kvroute, approximate prefix scorer (router's own request history)",
-              _kvroute("approx"), ready_timeout_s=180),
-    Contender("kvroute-precise", "kvroute",
-              "kvroute, precise prefix scorer (engines' KV events)",
-              _kvroute("precise"), ready_timeout_s=180),
-    Contender("kvroute-precise-load", "kvroute",
-              "kvroute, precise prefix (x3) + queue depth + KV utilisation",
-              _kvroute("precise-load"), ready_timeout_s=180),
-    Contender("kvroute-precise-load-nosat", "kvroute",
-              "kvroute-precise-load with the load-headroom queue rule off (A/B)",
-              _kvroute("precise-load-nosat"), ready_timeout_s=180),
-    Contender("kvroute-precise-load-kv95", "kvroute",
-              "kvroute-precise-load with the KV rule at 95 % (the old default, A/B)",
-              _kvroute("precise-load-kv95"), ready_timeout_s=180),
-    Contender("kvroute-precise-load-nohead", "kvroute",
-              "kvroute-precise-load with both load-headroom rules lifted (A/B)",
-              _kvroute("precise-load-nohead"), ready_timeout_s=180),
-    Contender("kvroute-precise-load-q16", "kvroute",
-              "kvroute-precise-load with saturationQueueDepth 16 (A/B)",
-              _kvroute("precise-load-q16"), ready_timeout_s=180),
-    Contender("kvroute-precise-load-q32", "kvroute",
-              "kvroute-precise-load with saturationQueueDepth 32 (A/B)",
-              _kvroute("precise-load-q32"), ready_timeout_s=180),
-    Contender("kvroute-precise-queue", "kvroute",
-              "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",
-              _kvroute("precise-queue"), ready_timeout_s=180),
+    *(Contender(f"kvroute-{name}", "kvroute", variant.description, _kvroute(name),
+                ready_timeout_s=180) for name, variant in KVROUTE_VARIANTS.items()),
     Contender("vllm-router-rr", "vllm-router", "vllm-router --policy round_robin",
               _vllm_router("round_robin"), needs="vllm-router", env=_vllm_router_env),
     Contender("vllm-router-cache", "vllm-router", "vllm-router --policy cache_aware",

@@ -31,9 +31,10 @@ from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
 from kvroute_emulator.model.profile import cpu_test_engine
 from kvroute_router.app import Router, RouterSettings
 
+from tests.emulated import MODEL, emulated_fleet, fleet_pool
+
 pytestmark = pytest.mark.loopback
 
-MODEL = "kvroute-test-model"
 FAULTS: Counter[str] = Counter()
 """Across the suite: faults injected, requests sent, requests lost (not answered 200)."""
 
@@ -51,26 +52,13 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
-    f = EmulatedFleet(FleetConfig(count=2, profile=cpu_test_engine(), model_dir=model_dir,
-                                  served_model_name=MODEL, time_scale=0.01))
-    await f.start()
-    try:
+    async with emulated_fleet(model_dir) as f:
         yield f
-    finally:
-        await f.stop()
 
 
 def _config(tmp_path: Path, fleet: EmulatedFleet, per_try_ms: int) -> Path:
     docs = [
-        {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
-         "metadata": {"name": "emu"},
-         "spec": {"mode": "External", "model": {"name": MODEL},
-                  "engine": {"blockSize": fleet.config.profile.block_size},
-                  "resources": {"gpus": 0},
-                  "endpoints": [{"name": e["name"], "address": e["url"].removeprefix("http://"),
-                                 "kvEventsEndpoint": e["kv_events_endpoint"],
-                                 "kvEventsReplayEndpoint": e["replay_endpoint"]}
-                                for e in fleet.endpoints()]}},
+        fleet_pool(fleet),
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
          "spec": {"match": {"model": "chat"}, "pools": [{"name": "emu"}],
                   "retries": {"perTryTimeoutMs": per_try_ms},

@@ -12,22 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from kvroute_cli.localredis import RedisStartError, start_redis
 from kvroute_cli.testmodel import build_test_model
-from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
-from kvroute_emulator.model.profile import cpu_test_engine
+from kvroute_emulator.fleet import EmulatedFleet
 from kvroute_router.app import Router, RouterSettings
 from kvroute_router.replicasync.wire import DispatchRecord, encode
 
+from tests.emulated import MODEL, emulated_fleet, fleet_pool
+
 pytestmark = pytest.mark.loopback
 
-MODEL = "kvroute-test-model"
 ENGINES = 8
 
 
@@ -36,41 +35,20 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    try:
-        process, port = start_redis(tmp_path_factory.mktemp("redis"))
-    except RedisStartError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+@pytest.fixture
+def redis_url(redis_server: int) -> str:
+    return f"redis://127.0.0.1:{redis_server}/0"
 
 
 @pytest.fixture
 async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
-    f = EmulatedFleet(FleetConfig(count=ENGINES, profile=cpu_test_engine(), model_dir=model_dir,
-                                  served_model_name=MODEL, time_scale=0.01))
-    await f.start()
-    try:
+    async with emulated_fleet(model_dir, ENGINES) as f:
         yield f
-    finally:
-        await f.stop()
 
 
 def _config(tmp_path: Path, fleet: EmulatedFleet) -> Path:
     docs = [
-        {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
-         "metadata": {"name": "emu"},
-         "spec": {"mode": "External", "model": {"name": MODEL},
-                  "engine": {"blockSize": fleet.config.profile.block_size},
-                  "resources": {"gpus": 0},
-                  "endpoints": [{"name": e["name"], "address": e["url"].removeprefix("http://"),
-                                 "kvEventsEndpoint": e["kv_events_endpoint"],
-                                 "kvEventsReplayEndpoint": e["replay_endpoint"]}
-                                for e in fleet.endpoints()]}},
+        fleet_pool(fleet),
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
          "spec": {"match": {"model": "chat"}, "pools": [{"name": "emu"}],
                   "scoring": {"scorers": [{"type": "prefix-precise", "weight": 3},

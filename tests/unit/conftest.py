@@ -1,13 +1,14 @@
-"""Fixtures of the budget tests: a controllable clock, pools, and a real redis-server."""
+"""Fixtures of the budget tests: a controllable clock, pools, and a client of the real
+redis-server (``redis_server``, in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kvroute_cli.localredis import RedisStartError, free_port, start_redis
+from kvroute_cli.localredis import free_port
 from kvroute_router.budget.pricing import PoolEconomics
 
 ROUTELLM_CSV = (Path(__file__).resolve().parents[2].parent
@@ -47,19 +48,6 @@ def strong_pool() -> PoolEconomics:
 
 def _free_port() -> int:
     return free_port()
-
-
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    try:
-        process, port = start_redis(tmp_path_factory.mktemp("redis"))
-    except RedisStartError as exc:
-        pytest.fail(str(exc))
-    try:
-        yield port
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 from kvroute_cli.testmodel import build_test_model
-from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
-from kvroute_emulator.model.profile import cpu_test_engine
+from kvroute_emulator.fleet import EmulatedFleet
 
-MODEL = "kvroute-test-model"
+from tests.emulated import MODEL, emulated_fleet
 
 
 @pytest.fixture(scope="session")
@@ -22,12 +21,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
-    """Two engines, 100x faster than the CPU profile's real time (tests wait on events,
-    never on durations)."""
-    f = EmulatedFleet(FleetConfig(count=2, profile=cpu_test_engine(), model_dir=model_dir,
-                                  served_model_name=MODEL, time_scale=0.01))
-    await f.start()
-    try:
+    """Two engines, 100x faster than the CPU profile's real time."""
+    async with emulated_fleet(model_dir) as f:
         yield f
-    finally:
-        await f.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from kvroute_api import InferencePool, RoutePolicy
+from kvroute_api.route_policy import RoutePolicySpec
 from kvroute_bench import arguments
 from kvroute_bench.contenders import (
     CONTENDERS,
@@ -229,16 +230,20 @@ def test_synced_kvroute_replicas_are_pointed_at_the_shared_redis(tmp_path: Path)
     assert argv[argv.index("--replica-sync-redis-url") + 1] == "redis://127.0.0.1:6390/0"
 
 
-def test_the_nosat_variant_only_lifts_the_queue_rule(tmp_path: Path) -> None:
-    from kvroute_bench.contenders import KVROUTE_POLICY_EXTRA
+def variant_spec(name: str) -> RoutePolicySpec:
+    """The RoutePolicy spec the bench generates for the kvroute variant ``name``."""
+    from kvroute_bench.contenders import KVROUTE_VARIANTS
 
-    base = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-load"])[1])
-    nosat = RoutePolicy.model_validate(kvroute_config(
-        FLEET, KVROUTE_SCORING["precise-load-nosat"],
-        KVROUTE_POLICY_EXTRA["precise-load-nosat"])[1])
-    assert nosat.spec.admission.saturation_queue_depth == 100_000
-    assert base.spec.admission.saturation_queue_depth == 8
-    assert nosat.spec.scoring == base.spec.scoring
+    variant = KVROUTE_VARIANTS[name]
+    return RoutePolicy.model_validate(
+        kvroute_config(FLEET, variant.scoring, variant.policy or None)[1]).spec
+
+
+def test_the_nosat_variant_only_lifts_the_queue_rule(tmp_path: Path) -> None:
+    base, nosat = variant_spec("precise-load"), variant_spec("precise-load-nosat")
+    assert nosat.admission.saturation_queue_depth == 100_000
+    assert base.admission.saturation_queue_depth == 8
+    assert nosat.scoring == base.scoring
     contender = CONTENDERS.select(["kvroute-precise-load-nosat"])[0]
     assert contender.command is not None
     contender.command(FLEET, 30000, tmp_path)
@@ -246,26 +251,18 @@ def test_the_nosat_variant_only_lifts_the_queue_rule(tmp_path: Path) -> None:
     assert written[1]["spec"]["admission"] == {"saturationQueueDepth": 100_000}
 
 
-def test_the_kv_ab_variants_change_one_thing_each() -> None:
-    from kvroute_bench.contenders import KVROUTE_POLICY_EXTRA
-
-    base = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-load"])[1])
-    nokvsat = RoutePolicy.model_validate(kvroute_config(
-        FLEET, KVROUTE_SCORING["precise-load-kv95"],
-        KVROUTE_POLICY_EXTRA["precise-load-kv95"])[1])
-    assert nokvsat.spec.admission.saturation_kv_utilization == 0.95
-    assert base.spec.admission.saturation_kv_utilization == 1.0
-    assert nokvsat.spec.scoring == base.spec.scoring
-    queue = RoutePolicy.model_validate(kvroute_config(FLEET, KVROUTE_SCORING["precise-queue"])[1])
-    assert [s.type for s in queue.spec.scoring.scorers] == ["prefix-precise", "queue-depth"]
-    assert queue.spec.admission == base.spec.admission
-    nohead = RoutePolicy.model_validate(kvroute_config(
-        FLEET, KVROUTE_SCORING["precise-load-nohead"],
-        KVROUTE_POLICY_EXTRA["precise-load-nohead"])[1]).spec.admission
+def test_the_ab_variants_change_one_thing_each() -> None:
+    base = variant_spec("precise-load")
+    assert base.admission.saturation_kv_utilization == 1.0
+    kv95 = variant_spec("precise-load-kv95")
+    assert kv95.admission.saturation_kv_utilization == 0.95
+    assert kv95.scoring == base.scoring
+    queue = variant_spec("precise-queue")
+    assert [s.type for s in queue.scoring.scorers] == ["prefix-precise", "queue-depth"]
+    assert queue.admission == base.admission
+    nohead = variant_spec("precise-load-nohead").admission
     assert (nohead.saturation_queue_depth, nohead.saturation_kv_utilization) == (100_000, 1.0)
     for depth in (16, 32):
-        variant = RoutePolicy.model_validate(kvroute_config(
-            FLEET, KVROUTE_SCORING[f"precise-load-q{depth}"],
-            KVROUTE_POLICY_EXTRA[f"precise-load-q{depth}"])[1]).spec
+        variant = variant_spec(f"precise-load-q{depth}")
         assert variant.admission.saturation_queue_depth == depth
-        assert variant.scoring == base.spec.scoring
+        assert variant.scoring == base.scoring

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 from kvroute_emulator.fleet import EmulatedFleet
 
-from .conftest import MODEL
+from tests.emulated import MODEL
 
 
 async def _post(url: str, body: Any) -> tuple[int, Any]:

@@ -15,7 +15,7 @@ from kvroute_emulator.hashing import block_hashes
 from kvroute_emulator.model.profile import cpu_test_engine
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import MODEL
+from tests.emulated import MODEL
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BOUND_S = 30.0  # detects a hang; never a performance threshold

@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 from kvroute_emulator.fleet import EmulatedFleet
 
-from .conftest import MODEL
+from tests.emulated import MODEL
 
 BOUND_S = 30.0  # detects a hang; never a performance threshold
 

@@ -4,10 +4,10 @@
 An endpoint is saturated when its waiting queue reaches the policy's
 ``spec.admission.saturationQueueDepth`` or its KV-cache utilisation reaches
 ``spec.admission.saturationKvUtilization`` (default :data:`KV_SATURATION`). Admission control
-queues or sheds when *every* endpoint of a policy is saturated; ``load-headroom`` keeps only
-the endpoints that are not (so prefix affinity chooses among endpoints with headroom). Both
-read the thresholds from :class:`Saturation`, so the two can never disagree about which
-endpoints are full.
+queues or sheds when *every* endpoint of a policy is saturated. ``load-headroom`` applies the
+same thresholds with the queue measured *above the least-queued candidate's* (it removes hot
+spots, not busy engines; see its module). Both read the thresholds from :class:`Saturation`,
+so a policy's numbers mean one thing wherever they are used.
 
 *Decision:* this lives in ``framework/`` (the lowest layer) rather than ``admission/`` because
 the plugin that uses it sits below admission in the router's layers (plugins must not import

@@ -142,13 +142,8 @@ class ReplicaSync:
         batch: list[DispatchRecord] = []
         size = _HEADER_BYTES
         while self._queue and len(batch) < MAX_RECORDS:
-            record = self._queue[0]
-            try:
-                record_size = record.encoded_size()
-            except UnicodeEncodeError:  # a name no pool can have: never sent
-                self._queue.popleft()
-                self.metrics.sent.labels("dropped").inc()
-                continue
+            # Pool keys and endpoint names are API-validated DNS names: they always encode.
+            record_size = self._queue[0].encoded_size()
             if batch and size + record_size > MAX_MESSAGE_BYTES:
                 break
             batch.append(self._queue.popleft())

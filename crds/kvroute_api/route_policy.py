@@ -24,7 +24,7 @@ HEADER_NAME = r"^[a-z0-9][-a-z0-9_]*$"
 # The router's built-in scoring plugins; the router's registry is keyed by these names.
 ScorerType = Literal[
     "prefix-precise", "prefix-approx", "queue-depth", "kv-utilization", "running-requests",
-    "lora-affinity",
+    "lora-affinity", "prefill-cost",
 ]
 PickerType = Literal["max-score", "weighted-random"]
 
@@ -70,7 +70,12 @@ class ScorerWeight(ApiModel):
 
     type: ScorerType = Field(description="Built-in scorer: prefix-precise (KV-event index), "
                                          "prefix-approx (router's own history), queue-depth, "
-                                         "kv-utilization, running-requests, lora-affinity.")
+                                         "kv-utilization, running-requests, lora-affinity, "
+                                         "prefill-cost (fewest prompt tokens to compute before "
+                                         "the first token: the endpoint's backlog from this "
+                                         "router plus the part of this prompt it does not "
+                                         "hold; reads the policy's prefix scorer, which then "
+                                         "runs even at weight 0).")
     weight: float = Field(default=1.0, ge=0, le=100, description="Weight of this scorer.")
 
 
@@ -96,6 +101,14 @@ class ScoringSpec(ApiModel):
     prefix_block_chars: int = Field(
         default=256, ge=16, le=65536,
         description="Block size in characters of the approximate prefix scorer.")
+    prefill_miss_weight: float = Field(
+        default=3.0, ge=0, le=100,
+        description="prefill-cost only: how much a prompt token the endpoint does not hold "
+                    "weighs against a token already queued there. 1 counts only this "
+                    "request's wait; above 1 also what recomputing a context elsewhere costs "
+                    "the fleet (the capacity, and the other tenant's context it evicts), so "
+                    "tenants move off a busy holder later. 3 measured best on the emulated "
+                    "fleet (docs/benchmarks/emulated-fleet.md, round 5).")
     stale_metrics_ms: int = Field(
         default=1000, ge=100, le=600000,
         description="Metrics older than this are stale; load scorers treat the endpoint as "

@@ -240,8 +240,10 @@ class Router:
 
     async def start(self) -> None:
         if self._runtime_collector is None:
-            self._runtime_collector = RuntimeCollector(asyncio.get_running_loop(),
-                                                       self.internal_sizes)
+            self._runtime_collector = RuntimeCollector(
+                asyncio.get_running_loop(), self.internal_sizes,
+                lambda: [(ep.pool, ep.name, ep.prefill_backlog)
+                         for ep in self.datastore.endpoints()])
             self.metrics.registry.register(self._runtime_collector)
         if isinstance(self.source, ConfigFileSource):
             self.source.load()

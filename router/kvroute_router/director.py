@@ -146,6 +146,9 @@ class RequestLifecycle:
         self._director = director
         self._decision = decision
         self._endpoint: Endpoint | None = None
+        self._backlog = 0.0
+        """What the attempt in progress added to its endpoint's prefill backlog (0 once its
+        answer started)."""
 
     @property
     def decision(self) -> Decision:
@@ -158,9 +161,16 @@ class RequestLifecycle:
     def dispatch(self, endpoint: Endpoint) -> None:
         self.end_attempt()
         self._endpoint = endpoint  # first: a plugin raising in dispatch still gets ended
+        self._backlog = self._director.add_backlog(self._decision, endpoint)
         self._director.dispatch(self._decision, endpoint)
 
+    def answering(self) -> None:
+        backlog, self._backlog = self._backlog, 0.0
+        if self._endpoint is not None and backlog:
+            self._director.remove_backlog(self._endpoint, backlog)
+
     def end_attempt(self) -> None:
+        self.answering()
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             self._director.end_attempt(self._decision, endpoint)
@@ -396,6 +406,21 @@ class Director:
         decision.profile.dispatched(decision.state, decision.request, endpoint)
         for listener in self.dispatch_listeners:
             listener(decision, endpoint)
+
+    @staticmethod
+    def add_backlog(decision: Decision, endpoint: Endpoint) -> float:
+        """Count the prompt tokens ``endpoint`` must compute for this attempt (what it did not
+        hold by the decision's prefix match) in its prefill backlog; returns the amount, which
+        :meth:`remove_backlog` takes off again."""
+        # Whole tokens, so that adding and taking off leave exactly 0 behind.
+        amount = float(round(decision.request.prefill_tokens(
+            decision.prefix_match_ratio(endpoint))))
+        endpoint.prefill_backlog += amount
+        return amount
+
+    @staticmethod
+    def remove_backlog(endpoint: Endpoint, amount: float) -> None:
+        endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - amount)
 
     def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
         """An attempt on ``endpoint`` is over (successful or not)."""

@@ -4,7 +4,7 @@ several routers (tests, benchmarks) can live in one process."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -69,13 +69,18 @@ class RuntimeCollector:
     """Gauges a leak shows in first (read at scrape time, nothing kept between scrapes):
     ``kvroute_asyncio_tasks`` (tasks alive on the router's event loop) and
     ``kvroute_internal_entries{table}`` (entries of each in-memory table that grows with
-    traffic: budget meters, tracked tenants, admission controllers, …; ``sizes`` returns them).
-    The soak benchmark (``bench/soak.py``, docs/benchmarks/soak.md) watches both."""
+    traffic: budget meters, tracked tenants, admission controllers, …; ``sizes`` returns them),
+    and ``kvroute_prefill_backlog_tokens{pool,endpoint}`` (each endpoint's prefill backlog, what
+    the ``prefill-cost`` scorer reads; 0 on an idle router, so anything else is a leak;
+    ``backlogs`` returns (pool, endpoint, tokens)). The soak benchmark (``bench/soak.py``,
+    docs/benchmarks/soak.md) watches the first two."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 sizes: Callable[[], Mapping[str, int]]) -> None:
+                 sizes: Callable[[], Mapping[str, int]],
+                 backlogs: Callable[[], Iterable[tuple[str, str, float]]] = tuple) -> None:
         self.loop = loop
         self.sizes = sizes
+        self.backlogs = backlogs
 
     def collect(self) -> Iterator[Metric]:
         tasks = GaugeMetricFamily("kvroute_asyncio_tasks",
@@ -89,3 +94,11 @@ class RuntimeCollector:
         for table, size in sorted(self.sizes().items()):
             tables.add_metric([table], float(size))
         yield tables
+        backlog = GaugeMetricFamily(
+            "kvroute_prefill_backlog_tokens",
+            "Prompt tokens this router sent each endpoint that it has not started answering "
+            "(estimated, without what the endpoint held): the prefill-cost scorer's load.",
+            labels=["pool", "endpoint"])
+        for pool, endpoint, tokens in self.backlogs():
+            backlog.add_metric([pool, endpoint], tokens)
+        yield backlog

@@ -320,3 +320,42 @@ async def test_ext_proc_request_without_body_gets_an_openai_404(director: Direct
         assert "/v1/models" in error["message"] and error["code"] == "unsupported_request"
     finally:
         await server.stop(None)
+
+
+async def test_ext_proc_takes_a_prompt_off_the_prefill_backlog_at_its_first_answer_byte(
+        director: Director) -> None:
+    """The endpoint's prefill backlog (what ``prefill-cost`` reads) holds the prompt from the
+    pick until Envoy relays the engine's first body bytes, not until the stream ends."""
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=director.datastore)
+    try:
+        first = _headers("/v1/completions")
+        first.protocol_config.CopyFrom(_protocol("BUFFERED", "STREAMED"))
+        status = ep.ProcessingRequest(response_headers=ep.HttpHeaders(headers=base_pb2.HeaderMap(
+            headers=[base_pb2.HeaderValue(key=":status", raw_value=b"200")])))
+        endpoints = director.datastore.endpoints()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                request_serializer=ep.ProcessingRequest.SerializeToString,
+                response_deserializer=ep.ProcessingResponse.FromString)(timeout=10)
+
+            async def step(message: Any) -> None:
+                await call.write(message)
+                await call.read()
+
+            await step(first)
+            await step(_body({"model": "chat", "prompt": "x" * 400, "stream": True}))
+            (served,) = [e for e in endpoints if e.in_flight]
+            assert served.prefill_backlog == 100.0  # 400 bytes, nothing held: not computed
+            await step(status)
+            assert served.prefill_backlog == 100.0  # headers are not the prompt computed
+            await step(ep.ProcessingRequest(response_body=ep.HttpBody(
+                body=b'data: {"choices":[{"text":"a"}]}\n\n')))
+            assert served.prefill_backlog == 0.0 and served.in_flight == 1  # still streaming
+            await step(ep.ProcessingRequest(response_body=ep.HttpBody(
+                body=b"data: [DONE]\n\n", end_of_stream=True)))
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK  # the stream is over
+        assert [(e.in_flight, e.prefill_backlog) for e in endpoints] == [(0, 0.0)] * len(endpoints)
+    finally:
+        await server.stop(None)

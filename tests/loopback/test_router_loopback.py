@@ -231,6 +231,41 @@ async def test_client_disconnect_cancels_the_upstream_request(
                          "the cancelled request's slot was not released")
 
 
+def _backlog(router: Router) -> dict[str, float]:
+    return {ep.address: ep.prefill_backlog for ep in router.datastore.endpoints()}
+
+
+async def test_the_prefill_backlog_counts_a_prompt_until_its_first_byte(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    """``prefill-cost`` reads each endpoint's prefill backlog: a dispatched prompt counts
+    there until the engine's first byte (then it is computed), and never after the request."""
+    engines[0].mode = "hang"
+    engines[1].gate_stream = True
+    scoring = {"scorers": [{"type": "prefill-cost"}]}
+    body = {"model": "chat", "prompt": "p" * 4000, "stream": True}  # 1,000 tokens (estimate)
+    async with running_router(tmp_path, engines[:1], scoring=scoring) as (router, url), \
+            aiohttp.ClientSession() as s:
+        hanging = asyncio.create_task(s.post(f"{url}/v1/completions", json=body))
+        await eventually(lambda: engines[0].requests == 1, "the request reached the engine")
+        assert _backlog(router) == {engines[0].address: 1000.0}  # no byte yet: not computed
+        hanging.cancel()  # the client gives up
+        with contextlib.suppress(asyncio.CancelledError):
+            await hanging
+        await eventually(lambda: _backlog(router) == {engines[0].address: 0.0},
+                         "the abandoned prompt left the backlog")
+    async with running_router(tmp_path, engines[1:], scoring=scoring) as (router, url), \
+            aiohttp.ClientSession() as s, s.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        await asyncio.wait_for(resp.content.readline(), 10)  # the first chunk
+        # Still streaming (the engine holds back the rest), but the prompt is computed.
+        assert [ep.in_flight for ep in router.datastore.endpoints()] == [1]
+        assert _backlog(router) == {engines[1].address: 0.0}
+        engines[1].release.set()
+        assert b"[DONE]" in await asyncio.wait_for(resp.content.read(), 10)
+        assert router.metrics.registry.get_sample_value(
+            "kvroute_prefill_backlog_tokens", {"pool": "default/fake", "endpoint": "fake-0"}) == 0
+
+
 async def test_openai_errors(tmp_path: Path, engines: list[FakeEngine]) -> None:
     async with running_router(tmp_path, engines,
                               admission={"maxOutputTokens": 100}) as (router, url), \

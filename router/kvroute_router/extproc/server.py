@@ -364,6 +364,8 @@ class ExtProcServer:
         if chunk:
             if x.ttft_s is None:
                 x.ttft_s = time.monotonic() - x.started
+                if x.routed is not None:
+                    x.routed.answering()  # the prompt is computed: off the prefill backlog
             if x.routed is not None and x.routed.decision.request.stream:
                 x.events[0] += streamed_events(x.tail, chunk)
             x.tail = (x.tail + chunk)[-USAGE_TAIL:]

@@ -51,6 +51,11 @@ class Endpoint:
     """Requests this router dispatched to the endpoint that have not finished."""
     dispatched_since_scrape: int = 0
     """Dispatches after the latest metrics snapshot (not yet visible in it)."""
+    prefill_backlog: float = 0.0
+    """Prompt tokens this router sent the endpoint that it has not computed yet: per attempt in
+    flight, the part of its prompt the endpoint did not hold when it was dispatched
+    (:meth:`LLMRequest.prefill_tokens`), until the first byte of its answer (the prompt is
+    computed then) or the attempt's end. What the ``prefill-cost`` scorer adds up."""
     scrape_failures: int = 0
     """Consecutive failed scrapes (0 after a success)."""
     unavailable_until: float = 0.0

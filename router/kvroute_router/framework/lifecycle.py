@@ -131,6 +131,11 @@ class RoutedRequest(Protocol):
     def dispatch(self, endpoint: Endpoint) -> None:
         """Start an attempt on ``endpoint`` (ending the one in progress)."""
 
+    def answering(self) -> None:
+        """The endpoint of the attempt in progress started answering (its first byte reached
+        the router): the prompt is computed, so it leaves the endpoint's prefill backlog
+        (no-op when no attempt is in progress or it was already said)."""
+
     def end_attempt(self) -> None:
         """The attempt in progress is over (no-op when none is)."""
 

@@ -32,6 +32,12 @@ from kvroute_router.framework.request import LLMRequest
 
 log = logging.getLogger(__name__)
 
+STATE_PREFIX_HELD = "profile/prefix-held"
+"""CycleState key: the share of the prompt (0-1) each candidate holds, by endpoint name
+(dict[str, float]; the largest over the profile's prefix scorers), written after the prefix
+scorers ran and before the other scorers run (``prefill-cost`` reads it)."""
+
+
 class ProfileBuildError(ValueError):
     """A profile names a plugin of the wrong kind or a picker that does not exist."""
 
@@ -74,11 +80,22 @@ class SchedulerProfile:
     """Requested scorer type → the type that stands in for it."""
     prefix_scorers: frozenset[str] = frozenset()
     """Scorer types whose score is a prefix-match ratio (declared at registration)."""
+    share_prefix_held: bool = False
+    """A scorer reads the prefix scorers' match (``STATE_PREFIX_HELD``): they run first and the
+    profile writes it."""
+    _order: list[int] = field(default_factory=list, init=False, repr=False)
+    _prefix_count: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         hard = [f for f in self.filters if not is_soft(f)]
         soft = [f for f in self.filters if is_soft(f)]
         self.filters = hard + soft
+        # Scorers run prefix scorers first, so the others may read what they matched
+        # (STATE_PREFIX_HELD); columns and totals are kept in the policy's order.
+        prefix = [i for i, s in enumerate(self.scorers) if s.type_name in self.prefix_scorers]
+        rest = [i for i, s in enumerate(self.scorers) if s.type_name not in self.prefix_scorers]
+        self._order = prefix + rest if self.share_prefix_held else list(range(len(self.scorers)))
+        self._prefix_count = len(prefix) if self.share_prefix_held else 0
 
     def run(self, state: CycleState, request: LLMRequest, endpoints: Sequence[Endpoint],
             limit: int) -> list[ScoredEndpoint]:
@@ -97,8 +114,13 @@ class SchedulerProfile:
                 return []
         count = len(candidates)
         totals = np.zeros(count)
-        columns: list[tuple[str, npt.NDArray[np.float64]]] = []
-        for weighted in self.scorers:
+        by_position: dict[int, tuple[str, npt.NDArray[np.float64]]] = {}
+        for number, position in enumerate(self._order):
+            if number == self._prefix_count and number:
+                held = np.max([by_position[i][1] for i in self._order[:number]], axis=0)
+                state.write(STATE_PREFIX_HELD, dict(zip([ep.name for ep in candidates],
+                                                        held.tolist(), strict=True)))
+            weighted = self.scorers[position]
             values = weighted.scorer.score(state, request, candidates)
             if len(values) != count:
                 raise ValueError(f"scorer {weighted.type_name} returned {len(values)} scores "
@@ -106,8 +128,11 @@ class SchedulerProfile:
             column = np.asarray(values, dtype=np.float64)
             # Clamp to [0, 1]; NaN fails both tests → 0.
             column = np.where(column > 1.0, 1.0, np.where(column >= 0.0, column, 0.0))
-            columns.append((weighted.type_name, column))
-            totals += weighted.weight * column
+            by_position[position] = (weighted.type_name, column)
+        columns = [by_position[i] for i in range(len(self.scorers))]
+        for (_, column), weighted in zip(columns, self.scorers, strict=True):
+            if weighted.weight:
+                totals += weighted.weight * column
         pick_indices = getattr(self.picker, "pick_indices", None)
         if pick_indices is not None:
             order: list[int] = pick_indices(state, request, totals, limit)
@@ -143,6 +168,11 @@ def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -
 
     scorers: list[WeightedScorer] = []
     degraded: dict[str, str] = {}
+    # A prefix scorer at weight 0 still runs when another scorer reads its match (prefill-cost):
+    # it supplies the share held, and keeps its bookkeeping (pending blocks, history).
+    reads_held = any((entry := registry.lookup(str(item.type))) is not None
+                     and entry.reads_prefix_held and item.weight > 0
+                     for item in context.scoring.scorers)
     for item in context.scoring.scorers:
         type_name = str(item.type)
         entry = registry.lookup(type_name)
@@ -165,7 +195,7 @@ def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -
             continue
         if entry.kind != "scorer":
             raise ProfileBuildError(f"plugin {type_name!r} is a {entry.kind}, not a scorer")
-        if item.weight <= 0:
+        if item.weight <= 0 and not (reads_held and entry.prefix_match):
             continue
         scorers.append(WeightedScorer(entry.factory(context), float(item.weight), type_name))
 
@@ -180,4 +210,5 @@ def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -
         if isinstance(plugin, DispatchObserver)]
     return SchedulerProfile(name=name, filters=filters, scorers=scorers, picker=picker,
                             observers=observers, degraded=degraded,
-                            prefix_scorers=registry.prefix_match_scorers())
+                            prefix_scorers=registry.prefix_match_scorers(),
+                            share_prefix_held=reads_held)

@@ -86,6 +86,9 @@ class Registration:
     """A filter every profile runs (in registration order), whatever the policy says."""
     prefix_match: bool = False
     """A scorer whose score is the share of the prompt the endpoint holds (0-1)."""
+    reads_prefix_held: bool = False
+    """A scorer that reads the prefix scorers' match ratios (``profile.STATE_PREFIX_HELD``):
+    the profile runs the policy's prefix scorers before it, even those at weight 0."""
 
 
 class PluginRegistry:
@@ -97,12 +100,14 @@ class PluginRegistry:
         self._removal_listeners: list[EndpointRemoved] = []
 
     def register(self, type_name: str, kind: PluginKind, factory: PluginFactory, *,
-                 default_filter: bool = False, prefix_match: bool = False) -> None:
+                 default_filter: bool = False, prefix_match: bool = False,
+                 reads_prefix_held: bool = False) -> None:
         """Add (or replace: a later registration overrides a built-in) a plugin type."""
         if default_filter and kind != "filter":
             raise ValueError(f"{type_name}: only a filter can be a default filter")
         self._entries.pop(type_name, None)  # a replacement takes the new position
-        self._entries[type_name] = Registration(kind, factory, default_filter, prefix_match)
+        self._entries[type_name] = Registration(kind, factory, default_filter, prefix_match,
+                                                reads_prefix_held)
 
     def add_fallback(self, missing: str, stand_in: str) -> None:
         """When a policy names ``missing`` and it is not registered, ``stand_in`` is used."""

@@ -13,6 +13,11 @@ from kvroute_router.openai.requests import CompletionRequest, OpenAIRequest, rou
 RequestKind = Literal["completions", "chat", "pick"]
 
 
+def unheld_share(held: float | None) -> float:
+    """The share of a prompt still to compute when ``held`` (0-1; None: nothing) is cached."""
+    return 1.0 - min(1.0, max(0.0, held or 0.0))
+
+
 @dataclass(slots=True)
 class LLMRequest:
     """One inference request being routed."""
@@ -71,6 +76,13 @@ class LLMRequest:
         if self.token_ids is not None:
             return len(self.token_ids)
         return len(self.prompt_text.encode("utf-8", "replace")) // 4
+
+    def prefill_tokens(self, held: float | None) -> float:
+        """Prompt tokens an engine computes for this request when it already holds ``held``
+        (0-1, a prefix scorer's match ratio; None: unknown, nothing held) of the prompt:
+        :meth:`prompt_size_estimate` times the rest. One estimate for the ``prefill-cost``
+        scorer and the director's per-endpoint backlog, so the two add up in one unit."""
+        return self.prompt_size_estimate() * unheld_share(held)
 
     def prompt_upper_bound(self) -> int:
         """Prompt tokens, never underestimated: the parsed bound when there is one, else exact

@@ -12,6 +12,7 @@ from kvroute_router.plugins.load_scorers import (
 )
 from kvroute_router.plugins.lora_affinity import LoraAffinityScorer
 from kvroute_router.plugins.max_score import MaxScorePicker
+from kvroute_router.plugins.prefill_cost import PrefillCostScorer
 from kvroute_router.plugins.prefix_approx import ApproxPrefixScorer, forget_endpoint
 from kvroute_router.plugins.prefix_precise import PrecisePrefixScorer
 from kvroute_router.plugins.subset_filter import SubsetFilter
@@ -34,6 +35,8 @@ def register_builtin_plugins(registry: PluginRegistry) -> PluginRegistry:
     registry.register(RunningRequestsScorer.TYPE, "scorer", RunningRequestsScorer.build)
     registry.register(ApproxPrefixScorer.TYPE, "scorer", ApproxPrefixScorer.build,
                       prefix_match=True)
+    registry.register(PrefillCostScorer.TYPE, "scorer", PrefillCostScorer.build,
+                      reads_prefix_held=True)
     registry.register(LoraAffinityScorer.TYPE, "scorer", LoraAffinityScorer.build)
     registry.register(MaxScorePicker.TYPE, "picker", MaxScorePicker.build)
     registry.register(WeightedRandomPicker.TYPE, "picker", WeightedRandomPicker.build)

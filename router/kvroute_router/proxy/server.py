@@ -304,6 +304,7 @@ class OpenAIProxy:
                 raise UpstreamAttemptError(f"{type(exc).__name__}: {exc}") from exc
 
             # Committed: from here on the client gets this endpoint's answer.
+            routed.answering()  # the first byte: the prompt is computed (prefill backlog)
             response = web.StreamResponse(status=status)
             recorder = lookup.recorder()
             try:

@@ -313,6 +313,9 @@ _PRECISE_LOAD = [{"type": "prefix-precise", "weight": 3.0},
                  {"type": "queue-depth", "weight": 1.0},
                  {"type": "kv-utilization", "weight": 1.0}]
 
+_PRECISE_COST = [{"type": "prefix-precise", "weight": 0.0},
+                 {"type": "prefill-cost", "weight": 1.0}]
+
 KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "approx": KvrouteVariant("kvroute, approximate prefix scorer (router's own request history)",
                              [{"type": "prefix-approx", "weight": 1.0}]),
@@ -342,6 +345,15 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-load-q32": KvrouteVariant(
         "kvroute-precise-load with saturationQueueDepth 32 (A/B)", _PRECISE_LOAD,
         {"admission": {"saturationQueueDepth": 32}}),
+    # One cost in tokens (prefill-cost): the engine's prefill backlog from this router plus the
+    # part of the prompt it does not hold; prefix-precise at weight 0 supplies the match.
+    "precise-cost": KvrouteVariant(
+        "kvroute, prefill-cost (backlog + uncached prompt tokens; precise match) (A/B)",
+        _PRECISE_COST),
+    # scoring.prefillMissWeight (default 3): 1 is greedy (this request's wait only).
+    **{f"precise-cost-w{w}": KvrouteVariant(
+        f"kvroute-precise-cost with prefillMissWeight {w} (A/B)", _PRECISE_COST,
+        {"scoring": {"prefillMissWeight": w}}) for w in (1, 2, 5)},
     # The KV-utilisation scorer: prefix and queue only.
     "precise-queue": KvrouteVariant(
         "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",

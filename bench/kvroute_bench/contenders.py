@@ -321,6 +321,7 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
                              [{"type": "prefix-approx", "weight": 1.0}]),
     "precise": KvrouteVariant("kvroute, precise prefix scorer (engines' KV events)",
                               [{"type": "prefix-precise", "weight": 1.0}]),
+    # The API's default scoring until round 5 of emulated-fleet.md.
     "precise-load": KvrouteVariant("kvroute, precise prefix (x3) + queue depth + KV utilisation",
                                    _PRECISE_LOAD),
     # A/B variants of precise-load (docs/benchmarks/emulated-fleet.md, rounds 3 and 4).
@@ -345,10 +346,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-load-q32": KvrouteVariant(
         "kvroute-precise-load with saturationQueueDepth 32 (A/B)", _PRECISE_LOAD,
         {"admission": {"saturationQueueDepth": 32}}),
-    # One cost in tokens (prefill-cost): the engine's prefill backlog from this router plus the
-    # part of the prompt it does not hold; prefix-precise at weight 0 supplies the match.
+    # The API's default scoring since round 5: one cost in tokens (prefill-cost), the engine's
+    # prefill backlog from this router plus the part of the prompt it does not hold;
+    # prefix-precise at weight 0 supplies the match.
     "precise-cost": KvrouteVariant(
-        "kvroute, prefill-cost (backlog + uncached prompt tokens; precise match) (A/B)",
+        "kvroute, prefill-cost (backlog + uncached prompt tokens; precise match): the default",
         _PRECISE_COST),
     # scoring.prefillMissWeight (default 3): 1 is greedy (this request's wait only).
     **{f"precise-cost-w{w}": KvrouteVariant(

@@ -87,6 +87,9 @@ class Decision:
     admissions: list[Admission] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
     finished: bool = False
+    prefill_backlog: dict[str, float] = field(default_factory=dict)
+    """What each attempt in flight added to its endpoint's ``prefill_backlog``, by endpoint
+    name, until its answer starts or it ends."""
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -146,9 +149,6 @@ class RequestLifecycle:
         self._director = director
         self._decision = decision
         self._endpoint: Endpoint | None = None
-        self._backlog = 0.0
-        """What the attempt in progress added to its endpoint's prefill backlog (0 once its
-        answer started)."""
 
     @property
     def decision(self) -> Decision:
@@ -161,16 +161,13 @@ class RequestLifecycle:
     def dispatch(self, endpoint: Endpoint) -> None:
         self.end_attempt()
         self._endpoint = endpoint  # first: a plugin raising in dispatch still gets ended
-        self._backlog = self._director.add_backlog(self._decision, endpoint)
         self._director.dispatch(self._decision, endpoint)
 
     def answering(self) -> None:
-        backlog, self._backlog = self._backlog, 0.0
-        if self._endpoint is not None and backlog:
-            self._director.remove_backlog(self._endpoint, backlog)
+        if self._endpoint is not None:
+            self._director.answering(self._decision, self._endpoint)
 
     def end_attempt(self) -> None:
-        self.answering()
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             self._director.end_attempt(self._decision, endpoint)
@@ -402,28 +399,30 @@ class Director:
         """The request is being sent to ``endpoint`` (call once per attempt)."""
         endpoint.in_flight += 1
         endpoint.dispatched_since_scrape += 1
+        # The prompt tokens it must compute (what it did not hold by the decision's prefix
+        # match) wait in its prefill backlog until the answer starts. Whole tokens, so adding
+        # and taking off leave exactly 0 behind.
+        self.answering(decision, endpoint)  # a second attempt on the same endpoint
+        amount = float(round(decision.request.prefill_tokens(
+            decision.prefix_match_ratio(endpoint))))
+        decision.prefill_backlog[endpoint.name] = amount
+        endpoint.prefill_backlog += amount
         self.metrics.in_flight.labels(decision.pool.name, endpoint.name).inc()
         decision.profile.dispatched(decision.state, decision.request, endpoint)
         for listener in self.dispatch_listeners:
             listener(decision, endpoint)
 
     @staticmethod
-    def add_backlog(decision: Decision, endpoint: Endpoint) -> float:
-        """Count the prompt tokens ``endpoint`` must compute for this attempt (what it did not
-        hold by the decision's prefix match) in its prefill backlog; returns the amount, which
-        :meth:`remove_backlog` takes off again."""
-        # Whole tokens, so that adding and taking off leave exactly 0 behind.
-        amount = float(round(decision.request.prefill_tokens(
-            decision.prefix_match_ratio(endpoint))))
-        endpoint.prefill_backlog += amount
-        return amount
-
-    @staticmethod
-    def remove_backlog(endpoint: Endpoint, amount: float) -> None:
-        endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - amount)
+    def answering(decision: Decision, endpoint: Endpoint) -> None:
+        """The attempt on ``endpoint`` started answering: its prompt is computed, so it leaves
+        the endpoint's prefill backlog (once; :meth:`end_attempt` does it otherwise)."""
+        amount = decision.prefill_backlog.pop(endpoint.name, 0.0)
+        if amount:
+            endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - amount)
 
     def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
         """An attempt on ``endpoint`` is over (successful or not)."""
+        self.answering(decision, endpoint)
         endpoint.in_flight = max(0, endpoint.in_flight - 1)
         # A finished request is no longer one the engine's last snapshot is missing.
         endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)

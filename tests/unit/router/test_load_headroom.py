@@ -94,11 +94,15 @@ def test_kv_threshold_comes_from_admission_saturation_kv_utilization() -> None:
 
 
 def test_hot_prefix_stops_attracting_requests_to_a_saturated_endpoint() -> None:
-    """The default scoring (prefix weight 3, queue-depth, kv-utilization): the endpoint holding the
-    hot prompt wins while it has headroom, and loses it as soon as its queue reaches the
-    saturation depth, although its prefix score is still perfect."""
+    """Weighted scoring (prefix weight 3, queue-depth, kv-utilization; the default before
+    prefill-cost): the endpoint holding the hot prompt wins while it has headroom, and loses it
+    as soon as its queue reaches the saturation depth, although its prefix score is still
+    perfect."""
     registry = register_builtin_plugins(PluginRegistry())
-    ctx = PluginContext(scoring=ScoringSpec(), pool_key="default/p", pool=None,
+    weighted = ScoringSpec.model_validate({"scorers": [
+        {"type": "prefix-precise", "weight": 3}, {"type": "queue-depth"},
+        {"type": "kv-utilization"}]})
+    ctx = PluginContext(scoring=weighted, pool_key="default/p", pool=None,
                         services=SharedServices(),
                         admission=AdmissionSpec.model_validate({"saturationQueueDepth": 4}))
     profile = build_profile(registry, ctx, "t")

@@ -11,7 +11,9 @@ instant (the router's best case). With ``scrape_interval_s`` > 0 (the router scr
 simulated time and the endpoints' metrics are that snapshot; between scrapes the router's own
 counts move as in the director: a dispatch adds one to ``in_flight`` and
 ``dispatched_since_scrape``, a finished request takes one off both (``end_attempt``), a scrape
-resets ``dispatched_since_scrape``. All engines are scraped at the same instants (the real
+resets ``dispatched_since_scrape``. The prefill backlog (what ``prefill-cost`` reads) moves as in
+the director in both modes: a dispatch adds the prompt tokens the engine did not hold by the
+decision's prefix match, the request's first token (or end) takes them off. All engines are scraped at the same instants (the real
 scrapers run one loop per endpoint with independent phases; the age of a snapshot at a decision
 is uniform over [0, interval) either way).
 
@@ -81,6 +83,9 @@ class RouterPicker:
         self._seen: list[int] = []  # engine.version at the last look (-1: never)
         self._scraped: list[int] = []  # engine.version at the last scrape (-1: never)
         self._finished: list[int] = []  # engine.finished at the last look
+        self._unanswered: list[list[tuple[SimRequest, float]]] = []
+        """Per engine: requests dispatched there with no first token yet, and what each added
+        to the endpoint's ``prefill_backlog`` (``Director.dispatch``/``answering``)."""
 
     def _wire_kv_events(self, registry: PluginRegistry, services: SharedServices,
                         block_size: int) -> None:
@@ -148,6 +153,11 @@ class RouterPicker:
         chosen = ranked[0].endpoint
         self.profile.dispatched(state, llm, chosen)
         index = self._position[id(chosen)]
+        held = next((v for k, v in ranked[0].by_scorer.items()
+                     if k in self.profile.prefix_scorers), None)
+        amount = float(round(llm.prefill_tokens(held)))
+        chosen.prefill_backlog += amount
+        self._unanswered[index].append((request, amount))
         if self.scrape_interval_s > 0:  # director.dispatch: counted before the next scrape
             chosen.in_flight += 1
             chosen.dispatched_since_scrape += 1
@@ -170,6 +180,7 @@ class RouterPicker:
             self._seen.append(-1)
             self._scraped.append(-1)
             self._finished.append(0)
+            self._unanswered.append([])
 
     def _snapshot(self, engine: SimEngine) -> EndpointMetrics:
         # scraped_at = +inf: the plugins judge staleness on the wall clock (time.monotonic),
@@ -183,9 +194,23 @@ class RouterPicker:
             block_size=self.block_size, num_gpu_blocks=engine.profile.kv_blocks,
             scraped_at=math.inf)
 
+    def _answered(self, i: int, endpoint: Endpoint) -> None:
+        """Requests of engine ``i`` that produced their first token leave its backlog."""
+        pending = self._unanswered[i]
+        if not pending:
+            return
+        still = [(r, amount) for r, amount in pending
+                 if r.first_token_s is None and r.done_s is None]
+        if len(still) < len(pending):
+            endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - sum(
+                amount for r, amount in pending if r.first_token_s is not None
+                or r.done_s is not None))
+            self._unanswered[i] = still
+
     def _refresh_counts(self, i: int, endpoint: Endpoint, engine: SimEngine) -> None:
         """The router's own counts: in flight (it sees every completion), and finished
         requests taken off ``dispatched_since_scrape`` as ``Director.end_attempt`` does."""
+        self._answered(i, endpoint)
         endpoint.in_flight = len(engine.running) + len(engine.waiting)
         done = engine.finished - self._finished[i]
         if done:
@@ -207,6 +232,7 @@ class RouterPicker:
             endpoint.metrics = self._snapshot(engine)
             endpoint.in_flight = len(engine.running) + len(engine.waiting)
             endpoint.dispatched_since_scrape = 0
+            self._answered(i, endpoint)
             seen[i] = engine.version
         return self._endpoints[: len(engines)]
 

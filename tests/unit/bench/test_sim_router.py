@@ -232,3 +232,28 @@ def test_pending_ttl_reaches_every_replica() -> None:
     assert isinstance(single, RouterPicker) and isinstance(replicated, ReplicatedPicker)
     assert single.pool_events.index.pending_ttl == 0.08
     assert [r.pool_events.index.pending_ttl for r in replicated.replicas] == [0.08] * 3
+
+
+def test_the_prefill_backlog_moves_as_in_the_director() -> None:
+    """prefill-cost in the simulator: a dispatch adds the prompt tokens the engine does not hold
+    (the router's estimate: bytes / 4), the first token takes them off."""
+    picker = RouterPicker({"scorers": [{"type": "prefix-precise", "weight": 0},
+                                       {"type": "prefill-cost"}]},
+                          block_size=PROFILE.block_size, precise=True)
+    engines = [SimEngine(i, PROFILE) for i in range(2)]
+    first = sim_request(1, "system prompt " * 10 + "question one")  # 152 bytes: 38 tokens
+    chosen = picker.pick(first, engines)
+    engines[chosen].enqueue(first)
+    backlog = [ep.prefill_backlog for ep in picker._endpoints]
+    assert backlog[chosen] == 38.0 and backlog[1 - chosen] == 0.0
+    drain(engines[chosen], picker)
+    # The context is held there now; the second request costs little on that engine.
+    second = sim_request(2, "system prompt " * 10 + "question two", at=10.0)
+    assert picker.pick(second, engines) == chosen
+    engines[chosen].enqueue(second)
+    assert picker._endpoints[chosen].prefill_backlog == 1.0  # 1 of 38 blocks-worth unheld
+    drain(engines[chosen], picker, 10.0)
+    third = picker.pick(sim_request(3, "x" * 8, at=20.0), engines)  # a look at the engines
+    # The second's first token took its token off; only the third's 2 remain where it went.
+    assert [ep.prefill_backlog for ep in picker._endpoints] == [
+        2.0 if i == third else 0.0 for i in range(2)]

@@ -14,8 +14,8 @@ counts move as in the director: a dispatch adds one to ``in_flight`` and
 resets ``dispatched_since_scrape``. The prefill backlog (what ``prefill-cost`` reads) moves as in
 the director in both modes: a dispatch adds the prompt tokens the engine did not hold by the
 decision's prefix match, the request's first token (or end) takes them off. All engines are
-scraped at the same instants (the real scrapers run one loop per endpoint with independent phases; the age of a snapshot at a decision
-is uniform over [0, interval) either way).
+scraped at the same instants (the real scrapers run one loop per endpoint with independent
+phases; the age of a snapshot at a decision is uniform over [0, interval) either way).
 
 **KV events** (``precise=True``). Engines hash their prompt blocks with the router's own
 vLLM-compatible :class:`~kvroute_router.kvevents.hashing.BlockHasher` (sha256_cbor, the engine's

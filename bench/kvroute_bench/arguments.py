@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                              "e.g. tenants=16 or "
                              "system=1200:0.35:400:2000 (median:sigma:low:high)")
     parser.add_argument("--contenders", default="",
-                        help=f"comma-separated; default: all present. Known: "
+                        help=f"comma-separated; default: all present except kvroute's A/B "
+                             f"variants. Known: "
                              f"{', '.join(CONTENDER_NAMES)}")
     parser.add_argument("--replicas", type=int, default=1,
                         help="independent copies of each router (own process, KV-event "

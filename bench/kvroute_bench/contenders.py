@@ -133,6 +133,8 @@ class Contender:
     ready_path: str = "/v1/models"
     # Direct contenders only: how many engines the client rotates over (None: all of them).
     direct_engines: int | None = None
+    # Run when --contenders is not given (A/B variants of kvroute are not).
+    in_default: bool = True
 
     def start(self, fleet: FleetInfo, workdir: Path, bin_dirs: Sequence[Path] = (),
               replica: int = 0) -> RunningContender:
@@ -302,11 +304,16 @@ def _smg(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
 @dataclass(frozen=True)
 class KvrouteVariant:
     """One way of configuring kvroute for a run: its scorers and further RoutePolicy spec
-    fields (merged into the generated policy). Run as the contender ``kvroute-<name>``."""
+    fields (merged into the generated policy). Run as the contender ``kvroute-<name>``. An A/B
+    variant (its description says "A/B") runs only when named in ``--contenders``."""
 
     description: str
     scoring: list[dict[str, Any]]
     policy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ab(self) -> bool:
+        return "A/B" in self.description
 
 
 _PRECISE_LOAD = [{"type": "prefix-precise", "weight": 3.0},
@@ -477,7 +484,8 @@ CONTENDERS = ContenderSet([
               "control: every request straight to the first engine (the others idle)",
               direct_engines=1),
     *(Contender(f"kvroute-{name}", "kvroute", variant.description, _kvroute(name),
-                ready_timeout_s=180) for name, variant in KVROUTE_VARIANTS.items()),
+                ready_timeout_s=180, in_default=not variant.ab)
+      for name, variant in KVROUTE_VARIANTS.items()),
     Contender("vllm-router-rr", "vllm-router", "vllm-router --policy round_robin",
               _vllm_router("round_robin"), needs="vllm-router", env=_vllm_router_env),
     Contender("vllm-router-cache", "vllm-router", "vllm-router --policy cache_aware",
@@ -496,6 +504,7 @@ CONTENDERS = ContenderSet([
 
 
 def default_contenders() -> list[str]:
-    """Every contender whose router exists in this checkout."""
+    """Every contender whose router exists in this checkout, without kvroute's A/B variants."""
     present = kvroute_router_present()
-    return [c.name for c in CONTENDERS.contenders if c.family != "kvroute" or present]
+    return [c.name for c in CONTENDERS.contenders
+            if c.in_default and (c.family != "kvroute" or present)]

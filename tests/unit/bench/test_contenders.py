@@ -266,3 +266,12 @@ def test_the_ab_variants_change_one_thing_each() -> None:
         variant = variant_spec(f"precise-load-q{depth}")
         assert variant.admission.saturation_queue_depth == depth
         assert variant.scoring == base.scoring
+
+
+def test_kvroute_ab_variants_run_only_when_named() -> None:
+    from kvroute_bench.contenders import default_contenders
+
+    names = default_contenders()
+    kvroute = [n for n in names if n.startswith("kvroute-")]
+    assert kvroute == ["kvroute-approx", "kvroute-precise", "kvroute-precise-load",
+                       "kvroute-precise-cost"]

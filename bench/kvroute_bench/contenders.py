@@ -347,12 +347,9 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-load-nohead": KvrouteVariant(
         "kvroute-precise-load with both load-headroom rules lifted (A/B)", _PRECISE_LOAD,
         {"admission": {"saturationQueueDepth": 100_000, "saturationKvUtilization": 1.0}}),
-    "precise-load-q16": KvrouteVariant(
-        "kvroute-precise-load with saturationQueueDepth 16 (A/B)", _PRECISE_LOAD,
-        {"admission": {"saturationQueueDepth": 16}}),
-    "precise-load-q32": KvrouteVariant(
-        "kvroute-precise-load with saturationQueueDepth 32 (A/B)", _PRECISE_LOAD,
-        {"admission": {"saturationQueueDepth": 32}}),
+    **{f"precise-load-q{depth}": KvrouteVariant(
+        f"kvroute-precise-load with saturationQueueDepth {depth} (A/B)", _PRECISE_LOAD,
+        {"admission": {"saturationQueueDepth": depth}}) for depth in (16, 32)},
     # The API's default scoring since round 5: one cost in tokens (prefill-cost), the engine's
     # prefill backlog from this router plus the part of the prompt it does not hold;
     # prefix-precise at weight 0 supplies the match.

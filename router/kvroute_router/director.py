@@ -125,9 +125,7 @@ class Decision:
         target = endpoint or self.ranked[0].endpoint
         for scored in self.ranked:
             if scored.endpoint is target:
-                for name, value in scored.by_scorer.items():
-                    if name in self.profile.prefix_scorers:
-                        return value
+                return self.profile.prefix_match(scored)
         return None
 
     def reasons(self) -> list[str]:
@@ -400,11 +398,9 @@ class Director:
         endpoint.in_flight += 1
         endpoint.dispatched_since_scrape += 1
         # The prompt tokens it must compute (what it did not hold by the decision's prefix
-        # match) wait in its prefill backlog until the answer starts. Whole tokens, so adding
-        # and taking off leave exactly 0 behind.
+        # match) wait in its prefill backlog until the answer starts.
         self.answering(decision, endpoint)  # a second attempt on the same endpoint
-        amount = float(round(decision.request.prefill_tokens(
-            decision.prefix_match_ratio(endpoint))))
+        amount = decision.request.prefill_tokens(decision.prefix_match_ratio(endpoint))
         decision.prefill_backlog[endpoint.name] = amount
         endpoint.prefill_backlog += amount
         self.metrics.in_flight.labels(decision.pool.name, endpoint.name).inc()

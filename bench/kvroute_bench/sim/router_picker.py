@@ -153,9 +153,7 @@ class RouterPicker:
         chosen = ranked[0].endpoint
         self.profile.dispatched(state, llm, chosen)
         index = self._position[id(chosen)]
-        held = next((v for k, v in ranked[0].by_scorer.items()
-                     if k in self.profile.prefix_scorers), None)
-        amount = float(round(llm.prefill_tokens(held)))
+        amount = llm.prefill_tokens(self.profile.prefix_match(ranked[0]))
         chosen.prefill_backlog += amount
         self._unanswered[index].append((request, amount))
         if self.scrape_interval_s > 0:  # director.dispatch: counted before the next scrape
@@ -197,14 +195,11 @@ class RouterPicker:
     def _answered(self, i: int, endpoint: Endpoint) -> None:
         """Requests of engine ``i`` that produced their first token leave its backlog."""
         pending = self._unanswered[i]
-        if not pending:
-            return
         still = [(r, amount) for r, amount in pending
                  if r.first_token_s is None and r.done_s is None]
         if len(still) < len(pending):
-            endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - sum(
-                amount for r, amount in pending if r.first_token_s is not None
-                or r.done_s is not None))
+            answered = sum(amount for _, amount in pending) - sum(amount for _, amount in still)
+            endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - answered)
             self._unanswered[i] = still
 
     def _refresh_counts(self, i: int, endpoint: Endpoint, engine: SimEngine) -> None:

@@ -144,6 +144,14 @@ class SchedulerProfile:
             ranked.extend(ScoredEndpoint(ep) for ep in held_back[:limit - len(ranked)])
         return ranked
 
+    def prefix_match(self, scored: ScoredEndpoint) -> float | None:
+        """The share of the prompt ``scored``'s endpoint holds by the first of this profile's
+        prefix scorers (None: no prefix scorer scored it)."""
+        for name, value in scored.by_scorer.items():
+            if name in self.prefix_scorers:
+                return value
+        return None
+
     def dispatched(self, state: CycleState, request: LLMRequest, endpoint: Endpoint) -> None:
         for observer in self.observers:
             observer.on_dispatch(state, request, endpoint)

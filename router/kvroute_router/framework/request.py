@@ -80,9 +80,10 @@ class LLMRequest:
     def prefill_tokens(self, held: float | None) -> float:
         """Prompt tokens an engine computes for this request when it already holds ``held``
         (0-1, a prefix scorer's match ratio; None: unknown, nothing held) of the prompt:
-        :meth:`prompt_size_estimate` times the rest. One estimate for the ``prefill-cost``
-        scorer and the director's per-endpoint backlog, so the two add up in one unit."""
-        return self.prompt_size_estimate() * unheld_share(held)
+        :meth:`prompt_size_estimate` times the rest, in whole tokens (so that adding them to a
+        backlog and taking them off again leaves exactly 0). One estimate for the
+        ``prefill-cost`` scorer and the per-endpoint backlog, so the two add up in one unit."""
+        return float(round(self.prompt_size_estimate() * unheld_share(held)))
 
     def prompt_upper_bound(self) -> int:
         """Prompt tokens, never underestimated: the parsed bound when there is one, else exact

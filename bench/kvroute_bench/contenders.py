@@ -360,6 +360,14 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     **{f"precise-cost-w{w}": KvrouteVariant(
         f"kvroute-precise-cost with prefillMissWeight {w} (A/B)", _PRECISE_COST,
         {"scoring": {"prefillMissWeight": w}}) for w in (1, 2, 5)},
+    # The load-headroom filter's relative queue rule under prefill-cost, which already counts
+    # an engine's queue (in prompt tokens): 16 deeper than the least-queued, and lifted.
+    "precise-cost-q16": KvrouteVariant(
+        "kvroute-precise-cost with saturationQueueDepth 16 (A/B)", _PRECISE_COST,
+        {"admission": {"saturationQueueDepth": 16}}),
+    "precise-cost-nohead": KvrouteVariant(
+        "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
+        {"admission": {"saturationQueueDepth": 100_000}}),
     # The KV-utilisation scorer: prefix and queue only.
     "precise-queue": KvrouteVariant(
         "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",

@@ -108,10 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     sim.add_argument("--profile", default="cpu",
                      help="cost profile of a simulated or emulated engine: cpu, h100-llama8b "
                           "(alias h100), or (emulated) a JSON file of CostProfile fields")
-    sim.add_argument("--sim-pickers", default="round-robin,kvroute-approx,kvroute-approx-load",
-                     help="comma-separated: round-robin, kvroute-approx, kvroute-approx-load, "
-                          "kvroute-precise-load; kvroute ones optionally @MS (a scrape "
-                          "interval) and /xN or /xNshared (N replicas, see the docs)")
+    sim.add_argument("--sim-pickers", default="round-robin,kvroute-approx,kvroute-precise-cost",
+                     help="comma-separated: round-robin, kvroute-approx-load, or any kvroute "
+                          "contender (kvroute-precise-cost, the default scoring, and its "
+                          "variants); kvroute ones optionally @MS (a scrape interval) and /xN "
+                          "or /xNshared (N replicas, see the docs)")
     sim.add_argument("--sim-pending-ttl", type=float, default=None, metavar="SECONDS",
                      help="how long kvroute pickers' pending-block marks last, simulated s "
                           "(default: the router's 5 s; an emulated fleet at time scale S "

@@ -8,7 +8,8 @@ the :class:`Picker` chooses an engine from the engines' current metrics (and, fo
 prefix-aware picker, the KV events they have published so far); an idle engine with work
 plans a step and schedules its completion. The picker is the seam where the router's own
 scheduling code plugs in (``docs/benchmarks/README.md``, "Fleet simulator"); the simulator
-ships only round-robin, the baseline; :mod:`~kvroute_bench.sim.router_picker` runs kvroute's
+ships only round-robin, the baseline, and a group-affinity reference that is told each
+request's tenant; :mod:`~kvroute_bench.sim.router_picker` runs kvroute's
 own scheduler profile, so no routing policy is re-implemented here.
 """
 
@@ -18,7 +19,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,6 +56,25 @@ class RoundRobinPicker:
         return choice
 
 
+class GroupAffinityPicker:
+    """A reference, not a router: it is told each request's trace group (a tenant, a
+    document) and sends every request of a group to one engine, groups dealt to the engines in
+    turn as they first appear. Perfect stickiness with evenly spread groups, blind to load: the
+    hit rate a router that never moves a tenant reaches, which shows what the engines' finite
+    caches cost by themselves (``recomputed["evicted"]``)."""
+
+    def __init__(self, groups: dict[int, str]) -> None:
+        self._groups = groups  # request id -> group
+        self._engine: dict[str, int] = {}
+
+    def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
+        return None
+
+    def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
+        group = self._groups.get(request.id, f"request-{request.id}")
+        return self._engine.setdefault(group, len(self._engine) % len(engines))
+
+
 @dataclass(frozen=True)
 class SimResult:
     """What a simulated run measured, in the shape of the real benchmark's numbers."""
@@ -70,6 +90,9 @@ class SimResult:
     prefix_hit_rate: float
     requests_per_engine: list[int]
     simulated_s: float
+    recomputed: dict[str, float] = field(default_factory=dict)
+    """Prompt tokens computed although the oracle would have hit them, as shares of all
+    prompt tokens, by cause (:func:`recompute_breakdown`)."""
 
 
 def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: bool = False,
@@ -158,4 +181,45 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
         e2e_p50_s=pct(e2e, 50), e2e_p99_s=pct(e2e, 99),
         output_tokens_per_s=sum(r.max_tokens for r in done) / span if span > 0 else math.nan,
         prefix_hit_rate=sum(e.prefix_hits for e in engines) / queries if queries else 0.0,
-        requests_per_engine=[e.finished for e in engines], simulated_s=now)
+        requests_per_engine=[e.finished for e in engines], simulated_s=now,
+        recomputed=recompute_breakdown(requests, profile.block_size))
+
+
+RECOMPUTE_CAUSES = ("evicted", "elsewhere", "in_flight")
+"""Why a block the oracle would have hit was computed again:
+
+* ``evicted``: this engine had computed it before and evicted it since;
+* ``elsewhere``: only other engines had computed it (the request left the block's holder: a
+  spill, or a holder that was never learnt);
+* ``in_flight``: this engine (or another one) was still computing it for an earlier request
+  when this one was admitted — the same prompt sent twice before the first prefill ended."""
+
+
+def recompute_breakdown(requests: Sequence[SimRequest], block_size: int) -> dict[str, float]:
+    """Shares of all admitted prompt tokens recomputed by cause (:data:`RECOMPUTE_CAUSES`),
+    replayed from the finished run in admission order: a block counts as available on an
+    engine from the first token of the request that computed it there (its prefill's end).
+    Only full prompt blocks are classified; the last token vLLM always computes, and partial
+    blocks, are in neither the oracle's hits nor here."""
+    admitted = sorted((r for r in requests if r.admitted_s is not None),
+                      key=lambda r: (r.admitted_s, r.id))
+    ready: dict[int, dict[int, float]] = {}  # block -> {engine: when computed there}
+    counts = dict.fromkeys(RECOMPUTE_CAUSES, 0)
+    prompt_tokens = 0
+    for r in admitted:
+        assert r.admitted_s is not None
+        prompt_tokens += r.prompt_tokens
+        done = r.first_token_s if r.first_token_s is not None else math.inf
+        full = r.prompt_tokens // block_size
+        for block in r.hashes[r.cached_tokens // block_size:full]:
+            holders = ready.setdefault(block, {})
+            if holders:
+                if r.engine in holders and holders[r.engine] <= r.admitted_s:
+                    counts["evicted"] += block_size
+                elif min(holders.values()) > r.admitted_s:
+                    counts["in_flight"] += block_size
+                else:
+                    counts["elsewhere"] += block_size
+            holders[r.engine] = min(holders.get(r.engine, math.inf), done)
+    return {cause: round(n / prompt_tokens, 4) if prompt_tokens else 0.0
+            for cause, n in counts.items()}

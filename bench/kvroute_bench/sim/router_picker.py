@@ -36,7 +36,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kvroute_api.route_policy import ScoringSpec
+from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 from kvroute_emulator.model.engine import SimEngine, SimRequest
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics
@@ -57,11 +57,12 @@ class ByteTokenizer:
 
 
 class RouterPicker:
-    """Routes simulated requests with the router's scheduler profile for ``scoring``."""
+    """Routes simulated requests with the router's scheduler profile for ``scoring`` (and the
+    saturation thresholds of ``admission``, a RoutePolicy's ``spec.admission``)."""
 
     def __init__(self, scoring: dict[str, Any] | ScoringSpec, model: str = "sim-model",
                  block_size: int = 32, scrape_interval_s: float = 0.0,
-                 precise: bool = False) -> None:
+                 precise: bool = False, admission: dict[str, Any] | None = None) -> None:
         spec = scoring if isinstance(scoring, ScoringSpec) else ScoringSpec.model_validate(
             scoring)
         registry = register_builtin_plugins(PluginRegistry())
@@ -72,7 +73,9 @@ class RouterPicker:
         if precise:
             self._wire_kv_events(registry, services, block_size)
         context = PluginContext(scoring=spec, pool_key=POOL_KEY, pool=None,
-                                services=services, policy_key="sim/policy")
+                                services=services, policy_key="sim/policy",
+                                admission=(AdmissionSpec.model_validate(admission)
+                                           if admission is not None else None))
         self.profile: SchedulerProfile = build_profile(registry, context, "sim")
         self.model = model
         self.block_size = block_size

@@ -1,9 +1,14 @@
 """``kvroute bench --sim``: a workload through simulated pods, once per picker, as a table.
 
-Pickers: ``round-robin`` (the baseline) and kvroute's own scheduler profiles
-(``kvroute-approx``, ``kvroute-approx-load``, ``kvroute-precise-load``: the last with the
-KV-event index fed by the simulated engines), built by :class:`RouterPicker` from the same
-scorer lists the real-engine contenders use. A suffix ``@MS`` on a kvroute picker's name
+Pickers: ``round-robin`` (the baseline), ``group-affinity`` (a reference told each request's
+tenant: every tenant on one engine, tenants spread evenly, blind to load),
+``kvroute-approx-load`` (simulator only) and every
+kvroute contender of the real-engine bench (``kvroute-precise-cost``, the default;
+``kvroute-precise-load``; their A/B variants: the same scorers and policy extras, from
+:data:`~kvroute_bench.contenders.KVROUTE_VARIANTS`), built by :class:`RouterPicker`; the
+``prefix-precise`` ones read a KV-event index fed by the simulated engines. Beside each hit
+rate: the oracle's, and why the rest was recomputed (``SimResult.recomputed``: evicted from the
+engine, held only elsewhere, or still being computed). A suffix ``@MS`` on a kvroute picker's name
 (``kvroute-approx-load@100``) makes its metrics a scrape every MS milliseconds of simulated
 time (the router's ``--scrape-interval-ms``, default 100) instead of the engines' state at the
 instant of each decision. Profiles: ``cpu`` (the local test engines) and ``h100`` (an 8B model
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,22 +34,39 @@ from kvroute_emulator.model.profile import (
 from rich.console import Console
 from rich.table import Table
 
-from kvroute_bench.sim.fleet import Picker, RoundRobinPicker, simulate, to_sim_requests
-from kvroute_bench.workloads import build_params, generate
+from kvroute_bench.contenders import KVROUTE_VARIANTS
+from kvroute_bench.oracle import oracle_hit_rate
+from kvroute_bench.sim.fleet import (
+    RECOMPUTE_CAUSES,
+    GroupAffinityPicker,
+    Picker,
+    RoundRobinPicker,
+    simulate,
+    to_sim_requests,
+)
+from kvroute_bench.workloads import TraceRequest, build_params, generate
 
 CALIBRATION = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "calibration" \
     / "h100-llama8b-shape.json"
 
-SIM_PICKERS: dict[str, list[dict[str, Any]] | None] = {
+SIM_ONLY: dict[str, dict[str, Any] | None] = {
     "round-robin": None,
-    "kvroute-approx": [{"type": "prefix-approx", "weight": 1.0}],
-    "kvroute-approx-load": [{"type": "prefix-approx", "weight": 3.0},
-                            {"type": "queue-depth", "weight": 1.0},
-                            {"type": "kv-utilization", "weight": 1.0}],
-    "kvroute-precise-load": [{"type": "prefix-precise", "weight": 3.0},
-                             {"type": "queue-depth", "weight": 1.0},
-                             {"type": "kv-utilization", "weight": 1.0}],
+    "group-affinity": None,  # a reference told each request's tenant (GroupAffinityPicker)
+    "kvroute-approx-load": {"scoring": {"scorers": [{"type": "prefix-approx", "weight": 3.0},
+                                                    {"type": "queue-depth", "weight": 1.0},
+                                                    {"type": "kv-utilization", "weight": 1.0}]}},
 }
+SIM_PICKERS: dict[str, dict[str, Any] | None] = {
+    **SIM_ONLY,
+    # Every kvroute contender of the real-engine bench, with its scoring and policy extras.
+    **{f"kvroute-{name}": {"scoring": {"scorers": variant.scoring,
+                                       **variant.policy.get("scoring", {})},
+                           "admission": variant.policy.get("admission")}
+       for name, variant in KVROUTE_VARIANTS.items()},
+}
+"""Picker name -> ``RouterPicker`` arguments (``None``: one of the :data:`REFERENCES`)."""
+REFERENCES = ("round-robin", "group-affinity")
+"""The simulator's own pickers: they read no prompt text."""
 
 
 def split_picker_name(name: str) -> tuple[str, float]:
@@ -56,7 +79,7 @@ def split_picker_name(name: str) -> tuple[str, float]:
     except ValueError:
         raise SystemExit(f"picker {name!r}: the part after @ is a scrape interval in "
                          f"milliseconds") from None
-    if ms < 0 or base == "round-robin":
+    if ms < 0 or base in REFERENCES:
         raise SystemExit(f"picker {name!r}: a scrape interval needs a kvroute picker and "
                          f"a non-negative number of milliseconds")
     return base, ms / 1000.0
@@ -65,7 +88,8 @@ def split_picker_name(name: str) -> tuple[str, float]:
 def needs_block_hashes(name: str) -> bool:
     """Whether the trace must carry the simulator's own block hashes (every picker except
     the KV-event one, whose engines get the router's hashes at its decisions)."""
-    scorers = SIM_PICKERS.get(split_picker_name(split_replicas(name)[0])[0]) or []
+    picker = SIM_PICKERS.get(split_picker_name(split_replicas(name)[0])[0]) or {}
+    scorers = picker.get("scoring", {}).get("scorers", [])
     return not any(s["type"] == "prefix-precise" for s in scorers)
 
 
@@ -94,13 +118,15 @@ def split_replicas(name: str) -> tuple[str, int, str]:
             count, shared = count.removesuffix(suffix), mode
             break
     if (not spec.startswith("x") or not count.isdigit() or int(count) < 1
-            or base.startswith("round-robin")):
+            or base.startswith(REFERENCES)):
         raise SystemExit(f"picker {name!r}: the part after / is xN, xNshared, xNpending or "
                          f"xNcounts (N replicas of a kvroute picker)")
     return base, int(count), shared
 
 
-def make_picker(name: str, block_size: int) -> Picker:
+def make_picker(name: str, block_size: int,
+                trace: Sequence[TraceRequest] = ()) -> Picker:
+    """The picker ``name`` (``trace``: the requests, for ``group-affinity``'s groups)."""
     name, replicas, shared = split_replicas(name)
     if replicas > 1 or shared:
         from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
@@ -115,14 +141,15 @@ def make_picker(name: str, block_size: int) -> Picker:
     if base not in SIM_PICKERS:
         raise SystemExit(f"unknown simulator picker {name!r}; valid: {', '.join(SIM_PICKERS)} "
                          f"(kvroute ones optionally with @MS, a scrape interval)")
-    scorers = SIM_PICKERS[base]
-    if scorers is None:
-        return RoundRobinPicker()
+    spec = SIM_PICKERS[base]
+    if spec is None:
+        return (GroupAffinityPicker({r.index: r.group for r in trace})
+                if base == "group-affinity" else RoundRobinPicker())
     from kvroute_bench.sim.router_picker import RouterPicker
 
-    precise = any(s["type"] == "prefix-precise" for s in scorers)
-    return RouterPicker({"scorers": scorers}, block_size=block_size,
-                        scrape_interval_s=scrape_interval_s, precise=precise)
+    return RouterPicker(spec["scoring"], block_size=block_size,
+                        scrape_interval_s=scrape_interval_s,
+                        precise=not needs_block_hashes(base), admission=spec["admission"])
 
 
 def set_pending_ttl(picker: Picker, seconds: float) -> None:
@@ -145,29 +172,41 @@ def run_sim(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for workload, rate in zip(args.workloads, args.rates, strict=True):
         overrides = dict(item.split("=", 1) for item in args.set or [])
+        sizing: dict[str, Any] = {}
+        if workload == "precise-prefix":  # tenants sized to the simulated fleet's KV
+            sizing = {"fleet_kv_tokens": args.pods * profile.kv_blocks * profile.block_size,
+                      "max_context": args.max_context or 8192}
         trace = generate(build_params(workload, overrides if len(args.workloads) == 1 else None,
-                                      requests=args.requests, rate=rate, seed=args.seed))
+                                      requests=args.requests, rate=rate, seed=args.seed,
+                                      **sizing))
+        # The oracle over the whole run: the simulator's hit rates count every request.
+        oracle = oracle_hit_rate(trace.requests, 0, profile.block_size)
         table = Table(title=f"simulated {workload}: {args.pods} pods, profile {profile.name}, "
                             f"{args.requests} requests at {rate}/s")
         for column in ("picker", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99",
-                       "out tok/s", "prefix hit", "unfinished", "wall s"):
+                       "out tok/s", "prefix hit", "oracle", *(f"re: {c}" for c in
+                                                                RECOMPUTE_CAUSES),
+                       "unfinished", "wall s"):
             table.add_column(column, justify="left" if column == "picker" else "right")
         rows: list[dict[str, Any]] = []
         for name in args.sim_pickers:
             started = time.monotonic()
-            picker = make_picker(name, profile.block_size)
+            picker = make_picker(name, profile.block_size, trace.requests)
             if args.sim_pending_ttl is not None:
                 set_pending_ttl(picker, args.sim_pending_ttl)
             result = simulate(to_sim_requests(trace.requests, profile.block_size,
-                                              keep_text=name != "round-robin",
+                                              keep_text=name not in REFERENCES,
                                               hash_blocks=needs_block_hashes(name)),
                               args.pods, profile, picker)
             wall = time.monotonic() - started
-            rows.append({"picker": name, "wall_s": round(wall, 2), **asdict(result)})
+            rows.append({"picker": name, "wall_s": round(wall, 2), "oracle_hit_rate":
+                         round(oracle, 4), **asdict(result)})
             table.add_row(name, f"{result.ttft_p50_s * 1000:.0f}",
                           f"{result.ttft_p90_s * 1000:.0f}", f"{result.ttft_p99_s * 1000:.0f}",
                           f"{result.e2e_p50_s * 1000:.0f}", f"{result.e2e_p99_s * 1000:.0f}",
                           f"{result.output_tokens_per_s:.1f}", f"{result.prefix_hit_rate:.1%}",
+                          f"{oracle:.1%}",
+                          *(f"{result.recomputed[c]:.1%}" for c in RECOMPUTE_CAUSES),
                           str(result.unfinished), f"{wall:.1f}")
         console.print(table)
         stem = f"{args.name}-sim-{workload}" if args.name else f"sim-{workload}"

@@ -257,3 +257,70 @@ def test_the_prefill_backlog_moves_as_in_the_director() -> None:
     # The second's first token took its token off; only the third's 2 remain where it went.
     assert [ep.prefill_backlog for ep in picker._endpoints] == [
         2.0 if i == third else 0.0 for i in range(2)]
+
+
+def test_every_kvroute_contender_is_a_simulator_picker_with_its_policy() -> None:
+    from kvroute_bench.contenders import KVROUTE_VARIANTS
+    from kvroute_bench.sim.run import SIM_PICKERS
+    from kvroute_router.plugins.load_headroom import LoadHeadroomFilter
+
+    assert {f"kvroute-{name}" for name in KVROUTE_VARIANTS} <= set(SIM_PICKERS)
+    default = make_picker("kvroute-precise-cost", 16)
+    q16 = make_picker("kvroute-precise-cost-q16", 16)
+    w5 = make_picker("kvroute-precise-cost-w5", 16)
+    assert isinstance(default, RouterPicker) and isinstance(q16, RouterPicker)
+    assert isinstance(w5, RouterPicker)
+    assert default.precise and [s.type_name for s in default.profile.scorers] == [
+        "prefix-precise", "prefill-cost"]
+
+    def queue_depth(picker: RouterPicker) -> float:
+        return next(f.max_waiting for f in picker.profile.filters
+                    if isinstance(f, LoadHeadroomFilter))
+
+    # The contender's spec.admission reaches the simulated profile's filter.
+    assert (queue_depth(default), queue_depth(q16)) == (8, 16)
+    costs = [s for s in w5.profile.scorers if s.type_name == "prefill-cost"]
+    assert costs[0].scorer.miss_weight == 5  # type: ignore[attr-defined]
+
+
+def test_recompute_breakdown_names_why_a_block_was_computed_again() -> None:
+    from kvroute_bench.sim.fleet import recompute_breakdown
+
+    def done(rid: int, engine: int, at: float, first: float, hashes: list[int],
+             cached_blocks: int = 0) -> SimRequest:
+        return SimRequest(id=rid, arrival_s=at, prompt_tokens=len(hashes) * 4 + 1,
+                          max_tokens=1, hashes=hashes, engine=engine, admitted_s=at,
+                          first_token_s=first, cached_tokens=cached_blocks * 4)
+
+    requests = [
+        done(1, 0, 0.0, 1.0, [1, 2, 3]),          # first time: the oracle misses too
+        done(2, 1, 0.5, 1.5, [1, 2, 3]),          # engine 0 still computing: in flight
+        done(3, 0, 2.0, 2.5, [1, 2, 3, 4], 1),    # 1 hit; 2, 3 evicted from engine 0; 4 new
+        done(4, 2, 3.0, 3.5, [1, 2, 9]),          # 1, 2 only elsewhere; 9 new
+    ]
+    prompt_tokens = sum(r.prompt_tokens for r in requests)
+    shares = recompute_breakdown(requests, 4)
+    assert shares == {"in_flight": round(12 / prompt_tokens, 4),
+                      "evicted": round(8 / prompt_tokens, 4),
+                      "elsewhere": round(8 / prompt_tokens, 4)}
+
+
+def test_group_affinity_reference_keeps_each_tenant_on_one_engine_spread_evenly() -> None:
+    from kvroute_bench.sim.fleet import GroupAffinityPicker
+    from kvroute_bench.workloads import build_params
+
+    trace = generate(build_params("precise-prefix", {"tenants": "8", "context_tokens": "400"},
+                                  requests=200, rate=50, seed=1, max_context=4096))
+    picker = make_picker("group-affinity", 16, trace.requests)
+    assert isinstance(picker, GroupAffinityPicker)
+    profile = cpu_test_engine(384)
+    requests = to_sim_requests(trace.requests, profile.block_size)
+    simulate(requests, 4, profile, picker)
+    engines_of: dict[str, set[int]] = {}
+    for request, sim in zip(trace.requests, requests, strict=True):
+        engines_of.setdefault(request.group, set()).add(sim.engine)
+    assert all(len(engines) == 1 for engines in engines_of.values())
+    per_engine = [sum(1 for e in engines_of.values() if engine in e) for engine in range(4)]
+    assert per_engine == [2, 2, 2, 2]
+    with pytest.raises(SystemExit):
+        make_picker("group-affinity@100", 16)

@@ -365,6 +365,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-q16": KvrouteVariant(
         "kvroute-precise-cost with saturationQueueDepth 16 (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 16}}),
+    # scoring.prefillWaitMs: a prompt whose endpoint is still computing its prefix for an
+    # earlier request waits for it (2 s of engine time at most) instead of computing it twice.
+    "precise-cost-wait": KvrouteVariant(
+        "kvroute-precise-cost with prefillWaitMs 2000 (A/B)", _PRECISE_COST,
+        {"scoring": {"prefillWaitMs": 2000}}),
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),
@@ -381,6 +386,8 @@ DEFAULT_PENDING_MS = 5000
 before the engine's events confirm them. Stretched by the emulated fleet's time scale like the
 timeouts below (unscaled it is 78 ms of engine time at scale 64, shorter than the queueing
 there, and kvroute forgot where it had just sent a prefix)."""
+DEFAULT_PREFILL_WAIT_MS = 0
+"""``scoring.prefillWaitMs``'s default, stretched by the time scale too when it is not 0."""
 
 
 def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
@@ -420,6 +427,10 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value
+    # How long a prompt may wait for its prefix to be computed: engine time, like the rest.
+    wait_ms = spec["scoring"].get("prefillWaitMs", DEFAULT_PREFILL_WAIT_MS)
+    if wait_ms and fleet.time_scale != 1.0:
+        spec["scoring"]["prefillWaitMs"] = min(600_000, round(wait_ms * fleet.time_scale))
     policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
               "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]

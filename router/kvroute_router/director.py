@@ -47,6 +47,7 @@ from kvroute_router.framework.plugins import ScoredEndpoint
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.request import LLMRequest
+from kvroute_router.plugins.prefix_precise import STATE_HASHES, STATE_MATCH
 from kvroute_router.router_metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class Decision:
     prefill_backlog: dict[str, float] = field(default_factory=dict)
     """What each attempt in flight added to its endpoint's ``prefill_backlog``, by endpoint
     name, until its answer starts or it ends."""
+    prefill_started: dict[str, tuple[int, asyncio.Event]] = field(default_factory=dict)
+    """What each attempt in flight registered in its endpoint's ``prefill_in_flight`` (the
+    first block it computes, and the event its waiters wait on), by endpoint name."""
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -120,6 +124,20 @@ class Decision:
     @property
     def per_try_timeout_s(self) -> float:
         return self.policy.spec.retries.per_try_timeout_ms / 1000.0
+
+    @property
+    def prefill_wait_s(self) -> float:
+        return self.policy.spec.scoring.prefill_wait_ms / 1000.0
+
+    def prompt_blocks(self, endpoint: Endpoint) -> tuple[list[int], int] | None:
+        """The prompt's block hashes and how many of them ``endpoint`` held, published or
+        pending, at the decision (``prefix-precise``'s match); None when that scorer did not
+        match this prompt against the index."""
+        hashes = self.state.read(STATE_HASHES, list)
+        matched = self.state.read(STATE_MATCH, dict)
+        if not hashes or matched is None:
+            return None
+        return hashes, int(matched.get(endpoint.name, 0))
 
     def prefix_match_ratio(self, endpoint: Endpoint | None = None) -> float | None:
         target = endpoint or self.ranked[0].endpoint
@@ -164,6 +182,11 @@ class RequestLifecycle:
     def answering(self) -> None:
         if self._endpoint is not None:
             self._director.answering(self._decision, self._endpoint)
+
+    async def wait_for_prefill(self, limit_s: float) -> float:
+        if self._endpoint is None:
+            return 0.0
+        return await self._director.wait_for_prefill(self._decision, self._endpoint, limit_s)
 
     def end_attempt(self) -> None:
         endpoint, self._endpoint = self._endpoint, None
@@ -403,18 +426,78 @@ class Director:
         amount = decision.request.prefill_tokens(decision.prefix_match_ratio(endpoint))
         decision.prefill_backlog[endpoint.name] = amount
         endpoint.prefill_backlog += amount
+        if decision.prefill_wait_s > 0:
+            self._start_prefill(decision, endpoint)
         self.metrics.in_flight.labels(decision.pool.name, endpoint.name).inc()
         decision.profile.dispatched(decision.state, decision.request, endpoint)
         for listener in self.dispatch_listeners:
             listener(decision, endpoint)
 
     @staticmethod
+    def _start_prefill(decision: Decision, endpoint: Endpoint) -> None:
+        """Register the prefix this attempt makes ``endpoint`` compute (from the first block
+        it did not hold), so later requests matching it can wait for it
+        (:meth:`wait_for_prefill`)."""
+        blocks = decision.prompt_blocks(endpoint)
+        if blocks is None:
+            return
+        hashes, held = blocks
+        if held >= len(hashes):
+            return  # nothing new to compute
+        first = hashes[held]
+        event = endpoint.prefill_in_flight.get(first)
+        if event is None:  # not computed by another attempt already: this one does it
+            event = asyncio.Event()
+            endpoint.prefill_in_flight[first] = event
+            decision.prefill_started[endpoint.name] = (first, event)
+
+    @staticmethod
     def answering(decision: Decision, endpoint: Endpoint) -> None:
         """The attempt on ``endpoint`` started answering: its prompt is computed, so it leaves
-        the endpoint's prefill backlog (once; :meth:`end_attempt` does it otherwise)."""
+        the endpoint's prefill backlog, and requests waiting for its prefix go on (once;
+        :meth:`end_attempt` does it otherwise)."""
         amount = decision.prefill_backlog.pop(endpoint.name, 0.0)
         if amount:
             endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - amount)
+        started = decision.prefill_started.pop(endpoint.name, None)
+        if started is not None:
+            first, event = started
+            if endpoint.prefill_in_flight.get(first) is event:
+                del endpoint.prefill_in_flight[first]
+            event.set()
+
+    async def wait_for_prefill(self, decision: Decision, endpoint: Endpoint,
+                               limit_s: float) -> float:
+        """Wait, at most ``limit_s``, while ``endpoint`` computes a prefix of this prompt
+        that it held only as *pending* at the decision (another attempt of this router is
+        computing it and has not started answering); returns the seconds waited. Sent at
+        once, the request would make the engine compute those blocks a second time beside
+        the first (vLLM caches a block only once computed); after the wait they are hits."""
+        if limit_s <= 0 or not endpoint.prefill_in_flight:
+            return 0.0
+        blocks = decision.prompt_blocks(endpoint)
+        if blocks is None:
+            return 0.0
+        hashes, held = blocks
+        computing = endpoint.prefill_in_flight
+        own = decision.prefill_started.get(endpoint.name)
+        events = [event for block in hashes[:held]
+                  if (event := computing.get(block)) is not None
+                  and (own is None or event is not own[1])]
+        if not events:
+            return 0.0
+        started = time.monotonic()
+        outcome = "answered"
+        try:
+            async with asyncio.timeout(limit_s):
+                for event in events:
+                    await event.wait()
+        except TimeoutError:
+            outcome = "timeout"
+        waited = time.monotonic() - started
+        self.metrics.prefill_waits.labels(decision.pool.name, outcome).inc()
+        self.metrics.prefill_wait.labels(decision.pool.name).observe(waited)
+        return waited
 
     def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
         """An attempt on ``endpoint`` is over (successful or not)."""

@@ -37,6 +37,15 @@ class RouterMetrics:
         self.e2e = Histogram(
             "kvroute_e2e_latency_seconds", "End-to-end request latency as observed by the proxy.",
             ["policy", "pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_waits = Counter(
+            "kvroute_prefill_waits",
+            "Requests that waited for their endpoint to finish computing their prompt's prefix "
+            "for an earlier request (scoring.prefillWaitMs), by how the wait ended: answered "
+            "(the earlier request started answering or ended) or timeout.",
+            ["pool", "outcome"], registry=r)
+        self.prefill_wait = Histogram(
+            "kvroute_prefill_wait_seconds",
+            "How long those requests waited.", ["pool"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge(
             "kvroute_in_flight_requests", "Requests this router dispatched that have not finished.",
             ["pool", "endpoint"], registry=r)

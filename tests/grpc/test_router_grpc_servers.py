@@ -3,6 +3,7 @@ on port 0, plus gRPC health."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncIterator
@@ -359,3 +360,66 @@ async def test_ext_proc_takes_a_prompt_off_the_prefill_backlog_at_its_first_answ
         assert [(e.in_flight, e.prefill_backlog) for e in endpoints] == [(0, 0.0)] * len(endpoints)
     finally:
         await server.stop(None)
+
+
+async def test_ext_proc_holds_a_pick_while_its_pod_computes_the_prefix_for_an_earlier_one(
+        ) -> None:
+    """``scoring.prefillWaitMs`` on the gateway path: the second request of a context gets its
+    destination (Envoy holds it meanwhile) once the first one's answer starts on that pod."""
+    from kvroute_router.kvevents.feed import register_precise_prefix, services_key
+    from kvroute_router.kvevents.hashing import BlockHashConfig
+    from kvroute_router.kvevents.hub import PoolKVEvents
+
+    class TrustedKVEvents(PoolKVEvents):
+        def trustworthy(self, endpoint: str) -> bool:
+            return True  # every pod's KV-event feed healthy (no ZMQ in this test)
+
+    store = Datastore()
+    pool, policy = _objects()
+    policy = RoutePolicy.model_validate({**policy.model_dump(by_alias=True), "spec": {
+        **policy.spec.model_dump(by_alias=True), "scoring": {
+            "scorers": [{"type": "prefix-precise", "weight": 0}, {"type": "prefill-cost"}],
+            "prefillWaitMs": 10_000}}}, by_alias=True)
+    store.replace([pool], [policy])
+    director = Director(store, register_builtin_plugins(PluginRegistry()), rng=random.Random(3))
+    register_precise_prefix(director.registry)
+    director.services.put(services_key("default/local"),
+                          TrustedKVEvents(BlockHashConfig(block_size=16)))
+    server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=store)
+    context = list(range(1000, 1320))  # 20 blocks of 16 tokens
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            process = channel.stream_stream(
+                "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                request_serializer=ep.ProcessingRequest.SerializeToString,
+                response_deserializer=ep.ProcessingResponse.FromString)
+            calls = [process(timeout=20), process(timeout=20)]
+            answers = []
+            for i, call in enumerate(calls):
+                await call.write(_headers("/v1/completions"))
+                await call.read()
+                await call.write(_body({"model": "chat", "stream": True,
+                                        "prompt": [*context, *range(i * 50, i * 50 + 16)]}))
+                answers.append(asyncio.create_task(call.read()))
+            routed = await asyncio.wait_for(answers[0], 5)
+            (computing,) = [e for e in store.endpoints() if e.in_flight]
+            await asyncio.sleep(0.1)
+            assert not answers[1].done()  # held: its pod is computing the shared context
+            assert computing.in_flight == 2  # ... but already counted there
+            await calls[0].write(ep.ProcessingRequest(response_headers=ep.HttpHeaders(
+                headers=base_pb2.HeaderMap(headers=[
+                    base_pb2.HeaderValue(key=":status", raw_value=b"200")]))))
+            await calls[0].read()
+            assert not answers[1].done()  # response headers are not the prompt computed
+            await calls[0].write(ep.ProcessingRequest(response_body=ep.HttpBody(
+                body=b'data: {"choices":[{"text":"a"}]}\n\n')))
+            held = await asyncio.wait_for(answers[1], 5)
+            assert routed.HasField("request_body") and held.HasField("request_body")
+            for call in calls:
+                call.cancel()
+        assert director.metrics.registry.get_sample_value(
+            "kvroute_prefill_waits_total", {"pool": "local", "outcome": "answered"}) == 1
+    finally:
+        await server.stop(None)
+    await asyncio.sleep(0.05)
+    assert all(e.in_flight == 0 and not e.prefill_in_flight for e in store.endpoints())

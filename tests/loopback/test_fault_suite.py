@@ -459,3 +459,55 @@ async def test_router_sigterm_under_load_drains_streams_and_refuses_new_work(
             router.kill()
             await asyncio.wait_for(router.wait(), 10)
         await fleet.stop()
+
+
+@pytest.mark.parametrize("wait_ms", [0, 20_000])
+async def test_a_prompt_whose_prefix_is_being_computed_waits_and_hits_the_cache(
+        tmp_path: Path, model_dir: Path, wait_ms: int) -> None:
+    """``scoring.prefillWaitMs`` on a real emulated engine with real KV events: two prompts of
+    one context queue behind a long unrelated prefill. Sent at once (0), the engine admits
+    both in one step and computes the context twice; with the wait, the router sends the
+    second when the first starts answering, and the engine serves its context from cache."""
+    async with emulated_fleet(model_dir, count=1, time_scale=1.0) as fleet:
+        docs = [fleet_pool(fleet), {
+            "apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
+            "metadata": {"name": "chat"},
+            "spec": {"match": {"model": "chat"}, "pools": [{"name": "emu"}],
+                     "scoring": {"scorers": [{"type": "prefix-precise", "weight": 0},
+                                             {"type": "prefill-cost"}],
+                                 "prefillWaitMs": wait_ms}}}]
+        config = tmp_path / "router.yaml"
+        config.write_text(yaml.safe_dump_all(docs))
+        engine = fleet.slots[0].engine.sim
+        async with running_router(config, model_dir) as (router, url), \
+                aiohttp.ClientSession() as s:
+            await eventually(lambda: all(st["trustworthy"] for pool in statuses(router).values()
+                                         for st in pool), "the KV-event feed is live",
+                             diagnose=lambda: statuses(router))
+            (endpoint,) = router.datastore.endpoints()
+
+            async def send(text: str) -> None:
+                body = {"model": "chat", "prompt": text, "max_tokens": 2}
+                async with asyncio.timeout(60), s.post(f"{url}/v1/completions",
+                                                       json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+
+            context = "shared context: " + "lorem ipsum " * 60  # ~740 tokens
+            # ~1,900 unrelated tokens: one step of ~0.75 s that the next two queue behind.
+            busy = asyncio.create_task(send("unrelated " * 190))
+            await eventually(lambda: endpoint.in_flight == 1, "the long prompt was sent")
+            first = asyncio.create_task(send(context + "first question?"))
+            await eventually(lambda: endpoint.in_flight == 2, "the first prompt was sent")
+            hits_before = engine.prefix_hits
+            second = asyncio.create_task(send(context + "second question?"))
+            await asyncio.gather(busy, first, second)
+            hits = engine.prefix_hits - hits_before
+            waits = router.metrics.registry.get_sample_value(
+                "kvroute_prefill_waits_total", {"pool": "emu", "outcome": "answered"})
+            if wait_ms:
+                assert waits == 1.0
+                assert hits >= len(context) - 32  # the context's full blocks, from cache
+            else:
+                assert waits is None
+                assert hits < len(context) // 2  # computed twice, side by side
+            assert endpoint.in_flight == 0 and not endpoint.prefill_in_flight

@@ -281,6 +281,9 @@ class ExtProcServer:
         x.routed = routed.routed
         x.endpoint = routed.routed.decision.endpoints[0]  # dispatched by open()
         x.recorder = x.lookup.recorder()
+        # The pod may still be computing this prompt's prefix for an earlier request: hold
+        # the answer (Envoy holds the request) until it is cached (scoring.prefillWaitMs).
+        await x.routed.wait_for_prefill(x.routed.decision.prefill_wait_s)
         if x.request_full_duplex:
             headers = ep.ProcessingResponse(
                 request_headers=ep.HeadersResponse(response=ep.CommonResponse(

@@ -7,6 +7,7 @@ The datastore owns :class:`Endpoint` objects and mutates them (the scraper repla
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Sequence
@@ -56,6 +57,12 @@ class Endpoint:
     flight, the part of its prompt the endpoint did not hold when it was dispatched
     (:meth:`LLMRequest.prefill_tokens`), until the first byte of its answer (the prompt is
     computed then) or the attempt's end. What the ``prefill-cost`` scorer adds up."""
+    prefill_in_flight: dict[int, asyncio.Event] = field(default_factory=dict)
+    """Prompt prefixes this endpoint is computing for requests this router sent it: the hash
+    of the first block each will compute (the first it did not hold at dispatch) -> an event
+    set when that request starts answering or its attempt ends. A later request that matched
+    those blocks as pending waits for it (``scoring.prefillWaitMs``) instead of computing them
+    a second time beside it."""
     scrape_failures: int = 0
     """Consecutive failed scrapes (0 after a success)."""
     unavailable_until: float = 0.0

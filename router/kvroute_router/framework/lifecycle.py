@@ -112,6 +112,11 @@ class DecisionView(Protocol):
     @property
     def per_try_timeout_s(self) -> float: ...
 
+    @property
+    def prefill_wait_s(self) -> float:
+        """The policy's ``scoring.prefillWaitMs``, in seconds (0: never wait)."""
+        ...
+
     def prefix_match_ratio(self, endpoint: Endpoint | None = None) -> float | None: ...
 
     def reasons(self) -> list[str]: ...
@@ -135,6 +140,12 @@ class RoutedRequest(Protocol):
         """The endpoint of the attempt in progress started answering (its first byte reached
         the router): the prompt is computed, so it leaves the endpoint's prefill backlog
         (no-op when no attempt is in progress or it was already said)."""
+
+    async def wait_for_prefill(self, limit_s: float) -> float:
+        """Before sending the attempt in progress: wait (at most ``limit_s``) while its
+        endpoint is still computing this prompt's prefix for an earlier request; returns the
+        seconds waited (0 at once when nothing is being computed)."""
+        ...
 
     def end_attempt(self) -> None:
         """The attempt in progress is over (no-op when none is)."""

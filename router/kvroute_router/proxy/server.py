@@ -237,6 +237,10 @@ class OpenAIProxy:
             if number > 0:  # the first attempt was dispatched by open()
                 self.director.count_retry(decision)
                 routed.dispatch(endpoint)
+            # The endpoint may still be computing this prompt's prefix for an earlier
+            # request: wait until it is cached rather than have it computed twice.
+            await routed.wait_for_prefill(min(decision.prefill_wait_s,
+                                              deadline - time.monotonic()))
             try:
                 return await self._attempt(http, routed, endpoint, path, payload, headers,
                                            started, deadline, lookup, strip_usage)

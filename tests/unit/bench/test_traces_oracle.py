@@ -155,6 +155,17 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
         {"admission": {"saturationQueueDepth": 100_000}})[1]["spec"])
     assert merged.admission.queue_timeout_ms == 480_000
     assert merged.admission.saturation_queue_depth == 100_000
+    # The prefix wait is engine time too: stretched when set, absent (0) by default.
+    from kvroute_api.route_policy import ScoringSpec
+    from kvroute_bench.contenders import DEFAULT_PREFILL_WAIT_MS, KVROUTE_POLICY_EXTRA
+
+    assert ScoringSpec().prefill_wait_ms == DEFAULT_PREFILL_WAIT_MS  # the router's default
+    assert parsed.scoring.prefill_wait_ms == DEFAULT_PREFILL_WAIT_MS * 16
+    waiting = RoutePolicySpec.model_validate(kvroute_config(
+        FleetInfo(engines, "m", 16, time_scale=16.0), [],
+        KVROUTE_POLICY_EXTRA["precise-cost-wait"])[1]["spec"])
+    assert waiting.scoring.prefill_wait_ms == 32_000
+    assert waiting.scoring.stale_metrics_ms == 16_000  # merged with, not replacing, scoring
 
 
 def test_kvroute_scrape_interval_stretches_with_the_emulated_time(tmp_path: Path) -> None:

@@ -1,0 +1,129 @@
+"""``scoring.prefillWaitMs``: a request whose endpoint is still computing the same prompt prefix
+for an earlier request of this router waits for it (then reads it from the engine's cache)
+instead of being sent at once and computing it a second time beside it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from kvroute_router.director import Director
+from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.request import LLMRequest
+from kvroute_router.kvevents.feed import register_precise_prefix, services_key
+from kvroute_router.kvevents.hashing import BlockHashConfig
+from kvroute_router.kvevents.hub import PoolKVEvents
+
+from tests.unit.router.router_fixtures import make_director, make_policy, make_pool
+
+BLOCK = 32  # the fixture pool's engine.blockSize
+CONTEXT = list(range(1000, 1000 + 10 * BLOCK))  # a tenant's shared context: 10 blocks
+
+
+class TrustedKVEvents(PoolKVEvents):
+    """The pool's KV-event state with every endpoint's feed healthy (no ZMQ here)."""
+
+    def trustworthy(self, endpoint: str) -> bool:
+        return True
+
+
+def _director(**scoring: Any) -> Director:
+    policy = make_policy(scoring={"scorers": [{"type": "prefix-precise", "weight": 0},
+                                              {"type": "prefill-cost"}], **scoring})
+    director, _ = make_director([make_pool(count=2)], [policy])
+    register_precise_prefix(director.registry)
+    director.services.put(services_key("default/local"),
+                          TrustedKVEvents(BlockHashConfig(block_size=BLOCK)))
+    return director
+
+
+def _request(question: int, context: list[int] = CONTEXT) -> LLMRequest:
+    return LLMRequest(model="chat", token_ids=[*context, *range(question, question + BLOCK)],
+                      max_tokens=8)
+
+
+def _by_name(director: Director) -> dict[str, Endpoint]:
+    return {ep.name: ep for ep in director.datastore.endpoints()}
+
+
+def _waits(director: Director, outcome: str) -> float | None:
+    return director.metrics.registry.get_sample_value(
+        "kvroute_prefill_waits_total", {"pool": "local", "outcome": outcome})
+
+
+async def test_a_request_waits_while_its_endpoint_computes_its_prefix_for_an_earlier_one(
+        ) -> None:
+    director = _director(prefillWaitMs=5000)
+    first = await director.open(_request(1))
+    assert await first.wait_for_prefill(5.0) == 0.0  # nothing in flight before it
+    holder = first.endpoint
+    assert holder is not None and len(holder.prefill_in_flight) == 1
+    # The second request matches the first's blocks as pending there, so it goes there too...
+    second = await director.open(_request(2))
+    assert second.endpoint is holder
+    # ... and waits until the first one's answer starts: its prefix is computed by then.
+    waiting = asyncio.create_task(second.wait_for_prefill(5.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    first.answering()
+    waited = await asyncio.wait_for(waiting, 1.0)
+    assert 0.04 < waited < 1.0
+    assert _waits(director, "answered") == 1.0
+    # The second one registered what *it* computes (its question), not the shared context.
+    assert len(holder.prefill_in_flight) == 1
+    for routed in (first, second):
+        routed.close()
+    assert all(not ep.prefill_in_flight for ep in director.datastore.endpoints())
+
+
+async def test_the_wait_ends_at_the_limit_and_when_the_earlier_attempt_ends() -> None:
+    director = _director(prefillWaitMs=5000)
+    first = await director.open(_request(1))
+    second = await director.open(_request(2))
+    assert second.endpoint is first.endpoint
+    assert 0.05 <= await second.wait_for_prefill(0.05) < 1.0  # the earlier one never answers
+    assert _waits(director, "timeout") == 1.0
+    waiting = asyncio.create_task(second.wait_for_prefill(5.0))
+    await asyncio.sleep(0.01)
+    first.close()  # its attempt ended without an answer: nobody computes it now
+    assert await asyncio.wait_for(waiting, 1.0) < 1.0
+    second.close()
+    assert all(not ep.prefill_in_flight for ep in director.datastore.endpoints())
+
+
+async def test_a_cancelled_wait_and_a_retry_leave_nothing_behind() -> None:
+    director = _director(prefillWaitMs=5000)
+    eps = _by_name(director)
+    first = await director.open(_request(1))
+    second = await director.open(_request(2))
+    waiting = asyncio.create_task(second.wait_for_prefill(5.0))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # the client went away while waiting
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    second.close(asyncio.CancelledError())
+    other = next(ep for ep in eps.values() if ep is not first.endpoint)
+    first.dispatch(other)  # a retry elsewhere moves what it computes
+    assert list(other.prefill_in_flight) and not first.decision.endpoints[0].prefill_in_flight
+    first.close()
+    assert all(not ep.prefill_in_flight for ep in eps.values())
+
+
+async def test_no_wait_without_the_setting_or_without_a_shared_prefix() -> None:
+    off = _director()
+    first = await off.open(_request(1))
+    second = await off.open(_request(2))
+    assert second.endpoint is first.endpoint
+    assert await second.wait_for_prefill(5.0) == 0.0
+    assert all(not ep.prefill_in_flight for ep in off.datastore.endpoints())
+    for routed in (first, second):
+        routed.close()
+    on = _director(prefillWaitMs=5000)
+    first = await on.open(_request(1))
+    stranger = await on.open(_request(2, context=list(range(5000, 5000 + 10 * BLOCK))))
+    assert first.endpoint is not None
+    stranger.dispatch(first.endpoint)  # same endpoint, nothing in common: no wait
+    assert await stranger.wait_for_prefill(5.0) == 0.0
+    for routed in (first, stranger):
+        routed.close()

@@ -229,7 +229,10 @@ class Router:
         """Entries of the in-memory tables that grow with traffic (``kvroute_internal_entries``;
         the KV index has its own gauges, ``kvroute_kv_index_blocks``)."""
         sizes = self.budget_hook.sizes() if self.budget_hook is not None else {}
-        sizes["datastore_endpoints"] = len(self.datastore.endpoints())
+        endpoints = self.datastore.endpoints()
+        sizes["datastore_endpoints"] = len(endpoints)
+        # Prefixes being computed by attempts in flight (scoring.prefillWaitMs): 0 when idle.
+        sizes["prefill_in_flight"] = sum(len(ep.prefill_in_flight) for ep in endpoints)
         # Dispatches are recorded in the approximate history even under prefix-precise (its
         # fallback stays warm): bounded per endpoint, ~350 bytes an entry.
         sizes["prefix_approx_history_blocks"] = sum(

@@ -34,7 +34,8 @@ async def test_a_router_exports_tasks_table_sizes_and_process_gauges() -> None:
                   if name == "kvroute_internal_entries"}
         assert {"budget_tracked_tenants", "budget_meter_keys", "budget_inflight_members",
                 "admission_controllers", "datastore_endpoints",
-                "prefix_approx_history_blocks"} <= set(tables)
+                "prefix_approx_history_blocks", "prefill_in_flight"} <= set(tables)
+        assert tables["prefill_in_flight"] == 0
         if sys.platform == "linux":
             assert samples[("process_resident_memory_bytes", ())] > 0
             assert samples[("process_open_fds", ())] > 0

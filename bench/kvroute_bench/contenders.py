@@ -365,12 +365,15 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-q16": KvrouteVariant(
         "kvroute-precise-cost with saturationQueueDepth 16 (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 16}}),
-    # scoring.prefillWaitMs: a prompt whose endpoint is still computing its prefix for an
-    # earlier request waits for it instead of computing it twice: at most 2 s of engine time,
-    # and at most 200 ms (about what recomputing a 6k-token context takes on an H100).
-    **{f"precise-cost-wait{'' if ms == 2000 else ms}": KvrouteVariant(
-        f"kvroute-precise-cost with prefillWaitMs {ms} (A/B)", _PRECISE_COST,
-        {"scoring": {"prefillWaitMs": ms}}) for ms in (2000, 200)},
+    # scoring.prefillWaitMs (default 200 ms since round 6): a prompt whose endpoint is still
+    # computing its prefix for an earlier request waits for it instead of computing it twice.
+    # A/B: 2 s of engine time (hurt the tail), and off (the default until round 6).
+    "precise-cost-wait": KvrouteVariant(
+        "kvroute-precise-cost with prefillWaitMs 2000 (A/B)", _PRECISE_COST,
+        {"scoring": {"prefillWaitMs": 2000}}),
+    "precise-cost-nowait": KvrouteVariant(
+        "kvroute-precise-cost with prefillWaitMs 0, no prefill wait (A/B)", _PRECISE_COST,
+        {"scoring": {"prefillWaitMs": 0}}),
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),
@@ -387,8 +390,8 @@ DEFAULT_PENDING_MS = 5000
 before the engine's events confirm them. Stretched by the emulated fleet's time scale like the
 timeouts below (unscaled it is 78 ms of engine time at scale 64, shorter than the queueing
 there, and kvroute forgot where it had just sent a prefix)."""
-DEFAULT_PREFILL_WAIT_MS = 0
-"""``scoring.prefillWaitMs``'s default, stretched by the time scale too when it is not 0."""
+DEFAULT_PREFILL_WAIT_MS = 200
+"""``scoring.prefillWaitMs``'s default, stretched by the time scale too."""
 
 
 def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],

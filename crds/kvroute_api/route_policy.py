@@ -115,14 +115,17 @@ class ScoringSpec(ApiModel):
                     "tenants move off a busy holder later. 3 measured best on the emulated "
                     "fleet (docs/benchmarks/emulated-fleet.md, round 5).")
     prefill_wait_ms: int = Field(
-        default=0, ge=0, le=600000,
+        default=200, ge=0, le=600000,
         description="prefix-precise only: how long a request may wait at the router while the "
                     "endpoint it was sent to is still computing the same prompt prefix for an "
                     "earlier request (dispatched by this router, not yet answering). Sent at "
                     "once, the engine computes that prefix a second time; after the wait it "
                     "reads it from its cache. The wait ends when the earlier request starts "
                     "answering or ends, or after this long, whichever is first. 0: never wait. "
-                    "Behind Envoy, keep it below the ext_proc messageTimeout (chart: 10 s).")
+                    "About the time the engine takes to compute a long shared prefix (200 ms: "
+                    "~6k tokens on an H100); longer caps cost the waiting request its place in "
+                    "the engine's queue (docs/benchmarks/emulated-fleet.md, round 6). Behind "
+                    "Envoy, keep it below the ext_proc messageTimeout (chart: 10 s).")
     stale_metrics_ms: int = Field(
         default=1000, ge=100, le=600000,
         description="Metrics older than this are stale; load scorers treat the endpoint as "

@@ -155,7 +155,7 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
         {"admission": {"saturationQueueDepth": 100_000}})[1]["spec"])
     assert merged.admission.queue_timeout_ms == 480_000
     assert merged.admission.saturation_queue_depth == 100_000
-    # The prefix wait is engine time too: stretched when set, absent (0) by default.
+    # The prefix wait is engine time too: stretched, the default and a variant's own.
     from kvroute_api.route_policy import ScoringSpec
     from kvroute_bench.contenders import DEFAULT_PREFILL_WAIT_MS, KVROUTE_POLICY_EXTRA
 
@@ -165,6 +165,10 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
         FleetInfo(engines, "m", 16, time_scale=16.0), [],
         KVROUTE_POLICY_EXTRA["precise-cost-wait"])[1]["spec"])
     assert waiting.scoring.prefill_wait_ms == 32_000
+    off = RoutePolicySpec.model_validate(kvroute_config(
+        FleetInfo(engines, "m", 16, time_scale=16.0), [],
+        KVROUTE_POLICY_EXTRA["precise-cost-nowait"])[1]["spec"])
+    assert off.scoring.prefill_wait_ms == 0
     assert waiting.scoring.stale_metrics_ms == 16_000  # merged with, not replacing, scoring
 
 

@@ -78,7 +78,9 @@ async def test_a_request_waits_while_its_endpoint_computes_its_prefix_for_an_ear
 
 
 async def test_the_wait_ends_at_the_limit_and_when_the_earlier_attempt_ends() -> None:
-    director = _director(prefillWaitMs=5000)
+    director = _director()  # the default: at most 200 ms
+    (policy,) = director.datastore.policies().values()
+    assert policy.spec.scoring.prefill_wait_ms == 200
     first = await director.open(_request(1))
     second = await director.open(_request(2))
     assert second.endpoint is first.endpoint
@@ -110,8 +112,8 @@ async def test_a_cancelled_wait_and_a_retry_leave_nothing_behind() -> None:
     assert all(not ep.prefill_in_flight for ep in eps.values())
 
 
-async def test_no_wait_without_the_setting_or_without_a_shared_prefix() -> None:
-    off = _director()
+async def test_no_wait_when_turned_off_or_without_a_shared_prefix() -> None:
+    off = _director(prefillWaitMs=0)
     first = await off.open(_request(1))
     second = await off.open(_request(2))
     assert second.endpoint is first.endpoint

@@ -26,6 +26,8 @@ from kvroute_router.grpcapi.server import start_router_grpc_server
 from kvroute_router.plugins import register_builtin_plugins
 from kvroute_router.proto_gen import router_pb2 as pb
 
+from tests.unit.router.router_fixtures import with_precise_prefix
+
 PROMPT = "Shared system prompt for the gRPC tests. " * 30
 
 
@@ -366,14 +368,6 @@ async def test_ext_proc_holds_a_pick_while_its_pod_computes_the_prefix_for_an_ea
         ) -> None:
     """``scoring.prefillWaitMs`` on the gateway path: the second request of a context gets its
     destination (Envoy holds it meanwhile) once the first one's answer starts on that pod."""
-    from kvroute_router.kvevents.feed import register_precise_prefix, services_key
-    from kvroute_router.kvevents.hashing import BlockHashConfig
-    from kvroute_router.kvevents.hub import PoolKVEvents
-
-    class TrustedKVEvents(PoolKVEvents):
-        def trustworthy(self, endpoint: str) -> bool:
-            return True  # every pod's KV-event feed healthy (no ZMQ in this test)
-
     store = Datastore()
     pool, policy = _objects()
     policy = RoutePolicy.model_validate({**policy.model_dump(by_alias=True), "spec": {
@@ -381,10 +375,8 @@ async def test_ext_proc_holds_a_pick_while_its_pod_computes_the_prefix_for_an_ea
             "scorers": [{"type": "prefix-precise", "weight": 0}, {"type": "prefill-cost"}],
             "prefillWaitMs": 10_000}}}, by_alias=True)
     store.replace([pool], [policy])
-    director = Director(store, register_builtin_plugins(PluginRegistry()), rng=random.Random(3))
-    register_precise_prefix(director.registry)
-    director.services.put(services_key("default/local"),
-                          TrustedKVEvents(BlockHashConfig(block_size=16)))
+    director = with_precise_prefix(Director(store, register_builtin_plugins(PluginRegistry()),
+                                            rng=random.Random(3)), "default/local", 16)
     server, port = await start_ext_proc_server(director, "127.0.0.1", 0, catalog=store)
     context = list(range(1000, 1320))  # 20 blocks of 16 tokens
     try:

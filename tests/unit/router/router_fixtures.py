@@ -12,6 +12,9 @@ from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Director
 from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics
 from kvroute_router.framework.registry import PluginRegistry
+from kvroute_router.kvevents.feed import register_precise_prefix, services_key
+from kvroute_router.kvevents.hashing import BlockHashConfig
+from kvroute_router.kvevents.hub import PoolKVEvents
 from kvroute_router.plugins import register_builtin_plugins
 
 
@@ -46,3 +49,19 @@ def make_director(pools: list[InferencePool], policies: list[RoutePolicy],
 
 def set_metrics(ep: Endpoint, **values: Any) -> None:
     ep.metrics = EndpointMetrics(scraped_at=time.monotonic(), **values)
+
+
+class TrustedKVEvents(PoolKVEvents):
+    """A pool's KV-event state with every endpoint's feed healthy (no ZMQ in these tests)."""
+
+    def trustworthy(self, endpoint: str) -> bool:
+        return True
+
+
+def with_precise_prefix(director: Director, pool_key: str, block_size: int) -> Director:
+    """``director`` with ``prefix-precise`` registered over a trusted, empty index of the pool
+    (token-id prompts need no tokenizer)."""
+    register_precise_prefix(director.registry)
+    director.services.put(services_key(pool_key),
+                          TrustedKVEvents(BlockHashConfig(block_size=block_size)))
+    return director

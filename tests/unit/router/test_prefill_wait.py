@@ -11,31 +11,23 @@ import pytest
 from kvroute_router.director import Director
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.request import LLMRequest
-from kvroute_router.kvevents.feed import register_precise_prefix, services_key
-from kvroute_router.kvevents.hashing import BlockHashConfig
-from kvroute_router.kvevents.hub import PoolKVEvents
 
-from tests.unit.router.router_fixtures import make_director, make_policy, make_pool
+from tests.unit.router.router_fixtures import (
+    make_director,
+    make_policy,
+    make_pool,
+    with_precise_prefix,
+)
 
 BLOCK = 32  # the fixture pool's engine.blockSize
 CONTEXT = list(range(1000, 1000 + 10 * BLOCK))  # a tenant's shared context: 10 blocks
-
-
-class TrustedKVEvents(PoolKVEvents):
-    """The pool's KV-event state with every endpoint's feed healthy (no ZMQ here)."""
-
-    def trustworthy(self, endpoint: str) -> bool:
-        return True
 
 
 def _director(**scoring: Any) -> Director:
     policy = make_policy(scoring={"scorers": [{"type": "prefix-precise", "weight": 0},
                                               {"type": "prefill-cost"}], **scoring})
     director, _ = make_director([make_pool(count=2)], [policy])
-    register_precise_prefix(director.registry)
-    director.services.put(services_key("default/local"),
-                          TrustedKVEvents(BlockHashConfig(block_size=BLOCK)))
-    return director
+    return with_precise_prefix(director, "default/local", BLOCK)
 
 
 def _request(question: int, context: list[int] = CONTEXT) -> LLMRequest:

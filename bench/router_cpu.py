@@ -106,7 +106,8 @@ class Fleet:
         return process_group_cpu_seconds(self.emulated.process.pid)
 
 
-def start_fleet(engines: int, profile: str, workdir: Path, max_context: int) -> Fleet:
+def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
+                event_loop: str = "uvloop") -> Fleet:
     args = argparse.Namespace(engines=engines, profile=profile, time_scale=1.0,
                               kv_blocks_set=False, kv_blocks=0, block_size_set=False,
                               block_size=0, max_context=max_context)
@@ -117,8 +118,13 @@ def start_fleet(engines: int, profile: str, workdir: Path, max_context: int) -> 
                                  replay_endpoint=e["replay_endpoint"]) for e in entries],
                      emulated.info["model"], int(emulated.info["block_size"]),
                      emulated.model_dir, 1.0)
+    contender = CONTENDERS.select(["kvroute-precise"])[0]
+    command = contender.command
+    assert command is not None
+    contender = replace(contender, command=lambda fleet, port, folder: [
+        *command(fleet, port, folder), "--event-loop", event_loop])
     try:
-        router = CONTENDERS.select(["kvroute-precise"])[0].start(info, workdir / "router")
+        router = contender.start(info, workdir / "router")
     except BaseException:
         emulated.stop()
         raise
@@ -180,7 +186,8 @@ class CpuResult:
 
 def measure_cpu(args: argparse.Namespace) -> CpuResult:
     with tempfile.TemporaryDirectory(prefix="router-cpu-") as tmp:
-        fleet = start_fleet(args.engines, args.profile, Path(tmp), args.max_context)
+        fleet = start_fleet(args.engines, args.profile, Path(tmp), args.max_context,
+                            args.event_loop)
         try:
             requests = trace(args.warmup + args.requests, args.rate, args.seed, args.tenants,
                              args.context, args.output_tokens, args.max_context)
@@ -327,7 +334,8 @@ def measure_ceiling(args: argparse.Namespace) -> list[CeilingStep]:
     with tempfile.TemporaryDirectory(prefix="router-ceiling-") as tmp:
         profile = Path(tmp) / "fast.json"
         profile.write_text(json.dumps(FAST_PROFILE))
-        fleet = start_fleet(args.engines, str(profile), Path(tmp), args.max_context)
+        fleet = start_fleet(args.engines, str(profile), Path(tmp), args.max_context,
+                            args.event_loop)
         try:
             # Warm-up: every tenant's context cached somewhere, connections open.
             warm = trace(args.warmup, 10.0, args.seed + 99, args.tenants, args.context,
@@ -428,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in ("cpu", "ceiling"):  # "report" is added below
         p = sub.add_parser(name)
         p.add_argument("--seed", type=int, default=1)
+        p.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                       help="the router's event loop (kvroute router --event-loop)")
         p.add_argument("--tenants", type=int, default=16)
         p.add_argument("--json", type=Path, help="also write the result here")
     cpu = sub.choices["cpu"]
@@ -470,7 +480,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             plot(rows, steps, args.plot)
         return
     meta = {"part": args.part, "argv": sys.argv[1:], "cpus": os.cpu_count(),
-            "loadavg_start": loadavg(), "python": sys.version.split()[0]}
+            "loadavg_start": loadavg(), "python": sys.version.split()[0],
+            "event_loop": args.event_loop}
     if args.part == "cpu":
         result: dict[str, Any] = {"meta": meta, "result": asdict(measure_cpu(args))}
     else:

@@ -115,6 +115,7 @@ _.add_completion_observer  # unused method (router/kvroute_router/director.py:16
 
 # pytest: module marks and hooks found by name
 pytest_generate_tests  # unused function (tests/chart/conftest.py:155)
+pytest_asyncio_loop_factories  # unused function (tests/conftest.py:27; pytest-asyncio hook)
 REGISTERED  # unused variable (tests/chart/test_chart_envoy.py:26): imported for its side effect
 pytestmark  # unused variable (tests/e2e/test_budget_engines.py:36)
 pytestmark  # unused variable (tests/e2e/test_engines.py:13)

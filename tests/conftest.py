@@ -8,15 +8,33 @@ prompts unique to the test (``unique_prompt``).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+BOTH_LOOPS_TIERS = frozenset({"grpc", "loopback"})
+"""Tiers whose async tests run on both event loops ``kvroute router --event-loop`` offers."""
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item
+                                  ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Async tests run on uvloop, the loop the router runs on by default; the tiers with real
+    HTTP and gRPC servers (``BOTH_LOOPS_TIERS``) on the standard library's loop as well, the
+    ``--event-loop asyncio`` fallback."""
+    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+        "uvloop": uvloop.new_event_loop}
+    tier = item.path.relative_to(REPO_ROOT / "tests").parts[0]
+    if tier in BOTH_LOOPS_TIERS:
+        loops["asyncio"] = asyncio.new_event_loop
+    return loops
 
 
 @pytest.fixture(scope="session")

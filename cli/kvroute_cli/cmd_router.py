@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -64,7 +63,7 @@ def _router(args: argparse.Namespace) -> int:
     settings.pod_name = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME")
     router = Router(settings)
     try:
-        asyncio.run(router.serve_forever())
+        router.run(args.event_loop)
     except KeyboardInterrupt:
         pass
     except ValueError as exc:  # invalid config at start-up
@@ -150,6 +149,10 @@ def register(sub: Any) -> None:
     parser.add_argument("--budget-peer-namespace", metavar="NS", default=None,
                         help="namespace of --budget-peer-service (default: $POD_NAMESPACE, "
                              "else --namespace)")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"),
+                        default="uvloop",  # kvroute_router.app.EVENT_LOOPS
+                        help="the event loop the servers run on: uvloop (default; ~20%% less "
+                             "CPU per proxied request) or the standard library's asyncio")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
     parser.set_defaults(func=_router)

@@ -349,12 +349,16 @@ async def _stream(session: aiohttp.ClientSession, url: str, i: int,
     return data, asyncio.get_running_loop().time()
 
 
+@pytest.mark.asyncio(loop_factories=["uvloop"])  # the client's loop; the router's is the param
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
 async def test_router_sigterm_under_load_drains_streams_and_refuses_new_work(
-        tmp_path: Path, model_dir: Path) -> None:
+        tmp_path: Path, model_dir: Path, event_loop: str) -> None:
     """SIGTERM to a real ``kvroute router`` process with streams in flight: ``/ready`` (the
     chart's readinessProbe) and the gRPC health of ext_proc and Pick turn NOT_SERVING first,
     while the listeners still accept; then new connections are refused; every in-flight stream
-    ends complete (``[DONE]`` and usage); the process exits 0 within the grace."""
+    ends complete (``[DONE]`` and usage); the process exits 0 within the grace. On each event
+    loop ``--event-loop`` offers (uvloop is the default): the servers, signals and drain are
+    the loop's."""
     # Real-time engines: a 400-token stream lasts longer than the drain delay.
     fleet = EmulatedFleet(FleetConfig(count=2, profile=cpu_test_engine(), model_dir=model_dir,
                                       served_model_name=MODEL, time_scale=1.0))
@@ -369,7 +373,7 @@ async def test_router_sigterm_under_load_drains_streams_and_refuses_new_work(
             "--ext-proc-port", str(ext_proc), "--grpc-port", str(grpc_port),
             "--metrics-port", "-1", "--tokenizer-dir", f"{MODEL}={model_dir}",
             "--shutdown-grace-seconds", str(GRACE_S),
-            "--shutdown-delay-seconds", str(DRAIN_DELAY_S),
+            "--shutdown-delay-seconds", str(DRAIN_DELAY_S), "--event-loop", event_loop,
             stdout=log, stderr=asyncio.subprocess.STDOUT)
     loop = asyncio.get_running_loop()
     try:
@@ -442,6 +446,7 @@ async def test_router_sigterm_under_load_drains_streams_and_refuses_new_work(
             code = await asyncio.wait_for(router.wait(), GRACE_S / 2)
             exited = loop.time()
             assert code == 0, log_path.read_text()[-2000:]
+            assert f"router listening ({event_loop} event loop)" in log_path.read_text()
             await asyncio.wait_for(asyncio.gather(*watchers), 30)
             # gRPC health: SERVING, then NOT_SERVING before the server went away.
             for seen in watches:

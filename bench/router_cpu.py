@@ -50,7 +50,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +264,8 @@ class CeilingStep:
     router_cpu_ms_per_request: float
     emulator_cpu_cores: float
     loadavg: float
+    # Up to three distinct failures, each "routed: ..." or "direct: ..." (what the client saw).
+    error_samples: list[str] = field(default_factory=list)
 
 
 def _ms(values: Sequence[float], q: float) -> float:
@@ -326,7 +328,9 @@ def ceiling_step(fleet: Fleet, rate: float, seconds: float, args: argparse.Names
         added_p50_ms=_ms(out_via, 50) - _ms(out_direct, 50),
         added_p99_ms=_ms(out_via, 99) - _ms(out_direct, 99),
         router_cpu_cores=cpu / window, router_cpu_ms_per_request=1000.0 * cpu / len(routed),
-        emulator_cpu_cores=emu / window, loadavg=loadavg())
+        emulator_cpu_cores=emu / window, loadavg=loadavg(),
+        error_samples=sorted({f"{'routed' if r.index >= 0 else 'direct'}: {r.error}"
+                              for r in results if not r.ok})[:3])
 
 
 def measure_ceiling(args: argparse.Namespace) -> list[CeilingStep]:

@@ -19,7 +19,7 @@ CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise
                    "kvroute-precise-cost-w2", "kvroute-precise-cost-w5",
                    "kvroute-precise-cost-q16", "kvroute-precise-cost-wait",
                    "kvroute-precise-cost-nowait",
-                   "kvroute-precise-cost-nohead",
+                   "kvroute-precise-cost-nohead", "kvroute-precise-cost-asyncio",
                    "kvroute-precise-queue", "vllm-router-rr",
                    "vllm-router-cache", "vllm-router-kv", "sglang-router-cache", "smg-cache")
 

@@ -310,6 +310,7 @@ class KvrouteVariant:
     description: str
     scoring: list[dict[str, Any]]
     policy: dict[str, Any] = field(default_factory=dict)
+    args: tuple[str, ...] = ()  # further ``kvroute router`` flags
 
     @property
     def ab(self) -> bool:
@@ -377,6 +378,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),
+    # The router's event loop: the standard library's instead of the default uvloop
+    # (router-cpu.md, round 3).
+    "precise-cost-asyncio": KvrouteVariant(
+        "kvroute-precise-cost on the asyncio event loop instead of uvloop (A/B)", _PRECISE_COST,
+        args=("--event-loop", "asyncio")),
     # The KV-utilisation scorer: prefix and queue only.
     "precise-queue": KvrouteVariant(
         "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",
@@ -449,6 +455,7 @@ def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
         argv = [sys.executable, "-m", "kvroute_cli.main", "router", "--config", str(config),
                 "--host", "127.0.0.1", "--port", str(port), "--ext-proc-port", "-1",
                 "--grpc-port", "-1", "--metrics-port", "-1", "--log-level", "warning"]
+        argv += KVROUTE_VARIANTS[variant].args
         if fleet.model_dir is not None:
             argv += ["--tokenizer-dir", f"{fleet.model}={fleet.model_dir}"]
         if fleet.time_scale != 1.0:

@@ -275,3 +275,18 @@ def test_kvroute_ab_variants_run_only_when_named() -> None:
     kvroute = [n for n in names if n.startswith("kvroute-")]
     assert kvroute == ["kvroute-approx", "kvroute-precise", "kvroute-precise-load",
                        "kvroute-precise-cost"]
+
+
+def test_the_asyncio_variant_only_changes_the_routers_event_loop(tmp_path: Path) -> None:
+    assert variant_spec("precise-cost-asyncio") == variant_spec("precise-cost")
+    argvs = {}
+    for name in ("kvroute-precise-cost", "kvroute-precise-cost-asyncio"):
+        contender = CONTENDERS.select([name])[0]
+        assert contender.command is not None
+        argvs[name] = contender.command(FLEET, 30000, tmp_path)
+    assert "--event-loop" not in argvs["kvroute-precise-cost"]  # the router's default, uvloop
+    asyncio_argv = argvs["kvroute-precise-cost-asyncio"]
+    assert asyncio_argv[asyncio_argv.index("--event-loop") + 1] == "asyncio"
+    assert [a for a in asyncio_argv if a not in ("--event-loop", "asyncio")] == [
+        a.replace("kvroute-precise-cost.yaml", "kvroute-precise-cost-asyncio.yaml")
+        for a in argvs["kvroute-precise-cost"]]

@@ -151,7 +151,7 @@ def register(sub: Any) -> None:
                              "else --namespace)")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"),
                         default="uvloop",  # kvroute_router.app.EVENT_LOOPS
-                        help="the event loop the servers run on: uvloop (default; ~20%% less "
+                        help="the event loop the servers run on: uvloop (default; ~15%% less "
                              "CPU per proxied request) or the standard library's asyncio")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])

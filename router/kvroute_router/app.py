@@ -48,9 +48,9 @@ DEFAULT_SHUTDOWN_GRACE_S = 50.0
 
 EVENT_LOOPS = ("uvloop", "asyncio")
 """The event loops the router runs on (``kvroute router --event-loop``). ``uvloop`` (libuv,
-in C) is the default: on the proxy path it took ~20 % less router CPU per request than the
-standard library's loop (docs/benchmarks/router-cpu.md, round 3); ``asyncio`` is the fallback
-where uvloop cannot run."""
+in C) is the default: on the proxy path it took ~15 % less router CPU per streamed request
+than the standard library's loop (docs/benchmarks/router-cpu.md, round 3); ``asyncio`` is the
+fallback where uvloop cannot run."""
 
 
 @dataclass

@@ -203,6 +203,7 @@ def _plot(contenders: list[ContenderResult], path: Path) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import uvloop
     from rich.console import Console
 
     from kvroute_cli.localengines import LocalEngineFleet
@@ -217,8 +218,9 @@ def _demo(args: argparse.Namespace) -> int:
                   f"{out / 'engines'})")
     fleet.start(progress=True)
     try:
-        contenders = asyncio.run(_run(args, fleet.engines, fleet.model_name,
-                                      fleet.block_size, out))
+        # uvloop, as `kvroute router` runs by default: the embedded router is the deployed one.
+        contenders = uvloop.run(_run(args, fleet.engines, fleet.model_name,
+                                     fleet.block_size, out))
     finally:
         fleet.stop()
     console.print(_table(contenders))

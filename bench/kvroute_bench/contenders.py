@@ -3,7 +3,9 @@
 A contender turns the running engines into base URLs for the load generator, usually by
 starting a router process on a free loopback port and waiting until it answers
 ``/v1/models`` (or its own readiness path). "direct-rr" starts nothing: the client rotates
-over the engines itself, the baseline every router is compared with.
+over the engines itself, the baseline every router is compared with. "envoy-rr" (only when
+named) is a floor rather than a router: a real Envoy proxying round-robin with no decision,
+what a C++ proxy's hop costs on the same machine.
 
 Peers are the routers published on PyPI (``requirements/bench.txt``), run from the bench venv
 (``scripts/kvenv.sh bench``): ``vllm-router`` (round_robin, cache_aware, and kv_aware fed by

@@ -420,12 +420,16 @@ def ceiling_table(steps: Sequence[dict[str, Any]]) -> str:
 
 def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[str, Any]],
          path: Path) -> None:
-    """Left: router CPU per request by run; right: added latency by rate step."""
+    """Left: router CPU per request by run; right (with ceiling steps): added latency by rate
+    step."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
+    if steps:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
+    else:  # CPU runs only (e.g. contenders side by side)
+        fig, left = plt.subplots(1, 1, figsize=(8, 0.9 + 0.38 * len(cpu_rows)))
     labels = [label for label, _ in cpu_rows]
     net = [r["net_cpu_ms_per_request"] for _, r in cpu_rows]
     idle = [r["gross_cpu_ms_per_request"] - r["net_cpu_ms_per_request"] for _, r in cpu_rows]
@@ -434,7 +438,14 @@ def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[st
     left.axvline(1.0, color="k", linestyle="--", linewidth=1, label="target 1 ms")
     left.set_xlabel("router CPU ms per request")
     left.invert_yaxis()
-    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
+    if steps:
+        left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
+    else:
+        left.legend(fontsize=8, loc="lower right")
+    if not steps:
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        return
     rates = [s["rate"] for s in steps]
     right.plot(rates, [s["added_p50_ms"] for s in steps], "o-", label="added p50")
     right.plot(rates, [s["added_p99_ms"] for s in steps], "s-", label="added p99")

@@ -119,12 +119,19 @@ def start_fleet(workdir: Path, engines: int) -> tuple[subprocess.Popen[bytes], F
                               model_dir=workdir / "fleet" / "model")
 
 
-def start_router(workdir: Path, fleet: FleetInfo, port: int, max_concurrency: int
+def start_router(workdir: Path, fleet: FleetInfo, port: int, max_concurrency: int,
+                 tracemalloc_dir: Path | None = None, tracemalloc_every_s: float = 0.0
                  ) -> subprocess.Popen[bytes]:
+    """``kvroute router`` as its own process; with ``tracemalloc_dir``, under
+    ``bench/memtrace.py`` (heap snapshots every ``tracemalloc_every_s``)."""
     config = workdir / "router.yaml"
     config.write_text(yaml.safe_dump_all(router_config(fleet, max_concurrency), sort_keys=False))
     log = (workdir / "router.log").open("wb")
-    argv = [sys.executable, "-m", "kvroute_cli.main", "router", "--config", str(config),
+    launcher = [sys.executable, "-m", "kvroute_cli.main"]
+    if tracemalloc_dir is not None:
+        launcher = [sys.executable, str(Path(__file__).with_name("memtrace.py")), "run",
+                    "--every", str(tracemalloc_every_s), "--out", str(tracemalloc_dir), "--"]
+    argv = [*launcher, "router", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--ext-proc-port", "-1",
             "--grpc-port", "-1", "--metrics-port", "-1", "--log-level", "warning",
             "--trusted-proxy-cidr", "127.0.0.1/32",
@@ -436,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the budget's concurrency cap per tenant")
     parser.add_argument("--request-timeout-s", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tracemalloc-every", type=float, default=0.0, metavar="SECONDS",
+                        help="run the router under bench/memtrace.py: a heap snapshot every "
+                             "SECONDS into OUT/tracemalloc (then: python bench/memtrace.py "
+                             "report OUT/tracemalloc); tracing distorts RSS and CPU")
     parser.add_argument("--out", type=Path, default=None,
                         help="write soak.json, soak.png, soak.md here")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -452,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
     fleet_process, fleet = start_fleet(workdir, args.engines)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    router = start_router(workdir, fleet, port, args.max_concurrency)
+    traces = None
+    if args.tracemalloc_every:
+        traces = (args.out or workdir) / "tracemalloc"
+    router = start_router(workdir, fleet, port, args.max_concurrency, traces,
+                          args.tracemalloc_every)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
         asyncio.run(wait_ready(url, router))

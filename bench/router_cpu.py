@@ -429,7 +429,7 @@ def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[st
     if steps:
         fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5.5))
     else:  # CPU runs only (e.g. contenders side by side)
-        fig, left = plt.subplots(1, 1, figsize=(8, 0.9 + 0.38 * len(cpu_rows)))
+        fig, left = plt.subplots(1, 1, figsize=(8, 1.2 + 0.38 * len(cpu_rows)))
     labels = [label for label, _ in cpu_rows]
     net = [r["net_cpu_ms_per_request"] for _, r in cpu_rows]
     idle = [r["gross_cpu_ms_per_request"] - r["net_cpu_ms_per_request"] for _, r in cpu_rows]
@@ -441,7 +441,7 @@ def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[st
     if steps:
         left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     else:
-        left.legend(fontsize=8, loc="lower right")
+        left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3)
     if not steps:
         fig.tight_layout()
         fig.savefig(path, dpi=110)

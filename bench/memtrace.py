@@ -2,10 +2,11 @@
 
 ``run`` starts ``kvroute`` (the CLI, any sub-command; ``bench/soak.py --tracemalloc-every S``
 uses it for the router) with ``tracemalloc`` tracing ``--frames`` frames, and writes a snapshot
-into ``--out`` every ``--every`` seconds (``snap-<t>.pickle``; ``traced.log`` has the traced
-total and the process RSS beside each). ``report`` compares consecutive snapshots and prints,
-per interval, how fast each of the router's bounded tables and everything else grew (MiB/h),
-then the allocating lines that grew most over the last interval. Traced memory is the Python
+into ``--out`` every ``--every`` seconds, after a full garbage collection (``snap-<t>.pickle``;
+``traced.log`` has the traced total and the process RSS beside each). ``report`` compares
+consecutive snapshots and prints, per interval, how fast each of the router's bounded tables
+and everything else grew (MiB/h), then the allocating lines that grew most over the last
+interval. Traced memory is the Python
 heap (and numpy's buffers); RSS growth beyond it is native memory or the allocator's.
 
 Snapshots stop the router for a moment and tracing slows it (~2x CPU) and adds its own memory,
@@ -18,6 +19,7 @@ so a traced run's RSS and latency say nothing; only the heap diff counts.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import runpy
 import sys
@@ -55,6 +57,11 @@ def _snapshots(out: Path, every_s: float) -> None:
     while True:
         time.sleep(every_s)
         elapsed = time.monotonic() - start
+        # Only what is reachable: cyclic garbage waiting for the next full collection would
+        # otherwise count as growth (soak.md run 6: aiohttp client request objects grew
+        # ~1.6 MiB/h between uncollected snapshots; after a full collection only the
+        # in-flight requests' were alive).
+        gc.collect()
         tracemalloc.take_snapshot().dump(str(out / f"snap-{int(elapsed):06d}.pickle"))
         traced, _ = tracemalloc.get_traced_memory()
         pages = int(Path("/proc/self/statm").read_text().split()[1])

@@ -8,29 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from kvroute_bench.contenders import CONTENDERS, EngineInfo, FleetInfo, RunningContender
-from kvroute_cli.testmodel import build_test_model
 from kvroute_emulator.fleet import EmulatedFleet
 
-from tests.emulated import MODEL, emulated_fleet
+from tests.emulated import MODEL
 
 pytestmark = pytest.mark.loopback
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
-
-
-@pytest.fixture
-async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
-    async with emulated_fleet(model_dir) as f:
-        yield f
 
 
 async def served(session: aiohttp.ClientSession, engine_url: str) -> float:

@@ -26,7 +26,6 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from kvroute_cli.testmodel import build_test_model
 from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
 from kvroute_emulator.model.profile import cpu_test_engine
 from kvroute_router.app import Router, RouterSettings
@@ -43,17 +42,6 @@ FAULTS: Counter[str] = Counter()
 def report_figures() -> Iterator[None]:
     yield
     print(f"\nfault suite: {dict(FAULTS)}")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
-
-
-@pytest.fixture
-async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
-    async with emulated_fleet(model_dir) as f:
-        yield f
 
 
 def _config(tmp_path: Path, fleet: EmulatedFleet, per_try_ms: int) -> Path:

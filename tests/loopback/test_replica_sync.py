@@ -18,7 +18,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from kvroute_cli.testmodel import build_test_model
 from kvroute_emulator.fleet import EmulatedFleet
 from kvroute_router.app import Router, RouterSettings
 from kvroute_router.replicasync.wire import DispatchRecord, encode
@@ -28,11 +27,6 @@ from tests.emulated import MODEL, emulated_fleet, fleet_pool
 pytestmark = pytest.mark.loopback
 
 ENGINES = 8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
 
 
 @pytest.fixture

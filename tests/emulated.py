@@ -1,6 +1,7 @@
 """An emulated fleet (``kvroute_emulator``) on the test's event loop, and the External
 InferencePool manifest that points a router at it: shared by the tests that run a real router
-in front of emulated engines."""
+in front of emulated engines. ``model_dir`` and ``fleet`` are fixtures for a tier's conftest to
+import (tests/unit/emulator, tests/loopback)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+from kvroute_cli.testmodel import build_test_model
 from kvroute_emulator.fleet import EmulatedFleet, FleetConfig
 from kvroute_emulator.model.profile import cpu_test_engine
 
@@ -28,6 +31,19 @@ async def emulated_fleet(model_dir: Path, count: int = 2,
         yield fleet
     finally:
         await fleet.stop()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The byte-level test model (tokenizer and config), built once per session."""
+    return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
+
+
+@pytest.fixture
+async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
+    """Two engines, 100x faster than the CPU profile's real time."""
+    async with emulated_fleet(model_dir) as f:
+        yield f
 
 
 def fleet_pool(fleet: EmulatedFleet, name: str = "emu") -> dict[str, Any]:

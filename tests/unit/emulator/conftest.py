@@ -1,26 +1,5 @@
 """An emulated fleet on this test's event loop, serving the test model's tokenizer."""
 
-from __future__ import annotations
+from tests.emulated import fleet, model_dir
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
-import pytest
-from kvroute_cli.testmodel import build_test_model
-from kvroute_emulator.fleet import EmulatedFleet
-
-from tests.emulated import MODEL, emulated_fleet
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_test_model(tmp_path_factory.mktemp("model"), MODEL)
-
-
-
-
-@pytest.fixture
-async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
-    """Two engines, 100x faster than the CPU profile's real time."""
-    async with emulated_fleet(model_dir) as f:
-        yield f
+__all__ = ["fleet", "model_dir"]  # fixtures, registered by importing them here

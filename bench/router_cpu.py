@@ -13,7 +13,10 @@ question (``precise_prefix_trace`` of ``kvroute bench``).
    (all CPU in the window / requests), and net (minus the idle rate times the window), plus
    the idle cost per engine scrape. CPU time is far less sensitive than latency to the other
    work on a shared machine. ``--py-spy FILE`` records a raw py-spy profile of the router over
-   the measured window.
+   the measured window. ``--contender NAME`` measures another contender of ``kvroute bench``
+   that runs a router process instead: a peer (from the bench venv), ``kvroute-queue``
+   (kvroute without prefix scoring) or ``envoy-rr`` (Envoy round-robin, no decision: the
+   floor a C++ proxy's hop sets on the same machine).
 2. ``ceiling``: 64 engines whose compute costs (almost) nothing (a profile with 1 µs per
    prompt token and 0.5 ms steps), ~8k-token prompts, 2 output tokens. The rate steps up; at
    each step requests go through the router at the step's rate and, interleaved with them, a

@@ -59,7 +59,7 @@ build_bench() {
     log "building bench venv $venv (peer routers and aiperf; first run: a minute or two)"
     rm -rf "$venv"
     "$PY" -m venv "$venv"
-    "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/bench.txt" >&2
+    quiet_pip "$venv/bin/python" -m pip install -q -r "$ROOT/requirements/bench.txt"
     "$venv/bin/vllm-router" --help >/dev/null
     "$venv/bin/sglang-router" --help >/dev/null
     touch "$venv/.complete"

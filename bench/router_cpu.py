@@ -12,7 +12,11 @@ question (``precise_prefix_trace`` of ``kvroute bench``).
    over ``--requests`` requests sent open-loop at ``--rate``. Reported: gross CPU per request
    (all CPU in the window / requests), and net (minus the idle rate times the window), plus
    the idle cost per engine scrape. CPU time is far less sensitive than latency to the other
-   work on a shared machine. ``--py-spy FILE`` records a raw py-spy profile of the router over
+   work on a shared machine, but not immune: on a VM the same instructions take more CPU time
+   while neighbours contend for the host's caches, so every run also records a *machine
+   probe* (CPU ms of a fixed piece of work in the driver, just before and just after the
+   measured window) and the vCPU time the hypervisor stole during it; compare runs whose
+   probes agree. ``--py-spy FILE`` records a raw py-spy profile of the router over
    the measured window. ``--contender NAME`` measures another contender of ``kvroute bench``
    that runs a router process instead: a peer (from the bench venv), ``kvroute-queue``
    (kvroute without prefix scoring) or ``envoy-rr`` (Envoy round-robin, no decision: the
@@ -43,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -88,6 +93,45 @@ def loadavg() -> float:
         return float(Path("/proc/loadavg").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return math.nan
+
+
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave other guests while this one's vCPUs wanted to run, summed
+    over the vCPUs since boot (``/proc/stat``); NaN where the kernel does not say."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
+def probe_work(rounds: int = 40) -> int:
+    """A fixed piece of the work a Python router does — SHA-256 over fresh buffers (C), a dict
+    of small ints built and probed (the interpreter, the allocator, the caches), a sort — and a
+    checksum so nothing is optimised away."""
+    checksum = 0
+    rng = random.Random(7)
+    for _ in range(rounds):
+        buf = rng.randbytes(64 * 1024)
+        checksum ^= int.from_bytes(hashlib.sha256(buf).digest()[:4], "big")
+        table = {i * 2654435761 % 1_000_003: i for i in range(4000)}
+        checksum ^= sum(table.get(i, 0) for i in range(0, 1_000_003, 250))
+        checksum ^= sorted(buf[:4096])[2048]
+    return checksum
+
+
+def machine_probe_ms(repeats: int = 5) -> float:
+    """CPU ms :func:`probe_work` takes in this process now (the median of ``repeats``).
+
+    On a shared VM the same instructions cost more CPU time when neighbours contend for the
+    host's caches and memory bandwidth; CPU time per request is only comparable between runs
+    whose probes agree. Taken before and after a run's measured window, never during it."""
+    times: list[float] = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        probe_work()
+        times.append(1000.0 * (time.process_time() - t0))
+    return sorted(times)[len(times) // 2]
 
 
 @dataclass
@@ -198,6 +242,11 @@ class CpuResult:
     loadavg_before: float
     loadavg_after: float
     error_samples: list[str]
+    probe_ms_before: float = math.nan
+    """:func:`machine_probe_ms` just before the measured window (and after it, below)."""
+    probe_ms_after: float = math.nan
+    steal_s: float = math.nan
+    """vCPU time stolen by the hypervisor during the measured window (both vCPUs)."""
 
 
 def measure_cpu(args: argparse.Namespace) -> CpuResult:
@@ -226,11 +275,15 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
                                         args.py_spy, "-p", str(fleet.router.process.pid)],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
+            probe_before = machine_probe_ms()
             t0, c0, e0 = time.monotonic(), fleet.router_cpu(), fleet.emulator_cpu()
+            s0 = steal_seconds()
             results = asyncio.run(drive([(url, r) for r in measured], fleet.info.model, 120.0))
             window = time.monotonic() - t0
             cpu = fleet.router_cpu() - c0
             emu = fleet.emulator_cpu() - e0
+            steal = steal_seconds() - s0
+            probe_after = machine_probe_ms()
             if spy is not None:
                 spy.send_signal(2)
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -254,7 +307,8 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
         net_cpu_ms_per_request=1000.0 * (cpu - idle_rate * window) / n,
         emulator_cpu_ms_per_request=1000.0 * emu / n,
         loadavg_before=load_before, loadavg_after=load_after,
-        error_samples=sorted({r.error for r in results if r.error})[:3])
+        error_samples=sorted({r.error for r in results if r.error})[:3],
+        probe_ms_before=probe_before, probe_ms_after=probe_after, steal_s=steal)
 
 
 # --- part 2: the ceiling ----------------------------------------------------------------------
@@ -389,14 +443,18 @@ def cpu_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
     """Markdown rows of ``cpu`` results (label, the JSON's ``result``)."""
     lines = ["| run | engines | output tokens | requests (errors) | rate /s | idle CPU (cores) "
              "| per scrape (ms) | gross ms/request | net ms/request | emulator ms/request "
-             "| load avg |", "|" + "---|" * 11]
+             "| load avg | machine probe ms (before, after; steal s) |", "|" + "---|" * 12]
     for label, r in rows:
+        probe = "—"  # runs recorded before the probe existed
+        if not math.isnan(r.get("probe_ms_before", math.nan)):
+            probe = (f"{r['probe_ms_before']:.1f}, {r['probe_ms_after']:.1f}; "
+                     f"{r.get('steal_s', math.nan):.2f}")
         lines.append(
             f"| {label} | {r['engines']} | {r['output_tokens']} | {r['requests']} "
             f"({r['errors']}) | {r['rate']:g} | {r['idle_cpu_s_per_s']:.3f} "
             f"| {r['idle_cpu_ms_per_scrape']:.2f} | {r['gross_cpu_ms_per_request']:.1f} "
             f"| {r['net_cpu_ms_per_request']:.1f} | {r['emulator_cpu_ms_per_request']:.1f} "
-            f"| {r['loadavg_before']:.1f} to {r['loadavg_after']:.1f} |")
+            f"| {r['loadavg_before']:.1f} to {r['loadavg_after']:.1f} | {probe} |")
     return "\n".join(lines)
 
 

@@ -33,15 +33,6 @@ from kvroute_emulator.tokens import ChatTemplateError
 VLLM_VERSION = "0.32.0"
 FINGERPRINT = f"vllm-{VLLM_VERSION}-kvroute-emulator"
 COMPLETION_DEFAULT_MAX_TOKENS = 16
-SCALE_OUT_PATHS = ("/v1/chat/completions/render", "/v1/messages/render",
-                   "/v1/completions/render", "/v1/responses/render",
-                   "/v1/chat/completions/derender", "/v1/completions/derender",
-                   "/inference/v1/generate")
-"""vLLM's scale-out routes. ``vllm serve`` without ``--enable-scale-out`` (how engines run here)
-answers them all with 403, and clients act on that: vllm-router's ``kv_aware`` asks every
-engine to render each prompt and, refused, asks every engine's ``/tokenize``."""
-SCALE_OUT_DISABLED = ("Scale-out endpoints are disabled. Restart vllm serve with "
-                      "--enable-scale-out to enable them.")
 
 
 class ClientError(Exception):
@@ -142,12 +133,6 @@ class EngineServer:
         self.app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/version", self.version)
-        for path in SCALE_OUT_PATHS:
-            self.app.router.add_post(path, self.scale_out_disabled)
-
-    async def scale_out_disabled(self, request: web.Request) -> web.Response:
-        """What vLLM answers on a scale-out route it was not started to serve."""
-        return ClientError(SCALE_OUT_DISABLED, None, 403, "PermissionDeniedError").response()
 
     @web.middleware
     async def _errors(self, request: web.Request,

@@ -24,7 +24,6 @@ from kvroute_cli.localengines import LocalEngineFleet
 from kvroute_emulator.fleet import EmulatedFleet, FleetConfig, fleet_in_thread
 from kvroute_emulator.metrics import SERIES
 from kvroute_emulator.model.profile import cpu_test_engine
-from kvroute_emulator.server import SCALE_OUT_PATHS
 from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.e2e
@@ -180,23 +179,6 @@ async def test_same_sse_framing(engine_fleet: LocalEngineFleet,
                 chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
                 shapes[side].append((ctype, _runs([_shape(c) for c in chunks])))
     assert shapes["emulated"] == shapes["real"]
-
-
-async def test_same_answer_on_the_scale_out_routes(engine_fleet: LocalEngineFleet,
-                                                  emulated: EmulatedFleet) -> None:
-    """vllm-router's ``kv_aware`` tries ``/v1/completions/render`` on every engine before it
-    falls back to ``/tokenize``: the emulator must refuse it as the real engine does."""
-    answers: dict[str, list[tuple[int, Any]]] = {}
-    async with aiohttp.ClientSession() as s:
-        for side, u in _urls(engine_fleet, emulated).items():
-            answers[side] = []
-            for path in SCALE_OUT_PATHS:
-                body = {"model": MODEL, "prompt": "G" * 20,
-                        "messages": [{"role": "user", "content": "G"}]}
-                async with s.post(f"{u['url']}{path}", json=body) as r:
-                    answers[side].append((r.status, await r.json()))
-    assert answers["real"][0][0] == 403  # the real engine refuses: the premise
-    assert answers["emulated"] == answers["real"]
 
 
 def _runs(shapes: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

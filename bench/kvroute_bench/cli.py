@@ -156,6 +156,17 @@ class EmulatedFleetProcess:
                 self.process.wait(timeout=10)
 
 
+def local_engine_args(kv_blocks: int) -> list[str]:
+    """``vllm serve`` flags of the real engines a benchmark starts (beyond the fleet's own)."""
+    extra = ["--num-gpu-blocks-override", str(kv_blocks)] if kv_blocks else []
+    # vllm-router's kv_aware gets a text prompt's token ids from the engines' render route,
+    # which vLLM 0.32 refuses (403) without this flag, and then matches no KV events at all
+    # (docs/emulator.md, "Where it differs"). Its users enable it; the routes are unused by
+    # every other contender.
+    extra.append("--enable-scale-out")
+    return extra
+
+
 def _start_fleet(args: argparse.Namespace, workdir: Path) -> tuple[FleetInfo, Any]:
     if args.fleet == "emulated":
         emulated = EmulatedFleetProcess(args, workdir)
@@ -170,10 +181,10 @@ def _start_fleet(args: argparse.Namespace, workdir: Path) -> tuple[FleetInfo, An
         return _attached(args.attach, "kvroute-test-model", args.block_size), None
     from kvroute_cli.localengines import LocalEngineFleet
 
-    extra = ["--num-gpu-blocks-override", str(args.kv_blocks)] if args.kv_blocks else []
     handle = LocalEngineFleet(
         count=args.engines, workdir=workdir / "engines", block_size=args.block_size,
-        max_model_len=4096, extra_args=extra, env={"VLLM_SERVER_DEV_MODE": "1"})
+        max_model_len=4096, extra_args=local_engine_args(args.kv_blocks),
+        env={"VLLM_SERVER_DEV_MODE": "1"})
     handle.start(progress=True)
     fleet = FleetInfo([EngineInfo(name=f"engine-{e.index}", url=e.url,
                                   kv_events_endpoint=e.kv_events_endpoint,

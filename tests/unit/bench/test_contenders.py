@@ -290,3 +290,13 @@ def test_the_asyncio_variant_only_changes_the_routers_event_loop(tmp_path: Path)
     assert [a for a in asyncio_argv if a not in ("--event-loop", "asyncio")] == [
         a.replace("kvroute-precise-cost.yaml", "kvroute-precise-cost-asyncio.yaml")
         for a in argvs["kvroute-precise-cost"]]
+
+
+def test_real_engines_serve_the_render_route_vllm_router_kv_aware_needs() -> None:
+    """Without ``--enable-scale-out`` vLLM answers ``/v1/completions/render`` with 403 and
+    vllm-router's kv_aware then routes with no token ids (seen with strace on real engines):
+    the peer must meet engines started as its users start them."""
+    from kvroute_bench.cli import local_engine_args
+
+    assert "--enable-scale-out" in local_engine_args(0)
+    assert local_engine_args(384)[:2] == ["--num-gpu-blocks-override", "384"]

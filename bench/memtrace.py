@@ -6,8 +6,8 @@ into ``--out`` every ``--every`` seconds, after a full garbage collection (``sna
 ``traced.log`` has the traced total and the process RSS beside each). ``report`` compares
 consecutive snapshots and prints, per interval, how fast each of the router's bounded tables
 and everything else grew (MiB/h), then the allocating lines that grew most over the last
-interval. Traced memory is the Python
-heap (and numpy's buffers); RSS growth beyond it is native memory or the allocator's.
+interval. Traced memory is the Python heap (and numpy's buffers); RSS growth beyond it is
+native memory or the allocator's.
 
 Snapshots stop the router for a moment and tracing slows it (~2x CPU) and adds its own memory,
 so a traced run's RSS and latency say nothing; only the heap diff counts.

@@ -499,14 +499,12 @@ def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[st
     left.axvline(1.0, color="k", linestyle="--", linewidth=1, label="target 1 ms")
     left.set_xlabel("router CPU ms per request")
     left.invert_yaxis()
-    if steps:
-        left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
-    else:
-        left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3)
     if not steps:
+        left.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         return
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     rates = [s["rate"] for s in steps]
     right.plot(rates, [s["added_p50_ms"] for s in steps], "o-", label="added p50")
     right.plot(rates, [s["added_p99_ms"] for s in steps], "s-", label="added p99")

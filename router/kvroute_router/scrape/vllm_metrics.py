@@ -63,23 +63,20 @@ def _adapters(labels: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(a for a in labels.get(name, "").split(",") if a)
 
 
+_WANTED_LINE = re.compile(
+    r"\n((?:" + "|".join(re.escape(name) for name in sorted(WANTED)) + r")[{ \t][^\n]*)")
+"""A line that starts with a wanted metric name (the whole name: ``{`` or a blank follows)."""
+
+
 def _wanted_lines(text: str) -> list[str]:
-    """The lines that start with a wanted metric name, found with ``str.find`` per name (C
-    speed) instead of walking every line in Python: a vLLM page is ~600 lines, nearly all
-    histogram buckets, and every endpoint is scraped every 100 ms, so this is the router's
-    largest idle cost. Lines keep page order within a name."""
-    body = "\n" + text
-    lines: list[str] = []
-    for name in WANTED:
-        needle = "\n" + name
-        at = body.find(needle)
-        while at != -1:
-            stop = body.find("\n", at + 1)
-            after = at + len(needle)
-            if body[after:after + 1] in ("{", " ", "\t"):  # the whole name, not a longer one
-                lines.append(body[at + 1:] if stop == -1 else body[at + 1:stop])
-            at = -1 if stop == -1 else body.find(needle, stop)
-    return lines
+    """The lines that start with a wanted metric name, in page order.
+
+    One regular-expression pass, in C, from line start to line start (the pattern begins with
+    a newline; the text gets one in front so that its first line counts too). A vLLM page is
+    ~600 lines (~60 KB), nearly all histogram buckets, and every endpoint is scraped every
+    100 ms, so this is the router's largest idle cost: a ``str.find`` per wanted name (eight
+    scans of the whole page, since a name may appear anywhere) took ~3x longer."""
+    return _WANTED_LINE.findall("\n" + text)
 
 
 def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:

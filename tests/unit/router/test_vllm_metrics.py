@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
 from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -67,3 +69,36 @@ def test_only_whole_wanted_names_count_wherever_the_line_is() -> None:
             'vllm:num_requests_waiting{engine="0"} 4')  # last line: no newline after it
     m = parse_vllm_metrics(text, 1.0)
     assert (m.running, m.waiting) == (5.0, 4.0)
+
+
+def _naive_wanted_lines(text: str) -> list[str]:
+    """The reference: walk every line, keep those whose first token is a wanted name."""
+    from kvroute_router.scrape.vllm_metrics import WANTED
+
+    return [line for line in text.split("\n")
+            if any(line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ", "\t")
+                   for name in WANTED)]
+
+
+_NAMES = ["vllm:num_requests_running", "vllm:num_requests_running_total",
+          "vllm:num_requests_waiting", "vllm:num_requests_waiting_by_reason",
+          "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:cache_config_info",
+          "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+          "vllm:lora_requests_info", "vllm:e2e_request_latency_seconds_bucket", "vllm:",
+          "# HELP vllm:num_requests_running", "xvllm:num_requests_running", ""]
+
+
+@given(st.lists(st.tuples(st.sampled_from(_NAMES),
+                          st.sampled_from(["{", " ", "\t", "", "x", "_", "\r"]),
+                          st.sampled_from(['engine="0"} 1.0', "2", "", "} 3\r", "{a=\"\n\"} 4"])),
+                max_size=12),
+       st.booleans())
+def test_wanted_lines_are_every_line_that_starts_with_a_wanted_name(
+        lines: list[tuple[str, str, str]], trailing_newline: bool) -> None:
+    # The fast finder (one regex pass) against a plain walk over every line, on pages with
+    # longer names, prefixes, comments, blank and carriage-return lines, anywhere on the page.
+    from kvroute_router.scrape.vllm_metrics import _wanted_lines
+
+    text = "\n".join(name + sep + rest for name, sep, rest in lines)
+    text += "\n" if trailing_newline else ""
+    assert _wanted_lines(text) == _naive_wanted_lines(text)

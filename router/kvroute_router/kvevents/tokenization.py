@@ -29,11 +29,12 @@ that tokenizer (with a warning) and forgets the texts encoded so far.
 Anything the in-process path cannot reproduce faithfully (``continue_final_message``, tools,
 non-text parts, templates that fail to render) returns ``None`` from :meth:`tokenize`; the async
 :meth:`tokenize_via_engine` asks the engine's own ``/tokenize`` instead. Results are kept in a
-bounded LRU cache keyed by a digest of the prompt and the options that change the tokens. Its
-ids are kept as 4-byte unsigned integers (``array('I')``): at the default bound of 4M tokens
-that is ~16 MB per pool whatever the vocabulary; as a tuple of Python ints it was ~33 MB with
-the byte-level test model and ~160 MB with a 128k vocabulary (an int object per id above 256),
-a cache the soak benchmark first took for a leak (docs/benchmarks/soak.md).
+bounded LRU cache keyed by a digest of the text (or its pieces, for a text with seams) and the
+options that change the tokens. Its ids are kept as 4-byte unsigned integers (``array('I')``):
+at the default bound of 4M tokens that is ~16 MB per pool whatever the vocabulary; as a tuple
+of Python ints it was ~33 MB with the byte-level test model and ~160 MB with a 128k vocabulary
+(an int object per id above 256), a cache the soak benchmark first took for a leak
+(docs/benchmarks/soak.md).
 """
 
 from __future__ import annotations
@@ -233,23 +234,39 @@ class PromptTokenizer:
 
     # -- tokenising --------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        """``text`` → token ids (cached)."""
+        """``text`` → token ids (cached).
+
+        A text cut into pieces is cached as its pieces only: the same text again re-encodes
+        just its last piece, and remembering the whole text as well cost every new long
+        prompt a digest of all of it and a copy of all its ids (~0.1 ms at 7k tokens, on
+        every request whose prompt ends with a new question), and filled the cache with
+        whole prompts that are rarely sent twice, pushing out the shared pieces. A text
+        without seams (short, or no usable space) is cached whole."""
+        if self._seam_mismatch and self.piecewise:  # a sampled check found a difference
+            self._stop_piecewise()
+        seams = _seams(text) if self.piecewise else []
+        if seams:
+            return self.encode_long(text, add_special_tokens, seams)
         key = _text_key(text, add_special_tokens)
         found = self._cached(key)
         if found is not None:
             return found
-        ids = self.encode_long(text, add_special_tokens)
+        ids = self.encode_uncached(text, add_special_tokens)
         self._remember(key, ids)
         return ids
 
-    def encode_long(self, text: str, add_special_tokens: bool) -> list[int]:
+    def encode_long(self, text: str, add_special_tokens: bool,
+                    seams: list[int] | None = None) -> list[int]:
         """``text`` → token ids, reusing the cached pieces of any text that shared its start
         (see the module docstring); a whole encoding for short texts or when the pieces were
-        found not to join up for this tokenizer."""
+        found not to join up for this tokenizer. ``seams``: :func:`_seams` of ``text``, when
+        the caller has them."""
         if self._seam_mismatch and self.piecewise:  # a sampled check found a difference
             self._stop_piecewise()
-        seams = _seams(text) if self.piecewise else []
-        if not seams:
+            seams = None
+        if seams is None:
+            seams = _seams(text) if self.piecewise else []
+        if not seams or not self.piecewise:
             return self.encode_uncached(text, add_special_tokens)
         bounds = [0, *seams, len(text)]
         digest = hashlib.blake2b(b"special" if add_special_tokens else b"plain",

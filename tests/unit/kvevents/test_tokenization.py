@@ -93,6 +93,32 @@ def test_a_shared_start_is_encoded_once_and_the_pieces_join_up(model_dir: Path) 
     assert tokenizer.pieces_encoded < tokenizer.pieces_reused
 
 
+def test_a_text_with_seams_is_cached_as_its_pieces_only(model_dir: Path) -> None:
+    """A long prompt is remembered as its pieces (all but the last), never also whole: a new
+    question after a shared context adds nothing but that question's pieces, and the same
+    text again costs only its last piece."""
+    from kvroute_router.kvevents.tokenization import _seams
+    tokenizer = PromptTokenizer.from_directory(model_dir)
+    context = _long_text(4)
+    first = f"{context}\n[user] a question?"
+    pieces = len(_seams(first))  # every piece but the last is cached
+    expected = tokenizer.tokenizer.encode(first, add_special_tokens=True).ids
+    assert tokenizer.encode(first, True) == expected
+    entries, tokens = tokenizer.cache_size()
+    assert entries == pieces and tokens < len(expected)
+    assert tokenizer.encode(first, True) == expected  # again: from the pieces
+    assert tokenizer.cache_size() == (entries, tokens)
+    second = f"{context}\n[user] another, different question"
+    assert tokenizer.encode(second, True) == tokenizer.tokenizer.encode(
+        second, add_special_tokens=True).ids
+    assert tokenizer.cache_size()[0] == len(_seams(second))
+    short = "a short prompt"  # no seams: cached whole
+    tokenizer.encode(short, True)
+    assert tokenizer.cache_size()[0] == len(_seams(second)) + 1
+    assert tokenizer.encode(short, True) == tokenizer.tokenizer.encode(short).ids
+    assert tokenizer.hits == 1
+
+
 def test_byte_level_bpe_pieces_join_up() -> None:
     """A trained byte-level BPE (the GPT-2 / Llama-3 family's pre-tokenizer): every check of
     joined pieces against the whole encoding passes."""

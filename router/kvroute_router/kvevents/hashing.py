@@ -41,7 +41,6 @@ import hashlib
 import itertools
 import os
 import pickle
-import struct
 import threading
 from array import array
 from collections.abc import Sequence
@@ -86,12 +85,16 @@ def to_event_int(digest: bytes) -> int:
 
 
 def to_event_ints(digests: Sequence[bytes]) -> list[int]:
-    """:func:`to_event_int` of many 32-byte digests at once (one ``struct.unpack``)."""
+    """:func:`to_event_int` of many 32-byte digests at once: every fourth big-endian word of
+    their concatenation (~20 µs for a 7k-token prompt's 450 digests; a slice of each digest
+    and one ``struct.unpack`` took ~50)."""
     if not digests:
         return []
-    if any(len(d) != 32 for d in digests):
-        return [to_event_int(d) for d in digests]
-    return list(struct.unpack(f">{len(digests)}Q", b"".join([d[24:] for d in digests])))
+    joined = b"".join(digests)
+    if len(joined) != 32 * len(digests) or len(set(map(len, digests))) != 1:
+        return [to_event_int(d) for d in digests]  # not all 32 bytes: one at a time
+    words: list[int] = np.frombuffer(joined, dtype=">u8")[3::4].tolist()
+    return words
 
 
 def _cbor_uint(value: int) -> bytes:

@@ -136,6 +136,9 @@ def test_event_ints_batch_equals_one_by_one() -> None:
     digests = [bytes([i]) * 32 for i in range(5)] + [bytes(range(32))]
     assert to_event_ints(digests) == [to_event_int(d) for d in digests]
     assert to_event_ints([]) == []
+    # Not all 32 bytes (even when the lengths add up to 32 each): one at a time.
+    for odd in ([bytes(31), bytes(range(33))], [bytes(range(8))], [bytes(32), bytes(40)]):
+        assert to_event_ints(odd) == [to_event_int(d) for d in odd]
 
 
 def test_vectorised_encoding_equals_cbor2_at_every_width_boundary() -> None:

@@ -13,6 +13,10 @@ load on the machine kept it waiting) and wall time:
   again, the old blocks come from the memo, 16 new blocks are hashed);
 * ``ids, vocab N``: a token-id prompt drawn from a real-sized vocabulary (the byte-level test
   tokenizer only produces ids below 260, which encode in 1-2 bytes);
+* ``shared context``: the precise-prefix workload's shape — every prompt of a round starts
+  with the same ``--context`` characters (a tenant's context) and ends with a new question of
+  ``--question`` characters (the context's pieces and blocks come from the caches, the
+  question is tokenised and hashed);
 * references in the same run: ``Tokenizer.encode`` (with offsets, the previous code), hashing
   without the memo, and hashing each block with ``cbor2`` instead of the hand-written encoder.
 
@@ -20,6 +24,7 @@ Every case runs ``--rounds`` rounds over fresh prompts; the report gives each ro
 the median over rounds (the machine is shared, so single rounds can be disturbed).
 
     python bench/tokenize_hash.py [--tokens 4096] [--block-size 16] [--iterations 200] [--rounds 5]
+                                  [--context 6000] [--question 1200]
 """
 
 from __future__ import annotations
@@ -105,7 +110,13 @@ def one_round(args: argparse.Namespace, directory: Path, rng: random.Random
     plain = BlockHasher(config, memo_blocks=0)
     alphabet = string.ascii_letters + " "
     samples: dict[str, list[tuple[float, float]]] = {}
+    context = "".join(rng.choice(alphabet) for _ in range(args.context))
     for _ in range(args.iterations):
+        text = context + "".join(rng.choice(alphabet) for _ in range(args.question))
+        shared = timed(samples, "shared context: tokenise+hash", functools.partial(
+            lambda t: hasher.block_hashes(tokenizer.tokenize("completions", {"prompt": t}) or []),
+            text))
+        assert shared == plain.block_hashes(tokenizer.encode_uncached(text, True))
         prompt = "".join(rng.choice(alphabet) for _ in range(args.tokens))
         turn = prompt + "".join(rng.choice(alphabet) for _ in range(256))
         one_prompt(samples, tokenizer, hasher, plain, prompt, turn, args.algorithm)
@@ -125,6 +136,10 @@ def main() -> None:
     parser.add_argument("--algorithm", choices=["sha256_cbor", "sha256"], default="sha256_cbor")
     parser.add_argument("--iterations", type=int, default=200, help="prompts per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--context", type=int, default=6000,
+                        help="characters of the context every 'shared context' prompt starts with")
+    parser.add_argument("--question", type=int, default=1200,
+                        help="characters of each 'shared context' prompt's new question")
     parser.add_argument("--tokenizer-dir", type=Path)
     parser.add_argument("--vocab", type=int, default=152_064,
                         help="vocabulary of the token-id case (Qwen2's by default)")

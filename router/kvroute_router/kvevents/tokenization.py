@@ -236,12 +236,12 @@ class PromptTokenizer:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """``text`` → token ids (cached).
 
-        A text cut into pieces is cached as its pieces only: the same text again re-encodes
-        just its last piece, and remembering the whole text as well cost every new long
-        prompt a digest of all of it and a copy of all its ids (~0.1 ms at 7k tokens, on
-        every request whose prompt ends with a new question), and filled the cache with
-        whole prompts that are rarely sent twice, pushing out the shared pieces. A text
-        without seams (short, or no usable space) is cached whole."""
+        A text cut into pieces is cached as its pieces (the last one, after the last seam,
+        included: a prompt sent again costs no encoding), not also whole: remembering every
+        long prompt whole cost each new one a copy of all its ids (~0.1 ms at 7k tokens, on
+        every request whose prompt ends with a new question) and filled the cache with whole
+        prompts rarely sent twice, pushing out the shared pieces. A text without seams
+        (short, or no usable space) is cached whole."""
         if self._seam_mismatch and self.piecewise:  # a sampled check found a difference
             self._stop_piecewise()
         seams = _seams(text) if self.piecewise else []
@@ -272,7 +272,7 @@ class PromptTokenizer:
         digest = hashlib.blake2b(b"special" if add_special_tokens else b"plain",
                                  digest_size=16)
         keys: list[bytes] = []
-        for start, stop in itertools.pairwise(bounds[:-1]):  # every piece but the last
+        for start, stop in itertools.pairwise(bounds):  # the last key: the whole text's
             digest.update(text[start:stop].encode("utf-8", "surrogatepass"))
             keys.append(b"piece" + digest.digest())
         pieces: list[Sequence[int] | None] = []
@@ -282,20 +282,17 @@ class PromptTokenizer:
                 self._cache.move_to_end(key)
             pieces.append(found)
         missing = [i for i, piece in enumerate(pieces) if piece is None]
-        missing.append(len(keys))  # the last piece (after the last seam) is never cached
         texts = [text[bounds[i]:bounds[i + 1]] for i in missing]
         fast = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         encoded: list[list[int]] = []
-        if missing[0] == 0:  # the first piece carries the special tokens (BOS)
+        if missing and missing[0] == 0:  # the first piece carries the special tokens (BOS)
             encoded.append(fast(texts[:1], add_special_tokens=add_special_tokens)[0].ids)
         rest = texts[len(encoded):]
         encoded += [e.ids for e in fast(rest, add_special_tokens=False)] if rest else []
-        pieces.append(None)
         for i, ids in zip(missing, encoded, strict=True):
             pieces[i] = ids
-            if i < len(keys):
-                self._remember(keys[i], ids)
-        self.pieces_reused += len(keys) + 1 - len(missing)
+            self._remember(keys[i], ids)
+        self.pieces_reused += len(keys) - len(missing)
         self.pieces_encoded += len(missing)
         joined = list(itertools.chain.from_iterable(p for p in pieces if p is not None))
         self._joined += 1

@@ -94,27 +94,26 @@ def test_a_shared_start_is_encoded_once_and_the_pieces_join_up(model_dir: Path) 
 
 
 def test_a_text_with_seams_is_cached_as_its_pieces_only(model_dir: Path) -> None:
-    """A long prompt is remembered as its pieces (all but the last), never also whole: a new
-    question after a shared context adds nothing but that question's pieces, and the same
-    text again costs only its last piece."""
+    """A long prompt is remembered as its pieces, never also whole: a new question after a
+    shared context adds only that question's pieces, and the same text again costs no
+    encoding at all."""
     from kvroute_router.kvevents.tokenization import _seams
     tokenizer = PromptTokenizer.from_directory(model_dir)
     context = _long_text(4)
     first = f"{context}\n[user] a question?"
-    pieces = len(_seams(first))  # every piece but the last is cached
     expected = tokenizer.tokenizer.encode(first, add_special_tokens=True).ids
     assert tokenizer.encode(first, True) == expected
-    entries, tokens = tokenizer.cache_size()
-    assert entries == pieces and tokens < len(expected)
-    assert tokenizer.encode(first, True) == expected  # again: from the pieces
-    assert tokenizer.cache_size() == (entries, tokens)
+    assert tokenizer.cache_size() == (len(_seams(first)) + 1, len(expected))
     second = f"{context}\n[user] another, different question"
     assert tokenizer.encode(second, True) == tokenizer.tokenizer.encode(
         second, add_special_tokens=True).ids
-    assert tokenizer.cache_size()[0] == len(_seams(second))
+    assert tokenizer.cache_size()[0] == len(_seams(first)) + 2  # one new piece: the question
+    encoded = tokenizer.pieces_encoded
+    assert tokenizer.encode(first, True) == expected  # all from the cache
+    assert tokenizer.pieces_encoded == encoded
     short = "a short prompt"  # no seams: cached whole
     tokenizer.encode(short, True)
-    assert tokenizer.cache_size()[0] == len(_seams(second)) + 1
+    assert tokenizer.cache_size()[0] == len(_seams(first)) + 3
     assert tokenizer.encode(short, True) == tokenizer.tokenizer.encode(short).ids
     assert tokenizer.hits == 1
 

@@ -398,22 +398,18 @@ class PromptTokenizer:
         if request.continue_final_message or request.tools or request.chat_template \
                 or self._template is None:
             return None
-        messages = list(request.messages)
         kwargs = request.chat_template_kwargs or {}
-        key = self._key("chat", messages, request.add_generation_prompt, kwargs,
-                        request.add_special_tokens)
-        found = self._cached(key)
-        if found is not None:
-            return found
         try:
-            text = self.render_chat(messages, add_generation_prompt=request.add_generation_prompt,
+            text = self.render_chat(list(request.messages),
+                                    add_generation_prompt=request.add_generation_prompt,
                                     chat_template_kwargs=kwargs)
         except ChatTemplateError as exc:
             logger.debug("in-process chat rendering declined: %s", exc)
             return None
-        ids = self.encode_long(text, request.add_special_tokens)
-        self._remember(key, ids)
-        return ids
+        # Cached as any text is (encode): a conversation's earlier turns are the start of the
+        # next turn's text, so its pieces are reused, and no key of the whole message list is
+        # built for every request.
+        return self.encode(text, request.add_special_tokens)
 
     async def tokenize_via_engine(self, session: aiohttp.ClientSession, base_url: str,
                                   model: str, kind: str, body: Mapping[str, Any],

@@ -118,6 +118,20 @@ def test_a_text_with_seams_is_cached_as_its_pieces_only(model_dir: Path) -> None
     assert tokenizer.hits == 1
 
 
+def test_a_long_chat_is_cached_as_the_pieces_of_its_text(model_dir: Path) -> None:
+    """A chat prompt is cached as its rendered text is (in pieces), not also whole under its
+    message list: the cache holds each token once, and the next turn reuses the pieces."""
+    tokenizer = PromptTokenizer.from_directory(model_dir)
+    messages = [{"role": "system", "content": _long_text(6)}, {"role": "user", "content": "hi"}]
+    ids = tokenizer.tokenize("chat", {"messages": messages})
+    assert ids is not None
+    assert tokenizer.cache_size()[1] == len(ids)
+    encoded = tokenizer.pieces_encoded
+    more = [*messages, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
+    assert tokenizer.tokenize("chat", {"messages": more}) is not None
+    assert tokenizer.pieces_encoded == encoded + 1  # only the new last piece
+
+
 def test_byte_level_bpe_pieces_join_up() -> None:
     """A trained byte-level BPE (the GPT-2 / Llama-3 family's pre-tokenizer): every check of
     joined pieces against the whole encoding passes."""

@@ -136,3 +136,7 @@ _.intercept_service  # unused method (router/kvroute_router/grpcauth.py)
 _.levelname  # unused attribute (router/kvroute_router/proxy/server.py)
 # pytest: autouse fixtures are found by name
 report_figures  # unused function (tests/loopback/test_fault_suite.py)
+
+# asyncio.Protocol callbacks: the event loop's transport calls them by name
+_.connection_made  # unused method (router/kvroute_router/http1/client.py)
+_.connection_lost  # unused method (router/kvroute_router/http1/client.py)

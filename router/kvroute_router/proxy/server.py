@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import aiohttp
@@ -38,6 +38,7 @@ from kvroute_router.framework.lifecycle import (
     RoutingError,
 )
 from kvroute_router.framework.request import LLMRequest
+from kvroute_router.http1.client import ConnectionPool, UpstreamConnectError
 from kvroute_router.openai.errors import BadRequestError, error_body
 from kvroute_router.openai.requests import decode_body, parse_request
 from kvroute_router.openai.upstream import upstream_body, usage_injected
@@ -119,7 +120,7 @@ class OpenAIProxy:
         from the trusted proxies (every client with ``trust_tenant_header``)."""
         self.connect_timeout_s = connect_timeout_s
         self.unavailable_for_s = unavailable_for_s
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream: ConnectionPool | None = None
         self.app = web.Application(client_max_size=MAX_BODY_BYTES,
                                    middlewares=[self._error_middleware])
         self.app.router.add_post("/v1/completions", self.completions)
@@ -131,13 +132,11 @@ class OpenAIProxy:
         self.app.on_cleanup.append(self._close)
 
     async def _open(self, app: web.Application) -> None:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, force_close=False),
-            auto_decompress=False, timeout=aiohttp.ClientTimeout(total=None))
+        self._upstream = ConnectionPool(connect_timeout_s=self.connect_timeout_s)
 
     async def _close(self, app: web.Application) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._upstream is not None:
+            self._upstream.close()
 
     @web.middleware
     async def _error_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -217,15 +216,17 @@ class OpenAIProxy:
             strip_usage = usage_injected(parsed.body)
             payload = upstream_body(raw, parsed.body, parsed.kind, decision.served_model,
                                     llm_request.max_tokens, request_usage=True)
-            upstream_headers = {k: v for k, v in http.headers.items()
-                                if k.lower() not in HOP_BY_HOP
-                                and self.trust.forwardable(k.lower(), trusted)}
-            upstream_headers["x-request-id"] = llm_request.request_id
+            upstream_headers = [(k, v) for k, v in http.headers.items()
+                                if (name := k.lower()) not in HOP_BY_HOP and name != "x-request-id"
+                                and self.trust.forwardable(name, trusted)]
+            upstream_headers.append(("x-request-id", llm_request.request_id))
+            if http.headers.get("content-type") is None:
+                upstream_headers.append(("content-type", "application/json"))
             return await self._relay(http, routed, path, payload, upstream_headers, started,
                                      deadline, lookup, strip_usage)
 
     async def _relay(self, http: web.Request, routed: RoutedRequest, path: str,
-                     payload: bytes, headers: Mapping[str, str], started: float,
+                     payload: bytes, headers: Sequence[tuple[str, str]], started: float,
                      deadline: float, lookup: CacheLookup, strip_usage: bool = False
                      ) -> web.StreamResponse:
         decision = routed.decision
@@ -262,14 +263,15 @@ class OpenAIProxy:
         return error_response(status, message, "timeout" if timed_out else "upstream_failed")
 
     async def _attempt(self, http: web.Request, routed: RoutedRequest, endpoint: Endpoint,
-                       path: str, payload: bytes, headers: Mapping[str, str], started: float,
+                       path: str, payload: bytes, headers: Sequence[tuple[str, str]],
+                       started: float,
                        deadline: float, lookup: CacheLookup, strip_usage: bool = False
                        ) -> web.StreamResponse:
         """One attempt on ``endpoint`` (already dispatched); finishes the request once a byte
         went to the client, raises UpstreamAttemptError before that. ``strip_usage``: the
         router asked for the stream's usage event, the client did not: it is dropped from the
         relayed bytes (and still read from the raw tail)."""
-        assert self._session is not None
+        assert self._upstream is not None
         decision: DecisionView = routed.decision
         stream = decision.request.stream
         first_byte_by = (min(deadline, time.monotonic() + decision.per_try_timeout_s) if stream
@@ -282,29 +284,26 @@ class OpenAIProxy:
         try:
             try:
                 async with asyncio.timeout_at(_loop_time(first_byte_by)):
-                    upstream_cm = self._session.post(
-                        f"{endpoint.url}{path}", data=payload, headers=headers,
-                        timeout=aiohttp.ClientTimeout(total=None,
-                                                      connect=self.connect_timeout_s))
-                    upstream = await upstream_cm.__aenter__()
+                    upstream = await self._upstream.request(endpoint.address, "POST", path,
+                                                            headers, payload)
                     try:
                         status = upstream.status
                         if status >= 500:
-                            body = await upstream.content.read(ERROR_BODY_LIMIT)
+                            body = await upstream.read(ERROR_BODY_LIMIT)
                             raise UpstreamAttemptError(
                                 f"HTTP {status}", status=status, body=body,
                                 content_type=upstream.headers.get("content-type",
                                                                   "application/json"))
-                        first = await upstream.content.readany()
+                        first = await upstream.read_some()
                     except BaseException:
-                        await upstream_cm.__aexit__(None, None, None)
+                        upstream.release()
                         raise
             except TimeoutError as exc:
                 raise UpstreamAttemptError("no first byte in time", timed_out=True) from exc
-            except aiohttp.ClientConnectorError as exc:
+            except UpstreamConnectError as exc:
                 self.director.mark_unavailable(endpoint, self.unavailable_for_s)
                 raise UpstreamAttemptError(f"cannot connect: {exc}") from exc
-            except (aiohttp.ClientError, OSError) as exc:
+            except OSError as exc:
                 raise UpstreamAttemptError(f"{type(exc).__name__}: {exc}") from exc
 
             # Committed: from here on the client gets this endpoint's answer.
@@ -333,7 +332,7 @@ class OpenAIProxy:
                 if out:
                     await response.write(out)
                 async with asyncio.timeout_at(_loop_time(deadline)):
-                    async for chunk in upstream.content.iter_any():
+                    async for chunk in upstream:
                         if recorder is not None:
                             recorder.feed(chunk)
                         out = relay.feed(chunk) if relay is not None else chunk
@@ -350,13 +349,13 @@ class OpenAIProxy:
                             decision.request.request_id, endpoint.address)
                 status = 504
                 broken = "the request's deadline passed while the answer was streaming"
-            except (aiohttp.ClientError, ConnectionResetError, OSError) as exc:
+            except OSError as exc:
                 log.warning("stream of %s on %s broke: %s", decision.request.request_id,
                             endpoint.address, exc)
                 status = 502 if status < 400 else status
                 broken = f"the engine's answer broke off ({type(exc).__name__})"
             finally:
-                await upstream_cm.__aexit__(None, None, None)
+                upstream.release()
             if broken is not None:
                 await _cut_short(http, response, stream, broken)
             lookup.finish(recorder, status)  # written only when complete and successful

@@ -22,21 +22,14 @@ import asyncio
 import contextlib
 import zlib
 
-MAX_HEADER_BYTES = 64 * 1024
+from kvroute_router.http1.head import MAX_HEAD_BYTES, parse_head, split_address
+
 MAX_BODY_BYTES = 64 * 1024 * 1024
 """A metrics page larger than this is refused (vLLM's is ~50 KB)."""
 
 
 class ScrapeHTTPError(OSError):
     """The endpoint's answer could not be read (connection refused or cut, bad framing)."""
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` too) → (host, port); port 80 when absent."""
-    host, sep, port = address.rpartition(":")
-    if not sep or host.endswith(":") or (host.startswith("[") != host.endswith("]")):
-        return address.strip("[]"), 80  # no port (or a bare IPv6 address)
-    return host.strip("[]"), int(port)
 
 
 class MetricsConnection:
@@ -70,7 +63,7 @@ class MetricsConnection:
         try:
             if self._writer is None:
                 self._reader, self._writer = await asyncio.open_connection(
-                    self.host, self.port, limit=MAX_HEADER_BYTES)
+                    self.host, self.port, limit=MAX_HEAD_BYTES)
             assert self._reader is not None
             self._writer.write(self._request)
             try:
@@ -83,7 +76,12 @@ class MetricsConnection:
             except (ConnectionResetError, BrokenPipeError):
                 self.close()
                 raise _StaleConnectionError from None
-            status, length, chunked, close, gzip = _parse_head(head)
+            parsed = parse_head(head[:-4])
+            status, length, chunked, close = (parsed.status, parsed.length, parsed.chunked,
+                                              parsed.close)
+            gzip = parsed.encoding == "gzip"
+            if parsed.encoding not in ("", "identity", "gzip"):
+                raise ScrapeHTTPError(f"unsupported content-encoding {parsed.encoding!r}")
             if chunked:
                 body = await self._chunked()
             elif length is not None:
@@ -138,38 +136,6 @@ class MetricsConnection:
 
 class _StaleConnectionError(Exception):
     """The connection ended before the answer's first byte."""
-
-
-def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool, bool]:
-    """(status, content length, chunked, close after, gzip) of a response head."""
-    lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = lines[0].partition(" ")
-    if not version.startswith("HTTP/1."):
-        raise ScrapeHTTPError(f"not an HTTP/1.x answer: {lines[0][:60]!r}")
-    status = int(rest[:3])
-    length: int | None = None
-    chunked = False
-    close = version == "HTTP/1.0"
-    gzip = False
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep:
-            continue
-        name, value = name.strip().lower(), value.strip().lower()
-        if name == "content-length":
-            length = int(value)
-        elif name == "transfer-encoding":
-            chunked = "chunked" in value
-        elif name == "connection":
-            close = "close" in value if not close else "keep-alive" not in value
-        elif name == "content-encoding":
-            if value == "gzip":
-                gzip = True
-            elif value not in ("", "identity"):
-                raise ScrapeHTTPError(f"unsupported content-encoding {value!r}")
-    if status in (204, 304) or 100 <= status < 200:
-        length = 0
-    return status, length, chunked, close, gzip
 
 
 __all__ = ["MetricsConnection", "ScrapeHTTPError", "split_address"]

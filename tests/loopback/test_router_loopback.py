@@ -38,6 +38,7 @@ class FakeEngine:
     """A loopback HTTP server imitating one vLLM engine."""
 
     mode: str = "ok"  # ok | fail | hang | die (the connection drops after the first bytes)
+    # | garbage (bytes that are not HTTP, then the connection closes)
     kv_usage: float = 0.1
     release: asyncio.Event = field(default_factory=asyncio.Event)
     gate_stream: bool = False
@@ -80,7 +81,11 @@ class FakeEngine:
         if self.mode == "fail":
             return web.json_response({"error": {"message": "boom"}}, status=500)
         try:
-            if self.mode == "hang":
+            if self.mode == "garbage":
+                assert request.transport is not None
+                request.transport.write(b"SSH-2.0-not-http\r\n\r\n")
+                request.transport.close()
+            if self.mode in ("hang", "garbage"):
                 await asyncio.sleep(3600)
             if self.mode == "die":  # killed mid-answer: no final chunk, no [DONE]
                 response = web.StreamResponse(headers={"content-type": (
@@ -185,9 +190,10 @@ async def test_stream_is_relayed_chunk_by_chunk(tmp_path: Path, engines: list[Fa
         assert ttft == 1.0
 
 
+@pytest.mark.parametrize("mode", ["fail", "garbage"])
 async def test_failure_before_first_byte_is_retried_elsewhere(
-        tmp_path: Path, engines: list[FakeEngine]) -> None:
-    engines[0].mode = "fail"
+        tmp_path: Path, engines: list[FakeEngine], mode: str) -> None:
+    engines[0].mode = mode
     async with running_router(tmp_path, engines) as (router, url), aiohttp.ClientSession() as s:
         # Ties are broken at random: 20 requests reach the failing engine with near certainty.
         for i in range(20):

@@ -275,6 +275,13 @@ class UpstreamResponse:
             return b""
         return await self._connection.read()
 
+    @property
+    def complete(self) -> bool:
+        """The whole body arrived and was read: the next :meth:`read_some` returns ``b""``."""
+        connection = self._connection
+        return connection is None or (connection.done and connection.error is None
+                                      and not connection.pieces)
+
     async def read(self, limit: int) -> bytes:
         """The body up to ``limit`` bytes (less when it ends first)."""
         parts: list[bytes] = []

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from kvroute_api.route_policy import AdmissionSpec
@@ -50,7 +50,7 @@ class AdmissionController:
     ``namespace/name`` (a bare name is in ``default``), the metric labels' source."""
 
     def __init__(self, policy: str, spec: AdmissionSpec,
-                 load: Callable[[], Sequence[EndpointLoad]], *,
+                 load: Callable[[], Iterable[EndpointLoad]], *,
                  metrics: BudgetMetrics | None = None) -> None:
         self.policy = policy
         self.spec = spec
@@ -75,11 +75,15 @@ class AdmissionController:
         return Priority(chosen.name, chosen.priority, chosen.sheddable)
 
     def saturated(self) -> bool:
-        endpoints = self.load()
-        if not endpoints:
-            return False
+        """Every endpoint saturated (False with none). ``load`` may compute lazily: the walk
+        stops at the first endpoint with room, usually the first one."""
         saturation = Saturation.of(self.spec)
-        return all(saturation.saturated(e.waiting, e.kv_utilization) for e in endpoints)
+        seen = False
+        for load in self.load():
+            if not saturation.saturated(load.waiting, load.kv_utilization):
+                return False
+            seen = True
+        return seen
 
     async def admit(self, priority: Priority) -> ApiError | None:
         """None when the request may go on (at once or after queueing); a 429 otherwise."""

@@ -47,7 +47,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvroute_api.route_policy import BudgetSpec, RoutePolicy, RoutePolicySpec
@@ -229,10 +229,11 @@ class BudgetHook:
                                                  for ep in pool.endpoints.values())))
                 for pool in self._candidates(key)]
 
-    def _load(self, key: str) -> list[EndpointLoad]:
+    def _load(self, key: str) -> Iterator[EndpointLoad]:
+        """The load of each healthy candidate endpoint, computed as it is asked for (admission
+        stops at the first endpoint with room)."""
         state = self._state(key)
         stale_s = (state.policy.spec.scoring.stale_metrics_ms / 1000.0) if state else 1.0
-        loads: list[EndpointLoad] = []
         for pool in self._candidates(key):
             for ep in pool.endpoints.values():
                 if not ep.healthy():
@@ -240,9 +241,7 @@ class BudgetHook:
                 kv = 0.0
                 if ep.metrics is not None and not ep.metrics_stale(stale_s):
                     kv = ep.metrics.kv_cache_usage
-                loads.append(EndpointLoad(waiting=int(ep.waiting_estimate()),
-                                          kv_utilization=kv))
-        return loads
+                yield EndpointLoad(waiting=int(ep.waiting_estimate()), kv_utilization=kv)
 
     # ---- the hook ----------------------------------------------------------------------------
     async def admit(self, request: LLMRequest, resolution: Resolution) -> Admission | None:

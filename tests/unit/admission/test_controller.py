@@ -5,6 +5,7 @@ director's: tests/unit/router/test_director.py.)"""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 from kvroute_api.route_policy import AdmissionSpec
 from kvroute_router.admission.controller import AdmissionController, EndpointLoad
@@ -47,6 +48,23 @@ def test_kv_saturation_is_the_policys() -> None:
     lax = SPEC.model_copy(update={"saturation_kv_utilization": 1.0})
     load.endpoints = [EndpointLoad(0, 0.99)]
     assert not AdmissionController("chat", lax, load).saturated()
+
+
+def test_saturation_stops_at_the_first_endpoint_with_room() -> None:
+    """The load is computed lazily per endpoint (one pass over a pool per request otherwise):
+    an endpoint with room ends the walk; with none at all nothing is saturated."""
+    walked: list[int] = []
+
+    def load() -> Iterator[EndpointLoad]:
+        for index, endpoint in enumerate([EndpointLoad(4, 0.2), EndpointLoad(0, 0.1),
+                                          EndpointLoad(4, 0.2)]):
+            walked.append(index)
+            yield endpoint
+
+    assert not AdmissionController("chat", SPEC, load).saturated()
+    assert walked == [0, 1]
+    assert not AdmissionController("chat", SPEC, lambda: iter(())).saturated()
+    assert AdmissionController("chat", SPEC, lambda: iter([EndpointLoad(4, 0.2)])).saturated()
 
 
 def test_priority_classes() -> None:

@@ -42,6 +42,7 @@ class FakeEngine:
     kv_usage: float = 0.1
     release: asyncio.Event = field(default_factory=asyncio.Event)
     gate_stream: bool = False
+    gate_first: bool = False  # hold back even the first byte until ``release``
     requests: int = 0
     cancelled: int = 0
     models_seen: list[str] = field(default_factory=list)
@@ -100,6 +101,8 @@ class FakeEngine:
                 return web.json_response({"choices": [{"text": "hello"}],
                                           "usage": {"prompt_tokens": 3,
                                                     "completion_tokens": 1}})
+            if self.gate_first:
+                await asyncio.wait_for(self.release.wait(), 30)
             response = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await response.prepare(request)
             await response.write(b'data: {"choices":[{"text":"first"}]}\n\n')
@@ -359,10 +362,13 @@ async def test_concurrent_distinct_requests_spread_before_the_next_scrape(
         tmp_path: Path, engines: list[FakeEngine]) -> None:
     # Engine 1 looks slightly busier (KV usage), so without counting its own fresh dispatches
     # the router would send the whole burst to engine 0. Default scoring (queue-depth sees
-    # dispatches since the last scrape); one scrape at start-up, none during the burst.
+    # dispatches since the last scrape); one scrape at start-up, none during the burst. The
+    # engines answer nothing until all six arrived: a first byte would (rightly) take its
+    # prompt out of the engine's prefill backlog and make the split depend on timing.
     engines[1].kv_usage = 0.2
     for fake in engines:
         fake.gate_stream = True
+        fake.gate_first = True
     async with running_router(tmp_path, engines, scrape_interval_s=30.0,
                               scoring={"staleMetricsMs": 600000}) as (router, url), \
             aiohttp.ClientSession() as s:
@@ -564,3 +570,13 @@ async def test_an_engine_dying_mid_answer_never_looks_like_a_clean_end(
             assert b'"upstream_stream_broken"' in received
         await eventually(lambda: all(ep.in_flight == 0 for ep in router.datastore.endpoints()),
                          "the attempt ended")
+
+
+def test_the_relayed_answer_holds_its_head_for_its_first_bytes() -> None:
+    """The relay's one-send head rests on aiohttp's class attribute (web.Response uses it); an
+    aiohttp that renamed it would send the head alone again: this names the cause."""
+    from kvroute_router.proxy.server import _RelayResponse
+
+    assert "_send_headers_immediately" in vars(web.StreamResponse)
+    assert web.StreamResponse._send_headers_immediately is True
+    assert _RelayResponse._send_headers_immediately is False

@@ -96,8 +96,8 @@ class _RelayResponse(web.StreamResponse):
     """A relayed answer: its head goes out with its first bytes, in one send.
 
     A plain ``StreamResponse`` sends its head on ``prepare`` and every chunk, and the chunked
-    terminator, in sends of their own; a 2-token stream cost five sends to the client, ~0.15 ms
-    of router CPU each on loopback (docs/benchmarks/router-cpu.md, *Round 6*). aiohttp buffers
+    terminator, in sends of their own — two more sends per answer than needed, ~0.15 ms of
+    router CPU each on loopback (docs/benchmarks/router-cpu.md, *Round 6*). aiohttp buffers
     the head until the first write when this class attribute is false (as ``web.Response``
     does); the relay also ends the answer with ``write_eof(last bytes)``, one send for the last
     chunk and the terminator. Should aiohttp drop the attribute, the head is sent on its own

@@ -141,12 +141,15 @@ class _Connection(asyncio.Protocol):
             if not data:
                 return
         if self.done or self.error is not None:
-            return  # bytes after the answer's end: ignored, the connection is not reused
+            self.lost = True  # bytes after the answer's end: ignored, never reused
+            return
         head = self._head
         if head.chunked:
             self._chunked(data)
         elif head.length is not None:
             if len(data) >= self._remaining:
+                if len(data) > self._remaining:
+                    self.lost = True  # bytes after the answer's end: never reused
                 data, self.done = data[:self._remaining], True
             self._remaining -= len(data)
             self._deliver(data)
@@ -209,6 +212,8 @@ class _Connection(asyncio.Protocol):
                     self._remaining, self._chunk_state = chunk, 1
             elif not line:  # state 3: trailers end with an empty line
                 self.done = True
+                if position < size:
+                    self.lost = True  # bytes after the answer's end: never reused
                 return
 
     def _break(self, reason: str) -> None:

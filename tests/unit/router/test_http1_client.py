@@ -125,6 +125,18 @@ async def test_chunked_answer_with_trailers_and_headers() -> None:
         assert server.connections == 1
 
 
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\nHTTP/1.1 2",
+])
+async def test_bytes_after_an_answer_keep_its_connection_from_reuse(answer: bytes) -> None:
+    async with serving(keep_alive_answers(answer, answer)) as server:
+        pool = ConnectionPool()
+        assert await body_of(pool, server.address) == (200, b"ok")
+        assert await body_of(pool, server.address) == (200, b"ok")
+        assert server.connections == 2  # the stray bytes never become the next answer
+
+
 async def test_a_read_to_close_answer_ends_with_the_connection() -> None:
     def handler_of(server: Server) -> Handler:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

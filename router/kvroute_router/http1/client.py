@@ -380,7 +380,7 @@ class ConnectionPool:
                 _, protocol = await loop.create_connection(lambda: _Connection(address),
                                                            host, port)
         except TimeoutError:
-            raise
+            raise  # an OSError too: the caller's timeout handling, not a connect error
         except OSError as exc:
             raise UpstreamConnectError(f"cannot connect to {address}: {exc}") from exc
         return protocol

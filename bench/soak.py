@@ -120,17 +120,19 @@ def start_fleet(workdir: Path, engines: int) -> tuple[subprocess.Popen[bytes], F
 
 
 def start_router(workdir: Path, fleet: FleetInfo, port: int, max_concurrency: int,
-                 tracemalloc_dir: Path | None = None, tracemalloc_every_s: float = 0.0
-                 ) -> subprocess.Popen[bytes]:
-    """``kvroute router`` as its own process; with ``tracemalloc_dir``, under
-    ``bench/memtrace.py`` (heap snapshots every ``tracemalloc_every_s``)."""
+                 memtrace_dir: Path | None = None, memtrace_every_s: float = 0.0,
+                 memtrace_options: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """``kvroute router`` as its own process; with ``memtrace_dir``, under
+    ``bench/memtrace.py`` (heap snapshots, or with ``--no-trace`` only the allocators'
+    figures, every ``memtrace_every_s``; ``memtrace_options`` are memtrace's own)."""
     config = workdir / "router.yaml"
     config.write_text(yaml.safe_dump_all(router_config(fleet, max_concurrency), sort_keys=False))
     log = (workdir / "router.log").open("wb")
     launcher = [sys.executable, "-m", "kvroute_cli.main"]
-    if tracemalloc_dir is not None:
+    if memtrace_dir is not None:
         launcher = [sys.executable, str(Path(__file__).with_name("memtrace.py")), "run",
-                    "--every", str(tracemalloc_every_s), "--out", str(tracemalloc_dir), "--"]
+                    "--every", str(memtrace_every_s), "--out", str(memtrace_dir),
+                    *memtrace_options, "--"]
     argv = [*launcher, "router", "--config", str(config),
             "--host", "127.0.0.1", "--port", str(port), "--ext-proc-port", "-1",
             "--grpc-port", "-1", "--metrics-port", "-1", "--log-level", "warning",
@@ -447,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the router under bench/memtrace.py: a heap snapshot every "
                              "SECONDS into OUT/tracemalloc (then: python bench/memtrace.py "
                              "report OUT/tracemalloc); tracing distorts RSS and CPU")
+    parser.add_argument("--malloc-every", type=float, default=0.0, metavar="SECONDS",
+                        help="without tracing: the router's RSS and glibc's mallinfo2 every "
+                             "SECONDS into OUT/malloc/malloc.log (bench/memtrace.py --no-trace)")
+    parser.add_argument("--small-tables", action="store_true",
+                        help="shrink the router's bounded tables (bench/memtrace.py "
+                             "--small-tables) so they are full within minutes: RSS growth "
+                             "after that is not a table filling")
     parser.add_argument("--out", type=Path, default=None,
                         help="write soak.json, soak.png, soak.md here")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -463,11 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     fleet_process, fleet = start_fleet(workdir, args.engines)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    traces = None
+    traces: Path | None = None
+    every, options = 0.0, tuple[str, ...]()
     if args.tracemalloc_every:
-        traces = (args.out or workdir) / "tracemalloc"
-    router = start_router(workdir, fleet, port, args.max_concurrency, traces,
-                          args.tracemalloc_every)
+        traces, every = (args.out or workdir) / "tracemalloc", args.tracemalloc_every
+    elif args.malloc_every or args.small_tables:
+        traces, every, options = ((args.out or workdir) / "malloc", args.malloc_every or 60.0,
+                                  ("--no-trace",))
+    if args.small_tables:
+        options = (*options, "--small-tables")
+    router = start_router(workdir, fleet, port, args.max_concurrency, traces, every, options)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
         asyncio.run(wait_ready(url, router))

@@ -9,7 +9,8 @@ request only — a ``POST`` of a JSON body, no redirects, no cookies, no proxies
 are reached on the pod network; a mesh adds mTLS outside the process) — so this client writes
 the request in one ``transport.write`` and parses the answer in its protocol's
 ``data_received``: the head, then the body as ``Content-Length``, chunked or read-to-close,
-handed to the reader as decoded pieces.
+handed to the reader as decoded pieces. The scraper's ``GET /metrics`` goes through it too
+(``scrape/connection.py``), so the body framing has this one home.
 
 Semantics the proxy relies on:
 
@@ -274,6 +275,10 @@ class UpstreamResponse:
         self.status = head.status
         self.headers = head.headers
         """Lower-cased header names."""
+        self.length = head.length
+        """The body's ``Content-Length``; ``None`` when chunked or read to the close."""
+        self.encoding = head.encoding
+        """The body's content coding (lower case, ``""`` for none); the body is not decoded."""
 
     async def read_some(self) -> bytes:
         """Body bytes received so far and not yet read (waits for some); ``b""`` at the end."""

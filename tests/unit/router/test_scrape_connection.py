@@ -129,8 +129,29 @@ async def test_refused_and_timed_out() -> None:
     with pytest.raises(TimeoutError):
         async with asyncio.timeout(0.2):
             await client.get()
-    assert client._writer is None  # a timed-out request never leaves a half-read connection
+    # a timed-out request never leaves a half-read connection
+    assert not any(client._pool._idle.values())
     server.close()
+
+
+async def test_a_page_over_the_limit_is_refused_in_every_framing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvroute_router.scrape import connection
+
+    monkeypatch.setattr(connection, "MAX_BODY_BYTES", len(PAGE) - 1)
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"".join(b"%x\r\n%s\r\n" % (len(part), part)
+                          for part in (PAGE[:100], PAGE[100:])) + b"0\r\n\r\n")
+    to_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + PAGE
+    for answer in (with_length(PAGE), chunked, to_close):
+        async with serve(lambda n, a=answer: a, close_after=1) as (address, _):  # type: ignore[misc]
+            client = MetricsConnection(address)
+            with pytest.raises(ScrapeHTTPError, match="too large"):
+                await client.get()
+    monkeypatch.setattr(connection, "MAX_BODY_BYTES", len(PAGE))
+    for answer in (with_length(PAGE), chunked, to_close):  # at the limit: read whole
+        async with serve(lambda n, a=answer: a, close_after=1) as (address, _):  # type: ignore[misc]
+            assert await MetricsConnection(address).get() == (200, PAGE)
 
 
 def test_split_address() -> None:

@@ -5,9 +5,10 @@ continuously, with or without traffic: through ``aiohttp.ClientSession`` a GET o
 page cost ~250 µs of router CPU (URL and header objects, cookie jar, tracing hooks, timers,
 the connection pool), over a plain asyncio stream ~90 µs (docs/benchmarks/router-cpu.md).
 The scraper needs one request shape only — ``GET /metrics``, no body, no redirects, no
-cookies, no TLS — which is the proxy's upstream client (:mod:`kvroute_router.http1.client`)
-with a prebuilt request: the answer's framing (``Content-Length`` / chunked / read-to-close)
-has one home there; this module adds the page limit and the ``gzip`` coding.
+cookies, no TLS — which the proxy's upstream client (:mod:`kvroute_router.http1.client`)
+sends as well as a POST (with ``Content-Length: 0``, which servers accept): the answer's
+framing (``Content-Length`` / chunked / read-to-close) has one home there;
+this module adds the page limit and the ``gzip`` coding.
 
 A request on a reused connection that fails before any byte of the answer arrived (the
 engine closed an idle keep-alive connection) is retried once on a new connection (the

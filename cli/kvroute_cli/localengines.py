@@ -158,7 +158,8 @@ class LocalEngineFleet:
             "publisher": "zmq",
             "endpoint": f"tcp://*:{engine.kv_events_port}",
             "replay_endpoint": f"tcp://*:{engine.replay_port}",
-            "topic": "kv",
+            # No "topic": vLLM's default (""), which is what a user's engine publishes under
+            # and the only topic vllm-router's --kv-event-source subscribes to (exactly).
         }
         return [
             python, "-m", "vllm.entrypoints.openai.api_server",

@@ -1,6 +1,7 @@
 """KV events over ZMQ the way vLLM's ``ZmqEventPublisher`` sends them.
 
-* PUB socket: every batch is three frames ``[topic, seq, payload]``; ``seq`` is an 8-byte
+* PUB socket: every batch is three frames ``[topic, seq, payload]`` (``topic`` is vLLM's
+  default, empty: vllm-router's ``--kv-event-source`` only takes that one); ``seq`` is an 8-byte
   big-endian counter from 0 (it restarts at 0 when the engine restarts) and ``payload`` is
   msgpack ``[ts, events, data_parallel_rank]``, each event a map with a ``"type"`` key
   (``BlockStored``: ``block_hashes``, ``parent_block_hash``, ``token_ids``, ``block_size``,
@@ -32,7 +33,7 @@ class KVEventPublisher:
     """One engine's PUB and replay sockets, bound on ``host`` (port 0: any free port)."""
 
     def __init__(self, ctx: zmq.asyncio.Context, host: str = "127.0.0.1", pub_port: int = 0,
-                 replay_port: int = 0, topic: str = "kv", buffer_steps: int = 10_000,
+                 replay_port: int = 0, topic: str = "", buffer_steps: int = 10_000,
                  seed: int = 0) -> None:
         self.topic = topic.encode()
         self.pub = ctx.socket(zmq.PUB)

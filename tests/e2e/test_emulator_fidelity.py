@@ -83,12 +83,14 @@ class Subscriber:
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.connect(endpoint)
+        self.topics: set[bytes] = set()
 
     async def stored_chain(self, first_tokens: list[int]) -> tuple[list[int], dict[str, Any]]:
         """The ``BlockStored`` hashes of the chain that starts with ``first_tokens``."""
         async with asyncio.timeout(BOUND_S):
             while True:
-                _, _, payload = await self.sock.recv_multipart()
+                topic, _, payload = await self.sock.recv_multipart()
+                self.topics.add(topic)
                 for event in msgspec.msgpack.decode(payload)[1]:
                     if (event.get("type") == "BlockStored" and event["parent_block_hash"] is None
                             and event["token_ids"][:len(first_tokens)] == first_tokens):
@@ -135,8 +137,10 @@ async def test_same_block_stored_chains(engine_fleet: LocalEngineFleet,
                 await _post(s, f"{u['url']}/v1/chat/completions", {
                     "model": MODEL, "messages": messages, "max_tokens": 1, "ignore_eos": True})
                 chat, _ = await sub.stored_chain(chat_ids[:32])
+                # The topic frame too: the real engine runs vLLM's default --kv-events-config
+                # topic, which vllm-router's --kv-event-source matches exactly.
                 chains[side] = [completion, chat[:len(chat_ids) // 32], sorted(event),
-                                event["block_size"], event["medium"]]
+                                event["block_size"], event["medium"], sorted(sub.topics)]
             finally:
                 sub.close()
     assert chains["emulated"] == chains["real"]

@@ -53,7 +53,7 @@ def pending_ttl_for_pool(pool: InferencePool) -> float:
 
 
 def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool,
-               topic: str = "kv") -> KVEventSource:
+               topic: str = "") -> KVEventSource:
     """Kubernetes: the pod's PUB and replay ports from the pool's ``engine.kvEvents``."""
     spec = pool.spec.engine.kv_events
     host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip

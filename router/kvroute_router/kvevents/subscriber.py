@@ -2,7 +2,7 @@
 
 Three tasks per connection, all on the router's event loop:
 
-* the **receiver** reads ``[topic, seq, payload]`` from a SUB socket (topic filter) and puts it
+* the **receiver** reads ``[topic, seq, payload]`` from a SUB socket (every topic) and puts it
   on a bounded queue with ``put_nowait``; when the queue is full the batch is dropped and a
   resync is flagged — the loop never waits on a slow consumer, and the replay recovers the batch;
 * the **monitor** watches the socket's connect/disconnect events: a disconnect makes the
@@ -109,7 +109,11 @@ class KVEventSource:
     endpoint: str
     events_endpoint: str
     replay_endpoint: str | None = None
-    topic: str = "kv"
+    topic: str = ""
+    """ZMQ subscription prefix. ``""`` takes every topic the engine's PUB socket sends — one
+    socket is one engine (one data-parallel rank), so there is nothing to filter: vLLM's
+    default topic is ``""``, the operator's engines publish under ``kv@<pod>``, a user's may
+    use any other."""
 
 
 @dataclass(frozen=True)

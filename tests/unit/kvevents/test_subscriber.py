@@ -41,7 +41,9 @@ def free_port() -> int:
 class LoopbackPublisher:
     """vLLM's publishing protocol on loopback: PUB for live batches, ROUTER for replay."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, pub_port: int, replay_port: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, pub_port: int, replay_port: int,
+                 topic: bytes = TOPIC) -> None:
+        self.topic = topic
         self.pub = ctx.socket(zmq.PUB)
         self.pub.bind(f"tcp://127.0.0.1:{pub_port}")
         self.router = ctx.socket(zmq.ROUTER)
@@ -62,7 +64,7 @@ class LoopbackPublisher:
             for seq, payload in self.buffer:
                 if seq >= first:
                     await self.router.send_multipart(
-                        [client, b"", TOPIC, seq.to_bytes(8, "big"), payload])
+                        [client, b"", self.topic, seq.to_bytes(8, "big"), payload])
             await self.router.send_multipart(
                 [client, b"", b"", (-1).to_bytes(8, "big", signed=True), b""])
 
@@ -72,7 +74,7 @@ class LoopbackPublisher:
         self.seq += 1
         self.buffer.append((seq, payload))
         if live:
-            await self.pub.send_multipart([TOPIC, seq.to_bytes(8, "big"), payload])
+            await self.pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
         return seq
 
     async def close(self) -> None:
@@ -106,7 +108,7 @@ async def ctx() -> AsyncIterator[zmq.asyncio.Context]:
 
 class Rig:
     def __init__(self, ctx: zmq.asyncio.Context, *, router_seed: str = "vllm-none-hash",
-                 queue_size: int = 4096,
+                 queue_size: int = 4096, publisher_topic: bytes = TOPIC,
                  publisher: type[LoopbackPublisher] | None = None, **settings: Any) -> None:
         self.ctx = ctx
         self.pub_port, self.replay_port = free_port(), free_port()
@@ -122,7 +124,9 @@ class Rig:
                                            "idle_poll_s": 0.05, "self_check_sample_every": 1,
                                            **settings}))
         self.publisher_class = publisher or LoopbackPublisher
-        self.publisher = self.publisher_class(ctx, self.pub_port, self.replay_port)
+        self.publisher_topic = publisher_topic
+        self.publisher = self.publisher_class(ctx, self.pub_port, self.replay_port,
+                                              publisher_topic)
         self.task = asyncio.create_task(self.subscriber.run())
 
     async def restart_publisher(self) -> None:
@@ -133,7 +137,7 @@ class Rig:
         while True:
             try:
                 self.publisher = self.publisher_class(self.ctx, self.pub_port,
-                                                      self.replay_port)
+                                                      self.replay_port, self.publisher_topic)
                 return
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
@@ -177,6 +181,30 @@ async def test_follows_stores_removals_and_clears(ctx: zmq.asyncio.Context) -> N
         assert rig.subscriber.status.hash_check.state == "ok"
         assert rig.metric("kvroute_kv_events_hash_checks_total", endpoint="engine-0",
                           result="match") >= 1
+    finally:
+        await rig.close()
+
+
+@pytest.mark.parametrize("topic", [b"", b"kv", b"kv@pool-7f9c-0"],
+                         ids=["vllm-default", "kv", "operator-pod"])
+async def test_live_batches_arrive_under_any_topic(ctx: zmq.asyncio.Context,
+                                                   topic: bytes) -> None:
+    """vLLM publishes under its default topic ``""`` unless told otherwise, the operator's
+    engines under ``kv@<pod>``: the default source takes every topic live, not only through
+    the replay (a subscription to ``kv`` dropped every live batch of a default engine)."""
+    rig = Rig(ctx, publisher_topic=topic)
+    try:
+        await eventually(lambda: rig.subscriber.status.connected, "connection")
+        tokens = list(range(200, 208))
+        await publish_until_seen(rig, tokens, 2)
+        for number in range(20):
+            if rig.metric("kvroute_kv_events_messages_received_total", endpoint="engine-0",
+                          path="live") >= 1:
+                break
+            await rig.publisher.publish([stored(rig.hasher, [300 + number] * BLOCK)])
+            await asyncio.sleep(0.05)
+        assert rig.metric("kvroute_kv_events_messages_received_total", endpoint="engine-0",
+                          path="live") >= 1
     finally:
         await rig.close()
 

@@ -41,8 +41,9 @@ ALWAYS = -1
 class ScriptedPublisher(LoopbackPublisher):
     """:class:`LoopbackPublisher` whose replay answers follow the test's script."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, pub_port: int, replay_port: int) -> None:
-        super().__init__(ctx, pub_port, replay_port)
+    def __init__(self, ctx: zmq.asyncio.Context, pub_port: int, replay_port: int,
+                 topic: bytes = TOPIC) -> None:
+        super().__init__(ctx, pub_port, replay_port, topic)
         self.requests: list[int] = []
         self.ignore = 0
         self.silent: asyncio.Event | None = None  # ignore every request until set
@@ -64,7 +65,7 @@ class ScriptedPublisher(LoopbackPublisher):
                 await self.hold.wait()
             if self.snapshot_at_answer:
                 snapshot = list(self.buffer)
-            head = [] if self.bare else [TOPIC]
+            head = [] if self.bare else [self.topic]
             for seq, payload in snapshot:
                 if seq < first:
                     continue

@@ -300,3 +300,20 @@ def test_real_engines_serve_the_render_route_vllm_router_kv_aware_needs() -> Non
 
     assert "--enable-scale-out" in local_engine_args(0)
     assert local_engine_args(384)[:2] == ["--num-gpu-blocks-override", "384"]
+
+
+def test_real_engines_publish_kv_events_under_vllms_default_topic(tmp_path: Path) -> None:
+    """vllm-router's ``--kv-event-source`` subscribes to the topic ``""`` only and drops every
+    frame under another one: engines that set ``"topic": "kv"`` left kv_aware without a single
+    KV event in every run before 2026-12-04 (emulated-fleet.md, round 8)."""
+    import json
+
+    from kvroute_cli.localengines import LocalEngine, LocalEngineFleet
+
+    fleet = LocalEngineFleet(count=1, workdir=tmp_path)
+    engine = LocalEngine(index=0, port=8000, kv_events_port=5557, replay_port=5558,
+                         log_path=tmp_path / "engine-0.log")
+    argv = fleet.command(engine, tmp_path / "model", sys.executable)
+    config = json.loads(argv[argv.index("--kv-events-config") + 1])
+    assert config.get("topic", "") == ""
+    assert config["endpoint"] == "tcp://*:5557" and config["enable_kv_cache_events"]

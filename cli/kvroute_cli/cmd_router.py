@@ -39,7 +39,8 @@ def _router(args: argparse.Namespace) -> int:
         config_paths=[Path(p) for p in args.config or []], kubernetes=args.kubernetes,
         namespace=args.namespace, host=args.host, http_port=args.port,
         ext_proc_port=args.ext_proc_port, grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port, scrape_interval_s=args.scrape_interval_ms / 1000.0)
+        metrics_port=args.metrics_port, scrape_interval_s=args.scrape_interval_ms / 1000.0,
+        freeze_startup_heap=args.gc_freeze)
     try:
         settings.tokenizer_dirs = _tokenizer_dirs(args.tokenizer_dir or [])
     except ValueError as exc:
@@ -93,6 +94,10 @@ def register(sub: Any) -> None:
                         help="Prometheus metrics port (-1 disables; also on --port /metrics)")
     parser.add_argument("--scrape-interval-ms", type=float, default=100.0,
                         help="how often each engine's /metrics is scraped")
+    parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
+                        help="once started, gc.freeze() what start-up built, so the garbage "
+                             "collector's full passes under traffic stay short (~3 ms instead "
+                             "of ~70 ms with 64 engines)")
     parser.add_argument("--tokenizer-dir", action="append", metavar="MODEL=DIR",
                         help="tokenizer folder of a served model, for exact prompt hashing by "
                              "the prefix-precise scorer (repeatable)")

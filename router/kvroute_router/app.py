@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from kvroute_router.datastore.kube_source import KubernetesSource
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Director
 from kvroute_router.framework.registry import PluginRegistry, SharedServices
+from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.grpcauth import CallerTokens
 from kvroute_router.kvevents.feed import (
     KVEventFeeds,
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SHUTDOWN_GRACE_S = 50.0
 """The chart's router ``terminationGracePeriodSeconds`` (60) minus a 10 s margin."""
+
+STARTUP_SETTLE_S = 30.0
+"""How long the start-up heap freeze waits for the first listing and KV-event sync before it
+freezes what is there."""
 
 EVENT_LOOPS = ("uvloop", "asyncio")
 """The event loops the router runs on (``kvroute router --event-loop``). ``uvloop`` (libuv,
@@ -67,6 +73,11 @@ class RouterSettings:
     metrics_port: int | None = 9090
     scrape_interval_s: float = 0.1
     config_poll_interval_s: float = 1.0
+    freeze_startup_heap: bool = False
+    """Once started (configuration loaded, tokenizers and subscribers built), collect and
+    ``gc.freeze()`` what start-up allocated, so the cyclic collector's full passes under
+    traffic scan only what traffic created (``kvroute router`` turns it on; it is
+    process-wide, so a router embedded in another program leaves it to that program)."""
     kv_events: bool = True
     """Follow engines' KV events for the ``prefix-precise`` scorer."""
     tokenizer_dirs: dict[str, Path] = field(default_factory=dict)
@@ -183,6 +194,7 @@ class Router:
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
         self.ports: dict[str, int] = {}
+        self._freeze_task: asyncio.Task[None] | None = None
         self.draining = False
         """Set when shutdown begins: readiness answers 503 from then on."""
         # Readiness, next to the proxy's /health (liveness): 503 until the datastore has its
@@ -298,6 +310,29 @@ class Router:
             self.ports["grpc"] = port
         log.info("router listening (%s event loop): %s", event_loop_name(),
                  ", ".join(f"{k}={v}" for k, v in self.ports.items()))
+        if s.freeze_startup_heap:
+            self._freeze_task = asyncio.get_running_loop().create_task(
+                self._freeze_startup_heap(), name="gc-freeze")
+
+    async def _freeze_startup_heap(self) -> None:
+        """Take what start-up built out of the cyclic garbage collector, once.
+
+        A full (generation 2) collection scans every tracked object; with start-up's (modules,
+        tokenizers, plugins, the first pool sync) in the heap one took ~70 ms with 64 engines,
+        a pause every request in flight waits out; after the freeze the same collection took
+        ~3 ms (docs/benchmarks/router-cpu.md, round 8). Waits for the first complete listing
+        and KV-event sync (bounded), then collects once (the garbage of start-up is freed, not
+        frozen) and freezes the rest."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STARTUP_SETTLE_S):
+                if self.source is not None:
+                    await self.datastore.wait_loaded()
+                if self.kv_event_feeds is not None:
+                    await self.kv_event_feeds.synced.wait()
+        freed = gc.collect()
+        gc.freeze()
+        log.info("start-up heap frozen: %d objects out of the cyclic collector (%d freed "
+                 "first)", gc.get_freeze_count(), freed)
 
     def ready(self) -> bool:
         return self.datastore.loaded and not self.draining
@@ -329,6 +364,8 @@ class Router:
         from kvroute_router.grpc_health import enter_shutdown
 
         self.draining = True
+        if self._freeze_task is not None:
+            await cancel_and_wait([self._freeze_task], what="start-up heap freeze")
         for server in self._grpc_servers:
             await enter_shutdown(server)
         if self.settings.shutdown_delay_s > 0 and self.ports:

@@ -9,6 +9,7 @@ come and go (the scraper starts and stops its loops; the KV-event subscriber can
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,8 +95,23 @@ class Datastore:
         self._pool_listeners: list[PoolListener] = []
         self.version = 0
         """Bumped on every pool or policy change (profile caches key on it)."""
-        self.loaded = False
+        self._loaded = asyncio.Event()
+
+    @property
+    def loaded(self) -> bool:
         """True once a source delivered its first complete state."""
+        return self._loaded.is_set()
+
+    @loaded.setter
+    def loaded(self, value: bool) -> None:
+        if value:
+            self._loaded.set()
+        else:
+            self._loaded.clear()
+
+    async def wait_loaded(self) -> None:
+        """Until a source delivered its first complete state."""
+        await self._loaded.wait()
 
     # ---- listeners -------------------------------------------------------------------------
     def add_listener(self, listener: EndpointListener) -> None:

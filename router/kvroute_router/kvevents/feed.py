@@ -83,6 +83,8 @@ class KVEventFeeds:
         self._pools: dict[str, Any] = {}
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()
+        """Set once the first sync is over (pools, tokenizers and subscribers built)."""
 
     async def start(self) -> None:
         self.datastore.add_listener(self._on_change)
@@ -128,6 +130,8 @@ class KVEventFeeds:
                 await self.sync()
             except Exception:
                 log.exception("updating KV-event subscriptions failed")
+            finally:
+                self.synced.set()
 
     async def sync(self) -> None:
         from kvroute_router.kvevents.hub import PoolKVEvents, pending_ttl_for_pool, pod_source

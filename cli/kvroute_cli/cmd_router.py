@@ -96,8 +96,8 @@ def register(sub: Any) -> None:
                         help="how often each engine's /metrics is scraped")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="once started, gc.freeze() what start-up built, so the garbage "
-                             "collector's full passes under traffic stay short (~3 ms instead "
-                             "of ~70 ms with 64 engines)")
+                             "collector's full passes under traffic stay short (~3-5 ms "
+                             "instead of ~70 ms with 64 engines)")
     parser.add_argument("--tokenizer-dir", action="append", metavar="MODEL=DIR",
                         help="tokenizer folder of a served model, for exact prompt hashing by "
                              "the prefix-precise scorer (repeatable)")

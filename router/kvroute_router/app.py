@@ -320,7 +320,7 @@ class Router:
         A full (generation 2) collection scans every tracked object; with start-up's (modules,
         tokenizers, plugins, the first pool sync) in the heap one took ~70 ms with 64 engines,
         a pause every request in flight waits out; after the freeze the same collection took
-        ~3 ms (docs/benchmarks/router-cpu.md, round 8). Waits for the first complete listing
+        3-5 ms (docs/benchmarks/router-cpu.md, round 8). Waits for the first complete listing
         and KV-event sync (bounded), then collects once (the garbage of start-up is freed, not
         frozen) and freezes the rest."""
         with contextlib.suppress(TimeoutError):

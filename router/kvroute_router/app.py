@@ -325,10 +325,10 @@ class Router:
         frozen) and freezes the rest."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(STARTUP_SETTLE_S):
-                if self.source is not None:
+                if self.source is not None:  # without one nothing will load
                     await self.datastore.wait_loaded()
-                if self.kv_event_feeds is not None:
-                    await self.kv_event_feeds.synced.wait()
+                    if self.kv_event_feeds is not None:
+                        await self.kv_event_feeds.synced.wait()
         freed = gc.collect()
         gc.freeze()
         log.info("start-up heap frozen: %d objects out of the cyclic collector (%d freed "

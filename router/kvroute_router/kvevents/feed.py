@@ -84,7 +84,9 @@ class KVEventFeeds:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.synced = asyncio.Event()
-        """Set once the first sync is over (pools, tokenizers and subscribers built)."""
+        """Set once a sync of the loaded datastore is over (its pools' tokenizers and
+        subscribers built); a sync that ran before the first listing (Kubernetes) does not
+        count."""
 
     async def start(self) -> None:
         self.datastore.add_listener(self._on_change)
@@ -126,12 +128,14 @@ class KVEventFeeds:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
+            loaded = self.datastore.loaded
             try:
                 await self.sync()
             except Exception:
                 log.exception("updating KV-event subscriptions failed")
             finally:
-                self.synced.set()
+                if loaded:
+                    self.synced.set()
 
     async def sync(self) -> None:
         from kvroute_router.kvevents.hub import PoolKVEvents, pending_ttl_for_pool, pod_source

@@ -52,13 +52,13 @@ def pending_ttl_for_pool(pool: InferencePool) -> float:
     return pool.spec.engine.kv_events.pending_ms / 1000
 
 
-def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool,
-               topic: str = "") -> KVEventSource:
-    """Kubernetes: the pod's PUB and replay ports from the pool's ``engine.kvEvents``."""
+def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool) -> KVEventSource:
+    """Kubernetes: the pod's PUB and replay ports from the pool's ``engine.kvEvents`` (every
+    topic: the operator's ``kv@<pod>`` and a user's own both match)."""
     spec = pool.spec.engine.kv_events
     host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
     return KVEventSource(endpoint=endpoint_name, events_endpoint=f"tcp://{host}:{spec.port}",
-                         replay_endpoint=f"tcp://{host}:{spec.replay_port}", topic=topic)
+                         replay_endpoint=f"tcp://{host}:{spec.replay_port}")
 
 
 class PoolKVEvents:

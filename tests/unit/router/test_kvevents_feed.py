@@ -90,3 +90,19 @@ async def test_the_pools_pending_window_reaches_the_index_and_an_edit_applies() 
         assert profile.scorers[0].scorer.pool_events.index.pending_ttl == 0  # type: ignore[attr-defined]
     finally:
         await feeds.stop()
+
+
+async def test_synced_waits_for_a_sync_of_the_loaded_store() -> None:
+    """The start-up heap freeze waits on ``synced``: a sync that ran before the first listing
+    (the Kubernetes source lists after start) has built no tokenizer yet and must not count."""
+    store = Datastore()
+    feeds = KVEventFeeds(store, SharedServices())
+    await feeds.start()
+    try:
+        await asyncio.sleep(0.1)  # the first sync ran, on an empty store
+        assert not feeds.synced.is_set()
+        store.replace([pool_with_events(1)], [make_policy()])  # the listing: loaded, dirty
+        async with asyncio.timeout(10):
+            await feeds.synced.wait()
+    finally:
+        await feeds.stop()

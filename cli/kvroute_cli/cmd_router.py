@@ -40,7 +40,7 @@ def _router(args: argparse.Namespace) -> int:
         namespace=args.namespace, host=args.host, http_port=args.port,
         ext_proc_port=args.ext_proc_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, scrape_interval_s=args.scrape_interval_ms / 1000.0,
-        freeze_startup_heap=args.gc_freeze)
+        freeze_startup_heap=args.gc_freeze, loop_lag_probe_s=args.loop_lag_probe_ms / 1000.0)
     try:
         settings.tokenizer_dirs = _tokenizer_dirs(args.tokenizer_dir or [])
     except ValueError as exc:
@@ -98,6 +98,9 @@ def register(sub: Any) -> None:
                         help="once started, gc.freeze() what start-up built, so the garbage "
                              "collector's full passes under traffic stay short (~3-5 ms "
                              "instead of ~70 ms with 64 engines)")
+    parser.add_argument("--loop-lag-probe-ms", type=float, default=50.0,
+                        help="how often the event loop's lag is sampled into "
+                             "kvroute_event_loop_lag_seconds (0: off)")
     parser.add_argument("--tokenizer-dir", action="append", metavar="MODEL=DIR",
                         help="tokenizer folder of a served model, for exact prompt hashing by "
                              "the prefix-precise scorer (repeatable)")

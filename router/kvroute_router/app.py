@@ -41,7 +41,7 @@ from kvroute_router.proxy.server import HTTP_PROTOCOL_LOG, OpenAIProxy
 from kvroute_router.replicasync.sync import ReplicaSync
 from kvroute_router.responsecache import ResponseCache
 from kvroute_router.responsecache.metrics import ResponseCacheMetrics
-from kvroute_router.router_metrics import RouterMetrics, RuntimeCollector
+from kvroute_router.router_metrics import RouterMetrics, RuntimeCollector, RuntimeProbes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ class RouterSettings:
     ``gc.freeze()`` what start-up allocated, so the cyclic collector's full passes under
     traffic scan only what traffic created (``kvroute router`` turns it on; it is
     process-wide, so a router embedded in another program leaves it to that program)."""
+    loop_lag_probe_s: float = 0.05
+    """How often the event-loop lag probe samples (``kvroute_event_loop_lag_seconds``); 0:
+    not at all."""
     kv_events: bool = True
     """Follow engines' KV events for the ``prefix-precise`` scorer."""
     tokenizer_dirs: dict[str, Path] = field(default_factory=dict)
@@ -191,6 +194,7 @@ class Router:
                 self.metrics.registry)
             self.director.add_dispatch_listener(self.replica_sync.on_dispatch)
         self._runtime_collector: RuntimeCollector | None = None
+        self.probes = RuntimeProbes(self.metrics, settings.loop_lag_probe_s)
         self._runners: list[web.AppRunner] = []
         self._grpc_servers: list[Any] = []
         self.ports: dict[str, int] = {}
@@ -266,6 +270,7 @@ class Router:
                 lambda: [(ep.pool, ep.name, ep.prefill_backlog)
                          for ep in self.datastore.endpoints()])
             self.metrics.registry.register(self._runtime_collector)
+        self.probes.start(asyncio.get_running_loop())
         if isinstance(self.source, ConfigFileSource):
             self.source.load()
         if self.source is not None:
@@ -375,6 +380,7 @@ class Router:
         grace = self.settings.shutdown_grace_s
         await asyncio.gather(*(server.stop(grace=grace) for server in self._grpc_servers),
                              *(runner.cleanup() for runner in self._runners))
+        self.probes.stop()
         await self.scraper.stop()
         await self.response_cache.stop()
         if self.budget_hook is not None:

@@ -4,7 +4,10 @@ several routers (tests, benchmarks) can live in one process."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -12,6 +15,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 DECISION_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+PAUSE_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
 
 
 class RouterMetrics:
@@ -69,6 +73,18 @@ class RouterMetrics:
             "non-numeric or non-finite value; the endpoint's metrics are then dropped until "
             "the next good scrape).", ["pool", "endpoint", "reason"], registry=r)
 
+        self.loop_lag = Histogram(
+            "kvroute_event_loop_lag_seconds",
+            "How late a timer on the router's event loop ran (sampled every "
+            "--loop-lag-probe-ms): what a request arriving then waited before the router could "
+            "look at it. About 1 ms resolution on uvloop.",
+            buckets=PAUSE_BUCKETS, registry=r)
+        self.gc_pause = Histogram(
+            "kvroute_gc_pause_seconds",
+            "Cyclic garbage-collector passes in the router process and how long each stopped "
+            "it, by generation (2: full collection).",
+            ["generation"], buckets=PAUSE_BUCKETS, registry=r)
+
         # The process's RSS, open fds, CPU (the standard ``process_*`` names every Prometheus
         # client exports; Linux only, empty elsewhere).
         ProcessCollector(registry=r)
@@ -111,3 +127,50 @@ class RuntimeCollector:
         for pool, endpoint, tokens in self.backlogs():
             backlog.add_metric([pool, endpoint], tokens)
         yield backlog
+
+
+class RuntimeProbes:
+    """Where a request's time goes when the router is busy with something else: the event
+    loop's lag (a timer re-armed every ``interval_s`` records how late it fired into
+    ``kvroute_event_loop_lag_seconds``; 0 turns it off) and every garbage-collector pass
+    (``kvroute_gc_pause_seconds``, from ``gc.callbacks``). Both cost a few microseconds per
+    sample or pass."""
+
+    def __init__(self, metrics: RouterMetrics, interval_s: float) -> None:
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._due = 0.0
+        self._gc_started = 0.0
+        self._gc_pause = [metrics.gc_pause.labels(str(g)) for g in range(3)]
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.interval_s > 0 and self._timer is None:
+            self._loop = loop
+            self._arm()
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _arm(self) -> None:
+        assert self._loop is not None
+        # Measured on the monotonic clock, not loop.time(): uvloop's is in whole milliseconds.
+        self._due = time.monotonic() + self.interval_s
+        self._timer = self._loop.call_later(self.interval_s, self._tick)
+
+    def _tick(self) -> None:
+        self.metrics.loop_lag.observe(max(0.0, time.monotonic() - self._due))
+        self._arm()
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self._gc_pause[info["generation"]].observe(time.perf_counter() - self._gc_started)

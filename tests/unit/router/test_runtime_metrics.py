@@ -149,3 +149,63 @@ def test_the_cli_freezes_by_default() -> None:
     register(top.add_subparsers(dest="command"))
     assert top.parse_args(["router", "--config", "x.yaml"]).gc_freeze is True
     assert top.parse_args(["router", "--config", "x.yaml", "--no-gc-freeze"]).gc_freeze is False
+
+
+def _histogram(router: Router, name: str, **labels: str) -> tuple[float, dict[float, float]]:
+    """(count, {upper bound: cumulative count}) of one histogram series."""
+    count, buckets = 0.0, {}
+    for family in router.metrics.registry.collect():
+        for s in family.samples:
+            if not s.name.startswith(name) or any(s.labels.get(k) != v
+                                                  for k, v in labels.items()):
+                continue
+            if s.name == f"{name}_count":
+                count = s.value
+            elif s.name == f"{name}_bucket":
+                buckets[float(s.labels["le"])] = s.value
+    return count, buckets
+
+
+async def test_a_blocked_event_loop_shows_in_the_lag_histogram() -> None:
+    """A callback that holds the loop for 60 ms makes the next lag sample at least that late:
+    what a request arriving meanwhile waited (router-cpu.md breaks the ceiling's tail down
+    with it)."""
+    import time
+
+    router = Router(RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                                   metrics_port=None, kv_events=False,
+                                   loop_lag_probe_s=0.01))
+    await router.start()
+    try:
+        await asyncio.sleep(0.1)
+        count, buckets = _histogram(router, "kvroute_event_loop_lag_seconds")
+        assert count >= 3
+        assert buckets[0.05] == count  # nothing held the loop yet: no sample this late
+        time.sleep(0.06)  # noqa: ASYNC251 - blocking the loop is the point
+        await asyncio.sleep(0.05)
+        after, buckets = _histogram(router, "kvroute_event_loop_lag_seconds")
+        assert after > count
+        assert buckets[float("inf")] - buckets[0.025] >= 1  # the held sample, > 25 ms late
+    finally:
+        await router.stop()
+    stopped, _ = _histogram(router, "kvroute_event_loop_lag_seconds")
+    await asyncio.sleep(0.05)
+    assert _histogram(router, "kvroute_event_loop_lag_seconds")[0] == stopped  # disarmed
+
+
+async def test_garbage_collections_are_timed_by_generation() -> None:
+    import gc
+
+    router = Router(RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                                   metrics_port=None, kv_events=False, loop_lag_probe_s=0))
+    await router.start()
+    try:
+        before, _ = _histogram(router, "kvroute_gc_pause_seconds", generation="2")
+        gc.collect()
+        after, _ = _histogram(router, "kvroute_gc_pause_seconds", generation="2")
+        assert after == before + 1
+        assert _histogram(router, "kvroute_event_loop_lag_seconds")[0] == 0  # probe off
+    finally:
+        await router.stop()
+    gc.collect()  # the callback is gone with the router
+    assert _histogram(router, "kvroute_gc_pause_seconds", generation="2")[0] == after

@@ -30,7 +30,11 @@ question (``precise_prefix_trace`` of ``kvroute bench``).
    processes share). A request's *outside-engine* time is its client TTFT minus that engine
    interval: the client, the hops, and for routed requests the router. The *added* latency
    is the routed requests' outside-engine quantile minus the direct ones' (p50 and p99), and
-   the ceiling is the highest step whose added p99 stays within ``--added-limit-ms``.
+   the ceiling is the highest step whose added p99 stays within ``--added-limit-ms``. For
+   kvroute each step also reads the router's own histograms before and after (its decision
+   time, event-loop lag, garbage-collector passes, prefill waits: ``report``'s breakdown
+   table), to tell what its tail is made of. ``--router-arg`` passes kvroute's router one
+   more flag (``--router-arg=--scrape-interval-ms=1000``).
 
 Run (the published figures: docs/benchmarks/router-cpu.md)::
 
@@ -63,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from kvroute_bench import promtext
 from kvroute_bench.cli import EmulatedFleetProcess, bench_bin_dirs
 from kvroute_bench.client import send_one
 from kvroute_bench.contenders import (
@@ -155,9 +160,10 @@ class Fleet:
 
 def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
                 event_loop: str = "uvloop", contender_name: str = "kvroute-precise",
-                bin_dirs: Sequence[Path] = ()) -> Fleet:
+                bin_dirs: Sequence[Path] = (), router_args: Sequence[str] = ()) -> Fleet:
     """The emulated engines and ``contender_name``'s router in front of them (kvroute: on
-    ``event_loop``; a peer or ``envoy-rr``: from ``bin_dirs`` or PATH, as its users run it)."""
+    ``event_loop``, with ``router_args`` after its own flags, so they win; a peer or
+    ``envoy-rr``: from ``bin_dirs`` or PATH, as its users run it)."""
     args = argparse.Namespace(engines=engines, profile=profile, time_scale=1.0,
                               kv_blocks_set=False, kv_blocks=0, block_size_set=False,
                               block_size=0, max_context=max_context)
@@ -175,7 +181,10 @@ def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
         raise SystemExit(f"{contender_name} starts no router process: nothing to measure")
     if contender.family == "kvroute":
         contender = replace(contender, command=lambda fleet, port, folder: [
-            *command(fleet, port, folder), "--event-loop", event_loop])
+            *command(fleet, port, folder), "--event-loop", event_loop, *router_args])
+    elif router_args:
+        emulated.stop()
+        raise SystemExit(f"--router-arg is for kvroute's router, not {contender_name}")
     try:
         router = contender.start(info, workdir / "router", bin_dirs)
     except BaseException:
@@ -253,7 +262,7 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
     with tempfile.TemporaryDirectory(prefix="router-cpu-") as tmp:
         fleet = start_fleet(args.engines, args.profile, Path(tmp), args.max_context,
                             args.event_loop, args.contender,
-                            peer_bin_dirs(args))
+                            peer_bin_dirs(args), args.router_arg)
         try:
             requests = trace(args.warmup + args.requests, args.rate, args.seed, args.tenants,
                              args.context, args.output_tokens, args.max_context)
@@ -337,10 +346,52 @@ class CeilingStep:
     loadavg: float
     # Up to three distinct failures, each "routed: ..." or "direct: ..." (what the client saw).
     error_samples: list[str] = field(default_factory=list)
+    # The router's own view of the step, from its /metrics before and after (kvroute only:
+    # NaN / 0 for other contenders). Times are bucket upper bounds (upper estimates).
+    decision_p50_ms: float = math.nan
+    decision_p99_ms: float = math.nan
+    loop_lag_samples: int = 0  # one every --loop-lag-probe-ms (50 ms)
+    loop_lag_p99_ms: float = math.nan
+    loop_lag_over_5ms: int = 0  # samples that found the loop busy for 5 ms or more
+    gc_passes: dict[str, int] = field(default_factory=dict)  # by generation
+    gc_over_5ms: int = 0  # passes of 5 ms or more
+    prefill_waits: int = 0  # requests held for a prefix another request was computing
 
 
 def _ms(values: Sequence[float], q: float) -> float:
     return 1000.0 * percentile(values, q)
+
+
+def router_samples(fleet: Fleet) -> dict[promtext.Sample, float]:
+    """The router's /metrics on its proxy port; empty when it has none (a peer, Envoy)."""
+    try:
+        with urllib.request.urlopen(f"{fleet.router.base_urls[0]}/metrics", timeout=30) as resp:
+            return promtext.parse(resp.read().decode())
+    except (OSError, ValueError):
+        return {}
+
+
+def router_view(before: dict[promtext.Sample, float], after: dict[promtext.Sample, float]
+                ) -> dict[str, Any]:
+    """The CeilingStep fields read off the router's own histograms over a step."""
+    def hist(name: str, **labels: str) -> list[tuple[float, float]]:
+        return promtext.histogram_delta(before, after, name, **labels)
+
+    decision = hist("kvroute_decision_latency_seconds")
+    lag = hist("kvroute_event_loop_lag_seconds")
+    gc_passes = {g: hist("kvroute_gc_pause_seconds", generation=g) for g in ("0", "1", "2")}
+    waits = sum(v - before.get(k, 0.0) for k, v in after.items()
+                if k[0] == "kvroute_prefill_waits_total")
+    return {
+        "decision_p50_ms": 1000 * promtext.bucket_quantile(decision, 50),
+        "decision_p99_ms": 1000 * promtext.bucket_quantile(decision, 99),
+        "loop_lag_samples": round(sum(n for _, n in lag)),
+        "loop_lag_p99_ms": 1000 * promtext.bucket_quantile(lag, 99),
+        "loop_lag_over_5ms": round(promtext.count_above(lag, 0.005)),
+        "gc_passes": {g: round(sum(n for _, n in b)) for g, b in gc_passes.items()},
+        "gc_over_5ms": round(sum(promtext.count_above(b, 0.005) for b in gc_passes.values())),
+        "prefill_waits": round(waits),
+    }
 
 
 def take_timings(fleet: Fleet) -> dict[str, tuple[float, float]]:
@@ -368,10 +419,12 @@ def ceiling_step(fleet: Fleet, rate: float, seconds: float, args: argparse.Names
                 for i, (r, at) in enumerate(zip(extra, direct_at, strict=True))]
     targets.sort(key=lambda t: t[1].arrival_s)
     take_timings(fleet)  # forget anything earlier
+    seen = router_samples(fleet)
     t0, c0, e0 = time.monotonic(), fleet.router_cpu(), fleet.emulator_cpu()
     results = asyncio.run(drive(targets, fleet.info.model, 60.0, tag=f"s{seed}"))
     window = time.monotonic() - t0
     cpu, emu = fleet.router_cpu() - c0, fleet.emulator_cpu() - e0
+    view = router_view(seen, router_samples(fleet)) if seen else {}
     timings = take_timings(fleet)
     via: list[float] = []
     direct: list[float] = []
@@ -401,7 +454,7 @@ def ceiling_step(fleet: Fleet, rate: float, seconds: float, args: argparse.Names
         router_cpu_cores=cpu / window, router_cpu_ms_per_request=1000.0 * cpu / len(routed),
         emulator_cpu_cores=emu / window, loadavg=loadavg(),
         error_samples=sorted({f"{'routed' if r.index >= 0 else 'direct'}: {r.error}"
-                              for r in results if not r.ok})[:3])
+                              for r in results if not r.ok})[:3], **view)
 
 
 def measure_ceiling(args: argparse.Namespace) -> list[CeilingStep]:
@@ -411,7 +464,7 @@ def measure_ceiling(args: argparse.Namespace) -> list[CeilingStep]:
         profile.write_text(json.dumps(FAST_PROFILE))
         fleet = start_fleet(args.engines, str(profile), Path(tmp), args.max_context,
                             args.event_loop, args.contender,
-                            peer_bin_dirs(args))
+                            peer_bin_dirs(args), args.router_arg)
         try:
             # Warm-up: every tenant's context cached somewhere, connections open.
             warm = trace(args.warmup, 10.0, args.seed + 99, args.tenants, args.context,
@@ -479,6 +532,26 @@ def ceiling_table(steps: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_table(steps: Sequence[dict[str, Any]]) -> str:
+    """Markdown rows of what the router's own histograms saw during each ``ceiling`` step
+    (steps measured before they were recorded, or of another router, are left out)."""
+    lines = ["| rate /s | added p99 (ms) | decision p50 / p99 (ms, ≤) | loop lag p99 (ms, ≤) "
+             "| lag samples ≥ 5 ms | GC passes gen 0 / 1 / 2 (≥ 5 ms) | prefill waits |",
+             "|" + "---|" * 7]
+    for s in steps:
+        if not s.get("loop_lag_samples") and not s.get("gc_passes"):
+            continue
+        gc_passes = s.get("gc_passes") or {}
+        lines.append(
+            f"| {s['rate']:g} | {s['added_p99_ms']:.1f} "
+            f"| {s['decision_p50_ms']:g} / {s['decision_p99_ms']:g} "
+            f"| {s['loop_lag_p99_ms']:g} "
+            f"| {s['loop_lag_over_5ms']} of {s['loop_lag_samples']} "
+            f"| {' / '.join(str(gc_passes.get(g, 0)) for g in ('0', '1', '2'))} "
+            f"({s['gc_over_5ms']}) | {s['prefill_waits']} |")
+    return "\n".join(lines)
+
+
 def plot(cpu_rows: Sequence[tuple[str, dict[str, Any]]], steps: Sequence[dict[str, Any]],
          path: Path) -> None:
     """Left: router CPU per request by run; right (with ceiling steps): added latency by rate
@@ -535,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                        help="the peers' venv (default: $KVROUTE_BENCH_VENV, else "
                             "scripts/kvenv.sh bench)")
         p.add_argument("--tenants", type=int, default=16)
+        p.add_argument("--router-arg", action="append", default=[], metavar="ARG",
+                       help="one more flag for kvroute router, after the contender's own "
+                            "(repeatable; e.g. --router-arg=--scrape-interval-ms=1000)")
         p.add_argument("--json", type=Path, help="also write the result here")
     cpu = sub.choices["cpu"]
     cpu.add_argument("--engines", type=int, default=16)
@@ -571,7 +647,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if rows:
             print(cpu_table(rows) + "\n")
         if steps:
-            print(ceiling_table(steps))
+            print(ceiling_table(steps) + "\n")
+            print(breakdown_table(steps))
         if args.plot:
             plot(rows, steps, args.plot)
         return

@@ -149,3 +149,48 @@ def engine_deltas(before: Sequence[Mapping[Sample, float]],
     if len(before) != len(after):
         raise ValueError(f"scrapes of {len(before)} and {len(after)} engines do not match")
     return FleetDelta([delta(b, a) for b, a in zip(before, after, strict=True)])
+
+
+def histogram_delta(before: Mapping[Sample, float], after: Mapping[Sample, float], name: str,
+                    **labels: str) -> list[tuple[float, float]]:
+    """(upper bound, observations in that bucket alone) of histogram ``name`` between two
+    scrapes, ascending, summed over the label sets that carry ``labels``."""
+    cumulative: dict[float, float] = {}
+    for (sample, sample_labels), value in after.items():
+        if sample != f"{name}_bucket":
+            continue
+        found = dict(sample_labels)
+        if any(found.get(k) != v for k, v in labels.items()):
+            continue
+        bound = float(found["le"])
+        earlier = before.get((sample, sample_labels), 0.0)
+        cumulative[bound] = cumulative.get(bound, 0.0) + value - earlier
+    buckets, below = [], 0.0
+    for bound in sorted(cumulative):
+        buckets.append((bound, cumulative[bound] - below))
+        below = cumulative[bound]
+    return buckets
+
+
+def bucket_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float:
+    """The upper bound of the bucket holding the ``q``-th percentile (an upper estimate;
+    NaN without observations, inf past the last finite bound)."""
+    count = sum(n for _, n in buckets)
+    if count <= 0:
+        return math.nan
+    rank, seen = q / 100.0 * count, 0.0
+    for bound, n in buckets:
+        seen += n
+        if seen >= rank and n > 0:
+            return bound
+    return buckets[-1][0]
+
+
+def count_above(buckets: Sequence[tuple[float, float]], bound: float) -> float:
+    """Observations in buckets whose lower bound is at least ``bound``."""
+    total_n, lower = 0.0, -math.inf
+    for upper, n in buckets:
+        if lower >= bound:
+            total_n += n
+        lower = upper
+    return total_n

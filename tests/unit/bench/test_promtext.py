@@ -76,3 +76,38 @@ def test_fleet_hit_rate_ttft_and_imbalance() -> None:
 def test_engine_deltas_need_matching_scrapes() -> None:
     with pytest.raises(ValueError, match="do not match"):
         promtext.engine_deltas([{}], [{}, {}])
+
+
+LAG_BEFORE = """\
+kvroute_event_loop_lag_seconds_bucket{le="0.001"} 10.0
+kvroute_event_loop_lag_seconds_bucket{le="0.005"} 12.0
+kvroute_event_loop_lag_seconds_bucket{le="0.025"} 12.0
+kvroute_event_loop_lag_seconds_bucket{le="+Inf"} 12.0
+kvroute_gc_pause_seconds_bucket{generation="2",le="0.001"} 1.0
+kvroute_gc_pause_seconds_bucket{generation="2",le="+Inf"} 1.0
+"""
+LAG_AFTER = """\
+kvroute_event_loop_lag_seconds_bucket{le="0.001"} 107.0
+kvroute_event_loop_lag_seconds_bucket{le="0.005"} 111.0
+kvroute_event_loop_lag_seconds_bucket{le="0.025"} 112.0
+kvroute_event_loop_lag_seconds_bucket{le="+Inf"} 112.0
+kvroute_gc_pause_seconds_bucket{generation="2",le="0.001"} 1.0
+kvroute_gc_pause_seconds_bucket{generation="2",le="+Inf"} 3.0
+kvroute_gc_pause_seconds_bucket{generation="0",le="0.001"} 50.0
+kvroute_gc_pause_seconds_bucket{generation="0",le="+Inf"} 50.0
+"""
+
+
+def test_histogram_deltas_keep_only_the_window_and_the_asked_labels() -> None:
+    before, after = promtext.parse(LAG_BEFORE), promtext.parse(LAG_AFTER)
+    lag = promtext.histogram_delta(before, after, "kvroute_event_loop_lag_seconds")
+    assert lag == [(0.001, 97.0), (0.005, 2.0), (0.025, 1.0), (math.inf, 0.0)]
+    assert promtext.bucket_quantile(lag, 50) == 0.001
+    assert promtext.bucket_quantile(lag, 99) == 0.005  # the 99th of 100 lies in (1, 5] ms
+    assert promtext.bucket_quantile(lag, 100) == 0.025
+    assert promtext.count_above(lag, 0.005) == 1.0
+    full = promtext.histogram_delta(before, after, "kvroute_gc_pause_seconds", generation="2")
+    assert full == [(0.001, 0.0), (math.inf, 2.0)]  # two new passes, both over 1 ms
+    assert promtext.bucket_quantile(full, 50) == math.inf
+    assert math.isnan(promtext.bucket_quantile(
+        promtext.histogram_delta(before, before, "kvroute_gc_pause_seconds"), 99))

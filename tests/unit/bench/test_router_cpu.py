@@ -38,3 +38,34 @@ def test_the_table_shows_the_probe_beside_each_run() -> None:
     assert header.endswith("| machine probe ms (before, after; steal s) |")
     assert probed.endswith("| 61.4, 64.6; 0.12 |")
     assert older.endswith("| — |")  # a run recorded before the probe: no number invented
+
+
+def test_the_router_view_of_a_step_comes_from_its_histogram_deltas() -> None:
+    from kvroute_bench import promtext
+
+    before = promtext.parse(
+        'kvroute_decision_latency_seconds_bucket{entrypoint="proxy",le="0.001"} 5.0\n'
+        'kvroute_decision_latency_seconds_bucket{entrypoint="proxy",le="0.005"} 5.0\n'
+        'kvroute_decision_latency_seconds_bucket{entrypoint="proxy",le="+Inf"} 5.0\n'
+        'kvroute_prefill_waits_total{outcome="answered",pool="p"} 1.0\n')
+    after = promtext.parse(
+        'kvroute_decision_latency_seconds_bucket{entrypoint="proxy",le="0.001"} 5.0\n'
+        'kvroute_decision_latency_seconds_bucket{entrypoint="proxy",le="0.005"} 103.0\n'
+        'kvroute_decision_latency_seconds_bucket{entrypoint="proxy",le="+Inf"} 105.0\n'
+        'kvroute_prefill_waits_total{outcome="answered",pool="p"} 3.0\n'
+        'kvroute_prefill_waits_total{outcome="timeout",pool="p"} 1.0\n'
+        'kvroute_event_loop_lag_seconds_bucket{le="0.005"} 10.0\n'
+        'kvroute_event_loop_lag_seconds_bucket{le="0.01"} 12.0\n'
+        'kvroute_event_loop_lag_seconds_bucket{le="+Inf"} 12.0\n'
+        'kvroute_gc_pause_seconds_bucket{generation="2",le="0.005"} 0.0\n'
+        'kvroute_gc_pause_seconds_bucket{generation="2",le="+Inf"} 1.0\n')
+    view = router_cpu.router_view(before, after)
+    assert view["decision_p50_ms"] == 5.0
+    assert view["decision_p99_ms"] == float("inf")  # 2 of 100 past the last bound
+    assert view["prefill_waits"] == 3
+    assert (view["loop_lag_samples"], view["loop_lag_over_5ms"]) == (12, 2)
+    assert view["gc_passes"] == {"0": 0, "1": 0, "2": 1} and view["gc_over_5ms"] == 1
+    step = {"rate": 10.0, "added_p99_ms": 9.5, **view}
+    rows = router_cpu.breakdown_table([step, {"rate": 2.0}]).splitlines()
+    assert len(rows) == 3  # header, rule, the step with a view (the other is left out)
+    assert rows[2] == "| 10 | 9.5 | 5 / inf | 10 | 2 of 12 | 0 / 0 / 1 (1) | 3 |"

@@ -10,11 +10,19 @@ count toward ``scrape_failures``, but the endpoint's snapshot is dropped (its me
 until a good page). Every failure counts in ``kvroute_scrape_errors_total`` by reason, and no
 error ends an endpoint's scrape loop. Scrape tasks follow the datastore: they start when
 endpoints appear and stop when they leave.
+
+Each loop scrapes at once, then keeps its own *phase* within the interval: the k-th loop
+started is offset by ``frac(k * 0.618...) * interval`` (a low-discrepancy sequence, even for any
+number of endpoints). Loops started together (a pool's endpoints on load) would otherwise
+scrape in lock-step for as long as they run: at ~0.3 ms of router CPU per page, 64 pages
+answered together are ~20 ms of parsing back to back every interval, which a request arriving
+meanwhile waits out (docs/benchmarks/router-cpu.md, round 9).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 
@@ -26,6 +34,8 @@ from kvroute_router.scrape.connection import MetricsConnection
 from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
 
 log = logging.getLogger(__name__)
+
+GOLDEN_FRACTION = 0.6180339887498949  # (√5 - 1) / 2: successive multiples spread evenly
 
 
 class MetricsScraper:
@@ -40,6 +50,11 @@ class MetricsScraper:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._connections: dict[int, MetricsConnection] = {}
         self._started = False
+        self._loops_started = itertools.count()
+
+    def phase_s(self, k: int) -> float:
+        """The offset within the interval of the ``k``-th scrape loop started."""
+        return (k * GOLDEN_FRACTION) % 1.0 * self.interval_s
 
     async def start(self) -> None:
         self._started = True
@@ -68,7 +83,8 @@ class MetricsScraper:
         for ep in added:
             if id(ep) not in self._tasks:
                 self._tasks[id(ep)] = asyncio.get_running_loop().create_task(
-                    self._loop(ep), name=f"scrape {ep.address}")
+                    self._loop(ep, self.phase_s(next(self._loops_started))),
+                    name=f"scrape {ep.address}")
 
     def _count(self, ep: Endpoint, reason: str) -> None:
         if self.metrics is not None:
@@ -113,7 +129,8 @@ class MetricsScraper:
                      exc)
         return False
 
-    async def _loop(self, ep: Endpoint) -> None:
+    async def _loop(self, ep: Endpoint, phase_s: float = 0.0) -> None:
+        offset = phase_s  # added to the first pause only: the loop keeps its phase after
         while True:
             started = time.monotonic()
             try:
@@ -125,4 +142,5 @@ class MetricsScraper:
                 ok = False
             # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
             pause = self.interval_s if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
-            await asyncio.sleep(max(0.0, pause - (time.monotonic() - started)))
+            await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
+            offset = 0.0

@@ -82,3 +82,50 @@ async def test_a_bad_page_is_counted_marks_metrics_stale_and_scraping_goes_on() 
                 assert ep.metrics is not None and ep.metrics.block_size == 16
         finally:
             await scraper.stop()
+
+
+async def test_endpoints_loaded_together_are_not_scraped_in_lock_step() -> None:
+    """A pool's endpoints appear at once; their scrape loops must not stay in phase, or every
+    interval the router parses all their pages back to back while requests wait (round 9 of
+    docs/benchmarks/router-cpu.md). Each loop scrapes at once, then at its own offset."""
+    from kvroute_api.inference_pool import InferencePool
+
+    arrivals: dict[int, list[float]] = {}
+
+    async def metrics(request: web.Request) -> web.Response:
+        port = request.transport.get_extra_info("sockname")[1] if request.transport else 0
+        arrivals.setdefault(port, []).append(time.monotonic())
+        return web.Response(body=GOOD.encode(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    count, interval = 16, 0.2
+    try:
+        for _ in range(count):
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+        ports = [address[1] for address in runner.addresses]
+        pool = InferencePool.model_validate({
+            "apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
+            "metadata": {"name": "p"},
+            "spec": {"mode": "External", "model": {"name": "m"}, "resources": {"gpus": 0},
+                     "endpoints": [{"name": f"p-{i}", "address": f"127.0.0.1:{port}"}
+                                   for i, port in enumerate(ports)]}}, by_alias=True)
+        store = Datastore()
+        store.replace([pool], [])
+        scraper = MetricsScraper(store, interval_s=interval)
+        await scraper.start()
+        try:
+            await _until(lambda: all(len(arrivals.get(p, [])) >= 3 for p in ports),
+                         "three scrapes of every endpoint")
+        finally:
+            await scraper.stop()
+    finally:
+        await runner.cleanup()
+    first = [arrivals[p][0] for p in ports]
+    assert max(first) - min(first) < interval / 2  # the first scrape of each: at once
+    # Their second and third scrapes, reduced to a phase within the interval.
+    phases = sorted(((arrivals[p][i] - min(first)) % interval) for p in ports for i in (1, 2))
+    widest = max(sum(1 for q in phases if lo <= q < lo + interval / 10) for lo in phases)
+    assert widest <= count // 2, f"{widest} of {2 * count} scrapes within {interval / 10} s"

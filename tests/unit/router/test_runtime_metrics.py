@@ -180,12 +180,13 @@ async def test_a_blocked_event_loop_shows_in_the_lag_histogram() -> None:
         await asyncio.sleep(0.1)
         count, buckets = _histogram(router, "kvroute_event_loop_lag_seconds")
         assert count >= 3
-        assert buckets[0.05] == count  # nothing held the loop yet: no sample this late
+        # Samples already this late (a busy machine can deschedule the test): counted as a base.
+        late = buckets[float("inf")] - buckets[0.025]
         time.sleep(0.06)  # noqa: ASYNC251 - blocking the loop is the point
         await asyncio.sleep(0.05)
         after, buckets = _histogram(router, "kvroute_event_loop_lag_seconds")
         assert after > count
-        assert buckets[float("inf")] - buckets[0.025] >= 1  # the held sample, > 25 ms late
+        assert buckets[float("inf")] - buckets[0.025] >= late + 1  # the held one, > 25 ms late
     finally:
         await router.stop()
     stopped, _ = _histogram(router, "kvroute_event_loop_lag_seconds")
@@ -203,7 +204,7 @@ async def test_garbage_collections_are_timed_by_generation() -> None:
         before, _ = _histogram(router, "kvroute_gc_pause_seconds", generation="2")
         gc.collect()
         after, _ = _histogram(router, "kvroute_gc_pause_seconds", generation="2")
-        assert after == before + 1
+        assert after >= before + 1  # (another, automatic, pass may land in between)
         assert _histogram(router, "kvroute_event_loop_lag_seconds")[0] == 0  # probe off
     finally:
         await router.stop()

@@ -97,13 +97,19 @@ def router_config(fleet: FleetInfo, max_concurrency: int) -> list[dict[str, Any]
     return docs
 
 
-def start_fleet(workdir: Path, engines: int) -> tuple[subprocess.Popen[bytes], FleetInfo]:
-    """``kvroute engines --emulate`` in its own process; its endpoints once it serves."""
+def start_fleet(workdir: Path, engines: int, profile: str = "cpu"
+                ) -> tuple[subprocess.Popen[bytes], FleetInfo]:
+    """``kvroute engines --emulate`` in its own process; its endpoints once it serves.
+
+    ``profile`` sets only what the engines' compute costs: the KV size and block size stay
+    the cpu test engine's (384 blocks of 32 tokens), so the router's tables see the same
+    prompts and blocks whichever profile runs."""
     endpoints_file = workdir / "engines.json"
     log = (workdir / "fleet.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "kvroute_cli.main", "engines", "--emulate", "--count",
-         str(engines), "--profile", "cpu", "--workdir", str(workdir / "fleet"),
+         str(engines), "--profile", profile, "--kv-blocks", "384", "--block-size", "32",
+         "--max-model-len", "4096", "--workdir", str(workdir / "fleet"),
          "--endpoints-file", str(endpoints_file)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
@@ -375,7 +381,8 @@ def report(data: dict[str, Any], command: str) -> str:
         "# Soak: the router under a steady rate",
         "",
         "Issue 16 item 4. `bench/soak.py` (its docstring has the details): an emulated fleet of "
-        f"{meta['engines']} engines (`kvroute engines --emulate`, cpu profile, KV events on), one "
+        f"{meta['engines']} engines (`kvroute engines --emulate`, {meta.get('profile', 'cpu')} "
+        "profile, KV events on), one "
         "`kvroute router` process (proxy, `prefix-precise` x3 + `queue-depth`, a per-tenant "
         "budget of tokens and requests per minute and a concurrency cap, tenants from "
         "`x-kvroute-tenant`), Poisson arrivals of the chat workload (shared system prompts, "
@@ -436,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=1200.0)
     parser.add_argument("--rate", type=float, default=4.0, help="requests per second")
     parser.add_argument("--engines", type=int, default=4)
+    parser.add_argument("--profile", default="cpu",
+                        help="the emulated engines' compute cost (cpu, h100-llama8b): a fast "
+                             "profile carries a higher rate on fewer engines, so the router's "
+                             "per-endpoint tables fill sooner; KV and block size stay the cpu "
+                             "engine's")
     parser.add_argument("--tenants", type=int, default=24)
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=120.0)
@@ -469,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="kvroute-soak-"))
     workdir.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    fleet_process, fleet = start_fleet(workdir, args.engines)
+    fleet_process, fleet = start_fleet(workdir, args.engines, args.profile)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     traces: Path | None = None
@@ -491,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         stop(fleet_process)
     data = {
         "meta": {"started": started, "duration_s": args.duration_s, "rate": args.rate,
-                 "engines": args.engines, "tenants": args.tenants, "sample_s": args.sample_s,
+                 "engines": args.engines, "profile": args.profile, "tenants": args.tenants,
+                 "sample_s": args.sample_s,
                  "warmup_s": args.warmup_s, "disconnect_share": args.disconnect_share,
                  "invalid_share": args.invalid_share, "seed": args.seed,
                  "machine": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -5,6 +5,11 @@ The series a router or autoscaler reads are emitted exactly as vLLM 0.32 does (`
 with vLLM's label set). vLLM's many other series (speculative decoding, multi-modal cache,
 FLOPs estimates, …) are left out: nothing here depends on them. Which series are promised is
 :data:`SERIES`; the fidelity tests compare them with a real engine's page.
+
+Like vLLM 0.32, the page is also served at ``/metrics/`` (vLLM's mounted ``prometheus_client``
+app), where ``name[]`` query parameters restrict it to the samples of those names (the HELP and
+TYPE lines of their families kept): :func:`restrict`. Plain ``/metrics`` ignores them, as
+vLLM's does (a route of its HTTP instrumentation answers it first).
 """
 
 from __future__ import annotations
@@ -79,6 +84,26 @@ def _histogram(lines: list[str], name: str, base: dict[str, str], hist: Histogra
     lines.append(f"{name}_bucket{_labels({**base, 'le': '+Inf'})} {_fmt(hist.count)}")
     lines.append(f"{name}_count{_labels(base)} {_fmt(hist.count)}")
     lines.append(f"{name}_sum{_labels(base)} {_fmt(hist.total)}")
+
+
+def restrict(page: str, names: frozenset[str]) -> str:
+    """``page`` with only the samples named in ``names``, and the ``# HELP`` / ``# TYPE`` lines
+    of the families that keep a sample (``prometheus_client``'s restricted registry: a
+    histogram is asked for by its ``_bucket`` / ``_count`` / ``_sum`` sample names)."""
+    out: list[str] = []
+    comments: list[str] = []
+    for line in page.splitlines():
+        if line.startswith("#"):
+            if line.startswith("# HELP "):
+                comments = []
+            comments.append(line)
+            continue
+        end = min((i for i in (line.find("{"), line.find(" ")) if i != -1), default=len(line))
+        if line[:end] in names:
+            out += comments
+            comments = []
+            out.append(line)
+    return "\n".join(out) + "\n" if out else ""
 
 
 def render(engine: EmulatedEngine) -> str:

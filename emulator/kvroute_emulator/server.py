@@ -132,6 +132,7 @@ class EngineServer:
         self.app.router.add_post("/detokenize", self.detokenize)
         self.app.router.add_post("/reset_prefix_cache", self.reset_prefix_cache)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/metrics/", self.metrics_restricted)
         self.app.router.add_get("/version", self.version)
 
     @web.middleware
@@ -440,6 +441,16 @@ class EngineServer:
         return _json({"success": self.engine.reset_prefix_cache()})
 
     async def metrics(self, request: web.Request) -> web.Response:
+        """The whole page; ``name[]`` is ignored here, as on vLLM's ``/metrics``."""
         return web.Response(body=metrics.render(self.engine).encode(),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def metrics_restricted(self, request: web.Request) -> web.Response:
+        """``/metrics/``: the page restricted to the ``name[]`` samples, when any are given."""
+        page = metrics.render(self.engine)
+        names = request.query.getall("name[]", [])
+        if names:
+            page = metrics.restrict(page, frozenset(names))
+        return web.Response(body=page.encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

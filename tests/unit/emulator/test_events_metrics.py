@@ -169,6 +169,33 @@ async def test_metrics_have_vllms_names_labels_and_buckets(fleet: EmulatedFleet)
     assert values["vllm:time_to_first_token_seconds_count"] == 2
 
 
+async def test_metrics_slash_restricts_to_the_named_samples_as_vllm_does(
+        fleet: EmulatedFleet) -> None:
+    """vLLM 0.32 answers ``/metrics/?name[]=...`` from its mounted prometheus_client app
+    (only those samples, with their families' HELP/TYPE) and ignores ``name[]`` on
+    ``/metrics``; the router's scraper relies on the first (tests/e2e checks the real one)."""
+    e = fleet.endpoints()[0]
+    await _complete(e["url"], "R" * 40)
+    query = [("name[]", "vllm:num_requests_running"), ("name[]", "vllm:prefix_cache_hits_total"),
+             ("name[]", "vllm:cache_config_info"), ("name[]", "vllm:no_such_series"),
+             ("name[]", "vllm:e2e_request_latency_seconds_count")]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{e['url']}/metrics/", params=query) as r:
+            assert r.status == 200
+            restricted = await r.text()
+        async with s.get(f"{e['url']}/metrics", params=query) as r:
+            whole = await r.text()
+        async with s.get(f"{e['url']}/metrics/") as r:
+            unrestricted = await r.text()
+    samples = {x.name for f in _families(restricted).values() for x in f.samples}
+    assert samples == {"vllm:num_requests_running", "vllm:prefix_cache_hits_total",
+                       "vllm:cache_config_info", "vllm:e2e_request_latency_seconds_count"}
+    assert restricted.count("# TYPE ") == 4 and "_bucket" not in restricted
+    assert len(restricted) < len(whole) / 5
+    assert _families(whole).keys() == _families(unrestricted).keys()
+    assert "vllm:time_to_first_token_seconds" in _families(whole)
+
+
 async def test_lru_eviction_publishes_block_removed(model_dir: Path) -> None:
     profile = cpu_test_engine(kv_blocks=8)
     f = EmulatedFleet(FleetConfig(count=1, profile=profile, model_dir=model_dir,

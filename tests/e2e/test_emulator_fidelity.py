@@ -206,3 +206,35 @@ async def test_same_metric_names_and_labels(engine_fleet: LocalEngineFleet,
         real_sets = {(x.name, frozenset(x.labels)) for x in real.samples
                      if not x.name.endswith("_created")}
         assert {(x.name, frozenset(x.labels)) for x in ours.samples} == real_sets, name
+
+
+async def test_same_restricted_metrics_page(engine_fleet: LocalEngineFleet,
+                                            emulated: EmulatedFleet) -> None:
+    """The router's scraper asks for ``/metrics/?name[]=...`` (only the series it reads): a
+    real vLLM answers it from its mounted prometheus_client app, and so must the emulator —
+    the same samples and label names, the whole page a multiple of the restricted one, and
+    what the router parses from it the same as from the whole page."""
+    from kvroute_router.scrape.scraper import FILTERED_PATH
+    from kvroute_router.scrape.vllm_metrics import RUNNING, parse_vllm_metrics
+
+    restricted, whole = {}, {}
+    async with aiohttp.ClientSession() as s:
+        for side, u in _urls(engine_fleet, emulated).items():
+            async with s.get(f"{u['url']}{FILTERED_PATH}", headers={"Accept": "text/plain"}) as r:
+                assert r.status == 200, side
+                restricted[side] = await r.text()
+            async with s.get(f"{u['url']}/metrics") as r:
+                whole[side] = await r.text()
+    shapes = {side: {(x.name, frozenset(x.labels)) for f in
+                     text_string_to_metric_families(page) for x in f.samples
+                     if not x.name.endswith("_created")}
+              for side, page in restricted.items()}
+    assert shapes["emulated"] == shapes["real"]
+    assert RUNNING in {name for name, _ in shapes["real"]}
+    for side in restricted:
+        assert len(restricted[side]) * 5 < len(whole[side]), side
+        ours, theirs = (parse_vllm_metrics(restricted[side], 0.0),
+                        parse_vllm_metrics(whole[side], 0.0))
+        assert (ours.block_size, ours.num_gpu_blocks, ours.hash_algo) == (
+            theirs.block_size, theirs.num_gpu_blocks, theirs.hash_algo), side
+        assert ours.block_size is not None and ours.hash_algo == "sha256_cbor", side

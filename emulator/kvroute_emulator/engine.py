@@ -109,6 +109,8 @@ class EmulatedEngine:
         self.stats = EngineStats()
         self.generations: dict[int, Generation] = {}
         self.slowdown = 1.0
+        self.metrics_delay_s = 0.0
+        """Wall seconds ``/metrics`` waits before answering (the ``metrics`` fault)."""
         self.alive = True
         self.lag_s = 0.0
         self.steps = 0
@@ -167,6 +169,7 @@ class EmulatedEngine:
         self._block_refs.clear()
         self._aborts.clear()
         self.slowdown = 1.0
+        self.metrics_delay_s = 0.0
         self._running.set()
         self.publisher = self._publisher_factory()
         self.publisher.restart()
@@ -332,7 +335,8 @@ class EmulatedEngine:
 
     def status(self) -> dict[str, Any]:
         return {"index": self.index, "alive": self.alive, "stalled": self.stalled,
-                "slowdown": self.slowdown, "running": len(self.sim.running),
+                "slowdown": self.slowdown, "metrics_delay_s": self.metrics_delay_s,
+                "running": len(self.sim.running),
                 "waiting": len(self.sim.waiting), "steps": self.steps,
                 "lag_s": round(self.lag_s, 6),
                 "kv_seq": self.publisher.seq if self.publisher else None,

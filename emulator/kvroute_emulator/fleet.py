@@ -16,6 +16,9 @@ Admin API (``admin_port``; JSON bodies; errors are 400/404 with an OpenAI-style 
 * ``POST /engines/{i}/stall`` (``{"seconds": s}`` optional) and ``/resume`` — no steps run;
   HTTP still answers, requests wait. ``POST /engines/{i}/slow`` ``{"factor": f}`` — steps take
   ``f`` times as long (1 restores).
+* ``POST /engines/{i}/metrics`` ``{"delay_s": d}`` — ``/metrics`` answers only after ``d``
+  wall seconds (0 restores): an API server too busy to answer its metrics page while it still
+  serves requests; a router's scrapes time out.
 * ``POST /engines/{i}/events`` ``{"drop": p, "garble": p}`` — shares of KV-event batches the
   publisher drops (sequence numbers still advance; replay still has them) or garbles.
 * ``GET /timings`` — ``{x-request-id: [arrived, first token written]}`` (``time.monotonic()``
@@ -220,6 +223,11 @@ class EmulatedFleet:
             if factor is None or factor <= 0:
                 raise ClientError("factor must be a number > 0", "factor")
             engine.slow_down(factor)
+        elif action == "metrics":
+            delay = _number(body, "delay_s", None)
+            if delay is None or not 0 <= delay <= 600:
+                raise ClientError("delay_s must be a number of seconds in [0, 600]", "delay_s")
+            engine.metrics_delay_s = float(delay)
         elif action == "events":
             drop = _number(body, "drop", 0.0)
             garble = _number(body, "garble", 0.0)
@@ -231,7 +239,7 @@ class EmulatedFleet:
                 engine.publisher.garble_share = float(garble or 0.0)
         else:
             raise ClientError(f"unknown action {action!r}; valid: kill, restart, stall, "
-                              "resume, slow, events", "action", 404, "NotFoundError")
+                              "resume, slow, metrics, events", "action", 404, "NotFoundError")
         return web.json_response({**self.endpoints()[index], **engine.status()})
 
 

@@ -16,6 +16,7 @@ started with ``eos_after`` (then a request that does not set ``ignore_eos`` stop
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -442,11 +443,15 @@ class EngineServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         """The whole page; ``name[]`` is ignored here, as on vLLM's ``/metrics``."""
+        if self.engine.metrics_delay_s > 0:  # the fault: an API server too busy to answer
+            await asyncio.sleep(self.engine.metrics_delay_s)
         return web.Response(body=metrics.render(self.engine).encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def metrics_restricted(self, request: web.Request) -> web.Response:
         """``/metrics/``: the page restricted to the ``name[]`` samples, when any are given."""
+        if self.engine.metrics_delay_s > 0:
+            await asyncio.sleep(self.engine.metrics_delay_s)
         page = metrics.render(self.engine)
         names = request.query.getall("name[]", [])
         if names:

@@ -187,6 +187,31 @@ async def test_a_stalled_engine_times_out_per_try_and_is_retried(
         await served_all(router, url, range(112, 114))
 
 
+async def test_metrics_timing_out_everywhere_does_not_refuse_traffic(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path) -> None:
+    """Every engine's ``/metrics`` too slow to answer (API servers busy, a starved node) while
+    the engines serve: the router keeps routing (the healthy filter's panic rule) instead of
+    answering 503 to everything — what the soak benchmark hit. An engine that refuses
+    connections is still kept out."""
+    async with running_router(_config(tmp_path, fleet, 5000), model_dir) as (router, url):
+        await served_all(router, url, range(300, 302))
+        for index in (0, 1):
+            await admin(fleet, index, "metrics", delay_s=2.0)  # the scrape timeout is 0.5 s
+        await eventually(lambda: all(ep.scrape_failures >= 3
+                                     for ep in router.datastore.endpoints()),
+                         "every endpoint's scrapes failing")
+        await served_all(router, url, range(302, 308))
+        await admin(fleet, 0, "kill")  # refused: retried on the other, then kept out
+        served = await served_all(router, url, range(308, 314))
+        assert set(served) == {addresses(fleet)[1]}
+        await admin(fleet, 1, "metrics", delay_s=0.0)
+        await admin(fleet, 0, "restart")
+        await eventually(lambda: all(ep.scrape_failures == 0
+                                     for ep in router.datastore.endpoints()),
+                         "scrapes succeeding again")
+        await served_all(router, url, range(314, 316))
+
+
 def index_entries(router: Router) -> int:
     feeds = router.kv_event_feeds
     assert feeds is not None

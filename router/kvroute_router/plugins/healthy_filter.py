@@ -1,8 +1,24 @@
 """``healthy-filter``: drops endpoints known to be down (failed scrapes in a row, or a recent
-connection failure seen by the proxy). Endpoints never scraped yet pass."""
+connection failure seen by the proxy). Endpoints never scraped yet pass.
+
+**Panic rule.** When *every* candidate has failed its last scrapes, the filter keeps those the
+proxy has not seen refuse a connection, instead of none. A metrics page that times out is weak
+evidence that an engine cannot serve — an API server busy with a burst of streams, a
+CPU-starved node, a slow ``/metrics`` — and the case where it hits every endpoint at once is
+the one where dropping them all turns a metrics hiccup into a fleet-wide outage: every request
+answered 503 while the engines serve. (Found by the soak benchmark: with the machine starved for
+CPU for two minutes, every scrape of both engines timed out and the router answered 564
+requests 503 while the engines still served the rest.) Envoy's *panic threshold* makes the same
+trade: below a share of healthy hosts it routes to all of them. An endpoint that refused a
+connection stays out (``unavailable_until``); a request sent to an engine that is really down
+fails over like any other connection failure (the proxy's retry, its connect timeout). With
+at least one endpoint passing, nothing changes: a stalled engine is still dropped while
+others serve. Each panic is logged (at most every 10 s).
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from typing import ClassVar
@@ -12,6 +28,10 @@ from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.registry import PluginContext
 from kvroute_router.framework.request import LLMRequest
 
+log = logging.getLogger(__name__)
+
+PANIC_LOG_EVERY_S = 10.0
+
 
 class HealthyFilter:
     TYPE: ClassVar[str] = "healthy-filter"
@@ -19,14 +39,27 @@ class HealthyFilter:
     def __init__(self, max_scrape_failures: int = 3) -> None:
         self.name = self.TYPE
         self.max_scrape_failures = max_scrape_failures
+        self.panics = 0
+        self._logged_at = float("-inf")
 
     def filter(self, state: CycleState, request: LLMRequest,
                endpoints: Sequence[Endpoint]) -> list[Endpoint]:
         now = time.monotonic()
         limit = self.max_scrape_failures
         # Endpoint.healthy, inlined: this runs over every endpoint of the pool per request.
-        return [ep for ep in endpoints
-                if ep.scrape_failures < limit and now >= ep.unavailable_until]
+        healthy = [ep for ep in endpoints
+                   if ep.scrape_failures < limit and now >= ep.unavailable_until]
+        if healthy or not endpoints:
+            return healthy
+        reachable = [ep for ep in endpoints if now >= ep.unavailable_until]
+        if reachable:
+            self.panics += 1
+            if now - self._logged_at >= PANIC_LOG_EVERY_S:
+                self._logged_at = now
+                log.warning("every endpoint of %s failed its last %d scrapes; routing among "
+                            "the %d that did not refuse a connection (panic, %d so far)",
+                            endpoints[0].pool, limit, len(reachable), self.panics)
+        return reachable
 
     @classmethod
     def build(cls, context: PluginContext) -> HealthyFilter:

@@ -127,6 +127,26 @@ async def test_admin_rejects_bad_input(fleet: EmulatedFleet) -> None:
         == "action"
     state = await _admin(fleet, "/engines/0/slow", {"factor": 3})
     assert state["slowdown"] == 3
+    for bad in ({}, {"delay_s": -1}, {"delay_s": 601}, {"delay_s": "1"}):
+        assert (await _admin(fleet, "/engines/0/metrics", bad, 400))["error"]["param"] \
+            == "delay_s", bad
+
+
+async def test_metrics_delay_holds_the_page_while_requests_are_served(
+        fleet: EmulatedFleet) -> None:
+    """The ``metrics`` fault: ``/metrics`` (both paths) answers late, completions do not."""
+    state = await _admin(fleet, "/engines/0/metrics", {"delay_s": 5})
+    assert state["metrics_delay_s"] == 5
+    url = fleet.endpoints()[0]["url"]
+    async with aiohttp.ClientSession() as s:
+        for path in ("/metrics", "/metrics/?name[]=vllm:num_requests_running"):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3), s.get(f"{url}{path}") as r:
+                    await r.read()
+    assert await _complete(url, "served while the metrics page is held") == 200
+    await _admin(fleet, "/engines/0/metrics", {"delay_s": 0})
+    async with aiohttp.ClientSession() as s, asyncio.timeout(5), s.get(f"{url}/metrics") as r:
+        assert r.status == 200
 
 
 async def test_abandoned_stream_is_aborted_and_frees_the_engine(fleet: EmulatedFleet) -> None:

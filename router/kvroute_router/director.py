@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from kvroute_router.datastore.resolution import PolicyConflictError
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution
 from kvroute_router.framework.cycle_state import CycleState
-from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.endpoint import STATE_HEALTH_PANIC, Endpoint, panic_possible
 from kvroute_router.framework.lifecycle import Admission, DecisionView, Outcome, RoutingError
 from kvroute_router.framework.plugins import ScoredEndpoint
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
@@ -343,20 +343,29 @@ class Director:
         if preferred:  # stable: weighted order kept inside each group
             order.sort(key=lambda state: state.name not in preferred)
         adapters = {target.name: target.lora_adapter for _, target in resolution.pools}
+        # Every pool first as it is; then, if none had a healthy endpoint but some failed only
+        # their scrapes, once more under the healthy filter's panic rule (framework.endpoint
+        # .serving): a metrics outage must not refuse a fleet that serves.
         try:
-            for pool in order:
-                request.lora_adapter = adapters.get(pool.name)
-                profile = self.profile_for(resolution, pool)
-                state = CycleState()
-                ranked = profile.run(state, request, list(pool.endpoints.values()),
-                                     limit=max(1, spec.retries.max_attempts))
-                if ranked:
-                    # Time spent waiting in admission hooks (queueing) is not decision cost.
-                    decided = time.perf_counter() - started - waited
-                    return Decision(request=request, policy=policy,
-                                    policy_key=resolution.policy_key, pool=pool,
-                                    profile=profile, state=state, ranked=ranked,
-                                    decided_in_s=decided, admissions=admissions)
+            for panic in (False, True):
+                if panic and not any(panic_possible(list(pool.endpoints.values()))
+                                     for pool in order):
+                    break
+                for pool in order:
+                    request.lora_adapter = adapters.get(pool.name)
+                    profile = self.profile_for(resolution, pool)
+                    state = CycleState()
+                    if panic:
+                        state.write(STATE_HEALTH_PANIC, True)
+                    ranked = profile.run(state, request, list(pool.endpoints.values()),
+                                         limit=max(1, spec.retries.max_attempts))
+                    if ranked:
+                        # Time spent waiting in admission hooks (queueing) is not decision cost.
+                        decided = time.perf_counter() - started - waited
+                        return Decision(request=request, policy=policy,
+                                        policy_key=resolution.policy_key, pool=pool,
+                                        profile=profile, state=state, ranked=ranked,
+                                        decided_in_s=decided, admissions=admissions)
         except BaseException as exc:  # a plugin raised: what the hooks admitted is freed
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("scheduling request %s failed", request.request_id)

@@ -125,8 +125,8 @@ async def test_ext_proc_immediate_responses(director: Director) -> None:
             assert final.WhichOneof("response") == "immediate_response"
             assert final.immediate_response.status.code == status
             assert "error" in json.loads(final.immediate_response.body)
-        for e in director.datastore.endpoints():
-            e.scrape_failures = 9
+        for e in director.datastore.endpoints():  # every one refused a connection
+            director.mark_unavailable(e, 60.0)
         responses = await _exchange(port, [_headers("/v1/completions"),
                                            _body({"model": "chat", "prompt": "x"})])
         assert responses[-1].immediate_response.status.code == 503

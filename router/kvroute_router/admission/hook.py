@@ -68,6 +68,7 @@ from kvroute_router.budget.metrics import BudgetMetrics
 from kvroute_router.budget.pricing import PoolEconomics
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution, object_key
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
+from kvroute_router.framework.endpoint import serving
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.framework.tasks import cancel_and_wait
 
@@ -213,7 +214,9 @@ class BudgetHook:
 
     def _economics(self, state: _Policy, pool: PoolState) -> PoolEconomics:
         cached = state.economics.get(pool.name)
-        ready = sum(1 for ep in pool.endpoints.values() if ep.healthy())
+        endpoints = list(pool.endpoints.values())
+        # The healthy filter's rule: a pool priced with the replicas it would route among.
+        ready = len(serving(endpoints) or serving(endpoints, panic=True))
         if cached is None or cached.replicas != max(1, ready):
             cached = PoolEconomics.from_spec(pool.name, pool.pool.spec,
                                              ready_replicas=max(1, ready))

@@ -129,6 +129,35 @@ class Endpoint:
         return stale_value if m is None else m.kv_cache_usage
 
 
+STATE_HEALTH_PANIC = "health_panic"
+"""CycleState key: ``True`` when the cycle routes under the *panic rule* (:func:`serving`)."""
+
+
+def serving(endpoints: Sequence[Endpoint], now: float | None = None,
+            max_scrape_failures: int = 3, panic: bool = False) -> list[Endpoint]:
+    """The endpoints to route among: the healthy ones (:meth:`Endpoint.healthy`); with
+    ``panic``, when none is, those that failed only their scrapes — not a connection the proxy
+    tried.
+
+    A metrics page that times out on every engine at once (API servers busy, a starved node) is
+    weak evidence that the fleet cannot serve, and dropping them all answers every request 503
+    while the engines work. The director asks for the panic rule only after every pool of the
+    policy, fallbacks included, had nothing healthy (:func:`panic_possible`), as Envoy spills
+    to lower priorities before it panics."""
+    moment = time.monotonic() if now is None else now
+    reachable = [ep for ep in endpoints if moment >= ep.unavailable_until]
+    healthy = [ep for ep in reachable if ep.scrape_failures < max_scrape_failures]
+    return reachable if panic and not healthy else healthy
+
+
+def panic_possible(endpoints: Sequence[Endpoint], now: float | None = None,
+                   max_scrape_failures: int = 3) -> bool:
+    """Whether the panic rule would keep an endpoint of ``endpoints`` that is not healthy."""
+    moment = time.monotonic() if now is None else now
+    return any(moment >= ep.unavailable_until and ep.scrape_failures >= max_scrape_failures
+               for ep in endpoints)
+
+
 @dataclass(frozen=True, slots=True)
 class LoadEstimates:
     """The load estimates of :class:`Endpoint` for a whole candidate list at once, as arrays

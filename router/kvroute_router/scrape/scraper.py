@@ -39,6 +39,7 @@ from urllib.parse import urlencode
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.tasks import cancel_and_wait
+from kvroute_router.http1.client import UpstreamConnectError
 from kvroute_router.router_metrics import RouterMetrics
 from kvroute_router.scrape.connection import MetricsConnection
 from kvroute_router.scrape.vllm_metrics import RUNNING, WANTED, parse_vllm_metrics
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 GOLDEN_FRACTION = 0.6180339887498949  # (√5 - 1) / 2: successive multiples spread evenly
 FULL_PATH = "/metrics"
+REFUSED_UNAVAILABLE_S = 2.5
+"""An endpoint whose scrape could not connect is kept out of picks this long (longer than the
+longest pause between a failing endpoint's scrapes, 2 s, so it stays out until one connects)."""
 FILTERED_PATH = "/metrics/?" + urlencode([("name[]", name) for name in sorted(WANTED)])
 """vLLM's page restricted to the samples :func:`parse_vllm_metrics` reads."""
 _RUNNING_SAMPLE = RUNNING.encode()
@@ -124,6 +128,12 @@ class MetricsScraper:
                     status, body = await self._fall_back(ep, connection)
         except (TimeoutError, OSError) as exc:  # ScrapeHTTPError is an OSError
             self._count(ep, "unreachable")
+            if isinstance(exc.__cause__, UpstreamConnectError):
+                # Refused or unreachable, as the proxy would find it: out of picks even under
+                # the healthy filter's panic rule, which keeps endpoints whose scrapes only
+                # timed out (framework.endpoint.serving). Until the next scrape at the latest.
+                ep.unavailable_until = max(ep.unavailable_until,
+                                           time.monotonic() + REFUSED_UNAVAILABLE_S)
             return self._failed(ep, exc)
         if status != 200:
             self._count(ep, "http_status")

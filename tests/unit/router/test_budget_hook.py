@@ -119,17 +119,18 @@ async def test_concurrency_slot_is_freed_by_finish_and_by_a_request_that_got_no_
                                                            completion_tokens=1))
     await _settled(hook)
     held[0] = await director.route(_request())
-    # A request admitted by the hook but refused later (no healthy endpoint: 503) frees its slot.
+    # A request admitted by the hook but refused later (every endpoint refused connections:
+    # 503) frees its slot.
     director.finish(held[0], held[0].endpoints[0], Outcome(status=200))
     await _settled(hook)
     for ep in store.endpoints():
-        ep.scrape_failures = 5
+        director.mark_unavailable(ep, for_s=60)
     with pytest.raises(RoutingError) as unavailable:
         await director.route(_request())
     assert unavailable.value.status == 503
     await _settled(hook)
     for ep in store.endpoints():
-        ep.scrape_failures = 0
+        ep.unavailable_until = 0.0
     await director.route(_request())  # 1 held + this one = 2: fits
 
 

@@ -92,6 +92,10 @@ async def test_unhealthy_endpoints_are_filtered_and_none_left_is_503() -> None:
     decision = await director.route(LLMRequest(model="chat", prompt_text="a"))
     assert decision.endpoints == [eps[1]]
     director.mark_unavailable(eps[1], for_s=60)
+    # The other one failed only its scrapes: the panic rule routes to it rather than refuse.
+    decision = await director.route(LLMRequest(model="chat", prompt_text="a"))
+    assert decision.endpoints == [eps[0]]
+    director.mark_unavailable(eps[0], for_s=60)
     with pytest.raises(RoutingError) as err:
         await director.route(LLMRequest(model="chat", prompt_text="a"))
     assert err.value.status == 503

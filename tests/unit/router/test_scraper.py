@@ -240,3 +240,38 @@ async def test_when_neither_page_answers_the_restricted_one_is_tried_again() -> 
         finally:
             await scraper.stop()
     assert set(asked[count:]) == {"/metrics/"}
+
+
+async def test_a_refused_scrape_keeps_the_endpoint_out_a_timed_out_one_does_not() -> None:
+    """The panic rule routes among endpoints whose scrapes failed but that did not refuse a
+    connection; the scraper tells the two apart: nothing listening marks the endpoint
+    unavailable (as the proxy does), a page that does not come in time only counts a failure."""
+    import socket
+
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    store = Datastore()
+    store.replace([make_pool("p", count=1, base_port=dead_port)], [])
+    scraper = MetricsScraper(store, interval_s=0.05)
+    (ep,) = store.endpoints()
+    assert not await scraper.scrape_once(ep)
+    assert ep.scrape_failures == 1 and ep.unavailable_until > time.monotonic() + 2.0
+    await scraper.stop()
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.0)
+        return web.Response(body=GOOD.encode(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics/", slow)
+    async with serving(app) as url:
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+        scraper = MetricsScraper(store, interval_s=0.05, timeout_s=0.1)
+        (ep,) = store.endpoints()
+        try:
+            assert not await scraper.scrape_once(ep)
+        finally:
+            await scraper.stop()
+        assert ep.scrape_failures == 1 and ep.unavailable_until == 0.0

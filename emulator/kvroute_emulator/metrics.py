@@ -106,8 +106,16 @@ def restrict(page: str, names: frozenset[str]) -> str:
     return "\n".join(out) + "\n" if out else ""
 
 
-def render(engine: EmulatedEngine) -> str:
-    """The page's text (Prometheus text format 0.0.4)."""
+def _sample_names(name: str, kind: str) -> frozenset[str]:
+    if kind == "histogram":
+        return frozenset((f"{name}_bucket", f"{name}_count", f"{name}_sum"))
+    return frozenset((name,))
+
+
+def render(engine: EmulatedEngine, names: frozenset[str] | None = None) -> str:
+    """The page's text (Prometheus text format 0.0.4); with ``names``, only the families that
+    have a sample of those names (the caller then applies :func:`restrict` to the samples): a router
+    asks for its few series every 100 ms, and one emulator process answers for the fleet."""
     sim, stats = engine.sim, engine.stats
     base = {"engine": "0", "model_name": engine.model.name}
     used = (sim.pinned + sim.reserved) / sim.profile.kv_blocks if sim.profile.kv_blocks else 0.0
@@ -126,6 +134,8 @@ def render(engine: EmulatedEngine) -> str:
                   "vllm:request_queue_time_seconds": stats.queue}
     lines: list[str] = []
     for name, (kind, help_text) in SERIES.items():
+        if names is not None and names.isdisjoint(_sample_names(name, kind)):
+            continue
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} {kind}")
         if name in values:

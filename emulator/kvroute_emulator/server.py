@@ -452,10 +452,9 @@ class EngineServer:
         """``/metrics/``: the page restricted to the ``name[]`` samples, when any are given."""
         if self.engine.metrics_delay_s > 0:
             await asyncio.sleep(self.engine.metrics_delay_s)
-        page = metrics.render(self.engine)
-        names = request.query.getall("name[]", [])
-        if names:
-            page = metrics.restrict(page, frozenset(names))
+        names = frozenset(request.query.getall("name[]", []))
+        page = (metrics.restrict(metrics.render(self.engine, names), names) if names
+                else metrics.render(self.engine))
         return web.Response(body=page.encode(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 

@@ -136,8 +136,8 @@ STATE_HEALTH_PANIC = "health_panic"
 def serving(endpoints: Sequence[Endpoint], now: float | None = None,
             max_scrape_failures: int = 3, panic: bool = False) -> list[Endpoint]:
     """The endpoints to route among: the healthy ones (:meth:`Endpoint.healthy`); with
-    ``panic``, when none is, those that failed only their scrapes — not a connection the proxy
-    tried.
+    ``panic``, when none is, those that failed only their scrapes: not those that refused a
+    connection (``unavailable_until``, set by the proxy and by the scraper).
 
     A metrics page that times out on every engine at once (API servers busy, a starved node) is
     weak evidence that the fleet cannot serve, and dropping them all answers every request 503

@@ -1,12 +1,12 @@
 """``healthy-filter``: drops endpoints known to be down (failed scrapes in a row, or a recent
-connection failure seen by the proxy). Endpoints never scraped yet pass.
+connection failure seen by the proxy or the scraper). Endpoints never scraped yet pass.
 
 **Panic rule.** When *every* pool of the policy (fallbacks included) had no healthy endpoint
 and some endpoints failed only their scrapes, the director runs the cycle again with
-``STATE_HEALTH_PANIC`` set, and this filter then keeps the endpoints the proxy has not seen
-refuse a connection, instead of none. A metrics page that times out is weak evidence that an
-engine cannot serve — an API server busy with a burst of streams, a CPU-starved node, a slow
-``/metrics`` — and the case where it hits every endpoint at once is the one where dropping
+``STATE_HEALTH_PANIC`` set, and this filter then keeps the endpoints that did not refuse a
+connection (to the proxy or to the scraper), instead of none. A metrics page that times out
+is weak evidence that an engine cannot serve — an API server busy with a burst of streams, a
+CPU-starved node, a slow ``/metrics`` — and the case where it hits every endpoint at once is the one where dropping
 them all turns a metrics hiccup into an outage: every request answered 503 while the engines
 serve. (Found by the soak benchmark: with the machine starved for CPU for two minutes, every
 scrape of both engines timed out and the router answered 564 requests 503 while the engines

@@ -131,7 +131,7 @@ class MetricsScraper:
             if isinstance(exc.__cause__, UpstreamConnectError):
                 # Refused or unreachable, as the proxy would find it: out of picks even under
                 # the healthy filter's panic rule, which keeps endpoints whose scrapes only
-                # timed out (framework.endpoint.serving). Until the next scrape at the latest.
+                # timed out (framework.endpoint.serving). Held past the next scrape's time.
                 ep.unavailable_until = max(ep.unavailable_until,
                                            time.monotonic() + REFUSED_UNAVAILABLE_S)
             return self._failed(ep, exc)

@@ -4,18 +4,18 @@ connection failure seen by the proxy or the scraper). Endpoints never scraped ye
 **Panic rule.** When *every* pool of the policy (fallbacks included) had no healthy endpoint
 and some endpoints failed only their scrapes, the director runs the cycle again with
 ``STATE_HEALTH_PANIC`` set, and this filter then keeps the endpoints that did not refuse a
-connection (to the proxy or to the scraper), instead of none. A metrics page that times out
-is weak evidence that an engine cannot serve — an API server busy with a burst of streams, a
-CPU-starved node, a slow ``/metrics`` — and the case where it hits every endpoint at once is the one where dropping
-them all turns a metrics hiccup into an outage: every request answered 503 while the engines
-serve. (Found by the soak benchmark: with the machine starved for CPU for two minutes, every
-scrape of both engines timed out and the router answered 564 requests 503 while the engines
-still served the rest.) Envoy makes the same trade with its *panic threshold*, after spilling
-to lower priorities. An endpoint that refused a connection stays out (``unavailable_until``); a
-request sent to an engine that is really down fails over like any other connection failure
-(the proxy's retry, its connect timeout). With any pool healthy nothing changes: a stalled
-engine is still dropped while others serve, a fallback pool still takes over. Each panic is
-logged (at most every 10 s). The rule itself is
+connection (to the proxy or to the scraper), instead of none. A metrics page that times out is
+weak evidence that an engine cannot serve — an API server busy with a burst of streams, a
+CPU-starved node, a slow ``/metrics`` — and the case where it hits every endpoint at once is
+the one where dropping them all turns a metrics hiccup into an outage: every request answered
+503 while the engines serve. (Found by the soak benchmark: with the machine starved for CPU for
+two minutes, every scrape of both engines timed out and the router answered 564 requests 503
+while the engines still served the rest.) Envoy makes the same trade with its *panic
+threshold*, after spilling to lower priorities. An endpoint that refused a connection stays out
+(``unavailable_until``); a request sent to an engine that is really down fails over like any
+other connection failure (the proxy's retry, its connect timeout). With any pool healthy
+nothing changes: a stalled engine is still dropped while others serve, a fallback pool still
+takes over. Each panic is logged (at most every 10 s). The rule itself is
 :func:`kvroute_router.framework.endpoint.serving`, shared with admission's replica count.
 """
 

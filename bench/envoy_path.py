@@ -39,6 +39,7 @@ from typing import Any
 
 import httpx
 import yaml
+from kvroute_bench.contenders import process_cpu_seconds
 from kvroute_cli.localenvoy import LocalEnvoy, for_loopback, free_port, render_bootstrap
 
 FAKE_ENGINE = r'''
@@ -77,12 +78,6 @@ BODY_MODES = {
     "envoy-buffered": {"router.envoy.requestBodyMode": "BUFFERED",
                        "router.envoy.responseBodyMode": "STREAMED"},
 }
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
 def _wait(url: str, timeout_s: float = 60) -> None:
@@ -112,7 +107,7 @@ def _run_path(http: httpx.Client, url: str, model: str, stream: bool, requests: 
     cpu_before = 0.0
     for i in range(warmup + requests):
         if i == warmup:
-            cpu_before = _cpu_s(router_pid)
+            cpu_before = process_cpu_seconds(router_pid)
         t0 = time.perf_counter()
         with http.stream("POST", url, content=payload, headers=headers) as resp:
             body = resp.read()
@@ -120,7 +115,7 @@ def _run_path(http: httpx.Client, url: str, model: str, stream: bool, requests: 
                 raise RuntimeError(f"{url}: HTTP {resp.status_code}: {body[:300]!r}")
         if i >= warmup:
             latencies.append(time.perf_counter() - t0)
-    cpu = _cpu_s(router_pid) - cpu_before
+    cpu = process_cpu_seconds(router_pid) - cpu_before
     return {**_quantiles(latencies), "router_cpu_us_per_request": cpu / requests * 1e6}
 
 

@@ -32,17 +32,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvroute_bench.contenders import process_cpu_seconds
 from kvroute_router.scrape.connection import MetricsConnection
 from kvroute_router.scrape.scraper import FILTERED_PATH, FULL_PATH
 from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
 
 PATHS = {"whole": FULL_PATH, "restricted": FILTERED_PATH}
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def one_round(address: str, path: str, scrapes: int, engine_pid: int | None
@@ -52,14 +47,14 @@ async def one_round(address: str, path: str, scrapes: int, engine_pid: int | Non
         status, body = await connection.get()  # connect outside the measurement
         if status != 200:
             raise SystemExit(f"{address}{path} answered HTTP {status}")
-        engine_before = process_cpu_s(engine_pid) if engine_pid else 0.0
+        engine_before = process_cpu_seconds(engine_pid) if engine_pid else 0.0
         cpu_before, wall_before = time.process_time(), time.monotonic()
         for _ in range(scrapes):
             status, body = await connection.get()
             parse_vllm_metrics(body.decode("utf-8"), time.monotonic())
         cpu = time.process_time() - cpu_before
         wall = time.monotonic() - wall_before
-        engine = process_cpu_s(engine_pid) - engine_before if engine_pid else float("nan")
+        engine = process_cpu_seconds(engine_pid) - engine_before if engine_pid else float("nan")
     finally:
         connection.close()
     return {"bytes": float(len(body)), "router_cpu_ms": 1000 * cpu / scrapes,

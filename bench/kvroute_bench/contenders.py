@@ -185,6 +185,13 @@ def start_replicas(contender: Contender, fleet: FleetInfo, workdir: Path,
     return first
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/PID/stat fields 14-15)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_group_cpu_seconds(pgid: int, proc: Path = Path("/proc")) -> float:
     """User + system CPU seconds of every live process in process group ``pgid`` (Linux
     /proc/PID/stat fields 14-15, in clock ticks), plus what their reaped children used

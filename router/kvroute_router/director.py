@@ -348,8 +348,7 @@ class Director:
         # .serving): a metrics outage must not refuse a fleet that serves.
         try:
             for panic in (False, True):
-                if panic and not any(panic_possible(list(pool.endpoints.values()))
-                                     for pool in order):
+                if panic and not any(panic_possible(pool.endpoints.values()) for pool in order):
                     break
                 for pool in order:
                     request.lora_adapter = adapters.get(pool.name)

@@ -214,9 +214,9 @@ class BudgetHook:
 
     def _economics(self, state: _Policy, pool: PoolState) -> PoolEconomics:
         cached = state.economics.get(pool.name)
-        endpoints = list(pool.endpoints.values())
-        # The healthy filter's rule: a pool priced with the replicas it would route among.
-        ready = len(serving(endpoints) or serving(endpoints, panic=True))
+        # The healthy filter's rule (the healthy ones, else under the panic rule the reachable
+        # ones): a pool is priced with the replicas it would route among.
+        ready = len(serving(list(pool.endpoints.values()), panic=True))
         if cached is None or cached.replicas != max(1, ready):
             cached = PoolEconomics.from_spec(pool.name, pool.pool.spec,
                                              ready_replicas=max(1, ready))

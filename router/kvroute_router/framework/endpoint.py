@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -150,7 +150,7 @@ def serving(endpoints: Sequence[Endpoint], now: float | None = None,
     return reachable if panic and not healthy else healthy
 
 
-def panic_possible(endpoints: Sequence[Endpoint], now: float | None = None,
+def panic_possible(endpoints: Iterable[Endpoint], now: float | None = None,
                    max_scrape_failures: int = 3) -> bool:
     """Whether the panic rule would keep an endpoint of ``endpoints`` that is not healthy."""
     moment = time.monotonic() if now is None else now

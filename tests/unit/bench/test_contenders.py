@@ -317,3 +317,16 @@ def test_real_engines_publish_kv_events_under_vllms_default_topic(tmp_path: Path
     config = json.loads(argv[argv.index("--kv-events-config") + 1])
     assert config.get("topic", "") == ""
     assert config["endpoint"] == "tcp://*:5557" and config["enable_kv_cache_events"]
+
+
+def test_process_cpu_seconds_reads_this_process_and_grows_with_work() -> None:
+    from kvroute_bench.contenders import process_cpu_seconds
+
+    before = process_cpu_seconds(os.getpid())
+    started = time.process_time()
+    while time.process_time() - started < 0.2:  # bounded busy work: ~20 clock ticks
+        sum(range(10_000))
+    after = process_cpu_seconds(os.getpid())
+    assert 0.0 <= before < after
+    with pytest.raises(FileNotFoundError):
+        process_cpu_seconds(2**22 + 7)  # above Linux's pid_max: no such process

@@ -169,6 +169,7 @@ def _cache_salt(event: BlockStored) -> tuple[bool, str | None]:
         return False, None
     if not first:
         return True, None
-    if event.parent_block_hash is None and len(first) == 1 and isinstance(first[0], str):
+    if (event.parent_block_hash is None and isinstance(first, list | tuple) and len(first) == 1
+            and isinstance(first[0], str)):
         return True, first[0]
-    return False, None
+    return False, None  # not a shape vLLM publishes (a garbled event): not checked

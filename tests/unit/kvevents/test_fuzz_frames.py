@@ -73,6 +73,9 @@ def _subscriber() -> KVEventSubscriber:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payloads=st.lists(PAYLOADS, min_size=1, max_size=8))
+@example(payloads=[msgspec.msgpack.encode([0.0, [{  # found by this test: a non-list extra key
+    "type": "BlockStored", "block_hashes": [0], "parent_block_hash": None,
+    "token_ids": [0] * BLOCK, "block_size": BLOCK, "extra_keys": [1]}], None])])
 def test_any_payload_is_applied_or_dropped_never_raises(payloads: list[bytes]) -> None:
     subscriber = _subscriber()
     stored_hashes = 0

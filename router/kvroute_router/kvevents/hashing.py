@@ -155,10 +155,14 @@ def _encode_blocks(tokens: Sequence[int], size: int) -> tuple[bytes, list[int]]:
     lookup does: random access into a large table). Falls back to the table for token ids
     outside int64 (never produced by a tokenizer) or negative ones.
     """
-    try:
-        values = np.fromiter(tokens, dtype=np.int64, count=len(tokens))
-    except (OverflowError, TypeError, ValueError):
-        values = None
+    values: np.ndarray[tuple[int], np.dtype[np.int64]] | None
+    if type(tokens) is array and tokens.typecode == "I":  # packed ids: read as they are
+        values = np.frombuffer(tokens, dtype=np.uintc).astype(np.int64)
+    else:
+        try:
+            values = np.fromiter(tokens, dtype=np.int64, count=len(tokens))
+        except (OverflowError, TypeError, ValueError):
+            values = None
     if values is None or (len(values) and int(values.min()) < 0):
         pieces = _encode_tokens(tokens)
         join = b"".join
@@ -180,7 +184,10 @@ def _cbor_array_header(length: int) -> bytes:
 
 def _token_bytes(tokens: Sequence[int]) -> tuple[bytes, int] | None:
     """``tokens`` packed as fixed-width unsigned ints (memo keys) and the width in bytes;
-    ``None`` when they are not all plain ints below 2**64."""
+    ``None`` when they are not all plain ints below 2**64. Ids the tokenizer packed already
+    (``array('I')``) are used as they are: the same bytes a list of them packs to."""
+    if type(tokens) is array and tokens.typecode == "I":
+        return tokens.tobytes(), tokens.itemsize
     for code in ("I", "Q"):
         try:
             packed = array(code, tokens)

@@ -147,7 +147,7 @@ class PoolKVEvents:
     def prompt_block_hashes(self, request: LLMRequest) -> list[int] | None:
         """The prompt's block hashes as the engine computes them (its token ids, else the
         pool's tokenizer); None when it cannot be tokenised in process."""
-        tokens: list[int] | None
+        tokens: Sequence[int] | None
         if request.token_ids is not None:
             tokens = list(request.token_ids)
         elif self.tokenizer is None:

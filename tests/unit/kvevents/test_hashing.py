@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from array import array
 
 import cbor2
 import pytest
@@ -130,6 +131,25 @@ def test_token_widths_do_not_share_memo_entries() -> None:
     assert hasher.block_digests(small) == _reference(hasher, small)
     assert hasher.block_digests(big) == _reference(hasher, big)
     assert hasher.block_digests(big)[:4] == hasher.block_digests(small)
+
+
+@pytest.mark.parametrize("algorithm", ["sha256_cbor", "sha256"])
+@given(tokens=st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200),
+       block_size=st.integers(min_value=1, max_value=20))
+def test_packed_ids_hash_as_their_list_does(algorithm: str, tokens: list[int],
+                                            block_size: int) -> None:
+    """The tokenizer hands out ``array('I')``: the same digests cold, and the memo entries a
+    packed prompt leaves serve the same prompt as a list (and back)."""
+    config = BlockHashConfig(block_size, algorithm)  # type: ignore[arg-type]
+    packed = array("I", tokens)
+    expected = _reference(BlockHasher(config, memo_blocks=0), tokens)
+    for first, second in ((packed, tokens), (tokens, packed)):
+        hasher = BlockHasher(config)
+        assert hasher.block_digests(first) == expected
+        misses = hasher.memo_misses
+        assert hasher.block_digests(second) == expected
+        assert hasher.memo_misses == misses  # every memoised run was found again
+    assert BlockHasher(config, memo_blocks=0).block_digests(packed) == expected
 
 
 def test_event_ints_batch_equals_one_by_one() -> None:

@@ -4,12 +4,13 @@ on the test model's tokenizer files; the e2e tests compare with the engine's ``/
 from __future__ import annotations
 
 import itertools
+from array import array
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kvroute_cli.testmodel import build_test_model
-from kvroute_router.kvevents.tokenization import PromptTokenizer
+from kvroute_router.kvevents.tokenization import PromptTokenizer, _packed
 
 MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "You are terse."},
@@ -56,7 +57,7 @@ def test_fast_encoding_gives_the_same_ids_as_encode(model_dir: Path,
     for text in texts:
         expected = tokenizer.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         assert tokenizer.encode_uncached(text, add_special_tokens) == expected
-        assert tokenizer.encode(text, add_special_tokens) == expected
+        assert list(tokenizer.encode(text, add_special_tokens)) == expected
 
 
 def _long_text(seed: int, words: int = 2400) -> str:
@@ -87,7 +88,7 @@ def test_a_shared_start_is_encoded_once_and_the_pieces_join_up(model_dir: Path) 
         text = f"{context}\n[user {n}] {question}"
         for special in (True, False):
             expected = tokenizer.tokenizer.encode(text, add_special_tokens=special).ids
-            assert tokenizer.encode(text, special) == expected
+            assert list(tokenizer.encode(text, special)) == expected
     assert tokenizer.piecewise
     assert tokenizer.pieces_reused >= 2 * len(context) // 1024  # the later prompts reused it
     assert tokenizer.pieces_encoded < tokenizer.pieces_reused
@@ -102,20 +103,36 @@ def test_a_text_with_seams_is_cached_as_its_pieces_only(model_dir: Path) -> None
     context = _long_text(4)
     first = f"{context}\n[user] a question?"
     expected = tokenizer.tokenizer.encode(first, add_special_tokens=True).ids
-    assert tokenizer.encode(first, True) == expected
+    assert list(tokenizer.encode(first, True)) == expected
     assert tokenizer.cache_size() == (len(_seams(first)) + 1, len(expected))
     second = f"{context}\n[user] another, different question"
-    assert tokenizer.encode(second, True) == tokenizer.tokenizer.encode(
+    assert list(tokenizer.encode(second, True)) == tokenizer.tokenizer.encode(
         second, add_special_tokens=True).ids
     assert tokenizer.cache_size()[0] == len(_seams(first)) + 2  # one new piece: the question
     encoded = tokenizer.pieces_encoded
-    assert tokenizer.encode(first, True) == expected  # all from the cache
+    assert list(tokenizer.encode(first, True)) == expected  # all from the cache
     assert tokenizer.pieces_encoded == encoded
     short = "a short prompt"  # no seams: cached whole
     tokenizer.encode(short, True)
     assert tokenizer.cache_size()[0] == len(_seams(first)) + 3
-    assert tokenizer.encode(short, True) == tokenizer.tokenizer.encode(short).ids
+    assert list(tokenizer.encode(short, True)) == tokenizer.tokenizer.encode(short).ids
     assert tokenizer.hits == 1
+
+
+def test_ids_are_handed_out_packed_and_the_cache_cannot_be_changed_through_them(
+        model_dir: Path) -> None:
+    """Long and short texts come back as ``array('I')`` (the hasher reads their bytes); each
+    call gets its own, so a caller changing its ids does not change the cached pieces."""
+    tokenizer = PromptTokenizer.from_directory(model_dir)
+    for text in (f"{_long_text(11)}\n[user] q?", "a short prompt"):
+        expected = tokenizer.tokenizer.encode(text, add_special_tokens=True).ids
+        for _ in range(2):  # encoded, then from the cache
+            ids = tokenizer.encode(text, True)
+            assert isinstance(ids, array) and ids.typecode == "I"
+            assert list(ids) == expected
+            ids[0] += 1
+            ids.append(7)
+        assert tokenizer.tokenize("completions", {"prompt": text}) == expected  # a list
 
 
 def test_a_long_chat_is_cached_as_the_pieces_of_its_text(model_dir: Path) -> None:
@@ -145,7 +162,7 @@ def test_byte_level_bpe_pieces_join_up() -> None:
     tokenizer = PromptTokenizer(bpe)
     for seed in range(10, 40):
         text = _long_text(seed)
-        assert tokenizer.encode_long(text, False) == bpe.encode(text).ids
+        assert list(tokenizer.encode_long(text, False)) == bpe.encode(text).ids
     assert tokenizer.piecewise
 
 
@@ -158,10 +175,10 @@ def test_a_tokenizer_whose_pieces_do_not_join_is_encoded_whole(model_dir: Path) 
     raw.normalizer = normalizers.Prepend("@")
     tokenizer = PromptTokenizer(raw)
     text = _long_text(5)
-    assert tokenizer.encode(text, True) == raw.encode(text, add_special_tokens=True).ids
+    assert list(tokenizer.encode(text, True)) == raw.encode(text, add_special_tokens=True).ids
     assert not tokenizer.piecewise
     other = _long_text(6)
-    assert tokenizer.encode(other, True) == raw.encode(other, add_special_tokens=True).ids
+    assert list(tokenizer.encode(other, True)) == raw.encode(other, add_special_tokens=True).ids
 
 
 def test_the_cache_keeps_4_bytes_per_token_whatever_the_vocabulary(model_dir: Path) -> None:
@@ -178,7 +195,8 @@ def test_the_cache_keeps_4_bytes_per_token_whatever_the_vocabulary(model_dir: Pa
     try:
         before = tracemalloc.get_traced_memory()[0]
         for i in range(prompts):
-            ids = [rng.randrange(1000, 128_000) for _ in range(1000)]
+            ids = _packed([rng.randrange(1000, 128_000) for _ in range(1000)])
+            assert ids is not None
             tokenizer._remember(i.to_bytes(16, "big"), ids)
             del ids
         used = tracemalloc.get_traced_memory()[0] - before
@@ -186,11 +204,13 @@ def test_the_cache_keeps_4_bytes_per_token_whatever_the_vocabulary(model_dir: Pa
         tracemalloc.stop()
     assert tokenizer.cache_size() == (prompts, prompts * 1000)
     assert used / (prompts * 1000) < 6  # bytes per cached token (was ~40)
-    # What comes back is what went in, as a fresh list.
-    tokenizer._remember(b"k" * 16, [5, 70_000, 2**32 - 1])
-    assert tokenizer._cached(b"k" * 16) == [5, 70_000, 2**32 - 1]
-    tokenizer._remember(b"x" * 16, [-1])  # not a token id: not cached, no error
-    assert tokenizer._cached(b"x" * 16) is None
+    # What comes back is what went in, as a fresh array.
+    stored = _packed([5, 70_000, 2**32 - 1])
+    assert stored is not None
+    tokenizer._remember(b"k" * 16, stored)
+    found = tokenizer._cached(b"k" * 16)
+    assert found == stored and found is not stored
+    assert _packed([-1]) is None and _packed([2**32]) is None  # not token ids: never cached
 
 
 def test_a_sampled_check_runs_off_the_request_path_and_its_verdict_applies_next(
@@ -206,14 +226,14 @@ def test_a_sampled_check_runs_off_the_request_path_and_its_verdict_applies_next(
     tokenizer._joined = SEAM_CHECK_EVERY - 1  # past the checks made on the spot
     text = _long_text(7)
     joined = tokenizer.encode(text, True)
-    assert joined != raw.encode(text, add_special_tokens=True).ids  # not checked on the spot
+    assert list(joined) != raw.encode(text, add_special_tokens=True).ids  # not checked on the spot
     assert tokenizer.piecewise
     assert tokenizer._check is not None and tokenizer._check.result(timeout=30)
     other = _long_text(8)
-    assert tokenizer.encode(other, True) == raw.encode(other, add_special_tokens=True).ids
+    assert list(tokenizer.encode(other, True)) == raw.encode(other, add_special_tokens=True).ids
     assert not tokenizer.piecewise
     # the first text's joined ids were forgotten with the cache
-    assert tokenizer.encode(text, True) == raw.encode(text, add_special_tokens=True).ids
+    assert list(tokenizer.encode(text, True)) == raw.encode(text, add_special_tokens=True).ids
 
 
 def test_a_sampled_check_that_passes_keeps_the_piecewise_path(model_dir: Path) -> None:
@@ -221,7 +241,7 @@ def test_a_sampled_check_that_passes_keeps_the_piecewise_path(model_dir: Path) -
     tokenizer = PromptTokenizer.from_directory(model_dir)
     tokenizer._joined = SEAM_CHECK_EVERY - 1
     text = _long_text(9)
-    assert tokenizer.encode(text, True) == tokenizer.tokenizer.encode(text).ids
+    assert list(tokenizer.encode(text, True)) == tokenizer.tokenizer.encode(text).ids
     assert tokenizer._check is not None and not tokenizer._check.result(timeout=30)
     assert tokenizer.encode(_long_text(10), True)
     assert tokenizer.piecewise

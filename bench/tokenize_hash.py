@@ -17,6 +17,8 @@ load on the machine kept it waiting) and wall time:
   with the same ``--context`` characters (a tenant's context) and ends with a new question of
   ``--question`` characters (the context's pieces and blocks come from the caches, the
   question is tokenised and hashed);
+* every case tokenises as the router does (``tokenize_request`` of a parsed request: the ids
+  it hands the hasher are packed, ``array('I')``);
 * references in the same run: ``Tokenizer.encode`` (with offsets, the previous code), hashing
   without the memo, and hashing each block with ``cbor2`` instead of the hand-written encoder.
 
@@ -46,6 +48,7 @@ import cbor2
 from kvroute_cli.testmodel import build_test_model
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher, to_event_ints
 from kvroute_router.kvevents.tokenization import PromptTokenizer
+from kvroute_router.openai.requests import OpenAIRequest, parse_request
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -65,6 +68,12 @@ def cbor2_block_hashes(hasher: BlockHasher, tokens: list[int]) -> list[int]:
     return to_event_ints(digests)
 
 
+def completion(prompt: str) -> OpenAIRequest:
+    """A parsed completions request (parsed outside the timed part, as the router parses each
+    request once before routing it)."""
+    return parse_request({"model": "-", "prompt": prompt}, "completions")
+
+
 def timed(samples: dict[str, list[tuple[float, float]]], label: str,
           action: Callable[[], Any]) -> Any:
     c0, w0 = time.process_time(), time.perf_counter()
@@ -79,17 +88,19 @@ def one_prompt(samples: dict[str, list[tuple[float, float]]], tokenizer: PromptT
                algorithm: str) -> None:
     """Every case for one new prompt (and its next turn), checking they agree."""
 
+    request, next_turn = completion(prompt), completion(turn)
+
     def cold() -> list[int]:
         tokens = timed(samples, "cold: tokenise",
-                       lambda: tokenizer.tokenize("completions", {"prompt": prompt}) or [])
+                       lambda: tokenizer.tokenize_request(request) or [])
         hashes: list[int] = timed(samples, "cold: hash", lambda: hasher.block_hashes(tokens))
         return hashes
 
     expected = timed(samples, "cold: tokenise+hash", cold)
     again = timed(samples, "repeat: tokenise+hash", lambda: hasher.block_hashes(
-        tokenizer.tokenize("completions", {"prompt": prompt}) or []))
+        tokenizer.tokenize_request(request) or []))
     timed(samples, "extended: tokenise+hash", lambda: hasher.block_hashes(
-        tokenizer.tokenize("completions", {"prompt": turn}) or []))
+        tokenizer.tokenize_request(next_turn) or []))
     tokens = tokenizer.encode_uncached(prompt, True)
     timed(samples, "ref: Tokenizer.encode (offsets)",
           lambda: tokenizer.tokenizer.encode(prompt, add_special_tokens=True).ids)
@@ -114,8 +125,8 @@ def one_round(args: argparse.Namespace, directory: Path, rng: random.Random
     for _ in range(args.iterations):
         text = context + "".join(rng.choice(alphabet) for _ in range(args.question))
         shared = timed(samples, "shared context: tokenise+hash", functools.partial(
-            lambda t: hasher.block_hashes(tokenizer.tokenize("completions", {"prompt": t}) or []),
-            text))
+            lambda r: hasher.block_hashes(tokenizer.tokenize_request(r) or []),
+            completion(text)))
         assert shared == plain.block_hashes(tokenizer.encode_uncached(text, True))
         prompt = "".join(rng.choice(alphabet) for _ in range(args.tokens))
         turn = prompt + "".join(rng.choice(alphabet) for _ in range(256))

@@ -45,7 +45,7 @@ import threading
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeGuard
 
 import cbor2
 import numpy as np
@@ -95,6 +95,12 @@ def to_event_ints(digests: Sequence[bytes]) -> list[int]:
         return [to_event_int(d) for d in digests]  # not all 32 bytes: one at a time
     words: list[int] = np.frombuffer(joined, dtype=">u8")[3::4].tolist()
     return words
+
+
+def is_packed(tokens: Sequence[int]) -> TypeGuard[array[int]]:
+    """Whether ``tokens`` are packed 4-byte unsigned ids (``array('I')``, as the tokenizer hands
+    them out): the hasher reads their bytes as they are."""
+    return type(tokens) is array and tokens.typecode == "I"
 
 
 def _cbor_uint(value: int) -> bytes:
@@ -156,7 +162,7 @@ def _encode_blocks(tokens: Sequence[int], size: int) -> tuple[bytes, list[int]]:
     outside int64 (never produced by a tokenizer) or negative ones.
     """
     values: np.ndarray[tuple[int], np.dtype[np.int64]] | None
-    if type(tokens) is array and tokens.typecode == "I":  # packed ids: read as they are
+    if is_packed(tokens):
         values = np.frombuffer(tokens, dtype=np.uintc).astype(np.int64)
     else:
         try:
@@ -186,7 +192,7 @@ def _token_bytes(tokens: Sequence[int]) -> tuple[bytes, int] | None:
     """``tokens`` packed as fixed-width unsigned ints (memo keys) and the width in bytes;
     ``None`` when they are not all plain ints below 2**64. Ids the tokenizer packed already
     (``array('I')``) are used as they are: the same bytes a list of them packs to."""
-    if type(tokens) is array and tokens.typecode == "I":
+    if is_packed(tokens):
         return tokens.tobytes(), tokens.itemsize
     for code in ("I", "Q"):
         try:

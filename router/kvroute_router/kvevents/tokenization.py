@@ -59,6 +59,7 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from kvroute_router.kvevents.hashing import is_packed
 from kvroute_router.openai.errors import BadRequestError
 from kvroute_router.openai.requests import CompletionRequest, OpenAIRequest, parse_request
 
@@ -131,7 +132,7 @@ with ``list(ids)``: an array never equals a list."""
 def _packed(ids: Sequence[int]) -> array[int] | None:
     """``ids`` as an ``array('I')`` (the object itself if it is one), ``None`` if one does not
     fit in 4 unsigned bytes."""
-    if type(ids) is array and ids.typecode == "I":
+    if is_packed(ids):
         return ids
     try:
         return array("I", ids)

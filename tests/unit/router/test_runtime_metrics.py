@@ -67,7 +67,7 @@ def test_a_pool_reports_its_kv_event_caches(tmp_path: Path) -> None:
     pool = PoolKVEvents(BlockHashConfig(block_size=16), tokenizer=tokenizer)
     assert pool.sizes()["kv_tokenizer_cache_tokens"] == 0
     tokens = tokenizer.encode("a prompt of a few tokens", add_special_tokens=True)
-    pool.hasher.block_digests(tokens * 40)
+    pool.hasher.block_digests(list(tokens) * 40)
     sizes = pool.sizes()
     assert sizes["kv_tokenizer_cache_prompts"] == 1
     assert sizes["kv_tokenizer_cache_tokens"] == len(tokens)

@@ -233,14 +233,14 @@ class BudgetHook:
                 for pool in self._candidates(key)]
 
     def _load(self, key: str) -> Iterator[EndpointLoad]:
-        """The load of each healthy candidate endpoint, computed as it is asked for (admission
-        stops at the first endpoint with room)."""
+        """The load of each candidate endpoint the router would route to (the healthy filter's
+        rule, panic included: when every scrape fails, the router's own in-flight counts still
+        say which engines are full), computed as it is asked for (admission stops at the first
+        endpoint with room)."""
         state = self._state(key)
         stale_s = (state.policy.spec.scoring.stale_metrics_ms / 1000.0) if state else 1.0
         for pool in self._candidates(key):
-            for ep in pool.endpoints.values():
-                if not ep.healthy():
-                    continue
+            for ep in serving(list(pool.endpoints.values()), panic=True):
                 kv = 0.0
                 if ep.metrics is not None and not ep.metrics_stale(stale_s):
                     kv = ep.metrics.kv_cache_usage

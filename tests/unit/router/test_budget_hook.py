@@ -213,6 +213,26 @@ async def test_admission_sheds_sheddable_traffic_under_saturation() -> None:
                                       {**CHAT, "priority": "batch"}) == 1
 
 
+async def test_admission_still_sheds_when_every_scrape_fails() -> None:
+    """A metrics outage (every scrape timing out) routes under the healthy filter's panic rule;
+    admission judges saturation over the same endpoints, from the router's own in-flight counts,
+    instead of seeing none and admitting everything."""
+    policy = make_policy(pools=[{"name": "strong"}], admission={
+        "saturationQueueDepth": 1, "priorityClasses": [
+            {"name": "batch", "priority": -1, "sheddable": True}]})
+    director, store, _, _ = _setup(policy)
+    for ep in store.endpoints():
+        ep.scrape_failures = 3  # the healthy filter's limit: not healthy, still reachable
+        ep.dispatched_since_scrape = 3
+    with pytest.raises(RoutingError) as shed:
+        await director.route(_request(headers={"x-kvroute-priority": "batch"}))
+    assert shed.value.status == 429 and shed.value.code == "overloaded"
+    for ep in store.endpoints():
+        ep.dispatched_since_scrape = 0  # room again: routed under the panic rule
+    decision = await director.route(_request(headers={"x-kvroute-priority": "batch"}))
+    assert decision.ranked
+
+
 async def test_requests_without_budgets_are_left_alone() -> None:
     director, _, _, _ = _setup(make_policy(pools=[{"name": "strong"}, {"name": "weak"}]))
     request = LLMRequest(model="chat", prompt_text=PROMPT)

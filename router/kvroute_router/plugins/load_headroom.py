@@ -7,7 +7,8 @@ before the scorers in every profile and keeps only the endpoints with **headroom
 
 * a waiting queue (the engine's ``vllm:num_requests_waiting`` plus this router's dispatches
   since that scrape) less than ``max_waiting`` (``RoutePolicy.spec.admission.
-  saturationQueueDepth``) *deeper than the least-queued candidate's*,
+  saturationQueueDepth``) *deeper than the least-queued candidate's* (with more than 16
+  candidates, the least-queued of every 16: :func:`reference_queue`),
 * and KV-cache utilisation below ``max_kv_utilization`` (``saturationKvUtilization``, default
   1: only a full cache).
 
@@ -40,6 +41,9 @@ import time
 from collections.abc import Sequence
 from typing import ClassVar
 
+import numpy as np
+import numpy.typing as npt
+
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, LoadEstimates
 from kvroute_router.framework.registry import PluginContext
@@ -54,6 +58,28 @@ DEFAULT_MAX_KV_UTILIZATION = KV_SATURATION
 STATE_SATURATED = "load-headroom/saturated"
 """CycleState key: names of the candidates this filter removed (list[str]); empty when it kept
 all, or when none had headroom (it then keeps the least-queued ones)."""
+
+
+REFERENCE_GROUP = 16
+"""The queue rule's reference is the least-queued of every ``REFERENCE_GROUP`` candidates: the
+least-queued one up to 16 candidates, the ⌈N/16⌉-th least-queued of N above that."""
+
+
+def reference_queue(waiting: npt.NDArray[np.float64]) -> float:
+    """The waiting queue the rule measures headroom from: the ⌈N/:data:`REFERENCE_GROUP`⌉-th
+    smallest of the N candidates' (the smallest up to 16).
+
+    The least-queued of N is an extreme order statistic that falls as N grows: with queues
+    spread the same way, the least-queued of 64 engines sits further below the typical queue
+    than the least-queued of 16, so "8 deeper than the least-queued" removed more of a busy
+    fleet at 64 engines — prefix holders included — and turned their tenants' requests into
+    spills. A fixed quantile (1/16) keeps the rule's meaning at every fleet size and leaves it
+    exactly as it was up to 16 candidates; a hot spot (one or a few engines far deeper than the
+    rest) is still below headroom, since the reference is one of the rest."""
+    rank = max(1, -(-len(waiting) // REFERENCE_GROUP)) - 1
+    if rank == 0:
+        return float(waiting.min())
+    return float(np.partition(waiting, rank)[rank])
 
 
 class LoadHeadroomFilter:
@@ -83,7 +109,7 @@ class LoadHeadroomFilter:
             return list(endpoints)
         loads = LoadEstimates.for_cycle(state, endpoints, self.stale_after_s, time.monotonic())
         waiting = loads.waiting()
-        keep = self.saturation.headroom(waiting - waiting.min(), loads.kv_usage())
+        keep = self.saturation.headroom(waiting - reference_queue(waiting), loads.kv_usage())
         if not keep.any():
             least = waiting.min()
             state.write(STATE_SATURATED, [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 
+import numpy as np
 from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics
@@ -15,6 +16,7 @@ from kvroute_router.plugins import register_builtin_plugins
 from kvroute_router.plugins.load_headroom import (
     STATE_SATURATED,
     LoadHeadroomFilter,
+    reference_queue,
 )
 from kvroute_router.plugins.max_score import MaxScorePicker
 
@@ -154,6 +156,35 @@ def test_a_fleet_wide_overload_keeps_tenants_on_their_holders() -> None:
     holder.metrics = endpoint("x", waiting=18, kv=0.99).metrics
     chosen = profile.run(CycleState(), request, [holder, *others], limit=1)[0]
     assert chosen.endpoint.name != "holder"
+
+
+def test_the_queue_rule_means_the_same_at_64_endpoints_as_at_16() -> None:
+    """The rule's reference is the least-queued of every 16 candidates. With the least-queued
+    of all 64 as the reference, one quiet engine in a busy fleet put every busy engine below
+    headroom — prefix holders included — and their tenants' requests spilled (64 emulated
+    engines past saturation: docs/benchmarks/emulated-fleet.md, round 10)."""
+    flt = LoadHeadroomFilter(max_waiting=8)
+    busy = [endpoint(f"busy-{i}", waiting=12 + i % 5) for i in range(63)]
+    quiet = endpoint("quiet", waiting=0)
+    kept = flt.filter(CycleState(), LLMRequest(model="m"), [*busy, quiet])
+    assert len(kept) == 64  # the reference: the 4th least-queued (12), not the quiet one (0)
+    # Up to 16 candidates the reference is still the least-queued one.
+    kept = flt.filter(CycleState(), LLMRequest(model="m"), [*busy[:15], quiet])
+    assert names(kept) == ["quiet"]
+    # A hot spot among 64 still loses headroom: the reference is one of the rest.
+    calm = [endpoint(f"calm-{i}", waiting=i % 3) for i in range(60)]
+    hot = [endpoint(f"hot-{i}", waiting=20) for i in range(4)]
+    state = CycleState()
+    kept = flt.filter(state, LLMRequest(model="m"), [*hot, *calm])
+    assert names(kept) == names(calm)
+    assert state.read(STATE_SATURATED, list) == names(hot)
+
+
+def test_reference_queue_is_the_least_queued_of_every_16() -> None:
+    for count in (2, 15, 16, 17, 32, 33, 64, 100):
+        waiting = np.array([float((7 * i) % count) for i in range(count)])
+        rank = -(-count // 16)
+        assert reference_queue(waiting) == sorted(waiting.tolist())[rank - 1]
 
 
 def test_without_the_filter_the_same_load_cannot_outvote_the_prefix() -> None:

@@ -160,8 +160,8 @@ def test_a_fleet_wide_overload_keeps_tenants_on_their_holders() -> None:
 
 def test_the_queue_rule_means_the_same_at_64_endpoints_as_at_16() -> None:
     """The rule's reference is the least-queued of every 16 candidates. With the least-queued
-    of all 64 as the reference, one quiet engine in a busy fleet put every busy engine below
-    headroom — prefix holders included — and their tenants' requests spilled (64 emulated
+    of all 64 as the reference, one quiet engine in a busy fleet left only itself with
+    headroom — every busy prefix holder out — and their tenants' requests spilled (64 emulated
     engines past saturation: docs/benchmarks/emulated-fleet.md, round 10)."""
     flt = LoadHeadroomFilter(max_waiting=8)
     busy = [endpoint(f"busy-{i}", waiting=12 + i % 5) for i in range(63)]

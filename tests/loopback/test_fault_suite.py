@@ -293,6 +293,14 @@ async def test_kv_event_gaps_garbage_and_publisher_restart(
                          "the restarted engine's blocks dropped from the index",
                          diagnose=lambda: (endpoint_blocks(router, fleet, 0), statuses(router)))
         await served_all(router, url, range(240, 246))
+        # The router may send all six to the other engine (ties, or the restarted one still
+        # out of the healthy set): two more straight to the restarted engine, so that it holds
+        # blocks whatever the routing did.
+        async with aiohttp.ClientSession() as s:
+            for i in (246, 247):
+                async with s.post(f"{fleet.endpoints()[0]['url']}/v1/completions", json={
+                        "model": MODEL, "prompt": prompt(i), "max_tokens": 1}) as resp:
+                    assert resp.status == 200
         await eventually(lambda: endpoint_blocks(router, fleet, 0)[0]
                          == endpoint_blocks(router, fleet, 0)[1] > 0,
                          "the index follows the restarted engine",

@@ -24,7 +24,8 @@ everything). ``AllBlocksCleared`` drops the endpoint's blocks too.
 Nothing is ever stepped over: while a resync is due and its replay has failed (timeout, then a
 backoff) no live batch is applied (``synced`` stays false; the replay brings them, from the last
 batch applied); a replay answer with a hole is applied up to the hole and asked again (a ROUTER
-drops what exceeds its high-water mark, silently); a batch missing from ``MAX_HOLE_RETRIES + 1``
+drops what exceeds its high-water mark, silently), and so is one that ends before the live batch
+that revealed the gap; a batch missing from ``MAX_HOLE_RETRIES + 1``
 answers is taken as lost at the engine and counted. An idle subscriber asks what follows its last
 batch every ``tail_check_s``: a lost *last* batch has no successor to reveal the gap.
 
@@ -378,7 +379,15 @@ class KVEventSubscriber:
                 # applied. Leave it to that replay, which starts before the hole and brings
                 # this batch too.
                 return
-            if self.status.last_seq is not None and seq <= self.status.last_seq:
+            applied = self.status.last_seq
+            if applied is not None and seq <= applied:
+                return
+            if applied is not None and seq > applied + 1:
+                # The answer ended before this batch (its tail lost on the way): applying it
+                # now would step over the batches between for good. The next replay, from
+                # the last batch applied, brings them and this one.
+                self._resync_needed = True
+                self.status.synced = False
                 return
         self._apply(seq, payload, "live")
 

@@ -201,12 +201,12 @@ def block_stored_payload(chains: Sequence[Sequence[int]], ts: float = 0.0) -> by
 def apply_events(index: Any, endpoint: str, payload: bytes, seq: int = 0) -> int:
     """Decode a batch and apply its ``BlockStored`` events to the index as the subscriber does
     (``KVEventSubscriber._apply``); returns the blocks stored."""
-    from kvroute_router.kvevents.events import BlockStored, decode_batch, event_hash, indexable
+    from kvroute_router.kvevents.events import BlockStored, decode_batch, event_hashes, indexable
 
     stored = 0
     for event in decode_batch(seq, payload).events:
         if isinstance(event, BlockStored) and indexable(event):
-            hashes = [event_hash(h) for h in event.block_hashes]
+            hashes = event_hashes(event.block_hashes)
             index.store(endpoint, hashes)
             stored += len(hashes)
     return stored

@@ -6,13 +6,20 @@ Each event is a map tagged by ``"type"``: ``BlockStored``, ``BlockRemoved`` or
 ``AllBlocksCleared``. Fields are read by name; unknown fields are ignored, and an event of an
 unknown type is skipped (counted by the caller), so newer engines that add fields or event kinds
 do not break the router. Block hashes arrive as uint64 integers (vLLM's default) or, with
-``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``, as full digests; both become the uint64 form.
+``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0``, as full digests; both become the uint64 form
+(:func:`event_hashes`).
+
+A batch is decoded in one pass when every event in it is of a known type (the usual case) and
+event by event otherwise. ``BlockStored.token_ids`` stays msgpack until something asks for it
+(:meth:`BlockStored.tokens`): only the hash self-check reads token ids, and only for a sample
+of events, while turning ~7k ids into Python integers for every event was the largest part of
+decoding a long prompt's batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -20,6 +27,9 @@ from kvroute_router.kvevents.hashing import to_event_int
 
 END_OF_REPLAY_SEQ = -1
 GPU_MEDIUM = "GPU"
+_UINT64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+_EMPTY_ARRAY = msgspec.Raw(b"\x90")
+_tokens_decoder = msgspec.msgpack.Decoder(list[int])
 
 
 class BlockStored(msgspec.Struct, tag="BlockStored", tag_field="type"):
@@ -27,13 +37,21 @@ class BlockStored(msgspec.Struct, tag="BlockStored", tag_field="type"):
 
     block_hashes: list[int | bytes]
     parent_block_hash: int | bytes | None = None
-    token_ids: list[int] = msgspec.field(default_factory=list)
+    token_ids: msgspec.Raw = _EMPTY_ARRAY  # msgpack, as published: read it with tokens()
     block_size: int = 0
     lora_id: int | None = None
     lora_name: str | None = None
     medium: str | None = None
     extra_keys: list[Any] | None = None
     group_idx: int | None = None
+
+    def tokens(self) -> list[int] | None:
+        """The blocks' token ids; None when the field is not a list of integers (a garbled
+        event: its block hashes are still indexed, its tokens cannot be checked)."""
+        try:
+            return _tokens_decoder.decode(self.token_ids)
+        except msgspec.DecodeError:
+            return None
 
 
 class BlockRemoved(msgspec.Struct, tag="BlockRemoved", tag_field="type"):
@@ -57,6 +75,12 @@ class _WireBatch(msgspec.Struct, array_like=True):
     data_parallel_rank: int | None = None
 
 
+class _KnownBatch(msgspec.Struct, array_like=True):
+    ts: float
+    events: list[KVEvent]
+    data_parallel_rank: int | None = None
+
+
 @dataclass
 class EventBatch:
     """One published batch: its sequence number, timestamp and the events we understood."""
@@ -73,6 +97,7 @@ class EventDecodeError(ValueError):
 
 
 _batch_decoder = msgspec.msgpack.Decoder(_WireBatch)
+_known_batch_decoder = msgspec.msgpack.Decoder(_KnownBatch)
 _event_decoder = msgspec.msgpack.Decoder(KVEvent)
 
 
@@ -85,6 +110,13 @@ def decode_seq(frame: bytes) -> int:
 
 def decode_batch(seq: int, payload: bytes) -> EventBatch:
     """Decode a payload; events of unknown types are counted in ``unknown_events``."""
+    try:
+        known = _known_batch_decoder.decode(payload)
+    except msgspec.DecodeError:
+        pass  # an event of an unknown type (or not a batch at all): event by event below
+    else:
+        return EventBatch(seq=seq, ts=known.ts, events=known.events,
+                          data_parallel_rank=known.data_parallel_rank)
     try:
         wire = _batch_decoder.decode(payload)
     except msgspec.DecodeError as exc:
@@ -102,7 +134,18 @@ def event_hash(value: int | bytes) -> int:
     """A published block hash in uint64 form, whichever way the engine sent it."""
     if isinstance(value, bytes):
         return to_event_int(value)
-    return value & 0xFFFF_FFFF_FFFF_FFFF
+    return value & _UINT64_MAX
+
+
+def event_hashes(values: list[int | bytes]) -> list[int]:
+    """:func:`event_hash` of every value; the list itself when it is uint64 integers already
+    (vLLM's default form: two passes in C instead of a Python call per block)."""
+    try:
+        if values and min(values) >= 0 and max(values) <= _UINT64_MAX:  # type: ignore[operator]
+            return cast(list[int], values)
+    except TypeError:
+        pass  # digests (bytes) among them
+    return [event_hash(value) for value in values]
 
 
 def indexable(event: BlockStored | BlockRemoved) -> bool:

@@ -96,16 +96,17 @@ class PrefixIndex:
         self.add_endpoint(endpoint)
         blocks = self._blocks[endpoint]
         pending = self._pending[endpoint]
+        holders = self._holders
         bit = 1 << self._slot_of[endpoint]
         new = 0
-        for block_hash in hashes:
+        for block_hash in hashes:  # per block: the router's hottest loop under KV events
             if pending and pending.pop(block_hash, None) is not None:
                 self._drop_pending_holder(block_hash, bit)
             count = blocks.pop(block_hash, 0)
             blocks[block_hash] = count + 1
-            if count == 0:
+            if not count:
                 new += 1
-                self._holders[block_hash] = self._holders.get(block_hash, 0) | bit
+                holders[block_hash] = holders.get(block_hash, 0) | bit
         overflow = len(blocks) - self.max_blocks_per_endpoint
         if overflow > 0:
             oldest = list(_first(blocks, overflow))

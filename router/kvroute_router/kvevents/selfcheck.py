@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from kvroute_router.kvevents.events import BlockStored, event_hash
+from kvroute_router.kvevents.events import BlockStored, event_hash, event_hashes
 from kvroute_router.kvevents.hashing import (
     BlockHashConfig,
     BlockHasher,
@@ -73,8 +73,9 @@ class BlockHashSelfCheck:
             return "skipped"
         if event.lora_name is not None or event.lora_id is not None or not event.block_hashes:
             return self._unverifiable()
-        if event.block_size <= 0 or \
-                len(event.token_ids) < len(event.block_hashes) * event.block_size:
+        tokens = event.tokens()
+        if tokens is None or event.block_size <= 0 or \
+                len(tokens) < len(event.block_hashes) * event.block_size:
             # A malformed event (no block size, fewer tokens than its blocks hold) says nothing
             # about the hash settings; raising the alarm on it would turn precise routing off.
             return self._unverifiable()
@@ -90,13 +91,12 @@ class BlockHashSelfCheck:
                 return self._unverifiable()
             parent = found
             salt = None
-        digests = self._chain(parent, event.token_ids, len(event.block_hashes), salt,
-                              self.hasher)
-        published = [event_hash(h) for h in event.block_hashes]
+        digests = self._chain(parent, tokens, len(event.block_hashes), salt, self.hasher)
+        published = event_hashes(event.block_hashes)
         computed = to_event_ints(digests)
         self.status.checked += 1
         if computed != published:
-            return self._mismatch(event, self._diagnose(event, parent, salt, published),
+            return self._mismatch(event, self._diagnose(tokens, parent, salt, published),
                                   computed=computed)
         self.status.matched += 1
         if self.status.state == "unverified":
@@ -116,7 +116,7 @@ class BlockHashSelfCheck:
         first: ExtraKeys | None = (("cache_salt", salt),) if salt else None
         return hasher.chain(parent, tokens, blocks, first_keys=first, keys=None)
 
-    def _diagnose(self, event: BlockStored, parent: bytes | None, salt: str | None,
+    def _diagnose(self, tokens: list[int], parent: bytes | None, salt: str | None,
                   published: list[int]) -> str:
         """Name the likely cause by trying the other algorithm with the same seed."""
         config = self.hasher.config
@@ -124,7 +124,7 @@ class BlockHashSelfCheck:
         if parent is None:
             alternative = BlockHasher(BlockHashConfig(config.block_size, other, config.seed),
                                       memo_blocks=0)
-            alt = self._chain(None, event.token_ids, len(published), salt, alternative)
+            alt = self._chain(None, tokens, len(published), salt, alternative)
             if to_event_ints(alt) == published:
                 return f"hash algorithm (engine uses {other}, router {config.algorithm})"
         return ("seed or algorithm (engine PYTHONHASHSEED differs from the router's seed "

@@ -73,7 +73,7 @@ from kvroute_router.kvevents.events import (
     EventDecodeError,
     decode_batch,
     decode_seq,
-    event_hash,
+    event_hashes,
     indexable,
 )
 from kvroute_router.kvevents.hashing import BlockHasher
@@ -565,7 +565,7 @@ class KVEventSubscriber:
                 if not indexable(event):
                     metrics.events_dropped.labels(endpoint, "other_medium").inc()
                     continue
-                hashes = [event_hash(h) for h in event.block_hashes]
+                hashes = event_hashes(event.block_hashes)
                 new = self.index.store(endpoint, hashes)
                 if new < len(hashes):
                     metrics.duplicate_blocks.labels(endpoint, "BlockStored").inc(
@@ -577,7 +577,7 @@ class KVEventSubscriber:
                 if not indexable(event):
                     metrics.events_dropped.labels(endpoint, "other_medium").inc()
                     continue
-                hashes = [event_hash(h) for h in event.block_hashes]
+                hashes = event_hashes(event.block_hashes)
                 gone = self.index.remove(endpoint, hashes)
                 if gone < len(hashes):
                     metrics.duplicate_blocks.labels(endpoint, "BlockRemoved").inc(

@@ -182,6 +182,19 @@ def test_a_malformed_block_stored_does_not_raise_the_hash_alarm() -> None:
     assert status.state != "mismatch" and status.unverifiable == 2
 
 
+def test_garbled_token_ids_are_unverifiable_and_the_blocks_still_indexed() -> None:
+    # Token ids stay msgpack until the self-check reads them: ids that are not integers make
+    # the check unverifiable (no alarm), and the event's blocks are indexed all the same.
+    subscriber = _subscriber()
+    assert subscriber.self_check is not None
+    subscriber._apply(0, msgspec.msgpack.encode([0.0, [
+        {"type": "BlockStored", "block_hashes": [11], "parent_block_hash": None,
+         "token_ids": ["a", "b", "c", "d"], "block_size": BLOCK}], 0]), "live")
+    status = subscriber.self_check.status
+    assert status.state != "mismatch" and status.unverifiable == 1
+    assert subscriber.index.block_count("engine-0") == 1
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @settings(max_examples=8, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

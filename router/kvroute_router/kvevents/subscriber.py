@@ -383,9 +383,13 @@ class KVEventSubscriber:
             if applied is not None and seq <= applied:
                 return
             if applied is not None and seq > applied + 1:
-                # The answer ended before this batch (its tail lost on the way): applying it
-                # now would step over the batches between for good. The next replay, from
-                # the last batch applied, brings them and this one.
+                # The answer ended before this batch (its tail lost on the way, or cut at
+                # max_replay_batches): applying it now would step over the batches between
+                # for good. The next replay, from the last batch applied, brings them and this
+                # one. Unlike a hole inside an answer (_step_over) this has no retry bound: a
+                # short answer still applied what it held, so each retry moves last_seq on
+                # (the engine holds this batch: it published it); an answer that keeps
+                # ending at the same batch is not a loss a ROUTER socket makes.
                 self._resync_needed = True
                 self.status.synced = False
                 return

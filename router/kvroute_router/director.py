@@ -48,7 +48,7 @@ from kvroute_router.framework.profile import SchedulerProfile, build_profile
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.prefix_precise import STATE_HASHES, STATE_MATCH
-from kvroute_router.router_metrics import RouterMetrics
+from kvroute_router.router_metrics import Children, RouterMetrics
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,12 @@ class Director:
         self.datastore = datastore
         self.registry = registry
         self.metrics = metrics or RouterMetrics()
+        m = self.metrics  # the series every request touches, looked up without labels()
+        self._decision_latency = Children(m.decision_latency)
+        self._in_flight, self._requests = Children(m.in_flight), Children(m.requests)
+        self._ttft, self._e2e = Children(m.ttft), Children(m.e2e)
+        self._prefix_match, self._prefill_wait = Children(m.prefix_match), Children(m.prefill_wait)
+        self._prefill_waits = Children(m.prefill_waits)
         self.services = services or SharedServices()
         self.rng = rng or random.Random()
         self.admission_hooks: list[AdmissionHook] = []
@@ -293,7 +299,7 @@ class Director:
         except RoutingError as exc:
             self.metrics.routing_errors.labels(str(exc.status)).inc()
             raise
-        self.metrics.decision_latency.labels(entrypoint).observe(decision.decided_in_s)
+        self._decision_latency(entrypoint).observe(decision.decided_in_s)
         return decision
 
     async def _route(self, request: LLMRequest, started: float) -> Decision:
@@ -436,7 +442,7 @@ class Director:
         endpoint.prefill_backlog += amount
         if decision.prefill_wait_s > 0:
             self._start_prefill(decision, endpoint)
-        self.metrics.in_flight.labels(decision.pool.name, endpoint.name).inc()
+        self._in_flight(decision.pool.name, endpoint.name).inc()
         decision.profile.dispatched(decision.state, decision.request, endpoint)
         for listener in self.dispatch_listeners:
             listener(decision, endpoint)
@@ -503,8 +509,8 @@ class Director:
         except TimeoutError:
             outcome = "timeout"
         waited = time.monotonic() - started
-        self.metrics.prefill_waits.labels(decision.pool.name, outcome).inc()
-        self.metrics.prefill_wait.labels(decision.pool.name).observe(waited)
+        self._prefill_waits(decision.pool.name, outcome).inc()
+        self._prefill_wait(decision.pool.name).observe(waited)
         return waited
 
     def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
@@ -513,7 +519,7 @@ class Director:
         endpoint.in_flight = max(0, endpoint.in_flight - 1)
         # A finished request is no longer one the engine's last snapshot is missing.
         endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)
-        self.metrics.in_flight.labels(decision.pool.name, endpoint.name).dec()
+        self._in_flight(decision.pool.name, endpoint.name).dec()
 
     def mark_unavailable(self, endpoint: Endpoint, for_s: float = 2.0) -> None:
         """The endpoint refused a connection: keep it out of picks for ``for_s`` seconds."""
@@ -525,16 +531,16 @@ class Director:
             return
         decision.finished = True
         policy, pool = decision.policy_name, decision.pool.name
-        self.metrics.requests.labels(policy, pool, endpoint.name if endpoint else "",
-                                     str(outcome.status)).inc()
+        self._requests(policy, pool, endpoint.name if endpoint else "",
+                       str(outcome.status)).inc()
         if outcome.ttft_s is not None:
-            self.metrics.ttft.labels(policy, pool).observe(outcome.ttft_s)
+            self._ttft(policy, pool).observe(outcome.ttft_s)
         if outcome.e2e_s is not None:
-            self.metrics.e2e.labels(policy, pool).observe(outcome.e2e_s)
+            self._e2e(policy, pool).observe(outcome.e2e_s)
         if endpoint is not None:
             ratio = decision.prefix_match_ratio(endpoint)
             if ratio is not None:
-                self.metrics.prefix_match.labels(policy, pool).observe(ratio)
+                self._prefix_match(policy, pool).observe(ratio)
         self._release(decision.admissions, decision, outcome)
         for observer in self.completion_observers:
             try:

@@ -7,7 +7,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
@@ -16,6 +16,33 @@ DECISION_BUCKETS = (2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 RATIO_BUCKETS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 PAUSE_BUCKETS = (2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Children(Generic[M]):
+    """A labelled metric's children, remembered by their label values.
+
+    prometheus_client's ``labels()`` checks the values and takes a lock on every call (~2.3 µs
+    here); a routed request touches about ten series and a KV-event batch five or six, so the
+    hot paths look their children up here instead (~0.2 µs). The router never removes a
+    series, so a remembered child is always the one the registry exports. Values are ``str``:
+    the key is the tuple as given.
+    """
+
+    __slots__ = ("_children", "metric")
+    metric: M
+    _children: dict[tuple[str, ...], M]
+
+    def __init__(self, metric: M) -> None:
+        self.metric = metric
+        self._children = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class RouterMetrics:

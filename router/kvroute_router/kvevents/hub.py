@@ -34,6 +34,7 @@ from kvroute_router.kvevents.subscriber import (
     SubscriberStatus,
 )
 from kvroute_router.kvevents.tokenization import PromptTokenizer
+from kvroute_router.router_metrics import Children
 
 logger = logging.getLogger("kvroute.kvevents.hub")
 
@@ -74,6 +75,7 @@ class PoolKVEvents:
         self.hasher = BlockHasher(hash_config)
         self.index = PrefixIndex(max_blocks_per_endpoint, pending_ttl=pending_ttl)
         self.metrics = metrics or KVEventMetrics()
+        self._scorer_source = Children(self.metrics.scorer_source)
         self.tokenizer = tokenizer
         self.settings = settings or SubscriberSettings()
         self._context = context
@@ -172,9 +174,9 @@ class PoolKVEvents:
         if best_match is not None:
             self.metrics.match_blocks.observe(best_match)
         if precise is not None:
-            self.metrics.scorer_source.labels("precise").inc(precise)
+            self._scorer_source("precise").inc(precise)
         if approximate:
-            self.metrics.scorer_source.labels("approximate").inc(approximate)
+            self._scorer_source("approximate").inc(approximate)
 
     def statuses(self) -> list[dict[str, Any]]:
         """Every subscriber's status, for the router's debug/health endpoint."""

@@ -80,6 +80,7 @@ from kvroute_router.kvevents.hashing import BlockHasher
 from kvroute_router.kvevents.index import PrefixIndex
 from kvroute_router.kvevents.metrics import KVEventMetrics
 from kvroute_router.kvevents.selfcheck import BlockHashSelfCheck, HashCheckStatus
+from kvroute_router.router_metrics import Children
 
 logger = logging.getLogger("kvroute.kvevents.subscriber")
 
@@ -192,6 +193,12 @@ class KVEventSubscriber:
         self.source = source
         self.index = index
         self.metrics = metrics
+        # the series every batch touches, looked up without labels()
+        self._received, self._decoded = (Children(metrics.messages_received),
+                                         Children(metrics.events_decoded))
+        self._duplicates = Children(metrics.duplicate_blocks)
+        self._event_age, self._blocks = (Children(metrics.last_event_age),
+                                         Children(metrics.index_blocks))
         self.settings = settings or SubscriberSettings()
         self._context = context or zmq.asyncio.Context.instance()
         self.self_check = (BlockHashSelfCheck(source.endpoint, hasher,
@@ -551,7 +558,7 @@ class KVEventSubscriber:
     def _apply(self, seq: int, payload: bytes, path: str) -> None:
         endpoint = self.source.endpoint
         metrics = self.metrics
-        metrics.messages_received.labels(endpoint, path).inc()
+        self._received(endpoint, path).inc()
         self.status.last_seq = seq
         self._recent[seq] = _digest(payload)
         while len(self._recent) > RECENT_DIGESTS:
@@ -565,35 +572,35 @@ class KVEventSubscriber:
             metrics.events_dropped.labels(endpoint, "unknown_type").inc(batch.unknown_events)
         for event in batch.events:
             if isinstance(event, BlockStored):
-                metrics.events_decoded.labels(endpoint, "BlockStored").inc()
+                self._decoded(endpoint, "BlockStored").inc()
                 if not indexable(event):
                     metrics.events_dropped.labels(endpoint, "other_medium").inc()
                     continue
                 hashes = event_hashes(event.block_hashes)
                 new = self.index.store(endpoint, hashes)
                 if new < len(hashes):
-                    metrics.duplicate_blocks.labels(endpoint, "BlockStored").inc(
+                    self._duplicates(endpoint, "BlockStored").inc(
                         len(hashes) - new)
                 if self.self_check is not None:
                     self._self_check(event)
             elif isinstance(event, BlockRemoved):
-                metrics.events_decoded.labels(endpoint, "BlockRemoved").inc()
+                self._decoded(endpoint, "BlockRemoved").inc()
                 if not indexable(event):
                     metrics.events_dropped.labels(endpoint, "other_medium").inc()
                     continue
                 hashes = event_hashes(event.block_hashes)
                 gone = self.index.remove(endpoint, hashes)
                 if gone < len(hashes):
-                    metrics.duplicate_blocks.labels(endpoint, "BlockRemoved").inc(
+                    self._duplicates(endpoint, "BlockRemoved").inc(
                         len(hashes) - gone)
             elif isinstance(event, AllBlocksCleared):
-                metrics.events_decoded.labels(endpoint, "AllBlocksCleared").inc()
+                self._decoded(endpoint, "AllBlocksCleared").inc()
                 self._clear("all_blocks_cleared")
         self.status.batches_applied += 1
         self.status.last_batch_unix = batch.ts
         self.status.last_batch_monotonic = time.monotonic()
-        metrics.last_event_age.labels(endpoint).set(batch.ts)
-        metrics.index_blocks.labels(endpoint).set(self.index.block_count(endpoint))
+        self._event_age(endpoint).set(batch.ts)
+        self._blocks(endpoint).set(self.index.block_count(endpoint))
         metrics.index_distinct_blocks.set(self.index.distinct_blocks())
 
     def _self_check(self, event: BlockStored) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from kvroute_router.app import Router, RouterSettings
 from kvroute_router.budget.meters import SWEEP_S, InMemoryMeterStore, MeterCharge, MeterKind
+from kvroute_router.router_metrics import Children, RouterMetrics
 from prometheus_client import generate_latest
 
 
@@ -206,3 +207,19 @@ async def test_garbage_collections_are_timed_by_generation() -> None:
         await router.stop()
     gc.collect()  # the callback is gone with the router
     assert _full_collections(router) == after
+
+
+def test_children_are_the_series_the_registry_exports() -> None:
+    # The hot paths look labelled series up through Children instead of labels(): the child
+    # must be the registered one (what /metrics shows), once per label values.
+    metrics = RouterMetrics()
+    requests = Children(metrics.requests)
+    requests("policy", "pool", "engine-0", "200").inc()
+    requests("policy", "pool", "engine-0", "200").inc(2)
+    requests("policy", "pool", "engine-1", "429").inc()
+    assert requests("policy", "pool", "engine-0", "200") is metrics.requests.labels(
+        "policy", "pool", "engine-0", "200")
+    text = generate_latest(metrics.registry).decode()
+    assert ('kvroute_requests_total{endpoint="engine-0",policy="policy",pool="pool",status="200"}'
+            ' 3.0') in text
+    assert 'endpoint="engine-1",policy="policy",pool="pool",status="429"} 1.0' in text

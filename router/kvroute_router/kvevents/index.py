@@ -126,9 +126,11 @@ class PrefixIndex:
         if blocks is None:
             return 0
         pending = self._pending[endpoint]
+        holders = self._holders
         bit = 1 << self._slot_of[endpoint]
+        others = ~bit
         gone = 0
-        for block_hash in hashes:
+        for block_hash in hashes:  # per block; _drop_holder inlined (a call per block)
             if pending and pending.pop(block_hash, None) is not None:
                 self._drop_pending_holder(block_hash, bit)
             count = blocks.get(block_hash)
@@ -138,7 +140,11 @@ class PrefixIndex:
                 blocks[block_hash] = count - 1
                 continue
             del blocks[block_hash]
-            self._drop_holder(block_hash, bit)
+            mask = holders.get(block_hash, 0) & others
+            if mask:
+                holders[block_hash] = mask
+            else:
+                holders.pop(block_hash, None)
             gone += 1
         return gone
 

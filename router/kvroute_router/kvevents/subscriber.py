@@ -380,26 +380,15 @@ class KVEventSubscriber:
             self.status.gaps += 1
             self.metrics.gaps.labels(self.source.endpoint).inc()
             self.status.synced = False  # the index misses batches until the replay brings them
-            if not await self._resync():
-                # The replay failed or stopped at a hole. Applying this batch now would step
-                # over the missing ones for good: the next replay starts after the last batch
-                # applied. Leave it to that replay, which starts before the hole and brings
-                # this batch too.
+            if not await self._resync(reach=seq):
+                # The replay failed, stopped at a hole or ended before this batch. Applying
+                # this batch now would step over the missing ones for good: the next replay
+                # starts after the last batch applied. Leave it to that replay, which starts
+                # before them and brings this batch too.
                 return
             applied = self.status.last_seq
             if applied is not None and seq <= applied:
-                return
-            if applied is not None and seq > applied + 1:
-                # The answer ended before this batch (its tail lost on the way, or cut at
-                # max_replay_batches): applying it now would step over the batches between
-                # for good. The next replay, from the last batch applied, brings them and this
-                # one. Unlike a hole inside an answer (_step_over) this has no retry bound: a
-                # short answer still applied what it held, so each retry moves last_seq on
-                # (the engine holds this batch: it published it); an answer that keeps
-                # ending at the same batch is not a loss a ROUTER socket makes.
-                self._resync_needed = True
-                self.status.synced = False
-                return
+                return  # the replay brought it
         self._apply(seq, payload, "live")
 
     def _engine_restarted(self, reason: str) -> None:
@@ -419,13 +408,15 @@ class KVEventSubscriber:
         self.metrics.cleared.labels(endpoint, reason).inc()
         self.metrics.index_blocks.labels(endpoint).set(0)
 
-    async def _resync(self, *, tail: bool = False) -> bool:
+    async def _resync(self, *, tail: bool = False, reach: int | None = None) -> bool:
         """Bring the index in line with the engine through its replay socket.
 
         True when every batch the engine still holds up to the end of its answer is applied;
-        False when the replay failed or its answer had a hole (``_resync_needed`` is then set:
-        the next try starts from the last batch applied). ``tail``: a periodic check of an
-        idle engine (finds a lost last batch)."""
+        False when the replay failed, its answer had a hole, or it ended before ``reach - 1``
+        (``_resync_needed`` is then set: the next try starts from the last batch applied).
+        ``tail``: a periodic check of an idle engine (finds a lost last batch). ``reach``: the
+        live batch that revealed a gap — the engine published it, so the answer must come up
+        to it."""
         self._resync_needed = False
         self._last_activity = time.monotonic()
         endpoint = self.source.endpoint
@@ -482,6 +473,16 @@ class KVEventSubscriber:
                 return False
             self._apply(seq, payload, "replay")
             await slicer.pause()
+        applied = self.status.last_seq
+        if reach is not None and applied is not None and reach > applied + 1:
+            # The answer ended before the live batch (its tail lost on the way, or cut at
+            # max_replay_batches). Unlike a hole inside an answer (_step_over) this has no
+            # retry bound: a short answer still applied what it held, so each retry moves
+            # last_seq on; an answer that keeps ending at the same batch is not a loss a
+            # ROUTER socket makes.
+            self._resync_needed = True
+            self.status.synced = False
+            return False
         # A disconnect or a dropped live batch during the replay asks for another one.
         self.status.synced = not self._resync_needed
         return True

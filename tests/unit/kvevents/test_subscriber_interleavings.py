@@ -19,10 +19,18 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
-from kvroute_router.kvevents.subscriber import MAX_HOLE_RETRIES
+from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher
+from kvroute_router.kvevents.index import PrefixIndex
+from kvroute_router.kvevents.metrics import KVEventMetrics
+from kvroute_router.kvevents.subscriber import (
+    MAX_HOLE_RETRIES,
+    KVEventSource,
+    KVEventSubscriber,
+)
 
 from .test_subscriber import (
     BLOCK,
@@ -307,3 +315,19 @@ async def test_while_a_resync_is_due_live_batches_do_not_move_its_start(
                 if rig.index.match(rig.hasher.block_hashes(fresh(k)))["engine-0"] != 2] == []
     finally:
         await rig.close()
+
+
+async def test_without_a_replay_socket_a_gap_is_stepped_over_and_later_batches_apply() -> None:
+    """An engine without a replay endpoint cannot fill a gap: the subscriber counts it and
+    applies the live batch that revealed it, and every batch after. (The rule that a live
+    batch waits for a replay answer that reaches it once applied here too, so every batch
+    after the first gap was dropped for good.)"""
+    hasher = BlockHasher(BlockHashConfig(BLOCK))
+    subscriber = KVEventSubscriber(KVEventSource("engine-0", "tcp://127.0.0.1:1", None),
+                                   PrefixIndex(), hasher, KVEventMetrics())
+    for seq in (0, 2, 3):  # batch 1 lost on the way
+        payload = msgspec.msgpack.encode([0.0, [stored(hasher, tokens_of(seq))], 0])
+        await subscriber._accept(seq, payload)
+    assert subscriber.status.last_seq == 3 and subscriber.status.gaps == 1
+    for seq in (0, 2, 3):
+        assert subscriber.index.match(hasher.block_hashes(tokens_of(seq)))["engine-0"] == 2

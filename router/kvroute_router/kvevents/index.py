@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import reduce
+from itertools import repeat
+from operator import or_
 
 DEFAULT_MAX_BLOCKS_PER_ENDPOINT = 1 << 20
 DEFAULT_PENDING_TTL_S = 5.0
@@ -60,7 +63,11 @@ class PrefixIndex:
         self.clock = clock
         self._pending: dict[str, dict[int, float]] = {}
         self._pending_holders: dict[int, int] = {}
+        self._next_expiry = float("inf")
+        """No pending mark expires before this (a lower bound: removing a mark leaves it as
+        is), so :meth:`expire_pending` looks at the endpoints only once one may have."""
         self._slot_of: dict[str, int] = {}
+        self._bit_of: dict[str, int] = {}  # 1 << slot
         self._endpoint_of_slot: dict[int, str] = {}
         self._blocks: dict[str, dict[int, int]] = {}
         self._holders: dict[int, int] = {}
@@ -73,6 +80,7 @@ class PrefixIndex:
             return
         slot = next(s for s in range(len(self._slot_of) + 1) if s not in self._endpoint_of_slot)
         self._slot_of[endpoint] = slot
+        self._bit_of[endpoint] = 1 << slot
         self._endpoint_of_slot[slot] = endpoint
         self._blocks[endpoint] = {}
         self._pending[endpoint] = {}
@@ -83,6 +91,7 @@ class PrefixIndex:
             return
         self.clear(endpoint)
         slot = self._slot_of.pop(endpoint)
+        del self._bit_of[endpoint]
         del self._endpoint_of_slot[slot]
         del self._blocks[endpoint]
         del self._pending[endpoint]
@@ -97,11 +106,18 @@ class PrefixIndex:
         blocks = self._blocks[endpoint]
         pending = self._pending[endpoint]
         holders = self._holders
+        pending_holders = self._pending_holders
         bit = 1 << self._slot_of[endpoint]
+        others = ~bit
         new = 0
         for block_hash in hashes:  # per block: the router's hottest loop under KV events
             if pending and pending.pop(block_hash, None) is not None:
-                self._drop_pending_holder(block_hash, bit)
+                # the pending mark is confirmed: _drop_pending_holder, inlined
+                mask = pending_holders.get(block_hash, 0) & others
+                if mask:
+                    pending_holders[block_hash] = mask
+                else:
+                    pending_holders.pop(block_hash, None)
             count = blocks.pop(block_hash, 0)
             blocks[block_hash] = count + 1
             if not count:
@@ -127,12 +143,17 @@ class PrefixIndex:
             return 0
         pending = self._pending[endpoint]
         holders = self._holders
+        pending_holders = self._pending_holders
         bit = 1 << self._slot_of[endpoint]
         others = ~bit
         gone = 0
-        for block_hash in hashes:  # per block; _drop_holder inlined (a call per block)
+        for block_hash in hashes:  # per block; the holder updates inlined (a call per block)
             if pending and pending.pop(block_hash, None) is not None:
-                self._drop_pending_holder(block_hash, bit)
+                mask = pending_holders.get(block_hash, 0) & others
+                if mask:
+                    pending_holders[block_hash] = mask
+                else:
+                    pending_holders.pop(block_hash, None)
             count = blocks.get(block_hash)
             if count is None:
                 continue
@@ -172,14 +193,17 @@ class PrefixIndex:
         self.add_endpoint(endpoint)
         blocks = self._blocks[endpoint]
         pending = self._pending[endpoint]
+        pending_holders = self._pending_holders
         bit = 1 << self._slot_of[endpoint]
         expiry = self.clock() + self.pending_ttl
+        if expiry < self._next_expiry:
+            self._next_expiry = expiry
         marked = 0
         for block_hash in hashes:
             if block_hash in blocks:
                 continue
             if pending.pop(block_hash, None) is None:
-                self._pending_holders[block_hash] = self._pending_holders.get(block_hash, 0) | bit
+                pending_holders[block_hash] = pending_holders.get(block_hash, 0) | bit
             pending[block_hash] = expiry  # (re-)inserted at the end: the dict stays by expiry
             marked += 1
         overflow = len(pending) - self.max_pending_per_endpoint
@@ -206,18 +230,24 @@ class PrefixIndex:
         if not self._pending_holders:
             return 0
         now = self.clock()
+        if now < self._next_expiry:
+            return 0
         expired = 0
+        next_expiry = float("inf")
         for endpoint, pending in self._pending.items():
             if not pending:
                 continue
             bit = 1 << self._slot_of[endpoint]
             while pending:
                 block_hash = next(iter(pending))
-                if pending[block_hash] > now:
+                expiry = pending[block_hash]
+                if expiry > now:
+                    next_expiry = min(next_expiry, expiry)  # the endpoint's oldest mark
                     break
                 del pending[block_hash]
                 self._drop_pending_holder(block_hash, bit)
                 expired += 1
+        self._next_expiry = next_expiry
         return expired
 
     def pending_count(self, endpoint: str) -> int:
@@ -254,25 +284,27 @@ class PrefixIndex:
         pending = self._pending_holders
         wanted = list(self._slot_of) if endpoints is None else list(endpoints)
         result = dict.fromkeys(wanted, 0)
-        alive = 0
-        for name in wanted:
-            slot = self._slot_of.get(name)
-            if slot is not None:
-                alive |= 1 << slot
-        depth = 0
-        for block_hash in prompt_hashes:
-            if not alive:
-                break
-            held = self._holders.get(block_hash, 0)
-            if pending:
-                held |= pending.get(block_hash, 0)
+        alive = reduce(or_, map(self._bit_of.get, wanted, repeat(0)), 0)
+        if not alive:
+            return result
+        # The holders of each block are looked up in C (map); Python ANDs and compares, and
+        # reads the pending marks only where the published holders fall short.
+        pending_get = pending.get if pending else None
+        masks = map(self._holders.get, prompt_hashes, repeat(0))
+        for depth, (block_hash, held) in enumerate(zip(prompt_hashes, masks, strict=True)):
             still = alive & held
             if still != alive:
-                self._record(result, alive & ~still, depth)
-            alive = still
-            depth += 1
-        if alive:
-            self._record(result, alive, depth)
+                if pending_get is not None:
+                    still = alive & (held | pending_get(block_hash, 0))
+                    if still == alive:
+                        continue
+                if depth:  # some endpoints' prefixes end before block ``depth`` (0: as set)
+                    self._record(result, alive & ~still, depth)
+                alive = still
+                if not alive:
+                    break
+        if alive:  # these hold the whole prompt
+            self._record(result, alive, len(prompt_hashes))
         return result
 
     def _record(self, result: dict[str, int], mask: int, depth: int) -> None:

@@ -495,9 +495,10 @@ class Director:
         hashes, held = blocks
         computing = endpoint.prefill_in_flight
         own = decision.prefill_started.get(endpoint.name)
-        events = [event for block in hashes[:held]
-                  if (event := computing.get(block)) is not None
-                  and (own is None or event is not own[1])]
+        # A few attempts in flight against a prefix of hundreds of blocks: intersect in C
+        # (the order of the waits does not matter, every one is awaited).
+        events = [event for block in computing.keys() & hashes[:held]
+                  if (event := computing[block]) is not (own[1] if own else None)]
         if not events:
             return 0.0
         started = time.monotonic()

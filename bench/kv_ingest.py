@@ -15,8 +15,8 @@ shared VM without hardware counters, compare versions by interleaved runs. Token
 ids are drawn below ``--vocab`` (256: the byte-level test model; 128,000: a Llama-3-sized
 vocabulary, whose ids take 3 bytes in msgpack). The hash self-check is off (``--self-check``
 turns it on: it checks every event until 32 are verified and one in 16 after; these events
-chain to parents it never computed, so none verifies and each costs an attempt — its token ids
-decoded, then found unverifiable).
+chain to parents it never computed, so none verifies and each costs an attempt — since round
+14 a lookup of the parent, before that the decoding of its token ids too).
 
     python bench/kv_ingest.py [--blocks 16,75,450] [--vocab 256,128000] [--batches 300]
                               [--rounds 5] [--self-check] [--json FILE]

@@ -23,8 +23,10 @@ request) records the request's blocks as pending on that endpoint for ``pending_
 ``BlockRemoved`` for the block, a clear (restart, AllBlocksCleared) or expiry drops the mark.
 Pending marks are kept like the published ones — per endpoint an insertion-ordered
 ``dict[hash, expiry]`` (oldest first, bounded by ``max_pending_per_endpoint``), globally a
-``dict[hash, bitmask]`` — and expired marks are purged from the front before each match, so the
-cost stays amortised O(1) per mark and the match O(prompt blocks).
+``dict[hash, bitmask]`` — and expired marks are purged from the front before a match once one
+may have expired (the index keeps a lower bound on the next expiry, so a match does not visit
+every endpoint to find none), so the cost stays amortised O(1) per mark and the match
+O(prompt blocks).
 """
 
 from __future__ import annotations

@@ -494,11 +494,12 @@ class Director:
             return 0.0
         hashes, held = blocks
         computing = endpoint.prefill_in_flight
-        own = decision.prefill_started.get(endpoint.name)
+        started_here = decision.prefill_started.get(endpoint.name)
+        own = started_here[1] if started_here else None  # this attempt's own prefill
         # A few attempts in flight against a prefix of hundreds of blocks: intersect in C
         # (the order of the waits does not matter, every one is awaited).
         events = [event for block in computing.keys() & hashes[:held]
-                  if (event := computing[block]) is not (own[1] if own else None)]
+                  if (event := computing[block]) is not own]
         if not events:
             return 0.0
         started = time.monotonic()

@@ -27,6 +27,7 @@ from kvroute_router.kvevents.index import (
     PrefixIndex,
 )
 from kvroute_router.kvevents.metrics import KVEventMetrics
+from kvroute_router.kvevents.receiver import EventReceiver
 from kvroute_router.kvevents.subscriber import (
     KVEventSource,
     KVEventSubscriber,
@@ -81,6 +82,8 @@ class PoolKVEvents:
         self._context = context
         self.stop_timeout_s = stop_timeout_s
         self._subscribers: dict[str, tuple[KVEventSubscriber, asyncio.Task[None]]] = {}
+        # One drain pass reads every engine's socket (:mod:`.receiver`).
+        self._receiver = EventReceiver(coalesce_s=self.settings.receive_coalesce_s)
 
     @classmethod
     def for_pool(cls, pool: InferencePool, *, tokenizer_dir: Path | None = None,
@@ -104,7 +107,8 @@ class PoolKVEvents:
                 continue
             self.index.clear(name)
             subscriber = KVEventSubscriber(source, self.index, self.hasher, self.metrics,
-                                           context=self._context, settings=self.settings)
+                                           context=self._context, settings=self.settings,
+                                           receiver=self._receiver)
             task = asyncio.create_task(subscriber.run(), name=f"kv-events:{name}")
             self._subscribers[name] = (subscriber, task)
             logger.info("kv-events: following %s at %s (replay %s)", name,

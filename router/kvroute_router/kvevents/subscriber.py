@@ -1,10 +1,12 @@
 """One KV-event subscriber per engine: ZMQ SUB → bounded queue → prefix index, with replay.
 
-Three tasks per connection, all on the router's event loop:
+Per connection, all on the router's event loop:
 
-* the **receiver** reads ``[topic, seq, payload]`` from a SUB socket (every topic) and puts it
-  on a bounded queue with ``put_nowait``; when the queue is full the batch is dropped and a
-  resync is flagged — the loop never waits on a slow consumer, and the replay recovers the batch;
+* the **receiver** (:class:`~.receiver.EventReceiver`, shared by a pool's subscribers) reads
+  ``[topic, seq, payload]`` from a plain, non-blocking SUB socket (every topic) in drain passes
+  that serve every engine with news, and the subscriber puts each on a bounded queue with
+  ``put_nowait``; when the queue is full the batch is dropped and a resync is flagged — the loop
+  never waits on a slow consumer, and the replay recovers the batch;
 * the **monitor** watches the socket's connect/disconnect events: a disconnect makes the
   endpoint's index untrusted (the scorer falls back), a reconnect triggers a resync;
 * the **applier** decodes batches (:mod:`.events`) and applies them to the
@@ -79,6 +81,7 @@ from kvroute_router.kvevents.events import (
 from kvroute_router.kvevents.hashing import BlockHasher
 from kvroute_router.kvevents.index import PrefixIndex
 from kvroute_router.kvevents.metrics import KVEventMetrics
+from kvroute_router.kvevents.receiver import DEFAULT_COALESCE_S, EventReceiver
 from kvroute_router.kvevents.selfcheck import BlockHashSelfCheck, HashCheckStatus
 from kvroute_router.router_metrics import Children
 
@@ -139,6 +142,10 @@ class SubscriberSettings:
     """After this long without a batch, ask the replay socket what follows the last one: a lost
     *last* batch is otherwise found only when the engine publishes again. 0 turns it off."""
     self_check_sample_every: int = 16
+    receive_coalesce_s: float = DEFAULT_COALESCE_S
+    """The receiver's drain passes are at least this far apart: an event reaches the index up
+    to this much later, and every batch (of every engine) that arrives meanwhile shares one
+    wake-up of the loop (:mod:`.receiver`)."""
     max_message_bytes: int = 8 * 1024 * 1024
     """ZMQ ``MAXMSGSIZE`` of the SUB and replay sockets: a larger frame drops the connection."""
 
@@ -189,7 +196,8 @@ class KVEventSubscriber:
 
     def __init__(self, source: KVEventSource, index: PrefixIndex, hasher: BlockHasher | None,
                  metrics: KVEventMetrics, *, context: zmq.asyncio.Context | None = None,
-                 settings: SubscriberSettings | None = None) -> None:
+                 settings: SubscriberSettings | None = None,
+                 receiver: EventReceiver | None = None) -> None:
         self.source = source
         self.index = index
         self.metrics = metrics
@@ -201,6 +209,11 @@ class KVEventSubscriber:
                                          Children(metrics.index_blocks))
         self.settings = settings or SubscriberSettings()
         self._context = context or zmq.asyncio.Context.instance()
+        # The SUB socket is a plain one on the same ZMQ context: the receiver reads it without
+        # pyzmq's asyncio machinery (a future and a wake-up per batch).
+        self._plain_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(
+            self._context.underlying)
+        self._receiver = receiver or EventReceiver(coalesce_s=self.settings.receive_coalesce_s)
         self.self_check = (BlockHashSelfCheck(source.endpoint, hasher,
                                               sample_every=self.settings.self_check_sample_every)
                            if hasher is not None else None)
@@ -216,7 +229,9 @@ class KVEventSubscriber:
         self._replay_backoff = self.settings.replay_backoff_s
         self._stopping = False
         self._ever_connected = False
-        self._sockets: set[zmq.asyncio.Socket] = set()
+        self._sockets: set[zmq.Socket[Any]] = set()
+        self._parked = False
+        """The applier waits on its empty queue (not in a resync or a replay)."""
         index.add_endpoint(source.endpoint)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -237,7 +252,14 @@ class KVEventSubscriber:
         self._sockets.add(socket)
         return socket
 
-    def _close_socket(self, socket: zmq.asyncio.Socket) -> None:
+    def _open_plain_socket(self, kind: int) -> zmq.Socket[bytes]:
+        socket = self._plain_context.socket(kind)
+        socket.setsockopt(zmq.LINGER, 0)
+        self._sockets.add(socket)
+        return socket
+
+    def _close_socket(self, socket: zmq.Socket[Any]) -> None:
+        self._receiver.detach(socket)
         self._sockets.discard(socket)
         with contextlib.suppress(zmq.ZMQError):
             socket.close(linger=0)
@@ -268,16 +290,17 @@ class KVEventSubscriber:
             backoff = min(backoff * 2, self.settings.session_backoff_max_s)
 
     async def _session(self) -> None:
-        sub = self._open_socket(zmq.SUB)
+        sub = self._open_plain_socket(zmq.SUB)
         sub.setsockopt(zmq.RECONNECT_IVL, self.settings.reconnect_ivl_ms)
         sub.setsockopt(zmq.RECONNECT_IVL_MAX, self.settings.reconnect_ivl_max_ms)
         sub.setsockopt(zmq.SUBSCRIBE, self.source.topic.encode("utf-8"))
         sub.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
-        monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        monitor = zmq.asyncio.Socket.from_socket(
+            sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED))
         self._sockets.add(monitor)
         sub.connect(self.source.events_endpoint)
-        tasks = [asyncio.create_task(self._receive(sub)),
-                 asyncio.create_task(self._watch(monitor)),
+        self._receiver.attach(sub, self._deliver)
+        tasks = [asyncio.create_task(self._watch(monitor)),
                  asyncio.create_task(self._apply_loop())]
         try:
             while not self._stopping:
@@ -297,25 +320,40 @@ class KVEventSubscriber:
                 self._close_socket(sub)
 
     # -- tasks -----------------------------------------------------------------------------
-    async def _receive(self, sub: zmq.asyncio.Socket) -> None:
-        endpoint = self.source.endpoint
-        while not self._stopping:
-            frames = await sub.recv_multipart()
-            if len(frames) != 3:
-                self._drop("undecodable")
-                continue
+    def _deliver(self, frames: list[bytes]) -> None:
+        """One live message from the receiver, never waited on: applied at once when it is the
+        next in sequence and the applier is idle (nothing queued, no resync due or running),
+        else queued for the applier."""
+        if self._stopping:
+            return
+        if len(frames) != 3:
+            self._drop("undecodable")
+            return
+        try:
+            seq = decode_seq(frames[1])
+        except EventDecodeError:
+            self._drop("undecodable")
+            return
+        last = self.status.last_seq
+        if (self._parked and last is not None and seq == last + 1 and not self._resync_needed
+                and self._queue.empty()):
+            # What _accept would do with it, without waking the applier's task for it.
+            self._last_activity = time.monotonic()
             try:
-                seq = decode_seq(frames[1])
-            except EventDecodeError:
-                self._drop("undecodable")
-                continue
-            try:
-                self._queue.put_nowait((seq, frames[2]))
-            except asyncio.QueueFull:
-                self._drop("queue_full")
+                self._apply(seq, payload=frames[2], path="live")
+            except Exception:
+                logger.exception("kv-events batch %d of %s failed to apply; resynchronising",
+                                 seq, self.source.endpoint)
                 self._resync_needed = True
-                logger.warning("kv-events queue of %s full; batch %d dropped, will replay",
-                               endpoint, seq)
+                self.status.synced = False
+            return
+        try:
+            self._queue.put_nowait((seq, frames[2]))
+        except asyncio.QueueFull:
+            self._drop("queue_full")
+            self._resync_needed = True
+            logger.warning("kv-events queue of %s full; batch %d dropped, will replay",
+                           self.source.endpoint, seq)
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
         while not self._stopping:
@@ -341,14 +379,22 @@ class KVEventSubscriber:
         while not self._stopping:
             await slicer.pause()  # a backlog in the queue must not hold the loop
             try:
-                async with asyncio.timeout(self.settings.idle_poll_s):
-                    seq, payload = await self._queue.get()
-            except TimeoutError:
-                if self._resync_needed and self.status.connected:
-                    await self._resync()
-                elif self._tail_check_due():
-                    await self._resync(tail=True)
-                continue
+                # A drain pass often queues several batches: take them without a timer each.
+                seq, payload = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                self._parked = True  # the receiver may apply the next batch itself meanwhile
+                try:
+                    async with asyncio.timeout(self.settings.idle_poll_s):
+                        seq, payload = await self._queue.get()
+                except TimeoutError:
+                    self._parked = False  # before any await: a replay is no idle applier
+                    if self._resync_needed and self.status.connected:
+                        await self._resync()
+                    elif self._tail_check_due():
+                        await self._resync(tail=True)
+                    continue
+                finally:
+                    self._parked = False
             self._last_activity = time.monotonic()
             if self._resync_needed:
                 await self._resync()

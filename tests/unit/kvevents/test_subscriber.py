@@ -277,8 +277,45 @@ async def test_full_queue_drops_without_blocking_and_replay_recovers(
             await rig.publisher.publish([stored(rig.hasher, tokens)])
         await eventually(lambda: rig.subscriber.status.last_seq == 39, "every batch")
         assert all(rig.matched(tokens) == 2 for tokens in sequences)
+        # The burst lands while the applier replays (the first batch is not in sequence with
+        # anything yet): it queues, and what does not fit is dropped, then replayed.
+        assert rig.metric("kvroute_kv_events_dropped_total", endpoint="engine-0",
+                          reason="queue_full") > 0
     finally:
         await rig.close()
+
+
+def test_the_next_batch_is_applied_on_receipt_only_when_the_applier_is_idle() -> None:
+    """The receiver hands a batch over; in sequence, with the applier parked on its empty
+    queue and no resync due, it is applied there and then (no task wake-up per batch);
+    anything else goes through the queue, in order, to the applier."""
+    hasher = BlockHasher(BlockHashConfig(block_size=BLOCK))
+    subscriber = KVEventSubscriber(KVEventSource("engine-0", "tcp://127.0.0.1:1"),
+                                   PrefixIndex(), None, KVEventMetrics())
+
+    def frames(seq: int, tokens: list[int]) -> list[bytes]:
+        payload = msgspec.msgpack.encode([time.time(), [stored(hasher, tokens)], 0])
+        return [TOPIC, seq.to_bytes(8, "big"), payload]
+
+    subscriber.status.last_seq = 4
+    subscriber._resync_needed = False
+    subscriber._parked = True
+    subscriber._deliver(frames(5, [1, 2, 3, 4]))
+    assert subscriber.status.last_seq == 5 and subscriber._queue.empty()
+    assert subscriber.index.match(hasher.block_hashes([1, 2, 3, 4]))["engine-0"] == 1
+    subscriber._deliver(frames(7, [5, 6, 7, 8]))  # a gap: the applier's replay handles it
+    assert subscriber.status.last_seq == 5 and subscriber._queue.qsize() == 1
+    subscriber._deliver(frames(6, [9, 10, 11, 12]))  # in sequence, but one is queued before
+    assert subscriber.status.last_seq == 5 and subscriber._queue.qsize() == 2
+    subscriber._queue = asyncio.Queue()
+    subscriber._parked = False  # the applier is busy (a replay): it must not be overtaken
+    subscriber._deliver(frames(6, [9, 10, 11, 12]))
+    assert subscriber.status.last_seq == 5 and subscriber._queue.qsize() == 1
+    subscriber._queue = asyncio.Queue()
+    subscriber._parked = True
+    subscriber._resync_needed = True  # e.g. reconnected: a replay comes first
+    subscriber._deliver(frames(6, [9, 10, 11, 12]))
+    assert subscriber.status.last_seq == 5 and subscriber._queue.qsize() == 1
 
 
 # -- closing never hangs (issue 12) ---------------------------------------------------------

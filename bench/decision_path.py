@@ -331,6 +331,9 @@ def main() -> int:
                         help="repeat each measurement; the least disturbed round is reported")
     parser.add_argument("--write", default=None, help="write the Markdown report here")
     args = parser.parse_args()
+    for name in ("iterations", "proxy_iterations", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     results = asyncio.run(main_async(args))
     print(json.dumps(results, indent=2))
     command = "python bench/decision_path.py " + " ".join(sys.argv[1:])

@@ -17,15 +17,7 @@ import pytest
 import zmq
 from kvroute_router.kvevents.receiver import EventReceiver
 
-from .test_subscriber import free_port
-
-
-async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
+from .test_subscriber import eventually, free_port
 
 
 class Link:

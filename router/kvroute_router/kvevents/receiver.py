@@ -144,6 +144,7 @@ class EventReceiver:
         if self._set is not None:
             self._set.close()
             self._set = None
+        self._loop = None  # free to serve another loop (a router restarted in-process)
 
     # -- idle: the set's descriptor watched -------------------------------------------------
     def _set_fd(self) -> int:
@@ -216,12 +217,14 @@ class EventReceiver:
             before = self.stats.messages
             reader.backlog = self._read(reader) == "more"
             self._read_this_pass += self.stats.messages - before
+            if self._set is None:
+                return  # a delivery detached the last socket: nothing left to read or watch
             if time.perf_counter() - started >= self.slice_s and position + 1 < len(due):
                 self._carry = [f for f in due[position + 1:] if f not in done]
                 self._defer(None)  # yield to the loop, then go on
                 return
-        if self._set is None or not self._readers:
-            self._polling = False  # a delivery detached the last socket
+        if not self._readers:
+            self._stop()  # a delivery detached the last socket, or none was due
             return
         if self._read_this_pass > 1 or any(r.backlog for r in self._readers.values()):
             # Batches are coming fast: the next pass reads what arrives meanwhile, together.
@@ -246,4 +249,6 @@ class EventReceiver:
                 deliver(frames)
             except Exception:
                 logger.exception("kv-events delivery failed; message dropped")
+            if self._readers.get(reader.fd) is not reader:
+                return "broken"  # the delivery detached it: not one more message
         return "more"

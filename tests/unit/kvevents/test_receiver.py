@@ -19,6 +19,8 @@ from kvroute_router.kvevents.receiver import EventReceiver
 
 from .test_subscriber import eventually, free_port
 
+PROBE = 10**9
+
 
 class Link:
     """One PUB bound on loopback and a plain SUB connected to it (every topic)."""
@@ -70,7 +72,7 @@ async def joined(receiver: EventReceiver, link: Link) -> None:
     while not link.got:
         if time.monotonic() > deadline:
             raise AssertionError("the SUB never joined")
-        link.send(10**9)
+        link.send(PROBE)
         await asyncio.sleep(0.02)
     await asyncio.sleep(0.05)  # the rest of the probes
     link.got.clear()
@@ -221,3 +223,30 @@ async def test_a_delivery_that_raises_loses_only_its_message(
         link.send(number)
     await eventually(lambda: link.got == [0, 1, 3, 4], "the other messages")
     receiver.detach(link.sub)
+
+
+async def test_a_delivery_may_detach_the_last_socket(
+        ctx: zmq.Context[zmq.Socket[bytes]], links: list[Link]) -> None:
+    """A subscriber stopping while its message is delivered: the pass ends cleanly, nothing
+    stays watched, and the receiver serves the next socket attached."""
+    receiver = EventReceiver(coalesce_s=0.005, slice_s=0.0)
+    first, second = Link(ctx), Link(ctx)
+    links.extend([first, second])
+    await joined(receiver, first)
+
+    def leave(frames: list[bytes]) -> None:
+        if int.from_bytes(frames[1], "big") == PROBE:
+            return  # a late probe of joined()
+        first.deliver(frames)
+        receiver.detach(first.sub)
+
+    receiver.detach(first.sub)
+    receiver.attach(first.sub, leave)
+    for number in range(3):
+        first.send(number)
+    await eventually(lambda: first.got == [0], "the message that detached its socket")
+    assert receiver.attached() == 0 and not receiver.polling
+    await joined(receiver, second)
+    second.send(5)
+    await eventually(lambda: second.got == [5], "the next socket's message")
+    receiver.detach(second.sub)

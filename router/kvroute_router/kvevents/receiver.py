@@ -62,8 +62,6 @@ class _Reader:
     socket: zmq.Socket[Any]
     fd: int
     deliver: Deliver
-    backlog: bool = False
-    """Left with messages by the last pass (``max_per_pass``): read without a signal."""
 
 
 @dataclass
@@ -87,6 +85,9 @@ class EventReceiver:
         self.slice_s = slice_s
         self.stats = ReceiverStats()
         self._readers: dict[int, _Reader] = {}  # by ZMQ_FD
+        self._backlog: set[int] = set()
+        """Sockets to read in the next pass without a signal: left with messages by the last
+        (``max_per_pass``), or just attached."""
         self._set: selectors.BaseSelector | None = None
         self._watching = False
         self._polling = False
@@ -115,7 +116,8 @@ class EventReceiver:
         self._set.register(fd, selectors.EVENT_READ)
         # Read at once even without a signal: messages may wait already, and ZMQ_FD may
         # have signalled before it was registered.
-        self._readers[fd] = _Reader(socket, fd, deliver, backlog=True)
+        self._readers[fd] = _Reader(socket, fd, deliver)
+        self._backlog.add(fd)
         if self._scheduled is None:
             self._defer(None)
 
@@ -124,6 +126,7 @@ class EventReceiver:
         for fd, reader in list(self._readers.items()):
             if reader.socket is socket:
                 del self._readers[fd]
+                self._backlog.discard(fd)
                 if self._set is not None:
                     with contextlib.suppress(KeyError, OSError):
                         self._set.unregister(fd)
@@ -206,7 +209,7 @@ class EventReceiver:
             self._read_this_pass = 0
         due = self._carry
         due.extend(key.fd for key, _ in self._set.select(0))
-        due.extend(fd for fd, reader in self._readers.items() if reader.backlog)
+        due.extend(self._backlog)
         self._carry = []
         done: set[int] = set()
         for position, fd in enumerate(due):
@@ -215,7 +218,10 @@ class EventReceiver:
                 continue  # detached (perhaps by a delivery of this pass), or read already
             done.add(fd)
             before = self.stats.messages
-            reader.backlog = self._read(reader) == "more"
+            if self._read(reader) == "more":
+                self._backlog.add(fd)
+            else:
+                self._backlog.discard(fd)
             self._read_this_pass += self.stats.messages - before
             if self._set is None:
                 return  # a delivery detached the last socket: nothing left to read or watch
@@ -226,7 +232,7 @@ class EventReceiver:
         if not self._readers:
             self._stop()  # a delivery detached the last socket, or none was due
             return
-        if self._read_this_pass > 1 or any(r.backlog for r in self._readers.values()):
+        if self._read_this_pass > 1 or self._backlog:
             # Batches are coming fast: the next pass reads what arrives meanwhile, together.
             self._defer(self._last_pass + self.coalesce_s)
             return

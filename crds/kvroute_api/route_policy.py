@@ -253,9 +253,8 @@ class AdmissionSpec(ApiModel):
     saturation_queue_depth: int = Field(
         default=8, ge=1, le=100000,
         description="An endpoint with this many waiting requests counts as saturated (admission "
-                    "queues or sheds when all are); one this many deeper than the least-queued "
-                    "endpoint (above 16 endpoints, the least-queued of every 16) stops "
-                    "attracting its prefixes.")
+                    "queues or sheds when all are); one this many deeper than the median "
+                    "endpoint's queue (a hot spot) stops attracting its prefixes.")
     saturation_kv_utilization: float = Field(
         default=1.0, gt=0, le=1,
         description="An endpoint whose KV-cache usage (vllm:kv_cache_usage_perc, 0-1) reaches "

@@ -5,8 +5,8 @@ An endpoint is saturated when its waiting queue reaches the policy's
 ``spec.admission.saturationQueueDepth`` or its KV-cache utilisation reaches
 ``spec.admission.saturationKvUtilization`` (default :data:`KV_SATURATION`). Admission control
 queues or sheds when *every* endpoint of a policy is saturated. ``load-headroom`` applies the
-same thresholds with the queue measured *above the least-queued candidate's* (of every 16
-candidates; it removes hot spots, not busy engines; see its module). Both read the thresholds
+same thresholds with the queue measured *above the median candidate's* (it removes hot
+spots, not busy engines; see its module). Both read the thresholds
 from :class:`Saturation`, so a policy's numbers mean one thing wherever they are used.
 
 *Decision:* this lives in ``framework/`` (the lowest layer) rather than ``admission/`` because

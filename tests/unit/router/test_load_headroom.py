@@ -154,7 +154,8 @@ def test_a_fleet_wide_overload_keeps_tenants_on_their_holders() -> None:
     request = LLMRequest(model="m", prompt_text=PROMPT)
     chosen = profile.run(CycleState(), request, [holder, *others], limit=1)[0]
     assert chosen.endpoint.name == "holder"
-    # A hot spot still loses headroom: the holder 8 deeper than the least-queued.
+    # A hot spot still loses headroom: the holder 8 deeper than the median (here also the
+    # least-queued).
     holder.metrics = endpoint("x", waiting=18, kv=0.99).metrics
     chosen = profile.run(CycleState(), request, [holder, *others], limit=1)[0]
     assert chosen.endpoint.name != "holder"

@@ -171,7 +171,7 @@ class Router:
             CallerTokens(settings.grpc_tokens_dir) if settings.grpc_tokens_dir else None)
         self.kv_event_feeds: KVEventFeeds | None = None
         if settings.kv_events and PrecisePrefixScorer.TYPE in self.registry:
-            self.kv_event_feeds = KVEventFeeds(self.datastore, self.services,
+            self.kv_event_feeds = KVEventFeeds(self.datastore, self.services, self.registry,
                                                settings.tokenizer_dirs)
             # Each pool's KV-event metrics live in their own registry: serve them here too.
             self.metrics.registry.register(KVEventMetricsCollector(self.kv_event_feeds))

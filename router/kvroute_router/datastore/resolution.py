@@ -68,9 +68,14 @@ def rejected_by_operator(policy: RoutePolicy) -> bool:
     return False
 
 
+def policy_pools(policy: RoutePolicy) -> list[str]:
+    """Keys (``namespace/name``) of the pools ``policy`` targets (primary or fallback)."""
+    return [f"{namespace_of(policy)}/{t.name}" for t in policy.spec.pools]
+
+
 def targeted_pools(policies: Iterable[RoutePolicy]) -> frozenset[str]:
     """Keys (``namespace/name``) of the pools any policy targets (primary or fallback)."""
-    return frozenset(f"{namespace_of(p)}/{t.name}" for p in policies for t in p.spec.pools)
+    return frozenset(key for p in policies for key in policy_pools(p))
 
 
 def directly_reachable(pools: Iterable[PoolView], targeted: frozenset[str]) -> list[PoolView]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from kvroute_api.cache_tier import CacheTier
 from kvroute_api.inference_pool import InferencePool
-from kvroute_api.route_policy import PoolTarget, RoutePolicy
+from kvroute_api.route_policy import PoolTarget, RoutePolicy, ScoringSpec
 
 from kvroute_router.datastore.resolution import (
     NAMESPACE_HEADER,
@@ -26,6 +26,8 @@ from kvroute_router.datastore.resolution import (
     implied_policy,
     pick_direct_pools,
     pick_policy,
+    policy_pools,
+    rejected_by_operator,
     targeted_pools,
 )
 from kvroute_router.framework.endpoint import Endpoint
@@ -36,6 +38,9 @@ EndpointListener = Callable[[list[Endpoint], list[Endpoint]], None]
 """Called with (added, removed) endpoints."""
 PoolListener = Callable[[str], None]
 """Called with the key of a pool whose spec was set (added or edited)."""
+PolicyListener = Callable[[], None]
+"""Called after the set of RoutePolicies changed (one added, edited or deleted, or all
+replaced)."""
 
 
 def object_key(namespace: str | None, name: str) -> str:
@@ -93,6 +98,7 @@ class Datastore:
         self._cache_tiers: dict[str, CacheTier] = {}
         self._listeners: list[EndpointListener] = []
         self._pool_listeners: list[PoolListener] = []
+        self._policy_listeners: list[PolicyListener] = []
         self.version = 0
         """Bumped on every pool or policy change (profile caches key on it)."""
         self._loaded = asyncio.Event()
@@ -119,6 +125,16 @@ class Datastore:
 
     def add_pool_listener(self, listener: PoolListener) -> None:
         self._pool_listeners.append(listener)
+
+    def add_policy_listener(self, listener: PolicyListener) -> None:
+        self._policy_listeners.append(listener)
+
+    def _notify_policies(self) -> None:
+        for listener in self._policy_listeners:
+            try:
+                listener()
+            except Exception:
+                log.exception("policy listener failed")
 
     def _notify(self, added: list[Endpoint], removed: list[Endpoint]) -> None:
         if not added and not removed:
@@ -183,12 +199,14 @@ class Datastore:
         policies[object_key(policy.metadata.namespace, policy.metadata.name)] = policy
         self._policies = policies
         self.version += 1
+        self._notify_policies()
 
     def delete_policy(self, key: str) -> None:
         policies = dict(self._policies)
         if policies.pop(key, None) is not None:
             self._policies = policies
             self.version += 1
+            self._notify_policies()
 
     def set_cache_tier(self, tier: CacheTier) -> None:
         tiers = dict(self._cache_tiers)
@@ -267,6 +285,7 @@ class Datastore:
                              for t in cache_tiers}
         self.version += 1
         self.loaded = True
+        self._notify_policies()
 
     def _merge(self, state: PoolState, old: PoolState | None,
                specs: list[EndpointSpec]) -> tuple[list[Endpoint], list[Endpoint]]:
@@ -315,6 +334,21 @@ class Datastore:
         refused by the operator) and the served names of pools reachable directly
         (:mod:`.resolution`)."""
         return client_models(self._policies, self._reachable(), scope)
+
+    def scoring_by_pool(self) -> dict[str, list[ScoringSpec]]:
+        """Per pool key, the ``scoring`` of every policy that can route to it: the policies
+        targeting it (not refused by the operator) and, for a pool reachable by its served
+        name, the implied default policy's."""
+        out: dict[str, list[ScoringSpec]] = {}
+        for policy in self._policies.values():
+            if rejected_by_operator(policy):
+                continue
+            for key in policy_pools(policy):
+                out.setdefault(key, []).append(policy.spec.scoring)
+        for view in self._reachable():
+            out.setdefault(view.key, []).append(
+                implied_policy(view.model_name, [view]).spec.scoring)
+        return out
 
     def _reachable(self) -> list[PoolView]:
         targeted = targeted_pools(self._policies.values())

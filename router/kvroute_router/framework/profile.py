@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from kvroute_api.route_policy import ScoringSpec
 
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
@@ -27,7 +28,7 @@ from kvroute_router.framework.plugins import (
     ScoredEndpoint,
     Scorer,
 )
-from kvroute_router.framework.registry import PluginContext, PluginRegistry
+from kvroute_router.framework.registry import PluginContext, PluginRegistry, Registration
 from kvroute_router.framework.request import LLMRequest
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,63 @@ def _scored(endpoint: Endpoint, i: int, totals: npt.NDArray[np.float64],
                           {name: float(column[i]) for name, column in columns})
 
 
+@dataclass(frozen=True, slots=True)
+class ScorerPlan:
+    """The scorers a profile for one ``ScoringSpec`` runs, before any is built."""
+
+    scorers: list[tuple[str, Registration, float]]
+    """(type name, registration, weight) in the policy's order, stand-ins already applied."""
+    degraded: dict[str, str]
+    """Requested scorer type → the type that stands in for it ("" when dropped)."""
+    reads_held: bool
+    """A scorer reads the prefix scorers' match: prefix scorers at weight 0 run too."""
+    warnings: list[str]
+    """Why a requested scorer does not run as written (logged by :func:`build_profile`)."""
+
+    def runs(self, type_name: str) -> bool:
+        return any(name == type_name for name, _, _ in self.scorers)
+
+
+def plan_scorers(registry: PluginRegistry, scoring: ScoringSpec) -> ScorerPlan:
+    """Which scorers :func:`build_profile` builds for ``scoring``, and with what weight.
+
+    A prefix scorer at weight 0 still runs when another scorer reads its match (prefill-cost):
+    it supplies the share held, and keeps its bookkeeping (pending blocks, history). Any other
+    scorer at weight 0 does not run."""
+    scorers: list[tuple[str, Registration, float]] = []
+    degraded: dict[str, str] = {}
+    warnings: list[str] = []
+    reads_held = any((entry := registry.lookup(str(item.type))) is not None
+                     and entry.reads_prefix_held and item.weight > 0
+                     for item in scoring.scorers)
+    for item in scoring.scorers:
+        type_name = str(item.type)
+        entry = registry.lookup(type_name)
+        fallback = registry.fallback_for(type_name) if entry is None else None
+        if fallback is not None:
+            stand_in = fallback
+            if any(name == stand_in for name, _, _ in scorers) or any(
+                    s.type == stand_in for s in scoring.scorers):
+                warnings.append(f"scorer {type_name} is not available; {stand_in} is already "
+                                f"configured, so {type_name} is dropped")
+                degraded[type_name] = ""
+                continue
+            warnings.append(f"scorer {type_name} is not available in this router; using "
+                            f"{stand_in} instead")
+            degraded[type_name] = stand_in
+            type_name, entry = stand_in, registry.lookup(stand_in)
+        if entry is None:
+            warnings.append(f"scorer {item.type} is not available; skipped")
+            degraded[item.type] = ""
+            continue
+        if entry.kind != "scorer":
+            raise ProfileBuildError(f"plugin {type_name!r} is a {entry.kind}, not a scorer")
+        if item.weight <= 0 and not (reads_held and entry.prefix_match):
+            continue
+        scorers.append((type_name, entry, float(item.weight)))
+    return ScorerPlan(scorers, degraded, reads_held, warnings)
+
+
 def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -> SchedulerProfile:
     """The profile for ``context.scoring``."""
     filters: list[Filter] = []
@@ -174,38 +232,11 @@ def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -
             raise ProfileBuildError(f"plugin {type_name!r} is a {entry.kind}, not a filter")
         filters.append(entry.factory(context))
 
-    scorers: list[WeightedScorer] = []
-    degraded: dict[str, str] = {}
-    # A prefix scorer at weight 0 still runs when another scorer reads its match (prefill-cost):
-    # it supplies the share held, and keeps its bookkeeping (pending blocks, history).
-    reads_held = any((entry := registry.lookup(str(item.type))) is not None
-                     and entry.reads_prefix_held and item.weight > 0
-                     for item in context.scoring.scorers)
-    for item in context.scoring.scorers:
-        type_name = str(item.type)
-        entry = registry.lookup(type_name)
-        fallback = registry.fallback_for(type_name) if entry is None else None
-        if fallback is not None:
-            stand_in = fallback
-            if any(s.type_name == stand_in for s in scorers) or any(
-                    s.type == stand_in for s in context.scoring.scorers):
-                log.warning("profile %s: scorer %s is not available; %s is already configured, "
-                            "so %s is dropped", name, type_name, stand_in, type_name)
-                degraded[type_name] = ""
-                continue
-            log.warning("profile %s: scorer %s is not available in this router; using %s "
-                        "instead", name, type_name, stand_in)
-            degraded[type_name] = stand_in
-            type_name, entry = stand_in, registry.lookup(stand_in)
-        if entry is None:
-            log.warning("profile %s: scorer %s is not available; skipped", name, item.type)
-            degraded[item.type] = ""
-            continue
-        if entry.kind != "scorer":
-            raise ProfileBuildError(f"plugin {type_name!r} is a {entry.kind}, not a scorer")
-        if item.weight <= 0 and not (reads_held and entry.prefix_match):
-            continue
-        scorers.append(WeightedScorer(entry.factory(context), float(item.weight), type_name))
+    plan = plan_scorers(registry, context.scoring)
+    for warning in plan.warnings:
+        log.warning("profile %s: %s", name, warning)
+    scorers = [WeightedScorer(entry.factory(context), weight, type_name)
+               for type_name, entry, weight in plan.scorers]
 
     picker_entry = registry.lookup(context.scoring.picker)
     if picker_entry is None or picker_entry.kind != "picker":
@@ -217,6 +248,6 @@ def build_profile(registry: PluginRegistry, context: PluginContext, name: str) -
         plugin for plugin in [*filters, *(s.scorer for s in scorers), picker]
         if isinstance(plugin, DispatchObserver)]
     return SchedulerProfile(name=name, filters=filters, scorers=scorers, picker=picker,
-                            observers=observers, degraded=degraded,
+                            observers=observers, degraded=plan.degraded,
                             prefix_scorers=registry.prefix_match_scorers(),
-                            share_prefix_held=reads_held)
+                            share_prefix_held=plan.reads_held)

@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 
 from kvroute_router.datastore.store import Datastore, PoolState
 from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.profile import plan_scorers
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.plugins.prefix_approx import ApproxPrefixScorer
@@ -76,9 +77,11 @@ class KVEventFeeds:
     """One KV-event subscription set per pool, following the datastore."""
 
     def __init__(self, datastore: Datastore, services: SharedServices,
+                 registry: PluginRegistry,
                  tokenizer_dirs: Mapping[str, Path] | None = None) -> None:
         self.datastore = datastore
         self.services = services
+        self.registry = registry
         self.tokenizer_dirs = dict(tokenizer_dirs or {})
         self._pools: dict[str, Any] = {}
         self._dirty = asyncio.Event()
@@ -91,6 +94,7 @@ class KVEventFeeds:
     async def start(self) -> None:
         self.datastore.add_listener(self._on_change)
         self.datastore.add_pool_listener(lambda _key: self._dirty.set())  # spec edits apply
+        self.datastore.add_policy_listener(self._dirty.set)  # which pools are scored precisely
         self._dirty.set()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kv-event-feeds")
 
@@ -137,20 +141,32 @@ class KVEventFeeds:
                 if loaded:
                     self.synced.set()
 
+    def followed_pools(self) -> set[str]:
+        """Keys of the pools some policy scores with ``prefix-precise`` (a policy targeting the
+        pool, or the implied default policy of a pool reachable by its served name). Following
+        a pool costs every replica CPU for every block any of its engines stores or evicts; a
+        pool routed only by other scorers is not followed."""
+        return {key for key, scorings in self.datastore.scoring_by_pool().items()
+                if any(plan_scorers(self.registry, scoring).runs(PrecisePrefixScorer.TYPE)
+                       for scoring in scorings)}
+
     async def sync(self) -> None:
-        from kvroute_router.kvevents.hub import PoolKVEvents, pending_ttl_for_pool, pod_source
+        from kvroute_router.kvevents.hub import pending_ttl_for_pool, pod_source
         from kvroute_router.kvevents.subscriber import KVEventSource
 
         current = {state.key: state for state in self.datastore.pools()}
+        followed = self.followed_pools()
         for key in [k for k in self._pools if k not in current]:
             await self._pools.pop(key).aclose()
             self.services.drop_prefix(services_key(key))
         for key, state in current.items():
             events = self._pools.get(key)
+            if key not in followed:
+                if events is not None:
+                    await events.set_sources([])  # stops its subscribers, drops their blocks
+                continue
             if events is None:
-                events = self._create(state, PoolKVEvents)
-                self._pools[key] = events
-                self.services.put(services_key(key), events)
+                events = self._pools[key] = self._events_for(state)
             events.index.pending_ttl = pending_ttl_for_pool(state.pool)  # an edit applies
             sources = []
             kv_spec = state.pool.spec.engine.kv_events
@@ -164,14 +180,34 @@ class KVEventFeeds:
                     sources.append(pod_source(ep.name, host, state.pool))
             await events.set_sources(sources)
 
-    def _create(self, state: PoolState, factory: Any) -> Any:
-        tokenizer_dir = self.tokenizer_dirs.get(state.model_name)
+    def _events_for(self, state: PoolState) -> Any:
+        """The pool's ``PoolKVEvents``: the one the ``prefix-precise`` factory already made
+        (a request built the pool's profile before this sync ran, and that profile stays
+        cached until the datastore's next change: it must read the index fed here), else a
+        new one, shared through the services."""
+        from kvroute_router.kvevents.hub import PoolKVEvents
+
+        tokenizer = self._tokenizer_for(state)
+        events = self.services.get(services_key(state.key), PoolKVEvents)
+        if events is None:
+            events = PoolKVEvents.for_pool(state.pool, tokenizer=tokenizer)
+            self.services.put(services_key(state.key), events)
+        elif events.tokenizer is None:
+            events.tokenizer = tokenizer
+        return events
+
+    def _tokenizer_for(self, state: PoolState) -> Any:
+        from kvroute_router.kvevents.tokenization import PromptTokenizer
+
+        directory = self.tokenizer_dirs.get(state.model_name)
+        if directory is None:
+            return None
         try:
-            return factory.for_pool(state.pool, tokenizer_dir=tokenizer_dir)
+            return PromptTokenizer.from_directory(directory)
         except Exception as exc:
             log.warning("pool %s: tokenizer in %s unusable (%s); precise prefix scoring "
-                        "will use the approximate history", state.key, tokenizer_dir, exc)
-            return factory.for_pool(state.pool)
+                        "will use the approximate history", state.key, directory, exc)
+            return None
 
 
 class KVEventMetricsCollector:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import zmq.asyncio
@@ -86,11 +85,9 @@ class PoolKVEvents:
         self._receiver = EventReceiver(coalesce_s=self.settings.receive_coalesce_s)
 
     @classmethod
-    def for_pool(cls, pool: InferencePool, *, tokenizer_dir: Path | None = None,
-                 **kwargs: Any) -> PoolKVEvents:
-        tokenizer = PromptTokenizer.from_directory(tokenizer_dir) if tokenizer_dir else None
+    def for_pool(cls, pool: InferencePool, **kwargs: Any) -> PoolKVEvents:
         kwargs.setdefault("pending_ttl", pending_ttl_for_pool(pool))
-        return cls(hash_config_for_pool(pool), tokenizer=tokenizer, **kwargs)
+        return cls(hash_config_for_pool(pool), **kwargs)
 
     async def set_sources(self, sources: Iterable[KVEventSource]) -> None:
         """Subscribe to exactly these engines: start new subscribers, stop departed ones

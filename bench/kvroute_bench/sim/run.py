@@ -44,7 +44,7 @@ from kvroute_bench.sim.fleet import (
     simulate,
     to_sim_requests,
 )
-from kvroute_bench.workloads import TraceRequest, build_params, generate
+from kvroute_bench.workloads import Trace, TraceRequest, build_params, generate
 
 CALIBRATION = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "calibration" \
     / "h100-llama8b-shape.json"
@@ -165,6 +165,19 @@ def set_pending_ttl(picker: Picker, seconds: float) -> None:
             router.pool_events.index.pending_ttl = seconds
 
 
+def sim_trace(args: argparse.Namespace, path: Path, rate: float) -> Trace:
+    """A trace file's first ``--requests`` requests, as ``kvroute bench --trace`` replays them
+    on a fleet (``--rate`` scales its arrival times: 2 = twice as fast). The simulator has no
+    warm-up: every request counts, as in the oracle it is compared with."""
+    from kvroute_bench.traces import TraceFormatError, TraceOptions, load
+
+    try:
+        return load(TraceOptions(path, args.trace_format, args.trace_time_scale / rate,
+                                 args.max_context or 32768, args.requests, args.seed))
+    except (OSError, TraceFormatError) as exc:
+        raise SystemExit(f"--trace {path}: {exc}") from None
+
+
 def run_sim(args: argparse.Namespace) -> int:
     console = Console(width=150)
     profile = profile_named(args.profile, args.kv_blocks if args.kv_blocks_set else 0)
@@ -176,12 +189,16 @@ def run_sim(args: argparse.Namespace) -> int:
         if workload == "precise-prefix":  # tenants sized to the simulated fleet's KV
             sizing = {"fleet_kv_tokens": args.pods * profile.kv_blocks * profile.block_size,
                       "max_context": args.max_context or 8192}
-        trace = generate(build_params(workload, overrides if len(args.workloads) == 1 else None,
-                                      requests=args.requests, rate=rate, seed=args.seed,
-                                      **sizing))
+        if workload.startswith("trace:"):
+            trace = sim_trace(args, Path(workload.removeprefix("trace:")), rate)
+        else:
+            trace = generate(build_params(workload, overrides if len(args.workloads) == 1
+                                          else None, requests=args.requests, rate=rate,
+                                          seed=args.seed, **sizing))
         # The oracle over the whole run: the simulator's hit rates count every request.
         oracle = oracle_hit_rate(trace.requests, 0, profile.block_size)
-        table = Table(title=f"simulated {workload}: {args.pods} pods, profile {profile.name}, "
+        label = trace.workload if workload.startswith("trace:") else workload
+        table = Table(title=f"simulated {label}: {args.pods} pods, profile {profile.name}, "
                             f"{args.requests} requests at {rate}/s")
         for column in ("picker", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99",
                        "out tok/s", "prefix hit", "oracle", *(f"re: {c}" for c in
@@ -209,9 +226,9 @@ def run_sim(args: argparse.Namespace) -> int:
                           *(f"{result.recomputed[c]:.1%}" for c in RECOMPUTE_CAUSES),
                           str(result.unfinished), f"{wall:.1f}")
         console.print(table)
-        stem = f"{args.name}-sim-{workload}" if args.name else f"sim-{workload}"
+        stem = f"{args.name}-sim-{label}" if args.name else f"sim-{label}"
         path = out_dir / f"{stem}.json"
-        path.write_text(json.dumps({"workload": workload, "pods": args.pods, "rate": rate,
+        path.write_text(json.dumps({"workload": label, "pods": args.pods, "rate": rate,
                                     "profile": asdict(profile), "params": trace.params,
                                     "results": rows}, indent=1, default=str) + "\n")
         console.print(f"wrote {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,37 @@ def test_router_picker_runs_the_routers_own_profile() -> None:
     chosen = picker.pick(first, engines)
     # The router remembers where it sent the shared prefix and sends the next one there.
     assert picker.pick(second, engines) == chosen
+
+
+def test_the_simulator_replays_a_trace_file(tmp_path: Path) -> None:
+    """``kvroute bench --sim --trace FILE`` replays the file's requests (its first
+    ``--requests``, arrivals scaled by ``--rate``) as ``--fleet`` runs do, so a trace's what-ifs
+    take seconds instead of an emulated run."""
+    from kvroute_cli.main import main
+
+    trace = Path(__file__).resolve().parents[3] / "bench" / "traces" / \
+        "mooncake-toolagent-synth-tiny.jsonl"
+    code = main(["bench", "--sim", "--profile", "h100", "--pods", "4", "--trace", str(trace),
+                 "--requests", "24", "--rate", "20", "--max-context", "32768",
+                 "--sim-pickers", "round-robin,kvroute-precise-cost", "--out", str(tmp_path),
+                 "--name", "t", "--workdir", str(tmp_path / "wd")])
+    assert code == 0
+    data = json.loads((tmp_path / "t-sim-trace-mooncake-toolagent-synth-tiny.json").read_text())
+    assert data["workload"] == "trace-mooncake-toolagent-synth-tiny"
+    assert data["params"]["trace"] == str(trace)
+    results = {row["picker"]: row for row in data["results"]}
+    assert set(results) == {"round-robin", "kvroute-precise-cost"}
+    assert all(row["requests"] == 24 and row["unfinished"] == 0 for row in results.values())
+    # The sessions share prefixes: an oracle above 0, and kvroute finds some of it.
+    assert results["kvroute-precise-cost"]["oracle_hit_rate"] > 0
+    assert results["kvroute-precise-cost"]["prefix_hit_rate"] > 0
+
+
+def test_the_simulator_names_a_bad_trace_file(tmp_path: Path) -> None:
+    from kvroute_cli.main import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"neither": 1}\n')
+    with pytest.raises(SystemExit, match=r"--trace .*bad.jsonl: line 1: neither Mooncake"):
+        main(["bench", "--sim", "--pods", "2", "--trace", str(bad), "--requests", "4",
+              "--out", str(tmp_path), "--workdir", str(tmp_path / "wd")])

@@ -21,12 +21,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from kvroute_api.route_policy import ScoringSpec
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 
 from kvroute_router.datastore.store import Datastore, PoolState
 from kvroute_router.framework.endpoint import Endpoint
-from kvroute_router.framework.profile import plan_scorers
+from kvroute_router.framework.profile import ProfileBuildError, plan_scorers
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.plugins.prefix_approx import ApproxPrefixScorer
@@ -147,8 +148,13 @@ class KVEventFeeds:
         a pool costs every replica CPU for every block any of its engines stores or evicts; a
         pool routed only by other scorers is not followed."""
         return {key for key, scorings in self.datastore.scoring_by_pool().items()
-                if any(plan_scorers(self.registry, scoring).runs(PrecisePrefixScorer.TYPE)
-                       for scoring in scorings)}
+                if any(self._runs_precise(scoring) for scoring in scorings)}
+
+    def _runs_precise(self, scoring: ScoringSpec) -> bool:
+        try:
+            return plan_scorers(self.registry, scoring).runs(PrecisePrefixScorer.TYPE)
+        except ProfileBuildError:  # no profile can be built from it: nothing would read the index
+            return False
 
     async def sync(self) -> None:
         from kvroute_router.kvevents.hub import pending_ttl_for_pool, pod_source

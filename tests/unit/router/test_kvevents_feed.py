@@ -183,3 +183,28 @@ async def test_only_pools_some_policy_scores_precisely_are_followed() -> None:
         await _until(lambda: _followed(services) == {"e0", "e1"})
     finally:
         await feeds.stop()
+
+
+async def test_a_policy_no_profile_can_be_built_from_does_not_stop_the_other_pools() -> None:
+    """A registry in which a policy's scorer type is another kind of plugin (a replaced
+    built-in) fails that policy's profile; the feed still follows the pools other policies
+    score precisely, rather than failing its whole sync."""
+    from kvroute_router.plugins.load_headroom import LoadHeadroomFilter
+
+    registry = _router_registry()
+    registry.register("queue-depth", "filter", LoadHeadroomFilter.build)
+    other = pool_with_events(1).model_copy(update={"metadata": pool_with_events(1).metadata
+                                                   .model_copy(update={"name": "other"})})
+    store = Datastore()
+    services = SharedServices()
+    store.replace([pool_with_events(2), other], [
+        make_policy(scoring={"scorers": [{"type": "queue-depth", "weight": 1},
+                                         {"type": "prefix-precise", "weight": 1}]}),
+        make_policy(name="b", model="b", pools=[{"name": "other"}])])
+    feeds = KVEventFeeds(store, services, registry)
+    try:
+        await feeds.sync()
+        assert _followed(services) == set()
+        assert _followed(services, "kvevents/default/other") == {"e0"}
+    finally:
+        await feeds.stop()

@@ -1,7 +1,8 @@
 """Wires the KV-event index into a running router: registers the ``prefix-precise`` scorer
 (:mod:`kvroute_router.plugins.prefix_precise`) over each pool's ``PoolKVEvents``, keeps one
-``PoolKVEvents`` per pool subscribed to exactly the pool's current engines, and exports their
-metrics through the router's registry.
+``PoolKVEvents`` per pool that some policy scores precisely subscribed to exactly the pool's
+current engines (a pool no policy scores with ``prefix-precise`` is not followed: see
+:meth:`KVEventFeeds.followed_pools`), and exports their metrics through the router's registry.
 
 Sources: static endpoints with ``kvEventsEndpoint`` (embedded mode), and in Kubernetes mode each
 ready pod's IP with the pool's ``engine.kvEvents`` ports. The ``PoolKVEvents`` live in the
@@ -193,13 +194,12 @@ class KVEventFeeds:
         new one, shared through the services."""
         from kvroute_router.kvevents.hub import PoolKVEvents
 
-        tokenizer = self._tokenizer_for(state)
         events = self.services.get(services_key(state.key), PoolKVEvents)
         if events is None:
-            events = PoolKVEvents.for_pool(state.pool, tokenizer=tokenizer)
+            events = PoolKVEvents.for_pool(state.pool, tokenizer=self._tokenizer_for(state))
             self.services.put(services_key(state.key), events)
         elif events.tokenizer is None:
-            events.tokenizer = tokenizer
+            events.tokenizer = self._tokenizer_for(state)
         return events
 
     def _tokenizer_for(self, state: PoolState) -> Any:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,20 @@ def _port(value: str) -> int | None:
     if not -1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 0-65535 (or -1 to disable), got {port}")
     return None if port < 0 else port
+
+
+def _milliseconds(*, zero_ok: bool) -> Callable[[str], float]:
+    """An argparse type: a finite number of milliseconds, > 0 (or >= 0 where 0 turns it off)."""
+    def parse(value: str) -> float:
+        try:
+            ms = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of milliseconds: {value!r}") from None
+        if not math.isfinite(ms) or ms < 0 or (ms == 0 and not zero_ok):
+            wanted = "0 (off) or more" if zero_ok else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {wanted} milliseconds, got {value}")
+        return ms
+    return parse
 
 
 def _tokenizer_dirs(values: list[str]) -> dict[str, Path]:
@@ -92,13 +108,13 @@ def register(sub: Any) -> None:
                         help="native gRPC Pick/Report port (-1 disables)")
     parser.add_argument("--metrics-port", type=_port, default=9090,
                         help="Prometheus metrics port (-1 disables; also on --port /metrics)")
-    parser.add_argument("--scrape-interval-ms", type=float, default=100.0,
+    parser.add_argument("--scrape-interval-ms", type=_milliseconds(zero_ok=False), default=100.0,
                         help="how often each engine's /metrics is scraped")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="once started, gc.freeze() what start-up built, so the garbage "
                              "collector's full passes under traffic stay short (~3-5 ms "
                              "instead of ~70 ms with 64 engines)")
-    parser.add_argument("--loop-lag-probe-ms", type=float, default=50.0,
+    parser.add_argument("--loop-lag-probe-ms", type=_milliseconds(zero_ok=True), default=50.0,
                         help="how often the event loop's lag is sampled into "
                              "kvroute_event_loop_lag_seconds (0: off)")
     parser.add_argument("--tokenizer-dir", action="append", metavar="MODEL=DIR",

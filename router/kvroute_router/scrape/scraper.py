@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from urllib.parse import urlencode
 
@@ -67,6 +68,9 @@ class MetricsScraper:
 
     def __init__(self, datastore: Datastore, interval_s: float = 0.1,
                  timeout_s: float | None = None, metrics: RouterMetrics | None = None) -> None:
+        if not interval_s > 0 or math.isinf(interval_s):
+            raise ValueError(f"the scrape interval must be a positive number of seconds, got "
+                             f"{interval_s}")
         self.datastore = datastore
         self.metrics = metrics
         self.interval_s = interval_s

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.router_metrics import RouterMetrics
@@ -275,3 +276,26 @@ async def test_a_refused_scrape_keeps_the_endpoint_out_a_timed_out_one_does_not(
         finally:
             await scraper.stop()
         assert ep.scrape_failures == 1 and ep.unavailable_until == 0.0
+
+
+@pytest.mark.parametrize("value", ["0", "-100", "nan", "inf", "soon"])
+def test_the_cli_refuses_a_scrape_interval_that_is_not_a_positive_duration(
+        value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--scrape-interval-ms 0`` made every scrape loop sleep 0 s: 16 engines scraped back to
+    back for as long as the router ran. It is refused, naming the flag."""
+    from kvroute_cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["router", "--scrape-interval-ms", value])
+    assert exited.value.code == 2
+    assert "--scrape-interval-ms" in capsys.readouterr().err
+    assert build_parser().parse_args(["router", "--scrape-interval-ms", "250"]
+                                     ).scrape_interval_ms == 250.0
+    assert build_parser().parse_args(["router", "--loop-lag-probe-ms", "0"]
+                                     ).loop_lag_probe_ms == 0.0  # 0 turns the probe off
+
+
+def test_the_scraper_refuses_an_interval_that_is_not_positive() -> None:
+    for interval in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scrape interval"):
+            MetricsScraper(Datastore(), interval_s=interval)

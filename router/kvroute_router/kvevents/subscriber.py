@@ -345,6 +345,13 @@ class KVEventSubscriber:
         except EventDecodeError:
             self._drop("undecodable")
             return
+        if seq < 0:
+            # vLLM numbers batches from 0; -1 only ends a replay answer. Taken as a batch, a
+            # negative seq made a held endpoint look restarted (its blocks dropped) or, as the
+            # first batch, became the start of every later replay request, which cannot be
+            # encoded: the session failed and restarted from it for good.
+            self._drop("undecodable")
+            return
         last = self.status.last_seq
         if (self._parked and last is not None and seq == last + 1 and not self._resync_needed
                 and self._queue.empty()):
@@ -614,9 +621,16 @@ class KVEventSubscriber:
                         frames = frames[1:]
                     if len(frames) not in (2, 3):
                         continue
-                    seq = decode_seq(frames[-2])
+                    try:
+                        seq = decode_seq(frames[-2])
+                    except EventDecodeError:
+                        self._drop("undecodable")
+                        continue
                     if seq == END_OF_REPLAY_SEQ:
                         break
+                    if seq < 0:  # not a batch of any engine (see _deliver)
+                        self._drop("undecodable")
+                        continue
                     batches.append((seq, frames[-1]))
         except TimeoutError:
             self.metrics.replays.labels(endpoint, "timeout").inc()

@@ -389,3 +389,46 @@ async def test_a_reconnect_is_resynchronised_without_a_batch_to_reveal_it(
         await eventually(lambda: bool(publisher.requests), "a replay asked after the reconnect")
     finally:
         await rig.close()
+
+
+# -- a negative sequence number is no batch ------------------------------------------------------
+NEGATIVE = (-3).to_bytes(8, "big", signed=True)
+
+
+async def test_a_negative_seq_does_not_look_like_an_engine_restart(
+        ctx: zmq.asyncio.Context) -> None:
+    """Batches are numbered from 0 (-1 only ends a replay). A live frame with seq -3 and a
+    well-formed payload used to read as "the engine restarted" (a seq at or below the last
+    applied, with other content): the endpoint's blocks were dropped and rebuilt."""
+    rig, publisher = await start(ctx)
+    try:
+        payload = msgspec.msgpack.encode([0.0, [stored(rig.hasher, tokens_of(7))], 0])
+        await publisher.pub.send_multipart([TOPIC, NEGATIVE, payload])
+        await publish(rig, 1, live=True)
+        await settled(rig, 1)
+        assert_complete(rig, 1)
+        assert rig.subscriber.status.restarts == 0
+        assert rig.matched(tokens_of(7)) == 0
+        assert rig.metric("kvroute_kv_events_dropped_total", endpoint="engine-0",
+                          reason="undecodable") == 1
+    finally:
+        await rig.close()
+
+
+async def test_a_negative_first_seq_does_not_wedge_the_subscriber(
+        ctx: zmq.asyncio.Context) -> None:
+    """An engine that has published nothing yet: a first live frame with seq -3 was applied
+    as the first batch, and every later replay asked from -3, which a replay request cannot
+    encode: the session failed, restarted, and failed again, for good (found by
+    test_fuzz_frames.py)."""
+    rig = Rig(ctx, publisher=ScriptedPublisher)
+    try:
+        await eventually(lambda: rig.subscriber.status.connected
+                         and rig.subscriber.status.synced, "the first resync")
+        payload = msgspec.msgpack.encode([0.0, [stored(rig.hasher, tokens_of(7))], 0])
+        await rig.publisher.pub.send_multipart([TOPIC, NEGATIVE, payload])
+        await publish_until_seen(rig, tokens_of(0), 2)  # seq 0
+        assert rig.subscriber.status.last_seq == 0
+        assert not rig.task.done()
+    finally:
+        await rig.close()

@@ -11,7 +11,11 @@ question (``precise_prefix_trace`` of ``kvroute bench``).
    window with no traffic (what scraping and the KV-event subscribers cost per second), then
    over ``--requests`` requests sent open-loop at ``--rate``. Reported: gross CPU per request
    (all CPU in the window / requests), and net (minus the idle rate times the window), plus
-   the idle cost per engine scrape. CPU time is far less sensitive than latency to the other
+   the idle cost per engine scrape. The router scrapes an idle engine at its idle period (5x
+   the interval unless ``--idle-scrape-interval-ms`` says otherwise), a busy one at the
+   interval, so since round 18 the idle rate leaves out the busy engines' extra scrapes and
+   net carries them; ``--router-arg=--idle-scrape-interval-ms=100`` (the interval) measures as
+   earlier rounds did. CPU time is far less sensitive than latency to the other
    work on a shared machine, but not immune: on a VM the same instructions take more CPU time
    while neighbours contend for the host's caches, so every run also records a *machine
    probe* (CPU ms of a fixed piece of work in the driver, just before and just after the
@@ -232,6 +236,18 @@ async def drive(targets: Sequence[tuple[str, TraceRequest]], model: str, timeout
 
 # --- part 1: CPU per request ------------------------------------------------------------------
 
+def idle_scrape_period_ms(router_args: Sequence[str]) -> float:
+    """How often kvroute's router scrapes an idle engine, from the flags ``cpu`` passes it
+    (``--router-arg``, the last one of a name winning as in argparse): its
+    ``--idle-scrape-interval-ms``, by default 5 x ``--scrape-interval-ms`` (default 100)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--scrape-interval-ms", type=float, default=100.0)
+    parser.add_argument("--idle-scrape-interval-ms", type=float, default=None)
+    known, _ = parser.parse_known_args(list(router_args))
+    idle: float | None = known.idle_scrape_interval_ms
+    return idle if idle is not None else 5.0 * float(known.scrape_interval_ms)
+
+
 @dataclass
 class CpuResult:
     engines: int
@@ -304,7 +320,7 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
         finally:
             fleet.stop()
     n = len(measured)
-    scrapes_per_s = args.engines * 1000.0 / 100.0  # kvroute's default 100 ms scrape
+    scrapes_per_s = args.engines * 1000.0 / idle_scrape_period_ms(args.router_arg)
     return CpuResult(
         engines=args.engines, requests=n, errors=sum(1 for r in results if not r.ok),
         rate=args.rate, output_tokens=args.output_tokens,

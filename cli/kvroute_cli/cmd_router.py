@@ -51,11 +51,18 @@ def _router(args: argparse.Namespace) -> int:
     if not args.config and not args.kubernetes:
         print("kvroute router: give --config FILE (embedded mode) or --kubernetes")
         return 2
+    if (args.idle_scrape_interval_ms is not None
+            and args.idle_scrape_interval_ms < args.scrape_interval_ms):
+        print(f"kvroute router: --idle-scrape-interval-ms ({args.idle_scrape_interval_ms:g}) "
+              f"must be at least --scrape-interval-ms ({args.scrape_interval_ms:g})")
+        return 2
     settings = RouterSettings(
         config_paths=[Path(p) for p in args.config or []], kubernetes=args.kubernetes,
         namespace=args.namespace, host=args.host, http_port=args.port,
         ext_proc_port=args.ext_proc_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, scrape_interval_s=args.scrape_interval_ms / 1000.0,
+        idle_scrape_interval_s=(None if args.idle_scrape_interval_ms is None
+                                else args.idle_scrape_interval_ms / 1000.0),
         freeze_startup_heap=args.gc_freeze, loop_lag_probe_s=args.loop_lag_probe_ms / 1000.0)
     try:
         settings.tokenizer_dirs = _tokenizer_dirs(args.tokenizer_dir or [])
@@ -110,6 +117,12 @@ def register(sub: Any) -> None:
                         help="Prometheus metrics port (-1 disables; also on --port /metrics)")
     parser.add_argument("--scrape-interval-ms", type=_milliseconds(zero_ok=False), default=100.0,
                         help="how often each engine's /metrics is scraped")
+    parser.add_argument("--idle-scrape-interval-ms", type=_milliseconds(zero_ok=False),
+                        default=None,
+                        help="how often an idle engine (nothing running, waiting or in flight) "
+                             "is scraped; a request sent to it restores --scrape-interval-ms "
+                             "at once (default: 5x --scrape-interval-ms; keep it under the "
+                             "policies' staleMetricsMs; equal to --scrape-interval-ms: off)")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="once started, gc.freeze() what start-up built, so the garbage "
                              "collector's full passes under traffic stay short (~3-5 ms "

@@ -72,6 +72,9 @@ class RouterSettings:
     grpc_port: int | None = 9003
     metrics_port: int | None = 9090
     scrape_interval_s: float = 0.1
+    idle_scrape_interval_s: float | None = None
+    """How often an idle engine (nothing running, waiting or in flight) is scraped; None: 5x
+    ``scrape_interval_s`` (:class:`~kvroute_router.scrape.scraper.MetricsScraper`)."""
     config_poll_interval_s: float = 1.0
     freeze_startup_heap: bool = False
     """Once started (configuration loaded, tokenizers and subscribers built), collect and
@@ -151,7 +154,8 @@ class Router:
         self.registry = registry
         self.director = Director(self.datastore, self.registry, self.metrics, self.services)
         self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics,
+                                      idle_interval_s=settings.idle_scrape_interval_s)
         self.datastore.add_listener(self._forget_removed)
         self.source: ConfigFileSource | KubernetesSource | None = None
         if settings.kubernetes:

@@ -433,7 +433,7 @@ class Director:
     def dispatch(self, decision: Decision, endpoint: Endpoint) -> None:
         """The request is being sent to ``endpoint`` (call once per attempt)."""
         endpoint.in_flight += 1
-        endpoint.dispatched_since_scrape += 1
+        endpoint.dispatched()
         # The prompt tokens it must compute (what it did not hold by the decision's prefix
         # match) wait in its prefill backlog until the answer starts.
         self.answering(decision, endpoint)  # a second attempt on the same endpoint

@@ -68,10 +68,21 @@ class Endpoint:
     unavailable_until: float = 0.0
     """``time.monotonic()`` until which the proxy saw the endpoint refuse connections."""
     labels: dict[str, str] = field(default_factory=dict)
+    idle_scrape_wake: asyncio.Event | None = None
+    """Set by the scraper while it scrapes the endpoint at its slower idle period (its last
+    snapshot showed nothing running or waiting and nothing was in flight to it): a dispatch
+    (:meth:`dispatched`) sets the event, and the scrape loop goes back to its normal period."""
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+    def dispatched(self) -> None:
+        """A request was sent to the endpoint, by this router or (replica sync) another one:
+        not in its snapshot until the next scrape, which comes at the normal period now."""
+        self.dispatched_since_scrape += 1
+        if self.idle_scrape_wake is not None:
+            self.idle_scrape_wake.set()
 
     def metrics_age(self, now: float | None = None) -> float:
         """Seconds since the last successful scrape (infinite when never scraped)."""

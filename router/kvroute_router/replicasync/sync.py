@@ -203,7 +203,7 @@ class ReplicaSync:
         if endpoint is None:
             return "unknown_endpoint"
         if endpoint.metrics is not None:  # the next scrape counts it (and resets the count)
-            endpoint.dispatched_since_scrape += 1
+            endpoint.dispatched()
         if record.blocks:
             events = self.services.get(services_key(record.pool_key), PoolKVEvents)
             if events is not None and events.trustworthy(record.endpoint):

@@ -69,3 +69,14 @@ def test_the_router_view_of_a_step_comes_from_its_histogram_deltas() -> None:
     rows = router_cpu.breakdown_table([step, {"rate": 2.0}]).splitlines()
     assert len(rows) == 3  # header, rule, the step with a view (the other is left out)
     assert rows[2] == "| 10 | 9.5 | 5 / inf | 10 | 2 of 12 | 0 / 0 / 1 (1) | 3 |"
+
+
+def test_the_idle_scrape_period_is_read_from_the_router_flags() -> None:
+    """The per-scrape idle cost divides by how often an idle router scrapes: its idle period
+    (5x the interval by default), not the interval."""
+    assert router_cpu.idle_scrape_period_ms([]) == 500.0
+    assert router_cpu.idle_scrape_period_ms(["--scrape-interval-ms=1600"]) == 8000.0
+    assert router_cpu.idle_scrape_period_ms(["--scrape-interval-ms", "200",
+                                             "--idle-scrape-interval-ms=200"]) == 200.0
+    assert router_cpu.idle_scrape_period_ms(["--idle-scrape-interval-ms=300",
+                                             "--idle-scrape-interval-ms=900"]) == 900.0

@@ -299,3 +299,102 @@ def test_the_scraper_refuses_an_interval_that_is_not_positive() -> None:
     for interval in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scrape interval"):
             MetricsScraper(Datastore(), interval_s=interval)
+
+
+IDLE = 'vllm:num_requests_running{engine="0"} 0.0\nvllm:num_requests_waiting{engine="0"} 0.0\n'
+BUSY = 'vllm:num_requests_running{engine="0"} 2.0\nvllm:num_requests_waiting{engine="0"} 0.0\n'
+
+
+async def test_an_idle_engine_is_scraped_slowly_until_a_request_is_sent_to_it() -> None:
+    """Waking up for scrapes was most of an idle router's CPU (160 a second at 16 engines,
+    router-cpu.md round 17). An engine with nothing running, waiting or in flight is scraped at
+    the idle period; a dispatch to it brings the next scrape at once, and while it is busy it
+    is scraped at the normal period again. The idle period here (30 s) is far longer than any
+    wait in the test, so each scrape counted after the first is one the wake or the busy page
+    caused."""
+    page = {"body": IDLE}
+    gets: list[float] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        gets.append(time.monotonic())
+        return web.Response(text=page["body"], content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    async with serving(app) as url:
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+        scraper = MetricsScraper(store, interval_s=0.02, idle_interval_s=30.0)
+        await scraper.start()
+        try:
+            (ep,) = store.endpoints()
+            await _until(lambda: ep.metrics is not None, "the first scrape")
+            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
+            assert MetricsScraper.idle(ep)
+            await asyncio.sleep(0.5)  # 25 scrapes at the normal period
+            assert len(gets) == 1, gets
+            page["body"] = BUSY  # the request this dispatch stands for is running
+            ep.dispatched()  # as Director.dispatch and ReplicaSync.apply do
+            await _until(lambda: len(gets) >= 8, "scrapes of a busy engine at the normal period")
+            assert ep.metrics is not None and ep.metrics.running == 2.0
+            assert ep.dispatched_since_scrape == 0
+            page["body"] = IDLE  # done: one more scrape sees it, then the slow period again
+            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause again")
+            scraped = len(gets)
+            await asyncio.sleep(0.5)
+            assert len(gets) == scraped
+        finally:
+            await scraper.stop()
+
+
+def test_what_counts_as_idle() -> None:
+    store = Datastore()
+    store.replace([make_pool("p", count=1)], [])
+    (ep,) = store.endpoints()
+    assert not MetricsScraper.idle(ep)  # never scraped
+    ep.metrics = parse_vllm_metrics(IDLE, time.monotonic())
+    assert MetricsScraper.idle(ep)
+    ep.in_flight = 1  # this router's request, not in the snapshot yet
+    assert not MetricsScraper.idle(ep)
+    ep.in_flight = 0
+    ep.dispatched()
+    assert not MetricsScraper.idle(ep)
+    ep.dispatched_since_scrape = 0
+    ep.metrics = parse_vllm_metrics(BUSY, time.monotonic())
+    assert not MetricsScraper.idle(ep)
+    ep.metrics = parse_vllm_metrics(
+        'vllm:num_requests_running{engine="0"} 0.0\nvllm:num_requests_waiting{engine="0"} 1.0\n',
+        time.monotonic())
+    assert not MetricsScraper.idle(ep)
+
+
+def test_another_replicas_dispatch_wakes_an_idle_scrape() -> None:
+    from kvroute_router.framework.registry import SharedServices
+    from kvroute_router.replicasync.sync import ReplicaSync
+    from kvroute_router.replicasync.wire import DispatchRecord
+    from prometheus_client import CollectorRegistry
+
+    store = Datastore()
+    store.replace([make_pool("p", count=1)], [])
+    (ep,) = store.endpoints()
+    ep.metrics = parse_vllm_metrics(IDLE, time.monotonic())
+    ep.idle_scrape_wake = wake = asyncio.Event()
+    sync = ReplicaSync(None, store, SharedServices(), CollectorRegistry())
+    assert sync.apply(DispatchRecord(pool_key=ep.pool, endpoint=ep.name)) == "applied"
+    assert wake.is_set() and ep.dispatched_since_scrape == 1
+
+
+def test_the_idle_scrape_period_is_no_shorter_than_the_scrape_interval(
+        capsys: pytest.CaptureFixture[str], tmp_path: Any) -> None:
+    from kvroute_cli.main import main
+
+    scraper = MetricsScraper(Datastore(), interval_s=0.2)
+    assert scraper.idle_interval_s == pytest.approx(1.0)  # 5x by default
+    for idle in (0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="idle scrape interval"):
+            MetricsScraper(Datastore(), interval_s=0.2, idle_interval_s=idle)
+    config = tmp_path / "pool.yaml"
+    config.write_text("")
+    assert main(["router", "--config", str(config), "--scrape-interval-ms", "200",
+                 "--idle-scrape-interval-ms", "100"]) == 2
+    assert "--idle-scrape-interval-ms" in capsys.readouterr().out

@@ -35,7 +35,8 @@ nothing dispatched since (:meth:`MetricsScraper.idle`), is scraped every ``idle_
 instead (default 5 x the interval: 500 ms, under the policies' default ``staleMetricsMs`` of
 1 s, so its snapshot never reads as stale). A dispatch to it, by this router or by another
 replica through replica sync (:meth:`Endpoint.dispatched`), ends the slow pause at once: the
-next scrape comes one interval after the last one, or now if that is past. Traffic another
+next scrape comes one interval after the dispatch (not at once: another replica's request may
+not have reached the engine yet, and a page without it would read as idle). Traffic another
 replica sends it without replica sync shows at the next idle scrape, after which the engine is
 busy and scraped at the normal period.
 """
@@ -207,16 +208,19 @@ class MetricsScraper:
         return (m is not None and m.running == 0 and m.waiting == 0 and ep.in_flight == 0
                 and ep.dispatched_since_scrape == 0)
 
-    async def _idle_pause(self, ep: Endpoint, due: float) -> None:
-        """Sleep until ``due`` (monotonic) or a dispatch to the endpoint, whichever is first."""
+    @staticmethod
+    async def _idle_pause(ep: Endpoint, due: float) -> bool:
+        """Sleep until ``due`` (monotonic) or a dispatch to the endpoint, whichever is first;
+        whether a dispatch ended it."""
         wake = ep.idle_scrape_wake = asyncio.Event()
         try:
             async with asyncio.timeout(max(0.0, due - time.monotonic())):
                 await wake.wait()
         except TimeoutError:
-            pass
+            return False
         finally:
             ep.idle_scrape_wake = None
+        return True
 
     async def _loop(self, ep: Endpoint, phase_s: float = 0.0) -> None:
         offset = phase_s  # added to the first pause only: the loop keeps its phase after
@@ -230,11 +234,13 @@ class MetricsScraper:
                 ep.metrics = None
                 ok = False
             if ok and self.idle_interval_s > self.interval_s and self.idle(ep):
-                # Woken by a dispatch, the pause ends one normal interval after this scrape.
-                await self._idle_pause(ep, started + self.idle_interval_s + offset)
-                pause = self.interval_s
-            else:  # back off on an endpoint that keeps failing (up to 2 s), not a healthy one
-                pause = self.interval_s if ok else min(2.0,
-                                                      self.interval_s * (1 + ep.scrape_failures))
+                if not await self._idle_pause(ep, started + self.idle_interval_s + offset):
+                    offset = 0.0
+                    continue  # the idle period is over: scrape now
+                # A dispatch ended it: scrape one interval later, when the request is on the
+                # engine's page (at once, another replica's could still be on its way).
+                started, offset = time.monotonic(), 0.0
+            # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
+            pause = self.interval_s if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
             await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
             offset = 0.0

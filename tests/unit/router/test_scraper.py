@@ -347,6 +347,38 @@ async def test_an_idle_engine_is_scraped_slowly_until_a_request_is_sent_to_it() 
             await scraper.stop()
 
 
+async def test_after_a_dispatch_the_scrape_waits_for_the_request_to_reach_the_engine() -> None:
+    """Another replica's dispatch (replica sync) wakes an idle endpoint's scrape loop, but its
+    request reaches the engine a moment later. Scraped at the wake, the page still read idle,
+    and the loop slept another idle period while the engine was busy; the scrape comes one
+    interval after the dispatch. (Timers fire in deadline order, so the page changes, 50 ms
+    after the dispatch, before a scrape due 200 ms after it.)"""
+    page = {"body": IDLE}
+    gets: list[float] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        gets.append(time.monotonic())
+        return web.Response(text=page["body"], content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    async with serving(app) as url:
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+        scraper = MetricsScraper(store, interval_s=0.2, idle_interval_s=30.0)
+        await scraper.start()
+        try:
+            (ep,) = store.endpoints()
+            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
+            await asyncio.sleep(0.5)  # more than an interval since the last scrape
+            asyncio.get_running_loop().call_later(0.05, page.update, {"body": BUSY})
+            ep.dispatched()
+            await _until(lambda: len(gets) >= 4, "scrapes of the engine the request made busy")
+            assert ep.metrics is not None and ep.metrics.running == 2.0
+        finally:
+            await scraper.stop()
+
+
 def test_what_counts_as_idle() -> None:
     store = Datastore()
     store.replace([make_pool("p", count=1)], [])

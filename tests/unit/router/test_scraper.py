@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.router_metrics import RouterMetrics
-from kvroute_router.scrape.scraper import FILTERED_PATH, MetricsScraper
+from kvroute_router.scrape.scraper import FILTERED_PATH, IDLE_AFTER_PAGES, MetricsScraper
 from kvroute_router.scrape.vllm_metrics import WANTED, MetricsParseError, parse_vllm_metrics
 
 from tests.aiohttp_server import serving
@@ -310,8 +310,8 @@ async def test_an_idle_engine_is_scraped_slowly_until_a_request_is_sent_to_it() 
     router-cpu.md round 17). An engine with nothing running, waiting or in flight is scraped at
     the idle period; a dispatch to it brings the next scrape at once, and while it is busy it
     is scraped at the normal period again. The idle period here (30 s) is far longer than any
-    wait in the test, so each scrape counted after the first is one the wake or the busy page
-    caused."""
+    wait in the test, so each scrape counted after the idle pause began is one the wake or the
+    busy page caused."""
     page = {"body": IDLE}
     gets: list[float] = []
 
@@ -331,11 +331,13 @@ async def test_an_idle_engine_is_scraped_slowly_until_a_request_is_sent_to_it() 
             await _until(lambda: ep.metrics is not None, "the first scrape")
             await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
             assert MetricsScraper.idle(ep)
+            assert len(gets) == IDLE_AFTER_PAGES, gets
             await asyncio.sleep(0.5)  # 25 scrapes at the normal period
-            assert len(gets) == 1, gets
+            assert len(gets) == IDLE_AFTER_PAGES, gets
             page["body"] = BUSY  # the request this dispatch stands for is running
             ep.dispatched()  # as Director.dispatch and ReplicaSync.apply do
-            await _until(lambda: len(gets) >= 8, "scrapes of a busy engine at the normal period")
+            await _until(lambda: len(gets) >= IDLE_AFTER_PAGES + 8,
+                         "scrapes of a busy engine at the normal period")
             assert ep.metrics is not None and ep.metrics.running == 2.0
             assert ep.dispatched_since_scrape == 0
             page["body"] = IDLE  # done: one more scrape sees it, then the slow period again
@@ -347,12 +349,13 @@ async def test_an_idle_engine_is_scraped_slowly_until_a_request_is_sent_to_it() 
             await scraper.stop()
 
 
-async def test_after_a_dispatch_the_scrape_waits_for_the_request_to_reach_the_engine() -> None:
-    """Another replica's dispatch (replica sync) wakes an idle endpoint's scrape loop, but its
-    request reaches the engine a moment later. Scraped at the wake, the page still read idle,
-    and the loop slept another idle period while the engine was busy; the scrape comes one
-    interval after the dispatch. (Timers fire in deadline order, so the page changes, 50 ms
-    after the dispatch, before a scrape due 200 ms after it.)"""
+async def test_after_a_dispatch_the_first_page_is_read_soon_but_not_at_once() -> None:
+    """A dispatch (here: another replica's, through replica sync) wakes an idle endpoint's
+    scrape loop; its request reaches the engine a moment later. The next scrape comes
+    WAKE_SCRAPE_DELAY_S after the wake: soon (the first version waited a whole interval, longer
+    than normal scraping takes on average to show a new request), and not at once, when the
+    page could still read idle. (Timers fire in deadline order: the page changes 5 ms after the
+    dispatch, before a scrape due 20 ms after it.)"""
     page = {"body": IDLE}
     gets: list[float] = []
 
@@ -365,18 +368,78 @@ async def test_after_a_dispatch_the_scrape_waits_for_the_request_to_reach_the_en
     async with serving(app) as url:
         store = Datastore()
         store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        scraper = MetricsScraper(store, interval_s=0.2, idle_interval_s=30.0)
+        scraper = MetricsScraper(store, interval_s=0.01, idle_interval_s=30.0)
         await scraper.start()
         try:
             (ep,) = store.endpoints()
             await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
-            await asyncio.sleep(0.5)  # more than an interval since the last scrape
-            asyncio.get_running_loop().call_later(0.05, page.update, {"body": BUSY})
+            scraped = len(gets)
+            asyncio.get_running_loop().call_later(0.005, page.update, {"body": BUSY})
             ep.dispatched()
-            await _until(lambda: len(gets) >= 4, "scrapes of the engine the request made busy")
+            await _until(lambda: len(gets) > scraped, "the scrape the dispatch brings")
+            assert gets[scraped] - gets[scraped - 1] < 15.0  # not the idle period's scrape
             assert ep.metrics is not None and ep.metrics.running == 2.0
         finally:
             await scraper.stop()
+
+
+async def test_a_gap_between_requests_is_not_idleness() -> None:
+    """Only an endpoint idle for IDLE_AFTER_PAGES scrapes in a row is scraped slowly: under
+    traffic, an engine between two requests keeps the normal period (the first version paused
+    after one idle page)."""
+    gets: list[float] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        gets.append(time.monotonic())
+        busy = len(gets) % IDLE_AFTER_PAGES == 0  # one busy page in every IDLE_AFTER_PAGES
+        return web.Response(text=BUSY if busy else IDLE, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    async with serving(app) as url:
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+        router_metrics = RouterMetrics()
+        scraper = MetricsScraper(store, interval_s=0.01, idle_interval_s=30.0,
+                                 metrics=router_metrics)
+        await scraper.start()
+        try:
+            (ep,) = store.endpoints()
+            await _until(lambda: len(gets) >= 4 * IDLE_AFTER_PAGES, "scrapes of a busy engine")
+            assert ep.idle_scrape_wake is None
+        finally:
+            await scraper.stop()
+    gauge = router_metrics.registry.get_sample_value("kvroute_scrape_idle_endpoints",
+                                                     {"pool": ep.pool})
+    assert gauge in (None, 0.0)
+
+
+async def test_the_idle_pause_begins_after_enough_idle_pages_and_is_counted() -> None:
+    gets: list[float] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        gets.append(time.monotonic())
+        return web.Response(text=IDLE, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    async with serving(app) as url:
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+        router_metrics = RouterMetrics()
+        scraper = MetricsScraper(store, interval_s=0.01, idle_interval_s=30.0,
+                                 metrics=router_metrics)
+        await scraper.start()
+        try:
+            (ep,) = store.endpoints()
+            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
+            assert len(gets) == IDLE_AFTER_PAGES
+            assert router_metrics.registry.get_sample_value(
+                "kvroute_scrape_idle_endpoints", {"pool": ep.pool}) == 1.0
+        finally:
+            await scraper.stop()
+        assert router_metrics.registry.get_sample_value(
+            "kvroute_scrape_idle_endpoints", {"pool": ep.pool}) == 0.0
 
 
 def test_what_counts_as_idle() -> None:

@@ -6,13 +6,15 @@ series the router reads, and an engine that does not serve that is scraped whole
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from aiohttp import web
 from kvroute_router.datastore.store import Datastore
+from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.router_metrics import RouterMetrics
 from kvroute_router.scrape.scraper import FILTERED_PATH, IDLE_AFTER_PAGES, MetricsScraper
 from kvroute_router.scrape.vllm_metrics import WANTED, MetricsParseError, parse_vllm_metrics
@@ -305,48 +307,68 @@ IDLE = 'vllm:num_requests_running{engine="0"} 0.0\nvllm:num_requests_waiting{eng
 BUSY = 'vllm:num_requests_running{engine="0"} 2.0\nvllm:num_requests_waiting{engine="0"} 0.0\n'
 
 
+class Engine:
+    """A /metrics page on loopback whose body a test sets (``page``, or ``pages(count)`` by the
+    number of scrapes so far), the times it was scraped, and a scraper of it (interval 10-20 ms,
+    an idle period of 30 s: far longer than any wait in these tests, so every scrape counted
+    after an idle pause began is one a wake or a busy page caused)."""
+
+    def __init__(self, pages: Callable[[int], str] | None = None) -> None:
+        self.page = IDLE
+        self.pages = pages
+        self.gets: list[float] = []
+        self.router_metrics = RouterMetrics()
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.gets.append(time.monotonic())
+        body = self.page if self.pages is None else self.pages(len(self.gets))
+        return web.Response(text=body, content_type="text/plain")
+
+    @contextlib.asynccontextmanager
+    async def scraped(self, interval_s: float) -> AsyncIterator[Endpoint]:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        async with serving(app) as url:
+            store = Datastore()
+            store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+            scraper = MetricsScraper(store, interval_s=interval_s, idle_interval_s=30.0,
+                                     metrics=self.router_metrics)
+            await scraper.start()
+            try:
+                (ep,) = store.endpoints()
+                yield ep
+            finally:
+                await scraper.stop()
+
+    def idle_gauge(self, ep: Endpoint) -> float | None:
+        return self.router_metrics.registry.get_sample_value("kvroute_scrape_idle_endpoints",
+                                                             {"pool": ep.pool})
+
+
 async def test_an_idle_engine_is_scraped_slowly_until_a_request_is_sent_to_it() -> None:
     """Waking up for scrapes was most of an idle router's CPU (160 a second at 16 engines,
     router-cpu.md round 17). An engine with nothing running, waiting or in flight is scraped at
     the idle period; a dispatch to it brings the next scrape at once, and while it is busy it
-    is scraped at the normal period again. The idle period here (30 s) is far longer than any
-    wait in the test, so each scrape counted after the idle pause began is one the wake or the
-    busy page caused."""
-    page = {"body": IDLE}
-    gets: list[float] = []
-
-    async def metrics(request: web.Request) -> web.Response:
-        gets.append(time.monotonic())
-        return web.Response(text=page["body"], content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    async with serving(app) as url:
-        store = Datastore()
-        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        scraper = MetricsScraper(store, interval_s=0.02, idle_interval_s=30.0)
-        await scraper.start()
-        try:
-            (ep,) = store.endpoints()
-            await _until(lambda: ep.metrics is not None, "the first scrape")
-            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
-            assert MetricsScraper.idle(ep)
-            assert len(gets) == IDLE_AFTER_PAGES, gets
-            await asyncio.sleep(0.5)  # 25 scrapes at the normal period
-            assert len(gets) == IDLE_AFTER_PAGES, gets
-            page["body"] = BUSY  # the request this dispatch stands for is running
-            ep.dispatched()  # as Director.dispatch and ReplicaSync.apply do
-            await _until(lambda: len(gets) >= IDLE_AFTER_PAGES + 8,
-                         "scrapes of a busy engine at the normal period")
-            assert ep.metrics is not None and ep.metrics.running == 2.0
-            assert ep.dispatched_since_scrape == 0
-            page["body"] = IDLE  # done: one more scrape sees it, then the slow period again
-            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause again")
-            scraped = len(gets)
-            await asyncio.sleep(0.5)
-            assert len(gets) == scraped
-        finally:
-            await scraper.stop()
+    is scraped at the normal period again."""
+    engine = Engine()
+    gets = engine.gets
+    async with engine.scraped(0.02) as ep:
+        await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
+        assert MetricsScraper.idle(ep)
+        assert len(gets) == IDLE_AFTER_PAGES, gets
+        await asyncio.sleep(0.5)  # 25 scrapes at the normal period
+        assert len(gets) == IDLE_AFTER_PAGES, gets
+        engine.page = BUSY  # the request this dispatch stands for is running
+        ep.dispatched()  # as Director.dispatch and ReplicaSync.apply do
+        await _until(lambda: len(gets) >= IDLE_AFTER_PAGES + 8,
+                     "scrapes of a busy engine at the normal period")
+        assert ep.metrics is not None and ep.metrics.running == 2.0
+        assert ep.dispatched_since_scrape == 0
+        engine.page = IDLE  # done: after IDLE_AFTER_PAGES pages, the slow period again
+        await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause again")
+        scraped = len(gets)
+        await asyncio.sleep(0.5)
+        assert len(gets) == scraped
 
 
 async def test_after_a_dispatch_the_first_page_is_read_soon_but_not_at_once() -> None:
@@ -356,90 +378,36 @@ async def test_after_a_dispatch_the_first_page_is_read_soon_but_not_at_once() ->
     than normal scraping takes on average to show a new request), and not at once, when the
     page could still read idle. (Timers fire in deadline order: the page changes 5 ms after the
     dispatch, before a scrape due 20 ms after it.)"""
-    page = {"body": IDLE}
-    gets: list[float] = []
-
-    async def metrics(request: web.Request) -> web.Response:
-        gets.append(time.monotonic())
-        return web.Response(text=page["body"], content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    async with serving(app) as url:
-        store = Datastore()
-        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        scraper = MetricsScraper(store, interval_s=0.01, idle_interval_s=30.0)
-        await scraper.start()
-        try:
-            (ep,) = store.endpoints()
-            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
-            scraped = len(gets)
-            asyncio.get_running_loop().call_later(0.005, page.update, {"body": BUSY})
-            ep.dispatched()
-            await _until(lambda: len(gets) > scraped, "the scrape the dispatch brings")
-            assert gets[scraped] - gets[scraped - 1] < 15.0  # not the idle period's scrape
-            assert ep.metrics is not None and ep.metrics.running == 2.0
-        finally:
-            await scraper.stop()
+    engine = Engine()
+    gets = engine.gets
+    async with engine.scraped(0.01) as ep:
+        await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
+        scraped = len(gets)
+        asyncio.get_running_loop().call_later(0.005, setattr, engine, "page", BUSY)
+        ep.dispatched()
+        await _until(lambda: len(gets) > scraped, "the scrape the dispatch brings")
+        assert gets[scraped] - gets[scraped - 1] < 15.0  # not the idle period's scrape
+        assert ep.metrics is not None and ep.metrics.running == 2.0
 
 
 async def test_a_gap_between_requests_is_not_idleness() -> None:
     """Only an endpoint idle for IDLE_AFTER_PAGES scrapes in a row is scraped slowly: under
     traffic, an engine between two requests keeps the normal period (the first version paused
     after one idle page)."""
-    gets: list[float] = []
-
-    async def metrics(request: web.Request) -> web.Response:
-        gets.append(time.monotonic())
-        busy = len(gets) % IDLE_AFTER_PAGES == 0  # one busy page in every IDLE_AFTER_PAGES
-        return web.Response(text=BUSY if busy else IDLE, content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    async with serving(app) as url:
-        store = Datastore()
-        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        router_metrics = RouterMetrics()
-        scraper = MetricsScraper(store, interval_s=0.01, idle_interval_s=30.0,
-                                 metrics=router_metrics)
-        await scraper.start()
-        try:
-            (ep,) = store.endpoints()
-            await _until(lambda: len(gets) >= 4 * IDLE_AFTER_PAGES, "scrapes of a busy engine")
-            assert ep.idle_scrape_wake is None
-        finally:
-            await scraper.stop()
-    gauge = router_metrics.registry.get_sample_value("kvroute_scrape_idle_endpoints",
-                                                     {"pool": ep.pool})
-    assert gauge in (None, 0.0)
+    engine = Engine(lambda scraped: BUSY if scraped % IDLE_AFTER_PAGES == 0 else IDLE)
+    async with engine.scraped(0.01) as ep:
+        await _until(lambda: len(engine.gets) >= 4 * IDLE_AFTER_PAGES, "scrapes of a busy engine")
+        assert ep.idle_scrape_wake is None
+    assert engine.idle_gauge(ep) in (None, 0.0)
 
 
 async def test_the_idle_pause_begins_after_enough_idle_pages_and_is_counted() -> None:
-    gets: list[float] = []
-
-    async def metrics(request: web.Request) -> web.Response:
-        gets.append(time.monotonic())
-        return web.Response(text=IDLE, content_type="text/plain")
-
-    app = web.Application()
-    app.router.add_get("/metrics", metrics)
-    async with serving(app) as url:
-        store = Datastore()
-        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        router_metrics = RouterMetrics()
-        scraper = MetricsScraper(store, interval_s=0.01, idle_interval_s=30.0,
-                                 metrics=router_metrics)
-        await scraper.start()
-        try:
-            (ep,) = store.endpoints()
-            await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
-            assert len(gets) == IDLE_AFTER_PAGES
-            assert router_metrics.registry.get_sample_value(
-                "kvroute_scrape_idle_endpoints", {"pool": ep.pool}) == 1.0
-        finally:
-            await scraper.stop()
-        assert router_metrics.registry.get_sample_value(
-            "kvroute_scrape_idle_endpoints", {"pool": ep.pool}) == 0.0
+    engine = Engine()
+    async with engine.scraped(0.01) as ep:
+        await _until(lambda: ep.idle_scrape_wake is not None, "the idle pause")
+        assert len(engine.gets) == IDLE_AFTER_PAGES
+        assert engine.idle_gauge(ep) == 1.0
+    assert engine.idle_gauge(ep) == 0.0
 
 
 def test_what_counts_as_idle() -> None:

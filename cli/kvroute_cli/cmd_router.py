@@ -119,9 +119,10 @@ def register(sub: Any) -> None:
                         help="how often each engine's /metrics is scraped")
     parser.add_argument("--idle-scrape-interval-ms", type=_milliseconds(zero_ok=False),
                         default=None,
-                        help="how often an idle engine (nothing running, waiting or in flight) "
-                             "is scraped; a request sent to it restores --scrape-interval-ms "
-                             "at once (default: 5x --scrape-interval-ms; keep it under the "
+                        help="how often an idle engine (nothing running, waiting or in flight "
+                             "for 10 scrapes in a row) is scraped; a request sent to it restores "
+                             "--scrape-interval-ms at once (default: 5x --scrape-interval-ms; "
+                             "keep it under the "
                              "policies' staleMetricsMs; equal to --scrape-interval-ms: off)")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="once started, gc.freeze() what start-up built, so the garbage "

@@ -70,8 +70,9 @@ class Endpoint:
     labels: dict[str, str] = field(default_factory=dict)
     idle_scrape_wake: asyncio.Event | None = None
     """Set by the scraper while it scrapes the endpoint at its slower idle period (its last
-    snapshot showed nothing running or waiting and nothing was in flight to it): a dispatch
-    (:meth:`dispatched`) sets the event, and the scrape loop goes back to its normal period."""
+    snapshots, 10 in a row, showed nothing running or waiting and nothing was in flight to it):
+    a dispatch (:meth:`dispatched`) sets the event, and the scrape loop goes back to its normal
+    period."""
 
     @property
     def url(self) -> str:

@@ -122,8 +122,8 @@ def register(sub: Any) -> None:
                         help="how often an idle engine (nothing running, waiting or in flight "
                              "for 10 scrapes in a row) is scraped; a request sent to it restores "
                              "--scrape-interval-ms at once (default: 5x --scrape-interval-ms; "
-                             "keep it under the "
-                             "policies' staleMetricsMs; equal to --scrape-interval-ms: off)")
+                             "keep it under the policies' staleMetricsMs; equal to "
+                             "--scrape-interval-ms: off)")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="once started, gc.freeze() what start-up built, so the garbage "
                              "collector's full passes under traffic stay short (~3-5 ms "

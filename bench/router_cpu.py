@@ -34,7 +34,10 @@ question (``precise_prefix_trace`` of ``kvroute bench``).
    processes share). A request's *outside-engine* time is its client TTFT minus that engine
    interval: the client, the hops, and for routed requests the router. The *added* latency
    is the routed requests' outside-engine quantile minus the direct ones' (p50 and p99), and
-   the ceiling is the highest step whose added p99 stays within ``--added-limit-ms``. For
+   the ceiling is the highest step whose added p99 stays within ``--added-limit-ms``. A step
+   sends at least ``--min-requests`` routed requests (default 200), lasting longer than
+   ``--seconds`` at low rates: a p99 of the 30 requests of a 15-second step at 2 req/s is
+   their slowest one, so the rule read the lowest step's single worst request. For
    kvroute each step also reads the router's own histograms before and after (its decision
    time, event-loop lag, garbage-collector passes, prefill waits: ``report``'s breakdown
    table), to tell what its tail is made of. ``--router-arg`` passes kvroute's router one
@@ -422,7 +425,7 @@ def take_timings(fleet: Fleet) -> dict[str, tuple[float, float]]:
 
 def ceiling_step(fleet: Fleet, rate: float, seconds: float, args: argparse.Namespace,
                  seed: int) -> CeilingStep:
-    count = max(10, round(rate * seconds))
+    count = max(args.min_requests, round(rate * seconds))
     routed = trace(count, rate, seed, args.tenants, args.context, args.output_tokens,
                    args.max_context)
     rng = random.Random(seed)
@@ -646,6 +649,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ceiling.add_argument("--rates", type=lambda s: [float(v) for v in s.split(",")],
                          default=[10.0, 20.0, 30.0, 40.0, 60.0])
     ceiling.add_argument("--seconds", type=float, default=20.0, help="per rate step")
+    ceiling.add_argument("--min-requests", type=int, default=200,
+                         help="routed requests per step at least (a step at a low rate "
+                              "lasts longer than --seconds): enough for a p99")
     ceiling.add_argument("--warmup", type=int, default=64)
     ceiling.add_argument("--output-tokens", type=int, default=2)
     ceiling.add_argument("--context", type=int, default=6800, help="shared tokens per tenant")

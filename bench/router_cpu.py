@@ -423,9 +423,15 @@ def take_timings(fleet: Fleet) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in data.items()}
 
 
+def step_requests(rate: float, seconds: float, min_requests: int) -> int:
+    """Routed requests in a ceiling step: ``seconds`` at ``rate``, but at least
+    ``min_requests``, so that the step's p99 is not its single slowest request."""
+    return max(min_requests, round(rate * seconds))
+
+
 def ceiling_step(fleet: Fleet, rate: float, seconds: float, args: argparse.Namespace,
                  seed: int) -> CeilingStep:
-    count = max(args.min_requests, round(rate * seconds))
+    count = step_requests(rate, seconds, args.min_requests)
     routed = trace(count, rate, seed, args.tenants, args.context, args.output_tokens,
                    args.max_context)
     rng = random.Random(seed)

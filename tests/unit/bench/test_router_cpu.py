@@ -22,6 +22,12 @@ def test_steal_is_read_from_proc_stat() -> None:
     assert math.isnan(first) or 0.0 <= first <= second
 
 
+def test_a_low_rate_ceiling_step_sends_enough_requests_for_a_p99() -> None:
+    # 15 s at 2 req/s is 30 requests, whose p99 is the slowest one (router-cpu.md round 19).
+    assert router_cpu.step_requests(2.0, 15.0, 200) == 200
+    assert router_cpu.step_requests(60.0, 15.0, 200) == 900
+
+
 def result(**extra: float) -> dict[str, float]:
     base = {"engines": 16, "output_tokens": 2, "requests": 300, "errors": 0, "rate": 20.0,
             "idle_cpu_s_per_s": 0.04, "idle_cpu_ms_per_scrape": 0.25,

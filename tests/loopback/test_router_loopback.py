@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,12 @@ class FakeEngine:
 
     mode: str = "ok"  # ok | fail | hang | die (the connection drops after the first bytes)
     # | garbage (bytes that are not HTTP, then the connection closes)
+    # | long (``events`` events of ``event_bytes``, each written on its own, then the usage
+    # event when asked for, then [DONE])
+    events: int = 40
+    event_bytes: int = 0
+    event_gap_s: float = 0.002
+    sent: bytes = b""
     kv_usage: float = 0.1
     release: asyncio.Event = field(default_factory=asyncio.Event)
     gate_stream: bool = False
@@ -73,6 +80,25 @@ class FakeEngine:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(text=METRICS.replace("} 0.1", f"}} {self.kv_usage}"))
 
+    async def long_stream(self, request: web.Request, body: dict[str, Any]
+                          ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        pad = "x" * self.event_bytes
+        events = [f'data: {{"choices":[{{"text":"t{i}{pad}"}}]}}\n\n'.encode()
+                  for i in range(self.events)]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(b'data: {"choices":[],"usage":{"prompt_tokens":3,'
+                          b'"completion_tokens":%d}}\n\n' % self.events)
+        for event in events:
+            await response.write(event)
+            self.sent += event
+            await asyncio.sleep(self.event_gap_s)
+        await response.write(b"data: [DONE]\n\n")
+        self.sent += b"data: [DONE]\n\n"
+        await response.write_eof()
+        return response
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         self.headers_seen.append({k.lower(): v for k, v in request.headers.items()})
@@ -97,6 +123,8 @@ class FakeEngine:
                 assert request.transport is not None
                 request.transport.abort()
                 return response
+            if self.mode == "long" and body.get("stream"):
+                return await self.long_stream(request, body)
             if not body.get("stream"):
                 return web.json_response({"choices": [{"text": "hello"}],
                                           "usage": {"prompt_tokens": 3,
@@ -580,3 +608,98 @@ def test_the_relayed_answer_holds_its_head_for_its_first_bytes() -> None:
     assert "_send_headers_immediately" in vars(web.StreamResponse)
     assert web.StreamResponse._send_headers_immediately is True
     assert _RelayResponse._send_headers_immediately is False
+
+
+def _count_upstream_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How often the relaying task got body bytes of an event stream from an engine's
+    connection (each is one wake-up of that task; the scraper's pages are not counted)."""
+    from kvroute_router.http1.client import UpstreamResponse
+
+    reads = [0]
+    read_some = UpstreamResponse.read_some
+
+    async def counted(self: UpstreamResponse) -> bytes:
+        if self.headers.get("content-type", "").startswith("text/event-stream"):
+            reads[0] += 1
+        return await read_some(self)
+
+    monkeypatch.setattr(UpstreamResponse, "read_some", counted)
+    return reads
+
+
+@pytest.mark.parametrize("client_usage", [False, True])
+async def test_a_long_stream_is_spliced_byte_for_byte_without_a_wake_up_per_event(
+        tmp_path: Path, engines: list[FakeEngine], monkeypatch: pytest.MonkeyPatch,
+        client_usage: bool) -> None:
+    """Every event the engine writes on its own reaches the client unchanged and in order,
+    without the relaying task waking for each (the upstream connection writes them to the
+    client as they arrive); the usage event the router asked for (and the client did not) is
+    still dropped, and still read for the request's accounting."""
+    from kvroute_router.openai.usage import usage_of
+
+    for engine in engines:
+        engine.mode = "long"
+    reads = _count_upstream_reads(monkeypatch)
+    usages: list[tuple[int | None, int | None]] = []
+
+    def recorded(tail: bytes) -> tuple[int | None, int | None]:
+        usages.append(usage_of(tail))
+        return usages[-1]
+
+    monkeypatch.setattr("kvroute_router.proxy.server.usage_of", recorded)
+    body: dict[str, Any] = {"model": "chat", "prompt": "p", "stream": True}
+    if client_usage:
+        body["stream_options"] = {"include_usage": True}
+    async with running_router(tmp_path, engines) as (_, url), aiohttp.ClientSession() as s, \
+            s.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 200
+        received = await asyncio.wait_for(resp.read(), 30)
+        served = resp.headers["x-kvroute-endpoint"]
+    engine = next(e for e in engines if e.address == served)
+    expected = engine.sent if client_usage else engine.sent.replace(
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":40}}\n\n', b"")
+    assert b'"usage"' in engine.sent  # the router asked for it either way
+    assert received == expected
+    assert usages == [(3, 40)]
+    assert reads[0] <= 4, f"the relay woke {reads[0]} times for {engine.events + 2} events"
+
+
+async def test_a_client_that_stops_reading_gets_every_byte_in_order(
+        tmp_path: Path, engines: list[FakeEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client whose socket fills up: splicing stops (the relay waits for the client instead
+    of queueing the engine's answer in the router) and resumes; nothing is lost or reordered."""
+    for engine in engines:
+        engine.mode = "long"
+        engine.events, engine.event_bytes, engine.event_gap_s = 400, 16 * 1024, 0.0
+    reads = _count_upstream_reads(monkeypatch)
+    async with running_router(tmp_path, engines) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # no autotuning
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        payload = json.dumps({"model": "chat", "prompt": "p", "stream": True}).encode()
+        await loop.sock_sendall(sock, b"POST /v1/completions HTTP/1.1\r\nHost: r\r\n"
+                                      b"Content-Type: application/json\r\n"
+                                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        await asyncio.sleep(0.5)  # not reading: the router's writes to this client back up
+        answer = bytearray()
+        while not answer.endswith(b"\r\n0\r\n\r\n"):
+            piece = await asyncio.wait_for(loop.sock_recv(sock, 65536), 30)
+            assert piece, "the router closed the connection mid-answer"
+            answer += piece
+        sock.close()
+    head, _, framed = bytes(answer).partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    body, rest = b"", framed
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body, rest = body + rest[:size], rest[size + 2:]
+    served = [e for e in engines if e.sent]
+    assert len(served) == 1 and body == served[0].sent.replace(
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":400}}\n\n', b"")
+    assert reads[0] > 4, "splicing never stopped for the stalled client"

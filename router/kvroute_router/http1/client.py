@@ -29,6 +29,12 @@ Semantics the proxy relies on:
   to stop generating.
 * **Back-pressure**: while more than ``HIGH_WATER`` bytes of body wait unread (a slow client),
   the connection stops reading from the engine, and resumes once they were taken.
+* **Splicing**: :meth:`UpstreamResponse.splice` hands the body's pieces to a callback as they
+  arrive, inside ``data_received``, instead of queueing them for a reader: a relay that sends
+  each piece on at once needs no task wake-up per piece (one per streamed token before). The
+  piece that ends the answer, an error and the end itself still go to the reader, whose
+  :meth:`UpstreamResponse.read_some` then returns; so does a piece the callback declined to
+  take more after (it returned ``False``: its client is slow), and the reader takes over.
 
 Request headers come from the caller; a name or value containing CR, LF or NUL is dropped
 rather than written (no header injection, whatever the caller forwards).
@@ -39,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import cast
 
 from kvroute_router.http1.head import (
@@ -90,6 +96,8 @@ class _Connection(asyncio.Protocol):
         self.unread = 0
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
+        self.sink: Callable[[bytes], bool] | None = None
+        """Takes body pieces as they arrive (see :meth:`UpstreamResponse.splice`)."""
 
     # ---- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,7 +164,24 @@ class _Connection(asyncio.Protocol):
             self._deliver(data)
         else:
             self._deliver(data)
-        self._wake()
+        if self.sink is not None and self.pieces:
+            self._splice(self.sink)
+        if self.pieces or self.done or self.error is not None:  # else nothing to read yet
+            self._wake()
+
+    def _splice(self, sink: Callable[[bytes], bool]) -> None:
+        """Hand the pieces received to ``sink``, unless they end the answer (the reader ends
+        it). ``sink`` returning ``False``: the next pieces go to the reader."""
+        if self.done or self.error is not None:
+            self.sink = None
+            return
+        pieces, self.pieces = self.pieces, []
+        self.unread = 0
+        if self._paused and self.transport is not None and not self.lost:
+            self._paused = False
+            self.transport.resume_reading()
+        if not sink(pieces[0] if len(pieces) == 1 else b"".join(pieces)):
+            self.sink = None
 
     def _fail_head(self, exc: Exception) -> None:
         if self._head_waiter is not None and not self._head_waiter.done():
@@ -232,6 +257,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._head, self._buffer, self._received_any = None, b"", False
         self.done, self.error, self.pieces, self.unread = False, None, [], 0
+        self.sink = None
         self._head_waiter = self._loop.create_future()
         self.transport.write(request)
         return self._head_waiter
@@ -293,6 +319,17 @@ class UpstreamResponse:
         return connection is None or (connection.done and connection.error is None
                                       and not connection.pieces)
 
+    def splice(self, sink: Callable[[bytes], bool]) -> None:
+        """From now on, body pieces go to ``sink`` as they arrive (in ``data_received``)
+        rather than to :meth:`read_some`, until the answer ends, fails, or ``sink`` returns
+        ``False`` (it took that piece; it wants no more). The piece that ends the answer is
+        never spliced: :meth:`read_some` returns it, and returns the moment the answer ends or
+        fails or ``sink`` declined, so a reader waiting there sees everything in order. Call
+        it after :meth:`read_some` returned what had arrived; :meth:`release` ends it.
+        """
+        if self._connection is not None:
+            self._connection.sink = sink
+
     async def read(self, limit: int) -> bytes:
         """The body up to ``limit`` bytes (less when it ends first)."""
         parts: list[bytes] = []
@@ -316,6 +353,7 @@ class UpstreamResponse:
         else it is aborted. Safe to call more than once."""
         connection, self._connection = self._connection, None
         if connection is not None:
+            connection.sink = None
             self._pool.put(connection)
 
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import aiohttp
@@ -50,7 +50,12 @@ from kvroute_router.openai.usage import (
     usage_of,
 )
 from kvroute_router.proxy.openai_errors import error_response
-from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
+from kvroute_router.responsecache import (
+    CACHE_HEADER,
+    AnswerRecorder,
+    CacheLookup,
+    ResponseCache,
+)
 from kvroute_router.trust import NAMESPACE_HEADER, HeaderTrust
 
 log = logging.getLogger(__name__)
@@ -292,8 +297,7 @@ class OpenAIProxy:
                          else deadline)
         status = 0
         ttft: float | None = None
-        tail = b""
-        events = [0]
+        relayed = _Relayed(stream)
         broken: str | None = None
         try:
             try:
@@ -323,7 +327,9 @@ class OpenAIProxy:
             # Committed: from here on the client gets this endpoint's answer.
             routed.answering()  # the first byte: the prompt is computed (prefill backlog)
             response = _RelayResponse(status=status)
-            recorder = lookup.recorder()
+            recorder = relayed.recorder = lookup.recorder()
+            if strip_usage:
+                relayed.usage_filter = UsageEventFilter()
             try:
                 ttft = time.monotonic() - started
                 for name in PASS_BACK:
@@ -334,29 +340,22 @@ class OpenAIProxy:
                 if lookup.header is not None:
                     response.headers[CACHE_HEADER] = lookup.header
                 await response.prepare(http)
-                tail = first[-USAGE_TAIL:]
-                relay = UsageEventFilter() if strip_usage else None
-                if stream:
-                    events[0] += streamed_events(b"", first)
-                # The cache records the engine's whole answer (usage included): a hit is
-                # rebuilt in the form each client asks for.
-                if recorder is not None:
-                    recorder.feed(first)
-                out = relay.feed(first) if relay is not None else first
+                out = relayed.take(first)
+                sink = None
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     # Each piece is written as it arrives; the one the answer ends with goes
-                    # out with the chunked terminator (write_eof), in one send.
+                    # out with the chunked terminator (write_eof), in one send. Once the head
+                    # went out, the pieces between are spliced: written from the upstream
+                    # connection's data_received, with no wake-up of this task per piece.
                     while not upstream.complete:
                         if out:
                             await response.write(out)
+                            sink = sink or _splicer(http, response, relayed)
+                        if sink is not None and _writable(http):
+                            upstream.splice(sink)
                         chunk = await upstream.read_some()
-                        if recorder is not None:
-                            recorder.feed(chunk)
-                        out = relay.feed(chunk) if relay is not None else chunk
-                        if stream:
-                            events[0] += streamed_events(tail, chunk)
-                        tail = (tail + chunk)[-USAGE_TAIL:]
-                if relay is not None and (rest := relay.flush()):
+                        out = relayed.take(chunk)
+                if relayed.usage_filter is not None and (rest := relayed.usage_filter.flush()):
                     out += rest
                 await response.write_eof(out)
             except TimeoutError:
@@ -374,23 +373,85 @@ class OpenAIProxy:
             if broken is not None:
                 await _cut_short(http, response, stream, broken)
             lookup.finish(recorder, status)  # written only when complete and successful
-            prompt_tokens, completion_tokens = usage_of(tail)
+            prompt_tokens, completion_tokens = usage_of(relayed.tail)
             if completion_tokens is None and stream:
-                completion_tokens = streamed_tokens(events[0], decision.request.kind)
+                completion_tokens = streamed_tokens(relayed.events, decision.request.kind)
             routed.finish(endpoint, Outcome(
                 status=status, ttft_s=ttft if stream else None,
                 e2e_s=time.monotonic() - started, prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens, answered=True))
             return response
         except asyncio.CancelledError:
-            counted = (streamed_tokens(events[0], decision.request.kind) if stream and ttft
-                       else None)
+            counted = (streamed_tokens(relayed.events, decision.request.kind)
+                       if stream and ttft else None)
             routed.finish(endpoint, Outcome(status=499, completion_tokens=counted,
                                             error="client disconnected",
                                             answered=ttft is not None))
             raise
         finally:
             routed.end_attempt()
+
+
+class _Relayed:
+    """What a relay keeps of the answer's pieces as they pass: the response cache's copy (the
+    engine's whole answer, usage included: a hit is rebuilt in the form each client asks
+    for), the client's bytes (the usage event dropped when only the router asked for it), the
+    streamed events counted and the answer's tail (its usage)."""
+
+    __slots__ = ("events", "recorder", "stream", "tail", "usage_filter")
+
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+        self.recorder: AnswerRecorder | None = None
+        self.usage_filter: UsageEventFilter | None = None
+        self.events = 0
+        self.tail = b""
+
+    def take(self, piece: bytes) -> bytes:
+        """Account for ``piece`` of the engine's answer; the bytes the client gets for it."""
+        if self.recorder is not None:
+            self.recorder.feed(piece)
+        if self.stream:
+            self.events += streamed_events(self.tail, piece)
+        tail = self.tail + piece
+        self.tail = tail[-USAGE_TAIL:] if len(tail) > USAGE_TAIL else tail
+        return self.usage_filter.feed(piece) if self.usage_filter is not None else piece
+
+
+SPLICE_HIGH_WATER = 64 * 1024
+"""Bytes waiting in the client's socket buffer at which splicing stops (the relay's
+``await response.write`` waits for a slow client instead; splicing resumes once it drained)."""
+
+
+def _splicer(http: web.Request, response: web.StreamResponse, relayed: _Relayed
+             ) -> Callable[[bytes], bool] | None:
+    """The splice callback (:meth:`UpstreamResponse.splice`) writing an answer's pieces to the
+    client's transport in the chunked framing its head announced; ``None`` when the answer is
+    not sent chunked and uncompressed (an HTTP/1.0 client), which is relayed piece by piece.
+    Only after the head went out (it leaves with the first bytes written)."""
+    transport = http.transport
+    if (transport is None or response.compression
+            or response.headers.get("Transfer-Encoding", "").lower() != "chunked"):
+        return None
+    write, is_closing = transport.write, transport.is_closing
+    buffered = transport.get_write_buffer_size
+
+    def sink(piece: bytes) -> bool:
+        out = relayed.take(piece)
+        if is_closing():  # the client left: its handler is being cancelled
+            return False
+        if out:
+            write(b"%x\r\n%b\r\n" % (len(out), out))
+        return buffered() < SPLICE_HIGH_WATER
+
+    return sink
+
+
+def _writable(http: web.Request) -> bool:
+    """The client's transport is open and takes writes without waiting."""
+    transport = http.transport
+    return (transport is not None and not transport.is_closing()
+            and transport.get_write_buffer_size() < SPLICE_HIGH_WATER)
 
 
 async def _cut_short(http: web.Request, response: web.StreamResponse, stream: bool,

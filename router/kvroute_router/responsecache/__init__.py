@@ -13,6 +13,7 @@ questions (all-MiniLM-L6-v2 embeddings above a cosine threshold), per tenant or 
 See docs/response-cache.md.
 """
 
+from kvroute_router.responsecache.answer import AnswerRecorder
 from kvroute_router.responsecache.service import CACHE_HEADER, CacheLookup, ResponseCache
 
-__all__ = ["CACHE_HEADER", "CacheLookup", "ResponseCache"]
+__all__ = ["CACHE_HEADER", "AnswerRecorder", "CacheLookup", "ResponseCache"]

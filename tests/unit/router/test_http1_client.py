@@ -1,5 +1,6 @@
 """The proxy's upstream HTTP/1.1 client against real loopback servers (and its parser fed
-byte by byte): framing, keep-alive reuse, stale connections, cut answers, back-pressure."""
+byte by byte): framing, keep-alive reuse, stale connections, cut answers, back-pressure,
+splicing."""
 
 from __future__ import annotations
 
@@ -294,6 +295,95 @@ async def test_a_slow_reader_pauses_the_engine_and_gets_every_byte() -> None:
         assert paused and bytes(received) == body
 
 
+def collect(into: list[bytes]) -> Callable[[bytes], bool]:
+    """A splice sink that keeps every piece (and always wants more)."""
+    def sink(piece: bytes) -> bool:
+        into.append(piece)
+        return True
+    return sink
+
+
+def _paced_chunks(pieces: list[bytes], last_with_end: bool = True,
+                  cut_after: int | None = None) -> Callable[[Server], Handler]:
+    """Answer with ``pieces`` as chunks written one at a time, 20 ms apart (each its own
+    ``data_received``); the last together with the terminator, or cut off after
+    ``cut_after`` pieces."""
+    def handler_of(server: Server) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for number, piece in enumerate(pieces):
+                if number == cut_after:
+                    writer.transport.abort()
+                    return
+                end = b"0\r\n\r\n" if last_with_end and number == len(pieces) - 1 else b""
+                writer.write(b"%x\r\n%s\r\n%s" % (len(piece), piece, end))
+                await writer.drain()
+                await asyncio.sleep(0.02)
+            if not last_with_end:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+            await server.read_request(reader)
+        return handle
+    return handler_of
+
+
+@pytest.mark.parametrize("last_with_end", [True, False])
+async def test_a_spliced_answer_reaches_the_sink_in_order_and_its_end_the_reader(
+        last_with_end: bool) -> None:
+    pieces = [b"piece-%d" % i for i in range(6)]
+    async with serving(_paced_chunks(pieces, last_with_end)) as server:
+        pool = ConnectionPool()
+        response = await pool.request(server.address, "POST", "/", [], b"")
+        first = await response.read_some()
+        sunk: list[bytes] = []
+        response.splice(collect(sunk))
+        read: list[bytes] = []
+        while piece := await response.read_some():
+            read.append(piece)
+        assert first + b"".join(sunk) + b"".join(read) == b"".join(pieces)
+        assert len(sunk) >= 4  # the pieces between the first and the last, as they came
+        # the piece sent with the terminator ends the answer: the reader gets it, and the
+        # reader woke once for it (or once, for the end, when the terminator came alone)
+        assert read == ([pieces[-1]] if last_with_end else [])
+        response.release()
+        assert server.connections == 1 and pool._idle[server.address]  # kept alive
+
+
+async def test_a_sink_that_declines_hands_the_next_pieces_to_the_reader() -> None:
+    pieces = [b"piece-%d" % i for i in range(6)]
+    async with serving(_paced_chunks(pieces)) as server:
+        response = await ConnectionPool().request(server.address, "POST", "/", [], b"")
+        received = [await response.read_some()]
+        taken: list[bytes] = []
+
+        def sink(piece: bytes) -> bool:
+            taken.append(piece)
+            return False  # this one, then no more
+
+        response.splice(sink)
+        piece = await response.read_some()  # returns once the sink declined
+        assert len(taken) == 1 and piece
+        received += [*taken, piece]
+        while piece := await response.read_some():
+            received.append(piece)
+        assert b"".join(received) == b"".join(pieces) and len(taken) == 1
+        response.release()
+
+
+async def test_a_spliced_answer_cut_short_raises_to_the_reader() -> None:
+    pieces = [b"piece-%d" % i for i in range(6)]
+    async with serving(_paced_chunks(pieces, cut_after=3)) as server:
+        response = await ConnectionPool().request(server.address, "POST", "/", [], b"")
+        first = await response.read_some()
+        sunk: list[bytes] = []
+        response.splice(collect(sunk))
+        with pytest.raises(UpstreamBrokenError):
+            await asyncio.wait_for(response.read_some(), 10)
+        assert first + b"".join(sunk) == b"".join(pieces[:3])
+        response.release()
+
+
 async def test_an_interim_100_answer_is_skipped() -> None:
     answer = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     async with serving(keep_alive_answers(answer)) as server:
@@ -347,7 +437,19 @@ def test_a_chunked_answer_split_anywhere_decodes_to_its_body(pieces: list[bytes]
         assert await connection.read() == b"" and connection.reusable()
         return received
 
+    async def spliced() -> bytes:  # every piece but the one the answer ends with: the sink's
+        connection = _Connection("test:1")
+        connection.connection_made(_Transport())
+        head = connection.start(b"")
+        sunk: list[bytes] = []
+        connection.sink = collect(sunk)
+        for start, end in itertools.pairwise(bounds):
+            connection.data_received(answer[start:end])
+        assert (await head).status == 200 and connection.done
+        return b"".join(sunk) + await connection.read()
+
     assert asyncio.run(run()) == b"".join(pieces)
+    assert asyncio.run(spliced()) == b"".join(pieces)
 
 
 def test_parse_head_rejects_what_it_cannot_frame() -> None:

@@ -703,3 +703,26 @@ async def test_a_client_that_stops_reading_gets_every_byte_in_order(
     assert len(served) == 1 and body == served[0].sent.replace(
         b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":400}}\n\n', b"")
     assert reads[0] > 4, "splicing never stopped for the stalled client"
+
+
+async def test_an_http10_client_gets_the_stream_unframed(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    """An HTTP/1.0 client cannot take chunked framing: its answer is the engine's bytes as
+    they are, ended by the close (the relay does not splice chunk frames into it)."""
+    for engine in engines:
+        engine.mode = "long"
+        engine.events = 20
+    async with running_router(tmp_path, engines) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = json.dumps({"model": "chat", "prompt": "p", "stream": True,
+                              "stream_options": {"include_usage": True}}).encode()
+        writer.write(b"POST /v1/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        answer = await asyncio.wait_for(reader.read(), 30)  # to the close
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+    assert b"chunked" not in head.lower()
+    served = [e for e in engines if e.sent]
+    assert len(served) == 1 and body == served[0].sent

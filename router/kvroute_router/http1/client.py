@@ -33,8 +33,9 @@ Semantics the proxy relies on:
   arrive, inside ``data_received``, instead of queueing them for a reader: a relay that sends
   each piece on at once needs no task wake-up per piece (one per streamed token before). The
   piece that ends the answer, an error and the end itself still go to the reader, whose
-  :meth:`UpstreamResponse.read_some` then returns; so does a piece the callback declined to
-  take more after (it returned ``False``: its client is slow), and the reader takes over.
+  :meth:`UpstreamResponse.read_some` then returns; so do the pieces that arrive after the
+  callback returned ``False`` (it wants no more: its client is slow), and the reader takes
+  over.
 
 Request headers come from the caller; a name or value containing CR, LF or NUL is dropped
 rather than written (no header injection, whatever the caller forwards).

@@ -340,8 +340,9 @@ class OpenAIProxy:
                 if lookup.header is not None:
                     response.headers[CACHE_HEADER] = lookup.header
                 await response.prepare(http)
+                sink = _splicer(http, response, relayed)  # None: this task relays every piece
+                head_sent = False
                 out = relayed.take(first)
-                sink = None
                 async with asyncio.timeout_at(_loop_time(deadline)):
                     # Each piece is written as it arrives; the one the answer ends with goes
                     # out with the chunked terminator (write_eof), in one send. Once the head
@@ -350,8 +351,8 @@ class OpenAIProxy:
                     while not upstream.complete:
                         if out:
                             await response.write(out)
-                            sink = sink or _splicer(http, response, relayed)
-                        if sink is not None and _writable(http):
+                            head_sent = True
+                        if sink is not None and head_sent and _writable(http):
                             upstream.splice(sink)
                         chunk = await upstream.read_some()
                         out = relayed.take(chunk)
@@ -426,9 +427,10 @@ SPLICE_HIGH_WATER = 64 * 1024
 def _splicer(http: web.Request, response: web.StreamResponse, relayed: _Relayed
              ) -> Callable[[bytes], bool] | None:
     """The splice callback (:meth:`UpstreamResponse.splice`) writing an answer's pieces to the
-    client's transport in the chunked framing its head announced; ``None`` when the answer is
-    not sent chunked and uncompressed (an HTTP/1.0 client), which is relayed piece by piece.
-    Only after the head went out (it leaves with the first bytes written)."""
+    client's transport in the chunked framing its head announced (after ``prepare``); ``None``
+    when the answer is not sent chunked and uncompressed (an HTTP/1.0 client), which is relayed
+    piece by piece. Spliced only after the head went out (it leaves with the first bytes
+    written)."""
     transport = http.transport
     if (transport is None or response.compression
             or response.headers.get("Transfer-Encoding", "").lower() != "chunked"):

@@ -73,9 +73,9 @@ class RouterSettings:
     metrics_port: int | None = 9090
     scrape_interval_s: float = 0.1
     idle_scrape_interval_s: float | None = None
-    """How often an idle engine (nothing running, waiting or in flight for 10 scrapes in a
-    row) is scraped; None: 5x ``scrape_interval_s``
-    (:class:`~kvroute_router.scrape.scraper.MetricsScraper`)."""
+    """How often an idle engine (nothing running, waiting or in flight for
+    :data:`~kvroute_router.scrape.scraper.IDLE_AFTER_PAGES` scrapes in a row) is scraped; None:
+    5x ``scrape_interval_s`` (:class:`~kvroute_router.scrape.scraper.MetricsScraper`)."""
     config_poll_interval_s: float = 1.0
     freeze_startup_heap: bool = False
     """Once started (configuration loaded, tokenizers and subscribers built), collect and

@@ -96,8 +96,8 @@ class RouterMetrics:
         self.scrape_idle_endpoints = Gauge(
             "kvroute_scrape_idle_endpoints",
             "Endpoints scraped at the idle period now (--idle-scrape-interval-ms): their last "
-            "pages showed nothing running or waiting for 10 scrapes in a row and nothing was "
-            "sent to them since.", ["pool"], registry=r)
+            "pages showed nothing running or waiting for several scrapes in a row (kvroute router "
+            "--help says how many) and nothing was sent to them since.", ["pool"], registry=r)
         self.scrape_errors = Counter(
             "kvroute_scrape_errors",
             "Failed scrapes of an engine's /metrics, by reason (unreachable: connection error "

@@ -461,3 +461,15 @@ def test_the_idle_scrape_period_is_no_shorter_than_the_scrape_interval(
     assert main(["router", "--config", str(config), "--scrape-interval-ms", "200",
                  "--idle-scrape-interval-ms", "100"]) == 2
     assert "--idle-scrape-interval-ms" in capsys.readouterr().out
+
+
+def test_the_cli_help_states_the_idle_page_count_the_scraper_uses(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The help text says the number (the CLI does not import the router to build its parser);
+    # this keeps it equal to the scraper's constant.
+    from kvroute_cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["router", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"for {IDLE_AFTER_PAGES} scrapes in a row" in help_text

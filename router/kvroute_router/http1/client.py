@@ -358,6 +358,18 @@ class UpstreamResponse:
             self._pool.put(connection)
 
 
+def request_bytes(method: str, address: str, path: str, headers: Iterable[tuple[str, str]],
+                  body: bytes = b"") -> bytes:
+    """An HTTP/1.1 request to ``address`` (its ``Host``) with a ``Content-Length``; a header
+    whose name or value holds CR, LF or NUL is left out (it could split the request)."""
+    lines = [f"{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {len(body)}\r\n"]
+    for name, value in headers:
+        if not any(c in name or c in value for c in _UNSAFE):
+            lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape") + body
+
+
 class ConnectionPool:
     """Kept-alive connections per ``host:port``, and requests over them."""
 
@@ -374,13 +386,11 @@ class ConnectionPool:
         """Send one request to ``address`` (``host:port``) and wait for the answer's head.
 
         Cancelling the wait aborts the connection."""
-        lines = [f"{method} {path} HTTP/1.1\r\nHost: {address}\r\n"
-                 f"Content-Length: {len(body)}\r\n"]
-        for name, value in headers:
-            if not any(c in name or c in value for c in _UNSAFE):
-                lines.append(f"{name}: {value}\r\n")
-        lines.append("\r\n")
-        request = "".join(lines).encode("utf-8", "surrogateescape") + body
+        return await self.send(address, request_bytes(method, address, path, headers, body))
+
+    async def send(self, address: str, request: bytes) -> UpstreamResponse:
+        """:meth:`request` with the request already in bytes (:func:`request_bytes`): a caller
+        that sends the same request again and again (the metrics scraper) builds it once."""
         connection = self._take(address)
         if connection is not None:
             try:
@@ -447,4 +457,5 @@ class ConnectionPool:
                     connection.abort()
 
 
-__all__ = ["ConnectionPool", "UpstreamBrokenError", "UpstreamConnectError", "UpstreamResponse"]
+__all__ = ["ConnectionPool", "UpstreamBrokenError", "UpstreamConnectError", "UpstreamResponse",
+           "request_bytes"]

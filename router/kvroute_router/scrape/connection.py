@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import zlib
 
-from kvroute_router.http1.client import ConnectionPool
+from kvroute_router.http1.client import ConnectionPool, request_bytes
 from kvroute_router.http1.head import split_address
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -39,13 +39,24 @@ class MetricsConnection:
 
     def __init__(self, address: str, path: str = "/metrics") -> None:
         self.address = address
-        self.path = path
         self._pool = ConnectionPool()
+        self.path = path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @path.setter
+    def path(self, path: str) -> None:
+        """The page GET asks for (the scraper falls back to vLLM's whole page); the request's
+        bytes are built here, once, rather than for each scrape."""
+        self._path = path
+        self._request = request_bytes("GET", self.address, path, _HEADERS)
 
     async def get(self) -> tuple[int, bytes]:
         """(status, body) of one GET; :class:`ScrapeHTTPError` when it cannot be read."""
         try:
-            response = await self._pool.request(self.address, "GET", self.path, _HEADERS)
+            response = await self._pool.send(self.address, self._request)
         except TimeoutError:
             raise  # connecting took too long: the caller's timeout handling
         except OSError as exc:  # refused, cut, not HTTP

@@ -44,14 +44,6 @@ def parse_labels(text: str) -> dict[str, str]:
             for k, v in _LABEL.findall(text)}
 
 
-@functools.lru_cache(maxsize=1024)
-def _info_labels(text: str) -> Mapping[str, str]:
-    """:func:`parse_labels` of an info series, remembered: ``cache_config_info`` carries ~40
-    labels that never change, and decoding them was ~60 % of parsing a page (one page per
-    endpoint every 100 ms). The result is shared: read it, never change it."""
-    return parse_labels(text)
-
-
 def _int_label(labels: Mapping[str, str], name: str) -> int | None:
     try:
         return int(float(labels[name]))
@@ -63,20 +55,37 @@ def _adapters(labels: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(a for a in labels.get(name, "").split(",") if a)
 
 
-_WANTED_LINE = re.compile(
-    r"\n((?:" + "|".join(re.escape(name) for name in sorted(WANTED)) + r")[{ \t][^\n]*)")
-"""A line that starts with a wanted metric name (the whole name: ``{`` or a blank follows)."""
+@functools.lru_cache(maxsize=256)
+def _cache_config(labels_text: str) -> tuple[int | None, str | None, int | None]:
+    """(block size, hash algorithm, GPU blocks) of a ``cache_config_info`` label set,
+    remembered: its ~40 labels never change, and decoding them each time was most of parsing
+    a page (one page per endpoint every 100 ms)."""
+    labels = parse_labels(labels_text)
+    return (_int_label(labels, "block_size"), labels.get("prefix_caching_hash_algo"),
+            _int_label(labels, "num_gpu_blocks"))
 
 
-def _wanted_lines(text: str) -> list[str]:
-    """The lines that start with a wanted metric name, in page order.
+@functools.lru_cache(maxsize=1024)
+def _lora(labels_text: str) -> tuple[frozenset[str], frozenset[str], int | None]:
+    """(running adapters, waiting adapters, max LoRAs) of a ``lora_requests_info`` label
+    set, remembered like :func:`_cache_config`."""
+    labels = parse_labels(labels_text)
+    return (_adapters(labels, "running_lora_adapters"),
+            _adapters(labels, "waiting_lora_adapters"), _int_label(labels, "max_lora"))
 
-    One regular-expression pass, in C, from line start to line start (the pattern begins with
-    a newline; the text gets one in front so that its first line counts too). A vLLM page is
-    ~600 lines (~60 KB), nearly all histogram buckets, and every endpoint is scraped every
-    100 ms, so this is the router's largest idle cost: a ``str.find`` per wanted name (eight
-    scans of the whole page, since a name may appear anywhere) took ~3x longer."""
-    return _WANTED_LINE.findall("\n" + text)
+
+_NO_LORA: tuple[frozenset[str], frozenset[str], int | None] = (frozenset(), frozenset(), None)
+
+_NAMES = "|".join(re.escape(name) for name in sorted(WANTED))
+_WANTED_SAMPLE = re.compile(r"\n(" + _NAMES + r")(?:\{([^\n]*)\}([^\n]*)|( [^\n]*))")
+"""A wanted sample, split where :func:`parse_vllm_metrics` reads it: (name, labels, what
+follows the labels) when ``{`` follows the name (the labels end at the line's last ``}``), or
+(name, "", "", what follows) when a blank does; a line with an unclosed ``{`` or a tab after
+the name matches neither and is skipped. One pass in C over the page (the text gets a newline
+in front so that its first line counts too): vLLM's whole page is ~600 lines (~60 KB), nearly
+all histogram buckets, and a ``str.find`` per wanted name took ~3x longer; splitting the
+samples in the same pass, instead of finding their lines and splitting each in Python, made
+parsing the restricted page ~35 % cheaper (docs/benchmarks/router-cpu.md, *Round 22*)."""
 
 
 def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
@@ -84,43 +93,30 @@ def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
     when a wanted series' value is not a finite number (load computed from it would be
     meaningless: the scraper drops the endpoint's snapshot instead)."""
     sums: dict[str, float] = {}
-    cache_labels: Mapping[str, str] = {}
-    lora_labels: Mapping[str, str] = {}
+    cache: tuple[int | None, str | None, int | None] = (None, None, None)
+    lora = _NO_LORA
     lora_stamp = float("-inf")
-    for line in _wanted_lines(text):
-        brace = line.find("{")
-        space = line.find(" ")
-        end = brace if brace != -1 and (space == -1 or brace < space) else space
-        if end == -1:
-            continue
-        name = line[:end]
-        if name not in WANTED:
-            continue
-        if brace == end:
-            close = line.rfind("}")
-            if close == -1:
-                continue  # a truncated line, not a value
-            labels_text, rest = line[brace + 1:close], line[close + 1:]
-        else:
-            labels_text, rest = "", line[end:]
-        fields = rest.split()
+    for name, labels_text, after_labels, after_name in _WANTED_SAMPLE.findall("\n" + text):
+        fields = (after_labels or after_name).split()
         if not fields:
-            continue
+            continue  # a truncated line, not a value
         try:
             value = float(fields[0])
         except ValueError:
             raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}") from None
-        if not math.isfinite(value) and name not in INFO:
-            raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}")
         if name in SUMMED:
+            if not math.isfinite(value):
+                raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}")
             sums[name] = sums.get(name, 0.0) + value
         elif name in MAXED:
+            if not math.isfinite(value):
+                raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}")
             sums[name] = max(sums.get(name, 0.0), value)
         elif name == CACHE_CONFIG:
-            cache_labels = _info_labels(labels_text)
+            cache = _cache_config(labels_text)
         elif value >= lora_stamp:  # LORA_INFO: the latest sample wins
             lora_stamp = value
-            lora_labels = _info_labels(labels_text)
+            lora = _lora(labels_text)
     kv = sums.get(KV_USAGE, sums.get(KV_USAGE_LEGACY, 0.0))
     return EndpointMetrics(
         running=sums.get(RUNNING, 0.0),
@@ -128,11 +124,11 @@ def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
         kv_cache_usage=min(1.0, max(0.0, kv)),
         prefix_cache_queries=sums.get(PREFIX_QUERIES, 0.0),
         prefix_cache_hits=sums.get(PREFIX_HITS, 0.0),
-        block_size=_int_label(cache_labels, "block_size"),
-        hash_algo=cache_labels.get("prefix_caching_hash_algo"),
-        num_gpu_blocks=_int_label(cache_labels, "num_gpu_blocks"),
-        running_loras=_adapters(lora_labels, "running_lora_adapters"),
-        waiting_loras=_adapters(lora_labels, "waiting_lora_adapters"),
-        max_loras=_int_label(lora_labels, "max_lora"),
+        block_size=cache[0],
+        hash_algo=cache[1],
+        num_gpu_blocks=cache[2],
+        running_loras=lora[0],
+        waiting_loras=lora[1],
+        max_loras=lora[2],
         scraped_at=scraped_at,
     )

@@ -71,13 +71,53 @@ def test_only_whole_wanted_names_count_wherever_the_line_is() -> None:
     assert (m.running, m.waiting) == (5.0, 4.0)
 
 
-def _naive_wanted_lines(text: str) -> list[str]:
-    """The reference: walk every line, keep those whose first token is a wanted name."""
-    from kvroute_router.scrape.vllm_metrics import WANTED
+def _naive_parse(text: str) -> tuple[float | str, ...] | str:
+    """The reference: walk every line; a sample is a wanted name then ``{labels}`` (to the
+    line's last ``}``) or a blank, then its value; summed, maxed or read as labels like the
+    parser. The error's text when a wanted value is not a finite number."""
+    import math
 
-    return [line for line in text.split("\n")
-            if any(line.startswith(name) and line[len(name):len(name) + 1] in ("{", " ", "\t")
-                   for name in WANTED)]
+    from kvroute_router.scrape.vllm_metrics import INFO, MAXED, WANTED, parse_labels
+
+    sums: dict[str, float] = {}
+    cache: dict[str, str] = {}
+    lora: dict[str, str] = {}
+    stamp = -math.inf
+    for line in text.split("\n"):
+        name = next((n for n in WANTED if line.startswith(n)
+                     and line[len(n):len(n) + 1] in ("{", " ")), None)
+        if name is None:
+            continue
+        if line[len(name)] == "{":
+            close = line.rfind("}")
+            if close == -1:
+                continue
+            labels, rest = line[len(name) + 1:close], line[close + 1:]
+        else:
+            labels, rest = "", line[len(name):]
+        if not rest.split():
+            continue
+        try:
+            value = float(rest.split()[0])
+        except ValueError:
+            return "bad value"
+        if not math.isfinite(value) and name not in INFO:
+            return "bad value"
+        if name in MAXED:
+            sums[name] = max(sums.get(name, 0.0), value)
+        elif name == "vllm:cache_config_info":
+            cache = parse_labels(labels)
+        elif name == "vllm:lora_requests_info":
+            if value >= stamp:
+                stamp, lora = value, parse_labels(labels)
+        else:
+            sums[name] = sums.get(name, 0.0) + value
+    kv = sums.get("vllm:kv_cache_usage_perc", sums.get("vllm:gpu_cache_usage_perc", 0.0))
+    return (sums.get("vllm:num_requests_running", 0.0), sums.get("vllm:num_requests_waiting", 0.0),
+            min(1.0, max(0.0, kv)), sums.get("vllm:prefix_cache_queries_total", 0.0),
+            sums.get("vllm:prefix_cache_hits_total", 0.0), cache.get("block_size", ""),
+            cache.get("prefix_caching_hash_algo", ""), lora.get("running_lora_adapters", ""),
+            lora.get("max_lora", ""))
 
 
 _NAMES = ["vllm:num_requests_running", "vllm:num_requests_running_total",
@@ -90,15 +130,28 @@ _NAMES = ["vllm:num_requests_running", "vllm:num_requests_running_total",
 
 @given(st.lists(st.tuples(st.sampled_from(_NAMES),
                           st.sampled_from(["{", " ", "\t", "", "x", "_", "\r"]),
-                          st.sampled_from(['engine="0"} 1.0', "2", "", "} 3\r", "{a=\"\n\"} 4"])),
+                          st.sampled_from(['engine="0"} 1.0', "2", "", "} 3\r", "{a=\"\n\"} 4",
+                                           'block_size="32",max_lora="2",'
+                                           'running_lora_adapters="a,b"} 5 17',
+                                           "} nan", "} +Inf", "1e3 12", "} x", "{} 2} 7"])),
                 max_size=12),
        st.booleans())
-def test_wanted_lines_are_every_line_that_starts_with_a_wanted_name(
+def test_the_parser_reads_what_a_plain_walk_over_the_lines_reads(
         lines: list[tuple[str, str, str]], trailing_newline: bool) -> None:
-    # The fast finder (one regex pass) against a plain walk over every line, on pages with
-    # longer names, prefixes, comments, blank and carriage-return lines, anywhere on the page.
-    from kvroute_router.scrape.vllm_metrics import _wanted_lines
+    # The one-pass parser against a plain walk over every line, on pages with longer names,
+    # prefixes, comments, blank and carriage-return lines, tabs, unclosed and nested braces,
+    # timestamps and bad values, anywhere on the page.
+    from kvroute_router.scrape.vllm_metrics import MetricsParseError
 
     text = "\n".join(name + sep + rest for name, sep, rest in lines)
     text += "\n" if trailing_newline else ""
-    assert _wanted_lines(text) == _naive_wanted_lines(text)
+    expected = _naive_parse(text)
+    try:
+        m = parse_vllm_metrics(text, 0.0)
+    except MetricsParseError:
+        assert expected == "bad value"
+        return
+    assert expected == (m.running, m.waiting, m.kv_cache_usage, m.prefix_cache_queries,
+                        m.prefix_cache_hits, "" if m.block_size is None else str(m.block_size),
+                        m.hash_algo or "", ",".join(sorted(m.running_loras)),
+                        "" if m.max_loras is None else str(m.max_loras))

@@ -79,6 +79,7 @@ from kvroute_bench.cli import EmulatedFleetProcess, bench_bin_dirs
 from kvroute_bench.client import send_one
 from kvroute_bench.contenders import (
     CONTENDERS,
+    Contender,
     EngineInfo,
     FleetInfo,
     RunningContender,
@@ -166,6 +167,21 @@ class Fleet:
         return process_group_cpu_seconds(self.emulated.process.pid)
 
 
+FLOOR_PROXY = Contender(
+    "python-floor", "baseline", "a do-nothing Python proxy on uvloop (bench/floor_proxy.py)",
+    lambda fleet, port, workdir: [sys.executable, str(Path(__file__).with_name("floor_proxy.py")),
+                                  str(port), *(e.url.split("//", 1)[-1].rstrip("/")
+                                               for e in fleet.engines)])
+"""Measured here only (``--contender python-floor``), never by ``kvroute bench``: the CPU any
+Python proxy on uvloop pays per request and per token, beside which kvroute's own work shows
+(round 22)."""
+
+
+def measured_contender(name: str) -> Contender:
+    """``name``'s contender: one of ``kvroute bench``'s, or :data:`FLOOR_PROXY`."""
+    return FLOOR_PROXY if name == FLOOR_PROXY.name else CONTENDERS.select([name])[0]
+
+
 def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
                 event_loop: str = "uvloop", contender_name: str = "kvroute-precise",
                 bin_dirs: Sequence[Path] = (), router_args: Sequence[str] = ()) -> Fleet:
@@ -182,7 +198,7 @@ def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
                                  replay_endpoint=e["replay_endpoint"]) for e in entries],
                      emulated.info["model"], int(emulated.info["block_size"]),
                      emulated.model_dir, 1.0)
-    contender = CONTENDERS.select([contender_name])[0]
+    contender = measured_contender(contender_name)
     command = contender.command
     if command is None:
         emulated.stop()
@@ -205,7 +221,7 @@ def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
 def peer_bin_dirs(args: argparse.Namespace) -> list[Path]:
     """Where a peer router's executable is (the bench venv); nothing for kvroute and Envoy,
     which the dev venv has (so measuring them never builds the bench venv)."""
-    family = CONTENDERS.select([args.contender])[0].family
+    family = measured_contender(args.contender).family
     return [] if family in ("kvroute", "baseline") else bench_bin_dirs(args.bench_venv)
 
 
@@ -630,7 +646,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.add_argument("--contender", default="kvroute-precise",
                        help="the router measured: a contender of kvroute bench with a router "
                             "process (kvroute-precise, sglang-router-cache, smg-cache, "
-                            "vllm-router-kv, envoy-rr, ...)")
+                            "vllm-router-kv, envoy-rr, ...), or python-floor (a do-nothing "
+                            "Python proxy, bench/floor_proxy.py)")
         p.add_argument("--bench-venv", default=None,
                        help="the peers' venv (default: $KVROUTE_BENCH_VENV, else "
                             "scripts/kvenv.sh bench)")

@@ -104,13 +104,11 @@ def parse_vllm_metrics(text: str, scraped_at: float) -> EndpointMetrics:
             value = float(fields[0])
         except ValueError:
             raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}") from None
+        if not math.isfinite(value) and name not in INFO:
+            raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}")
         if name in SUMMED:
-            if not math.isfinite(value):
-                raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}")
             sums[name] = sums.get(name, 0.0) + value
         elif name in MAXED:
-            if not math.isfinite(value):
-                raise MetricsParseError(f"{name} has the value {fields[0][:40]!r}")
             sums[name] = max(sums.get(name, 0.0), value)
         elif name == CACHE_CONFIG:
             cache = _cache_config(labels_text)

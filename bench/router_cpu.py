@@ -170,8 +170,7 @@ class Fleet:
 FLOOR_PROXY = Contender(
     "python-floor", "baseline", "a do-nothing Python proxy on uvloop (bench/floor_proxy.py)",
     lambda fleet, port, workdir: [sys.executable, str(Path(__file__).with_name("floor_proxy.py")),
-                                  str(port), *(e.url.split("//", 1)[-1].rstrip("/")
-                                               for e in fleet.engines)])
+                                  str(port), *(e.address for e in fleet.engines)])
 """Measured here only (``--contender python-floor``), never by ``kvroute bench``: the CPU any
 Python proxy on uvloop pays per request and per token, beside which kvroute's own work shows
 (round 22)."""

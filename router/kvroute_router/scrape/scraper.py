@@ -184,8 +184,7 @@ class MetricsScraper:
                             "until a good page", ep.address, exc)
             ep.metrics = None
             return False
-        ep.metrics = metrics
-        ep.dispatched_since_scrape = 0
+        ep.took_snapshot(metrics)
         if ep.scrape_failures >= 3:
             log.info("scrape of %s succeeds again", ep.address)
         ep.scrape_failures = 0

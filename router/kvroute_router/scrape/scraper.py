@@ -76,7 +76,10 @@ IDLE_INTERVAL_FACTOR = 5.0
 IDLE_AFTER_PAGES = 10
 """Idle pages in a row before an endpoint is scraped at the idle period (1 s at the default
 interval): a gap between requests under traffic is not idleness, and routing under traffic
-reads the same snapshots as with no idle period at all."""
+reads the same snapshots as with no idle period at all. Two pages were measured twice (rounds
+21 and 23 of docs/benchmarks/router-cpu.md): ~0.16 ms less CPU per request with traffic spread
+thinly over 64 engines, TTFT p90/p99 level once a scrape keeps the dispatches its page does not
+show, p50 leaning higher; not worth it."""
 WAKE_SCRAPE_DELAY_S = 0.02
 """After a dispatch ends an idle pause, the next scrape comes this much later (or one interval,
 if shorter): soon, so the engine's first busy page is no later than under normal scraping, but

@@ -476,8 +476,8 @@ def test_the_cli_help_states_the_idle_page_count_the_scraper_uses(
 
 
 async def test_a_dispatch_sent_while_the_page_was_on_its_way_stays_counted() -> None:
-    """A scrape forgot every dispatch counted before its page arrived (``dispatched_since_
-    scrape = 0``), also one sent after the engine wrote the page, which the page cannot show:
+    """A scrape forgot every dispatch counted before its page arrived (the count was reset to
+    0), also one sent after the engine wrote the page, which the page cannot show:
     on the emulated fleet 9 % of the dispatches followed by a scrape were not on the page that
     reset the count (router-cpu.md round 22). What stays counted is this router's in-flight
     requests beyond the page's running + waiting, at most what was counted."""

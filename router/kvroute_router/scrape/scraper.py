@@ -13,12 +13,10 @@ endpoints appear and stop when they leave.
 
 Each loop scrapes at once, then keeps its own *phase* within the interval: the k-th loop
 started is offset by ``frac(k * 0.618...) * interval`` (a low-discrepancy sequence, even for any
-number of endpoints), rounded to one of :data:`SCRAPE_SLOTS` slots of the interval. Loops
-started together (a pool's endpoints on load) would otherwise scrape in lock-step for as long
-as they run: at ~0.3 ms of router CPU per page then, 64 pages answered together were ~20 ms of
-parsing back to back every interval, which a request arriving meanwhile waited out
-(docs/benchmarks/router-cpu.md, round 9). A page costs ~40 us now, and the loops in one slot
-scrape together on purpose: one wake-up for all of them (round 24).
+number of endpoints). Loops started together (a pool's endpoints on load) would otherwise
+scrape in lock-step for as long as they run: at ~0.3 ms of router CPU per page, 64 pages
+answered together are ~20 ms of parsing back to back every interval, which a request arriving
+meanwhile waits out (docs/benchmarks/router-cpu.md, round 9).
 
 **Only the series the router reads.** vLLM serves its page at ``/metrics/`` too (a mounted
 ``prometheus_client`` app), where ``name[]`` query parameters restrict it to those samples:
@@ -73,14 +71,6 @@ longest pause between a failing endpoint's scrapes, 2 s, so it stays out until o
 FILTERED_PATH = "/metrics/?" + urlencode([("name[]", name) for name in sorted(WANTED)])
 """vLLM's page restricted to the samples :func:`parse_vllm_metrics` reads."""
 _RUNNING_SAMPLE = RUNNING.encode()
-SCRAPE_SLOTS = 4
-"""The scrape interval is cut into this many slots, and every scrape is due at the start of one
-(:meth:`MetricsScraper.due`): the loops whose times fall in one slot wake together, their GETs
-leave in one turn of the event loop and their pages mostly come back in one. One wake-up per
-slot instead of one per endpoint: ~12 % less router CPU per request at 64 engines with thinly
-spread traffic (docs/benchmarks/router-cpu.md, round 24; 10 slots saved nothing measurable, 1
-or 2 no more than 4). A slot's pages cost ~40 us each to read, ~0.7 ms for 16 endpoints in one
-slot at 64 engines, a short enough burst for a request arriving during it."""
 IDLE_INTERVAL_FACTOR = 5.0
 """The default idle scrape period, in scrape intervals."""
 IDLE_AFTER_PAGES = 10
@@ -125,14 +115,6 @@ class MetricsScraper:
         self._connections: dict[int, MetricsConnection] = {}
         self._started = False
         self._loops_started = itertools.count()
-
-    def due(self, t: float) -> float:
-        """When a scrape meant for ``t`` (monotonic) is due: the nearest start of a slot
-        (:data:`SCRAPE_SLOTS`). The nearest, not the next, so a loop that wakes a little late
-        and adds its period to the time it woke stays in its slot instead of drifting one slot
-        a period."""
-        slot = self.interval_s / SCRAPE_SLOTS
-        return round(t / slot) * slot
 
     def phase_s(self, k: int) -> float:
         """The offset within the interval of the ``k``-th scrape loop started."""
@@ -273,8 +255,7 @@ class MetricsScraper:
                 if gauge is not None:
                     gauge.inc()
                 try:
-                    woken = await self._idle_pause(
-                        ep, self.due(started + self.idle_interval_s + offset))
+                    woken = await self._idle_pause(ep, started + self.idle_interval_s + offset)
                 finally:
                     if gauge is not None:
                         gauge.dec()
@@ -285,6 +266,5 @@ class MetricsScraper:
                 continue
             # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
             pause = self.interval_s if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
-            await asyncio.sleep(max(0.0, self.due(started + pause + offset)
-                                    - time.monotonic()))
+            await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
             offset = 0.0

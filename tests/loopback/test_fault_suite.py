@@ -23,6 +23,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import msgspec
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -243,6 +244,39 @@ def statuses(router: Router) -> dict[str, list[dict[str, Any]]]:
     return router.kv_event_feeds.statuses() if router.kv_event_feeds else {}
 
 
+def index_diff(router: Router, fleet: EmulatedFleet) -> dict[str, Any]:
+    """Per engine: blocks the index has that the engine does not, and the reverse (which
+    sequence numbers they came in, from the engine's replay buffer); then the statuses."""
+    feeds = router.kv_event_feeds
+    assert feeds is not None
+    diff: dict[str, Any] = {}
+    for index, endpoint in enumerate(fleet.endpoints()):
+        indexed = {h for pool in feeds._pools.values()
+                   for h in pool.index._blocks.get(endpoint["name"], {})}
+        engine = fleet.slots[index].engine
+        held = set(engine.sim.refcount)
+        publisher = engine.publisher
+        seqs = {seq: payload for seq, payload in publisher.buffer} if publisher else {}
+
+        def where(hashes: set[int], seqs: dict[int, bytes] = seqs) -> list[str]:
+            found = []
+            for seq, payload in sorted(seqs.items()):
+                with contextlib.suppress(msgspec.DecodeError):
+                    for event in msgspec.msgpack.decode(payload)[1]:
+                        if hashes & set(event.get("block_hashes", ())):
+                            found.append(f"{seq}:{event['type']}")
+            return found
+
+        extra, missing = indexed - held, held - indexed
+        diff[endpoint["name"]] = {"indexed": len(indexed), "held": len(held),
+                                  "extra": len(extra), "extra_in_seqs": where(extra),
+                                  "missing": len(missing), "missing_in_seqs": where(missing),
+                                  "published": publisher.seq if publisher else None,
+                                  "dropped": publisher.dropped if publisher else None}
+    diff["statuses"] = statuses(router)
+    return diff
+
+
 async def test_kv_event_gaps_garbage_and_publisher_restart(
         tmp_path: Path, fleet: EmulatedFleet, model_dir: Path) -> None:
     async with running_router(_config(tmp_path, fleet, 5000), model_dir) as (router, url):
@@ -270,7 +304,7 @@ async def test_kv_event_gaps_garbage_and_publisher_restart(
         # came back with a hole once left one engine a batch short; docs/reliability.md).
         await eventually(lambda: index_entries(router) == engine_blocks(fleet),
                          "the index matches the engines' caches after the resync",
-                         diagnose=lambda: statuses(router))
+                         diagnose=lambda: index_diff(router, fleet))
         # Garbage: batches published as invalid msgpack (the engine's replay buffer holds the
         # garbage too, so those blocks are lost at the source): counted, dropped, never applied;
         # the index under-reports that engine (a missed hit, never a wrong one) and the batches

@@ -13,7 +13,9 @@ Per connection, all on the router's event loop:
   :class:`~.index.PrefixIndex` in sequence order, runs the hash self-check on a sample, and
   resynchronises when needed.
 
-Sequence rules: ``seq == last + 1`` applies; a gap (``seq > last + 1``) asks the engine's replay
+Sequence rules: ``seq == last + 1`` applies (``seq == 0`` when no batch is applied yet and the
+replay found none: a fresh or restarted engine numbers from 0, so its seq 1 arriving first means
+seq 0 was lost); a gap (``seq > last + 1``) asks the engine's replay
 socket (a DEALER sending ``[b"", start_seq]``, reading until ``seq == -1``) for what was missed;
 ``seq <= last`` with the payload we already applied is a duplicate; ``seq <= last`` with other
 content means the engine restarted (vLLM's sequence starts again at 0): the endpoint's blocks are
@@ -464,7 +466,13 @@ class KVEventSubscriber:
             self._engine_restarted(f"sequence went back from {last} to {seq}")
             await self._resync()
             return
-        if last is not None and seq > last + 1:
+        # Nothing applied yet after a replay came back empty (a fresh or restarted engine that
+        # had published nothing): its first batch is seq 0, so a later one reveals a gap too.
+        # Without a replay socket there is no such answer, and the first batch seen is where
+        # following the engine starts.
+        expected = (last + 1 if last is not None
+                    else 0 if self.source.replay_endpoint is not None else seq)
+        if seq > expected:
             self.status.gaps += 1
             self.metrics.gaps.labels(self.source.endpoint).inc()
             self.status.synced = False  # the index misses batches until the replay brings them

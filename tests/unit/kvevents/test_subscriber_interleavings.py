@@ -235,6 +235,36 @@ async def test_a_hole_the_engine_cannot_fill_is_accepted_after_bounded_retries(
         await rig.close()
 
 
+async def test_a_fresh_engines_lost_first_batch_is_a_gap(ctx: zmq.asyncio.Context) -> None:
+    """The subscriber's first replay finds nothing (the engine has published nothing yet), then
+    the engine's seq 0 is lost on the PUB socket and seq 1 arrives. Seq 1 is not where the
+    engine's history starts: it was applied as the first batch and seq 0 stepped over for good
+    (the tail check asks from seq 1), seen in the fault suite as one engine's index a batch
+    short with ``synced: true``."""
+    rig = Rig(ctx, publisher=ScriptedPublisher, tail_check_s=0)
+    try:
+        publisher = rig.publisher
+        assert isinstance(publisher, ScriptedPublisher)
+        status = rig.subscriber.status
+        await eventually(lambda: status.connected and status.synced and publisher.requests == [0],
+                         "the first replay answered (empty)")
+        # The SUB's subscription has reached the PUB once a message of any kind arrives (a
+        # two-frame one is not a batch: counted as dropped, nothing else).
+        for _ in range(500):
+            await publisher.pub.send_multipart([TOPIC, b"probe"])
+            await asyncio.sleep(0.01)
+            if status.dropped:
+                break
+        assert status.dropped, "the SUB never received"
+        await publish(rig, 0, live=False)
+        await publish(rig, 1, live=True)
+        await settled(rig, 1)
+        assert_complete(rig, 1)
+        assert status.gaps == 1
+    finally:
+        await rig.close()
+
+
 async def test_a_lost_last_batch_is_found_by_the_tail_check(ctx: zmq.asyncio.Context) -> None:
     """The engine's last batch is lost and nothing follows it to reveal the gap: an idle
     subscriber asks the replay socket what follows its last batch."""

@@ -129,7 +129,10 @@ class ScoringSpec(ApiModel):
     stale_metrics_ms: int = Field(
         default=1000, ge=100, le=600000,
         description="Metrics older than this are stale; load scorers treat the endpoint as "
-                    "average rather than trusting old numbers.")
+                    "average rather than trusting old numbers. Keep it above the router's "
+                    "scrape periods (--scrape-interval-ms, default 100; "
+                    "--idle-scrape-interval-ms, default 500), or snapshots go stale between "
+                    "two scrapes: the router logs a warning naming the flag.")
 
 
 class TenancySpec(ApiModel):

@@ -42,10 +42,13 @@ to it, by this router or by another replica through replica sync
 (:meth:`Endpoint.dispatched`), ends the slow pause at once: the next scrape comes
 :data:`WAKE_SCRAPE_DELAY_S` later, and the engine is scraped at the normal period until it has
 been idle for that many pages again. Traffic another replica sends it without replica sync
-shows at the next idle scrape. (The first version paused after one idle page and scraped one
-interval after a wake: under traffic, engines between requests paused, and the first busy page
-after a dispatch came later than normal scraping brings it; TTFT p90 leaned ~10 % worse at
-120 req/s on the emulated fleet. docs/benchmarks/router-cpu.md, round 18.)
+shows at the next idle scrape. A policy whose ``staleMetricsMs`` is no longer than either
+period would read snapshots as stale between scrapes:
+:meth:`MetricsScraper.check_staleness` warns at start and on every policy change. (The first
+version paused after one idle page and scraped one interval after a wake: under traffic,
+engines between requests paused, and the first busy page after a dispatch came later than
+normal scraping brings it; TTFT p90 leaned ~10 % worse at 120 req/s on the emulated fleet.
+docs/benchmarks/router-cpu.md, round 18.)
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class MetricsScraper:
         self._connections: dict[int, MetricsConnection] = {}
         self._started = False
         self._loops_started = itertools.count()
+        self._stale_warned: set[tuple[str, int]] = set()
 
     def phase_s(self, k: int) -> float:
         """The offset within the interval of the ``k``-th scrape loop started."""
@@ -127,7 +131,40 @@ class MetricsScraper:
     async def start(self) -> None:
         self._started = True
         self.datastore.add_listener(self._on_change)
+        self.datastore.add_policy_listener(self._on_policies)
+        self.check_staleness()
         self._on_change(self.datastore.endpoints(), [])
+
+    def _on_policies(self) -> None:
+        self.check_staleness()
+
+    def check_staleness(self) -> list[str]:
+        """Warn (once per policy and value) about a policy whose ``scoring.staleMetricsMs`` is
+        no longer than a scrape period: its load scorers and admission would take snapshots
+        as stale between two scrapes and put an average in, without a word. Returns the
+        warnings given now."""
+        warnings = []
+        current = set()
+        for key, policy in self.datastore.policies().items():
+            stale_ms = policy.spec.scoring.stale_metrics_ms
+            if stale_ms / 1000.0 > self.idle_interval_s:
+                continue
+            current.add((key, stale_ms))
+            if (key, stale_ms) in self._stale_warned:
+                continue
+            busy = stale_ms / 1000.0 <= self.interval_s
+            which = "--scrape-interval-ms" if busy else "--idle-scrape-interval-ms"
+            period_ms = (self.interval_s if busy else self.idle_interval_s) * 1000.0
+            warnings.append(
+                f"RoutePolicy {key}: scoring.staleMetricsMs ({stale_ms}) is no longer than this "
+                f"router's {which} ({period_ms:g}), so {'its' if busy else 'its idle'} "
+                f"endpoints' metrics read as stale between scrapes and load scoring uses "
+                f"averages for them; raise staleMetricsMs above {period_ms:g} (twice is safe) "
+                f"or shorten {which}")
+        self._stale_warned = {w for w in self._stale_warned if w in current} | current
+        for warning in warnings:
+            log.warning("%s", warning)
+        return warnings
 
     async def stop(self) -> None:
         self._started = False

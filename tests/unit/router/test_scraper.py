@@ -20,7 +20,7 @@ from kvroute_router.scrape.scraper import FILTERED_PATH, IDLE_AFTER_PAGES, Metri
 from kvroute_router.scrape.vllm_metrics import WANTED, MetricsParseError, parse_vllm_metrics
 
 from tests.aiohttp_server import serving
-from tests.unit.router.router_fixtures import make_pool
+from tests.unit.router.router_fixtures import make_policy, make_pool
 
 GOOD = ('vllm:num_requests_running{engine="0"} 3.0\n'
         'vllm:cache_config_info{block_size="16",num_gpu_blocks="100"} 1.0\n')
@@ -524,3 +524,29 @@ def test_a_snapshot_keeps_no_more_dispatches_than_were_counted() -> None:
     ep.in_flight = 2
     ep.took_snapshot(parse_vllm_metrics(BUSY, time.monotonic()))
     assert ep.dispatched_since_scrape == 0  # the page shows all of them
+
+
+async def test_a_policy_whose_metrics_would_read_stale_between_scrapes_is_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``scoring.staleMetricsMs`` no longer than a scrape period makes load scoring put an
+    average in for endpoints between two of their scrapes: said once per policy and value,
+    naming the flag to change, at start and when a policy changes."""
+    store = Datastore()
+    store.replace([make_pool("local", count=1)], [make_policy("chat")])  # staleMetricsMs 1000
+    assert MetricsScraper(store, interval_s=0.1).check_staleness() == []  # idle: 500 ms
+    (busy,) = MetricsScraper(store, interval_s=1.0).check_staleness()
+    assert "default/chat" in busy and "--scrape-interval-ms (1000)" in busy
+    scraper = MetricsScraper(store, interval_s=0.3)  # idle period 1.5 s
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvroute_router.scrape.scraper"):
+        await scraper.start()
+        try:
+            (idle,) = [r.getMessage() for r in caplog.records]
+            assert "--idle-scrape-interval-ms (1500)" in idle and "staleMetricsMs (1000)" in idle
+            assert "its idle endpoints'" in idle
+            assert scraper.check_staleness() == []  # once
+            store.set_policy(make_policy("chat", scoring={"staleMetricsMs": 3000}))
+            store.set_policy(make_policy("chat", scoring={"staleMetricsMs": 1000}))
+            assert len(caplog.records) == 2  # warned again after a value that was fine
+        finally:
+            await scraper.stop()

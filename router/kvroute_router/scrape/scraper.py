@@ -161,7 +161,7 @@ class MetricsScraper:
                 f"endpoints' metrics read as stale between scrapes and load scoring uses "
                 f"averages for them; raise staleMetricsMs above {period_ms:g} (twice is safe) "
                 f"or shorten {which}")
-        self._stale_warned = {w for w in self._stale_warned if w in current} | current
+        self._stale_warned = current  # a value that is fine again is warned about anew
         for warning in warnings:
             log.warning("%s", warning)
         return warnings

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from kvroute_emulator.model.engine import SCHEDULING_POLICIES
 from kvroute_emulator.model.profile import PROFILE_NAMES
 
 DEFAULT_MAX_MODEL_LEN = {"cpu": 4096, "h100-llama8b": 32768}
@@ -28,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser, model_dir_required: bool = Tr
     parser.add_argument("--eos-after", type=int, default=0,
                         help="stop requests without ignore_eos after this many tokens, "
                              "finish_reason stop (0: run to max_tokens)")
+    parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
+                        help="vLLM's waiting-queue order: fcfs (arrival) or priority (the "
+                             "requests' priority field, lower first, then arrival; no "
+                             "preemption)")
     parser.add_argument("--admin-port", type=int, default=0,
                         help="port of the fault-injection API (0: any free port)")
     parser.add_argument("--endpoints-file", help="also write the endpoints JSON here")

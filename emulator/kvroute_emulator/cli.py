@@ -31,7 +31,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     config = FleetConfig(count=args.count, profile=profile, model_dir=Path(args.model_dir),
                          served_model_name=args.served_model_name,
                          time_scale=args.time_scale, max_model_len=max_len,
-                         admin_port=args.admin_port, eos_after=args.eos_after)
+                         admin_port=args.admin_port, eos_after=args.eos_after,
+                         scheduling_policy=args.scheduling_policy)
     try:
         config.check()
     except ValueError as exc:
@@ -66,7 +67,8 @@ def describe(fleet: EmulatedFleet) -> dict[str, Any]:
             "admin_url": f"http://{c.host}:{fleet.admin_port}",
             "profile": c.profile.name, "time_scale": c.time_scale,
             "block_size": c.profile.block_size, "kv_blocks": c.profile.kv_blocks,
-            "max_model_len": c.max_model_len, "model": c.served_model_name}
+            "max_model_len": c.max_model_len, "model": c.served_model_name,
+            "scheduling_policy": c.scheduling_policy}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

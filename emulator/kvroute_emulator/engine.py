@@ -96,16 +96,18 @@ class EmulatedEngine:
     """An engine model running in dilated real time, with vLLM's outputs and faults."""
 
     def __init__(self, index: int, profile: CostProfile, model: ServedModel,
-                 time_scale: float, publisher_factory: Callable[[], KVEventPublisher]) -> None:
+                 time_scale: float, publisher_factory: Callable[[], KVEventPublisher], *,
+                 scheduling_policy: str = "fcfs") -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0 (wall seconds per emulated second)")
         self.index = index
         self.profile = profile
         self.model = model
         self.time_scale = time_scale
+        self.scheduling_policy = scheduling_policy
         self._publisher_factory = publisher_factory
+        self.sim = SimEngine(index, profile, scheduling_policy=scheduling_policy)
         self.publisher: KVEventPublisher | None = publisher_factory()
-        self.sim = SimEngine(index, profile)
         self.stats = EngineStats()
         self.generations: dict[int, Generation] = {}
         self.slowdown = 1.0
@@ -163,7 +165,8 @@ class EmulatedEngine:
         """Come back empty: new scheduler state, KV-event sequence from 0, counters reset."""
         if self.alive:
             await self.kill()
-        self.sim = SimEngine(self.index, self.profile)
+        self.sim = SimEngine(self.index, self.profile,
+                             scheduling_policy=self.scheduling_policy)
         self.stats = EngineStats()
         self._block_info.clear()
         self._block_refs.clear()
@@ -195,7 +198,7 @@ class EmulatedEngine:
 
     # --- requests ------------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], max_tokens: int) -> Generation:
+    def submit(self, prompt_ids: list[int], max_tokens: int, priority: int = 0) -> Generation:
         if not self.alive:
             raise EngineUnavailableError(f"engine {self.index} is down")
         request_id = next(self._ids)
@@ -209,7 +212,7 @@ class EmulatedEngine:
             self._block_refs[h] = self._block_refs.get(h, 0) + 1
             parent = h
         sim = SimRequest(id=request_id, arrival_s=self.now(), prompt_tokens=len(prompt_ids),
-                         max_tokens=max_tokens, hashes=hashes)
+                         max_tokens=max_tokens, hashes=hashes, priority=priority)
         gen = Generation(sim=sim, prompt_ids=prompt_ids,
                          output_ids=self.model.output_tokens(len(prompt_ids) + request_id,
                                                              max_tokens),

@@ -42,6 +42,7 @@ from aiohttp import web
 
 from kvroute_emulator.engine import EmulatedEngine
 from kvroute_emulator.kvevents import KVEventPublisher
+from kvroute_emulator.model.engine import SCHEDULING_POLICIES
 from kvroute_emulator.model.profile import CostProfile
 from kvroute_emulator.server import ClientError, EngineServer, RequestTimings
 from kvroute_emulator.tokens import ServedModel
@@ -60,10 +61,14 @@ class FleetConfig:
     host: str = "127.0.0.1"
     admin_port: int = 0
     eos_after: int = 0
+    scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs or priority
 
     def check(self) -> None:
         if self.count < 1:
             raise ValueError("count must be at least 1")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be {' or '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
         if self.time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         capacity = self.profile.kv_blocks * self.profile.block_size
@@ -127,7 +132,7 @@ class EmulatedFleet:
             return pub
 
         engine = EmulatedEngine(index, self.config.profile, model, self.config.time_scale,
-                                publisher)
+                                publisher, scheduling_policy=self.config.scheduling_policy)
         server = EngineServer(engine, self.config.eos_after, self.timings)
         runner = web.AppRunner(server.app, access_log=None, handler_cancellation=True)
         await runner.setup()

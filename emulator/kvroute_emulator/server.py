@@ -6,6 +6,8 @@ usage chunk with ``stream_options.include_usage``, then ``data: [DONE]`` — or 
 answer), ``GET /v1/models``, ``GET /health``, ``POST /tokenize``, ``POST /detokenize``,
 ``POST /reset_prefix_cache``, ``GET /metrics``, ``GET /version``. Bodies and error bodies
 have the fields a vLLM 0.32 answer has (``tests/e2e/test_emulator_fidelity.py`` compares).
+A request's ``priority`` (body field or ``X-Vllm-Priority`` header) orders the engine's waiting
+queue when the fleet runs vLLM's ``priority`` scheduling policy; ``fcfs`` ignores it.
 
 Decisions where vLLM's behaviour depends on the weights: the output text is the filler of
 :mod:`~kvroute_emulator.tokens`; without ``max_tokens`` a completion generates 16 tokens (the
@@ -34,6 +36,8 @@ from kvroute_emulator.tokens import ChatTemplateError
 VLLM_VERSION = "0.32.0"
 FINGERPRINT = f"vllm-{VLLM_VERSION}-kvroute-emulator"
 COMPLETION_DEFAULT_MAX_TOKENS = 16
+PRIORITY_HEADER = "X-Vllm-Priority"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class ClientError(Exception):
@@ -224,6 +228,24 @@ class EngineServer:
         except ChatTemplateError as exc:
             raise ClientError(str(exc), "messages") from None
 
+    @staticmethod
+    def _priority(request: web.Request, body: dict[str, Any]) -> int:
+        """The request's scheduling priority, as vLLM reads it: the body's ``priority`` (an
+        int64, 0 when absent; ``null`` is refused, the field is not optional there), unless an
+        ``X-Vllm-Priority`` header holds an integer (one that does not is ignored). Only the
+        priority policy orders by it; fcfs accepts and ignores it, as vLLM does."""
+        value = body.get("priority", 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ClientError(f"priority must be an integer, got {value!r}.", "priority")
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ClientError(f"priority must be in [{INT64_MIN}, {INT64_MAX}], got {value}. "
+                              f"(parameter=priority, value={value})", "priority")
+        header = request.headers.get(PRIORITY_HEADER)
+        if header is not None:
+            with contextlib.suppress(ValueError):
+                return int(header)
+        return value
+
     def _common(self, body: dict[str, Any]) -> tuple[bool, bool, bool]:
         n = _int_param(body, "n")
         if n is not None and n != 1:
@@ -248,27 +270,32 @@ class EngineServer:
         body = await _read_json(request)
         self._check_model(body)
         stream, include_usage, ignore_eos = self._common(body)
+        priority = self._priority(request, body)
         ids = self._prompt_ids(body)
         max_tokens = self._max_tokens(body, len(ids), chat=False)
         return await self._generate(request, ids, max_tokens, ignore_eos, stream,
-                                    include_usage, chat=False, arrived=arrived)
+                                    include_usage, chat=False, arrived=arrived,
+                                    priority=priority)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
         body = await _read_json(request)
         self._check_model(body)
         stream, include_usage, ignore_eos = self._common(body)
+        priority = self._priority(request, body)
         ids = self._chat_ids(body)
         max_tokens = self._max_tokens(body, len(ids), chat=True)
         return await self._generate(request, ids, max_tokens, ignore_eos, stream,
-                                    include_usage, chat=True, arrived=arrived)
+                                    include_usage, chat=True, arrived=arrived,
+                                    priority=priority)
 
     async def _generate(self, request: web.Request, ids: list[int], max_tokens: int,
                         ignore_eos: bool, stream: bool, include_usage: bool,
-                        chat: bool, arrived: float = 0.0) -> web.StreamResponse:
+                        chat: bool, arrived: float = 0.0,
+                        priority: int = 0) -> web.StreamResponse:
         stop_early = bool(self.eos_after) and not ignore_eos and self.eos_after < max_tokens
         length = self.eos_after if stop_early else max_tokens
-        gen = self.engine.submit(ids, length)
+        gen = self.engine.submit(ids, length, priority)
         reason = "stop" if stop_early else "length"
         request_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(8)
         created = int(time.time())

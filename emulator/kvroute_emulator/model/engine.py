@@ -6,7 +6,10 @@ The model follows vLLM v1's scheduler in the parts that decide routing outcomes:
 * A step has a token budget (``max_batched_tokens``). Running sequences that are decoding take
   one token each first; then sequences still prefilling take chunks of their remaining prompt;
   then waiting sequences are admitted in arrival order while ``max_num_seqs`` and the KV
-  capacity allow (chunked prefill: a long prompt spreads over several steps).
+  capacity allow (chunked prefill: a long prompt spreads over several steps). Under the
+  ``priority`` scheduling policy (vLLM's ``--scheduling-policy priority``) they are admitted
+  in (``priority``, arrival) order instead, lower values first; there is no preemption here,
+  so a higher-priority arrival waits for capacity rather than evicting a running sequence.
 * On admission the prompt's full blocks are looked up in the prefix cache; the longest cached
   run of leading blocks is reused (at least one prompt token is always computed, as in vLLM).
   Queried and hit tokens feed ``prefix_cache_queries`` / ``prefix_cache_hits``.
@@ -25,12 +28,16 @@ the router's own vLLM-compatible ones, set at its routing decision, so the engin
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvroute_emulator.model.profile import CostProfile
+
+SCHEDULING_POLICIES = ("fcfs", "priority")
+"""vLLM's ``--scheduling-policy`` choices: arrival order, or (priority, arrival) order."""
 
 
 def block_hashes(tokens: bytes, block_size: int) -> list[int]:
@@ -55,6 +62,7 @@ class SimRequest:
     max_tokens: int
     hashes: list[int]
     prompt: str = ""  # kept only when a picker needs the text (the router's prefix scorers)
+    priority: int = 0  # lower first under the priority policy (read at enqueue); fcfs ignores it
     engine: int = -1
     admitted_s: float | None = None
     first_token_s: float | None = None
@@ -73,6 +81,10 @@ class SimRequest:
         return None if self.done_s is None else self.done_s - self.arrival_s
 
 
+def _priority_order(request: SimRequest) -> tuple[int, float, int]:
+    return (request.priority, request.arrival_s, request.id)
+
+
 @dataclass
 class StepPlan:
     """What one step computes: prefill chunks per request, and the decoding requests."""
@@ -88,9 +100,16 @@ class StepPlan:
 class SimEngine:
     """One engine; the fleet loop calls :meth:`enqueue`, :meth:`plan_step`, :meth:`finish_step`."""
 
-    def __init__(self, index: int, profile: CostProfile) -> None:
+    def __init__(self, index: int, profile: CostProfile, *,
+                 scheduling_policy: str = "fcfs") -> None:
+        if scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"unknown scheduling policy {scheduling_policy!r}: use "
+                             f"{' or '.join(SCHEDULING_POLICIES)}")
         self.index = index
         self.profile = profile
+        self.scheduling_policy = scheduling_policy
+        # In admission order: arrival order under fcfs; under priority kept sorted on
+        # enqueue, so admission and abort read it the same way under both policies.
         self.waiting: deque[SimRequest] = deque()
         self.running: list[SimRequest] = []
         self.refcount: dict[int, int] = {}  # cached block hash -> sequences pinning it
@@ -129,7 +148,12 @@ class SimEngine:
 
     def enqueue(self, request: SimRequest) -> None:
         request.engine = self.index
-        self.waiting.append(request)
+        if self.scheduling_policy == "priority":
+            # vLLM's PriorityRequestQueue order: priority, then arrival time, then request
+            # id. A binary-search insert keeps the queue sorted without re-sorting per step.
+            bisect.insort(self.waiting, request, key=_priority_order)
+        else:
+            self.waiting.append(request)
         self.version += 1
 
     def _admit(self, request: SimRequest, now: float) -> bool:

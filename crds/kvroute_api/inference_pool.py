@@ -77,6 +77,15 @@ class KVEventsSpec(ApiModel):
 class EngineSpec(ApiModel):
     """How each vLLM server runs."""
 
+    RULES: ClassVar[tuple[Rule, ...]] = (
+        Rule(cel="self.extraArgs.all(a, !a.startsWith('--scheduling-policy'))",
+             message="set the engines' scheduling policy with spec.engine.schedulingPolicy, not "
+                     "extraArgs: the router reads it to decide whether it sets each request's "
+                     "priority",
+             check=lambda s: not any(a.startswith("--scheduling-policy") for a in s.extra_args),
+             field_path=".extraArgs", reason="FieldValueForbidden"),
+    )
+
     image: str = Field(default="vllm/vllm-openai:v0.32.0", min_length=1, max_length=512,
                        description="Container image of the vLLM OpenAI-compatible server.")
     port: int = Field(default=8000, ge=1024, le=65535,
@@ -107,8 +116,19 @@ class EngineSpec(ApiModel):
         description="Fraction of GPU memory vLLM may use (vLLM --gpu-memory-utilization).")
     kv_events: KVEventsSpec = Field(default_factory=KVEventsSpec,
                                     description="KV-cache event publishing.")
+    scheduling_policy: Literal["FCFS", "Priority"] = Field(
+        default="FCFS",
+        description="The order in which each engine admits its waiting requests (vLLM "
+                    "--scheduling-policy). FCFS: arrival order. Priority: by each request's "
+                    "`priority` field, which the router then owns: it overwrites what a client "
+                    "sent with arrival time plus the policy's scoring.prefillPriorityMsPerToken "
+                    "per prompt token the chosen engine does not hold, so mostly cached prompts "
+                    "go ahead of long misses (docs/router.md, Engine queue order). External "
+                    "pools: declare what the engines run; the router believes it.")
     extra_args: list[str] = Field(default_factory=list, max_length=64,
-                                  description="Additional vLLM command-line arguments, verbatim.")
+                                  description="Additional vLLM command-line arguments, verbatim "
+                                              "(not --scheduling-policy: set schedulingPolicy, "
+                                              "which the router reads).")
     env: list[EnvVar] = Field(default_factory=list, max_length=64,
                               description="Additional environment variables of the engine.")
 

@@ -136,6 +136,8 @@ def engine_args(pool: InferencePool, tier: CacheTier | None) -> list[str]:
         args += ["--max-num-seqs", str(engine.max_num_seqs)]
     if engine.gpu_memory_utilization is not None:
         args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    if engine.scheduling_policy == "Priority":  # vLLM's default is fcfs
+        args += ["--scheduling-policy", "priority"]
     if engine.kv_events.enabled:
         args += ["--kv-events-config", _kv_events_config(pool)]
     if tier is not None and tier.spec.kv is not None:

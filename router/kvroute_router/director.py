@@ -129,6 +129,31 @@ class Decision:
     def prefill_wait_s(self) -> float:
         return self.policy.spec.scoring.prefill_wait_ms / 1000.0
 
+    def engine_priority(self, endpoint: Endpoint) -> int | None:
+        """The vLLM ``priority`` to send ``endpoint`` (lower is served first), or None when
+        the pool's engines run FCFS (``spec.engine.schedulingPolicy``) and the client's field,
+        if any, goes through untouched (FCFS engines ignore it). Under priority scheduling the
+        router owns the field — a client's own value would let it jump every queue — and sets
+        the request's arrival time in ms plus ``scoring.prefillPriorityMsPerToken`` per prompt
+        token ``endpoint`` does not hold by this decision's prefix match: a mostly cached
+        prompt goes ahead of a long miss that arrived up to its penalty earlier, and a miss is
+        never overtaken by requests younger than its penalty (docs/router.md, *Engine queue
+        order*)."""
+        if self.pool.pool.spec.engine.scheduling_policy != "Priority":
+            return None
+        return self.request.engine_priority(
+            self.uncached_tokens(endpoint), self.policy.spec.scoring.prefill_priority_ms_per_token)
+
+    def uncached_tokens(self, endpoint: Endpoint) -> float:
+        """Prompt tokens ``endpoint`` must compute: exact from ``prefix-precise``'s blocks
+        (the engine's tokens, whole blocks) when it matched, else the estimate of
+        :meth:`LLMRequest.prefill_tokens` (UTF-8 bytes / 4 without token ids)."""
+        blocks = self.prompt_blocks(endpoint)
+        if blocks is not None:
+            hashes, held = blocks
+            return float(max(0, len(hashes) - held) * self.pool.pool.spec.engine.block_size)
+        return self.request.prefill_tokens(self.prefix_match_ratio(endpoint))
+
     def prompt_blocks(self, endpoint: Endpoint) -> tuple[list[int], int] | None:
         """The prompt's block hashes and how many of them ``endpoint`` held, published or
         pending, at the decision (``prefix-precise``'s match); None when that scorer did not

@@ -96,6 +96,8 @@ def _mutations(model: type[ApiModel], obj: dict[str, Any]) -> list[dict[str, Any
                             out.append({**flipped, other: items[:1]})
         if isinstance(value, int) and not isinstance(value, bool):
             out.append({**obj, key: value * 100})
+        if key == "extraArgs":  # a flag only the API's own field may set
+            out.append({**obj, key: [*value, "--scheduling-policy=priority"]})
         if value == "Managed":
             out.append({**obj, key: "External"})
         if value == "Header":

@@ -90,6 +90,8 @@ CASES = [
     (POOL, lambda d: _set(d, "spec.engine.tensorParallelSize", 2),
      "spec.engine.tensorParallelSize", "must not exceed resources.gpus"),
     (POOL, lambda d: _set(d, "spec.cost", {}), "spec.cost", "at least one of"),
+    (POOL, lambda d: _set(d, "spec.engine.extraArgs", ["--scheduling-policy", "priority"]),
+     "spec.engine.extraArgs", "spec.engine.schedulingPolicy"),
     (POOL, lambda d: _set(d, "spec.model.name", None), "spec.model.name", "valid string"),
     (POLICY, lambda d: _set(d, "spec.budgets", [{"name": "b", "tenant": "t"}]),
      "spec.budgets[0]", "a budget needs at least one limit"),

@@ -328,7 +328,8 @@ class ExtProcServer:
             metadata = struct_pb2.Struct()
             metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(addresses)}})
             changes = upstream_changes(parsed.body, parsed.kind, decision.served_model,
-                                       decision.request.max_tokens)
+                                       decision.request.max_tokens,
+                                       priority=decision.engine_priority(decision.endpoints[0]))
             forwarded = msgspec.json.encode({**parsed.body, **changes}) if changes else raw
             return _Routed(routed=routed,
                            set_headers=[_header(DESTINATION_HEADER, addresses[0])],

@@ -119,6 +119,10 @@ class DecisionView(Protocol):
 
     def prefix_match_ratio(self, endpoint: Endpoint | None = None) -> float | None: ...
 
+    def engine_priority(self, endpoint: Endpoint) -> int | None:
+        """The vLLM ``priority`` the body sent to ``endpoint`` carries; None: the client's."""
+        ...
+
     def reasons(self) -> list[str]: ...
 
 

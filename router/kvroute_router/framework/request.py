@@ -3,6 +3,7 @@ extracts from its input before asking the director for an endpoint."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,6 +48,10 @@ class LLMRequest:
     derive it from ``token_ids`` / ``prompt_text``)."""
     stream: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    received_unix_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    """When the router took the request (wall clock, so replicas agree): the base of the
+    vLLM ``priority`` it sets for engines that run priority scheduling
+    (:meth:`~kvroute_router.director.Decision.engine_priority`)."""
     allowed_addresses: frozenset[str] | None = None
     """When set, only endpoints with these addresses may be picked (Envoy subset hint)."""
     lora_adapter: str | None = None
@@ -84,6 +89,13 @@ class LLMRequest:
         backlog and taking them off again leaves exactly 0). One estimate for the
         ``prefill-cost`` scorer and the per-endpoint backlog, so the two add up in one unit."""
         return float(round(self.prompt_size_estimate() * unheld_share(held)))
+
+    def engine_priority(self, uncached_tokens: float, ms_per_token: float) -> int:
+        """The vLLM ``priority`` for an engine that must compute ``uncached_tokens`` of the
+        prompt: arrival in ms plus ``ms_per_token`` per such token. Lower is served first, so
+        a prompt mostly cached there goes ahead of a long miss that arrived up to the miss's
+        penalty earlier, and never further (no starvation)."""
+        return self.received_unix_ms + round(ms_per_token * uncached_tokens)
 
     def prompt_upper_bound(self) -> int:
         """Prompt tokens, never underestimated: the parsed bound when there is one, else exact

@@ -122,7 +122,7 @@ class RouterService:
         decision = routed.decision
         endpoint = decision.endpoints[0]
         ratio = decision.prefix_match_ratio(endpoint)
-        return pb.PickResponse(
+        answer = pb.PickResponse(
             endpoint=endpoint.address, endpoint_name=endpoint.name,
             fallbacks=[e.address for e in decision.endpoints[1:]],
             pool=decision.pool_name, policy=decision.policy_name,
@@ -132,6 +132,10 @@ class RouterService:
                                      total=s.total, scores=s.by_scorer)
                     for s in decision.ranked],
             prefix_match_ratio=ratio or 0.0)
+        priority = decision.engine_priority(endpoint)
+        if priority is not None:  # the caller sends it (the field is unset for FCFS engines)
+            answer.engine_priority = priority
+        return answer
 
     async def report(self, message: pb.ReportRequest, context: Any) -> pb.ReportResponse:
         entry = self.pending.get(message.decision_id)

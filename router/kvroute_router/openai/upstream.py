@@ -1,6 +1,9 @@
 """The body forwarded to the engine: the client's bytes, unless the router must change them.
 
-Two changes exist: ``model`` becomes the pool's served name, and the output bound the router
+Three changes exist: ``model`` becomes the pool's served name; ``priority`` becomes the
+router's own when the pool's engines run priority scheduling
+(:meth:`~kvroute_router.director.Decision.engine_priority`: a client's value would jump the
+engines' queues); and the output bound the router
 admitted is written in the field the engine reads (``max_tokens`` on ``/v1/completions``;
 ``max_completion_tokens`` when a chat body sets it, else ``max_tokens``) whenever the body's
 own bound for the engine is absent, null or larger — so the engine can never generate more
@@ -28,11 +31,15 @@ def usage_injected(body: Mapping[str, Any]) -> bool:
 
 
 def upstream_changes(body: Mapping[str, Any], kind: str, served_model: str,
-                     bound: int | None, request_usage: bool = False) -> dict[str, Any]:
+                     bound: int | None, request_usage: bool = False,
+                     priority: int | None = None) -> dict[str, Any]:
     """Fields of ``body`` (a ``kind`` request: completions or chat) to overwrite."""
     changes: dict[str, Any] = {}
     if body.get("model") != served_model:
         changes["model"] = served_model
+    if priority is not None and (type(body.get("priority")) is not int
+                                 or body["priority"] != priority):
+        changes["priority"] = priority
     if request_usage and usage_injected(body):
         options = body.get("stream_options")
         changes["stream_options"] = {**(options if isinstance(options, dict) else {}),
@@ -49,9 +56,10 @@ def upstream_changes(body: Mapping[str, Any], kind: str, served_model: str,
 
 
 def upstream_body(raw: bytes, body: Mapping[str, Any], kind: str, served_model: str,
-                  bound: int | None, request_usage: bool = False) -> bytes:
+                  bound: int | None, request_usage: bool = False,
+                  priority: int | None = None) -> bytes:
     """The bytes to forward: ``raw`` unchanged when nothing needs changing."""
-    changes = upstream_changes(body, kind, served_model, bound, request_usage)
+    changes = upstream_changes(body, kind, served_model, bound, request_usage, priority)
     if not changes:
         return raw
     return msgspec.json.encode({**body, **changes})

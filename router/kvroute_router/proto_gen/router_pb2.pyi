@@ -74,7 +74,7 @@ class EndpointScore(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., address: _Optional[str] = ..., total: _Optional[float] = ..., scores: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PickResponse(_message.Message):
-    __slots__ = ("endpoint", "endpoint_name", "fallbacks", "pool", "policy", "target_model", "decision_id", "reasons", "scores", "prefix_match_ratio")
+    __slots__ = ("endpoint", "endpoint_name", "fallbacks", "pool", "policy", "target_model", "decision_id", "reasons", "scores", "prefix_match_ratio", "engine_priority")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_NAME_FIELD_NUMBER: _ClassVar[int]
     FALLBACKS_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class PickResponse(_message.Message):
     REASONS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_MATCH_RATIO_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     endpoint_name: str
     fallbacks: _containers.RepeatedScalarFieldContainer[str]
@@ -95,7 +96,8 @@ class PickResponse(_message.Message):
     reasons: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedCompositeFieldContainer[EndpointScore]
     prefix_match_ratio: float
-    def __init__(self, endpoint: _Optional[str] = ..., endpoint_name: _Optional[str] = ..., fallbacks: _Optional[_Iterable[str]] = ..., pool: _Optional[str] = ..., policy: _Optional[str] = ..., target_model: _Optional[str] = ..., decision_id: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[_Union[EndpointScore, _Mapping]]] = ..., prefix_match_ratio: _Optional[float] = ...) -> None: ...
+    engine_priority: int
+    def __init__(self, endpoint: _Optional[str] = ..., endpoint_name: _Optional[str] = ..., fallbacks: _Optional[_Iterable[str]] = ..., pool: _Optional[str] = ..., policy: _Optional[str] = ..., target_model: _Optional[str] = ..., decision_id: _Optional[str] = ..., reasons: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[_Union[EndpointScore, _Mapping]]] = ..., prefix_match_ratio: _Optional[float] = ..., engine_priority: _Optional[int] = ...) -> None: ...
 
 class ReportRequest(_message.Message):
     __slots__ = ("decision_id", "endpoint", "status", "ttft_seconds", "e2e_seconds", "prompt_tokens", "completion_tokens")

@@ -233,8 +233,10 @@ class OpenAIProxy:
             decision = routed.decision
             deadline = started + decision.request_timeout_s
             strip_usage = usage_injected(parsed.body)
+            # One body for every attempt: a retry carries the first endpoint's priority.
             payload = upstream_body(raw, parsed.body, parsed.kind, decision.served_model,
-                                    llm_request.max_tokens, request_usage=True)
+                                    llm_request.max_tokens, request_usage=True,
+                                    priority=decision.engine_priority(decision.endpoints[0]))
             upstream_headers = [(k, v) for k, v in http.headers.items()
                                 if (name := k.lower()) not in HOP_BY_HOP and name != "x-request-id"
                                 and self.trust.forwardable(name, trusted)]

@@ -120,3 +120,11 @@ def test_s3_source_uses_an_init_container(examples_dir: Path) -> None:
 
 def test_external_pool_deploys_nothing(examples_dir: Path) -> None:
     assert rendered(examples_dir, CASES["pool-local-external"]) == []
+
+
+def test_priority_scheduling_reaches_the_engines(examples_dir: Path) -> None:
+    objects = load_objects([examples_dir / "pool-llama-8b.yaml"])
+    (pool,) = [o for o in objects if isinstance(o, InferencePool)]
+    assert "--scheduling-policy" not in args_of(rendered_children([pool])[0])  # vLLM's fcfs
+    pool.spec.engine.scheduling_policy = "Priority"
+    assert flag(args_of(rendered_children([pool])[0]), "--scheduling-policy") == "priority"

@@ -188,3 +188,41 @@ async def test_policy_lora_adapter_reaches_the_scorer_and_the_forwarded_model() 
         changes = upstream_changes({"model": "sql"}, "completions", decision.served_model,
                                    decision.request.max_tokens)
         assert changes["model"] == "sql-lora"
+
+
+async def test_priority_engines_get_the_routers_priority_and_cached_prompts_go_first() -> None:
+    """spec.engine.schedulingPolicy: Priority — the forwarded body's vLLM ``priority`` is the
+    router's (arrival ms plus prefillPriorityMsPerToken per prompt token the endpoint does not
+    hold), whatever the client sent; a prompt the endpoint holds is penalised less than the
+    same prompt's first (uncached) visit. FCFS engines keep the client's field."""
+    from kvroute_router.openai.upstream import upstream_changes
+
+    pool = make_pool("local", count=1)
+    policy = make_policy("chat", scoring={"scorers": [{"type": "prefix-approx"}],
+                                          "prefillPriorityMsPerToken": 0.5})
+    director, _ = make_director([pool], [policy])
+    prompt = "a long shared context " * 200
+    first = await director.route(LLMRequest(model="chat", prompt_text=prompt))
+    endpoint = first.endpoints[0]
+    assert first.engine_priority(endpoint) is None  # FCFS engines: the client's field
+    assert upstream_changes({"model": "test-model", "priority": -9}, "completions",
+                            first.served_model, None,
+                            priority=first.engine_priority(endpoint)) == {}
+
+    pool.spec.engine.scheduling_policy = "Priority"
+    miss = await director.route(LLMRequest(model="chat", prompt_text=prompt))
+    miss_priority = miss.engine_priority(endpoint)
+    assert miss_priority is not None
+    penalty = miss_priority - miss.request.received_unix_ms
+    assert penalty == round(0.5 * miss.request.prompt_size_estimate()) > 0
+    director.dispatch(miss, endpoint)  # the approximate scorer learns the prompt is there
+    hit = await director.route(LLMRequest(model="chat", prompt_text=prompt + "one question"))
+    hit_priority = hit.engine_priority(endpoint)
+    assert hit_priority is not None
+    assert 0 <= hit_priority - hit.request.received_unix_ms < penalty / 4
+    # A hostile client's own priority never reaches a priority engine.
+    changes = upstream_changes({"model": "test-model", "priority": -(2**62)}, "completions",
+                               hit.served_model, None, priority=hit_priority)
+    assert changes["priority"] == hit_priority
+    assert upstream_changes({"model": "test-model"}, "chat", hit.served_model, None,
+                            priority=hit_priority) == {"priority": hit_priority}

@@ -18,8 +18,10 @@ CONTENDER_NAMES = ("direct-rr", "direct-one", "envoy-rr", "kvroute-approx", "kvr
                    "kvroute-precise-cost", "kvroute-precise-cost-w1",
                    "kvroute-precise-cost-w2", "kvroute-precise-cost-w5",
                    "kvroute-precise-cost-q16", "kvroute-precise-cost-wait",
-                   "kvroute-precise-cost-nowait",
-                   "kvroute-precise-cost-nohead", "kvroute-precise-cost-asyncio",
+                   "kvroute-precise-cost-nowait", "kvroute-precise-cost-prio0",
+                   "kvroute-precise-cost-prio0.2", "kvroute-precise-cost-prio0.5",
+                   "kvroute-precise-cost-prio1", "kvroute-precise-cost-nohead",
+                   "kvroute-precise-cost-asyncio",
                    "kvroute-queue", "kvroute-precise-queue", "vllm-router-rr",
                    "vllm-router-cache", "vllm-router-kv", "sglang-router-cache", "smg-cache")
 
@@ -103,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--max-context", type=int, default=0,
                         help="context limit for traces and the emulated engines (0: the "
                              "profile's default; 4096 on real engines)")
+    parser.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs",
+                        help="the engines' vLLM --scheduling-policy (real, emulated and "
+                             "simulated). priority: kvroute's pool declares it and kvroute sets "
+                             "each request's priority (scoring.prefillPriorityMsPerToken); the "
+                             "peers send none, which the engines serve in arrival order")
     sim = parser.add_argument_group("fleet simulator (--sim)")
     sim.add_argument("--sim", action="store_true",
                      help="simulate the pods instead of starting real engines")

@@ -108,6 +108,8 @@ class EmulatedFleetProcess:
             argv += ["--block-size", str(args.block_size)]
         if args.max_context:
             argv += ["--max-model-len", str(args.max_context)]
+        if args.scheduling_policy != "fcfs":
+            argv += ["--scheduling-policy", args.scheduling_policy]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT / "emulator"), *filter(None, [env.get("PYTHONPATH")])])
@@ -156,9 +158,11 @@ class EmulatedFleetProcess:
                 self.process.wait(timeout=10)
 
 
-def local_engine_args(kv_blocks: int) -> list[str]:
+def local_engine_args(kv_blocks: int, scheduling_policy: str = "fcfs") -> list[str]:
     """``vllm serve`` flags of the real engines a benchmark starts (beyond the fleet's own)."""
     extra = ["--num-gpu-blocks-override", str(kv_blocks)] if kv_blocks else []
+    if scheduling_policy != "fcfs":
+        extra += ["--scheduling-policy", scheduling_policy]
     # vllm-router's kv_aware gets a text prompt's token ids from the engines' render route,
     # which vLLM 0.32 refuses (403) without this flag, and then matches no KV events at all
     # (docs/emulator.md, "Where it differs"). Its users enable it; the routes are unused by
@@ -175,7 +179,8 @@ def _start_fleet(args: argparse.Namespace, workdir: Path) -> tuple[FleetInfo, An
                                       kv_events_endpoint=e["kv_events_endpoint"],
                                       replay_endpoint=e["replay_endpoint"]) for e in engines],
                           emulated.info["model"], int(emulated.info["block_size"]),
-                          emulated.model_dir, float(args.time_scale))
+                          emulated.model_dir, float(args.time_scale),
+                          scheduling_policy=args.scheduling_policy)
         return fleet, emulated
     if args.attach:
         return _attached(args.attach, "kvroute-test-model", args.block_size), None
@@ -183,14 +188,15 @@ def _start_fleet(args: argparse.Namespace, workdir: Path) -> tuple[FleetInfo, An
 
     handle = LocalEngineFleet(
         count=args.engines, workdir=workdir / "engines", block_size=args.block_size,
-        max_model_len=4096, extra_args=local_engine_args(args.kv_blocks),
+        max_model_len=4096,
+        extra_args=local_engine_args(args.kv_blocks, args.scheduling_policy),
         env={"VLLM_SERVER_DEV_MODE": "1"})
     handle.start(progress=True)
     fleet = FleetInfo([EngineInfo(name=f"engine-{e.index}", url=e.url,
                                   kv_events_endpoint=e.kv_events_endpoint,
                                   replay_endpoint=e.replay_endpoint)
                        for e in handle.engines], handle.model_name, args.block_size,
-                      workdir / "engines" / "model")
+                      workdir / "engines" / "model", scheduling_policy=args.scheduling_policy)
     return fleet, handle
 
 

@@ -68,6 +68,9 @@ class FleetInfo:
     time_scale: float = 1.0
     # kvroute replicas share their dispatches through this Redis (``--replica-sync``).
     replica_sync_url: str | None = None
+    # The engines' vLLM --scheduling-policy: "priority" makes kvroute's pool declare it, and
+    # kvroute sets each request's priority (the peers send none: arrival order).
+    scheduling_policy: str = "fcfs"
 
 
 class ContenderStartError(RuntimeError):
@@ -432,6 +435,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-nowait": KvrouteVariant(
         "kvroute-precise-cost with prefillWaitMs 0, no prefill wait (A/B)", _PRECISE_COST,
         {"scoring": {"prefillWaitMs": 0}}),
+    # scoring.prefillPriorityMsPerToken (default 0.05; read only with --scheduling-policy
+    # priority): the engine-queue penalty per prompt token the chosen engine does not hold.
+    **{f"precise-cost-prio{ms:g}": KvrouteVariant(
+        f"kvroute-precise-cost with prefillPriorityMsPerToken {ms:g} (A/B)", _PRECISE_COST,
+        {"scoring": {"prefillPriorityMsPerToken": ms}}) for ms in (0, 0.2, 0.5, 1)},
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),
@@ -460,6 +468,8 @@ timeouts below (unscaled it is 78 ms of engine time at scale 64, shorter than th
 there, and kvroute forgot where it had just sent a prefix)."""
 DEFAULT_PREFILL_WAIT_MS = 200
 """``scoring.prefillWaitMs``'s default, stretched by the time scale too."""
+DEFAULT_PRIORITY_MS_PER_TOKEN = 0.05
+"""``scoring.prefillPriorityMsPerToken``'s default, stretched by the time scale too."""
 
 
 def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
@@ -472,7 +482,9 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
         "spec": {
             "mode": "External", "model": {"name": fleet.model},
             "engine": {"blockSize": fleet.block_size, "kvEvents": {"pendingMs": round(
-                DEFAULT_PENDING_MS * fleet.time_scale)}}, "resources": {"gpus": 0},
+                DEFAULT_PENDING_MS * fleet.time_scale)},
+                       "schedulingPolicy": ("Priority" if fleet.scheduling_policy == "priority"
+                                            else "FCFS")}, "resources": {"gpus": 0},
             "endpoints": [{"name": e.name, "address": e.address,
                            "kvEventsEndpoint": e.kv_events_endpoint,
                            "kvEventsReplayEndpoint": e.replay_endpoint} for e in fleet.engines],
@@ -503,6 +515,11 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
     wait_ms = spec["scoring"].get("prefillWaitMs", DEFAULT_PREFILL_WAIT_MS)
     if wait_ms and fleet.time_scale != 1.0:
         spec["scoring"]["prefillWaitMs"] = min(600_000, round(wait_ms * fleet.time_scale))
+    # The engine-queue penalty per uncached prompt token is engine time too: the router adds
+    # it to wall-clock arrival milliseconds, which the emulated engines compare.
+    per_token = spec["scoring"].get("prefillPriorityMsPerToken", DEFAULT_PRIORITY_MS_PER_TOKEN)
+    if fleet.time_scale != 1.0:
+        spec["scoring"]["prefillPriorityMsPerToken"] = min(1000.0, per_token * fleet.time_scale)
     policy = {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy",
               "metadata": {"name": "bench"}, "spec": spec}
     return [pool, policy]

@@ -108,9 +108,10 @@ def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: b
 
 
 def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
-             max_simulated_s: float = 86_400.0) -> SimResult:
-    """Run ``requests`` through ``pods`` engines of ``profile``; stops at ``max_simulated_s``."""
-    engines = [SimEngine(i, profile) for i in range(pods)]
+             max_simulated_s: float = 86_400.0, scheduling_policy: str = "fcfs") -> SimResult:
+    """Run ``requests`` through ``pods`` engines of ``profile`` (admitting waiting requests by
+    ``scheduling_policy``, vLLM's); stops at ``max_simulated_s``."""
+    engines = [SimEngine(i, profile, scheduling_policy=scheduling_policy) for i in range(pods)]
     capacity = profile.kv_blocks * profile.block_size
     for r in requests:
         if r.prompt_tokens + r.max_tokens > capacity:

@@ -17,6 +17,10 @@ decision's prefix match, the request's first token (or end) takes them off. All 
 scraped at the same instants (the real scrapers run one loop per endpoint with independent
 phases; the age of a snapshot at a decision is uniform over [0, interval) either way).
 
+**Engine priority** (``engine_priority=True``, the engines run ``--scheduling-policy
+priority``): each request gets the ``priority`` the router would write into its body, from
+the decision's prefix match on the chosen engine and the simulated arrival time.
+
 **KV events** (``precise=True``). Engines hash their prompt blocks with the router's own
 vLLM-compatible :class:`~kvroute_router.kvevents.hashing.BlockHasher` (sha256_cbor, the engine's
 block size; tokens are the prompt's bytes, as for the byte-level test model), computed once per
@@ -44,6 +48,7 @@ from kvroute_router.framework.profile import SchedulerProfile, build_profile
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.builtin import register_builtin_plugins
+from kvroute_router.plugins.prefix_precise import STATE_MATCH
 
 POOL_KEY = "sim/pool"
 
@@ -62,7 +67,8 @@ class RouterPicker:
 
     def __init__(self, scoring: dict[str, Any] | ScoringSpec, model: str = "sim-model",
                  block_size: int = 32, scrape_interval_s: float = 0.0,
-                 precise: bool = False, admission: dict[str, Any] | None = None) -> None:
+                 precise: bool = False, admission: dict[str, Any] | None = None,
+                 engine_priority: bool = False) -> None:
         spec = scoring if isinstance(scoring, ScoringSpec) else ScoringSpec.model_validate(
             scoring)
         registry = register_builtin_plugins(PluginRegistry())
@@ -77,6 +83,10 @@ class RouterPicker:
                                 admission=(AdmissionSpec.model_validate(admission)
                                            if admission is not None else None))
         self.profile: SchedulerProfile = build_profile(registry, context, "sim")
+        self.priority_ms_per_token = spec.prefill_priority_ms_per_token
+        self.engine_priority = engine_priority
+        """The engines run priority scheduling: each request gets the vLLM ``priority`` the
+        router sets (``LLMRequest.engine_priority``, arrival in simulated ms)."""
         self.model = model
         self.block_size = block_size
         self.scrape_interval_s = scrape_interval_s
@@ -156,7 +166,8 @@ class RouterPicker:
         chosen = ranked[0].endpoint
         self.profile.dispatched(state, llm, chosen)
         index = self._position[id(chosen)]
-        amount = llm.prefill_tokens(self.profile.prefix_match(ranked[0]))
+        held = self.profile.prefix_match(ranked[0])
+        amount = llm.prefill_tokens(held)
         chosen.prefill_backlog += amount
         self._unanswered[index].append((request, amount))
         if self.scrape_interval_s > 0:  # director.dispatch: counted before the next scrape
@@ -168,6 +179,13 @@ class RouterPicker:
             if hashes is None:  # the profile did not run prefix-precise: hash here
                 hashes = self.pool_events.hasher.block_hashes(list(request.prompt.encode()))
             request.hashes = hashes
+        if self.engine_priority:  # Decision.uncached_tokens: exact from the precise match
+            matched = state.read(STATE_MATCH, dict) if self.precise else None
+            uncached = (amount if matched is None else float(
+                max(0, len(request.hashes) - int(matched.get(chosen.name, 0)))
+                * self.block_size))
+            llm.received_unix_ms = round(request.arrival_s * 1000)
+            request.priority = llm.engine_priority(uncached, self.priority_ms_per_token)
         return index
 
     # --- endpoints ---------------------------------------------------------------------------

@@ -125,14 +125,16 @@ def split_replicas(name: str) -> tuple[str, int, str]:
 
 
 def make_picker(name: str, block_size: int,
-                trace: Sequence[TraceRequest] = ()) -> Picker:
-    """The picker ``name`` (``trace``: the requests, for ``group-affinity``'s groups)."""
+                trace: Sequence[TraceRequest] = (), scheduling_policy: str = "fcfs") -> Picker:
+    """The picker ``name`` (``trace``: the requests, for ``group-affinity``'s groups;
+    ``scheduling_policy``: the engines', a kvroute picker sets priorities under
+    ``priority``)."""
     name, replicas, shared = split_replicas(name)
     if replicas > 1 or shared:
         from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
 
         def one() -> RouterPicker:
-            picker = make_picker(name, block_size)
+            picker = make_picker(name, block_size, scheduling_policy=scheduling_policy)
             assert isinstance(picker, RouterPicker)
             return picker
 
@@ -149,7 +151,8 @@ def make_picker(name: str, block_size: int,
 
     return RouterPicker(spec["scoring"], block_size=block_size,
                         scrape_interval_s=scrape_interval_s,
-                        precise=not needs_block_hashes(base), admission=spec["admission"])
+                        precise=not needs_block_hashes(base), admission=spec["admission"],
+                        engine_priority=scheduling_policy == "priority")
 
 
 def set_pending_ttl(picker: Picker, seconds: float) -> None:
@@ -199,7 +202,8 @@ def run_sim(args: argparse.Namespace) -> int:
         oracle = oracle_hit_rate(trace.requests, 0, profile.block_size)
         label = trace.workload if workload.startswith("trace:") else workload
         table = Table(title=f"simulated {label}: {args.pods} pods, profile {profile.name}, "
-                            f"{args.requests} requests at {rate}/s")
+                            f"{args.requests} requests at {rate}/s, engines "
+                            f"{args.scheduling_policy}")
         for column in ("picker", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99",
                        "out tok/s", "prefix hit", "oracle", *(f"re: {c}" for c in
                                                                 RECOMPUTE_CAUSES),
@@ -208,13 +212,15 @@ def run_sim(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         for name in args.sim_pickers:
             started = time.monotonic()
-            picker = make_picker(name, profile.block_size, trace.requests)
+            picker = make_picker(name, profile.block_size, trace.requests,
+                                 args.scheduling_policy)
             if args.sim_pending_ttl is not None:
                 set_pending_ttl(picker, args.sim_pending_ttl)
             result = simulate(to_sim_requests(trace.requests, profile.block_size,
                                               keep_text=name not in REFERENCES,
                                               hash_blocks=needs_block_hashes(name)),
-                              args.pods, profile, picker)
+                              args.pods, profile, picker,
+                              scheduling_policy=args.scheduling_policy)
             wall = time.monotonic() - started
             rows.append({"picker": name, "wall_s": round(wall, 2), "oracle_hit_rate":
                          round(oracle, 4), **asdict(result)})
@@ -229,6 +235,7 @@ def run_sim(args: argparse.Namespace) -> int:
         stem = f"{args.name}-sim-{label}" if args.name else f"sim-{label}"
         path = out_dir / f"{stem}.json"
         path.write_text(json.dumps({"workload": label, "pods": args.pods, "rate": rate,
+                                    "scheduling_policy": args.scheduling_policy,
                                     "profile": asdict(profile), "params": trace.params,
                                     "results": rows}, indent=1, default=str) + "\n")
         console.print(f"wrote {path}")

@@ -324,3 +324,25 @@ def test_group_affinity_reference_keeps_each_tenant_on_one_engine_spread_evenly(
     assert per_engine == [2, 2, 2, 2]
     with pytest.raises(SystemExit):
         make_picker("group-affinity@100", 16)
+
+
+def test_priority_engines_get_the_routers_priority_from_the_precise_match() -> None:
+    """With the engines on priority scheduling, each request carries the priority the router
+    writes into its body: arrival ms plus prefillPriorityMsPerToken per prompt token the
+    chosen engine does not hold (exact, from the precise match in whole blocks)."""
+    scoring = {**PRECISE, "prefillPriorityMsPerToken": 2.0}
+    picker = RouterPicker(scoring, block_size=PROFILE.block_size, precise=True,
+                          engine_priority=True)
+    engine = SimEngine(0, PROFILE, scheduling_policy="priority")
+    first = sim_request(1, "system prompt " * 10 + "question one", at=1.5)
+    picker.pick(first, [engine])
+    assert first.priority == 1500 + 2 * 4 * len(first.hashes)  # nothing held: every block
+    engine.enqueue(first)
+    drain(engine, picker)
+    second = sim_request(2, "system prompt " * 10 + "question two", at=3.0)
+    picker.pick(second, [engine])
+    assert second.priority == 3000 + 2 * 4 * (len(second.hashes) - 37)  # 37 blocks held
+    fcfs = RouterPicker(scoring, block_size=PROFILE.block_size, precise=True)
+    third = sim_request(3, "another prompt", at=4.0)
+    fcfs.pick(third, [SimEngine(0, PROFILE)])
+    assert third.priority == 0  # FCFS engines: the router sets none

@@ -170,6 +170,17 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
         KVROUTE_POLICY_EXTRA["precise-cost-nowait"])[1]["spec"])
     assert off.scoring.prefill_wait_ms == 0
     assert waiting.scoring.stale_metrics_ms == 16_000  # merged with, not replacing, scoring
+    # The engine-queue penalty per uncached token too; priority engines are declared.
+    from kvroute_api.inference_pool import InferencePoolSpec
+    from kvroute_bench.contenders import DEFAULT_PRIORITY_MS_PER_TOKEN
+
+    assert ScoringSpec().prefill_priority_ms_per_token == DEFAULT_PRIORITY_MS_PER_TOKEN
+    assert parsed.scoring.prefill_priority_ms_per_token == DEFAULT_PRIORITY_MS_PER_TOKEN * 16
+    pool_doc, _ = kvroute_config(FleetInfo(engines, "m", 16, scheduling_policy="priority"), [])
+    assert InferencePoolSpec.model_validate(pool_doc["spec"]).engine.scheduling_policy == \
+        "Priority"
+    assert InferencePoolSpec.model_validate(kvroute_config(
+        FleetInfo(engines, "m", 16), [])[0]["spec"]).engine.scheduling_policy == "FCFS"
 
 
 def test_kvroute_scrape_interval_stretches_with_the_emulated_time(tmp_path: Path) -> None:

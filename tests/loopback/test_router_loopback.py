@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,12 +161,14 @@ async def eventually(condition: Callable[[], bool], what: str, timeout_s: float 
 @contextlib.asynccontextmanager
 async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
                          scrape_interval_s: float = 0.05, trust_tenant_header: bool = False,
+                         pool_engine: dict[str, Any] | None = None,
                          **policy_spec: object) -> AsyncIterator[tuple[Router, str]]:
     addresses = [e if isinstance(e, str) else e.address for e in engines]
     docs = [
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
          "metadata": {"name": "fake"},
          "spec": {"mode": "External", "model": {"name": "fake-model"}, "resources": {"gpus": 0},
+                  **({"engine": pool_engine} if pool_engine else {}),
                   "endpoints": [{"name": f"fake-{i}", "address": a}
                                 for i, a in enumerate(addresses)]}},
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
@@ -726,3 +729,52 @@ async def test_an_http10_client_gets_the_stream_unframed(
     assert b"chunked" not in head.lower()
     served = [e for e in engines if e.sent]
     assert len(served) == 1 and body == served[0].sent
+
+
+@pytest.mark.parametrize("policy", ["FCFS", "Priority"])
+async def test_engines_on_priority_scheduling_get_the_routers_priority_never_the_clients(
+        tmp_path: Path, engines: list[FakeEngine], policy: str) -> None:
+    """A pool whose engines run vLLM's priority scheduling: a client's body ``priority`` and
+    vLLM's ``X-Vllm-Priority`` header (which overrides the body) would jump every queue; the
+    router overwrites the one and drops the other, on the proxy and the ext_proc paths. FCFS
+    engines ignore both, and get them as the client sent them."""
+    received: list[dict[str, Any]] = []
+    for engine in engines:
+        engine.bodies = received
+    before = time.time_ns() // 1_000_000
+    async with running_router(tmp_path, engines, pool_engine={"schedulingPolicy": policy}) as (
+            router, url), aiohttp.ClientSession() as s:
+        async with s.post(f"{url}/v1/completions", headers={"X-Vllm-Priority": "-5"}, json={
+                "model": "chat", "prompt": "p", "max_tokens": 1, "priority": -(2 ** 62)}) as resp:
+            assert resp.status == 200, await resp.text()
+        seen = [h for engine in engines for h in engine.headers_seen]
+        if policy == "FCFS":
+            assert received[-1]["priority"] == -(2 ** 62)
+            assert seen[-1]["x-vllm-priority"] == "-5"
+        else:
+            assert received[-1]["priority"] >= before  # arrival ms + a penalty, never less
+            assert "x-vllm-priority" not in seen[-1]
+
+        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0,
+                                                   catalog=router.datastore)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream(
+                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                    request_serializer=ep.ProcessingRequest.SerializeToString,
+                    response_deserializer=ep.ProcessingResponse.FromString)
+                exchange = [_headers("/v1/completions"), ep.ProcessingRequest(
+                    request_body=ep.HttpBody(body=json.dumps({
+                        "model": "chat", "prompt": "p", "max_tokens": 1,
+                        "priority": -(2 ** 62)}).encode(), end_of_stream=True))]
+                answers = [r async for r in call(iter(exchange), timeout=30)]
+                common = answers[-1].request_body.response
+                mutation = common.header_mutation
+                if policy == "FCFS":
+                    assert list(mutation.remove_headers) == []
+                else:
+                    assert json.loads(common.body_mutation.body)["priority"] >= before
+                    assert list(mutation.remove_headers) == ["x-vllm-priority"]
+        finally:
+            await server.stop(None)
+    assert all(e.in_flight == 0 for e in router.datastore.endpoints())

@@ -63,7 +63,7 @@ from kvroute_router.grpc_health import add_health, set_serving
 from kvroute_router.grpcauth import BearerAuthInterceptor, CallerTokens
 from kvroute_router.openai.errors import BadRequestError, error_body
 from kvroute_router.openai.requests import decode_body, endpoint_kind, parse_request
-from kvroute_router.openai.upstream import upstream_changes
+from kvroute_router.openai.upstream import PRIORITY_HEADER, upstream_changes
 from kvroute_router.openai.usage import USAGE_TAIL, streamed_events, streamed_tokens, usage_of
 from kvroute_router.responsecache import CACHE_HEADER, CacheLookup, ResponseCache
 from kvroute_router.trust import HeaderTrust, PolicyCatalog
@@ -170,6 +170,9 @@ class _Routed:
 
     routed: RoutedRequest
     set_headers: list[Any]
+    remove_headers: list[str]
+    """Client headers Envoy must not forward (vLLM's priority header, when the router sets the
+    body's priority)."""
     metadata: Any
     body: bytes
     body_changed: bool
@@ -289,14 +292,15 @@ class ExtProcServer:
                 request_headers=ep.HeadersResponse(response=ep.CommonResponse(
                     header_mutation=ep.HeaderMutation(set_headers=[
                         *routed.set_headers,
-                        _header("content-length", str(len(routed.body)))]),
+                        _header("content-length", str(len(routed.body)))],
+                        remove_headers=routed.remove_headers),
                     clear_route_cache=True)),
                 dynamic_metadata=routed.metadata)
             return [headers, *_streamed_body(routed.body, end_of_stream=not trailers)]
         common = ep.CommonResponse(header_mutation=ep.HeaderMutation(set_headers=[
             *routed.set_headers,
             *([_header("content-length", str(len(routed.body)))] if routed.body_changed
-              else [])]), clear_route_cache=True)
+              else [])], remove_headers=routed.remove_headers), clear_route_cache=True)
         if routed.body_changed:
             common.body_mutation.CopyFrom(ep.BodyMutation(body=routed.body))
         return [ep.ProcessingResponse(request_body=ep.BodyResponse(response=common),
@@ -327,12 +331,13 @@ class ExtProcServer:
             addresses = [e.address for e in decision.endpoints]
             metadata = struct_pb2.Struct()
             metadata.update({LB_NAMESPACE: {DESTINATION_HEADER: ",".join(addresses)}})
+            priority = decision.engine_priority(decision.endpoints[0])
             changes = upstream_changes(parsed.body, parsed.kind, decision.served_model,
-                                       decision.request.max_tokens,
-                                       priority=decision.engine_priority(decision.endpoints[0]))
+                                       decision.request.max_tokens, priority=priority)
             forwarded = msgspec.json.encode({**parsed.body, **changes}) if changes else raw
             return _Routed(routed=routed,
                            set_headers=[_header(DESTINATION_HEADER, addresses[0])],
+                           remove_headers=[] if priority is None else [PRIORITY_HEADER],
                            metadata=metadata, body=forwarded, body_changed=bool(changes))
         except BaseException as exc:
             routed.close(exc)

@@ -22,6 +22,12 @@ from typing import Any
 import msgspec
 
 
+PRIORITY_HEADER = "x-vllm-priority"
+"""vLLM's header that overrides the body's ``priority`` (an integer value wins). Dropped from
+what reaches an engine whenever the router sets the priority, or a client would take back the
+queue position the body's overwrite took from it."""
+
+
 def usage_injected(body: Mapping[str, Any]) -> bool:
     """A stream whose client did not ask for the final usage event (the proxy asks for it)."""
     if body.get("stream") is not True:

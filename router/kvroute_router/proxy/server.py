@@ -41,7 +41,7 @@ from kvroute_router.framework.request import LLMRequest
 from kvroute_router.http1.client import ConnectionPool, UpstreamConnectError
 from kvroute_router.openai.errors import BadRequestError, error_body
 from kvroute_router.openai.requests import decode_body, parse_request
-from kvroute_router.openai.upstream import upstream_body, usage_injected
+from kvroute_router.openai.upstream import PRIORITY_HEADER, upstream_body, usage_injected
 from kvroute_router.openai.usage import (
     USAGE_TAIL,
     UsageEventFilter,
@@ -234,12 +234,14 @@ class OpenAIProxy:
             deadline = started + decision.request_timeout_s
             strip_usage = usage_injected(parsed.body)
             # One body for every attempt: a retry carries the first endpoint's priority.
+            priority = decision.engine_priority(decision.endpoints[0])
             payload = upstream_body(raw, parsed.body, parsed.kind, decision.served_model,
                                     llm_request.max_tokens, request_usage=True,
-                                    priority=decision.engine_priority(decision.endpoints[0]))
+                                    priority=priority)
             upstream_headers = [(k, v) for k, v in http.headers.items()
                                 if (name := k.lower()) not in HOP_BY_HOP and name != "x-request-id"
-                                and self.trust.forwardable(name, trusted)]
+                                and self.trust.forwardable(name, trusted)
+                                and (priority is None or name != PRIORITY_HEADER)]
             upstream_headers.append(("x-request-id", llm_request.request_id))
             if http.headers.get("content-type") is None:
                 upstream_headers.append(("content-type", "application/json"))

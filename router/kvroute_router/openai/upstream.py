@@ -21,7 +21,6 @@ from typing import Any
 
 import msgspec
 
-
 PRIORITY_HEADER = "x-vllm-priority"
 """vLLM's header that overrides the body's ``priority`` (an integer value wins). Dropped from
 what reaches an engine whenever the router sets the priority, or a client would take back the

@@ -10,7 +10,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,26 +463,39 @@ def _headers(path: str) -> Any:
                  base_pb2.HeaderValue(key=":method", raw_value=b"POST")])))
 
 
+@contextlib.asynccontextmanager
+async def ext_proc_exchange(router: Router
+                            ) -> AsyncIterator[Callable[[str, bytes], Awaitable[list[Any]]]]:
+    """An ext_proc server on ``router``'s director, and a way to send it one request as Envoy
+    does (its headers, then the whole body): the answers Envoy would get."""
+    server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0,
+                                               catalog=router.datastore)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_stream(
+                "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+                request_serializer=ep.ProcessingRequest.SerializeToString,
+                response_deserializer=ep.ProcessingResponse.FromString)
+
+            async def exchange(path: str, body: bytes) -> list[Any]:
+                messages = [_headers(path), ep.ProcessingRequest(
+                    request_body=ep.HttpBody(body=body, end_of_stream=True))]
+                return [r async for r in call(iter(messages), timeout=30)]
+
+            yield exchange
+    finally:
+        await server.stop(None)
+
+
 async def test_ext_proc_and_pick_answer_hostile_input_as_client_faults(
         tmp_path: Path, engines: list[FakeEngine]) -> None:
     async with running_router(tmp_path, engines) as (router, _):
-        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0,
-                                                   catalog=router.datastore)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.stream_stream(
-                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
-                    request_serializer=ep.ProcessingRequest.SerializeToString,
-                    response_deserializer=ep.ProcessingResponse.FromString)
-                for path, body, param in CASES:
-                    messages = [_headers(path), ep.ProcessingRequest(
-                        request_body=ep.HttpBody(body=body, end_of_stream=True))]
-                    answers = [r async for r in call(iter(messages), timeout=30)]
-                    final = answers[-1].immediate_response
-                    assert final.status.code == 400, (path, body[:60])
-                    assert json.loads(final.body)["error"]["param"] == param
-        finally:
-            await server.stop(None)
+        async with ext_proc_exchange(router) as exchange:
+            for path, body, param in CASES:
+                answers = await exchange(path, body)
+                final = answers[-1].immediate_response
+                assert final.status.code == 400, (path, body[:60])
+                assert json.loads(final.body)["error"]["param"] == param
         pick_server, pick_port = await start_router_grpc_server(
             router.director, "127.0.0.1", 0, catalog=router.datastore)
         try:
@@ -526,31 +539,17 @@ async def test_the_output_bound_is_the_one_the_engine_reads_and_is_written_upstr
             seen = received[-1]
             assert {k: seen.get(k) for k in expected} == expected, (body, seen)
 
-        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0,
-                                                   catalog=router.datastore)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.stream_stream(
-                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
-                    request_serializer=ep.ProcessingRequest.SerializeToString,
-                    response_deserializer=ep.ProcessingResponse.FromString)
-                refused = [_headers("/v1/completions"), ep.ProcessingRequest(
-                    request_body=ep.HttpBody(body=json.dumps({
-                        "model": "chat", "prompt": "x", "max_completion_tokens": 1,
-                        "max_tokens": 100000}).encode(), end_of_stream=True))]
-                answers = [r async for r in call(iter(refused), timeout=30)]
-                final = answers[-1].immediate_response
-                assert final.status.code == 400
-                assert json.loads(final.body)["error"]["param"] == "max_tokens"
-                bounded = [_headers("/v1/chat/completions"), ep.ProcessingRequest(
-                    request_body=ep.HttpBody(body=json.dumps({
-                        "model": "chat", "messages": chat, "max_tokens": None}).encode(),
-                        end_of_stream=True))]
-                answers = [r async for r in call(iter(bounded), timeout=30)]
-                common = answers[-1].request_body.response
-                assert json.loads(common.body_mutation.body)["max_tokens"] == 16
-        finally:
-            await server.stop(None)
+        async with ext_proc_exchange(router) as exchange:
+            answers = await exchange("/v1/completions", json.dumps({
+                "model": "chat", "prompt": "x", "max_completion_tokens": 1,
+                "max_tokens": 100000}).encode())
+            final = answers[-1].immediate_response
+            assert final.status.code == 400
+            assert json.loads(final.body)["error"]["param"] == "max_tokens"
+            answers = await exchange("/v1/chat/completions", json.dumps({
+                "model": "chat", "messages": chat, "max_tokens": None}).encode())
+            common = answers[-1].request_body.response
+            assert json.loads(common.body_mutation.body)["max_tokens"] == 16
         assert all(e.in_flight == 0 for e in router.datastore.endpoints())
 
 @pytest.mark.parametrize("trusted", [False, True])
@@ -755,26 +754,15 @@ async def test_engines_on_priority_scheduling_get_the_routers_priority_never_the
             assert received[-1]["priority"] >= before  # arrival ms + a penalty, never less
             assert "x-vllm-priority" not in seen[-1]
 
-        server, port = await start_ext_proc_server(router.director, "127.0.0.1", 0,
-                                                   catalog=router.datastore)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.stream_stream(
-                    "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
-                    request_serializer=ep.ProcessingRequest.SerializeToString,
-                    response_deserializer=ep.ProcessingResponse.FromString)
-                exchange = [_headers("/v1/completions"), ep.ProcessingRequest(
-                    request_body=ep.HttpBody(body=json.dumps({
-                        "model": "chat", "prompt": "p", "max_tokens": 1,
-                        "priority": -(2 ** 62)}).encode(), end_of_stream=True))]
-                answers = [r async for r in call(iter(exchange), timeout=30)]
-                common = answers[-1].request_body.response
-                mutation = common.header_mutation
-                if policy == "FCFS":
-                    assert list(mutation.remove_headers) == []
-                else:
-                    assert json.loads(common.body_mutation.body)["priority"] >= before
-                    assert list(mutation.remove_headers) == ["x-vllm-priority"]
-        finally:
-            await server.stop(None)
+        async with ext_proc_exchange(router) as exchange:
+            answers = await exchange("/v1/completions", json.dumps({
+                "model": "chat", "prompt": "p", "max_tokens": 1,
+                "priority": -(2 ** 62)}).encode())
+            common = answers[-1].request_body.response
+            mutation = common.header_mutation
+            if policy == "FCFS":
+                assert list(mutation.remove_headers) == []
+            else:
+                assert json.loads(common.body_mutation.body)["priority"] >= before
+                assert list(mutation.remove_headers) == ["x-vllm-priority"]
     assert all(e.in_flight == 0 for e in router.datastore.endpoints())

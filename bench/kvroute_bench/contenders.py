@@ -439,7 +439,7 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     # priority): the engine-queue penalty per prompt token the chosen engine does not hold.
     **{f"precise-cost-prio{ms:g}": KvrouteVariant(
         f"kvroute-precise-cost with prefillPriorityMsPerToken {ms:g} (A/B)", _PRECISE_COST,
-        {"scoring": {"prefillPriorityMsPerToken": ms}}) for ms in (0, 0.2, 0.5, 1)},
+        {"scoring": {"prefillPriorityMsPerToken": ms}}) for ms in (0, 0.1, 0.2, 0.5, 1)},
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),

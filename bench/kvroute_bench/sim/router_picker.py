@@ -37,6 +37,7 @@ scheduler's own work, not a scan of the fleet.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ from kvroute_router.framework.profile import SchedulerProfile, build_profile
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.builtin import register_builtin_plugins
+from kvroute_router.plugins.max_score import MaxScorePicker
 from kvroute_router.plugins.prefix_precise import STATE_MATCH
 
 POOL_KEY = "sim/pool"
@@ -68,7 +70,7 @@ class RouterPicker:
     def __init__(self, scoring: dict[str, Any] | ScoringSpec, model: str = "sim-model",
                  block_size: int = 32, scrape_interval_s: float = 0.0,
                  precise: bool = False, admission: dict[str, Any] | None = None,
-                 engine_priority: bool = False) -> None:
+                 engine_priority: bool = False, seed: int = 0) -> None:
         spec = scoring if isinstance(scoring, ScoringSpec) else ScoringSpec.model_validate(
             scoring)
         registry = register_builtin_plugins(PluginRegistry())
@@ -83,6 +85,9 @@ class RouterPicker:
                                 admission=(AdmissionSpec.model_validate(admission)
                                            if admission is not None else None))
         self.profile: SchedulerProfile = build_profile(registry, context, "sim")
+        if isinstance(self.profile.picker, MaxScorePicker):
+            # the tie-break draws from a seeded stream: one run's numbers reproduce
+            self.profile.picker.rng = random.Random(seed)
         self.priority_ms_per_token = spec.prefill_priority_ms_per_token
         self.engine_priority = engine_priority
         """The engines run priority scheduling: each request gets the vLLM ``priority`` the

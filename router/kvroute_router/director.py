@@ -41,7 +41,12 @@ from prometheus_client import CollectorRegistry
 from kvroute_router.datastore.resolution import PolicyConflictError
 from kvroute_router.datastore.store import Datastore, PoolState, Resolution
 from kvroute_router.framework.cycle_state import CycleState
-from kvroute_router.framework.endpoint import STATE_HEALTH_PANIC, Endpoint, panic_possible
+from kvroute_router.framework.endpoint import (
+    STATE_HEALTH_PANIC,
+    Endpoint,
+    PrefillInFlight,
+    panic_possible,
+)
 from kvroute_router.framework.lifecycle import Admission, DecisionView, Outcome, RoutingError
 from kvroute_router.framework.plugins import ScoredEndpoint
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
@@ -91,9 +96,11 @@ class Decision:
     prefill_backlog: dict[str, float] = field(default_factory=dict)
     """What each attempt in flight added to its endpoint's ``prefill_backlog``, by endpoint
     name, until its answer starts or it ends."""
-    prefill_started: dict[str, tuple[int, asyncio.Event]] = field(default_factory=dict)
+    prefill_started: dict[str, tuple[int, PrefillInFlight]] = field(default_factory=dict)
     """What each attempt in flight registered in its endpoint's ``prefill_in_flight`` (the
-    first block it computes, and the event its waiters wait on), by endpoint name."""
+    first block it computes, and what its waiters wait on), by endpoint name."""
+    engine_priorities: dict[str, int] = field(default_factory=dict)
+    """:meth:`engine_priority` by endpoint name, once computed: the value a body carries."""
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -129,6 +136,11 @@ class Decision:
     def prefill_wait_s(self) -> float:
         return self.policy.spec.scoring.prefill_wait_ms / 1000.0
 
+    @property
+    def priority_engines(self) -> bool:
+        """The pool's engines run vLLM's priority scheduling (``spec.engine.schedulingPolicy``)."""
+        return self.pool.pool.spec.engine.scheduling_policy == "Priority"
+
     def engine_priority(self, endpoint: Endpoint) -> int | None:
         """The vLLM ``priority`` to send ``endpoint`` (lower is served first), or None when
         the pool's engines run FCFS (``spec.engine.schedulingPolicy``) and the client's field,
@@ -137,12 +149,26 @@ class Decision:
         the request's arrival time in ms plus ``scoring.prefillPriorityMsPerToken`` per prompt
         token ``endpoint`` does not hold by this decision's prefix match: a mostly cached
         prompt goes ahead of a long miss that arrived up to its penalty earlier, and a miss is
-        never overtaken by requests younger than its penalty (docs/router.md, *Engine queue
-        order*)."""
-        if self.pool.pool.spec.engine.scheduling_policy != "Priority":
+        never overtaken by requests younger than its penalty. Blocks the match counted as
+        *pending* (another attempt of this router is computing them there) are not cached yet:
+        the request is ranked after that attempt, at least one more than its priority, else it
+        would compute them itself first (docs/router.md, *Engine queue order*). Computed once
+        per endpoint: every caller gets the value the body carries."""
+        if not self.priority_engines:
             return None
-        return self.request.engine_priority(
+        known = self.engine_priorities.get(endpoint.name)
+        if known is not None:
+            return known
+        priority = self.request.engine_priority(
             self.uncached_tokens(endpoint), self.policy.spec.scoring.prefill_priority_ms_per_token)
+        blocks = self.prompt_blocks(endpoint)
+        if blocks is not None:
+            hashes, held = blocks
+            floor = endpoint.prefill_priority_floor(hashes[:held])
+            if floor is not None:
+                priority = max(priority, floor + 1)
+        self.engine_priorities[endpoint.name] = priority
+        return priority
 
     def uncached_tokens(self, endpoint: Endpoint) -> float:
         """Prompt tokens ``endpoint`` must compute: exact from ``prefix-precise``'s blocks
@@ -465,7 +491,7 @@ class Director:
         amount = decision.request.prefill_tokens(decision.prefix_match_ratio(endpoint))
         decision.prefill_backlog[endpoint.name] = amount
         endpoint.prefill_backlog += amount
-        if decision.prefill_wait_s > 0:
+        if decision.prefill_wait_s > 0 or decision.priority_engines:
             self._start_prefill(decision, endpoint)
         self._in_flight(decision.pool.name, endpoint.name).inc()
         decision.profile.dispatched(decision.state, decision.request, endpoint)
@@ -484,11 +510,11 @@ class Director:
         if held >= len(hashes):
             return  # nothing new to compute
         first = hashes[held]
-        event = endpoint.prefill_in_flight.get(first)
-        if event is None:  # not computed by another attempt already: this one does it
-            event = asyncio.Event()
-            endpoint.prefill_in_flight[first] = event
-            decision.prefill_started[endpoint.name] = (first, event)
+        if first not in endpoint.prefill_in_flight:  # not computed by another attempt already
+            # the priority its body carries (every attempt sends the first endpoint's)
+            flight = PrefillInFlight(decision.engine_priority(decision.endpoints[0]))
+            endpoint.prefill_in_flight[first] = flight
+            decision.prefill_started[endpoint.name] = (first, flight)
 
     @staticmethod
     def answering(decision: Decision, endpoint: Endpoint) -> None:
@@ -500,10 +526,10 @@ class Director:
             endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - amount)
         started = decision.prefill_started.pop(endpoint.name, None)
         if started is not None:
-            first, event = started
-            if endpoint.prefill_in_flight.get(first) is event:
+            first, flight = started
+            if endpoint.prefill_in_flight.get(first) is flight:
                 del endpoint.prefill_in_flight[first]
-            event.set()
+            flight.done.set()
 
     async def wait_for_prefill(self, decision: Decision, endpoint: Endpoint,
                                limit_s: float) -> float:
@@ -523,8 +549,8 @@ class Director:
         own = started_here[1] if started_here else None  # this attempt's own prefill
         # A few attempts in flight against a prefix of hundreds of blocks: intersect in C
         # (the order of the waits does not matter, every one is awaited).
-        events = [event for block in computing.keys() & hashes[:held]
-                  if (event := computing[block]) is not own]
+        events = [flight.done for block in computing.keys() & hashes[:held]
+                  if (flight := computing[block]) is not own]
         if not events:
             return 0.0
         started = time.monotonic()

@@ -19,7 +19,9 @@ phases; the age of a snapshot at a decision is uniform over [0, interval) either
 
 **Engine priority** (``engine_priority=True``, the engines run ``--scheduling-policy
 priority``): each request gets the ``priority`` the router would write into its body, from
-the decision's prefix match on the chosen engine and the simulated arrival time.
+the decision's prefix match on the chosen engine and the simulated arrival time, ranked after
+any request still computing the pending blocks it reuses (``Endpoint.prefill_in_flight``, kept
+as the director keeps it).
 
 **KV events** (``precise=True``). Engines hash their prompt blocks with the router's own
 vLLM-compatible :class:`~kvroute_router.kvevents.hashing.BlockHasher` (sha256_cbor, the engine's
@@ -44,7 +46,7 @@ from typing import Any
 from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 from kvroute_emulator.model.engine import SimEngine, SimRequest
 from kvroute_router.framework.cycle_state import CycleState
-from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics
+from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics, PrefillInFlight
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
 from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
 from kvroute_router.framework.request import LLMRequest
@@ -101,9 +103,11 @@ class RouterPicker:
         self._seen: list[int] = []  # engine.version at the last look (-1: never)
         self._scraped: list[int] = []  # engine.version at the last scrape (-1: never)
         self._finished: list[int] = []  # engine.finished at the last look
-        self._unanswered: list[list[tuple[SimRequest, float]]] = []
-        """Per engine: requests dispatched there with no first token yet, and what each added
-        to the endpoint's ``prefill_backlog`` (``Director.dispatch``/``answering``)."""
+        self._unanswered: list[list[tuple[SimRequest, float,
+                                          tuple[int, PrefillInFlight] | None]]] = []
+        """Per engine: requests dispatched there with no first token yet, what each added
+        to the endpoint's ``prefill_backlog`` and what it registered in its
+        ``prefill_in_flight`` (``Director.dispatch``/``answering``)."""
 
     def _wire_kv_events(self, registry: PluginRegistry, services: SharedServices,
                         block_size: int) -> None:
@@ -174,7 +178,7 @@ class RouterPicker:
         held = self.profile.prefix_match(ranked[0])
         amount = llm.prefill_tokens(held)
         chosen.prefill_backlog += amount
-        self._unanswered[index].append((request, amount))
+        started: tuple[int, PrefillInFlight] | None = None
         if self.scrape_interval_s > 0:  # director.dispatch: counted before the next scrape
             chosen.in_flight += 1
             chosen.dispatched_since_scrape += 1
@@ -184,14 +188,34 @@ class RouterPicker:
             if hashes is None:  # the profile did not run prefix-precise: hash here
                 hashes = self.pool_events.hasher.block_hashes(list(request.prompt.encode()))
             request.hashes = hashes
-        if self.engine_priority:  # Decision.uncached_tokens: exact from the precise match
-            matched = state.read(STATE_MATCH, dict) if self.precise else None
-            uncached = (amount if matched is None else float(
-                max(0, len(request.hashes) - int(matched.get(chosen.name, 0)))
-                * self.block_size))
-            llm.received_unix_ms = round(request.arrival_s * 1000)
-            request.priority = llm.engine_priority(uncached, self.priority_ms_per_token)
+        if self.engine_priority:
+            started = self._set_priority(request, llm, state, chosen, amount)
+        self._unanswered[index].append((request, amount, started))
         return index
+
+    def _set_priority(self, request: SimRequest, llm: LLMRequest, state: CycleState,
+                      chosen: Endpoint, amount: float) -> tuple[int, PrefillInFlight] | None:
+        """``Decision.engine_priority``: arrival ms plus the penalty per uncached token (exact
+        from the precise match), ranked after any attempt computing the pending blocks; then
+        ``Director._start_prefill``: register the prefix this request computes. Returns what
+        was registered, for ``_answered``."""
+        matched = state.read(STATE_MATCH, dict) if self.precise else None
+        held = None if matched is None else int(matched.get(chosen.name, 0))
+        uncached = amount if held is None else float(
+            max(0, len(request.hashes) - held) * self.block_size)
+        llm.received_unix_ms = round(request.arrival_s * 1000)
+        priority = llm.engine_priority(uncached, self.priority_ms_per_token)
+        if held is not None:
+            floor = chosen.prefill_priority_floor(request.hashes[:held])
+            if floor is not None:
+                priority = max(priority, floor + 1)
+        request.priority = priority
+        if (held is None or held >= len(request.hashes)
+                or request.hashes[held] in chosen.prefill_in_flight):
+            return None
+        flight = PrefillInFlight(priority)
+        chosen.prefill_in_flight[request.hashes[held]] = flight
+        return request.hashes[held], flight
 
     # --- endpoints ---------------------------------------------------------------------------
 
@@ -221,11 +245,17 @@ class RouterPicker:
     def _answered(self, i: int, endpoint: Endpoint) -> None:
         """Requests of engine ``i`` that produced their first token leave its backlog."""
         pending = self._unanswered[i]
-        still = [(r, amount) for r, amount in pending
-                 if r.first_token_s is None and r.done_s is None]
+        still = [entry for entry in pending
+                 if entry[0].first_token_s is None and entry[0].done_s is None]
         if len(still) < len(pending):
-            answered = sum(amount for _, amount in pending) - sum(amount for _, amount in still)
+            answered = sum(e[1] for e in pending) - sum(e[1] for e in still)
             endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - answered)
+            for request, _, started in pending:  # Director.answering: the prefix is computed
+                if started is not None and (request.first_token_s is not None
+                                            or request.done_s is not None):
+                    first, flight = started
+                    if endpoint.prefill_in_flight.get(first) is flight:
+                        del endpoint.prefill_in_flight[first]
             self._unanswered[i] = still
 
     def _refresh_counts(self, i: int, endpoint: Endpoint, engine: SimEngine) -> None:

@@ -39,6 +39,18 @@ class EndpointMetrics:
 
 
 @dataclass(eq=False, slots=True)
+class PrefillInFlight:
+    """A prompt prefix one attempt of this router is making an endpoint compute, from the first
+    block the endpoint did not hold at dispatch (``Endpoint.prefill_in_flight``)."""
+
+    priority: int | None = None
+    """The vLLM ``priority`` the attempt carries (None: the engines run FCFS). A request that
+    reuses the prefix is ranked after it (:meth:`Endpoint.prefill_priority_floor`)."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the attempt starts answering (its prompt is computed) or ends."""
+
+
+@dataclass(eq=False, slots=True)
 class Endpoint:
     """One engine of a pool, as the router sees it right now."""
 
@@ -57,12 +69,13 @@ class Endpoint:
     flight, the part of its prompt the endpoint did not hold when it was dispatched
     (:meth:`LLMRequest.prefill_tokens`), until the first byte of its answer (the prompt is
     computed then) or the attempt's end. What the ``prefill-cost`` scorer adds up."""
-    prefill_in_flight: dict[int, asyncio.Event] = field(default_factory=dict)
+    prefill_in_flight: dict[int, PrefillInFlight] = field(default_factory=dict)
     """Prompt prefixes this endpoint is computing for requests this router sent it: the hash
-    of the first block each will compute (the first it did not hold at dispatch) -> an event
-    set when that request starts answering or its attempt ends. A later request that matched
-    those blocks as pending waits for it (``scoring.prefillWaitMs``) instead of computing them
-    a second time beside it."""
+    of the first block each will compute (the first it did not hold at dispatch) -> its
+    :class:`PrefillInFlight`, until that request starts answering or its attempt ends. A later
+    request that matched those blocks as pending waits for it (``scoring.prefillWaitMs``)
+    instead of computing them a second time beside it, and on priority engines is ranked
+    after it (:meth:`prefill_priority_floor`)."""
     scrape_failures: int = 0
     """Consecutive failed scrapes (0 after a success)."""
     unavailable_until: float = 0.0
@@ -77,6 +90,19 @@ class Endpoint:
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+    def prefill_priority_floor(self, held: Iterable[int]) -> int | None:
+        """The highest vLLM priority among this router's attempts computing, on this endpoint,
+        a prefix that starts at one of the blocks ``held`` (a prompt's leading blocks the
+        endpoint holds, published or pending); None when there is none. A request reusing
+        that prefix ranked ahead of the attempt computing it would compute the blocks itself
+        first, beside it: the pending blocks are not cached yet."""
+        computing = self.prefill_in_flight
+        if not computing:
+            return None
+        floors = [flight.priority for block in computing.keys() & held
+                  if (flight := computing[block]).priority is not None]
+        return max(floors) if floors else None
 
     def dispatched(self) -> None:
         """A request was sent to the endpoint, by this router or (replica sync) another one:

@@ -358,6 +358,19 @@ def test_priority_engines_get_the_routers_priority_from_the_precise_match() -> N
     second = sim_request(2, "system prompt " * 10 + "question two", at=3.0)
     picker.pick(second, [engine])
     assert second.priority == 3000 + 2 * 4 * (len(second.hashes) - 37)  # 37 blocks held
+    # A third request for the same context while a fourth computes a new one: the fourth is
+    # ranked after the request computing the blocks it holds only as pending (the director's
+    # rule), until that one answers.
+    leader = sim_request(4, "another context " * 10 + "question", at=5.0)
+    picker.pick(leader, [engine])
+    engine.enqueue(leader)
+    follower = sim_request(5, "another context " * 10 + "question two", at=5.001)
+    picker.pick(follower, [engine])
+    assert follower.priority == leader.priority + 1
+    drain(engine, picker)
+    after = sim_request(6, "another context " * 10 + "question three", at=9.0)
+    picker.pick(after, [engine])
+    assert after.priority < 9000 + 2 * 4 * len(after.hashes) // 2  # held (published) now
     fcfs = RouterPicker(scoring, block_size=PROFILE.block_size, precise=True)
     third = sim_request(3, "another prompt", at=4.0)
     fcfs.pick(third, [SimEngine(0, PROFILE)])

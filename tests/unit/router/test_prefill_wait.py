@@ -24,10 +24,11 @@ CONTEXT = list(range(1000, 1000 + 10 * BLOCK))  # a tenant's shared context: 10 
 LOOP_CLOCK_SLACK_S = 0.002  # the event loop clock's granularity (uvloop: 1 ms), with margin
 
 
-def _director(**scoring: Any) -> Director:
+def _director(engine: dict[str, Any] | None = None, **scoring: Any) -> Director:
     policy = make_policy(scoring={"scorers": [{"type": "prefix-precise", "weight": 0},
                                               {"type": "prefill-cost"}], **scoring})
-    director, _ = make_director([make_pool(count=2)], [policy])
+    pool = make_pool(count=2, engine={"blockSize": BLOCK, **(engine or {})})
+    director, _ = make_director([pool], [policy])
     return with_precise_prefix(director, "default/local", BLOCK)
 
 
@@ -125,3 +126,30 @@ async def test_no_wait_when_turned_off_or_without_a_shared_prefix() -> None:
     assert await stranger.wait_for_prefill(5.0) == 0.0
     for routed in (first, stranger):
         routed.close()
+
+
+async def test_on_priority_engines_a_request_reusing_a_prefix_in_computation_is_ranked_after_it(
+        ) -> None:
+    """schedulingPolicy Priority: the second request holds the shared context only as pending
+    (the first is computing it), so its own penalty is small; ranked ahead of the first, it
+    would compute the context itself, first. It gets one more than the first's priority, until
+    the first starts answering (the context is cached then). The prefill wait is off: the
+    in-flight prefixes are kept for the priority alone, and leave nothing behind."""
+    director = _director(engine={"schedulingPolicy": "Priority"}, prefillWaitMs=0,
+                         prefillPriorityMsPerToken=1.0)
+    first = await director.open(_request(1))
+    holder = first.endpoint
+    assert holder is not None
+    leader = first.decision.engine_priority(holder)
+    assert leader == first.decision.request.received_unix_ms + 11 * BLOCK  # nothing held
+    second = await director.open(_request(2))
+    assert second.endpoint is holder
+    assert second.decision.engine_priority(holder) == leader + 1  # its own: arrival + 1 block
+    first.answering()
+    third = await director.open(_request(3))
+    assert third.endpoint is holder
+    assert third.decision.engine_priority(holder) == (
+        third.decision.request.received_unix_ms + BLOCK)
+    for routed in (first, second, third):
+        routed.close()
+    assert all(not ep.prefill_in_flight for ep in director.datastore.endpoints())

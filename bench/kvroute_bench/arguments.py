@@ -19,7 +19,7 @@ CONTENDER_NAMES = ("direct-rr", "direct-one", "envoy-rr", "kvroute-approx", "kvr
                    "kvroute-precise-cost-w2", "kvroute-precise-cost-w5",
                    "kvroute-precise-cost-q16", "kvroute-precise-cost-wait",
                    "kvroute-precise-cost-nowait", "kvroute-precise-cost-prio0",
-                   "kvroute-precise-cost-prio0.1",
+                   "kvroute-precise-cost-prio0.05",
                    "kvroute-precise-cost-prio0.2", "kvroute-precise-cost-prio0.5",
                    "kvroute-precise-cost-prio1", "kvroute-precise-cost-nohead",
                    "kvroute-precise-cost-asyncio",

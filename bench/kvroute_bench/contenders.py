@@ -435,11 +435,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-nowait": KvrouteVariant(
         "kvroute-precise-cost with prefillWaitMs 0, no prefill wait (A/B)", _PRECISE_COST,
         {"scoring": {"prefillWaitMs": 0}}),
-    # scoring.prefillPriorityMsPerToken (default 0.05; read only with --scheduling-policy
+    # scoring.prefillPriorityMsPerToken (default 0.1; read only with --scheduling-policy
     # priority): the engine-queue penalty per prompt token the chosen engine does not hold.
     **{f"precise-cost-prio{ms:g}": KvrouteVariant(
         f"kvroute-precise-cost with prefillPriorityMsPerToken {ms:g} (A/B)", _PRECISE_COST,
-        {"scoring": {"prefillPriorityMsPerToken": ms}}) for ms in (0, 0.1, 0.2, 0.5, 1)},
+        {"scoring": {"prefillPriorityMsPerToken": ms}}) for ms in (0, 0.05, 0.2, 0.5, 1)},
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),
@@ -468,7 +468,7 @@ timeouts below (unscaled it is 78 ms of engine time at scale 64, shorter than th
 there, and kvroute forgot where it had just sent a prefix)."""
 DEFAULT_PREFILL_WAIT_MS = 200
 """``scoring.prefillWaitMs``'s default, stretched by the time scale too."""
-DEFAULT_PRIORITY_MS_PER_TOKEN = 0.05
+DEFAULT_PRIORITY_MS_PER_TOKEN = 0.1
 """``scoring.prefillPriorityMsPerToken``'s default, stretched by the time scale too."""
 
 

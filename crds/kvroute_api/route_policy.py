@@ -127,18 +127,19 @@ class ScoringSpec(ApiModel):
                     "the engine's queue (docs/benchmarks/emulated-fleet.md, round 6). Behind "
                     "Envoy, keep it below the ext_proc messageTimeout (chart: 10 s).")
     prefill_priority_ms_per_token: float = Field(
-        default=0.05, ge=0, le=1000,
+        default=0.1, ge=0, le=1000,
         description="Pools whose engines run priority scheduling (InferencePool "
                     "spec.engine.schedulingPolicy: Priority) only: the router sets each "
                     "request's vLLM `priority` to its arrival time in milliseconds plus this "
                     "many milliseconds per prompt token the chosen engine does not hold (by the "
                     "decision's prefix match), so the engine serves a mostly cached prompt "
                     "before a full miss that arrived up to that much earlier, and never holds "
-                    "a miss back longer than its own penalty (no starvation). 0: arrival "
-                    "order. 0.05 (a 6k-token miss yields to prompts up to 300 ms younger) "
-                    "measured best for TTFT p90 and p99 in the fleet simulator; larger values "
-                    "cut p50 further but let requests overtake the one computing their prefix "
-                    "and lengthen the tail (docs/benchmarks/emulated-fleet.md, round 16).")
+                    "a miss back longer than its own penalty (no starvation); a request is "
+                    "never ranked ahead of the one still computing the prefix it reuses. 0: "
+                    "arrival order. 0.1 (a 6k-token miss yields to prompts up to 600 ms "
+                    "younger) measured best for TTFT p90 and p99 in the fleet simulator; larger "
+                    "values cut p50 further and the tail less (docs/benchmarks/emulated-fleet.md, "
+                    "round 17).")
     stale_metrics_ms: int = Field(
         default=1000, ge=100, le=600000,
         description="Metrics older than this are stale; load scorers treat the endpoint as "

@@ -189,7 +189,8 @@ def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
     ``envoy-rr``: from ``bin_dirs`` or PATH, as its users run it)."""
     args = argparse.Namespace(engines=engines, profile=profile, time_scale=1.0,
                               kv_blocks_set=False, kv_blocks=0, block_size_set=False,
-                              block_size=0, max_context=max_context)
+                              block_size=0, max_context=max_context,
+                              scheduling_policy="fcfs")
     emulated = EmulatedFleetProcess(args, workdir)
     entries = json.loads(emulated.info_path.read_text())
     info = FleetInfo([EngineInfo(name=e["name"], url=e["url"],

@@ -544,13 +544,11 @@ class Director:
         if blocks is None:
             return 0.0
         hashes, held = blocks
-        computing = endpoint.prefill_in_flight
         started_here = decision.prefill_started.get(endpoint.name)
         own = started_here[1] if started_here else None  # this attempt's own prefill
-        # A few attempts in flight against a prefix of hundreds of blocks: intersect in C
-        # (the order of the waits does not matter, every one is awaited).
-        events = [flight.done for block in computing.keys() & hashes[:held]
-                  if (flight := computing[block]) is not own]
+        # (the order of the waits does not matter, every one is awaited)
+        events = [flight.done for flight in endpoint.prefills_reused(hashes[:held])
+                  if flight is not own]
         if not events:
             return 0.0
         started = time.monotonic()

@@ -19,13 +19,14 @@ MODEL = "kvroute-test-model"
 
 
 @contextlib.asynccontextmanager
-async def emulated_fleet(model_dir: Path, count: int = 2,
-                         time_scale: float = 0.01) -> AsyncIterator[EmulatedFleet]:
+async def emulated_fleet(model_dir: Path, count: int = 2, time_scale: float = 0.01,
+                         scheduling_policy: str = "fcfs") -> AsyncIterator[EmulatedFleet]:
     """``count`` engines, by default 100x faster than the CPU profile's real time (tests wait
     on events, never on durations)."""
     fleet = EmulatedFleet(FleetConfig(count=count, profile=cpu_test_engine(),
                                       model_dir=model_dir, served_model_name=MODEL,
-                                      time_scale=time_scale))
+                                      time_scale=time_scale,
+                                      scheduling_policy=scheduling_policy))
     await fleet.start()
     try:
         yield fleet

@@ -78,6 +78,14 @@ class DispatchListener(Protocol):
     def __call__(self, decision: Decision, endpoint: Endpoint) -> None: ...
 
 
+class PrefillEndListener(Protocol):
+    """Told when an attempt that registered a prefix it makes its endpoint compute
+    (``Decision.prefill_started``) stops computing it: it started answering or ended (replica
+    sync tells the other replicas, which registered the prefix from the dispatch)."""
+
+    def __call__(self, decision: Decision, endpoint: Endpoint, first: int) -> None: ...
+
+
 @dataclass
 class Decision:
     """The result of routing one request."""
@@ -290,6 +298,7 @@ class Director:
         self.admission_hooks: list[AdmissionHook] = []
         self.completion_observers: list[CompletionObserver] = []
         self.dispatch_listeners: list[DispatchListener] = []
+        self.prefill_end_listeners: list[PrefillEndListener] = []
         self._profiles: dict[tuple[str, str], tuple[int, SchedulerProfile]] = {}
 
     def add_admission_hook(self, hook: AdmissionHook) -> None:
@@ -302,6 +311,11 @@ class Director:
         """``listener(decision, endpoint)`` runs on every attempt sent, synchronously: it must
         not block (replica sync queues a record)."""
         self.dispatch_listeners.append(listener)
+
+    def add_prefill_end_listener(self, listener: PrefillEndListener) -> None:
+        """``listener(decision, endpoint, first)`` runs, synchronously, when an attempt that
+        registered ``first`` in ``endpoint.prefill_in_flight`` starts answering or ends."""
+        self.prefill_end_listeners.append(listener)
 
     # ---- profiles ----------------------------------------------------------------------------
     def profile_for(self, resolution: Resolution, pool: PoolState) -> SchedulerProfile:
@@ -516,8 +530,7 @@ class Director:
             endpoint.prefill_in_flight[first] = flight
             decision.prefill_started[endpoint.name] = (first, flight)
 
-    @staticmethod
-    def answering(decision: Decision, endpoint: Endpoint) -> None:
+    def answering(self, decision: Decision, endpoint: Endpoint) -> None:
         """The attempt on ``endpoint`` started answering: its prompt is computed, so it leaves
         the endpoint's prefill backlog, and requests waiting for its prefix go on (once;
         :meth:`end_attempt` does it otherwise)."""
@@ -530,6 +543,8 @@ class Director:
             if endpoint.prefill_in_flight.get(first) is flight:
                 del endpoint.prefill_in_flight[first]
             flight.done.set()
+            for listener in self.prefill_end_listeners:
+                listener(decision, endpoint, first)
 
     async def wait_for_prefill(self, decision: Decision, endpoint: Endpoint,
                                limit_s: float) -> float:

@@ -14,6 +14,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -40,13 +41,19 @@ async def fleet(model_dir: Path) -> AsyncIterator[EmulatedFleet]:
         yield f
 
 
-def _config(tmp_path: Path, fleet: EmulatedFleet) -> Path:
+def _config(tmp_path: Path, fleet: EmulatedFleet, pending_ms: int | None = None,
+            **scoring: Any) -> Path:
+    pool = fleet_pool(fleet)
+    if fleet.config.scheduling_policy == "priority":
+        pool["spec"]["engine"]["schedulingPolicy"] = "Priority"
+    if pending_ms is not None:
+        pool["spec"]["engine"]["kvEvents"] = {"pendingMs": pending_ms}
     docs = [
-        fleet_pool(fleet),
+        pool,
         {"apiVersion": "kvroute.io/v1alpha1", "kind": "RoutePolicy", "metadata": {"name": "chat"},
          "spec": {"match": {"model": "chat"}, "pools": [{"name": "emu"}],
                   "scoring": {"scorers": [{"type": "prefix-precise", "weight": 3},
-                                          {"type": "running-requests"}]}}},
+                                          {"type": "running-requests"}], **scoring}}},
     ]
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump_all(docs))
@@ -162,6 +169,108 @@ async def test_a_replica_sends_a_tenant_to_the_engine_another_replica_just_chose
         assert served[0::2] == served[1::2]
         assert sample(a, "kvroute_replica_sync_sent_records_total", result="published") >= 3
         assert sample(b, "kvroute_replica_sync_rejected_messages_total") == 0
+
+
+def queued_priorities(fleet: EmulatedFleet, engine: str) -> list[int]:
+    """The vLLM priorities of the requests waiting in the (stalled) engine named ``engine``, in
+    its queue's order."""
+    (slot,) = [slot for slot, e in zip(fleet.slots, fleet.endpoints(), strict=True)
+               if e["name"] == engine]
+    return [request.priority for request in slot.engine.sim.waiting]
+
+
+async def test_on_priority_engines_a_follower_through_another_replica_queues_after_its_leader(
+        tmp_path: Path, model_dir: Path, redis_url: str) -> None:
+    """Replica A sends a tenant's first request, which computes the long context; replica B
+    sends the tenant's next one to the same engine (the pending marks). B's request holds the
+    context only as pending, so its own priority (arrival + one block's penalty) is far below
+    A's (arrival + the whole context's): queued first, it would compute the context itself.
+    With A's in-flight prefix shared, B ranks it one after A's; when A's request answers, B
+    forgets the prefix (the answered record)."""
+    async with emulated_fleet(model_dir, ENGINES, scheduling_policy="priority") as fleet:
+        config = _config(tmp_path, fleet, prefillWaitMs=0, prefillPriorityMsPerToken=10)
+        async with replica(config, model_dir, redis_url) as (a, url_a), \
+                replica(config, model_dir, redis_url) as (b, url_b), \
+                aiohttp.ClientSession() as s:
+            await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
+            await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
+                             "replica B subscribed")
+            await stall_all(fleet, "stall")
+            try:
+                leader = asyncio.create_task(complete(s, url_a, context(3) + " question A"))
+                await dispatched(a, 1)
+                (engine,) = busy(a)
+                await eventually(lambda: len(queued_priorities(fleet, engine)) == 1,
+                                 "A's request queued at the engine")
+                (first,) = queued_priorities(fleet, engine)
+                await applied(b, 1)
+                assert sample(b, "kvroute_replica_sync_remote_prefills") == 1
+                follower = asyncio.create_task(complete(s, url_b, context(3) + " question B"))
+                await dispatched(b, 1)
+                assert busy(b) == {engine: 1}
+                await eventually(lambda: len(queued_priorities(fleet, engine)) == 2,
+                                 "both requests queued at the engine")
+                # waiting in queue order: without the shared prefix, B's request comes first
+                assert queued_priorities(fleet, engine) == [first, first + 1]
+            finally:
+                await stall_all(fleet, "resume")
+            assert await leader == await follower  # the same engine served both
+            await eventually(lambda: sample(b, "kvroute_replica_sync_remote_prefills") == 0,
+                             "B forgot A's prefix once it answered")
+            assert all(not ep.prefill_in_flight for ep in b.datastore.endpoints())
+
+
+async def test_a_follower_through_another_replica_waits_for_its_leaders_prefix(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
+    """``prefillWaitMs`` across replicas (FCFS engines): B's request for a context A's request
+    is computing waits at B until A's answer starts — A's answered record ends the wait — and
+    then reads the context from the engine's cache instead of computing it beside A's."""
+    config = _config(tmp_path, fleet, prefillWaitMs=60000)
+    async with replica(config, model_dir, redis_url) as (a, url_a), \
+            replica(config, model_dir, redis_url) as (b, url_b), aiohttp.ClientSession() as s:
+        await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
+        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
+                         "replica B subscribed")
+        await stall_all(fleet, "stall")
+        try:
+            leader = asyncio.create_task(complete(s, url_a, context(5) + " question A"))
+            await dispatched(a, 1)
+            await applied(b, 1)
+            follower = asyncio.create_task(complete(s, url_b, context(5) + " question B"))
+            await dispatched(b, 1)
+            assert busy(b) == busy(a)
+        finally:
+            await stall_all(fleet, "resume")
+        assert await leader == await follower
+        assert sample(b, "kvroute_prefill_waits_total", outcome="answered") == 1
+        assert sample(b, "kvroute_prefill_waits_total", outcome="timeout") == 0
+        await eventually(lambda: sample(b, "kvroute_replica_sync_remote_prefills") == 0,
+                         "B forgot A's prefix")
+
+
+async def test_another_replicas_prefix_is_forgotten_when_its_pending_marks_expire(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
+    """A's request never answers while the engines are stalled (or A's answered record is
+    lost): B keeps A's in-flight prefix only as long as the pending marks
+    (``engine.kvEvents.pendingMs``), so nothing waits for it or queues behind it after that."""
+    config = _config(tmp_path, fleet, pending_ms=300, prefillWaitMs=60000)
+    async with replica(config, model_dir, redis_url) as (a, url_a), \
+            replica(config, model_dir, redis_url) as (b, _b), aiohttp.ClientSession() as s:
+        await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
+        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
+                         "replica B subscribed")
+        await stall_all(fleet, "stall")
+        try:
+            leader = asyncio.create_task(complete(s, url_a, context(6)))
+            await dispatched(a, 1)
+            await eventually(lambda: any(ep.prefill_in_flight for ep in b.datastore.endpoints()),
+                             "B registered A's prefix")
+            await eventually(lambda: sample(b, "kvroute_replica_sync_remote_prefills") == 0,
+                             "B forgot A's prefix at the pending marks' expiry")
+            assert all(not ep.prefill_in_flight for ep in b.datastore.endpoints())
+        finally:
+            await stall_all(fleet, "resume")
+        await leader
 
 
 async def test_a_dispatch_counts_as_load_on_the_other_replica_until_its_next_scrape(

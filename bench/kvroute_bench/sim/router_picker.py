@@ -217,6 +217,16 @@ class RouterPicker:
         chosen.prefill_in_flight[request.hashes[held]] = flight
         return request.hashes[held], flight
 
+    def share_prefill(self, index: int, request: SimRequest,
+                      started: tuple[int, PrefillInFlight]) -> None:
+        """Another replica's ``request`` computes a prefix on engine ``index`` from block
+        ``started[0]``: registered here too, until its first token (``_answered``)."""
+        first, flight = started
+        endpoint = self._endpoints[index]
+        if first not in endpoint.prefill_in_flight:
+            endpoint.prefill_in_flight[first] = flight
+            self._unanswered[index].append((request, 0.0, started))
+
     # --- endpoints ---------------------------------------------------------------------------
 
     def _grow(self, engines: Sequence[SimEngine]) -> None:
@@ -301,8 +311,10 @@ class ReplicatedPicker:
 
     ``shared`` is the fix to test: each dispatch is made known to every replica at once, as
     replica coordination would: ``"pending"`` marks the request's blocks pending on the chosen
-    engine in every replica's index (a shared pending-block store), ``"counts"`` counts the
-    dispatch in every replica's queue estimate, ``"both"`` does both; ``""`` shares nothing.
+    engine in every replica's index (a shared pending-block store) and registers the prefix it
+    computes in every replica's ``prefill_in_flight`` until its first token (replica sync's
+    computes and answered records), ``"counts"`` counts the dispatch in every replica's queue
+    estimate, ``"both"`` does both; ``""`` shares nothing.
     A simplification either way: each replica's ``in_flight`` is the engine's whole count
     (the simulator's ``RouterPicker`` reads it from the engine), so only the between-scrape
     queue estimate and the pending marks differ between replicas.
@@ -331,6 +343,7 @@ class ReplicatedPicker:
         chooser = self.replicas[self._next % len(self.replicas)]
         self._next += 1
         index = chooser.pick(request, engines)
+        started = chooser._unanswered[index][-1][2]  # the prefix it registered, if any
         if self.shared:
             for other in self.replicas:
                 if other is chooser:
@@ -340,6 +353,8 @@ class ReplicatedPicker:
                 if (self.shared in ("pending", "both") and other.pool_events is not None
                         and request.hashes):
                     other.pool_events.index.mark_pending(f"pod-{index}", request.hashes)
+                    if started is not None:  # ReplicaSync._prefill_started
+                        other.share_prefill(index, request, started)
                 if self.shared in ("counts", "both") and other.scrape_interval_s > 0:
                     other._endpoints[index].dispatched_since_scrape += 1
         return index

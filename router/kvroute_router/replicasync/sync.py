@@ -15,16 +15,23 @@ task publishes the queue in batches on one Redis pub/sub channel. A receiver tas
 the channel applies every other replica's records as its own dispatch would be applied: the
 blocks are marked pending on that endpoint in this replica's KV index (``pendingMs``, as for
 its own dispatches), and the endpoint's ``dispatched_since_scrape`` grows by one until its next
-scrape.
+scrape. A dispatch that makes its endpoint compute a prefix the sender registered as in flight
+(``Endpoint.prefill_in_flight``: the prefill wait, and on priority engines the priority floor)
+is registered in the receiver's ``prefill_in_flight`` too, with its vLLM priority, until the
+sender says it started answering or ended (an *answered* record, :meth:`on_prefill_end`) or the
+pending marks expire (``pendingMs``), whichever is first: a follower routed by another replica
+then waits for that prefix and is queued after it, as one routed by the same replica is.
 
 Trust: the channel is written by router replicas only; Redis is the trusted hop (the
 operator's own Redis, reachable by the routers alone — docs/security.md, "Replica sync").
 Still, a record is applied only to a pool and endpoint this replica knows, blocks only where
 its own index is trustworthy, and a malformed message is dropped whole and counted — at worst
-a forged message skews prefix scores for ``pendingMs``; it reaches no budget, tenant or
-response. Redis down: records are dropped (they are stale within a second anyway), the
-replicas route independently, ``kvroute_replica_sync_connected`` is 0, and the receiver
-reconnects with backoff.
+a forged message skews prefix scores, and can hold requests that reuse the forged prefix in
+the prefill wait (``prefillWaitMs``) or queue them later, for at most ``pendingMs``; it reaches
+no budget, tenant or response. Redis down: records are dropped (they are stale within a
+second anyway), the replicas route independently, ``kvroute_replica_sync_connected`` is 0,
+and the receiver reconnects with backoff; a prefix another replica registered here is
+forgotten at its expiry.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Decision
-from kvroute_router.framework.endpoint import Endpoint
+from kvroute_router.framework.endpoint import Endpoint, PrefillInFlight
 from kvroute_router.framework.registry import SharedServices
 from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.kvevents.feed import services_key
@@ -65,6 +72,9 @@ MAX_QUEUED = 4096
 PUBLISH_TIMEOUT_S = 2.0
 RETRY_MAX_S = 5.0
 _HEADER_BYTES = 4 + 1 + SENDER_ID_BYTES + 2
+MAX_REMOTE_PREFILLS = 65536
+"""Other replicas' in-flight prefixes registered here at most (each lives ``pendingMs`` at
+most); beyond, new ones are not registered."""
 
 
 class ReplicaSyncMetrics:
@@ -86,6 +96,11 @@ class ReplicaSyncMetrics:
         self.marked = Counter(
             "kvroute_replica_sync_pending_blocks_total",
             "Blocks marked pending in this replica's KV index from other replicas' dispatches.",
+            registry=registry)
+        self.remote_prefills = Gauge(
+            "kvroute_replica_sync_remote_prefills",
+            "Prompt prefixes other replicas' requests are computing, registered here (their "
+            "followers wait for them and, on priority engines, queue after them).",
             registry=registry)
         self.connected = Gauge(
             "kvroute_replica_sync_connected",
@@ -111,6 +126,10 @@ class ReplicaSync:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._outage_logged = False
+        self._remote: dict[tuple[str, str, int],
+                           tuple[Endpoint, PrefillInFlight, asyncio.TimerHandle]] = {}
+        """Other replicas' in-flight prefixes: (pool, endpoint, first block) -> what was
+        registered in the endpoint's ``prefill_in_flight``, and its expiry."""
 
     @classmethod
     def from_url(cls, url: str, datastore: Datastore, services: SharedServices,
@@ -132,10 +151,23 @@ class ReplicaSync:
             matched = decision.state.read(STATE_MATCH, dict) or {}
             held = matched.get(endpoint.name, 0)
             blocks = tuple(hashes[held:held + MAX_BLOCKS])
+        started = decision.prefill_started.get(endpoint.name)
+        if started is not None and blocks and started[0] == blocks[0]:
+            self._send(DispatchRecord(decision.pool.key, endpoint.name, blocks, computes=True,
+                                      priority=started[1].priority))
+        else:
+            self._send(DispatchRecord(decision.pool.key, endpoint.name, blocks))
+
+    def on_prefill_end(self, decision: Decision, endpoint: Endpoint, first: int) -> None:
+        """The attempt that registered ``first`` started answering or ended: the other replicas
+        forget its prefix (a director ``PrefillEndListener``; no I/O)."""
+        self._send(DispatchRecord(decision.pool.key, endpoint.name, (first,), answered=True))
+
+    def _send(self, record: DispatchRecord) -> None:
         if len(self._queue) >= self._max_queued:
             self._queue.popleft()
             self.metrics.sent.labels("dropped").inc()
-        self._queue.append(DispatchRecord(decision.pool.key, endpoint.name, blocks))
+        self._queue.append(record)
         self._wake.set()
 
     def _take_batch(self) -> list[DispatchRecord]:
@@ -202,6 +234,9 @@ class ReplicaSync:
         endpoint = state.endpoints.get(record.endpoint)
         if endpoint is None:
             return "unknown_endpoint"
+        if record.answered:
+            self._prefill_ended(record.pool_key, record.endpoint, record.blocks[0])
+            return "applied"
         if endpoint.metrics is not None:  # the next scrape counts it (and resets the count)
             endpoint.dispatched()
         if record.blocks:
@@ -209,7 +244,33 @@ class ReplicaSync:
             if events is not None and events.trustworthy(record.endpoint):
                 events.mark_pending(record.endpoint, record.blocks)
                 self.metrics.marked.inc(len(record.blocks))
+                if record.computes and events.index.pending_ttl > 0:
+                    self._prefill_started(record, endpoint, events.index.pending_ttl)
         return "applied"
+
+    def _prefill_started(self, record: DispatchRecord, endpoint: Endpoint, ttl_s: float) -> None:
+        """Register another replica's in-flight prefix, as its own dispatch did there, until
+        its answered record or the pending marks' expiry (``ttl_s``)."""
+        first = record.blocks[0]
+        if first in endpoint.prefill_in_flight or len(self._remote) >= MAX_REMOTE_PREFILLS:
+            return  # already computed by another attempt (this replica's or another's)
+        key = (record.pool_key, record.endpoint, first)
+        flight = PrefillInFlight(record.priority)
+        endpoint.prefill_in_flight[first] = flight
+        expiry = asyncio.get_running_loop().call_later(ttl_s, self._prefill_ended, *key)
+        self._remote[key] = (endpoint, flight, expiry)
+        self.metrics.remote_prefills.set(len(self._remote))
+
+    def _prefill_ended(self, pool_key: str, endpoint_name: str, first: int) -> None:
+        entry = self._remote.pop((pool_key, endpoint_name, first), None)
+        if entry is None:
+            return
+        endpoint, flight, expiry = entry
+        expiry.cancel()
+        if endpoint.prefill_in_flight.get(first) is flight:
+            del endpoint.prefill_in_flight[first]
+        flight.done.set()  # its waiters go on
+        self.metrics.remote_prefills.set(len(self._remote))
 
     async def _receive_loop(self) -> None:
         delay = 0.25
@@ -251,6 +312,8 @@ class ReplicaSync:
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks, what="replica sync")
         self._tasks = []
+        for key in list(self._remote):
+            self._prefill_ended(*key)
         self.metrics.connected.set(0)
         with contextlib.suppress(Exception):
             await self.client.aclose()

@@ -2,21 +2,36 @@
 
 A message is one Redis pub/sub payload::
 
-    b"KVRS" | version u8 (1) | sender id (16 bytes) | record count u16 | records
+    b"KVRS" | version u8 (1 or 2) | sender id (16 bytes) | record count u16 | records
 
-and a record is one dispatch::
+and a record is one dispatch, in version 1::
 
     pool key length u16 | pool key (UTF-8) | endpoint length u16 | endpoint (UTF-8)
     | block count u32 | block hashes (uint64 each, big-endian)
 
+Version 2 adds a flags byte after the endpoint, and a priority when flag 2 is set::
+
+    ... | endpoint (UTF-8) | flags u8 | [priority int64] | block count u32 | block hashes
+
 All integers are big-endian. The block hashes are the vLLM event form (uint64) of the prompt's
 blocks the endpoint is about to compute — the ones the sender's index did not already show as
-held there — and may be empty (the record still counts one dispatch).
+held there — and may be empty (the record still counts one dispatch). The flags carry the
+sender's in-flight prefix (``Endpoint.prefill_in_flight``), so that the prefill wait and the
+priority floor work across replicas as within one:
+
+* 1, *computes*: the attempt registered ``blocks[0]`` as the first block of a prefix it is
+  making the endpoint compute; a record with flag 4 follows when it starts answering or ends.
+* 2, *priority*: the vLLM ``priority`` that attempt carries (priority engines; needs flag 1).
+* 4, *answered*: the attempt that was computing from ``blocks[0]`` (the record's only block)
+  started answering or ended; not a dispatch (no load, no pending marks).
+
+A sender writes version 1 when no record of the message has a flag, so a replica that reads
+only version 1 keeps taking an FCFS fleet's messages during a rolling upgrade.
 
 Decoding is strict: a message that breaks any rule below is rejected whole with
 :class:`WireError` (a message comes from a trusted hop, Redis, but a bug or a stray publisher
 must cost at most that message): the magic and version, every length inside the payload and
-under its limit, UTF-8 names, no trailing bytes.
+under its limit, UTF-8 names, known flags in a valid combination, no trailing bytes.
 """
 
 from __future__ import annotations
@@ -26,7 +41,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAGIC = b"KVRS"
-VERSION = 1
+VERSION = 2
+"""The newest version this router writes and reads (it reads 1 too)."""
+COMPUTES, PRIORITY, ANSWERED = 1, 2, 4
+"""The record flags (version 2)."""
 SENDER_ID_BYTES = 16
 MAX_MESSAGE_BYTES = 1 << 20
 """A message is at most 1 MiB (the sender splits larger batches)."""
@@ -39,6 +57,8 @@ MAX_BLOCKS = 16384
 _HEADER = struct.Struct(f">4sB{SENDER_ID_BYTES}sH")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+_U8 = struct.Struct(">B")
+_I64 = struct.Struct(">q")
 
 
 class WireError(ValueError):
@@ -47,15 +67,41 @@ class WireError(ValueError):
 
 @dataclass(frozen=True)
 class DispatchRecord:
-    """One dispatch: ``endpoint`` of pool ``pool_key`` is about to compute ``blocks``."""
+    """One dispatch: ``endpoint`` of pool ``pool_key`` is about to compute ``blocks`` (or, with
+    ``answered``, the end of one dispatch's prefill)."""
 
     pool_key: str
     endpoint: str
     blocks: tuple[int, ...] = ()
+    computes: bool = False
+    """The sender registered ``blocks[0]`` as the start of a prefix this dispatch computes."""
+    priority: int | None = None
+    """The vLLM priority that dispatch carries (only with ``computes``)."""
+    answered: bool = False
+    """The sender's dispatch computing from ``blocks[0]`` (the only block) started answering
+    or ended: not a dispatch itself."""
+
+    @property
+    def flags(self) -> int:
+        return ((COMPUTES if self.computes else 0) | (PRIORITY if self.priority is not None else 0)
+                | (ANSWERED if self.answered else 0))
 
     def encoded_size(self) -> int:
+        flags = self.flags
         return (2 + len(self.pool_key.encode()) + 2 + len(self.endpoint.encode()) + 4
-                + 8 * len(self.blocks))
+                + 8 * len(self.blocks) + (1 if flags else 0) + (8 if flags & PRIORITY else 0))
+
+
+def _check_flags(flags: int, blocks: int) -> None:
+    """The rules a record's flags follow (``blocks``: how many block hashes it carries)."""
+    if flags & ~(COMPUTES | PRIORITY | ANSWERED):
+        raise WireError(f"unknown record flags {flags:#x}")
+    if flags & ANSWERED and (flags != ANSWERED or blocks != 1):
+        raise WireError("an answered record carries exactly one block and no other flag")
+    if flags & PRIORITY and not flags & COMPUTES:
+        raise WireError("a priority without the computes flag")
+    if flags & COMPUTES and not blocks:
+        raise WireError("a computes record without blocks")
 
 
 def _name(value: str, what: str) -> bytes:
@@ -72,14 +118,23 @@ def encode(sender: bytes, records: Sequence[DispatchRecord]) -> bytes:
         raise WireError(f"sender id must be {SENDER_ID_BYTES} bytes, got {len(sender)}")
     if len(records) > MAX_RECORDS:
         raise WireError(f"{len(records)} records, more than {MAX_RECORDS}")
-    parts = [_HEADER.pack(MAGIC, VERSION, sender, len(records))]
+    version = VERSION if any(record.flags for record in records) else 1
+    parts = [_HEADER.pack(MAGIC, version, sender, len(records))]
     for record in records:
         if len(record.blocks) > MAX_BLOCKS:
             raise WireError(f"{len(record.blocks)} blocks, more than {MAX_BLOCKS}")
+        flags = record.flags
+        _check_flags(flags, len(record.blocks))
         pool = _name(record.pool_key, "pool key")
         endpoint = _name(record.endpoint, "endpoint name")
-        parts += [_U16.pack(len(pool)), pool, _U16.pack(len(endpoint)), endpoint,
-                  _U32.pack(len(record.blocks)),
+        parts += [_U16.pack(len(pool)), pool, _U16.pack(len(endpoint)), endpoint]
+        if version > 1:
+            parts.append(_U8.pack(flags))
+            if record.priority is not None:
+                if not -(1 << 63) <= record.priority < 1 << 63:
+                    raise WireError(f"priority {record.priority} is not a 64-bit integer")
+                parts.append(_I64.pack(record.priority))
+        parts += [_U32.pack(len(record.blocks)),
                   struct.pack(f">{len(record.blocks)}Q", *record.blocks)]
     payload = b"".join(parts)
     if len(payload) > MAX_MESSAGE_BYTES:
@@ -96,8 +151,8 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
     magic, version, sender, count = _HEADER.unpack_from(payload, 0)
     if magic != MAGIC:
         raise WireError("not a replica-sync message (bad magic)")
-    if version != VERSION:
-        raise WireError(f"version {version}, this router reads {VERSION}")
+    if version not in (1, VERSION):
+        raise WireError(f"version {version}, this router reads 1 and {VERSION}")
     if count > MAX_RECORDS:
         raise WireError(f"{count} records, more than {MAX_RECORDS}")
     offset = _HEADER.size
@@ -105,14 +160,21 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
     for _ in range(count):
         pool, offset = _read_name(payload, offset, "pool key")
         endpoint, offset = _read_name(payload, offset, "endpoint name")
+        flags, priority = 0, None
+        if version > 1:
+            flags, offset = _read(payload, offset, _U8, "flags")
+            if flags & PRIORITY:
+                priority, offset = _read(payload, offset, _I64, "priority")
         blocks_n, offset = _read(payload, offset, _U32, "block count")
         if blocks_n > MAX_BLOCKS:
             raise WireError(f"{blocks_n} blocks, more than {MAX_BLOCKS}")
+        _check_flags(flags, blocks_n)
         end = offset + 8 * blocks_n
         if end > len(payload):
             raise WireError("block hashes run past the end of the message")
         blocks = struct.unpack_from(f">{blocks_n}Q", payload, offset)
-        records.append(DispatchRecord(pool, endpoint, blocks))
+        records.append(DispatchRecord(pool, endpoint, blocks, computes=bool(flags & COMPUTES),
+                                      priority=priority, answered=bool(flags & ANSWERED)))
         offset = end
     if offset != len(payload):
         raise WireError(f"{len(payload) - offset} trailing bytes after the last record")
@@ -139,5 +201,5 @@ def _read_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
         raise WireError(f"{what} is not UTF-8") from None
 
 
-__all__ = ["MAX_BLOCKS", "MAX_MESSAGE_BYTES", "MAX_RECORDS", "DispatchRecord", "WireError",
-           "decode", "encode"]
+__all__ = ["ANSWERED", "COMPUTES", "MAX_BLOCKS", "MAX_MESSAGE_BYTES", "MAX_RECORDS", "PRIORITY",
+           "VERSION", "DispatchRecord", "WireError", "decode", "encode"]

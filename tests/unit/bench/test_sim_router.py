@@ -375,3 +375,30 @@ def test_priority_engines_get_the_routers_priority_from_the_precise_match() -> N
     third = sim_request(3, "another prompt", at=4.0)
     fcfs.pick(third, [SimEngine(0, PROFILE)])
     assert third.priority == 0  # FCFS engines: the router sets none
+
+
+def test_synced_replicas_rank_a_follower_after_the_leader_another_replica_sent() -> None:
+    """Replica sync's computes records in the simulator: replica 1's request for the context
+    replica 0's request is computing holds it as pending (shared marks) and is ranked one
+    after it (shared in-flight prefix) instead of by its own small penalty, ahead of it; both
+    replicas forget the prefix once it answered."""
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    scoring = {**PRECISE, "prefillPriorityMsPerToken": 2.0}
+    picker = ReplicatedPicker(lambda: RouterPicker(scoring, block_size=PROFILE.block_size,
+                                                   precise=True, engine_priority=True),
+                              2, "pending")
+    engine = SimEngine(0, PROFILE, scheduling_policy="priority")
+    leader = sim_request(1, "another context " * 10 + "question", at=5.0)
+    picker.pick(leader, [engine])
+    engine.enqueue(leader)
+    first = leader.hashes[0]
+    assert all(first in r._endpoints[0].prefill_in_flight for r in picker.replicas)
+    follower = sim_request(2, "another context " * 10 + "question two", at=5.001)
+    picker.pick(follower, [engine])
+    assert follower.priority == leader.priority + 1  # its own: 5001 + 2 ms x 4 tokens
+    engine.enqueue(follower)
+    drain(engine, picker.replicas[0])
+    for k, replica in enumerate(picker.replicas):
+        picker.pick(sim_request(3 + k, f"unrelated prompt {k}", at=9.0 + k), [engine])
+        assert first not in replica._endpoints[0].prefill_in_flight

@@ -11,9 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvroute_router.replicasync.wire import (
+    ANSWERED,
+    COMPUTES,
     MAX_BLOCKS,
     MAX_MESSAGE_BYTES,
     MAX_RECORDS,
+    PRIORITY,
+    VERSION,
     DispatchRecord,
     WireError,
     decode,
@@ -23,8 +27,15 @@ from kvroute_router.replicasync.wire import (
 SENDER = bytes(range(16))
 
 names = st.text(min_size=0, max_size=40)
-records = st.builds(DispatchRecord, names, names,
-                    st.lists(st.integers(0, 2**64 - 1), max_size=50).map(tuple))
+hashes = st.lists(st.integers(0, 2**64 - 1), max_size=50).map(tuple)
+dispatches = st.builds(DispatchRecord, names, names, hashes)
+computing = st.builds(  # a dispatch computing a prefix it registered, FCFS or priority
+    lambda pool, ep, blocks, priority: DispatchRecord(pool, ep, blocks, computes=True,
+                                                      priority=priority),
+    names, names, hashes.filter(bool), st.none() | st.integers(-2**63, 2**63 - 1))
+answered = st.builds(lambda pool, ep, first: DispatchRecord(pool, ep, (first,), answered=True),
+                     names, names, st.integers(0, 2**64 - 1))
+records = dispatches | computing | answered
 
 
 @given(st.lists(records, max_size=20))
@@ -57,9 +68,36 @@ def _header(count: int, magic: bytes = b"KVRS", version: int = 1) -> bytes:
     return struct.pack(">4sB16sH", magic, version, SENDER, count)
 
 
+def _v2_record(flags: int, blocks: int, priority: bytes = b"") -> bytes:
+    return (_header(1, version=2) + struct.pack(">H", 1) + b"p" + struct.pack(">H", 1) + b"e"
+            + struct.pack(">B", flags) + priority + struct.pack(">I", blocks)
+            + b"\x00" * 8 * blocks)
+
+
+def test_a_message_without_flags_is_written_as_version_1() -> None:
+    """Replicas reading only version 1 keep taking an FCFS fleet's messages during a rolling
+    upgrade; a message with a flagged record is version 2."""
+    plain = encode(SENDER, [DispatchRecord("ns/pool", "pod-0", (1, 2))])
+    assert plain[4] == 1
+    assert plain == _header(1) + struct.pack(">H", 7) + b"ns/pool" + struct.pack(">H", 5) \
+        + b"pod-0" + struct.pack(">I", 2) + struct.pack(">2Q", 1, 2)
+    flagged = encode(SENDER, [DispatchRecord("ns/pool", "pod-0", (1, 2)),
+                              DispatchRecord("ns/pool", "pod-0", (3,), computes=True,
+                                             priority=-5)])
+    assert flagged[4] == VERSION == 2
+    assert decode(flagged)[1][1] == DispatchRecord("ns/pool", "pod-0", (3,), computes=True,
+                                                   priority=-5)
+
+
 @pytest.mark.parametrize(("payload", "reason"), [
     (_header(0, magic=b"XXXX"), "bad magic"),
-    (_header(0, version=2), "version 2"),
+    (_header(0, version=3), "version 3"),
+    (_v2_record(8, 1), "unknown record flags 0x8"),
+    (_v2_record(ANSWERED, 2), "exactly one block"),
+    (_v2_record(ANSWERED | COMPUTES, 1), "exactly one block"),
+    (_v2_record(PRIORITY, 1, struct.pack(">q", 7)), "without the computes flag"),
+    (_v2_record(COMPUTES, 0), "computes record without blocks"),
+    (_v2_record(COMPUTES | PRIORITY, 1, struct.pack(">q", 7))[:-15], "priority runs past"),
     (_header(MAX_RECORDS + 1), "records, more than"),
     (_header(1) + struct.pack(">H", 600) + b"p" * 600, "pool key is 600 bytes"),
     (_header(1) + struct.pack(">H", 2) + b"\xff\xfe", "pool key is not UTF-8"),
@@ -82,3 +120,9 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
         encode(SENDER, [DispatchRecord("p", "e", (0,) * (MAX_BLOCKS + 1))])
     with pytest.raises(WireError, match="endpoint name is"):
         encode(SENDER, [DispatchRecord("p", "e" * 513)])
+    with pytest.raises(WireError, match="exactly one block"):
+        encode(SENDER, [DispatchRecord("p", "e", (1, 2), answered=True)])
+    with pytest.raises(WireError, match="without blocks"):
+        encode(SENDER, [DispatchRecord("p", "e", (), computes=True)])
+    with pytest.raises(WireError, match="not a 64-bit integer"):
+        encode(SENDER, [DispatchRecord("p", "e", (1,), computes=True, priority=2**63)])

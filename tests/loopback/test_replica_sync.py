@@ -110,6 +110,19 @@ async def applied(router: Router, count: int) -> None:
                      f"{count} records of the other replica applied")
 
 
+@contextlib.asynccontextmanager
+async def two_replicas(config: Path, model_dir: Path, redis_url: str
+                       ) -> AsyncIterator[tuple[Router, str, Router, str]]:
+    """Replicas A and B sharing ``redis_url``, once both trust every engine's KV events and B
+    is subscribed to the channel."""
+    async with replica(config, model_dir, redis_url) as (a, url_a), \
+            replica(config, model_dir, redis_url) as (b, url_b):
+        await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
+        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
+                         "replica B subscribed")
+        yield a, url_a, b, url_b
+
+
 def pending_blocks(router: Router, endpoint: str) -> int:
     feeds = router.kv_event_feeds
     assert feeds is not None
@@ -140,11 +153,8 @@ async def complete(session: aiohttp.ClientSession, url: str, prompt: str) -> str
 async def test_a_replica_sends_a_tenant_to_the_engine_another_replica_just_chose(
         tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
     config = _config(tmp_path, fleet)
-    async with replica(config, model_dir, redis_url) as (a, url_a), \
-            replica(config, model_dir, redis_url) as (b, url_b), aiohttp.ClientSession() as s:
-        await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
-        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
-                         "replica B subscribed")
+    async with two_replicas(config, model_dir, redis_url) as (a, url_a, b, url_b), \
+            aiohttp.ClientSession() as s:
         await stall_all(fleet, "stall")
         tasks: list[asyncio.Task[str]] = []
         chosen: list[str] = []
@@ -189,12 +199,8 @@ async def test_on_priority_engines_a_follower_through_another_replica_queues_aft
     forgets the prefix (the answered record)."""
     async with emulated_fleet(model_dir, ENGINES, scheduling_policy="priority") as fleet:
         config = _config(tmp_path, fleet, prefillWaitMs=0, prefillPriorityMsPerToken=10)
-        async with replica(config, model_dir, redis_url) as (a, url_a), \
-                replica(config, model_dir, redis_url) as (b, url_b), \
+        async with two_replicas(config, model_dir, redis_url) as (a, url_a, b, url_b), \
                 aiohttp.ClientSession() as s:
-            await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
-            await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
-                             "replica B subscribed")
             await stall_all(fleet, "stall")
             try:
                 leader = asyncio.create_task(complete(s, url_a, context(3) + " question A"))
@@ -226,11 +232,8 @@ async def test_a_follower_through_another_replica_waits_for_its_leaders_prefix(
     is computing waits at B until A's answer starts — A's answered record ends the wait — and
     then reads the context from the engine's cache instead of computing it beside A's."""
     config = _config(tmp_path, fleet, prefillWaitMs=60000)
-    async with replica(config, model_dir, redis_url) as (a, url_a), \
-            replica(config, model_dir, redis_url) as (b, url_b), aiohttp.ClientSession() as s:
-        await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
-        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
-                         "replica B subscribed")
+    async with two_replicas(config, model_dir, redis_url) as (a, url_a, b, url_b), \
+            aiohttp.ClientSession() as s:
         await stall_all(fleet, "stall")
         try:
             leader = asyncio.create_task(complete(s, url_a, context(5) + " question A"))
@@ -254,11 +257,8 @@ async def test_another_replicas_prefix_is_forgotten_when_its_pending_marks_expir
     lost): B keeps A's in-flight prefix only as long as the pending marks
     (``engine.kvEvents.pendingMs``), so nothing waits for it or queues behind it after that."""
     config = _config(tmp_path, fleet, pending_ms=300, prefillWaitMs=60000)
-    async with replica(config, model_dir, redis_url) as (a, url_a), \
-            replica(config, model_dir, redis_url) as (b, _b), aiohttp.ClientSession() as s:
-        await eventually(lambda: trusted(a) and trusted(b), "both replicas trust every engine")
-        await eventually(lambda: sample(b, "kvroute_replica_sync_connected") == 1,
-                         "replica B subscribed")
+    async with two_replicas(config, model_dir, redis_url) as (a, url_a, b, _b), \
+            aiohttp.ClientSession() as s:
         await stall_all(fleet, "stall")
         try:
             leader = asyncio.create_task(complete(s, url_a, context(6)))

@@ -25,8 +25,9 @@ priority floor work across replicas as within one:
 * 4, *answered*: the attempt that was computing from ``blocks[0]`` (the record's only block)
   started answering or ended; not a dispatch (no load, no pending marks).
 
-A sender writes version 1 when no record of the message has a flag, so a replica that reads
-only version 1 keeps taking an FCFS fleet's messages during a rolling upgrade.
+A sender writes version 1 when no record of the message has a flag (pools whose requests
+register no in-flight prefix: FCFS engines with ``prefillWaitMs: 0``), so a replica that reads
+only version 1 keeps taking those during a rolling upgrade.
 
 Decoding is strict: a message that breaks any rule below is rejected whole with
 :class:`WireError` (a message comes from a trusted hop, Redis, but a bug or a stray publisher

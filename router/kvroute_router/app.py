@@ -198,7 +198,7 @@ class Router:
                 settings.replica_sync_redis_url, self.datastore, self.services,
                 self.metrics.registry)
             self.director.add_dispatch_listener(self.replica_sync.on_dispatch)
-            self.director.add_prefill_end_listener(self.replica_sync.on_prefill_end)
+            self.director.add_answering_listener(self.replica_sync.on_answering)
         self._runtime_collector: RuntimeCollector | None = None
         self.probes = RuntimeProbes(self.metrics, settings.loop_lag_probe_s)
         self._runners: list[web.AppRunner] = []

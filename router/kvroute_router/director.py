@@ -78,12 +78,14 @@ class DispatchListener(Protocol):
     def __call__(self, decision: Decision, endpoint: Endpoint) -> None: ...
 
 
-class PrefillEndListener(Protocol):
-    """Told when an attempt that registered a prefix it makes its endpoint compute
-    (``Decision.prefill_started``) stops computing it: it started answering or ended (replica
-    sync tells the other replicas, which registered the prefix from the dispatch)."""
+class AnsweringListener(Protocol):
+    """Told when an attempt that added prompt tokens to its endpoint's prefill backlog
+    (``backlog``, 0 if none) or registered a prefix it makes the endpoint compute (``first``,
+    its first block, from ``Decision.prefill_started``; ``None`` if none) started answering or
+    ended (replica sync tells the other replicas, which counted both from the dispatch)."""
 
-    def __call__(self, decision: Decision, endpoint: Endpoint, first: int) -> None: ...
+    def __call__(self, decision: Decision, endpoint: Endpoint, first: int | None,
+                 backlog: float) -> None: ...
 
 
 @dataclass
@@ -298,7 +300,7 @@ class Director:
         self.admission_hooks: list[AdmissionHook] = []
         self.completion_observers: list[CompletionObserver] = []
         self.dispatch_listeners: list[DispatchListener] = []
-        self.prefill_end_listeners: list[PrefillEndListener] = []
+        self.answering_listeners: list[AnsweringListener] = []
         self._profiles: dict[tuple[str, str], tuple[int, SchedulerProfile]] = {}
 
     def add_admission_hook(self, hook: AdmissionHook) -> None:
@@ -312,10 +314,11 @@ class Director:
         not block (replica sync queues a record)."""
         self.dispatch_listeners.append(listener)
 
-    def add_prefill_end_listener(self, listener: PrefillEndListener) -> None:
-        """``listener(decision, endpoint, first)`` runs, synchronously, when an attempt that
-        registered ``first`` in ``endpoint.prefill_in_flight`` starts answering or ends."""
-        self.prefill_end_listeners.append(listener)
+    def add_answering_listener(self, listener: AnsweringListener) -> None:
+        """``listener(decision, endpoint, first, backlog)`` runs, synchronously, when an
+        attempt that added ``backlog`` tokens to ``endpoint.prefill_backlog`` or registered
+        ``first`` in ``endpoint.prefill_in_flight`` starts answering or ends."""
+        self.answering_listeners.append(listener)
 
     # ---- profiles ----------------------------------------------------------------------------
     def profile_for(self, resolution: Resolution, pool: PoolState) -> SchedulerProfile:
@@ -538,13 +541,15 @@ class Director:
         if amount:
             endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - amount)
         started = decision.prefill_started.pop(endpoint.name, None)
+        first: int | None = None
         if started is not None:
             first, flight = started
             if endpoint.prefill_in_flight.get(first) is flight:
                 del endpoint.prefill_in_flight[first]
             flight.done.set()
-            for listener in self.prefill_end_listeners:
-                listener(decision, endpoint, first)
+        if amount or first is not None:
+            for listener in self.answering_listeners:
+                listener(decision, endpoint, first, amount)
 
     async def wait_for_prefill(self, decision: Decision, endpoint: Endpoint,
                                limit_s: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -224,6 +225,42 @@ async def test_on_priority_engines_a_follower_through_another_replica_queues_aft
             await eventually(lambda: sample(b, "kvroute_replica_sync_remote_prefills") == 0,
                              "B forgot A's prefix once it answered")
             assert all(not ep.prefill_in_flight for ep in b.datastore.endpoints())
+
+
+def backlogs(router: Router) -> dict[str, float]:
+    return {ep.name: ep.prefill_backlog for ep in router.datastore.endpoints()
+            if ep.prefill_backlog}
+
+
+async def test_a_dispatch_counts_in_the_other_replicas_prefill_backlog_until_it_answers(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
+    """A's request leaves its engine a long context to compute: B counts those tokens in that
+    engine's prefill backlog too, so B's ``prefill-cost`` scorer sends another tenant elsewhere,
+    until A's request answers (its answered record). Without it B sees an idle fleet."""
+    config = _config(tmp_path, fleet, scorers=[{"type": "prefix-precise", "weight": 1},
+                                               {"type": "prefill-cost", "weight": 3}])
+    async with two_replicas(config, model_dir, redis_url) as (a, url_a, b, url_b), \
+            aiohttp.ClientSession() as s:
+        await stall_all(fleet, "stall")
+        tasks: list[asyncio.Task[str]] = []
+        try:
+            tasks.append(asyncio.create_task(complete(s, url_a, context(8))))
+            await dispatched(a, 1)
+            (engine,) = busy(a)
+            (tokens,) = backlogs(a).values()
+            assert list(backlogs(a)) == [engine] and tokens > 100
+            await eventually(lambda: backlogs(b) == {engine: math.ceil(tokens)},
+                             "B counts A's dispatch in the engine's backlog")
+            assert sample(b, "kvroute_replica_sync_remote_backlog_tokens") == math.ceil(tokens)
+            tasks.append(asyncio.create_task(complete(s, url_b, context(9))))
+            await dispatched(b, 1)
+            assert engine not in busy(b)
+        finally:
+            await stall_all(fleet, "resume")
+            await asyncio.gather(*tasks)
+        await eventually(lambda: not backlogs(a) and not backlogs(b),
+                         "both backlogs empty once both requests answered")
+        assert sample(b, "kvroute_replica_sync_remote_backlog_tokens") == 0
 
 
 async def test_a_follower_through_another_replica_waits_for_its_leaders_prefix(

@@ -227,6 +227,13 @@ class RouterPicker:
             endpoint.prefill_in_flight[first] = flight
             self._unanswered[index].append((request, 0.0, started))
 
+    def share_backlog(self, index: int, request: SimRequest, amount: float) -> None:
+        """Another replica's ``request`` adds ``amount`` prompt tokens to engine ``index``'s
+        prefill backlog here too, until its first token (``_answered``)."""
+        if amount:
+            self._endpoints[index].prefill_backlog += amount
+            self._unanswered[index].append((request, amount, None))
+
     # --- endpoints ---------------------------------------------------------------------------
 
     def _grow(self, engines: Sequence[SimEngine]) -> None:
@@ -298,7 +305,7 @@ class RouterPicker:
         return self._endpoints[: len(engines)]
 
 
-SHARED_STATE = ("", "pending", "counts", "both")
+SHARED_STATE = ("", "pending", "counts", "both", "all")
 
 
 class ReplicatedPicker:
@@ -309,12 +316,14 @@ class ReplicatedPicker:
     ``dispatched_since_scrape`` counts — until the engines' events and the next scrape show
     the others'.
 
-    ``shared`` is the fix to test: each dispatch is made known to every replica at once, as
-    replica coordination would: ``"pending"`` marks the request's blocks pending on the chosen
+    ``shared`` is what replica coordination shares, each dispatch made known to every replica
+    at once (replica sync): ``"pending"`` marks the request's blocks pending on the chosen
     engine in every replica's index (a shared pending-block store) and registers the prefix it
     computes in every replica's ``prefill_in_flight`` until its first token (replica sync's
     computes and answered records), ``"counts"`` counts the dispatch in every replica's queue
-    estimate, ``"both"`` does both; ``""`` shares nothing.
+    estimate, ``"both"`` does both (replica sync in round 18), ``"all"`` adds the prompt tokens
+    it leaves the engine to compute to every replica's ``prefill_backlog`` until its first
+    token (replica sync's backlog records, round 19); ``""`` shares nothing.
     A simplification either way: each replica's ``in_flight`` is the engine's whole count
     (the simulator's ``RouterPicker`` reads it from the engine), so only the between-scrape
     queue estimate and the pending marks differ between replicas.
@@ -343,18 +352,20 @@ class ReplicatedPicker:
         chooser = self.replicas[self._next % len(self.replicas)]
         self._next += 1
         index = chooser.pick(request, engines)
-        started = chooser._unanswered[index][-1][2]  # the prefix it registered, if any
+        _, amount, started = chooser._unanswered[index][-1]  # its backlog and prefix
         if self.shared:
             for other in self.replicas:
                 if other is chooser:
                     continue
                 other.now = request.arrival_s
                 other._grow(engines)
-                if (self.shared in ("pending", "both") and other.pool_events is not None
+                if (self.shared in ("pending", "both", "all") and other.pool_events is not None
                         and request.hashes):
                     other.pool_events.index.mark_pending(f"pod-{index}", request.hashes)
                     if started is not None:  # ReplicaSync._prefill_started
                         other.share_prefill(index, request, started)
-                if self.shared in ("counts", "both") and other.scrape_interval_s > 0:
+                if self.shared == "all":
+                    other.share_backlog(index, request, amount)
+                if self.shared in ("counts", "both", "all") and other.scrape_interval_s > 0:
                     other._endpoints[index].dispatched_since_scrape += 1
         return index

@@ -105,22 +105,24 @@ def profile_named(name: str, kv_blocks: int) -> CostProfile:
 
 def split_replicas(name: str) -> tuple[str, int, str]:
     """``kvroute-precise-load@1600/x3`` → (``kvroute-precise-load@1600``, 3, ""): three
-    independent replicas behind per-request round-robin. ``/x3shared`` (``"both"``),
-    ``/x3pending``, ``/x3counts``: replicas that learn of each other's dispatches at once
-    (see ``ReplicatedPicker``)."""
+    independent replicas behind per-request round-robin. ``/x3shared`` (``"all"``: what
+    replica sync shares), ``/x3both`` (round 18's replica sync: pending marks, in-flight
+    prefixes and counts), ``/x3pending``, ``/x3counts``: replicas that learn of each other's
+    dispatches at once (see ``ReplicatedPicker``)."""
     base, _, spec = name.partition("/")
     if not spec:
         return base, 1, ""
     count = spec.removeprefix("x")
     shared = ""
-    for suffix, mode in (("shared", "both"), ("pending", "pending"), ("counts", "counts")):
+    for suffix, mode in (("shared", "all"), ("both", "both"), ("pending", "pending"),
+                         ("counts", "counts")):
         if count.endswith(suffix):
             count, shared = count.removesuffix(suffix), mode
             break
     if (not spec.startswith("x") or not count.isdigit() or int(count) < 1
             or base.startswith(REFERENCES)):
-        raise SystemExit(f"picker {name!r}: the part after / is xN, xNshared, xNpending or "
-                         f"xNcounts (N replicas of a kvroute picker)")
+        raise SystemExit(f"picker {name!r}: the part after / is xN, xNshared, xNboth, "
+                         f"xNpending or xNcounts (N replicas of a kvroute picker)")
     return base, int(count), shared
 
 

@@ -18,20 +18,26 @@ its own dispatches), and the endpoint's ``dispatched_since_scrape`` grows by one
 scrape. A dispatch that makes its endpoint compute a prefix the sender registered as in flight
 (``Endpoint.prefill_in_flight``: the prefill wait, and on priority engines the priority floor)
 is registered in the receiver's ``prefill_in_flight`` too, with its vLLM priority, until the
-sender says it started answering or ended (an *answered* record, :meth:`on_prefill_end`) or the
+sender says it started answering or ended (an *answered* record, :meth:`on_answering`) or the
 pending marks expire (``pendingMs``), whichever is first: a follower routed by another replica
-then waits for that prefix and is queued after it, as one routed by the same replica is.
+then waits for that prefix and is queued after it, as one routed by the same replica is. And
+the prompt tokens a dispatch leaves the endpoint to compute (what it added to the sender's
+``Endpoint.prefill_backlog``, the ``prefill-cost`` scorer's load) are added to the receiver's
+too, under the sender's dispatch id, until the answered record or
+:data:`REMOTE_BACKLOG_TTL_S`: each replica weighs the fleet's prefill queue, not a third of it.
 
 Trust: the channel is written by router replicas only; Redis is the trusted hop (the
 operator's own Redis, reachable by the routers alone — docs/security.md, "Replica sync").
 Still, a record is applied only to a pool and endpoint this replica knows, blocks only where
 its own index is trustworthy, and a malformed message is dropped whole and counted — at worst
 a forged message skews prefix scores, and can hold requests that reuse the forged prefix in
-the prefill wait (``prefillWaitMs``) or queue them later, for at most ``pendingMs``; it reaches
-no budget, tenant or response. Redis down: records are dropped (they are stale within a
-second anyway), the replicas route independently, ``kvroute_replica_sync_connected`` is 0,
-and the receiver reconnects with backoff; a prefix another replica registered here is
-forgotten at its expiry.
+the prefill wait (``prefillWaitMs``) or queue them later, for at most ``pendingMs``, and can
+inflate an endpoint's prefill backlog (steering requests away from it) for at most
+:data:`REMOTE_BACKLOG_TTL_S`; it reaches no budget, tenant or response. Redis down: records
+are dropped (they are stale within a second anyway), the replicas route independently,
+``kvroute_replica_sync_connected`` is 0, and the receiver reconnects with backoff; a prefix
+or backlog another replica registered here is forgotten at its expiry (so is all a stopped
+replica registered).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections import deque
 from typing import Any
@@ -75,6 +82,14 @@ _HEADER_BYTES = 4 + 1 + SENDER_ID_BYTES + 2
 MAX_REMOTE_PREFILLS = 65536
 """Other replicas' in-flight prefixes registered here at most (each lives ``pendingMs`` at
 most); beyond, new ones are not registered."""
+MAX_REMOTE_BACKLOGS = 65536
+"""Other replicas' dispatches counted in a prefill backlog here at most; beyond, new ones are
+not counted (and this replica's own unanswered dispatches it remembers ids for)."""
+REMOTE_BACKLOG_TTL_S = 30.0
+"""How long another replica's dispatch stays in an endpoint's prefill backlog here without its
+answered record (lost with a Redis outage, or its replica stopped): longer than any prefill
+waits in a queue that is still serving, short enough that a lost record misleads the
+``prefill-cost`` scorer only briefly."""
 
 
 class ReplicaSyncMetrics:
@@ -101,6 +116,11 @@ class ReplicaSyncMetrics:
             "kvroute_replica_sync_remote_prefills",
             "Prompt prefixes other replicas' requests are computing, registered here (their "
             "followers wait for them and, on priority engines, queue after them).",
+            registry=registry)
+        self.remote_backlog = Gauge(
+            "kvroute_replica_sync_remote_backlog_tokens",
+            "Prompt tokens other replicas' unanswered dispatches left the endpoints to compute, "
+            "counted in this replica's prefill backlogs.",
             registry=registry)
         self.connected = Gauge(
             "kvroute_replica_sync_connected",
@@ -130,6 +150,15 @@ class ReplicaSync:
                            tuple[Endpoint, PrefillInFlight, asyncio.TimerHandle]] = {}
         """Other replicas' in-flight prefixes: (pool, endpoint, first block) -> what was
         registered in the endpoint's ``prefill_in_flight``, and its expiry."""
+        self._remote_backlog: dict[tuple[bytes, int],
+                                   tuple[Endpoint, int, asyncio.TimerHandle]] = {}
+        """Other replicas' unanswered dispatches: (sender, dispatch id) -> the endpoint, the
+        tokens added to its ``prefill_backlog``, and their expiry."""
+        self._remote_tokens = 0
+        self._dispatch_ids: dict[tuple[int, str], int] = {}
+        """This replica's dispatches with a backlog: (id(decision), endpoint) -> dispatch id,
+        until the attempt answers (:meth:`on_answering`)."""
+        self._next_id = 0
 
     @classmethod
     def from_url(cls, url: str, datastore: Datastore, services: SharedServices,
@@ -151,17 +180,34 @@ class ReplicaSync:
             matched = decision.state.read(STATE_MATCH, dict) or {}
             held = matched.get(endpoint.name, 0)
             blocks = tuple(hashes[held:held + MAX_BLOCKS])
+        dispatch_id, tokens = None, 0
+        backlog = decision.prefill_backlog.get(endpoint.name, 0.0)
+        if backlog > 0:
+            dispatch_id, tokens = self._next_id, math.ceil(backlog)
+            self._next_id = (self._next_id + 1) & 0xFFFFFFFF
+            if len(self._dispatch_ids) >= MAX_REMOTE_BACKLOGS:  # an attempt never answered
+                del self._dispatch_ids[next(iter(self._dispatch_ids))]
+            self._dispatch_ids[(id(decision), endpoint.name)] = dispatch_id
         started = decision.prefill_started.get(endpoint.name)
         if started is not None and blocks and started[0] == blocks[0]:
             self._send(DispatchRecord(decision.pool.key, endpoint.name, blocks, computes=True,
-                                      priority=started[1].priority))
+                                      priority=started[1].priority, dispatch_id=dispatch_id,
+                                      tokens=tokens))
         else:
-            self._send(DispatchRecord(decision.pool.key, endpoint.name, blocks))
+            self._send(DispatchRecord(decision.pool.key, endpoint.name, blocks,
+                                      dispatch_id=dispatch_id, tokens=tokens))
 
-    def on_prefill_end(self, decision: Decision, endpoint: Endpoint, first: int) -> None:
-        """The attempt that registered ``first`` started answering or ended: the other replicas
-        forget its prefix (a director ``PrefillEndListener``; no I/O)."""
-        self._send(DispatchRecord(decision.pool.key, endpoint.name, (first,), answered=True))
+    def on_answering(self, decision: Decision, endpoint: Endpoint, first: int | None,
+                     backlog: float) -> None:
+        """The attempt started answering or ended: the other replicas take its tokens off the
+        endpoint's prefill backlog and forget the prefix it registered (``first``), if any (a
+        director ``AnsweringListener``; no I/O)."""
+        dispatch_id = self._dispatch_ids.pop((id(decision), endpoint.name), None)
+        if dispatch_id is None and first is None:
+            return
+        self._send(DispatchRecord(decision.pool.key, endpoint.name,
+                                  () if first is None else (first,), answered=True,
+                                  dispatch_id=dispatch_id))
 
     def _send(self, record: DispatchRecord) -> None:
         if len(self._queue) >= self._max_queued:
@@ -224,10 +270,11 @@ class ReplicaSync:
         if sender == self.sender_id:
             return
         for record in records:
-            self.metrics.received.labels(self.apply(record)).inc()
+            self.metrics.received.labels(self.apply(record, sender)).inc()
 
-    def apply(self, record: DispatchRecord) -> str:
-        """Apply another replica's dispatch as this replica's own would be; the outcome label."""
+    def apply(self, record: DispatchRecord, sender: bytes) -> str:
+        """Apply another replica's (``sender``'s) dispatch as this replica's own would be; the
+        outcome label."""
         state = self.datastore.pool(record.pool_key)
         if state is None:
             return "unknown_pool"
@@ -235,10 +282,15 @@ class ReplicaSync:
         if endpoint is None:
             return "unknown_endpoint"
         if record.answered:
-            self._prefill_ended(record.pool_key, record.endpoint, record.blocks[0])
+            if record.blocks:
+                self._prefill_ended(record.pool_key, record.endpoint, record.blocks[0])
+            if record.dispatch_id is not None:
+                self._backlog_ended(sender, record.dispatch_id)
             return "applied"
         if endpoint.metrics is not None:  # the next scrape counts it (and resets the count)
             endpoint.dispatched()
+        if record.dispatch_id is not None:
+            self._backlog_started(sender, record.dispatch_id, endpoint, record.tokens)
         if record.blocks:
             events = self.services.get(services_key(record.pool_key), PoolKVEvents)
             if events is not None and events.trustworthy(record.endpoint):
@@ -271,6 +323,30 @@ class ReplicaSync:
             del endpoint.prefill_in_flight[first]
         flight.done.set()  # its waiters go on
         self.metrics.remote_prefills.set(len(self._remote))
+
+    def _backlog_started(self, sender: bytes, dispatch_id: int, endpoint: Endpoint,
+                         tokens: int) -> None:
+        """Count another replica's dispatch in ``endpoint``'s prefill backlog, as its own
+        dispatch did there, until its answered record or :data:`REMOTE_BACKLOG_TTL_S`."""
+        key = (sender, dispatch_id)
+        if key in self._remote_backlog or len(self._remote_backlog) >= MAX_REMOTE_BACKLOGS:
+            return
+        endpoint.prefill_backlog += tokens
+        expiry = asyncio.get_running_loop().call_later(REMOTE_BACKLOG_TTL_S,
+                                                       self._backlog_ended, *key)
+        self._remote_backlog[key] = (endpoint, tokens, expiry)
+        self._remote_tokens += tokens
+        self.metrics.remote_backlog.set(self._remote_tokens)
+
+    def _backlog_ended(self, sender: bytes, dispatch_id: int) -> None:
+        entry = self._remote_backlog.pop((sender, dispatch_id), None)
+        if entry is None:
+            return
+        endpoint, tokens, expiry = entry
+        expiry.cancel()
+        endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - tokens)
+        self._remote_tokens -= tokens
+        self.metrics.remote_backlog.set(self._remote_tokens)
 
     async def _receive_loop(self) -> None:
         delay = 0.25
@@ -314,9 +390,11 @@ class ReplicaSync:
         self._tasks = []
         for key in list(self._remote):
             self._prefill_ended(*key)
+        for sender, dispatch_id in list(self._remote_backlog):
+            self._backlog_ended(sender, dispatch_id)
         self.metrics.connected.set(0)
         with contextlib.suppress(Exception):
             await self.client.aclose()
 
 
-__all__ = ["DEFAULT_CHANNEL", "ReplicaSync", "ReplicaSyncMetrics"]
+__all__ = ["DEFAULT_CHANNEL", "REMOTE_BACKLOG_TTL_S", "ReplicaSync", "ReplicaSyncMetrics"]

@@ -2,16 +2,18 @@
 
 A message is one Redis pub/sub payload::
 
-    b"KVRS" | version u8 (1 or 2) | sender id (16 bytes) | record count u16 | records
+    b"KVRS" | version u8 (1, 2 or 3) | sender id (16 bytes) | record count u16 | records
 
 and a record is one dispatch, in version 1::
 
     pool key length u16 | pool key (UTF-8) | endpoint length u16 | endpoint (UTF-8)
     | block count u32 | block hashes (uint64 each, big-endian)
 
-Version 2 adds a flags byte after the endpoint, and a priority when flag 2 is set::
+Version 2 adds a flags byte after the endpoint, and a priority when flag 2 is set; version 3
+allows flag 8, which adds a dispatch id and a token count::
 
-    ... | endpoint (UTF-8) | flags u8 | [priority int64] | block count u32 | block hashes
+    ... | endpoint (UTF-8) | flags u8 | [priority int64] | [dispatch id u32 | tokens u32]
+    | block count u32 | block hashes
 
 All integers are big-endian. The block hashes are the vLLM event form (uint64) of the prompt's
 blocks the endpoint is about to compute — the ones the sender's index did not already show as
@@ -22,12 +24,19 @@ priority floor work across replicas as within one:
 * 1, *computes*: the attempt registered ``blocks[0]`` as the first block of a prefix it is
   making the endpoint compute; a record with flag 4 follows when it starts answering or ends.
 * 2, *priority*: the vLLM ``priority`` that attempt carries (priority engines; needs flag 1).
-* 4, *answered*: the attempt that was computing from ``blocks[0]`` (the record's only block)
-  started answering or ended; not a dispatch (no load, no pending marks).
+* 4, *answered*: the attempt started answering or ended; not a dispatch (no load, no pending
+  marks). With one block, the attempt that was computing from ``blocks[0]`` ended its prefix;
+  with flag 8, the attempt with that dispatch id left the endpoint's prefill backlog (one of
+  the two at least; the token count is 0).
+* 8, *backlog* (version 3): the attempt adds ``tokens`` (at least 1) prompt tokens to the
+  endpoint's prefill backlog (``Endpoint.prefill_backlog``, what the ``prefill-cost`` scorer
+  weighs) until an answered record with the same dispatch id (the sender's counter).
 
-A sender writes version 1 when no record of the message has a flag (pools whose requests
-register no in-flight prefix: FCFS engines with ``prefillWaitMs: 0``), so a replica that reads
-only version 1 keeps taking those during a rolling upgrade.
+A sender writes the lowest version its records need: 1 when no record has a flag, 2 when none
+has flag 8, so a replica that reads only an older version keeps taking what it can read during
+a rolling upgrade (today every dispatch that leaves a prompt to compute carries flag 8: a
+replica reading version 2 at most drops those messages, counted as rejected, and routes on its
+own dispatches as before replica sync shared backlogs).
 
 Decoding is strict: a message that breaks any rule below is rejected whole with
 :class:`WireError` (a message comes from a trusted hop, Redis, but a bug or a stray publisher
@@ -42,10 +51,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAGIC = b"KVRS"
-VERSION = 2
-"""The newest version this router writes and reads (it reads 1 too)."""
-COMPUTES, PRIORITY, ANSWERED = 1, 2, 4
-"""The record flags (version 2)."""
+VERSION = 3
+"""The newest version this router writes and reads (it reads 1 and 2 too)."""
+COMPUTES, PRIORITY, ANSWERED, BACKLOG = 1, 2, 4, 8
+"""The record flags (version 2; ``BACKLOG`` version 3)."""
+_FLAGS = {1: 0, 2: COMPUTES | PRIORITY | ANSWERED, 3: COMPUTES | PRIORITY | ANSWERED | BACKLOG}
+"""The flags each version allows."""
 SENDER_ID_BYTES = 16
 MAX_MESSAGE_BYTES = 1 << 20
 """A message is at most 1 MiB (the sender splits larger batches)."""
@@ -60,6 +71,7 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U8 = struct.Struct(">B")
 _I64 = struct.Struct(">q")
+_ID_TOKENS = struct.Struct(">II")
 
 
 class WireError(ValueError):
@@ -79,26 +91,47 @@ class DispatchRecord:
     priority: int | None = None
     """The vLLM priority that dispatch carries (only with ``computes``)."""
     answered: bool = False
-    """The sender's dispatch computing from ``blocks[0]`` (the only block) started answering
-    or ended: not a dispatch itself."""
+    """Not a dispatch: the sender's dispatch computing from ``blocks[0]`` (the only block, if
+    any) and/or the one with ``dispatch_id`` started answering or ended."""
+    dispatch_id: int | None = None
+    """The sender's id of this dispatch (uint32), with ``tokens``: its prefill backlog."""
+    tokens: int = 0
+    """Prompt tokens the dispatch adds to the endpoint's prefill backlog (0 when answered)."""
 
     @property
     def flags(self) -> int:
         return ((COMPUTES if self.computes else 0) | (PRIORITY if self.priority is not None else 0)
-                | (ANSWERED if self.answered else 0))
+                | (ANSWERED if self.answered else 0)
+                | (BACKLOG if self.dispatch_id is not None else 0))
 
     def encoded_size(self) -> int:
         flags = self.flags
         return (2 + len(self.pool_key.encode()) + 2 + len(self.endpoint.encode()) + 4
-                + 8 * len(self.blocks) + (1 if flags else 0) + (8 if flags & PRIORITY else 0))
+                + 8 * len(self.blocks) + (1 if flags else 0) + (8 if flags & PRIORITY else 0)
+                + (8 if flags & BACKLOG else 0))
 
 
-def _check_flags(flags: int, blocks: int) -> None:
-    """The rules a record's flags follow (``blocks``: how many block hashes it carries)."""
-    if flags & ~(COMPUTES | PRIORITY | ANSWERED):
-        raise WireError(f"unknown record flags {flags:#x}")
-    if flags & ANSWERED and (flags != ANSWERED or blocks != 1):
-        raise WireError("an answered record carries exactly one block and no other flag")
+def _version(records: Sequence[DispatchRecord]) -> int:
+    """The lowest version that carries ``records``."""
+    flags = 0
+    for record in records:
+        flags |= record.flags
+    return 3 if flags & BACKLOG else 2 if flags else 1
+
+
+def _check_flags(flags: int, blocks: int, tokens: int, version: int) -> None:
+    """The rules a record's flags follow (``blocks``: how many block hashes it carries;
+    ``tokens``: its backlog tokens)."""
+    if flags & ~_FLAGS[version]:
+        raise WireError(f"unknown record flags {flags:#x} in version {version}")
+    if flags & ANSWERED:
+        if flags & ~(ANSWERED | BACKLOG) or blocks > 1 or (blocks == 0 and not flags & BACKLOG):
+            raise WireError("an answered record carries one block, a dispatch id or both, "
+                            "and no other flag")
+        if tokens:
+            raise WireError("an answered record carries no backlog tokens")
+    elif flags & BACKLOG and not tokens:
+        raise WireError("a backlog record without tokens")
     if flags & PRIORITY and not flags & COMPUTES:
         raise WireError("a priority without the computes flag")
     if flags & COMPUTES and not blocks:
@@ -119,13 +152,13 @@ def encode(sender: bytes, records: Sequence[DispatchRecord]) -> bytes:
         raise WireError(f"sender id must be {SENDER_ID_BYTES} bytes, got {len(sender)}")
     if len(records) > MAX_RECORDS:
         raise WireError(f"{len(records)} records, more than {MAX_RECORDS}")
-    version = VERSION if any(record.flags for record in records) else 1
+    version = _version(records)
     parts = [_HEADER.pack(MAGIC, version, sender, len(records))]
     for record in records:
         if len(record.blocks) > MAX_BLOCKS:
             raise WireError(f"{len(record.blocks)} blocks, more than {MAX_BLOCKS}")
         flags = record.flags
-        _check_flags(flags, len(record.blocks))
+        _check_flags(flags, len(record.blocks), record.tokens, version)
         pool = _name(record.pool_key, "pool key")
         endpoint = _name(record.endpoint, "endpoint name")
         parts += [_U16.pack(len(pool)), pool, _U16.pack(len(endpoint)), endpoint]
@@ -135,6 +168,11 @@ def encode(sender: bytes, records: Sequence[DispatchRecord]) -> bytes:
                 if not -(1 << 63) <= record.priority < 1 << 63:
                     raise WireError(f"priority {record.priority} is not a 64-bit integer")
                 parts.append(_I64.pack(record.priority))
+            if record.dispatch_id is not None:
+                if not (0 <= record.dispatch_id < 1 << 32 and 0 <= record.tokens < 1 << 32):
+                    raise WireError(f"dispatch id {record.dispatch_id} or tokens "
+                                    f"{record.tokens} is not a 32-bit unsigned integer")
+                parts.append(_ID_TOKENS.pack(record.dispatch_id, record.tokens))
         parts += [_U32.pack(len(record.blocks)),
                   struct.pack(f">{len(record.blocks)}Q", *record.blocks)]
     payload = b"".join(parts)
@@ -152,8 +190,8 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
     magic, version, sender, count = _HEADER.unpack_from(payload, 0)
     if magic != MAGIC:
         raise WireError("not a replica-sync message (bad magic)")
-    if version not in (1, VERSION):
-        raise WireError(f"version {version}, this router reads 1 and {VERSION}")
+    if version not in _FLAGS:
+        raise WireError(f"version {version}, this router reads 1 to {VERSION}")
     if count > MAX_RECORDS:
         raise WireError(f"{count} records, more than {MAX_RECORDS}")
     offset = _HEADER.size
@@ -161,21 +199,25 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
     for _ in range(count):
         pool, offset = _read_name(payload, offset, "pool key")
         endpoint, offset = _read_name(payload, offset, "endpoint name")
-        flags, priority = 0, None
+        flags, priority, dispatch_id, tokens = 0, None, None, 0
         if version > 1:
             flags, offset = _read(payload, offset, _U8, "flags")
             if flags & PRIORITY:
                 priority, offset = _read(payload, offset, _I64, "priority")
+            if flags & BACKLOG:
+                dispatch_id, offset = _read(payload, offset, _U32, "dispatch id")
+                tokens, offset = _read(payload, offset, _U32, "tokens")
         blocks_n, offset = _read(payload, offset, _U32, "block count")
         if blocks_n > MAX_BLOCKS:
             raise WireError(f"{blocks_n} blocks, more than {MAX_BLOCKS}")
-        _check_flags(flags, blocks_n)
+        _check_flags(flags, blocks_n, tokens, version)
         end = offset + 8 * blocks_n
         if end > len(payload):
             raise WireError("block hashes run past the end of the message")
         blocks = struct.unpack_from(f">{blocks_n}Q", payload, offset)
         records.append(DispatchRecord(pool, endpoint, blocks, computes=bool(flags & COMPUTES),
-                                      priority=priority, answered=bool(flags & ANSWERED)))
+                                      priority=priority, answered=bool(flags & ANSWERED),
+                                      dispatch_id=dispatch_id, tokens=tokens))
         offset = end
     if offset != len(payload):
         raise WireError(f"{len(payload) - offset} trailing bytes after the last record")
@@ -202,5 +244,5 @@ def _read_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
         raise WireError(f"{what} is not UTF-8") from None
 
 
-__all__ = ["ANSWERED", "COMPUTES", "MAX_BLOCKS", "MAX_MESSAGE_BYTES", "MAX_RECORDS", "PRIORITY",
-           "VERSION", "DispatchRecord", "WireError", "decode", "encode"]
+__all__ = ["ANSWERED", "BACKLOG", "COMPUTES", "MAX_BLOCKS", "MAX_MESSAGE_BYTES", "MAX_RECORDS",
+           "PRIORITY", "VERSION", "DispatchRecord", "WireError", "decode", "encode"]

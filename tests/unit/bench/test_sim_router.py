@@ -187,7 +187,8 @@ def test_replicated_picker_names() -> None:
 
     assert split_replicas("kvroute-precise-load@100") == ("kvroute-precise-load@100", 1, "")
     assert split_replicas("kvroute-precise-load@100/x3") == ("kvroute-precise-load@100", 3, "")
-    assert split_replicas("kvroute-precise-load/x2shared") == ("kvroute-precise-load", 2, "both")
+    assert split_replicas("kvroute-precise-load/x2shared") == ("kvroute-precise-load", 2, "all")
+    assert split_replicas("kvroute-precise-load/x2both")[2] == "both"
     assert split_replicas("kvroute-precise-load/x2pending")[2] == "pending"
     assert split_replicas("kvroute-precise-load/x2counts")[2] == "counts"
     picker = make_picker("kvroute-precise-load@100/x3", 32)
@@ -211,7 +212,7 @@ def _replicated(shared: str) -> tuple[object, list[SimEngine]]:
     return picker, engines
 
 
-@pytest.mark.parametrize("shared", ["", "pending", "counts", "both"])
+@pytest.mark.parametrize("shared", ["", "pending", "counts", "both", "all"])
 def test_replicas_take_turns_and_share_only_when_told(shared: str) -> None:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
 
@@ -225,13 +226,16 @@ def test_replicas_take_turns_and_share_only_when_told(shared: str) -> None:
     pending = [r.pool_events.index.match(first.hashes).get(f"pod-{chosen}", 0)
                for r in picker.replicas]
     full = len(first.hashes)
-    assert counts == ([1, 1, 1] if shared in ("counts", "both") else [1, 0, 0])
-    assert pending == ([full] * 3 if shared in ("pending", "both") else [full, 0, 0])
+    backlog = [r._endpoints[chosen].prefill_backlog for r in picker.replicas]
+    assert counts == ([1, 1, 1] if shared in ("counts", "both", "all") else [1, 0, 0])
+    assert pending == ([full] * 3 if shared in ("pending", "both", "all") else [full, 0, 0])
+    assert backlog[0] > 0 and backlog == (backlog[:1] * 3 if shared == "all"
+                                          else [backlog[0], 0, 0])
     # The second request (same tenant, before the first's blocks are published) goes to
     # replica 2: it follows the first to its engine only if it knew of it.
     second = sim_request(2, "tenant context " * 10 + "question two", at=0.001)
     again = picker.pick(second, engines)
-    if shared in ("pending", "both"):
+    if shared in ("pending", "both", "all"):
         assert again == chosen
     assert picker.replicas[1]._endpoints[again].dispatched_since_scrape >= 1
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvroute_router.replicasync.wire import (
     ANSWERED,
+    BACKLOG,
     COMPUTES,
     MAX_BLOCKS,
     MAX_MESSAGE_BYTES,
@@ -35,7 +36,17 @@ computing = st.builds(  # a dispatch computing a prefix it registered, FCFS or p
     names, names, hashes.filter(bool), st.none() | st.integers(-2**63, 2**63 - 1))
 answered = st.builds(lambda pool, ep, first: DispatchRecord(pool, ep, (first,), answered=True),
                      names, names, st.integers(0, 2**64 - 1))
-records = dispatches | computing | answered
+ids = st.integers(0, 2**32 - 1)
+with_backlog = st.builds(  # a dispatch leaving prompt tokens to compute, computing or not
+    lambda record, dispatch_id, tokens: DispatchRecord(
+        record.pool_key, record.endpoint, record.blocks, computes=record.computes,
+        priority=record.priority, dispatch_id=dispatch_id, tokens=tokens),
+    dispatches | computing, ids, st.integers(1, 2**32 - 1))
+backlog_answered = st.builds(  # the end of a dispatch's backlog, and of its prefix or not
+    lambda pool, ep, first, dispatch_id: DispatchRecord(pool, ep, first, answered=True,
+                                                        dispatch_id=dispatch_id),
+    names, names, st.just(()) | st.tuples(st.integers(0, 2**64 - 1)), ids)
+records = dispatches | computing | answered | with_backlog | backlog_answered
 
 
 @given(st.lists(records, max_size=20))
@@ -68,10 +79,16 @@ def _header(count: int, magic: bytes = b"KVRS", version: int = 1) -> bytes:
     return struct.pack(">4sB16sH", magic, version, SENDER, count)
 
 
-def _v2_record(flags: int, blocks: int, priority: bytes = b"") -> bytes:
-    return (_header(1, version=2) + struct.pack(">H", 1) + b"p" + struct.pack(">H", 1) + b"e"
-            + struct.pack(">B", flags) + priority + struct.pack(">I", blocks)
+def _record(flags: int, blocks: int, extra: bytes = b"", version: int = 2) -> bytes:
+    """One flagged record (``extra``: the priority and/or dispatch id and tokens)."""
+    return (_header(1, version=version) + struct.pack(">H", 1) + b"p" + struct.pack(">H", 1)
+            + b"e" + struct.pack(">B", flags) + extra + struct.pack(">I", blocks)
             + b"\x00" * 8 * blocks)
+
+
+def _v3(flags: int, blocks: int, *id_tokens: int) -> bytes:
+    """A version-3 record; ``id_tokens``: its dispatch id and tokens (or a truncated part)."""
+    return _record(flags, blocks, struct.pack(f">{len(id_tokens)}I", *id_tokens), version=3)
 
 
 def test_a_message_without_flags_is_written_as_version_1() -> None:
@@ -84,20 +101,28 @@ def test_a_message_without_flags_is_written_as_version_1() -> None:
     flagged = encode(SENDER, [DispatchRecord("ns/pool", "pod-0", (1, 2)),
                               DispatchRecord("ns/pool", "pod-0", (3,), computes=True,
                                              priority=-5)])
-    assert flagged[4] == VERSION == 2
+    assert flagged[4] == 2
+    backlog = encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=0, tokens=16)])
+    assert backlog[4] == VERSION == 3
     assert decode(flagged)[1][1] == DispatchRecord("ns/pool", "pod-0", (3,), computes=True,
                                                    priority=-5)
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
     (_header(0, magic=b"XXXX"), "bad magic"),
-    (_header(0, version=3), "version 3"),
-    (_v2_record(8, 1), "unknown record flags 0x8"),
-    (_v2_record(ANSWERED, 2), "exactly one block"),
-    (_v2_record(ANSWERED | COMPUTES, 1), "exactly one block"),
-    (_v2_record(PRIORITY, 1, struct.pack(">q", 7)), "without the computes flag"),
-    (_v2_record(COMPUTES, 0), "computes record without blocks"),
-    (_v2_record(COMPUTES | PRIORITY, 1, struct.pack(">q", 7))[:-15], "priority runs past"),
+    (_header(0, version=4), "version 4"),
+    (_record(8, 1), "unknown record flags 0x8 in version 2"),
+    (_v3(16, 1), "unknown record flags 0x10"),
+    (_record(ANSWERED, 2), "one block, a dispatch id or both"),
+    (_record(ANSWERED, 0), "one block, a dispatch id or both"),
+    (_record(ANSWERED | COMPUTES, 1), "one block, a dispatch id or both"),
+    (_v3(ANSWERED | BACKLOG, 2, 1, 0), "one block, a dispatch id or both"),
+    (_v3(ANSWERED | BACKLOG, 0, 1, 5), "no backlog tokens"),
+    (_v3(BACKLOG, 1, 1, 0), "backlog record without tokens"),
+    (_v3(BACKLOG, 0, 1)[:-4], "tokens runs past"),
+    (_record(PRIORITY, 1, struct.pack(">q", 7)), "without the computes flag"),
+    (_record(COMPUTES, 0), "computes record without blocks"),
+    (_record(COMPUTES | PRIORITY, 1, struct.pack(">q", 7))[:-15], "priority runs past"),
     (_header(MAX_RECORDS + 1), "records, more than"),
     (_header(1) + struct.pack(">H", 600) + b"p" * 600, "pool key is 600 bytes"),
     (_header(1) + struct.pack(">H", 2) + b"\xff\xfe", "pool key is not UTF-8"),
@@ -120,8 +145,14 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
         encode(SENDER, [DispatchRecord("p", "e", (0,) * (MAX_BLOCKS + 1))])
     with pytest.raises(WireError, match="endpoint name is"):
         encode(SENDER, [DispatchRecord("p", "e" * 513)])
-    with pytest.raises(WireError, match="exactly one block"):
+    with pytest.raises(WireError, match="one block, a dispatch id or both"):
         encode(SENDER, [DispatchRecord("p", "e", (1, 2), answered=True)])
+    with pytest.raises(WireError, match="one block, a dispatch id or both"):
+        encode(SENDER, [DispatchRecord("p", "e", (), answered=True)])
+    with pytest.raises(WireError, match="without tokens"):
+        encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=3)])
+    with pytest.raises(WireError, match="32-bit unsigned"):
+        encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=2**32, tokens=1)])
     with pytest.raises(WireError, match="without blocks"):
         encode(SENDER, [DispatchRecord("p", "e", (), computes=True)])
     with pytest.raises(WireError, match="not a 64-bit integer"):

@@ -443,7 +443,7 @@ def test_another_replicas_dispatch_wakes_an_idle_scrape() -> None:
     ep.metrics = parse_vllm_metrics(IDLE, time.monotonic())
     ep.idle_scrape_wake = wake = asyncio.Event()
     sync = ReplicaSync(None, store, SharedServices(), CollectorRegistry())
-    assert sync.apply(DispatchRecord(pool_key=ep.pool, endpoint=ep.name)) == "applied"
+    assert sync.apply(DispatchRecord(pool_key=ep.pool, endpoint=ep.name), b"B" * 16) == "applied"
     assert wake.is_set() and ep.dispatched_since_scrape == 1
 
 

@@ -2,25 +2,26 @@
 fewest prompt tokens still to compute — cache affinity and load in one unit.
 
 An endpoint's cost is its **prefill backlog** (``Endpoint.prefill_backlog``: the prompt tokens
-this router sent it that it has not started answering, each counted without the part the
-endpoint held at dispatch) plus **this request's own prefill there** (the prompt minus the
-share the endpoint holds, from the policy's prefix scorers through
-``profile.STATE_PREFIX_HELD``; without a prefix scorer, the whole prompt), weighted by
-``scoring.prefillMissWeight`` (default 3): a token recomputed elsewhere costs this request's
-wait *and* the fleet's capacity and the context it evicts there, which a greedy weight of 1
-ignores — at 1, tenants left their holders at the slightest queue difference and the fleet
-kept 57 % of the oracle's hits, at 3 92 % (emulated-fleet.md, round 5). A tenant's requests
-stay on the engine holding its context while that engine's queue of work is shorter than
-recomputing the context elsewhere, and move when it is not, instead of trading a normalised
-prefix score against a normalised request count as ``prefix-precise`` + ``queue-depth`` do.
+this router — and, with replica sync, every other replica — sent it that it has not started
+answering, each counted without the part the endpoint held at dispatch) plus **this request's
+own prefill there** (the prompt minus the share the endpoint holds, from the policy's prefix
+scorers through ``profile.STATE_PREFIX_HELD``; without a prefix scorer, the whole prompt),
+weighted by ``scoring.prefillMissWeight`` (default 3): a token recomputed elsewhere costs this
+request's wait *and* the fleet's capacity and the context it evicts there, which a greedy
+weight of 1 ignores — at 1, tenants left their holders at the slightest queue difference and
+the fleet kept 57 % of the oracle's hits, at 3 92 % (emulated-fleet.md, round 5). A tenant's
+requests stay on the engine holding its context while that engine's queue of work is shorter
+than recomputing the context elsewhere, and move when it is not, instead of trading a
+normalised prefix score against a normalised request count as ``prefix-precise`` +
+``queue-depth`` do.
 
 Score: ``(min cost + 1) / (cost + 1)`` — 1 for the cheapest candidate, proportionally less for
 the others (a candidate twice as costly scores about 0.5), so the score keeps its meaning when
 weighted against other scorers.
 
-What it cannot see: work other routers (other replicas, clients going straight to the engine)
-sent, and decode load. The ``load-headroom`` filter still removes hot spots by queue depth
-before it scores.
+What it cannot see: work other routers sent (replicas without replica sync, clients going
+straight to the engine), and decode load. The ``load-headroom`` filter still removes hot
+spots by queue depth before it scores.
 """
 
 from __future__ import annotations

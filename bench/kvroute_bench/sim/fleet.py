@@ -186,6 +186,52 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
         recomputed=recompute_breakdown(requests, profile.block_size))
 
 
+TTFT_CLASSES = ("first", "follower", "later")
+"""Where a request stands in its trace group (a tenant, a document), for
+:func:`ttft_by_class`:
+
+* ``first``: the group's first request — it computes the shared context;
+* ``follower``: arrived before the group's first request had its first token (the context
+  was still being computed, or still queued, somewhere);
+* ``later``: arrived after that."""
+
+
+def ttft_by_class(requests: Sequence[SimRequest], groups: Sequence[str]) -> dict[str, Any]:
+    """TTFT by :data:`TTFT_CLASSES` (``groups[i]``: the trace group of ``requests[i]``, in
+    arrival order): per class the request count, TTFT p50 / p90 in seconds, the median time
+    from arrival to admission by the engine (``queue_p50_s``), and ``tail_share``, the
+    class's share of the requests slower than the run's TTFT p90 (an unanswered request
+    counts as slower) — what the tail is made of."""
+    if len(requests) != len(groups):
+        raise ValueError(f"{len(requests)} requests but {len(groups)} groups")
+    first_token: dict[str, float] = {}
+    classes: list[str] = []
+    for request, group in zip(requests, groups, strict=True):
+        if group not in first_token:
+            first_token[group] = (request.first_token_s if request.first_token_s is not None
+                                  else math.inf)
+            classes.append("first")
+        else:
+            classes.append("follower" if request.arrival_s < first_token[group] else "later")
+    ttft = [math.inf if r.ttft_s is None else r.ttft_s for r in requests]
+    finite = [t for t in ttft if math.isfinite(t)]
+    p90 = float(np.percentile(finite, 90)) if finite else math.inf
+    tail = sum(1 for t in ttft if t > p90) or 1
+    out: dict[str, Any] = {}
+    for name in TTFT_CLASSES:
+        members = [i for i, c in enumerate(classes) if c == name]
+        times = [ttft[i] for i in members if math.isfinite(ttft[i])]
+        queued = [requests[i].admitted_s - requests[i].arrival_s  # type: ignore[operator]
+                  for i in members if requests[i].admitted_s is not None]
+        out[name] = {
+            "requests": len(members),
+            "ttft_p50_s": round(float(np.percentile(times, 50)), 4) if times else None,
+            "ttft_p90_s": round(float(np.percentile(times, 90)), 4) if times else None,
+            "queue_p50_s": round(float(np.percentile(queued, 50)), 4) if queued else None,
+            "tail_share": round(sum(1 for i in members if ttft[i] > p90) / tail, 3)}
+    return out
+
+
 RECOMPUTE_CAUSES = ("evicted", "elsewhere", "in_flight")
 """Why a block the oracle would have hit was computed again:
 

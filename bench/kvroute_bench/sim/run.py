@@ -38,11 +38,13 @@ from kvroute_bench.contenders import KVROUTE_VARIANTS
 from kvroute_bench.oracle import oracle_hit_rate
 from kvroute_bench.sim.fleet import (
     RECOMPUTE_CAUSES,
+    TTFT_CLASSES,
     GroupAffinityPicker,
     Picker,
     RoundRobinPicker,
     simulate,
     to_sim_requests,
+    ttft_by_class,
 )
 from kvroute_bench.workloads import Trace, TraceRequest, build_params, generate
 
@@ -183,6 +185,27 @@ def sim_trace(args: argparse.Namespace, path: Path, rate: float) -> Trace:
         raise SystemExit(f"--trace {path}: {exc}") from None
 
 
+def class_table(classes: Sequence[tuple[str, dict[str, Any]]]) -> Table:
+    """TTFT by request class per picker (:func:`~kvroute_bench.sim.fleet.ttft_by_class`):
+    which requests make the tail."""
+    table = Table(title="TTFT by request class (first of its group / arrived while the first "
+                        "was computing / later); tail = share of the requests above p90")
+    for column in ("picker", "class", "requests", "TTFT p50 ms", "p90", "queued p50 ms",
+                   "tail"):
+        table.add_column(column, justify="left" if column in ("picker", "class") else "right")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value * 1000:.0f}"
+
+    for name, by_class in classes:
+        for cls in TTFT_CLASSES:
+            row = by_class[cls]
+            table.add_row(name, cls, str(row["requests"]), ms(row["ttft_p50_s"]),
+                          ms(row["ttft_p90_s"]), ms(row["queue_p50_s"]),
+                          f"{row['tail_share']:.0%}")
+    return table
+
+
 def run_sim(args: argparse.Namespace) -> int:
     console = Console(width=150)
     profile = profile_named(args.profile, args.kv_blocks if args.kv_blocks_set else 0)
@@ -212,20 +235,23 @@ def run_sim(args: argparse.Namespace) -> int:
                        "unfinished", "wall s"):
             table.add_column(column, justify="left" if column == "picker" else "right")
         rows: list[dict[str, Any]] = []
+        classes: list[tuple[str, dict[str, Any]]] = []
         for name in args.sim_pickers:
             started = time.monotonic()
             picker = make_picker(name, profile.block_size, trace.requests,
                                  args.scheduling_policy)
             if args.sim_pending_ttl is not None:
                 set_pending_ttl(picker, args.sim_pending_ttl)
-            result = simulate(to_sim_requests(trace.requests, profile.block_size,
-                                              keep_text=name not in REFERENCES,
-                                              hash_blocks=needs_block_hashes(name)),
-                              args.pods, profile, picker,
+            sim_requests = to_sim_requests(trace.requests, profile.block_size,
+                                           keep_text=name not in REFERENCES,
+                                           hash_blocks=needs_block_hashes(name))
+            result = simulate(sim_requests, args.pods, profile, picker,
                               scheduling_policy=args.scheduling_policy)
             wall = time.monotonic() - started
+            by_class = ttft_by_class(sim_requests, [r.group for r in trace.requests])
+            classes.append((name, by_class))
             rows.append({"picker": name, "wall_s": round(wall, 2), "oracle_hit_rate":
-                         round(oracle, 4), **asdict(result)})
+                         round(oracle, 4), **asdict(result), "ttft_by_class": by_class})
             table.add_row(name, f"{result.ttft_p50_s * 1000:.0f}",
                           f"{result.ttft_p90_s * 1000:.0f}", f"{result.ttft_p99_s * 1000:.0f}",
                           f"{result.e2e_p50_s * 1000:.0f}", f"{result.e2e_p99_s * 1000:.0f}",
@@ -234,6 +260,7 @@ def run_sim(args: argparse.Namespace) -> int:
                           *(f"{result.recomputed[c]:.1%}" for c in RECOMPUTE_CAUSES),
                           str(result.unfinished), f"{wall:.1f}")
         console.print(table)
+        console.print(class_table(classes))
         stem = f"{args.name}-sim-{label}" if args.name else f"sim-{label}"
         path = out_dir / f"{stem}.json"
         path.write_text(json.dumps({"workload": label, "pods": args.pods, "rate": rate,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from kvroute_bench.sim.fleet import RoundRobinPicker, simulate, to_sim_requests
+from kvroute_bench.sim.fleet import RoundRobinPicker, simulate, to_sim_requests, ttft_by_class
 from kvroute_bench.workloads import ChatParams, generate
 from kvroute_emulator.model.engine import SimEngine, SimRequest, block_hashes
 from kvroute_emulator.model.profile import CostProfile, cpu_test_engine, h100_llama8b
@@ -140,6 +140,35 @@ def test_fleet_round_robin_on_a_chat_trace() -> None:
     assert result.requests_per_engine == [30, 30]
     assert 0.0 < result.prefix_hit_rate < 1.0
     assert result.ttft_p50_s <= result.ttft_p99_s
+
+
+def _timed(i: int, arrival: float, admitted: float, first: float) -> SimRequest:
+    return SimRequest(id=i, arrival_s=arrival, prompt_tokens=64, max_tokens=1, hashes=[],
+                      admitted_s=admitted, first_token_s=first, done_s=first)
+
+
+def test_ttft_by_class_names_what_the_tail_is_made_of() -> None:
+    # Group a: its first request answers at 1.0 s; b arrives before that (a follower) and c
+    # after (later). Group b: one request. The run's p90 falls between 0.9 s and 2.0 s, so
+    # only the follower is in the tail.
+    requests = [_timed(0, 0.0, 0.1, 1.0), _timed(1, 0.5, 1.0, 2.5), _timed(2, 1.2, 1.2, 1.3),
+                _timed(3, 1.5, 1.5, 1.6)]
+    by_class = ttft_by_class(requests, ["a", "a", "a", "b"])
+    assert {name: row["requests"] for name, row in by_class.items()} == {
+        "first": 2, "follower": 1, "later": 1}
+    assert by_class["follower"]["ttft_p50_s"] == 2.0
+    assert by_class["follower"]["queue_p50_s"] == 0.5
+    assert by_class["follower"]["tail_share"] == 1.0
+    assert by_class["first"]["tail_share"] == 0.0
+    assert by_class["first"]["ttft_p50_s"] == pytest.approx(0.55)
+    # a first request that never answered: every other request of its group follows it
+    unanswered = [SimRequest(id=0, arrival_s=0.0, prompt_tokens=64, max_tokens=1, hashes=[]),
+                  _timed(1, 5.0, 5.0, 5.5)]
+    by_class = ttft_by_class(unanswered, ["a", "a"])
+    assert by_class["follower"]["requests"] == 1
+    assert by_class["first"]["ttft_p50_s"] is None
+    with pytest.raises(ValueError, match="2 requests but 1 groups"):
+        ttft_by_class(unanswered, ["a"])
 
 
 def test_fleet_rejects_requests_larger_than_an_engine() -> None:

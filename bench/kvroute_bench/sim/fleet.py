@@ -197,22 +197,24 @@ TTFT_CLASSES = ("first", "follower", "later")
 
 
 def ttft_by_class(requests: Sequence[SimRequest], groups: Sequence[str]) -> dict[str, Any]:
-    """TTFT by :data:`TTFT_CLASSES` (``groups[i]``: the trace group of ``requests[i]``, in
-    arrival order): per class the request count, TTFT p50 / p90 in seconds, the median time
-    from arrival to admission by the engine (``queue_p50_s``), and ``tail_share``, the
-    class's share of the requests slower than the run's TTFT p90 (an unanswered request
-    counts as slower) — what the tail is made of."""
+    """TTFT by :data:`TTFT_CLASSES` (``groups[i]``: the trace group of ``requests[i]``; a
+    group's first request is its earliest arrival, in any input order): per class the
+    request count, TTFT p50 / p90 in seconds, the median time from arrival to admission by
+    the engine (``queue_p50_s``), and ``tail_share``, the class's share of the requests
+    slower than the run's TTFT p90 (an unanswered request counts as slower) — what the tail
+    is made of."""
     if len(requests) != len(groups):
         raise ValueError(f"{len(requests)} requests but {len(groups)} groups")
     first_token: dict[str, float] = {}
-    classes: list[str] = []
-    for request, group in zip(requests, groups, strict=True):
+    classes = [""] * len(requests)
+    for i in sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i)):
+        request, group = requests[i], groups[i]
         if group not in first_token:
             first_token[group] = (request.first_token_s if request.first_token_s is not None
                                   else math.inf)
-            classes.append("first")
+            classes[i] = "first"
         else:
-            classes.append("follower" if request.arrival_s < first_token[group] else "later")
+            classes[i] = "follower" if request.arrival_s < first_token[group] else "later"
     ttft = [math.inf if r.ttft_s is None else r.ttft_s for r in requests]
     finite = [t for t in ttft if math.isfinite(t)]
     p90 = float(np.percentile(finite, 90)) if finite else math.inf
@@ -221,8 +223,8 @@ def ttft_by_class(requests: Sequence[SimRequest], groups: Sequence[str]) -> dict
     for name in TTFT_CLASSES:
         members = [i for i, c in enumerate(classes) if c == name]
         times = [ttft[i] for i in members if math.isfinite(ttft[i])]
-        queued = [requests[i].admitted_s - requests[i].arrival_s  # type: ignore[operator]
-                  for i in members if requests[i].admitted_s is not None]
+        queued = [r.admitted_s - r.arrival_s for r in (requests[i] for i in members)
+                  if r.admitted_s is not None]
         out[name] = {
             "requests": len(members),
             "ttft_p50_s": round(float(np.percentile(times, 50)), 4) if times else None,

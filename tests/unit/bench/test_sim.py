@@ -167,6 +167,9 @@ def test_ttft_by_class_names_what_the_tail_is_made_of() -> None:
     by_class = ttft_by_class(unanswered, ["a", "a"])
     assert by_class["follower"]["requests"] == 1
     assert by_class["first"]["ttft_p50_s"] is None
+    # the input order does not matter: a group's first request is its earliest arrival
+    shuffled = ttft_by_class(list(reversed(requests)), ["b", "a", "a", "a"])
+    assert shuffled == ttft_by_class(requests, ["a", "a", "a", "b"])
     with pytest.raises(ValueError, match="2 requests but 1 groups"):
         ttft_by_class(unanswered, ["a"])
 

@@ -45,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                         help="measured requests per contender (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=10,
                         help="requests sent first and excluded from the results")
+    parser.add_argument("--warmup-mode", choices=("drain", "continuous"), default="drain",
+                        help="drain: wait for the warm-up to finish, then measure from an idle "
+                             "fleet with warm caches; continuous: the warm-up flows straight "
+                             "into the measured requests, which start on the queues it left "
+                             "(a steady state: use a warm-up long enough to reach one)")
     parser.add_argument("--rate", default="1.0",
                         help="arrival rate, requests/s: one, or one per workload, "
                              "comma-separated; several with a single workload sweep the rate "

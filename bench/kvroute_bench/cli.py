@@ -364,7 +364,8 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
     description = (WORKLOADS[trace.workload].description if trace.workload in WORKLOADS
                    else f"replay of {trace.params.get('trace')} ({trace.params.get('format')})")
     console.print(f"[bold]{trace.workload}[/]: {description}")
-    console.print(f"trace: {trace.summary()} (first {args.warmup} are warm-up)")
+    console.print(f"trace: {trace.summary()} (first {args.warmup} are warm-up, "
+                  f"{args.warmup_mode})")
     meta: dict[str, Any] = {
         "workload": trace.workload, "params": trace.params, "trace": trace.summary(),
         "warmup": args.warmup, "repeats": args.repeats, "engines": len(fleet.engines),
@@ -381,7 +382,8 @@ def _run_workload(args: argparse.Namespace, console: Console, trace: Trace,
     plan = RunPlan(trace=trace, warmup=args.warmup, contenders=contenders, workdir=workdir,
                    bin_dirs=bin_dirs, request_timeout_s=args.request_timeout,
                    time_scale=args.time_scale if args.fleet == "emulated" else 1.0,
-                   replicas=args.replicas)
+                   replicas=args.replicas, continuous_warmup=args.warmup_mode == "continuous")
+    meta["warmup_mode"] = args.warmup_mode
     meta["replicas"] = args.replicas
     meta["replica_sync"] = bool(args.replica_sync)
     rounds: dict[str, list[Measurement]] = {c.name: [] for c in contenders}

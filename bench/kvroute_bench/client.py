@@ -99,11 +99,13 @@ async def send_one(session: aiohttp.ClientSession, url: str, model: str, request
 async def run_trace(base_urls: Sequence[str], model: str, requests: Sequence[TraceRequest],
                     *, timeout_s: float = 180.0, max_connections: int = 512,
                     on_done: Callable[[RequestResult], None] | None = None,
+                    on_sent: Callable[[int], None] | None = None,
                     ) -> list[RequestResult]:
     """Send ``requests`` open-loop (at their ``arrival_s`` relative to now); return results.
 
     Request *i* goes to ``base_urls[i % len(base_urls)]``. Every request ends within
     ``timeout_s`` of being sent, so the whole run is bounded by the last arrival plus it.
+    ``on_sent(i)`` is called as request *i* is sent, ``on_done(result)`` as it ends.
     """
     if not base_urls:
         raise ValueError("at least one base URL is needed")
@@ -119,6 +121,8 @@ async def run_trace(base_urls: Sequence[str], model: str, requests: Sequence[Tra
             if delay > 0:
                 await asyncio.sleep(delay)
             url = base_urls[position % len(base_urls)]
+            if on_sent is not None:
+                on_sent(position)
             result = await send_one(session, url, model, request, timeout_s)
             if on_done is not None:
                 on_done(result)

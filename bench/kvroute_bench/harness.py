@@ -7,6 +7,12 @@ KV-event subscribers start empty), start the contender's router, send the warm-u
 send the rest of the trace open-loop, scrape again, stop the router. Only the second part is
 reported, and engine counters are the difference of the two scrapes.
 
+With ``continuous_warmup`` the warm-up does not drain: the whole trace is one open-loop stream
+and the first scrape is taken (in a worker thread) as the first measured request is sent, so
+the measured window starts with the queues and caches the warm-up left — a steady state, not
+a warm cache behind an idle fleet. The warm-up requests still in flight then finish inside the
+window: their engine counters land in it, their latencies do not.
+
 Router-added latency is measured without instrumenting any router, after the measured window:
 ``OVERHEAD_PAIRS`` pairs of tiny requests (a fresh 48-token prompt, one output token), sent one
 at a time, alternately through the router and straight to an engine; the median router time
@@ -29,7 +35,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -192,6 +198,11 @@ class RunPlan:
     time_scale: float = 1.0
     # Independent copies of each router, requests spread over them round-robin per request.
     replicas: int = 1
+    # The warm-up flows straight into the measured window instead of draining first.
+    continuous_warmup: bool = False
+
+
+T = TypeVar("T")
 
 
 def dilate(requests: Sequence[TraceRequest], scale: float) -> list[TraceRequest]:
@@ -216,6 +227,29 @@ def undilate(results: Sequence[RequestResult], scale: float) -> list[RequestResu
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 
+async def send_continuous(base_urls: Sequence[str], model: str,
+                          warm: Sequence[TraceRequest], measured: Sequence[TraceRequest],
+                          at_switch: Callable[[], T], *, timeout_s: float,
+                          on_done: Callable[[RequestResult], None] | None = None,
+                          ) -> tuple[list[RequestResult], T]:
+    """``warm`` then ``measured`` as one open-loop stream (``measured``'s arrival times follow
+    on from ``warm``'s); ``at_switch()`` runs in a worker thread as the first measured request
+    is sent (its blocking scrapes must not hold the sends back). Returns the measured requests'
+    results and what ``at_switch`` returned."""
+    loop = asyncio.get_running_loop()
+    switched: list[asyncio.Future[T]] = []
+
+    def on_sent(position: int) -> None:
+        if position >= len(warm) and not switched:
+            switched.append(loop.run_in_executor(None, at_switch))
+
+    results = await run_trace(base_urls, model, [*warm, *measured], timeout_s=timeout_s,
+                              on_done=on_done, on_sent=on_sent)
+    if not switched:  # nothing measured: the switch is the end of the warm-up
+        return [], at_switch()
+    return results[len(warm):], await switched[0]
+
+
 def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                   progress: Progress) -> Measurement:
     """Reset caches, start the contender, warm up, measure, probe its overhead, stop."""
@@ -236,17 +270,25 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                 progress(phase, done[0], total)
             return on_done
 
-        if warm:
-            asyncio.run(run_trace(running.base_urls, _model(fleet), warm,
-                                  timeout_s=plan.request_timeout_s * scale,
-                                  on_done=tick("warm-up", len(warm))))
-        before = [scrape(e.url) for e in fleet.engines]
-        cpu_before = running.cpu_seconds()
-        done[0] = 0
-        results = undilate(asyncio.run(run_trace(
-            running.base_urls, _model(fleet), measured,
-            timeout_s=plan.request_timeout_s * scale,
-            on_done=tick("measured", len(measured)))), scale)
+        def at_switch() -> tuple[list[dict[promtext.Sample, float]], float]:
+            return [scrape(e.url) for e in fleet.engines], running.cpu_seconds()
+
+        if plan.continuous_warmup:
+            sent, (before, cpu_before) = asyncio.run(send_continuous(
+                running.base_urls, _model(fleet), warm, measured, at_switch,
+                timeout_s=plan.request_timeout_s * scale,
+                on_done=tick("warm-up + measured", len(warm) + len(measured))))
+        else:
+            if warm:
+                asyncio.run(run_trace(running.base_urls, _model(fleet), warm,
+                                      timeout_s=plan.request_timeout_s * scale,
+                                      on_done=tick("warm-up", len(warm))))
+            before, cpu_before = at_switch()
+            done[0] = 0
+            sent = asyncio.run(run_trace(running.base_urls, _model(fleet), measured,
+                                         timeout_s=plan.request_timeout_s * scale,
+                                         on_done=tick("measured", len(measured))))
+        results = undilate(sent, scale)
         time.sleep(1.0)  # engines update their counters just after the last stream ends
         after = [scrape(e.url) for e in fleet.engines]
         router_cpu = running.cpu_seconds() - cpu_before

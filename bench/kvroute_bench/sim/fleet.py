@@ -107,10 +107,21 @@ def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: b
                        prompt=r.prompt if keep_text else "") for r in trace]
 
 
+def measured_ids(requests: Sequence[SimRequest], warmup: int) -> set[int]:
+    """The ids of ``requests`` from the ``warmup``-th arrival on (arrival order, ties by
+    position): what a run with a continuous warm-up of ``warmup`` requests reports."""
+    order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
+    return {requests[i].id for i in order[warmup:]}
+
+
 def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
-             max_simulated_s: float = 86_400.0, scheduling_policy: str = "fcfs") -> SimResult:
+             max_simulated_s: float = 86_400.0, scheduling_policy: str = "fcfs",
+             warmup: int = 0) -> SimResult:
     """Run ``requests`` through ``pods`` engines of ``profile`` (admitting waiting requests by
-    ``scheduling_policy``, vLLM's); stops at ``max_simulated_s``."""
+    ``scheduling_policy``, vLLM's); stops at ``max_simulated_s``. The first ``warmup``
+    arrivals run like the rest but are left out of the result (a continuous warm-up:
+    latencies, throughput, hits and recomputation count the others; ``requests_per_engine``
+    counts every request)."""
     engines = [SimEngine(i, profile, scheduling_policy=scheduling_policy) for i in range(pods)]
     capacity = profile.kv_blocks * profile.block_size
     for r in requests:
@@ -166,24 +177,32 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
             scrape(engines, now)
             if heap:
                 heapq.heappush(heap, (now + scrape_every, next(order), "scrape", None))
-    done = [r for r in requests if r.done_s is not None]
+    counted = measured_ids(requests, warmup)
+    measured = [r for r in requests if r.id in counted]
+    done = [r for r in measured if r.done_s is not None]
     ttft = [r.ttft_s for r in done if r.ttft_s is not None]
     e2e = [r.e2e_s for r in done if r.e2e_s is not None]
-    queries = sum(e.prefix_queries for e in engines)
+    if warmup:  # the engines' counters hold the warm-up too: count the measured admissions
+        admitted = [r for r in measured if r.admitted_s is not None]
+        queries = sum(r.prompt_tokens for r in admitted)
+        hits = sum(r.cached_tokens for r in admitted)
+    else:
+        queries = sum(e.prefix_queries for e in engines)
+        hits = sum(e.prefix_hits for e in engines)
     span = (max((r.done_s for r in done if r.done_s is not None), default=0.0)
-            - min((r.arrival_s for r in requests), default=0.0))
+            - min((r.arrival_s for r in measured), default=0.0))
 
     def pct(values: list[float], q: float) -> float:
         return float(np.percentile(values, q)) if values else math.nan
 
     return SimResult(
-        requests=len(requests), unfinished=len(requests) - len(done),
+        requests=len(measured), unfinished=len(measured) - len(done),
         ttft_p50_s=pct(ttft, 50), ttft_p90_s=pct(ttft, 90), ttft_p99_s=pct(ttft, 99),
         e2e_p50_s=pct(e2e, 50), e2e_p99_s=pct(e2e, 99),
         output_tokens_per_s=sum(r.max_tokens for r in done) / span if span > 0 else math.nan,
-        prefix_hit_rate=sum(e.prefix_hits for e in engines) / queries if queries else 0.0,
+        prefix_hit_rate=hits / queries if queries else 0.0,
         requests_per_engine=[e.finished for e in engines], simulated_s=now,
-        recomputed=recompute_breakdown(requests, profile.block_size))
+        recomputed=recompute_breakdown(requests, profile.block_size, counted))
 
 
 TTFT_CLASSES = ("first", "follower", "later")
@@ -196,13 +215,15 @@ TTFT_CLASSES = ("first", "follower", "later")
 * ``later``: arrived after that."""
 
 
-def ttft_by_class(requests: Sequence[SimRequest], groups: Sequence[str]) -> dict[str, Any]:
+def ttft_by_class(requests: Sequence[SimRequest], groups: Sequence[str],
+                  warmup: int = 0) -> dict[str, Any]:
     """TTFT by :data:`TTFT_CLASSES` (``groups[i]``: the trace group of ``requests[i]``; a
     group's first request is its earliest arrival, in any input order): per class the
     request count, TTFT p50 / p90 in seconds, the median time from arrival to admission by
     the engine (``queue_p50_s``), and ``tail_share``, the class's share of the requests
     slower than the run's TTFT p90 (an unanswered request counts as slower) — what the tail
-    is made of."""
+    is made of. Classes are found over every request; only those from the ``warmup``-th
+    arrival on are counted."""
     if len(requests) != len(groups):
         raise ValueError(f"{len(requests)} requests but {len(groups)} groups")
     first_token: dict[str, float] = {}
@@ -215,13 +236,15 @@ def ttft_by_class(requests: Sequence[SimRequest], groups: Sequence[str]) -> dict
             classes[i] = "first"
         else:
             classes[i] = "follower" if request.arrival_s < first_token[group] else "later"
+    counted = measured_ids(requests, warmup)
     ttft = [math.inf if r.ttft_s is None else r.ttft_s for r in requests]
-    finite = [t for t in ttft if math.isfinite(t)]
+    finite = [t for t, r in zip(ttft, requests, strict=True)
+              if math.isfinite(t) and r.id in counted]
     p90 = float(np.percentile(finite, 90)) if finite else math.inf
-    tail = sum(1 for t in ttft if t > p90) or 1
+    tail = sum(1 for t, r in zip(ttft, requests, strict=True) if t > p90 and r.id in counted) or 1
     out: dict[str, Any] = {}
     for name in TTFT_CLASSES:
-        members = [i for i, c in enumerate(classes) if c == name]
+        members = [i for i, c in enumerate(classes) if c == name and requests[i].id in counted]
         times = [ttft[i] for i in members if math.isfinite(ttft[i])]
         queued = [r.admitted_s - r.arrival_s for r in (requests[i] for i in members)
                   if r.admitted_s is not None]
@@ -244,10 +267,12 @@ RECOMPUTE_CAUSES = ("evicted", "elsewhere", "in_flight")
   when this one was admitted — the same prompt sent twice before the first prefill ended."""
 
 
-def recompute_breakdown(requests: Sequence[SimRequest], block_size: int) -> dict[str, float]:
+def recompute_breakdown(requests: Sequence[SimRequest], block_size: int,
+                        counted: set[int] | None = None) -> dict[str, float]:
     """Shares of all admitted prompt tokens recomputed by cause (:data:`RECOMPUTE_CAUSES`),
     replayed from the finished run in admission order: a block counts as available on an
     engine from the first token of the request that computed it there (its prefill's end).
+    With ``counted``, only those requests' tokens are counted (every request is replayed).
     Only full prompt blocks are classified; the last token vLLM always computes, and partial
     blocks, are in neither the oracle's hits nor here."""
     admitted = sorted((r for r in requests if r.admitted_s is not None),
@@ -257,12 +282,13 @@ def recompute_breakdown(requests: Sequence[SimRequest], block_size: int) -> dict
     prompt_tokens = 0
     for r in admitted:
         assert r.admitted_s is not None
-        prompt_tokens += r.prompt_tokens
+        counts_here = counted is None or r.id in counted
+        prompt_tokens += r.prompt_tokens if counts_here else 0
         done = r.first_token_s if r.first_token_s is not None else math.inf
         full = r.prompt_tokens // block_size
         for block in r.hashes[r.cached_tokens // block_size:full]:
             holders = ready.setdefault(block, {})
-            if holders:
+            if holders and counts_here:
                 if r.engine in holders and holders[r.engine] <= r.admitted_s:
                     counts["evicted"] += block_size
                 elif min(holders.values()) > r.admitted_s:

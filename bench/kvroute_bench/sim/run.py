@@ -172,15 +172,24 @@ def set_pending_ttl(picker: Picker, seconds: float) -> None:
             router.pool_events.index.pending_ttl = seconds
 
 
+def sim_warmup(args: argparse.Namespace) -> int:
+    """The simulator's warm-up: with ``--warmup-mode continuous``, ``--warmup`` requests run
+    first and are left out of the results, as on a fleet (a simulated engine never drains, so
+    only the continuous mode has a simulated counterpart); otherwise none: every request
+    counts, as in the oracle it is compared with."""
+    return args.warmup if args.warmup_mode == "continuous" else 0
+
+
 def sim_trace(args: argparse.Namespace, path: Path, rate: float) -> Trace:
-    """A trace file's first ``--requests`` requests, as ``kvroute bench --trace`` replays them
-    on a fleet (``--rate`` scales its arrival times: 2 = twice as fast). The simulator has no
-    warm-up: every request counts, as in the oracle it is compared with."""
+    """A trace file's first ``--requests`` requests (plus the :func:`sim_warmup`), as
+    ``kvroute bench --trace`` replays them on a fleet (``--rate`` scales its arrival times:
+    2 = twice as fast)."""
     from kvroute_bench.traces import TraceFormatError, TraceOptions, load
 
     try:
         return load(TraceOptions(path, args.trace_format, args.trace_time_scale / rate,
-                                 args.max_context or 32768, args.requests, args.seed))
+                                 args.max_context or 32768, args.requests + sim_warmup(args),
+                                 args.seed))
     except (OSError, TraceFormatError) as exc:
         raise SystemExit(f"--trace {path}: {exc}") from None
 
@@ -211,6 +220,7 @@ def run_sim(args: argparse.Namespace) -> int:
     profile = profile_named(args.profile, args.kv_blocks if args.kv_blocks_set else 0)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    warmup = sim_warmup(args)
     for workload, rate in zip(args.workloads, args.rates, strict=True):
         overrides = dict(item.split("=", 1) for item in args.set or [])
         sizing: dict[str, Any] = {}
@@ -221,14 +231,16 @@ def run_sim(args: argparse.Namespace) -> int:
             trace = sim_trace(args, Path(workload.removeprefix("trace:")), rate)
         else:
             trace = generate(build_params(workload, overrides if len(args.workloads) == 1
-                                          else None, requests=args.requests, rate=rate,
+                                          else None, requests=args.requests + warmup,
+                                          rate=rate,
                                           seed=args.seed, **sizing))
-        # The oracle over the whole run: the simulator's hit rates count every request.
-        oracle = oracle_hit_rate(trace.requests, 0, profile.block_size)
+        # The oracle over the counted requests (after the warm-up's, if any).
+        oracle = oracle_hit_rate(trace.requests, warmup, profile.block_size)
         label = trace.workload if workload.startswith("trace:") else workload
         table = Table(title=f"simulated {label}: {args.pods} pods, profile {profile.name}, "
-                            f"{args.requests} requests at {rate}/s, engines "
-                            f"{args.scheduling_policy}")
+                            f"{args.requests} requests at {rate}/s"
+                            + (f" after {warmup} continuous warm-up" if warmup else "")
+                            + f", engines {args.scheduling_policy}")
         for column in ("picker", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99",
                        "out tok/s", "prefix hit", "oracle", *(f"re: {c}" for c in
                                                                 RECOMPUTE_CAUSES),
@@ -246,9 +258,9 @@ def run_sim(args: argparse.Namespace) -> int:
                                            keep_text=name not in REFERENCES,
                                            hash_blocks=needs_block_hashes(name))
             result = simulate(sim_requests, args.pods, profile, picker,
-                              scheduling_policy=args.scheduling_policy)
+                              scheduling_policy=args.scheduling_policy, warmup=warmup)
             wall = time.monotonic() - started
-            by_class = ttft_by_class(sim_requests, [r.group for r in trace.requests])
+            by_class = ttft_by_class(sim_requests, [r.group for r in trace.requests], warmup)
             classes.append((name, by_class))
             rows.append({"picker": name, "wall_s": round(wall, 2), "oracle_hit_rate":
                          round(oracle, 4), **asdict(result), "ttft_by_class": by_class})
@@ -264,6 +276,7 @@ def run_sim(args: argparse.Namespace) -> int:
         stem = f"{args.name}-sim-{label}" if args.name else f"sim-{label}"
         path = out_dir / f"{stem}.json"
         path.write_text(json.dumps({"workload": label, "pods": args.pods, "rate": rate,
+                                    "warmup": warmup,
                                     "scheduling_policy": args.scheduling_policy,
                                     "profile": asdict(profile), "params": trace.params,
                                     "results": rows}, indent=1, default=str) + "\n")

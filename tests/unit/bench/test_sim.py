@@ -174,6 +174,46 @@ def test_ttft_by_class_names_what_the_tail_is_made_of() -> None:
         ttft_by_class(unanswered, ["a"])
 
 
+def test_a_continuous_warm_up_runs_but_is_not_counted() -> None:
+    """``simulate(..., warmup=N)``: the first N arrivals (by arrival time, not list order) load
+    the caches and queues but stay out of latencies, hits and recomputation."""
+    shared = b"0123456789abcdef" * 2
+    def trace() -> list[SimRequest]:  # listed out of arrival order on purpose
+        return [request(2, shared + b"qq", at=0.2), request(0, shared + b"xx", at=0.0),
+                request(1, shared + b"yy", at=0.1)]
+    cold = simulate(trace(), 1, PROFILE, RoundRobinPicker())
+    warm_requests = trace()
+    warm = simulate(warm_requests, 1, PROFILE, RoundRobinPicker(), warmup=1)
+    assert cold.requests == 3 and warm.requests == 2 and warm.unfinished == 0
+    # request 0 (the earliest arrival) computed the shared 32 tokens; the two counted
+    # requests hit them: 32 of 34 tokens each
+    assert warm.prefix_hit_rate == pytest.approx(64 / 68)
+    assert cold.prefix_hit_rate < warm.prefix_hit_rate
+    counted = [r for r in warm_requests if r.id != 0]
+    assert warm.ttft_p99_s <= max(r.ttft_s or 0.0 for r in counted)
+    by_class = ttft_by_class(warm_requests, ["g", "g", "g"], warmup=1)
+    assert by_class["first"]["requests"] == 0  # the group's first request was the warm-up
+    assert by_class["follower"]["requests"] + by_class["later"]["requests"] == 2
+
+
+def test_the_simulator_honours_a_continuous_warm_up(tmp_path: Path) -> None:
+    """``--warmup-mode continuous`` simulates ``--warmup`` more requests and counts the rest;
+    the default (drain) has no simulated counterpart and counts every request, as before."""
+    from kvroute_cli.main import main
+
+    for mode, name in (("continuous", "c"), ("drain", "d")):
+        code = main(["bench", "--sim", "--profile", "h100", "--pods", "2", "--workload", "chat",
+                     "--requests", "12", "--warmup", "6", "--warmup-mode", mode, "--rate", "4",
+                     "--sim-pickers", "round-robin", "--out", str(tmp_path), "--name", name,
+                     "--workdir", str(tmp_path / "wd")])
+        assert code == 0
+    continuous = json.loads((tmp_path / "c-sim-chat.json").read_text())
+    drain = json.loads((tmp_path / "d-sim-chat.json").read_text())
+    assert continuous["warmup"] == 6 and drain["warmup"] == 0
+    assert continuous["results"][0]["requests"] == 12 and drain["results"][0]["requests"] == 12
+    assert sum(continuous["results"][0]["requests_per_engine"]) == 18
+
+
 def test_fleet_rejects_requests_larger_than_an_engine() -> None:
     big = request(1, b"u" * 400)
     with pytest.raises(ValueError, match="one engine holds 160"):

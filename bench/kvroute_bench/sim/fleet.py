@@ -182,13 +182,11 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
     done = [r for r in measured if r.done_s is not None]
     ttft = [r.ttft_s for r in done if r.ttft_s is not None]
     e2e = [r.e2e_s for r in done if r.e2e_s is not None]
-    if warmup:  # the engines' counters hold the warm-up too: count the measured admissions
-        admitted = [r for r in measured if r.admitted_s is not None]
-        queries = sum(r.prompt_tokens for r in admitted)
-        hits = sum(r.cached_tokens for r in admitted)
-    else:
-        queries = sum(e.prefix_queries for e in engines)
-        hits = sum(e.prefix_hits for e in engines)
+    # The engines' prefix-cache counters, for the counted requests only (each request is
+    # admitted once here, adding its prompt and cached tokens to its engine's counters).
+    admitted = [r for r in measured if r.admitted_s is not None]
+    queries = sum(r.prompt_tokens for r in admitted)
+    hits = sum(r.cached_tokens for r in admitted)
     span = (max((r.done_s for r in done if r.done_s is not None), default=0.0)
             - min((r.arrival_s for r in measured), default=0.0))
 

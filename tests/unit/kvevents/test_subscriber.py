@@ -267,24 +267,6 @@ async def test_wrong_seed_raises_the_hash_alarm(ctx: zmq.asyncio.Context) -> Non
         await rig.close()
 
 
-async def test_full_queue_drops_without_blocking_and_replay_recovers(
-        ctx: zmq.asyncio.Context) -> None:
-    rig = Rig(ctx, queue_size=1)
-    try:
-        await eventually(lambda: rig.subscriber.status.connected, "connection")
-        sequences = [list(range(1000 + 8 * n, 1008 + 8 * n)) for n in range(40)]
-        for tokens in sequences:
-            await rig.publisher.publish([stored(rig.hasher, tokens)])
-        await eventually(lambda: rig.subscriber.status.last_seq == 39, "every batch")
-        assert all(rig.matched(tokens) == 2 for tokens in sequences)
-        # The burst lands while the applier replays (the first batch is not in sequence with
-        # anything yet): it queues, and what does not fit is dropped, then replayed.
-        assert rig.metric("kvroute_kv_events_dropped_total", endpoint="engine-0",
-                          reason="queue_full") > 0
-    finally:
-        await rig.close()
-
-
 def test_the_next_batch_is_applied_on_receipt_only_when_the_applier_is_idle() -> None:
     """The receiver hands a batch over; in sequence, with the applier parked on its empty
     queue and no resync due, it is applied there and then (no task wake-up per batch);

@@ -156,6 +156,36 @@ async def test_live_batches_queued_behind_a_replay(ctx: zmq.asyncio.Context,
         await rig.close()
 
 
+async def test_a_full_queue_drops_without_blocking_and_the_replay_recovers(
+        ctx: zmq.asyncio.Context) -> None:
+    """A one-slot queue behind a held replay: batch 3 queues, 4 and 5 find it full and are
+    dropped (the receiver never waits). The gap's replay answers as of its request (up to 2),
+    3 applies from the queue, and only the resync the overflow flagged brings 4 and 5 back (no
+    tail check to find them). The replay is held by the test, so the burst lands while the
+    applier is busy on every machine (an unheld replay could finish first, nothing queued)."""
+    rig, publisher = await start(ctx, queue_size=1, replay_timeout_s=60.0, tail_check_s=0)
+    try:
+        publisher.hold = asyncio.Event()
+        asked = len(publisher.requests)
+        await publish(rig, 1, live=False)
+        await publish(rig, 2, live=True)
+        await eventually(lambda: len(publisher.requests) > asked, "the replay request")
+        for n in (3, 4, 5):
+            await publish(rig, n, live=True)
+
+        def dropped() -> float:
+            return rig.metric("kvroute_kv_events_dropped_total", endpoint="engine-0",
+                              reason="queue_full")
+
+        await eventually(lambda: dropped() == 2, "4 and 5 dropped, 3 queued")
+        assert rig.subscriber._queue.qsize() == 1
+        publisher.hold.set()
+        await settled(rig, 5)
+        assert_complete(rig, 5)
+    finally:
+        await rig.close()
+
+
 async def test_a_gap_whose_replay_times_out_is_not_stepped_over(
         ctx: zmq.asyncio.Context) -> None:
     """Batch 1 lost, the replay for the gap at 2 goes unanswered: 2 must not be applied over

@@ -33,6 +33,9 @@ from kvroute_router.director import Decision
 from kvroute_router.framework.endpoint import Endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.routers import http_url as url_of
+from tests.routers import running
+
 pytestmark = pytest.mark.e2e
 
 TIMEOUT = aiohttp.ClientTimeout(total=180)
@@ -89,19 +92,12 @@ def write_config(config: Path, docs: list[dict[str, Any]]) -> None:
 async def budget_router(config: Path, docs: list[dict[str, Any]], *,
                         ext_proc_trust_gateway_headers: bool = False) -> AsyncIterator[Router]:
     write_config(config, docs)
-    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=0, grpc_port=None, metrics_port=0,
-                                   kv_events=False, config_poll_interval_s=0.2,
-                                   ext_proc_trust_gateway_headers=ext_proc_trust_gateway_headers))
-    await router.start()
-    try:
+    settings = RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                              ext_proc_port=0, grpc_port=None, metrics_port=0,
+                              kv_events=False, config_poll_interval_s=0.2,
+                              ext_proc_trust_gateway_headers=ext_proc_trust_gateway_headers)
+    async with running(settings) as (router, _):
         yield router
-    finally:
-        await router.stop()
-
-
-def url_of(router: Router) -> str:
-    return f"http://127.0.0.1:{router.ports['http']}"
 
 
 async def complete(s: aiohttp.ClientSession, router: Router, model: str, prompt: str,

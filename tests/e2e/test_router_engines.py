@@ -23,6 +23,9 @@ from kvroute_router.app import Router, RouterSettings
 from kvroute_router.grpcapi.client import RouterClient
 from kvroute_router.proto_gen import router_pb2 as pb
 
+from tests.routers import http_url as url_of
+from tests.routers import running
+
 pytestmark = pytest.mark.e2e
 
 TIMEOUT = aiohttp.ClientTimeout(total=180)
@@ -45,17 +48,10 @@ async def router_for(tmp_path: Path, addresses: list[str], model: str
     ]
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump_all(docs))
-    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=0, grpc_port=0, metrics_port=None))
-    await router.start()
-    try:
+    settings = RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                              ext_proc_port=0, grpc_port=0, metrics_port=None)
+    async with running(settings) as (router, _):
         yield router
-    finally:
-        await router.stop()
-
-
-def url_of(router: Router) -> str:
-    return f"http://127.0.0.1:{router.ports['http']}"
 
 
 async def test_streaming_chat_through_the_proxy(tmp_path: Path, engine_fleet: LocalEngineFleet,

@@ -32,6 +32,7 @@ from kvroute_emulator.model.profile import cpu_test_engine
 from kvroute_router.app import Router, RouterSettings
 
 from tests.emulated import MODEL, emulated_fleet, fleet_pool
+from tests.routers import running
 
 pytestmark = pytest.mark.loopback
 
@@ -63,15 +64,11 @@ def _config(tmp_path: Path, fleet: EmulatedFleet, per_try_ms: int) -> Path:
 
 @contextlib.asynccontextmanager
 async def running_router(config: Path, model_dir: Path) -> AsyncIterator[tuple[Router, str]]:
-    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
-                                   scrape_interval_s=0.05, config_poll_interval_s=0.05,
-                                   tokenizer_dirs={MODEL: model_dir}))
-    await router.start()
-    try:
-        yield router, f"http://127.0.0.1:{router.ports['http']}"
-    finally:
-        await router.stop()
+    async with running(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                                      ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                      scrape_interval_s=0.05, config_poll_interval_s=0.05,
+                                      tokenizer_dirs={MODEL: model_dir})) as started:
+        yield started
 
 
 async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 20.0,

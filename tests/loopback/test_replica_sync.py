@@ -25,6 +25,7 @@ from kvroute_router.app import Router, RouterSettings
 from kvroute_router.replicasync.wire import DispatchRecord, encode
 
 from tests.emulated import MODEL, emulated_fleet, fleet_pool
+from tests.routers import running
 
 pytestmark = pytest.mark.loopback
 
@@ -64,17 +65,13 @@ def _config(tmp_path: Path, fleet: EmulatedFleet, pending_ms: int | None = None,
 @contextlib.asynccontextmanager
 async def replica(config: Path, model_dir: Path, sync_url: str | None,
                   scrape_interval_s: float = 0.05) -> AsyncIterator[tuple[Router, str]]:
-    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
-                                   scrape_interval_s=scrape_interval_s,
-                                   config_poll_interval_s=0.05, budgets=False,
-                                   tokenizer_dirs={MODEL: model_dir},
-                                   replica_sync_redis_url=sync_url))
-    await router.start()
-    try:
-        yield router, f"http://127.0.0.1:{router.ports['http']}"
-    finally:
-        await router.stop()
+    async with running(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                                      ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                      scrape_interval_s=scrape_interval_s,
+                                      config_poll_interval_s=0.05, budgets=False,
+                                      tokenizer_dirs={MODEL: model_dir},
+                                      replica_sync_redis_url=sync_url)) as started:
+        yield started
 
 
 async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:

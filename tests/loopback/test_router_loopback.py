@@ -28,6 +28,8 @@ from kvroute_router.grpcapi.client import RouterClient
 from kvroute_router.grpcapi.server import start_router_grpc_server
 from kvroute_router.proto_gen import router_pb2 as pb
 
+from tests.routers import running
+
 pytestmark = pytest.mark.loopback
 
 METRICS = ('vllm:num_requests_running{engine="0"} 0.0\n'
@@ -178,16 +180,12 @@ async def running_router(tmp_path: Path, engines: list[FakeEngine] | list[str],
     ]
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump_all(docs))
-    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=None, grpc_port=None, metrics_port=None,
-                                   scrape_interval_s=scrape_interval_s,
-                                   config_poll_interval_s=0.05,
-                                   trust_tenant_header=trust_tenant_header))
-    await router.start()
-    try:
-        yield router, f"http://127.0.0.1:{router.ports['http']}"
-    finally:
-        await router.stop()
+    async with running(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                                      ext_proc_port=None, grpc_port=None, metrics_port=None,
+                                      scrape_interval_s=scrape_interval_s,
+                                      config_poll_interval_s=0.05,
+                                      trust_tenant_header=trust_tenant_header)) as started:
+        yield started
 
 
 @pytest.fixture

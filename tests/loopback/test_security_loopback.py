@@ -16,6 +16,7 @@ import yaml
 from kvroute_router.app import Router, RouterSettings
 
 from tests.loopback.test_router_loopback import FakeEngine
+from tests.routers import running
 
 pytestmark = pytest.mark.loopback
 
@@ -45,16 +46,12 @@ async def running_router(tmp_path: Path, docs: list[dict[str, Any]], **settings:
                          ) -> AsyncIterator[tuple[Router, str]]:
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump_all(docs))
-    router = Router(RouterSettings(**{
-        "config_paths": [config], "host": "127.0.0.1", "http_port": 0, "ext_proc_port": None,
-        "grpc_port": None, "metrics_port": None, "scrape_interval_s": 0.05,
-        "config_poll_interval_s": 0.05, "kv_events": False, "quality_embedding": "hashed",
-        **settings}))
-    await router.start()
-    try:
-        yield router, f"http://127.0.0.1:{router.ports['http']}"
-    finally:
-        await router.stop()
+    async with running(RouterSettings(**{
+           "config_paths": [config], "host": "127.0.0.1", "http_port": 0, "ext_proc_port": None,
+           "grpc_port": None, "metrics_port": None, "scrape_interval_s": 0.05,
+           "config_poll_interval_s": 0.05, "kv_events": False, "quality_embedding": "hashed",
+           **settings})) as started:
+        yield started
 
 
 @pytest.fixture

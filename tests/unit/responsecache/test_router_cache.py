@@ -22,6 +22,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from kvroute_router.app import Router, RouterSettings
 
+from tests.routers import running
+
 pytestmark = pytest.mark.usefixtures("embedder")  # skips without the MiniLM package
 
 
@@ -111,18 +113,14 @@ async def cache_router(tmp_path: Path, engine: Engine, *, policy: dict[str, Any]
     ]
     config = tmp_path / "router.yaml"
     config.write_text(yaml.safe_dump_all(docs))
-    router = Router(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
-                                   ext_proc_port=0, grpc_port=None, metrics_port=None,
-                                   kv_events=False, trust_tenant_header=True,
-                                   # behind the chart's Envoy, which strips clients' copies
-                                   ext_proc_trust_gateway_headers=True,
-                                   scrape_interval_s=0.05))
-    await router.start()
-    await asyncio.wait_for(router.response_cache.warm_up(), 300)
-    try:
-        yield router, f"http://127.0.0.1:{router.ports['http']}"
-    finally:
-        await router.stop()
+    async with running(RouterSettings(config_paths=[config], host="127.0.0.1", http_port=0,
+                                      ext_proc_port=0, grpc_port=None, metrics_port=None,
+                                      kv_events=False, trust_tenant_header=True,
+                                      # behind the chart's Envoy, which strips clients' copies
+                                      ext_proc_trust_gateway_headers=True,
+                                      scrape_interval_s=0.05)) as started:
+        await asyncio.wait_for(started[0].response_cache.warm_up(), 300)
+        yield started
 
 
 @pytest.fixture

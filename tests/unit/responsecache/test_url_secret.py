@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import types
 from typing import Any
 
 import pytest
@@ -20,20 +19,9 @@ from kvroute_router.responsecache.metrics import ResponseCacheMetrics
 from kvroute_router.responsecache.service import REDIS_URL_ENV, ResponseCache
 from prometheus_client import CollectorRegistry
 
+from tests.unit.router.test_kube_source import FakeCore
+
 NS = "inference"
-
-
-class SecretReader:
-    """CoreV1Api.read_namespaced_secret over a dict of Secrets (records each read)."""
-
-    def __init__(self, secrets: dict[str, dict[str, Any]]) -> None:
-        self.secrets = secrets
-        self.reads: list[tuple[str, str]] = []
-
-    def read_namespaced_secret(self, name: str, namespace: str,
-                               _preload_content: bool = True) -> Any:
-        self.reads.append((namespace, name))
-        return types.SimpleNamespace(data=json.dumps(self.secrets[name]).encode())
 
 
 def _objects(secret: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -67,7 +55,7 @@ async def test_the_redis_url_comes_from_the_secret_the_cache_tier_names(
     store = Datastore()
     source = KubernetesSource(store, namespace=NS)
     source._loop = asyncio.get_running_loop()
-    reader = SecretReader({"redis-url": {
+    reader = FakeCore({"redis-url": {
         "metadata": {"name": "redis-url", "namespace": NS},
         "data": {"url": base64.b64encode(redis_url.encode()).decode()}}})
     source._core = reader

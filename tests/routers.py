@@ -17,11 +17,11 @@ def http_url(router: Router) -> str:
 
 @contextlib.asynccontextmanager
 async def running(settings: RouterSettings) -> AsyncIterator[tuple[Router, str]]:
-    """Start a router with ``settings``; yields it and its HTTP base URL ("" without an HTTP
-    port), and stops it on exit."""
+    """Start a router with ``settings`` (an HTTP port among them); yields it and its HTTP
+    base URL, and stops it on exit."""
     router = Router(settings)
     await router.start()
     try:
-        yield router, http_url(router) if router.ports.get("http") else ""
+        yield router, http_url(router)
     finally:
         await router.stop()

@@ -93,6 +93,9 @@ class SimResult:
     recomputed: dict[str, float] = field(default_factory=dict)
     """Prompt tokens computed although the oracle would have hit them, as shares of all
     prompt tokens, by cause (:func:`recompute_breakdown`)."""
+    placement: dict[str, float] = field(default_factory=dict)
+    """Where the picker sent each counted request against what the engines held at that
+    moment, as shares of the counted requests, by :data:`PLACEMENT_CLASSES`."""
 
 
 def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: bool = False,
@@ -112,6 +115,40 @@ def measured_ids(requests: Sequence[SimRequest], warmup: int) -> set[int]:
     position): what a run with a continuous warm-up of ``warmup`` requests reports."""
     order = sorted(range(len(requests)), key=lambda i: (requests[i].arrival_s, i))
     return {requests[i].id for i in order[warmup:]}
+
+
+PLACEMENT_CLASSES = ("on_holder", "left_holder", "held_nowhere")
+"""Where a request went, judged against the engines' caches (not the picker's view) when it
+was routed, by the longest run of the prompt's leading blocks each engine holds:
+
+* ``on_holder``: the chosen engine holds the longest such run (some blocks);
+* ``left_holder``: another engine holds a longer run than the chosen one — a spill for load,
+  or a holder the picker did not know of;
+* ``held_nowhere``: no engine holds the prompt's first block — evicted everywhere, never
+  computed, or still being computed (a block counts from the end of its prefill).
+
+It tells a picker that leaves holders (placement) from a fleet that no longer holds the
+contexts (capacity): the second is no routing decision's doing at the time it is made."""
+
+
+def held_blocks(engine: SimEngine, hashes: Sequence[int]) -> int:
+    """How many of ``hashes``' leading blocks ``engine`` holds in its cache."""
+    held = 0
+    for block in hashes:
+        if block not in engine.refcount:
+            break
+        held += 1
+    return held
+
+
+def placement_class(engines: Sequence[SimEngine], chosen: int, hashes: Sequence[int]) -> str:
+    """The :data:`PLACEMENT_CLASSES` entry for a request with block ``hashes`` sent to
+    engine ``chosen``."""
+    runs = [held_blocks(engine, hashes) for engine in engines]
+    best = max(runs, default=0)
+    if best == 0:
+        return "held_nowhere"
+    return "on_holder" if runs[chosen] == best else "left_holder"
 
 
 def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
@@ -152,6 +189,8 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
             heapq.heappush(heap, (now + engine.step_duration(plan), next(order), "step",
                                   engine))
 
+    counted = measured_ids(requests, warmup)
+    placed = dict.fromkeys(PLACEMENT_CLASSES, 0)
     pop = heapq.heappop
     while heap:
         now, _, kind, item = pop(heap)
@@ -170,6 +209,8 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
                         picker.observe(index, events)
                 touched.clear()
             choice = picker.pick(request, engines)
+            if request.id in counted:  # hashes are set by now (a KV-event picker's at pick)
+                placed[placement_class(engines, choice, request.hashes)] += 1
             engines[choice].enqueue(request)
             kick(engines[choice])
         else:  # a metrics scrape; the next one only while anything else is pending
@@ -177,7 +218,6 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
             scrape(engines, now)
             if heap:
                 heapq.heappush(heap, (now + scrape_every, next(order), "scrape", None))
-    counted = measured_ids(requests, warmup)
     measured = [r for r in requests if r.id in counted]
     done = [r for r in measured if r.done_s is not None]
     ttft = [r.ttft_s for r in done if r.ttft_s is not None]
@@ -200,7 +240,9 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
         output_tokens_per_s=sum(r.max_tokens for r in done) / span if span > 0 else math.nan,
         prefix_hit_rate=hits / queries if queries else 0.0,
         requests_per_engine=[e.finished for e in engines], simulated_s=now,
-        recomputed=recompute_breakdown(requests, profile.block_size, counted))
+        recomputed=recompute_breakdown(requests, profile.block_size, counted),
+        placement={name: round(n / total, 4) if (total := sum(placed.values())) else 0.0
+                   for name, n in placed.items()})
 
 
 TTFT_CLASSES = ("first", "follower", "later")

@@ -8,11 +8,13 @@ kvroute contender of the real-engine bench (``kvroute-precise-cost``, the defaul
 :data:`~kvroute_bench.contenders.KVROUTE_VARIANTS`), built by :class:`RouterPicker`; the
 ``prefix-precise`` ones read a KV-event index fed by the simulated engines. Beside each hit
 rate: the oracle's, and why the rest was recomputed (``SimResult.recomputed``: evicted from the
-engine, held only elsewhere, or still being computed). A suffix ``@MS`` on a kvroute picker's name
-(``kvroute-approx-load@100``) makes its metrics a scrape every MS milliseconds of simulated
-time (the router's ``--scrape-interval-ms``, default 100) instead of the engines' state at the
-instant of each decision. Profiles: ``cpu`` (the local test engines) and ``h100`` (an 8B model
-on one H100, from the shared calibration file).
+engine, held only elsewhere, or still being computed), and where each request went against
+what the engines held at that moment (``SimResult.placement``: the share sent away from the
+engine holding most of its prompt, and the share whose prompt no engine held). A suffix
+``@MS`` on a kvroute picker's name (``kvroute-approx-load@100``) makes its metrics a scrape
+every MS milliseconds of simulated time (the router's ``--scrape-interval-ms``, default 100)
+instead of the engines' state at the instant of each decision. Profiles: ``cpu`` (the local
+test engines) and ``h100`` (an 8B model on one H100, from the shared calibration file).
 """
 
 from __future__ import annotations
@@ -244,7 +246,7 @@ def run_sim(args: argparse.Namespace) -> int:
         for column in ("picker", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99",
                        "out tok/s", "prefix hit", "oracle", *(f"re: {c}" for c in
                                                                 RECOMPUTE_CAUSES),
-                       "unfinished", "wall s"):
+                       "left holder", "held nowhere", "unfinished", "wall s"):
             table.add_column(column, justify="left" if column == "picker" else "right")
         rows: list[dict[str, Any]] = []
         classes: list[tuple[str, dict[str, Any]]] = []
@@ -270,6 +272,8 @@ def run_sim(args: argparse.Namespace) -> int:
                           f"{result.output_tokens_per_s:.1f}", f"{result.prefix_hit_rate:.1%}",
                           f"{oracle:.1%}",
                           *(f"{result.recomputed[c]:.1%}" for c in RECOMPUTE_CAUSES),
+                          f"{result.placement['left_holder']:.1%}",
+                          f"{result.placement['held_nowhere']:.1%}",
                           str(result.unfinished), f"{wall:.1f}")
         console.print(table)
         console.print(class_table(classes))

@@ -325,6 +325,38 @@ def test_recompute_breakdown_names_why_a_block_was_computed_again() -> None:
                       "elsewhere": round(8 / prompt_tokens, 4)}
 
 
+def test_placement_judges_a_decision_by_what_the_engines_held() -> None:
+    from kvroute_bench.sim.fleet import placement_class
+
+    engines = [SimEngine(i, cpu_test_engine(384)) for i in range(3)]
+    for engine, blocks in zip(engines, ([1, 2], [1, 2, 3], [7]), strict=True):
+        engine.refcount.update(dict.fromkeys(blocks, 0))
+    assert placement_class(engines, 1, [1, 2, 3, 4]) == "on_holder"
+    assert placement_class(engines, 0, [1, 2, 3, 4]) == "left_holder"  # 1 holds a longer run
+    assert placement_class(engines, 2, [1, 2, 3, 4]) == "left_holder"  # a block, not the first
+    assert placement_class(engines, 2, [5, 1]) == "held_nowhere"
+
+
+def test_placement_tells_a_sticky_picker_from_round_robin() -> None:
+    from kvroute_bench.workloads import build_params
+
+    trace = generate(build_params("precise-prefix", {"tenants": "8", "context_tokens": "400"},
+                                  requests=200, rate=50, seed=1, max_context=4096))
+    profile = cpu_test_engine(384)
+    shares = {}
+    for name in ("group-affinity", "round-robin"):
+        requests = to_sim_requests(trace.requests, profile.block_size)
+        result = simulate(requests, 4, profile, make_picker(name, 16, trace.requests),
+                          warmup=50)
+        assert sum(result.placement.values()) == pytest.approx(1.0, abs=1e-3)
+        shares[name] = result.placement
+    # Each tenant on one engine: after the warm-up it is always on its holder.
+    assert shares["group-affinity"]["left_holder"] == 0.0
+    assert shares["group-affinity"]["on_holder"] > 0.9
+    # Round-robin often sends a request away from the engine holding most of its prompt.
+    assert shares["round-robin"]["left_holder"] > 0.3
+
+
 def test_group_affinity_reference_keeps_each_tenant_on_one_engine_spread_evenly() -> None:
     from kvroute_bench.sim.fleet import GroupAffinityPicker
     from kvroute_bench.workloads import build_params

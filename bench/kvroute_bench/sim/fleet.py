@@ -125,7 +125,7 @@ was routed, by the longest run of the prompt's leading blocks each engine holds:
 * ``left_holder``: another engine holds a longer run than the chosen one — a spill for load,
   or a holder the picker did not know of;
 * ``held_nowhere``: no engine holds the prompt's first block — evicted everywhere, never
-  computed, or still being computed (a block counts from the end of its prefill).
+  computed, or not yet computed (a block counts once the step computing it ends).
 
 It tells a picker that leaves holders (placement) from a fleet that no longer holds the
 contexts (capacity): the second is no routing decision's doing at the time it is made."""
@@ -301,8 +301,9 @@ RECOMPUTE_CAUSES = ("evicted", "elsewhere", "in_flight")
 """Why a block the oracle would have hit was computed again:
 
 * ``evicted``: this engine had computed it before and evicted it since;
-* ``elsewhere``: only other engines had computed it (the request left the block's holder: a
-  spill, or a holder that was never learnt);
+* ``elsewhere``: only other engines had ever computed it (the request left the block's
+  holder: a spill, or a holder that was never learnt — or every copy had been evicted since
+  and the context was placed anew; :data:`PLACEMENT_CLASSES` tells these apart);
 * ``in_flight``: this engine (or another one) was still computing it for an earlier request
   when this one was admitted — the same prompt sent twice before the first prefill ended."""
 

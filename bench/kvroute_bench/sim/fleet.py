@@ -131,20 +131,10 @@ It tells a picker that leaves holders (placement) from a fleet that no longer ho
 contexts (capacity): the second is no routing decision's doing at the time it is made."""
 
 
-def held_blocks(engine: SimEngine, hashes: Sequence[int]) -> int:
-    """How many of ``hashes``' leading blocks ``engine`` holds in its cache."""
-    held = 0
-    for block in hashes:
-        if block not in engine.refcount:
-            break
-        held += 1
-    return held
-
-
 def placement_class(engines: Sequence[SimEngine], chosen: int, hashes: Sequence[int]) -> str:
     """The :data:`PLACEMENT_CLASSES` entry for a request with block ``hashes`` sent to
     engine ``chosen``."""
-    runs = [held_blocks(engine, hashes) for engine in engines]
+    runs = [engine.held_blocks(hashes) for engine in engines]
     best = max(runs, default=0)
     if best == 0:
         return "held_nowhere"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,13 +157,18 @@ class SimEngine:
             self.waiting.append(request)
         self.version += 1
 
+    def held_blocks(self, hashes: Sequence[int]) -> int:
+        """How many of ``hashes``' leading blocks this engine's cache holds."""
+        held = 0
+        for block in hashes:
+            if block not in self.refcount:
+                break
+            held += 1
+        return held
+
     def _admit(self, request: SimRequest, now: float) -> bool:
         bs = self.profile.block_size
-        hit_blocks = 0
-        for h in request.hashes:
-            if h not in self.refcount:
-                break
-            hit_blocks += 1
+        hit_blocks = self.held_blocks(request.hashes)
         # vLLM always computes at least the last prompt token.
         if hit_blocks * bs >= request.prompt_tokens:
             hit_blocks = max(0, (request.prompt_tokens - 1) // bs)

@@ -159,3 +159,42 @@ def test_the_policy_sets_how_much_a_missing_token_weighs() -> None:
     # weight 1: 1,500 + 256 against 1,024 -> e1; weight 3: 1,500 + 768 against 3,072 -> e0
     assert picks[1.0] == [1025 / 1757, 1.0]
     assert picks[3.0] == [1.0, 2269 / 3073]
+
+
+def _default_profile_endpoints(running: list[int], held: dict[str, float]) -> tuple[
+        list[Endpoint], CycleState]:
+    eps = _endpoints(*([0.0] * len(running)))
+    for ep, count in zip(eps, running, strict=True):
+        ep.in_flight = count  # the router's own count: running_estimate without a scrape
+    state = CycleState()
+    state.write(STATE_PREFIX_HELD, held)
+    return eps, state
+
+
+def test_the_default_sends_a_prompt_no_endpoint_holds_to_the_least_busy_of_the_cheapest() -> None:
+    """The default scoring's running-requests (0.02) decides between endpoints prefill-cost
+    finds equal; max-score alone would draw one at random (round 25 of emulated-fleet.md)."""
+    registry = register_builtin_plugins(PluginRegistry())
+    profile = build_profile(registry, _context(), "t")
+    assert [(s.type_name, s.weight) for s in profile.scorers] == [
+        ("prefix-approx", 0.0), ("prefill-cost", 1.0), ("running-requests", 0.02)]
+    picked = set()
+    for _ in range(30):
+        eps, _state = _default_profile_endpoints([5, 1, 3, 9], {})
+        picked.add(profile.run(CycleState(), _request(), eps, 1)[0].endpoint.name)
+    assert picked == {"e1"}
+
+
+def test_the_running_requests_tie_break_never_outweighs_a_holder() -> None:
+    registry = register_builtin_plugins(PluginRegistry())
+    profile = build_profile(registry, _context(), "t")
+    eps, _state = _default_profile_endpoints([0, 0], {})
+    state = CycleState()
+    profile.run(state, _request("first"), eps, 1)
+    profile.dispatched(state, _request("first"), eps[0])  # e0 now holds the context
+    eps[0].in_flight = 40  # the busiest endpoint there is, against an idle one
+    eps[0].prefill_backlog = 2000.0  # and a backlog: 2,000 + 3 x 64 against 3 x 1,024
+    state = CycleState()
+    ranked = profile.run(state, _request("second"), eps, 2)
+    assert state.read(STATE_PREFIX_HELD, dict) == {"e0": 15 / 16, "e1": 0.0}
+    assert ranked[0].endpoint is eps[0]

@@ -161,14 +161,13 @@ def test_the_policy_sets_how_much_a_missing_token_weighs() -> None:
     assert picks[3.0] == [1.0, 2269 / 3073]
 
 
-def _default_profile_endpoints(running: list[int], held: dict[str, float]) -> tuple[
-        list[Endpoint], CycleState]:
+def _busy_endpoints(*running: int) -> list[Endpoint]:
+    """Idle prefill queues, ``running`` requests each (the router's own in-flight count:
+    ``running_estimate`` without a scrape)."""
     eps = _endpoints(*([0.0] * len(running)))
     for ep, count in zip(eps, running, strict=True):
-        ep.in_flight = count  # the router's own count: running_estimate without a scrape
-    state = CycleState()
-    state.write(STATE_PREFIX_HELD, held)
-    return eps, state
+        ep.in_flight = count
+    return eps
 
 
 def test_the_default_sends_a_prompt_no_endpoint_holds_to_the_least_busy_of_the_cheapest() -> None:
@@ -180,7 +179,7 @@ def test_the_default_sends_a_prompt_no_endpoint_holds_to_the_least_busy_of_the_c
         ("prefix-approx", 0.0), ("prefill-cost", 1.0), ("running-requests", 0.02)]
     picked = set()
     for _ in range(30):
-        eps, _state = _default_profile_endpoints([5, 1, 3, 9], {})
+        eps = _busy_endpoints(5, 1, 3, 9)
         picked.add(profile.run(CycleState(), _request(), eps, 1)[0].endpoint.name)
     assert picked == {"e1"}
 
@@ -188,7 +187,7 @@ def test_the_default_sends_a_prompt_no_endpoint_holds_to_the_least_busy_of_the_c
 def test_the_running_requests_tie_break_never_outweighs_a_holder() -> None:
     registry = register_builtin_plugins(PluginRegistry())
     profile = build_profile(registry, _context(), "t")
-    eps, _state = _default_profile_endpoints([0, 0], {})
+    eps = _busy_endpoints(0, 0)
     state = CycleState()
     profile.run(state, _request("first"), eps, 1)
     profile.dispatched(state, _request("first"), eps[0])  # e0 now holds the context

@@ -381,6 +381,9 @@ _PRECISE_LOAD = [{"type": "prefix-precise", "weight": 3.0},
                  {"type": "queue-depth", "weight": 1.0},
                  {"type": "kv-utilization", "weight": 1.0}]
 
+# The API's default scoring (ScoringSpec.scorers), written out: the bench starts routers from
+# policy files and imports no kvroute package; tests/unit/bench/test_sim_router.py keeps the two
+# equal.
 _PRECISE_COST = [{"type": "prefix-precise", "weight": 0.0},
                  {"type": "prefill-cost", "weight": 1.0},
                  {"type": "running-requests", "weight": 0.02}]
@@ -445,7 +448,7 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     # holds goes to a random one of the equally cheap endpoints.
     "precise-cost-norun": KvrouteVariant(
         "kvroute-precise-cost without the running-requests tie-break (A/B)",
-        _PRECISE_COST[:2]),
+        [s for s in _PRECISE_COST if s["type"] != "running-requests"]),
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),

@@ -280,6 +280,7 @@ def test_the_prefill_backlog_moves_as_in_the_director() -> None:
 
 
 def test_every_kvroute_contender_is_a_simulator_picker_with_its_policy() -> None:
+    from kvroute_api.route_policy import ScoringSpec
     from kvroute_bench.contenders import KVROUTE_VARIANTS
     from kvroute_bench.sim.run import SIM_PICKERS
     from kvroute_router.plugins.load_headroom import LoadHeadroomFilter
@@ -292,6 +293,8 @@ def test_every_kvroute_contender_is_a_simulator_picker_with_its_policy() -> None
     assert isinstance(w5, RouterPicker)
     assert default.precise and [s.type_name for s in default.profile.scorers] == [
         "prefix-precise", "prefill-cost", "running-requests"]
+    assert KVROUTE_VARIANTS["precise-cost"].scoring == [  # the contender is the API default
+        s.model_dump(by_alias=True) for s in ScoringSpec().scorers]
 
     def queue_depth(picker: RouterPicker) -> float:
         return next(f.max_waiting for f in picker.profile.filters

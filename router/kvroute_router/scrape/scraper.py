@@ -206,7 +206,7 @@ class MetricsScraper:
             async with asyncio.timeout(self.timeout_s):
                 status, body = await connection.get()
                 if connection.path != FULL_PATH and not _serves_filtered_page(status, body):
-                    status, body = await self._fall_back(ep, connection)
+                    status, body = await self._fall_back(ep, connection, status)
         except (TimeoutError, OSError) as exc:  # ScrapeHTTPError is an OSError
             self._count(ep, "unreachable")
             if isinstance(exc.__cause__, UpstreamConnectError):
@@ -235,14 +235,19 @@ class MetricsScraper:
         return True
 
     @staticmethod
-    async def _fall_back(ep: Endpoint, connection: MetricsConnection) -> tuple[int, bytes]:
-        """The filtered page was not served: the whole page, kept to if it answers 200."""
+    async def _fall_back(ep: Endpoint, connection: MetricsConnection,
+                         filtered_status: int) -> tuple[int, bytes]:
+        """The filtered page was not served: the whole page for this scrape, kept to from now
+        on only if the filtered one was refused (a 4xx, or a 200 that is not vLLM's page). A
+        5xx says nothing about the filtered page — an engine starting up answers 503 on both,
+        and one that came up between the two requests would otherwise be scraped whole for
+        good — so the next scrape tries the filtered page again."""
         connection.path = FULL_PATH
         status, body = await connection.get()
-        if status == 200:
+        if status == 200 and filtered_status < 500:
             log.info("%s does not serve vLLM's filtered metrics page (%s); scraping %s",
                      ep.address, FILTERED_PATH.split("?")[0], FULL_PATH)
-        else:  # neither answered: try the filtered page again next time
+        else:  # a transient answer, or neither answered: the filtered page next time
             connection.path = FILTERED_PATH
         return status, body
 

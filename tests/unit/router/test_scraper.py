@@ -245,6 +245,40 @@ async def test_when_neither_page_answers_the_restricted_one_is_tried_again() -> 
     assert set(asked[count:]) == {"/metrics/"}
 
 
+async def test_an_engine_coming_up_between_the_two_pages_is_not_scraped_whole_for_good() -> None:
+    """The filtered page answers 503 (starting) and the whole page, asked right after, 200:
+    that scrape reads the whole page, and the next ones the filtered page again — a 5xx does
+    not mean the engine lacks the filtered page."""
+    asked: list[str] = []
+
+    async def filtered(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        if asked.count("/metrics/") == 1:
+            return web.Response(status=503, text="starting")
+        return web.Response(body=GOOD.encode(), content_type="text/plain")
+
+    async def whole(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(body=GOOD.encode(), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics/", filtered)
+    app.router.add_get("/metrics", whole)
+    async with serving(app) as url:
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+        scraper = MetricsScraper(store, interval_s=0.01)
+        (ep,) = store.endpoints()
+        await scraper.start()
+        try:
+            await _until(lambda: len(asked) >= 5, "five page requests")
+        finally:
+            await scraper.stop()
+    assert ep.metrics is not None
+    assert asked[:2] == ["/metrics/", "/metrics"]
+    assert set(asked[2:]) == {"/metrics/"}
+
+
 async def test_a_refused_scrape_keeps_the_endpoint_out_a_timed_out_one_does_not() -> None:
     """The panic rule routes among endpoints whose scrapes failed but that did not refuse a
     connection; the scraper tells the two apart: nothing listening marks the endpoint

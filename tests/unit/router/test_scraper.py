@@ -40,6 +40,21 @@ async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def _scraping(app: web.Application) -> AsyncIterator[Endpoint]:
+    """One endpoint served by ``app``, scraped every 10 ms while the block runs."""
+    async with serving(app) as url:
+        store = Datastore()
+        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
+        scraper = MetricsScraper(store, interval_s=0.01)
+        (ep,) = store.endpoints()
+        await scraper.start()
+        try:
+            yield ep
+        finally:
+            await scraper.stop()
+
+
 def test_the_parser_rejects_non_finite_and_non_numeric_values() -> None:
     for page in BAD_PAGES[:2]:
         try:
@@ -227,21 +242,13 @@ async def test_when_neither_page_answers_the_restricted_one_is_tried_again() -> 
     app = web.Application()
     app.router.add_get("/metrics", page)
     app.router.add_get("/metrics/", page)
-    async with serving(app) as url:
-        store = Datastore()
-        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        scraper = MetricsScraper(store, interval_s=0.01)
-        (ep,) = store.endpoints()
-        await scraper.start()
-        try:
-            await _until(lambda: asked.count("/metrics/") >= 2, "two tries of both pages")
-            assert ep.metrics is None and ep.scrape_failures >= 1
-            state["up"] = True
-            await _until(lambda: ep.metrics is not None, "a scrape once the engine is up")
-            count = len(asked)
-            await _until(lambda: len(asked) >= count + 3, "three more scrapes")
-        finally:
-            await scraper.stop()
+    async with _scraping(app) as ep:
+        await _until(lambda: asked.count("/metrics/") >= 2, "two tries of both pages")
+        assert ep.metrics is None and ep.scrape_failures >= 1
+        state["up"] = True
+        await _until(lambda: ep.metrics is not None, "a scrape once the engine is up")
+        count = len(asked)
+        await _until(lambda: len(asked) >= count + 3, "three more scrapes")
     assert set(asked[count:]) == {"/metrics/"}
 
 
@@ -264,16 +271,8 @@ async def test_an_engine_coming_up_between_the_two_pages_is_not_scraped_whole_fo
     app = web.Application()
     app.router.add_get("/metrics/", filtered)
     app.router.add_get("/metrics", whole)
-    async with serving(app) as url:
-        store = Datastore()
-        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        scraper = MetricsScraper(store, interval_s=0.01)
-        (ep,) = store.endpoints()
-        await scraper.start()
-        try:
-            await _until(lambda: len(asked) >= 5, "five page requests")
-        finally:
-            await scraper.stop()
+    async with _scraping(app) as ep:
+        await _until(lambda: len(asked) >= 5, "five page requests")
     assert ep.metrics is not None
     assert asked[:2] == ["/metrics/", "/metrics"]
     assert set(asked[2:]) == {"/metrics/"}

@@ -41,12 +41,13 @@ async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15
 
 
 @contextlib.asynccontextmanager
-async def _scraping(app: web.Application) -> AsyncIterator[Endpoint]:
+async def _scraping(app: web.Application,
+                    metrics: RouterMetrics | None = None) -> AsyncIterator[Endpoint]:
     """One endpoint served by ``app``, scraped every 10 ms while the block runs."""
     async with serving(app) as url:
         store = Datastore()
         store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        scraper = MetricsScraper(store, interval_s=0.01)
+        scraper = MetricsScraper(store, interval_s=0.01, metrics=metrics)
         (ep,) = store.endpoints()
         await scraper.start()
         try:
@@ -154,23 +155,15 @@ async def test_endpoints_loaded_together_are_not_scraped_in_lock_step() -> None:
 async def _scrape_against(app: web.Application, scrapes: int) -> tuple[Any, RouterMetrics]:
     """Run the scraper against ``app`` until ``scrapes`` good snapshots were swapped in; the
     endpoint and the router metrics."""
-    async with serving(app) as url:
-        store = Datastore()
-        store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
-        router_metrics = RouterMetrics()
-        scraper = MetricsScraper(store, interval_s=0.01, metrics=router_metrics)
-        (ep,) = store.endpoints()
-        seen: list[object] = []
-        await scraper.start()
-        try:
-            def fresh() -> bool:
-                if ep.metrics is not None and (not seen or seen[-1] is not ep.metrics):
-                    seen.append(ep.metrics)
-                return len(seen) >= scrapes
-            await _until(fresh, f"{scrapes} scrapes")
-        finally:
-            await scraper.stop()
-        return ep, router_metrics
+    router_metrics = RouterMetrics()
+    seen: list[object] = []
+    async with _scraping(app, router_metrics) as ep:
+        def fresh() -> bool:
+            if ep.metrics is not None and (not seen or seen[-1] is not ep.metrics):
+                seen.append(ep.metrics)
+            return len(seen) >= scrapes
+        await _until(fresh, f"{scrapes} scrapes")
+    return ep, router_metrics
 
 
 async def test_the_scraper_asks_vllm_for_only_the_series_it_reads() -> None:

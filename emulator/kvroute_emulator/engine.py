@@ -70,6 +70,7 @@ class Generation:
     prompt_ids: list[int]
     output_ids: list[int]
     hashes: list[int]
+    """Every full block's hash the request fills, its prompt's then its output's."""
     updates: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
     delivered: int = 0
     finish_reason: str | None = None
@@ -202,21 +203,23 @@ class EmulatedEngine:
         if not self.alive:
             raise EngineUnavailableError(f"engine {self.index} is down")
         request_id = next(self._ids)
-        digests = block_digests(prompt_ids, self.profile.block_size)
-        hashes = [event_hash(d) for d in digests]
+        output_ids = self.model.output_tokens(len(prompt_ids) + request_id, max_tokens)
+        # Every block the request will fill: the prompt's, then those of its output, whose
+        # last token's KV is never computed (vLLM caches and announces output blocks too).
+        sequence = prompt_ids + output_ids[:max(0, max_tokens - 1)]
         bs = self.profile.block_size
+        hashes = [event_hash(d) for d in block_digests(sequence, bs)]
         parent: int | None = None
         for i, h in enumerate(hashes):
             if h not in self._block_info:
-                self._block_info[h] = (parent, prompt_ids[i * bs:(i + 1) * bs])
+                self._block_info[h] = (parent, sequence[i * bs:(i + 1) * bs])
             self._block_refs[h] = self._block_refs.get(h, 0) + 1
             parent = h
+        prompt_blocks = len(prompt_ids) // bs
         sim = SimRequest(id=request_id, arrival_s=self.now(), prompt_tokens=len(prompt_ids),
-                         max_tokens=max_tokens, hashes=hashes, priority=priority)
-        gen = Generation(sim=sim, prompt_ids=prompt_ids,
-                         output_ids=self.model.output_tokens(len(prompt_ids) + request_id,
-                                                             max_tokens),
-                         hashes=hashes)
+                         max_tokens=max_tokens, hashes=hashes[:prompt_blocks], priority=priority,
+                         output_hashes=hashes[prompt_blocks:])
+        gen = Generation(sim=sim, prompt_ids=prompt_ids, output_ids=output_ids, hashes=hashes)
         self.generations[request_id] = gen
         self.sim.enqueue(sim)
         self._wake.set()

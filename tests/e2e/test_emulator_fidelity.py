@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -145,8 +147,9 @@ async def _live(session: aiohttp.ClientSession, sub: Subscriber, url: str) -> No
 async def test_same_block_stored_chains(engine_fleet: LocalEngineFleet,
                                         emulated: EmulatedFleet) -> None:
     tag = uuid.uuid4().hex
-    # 100 prompt tokens + 2 output tokens stay inside 4 blocks of 32: vLLM also caches blocks
-    # that output tokens fill, the emulator does not (documented), so keep outputs short.
+    # 100 prompt tokens + 2 output tokens stay inside 4 blocks of 32: blocks that output tokens
+    # fill are cached too, but their hashes depend on what each engine generates (the next
+    # test compares their shape).
     prompt = (f"[{tag}] " + "shared context " * 10)[:100]
     messages = [{"role": "user", "content": f"{tag} " + "question " * 20}]
     chains: dict[str, list[Any]] = {}
@@ -266,3 +269,88 @@ async def test_same_restricted_metrics_page(engine_fleet: LocalEngineFleet,
         assert (ours.block_size, ours.num_gpu_blocks, ours.hash_algo) == (
             theirs.block_size, theirs.num_gpu_blocks, theirs.hash_algo), side
         assert ours.block_size is not None and ours.hash_algo == "sha256_cbor", side
+
+
+SMALL_CACHE_BLOCKS = 48
+"""KV blocks of the small-cache pair (vLLM keeps one as its null block)."""
+
+
+@pytest.fixture(scope="module")
+def small_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real engine whose KV cache holds 48 blocks of 32 tokens (``--num-gpu-blocks-override``)
+    and an emulated one holding as many usable blocks: eviction is reached in a few requests."""
+    real = LocalEngineFleet(
+        count=1, workdir=Path(tmp_path_factory.mktemp("small-cache")), max_model_len=512,
+        extra_args=["--num-gpu-blocks-override", str(SMALL_CACHE_BLOCKS)],
+        startup_timeout_s=float(os.environ.get("KVROUTE_E2E_STARTUP_S", "300")))
+    real.start(progress=True)
+    try:
+        config = FleetConfig(count=1, profile=cpu_test_engine(kv_blocks=SMALL_CACHE_BLOCKS - 1),
+                             model_dir=real.workdir / "model", served_model_name=MODEL,
+                             max_model_len=512)
+        with fleet_in_thread(config) as fleet:
+            emu = fleet.endpoints()[0]
+            yield {"real": real.engines[0].url, "real-events": real.engines[0].kv_events_endpoint,
+                   "emulated": emu["url"], "emulated-events": emu["kv_events_endpoint"]}
+    finally:
+        real.stop()
+
+
+async def _events(sub: Subscriber, wait_ms: int = 300) -> list[dict[str, Any]]:
+    """Every event that arrives until the stream is quiet for ``wait_ms``."""
+    events: list[dict[str, Any]] = []
+    async with asyncio.timeout(BOUND_S):
+        while await sub.sock.poll(wait_ms):
+            _, _, payload = await sub.sock.recv_multipart()
+            events += msgspec.msgpack.decode(payload)[1]
+    return events
+
+
+async def test_same_output_blocks_and_eviction_order(small_caches: dict[str, str]) -> None:
+    """A request whose output fills blocks, then fillers until its blocks are evicted: both
+    engines announce the same blocks in the same events (output blocks as decoding fills them)
+    and evict them in the same order — vLLM frees a request's blocks last first, so its tail
+    goes before its prompt's first block."""
+    seen: dict[str, dict[str, list[Any]]] = {}
+    prompt = f"[{uuid.uuid4().hex}] " + "x" * 118  # 153 tokens: 4 full blocks
+    async with aiohttp.ClientSession() as s:
+        for side in ("real", "emulated"):
+            url = small_caches[side]
+            sub = Subscriber(small_caches[f"{side}-events"])
+            try:
+                await _live(s, sub, url)
+                ids = (await _post(s, f"{url}/tokenize", {"model": MODEL,
+                                                          "prompt": prompt}))["tokens"]
+                await _post(s, f"{url}/v1/completions", {
+                    "model": MODEL, "prompt": prompt, "max_tokens": 40, "ignore_eos": True})
+                chain: list[int] = []
+                shapes: list[tuple[int, int, bool]] = []
+                async with asyncio.timeout(BOUND_S):
+                    while not chain:  # the answer is back: its blocks are announced by now
+                        for ev in await _events(sub, wait_ms=1000):
+                            starts = ev.get("parent_block_hash") is None and \
+                                ev.get("token_ids", [])[:32] == ids[:32]
+                            if ev["type"] == "BlockStored" and (
+                                    starts or (chain and ev["parent_block_hash"] == chain[-1])):
+                                chain += ev["block_hashes"]
+                                shapes.append((len(ev["block_hashes"]), len(ev["token_ids"]),
+                                               starts))
+                removed: list[int] = []
+                for i in range(80):  # bounded: ~12 fillers push the request out
+                    await _post(s, f"{url}/v1/completions", {
+                        "model": MODEL, "prompt": f"[{uuid.uuid4().hex} {i}] " + "y" * 64,
+                        "max_tokens": 1, "ignore_eos": True})
+                    removed += [chain.index(h) for ev in await _events(sub)
+                                if ev["type"] == "BlockRemoved"
+                                for h in ev["block_hashes"] if h in chain]
+                    if len(removed) == len(chain):
+                        break
+                seen[side] = {"stored": shapes, "prompt": chain[:len(ids) // 32],
+                              "removed": removed}
+            finally:
+                sub.close()
+    assert seen["emulated"]["stored"] == seen["real"]["stored"]
+    assert seen["emulated"]["prompt"] == seen["real"]["prompt"]
+    assert seen["emulated"]["removed"] == seen["real"]["removed"]
+    assert seen["real"]["stored"] == [(4, 128, True), (1, 32, False), (1, 32, False)]
+    assert seen["real"]["removed"] == [5, 4, 3, 2, 1, 0]

@@ -14,10 +14,21 @@ The model follows vLLM v1's scheduler in the parts that decide routing outcomes:
   run of leading blocks is reused (at least one prompt token is always computed, as in vLLM).
   Queried and hit tokens feed ``prefix_cache_queries`` / ``prefix_cache_hits``.
 * KV blocks are reserved for the whole prompt and output at admission (a simplification: vLLM
-  allocates as it goes and preempts on exhaustion; here a sequence waits instead). Blocks
-  whose prompt tokens are computed become cached (``BlockStored``); when a sequence finishes,
-  its cached blocks stay resident but evictable, least recently used first (``BlockRemoved``
-  when evicted). Output tokens are not cached (the workloads' outputs are never reused).
+  allocates as it goes and preempts on exhaustion; here a sequence waits instead). A block
+  becomes cached (``BlockStored``) once all its tokens' KV is computed — prompt blocks as the
+  prefill reaches them, and, as in vLLM, blocks of generated tokens as decoding fills them
+  (the newest token's KV is computed by the next step, so a finished request leaves
+  ``(prompt + output - 1) // block_size`` full blocks). Their hashes are the request's
+  ``output_hashes`` when given (the emulator: vLLM's hashes of the tokens it streams), else ids
+  no prompt can have (the simulator: its outputs are never sent back).
+* When a sequence finishes (or is aborted) its cached blocks stay resident but evictable,
+  least recently used first (``BlockRemoved`` when evicted). They are released **last block
+  first**, as vLLM's ``free`` does, so of one request's blocks its generated tail and its own
+  question go before the shared context it started with, and a context evicted in part keeps
+  its leading blocks — still a hit for the next request that shares them. (Released first
+  block first, a partly evicted context lost block 0 and with it every hit, while its other
+  blocks still held capacity: checked against a real vLLM-CPU engine by
+  ``tests/e2e/test_emulator_fidelity.py``.)
 
 Block hashes chain like vLLM's (each depends on its parent and its tokens). By default they
 use BLAKE2b over the token bytes (:func:`block_hashes`) and identify blocks inside the
@@ -72,6 +83,17 @@ class SimRequest:
     computed: int = 0  # prompt tokens computed so far (cached ones count as computed)
     generated: int = 0
     blocks: list[int] = field(default_factory=list)  # hashes of cached blocks it pins
+    output_hashes: list[int] | None = None
+    """Hashes of the full blocks after the prompt's (the block where the prompt ends and the
+    output begins, then output only), in chain order; ``None``: ids no prompt can have."""
+
+    def output_hash(self, index: int) -> int:
+        """The hash of the ``index``-th full block after the prompt's full blocks."""
+        if self.output_hashes is not None and index < len(self.output_hashes):
+            return self.output_hashes[index]
+        digest = hashlib.blake2b(b"kvroute-sim-output" + self.id.to_bytes(8, "big", signed=True)
+                                 + index.to_bytes(4, "big"), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
 
     @property
     def ttft_s(self) -> float | None:
@@ -174,17 +196,21 @@ class SimEngine:
             hit_blocks = max(0, (request.prompt_tokens - 1) // bs)
         total_blocks = -(-(request.prompt_tokens + request.max_tokens) // bs)
         new_blocks = total_blocks - hit_blocks
-        # Pin the hits first so eviction cannot take them.
         hits = request.hashes[:hit_blocks]
+        # Room without touching anything, as vLLM checks before it allocates: the free blocks
+        # plus the evictable ones that are not among the hits. (Pinning the hits and unpinning
+        # them on failure moved them to the recent end of the LRU order.)
+        evictable_hits = sum(1 for h in hits if self.refcount[h] == 0)
+        if self._free_blocks() + len(self.evictable) - evictable_hits < new_blocks:
+            return False
+        # Pin the hits first so eviction cannot take them.
         for h in hits:
             if self.refcount[h] == 0:
                 self.pinned += 1
                 del self.evictable[h]
             self.refcount[h] += 1
-        if not self._evict(new_blocks):
-            for h in hits:
-                self._unpin(h)
-            return False
+        evicted = self._evict(new_blocks)
+        assert evicted, "room was checked above"
         request.blocks = list(hits)
         self.reserved += new_blocks
         request.cached_tokens = hit_blocks * bs
@@ -238,24 +264,16 @@ class SimEngine:
             r.computed += chunk
             after = min(r.computed // bs, len(r.hashes))
             for h in r.hashes[before:after]:
-                count = self.refcount.get(h)
-                if count is not None:  # computed again by a concurrent request: share it
-                    if count == 0:
-                        self.pinned += 1
-                        del self.evictable[h]
-                    self.refcount[h] = count + 1
-                    self.reserved -= 1
-                else:
-                    self.refcount[h] = 1
-                    self.pinned += 1
-                    self.reserved -= 1
-                    stored.append(h)
-                r.blocks.append(h)
+                self._cache_block(r, h, stored)
             if r.computed >= r.prompt_tokens:
                 r.first_token_s = now
                 r.generated = 1
         for r in plan.decode:
             r.generated += 1
+            # The token sampled last step was fed in this one: its KV is now computed.
+            full = (r.prompt_tokens + r.generated - 1) // bs
+            while len(r.blocks) < full:
+                self._cache_block(r, r.output_hash(len(r.blocks) - len(r.hashes)), stored)
         if stored:
             self.events.append({"type": "BlockStored", "block_hashes": stored,
                                 "block_size": bs})
@@ -268,10 +286,31 @@ class SimEngine:
             r.done_s = now
             total_blocks = -(-(r.prompt_tokens + r.max_tokens) // bs)
             self.reserved -= total_blocks - len(r.blocks)
-            for h in r.blocks:
-                self._unpin(h)
+            self._release(r)
             self.finished += 1
         return done
+
+    def _cache_block(self, request: SimRequest, block: int, stored: list[int]) -> None:
+        """``request`` has computed ``block``: cache it (or share the copy a concurrent request
+        computed), using one of its reserved blocks."""
+        count = self.refcount.get(block)
+        if count is not None:  # computed again by a concurrent request: share it
+            if count == 0:
+                self.pinned += 1
+                del self.evictable[block]
+            self.refcount[block] = count + 1
+        else:
+            self.refcount[block] = 1
+            self.pinned += 1
+            stored.append(block)
+        self.reserved -= 1
+        request.blocks.append(block)
+
+    def _release(self, request: SimRequest) -> None:
+        """Unpin ``request``'s cached blocks last block first (vLLM frees a request's blocks in
+        reverse so that its tail is evicted first)."""
+        for block in reversed(request.blocks):
+            self._unpin(block)
 
     def abort(self, request: SimRequest) -> bool:
         """Drop ``request`` (its client went away), releasing what it holds; call between
@@ -286,8 +325,7 @@ class SimEngine:
                 del self.running[i]
                 total_blocks = -(-(r.prompt_tokens + r.max_tokens) // self.profile.block_size)
                 self.reserved -= total_blocks - len(r.blocks)
-                for h in r.blocks:
-                    self._unpin(h)
+                self._release(r)
                 r.blocks = []
                 self.version += 1
                 return True

@@ -120,6 +120,77 @@ def test_lru_eviction_frees_the_oldest_unpinned_blocks() -> None:
     assert engine.metrics()["vllm:kv_cache_usage_perc"] == 0.0  # nothing pinned when idle
 
 
+def _removed(events: list[dict[str, object]]) -> list[int]:
+    return [h for e in events if e["type"] == "BlockRemoved"
+            for h in e["block_hashes"]]  # type: ignore[attr-defined]
+
+
+def test_a_finished_request_is_evicted_last_block_first() -> None:
+    """vLLM frees a request's blocks in reverse: its tail goes first and a context evicted in
+    part keeps its leading blocks, still a hit (first block first, block 0 went and every hit
+    with it)."""
+    engine = SimEngine(0, PROFILE)  # 40 blocks of 4 tokens
+    first = request(1, b"p" * 64, max_tokens=1)  # 16 cached blocks, 17 reserved
+    engine.enqueue(first)
+    run_until_idle(engine)
+    engine.drain_events()
+    second = request(2, b"q" * 104, max_tokens=1)  # 27 blocks: 24 free, 3 evicted
+    engine.enqueue(second)
+    run_until_idle(engine)
+    assert _removed(engine.drain_events()) == first.hashes[::-1][:3]
+    again = request(3, b"p" * 64, max_tokens=1)
+    engine.enqueue(again)
+    run_until_idle(engine)
+    assert again.cached_tokens == 13 * 4
+
+
+def test_output_blocks_are_cached_once_their_tokens_are_computed() -> None:
+    """As in vLLM: a block of generated tokens is cached (and announced) once full; the last
+    token's KV is never computed, so (prompt + output - 1) // block_size blocks remain."""
+    engine = SimEngine(0, PROFILE)
+    r = request(1, b"o" * 10, max_tokens=8)  # 10 + 7 = 17 tokens: 4 full blocks
+    engine.enqueue(r)
+    run_until_idle(engine)
+    stored = [h for e in engine.drain_events() if e["type"] == "BlockStored"
+              for h in e["block_hashes"]]
+    assert stored[:2] == r.hashes and len(stored) == 4 and r.blocks == stored
+    assert len(set(stored)) == 4  # output blocks get ids of their own
+    given = SimRequest(id=2, arrival_s=0.0, prompt_tokens=10, max_tokens=8,
+                       hashes=block_hashes(b"g" * 10, 4), output_hashes=[101, 102])
+    engine.enqueue(given)
+    run_until_idle(engine)
+    stored = [h for e in engine.drain_events() if e["type"] == "BlockStored"
+              for h in e["block_hashes"]]
+    assert stored == [*given.hashes, 101, 102]
+    assert engine.metrics()["vllm:kv_cache_usage_perc"] == 0.0  # nothing pinned when idle
+
+
+def test_a_request_that_does_not_fit_leaves_the_lru_order_alone() -> None:
+    """Admission checks for room before it touches the hits (vLLM does), so a request that
+    waits does not make the blocks it would hit the most recently used."""
+    engine = SimEngine(0, PROFILE)  # 40 blocks
+    old = request(1, b"a" * 32, max_tokens=1)  # 8 blocks, the oldest
+    newer = request(2, b"b" * 32, max_tokens=1)
+    for r in (old, newer):
+        engine.enqueue(r)
+        run_until_idle(engine)
+    big = request(3, b"c" * 80, max_tokens=8)  # 22 blocks, runs a while
+    engine.enqueue(big)
+    plan = engine.plan_step(0.0)
+    assert plan is not None
+    engine.finish_step(plan, 1.0)
+    waits = request(4, b"a" * 32 + b"d" * 40, max_tokens=8)  # hits "a", needs 12: 10 room
+    engine.enqueue(waits)
+    assert engine.plan_step(1.0) is not None and waits.admitted_s is None
+    assert engine.abort(waits)  # its client gave up
+    run_until_idle(engine, start=1.0)
+    engine.drain_events()
+    filler = request(5, b"e" * 40, max_tokens=1)  # 11 blocks: 3 free, 8 evicted
+    engine.enqueue(filler)
+    run_until_idle(engine, start=10.0)
+    assert set(_removed(engine.drain_events())) == set(old.hashes)  # "a" was still oldest
+
+
 def test_requests_wait_for_kv_capacity_instead_of_overcommitting() -> None:
     engine = SimEngine(0, PROFILE)
     engine.enqueue(request(1, b"s" * 120, max_tokens=8))  # 32 blocks

@@ -111,6 +111,30 @@ async def test_a_request_ending_with_its_prefill_still_publishes_its_chain(
         sub.close()
 
 
+async def test_output_blocks_are_stored_with_vllms_hashes_of_the_streamed_tokens(
+        fleet: EmulatedFleet) -> None:
+    """vLLM caches (and announces) a block of generated tokens once it is full; the emulator
+    does too, hashing the tokens it streams, chained after the prompt's blocks."""
+    e = fleet.endpoints()[0]
+    sub = await _subscribed(e["kv_events_endpoint"], e["url"])
+    try:
+        prompt = list(("O" * 40).encode())
+        body = await _complete(e["url"], "O" * 40, max_tokens=60)  # 40 + 59: 3 full blocks
+        stored: list[dict[str, Any]] = []
+        async with asyncio.timeout(BOUND_S):
+            while sum(len(ev["block_hashes"]) for ev in stored) < 3:
+                for _, _, (_, events, _) in await sub.batches(1):
+                    stored += [ev for ev in events if ev["type"] == "BlockStored"]
+        tokens = [t for ev in stored for t in ev["token_ids"]]
+        hashes = [h for ev in stored for h in ev["block_hashes"]]
+        assert tokens[:40] == prompt and len(tokens) == 96
+        assert hashes == block_hashes(tokens, 32)  # vLLM's function of those tokens
+        assert [ev["parent_block_hash"] for ev in stored] == [None, *hashes[:len(stored) - 1]]
+        assert bytes(tokens[40:]).decode() == body["choices"][0]["text"][:56]
+    finally:
+        sub.close()
+
+
 async def test_replay_answers_from_a_sequence_number(fleet: EmulatedFleet) -> None:
     e = fleet.endpoints()[1]
     for i in range(3):

@@ -139,8 +139,7 @@ async def _live(session: aiohttp.ClientSession, sub: Subscriber, url: str) -> No
                 "model": MODEL, "prompt": f"probe {uuid.uuid4().hex} " + "p" * 64,
                 "max_tokens": 1})
             if await sub.sock.poll(500):
-                while await sub.sock.poll(200):
-                    await sub.sock.recv_multipart()
+                await _events(sub, wait_ms=200)  # drained: the probes' own events
                 return
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kvroute_bench.sim.fleet import RoundRobinPicker, simulate, to_sim_requests, ttft_by_class
@@ -22,6 +23,11 @@ PROFILE = CostProfile(name="test", prefill_s_per_token=0.001, step_base_s=0.01,
 def request(rid: int, tokens: bytes, max_tokens: int = 2, at: float = 0.0) -> SimRequest:
     return SimRequest(id=rid, arrival_s=at, prompt_tokens=len(tokens), max_tokens=max_tokens,
                       hashes=block_hashes(tokens, PROFILE.block_size))
+
+
+def _hashes(events: list[dict[str, Any]], kind: str) -> list[int]:
+    """The block hashes of every ``kind`` event (``BlockStored``, ``BlockRemoved``), in order."""
+    return [h for e in events if e["type"] == kind for h in e["block_hashes"]]
 
 
 def run_until_idle(engine: SimEngine, start: float = 0.0, max_steps: int = 1000) -> float:
@@ -114,15 +120,10 @@ def test_lru_eviction_frees_the_oldest_unpinned_blocks() -> None:
     engine.enqueue(third)
     run_until_idle(engine)
     events = engine.drain_events()
-    removed = [h for e in events if e["type"] == "BlockRemoved" for h in e["block_hashes"]]
+    removed = _hashes(events, "BlockRemoved")
     assert removed and set(removed) <= set(first.hashes)
     assert not set(removed) & set(second.hashes)
     assert engine.metrics()["vllm:kv_cache_usage_perc"] == 0.0  # nothing pinned when idle
-
-
-def _removed(events: list[dict[str, object]]) -> list[int]:
-    return [h for e in events if e["type"] == "BlockRemoved"
-            for h in e["block_hashes"]]  # type: ignore[attr-defined]
 
 
 def test_a_finished_request_is_evicted_last_block_first() -> None:
@@ -137,7 +138,7 @@ def test_a_finished_request_is_evicted_last_block_first() -> None:
     second = request(2, b"q" * 104, max_tokens=1)  # 27 blocks: 24 free, 3 evicted
     engine.enqueue(second)
     run_until_idle(engine)
-    assert _removed(engine.drain_events()) == first.hashes[::-1][:3]
+    assert _hashes(engine.drain_events(), "BlockRemoved") == first.hashes[::-1][:3]
     again = request(3, b"p" * 64, max_tokens=1)
     engine.enqueue(again)
     run_until_idle(engine)
@@ -151,16 +152,14 @@ def test_output_blocks_are_cached_once_their_tokens_are_computed() -> None:
     r = request(1, b"o" * 10, max_tokens=8)  # 10 + 7 = 17 tokens: 4 full blocks
     engine.enqueue(r)
     run_until_idle(engine)
-    stored = [h for e in engine.drain_events() if e["type"] == "BlockStored"
-              for h in e["block_hashes"]]
+    stored = _hashes(engine.drain_events(), "BlockStored")
     assert stored[:2] == r.hashes and len(stored) == 4 and r.blocks == stored
     assert len(set(stored)) == 4  # output blocks get ids of their own
     given = SimRequest(id=2, arrival_s=0.0, prompt_tokens=10, max_tokens=8,
                        hashes=block_hashes(b"g" * 10, 4), output_hashes=[101, 102])
     engine.enqueue(given)
     run_until_idle(engine)
-    stored = [h for e in engine.drain_events() if e["type"] == "BlockStored"
-              for h in e["block_hashes"]]
+    stored = _hashes(engine.drain_events(), "BlockStored")
     assert stored == [*given.hashes, 101, 102]
     assert engine.metrics()["vllm:kv_cache_usage_perc"] == 0.0  # nothing pinned when idle
 
@@ -188,7 +187,8 @@ def test_a_request_that_does_not_fit_leaves_the_lru_order_alone() -> None:
     filler = request(5, b"e" * 40, max_tokens=1)  # 11 blocks: 3 free, 8 evicted
     engine.enqueue(filler)
     run_until_idle(engine, start=10.0)
-    assert set(_removed(engine.drain_events())) == set(old.hashes)  # "a" was still oldest
+    # "a" was still the oldest
+    assert set(_hashes(engine.drain_events(), "BlockRemoved")) == set(old.hashes)
 
 
 def test_requests_wait_for_kv_capacity_instead_of_overcommitting() -> None:

@@ -238,6 +238,41 @@ async def test_same_metric_names_and_labels(engine_fleet: LocalEngineFleet,
         assert {(x.name, frozenset(x.labels)) for x in ours.samples} == real_sets, name
 
 
+async def _prefix_hits(session: aiohttp.ClientSession, url: str) -> float:
+    async with session.get(f"{url}/metrics") as r:
+        families = text_string_to_metric_families(await r.text())
+        return sum(x.value for f in families if f.name == "vllm:prefix_cache_hits"
+                   for x in f.samples if x.name.endswith("_total"))
+
+
+async def test_identical_prompts_sent_together_are_computed_once(
+        engine_fleet: LocalEngineFleet, emulated: EmulatedFleet) -> None:
+    """vLLM caches a block when the step that fills it is scheduled, so of identical prompts
+    that arrive together (admitted in one step, or while the first is still prefilling) only
+    the first computes the prefix: the others hit every full block but the last token's. The
+    emulator must count the same hits (it once computed each copy admitted in one step)."""
+    hits: dict[str, float] = {}
+    async with aiohttp.ClientSession() as s:
+        for side, u in _urls(engine_fleet, emulated).items():
+            url = u["url"]
+            prompt = f"[{uuid.uuid4().hex}] " + "x z" * 120
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "ignore_eos": True}
+            # A long decode keeps the engine stepping, so the copies arrive within a step.
+            busy = asyncio.create_task(_post(s, f"{url}/v1/completions", {
+                "model": MODEL, "prompt": f"[{uuid.uuid4().hex}] busy", "max_tokens": 60,
+                "ignore_eos": True}))
+            await asyncio.sleep(0.3)
+            before = await _prefix_hits(s, url)
+            async with asyncio.timeout(BOUND_S):
+                answers = await asyncio.gather(*[_post(s, f"{url}/v1/completions", body)
+                                                 for _ in range(4)])
+                await busy
+            hits[side] = await _prefix_hits(s, url) - before
+            full = (answers[0]["usage"]["prompt_tokens"] - 1) // 32 * 32
+    assert hits["real"] == 3 * full, hits
+    assert hits["emulated"] == hits["real"]
+
+
 async def test_same_restricted_metrics_page(engine_fleet: LocalEngineFleet,
                                             emulated: EmulatedFleet) -> None:
     """The router's scraper asks for ``/metrics/?name[]=...`` (only the series it reads): a

@@ -295,7 +295,11 @@ RECOMPUTE_CAUSES = ("evicted", "elsewhere", "in_flight")
   holder: a spill, or a holder that was never learnt — or every copy had been evicted since
   and the context was placed anew; :data:`PLACEMENT_CLASSES` tells these apart);
 * ``in_flight``: this engine (or another one) was still computing it for an earlier request
-  when this one was admitted — the same prompt sent twice before the first prefill ended."""
+  when this one was admitted — the same prompt sent twice before the first prefill ended.
+  (Approximate: a block counts as available from the first token of the request that
+  computed it, while the engine shares it from the step that schedules it; so a copy that
+  hit a block still being computed is not here, and one counted here may have hit part of
+  the prefix.)"""
 
 
 def recompute_breakdown(requests: Sequence[SimRequest], block_size: int,

@@ -15,12 +15,16 @@ The model follows vLLM v1's scheduler in the parts that decide routing outcomes:
   Queried and hit tokens feed ``prefix_cache_queries`` / ``prefix_cache_hits``.
 * KV blocks are reserved for the whole prompt and output at admission (a simplification: vLLM
   allocates as it goes and preempts on exhaustion; here a sequence waits instead). A block
-  becomes cached (``BlockStored``) once all its tokens' KV is computed — prompt blocks as the
-  prefill reaches them, and, as in vLLM, blocks of generated tokens as decoding fills them
-  (the newest token's KV is computed by the next step, so a finished request leaves
-  ``(prompt + output - 1) // block_size`` full blocks). Their hashes are the request's
-  ``output_hashes`` when given (the emulator: vLLM's hashes of the tokens it streams), else ids
-  no prompt can have (the simulator: its outputs are never sent back).
+  becomes cached when the step that fills it is **scheduled**, as vLLM's ``allocate_slots``
+  caches it, not when the step ends: a request admitted later in the same step (or while an
+  earlier one's long prefill is still in chunks) hits it instead of computing it again —
+  checked against a real vLLM-CPU engine, where identical prompts sent together are computed
+  once. ``BlockStored`` is published when the step ends, as vLLM publishes it. Prompt blocks
+  are cached as the prefill reaches them and, as in vLLM, blocks of generated tokens as
+  decoding fills them (the newest token's KV is computed by the next step, so a finished
+  request leaves ``(prompt + output - 1) // block_size`` full blocks). Their hashes are the
+  request's ``output_hashes`` when given (the emulator: vLLM's hashes of the tokens it
+  streams), else ids no prompt can have (the simulator: its outputs are never sent back).
 * When a sequence finishes (or is aborted) its cached blocks stay resident but evictable,
   least recently used first (``BlockRemoved`` when evicted). They are released **last block
   first**, as vLLM's ``free`` does, so of one request's blocks its generated tail and its own
@@ -114,6 +118,8 @@ class StepPlan:
 
     prefill: list[tuple[SimRequest, int]]
     decode: list[SimRequest]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    """The KV events of scheduling it, published when it ends (as vLLM publishes a step's)."""
 
     @property
     def prefill_tokens(self) -> int:
@@ -227,16 +233,31 @@ class SimEngine:
             self.evictable[block] = None
 
     def plan_step(self, now: float) -> StepPlan | None:
-        """Choose the next step's work (admitting waiting requests); None when idle."""
+        """Choose the next step's work (admitting waiting requests); None when idle.
+
+        As vLLM's scheduler does, the blocks the step will fill are cached as it is scheduled
+        (``KVCacheManager.allocate_slots``), running requests first: a request admitted
+        later in the same step, or in a later one while a long prefill is still in chunks,
+        hits the blocks already scheduled instead of computing them a second time. Their
+        ``BlockStored`` events wait for the step's end, when vLLM publishes them."""
         self.version += 1
+        mark = len(self.events)
+        stored: list[int] = []
         budget = self.profile.max_batched_tokens
         decode = [r for r in self.running if r.computed >= r.prompt_tokens]
         budget -= len(decode)
+        bs = self.profile.block_size
+        for r in decode:
+            # The token sampled last step is fed in this one: the blocks it fills.
+            full = (r.prompt_tokens + r.generated) // bs
+            while len(r.blocks) < full:
+                self._cache_block(r, r.output_hash(len(r.blocks) - len(r.hashes)), stored)
         prefill: list[tuple[SimRequest, int]] = []
         for r in self.running:
             if r.computed < r.prompt_tokens and budget > 0:
                 chunk = min(budget, r.prompt_tokens - r.computed)
                 prefill.append((r, chunk))
+                self._cache_chunk(r, chunk, stored)
                 budget -= chunk
         while (self.waiting and budget > 0
                and len(self.running) < self.profile.max_num_seqs):
@@ -246,10 +267,24 @@ class SimEngine:
             self.running.append(r)
             chunk = min(budget, r.prompt_tokens - r.computed)
             prefill.append((r, chunk))
+            self._cache_chunk(r, chunk, stored)
             budget -= chunk
+        if stored:
+            self.events.append({"type": "BlockStored", "block_hashes": stored,
+                                "block_size": bs})
+        events = self.events[mark:]
+        del self.events[mark:]
         if not prefill and not decode:
+            self.events.extend(events)  # nothing scheduled: nothing stored either
             return None
-        return StepPlan(prefill=prefill, decode=decode)
+        return StepPlan(prefill=prefill, decode=decode, events=events)
+
+    def _cache_chunk(self, request: SimRequest, chunk: int, stored: list[int]) -> None:
+        """Cache the full prompt blocks ``request``'s next ``chunk`` tokens complete."""
+        bs = self.profile.block_size
+        after = min((request.computed + chunk) // bs, len(request.hashes))
+        for h in request.hashes[request.computed // bs:after]:
+            self._cache_block(request, h, stored)
 
     def step_duration(self, plan: StepPlan) -> float:
         return self.profile.step_s(plan.prefill_tokens, len(plan.decode))
@@ -258,25 +293,14 @@ class SimEngine:
         """Apply a step that ended at ``now``; returns the requests that finished."""
         self.version += 1
         bs = self.profile.block_size
-        stored: list[int] = []
+        self.events.extend(plan.events)
         for r, chunk in plan.prefill:
-            before = r.computed // bs
             r.computed += chunk
-            after = min(r.computed // bs, len(r.hashes))
-            for h in r.hashes[before:after]:
-                self._cache_block(r, h, stored)
             if r.computed >= r.prompt_tokens:
                 r.first_token_s = now
                 r.generated = 1
         for r in plan.decode:
             r.generated += 1
-            # The token sampled last step was fed in this one: its KV is now computed.
-            full = (r.prompt_tokens + r.generated - 1) // bs
-            while len(r.blocks) < full:
-                self._cache_block(r, r.output_hash(len(r.blocks) - len(r.hashes)), stored)
-        if stored:
-            self.events.append({"type": "BlockStored", "block_hashes": stored,
-                                "block_size": bs})
         done = [r for r in self.running
                 if r.computed >= r.prompt_tokens and r.generated >= r.max_tokens]
         if done:
@@ -291,8 +315,8 @@ class SimEngine:
         return done
 
     def _cache_block(self, request: SimRequest, block: int, stored: list[int]) -> None:
-        """``request`` has computed ``block``: cache it (or share the copy a concurrent request
-        computed), using one of its reserved blocks."""
+        """``request``'s scheduled step fills ``block``: cache it (or share the copy a concurrent
+        request filled), using one of its reserved blocks."""
         count = self.refcount.get(block)
         if count is not None:  # computed again by a concurrent request: share it
             if count == 0:

@@ -82,6 +82,41 @@ def test_an_exact_repeat_still_computes_its_last_token() -> None:
     assert again.cached_tokens == 12
 
 
+def test_requests_admitted_in_one_step_share_the_blocks_it_schedules() -> None:
+    """vLLM caches a block when the step that fills it is scheduled: of identical prompts
+    admitted together the first computes the prefix and the rest hit it. The blocks are
+    announced once, when the step ends."""
+    engine = SimEngine(0, PROFILE)
+    same = [request(i, b"s" * 12 + bytes([i]), max_tokens=1) for i in range(3)]  # 3 blocks
+    for r in same:
+        engine.enqueue(r)
+    plan = engine.plan_step(0.0)
+    assert plan is not None and [r for r, _ in plan.prefill] == same
+    assert [r.cached_tokens for r in same] == [0, 12, 12]
+    assert plan.prefill_tokens == 13 + 1 + 1
+    assert engine.drain_events() == []  # published when the step ends
+    engine.finish_step(plan, engine.step_duration(plan))
+    assert _hashes(engine.drain_events(), "BlockStored") == same[0].hashes
+    assert engine.prefix_hits == 24
+
+
+def test_a_request_admitted_mid_prefill_hits_the_chunk_scheduled_with_it() -> None:
+    """Running requests are scheduled (and their next chunk's blocks cached) before waiting
+    ones are admitted: a copy that arrives while a long prefill is in chunks hits the chunk
+    computed in the same step, and computes only what the budget leaves after it."""
+    engine = SimEngine(0, PROFILE)  # 64 tokens a step
+    first = request(1, b"p" * 100, max_tokens=1)  # 25 blocks: chunks of 64 and 36
+    engine.enqueue(first)
+    plan = engine.plan_step(0.0)
+    assert plan is not None
+    engine.finish_step(plan, 1.0)
+    copy = request(2, b"p" * 100, max_tokens=1, at=1.0)
+    engine.enqueue(copy)
+    plan = engine.plan_step(1.0)
+    assert plan is not None and plan.prefill == [(first, 36), (copy, 4)]
+    assert copy.cached_tokens == 96  # all 24 full blocks, the second chunk's 9 among them
+
+
 def test_long_prompts_are_prefilled_in_chunks_and_ttft_follows() -> None:
     engine = SimEngine(0, PROFILE)
     r = request(1, b"c" * 100, max_tokens=3)
@@ -180,9 +215,11 @@ def test_a_request_that_does_not_fit_leaves_the_lru_order_alone() -> None:
     engine.finish_step(plan, 1.0)
     waits = request(4, b"a" * 32 + b"d" * 40, max_tokens=8)  # hits "a", needs 12: 10 room
     engine.enqueue(waits)
-    assert engine.plan_step(1.0) is not None and waits.admitted_s is None
-    assert engine.abort(waits)  # its client gave up
-    run_until_idle(engine, start=1.0)
+    plan = engine.plan_step(1.0)
+    assert plan is not None and waits.admitted_s is None
+    engine.finish_step(plan, 2.0)
+    assert engine.abort(waits)  # its client gave up, between steps
+    run_until_idle(engine, start=2.0)
     engine.drain_events()
     filler = request(5, b"e" * 40, max_tokens=1)  # 11 blocks: 3 free, 8 evicted
     engine.enqueue(filler)

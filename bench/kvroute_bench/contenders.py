@@ -385,7 +385,8 @@ _PRECISE_LOAD = [{"type": "prefix-precise", "weight": 3.0},
 # policy files and imports no kvroute package; tests/unit/bench/test_sim_router.py keeps the two
 # equal.
 _PRECISE_COST = [{"type": "prefix-precise", "weight": 0.0},
-                 {"type": "prefill-cost", "weight": 1.0}]
+                 {"type": "prefill-cost", "weight": 1.0},
+                 {"type": "running-requests", "weight": 0.02}]
 
 KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "approx": KvrouteVariant("kvroute, approximate prefix scorer (router's own request history)",
@@ -443,11 +444,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     **{f"precise-cost-prio{ms:g}": KvrouteVariant(
         f"kvroute-precise-cost with prefillPriorityMsPerToken {ms:g} (A/B)", _PRECISE_COST,
         {"scoring": {"prefillPriorityMsPerToken": ms}}) for ms in (0, 0.05, 0.2, 0.5, 1)},
-    # Round 25's default: running-requests decides between endpoints prefill-cost finds
-    # (nearly) equal — a shorter tail below saturation, less goodput past it (round 26).
-    "precise-cost-run": KvrouteVariant(
-        "kvroute-precise-cost with running-requests 0.02 as a tie-break (A/B)",
-        [*_PRECISE_COST, {"type": "running-requests", "weight": 0.02}]),
+    # The default before round 25 and in rounds 26-27: no running-requests tie-break, so a
+    # prompt no endpoint holds goes to a random one of the equally cheap endpoints.
+    "precise-cost-norun": KvrouteVariant(
+        "kvroute-precise-cost without the running-requests tie-break (A/B)",
+        [s for s in _PRECISE_COST if s["type"] != "running-requests"]),
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),

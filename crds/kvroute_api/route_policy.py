@@ -93,17 +93,20 @@ class ScoringSpec(ApiModel):
         default_factory=lambda: [
             ScorerWeight(type="prefix-precise", weight=0.0),
             ScorerWeight(type="prefill-cost", weight=1.0),
+            ScorerWeight(type="running-requests", weight=0.02),
         ],
         max_length=8,
         description="Scorers and weights; scores are in 0-1 and summed by weight. The default "
                     "prices cache and load in prompt tokens (prefill-cost), with prefix-precise "
                     "at weight 0 supplying the match it prices (a prefix scorer at weight 0 "
-                    "runs only for prefill-cost). Adding running-requests at 0.02 sends a "
-                    "prompt no endpoint holds to the least busy of the equally cheap "
-                    "endpoints: a shorter TTFT tail below saturation, but less goodput past it "
-                    "(docs/benchmarks/emulated-fleet.md, rounds 25-26). The default before "
-                    "round 5, [prefix-precise 3, queue-depth 1, kv-utilization 1], measured "
-                    "lower goodput on the emulated fleet.")
+                    "runs only for prefill-cost), and running-requests at 0.02, which only "
+                    "decides between endpoints prefill-cost finds (nearly) equal: a prompt no "
+                    "endpoint holds goes to the one decoding the fewest requests instead of a "
+                    "random one (docs/benchmarks/emulated-fleet.md, rounds 25-28: out of the "
+                    "default in round 26 on an engine model vLLM does not match; back in round "
+                    "28, level or ahead on every corrected run). The default "
+                    "before round 5, [prefix-precise 3, queue-depth 1, kv-utilization 1], "
+                    "measured lower goodput on the emulated fleet.")
     picker: PickerType = Field(default="max-score",
                                description="max-score (random tie-break) or weighted-random.")
     prefix_block_chars: int = Field(

@@ -21,10 +21,10 @@ weighted against other scorers.
 
 What it cannot see: work other routers sent (replicas without replica sync, clients going
 straight to the engine), and decode load. The ``load-headroom`` filter still removes hot
-spots by queue depth before it scores. A policy can add ``running-requests`` at 0.02 to decide
-between endpoints this scorer finds (nearly) equal — for a prompt no endpoint holds, often
-dozens with nothing left to prefill: a shorter TTFT tail below saturation, less goodput past
-it, so the default does not (emulated-fleet.md, rounds 25-26).
+spots by queue depth before it scores, and the default policy adds ``running-requests`` at
+0.02, which decides between endpoints this scorer finds (nearly) equal — for a prompt no
+endpoint holds, often dozens with nothing left to prefill (emulated-fleet.md, rounds 25
+and 28).
 """
 
 from __future__ import annotations

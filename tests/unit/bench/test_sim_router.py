@@ -294,7 +294,7 @@ def test_every_kvroute_contender_is_a_simulator_picker_with_its_policy() -> None
     assert isinstance(default, RouterPicker) and isinstance(q16, RouterPicker)
     assert isinstance(w5, RouterPicker)
     assert default.precise and [s.type_name for s in default.profile.scorers] == [
-        "prefix-precise", "prefill-cost"]
+        "prefix-precise", "prefill-cost", "running-requests"]
     assert KVROUTE_VARIANTS["precise-cost"].scoring == [  # the contender is the API default
         s.model_dump(by_alias=True) for s in ScoringSpec().scorers]
 

@@ -170,33 +170,13 @@ def _busy_endpoints(*running: int) -> list[Endpoint]:
     return eps
 
 
-WITH_TIE_BREAK = [{"type": "prefix-precise", "weight": 0}, {"type": "prefill-cost"},
-                  {"type": "running-requests", "weight": 0.02}]
-"""Round 25's default, now an opt-in (docs/router.md, *Prefill cost*): the least busy of the
-equally cheap endpoints — a shorter tail below saturation, less goodput past it (round 26)."""
-
-
-def test_the_default_draws_among_equally_cheap_endpoints_whatever_they_decode() -> None:
-    """The default scoring reads no decode load: a prompt no endpoint holds goes to any of the
-    endpoints with nothing left to prefill (round 26 of emulated-fleet.md: the running-requests
-    tie-break cost goodput past saturation)."""
+def test_the_default_sends_a_prompt_no_endpoint_holds_to_the_least_busy_of_the_cheapest() -> None:
+    """The default scoring's running-requests (0.02) decides between endpoints prefill-cost
+    finds equal; max-score alone would draw one at random (round 25 of emulated-fleet.md)."""
     registry = register_builtin_plugins(PluginRegistry())
     profile = build_profile(registry, _context(), "t")
     assert [(s.type_name, s.weight) for s in profile.scorers] == [
-        ("prefix-approx", 0.0), ("prefill-cost", 1.0)]
-    picked = set()
-    for _ in range(60):
-        eps = _busy_endpoints(5, 1, 3, 9)
-        picked.add(profile.run(CycleState(), _request(), eps, 1)[0].endpoint.name)
-    assert picked == {"e0", "e1", "e2", "e3"}
-
-
-def test_running_requests_sends_a_prompt_no_endpoint_holds_to_the_least_busy_of_the_cheapest(
-) -> None:
-    """With running-requests at 0.02 it decides between endpoints prefill-cost finds equal;
-    max-score alone draws one at random (round 25 of emulated-fleet.md)."""
-    registry = register_builtin_plugins(PluginRegistry())
-    profile = build_profile(registry, _context(scorers=WITH_TIE_BREAK), "t")
+        ("prefix-approx", 0.0), ("prefill-cost", 1.0), ("running-requests", 0.02)]
     picked = set()
     for _ in range(30):
         eps = _busy_endpoints(5, 1, 3, 9)
@@ -206,7 +186,7 @@ def test_running_requests_sends_a_prompt_no_endpoint_holds_to_the_least_busy_of_
 
 def test_the_running_requests_tie_break_never_outweighs_a_holder() -> None:
     registry = register_builtin_plugins(PluginRegistry())
-    profile = build_profile(registry, _context(scorers=WITH_TIE_BREAK), "t")
+    profile = build_profile(registry, _context(), "t")
     eps = _busy_endpoints(0, 0)
     state = CycleState()
     profile.run(state, _request("first"), eps, 1)

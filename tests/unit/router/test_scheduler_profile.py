@@ -35,11 +35,10 @@ def test_default_scoring_degrades_prefix_precise_to_approx(caplog: pytest.LogCap
     registry = register_builtin_plugins(PluginRegistry())
     with caplog.at_level(logging.WARNING):
         profile = build_profile(registry, context(), "test")
-    # The default [prefix-precise 0, prefill-cost 1] (no running-requests tie-break since
-    # round 26: it cost goodput past saturation): the stand-in keeps weight 0 and still runs,
-    # because prefill-cost prices its match.
+    # The default [prefix-precise 0, prefill-cost 1, running-requests 0.02]: the stand-in
+    # keeps weight 0 and still runs, because prefill-cost prices its match.
     assert [(s.type_name, s.weight) for s in profile.scorers] == [
-        ("prefix-approx", 0.0), ("prefill-cost", 1.0)]
+        ("prefix-approx", 0.0), ("prefill-cost", 1.0), ("running-requests", 0.02)]
     assert profile.share_prefix_held
     assert profile.degraded == {"prefix-precise": "prefix-approx"}
     assert "prefix-precise is not available" in caplog.text

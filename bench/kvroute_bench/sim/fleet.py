@@ -125,7 +125,8 @@ was routed, by the longest run of the prompt's leading blocks each engine holds:
 * ``left_holder``: another engine holds a longer run than the chosen one — a spill for load,
   or a holder the picker did not know of;
 * ``held_nowhere``: no engine holds the prompt's first block — evicted everywhere, never
-  computed, or not yet computed (a block counts once the step computing it ends).
+  computed, or not yet scheduled (a block counts from the step that schedules it, as the
+  engine shares it from then).
 
 It tells a picker that leaves holders (placement) from a fleet that no longer holds the
 contexts (capacity): the second is no routing decision's doing at the time it is made."""

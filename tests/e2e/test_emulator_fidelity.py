@@ -22,6 +22,7 @@ import msgspec
 import pytest
 import zmq
 import zmq.asyncio
+from kvroute_bench import promtext
 from kvroute_cli.localengines import LocalEngineFleet
 from kvroute_emulator.fleet import EmulatedFleet, FleetConfig, fleet_in_thread
 from kvroute_emulator.metrics import SERIES
@@ -240,9 +241,7 @@ async def test_same_metric_names_and_labels(engine_fleet: LocalEngineFleet,
 
 async def _prefix_hits(session: aiohttp.ClientSession, url: str) -> float:
     async with session.get(f"{url}/metrics") as r:
-        families = text_string_to_metric_families(await r.text())
-        return sum(x.value for f in families if f.name == "vllm:prefix_cache_hits"
-                   for x in f.samples if x.name.endswith("_total"))
+        return promtext.total(promtext.parse(await r.text()), promtext.PREFIX_HITS)
 
 
 async def test_identical_prompts_sent_together_are_computed_once(

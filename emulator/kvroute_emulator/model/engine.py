@@ -272,11 +272,10 @@ class SimEngine:
         if stored:
             self.events.append({"type": "BlockStored", "block_hashes": stored,
                                 "block_size": bs})
+        if not prefill and not decode:
+            return None  # nothing admitted, so nothing evicted or stored either
         events = self.events[mark:]
         del self.events[mark:]
-        if not prefill and not decode:
-            self.events.extend(events)  # nothing scheduled: nothing stored either
-            return None
         return StepPlan(prefill=prefill, decode=decode, events=events)
 
     def _cache_chunk(self, request: SimRequest, chunk: int, stored: list[int]) -> None:

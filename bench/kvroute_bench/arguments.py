@@ -22,6 +22,7 @@ CONTENDER_NAMES = ("direct-rr", "direct-one", "envoy-rr", "kvroute-approx", "kvr
                    "kvroute-precise-cost-prio0.05",
                    "kvroute-precise-cost-prio0.2", "kvroute-precise-cost-prio0.5",
                    "kvroute-precise-cost-prio1", "kvroute-precise-cost-norun",
+                   "kvroute-precise-cost-noforecast",
                    "kvroute-precise-cost-nohead",
                    "kvroute-precise-cost-asyncio",
                    "kvroute-queue", "kvroute-precise-queue", "vllm-router-rr",

@@ -363,13 +363,15 @@ def _envoy_round_robin(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class KvrouteVariant:
-    """One way of configuring kvroute for a run: its scorers and further RoutePolicy spec
-    fields (merged into the generated policy). Run as the contender ``kvroute-<name>``. An A/B
-    variant (its description says "A/B") runs only when named in ``--contenders``."""
+    """One way of configuring kvroute for a run: its scorers, further RoutePolicy spec fields
+    (merged into the generated policy) and further ``engine.kvEvents`` fields of the pool. Run
+    as the contender ``kvroute-<name>``. An A/B variant (its description says "A/B") runs only
+    when named in ``--contenders``."""
 
     description: str
     scoring: list[dict[str, Any]]
     policy: dict[str, Any] = field(default_factory=dict)
+    kv_events: dict[str, Any] = field(default_factory=dict)
     args: tuple[str, ...] = ()  # further ``kvroute router`` flags
 
     @property
@@ -449,6 +451,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-norun": KvrouteVariant(
         "kvroute-precise-cost without the running-requests tie-break (A/B)",
         [s for s in _PRECISE_COST if s["type"] != "running-requests"]),
+    # engine.kvEvents.evictionForecast (default on since round 29): off, the index learns an
+    # eviction only from the engine's BlockRemoved, a step after the engine scheduled it.
+    "precise-cost-noforecast": KvrouteVariant(
+        "kvroute-precise-cost without the eviction forecast (A/B)", _PRECISE_COST,
+        kv_events={"evictionForecast": False}),
     "precise-cost-nohead": KvrouteVariant(
         "kvroute-precise-cost with the load-headroom queue rule off (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 100_000}}),
@@ -482,16 +489,18 @@ DEFAULT_PRIORITY_MS_PER_TOKEN = 0.1
 
 
 def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
-                   extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                   extra: dict[str, Any] | None = None,
+                   kv_events: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The External InferencePool and RoutePolicy documents for ``kvroute router --config``
-    (``extra``: further RoutePolicy spec fields)."""
+    (``extra``: further RoutePolicy spec fields; ``kv_events``: further fields of the pool's
+    ``engine.kvEvents``)."""
     pool = {
         "apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
         "metadata": {"name": "local"},
         "spec": {
             "mode": "External", "model": {"name": fleet.model},
             "engine": {"blockSize": fleet.block_size, "kvEvents": {"pendingMs": round(
-                DEFAULT_PENDING_MS * fleet.time_scale)},
+                DEFAULT_PENDING_MS * fleet.time_scale), **(kv_events or {})},
                        "schedulingPolicy": ("Priority" if fleet.scheduling_policy == "priority"
                                             else "FCFS")}, "resources": {"gpus": 0},
             "endpoints": [{"name": e.name, "address": e.address,
@@ -538,7 +547,8 @@ def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
     def command(fleet: FleetInfo, port: int, workdir: Path) -> list[str]:
         config = workdir / f"kvroute-{variant}.yaml"
         config.write_text(yaml.safe_dump_all(
-            kvroute_config(fleet, KVROUTE_SCORING[variant], KVROUTE_POLICY_EXTRA.get(variant)),
+            kvroute_config(fleet, KVROUTE_SCORING[variant], KVROUTE_POLICY_EXTRA.get(variant),
+                           KVROUTE_VARIANTS[variant].kv_events),
             sort_keys=False))
         argv = [sys.executable, "-m", "kvroute_cli.main", "router", "--config", str(config),
                 "--host", "127.0.0.1", "--port", str(port), "--ext-proc-port", "-1",

@@ -67,12 +67,14 @@ class ByteTokenizer:
 
 class RouterPicker:
     """Routes simulated requests with the router's scheduler profile for ``scoring`` (and the
-    saturation thresholds of ``admission``, a RoutePolicy's ``spec.admission``)."""
+    saturation thresholds of ``admission``, a RoutePolicy's ``spec.admission``; with
+    ``eviction_forecast``, the pool's ``engine.kvEvents.evictionForecast``)."""
 
     def __init__(self, scoring: dict[str, Any] | ScoringSpec, model: str = "sim-model",
                  block_size: int = 32, scrape_interval_s: float = 0.0,
                  precise: bool = False, admission: dict[str, Any] | None = None,
-                 engine_priority: bool = False, seed: int = 0) -> None:
+                 engine_priority: bool = False, seed: int = 0,
+                 eviction_forecast: bool = True) -> None:
         spec = scoring if isinstance(scoring, ScoringSpec) else ScoringSpec.model_validate(
             scoring)
         registry = register_builtin_plugins(PluginRegistry())
@@ -81,7 +83,7 @@ class RouterPicker:
         self.pool_events: Any = None
         self._state_hashes = ""
         if precise:
-            self._wire_kv_events(registry, services, block_size)
+            self._wire_kv_events(registry, services, block_size, eviction_forecast)
         context = PluginContext(scoring=spec, pool_key=POOL_KEY, pool=None,
                                 services=services, policy_key="sim/policy",
                                 admission=(AdmissionSpec.model_validate(admission)
@@ -110,7 +112,7 @@ class RouterPicker:
         ``prefill_in_flight`` (``Director.dispatch``/``answering``)."""
 
     def _wire_kv_events(self, registry: PluginRegistry, services: SharedServices,
-                        block_size: int) -> None:
+                        block_size: int, eviction_forecast: bool) -> None:
         from kvroute_router.kvevents.feed import build_precise_prefix, services_key
         from kvroute_router.kvevents.hashing import BlockHashConfig
         from kvroute_router.kvevents.hub import PoolKVEvents
@@ -128,7 +130,8 @@ class RouterPicker:
         events = SimPoolKVEvents(BlockHashConfig(block_size=block_size),
                                  tokenizer=ByteTokenizer())  # type: ignore[arg-type]
         events.index = PrefixIndex(events.index.max_blocks_per_endpoint,
-                                   pending_ttl=events.index.pending_ttl, clock=self._clock)
+                                   pending_ttl=events.index.pending_ttl, clock=self._clock,
+                                   forecast_evictions=eviction_forecast)
         services.put(services_key(POOL_KEY), events)
         self.pool_events = events
         self._state_hashes = STATE_HASHES

@@ -65,7 +65,8 @@ SIM_PICKERS: dict[str, dict[str, Any] | None] = {
     # Every kvroute contender of the real-engine bench, with its scoring and policy extras.
     **{f"kvroute-{name}": {"scoring": {"scorers": variant.scoring,
                                        **variant.policy.get("scoring", {})},
-                           "admission": variant.policy.get("admission")}
+                           "admission": variant.policy.get("admission"),
+                           "eviction_forecast": variant.kv_events.get("evictionForecast", True)}
        for name, variant in KVROUTE_VARIANTS.items()},
 }
 """Picker name -> ``RouterPicker`` arguments (``None``: one of the :data:`REFERENCES`)."""
@@ -158,7 +159,8 @@ def make_picker(name: str, block_size: int,
     return RouterPicker(spec["scoring"], block_size=block_size,
                         scrape_interval_s=scrape_interval_s,
                         precise=not needs_block_hashes(base), admission=spec["admission"],
-                        engine_priority=scheduling_policy == "priority")
+                        engine_priority=scheduling_policy == "priority",
+                        eviction_forecast=spec.get("eviction_forecast", True))
 
 
 def set_pending_ttl(picker: Picker, seconds: float) -> None:

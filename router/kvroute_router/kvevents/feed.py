@@ -49,6 +49,7 @@ def build_precise_prefix(context: PluginContext) -> PrecisePrefixScorer:
     from kvroute_router.kvevents.hashing import BlockHashConfig
     from kvroute_router.kvevents.hub import (
         PoolKVEvents,
+        eviction_forecast_for_pool,
         hash_config_for_pool,
         pending_ttl_for_pool,
     )
@@ -57,9 +58,10 @@ def build_precise_prefix(context: PluginContext) -> PrecisePrefixScorer:
     pool = context.pool
     config = hash_config_for_pool(pool) if pool else BlockHashConfig(block_size=16)
     pending_ttl = pending_ttl_for_pool(pool) if pool else DEFAULT_PENDING_TTL_S
+    forecast = eviction_forecast_for_pool(pool) if pool else True
     pool_events = context.services.get_or_create(
         services_key(context.pool_key), PoolKVEvents,
-        lambda: PoolKVEvents(config, pending_ttl=pending_ttl))
+        lambda: PoolKVEvents(config, pending_ttl=pending_ttl, eviction_forecast=forecast))
     return PrecisePrefixScorer(pool_events, ApproxPrefixScorer.build(context))
 
 
@@ -158,7 +160,11 @@ class KVEventFeeds:
             return False
 
     async def sync(self) -> None:
-        from kvroute_router.kvevents.hub import pending_ttl_for_pool, pod_source
+        from kvroute_router.kvevents.hub import (
+            eviction_forecast_for_pool,
+            pending_ttl_for_pool,
+            pod_source,
+        )
         from kvroute_router.kvevents.subscriber import KVEventSource
 
         current = {state.key: state for state in self.datastore.pools()}
@@ -175,6 +181,7 @@ class KVEventFeeds:
             if events is None:
                 events = self._pools[key] = self._events_for(state)
             events.index.pending_ttl = pending_ttl_for_pool(state.pool)  # an edit applies
+            events.index.forecast_evictions = eviction_forecast_for_pool(state.pool)
             sources = []
             kv_spec = state.pool.spec.engine.kv_events
             for ep in state.endpoints.values():

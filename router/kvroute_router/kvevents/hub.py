@@ -53,6 +53,12 @@ def pending_ttl_for_pool(pool: InferencePool) -> float:
     return pool.spec.engine.kv_events.pending_ms / 1000
 
 
+def eviction_forecast_for_pool(pool: InferencePool) -> bool:
+    """Whether the index forecasts the evictions dispatches cause
+    (``engine.kvEvents.evictionForecast``)."""
+    return pool.spec.engine.kv_events.eviction_forecast
+
+
 def pod_source(endpoint_name: str, pod_ip: str, pool: InferencePool) -> KVEventSource:
     """Kubernetes: the pod's PUB and replay ports from the pool's ``engine.kvEvents`` (every
     topic: the operator's ``kv@<pod>`` and a user's own both match)."""
@@ -70,11 +76,14 @@ class PoolKVEvents:
                  settings: SubscriberSettings | None = None,
                  max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT,
                  pending_ttl: float = DEFAULT_PENDING_TTL_S,
+                 eviction_forecast: bool = True,
                  context: zmq.asyncio.Context | None = None,
                  stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S) -> None:
         self.hasher = BlockHasher(hash_config)
-        self.index = PrefixIndex(max_blocks_per_endpoint, pending_ttl=pending_ttl)
+        self.index = PrefixIndex(max_blocks_per_endpoint, pending_ttl=pending_ttl,
+                                 forecast_evictions=eviction_forecast)
         self.metrics = metrics or KVEventMetrics()
+        self.metrics.watch_forecasts(lambda: self.index.forecast_counts())
         self._scorer_source = Children(self.metrics.scorer_source)
         self.tokenizer = tokenizer
         self.settings = settings or SubscriberSettings()
@@ -87,6 +96,7 @@ class PoolKVEvents:
     @classmethod
     def for_pool(cls, pool: InferencePool, **kwargs: Any) -> PoolKVEvents:
         kwargs.setdefault("pending_ttl", pending_ttl_for_pool(pool))
+        kwargs.setdefault("eviction_forecast", eviction_forecast_for_pool(pool))
         return cls(hash_config_for_pool(pool), **kwargs)
 
     async def set_sources(self, sources: Iterable[KVEventSource]) -> None:
@@ -167,8 +177,9 @@ class PoolKVEvents:
     def match(self, hashes: Sequence[int], endpoints: Sequence[str]) -> dict[str, int]:
         return self.index.match(hashes, endpoints)
 
-    def mark_pending(self, endpoint: str, hashes: Sequence[int]) -> None:
-        self.index.mark_pending(endpoint, hashes)
+    def mark_pending(self, endpoint: str, hashes: Sequence[int],
+                     capacity: int | None = None) -> None:
+        self.index.mark_pending(endpoint, hashes, capacity)
 
     def record_scoring(self, precise: int | None, approximate: int,
                        best_match: int | None) -> None:

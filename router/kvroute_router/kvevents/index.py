@@ -27,6 +27,21 @@ Pending marks are kept like the published ones — per endpoint an insertion-ord
 may have expired (the index keeps a lower bound on the next expiry, so a match does not visit
 every endpoint to find none), so the cost stays amortised O(1) per mark and the match
 O(prompt blocks).
+
+*Eviction forecast*: vLLM evicts cached blocks when the step that needs their room is
+scheduled, but publishes the ``BlockRemoved`` events when that step ends, so for a step (and
+the request's wait in the queue before it) the index still shows a context the engine is
+about to drop — and draws traffic to it that will compute the context again there. With a
+capacity (the engine's ``num_gpu_blocks``), :meth:`PrefixIndex.mark_pending` forecasts the
+evictions a dispatch causes: the request's held blocks are touched (moved to the recent end,
+as the engine keeps blocks in use), and once the endpoint's published plus pending blocks
+exceed its capacity the excess is taken from the least recently stored or touched end and
+*doomed* — hidden from ``match()`` until the engine's ``BlockRemoved`` confirms it, or for at
+most ``pending_ttl`` seconds (the horizon of the pending marks, whose blocks make the room
+needed), after which a block the engine did not drop counts again, at the least recent end
+where the engine keeps it (a wrong forecast hides a block for that long, never for good). A
+``BlockStored`` for a doomed block restores it at once. The simulator measured it before it
+became the default (docs/emulated-fleet.md, round 29).
 """
 
 from __future__ import annotations
@@ -44,6 +59,8 @@ them: longer than a typical prefill (so a burst of same-prefix requests sticks t
 enough that a request that fails or is preempted before caching does not attract traffic for
 long."""
 DEFAULT_MAX_PENDING_PER_ENDPOINT = 1 << 16
+DOOMED, CONFIRMED, RESTORED = 0, 1, 2
+"""Indices of an endpoint's forecast counts."""
 
 
 class PrefixIndex:
@@ -52,6 +69,7 @@ class PrefixIndex:
     def __init__(self, max_blocks_per_endpoint: int = DEFAULT_MAX_BLOCKS_PER_ENDPOINT, *,
                  pending_ttl: float = DEFAULT_PENDING_TTL_S,
                  max_pending_per_endpoint: int = DEFAULT_MAX_PENDING_PER_ENDPOINT,
+                 forecast_evictions: bool = False,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_blocks_per_endpoint < 1:
             raise ValueError(f"max_blocks_per_endpoint must be >= 1, got "
@@ -62,7 +80,16 @@ class PrefixIndex:
         self.max_blocks_per_endpoint = max_blocks_per_endpoint
         self.pending_ttl = pending_ttl
         self.max_pending_per_endpoint = max_pending_per_endpoint
+        self.forecast_evictions = forecast_evictions
         self.clock = clock
+        self._doomed: dict[str, dict[int, tuple[int, float]]] = {}
+        """Per endpoint, blocks forecast to be evicted: hash → (reference count, expiry),
+        oldest expiry first; hidden from the holders map until confirmed or expired."""
+        self._next_doom_expiry = float("inf")
+        self._forecasts: dict[str, list[int]] = {}
+        """Per endpoint, blocks forecast to be evicted (doomed), evictions the engine
+        confirmed, and forecasts it did not confirm in time or contradicted with a
+        ``BlockStored`` (restored): :meth:`forecast_counts`."""
         self._pending: dict[str, dict[int, float]] = {}
         self._pending_holders: dict[int, int] = {}
         self._next_expiry = float("inf")
@@ -86,6 +113,8 @@ class PrefixIndex:
         self._endpoint_of_slot[slot] = endpoint
         self._blocks[endpoint] = {}
         self._pending[endpoint] = {}
+        self._doomed[endpoint] = {}
+        self._forecasts[endpoint] = [0, 0, 0]
 
     def remove_endpoint(self, endpoint: str) -> None:
         """Forget an endpoint and all its blocks; its slot is reused."""
@@ -97,6 +126,8 @@ class PrefixIndex:
         del self._endpoint_of_slot[slot]
         del self._blocks[endpoint]
         del self._pending[endpoint]
+        del self._doomed[endpoint]
+        del self._forecasts[endpoint]
 
     def endpoints(self) -> list[str]:
         return list(self._slot_of)
@@ -107,6 +138,7 @@ class PrefixIndex:
         self.add_endpoint(endpoint)
         blocks = self._blocks[endpoint]
         pending = self._pending[endpoint]
+        doomed = self._doomed[endpoint]
         holders = self._holders
         pending_holders = self._pending_holders
         bit = 1 << self._slot_of[endpoint]
@@ -121,6 +153,12 @@ class PrefixIndex:
                 else:
                     pending_holders.pop(block_hash, None)
             count = blocks.pop(block_hash, 0)
+            if not count and doomed:
+                entry = doomed.pop(block_hash, None)
+                if entry is not None:  # the engine kept it: the forecast was wrong
+                    count = entry[0]
+                    holders[block_hash] = holders.get(block_hash, 0) | bit
+                    self._forecasts[endpoint][RESTORED] += 1
             blocks[block_hash] = count + 1
             if not count:
                 new += 1
@@ -144,6 +182,7 @@ class PrefixIndex:
         if blocks is None:
             return 0
         pending = self._pending[endpoint]
+        doomed = self._doomed[endpoint]
         holders = self._holders
         pending_holders = self._pending_holders
         bit = 1 << self._slot_of[endpoint]
@@ -158,6 +197,8 @@ class PrefixIndex:
                     pending_holders.pop(block_hash, None)
             count = blocks.get(block_hash)
             if count is None:
+                if doomed and block_hash in doomed:
+                    gone += self._confirm_doomed(endpoint, doomed, block_hash)
                 continue
             if count > 1:
                 blocks[block_hash] = count - 1
@@ -175,6 +216,9 @@ class PrefixIndex:
         """Drop every block of one endpoint (restart, AllBlocksCleared), pending marks too;
         returns how many published blocks were dropped."""
         self.clear_pending(endpoint)
+        doomed = self._doomed.get(endpoint)
+        if doomed:
+            doomed.clear()
         blocks = self._blocks.get(endpoint)
         if not blocks:
             return 0
@@ -186,10 +230,13 @@ class PrefixIndex:
         return dropped
 
     # -- pending (dispatched, not yet published) ------------------------------------------
-    def mark_pending(self, endpoint: str, hashes: Iterable[int]) -> int:
+    def mark_pending(self, endpoint: str, hashes: Sequence[int],
+                     capacity: int | None = None) -> int:
         """Count these blocks as held by ``endpoint`` until published, removed, cleared or
         ``pending_ttl`` seconds from now; returns how many were marked (blocks already
-        published there are skipped)."""
+        published there are skipped). With ``capacity`` (the endpoint's KV blocks) and
+        ``forecast_evictions``, the published ones are touched and the evictions the
+        dispatch causes are forecast (the module docstring)."""
         if self.max_pending_per_endpoint == 0 or self.pending_ttl <= 0:
             return 0
         self.add_endpoint(endpoint)
@@ -197,10 +244,20 @@ class PrefixIndex:
         pending = self._pending[endpoint]
         pending_holders = self._pending_holders
         bit = 1 << self._slot_of[endpoint]
-        expiry = self.clock() + self.pending_ttl
+        now = self.clock()
+        expiry = now + self.pending_ttl
         if expiry < self._next_expiry:
             self._next_expiry = expiry
+        forecast = self.forecast_evictions and capacity is not None and capacity > 0
         marked = 0
+        touched = 0
+        if forecast:
+            # In use from now: the engine evicts these last, and frees a request's blocks
+            # tail first, so the prefix's head is the most recent.
+            for block_hash in reversed(hashes):
+                if block_hash in blocks:
+                    blocks[block_hash] = blocks.pop(block_hash)
+                    touched += 1
         for block_hash in hashes:
             if block_hash in blocks:
                 continue
@@ -213,7 +270,73 @@ class PrefixIndex:
             for block_hash in list(_first(pending, overflow)):
                 del pending[block_hash]
                 self._drop_pending_holder(block_hash, bit)
+        if forecast and capacity is not None:
+            excess = min(len(blocks) + len(pending) - capacity, len(blocks) - touched)
+            if excess > 0:
+                self._doom(endpoint, excess, expiry)
         return marked
+
+    def _doom(self, endpoint: str, count: int, expiry: float) -> None:
+        """Hide the ``count`` least recently stored or touched blocks of ``endpoint`` until the
+        engine confirms their eviction or ``expiry``."""
+        blocks = self._blocks[endpoint]
+        doomed = self._doomed[endpoint]
+        bit = 1 << self._slot_of[endpoint]
+        for block_hash in list(_first(blocks, count)):
+            doomed[block_hash] = (blocks.pop(block_hash), expiry)
+            self._drop_holder(block_hash, bit)
+        self._forecasts[endpoint][DOOMED] += count
+        if expiry < self._next_doom_expiry:
+            self._next_doom_expiry = expiry
+
+    def _confirm_doomed(self, endpoint: str, doomed: dict[int, tuple[int, float]],
+                        block_hash: int) -> int:
+        """A ``BlockRemoved`` for a doomed block: one reference fewer; 1 when it was the last."""
+        count, expiry = doomed[block_hash]
+        if count > 1:
+            doomed[block_hash] = (count - 1, expiry)
+            return 0
+        del doomed[block_hash]
+        self._forecasts[endpoint][CONFIRMED] += 1
+        return 1
+
+    def expire_doomed(self) -> int:
+        """Count again the doomed blocks the engine has not confirmed evicting in time (the
+        forecast was wrong); returns how many. ``match()`` calls it."""
+        now = self.clock()
+        if now < self._next_doom_expiry:
+            return 0
+        restored = 0
+        next_expiry = float("inf")
+        for endpoint, doomed in self._doomed.items():
+            if not doomed:
+                continue
+            blocks = self._blocks[endpoint]
+            bit = 1 << self._slot_of[endpoint]
+            back: dict[int, int] = {}
+            while doomed:
+                block_hash = next(iter(doomed))
+                count, expiry = doomed[block_hash]
+                if expiry > now:
+                    next_expiry = min(next_expiry, expiry)
+                    break
+                del doomed[block_hash]
+                back[block_hash] = blocks.pop(block_hash, 0) + count
+                self._holders[block_hash] = self._holders.get(block_hash, 0) | bit
+            if back:  # still the least recent: back at the front, where the engine has them
+                restored += len(back)
+                self._forecasts[endpoint][RESTORED] += len(back)
+                back.update(blocks)
+                blocks.clear()
+                blocks.update(back)
+        self._next_doom_expiry = next_expiry
+        return restored
+
+    def forecast_counts(self) -> dict[str, tuple[int, int, int]]:
+        """Per endpoint: blocks forecast to be evicted, evictions confirmed, forecasts
+        restored unconfirmed (cumulative)."""
+        return {endpoint: (c[DOOMED], c[CONFIRMED], c[RESTORED])
+                for endpoint, c in self._forecasts.items()}
 
     def clear_pending(self, endpoint: str) -> int:
         """Drop every pending mark of one endpoint; returns how many."""
@@ -283,6 +406,8 @@ class PrefixIndex:
         ``endpoints`` restricts the answer (unknown names get 0); default: every endpoint.
         """
         self.expire_pending()
+        if self._next_doom_expiry != float("inf"):
+            self.expire_doomed()
         pending = self._pending_holders
         wanted = list(self._slot_of) if endpoints is None else list(endpoints)
         result = dict.fromkeys(wanted, 0)

@@ -6,7 +6,11 @@ live in one process (tests, benchmarks). Pass the router's registry to share its
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 MATCH_BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
@@ -69,3 +73,27 @@ class KVEventMetrics:
         self.scorer_source = Counter(
             "kvroute_kv_prefix_scorer_source", "Per endpoint scored: precise (fresh KV events) "
             "or approximate (events stale, missing or untrustworthy).", ["source"], registry=r)
+
+    def watch_forecasts(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        """Export the index's eviction forecasts (``read``: per endpoint, blocks doomed,
+        confirmed, restored) as ``kvroute_kv_index_forecast_blocks``."""
+        self.registry.register(_ForecastCollector(read))
+
+
+class _ForecastCollector(Collector):
+    """Reads the index's forecast counts at scrape time (the index keeps plain integers on its
+    hot paths)."""
+
+    def __init__(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "kvroute_kv_index_forecast_blocks", "Blocks the prefix index forecast a dispatch "
+            "would evict (doomed), of which the engine confirmed the eviction (confirmed) or "
+            "did not in time, and they count again (restored); by endpoint "
+            "(engine.kvEvents.evictionForecast).", labels=["endpoint", "outcome"])
+        for endpoint, counts in self.read().items():
+            for outcome, value in zip(("doomed", "confirmed", "restored"), counts, strict=True):
+                family.add_metric([endpoint, outcome], value)
+        yield family

@@ -63,8 +63,10 @@ class PoolPrefixCache(Protocol):
         """Leading blocks of ``hashes`` each endpoint holds."""
         ...
 
-    def mark_pending(self, endpoint: str, hashes: Sequence[int]) -> None:
-        """The endpoint is about to compute these blocks."""
+    def mark_pending(self, endpoint: str, hashes: Sequence[int],
+                     capacity: int | None = None) -> None:
+        """The endpoint is about to compute these blocks; ``capacity``: its KV blocks, when
+        known (the index forecasts the evictions the dispatch causes)."""
         ...
 
     def record_scoring(self, precise: int | None, approximate: int,
@@ -131,4 +133,6 @@ class PrecisePrefixScorer:
             return  # no index to complement; the approximate history covers it
         hashes = self.block_hashes(state, request)
         if hashes:
-            self.pool_events.mark_pending(endpoint.name, hashes)
+            metrics = endpoint.metrics
+            self.pool_events.mark_pending(
+                endpoint.name, hashes, metrics.num_gpu_blocks if metrics is not None else None)

@@ -208,3 +208,42 @@ async def test_a_policy_no_profile_can_be_built_from_does_not_stop_the_other_poo
         assert _followed(services, "kvevents/default/other") == {"e0"}
     finally:
         await feeds.stop()
+
+
+def _with_forecast(pool: InferencePool, on: bool) -> InferencePool:
+    spec = pool.spec.model_copy(update={"engine": pool.spec.engine.model_copy(update={
+        "kv_events": pool.spec.engine.kv_events.model_copy(update={"eviction_forecast": on})})})
+    return pool.model_copy(update={"spec": spec})
+
+
+async def test_the_pools_eviction_forecast_reaches_the_index_and_an_edit_applies() -> None:
+    """``engine.kvEvents.evictionForecast`` (on by default) reaches the index the feed feeds
+    and the one a scorer builds without a feed; turning it off on the pool alone applies."""
+    assert pool_with_events(1).spec.engine.kv_events.eviction_forecast
+    store = Datastore()
+    services = SharedServices()
+    store.replace([pool_with_events(1)], [make_policy()])
+    feeds = KVEventFeeds(store, services, _router_registry())
+    await feeds.start()
+    try:
+        for _ in range(200):
+            events = services.get("kvevents/default/local", PoolKVEvents)
+            if events is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert events is not None and events.index.forecast_evictions
+        store.set_pool(_with_forecast(pool_with_events(1), False))
+        for _ in range(200):
+            if not events.index.forecast_evictions:
+                break
+            await asyncio.sleep(0.01)
+        assert not events.index.forecast_evictions
+        context = PluginContext(scoring=make_policy().spec.scoring, pool_key="other/pool",
+                                pool=_with_forecast(pool_with_events(1), False),
+                                services=SharedServices())
+        router = Router(RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                                       metrics_port=None))
+        profile = build_profile(router.registry, context, "t")
+        assert not profile.scorers[0].scorer.pool_events.index.forecast_evictions
+    finally:
+        await feeds.stop()

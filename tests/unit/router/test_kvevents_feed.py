@@ -60,10 +60,21 @@ async def test_feeds_follow_the_pool_and_the_scorer_finds_them() -> None:
     await asyncio.sleep(0)
 
 
-def _with_pending_ms(pool: InferencePool, pending_ms: int) -> InferencePool:
+def _with_kv_events(pool: InferencePool, **update: Any) -> InferencePool:
+    """The pool with these ``engine.kvEvents`` fields changed."""
     spec = pool.spec.model_copy(update={"engine": pool.spec.engine.model_copy(update={
-        "kv_events": pool.spec.engine.kv_events.model_copy(update={"pending_ms": pending_ms})})})
+        "kv_events": pool.spec.engine.kv_events.model_copy(update=update)})})
     return pool.model_copy(update={"spec": spec})
+
+
+def _with_pending_ms(pool: InferencePool, pending_ms: int) -> InferencePool:
+    return _with_kv_events(pool, pending_ms=pending_ms)
+
+
+async def _feed_events(services: SharedServices) -> PoolKVEvents | None:
+    """The pool's ``PoolKVEvents`` once the started feed has made it."""
+    await _until(lambda: services.get("kvevents/default/local", PoolKVEvents) is not None)
+    return services.get("kvevents/default/local", PoolKVEvents)
 
 
 async def test_the_pools_pending_window_reaches_the_index_and_an_edit_applies() -> None:
@@ -75,17 +86,10 @@ async def test_the_pools_pending_window_reaches_the_index_and_an_edit_applies() 
     feeds = KVEventFeeds(store, services, _router_registry())
     await feeds.start()
     try:
-        for _ in range(200):
-            events = services.get("kvevents/default/local", PoolKVEvents)
-            if events is not None:
-                break
-            await asyncio.sleep(0.01)
+        events = await _feed_events(services)
         assert events is not None and events.index.pending_ttl == 2.0
         store.set_pool(_with_pending_ms(pool_with_events(1), 40_000))
-        for _ in range(200):
-            if events.index.pending_ttl == 40.0:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: events.index.pending_ttl == 40.0)
         assert events.index.pending_ttl == 40.0
         # The scorer built without a feed (no subscriptions) takes the pool's window too.
         context = PluginContext(scoring=make_policy().spec.scoring, pool_key="other/pool",
@@ -211,9 +215,7 @@ async def test_a_policy_no_profile_can_be_built_from_does_not_stop_the_other_poo
 
 
 def _with_forecast(pool: InferencePool, on: bool) -> InferencePool:
-    spec = pool.spec.model_copy(update={"engine": pool.spec.engine.model_copy(update={
-        "kv_events": pool.spec.engine.kv_events.model_copy(update={"eviction_forecast": on})})})
-    return pool.model_copy(update={"spec": spec})
+    return _with_kv_events(pool, eviction_forecast=on)
 
 
 async def test_the_pools_eviction_forecast_reaches_the_index_and_an_edit_applies() -> None:
@@ -226,17 +228,10 @@ async def test_the_pools_eviction_forecast_reaches_the_index_and_an_edit_applies
     feeds = KVEventFeeds(store, services, _router_registry())
     await feeds.start()
     try:
-        for _ in range(200):
-            events = services.get("kvevents/default/local", PoolKVEvents)
-            if events is not None:
-                break
-            await asyncio.sleep(0.01)
+        events = await _feed_events(services)
         assert events is not None and events.index.forecast_evictions
         store.set_pool(_with_forecast(pool_with_events(1), False))
-        for _ in range(200):
-            if not events.index.forecast_evictions:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: not events.index.forecast_evictions)
         assert not events.index.forecast_evictions
         context = PluginContext(scoring=make_policy().spec.scoring, pool_key="other/pool",
                                 pool=_with_forecast(pool_with_events(1), False),

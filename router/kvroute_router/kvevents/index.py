@@ -61,6 +61,9 @@ long."""
 DEFAULT_MAX_PENDING_PER_ENDPOINT = 1 << 16
 DOOMED, CONFIRMED, RESTORED = 0, 1, 2
 """Indices of an endpoint's forecast counts."""
+FORECAST_EXPIRY_PASSES = 10
+"""At most this many passes restore unconfirmed forecasts per ``pending_ttl`` (each one that
+restores rebuilds an endpoint's block order: O(its blocks))."""
 
 
 class PrefixIndex:
@@ -321,15 +324,18 @@ class PrefixIndex:
                     next_expiry = min(next_expiry, expiry)
                     break
                 del doomed[block_hash]
-                back[block_hash] = blocks.pop(block_hash, 0) + count
+                back[block_hash] = count
                 self._holders[block_hash] = self._holders.get(block_hash, 0) | bit
             if back:  # still the least recent: back at the front, where the engine has them
                 restored += len(back)
                 self._forecasts[endpoint][RESTORED] += len(back)
-                back.update(blocks)
+                back.update(blocks)  # O(endpoint's blocks): hence the batching below
                 blocks.clear()
                 blocks.update(back)
-        self._next_doom_expiry = next_expiry
+        # Restores are batched, at most FORECAST_EXPIRY_PASSES per pendingMs: each pass that
+        # restores rebuilds the endpoint's order, and a block a little late back costs little.
+        self._next_doom_expiry = max(next_expiry,
+                                     now + self.pending_ttl / FORECAST_EXPIRY_PASSES)
         return restored
 
     def forecast_counts(self) -> dict[str, tuple[int, int, int]]:

@@ -74,18 +74,21 @@ class KVEventMetrics:
             "kvroute_kv_prefix_scorer_source", "Per endpoint scored: precise (fresh KV events) "
             "or approximate (events stale, missing or untrustworthy).", ["source"], registry=r)
 
+        self._forecasts = _ForecastCollector()
+        r.register(self._forecasts)
+
     def watch_forecasts(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
-        """Export the index's eviction forecasts (``read``: per endpoint, blocks doomed,
+        """Export an index's eviction forecasts (``read``: per endpoint, blocks doomed,
         confirmed, restored) as ``kvroute_kv_index_forecast_blocks``."""
-        self.registry.register(_ForecastCollector(read))
+        self._forecasts.readers.append(read)
 
 
 class _ForecastCollector(Collector):
-    """Reads the index's forecast counts at scrape time (the index keeps plain integers on its
+    """Reads the indexes' forecast counts at scrape time (an index keeps plain integers on its
     hot paths)."""
 
-    def __init__(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
-        self.read = read
+    def __init__(self) -> None:
+        self.readers: list[Callable[[], dict[str, tuple[int, int, int]]]] = []
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
@@ -93,7 +96,9 @@ class _ForecastCollector(Collector):
             "would evict (doomed), of which the engine confirmed the eviction (confirmed) or "
             "did not in time, and they count again (restored); by endpoint "
             "(engine.kvEvents.evictionForecast).", labels=["endpoint", "outcome"])
-        for endpoint, counts in self.read().items():
-            for outcome, value in zip(("doomed", "confirmed", "restored"), counts, strict=True):
-                family.add_metric([endpoint, outcome], value)
+        for read in self.readers:
+            for endpoint, counts in read().items():
+                for outcome, value in zip(("doomed", "confirmed", "restored"), counts,
+                                          strict=True):
+                    family.add_metric([endpoint, outcome], value)
         yield family

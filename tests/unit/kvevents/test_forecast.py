@@ -150,8 +150,12 @@ def test_the_forecasts_are_exported_per_endpoint_and_outcome() -> None:
     events.index.store("a", A + B)
     events.index.mark_pending("a", C, capacity=8)
     events.index.remove("a", A)
+    # A second pool sharing the metrics (one registry) adds its endpoints to the same family.
+    other = PoolKVEvents(BlockHashConfig(block_size=4), metrics=events.metrics)
+    other.index.store("z", A)
     samples = {(s.labels["endpoint"], s.labels["outcome"]): s.value
                for family in events.metrics.registry.collect()
                if family.name == "kvroute_kv_index_forecast_blocks"
                for s in family.samples}
-    assert samples == {("a", "doomed"): 4, ("a", "confirmed"): 4, ("a", "restored"): 0}
+    assert samples == {("a", "doomed"): 4, ("a", "confirmed"): 4, ("a", "restored"): 0,
+                       ("z", "doomed"): 0, ("z", "confirmed"): 0, ("z", "restored"): 0}

@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from kvroute_api.inference_pool import KVEventsSpec
 from kvroute_emulator.model.profile import (
     CostProfile,
     cpu_test_engine,
@@ -66,7 +67,9 @@ SIM_PICKERS: dict[str, dict[str, Any] | None] = {
     **{f"kvroute-{name}": {"scoring": {"scorers": variant.scoring,
                                        **variant.policy.get("scoring", {})},
                            "admission": variant.policy.get("admission"),
-                           "eviction_forecast": variant.kv_events.get("evictionForecast", True)}
+                           # the pool's engine.kvEvents, checked (and defaulted) by the API
+                           "eviction_forecast": KVEventsSpec.model_validate(
+                               variant.kv_events).eviction_forecast}
        for name, variant in KVROUTE_VARIANTS.items()},
 }
 """Picker name -> ``RouterPicker`` arguments (``None``: one of the :data:`REFERENCES`)."""
@@ -160,7 +163,8 @@ def make_picker(name: str, block_size: int,
                         scrape_interval_s=scrape_interval_s,
                         precise=not needs_block_hashes(base), admission=spec["admission"],
                         engine_priority=scheduling_policy == "priority",
-                        eviction_forecast=spec.get("eviction_forecast", True))
+                        eviction_forecast=spec.get("eviction_forecast",
+                                                   KVEventsSpec().eviction_forecast))
 
 
 def set_pending_ttl(picker: Picker, seconds: float) -> None:

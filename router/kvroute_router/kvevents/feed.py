@@ -47,21 +47,13 @@ def build_precise_prefix(context: PluginContext) -> PrecisePrefixScorer:
     nobody feeds when the router runs no feed for the pool: every endpoint then falls back to
     the approximate history)."""
     from kvroute_router.kvevents.hashing import BlockHashConfig
-    from kvroute_router.kvevents.hub import (
-        PoolKVEvents,
-        eviction_forecast_for_pool,
-        hash_config_for_pool,
-        pending_ttl_for_pool,
-    )
-    from kvroute_router.kvevents.index import DEFAULT_PENDING_TTL_S
+    from kvroute_router.kvevents.hub import PoolKVEvents
 
     pool = context.pool
-    config = hash_config_for_pool(pool) if pool else BlockHashConfig(block_size=16)
-    pending_ttl = pending_ttl_for_pool(pool) if pool else DEFAULT_PENDING_TTL_S
-    forecast = eviction_forecast_for_pool(pool) if pool else True
     pool_events = context.services.get_or_create(
         services_key(context.pool_key), PoolKVEvents,
-        lambda: PoolKVEvents(config, pending_ttl=pending_ttl, eviction_forecast=forecast))
+        lambda: (PoolKVEvents.for_pool(pool) if pool
+                 else PoolKVEvents(BlockHashConfig(block_size=16))))
     return PrecisePrefixScorer(pool_events, ApproxPrefixScorer.build(context))
 
 

@@ -41,7 +41,7 @@ most ``pending_ttl`` seconds (the horizon of the pending marks, whose blocks mak
 needed), after which a block the engine did not drop counts again, at the least recent end
 where the engine keeps it (a wrong forecast hides a block for that long, never for good). A
 ``BlockStored`` for a doomed block restores it at once. The simulator measured it before it
-became the default (docs/emulated-fleet.md, round 29).
+became the default (docs/benchmarks/emulated-fleet.md, round 29).
 """
 
 from __future__ import annotations

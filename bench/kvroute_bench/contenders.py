@@ -432,15 +432,19 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-q16": KvrouteVariant(
         "kvroute-precise-cost with saturationQueueDepth 16 (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 16}}),
-    # scoring.prefillWaitMs (default 200 ms since round 6): a prompt whose endpoint is still
-    # computing its prefix for an earlier request waits for it instead of computing it twice.
-    # A/B: 2 s of engine time (hurt the tail), and off (the default until round 6).
+    # scoring.prefillWaitMs (0, off, the default again since round 30; 200 ms in rounds 6-29):
+    # a prompt whose endpoint is still computing its prefix for an earlier request waits for
+    # it. A/B: 200 ms (the old default), 2 s (hurt the tail), and an explicit 0 (the default;
+    # the name earlier rounds' results use for it).
+    "precise-cost-wait200": KvrouteVariant(
+        "kvroute-precise-cost with prefillWaitMs 200, the default of rounds 6-29 (A/B)",
+        _PRECISE_COST, {"scoring": {"prefillWaitMs": 200}}),
     "precise-cost-wait": KvrouteVariant(
         "kvroute-precise-cost with prefillWaitMs 2000 (A/B)", _PRECISE_COST,
         {"scoring": {"prefillWaitMs": 2000}}),
     "precise-cost-nowait": KvrouteVariant(
-        "kvroute-precise-cost with prefillWaitMs 0, no prefill wait (A/B)", _PRECISE_COST,
-        {"scoring": {"prefillWaitMs": 0}}),
+        "kvroute-precise-cost with prefillWaitMs 0, no prefill wait: the default since round "
+        "30 (A/B)", _PRECISE_COST, {"scoring": {"prefillWaitMs": 0}}),
     # scoring.prefillPriorityMsPerToken (default 0.1; read only with --scheduling-policy
     # priority): the engine-queue penalty per prompt token the chosen engine does not hold.
     **{f"precise-cost-prio{ms:g}": KvrouteVariant(
@@ -482,7 +486,7 @@ DEFAULT_PENDING_MS = 5000
 before the engine's events confirm them. Stretched by the emulated fleet's time scale like the
 timeouts below (unscaled it is 78 ms of engine time at scale 64, shorter than the queueing
 there, and kvroute forgot where it had just sent a prefix)."""
-DEFAULT_PREFILL_WAIT_MS = 200
+DEFAULT_PREFILL_WAIT_MS = 0
 """``scoring.prefillWaitMs``'s default, stretched by the time scale too."""
 DEFAULT_PRIORITY_MS_PER_TOKEN = 0.1
 """``scoring.prefillPriorityMsPerToken``'s default, stretched by the time scale too."""

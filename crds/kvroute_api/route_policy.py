@@ -121,19 +121,20 @@ class ScoringSpec(ApiModel):
                     "tenants move off a busy holder later. 3 measured best on the emulated "
                     "fleet (docs/benchmarks/emulated-fleet.md, round 5).")
     prefill_wait_ms: int = Field(
-        default=200, ge=0, le=600000,
+        default=0, ge=0, le=600000,
         description="prefix-precise only: how long a request may wait at the router while the "
                     "endpoint it was sent to is still computing the same prompt prefix for an "
-                    "earlier request (dispatched by this router, not yet answering). Built "
-                    "on an engine model that computed such a prefix twice; vLLM shares the "
-                    "blocks an earlier request has scheduled, so on one engine the wait saves "
-                    "no prefill (round 28) and is kept only until it is measured again. The "
-                    "wait ends when the earlier request starts "
-                    "answering or ends, or after this long, whichever is first. 0: never wait. "
-                    "About the time the engine takes to compute a long shared prefix (200 ms: "
-                    "~6k tokens on an H100); longer caps cost the waiting request its place in "
-                    "the engine's queue (docs/benchmarks/emulated-fleet.md, round 6). Behind "
-                    "Envoy, keep it below the ext_proc messageTimeout (chart: 10 s).")
+                    "earlier request (dispatched by this router, not yet answering). The wait "
+                    "ends when the earlier request starts answering or ends, or after this "
+                    "long, whichever is first. 0 (the default since round 30): never wait — "
+                    "vLLM shares the blocks an earlier request has scheduled, so on one engine "
+                    "the wait saves no prefill and only delays (64 emulated engines: TTFT p90 "
+                    "-10 % and -1 %, goodput +1 % and +4 % without the 200 ms it had; "
+                    "docs/benchmarks/emulated-fleet.md, round 30). If set, keep it about the "
+                    "time the engine takes to compute a long shared prefix (200 ms: ~6k tokens "
+                    "on an H100); longer caps cost the waiting request its place in the "
+                    "engine's queue (round 6). Behind Envoy, keep it below the ext_proc "
+                    "messageTimeout (chart: 10 s).")
     prefill_priority_ms_per_token: float = Field(
         default=0.1, ge=0, le=1000,
         description="Pools whose engines run priority scheduling (InferencePool "

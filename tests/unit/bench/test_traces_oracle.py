@@ -161,6 +161,10 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
 
     assert ScoringSpec().prefill_wait_ms == DEFAULT_PREFILL_WAIT_MS  # the router's default
     assert parsed.scoring.prefill_wait_ms == DEFAULT_PREFILL_WAIT_MS * 16
+    old_default = RoutePolicySpec.model_validate(kvroute_config(
+        FleetInfo(engines, "m", 16, time_scale=16.0), [],
+        KVROUTE_POLICY_EXTRA["precise-cost-wait200"])[1]["spec"])
+    assert old_default.scoring.prefill_wait_ms == 3_200
     waiting = RoutePolicySpec.model_validate(kvroute_config(
         FleetInfo(engines, "m", 16, time_scale=16.0), [],
         KVROUTE_POLICY_EXTRA["precise-cost-wait"])[1]["spec"])

@@ -72,7 +72,7 @@ async def test_a_request_waits_while_its_endpoint_computes_its_prefix_for_an_ear
 
 
 async def test_the_wait_ends_at_the_limit_and_when_the_earlier_attempt_ends() -> None:
-    director = _director()  # the default: at most 200 ms
+    director = _director(prefillWaitMs=200)  # the default of rounds 6-29 (now 0: off)
     (policy,) = director.datastore.policies().values()
     assert policy.spec.scoring.prefill_wait_ms == 200
     first = await director.open(_request(1))
@@ -110,7 +110,7 @@ async def test_a_cancelled_wait_and_a_retry_leave_nothing_behind() -> None:
 
 
 async def test_no_wait_when_turned_off_or_without_a_shared_prefix() -> None:
-    off = _director(prefillWaitMs=0)
+    off = _director()  # off is the default since round 30
     first = await off.open(_request(1))
     second = await off.open(_request(2))
     assert second.endpoint is first.endpoint

@@ -170,6 +170,9 @@ OPS = st.lists(st.one_of(
 @given(ops=OPS)
 @example(ops=[("mark", "a", [1]), ("store", "a", [1]), ("remove", "a", [1]),
               ("match", [1], None)])  # a confirmed mark must not outlive its block
+@example(ops=[("store", "a", [1, 2, 3]), ("forecast", "a", [4], 3), ("tick", 5.0),
+              ("match", [1], None), ("forecast", "a", [5], 3), ("match", [1], None),
+              ("match", [2], None)])  # an unconfirmed forecast comes back least recent
 def test_the_index_answers_as_the_plain_model_does(ops: list[tuple[Any, ...]]) -> None:
     clock = Clock()
     index = PrefixIndex(MAX_BLOCKS, pending_ttl=TTL, max_pending_per_endpoint=MAX_PENDING,

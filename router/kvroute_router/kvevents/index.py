@@ -50,8 +50,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import reduce
 from itertools import repeat
-from operator import or_
+from operator import itemgetter, or_
+from typing import TypeVar
 
+_V = TypeVar("_V")
 DEFAULT_MAX_BLOCKS_PER_ENDPOINT = 1 << 20
 DEFAULT_PENDING_TTL_S = 5.0
 """How long a dispatched request's blocks count as held before the engine's events confirm
@@ -314,19 +316,14 @@ class PrefixIndex:
         for endpoint, doomed in self._doomed.items():
             if not doomed:
                 continue
-            blocks = self._blocks[endpoint]
-            bit = 1 << self._slot_of[endpoint]
-            back: dict[int, int] = {}
-            while doomed:
-                block_hash = next(iter(doomed))
-                count, expiry = doomed[block_hash]
-                if expiry > now:
-                    next_expiry = min(next_expiry, expiry)
-                    break
-                del doomed[block_hash]
-                back[block_hash] = count
-                self._holders[block_hash] = self._holders.get(block_hash, 0) | bit
-            if back:  # still the least recent: back at the front, where the engine has them
+            gone, left = _pop_expired(doomed, now, _DOOM_EXPIRY)
+            next_expiry = min(next_expiry, left)
+            if gone:  # still the least recent: back at the front, where the engine has them
+                blocks = self._blocks[endpoint]
+                bit = 1 << self._slot_of[endpoint]
+                back = {block_hash: count for block_hash, (count, _) in gone}
+                for block_hash in back:
+                    self._holders[block_hash] = self._holders.get(block_hash, 0) | bit
                 restored += len(back)
                 self._forecasts[endpoint][RESTORED] += len(back)
                 back.update(blocks)  # O(endpoint's blocks): hence the batching below
@@ -369,15 +366,11 @@ class PrefixIndex:
             if not pending:
                 continue
             bit = 1 << self._slot_of[endpoint]
-            while pending:
-                block_hash = next(iter(pending))
-                expiry = pending[block_hash]
-                if expiry > now:
-                    next_expiry = min(next_expiry, expiry)  # the endpoint's oldest mark
-                    break
-                del pending[block_hash]
+            gone, left = _pop_expired(pending, now, float)
+            next_expiry = min(next_expiry, left)  # the endpoint's oldest mark left
+            for block_hash, _ in gone:
                 self._drop_pending_holder(block_hash, bit)
-                expired += 1
+            expired += len(gone)
         self._next_expiry = next_expiry
         return expired
 
@@ -460,6 +453,28 @@ class PrefixIndex:
     def entries(self) -> int:
         """(endpoint, block) pairs: the size the memory bound is about."""
         return sum(len(b) for b in self._blocks.values())
+
+
+_DOOM_EXPIRY = itemgetter(1)
+"""A doomed block's expiry, from its (reference count, expiry)."""
+
+
+def _pop_expired(entries: dict[int, _V], now: float,
+                 expiry_of: Callable[[_V], float]) -> tuple[list[tuple[int, _V]], float]:
+    """Take the entries whose expiry is not after ``now`` from the front of ``entries`` (kept
+    in expiry order: pending marks, doomed blocks); returns them and the first expiry left
+    (inf when none is)."""
+    gone: list[tuple[int, _V]] = []
+    left = float("inf")
+    for key, value in entries.items():
+        expiry = expiry_of(value)
+        if expiry > now:
+            left = expiry
+            break
+        gone.append((key, value))
+    for key, _ in gone:
+        del entries[key]
+    return gone, left
 
 
 def _first(blocks: Iterable[int], count: int) -> Iterable[int]:

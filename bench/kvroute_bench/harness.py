@@ -101,6 +101,18 @@ def scrape(url: str) -> dict[promtext.Sample, float]:
         return promtext.parse(resp.read().decode(errors="replace"))
 
 
+def scrape_router_counters(contender: Contender, urls: Sequence[str]) -> dict[str, float]:
+    """kvroute's counters summed over its replicas' ``/metrics`` (the proxy port serves them);
+    empty for a peer, whose counters have other names."""
+    if contender.family != "kvroute":
+        return {}
+    counters: dict[str, float] = {}
+    for url in urls:
+        for key, value in promtext.router_counters(scrape(url)).items():
+            counters[key] = counters.get(key, 0.0) + value
+    return counters
+
+
 @dataclass
 class ContenderResult(LatencySummary):
     """Everything reported for one contender: its client-side latency summary (the inherited
@@ -126,6 +138,9 @@ class ContenderResult(LatencySummary):
     # Each engine's own mean TTFT (its histogram's sum/count): tells a slow engine from a
     # bad routing decision.
     engine_ttft_mean_per_engine_s: list[float] = field(default_factory=list)
+    # kvroute contenders: what the router's own counters added over the measured window,
+    # summed over endpoints and replicas (promtext.router_counters); empty for peers.
+    router_counters: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +151,7 @@ class Measurement:
     fleet: promtext.FleetDelta
     router_added_s: float
     router_cpu_s: float = math.nan  # the router's CPU time over the measured window
+    router_counters: dict[str, float] = field(default_factory=dict)
 
 
 def aggregate(contender: Contender, rounds: Sequence[Measurement]) -> ContenderResult:
@@ -148,6 +164,9 @@ def aggregate(contender: Contender, rounds: Sequence[Measurement]) -> ContenderR
     served = sum(len(m.results) for m in rounds)
     if served and not any(math.isnan(c) for c in cpu):
         result.router_cpu_ms_per_request = 1000.0 * sum(cpu) / served
+    for m in rounds:
+        for key, value in m.router_counters.items():
+            result.router_counters[key] = result.router_counters.get(key, 0.0) + value
     result.rounds = len(rounds)
     return result
 
@@ -270,11 +289,13 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                 progress(phase, done[0], total)
             return on_done
 
-        def at_switch() -> tuple[list[dict[promtext.Sample, float]], float]:
-            return [scrape(e.url) for e in fleet.engines], running.cpu_seconds()
+        def at_switch() -> tuple[list[dict[promtext.Sample, float]], float, dict[str, float]]:
+            # The router's own scrape before its CPU reading: the window's CPU leaves it out.
+            counters = scrape_router_counters(contender, running.base_urls)
+            return [scrape(e.url) for e in fleet.engines], running.cpu_seconds(), counters
 
         if plan.continuous_warmup:
-            sent, (before, cpu_before) = asyncio.run(send_continuous(
+            sent, (before, cpu_before, counters_before) = asyncio.run(send_continuous(
                 running.base_urls, _model(fleet), warm, measured, at_switch,
                 timeout_s=plan.request_timeout_s * scale,
                 on_done=tick("warm-up + measured", len(warm) + len(measured))))
@@ -283,7 +304,7 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                 asyncio.run(run_trace(running.base_urls, _model(fleet), warm,
                                       timeout_s=plan.request_timeout_s * scale,
                                       on_done=tick("warm-up", len(warm))))
-            before, cpu_before = at_switch()
+            before, cpu_before, counters_before = at_switch()
             done[0] = 0
             sent = asyncio.run(run_trace(running.base_urls, _model(fleet), measured,
                                          timeout_s=plan.request_timeout_s * scale,
@@ -292,6 +313,8 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
         time.sleep(1.0)  # engines update their counters just after the last stream ends
         after = [scrape(e.url) for e in fleet.engines]
         router_cpu = running.cpu_seconds() - cpu_before
+        counters = promtext.counter_deltas(counters_before,
+                                           scrape_router_counters(contender, running.base_urls))
         added = 0.0
         if contender.command is not None:
             progress("router overhead probe", 0, OVERHEAD_PAIRS)
@@ -299,7 +322,8 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                                           fleet.model, contender.name))
     finally:
         running.stop()
-    return Measurement(results, promtext.engine_deltas(before, after), added, router_cpu)
+    return Measurement(results, promtext.engine_deltas(before, after), added, router_cpu,
+                       counters)
 
 
 def _model(fleet: FleetInfo) -> str:

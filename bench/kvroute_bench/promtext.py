@@ -135,6 +135,35 @@ def combine(deltas: Sequence[FleetDelta]) -> FleetDelta:
     return FleetDelta(engines)
 
 
+ROUTER_PREFIX = "kvroute_"
+
+
+def router_counters(samples: Mapping[Sample, float]) -> dict[str, float]:
+    """kvroute's own counters (``kvroute_*_total``) in one scrape, summed over endpoints and
+    keyed ``name{label="value",...}`` by their other labels: how a run's routing decisions
+    went (eviction forecasts, KV-event gaps and drops, prefill waits, retries), not per engine."""
+    counters: dict[str, float] = {}
+    for (name, labels), value in samples.items():
+        if not (name.startswith(ROUTER_PREFIX) and name.endswith("_total")) or math.isnan(value):
+            continue
+        kept = ",".join(f'{k}="{v}"' for k, v in labels if k != "endpoint")
+        key = f"{name}{{{kept}}}" if kept else name
+        counters[key] = counters.get(key, 0.0) + value
+    return counters
+
+
+def counter_deltas(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """What each counter of ``after`` added since ``before`` (a reset reads as the after
+    value); counters that did not move are left out."""
+    deltas: dict[str, float] = {}
+    for key, value in after.items():
+        previous = before.get(key, 0.0)
+        moved = value - previous if value >= previous else value
+        if moved:
+            deltas[key] = moved
+    return deltas
+
+
 def imbalance(loads: Sequence[float]) -> float:
     """Max over mean of per-engine load: 1.0 is perfectly even, N means one engine did all."""
     if not loads:

@@ -67,6 +67,21 @@ def markdown_table(results: Sequence[ContenderResult]) -> str:
     return "\n".join(lines)
 
 
+def counters_markdown(results: Sequence[ContenderResult]) -> str:
+    """kvroute's own counters over each contender's measured window, one list per contender
+    (empty when no contender has any)."""
+    parts = []
+    for r in results:
+        if r.router_counters:
+            listed = ", ".join(f"`{key}` {value:,.0f}"
+                               for key, value in sorted(r.router_counters.items()))
+            parts.append(f"* {r.name}: {listed}")
+    if not parts:
+        return ""
+    return ("\nRouter counters over the measured window (summed over endpoints and replicas):\n\n"
+            + "\n".join(parts) + "\n")
+
+
 def plots(results: Sequence[ContenderResult], out_dir: Path, stem: str, title: str
           ) -> list[Path]:
     import matplotlib
@@ -133,7 +148,7 @@ def rerender(path: Path) -> list[Path]:
     stem = path.name.removesuffix(".json")
     title = f"{meta.get('workload', '?')} ({meta.get('engines', '?')} engines)"
     md_path = path.with_name(f"{stem}.md")
-    md_path.write_text(markdown_table(results) + "\n")
+    md_path.write_text(markdown_table(results) + "\n" + counters_markdown(results))
     return [md_path, *plots(results, path.parent, stem, title)]
 
 
@@ -146,7 +161,7 @@ def write(results: Sequence[ContenderResult], meta: dict[str, Any], out_dir: Pat
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(to_json(results, meta), indent=1) + "\n")
     md_path = out_dir / f"{stem}.md"
-    md_path.write_text(markdown_table(results) + "\n")
+    md_path.write_text(markdown_table(results) + "\n" + counters_markdown(results))
     return [json_path, md_path, *plots(results, out_dir, stem, title)]
 
 

@@ -73,6 +73,10 @@ def test_repeats_pool_requests_and_add_engine_counters() -> None:
     assert math.isnan(r.router_cpu_ms_per_request)  # a round without a CPU reading
     one.router_cpu_s, two.router_cpu_s = 0.02, 0.06
     assert math.isclose(aggregate(router, [one, two]).router_cpu_ms_per_request, 80.0 / 8)
+    one.router_counters = {"kvroute_retries_total": 2.0, "kvroute_x_total": 1.0}
+    two.router_counters = {"kvroute_retries_total": 3.0}
+    assert aggregate(router, [one, two]).router_counters == {"kvroute_retries_total": 5.0,
+                                                             "kvroute_x_total": 1.0}
 
 
 def test_report_round_trips_through_json(tmp_path: Path) -> None:
@@ -80,15 +84,21 @@ def test_report_round_trips_through_json(tmp_path: Path) -> None:
 
     direct = CONTENDERS.select(["direct-rr"])[0]
     fleet = promtext.FleetDelta([engine(3, 3000, 1500, 0.6), engine(1, 1000, 0, 0.2)])
-    original = [contender_result(direct, [results(0.25)], fleet),
+    kvroute = contender_result(direct, [results(0.25)], fleet)
+    kvroute.name = "kvroute-precise-cost"
+    kvroute.router_counters = {'kvroute_kv_index_forecast_blocks_total{outcome="doomed"}': 1200.0}
+    original = [contender_result(direct, [results(0.25)], fleet), kvroute,
                 skipped_result(CONTENDERS.select(["vllm-router-kv"])[0], "not installed")]
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(to_json(original, {"workload": "chat", "engines": 2})))
     loaded, meta = report.load(path)
     assert meta["workload"] == "chat"
     assert loaded[0].prefix_hit_rate == original[0].prefix_hit_rate
-    assert loaded[1].skipped == "not installed" and math.isnan(loaded[1].ttft_p50_s)
+    assert loaded[1].router_counters == kvroute.router_counters and not loaded[0].router_counters
+    assert loaded[2].skipped == "not installed" and math.isnan(loaded[2].ttft_p50_s)
     table = report.markdown_table(loaded)
     assert "| direct-rr | 250 |" in table and "| 2.5 |" in table  # prefilled ktok
     written = report.rerender(path)
     assert [p.name for p in written] == ["chat.md", "chat-ttft-cdf.png", "chat-summary.png"]
+    assert ('* kvroute-precise-cost: `kvroute_kv_index_forecast_blocks_total{outcome="doomed"}` '
+            '1,200') in written[0].read_text()

@@ -111,3 +111,29 @@ def test_histogram_deltas_keep_only_the_window_and_the_asked_labels() -> None:
     assert promtext.bucket_quantile(full, 50) == math.inf
     assert math.isnan(promtext.bucket_quantile(
         promtext.histogram_delta(before, before, "kvroute_gc_pause_seconds"), 99))
+
+
+ROUTER_BEFORE = """\
+# TYPE kvroute_kv_index_forecast_blocks counter
+kvroute_kv_index_forecast_blocks_total{endpoint="10.0.0.1:8000",outcome="doomed"} 5.0
+kvroute_kv_index_forecast_blocks_total{endpoint="10.0.0.2:8000",outcome="doomed"} 7.0
+kvroute_kv_index_forecast_blocks_total{endpoint="10.0.0.1:8000",outcome="confirmed"} 4.0
+kvroute_kv_index_blocks{endpoint="10.0.0.1:8000"} 900.0
+kvroute_ttft_seconds_count 3.0
+vllm:request_success_total{engine="0"} 9.0
+"""
+
+
+def test_router_counters_sum_over_endpoints_and_keep_other_labels() -> None:
+    counters = promtext.router_counters(promtext.parse(ROUTER_BEFORE))
+    # A gauge, a histogram's count and an engine's counter are not the router's counters.
+    assert counters == {'kvroute_kv_index_forecast_blocks_total{outcome="doomed"}': 12.0,
+                        'kvroute_kv_index_forecast_blocks_total{outcome="confirmed"}': 4.0}
+
+
+def test_counter_deltas_leave_out_what_did_not_move() -> None:
+    before = {"a_total": 5.0, "b_total": 2.0, "c_total": 8.0}
+    after = {"a_total": 9.0, "b_total": 2.0, "c_total": 3.0, "d_total": 1.0}
+    # c was reset (a restarted router): its after value is what it added.
+    assert promtext.counter_deltas(before, after) == {"a_total": 4.0, "c_total": 3.0,
+                                                      "d_total": 1.0}

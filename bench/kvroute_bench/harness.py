@@ -101,14 +101,20 @@ def scrape(url: str) -> dict[promtext.Sample, float]:
         return promtext.parse(resp.read().decode(errors="replace"))
 
 
-def scrape_router_counters(contender: Contender, urls: Sequence[str]) -> dict[str, float]:
+def scrape_router_counters(contender: Contender, urls: Sequence[str]
+                           ) -> dict[str, float] | None:
     """kvroute's counters summed over its replicas' ``/metrics`` (the proxy port serves them);
-    empty for a peer, whose counters have other names."""
+    empty for a peer, whose counters have other names; None when a replica does not answer
+    (a router that died mid-run still gets its requests' errors reported, without counters)."""
     if contender.family != "kvroute":
         return {}
     counters: dict[str, float] = {}
     for url in urls:
-        for key, value in promtext.router_counters(scrape(url)).items():
+        try:
+            samples = scrape(url)
+        except (OSError, ValueError):
+            return None
+        for key, value in promtext.router_counters(samples).items():
             counters[key] = counters.get(key, 0.0) + value
     return counters
 
@@ -289,7 +295,8 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
                 progress(phase, done[0], total)
             return on_done
 
-        def at_switch() -> tuple[list[dict[promtext.Sample, float]], float, dict[str, float]]:
+        def at_switch() -> tuple[list[dict[promtext.Sample, float]], float,
+                                 dict[str, float] | None]:
             # The router's own scrape before its CPU reading: the window's CPU leaves it out.
             counters = scrape_router_counters(contender, running.base_urls)
             return [scrape(e.url) for e in fleet.engines], running.cpu_seconds(), counters
@@ -313,8 +320,9 @@ def run_contender(plan: RunPlan, contender: Contender, fleet: FleetInfo,
         time.sleep(1.0)  # engines update their counters just after the last stream ends
         after = [scrape(e.url) for e in fleet.engines]
         router_cpu = running.cpu_seconds() - cpu_before
-        counters = promtext.counter_deltas(counters_before,
-                                           scrape_router_counters(contender, running.base_urls))
+        counters_after = scrape_router_counters(contender, running.base_urls)
+        counters = ({} if counters_before is None or counters_after is None
+                    else promtext.counter_deltas(counters_before, counters_after))
         added = 0.0
         if contender.command is not None:
             progress("router overhead probe", 0, OVERHEAD_PAIRS)

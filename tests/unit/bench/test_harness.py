@@ -102,3 +102,13 @@ def test_report_round_trips_through_json(tmp_path: Path) -> None:
     assert [p.name for p in written] == ["chat.md", "chat-ttft-cdf.png", "chat-summary.png"]
     assert ('* kvroute-precise-cost: `kvroute_kv_index_forecast_blocks_total{outcome="doomed"}` '
             '1,200') in written[0].read_text()
+
+
+def test_a_router_that_does_not_answer_has_no_counters_and_does_not_end_the_run() -> None:
+    from kvroute_bench.contenders import free_port
+    from kvroute_bench.harness import scrape_router_counters
+
+    kvroute, peer = CONTENDERS.select(["kvroute-precise-cost", "sglang-router-cache"])
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert scrape_router_counters(kvroute, [gone]) is None
+    assert scrape_router_counters(peer, [gone]) == {}  # a peer is not scraped at all

@@ -85,6 +85,7 @@ from kvroute_bench.contenders import (
     RunningContender,
     process_group_cpu_seconds,
 )
+from kvroute_bench.harness import scrape
 from kvroute_bench.stats import RequestResult, percentile
 from kvroute_bench.workloads import (
     LogNormal,
@@ -402,8 +403,7 @@ def _ms(values: Sequence[float], q: float) -> float:
 def router_samples(fleet: Fleet) -> dict[promtext.Sample, float]:
     """The router's /metrics on its proxy port; empty when it has none (a peer, Envoy)."""
     try:
-        with urllib.request.urlopen(f"{fleet.router.base_urls[0]}/metrics", timeout=30) as resp:
-            return promtext.parse(resp.read().decode())
+        return scrape(fleet.router.base_urls[0], timeout_s=30.0)
     except (OSError, ValueError):
         return {}
 

@@ -96,8 +96,10 @@ def reset_prefix_cache(url: str, attempts: int = 30, pause_s: float = 1.0) -> No
     raise CacheResetError(f"{url} did not reset its prefix cache after {attempts} tries: {last}")
 
 
-def scrape(url: str) -> dict[promtext.Sample, float]:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+def scrape(url: str, timeout_s: float = 10.0) -> dict[promtext.Sample, float]:
+    """The samples of ``url``'s ``/metrics`` (an engine, a kvroute router's proxy port);
+    raises ``OSError`` when it does not answer in ``timeout_s``."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=timeout_s) as resp:
         return promtext.parse(resp.read().decode(errors="replace"))
 
 

@@ -321,7 +321,9 @@ class ReplicatedPicker:
 
     ``shared`` is what replica coordination shares, each dispatch made known to every replica
     at once (replica sync): ``"pending"`` marks the request's blocks pending on the chosen
-    engine in every replica's index (a shared pending-block store) and registers the prefix it
+    engine in every replica's index (a shared pending-block store; with the eviction forecast,
+    touching the blocks held there and forecasting the evictions, as replica sync's *held*
+    blocks make every replica do) and registers the prefix it
     computes in every replica's ``prefill_in_flight`` until its first token (replica sync's
     computes and answered records), ``"counts"`` counts the dispatch in every replica's queue
     estimate, ``"both"`` does both (replica sync in round 18), ``"all"`` adds the prompt tokens
@@ -364,7 +366,10 @@ class ReplicatedPicker:
                 other._grow(engines)
                 if (self.shared in ("pending", "both", "all") and other.pool_events is not None
                         and request.hashes):
-                    other.pool_events.index.mark_pending(f"pod-{index}", request.hashes)
+                    metrics = other._endpoints[index].metrics
+                    other.pool_events.index.mark_pending(
+                        f"pod-{index}", request.hashes,
+                        None if metrics is None else metrics.num_gpu_blocks)
                     if started is not None:  # ReplicaSync._prefill_started
                         other.share_prefill(index, request, started)
                 if self.shared == "all":

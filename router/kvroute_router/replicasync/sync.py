@@ -1,43 +1,47 @@
 """Replica coordination: every router replica tells the others what it dispatched, over Redis.
 
-Active-active replicas each see every engine's KV events and scrape every engine, but a
-dispatch is known only to the replica that made it until the engine publishes its blocks
-(after the prefill) and the next scrape counts the request. In that window another replica
-sees no holder for the prompt's blocks and no extra load, so a tenant's next request, sent
-through another replica, lands elsewhere and prefills the same context again (measured in
+Active-active replicas each see every engine's KV events and scrape every engine, but a dispatch
+is known only to the replica that made it until the engine publishes its blocks (after the
+prefill) and the next scrape counts the request. In that window another replica sees no holder
+for the prompt's blocks and no extra load, so a tenant's next request, sent through another
+replica, lands elsewhere and prefills the same context again (measured in
 docs/benchmarks/emulated-fleet.md: hits fell from 93 % to 65 % of the oracle with three
 replicas).
 
 :class:`ReplicaSync` closes the window. The director calls :meth:`ReplicaSync.on_dispatch` on
-every attempt it sends; the record (pool, endpoint, the prompt's block hashes the sender's
-index did not already show as held there) is queued without blocking the request and a sender
-task publishes the queue in batches on one Redis pub/sub channel. A receiver task subscribed to
-the channel applies every other replica's records as its own dispatch would be applied: the
-blocks are marked pending on that endpoint in this replica's KV index (``pendingMs``, as for
-its own dispatches), and the endpoint's ``dispatched_since_scrape`` grows by one until its next
-scrape. A dispatch that makes its endpoint compute a prefix the sender registered as in flight
-(``Endpoint.prefill_in_flight``: the prefill wait, and on priority engines the priority floor)
-is registered in the receiver's ``prefill_in_flight`` too, with its vLLM priority, until the
-sender says it started answering or ended (an *answered* record, :meth:`on_answering`) or the
-pending marks expire (``pendingMs``), whichever is first: a follower routed by another replica
-then waits for that prefix and is queued after it, as one routed by the same replica is. And
-the prompt tokens a dispatch leaves the endpoint to compute (what it added to the sender's
-``Endpoint.prefill_backlog``, the ``prefill-cost`` scorer's load) are added to the receiver's
-too, under the sender's dispatch id, until the answered record or
-:data:`REMOTE_BACKLOG_TTL_S`: each replica weighs the fleet's prefill queue, not a third of it.
+every attempt it sends; the record (pool, endpoint, the prompt's block hashes the sender's index
+did not already show as held there) is queued without blocking the request and a sender task
+publishes the queue in batches on one Redis pub/sub channel. A receiver task subscribed to the
+channel applies every other replica's records as its own dispatch would be applied: the blocks
+are marked pending on that endpoint in this replica's KV index (``pendingMs``, as for its own
+dispatches), the blocks the sender found held there (the record's *held* blocks) are touched as
+its own dispatch touches them, and with the engine's capacity the index forecasts the evictions
+the dispatch causes (``engine.kvEvents.evictionForecast``) — so every replica's index keeps the
+whole fleet's recency order, not its own share of it — and the endpoint's
+``dispatched_since_scrape`` grows by one until its next scrape. A dispatch that makes its
+endpoint compute a prefix the sender registered as in flight (``Endpoint.prefill_in_flight``:
+the prefill wait, and on priority engines the priority floor) is registered in the receiver's
+``prefill_in_flight`` too, with its vLLM priority, until the sender says it started answering or
+ended (an *answered* record, :meth:`on_answering`) or the pending marks expire (``pendingMs``),
+whichever is first: a follower routed by another replica then waits for that prefix and is
+queued after it, as one routed by the same replica is. And the prompt tokens a dispatch leaves
+the endpoint to compute (what it added to the sender's ``Endpoint.prefill_backlog``, the
+``prefill-cost`` scorer's load) are added to the receiver's too, under the sender's dispatch id,
+until the answered record or :data:`REMOTE_BACKLOG_TTL_S`: each replica weighs the fleet's
+prefill queue, not a third of it.
 
-Trust: the channel is written by router replicas only; Redis is the trusted hop (the
-operator's own Redis, reachable by the routers alone — docs/security.md, "Replica sync").
-Still, a record is applied only to a pool and endpoint this replica knows, blocks only where
-its own index is trustworthy, and a malformed message is dropped whole and counted — at worst
-a forged message skews prefix scores, and can hold requests that reuse the forged prefix in
-the prefill wait (``prefillWaitMs``) or queue them later, for at most ``pendingMs``, and can
-inflate an endpoint's prefill backlog (steering requests away from it) for at most
-:data:`REMOTE_BACKLOG_TTL_S`; it reaches no budget, tenant or response. Redis down: records
-are dropped (they are stale within a second anyway), the replicas route independently,
-``kvroute_replica_sync_connected`` is 0, and the receiver reconnects with backoff; a prefix
-or backlog another replica registered here is forgotten at its expiry (so is all a stopped
-replica registered).
+Trust: the channel is written by router replicas only; Redis is the trusted hop (the operator's
+own Redis, reachable by the routers alone — docs/security.md, "Replica sync"). Still, a record
+is applied only to a pool and endpoint this replica knows, blocks only where its own index is
+trustworthy, and a malformed message is dropped whole and counted — at worst a forged message
+skews prefix scores (and which blocks the forecast hides), and can hold requests that reuse the
+forged prefix in the prefill wait (``prefillWaitMs``) or queue them later, for at most
+``pendingMs``, and can inflate an endpoint's prefill backlog (steering requests away from it)
+for at most :data:`REMOTE_BACKLOG_TTL_S`; it reaches no budget, tenant or response. Redis down:
+records are dropped (they are stale within a second anyway), the replicas route independently,
+``kvroute_replica_sync_connected`` is 0, and the receiver reconnects with backoff; a prefix or
+backlog another replica registered here is forgotten at its expiry (so is all a stopped replica
+registered).
 """
 
 from __future__ import annotations
@@ -175,11 +179,13 @@ class ReplicaSync:
     def on_dispatch(self, decision: Decision, endpoint: Endpoint) -> None:
         """Queue one dispatch for the other replicas (a director ``DispatchListener``; no I/O)."""
         blocks: tuple[int, ...] = ()
+        touched: tuple[int, ...] = ()
         hashes = decision.state.read(STATE_HASHES, list)
         if hashes:
             matched = decision.state.read(STATE_MATCH, dict) or {}
             held = matched.get(endpoint.name, 0)
             blocks = tuple(hashes[held:held + MAX_BLOCKS])
+            touched = tuple(hashes[max(0, held - MAX_BLOCKS):held])
         dispatch_id, tokens = None, 0
         backlog = decision.prefill_backlog.get(endpoint.name, 0.0)
         if backlog > 0:
@@ -192,10 +198,10 @@ class ReplicaSync:
         if started is not None and blocks and started[0] == blocks[0]:
             self._send(DispatchRecord(decision.pool.key, endpoint.name, blocks, computes=True,
                                       priority=started[1].priority, dispatch_id=dispatch_id,
-                                      tokens=tokens))
+                                      tokens=tokens, held=touched))
         else:
             self._send(DispatchRecord(decision.pool.key, endpoint.name, blocks,
-                                      dispatch_id=dispatch_id, tokens=tokens))
+                                      dispatch_id=dispatch_id, tokens=tokens, held=touched))
 
     def on_answering(self, decision: Decision, endpoint: Endpoint, first: int | None,
                      backlog: float) -> None:
@@ -291,10 +297,15 @@ class ReplicaSync:
             endpoint.dispatched()
         if record.dispatch_id is not None:
             self._backlog_started(sender, record.dispatch_id, endpoint, record.tokens)
-        if record.blocks:
+        if record.blocks or record.held:
             events = self.services.get(services_key(record.pool_key), PoolKVEvents)
             if events is not None and events.trustworthy(record.endpoint):
-                events.mark_pending(record.endpoint, record.blocks)
+                # The held blocks first, in prompt order, as the sender's own dispatch passed
+                # them: the index touches them and forecasts the evictions the dispatch causes
+                # with this replica's view of the engine's capacity.
+                metrics = endpoint.metrics
+                events.mark_pending(record.endpoint, record.held + record.blocks,
+                                    None if metrics is None else metrics.num_gpu_blocks)
                 self.metrics.marked.inc(len(record.blocks))
                 if record.computes and events.index.pending_ttl > 0:
                     self._prefill_started(record, endpoint, events.index.pending_ttl)

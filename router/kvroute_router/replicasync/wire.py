@@ -2,7 +2,7 @@
 
 A message is one Redis pub/sub payload::
 
-    b"KVRS" | version u8 (1, 2 or 3) | sender id (16 bytes) | record count u16 | records
+    b"KVRS" | version u8 (1 to 4) | sender id (16 bytes) | record count u16 | records
 
 and a record is one dispatch, in version 1::
 
@@ -10,10 +10,11 @@ and a record is one dispatch, in version 1::
     | block count u32 | block hashes (uint64 each, big-endian)
 
 Version 2 adds a flags byte after the endpoint, and a priority when flag 2 is set; version 3
-allows flag 8, which adds a dispatch id and a token count::
+allows flag 8, which adds a dispatch id and a token count; version 4 allows flag 16, which adds
+the blocks the dispatch found held::
 
     ... | endpoint (UTF-8) | flags u8 | [priority int64] | [dispatch id u32 | tokens u32]
-    | block count u32 | block hashes
+    | [held count u32 | held block hashes] | block count u32 | block hashes
 
 All integers are big-endian. The block hashes are the vLLM event form (uint64) of the prompt's
 blocks the endpoint is about to compute — the ones the sender's index did not already show as
@@ -31,12 +32,18 @@ priority floor work across replicas as within one:
 * 8, *backlog* (version 3): the attempt adds ``tokens`` (at least 1) prompt tokens to the
   endpoint's prefill backlog (``Endpoint.prefill_backlog``, what the ``prefill-cost`` scorer
   weighs) until an answered record with the same dispatch id (the sender's counter).
+* 16, *held* (version 4): the prompt's leading blocks the sender's index showed held on the
+  endpoint (at least one), which the dispatch puts in use there: the receiver moves them to
+  the recent end of its own index, as the sender's eviction forecast did, so every replica
+  forecasts the same evictions (without them a replica saw only its own share of the fleet's
+  touches and hid the contexts the others kept busy; docs/benchmarks/emulated-fleet.md,
+  round 32). Not on an answered record.
 
 A sender writes the lowest version its records need: 1 when no record has a flag, 2 when none
-has flag 8, so a replica that reads only an older version keeps taking what it can read during
-a rolling upgrade (today every dispatch that leaves a prompt to compute carries flag 8: a
-replica reading version 2 at most drops those messages, counted as rejected, and routes on its
-own dispatches as before replica sync shared backlogs).
+has flag 8 or 16, 3 when none has flag 16, so a replica that reads only an older version keeps
+taking what it can read during a rolling upgrade (today nearly every dispatch carries flag 16:
+a replica reading version 3 at most drops those messages, counted as rejected, and routes on
+its own dispatches until it is upgraded too).
 
 Decoding is strict: a message that breaks any rule below is rejected whole with
 :class:`WireError` (a message comes from a trusted hop, Redis, but a bug or a stray publisher
@@ -51,11 +58,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MAGIC = b"KVRS"
-VERSION = 3
-"""The newest version this router writes and reads (it reads 1 and 2 too)."""
-COMPUTES, PRIORITY, ANSWERED, BACKLOG = 1, 2, 4, 8
-"""The record flags (version 2; ``BACKLOG`` version 3)."""
-_FLAGS = {1: 0, 2: COMPUTES | PRIORITY | ANSWERED, 3: COMPUTES | PRIORITY | ANSWERED | BACKLOG}
+VERSION = 4
+"""The newest version this router writes and reads (it reads 1 to 3 too)."""
+COMPUTES, PRIORITY, ANSWERED, BACKLOG, HELD = 1, 2, 4, 8, 16
+"""The record flags (version 2; ``BACKLOG`` version 3; ``HELD`` version 4)."""
+_FLAGS = {1: 0, 2: COMPUTES | PRIORITY | ANSWERED, 3: COMPUTES | PRIORITY | ANSWERED | BACKLOG,
+          4: COMPUTES | PRIORITY | ANSWERED | BACKLOG | HELD}
 """The flags each version allows."""
 SENDER_ID_BYTES = 16
 MAX_MESSAGE_BYTES = 1 << 20
@@ -97,18 +105,22 @@ class DispatchRecord:
     """The sender's id of this dispatch (uint32), with ``tokens``: its prefill backlog."""
     tokens: int = 0
     """Prompt tokens the dispatch adds to the endpoint's prefill backlog (0 when answered)."""
+    held: tuple[int, ...] = ()
+    """The prompt's leading blocks the sender's index showed held on the endpoint, before
+    ``blocks`` (the receiver touches them)."""
 
     @property
     def flags(self) -> int:
         return ((COMPUTES if self.computes else 0) | (PRIORITY if self.priority is not None else 0)
                 | (ANSWERED if self.answered else 0)
-                | (BACKLOG if self.dispatch_id is not None else 0))
+                | (BACKLOG if self.dispatch_id is not None else 0)
+                | (HELD if self.held else 0))
 
     def encoded_size(self) -> int:
         flags = self.flags
         return (2 + len(self.pool_key.encode()) + 2 + len(self.endpoint.encode()) + 4
                 + 8 * len(self.blocks) + (1 if flags else 0) + (8 if flags & PRIORITY else 0)
-                + (8 if flags & BACKLOG else 0))
+                + (8 if flags & BACKLOG else 0) + (4 + 8 * len(self.held) if flags & HELD else 0))
 
 
 def _version(records: Sequence[DispatchRecord]) -> int:
@@ -116,7 +128,7 @@ def _version(records: Sequence[DispatchRecord]) -> int:
     flags = 0
     for record in records:
         flags |= record.flags
-    return 3 if flags & BACKLOG else 2 if flags else 1
+    return 4 if flags & HELD else 3 if flags & BACKLOG else 2 if flags else 1
 
 
 def _check_flags(flags: int, blocks: int, tokens: int, version: int) -> None:
@@ -157,6 +169,8 @@ def encode(sender: bytes, records: Sequence[DispatchRecord]) -> bytes:
     for record in records:
         if len(record.blocks) > MAX_BLOCKS:
             raise WireError(f"{len(record.blocks)} blocks, more than {MAX_BLOCKS}")
+        if len(record.held) > MAX_BLOCKS:
+            raise WireError(f"{len(record.held)} held blocks, more than {MAX_BLOCKS}")
         flags = record.flags
         _check_flags(flags, len(record.blocks), record.tokens, version)
         pool = _name(record.pool_key, "pool key")
@@ -173,6 +187,9 @@ def encode(sender: bytes, records: Sequence[DispatchRecord]) -> bytes:
                     raise WireError(f"dispatch id {record.dispatch_id} or tokens "
                                     f"{record.tokens} is not a 32-bit unsigned integer")
                 parts.append(_ID_TOKENS.pack(record.dispatch_id, record.tokens))
+            if record.held:
+                parts += [_U32.pack(len(record.held)),
+                          struct.pack(f">{len(record.held)}Q", *record.held)]
         parts += [_U32.pack(len(record.blocks)),
                   struct.pack(f">{len(record.blocks)}Q", *record.blocks)]
     payload = b"".join(parts)
@@ -200,6 +217,7 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
         pool, offset = _read_name(payload, offset, "pool key")
         endpoint, offset = _read_name(payload, offset, "endpoint name")
         flags, priority, dispatch_id, tokens = 0, None, None, 0
+        held: tuple[int, ...] = ()
         if version > 1:
             flags, offset = _read(payload, offset, _U8, "flags")
             if flags & PRIORITY:
@@ -207,6 +225,8 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
             if flags & BACKLOG:
                 dispatch_id, offset = _read(payload, offset, _U32, "dispatch id")
                 tokens, offset = _read(payload, offset, _U32, "tokens")
+            if flags & HELD & _FLAGS[version]:
+                held, offset = _read_hashes(payload, offset, "held block")
         blocks_n, offset = _read(payload, offset, _U32, "block count")
         if blocks_n > MAX_BLOCKS:
             raise WireError(f"{blocks_n} blocks, more than {MAX_BLOCKS}")
@@ -217,11 +237,22 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
         blocks = struct.unpack_from(f">{blocks_n}Q", payload, offset)
         records.append(DispatchRecord(pool, endpoint, blocks, computes=bool(flags & COMPUTES),
                                       priority=priority, answered=bool(flags & ANSWERED),
-                                      dispatch_id=dispatch_id, tokens=tokens))
+                                      dispatch_id=dispatch_id, tokens=tokens, held=held))
         offset = end
     if offset != len(payload):
         raise WireError(f"{len(payload) - offset} trailing bytes after the last record")
     return sender, records
+
+
+def _read_hashes(payload: bytes, offset: int, what: str) -> tuple[tuple[int, ...], int]:
+    """A count (u32, at least 1, at most :data:`MAX_BLOCKS`) and that many uint64 hashes."""
+    count, offset = _read(payload, offset, _U32, f"{what} count")
+    if not 0 < count <= MAX_BLOCKS:
+        raise WireError(f"{count} {what}s, not 1 to {MAX_BLOCKS}")
+    end = offset + 8 * count
+    if end > len(payload):
+        raise WireError(f"{what} hashes run past the end of the message")
+    return struct.unpack_from(f">{count}Q", payload, offset), end
 
 
 def _read(payload: bytes, offset: int, shape: struct.Struct, what: str) -> tuple[int, int]:
@@ -244,5 +275,6 @@ def _read_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
         raise WireError(f"{what} is not UTF-8") from None
 
 
-__all__ = ["ANSWERED", "BACKLOG", "COMPUTES", "MAX_BLOCKS", "MAX_MESSAGE_BYTES", "MAX_RECORDS",
-           "PRIORITY", "VERSION", "DispatchRecord", "WireError", "decode", "encode"]
+__all__ = ["ANSWERED", "BACKLOG", "COMPUTES", "HELD", "MAX_BLOCKS", "MAX_MESSAGE_BYTES",
+           "MAX_RECORDS", "PRIORITY", "VERSION", "DispatchRecord", "WireError", "decode",
+           "encode"]

@@ -14,6 +14,7 @@ from kvroute_router.replicasync.wire import (
     ANSWERED,
     BACKLOG,
     COMPUTES,
+    HELD,
     MAX_BLOCKS,
     MAX_MESSAGE_BYTES,
     MAX_RECORDS,
@@ -46,7 +47,13 @@ backlog_answered = st.builds(  # the end of a dispatch's backlog, and of its pre
     lambda pool, ep, first, dispatch_id: DispatchRecord(pool, ep, first, answered=True,
                                                         dispatch_id=dispatch_id),
     names, names, st.just(()) | st.tuples(st.integers(0, 2**64 - 1)), ids)
-records = dispatches | computing | answered | with_backlog | backlog_answered
+holding = st.builds(  # a dispatch that found part of its prompt held, with any of the above
+    lambda record, held: DispatchRecord(
+        record.pool_key, record.endpoint, record.blocks, computes=record.computes,
+        priority=record.priority, dispatch_id=record.dispatch_id, tokens=record.tokens,
+        held=held),
+    dispatches | computing | with_backlog, hashes.filter(bool))
+records = dispatches | computing | answered | with_backlog | backlog_answered | holding
 
 
 @given(st.lists(records, max_size=20))
@@ -103,14 +110,26 @@ def test_a_message_without_flags_is_written_as_version_1() -> None:
                                              priority=-5)])
     assert flagged[4] == 2
     backlog = encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=0, tokens=16)])
-    assert backlog[4] == VERSION == 3
+    assert backlog[4] == 3
+    held = encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=0, tokens=16,
+                                          held=(7, 8))])
+    assert held[4] == VERSION == 4
+    assert decode(held)[1] == [DispatchRecord("p", "e", (1,), dispatch_id=0, tokens=16,
+                                              held=(7, 8))]
     assert decode(flagged)[1][1] == DispatchRecord("ns/pool", "pod-0", (3,), computes=True,
                                                    priority=-5)
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
     (_header(0, magic=b"XXXX"), "bad magic"),
-    (_header(0, version=4), "version 4"),
+    (_header(0, version=5), "version 5"),
+    (_record(HELD, 1, version=3), "unknown record flags 0x10 in version 3"),
+    (_record(HELD, 1, struct.pack(">I", 0), version=4), "0 held blocks, not 1 to"),
+    (_record(HELD, 1, struct.pack(">I", MAX_BLOCKS + 1), version=4), "held blocks, not 1 to"),
+    (_record(HELD, 0, struct.pack(">I", 2) + b"\x00" * 8, version=4)[:-4],
+     "held block hashes run past"),
+    (_record(HELD | ANSWERED, 1, struct.pack(">IQ", 1, 5), version=4),
+     "one block, a dispatch id or both"),
     (_record(8, 1), "unknown record flags 0x8 in version 2"),
     (_v3(16, 1), "unknown record flags 0x10"),
     (_record(ANSWERED, 2), "one block, a dispatch id or both"),
@@ -155,5 +174,9 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
         encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=2**32, tokens=1)])
     with pytest.raises(WireError, match="without blocks"):
         encode(SENDER, [DispatchRecord("p", "e", (), computes=True)])
+    with pytest.raises(WireError, match="held blocks, more than"):
+        encode(SENDER, [DispatchRecord("p", "e", (), held=(0,) * (MAX_BLOCKS + 1))])
+    with pytest.raises(WireError, match="one block, a dispatch id or both"):
+        encode(SENDER, [DispatchRecord("p", "e", (1,), answered=True, held=(2,))])
     with pytest.raises(WireError, match="not a 64-bit integer"):
         encode(SENDER, [DispatchRecord("p", "e", (1,), computes=True, priority=2**63)])

@@ -192,6 +192,7 @@ class Router:
         if settings.budgets:
             self.budget_hook = self._budget_hook(settings)
             self.director.add_admission_hook(self.budget_hook)
+            self.director.add_completion_observer(self.budget_hook)  # releases queued requests
         self.replica_sync: ReplicaSync | None = None
         if settings.replica_sync_redis_url:
             self.replica_sync = ReplicaSync.from_url(

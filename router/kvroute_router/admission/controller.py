@@ -7,8 +7,18 @@ endpoint, from the metrics scraper) by :class:`~kvroute_router.framework.saturat
 the definition the ``load-headroom`` filter uses too: an endpoint is saturated when its waiting
 requests reach ``saturationQueueDepth`` or its KV-cache utilisation reaches
 ``saturationKvUtilization``; the pool is saturated when all its endpoints are. Queued requests are
-released, highest priority first, by
-``release_waiting()``, which the request path calls when a request finishes or metrics refresh.
+released, highest priority first, by ``release_waiting()``, which the request path calls when a
+request arrives or finishes and when metrics refresh.
+
+*Decision (round 33):* a call releases as many waiters as the endpoints have room for — the
+queue places left below ``saturationQueueDepth`` summed over the endpoints below saturation —
+less the waiters released earlier that have not resumed yet (their dispatches are not in the
+load yet; counted as *in transit*). Releasing one waiter per call, as before, fed the engines
+less than they finish once the queue had formed: calls come with arrivals, completions and
+metrics refreshes, and one that found every endpoint saturated let nothing go, so each such
+completion left the engines one request short for good. Past saturation on 16 emulated engines
+it held the engines' queues at half the threshold and cut throughput to 0.4x
+(docs/benchmarks/emulated-fleet.md, round 33).
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -58,6 +69,8 @@ class AdmissionController:
         self.metrics = metrics
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._sequence = itertools.count()
+        self._in_transit = 0
+        """Waiters released that have not resumed yet: their requests are not in the load."""
 
     def update_spec(self, spec: AdmissionSpec) -> None:
         self.spec = spec
@@ -75,15 +88,24 @@ class AdmissionController:
         return Priority(chosen.name, chosen.priority, chosen.sheddable)
 
     def saturated(self) -> bool:
-        """Every endpoint saturated (False with none). ``load`` may compute lazily: the walk
-        stops at the first endpoint with room, usually the first one."""
+        """Every endpoint saturated (False with none), counting the waiters in transit as
+        taking room. ``load`` may compute lazily: the walk stops as soon as there is room."""
+        return self.room(self._in_transit + 1) <= self._in_transit
+
+    def room(self, enough: int) -> int:
+        """Queue places left below ``saturationQueueDepth`` over the endpoints that are not
+        saturated (at least one each), counted up to ``enough``: the walk stops there, and
+        with no endpoints at all (nothing to protect) there is ``enough``."""
         saturation = Saturation.of(self.spec)
+        room = 0
         seen = False
         for load in self.load():
-            if not saturation.saturated(load.waiting, load.kv_utilization):
-                return False
             seen = True
-        return seen
+            if not saturation.saturated(load.waiting, load.kv_utilization):
+                room += max(1, math.ceil(saturation.queue_depth - load.waiting))
+                if room >= enough:
+                    return room
+        return room if seen else enough
 
     async def admit(self, priority: Priority) -> ApiError | None:
         """None when the request may go on (at once or after queueing); a 429 otherwise."""
@@ -118,6 +140,7 @@ class AdmissionController:
                     status=429, type="rate_limit_exceeded", code="queue_timeout",
                     message=f"waited {self.spec.queue_timeout_ms} ms for a free endpoint "
                             "(RoutePolicy spec.admission.queueTimeoutMs)", retry_after_s=1.0))
+            self._arrived()  # released as the timeout fired: it goes on
         except BaseException:
             # The client went away (or the router is stopping) while queued: leave the queue at
             # once, and hand a slot this waiter was just given to the next live one.
@@ -126,13 +149,22 @@ class AdmissionController:
                 self.metrics.admission_rejected.labels(*policy_labels(self.policy),
                                                        "cancelled").inc()
             raise
+        else:
+            self._arrived()
         return None
+
+    def _arrived(self) -> None:
+        """A released waiter resumed: its request is about to be routed and counted in the
+        load (with no ``await`` in between unless a budget must be reserved first)."""
+        self._in_transit = max(0, self._in_transit - 1)
 
     def _leave(self, entry: tuple[int, int, asyncio.Future[None]]) -> None:
         """Take a waiter out of the queue; when it had already been released, release the next
         one in its place (a slot must never go to a waiter that is gone)."""
         future = entry[2]
         released = future.done() and not future.cancelled()
+        if released:
+            self._in_transit = max(0, self._in_transit - 1)
         if not future.done():
             future.cancel()
         try:
@@ -146,16 +178,19 @@ class AdmissionController:
             self.release_waiting()
 
     def release_waiting(self) -> int:
-        """Let queued requests go, highest priority first, while endpoints are not saturated;
-        returns how many were released."""
+        """Let queued requests go, highest priority first, as many as the endpoints have room
+        for beyond the waiters still in transit (see the module docstring); returns how many
+        were released."""
+        if not self._waiting:
+            return 0
+        free = self.room(self._in_transit + len(self._waiting)) - self._in_transit
         released = 0
-        while self._waiting and not self.saturated():
+        while self._waiting and released < free:
             _, _, future = heapq.heappop(self._waiting)
             if not future.done():  # a cancelled waiter's future is done: skipped
                 future.set_result(None)
                 released += 1
-                # One at a time: the caller's load snapshot changes as requests start.
-                break
+                self._in_transit += 1
         self._set_depth()
         return released
 

@@ -31,7 +31,9 @@ Per request (``admit``):
 5. **finish** — ``on_finish`` settles the reservation on the pool that actually served it,
    with what :func:`~kvroute_router.budget.accounting.charge_for` says: the engine's usage
    from a trustworthy witness, else the reservation; refunded only when the attempt provably
-   produced nothing (docs/security.md). Then one queued request is released.
+   produced nothing (docs/security.md). Every finished request, budgeted or not, releases
+   queued requests as far as the endpoints have room (``on_complete``: the hook is the
+   director's ``CompletionObserver`` too).
 
 Policies are re-read whenever the datastore's version changes (config-file reload or a
 Kubernetes watch event, including an API-key Secret's): limits, admission, batching and
@@ -405,15 +407,24 @@ class BudgetHook:
             await asyncio.wait(list(self._tasks), timeout=timeout_s)
         return not self._tasks
 
+    def release_queued(self) -> None:
+        """Let every policy's queued requests go as far as its endpoints have room."""
+        for state in [*self._policies.values(), *self._implicit.values()]:
+            if state.controller.queue_depth:
+                state.controller.release_waiting()
+
+    def on_complete(self, decision: Decision, outcome: Outcome) -> None:
+        """A request ended (``CompletionObserver``, every policy's and with or without a
+        budget): its engine has room for a queued one."""
+        self.release_queued()
+
     async def _run(self) -> None:
         next_gauges = 0.0
         while True:
             await asyncio.sleep(self.refresh_interval_s)
             try:
                 self.sync()
-                for state in [*self._policies.values(), *self._implicit.values()]:
-                    if state.controller.queue_depth:
-                        state.controller.release_waiting()
+                self.release_queued()
                 if time.monotonic() >= next_gauges:
                     next_gauges = time.monotonic() + self.gauge_interval_s
                     await self.refresh_gauges()

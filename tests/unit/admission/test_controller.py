@@ -38,6 +38,10 @@ class Load:
     def relieve(self) -> None:
         self.endpoints = [EndpointLoad(0, 0.2)]
 
+    def open_one(self) -> None:
+        """Room for one more request: one place below saturationQueueDepth 4."""
+        self.endpoints = [EndpointLoad(3, 0.2), EndpointLoad(0, 1.0)]
+
 
 def test_kv_saturation_is_the_policys() -> None:
     load = Load()
@@ -91,7 +95,7 @@ async def test_sheddable_is_shed_and_others_queue_under_saturation() -> None:
     assert controller.queue_depth == 2
     full = await controller.admit(standard)
     assert full is not None and full.code == "queue_full"
-    load.relieve()
+    load.open_one()
     assert controller.release_waiting() == 1
     for _ in range(5):
         await asyncio.sleep(0)
@@ -155,7 +159,7 @@ async def test_a_slot_released_to_a_waiter_that_is_gone_goes_to_the_next_live_on
     await _settle()
     second = asyncio.create_task(controller.admit(controller.priority_of({})))
     await _settle()
-    load.relieve()
+    load.open_one()
     assert controller.release_waiting() == 1  # the slot goes to `first` ...
     first.cancel()  # ... whose client disconnects before it runs
     await asyncio.gather(first, return_exceptions=True)
@@ -163,3 +167,60 @@ async def test_a_slot_released_to_a_waiter_that_is_gone_goes_to_the_next_live_on
     # The slot moved on to the live waiter (no further release_waiting call needed).
     assert await asyncio.wait_for(second, 5) is None
     assert controller.queue_depth == 0
+
+
+async def test_a_release_lets_go_as_many_as_the_endpoints_have_room_for() -> None:
+    """Room is the queue places left below saturationQueueDepth (4) over the endpoints that
+    are not saturated: 2 + 1 here. Releasing one waiter per call starved the engines once the
+    queue had formed (a call that found no room let nothing go, and nothing made up for it)."""
+    load = Load()
+    load.saturate()
+    controller = AdmissionController("chat", AdmissionSpec.model_validate(
+        {"maxQueueDepth": 10, "queueTimeoutMs": 60_000, "saturationQueueDepth": 4}), load)
+    waiters = [asyncio.create_task(controller.admit(controller.priority_of({})))
+               for _ in range(5)]
+    await _settle()
+    assert controller.queue_depth == 5
+    load.endpoints = [EndpointLoad(2, 0.2), EndpointLoad(3, 0.2), EndpointLoad(4, 0.2),
+                      EndpointLoad(0, 1.0)]
+    assert controller.release_waiting() == 3
+    assert controller.queue_depth == 2
+    await _settle()
+    assert [task.done() for task in waiters] == [True, True, True, False, False]
+    load.saturate()
+    assert controller.release_waiting() == 0
+    for task in waiters[3:]:
+        task.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+
+
+async def test_released_waiters_hold_their_room_until_they_resume() -> None:
+    """A released request is not in the load until it is routed: until its waiter resumes it
+    takes one place, so neither a second release nor a new arrival takes the same room."""
+    load = Load()
+    load.saturate()
+    controller = AdmissionController("chat", LONG_QUEUE, load)
+    first = asyncio.create_task(controller.admit(controller.priority_of({})))
+    second = asyncio.create_task(controller.admit(controller.priority_of({})))
+    await _settle()
+    load.open_one()
+    assert controller.release_waiting() == 1
+    assert controller.saturated()  # the one place is taken by `first`, in transit
+    assert controller.release_waiting() == 0
+    assert await asyncio.wait_for(first, 5) is None
+    assert not controller.saturated()  # resumed: its dispatch is the load's to show now
+    assert controller.release_waiting() == 1
+    assert await asyncio.wait_for(second, 5) is None
+
+
+async def test_a_released_waiter_that_is_gone_gives_its_room_back() -> None:
+    load = Load()
+    load.saturate()
+    controller = AdmissionController("chat", LONG_QUEUE, load)
+    gone = asyncio.create_task(controller.admit(controller.priority_of({})))
+    await _settle()
+    load.open_one()
+    assert controller.release_waiting() == 1
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    assert not controller.saturated()

@@ -4,6 +4,7 @@ edits, API-key tenants, and the proxy's tenant-header and body handling."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -231,6 +232,35 @@ async def test_admission_still_sheds_when_every_scrape_fails() -> None:
         ep.dispatched_since_scrape = 0  # room again: routed under the panic rule
     decision = await director.route(_request(headers={"x-kvroute-priority": "batch"}))
     assert decision.ranked
+
+
+async def test_a_finished_request_releases_queued_ones_without_any_budget() -> None:
+    """The router's hook hears every completion: a queued request goes on when another ends,
+    not only at the next metrics refresh (before, only budgeted requests released one)."""
+    settings = RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                              metrics_port=None)
+    router = Router(settings)
+    hook = router.budget_hook
+    assert hook is not None and hook in router.director.completion_observers
+    policy = make_policy(pools=[{"name": "strong"}], admission={
+        "saturationQueueDepth": 1, "queueTimeoutMs": 60_000})
+    router.datastore.replace(_pools(), [policy])
+    busy = router.datastore.endpoints()
+    for ep in busy:
+        ep.dispatched_since_scrape = 1  # waiting estimate 1 >= 1: every endpoint saturated
+    queued = asyncio.create_task(router.director.route(_request()))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not queued.done()
+    running = busy[0]
+    running.dispatched_since_scrape = 0  # its request ended: the director's end_attempt ...
+    decision = Decision(request=_request(), policy=policy, policy_key="default/chat",
+                        pool=router.datastore.pool("default/strong"),  # type: ignore[arg-type]
+                        profile=None, state=None, ranked=[],  # type: ignore[arg-type]
+                        decided_in_s=0.0)
+    hook.on_complete(decision, Outcome(status=200))  # ... then the completion
+    routed = await asyncio.wait_for(queued, 5)
+    assert routed.endpoints[0] is running
 
 
 async def test_requests_without_budgets_are_left_alone() -> None:

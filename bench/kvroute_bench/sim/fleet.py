@@ -182,6 +182,23 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
 
     counted = measured_ids(requests, warmup)
     placed = dict.fromkeys(PLACEMENT_CLASSES, 0)
+    hold = getattr(picker, "hold", None)
+    release = getattr(picker, "release", None)
+
+    def observe() -> None:
+        if touched:  # only engines that stepped can have published events
+            for index in sorted(touched):
+                events = engines[index].drain_events()
+                if events:
+                    picker.observe(index, events)
+            touched.clear()
+
+    def send(request: SimRequest, choice: int) -> None:
+        if request.id in counted:  # hashes are set by now (a KV-event picker's at pick)
+            placed[placement_class(engines, choice, request.hashes)] += 1
+        engines[choice].enqueue(request)
+        kick(engines[choice])
+
     pop = heapq.heappop
     while heap:
         now, _, kind, item = pop(heap)
@@ -189,26 +206,25 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
             break
         if kind == "step":
             engine = item
-            engine.finish_step(plans.pop(engine.index), now)
+            finished = engine.finish_step(plans.pop(engine.index), now)
             kick(engine)
+            if not finished:
+                continue  # only arrivals, completions and scrapes release queued requests
         elif kind == "arrive":
             request: SimRequest = item
-            if touched:  # only engines that stepped can have published events
-                for index in sorted(touched):
-                    events = engines[index].drain_events()
-                    if events:
-                        picker.observe(index, events)
-                touched.clear()
-            choice = picker.pick(request, engines)
-            if request.id in counted:  # hashes are set by now (a KV-event picker's at pick)
-                placed[placement_class(engines, choice, request.hashes)] += 1
-            engines[choice].enqueue(request)
-            kick(engines[choice])
+            observe()
+            if hold is None or not hold(request, engines):
+                send(request, picker.pick(request, engines))
         else:  # a metrics scrape; the next one only while anything else is pending
             assert scrape is not None
             scrape(engines, now)
             if heap:
                 heapq.heappush(heap, (now + scrape_every, next(order), "scrape", None))
+        if release is not None:  # the router's admission queue, as engines leave saturation
+            observe()
+            for released in release(engines, now):
+                send(*released)
+                observe()
     measured = [r for r in requests if r.id in counted]
     done = [r for r in measured if r.done_s is not None]
     ttft = [r.ttft_s for r in done if r.ttft_s is not None]

@@ -32,6 +32,14 @@ request. Their ``BlockStored`` / ``BlockRemoved`` events go into the router's
 subscriber does after decoding; the simulated feed is lossless and in order, so every endpoint
 is trustworthy), whose pending marks expire on the simulated clock.
 
+**Admission queue** (``admission_queue=True``, the default): the router's admission control,
+with the policy's ``spec.admission`` thresholds and the router's own
+:class:`~kvroute_router.admission.controller.AdmissionController` deciding. While every engine is
+saturated on the router's view, arrivals wait in the router, first come first served; at each
+arrival, completion and scrape (the router's release points; its refresh pump runs at the
+scrape period) as many are let go as ``AdmissionController.room`` finds places for, each
+routed at that moment. Replicas (``ReplicatedPicker``) run without it.
+
 Only the engines whose state changed since the last look are re-read, so a decision costs the
 scheduler's own work, not a scan of the fleet.
 """
@@ -40,11 +48,13 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 from kvroute_emulator.model.engine import SimEngine, SimRequest
+from kvroute_router.admission.controller import AdmissionController, EndpointLoad
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics, PrefillInFlight
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
@@ -74,7 +84,7 @@ class RouterPicker:
                  block_size: int = 32, scrape_interval_s: float = 0.0,
                  precise: bool = False, admission: dict[str, Any] | None = None,
                  engine_priority: bool = False, seed: int = 0,
-                 eviction_forecast: bool = True) -> None:
+                 eviction_forecast: bool = True, admission_queue: bool = True) -> None:
         spec = scoring if isinstance(scoring, ScoringSpec) else ScoringSpec.model_validate(
             scoring)
         registry = register_builtin_plugins(PluginRegistry())
@@ -89,6 +99,14 @@ class RouterPicker:
                                 admission=(AdmissionSpec.model_validate(admission)
                                            if admission is not None else None))
         self.profile: SchedulerProfile = build_profile(registry, context, "sim")
+        self.admission: AdmissionController | None = (
+            AdmissionController("sim/policy", context.admission or AdmissionSpec(), self._load)
+            if admission_queue else None)
+        """The router's admission control: while every engine is saturated (by the policy's
+        ``spec.admission`` thresholds, on the router's view of the engines' queues), arrivals
+        wait in the router's queue, first come first served, and are routed as engines drop
+        below saturation (:meth:`hold`, :meth:`release`)."""
+        self.held: deque[SimRequest] = deque()
         if isinstance(self.profile.picker, MaxScorePicker):
             # the tie-break draws from a seeded stream: one run's numbers reproduce
             self.profile.picker.rng = random.Random(seed)
@@ -166,8 +184,40 @@ class RouterPicker:
                 self._scraped[i] = engine.version
             endpoint.dispatched_since_scrape = 0
 
-    def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
+    def _load(self) -> Iterator[EndpointLoad]:
+        """The admission hook's ``_load``: each endpoint's queue estimate and KV usage."""
+        for endpoint in self._endpoints:
+            yield EndpointLoad(waiting=int(endpoint.waiting_estimate()),
+                               kv_utilization=endpoint.kv_usage_estimate())
+
+    def hold(self, request: SimRequest, engines: Sequence[SimEngine]) -> bool:
+        """Admission control at ``request``'s arrival: True when it joins the router's queue
+        (others are waiting already, or every engine is saturated)."""
+        if self.admission is None:
+            return False
         self.now = request.arrival_s
+        self._sync(engines)
+        if self.held or self.admission.saturated():
+            self.held.append(request)
+            return True
+        return False
+
+    def release(self, engines: Sequence[SimEngine],
+                now: float) -> Iterator[tuple[SimRequest, int]]:
+        """The queued requests the router lets go at ``now``, first come first served, each
+        with its engine (chosen when the caller has sent the one before): as many as the
+        engines have room for below saturation when it is called (``release_waiting``)."""
+        if not self.held or self.admission is None:
+            return
+        self.now = now
+        self._sync(engines)
+        for _ in range(min(self.admission.room(len(self.held)), len(self.held))):
+            request = self.held.popleft()
+            yield request, self.pick(request, engines, now)
+
+    def pick(self, request: SimRequest, engines: Sequence[SimEngine],
+             now: float | None = None) -> int:
+        self.now = request.arrival_s if now is None else now
         endpoints = self._sync(engines)
         llm = LLMRequest(model=self.model, prompt_text=request.prompt,
                          max_tokens=request.max_tokens)

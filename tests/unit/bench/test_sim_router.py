@@ -443,3 +443,35 @@ def test_synced_replicas_rank_a_follower_after_the_leader_another_replica_sent()
     for k, replica in enumerate(picker.replicas):
         picker.pick(sim_request(3 + k, f"unrelated prompt {k}", at=9.0 + k), [engine])
         assert first not in replica._endpoints[0].prefill_in_flight
+
+
+@pytest.mark.parametrize("scrape_interval_s", [0.0, 0.1])
+def test_the_routers_admission_queue_holds_arrivals_while_every_engine_is_saturated(
+        scrape_interval_s: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst on two engines with ``saturationQueueDepth`` 2: the router holds what the
+    engines have no room for and lets it go as they finish, so an engine's queue never passes
+    the threshold (the router's estimate, the last scrape plus the dispatches since, is never
+    below it); every request is answered and the queue ends empty."""
+    deepest: list[int] = []
+    enqueue = SimEngine.enqueue
+
+    def recording(engine: SimEngine, request: SimRequest) -> None:
+        enqueue(engine, request)
+        deepest.append(len(engine.waiting))
+
+    monkeypatch.setattr(SimEngine, "enqueue", recording)
+    profile = cpu_test_engine()
+    trace = generate(ChatParams(requests=40, rate=1000.0))
+    picker = RouterPicker({"scorers": [{"type": "queue-depth", "weight": 1.0}]},
+                          block_size=profile.block_size, scrape_interval_s=scrape_interval_s,
+                          admission={"saturationQueueDepth": 2})
+    result = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True),
+                      pods=2, profile=profile, picker=picker)
+    assert result.unfinished == 0 and not picker.held
+    assert max(deepest) <= 2
+    unqueued = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True),
+                        pods=2, profile=profile, picker=RouterPicker(
+                            {"scorers": [{"type": "queue-depth", "weight": 1.0}]},
+                            block_size=profile.block_size, scrape_interval_s=scrape_interval_s,
+                            admission={"saturationQueueDepth": 2}, admission_queue=False))
+    assert unqueued.unfinished == 0 and max(deepest) > 2  # the same burst, unheld

@@ -432,6 +432,11 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-q16": KvrouteVariant(
         "kvroute-precise-cost with saturationQueueDepth 16 (A/B)", _PRECISE_COST,
         {"admission": {"saturationQueueDepth": 16}}),
+    # saturationQueueDepth so deep that admission never queues (nor does load-headroom's
+    # hot-spot rule fire): what the router's admission queue costs or saves (round 33).
+    "precise-cost-q1000": KvrouteVariant(
+        "kvroute-precise-cost with saturationQueueDepth 1000: no admission queueing (A/B)",
+        _PRECISE_COST, {"admission": {"saturationQueueDepth": 1000}}),
     # scoring.prefillWaitMs (0, off, the default again since round 30; 200 ms in rounds 6-29):
     # a prompt whose endpoint is still computing its prefix for an earlier request waits for
     # it. A/B: 200 ms (the old default), 2 s (hurt the tail), and an explicit 0 (the default;

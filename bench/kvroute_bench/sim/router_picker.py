@@ -416,10 +416,9 @@ class ReplicatedPicker:
                 other._grow(engines)
                 if (self.shared in ("pending", "both", "all") and other.pool_events is not None
                         and request.hashes):
-                    metrics = other._endpoints[index].metrics
                     other.pool_events.index.mark_pending(
                         f"pod-{index}", request.hashes,
-                        None if metrics is None else metrics.num_gpu_blocks)
+                        other._endpoints[index].kv_capacity_blocks)
                     if started is not None:  # ReplicaSync._prefill_started
                         other.share_prefill(index, request, started)
                 if self.shared == "all":

@@ -91,6 +91,13 @@ class Endpoint:
     def url(self) -> str:
         return f"http://{self.address}"
 
+    @property
+    def kv_capacity_blocks(self) -> int | None:
+        """The engine's KV-cache size in blocks (``num_gpu_blocks``) from its last scrape, of
+        any age (it changes only with a restart); None before one shows it. What the prefix
+        index forecasts a dispatch's evictions against."""
+        return None if self.metrics is None else self.metrics.num_gpu_blocks
+
     def prefills_reused(self, held: Iterable[int]) -> list[PrefillInFlight]:
         """This router's attempts computing, on this endpoint, a prefix that starts at one of
         the blocks ``held`` (a prompt's leading blocks the endpoint holds, published or

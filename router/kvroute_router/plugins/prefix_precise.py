@@ -133,6 +133,4 @@ class PrecisePrefixScorer:
             return  # no index to complement; the approximate history covers it
         hashes = self.block_hashes(state, request)
         if hashes:
-            metrics = endpoint.metrics
-            self.pool_events.mark_pending(
-                endpoint.name, hashes, metrics.num_gpu_blocks if metrics is not None else None)
+            self.pool_events.mark_pending(endpoint.name, hashes, endpoint.kv_capacity_blocks)

@@ -303,9 +303,8 @@ class ReplicaSync:
                 # The held blocks first, in prompt order, as the sender's own dispatch passed
                 # them: the index touches them and forecasts the evictions the dispatch causes
                 # with this replica's view of the engine's capacity.
-                metrics = endpoint.metrics
                 events.mark_pending(record.endpoint, record.held + record.blocks,
-                                    None if metrics is None else metrics.num_gpu_blocks)
+                                    endpoint.kv_capacity_blocks)
                 self.metrics.marked.inc(len(record.blocks))
                 if record.computes and events.index.pending_ttl > 0:
                     self._prefill_started(record, endpoint, events.index.pending_ttl)

@@ -140,7 +140,7 @@ class AdmissionController:
                     status=429, type="rate_limit_exceeded", code="queue_timeout",
                     message=f"waited {self.spec.queue_timeout_ms} ms for a free endpoint "
                             "(RoutePolicy spec.admission.queueTimeoutMs)", retry_after_s=1.0))
-            self._arrived()  # released as the timeout fired: it goes on
+            self._resumed()  # released as the timeout fired: it goes on
         except BaseException:
             # The client went away (or the router is stopping) while queued: leave the queue at
             # once, and hand a slot this waiter was just given to the next live one.
@@ -150,12 +150,13 @@ class AdmissionController:
                                                        "cancelled").inc()
             raise
         else:
-            self._arrived()
+            self._resumed()
         return None
 
-    def _arrived(self) -> None:
-        """A released waiter resumed: its request is about to be routed and counted in the
-        load (with no ``await`` in between unless a budget must be reserved first)."""
+    def _resumed(self) -> None:
+        """A released waiter is out of transit: it resumed, and its request is about to be
+        routed and counted in the load (with no ``await`` in between unless a budget must be
+        reserved first), or it left."""
         self._in_transit = max(0, self._in_transit - 1)
 
     def _leave(self, entry: tuple[int, int, asyncio.Future[None]]) -> None:
@@ -164,7 +165,7 @@ class AdmissionController:
         future = entry[2]
         released = future.done() and not future.cancelled()
         if released:
-            self._in_transit = max(0, self._in_transit - 1)
+            self._resumed()
         if not future.done():
             future.cancel()
         try:

@@ -84,6 +84,7 @@ class PoolKVEvents:
                                  forecast_evictions=eviction_forecast)
         self.metrics = metrics or KVEventMetrics()
         self.metrics.watch_forecasts(lambda: self.index.forecast_counts())
+        self.metrics.watch_dispatches(lambda: self.index.dispatch_counts())
         self._scorer_source = Children(self.metrics.scorer_source)
         self.tokenizer = tokenizer
         self.settings = settings or SubscriberSettings()

@@ -63,6 +63,16 @@ long."""
 DEFAULT_MAX_PENDING_PER_ENDPOINT = 1 << 16
 DOOMED, CONFIRMED, RESTORED = 0, 1, 2
 """Indices of an endpoint's forecast counts."""
+DISPATCH_STATES = ("held", "computing", "held_elsewhere", "evicted", "new")
+"""Where a dispatched prompt's blocks stood (:meth:`PrefixIndex.dispatch_counts`): published
+by the endpoint it went to; already being computed there (pending); published or being
+computed by another endpoint only (a spill: the fleet computes it twice); held by no endpoint
+but removed from one recently (the fleet's KV evicted it); neither (new to the fleet, or
+evicted too long ago to be remembered)."""
+HELD, COMPUTING, HELD_ELSEWHERE, EVICTED, NEW = range(5)
+DEFAULT_MAX_EVICTED = 1 << 17
+"""How many evicted block hashes the index remembers (fleet-wide, the most recent removals):
+~10 MB; a block evicted longer ago than that reads as ``new``."""
 FORECAST_EXPIRY_PASSES = 10
 """At most this many passes restore unconfirmed forecasts per ``pending_ttl`` (each one that
 restores rebuilds an endpoint's block order: O(its blocks))."""
@@ -75,6 +85,7 @@ class PrefixIndex:
                  pending_ttl: float = DEFAULT_PENDING_TTL_S,
                  max_pending_per_endpoint: int = DEFAULT_MAX_PENDING_PER_ENDPOINT,
                  forecast_evictions: bool = False,
+                 max_evicted: int = DEFAULT_MAX_EVICTED,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_blocks_per_endpoint < 1:
             raise ValueError(f"max_blocks_per_endpoint must be >= 1, got "
@@ -106,6 +117,12 @@ class PrefixIndex:
         self._blocks: dict[str, dict[int, int]] = {}
         self._holders: dict[int, int] = {}
         self.evicted_for_bound = 0
+        self.max_evicted = max_evicted
+        self._evicted: dict[int, None] = {}
+        """Hashes of blocks recently removed from an endpoint (its last reference), oldest
+        removal first, at most ``max_evicted``."""
+        self._dispatched: dict[str, list[int]] = {}
+        """Per endpoint, dispatched prompt blocks by where they stood (``DISPATCH_STATES``)."""
 
     # -- endpoints -------------------------------------------------------------------------
     def add_endpoint(self, endpoint: str) -> None:
@@ -120,6 +137,7 @@ class PrefixIndex:
         self._pending[endpoint] = {}
         self._doomed[endpoint] = {}
         self._forecasts[endpoint] = [0, 0, 0]
+        self._dispatched.setdefault(endpoint, [0] * len(DISPATCH_STATES))
 
     def remove_endpoint(self, endpoint: str) -> None:
         """Forget an endpoint and all its blocks; its slot is reused."""
@@ -133,6 +151,7 @@ class PrefixIndex:
         del self._pending[endpoint]
         del self._doomed[endpoint]
         del self._forecasts[endpoint]
+        del self._dispatched[endpoint]
 
     def endpoints(self) -> list[str]:
         return list(self._slot_of)
@@ -190,6 +209,7 @@ class PrefixIndex:
         doomed = self._doomed[endpoint]
         holders = self._holders
         pending_holders = self._pending_holders
+        evicted = self._evicted
         bit = 1 << self._slot_of[endpoint]
         others = ~bit
         gone = 0
@@ -214,8 +234,18 @@ class PrefixIndex:
                 holders[block_hash] = mask
             else:
                 holders.pop(block_hash, None)
+            evicted.pop(block_hash, None)
+            evicted[block_hash] = None
             gone += 1
+        self._forget_evicted()
         return gone
+
+    def _forget_evicted(self) -> None:
+        overflow = len(self._evicted) - self.max_evicted
+        if overflow > 0:
+            evicted = self._evicted
+            for block_hash in list(_first(evicted, overflow)):
+                del evicted[block_hash]
 
     def clear(self, endpoint: str) -> int:
         """Drop every block of one endpoint (restart, AllBlocksCleared), pending marks too;
@@ -263,13 +293,30 @@ class PrefixIndex:
                 if block_hash in blocks:
                     blocks[block_hash] = blocks.pop(block_hash)
                     touched += 1
+        holders = self._holders
+        evicted = self._evicted
+        computing = elsewhere = recomputed = 0
         for block_hash in hashes:
             if block_hash in blocks:
                 continue
             if pending.pop(block_hash, None) is None:
-                pending_holders[block_hash] = pending_holders.get(block_hash, 0) | bit
+                others = pending_holders.get(block_hash, 0)
+                pending_holders[block_hash] = others | bit
+                # this endpoint's own bit is clear in both maps (not published, not pending)
+                if others or block_hash in holders:
+                    elsewhere += 1
+                elif block_hash in evicted:
+                    recomputed += 1
+            else:
+                computing += 1
             pending[block_hash] = expiry  # (re-)inserted at the end: the dict stays by expiry
             marked += 1
+        counts = self._dispatched[endpoint]
+        counts[HELD] += len(hashes) - marked
+        counts[COMPUTING] += computing
+        counts[HELD_ELSEWHERE] += elsewhere
+        counts[EVICTED] += recomputed
+        counts[NEW] += marked - computing - elsewhere - recomputed
         overflow = len(pending) - self.max_pending_per_endpoint
         if overflow > 0:
             for block_hash in list(_first(pending, overflow)):
@@ -303,6 +350,8 @@ class PrefixIndex:
             return 0
         del doomed[block_hash]
         self._forecasts[endpoint][CONFIRMED] += 1
+        self._evicted.pop(block_hash, None)
+        self._evicted[block_hash] = None  # remove() forgets the overflow after its loop
         return 1
 
     def expire_doomed(self) -> int:
@@ -340,6 +389,11 @@ class PrefixIndex:
         restored unconfirmed (cumulative)."""
         return {endpoint: (c[DOOMED], c[CONFIRMED], c[RESTORED])
                 for endpoint, c in self._forecasts.items()}
+
+    def dispatch_counts(self) -> dict[str, tuple[int, ...]]:
+        """Per endpoint: the blocks of the prompts dispatched there (:meth:`mark_pending`), by
+        where each stood at dispatch (``DISPATCH_STATES``; cumulative)."""
+        return {endpoint: tuple(c) for endpoint, c in self._dispatched.items()}
 
     def clear_pending(self, endpoint: str) -> int:
         """Drop every pending mark of one endpoint; returns how many."""

@@ -6,11 +6,13 @@ live in one process (tests, benchmarks). Pass the router's registry to share its
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from kvroute_router.kvevents.index import DISPATCH_STATES
 
 MATCH_BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
@@ -74,31 +76,46 @@ class KVEventMetrics:
             "kvroute_kv_prefix_scorer_source", "Per endpoint scored: precise (fresh KV events) "
             "or approximate (events stale, missing or untrustworthy).", ["source"], registry=r)
 
-        self._forecasts = _ForecastCollector()
+        self._forecasts = _EndpointCounts(
+            "kvroute_kv_index_forecast_blocks", "Blocks the prefix index forecast a dispatch "
+            "would evict (doomed), of which the engine confirmed the eviction (confirmed) or "
+            "did not in time, and they count again (restored); by endpoint "
+            "(engine.kvEvents.evictionForecast).", "outcome", ("doomed", "confirmed", "restored"))
         r.register(self._forecasts)
+        self._dispatches = _EndpointCounts(
+            "kvroute_kv_dispatch_blocks", "Blocks of the prompts dispatched to each endpoint, by "
+            "where each stood: published there (held), already being computed there "
+            "(computing), held or being computed by another endpoint only (held_elsewhere: "
+            "a spill, computed twice), evicted from the fleet recently (evicted: the KV cache is "
+            "too small for the working set), or neither (new).", "state", DISPATCH_STATES)
+        r.register(self._dispatches)
 
-    def watch_forecasts(self, read: Callable[[], dict[str, tuple[int, int, int]]]) -> None:
+    def watch_forecasts(self, read: Callable[[], Mapping[str, Sequence[int]]]) -> None:
         """Export an index's eviction forecasts (``read``: per endpoint, blocks doomed,
         confirmed, restored) as ``kvroute_kv_index_forecast_blocks``."""
         self._forecasts.readers.append(read)
 
+    def watch_dispatches(self, read: Callable[[], Mapping[str, Sequence[int]]]) -> None:
+        """Export an index's dispatched blocks by state (``read``: per endpoint, counts in
+        ``DISPATCH_STATES`` order) as ``kvroute_kv_dispatch_blocks``."""
+        self._dispatches.readers.append(read)
 
-class _ForecastCollector(Collector):
-    """Reads the indexes' forecast counts at scrape time (an index keeps plain integers on its
-    hot paths)."""
 
-    def __init__(self) -> None:
-        self.readers: list[Callable[[], dict[str, tuple[int, int, int]]]] = []
+class _EndpointCounts(Collector):
+    """Reads per-endpoint counts from the indexes at scrape time (an index keeps plain
+    integers on its hot paths) as one counter with an endpoint and a ``label`` label."""
+
+    def __init__(self, name: str, documentation: str, label: str,
+                 values: Sequence[str]) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.values = tuple(values)
+        self.readers: list[Callable[[], Mapping[str, Sequence[int]]]] = []
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "kvroute_kv_index_forecast_blocks", "Blocks the prefix index forecast a dispatch "
-            "would evict (doomed), of which the engine confirmed the eviction (confirmed) or "
-            "did not in time, and they count again (restored); by endpoint "
-            "(engine.kvEvents.evictionForecast).", labels=["endpoint", "outcome"])
+        family = CounterMetricFamily(self.name, self.documentation,
+                                     labels=["endpoint", self.label])
         for read in self.readers:
             for endpoint, counts in read().items():
-                for outcome, value in zip(("doomed", "confirmed", "restored"), counts,
-                                          strict=True):
-                    family.add_metric([endpoint, outcome], value)
+                for value, count in zip(self.values, counts, strict=True):
+                    family.add_metric([endpoint, value], count)
         yield family

@@ -159,3 +159,17 @@ def test_the_forecasts_are_exported_per_endpoint_and_outcome() -> None:
                for s in family.samples}
     assert samples == {("a", "doomed"): 4, ("a", "confirmed"): 4, ("a", "restored"): 0,
                        ("z", "doomed"): 0, ("z", "confirmed"): 0, ("z", "restored"): 0}
+
+
+def test_dispatched_blocks_are_exported_per_endpoint_and_state() -> None:
+    events = PoolKVEvents(BlockHashConfig(block_size=4))
+    events.index.store("a", A)
+    events.index.store("b", B)
+    events.index.remove("b", B)  # evicted
+    events.index.mark_pending("a", A + B + C)
+    samples = {s.labels["state"]: s.value
+               for family in events.metrics.registry.collect()
+               if family.name == "kvroute_kv_dispatch_blocks"
+               for s in family.samples if s.labels["endpoint"] == "a"}
+    assert samples == {"held": len(A), "computing": 0, "held_elsewhere": 0,
+                       "evicted": len(B), "new": len(C)}

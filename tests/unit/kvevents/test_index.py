@@ -67,3 +67,30 @@ def test_bytes_per_entry_stays_small() -> None:
     per_entry = used / index.entries()
     print(f"index bytes per entry: {per_entry:.0f}")
     assert per_entry < 200
+
+
+def test_dispatched_blocks_are_counted_by_where_they_stood() -> None:
+    index = PrefixIndex()
+    index.store("a", [1, 2, 3])
+    index.store("b", [10, 11])
+    index.remove("b", [11])  # evicted from the fleet
+    index.mark_pending("a", [1, 2, 3, 4])  # three held, one new
+    index.mark_pending("a", [1, 2, 3, 4])  # three held, one still being computed there
+    index.mark_pending("a", [10, 11, 12])  # b publishes 10; 11 was evicted; 12 is new
+    index.mark_pending("b", [4])  # a is computing it: a spill
+    held, computing, elsewhere, evicted, new = range(5)
+    counts = index.dispatch_counts()
+    assert counts["a"][held] == 6 and counts["a"][computing] == 1
+    assert counts["a"][elsewhere] == 1 and counts["a"][evicted] == 1 and counts["a"][new] == 2
+    assert counts["b"] == (0, 0, 1, 0, 0)
+
+
+def test_the_evicted_blocks_remembered_are_bounded() -> None:
+    index = PrefixIndex(max_evicted=1)
+    index.store("a", [1, 2])
+    index.remove("a", [1])
+    index.remove("a", [2])  # 1 is forgotten: only the latest removal is remembered
+    index.mark_pending("b", [1])
+    index.mark_pending("c", [2])
+    assert index.dispatch_counts()["b"] == (0, 0, 0, 0, 1)
+    assert index.dispatch_counts()["c"] == (0, 0, 0, 1, 0)

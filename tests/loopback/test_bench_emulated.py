@@ -33,5 +33,8 @@ def test_an_emulated_run_reports_the_routers_counters(tmp_path: Path) -> None:
     assert 12 <= answered <= 16
     assert counters['kvroute_kv_events_decoded_total{type="BlockStored"}'] > 0
     assert counters['kvroute_kv_prefix_scorer_source_total{source="precise"}'] >= 12
+    # every dispatched prompt block is counted in one state; each question is new text
+    assert counters['kvroute_kv_dispatch_blocks_total{state="new"}'] > 0
     table = (tmp_path / "t-precise-prefix.md").read_text()
-    assert "* kvroute-precise-cost: `kvroute_kv_events_decoded_total" in table
+    assert "* kvroute-precise-cost: `kvroute_kv_dispatch_blocks_total" in table
+    assert '`kvroute_kv_events_decoded_total{type="BlockStored"}`' in table

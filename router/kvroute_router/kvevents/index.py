@@ -137,7 +137,7 @@ class PrefixIndex:
         self._pending[endpoint] = {}
         self._doomed[endpoint] = {}
         self._forecasts[endpoint] = [0, 0, 0]
-        self._dispatched.setdefault(endpoint, [0] * len(DISPATCH_STATES))
+        self._dispatched[endpoint] = [0] * len(DISPATCH_STATES)
 
     def remove_endpoint(self, endpoint: str) -> None:
         """Forget an endpoint and all its blocks; its slot is reused."""

@@ -5,7 +5,14 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
-from kvroute_router.kvevents.index import PrefixIndex
+from kvroute_router.kvevents.index import (
+    COMPUTING,
+    EVICTED,
+    HELD,
+    HELD_ELSEWHERE,
+    NEW,
+    PrefixIndex,
+)
 
 
 def test_match_is_longest_consecutive_prefix_per_endpoint() -> None:
@@ -78,7 +85,7 @@ def test_dispatched_blocks_are_counted_by_where_they_stood() -> None:
     index.mark_pending("a", [1, 2, 3, 4])  # three held, one still being computed there
     index.mark_pending("a", [10, 11, 12])  # b publishes 10; 11 was evicted; 12 is new
     index.mark_pending("b", [4])  # a is computing it: a spill
-    held, computing, elsewhere, evicted, new = range(5)
+    held, computing, elsewhere, evicted, new = HELD, COMPUTING, HELD_ELSEWHERE, EVICTED, NEW
     counts = index.dispatch_counts()
     assert counts["a"][held] == 6 and counts["a"][computing] == 1
     assert counts["a"][elsewhere] == 1 and counts["a"][evicted] == 1 and counts["a"][new] == 2

@@ -382,6 +382,11 @@ class ReplicatedPicker:
     A simplification either way: each replica's ``in_flight`` is the engine's whole count
     (the simulator's ``RouterPicker`` reads it from the engine), so only the between-scrape
     queue estimate and the pending marks differ between replicas.
+
+    With the admission queue (the replicas' default), each replica queues the arrivals the
+    balancer hands it while it finds every engine saturated, and lets them go as it finds
+    room, as three router processes each with its own ``AdmissionController`` do: nothing of
+    a queue is shared, only (``shared``) the dispatches it releases.
     """
 
     def __init__(self, make: Callable[[], RouterPicker], replicas: int,
@@ -394,6 +399,8 @@ class ReplicatedPicker:
         self.scrape_interval_s = self.replicas[0].scrape_interval_s
         self.shared = shared
         self._next = 0
+        self._arriving: RouterPicker | None = None
+        self._release_turn = 0
 
     def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
         for replica in self.replicas:
@@ -403,16 +410,55 @@ class ReplicatedPicker:
         for replica in self.replicas:
             replica.scrape(engines, now)
 
+    def _chooser(self) -> RouterPicker:
+        """The replica the balancer hands the next arrival to (round-robin); the one
+        :meth:`hold` chose when it did not keep the request."""
+        chooser, self._arriving = self._arriving, None
+        if chooser is None:
+            chooser = self.replicas[self._next % len(self.replicas)]
+            self._next += 1
+        return chooser
+
+    def hold(self, request: SimRequest, engines: Sequence[SimEngine]) -> bool:
+        """Admission control at ``request``'s arrival, by the replica the balancer hands it
+        to: each replica queues its own arrivals (its own ``AdmissionController``), judging
+        saturation on its own view of the engines' queues."""
+        chooser = self._chooser()
+        if chooser.hold(request, engines):
+            return True
+        self._arriving = chooser  # the pick that follows is this replica's
+        return False
+
+    def release(self, engines: Sequence[SimEngine],
+                now: float) -> Iterator[tuple[SimRequest, int]]:
+        """Every replica's queued requests it lets go at ``now``, replica by replica, each
+        dispatch shared (``shared``) before the next replica judges the room left. The
+        replica that goes first takes turns (a real replica releases on its own arrivals,
+        completions and scrapes; none of them is always first to see the room)."""
+        count = len(self.replicas)
+        first, self._release_turn = self._release_turn, (self._release_turn + 1) % count
+        for turn in range(count):
+            replica = self.replicas[(first + turn) % count]
+            for request, index in replica.release(engines, now):
+                self._share(replica, index, request, engines, now)
+                yield request, index
+
     def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
-        chooser = self.replicas[self._next % len(self.replicas)]
-        self._next += 1
+        chooser = self._chooser()
         index = chooser.pick(request, engines)
+        self._share(chooser, index, request, engines, request.arrival_s)
+        return index
+
+    def _share(self, chooser: RouterPicker, index: int, request: SimRequest,
+               engines: Sequence[SimEngine], now: float) -> None:
+        """What replica coordination tells the other replicas of ``chooser``'s dispatch of
+        ``request`` to engine ``index`` (``shared``)."""
         _, amount, started = chooser._unanswered[index][-1]  # its backlog and prefix
         if self.shared:
             for other in self.replicas:
                 if other is chooser:
                     continue
-                other.now = request.arrival_s
+                other.now = now
                 other._grow(engines)
                 if (self.shared in ("pending", "both", "all") and other.pool_events is not None
                         and request.hashes):
@@ -425,4 +471,3 @@ class ReplicatedPicker:
                     other.share_backlog(index, request, amount)
                 if self.shared in ("counts", "both", "all") and other.scrape_interval_s > 0:
                     other._endpoints[index].dispatched_since_scrape += 1
-        return index

@@ -475,3 +475,50 @@ def test_the_routers_admission_queue_holds_arrivals_while_every_engine_is_satura
                             block_size=profile.block_size, scrape_interval_s=scrape_interval_s,
                             admission={"saturationQueueDepth": 2}, admission_queue=False))
     assert unqueued.unfinished == 0 and max(deepest) > 2  # the same burst, unheld
+
+
+def test_each_replica_queues_its_own_arrivals_and_releases_what_it_finds_room_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three replicas behind round-robin, each with its own admission queue, on two engines
+    with ``saturationQueueDepth`` 2: every replica queues some of its own arrivals, every
+    arrival is answered and every queue ends empty. Sharing nothing, each replica fills the
+    room it sees between scrapes, so the engines' queues reach three times the threshold;
+    with replica sync (``"all"``) each counts the others' dispatches and they stay near it
+    (one over: a replica takes every completion off its count, as the router does)."""
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    deepest: list[int] = []
+    enqueue = SimEngine.enqueue
+
+    def recording(engine: SimEngine, request: SimRequest) -> None:
+        enqueue(engine, request)
+        deepest.append(len(engine.waiting))
+
+    held: set[int] = set()
+    hold = RouterPicker.hold
+
+    def counting(picker: RouterPicker, request: SimRequest,
+                 engines: list[SimEngine]) -> bool:
+        kept = hold(picker, request, engines)
+        if kept:
+            held.add(id(picker))
+        return kept
+
+    monkeypatch.setattr(SimEngine, "enqueue", recording)
+    monkeypatch.setattr(RouterPicker, "hold", counting)
+    profile = cpu_test_engine()
+    trace = generate(ChatParams(requests=60, rate=1000.0))
+    queue_depth: dict[str, int] = {}
+    for shared in ("", "all"):
+        deepest.clear()
+        held.clear()
+        picker = ReplicatedPicker(lambda: RouterPicker(
+            {"scorers": [{"type": "queue-depth", "weight": 1.0}]},
+            block_size=profile.block_size, scrape_interval_s=0.1,
+            admission={"saturationQueueDepth": 2}), 3, shared)
+        result = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True),
+                          pods=2, profile=profile, picker=picker)
+        assert result.unfinished == 0 and not any(r.held for r in picker.replicas)
+        assert held == {id(r) for r in picker.replicas}
+        queue_depth[shared] = max(deepest)
+    assert queue_depth[""] >= 3 * 2 and queue_depth["all"] <= 2 + 1

@@ -179,8 +179,8 @@ class PoolKVEvents:
         return self.index.match(hashes, endpoints)
 
     def mark_pending(self, endpoint: str, hashes: Sequence[int],
-                     capacity: int | None = None) -> None:
-        self.index.mark_pending(endpoint, hashes, capacity)
+                     capacity: int | None = None, *, own: bool = True) -> None:
+        self.index.mark_pending(endpoint, hashes, capacity, own=own)
 
     def record_scoring(self, precise: int | None, approximate: int,
                        best_match: int | None) -> None:

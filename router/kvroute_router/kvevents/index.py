@@ -266,12 +266,14 @@ class PrefixIndex:
 
     # -- pending (dispatched, not yet published) ------------------------------------------
     def mark_pending(self, endpoint: str, hashes: Sequence[int],
-                     capacity: int | None = None) -> int:
+                     capacity: int | None = None, *, own: bool = True) -> int:
         """Count these blocks as held by ``endpoint`` until published, removed, cleared or
         ``pending_ttl`` seconds from now; returns how many were marked (blocks already
         published there are skipped). With ``capacity`` (the endpoint's KV blocks) and
         ``forecast_evictions``, the published ones are touched and the evictions the
-        dispatch causes are forecast (the module docstring)."""
+        dispatch causes are forecast (the module docstring). ``own``: this router's dispatch,
+        counted in :meth:`dispatch_counts`; False for another replica's, which replica sync
+        passes on (that replica counts it, so a sum over replicas counts each dispatch once)."""
         if self.max_pending_per_endpoint == 0 or self.pending_ttl <= 0:
             return 0
         self.add_endpoint(endpoint)
@@ -311,12 +313,13 @@ class PrefixIndex:
                 computing += 1
             pending[block_hash] = expiry  # (re-)inserted at the end: the dict stays by expiry
             marked += 1
-        counts = self._dispatched[endpoint]
-        counts[HELD] += len(hashes) - marked
-        counts[COMPUTING] += computing
-        counts[HELD_ELSEWHERE] += elsewhere
-        counts[EVICTED] += recomputed
-        counts[NEW] += marked - computing - elsewhere - recomputed
+        if own:
+            counts = self._dispatched[endpoint]
+            counts[HELD] += len(hashes) - marked
+            counts[COMPUTING] += computing
+            counts[HELD_ELSEWHERE] += elsewhere
+            counts[EVICTED] += recomputed
+            counts[NEW] += marked - computing - elsewhere - recomputed
         overflow = len(pending) - self.max_pending_per_endpoint
         if overflow > 0:
             for block_hash in list(_first(pending, overflow)):

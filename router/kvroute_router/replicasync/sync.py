@@ -304,7 +304,7 @@ class ReplicaSync:
                 # them: the index touches them and forecasts the evictions the dispatch causes
                 # with this replica's view of the engine's capacity.
                 events.mark_pending(record.endpoint, record.held + record.blocks,
-                                    endpoint.kv_capacity_blocks)
+                                    endpoint.kv_capacity_blocks, own=False)
                 self.metrics.marked.inc(len(record.blocks))
                 if record.computes and events.index.pending_ttl > 0:
                     self._prefill_started(record, endpoint, events.index.pending_ttl)

@@ -73,3 +73,14 @@ def test_without_the_engines_capacity_nothing_is_forecast() -> None:
     endpoint.metrics = None
     sync.receive(encode(OTHER, [DispatchRecord(endpoint.pool, endpoint.name, C, held=A)]))
     assert [_held(events, endpoint, x) for x in (A, B, C)] == [4, 4, 4]
+
+
+def test_only_this_replicas_own_dispatches_are_counted_by_where_they_stood() -> None:
+    """kvroute_kv_dispatch_blocks_total summed over replicas counts each dispatch once: the
+    replica that dispatched counts it, the others (told by replica sync) do not."""
+    sync, endpoint, events = _replica()
+    sync.receive(encode(OTHER, [DispatchRecord(endpoint.pool, endpoint.name, C, held=A)]))
+    assert sum(events.index.dispatch_counts()[endpoint.name]) == 0
+    events.mark_pending(endpoint.name, A + C, CAPACITY)  # its own: A held, C being computed
+    counts = events.index.dispatch_counts()[endpoint.name]
+    assert counts == (4, 4, 0, 0, 0)

@@ -381,7 +381,10 @@ class ReplicatedPicker:
     token (replica sync's backlog records, round 19); ``""`` shares nothing.
     A simplification either way: each replica's ``in_flight`` is the engine's whole count
     (the simulator's ``RouterPicker`` reads it from the engine), so only the between-scrape
-    queue estimate and the pending marks differ between replicas.
+    queue estimate and the pending marks differ between replicas; and each replica takes
+    every completion off its between-scrape count, where a real replica sees only its own
+    until its next scrape (sharing the ends over replica sync was measured in round 36 of
+    docs/benchmarks/emulated-fleet.md and not kept).
 
     With the admission queue (the replicas' default), each replica queues the arrivals the
     balancer hands it while it finds every engine saturated, and lets them go as it finds

@@ -131,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                      help="comma-separated: round-robin, kvroute-approx-load, or any kvroute "
                           "contender (kvroute-precise-cost, the default scoring, and its "
                           "variants); kvroute ones optionally @MS (a scrape interval) and /xN "
-                          "or /xNshared (N replicas, see the docs)")
+                          "or /xNshared (N replicas, see the docs), then ~MS (the replicas run as "
+                          "processes, replica sync taking MS simulated ms)")
     sim.add_argument("--sim-pending-ttl", type=float, default=None, metavar="SECONDS",
                      help="how long kvroute pickers' pending-block marks last, simulated s "
                           "(default: the router's 5 s; an emulated fleet at time scale S "

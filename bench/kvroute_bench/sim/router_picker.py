@@ -50,7 +50,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 from kvroute_emulator.model.engine import SimEngine, SimRequest
@@ -361,6 +361,17 @@ class RouterPicker:
 SHARED_STATE = ("", "pending", "counts", "both", "all")
 
 
+class _Shared(NamedTuple):
+    """One dispatch on its way to the other replicas (``ReplicatedPicker.delay_s``)."""
+
+    due_s: float
+    chooser: RouterPicker
+    engine: int
+    request: SimRequest
+    amount: float
+    started: tuple[int, PrefillInFlight] | None
+
+
 class ReplicatedPicker:
     """``replicas`` independent routers (``RouterPicker``s of one scoring) behind a per-request
     round-robin balancer, as ``kvroute bench --replicas N`` runs them on a real fleet: every
@@ -386,6 +397,18 @@ class ReplicatedPicker:
     until its next scrape (sharing the ends over replica sync was measured in round 36 of
     docs/benchmarks/emulated-fleet.md and not kept).
 
+    ``delay_s`` None (the default) is the idealised set-up above: every dispatch shared at
+    once, every replica scraping at the same instants and releasing its queue at every
+    arrival, completion and scrape of the fleet. A number makes the replicas run as router
+    processes do (round 37 of docs/benchmarks/emulated-fleet.md): a shared dispatch reaches the
+    others ``delay_s`` later (replica sync's Redis round trip, in simulated time — on the
+    emulated fleet the real latency times the time scale), applied at their first arrival,
+    release or scrape at or after it is due, as the receiver applies it between the router's
+    own decisions; each replica scrapes every ``scrape_interval_s`` at its own phase
+    (``1/replicas`` of the period apart); and each releases its queue only at its own release
+    points — an arrival the balancer hands it, the end of a request it dispatched, its own
+    scrape.
+
     With the admission queue (the replicas' default), each replica queues the arrivals the
     balancer hands it while it finds every engine saturated, and lets them go as it finds
     room, as three router processes each with its own ``AdmissionController`` do: nothing of
@@ -393,23 +416,40 @@ class ReplicatedPicker:
     """
 
     def __init__(self, make: Callable[[], RouterPicker], replicas: int,
-                 shared: str = "") -> None:
+                 shared: str = "", delay_s: float | None = None) -> None:
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         if shared not in SHARED_STATE:
             raise ValueError(f"shared must be one of {SHARED_STATE}")
+        if delay_s is not None and delay_s < 0:
+            raise ValueError("delay_s must be >= 0")
         self.replicas = [make() for _ in range(replicas)]
         self.scrape_interval_s = self.replicas[0].scrape_interval_s
         self.shared = shared
         self._next = 0
         self._arriving: RouterPicker | None = None
         self._release_turn = 0
+        self.delay_s = delay_s or 0.0
+        self.as_processes = delay_s is not None
+        self._in_transit: deque[_Shared] = deque()  # in order of dispatch, so of arrival
+        if self.as_processes:  # one replica scrapes per tick, each at its own phase
+            self.scrape_interval_s /= replicas
+        self._scrapes = 0
+        self._due: set[int] = set()  # replicas at a release point since the last release
+        self._sent: list[list[SimRequest]] = [[] for _ in self.replicas]  # unfinished, each's
 
     def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
         for replica in self.replicas:
             replica.observe(engine, events)
 
     def scrape(self, engines: Sequence[SimEngine], now: float) -> None:
+        self._deliver(engines, now)
+        if self.as_processes:
+            turn = self._scrapes % len(self.replicas)
+            self._scrapes += 1
+            self.replicas[turn].scrape(engines, now)
+            self._due.add(turn)
+            return
         for replica in self.replicas:
             replica.scrape(engines, now)
 
@@ -426,7 +466,9 @@ class ReplicatedPicker:
         """Admission control at ``request``'s arrival, by the replica the balancer hands it
         to: each replica queues its own arrivals (its own ``AdmissionController``), judging
         saturation on its own view of the engines' queues."""
+        self._deliver(engines, request.arrival_s)
         chooser = self._chooser()
+        self._due.add(self.replicas.index(chooser))
         if chooser.hold(request, engines):
             return True
         self._arriving = chooser  # the pick that follows is this replica's
@@ -437,18 +479,32 @@ class ReplicatedPicker:
         """Every replica's queued requests it lets go at ``now``, replica by replica, each
         dispatch shared (``shared``) before the next replica judges the room left. The
         replica that goes first takes turns (a real replica releases on its own arrivals,
-        completions and scrapes; none of them is always first to see the room)."""
+        completions and scrapes; none of them is always first to see the room). Run as
+        processes (``delay_s`` set), only the replicas at a release point of their own."""
+        self._deliver(engines, now)
+        for turn, sent in enumerate(self._sent):
+            unfinished = [request for request in sent if request.done_s is None]
+            if len(unfinished) < len(sent):  # a request it dispatched ended
+                self._due.add(turn)
+                self._sent[turn] = unfinished
+        due, self._due = self._due, set()
         count = len(self.replicas)
         first, self._release_turn = self._release_turn, (self._release_turn + 1) % count
         for turn in range(count):
-            replica = self.replicas[(first + turn) % count]
+            k = (first + turn) % count
+            if self.as_processes and k not in due:
+                continue
+            replica = self.replicas[k]
             for request, index in replica.release(engines, now):
                 self._share(replica, index, request, engines, now)
+                self._sent[k].append(request)
                 yield request, index
 
     def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
+        self._deliver(engines, request.arrival_s)
         chooser = self._chooser()
         index = chooser.pick(request, engines)
+        self._sent[self.replicas.index(chooser)].append(request)
         self._share(chooser, index, request, engines, request.arrival_s)
         return index
 
@@ -457,20 +513,36 @@ class ReplicatedPicker:
         """What replica coordination tells the other replicas of ``chooser``'s dispatch of
         ``request`` to engine ``index`` (``shared``)."""
         _, amount, started = chooser._unanswered[index][-1]  # its backlog and prefix
-        if self.shared:
-            for other in self.replicas:
-                if other is chooser:
-                    continue
-                other.now = now
-                other._grow(engines)
-                if (self.shared in ("pending", "both", "all") and other.pool_events is not None
-                        and request.hashes):
-                    other.pool_events.index.mark_pending(
-                        f"pod-{index}", request.hashes,
-                        other._endpoints[index].kv_capacity_blocks)
-                    if started is not None:  # ReplicaSync._prefill_started
-                        other.share_prefill(index, request, started)
-                if self.shared == "all":
-                    other.share_backlog(index, request, amount)
-                if self.shared in ("counts", "both", "all") and other.scrape_interval_s > 0:
-                    other._endpoints[index].dispatched_since_scrape += 1
+        if not self.shared:
+            return
+        shared = _Shared(now + self.delay_s, chooser, index, request, amount, started)
+        if self.delay_s > 0:
+            self._in_transit.append(shared)
+        else:
+            self._apply(shared, engines)
+
+    def _deliver(self, engines: Sequence[SimEngine], now: float) -> None:
+        """Apply the shared dispatches due by ``now`` (``delay_s``)."""
+        transit = self._in_transit
+        while transit and transit[0].due_s <= now:
+            self._apply(transit.popleft(), engines)
+
+    def _apply(self, shared: _Shared, engines: Sequence[SimEngine]) -> None:
+        chooser, index, request = shared.chooser, shared.engine, shared.request
+        amount, started, now = shared.amount, shared.started, shared.due_s
+        for other in self.replicas:
+            if other is chooser:
+                continue
+            other.now = max(other.now, now)
+            other._grow(engines)
+            if (self.shared in ("pending", "both", "all") and other.pool_events is not None
+                    and request.hashes):
+                other.pool_events.index.mark_pending(
+                    f"pod-{index}", request.hashes,
+                    other._endpoints[index].kv_capacity_blocks)
+                if started is not None:  # ReplicaSync._prefill_started
+                    other.share_prefill(index, request, started)
+            if self.shared == "all":
+                other.share_backlog(index, request, amount)
+            if self.shared in ("counts", "both", "all") and other.scrape_interval_s > 0:
+                other._endpoints[index].dispatched_since_scrape += 1

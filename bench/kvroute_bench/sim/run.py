@@ -96,7 +96,8 @@ def split_picker_name(name: str) -> tuple[str, float]:
 def needs_block_hashes(name: str) -> bool:
     """Whether the trace must carry the simulator's own block hashes (every picker except
     the KV-event one, whose engines get the router's hashes at its decisions)."""
-    picker = SIM_PICKERS.get(split_picker_name(split_replicas(name)[0])[0]) or {}
+    base = split_replicas(split_sync_delay(name)[0])[0]
+    picker = SIM_PICKERS.get(split_picker_name(base)[0]) or {}
     scorers = picker.get("scoring", {}).get("scorers", [])
     return not any(s["type"] == "prefix-precise" for s in scorers)
 
@@ -134,11 +135,25 @@ def split_replicas(name: str) -> tuple[str, int, str]:
     return base, int(count), shared
 
 
+def split_sync_delay(name: str) -> tuple[str, float | None]:
+    """``kvroute-precise-cost/x3shared~30`` → (``kvroute-precise-cost/x3shared``, 0.03): the
+    replicas run as router processes do and learn of each other's dispatches 30 ms
+    (simulated) after them; without ``~MS``, None (``ReplicatedPicker.delay_s``)."""
+    base, tilde, delay = name.partition("~")
+    if not tilde:
+        return name, None
+    if "/x" not in base or not delay.isdigit():
+        raise SystemExit(f"picker {name!r}: ~MS (a replica-sync delay in ms) follows /xN…, "
+                         f"e.g. kvroute-precise-cost/x3shared~30")
+    return base, int(delay) / 1000
+
+
 def make_picker(name: str, block_size: int,
                 trace: Sequence[TraceRequest] = (), scheduling_policy: str = "fcfs") -> Picker:
     """The picker ``name`` (``trace``: the requests, for ``group-affinity``'s groups;
     ``scheduling_policy``: the engines', a kvroute picker sets priorities under
     ``priority``)."""
+    name, delay_s = split_sync_delay(name)
     name, replicas, shared = split_replicas(name)
     if replicas > 1 or shared:
         from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
@@ -148,7 +163,7 @@ def make_picker(name: str, block_size: int,
             assert isinstance(picker, RouterPicker)
             return picker
 
-        return ReplicatedPicker(one, replicas, shared)
+        return ReplicatedPicker(one, replicas, shared, delay_s)
     base, scrape_interval_s = split_picker_name(name)
     if base not in SIM_PICKERS:
         raise SystemExit(f"unknown simulator picker {name!r}; valid: {', '.join(SIM_PICKERS)} "

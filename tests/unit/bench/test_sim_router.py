@@ -203,6 +203,81 @@ def test_replicated_picker_names() -> None:
             make_picker(bad, 32)
 
 
+def test_sync_delay_names() -> None:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+    from kvroute_bench.sim.run import split_sync_delay
+
+    assert split_sync_delay("kvroute-precise-cost@100/x3shared") == (
+        "kvroute-precise-cost@100/x3shared", None)
+    assert split_sync_delay("kvroute-precise-cost@100/x3shared~16") == (
+        "kvroute-precise-cost@100/x3shared", 0.016)
+    picker = make_picker("kvroute-precise-cost@100/x3shared~0", 32)
+    assert isinstance(picker, ReplicatedPicker) and picker.as_processes
+    assert picker.delay_s == 0.0 and picker.scrape_interval_s == pytest.approx(0.1 / 3)
+    idealised = make_picker("kvroute-precise-cost@100/x3shared", 32)
+    assert isinstance(idealised, ReplicatedPicker) and not idealised.as_processes
+    assert not needs_block_hashes("kvroute-precise-cost@100/x3shared~8")
+    for bad in ("kvroute-precise-cost~5", "kvroute-precise-cost/x3shared~x"):
+        with pytest.raises(SystemExit):
+            make_picker(bad, 32)
+
+
+def _as_processes(delay_s: float) -> tuple[object, list[SimEngine]]:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    picker = ReplicatedPicker(lambda: RouterPicker(PRECISE, block_size=PROFILE.block_size,
+                                                   scrape_interval_s=0.09, precise=True),
+                              3, "all", delay_s)
+    engines = [SimEngine(i, PROFILE) for i in range(4)]
+    for _ in range(3):  # one replica per scrape
+        picker.scrape(engines, 0.0)
+    return picker, engines
+
+
+def test_a_shared_dispatch_reaches_the_others_after_the_delay() -> None:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    picker, engines = _as_processes(0.01)
+    assert isinstance(picker, ReplicatedPicker)
+    first = sim_request(1, "tenant context " * 10 + "question one")
+    chosen = picker.pick(first, engines)
+    engines[chosen].enqueue(first)
+
+    def known() -> list[int]:
+        return [r._endpoints[chosen].dispatched_since_scrape for r in picker.replicas]
+
+    assert known() == [1, 0, 0]  # on its way
+    other = sim_request(2, "another tenant " * 10 + "question", at=0.005)
+    picker.pick(other, engines)  # replica 1, before the first record is due
+    assert [r.pool_events.index.match(first.hashes).get(f"pod-{chosen}", 0)
+            for r in picker.replicas][1:] == [0, 0]
+    third = sim_request(3, "a third tenant " * 10 + "question", at=0.011)
+    picker.pick(third, engines)  # due by now: every replica knows of the first
+    assert all(r.pool_events.index.match(first.hashes).get(f"pod-{chosen}", 0)
+               == len(first.hashes) for r in picker.replicas)
+
+
+def test_replicas_as_processes_scrape_in_turn_and_release_at_their_own_points() -> None:
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    picker, engines = _as_processes(0.0)
+    assert isinstance(picker, ReplicatedPicker)
+    assert list(picker.release(engines, 0.0)) == []  # nothing held yet
+    picker.scrape(engines, 0.03)
+    picker.scrape(engines, 0.06)
+    assert [r.now for r in picker.replicas] == [0.03, 0.06, 0.0]  # each at its own phase
+    for k, replica in enumerate(picker.replicas):  # every replica holds a request
+        replica.held.append(sim_request(10 + k, "held " * 5, at=0.06))
+    released = list(picker.release(engines, 0.06))  # replicas 0 and 1 scraped since
+    assert sorted(request.id for request, _ in released) == [10, 11]
+    assert [len(r.held) for r in picker.replicas] == [0, 0, 1]
+    picker.replicas[0].held.append(sim_request(20, "held again " * 5, at=0.07))
+    arrival = sim_request(21, "arrives " * 5, at=0.07)
+    assert picker.hold(arrival, engines)  # replica 0's arrival (queued behind its own)
+    assert [request.id for request, _ in picker.release(engines, 0.07)] == [20, 21]
+    assert [len(r.held) for r in picker.replicas] == [0, 0, 1]  # replica 2 had no point
+
+
 def _replicated(shared: str) -> tuple[object, list[SimEngine]]:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
 

@@ -436,7 +436,8 @@ class ReplicatedPicker:
             self.scrape_interval_s /= replicas
         self._scrapes = 0
         self._due: set[int] = set()  # replicas at a release point since the last release
-        self._sent: list[list[SimRequest]] = [[] for _ in self.replicas]  # unfinished, each's
+        # Each replica's dispatches not ended yet (an end is that replica's release point).
+        self._sent: list[list[SimRequest]] = [[] for _ in self.replicas]
 
     def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
         for replica in self.replicas:

@@ -436,7 +436,8 @@ class ReplicatedPicker:
             self.scrape_interval_s /= replicas
         self._scrapes = 0
         self._due: set[int] = set()  # replicas at a release point since the last release
-        # Each replica's dispatches not ended yet (an end is that replica's release point).
+        # Run as processes: each replica's dispatches not ended yet (an end is its release
+        # point).
         self._sent: list[list[SimRequest]] = [[] for _ in self.replicas]
 
     def observe(self, engine: int, events: list[dict[str, Any]]) -> None:
@@ -483,11 +484,12 @@ class ReplicatedPicker:
         completions and scrapes; none of them is always first to see the room). Run as
         processes (``delay_s`` set), only the replicas at a release point of their own."""
         self._deliver(engines, now)
-        for turn, sent in enumerate(self._sent):
-            unfinished = [request for request in sent if request.done_s is None]
-            if len(unfinished) < len(sent):  # a request it dispatched ended
-                self._due.add(turn)
-                self._sent[turn] = unfinished
+        if self.as_processes:
+            for turn, sent in enumerate(self._sent):
+                unfinished = [request for request in sent if request.done_s is None]
+                if len(unfinished) < len(sent):  # a request it dispatched ended
+                    self._due.add(turn)
+                    self._sent[turn] = unfinished
         due, self._due = self._due, set()
         count = len(self.replicas)
         first, self._release_turn = self._release_turn, (self._release_turn + 1) % count
@@ -498,14 +500,16 @@ class ReplicatedPicker:
             replica = self.replicas[k]
             for request, index in replica.release(engines, now):
                 self._share(replica, index, request, engines, now)
-                self._sent[k].append(request)
+                if self.as_processes:
+                    self._sent[k].append(request)
                 yield request, index
 
     def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
         self._deliver(engines, request.arrival_s)
         chooser = self._chooser()
         index = chooser.pick(request, engines)
-        self._sent[self.replicas.index(chooser)].append(request)
+        if self.as_processes:
+            self._sent[self.replicas.index(chooser)].append(request)
         self._share(chooser, index, request, engines, request.arrival_s)
         return index
 

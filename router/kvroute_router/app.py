@@ -200,6 +200,8 @@ class Router:
                 self.metrics.registry)
             self.director.add_dispatch_listener(self.replica_sync.on_dispatch)
             self.director.add_answering_listener(self.replica_sync.on_answering)
+            if self.budget_hook is not None:  # each replica releases its share of the room
+                self.budget_hook.replicas = self.replica_sync.replicas
         self._runtime_collector: RuntimeCollector | None = None
         self.probes = RuntimeProbes(self.metrics, settings.loop_lag_probe_s)
         self._runners: list[web.AppRunner] = []

@@ -206,12 +206,13 @@ class RouterPicker:
                 now: float) -> Iterator[tuple[SimRequest, int]]:
         """The queued requests the router lets go at ``now``, first come first served, each
         with its engine (chosen when the caller has sent the one before): as many as the
-        engines have room for below saturation when it is called (``release_waiting``)."""
+        engines have room for below saturation when it is called, a replica its share of it
+        (``release_waiting``, ``release_room``)."""
         if not self.held or self.admission is None:
             return
         self.now = now
         self._sync(engines)
-        for _ in range(min(self.admission.room(len(self.held)), len(self.held))):
+        for _ in range(self.admission.release_room(len(self.held))):
             request = self.held.popleft()
             yield request, self.pick(request, engines, now)
 
@@ -378,7 +379,9 @@ class ReplicatedPicker:
     replica sees every engine's KV events and takes its own metrics scrapes (all at the same
     instants here), but knows only its own dispatches — its pending-block marks and its
     ``dispatched_since_scrape`` counts — until the engines' events and the next scrape show
-    the others'.
+    the others'. ``make(i)`` builds replica ``i``; each draws its tie-breaks from its own
+    seeded stream, as router processes do (replicas drawing one stream pick the same engine
+    among equals at their k-th decisions).
 
     ``shared`` is what replica coordination shares, each dispatch made known to every replica
     at once (replica sync): ``"pending"`` marks the request's blocks pending on the chosen
@@ -412,10 +415,11 @@ class ReplicatedPicker:
     With the admission queue (the replicas' default), each replica queues the arrivals the
     balancer hands it while it finds every engine saturated, and lets them go as it finds
     room, as three router processes each with its own ``AdmissionController`` do: nothing of
-    a queue is shared, only (``shared``) the dispatches it releases.
+    a queue is shared, only (``shared``) the dispatches it releases; with ``shared`` (replica
+    sync, which counts the replicas) each lets go ``1/replicas`` of the room it finds.
     """
 
-    def __init__(self, make: Callable[[], RouterPicker], replicas: int,
+    def __init__(self, make: Callable[[int], RouterPicker], replicas: int,
                  shared: str = "", delay_s: float | None = None) -> None:
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
@@ -423,7 +427,11 @@ class ReplicatedPicker:
             raise ValueError(f"shared must be one of {SHARED_STATE}")
         if delay_s is not None and delay_s < 0:
             raise ValueError("delay_s must be >= 0")
-        self.replicas = [make() for _ in range(replicas)]
+        self.replicas = [make(index) for index in range(replicas)]
+        if shared:  # replica sync counts the replicas: each releases its share of the room
+            for replica in self.replicas:
+                if replica.admission is not None:
+                    replica.admission.replicas = lambda: replicas
         self.scrape_interval_s = self.replicas[0].scrape_interval_s
         self.shared = shared
         self._next = 0

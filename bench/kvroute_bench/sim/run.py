@@ -149,17 +149,20 @@ def split_sync_delay(name: str) -> tuple[str, float | None]:
 
 
 def make_picker(name: str, block_size: int,
-                trace: Sequence[TraceRequest] = (), scheduling_policy: str = "fcfs") -> Picker:
+                trace: Sequence[TraceRequest] = (), scheduling_policy: str = "fcfs",
+                seed: int = 0) -> Picker:
     """The picker ``name`` (``trace``: the requests, for ``group-affinity``'s groups;
     ``scheduling_policy``: the engines', a kvroute picker sets priorities under
-    ``priority``)."""
+    ``priority``; ``seed``: a kvroute picker's tie-break stream — replica ``i`` of a
+    replicated picker draws from stream ``i``)."""
     name, delay_s = split_sync_delay(name)
     name, replicas, shared = split_replicas(name)
     if replicas > 1 or shared:
         from kvroute_bench.sim.router_picker import ReplicatedPicker, RouterPicker
 
-        def one() -> RouterPicker:
-            picker = make_picker(name, block_size, scheduling_policy=scheduling_policy)
+        def one(index: int) -> RouterPicker:
+            picker = make_picker(name, block_size, scheduling_policy=scheduling_policy,
+                                 seed=index)
             assert isinstance(picker, RouterPicker)
             return picker
 
@@ -177,7 +180,7 @@ def make_picker(name: str, block_size: int,
     return RouterPicker(spec["scoring"], block_size=block_size,
                         scrape_interval_s=scrape_interval_s,
                         precise=not needs_block_hashes(base), admission=spec["admission"],
-                        engine_priority=scheduling_policy == "priority",
+                        engine_priority=scheduling_policy == "priority", seed=seed,
                         eviction_forecast=spec.get("eviction_forecast",
                                                    KVEventsSpec().eviction_forecast))
 

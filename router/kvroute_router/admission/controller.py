@@ -19,6 +19,14 @@ metrics refreshes, and one that found every endpoint saturated let nothing go, s
 completion left the engines one request short for good. Past saturation on 16 emulated engines
 it held the engines' queues at half the threshold and cut throughput to 0.4x
 (docs/benchmarks/emulated-fleet.md, round 33).
+
+*Decision (round 38):* with router replicas (``replicas``, from replica sync: the replicas heard
+from lately), a replica releases its share of that room, ``ceil(room / replicas)``: every
+replica judges the room on its own view of the engines, which shows the others' releases only
+once their dispatch records arrive, and each let go the whole room. In the simulator (three
+replicas as router processes, 1 ms sync, 16 pods past saturation, six seeds) the share cut
+TTFT p90 by 4 % and p99 by 7 % on average (p99 lower on every seed), a third of the replicas'
+loss against one router; below saturation nothing changes (the queue stays empty).
 """
 
 from __future__ import annotations
@@ -62,11 +70,15 @@ class AdmissionController:
 
     def __init__(self, policy: str, spec: AdmissionSpec,
                  load: Callable[[], Iterable[EndpointLoad]], *,
-                 metrics: BudgetMetrics | None = None) -> None:
+                 metrics: BudgetMetrics | None = None,
+                 replicas: Callable[[], int] | None = None) -> None:
         self.policy = policy
         self.spec = spec
         self.load = load
         self.metrics = metrics
+        self.replicas = replicas
+        """The router replicas sharing the engines, this one included (replica sync's
+        :meth:`~kvroute_router.replicasync.sync.ReplicaSync.replicas`); None: one."""
         self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
         self._sequence = itertools.count()
         self._in_transit = 0
@@ -106,6 +118,14 @@ class AdmissionController:
                 if room >= enough:
                     return room
         return room if seen else enough
+
+    def release_room(self, enough: int) -> int:
+        """How many queued requests this replica may have let go, up to ``enough``: its share
+        of the :meth:`room`, ``ceil(room / replicas)`` (the whole room with one replica)."""
+        replicas = max(1, self.replicas()) if self.replicas is not None else 1
+        if replicas == 1:
+            return min(enough, self.room(enough))
+        return min(enough, math.ceil(self.room(replicas * enough) / replicas))
 
     async def admit(self, priority: Priority) -> ApiError | None:
         """None when the request may go on (at once or after queueing); a 429 otherwise."""
@@ -184,7 +204,7 @@ class AdmissionController:
         were released."""
         if not self._waiting:
             return 0
-        free = self.room(self._in_transit + len(self._waiting)) - self._in_transit
+        free = self.release_room(self._in_transit + len(self._waiting)) - self._in_transit
         released = 0
         while self._waiting and released < free:
             _, _, future = heapq.heappop(self._waiting)

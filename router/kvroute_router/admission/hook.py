@@ -49,7 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvroute_api.route_policy import BudgetSpec, RoutePolicy, RoutePolicySpec
@@ -120,6 +120,9 @@ class BudgetHook:
         self.robust_kappa = robust_kappa
         self.refresh_interval_s = refresh_interval_s
         self.gauge_interval_s = gauge_interval_s
+        self.replicas: Callable[[], int] | None = None
+        """The router replicas sharing the engines (replica sync's count), for each policy's
+        admission queue; set before the first request, None: one."""
         self._policies: dict[str, _Policy] = {}
         self._implicit: dict[str, _Policy] = {}
         """Default policies of directly reachable served names, by ``implicit/<model>``."""
@@ -181,7 +184,7 @@ class BudgetHook:
         state = _Policy(
             name=name, key=key, policy=policy,
             controller=AdmissionController(key, spec.admission, lambda: self._load(key),
-                                           metrics=self.metrics),
+                                           metrics=self.metrics, replicas=self.replicas),
             batcher=BatchRouter(key, spec.batching, self.estimator,
                                 lambda: self._batch_pools(key), self.ledger,
                                 robust_kappa=self.robust_kappa, metrics=self.metrics))

@@ -52,6 +52,7 @@ import logging
 import math
 import os
 from collections import deque
+from time import monotonic
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -94,6 +95,14 @@ REMOTE_BACKLOG_TTL_S = 30.0
 answered record (lost with a Redis outage, or its replica stopped): longer than any prefill
 waits in a queue that is still serving, short enough that a lost record misleads the
 ``prefill-cost`` scorer only briefly."""
+PEER_WINDOW_S = 10.0
+"""Another replica counts as routing (:meth:`ReplicaSync.replicas`) while a message of its
+arrived in the last this many seconds: an idle replica sends nothing, and a replica with no
+traffic has no queue to share."""
+MAX_REPLICAS = 64
+""":meth:`ReplicaSync.replicas` says at most this many: a flood of forged sender ids (only
+possible with write access to the trusted Redis) can shrink each replica's share of the room
+to 1/64, never to nothing."""
 
 
 class ReplicaSyncMetrics:
@@ -130,6 +139,12 @@ class ReplicaSyncMetrics:
             "kvroute_replica_sync_connected",
             "1 while this replica is subscribed to the replica-sync channel.",
             registry=registry)
+        self.replicas = Gauge(
+            "kvroute_replica_sync_replicas",
+            "Router replicas routing now, this one included: those heard from on the channel "
+            "in the last 10 s. Each releases this share of the room from its admission queue.",
+            registry=registry)
+        self.replicas.set(1)
 
 
 class ReplicaSync:
@@ -163,6 +178,20 @@ class ReplicaSync:
         """This replica's dispatches with a backlog: (id(decision), endpoint) -> dispatch id,
         until the attempt answers (:meth:`on_answering`)."""
         self._next_id = 0
+        self._heard: dict[bytes, float] = {}
+        """Other replicas by sender id -> when a message of theirs last arrived (monotonic)."""
+
+    def replicas(self) -> int:
+        """The router replicas routing now, this one included: 1 + the senders heard from in
+        the last :data:`PEER_WINDOW_S` (at most :data:`MAX_REPLICAS`). Each replica's admission
+        queue releases this share of the room it sees
+        (:meth:`~kvroute_router.admission.controller.AdmissionController.release_room`)."""
+        horizon = monotonic() - PEER_WINDOW_S
+        for sender in [s for s, at in self._heard.items() if at < horizon]:
+            del self._heard[sender]
+        count = min(MAX_REPLICAS, 1 + len(self._heard))
+        self.metrics.replicas.set(count)
+        return count
 
     @classmethod
     def from_url(cls, url: str, datastore: Datastore, services: SharedServices,
@@ -275,6 +304,8 @@ class ReplicaSync:
             return
         if sender == self.sender_id:
             return
+        if sender in self._heard or len(self._heard) < MAX_REPLICAS:
+            self._heard[sender] = monotonic()
         for record in records:
             self.metrics.received.labels(self.apply(record, sender)).inc()
 

@@ -194,6 +194,33 @@ async def test_a_release_lets_go_as_many_as_the_endpoints_have_room_for() -> Non
     await asyncio.gather(*waiters, return_exceptions=True)
 
 
+async def test_a_replica_lets_go_its_share_of_the_room() -> None:
+    """With three router replicas (replica sync's count) each judging the room on its own view
+    of the engines, each lets go a third of it, rounded up: 7 places -> 3, then 1 place -> 1
+    (never nothing while there is room). Letting go the whole room made the three send three
+    times what the engines had room for before their dispatch records arrived."""
+    load = Load()
+    load.saturate()
+    replicas = [3]
+    controller = AdmissionController("chat", AdmissionSpec.model_validate(
+        {"maxQueueDepth": 10, "queueTimeoutMs": 60_000, "saturationQueueDepth": 4}), load,
+        replicas=lambda: replicas[0])
+    waiters = [asyncio.create_task(controller.admit(controller.priority_of({})))
+               for _ in range(8)]
+    await _settle()
+    load.endpoints = [EndpointLoad(0, 0.2), EndpointLoad(1, 0.2), EndpointLoad(4, 0.2)]
+    assert controller.release_room(8) == 3 and controller.release_waiting() == 3
+    await _settle()
+    load.endpoints = [EndpointLoad(3, 0.2), EndpointLoad(4, 0.2)]
+    assert controller.release_waiting() == 1
+    await _settle()
+    replicas[0] = 1  # the others stopped: the whole room again
+    load.endpoints = [EndpointLoad(0, 0.2), EndpointLoad(2, 0.2)]
+    assert controller.release_waiting() == 4
+    assert controller.queue_depth == 0
+    await asyncio.gather(*waiters)
+
+
 async def test_released_waiters_hold_their_room_until_they_resume() -> None:
     """A released request is not in the load until it is routed: until its waiter resumes it
     takes one place, so neither a second release nor a new arrival takes the same room."""

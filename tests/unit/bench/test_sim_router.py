@@ -4,6 +4,7 @@ staleness, and the run-time picker names."""
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from kvroute_bench.sim.fleet import SimResult, simulate, to_sim_requests
@@ -13,6 +14,7 @@ from kvroute_bench.workloads import ChatParams, generate
 from kvroute_emulator.model.engine import SimEngine, SimRequest
 from kvroute_emulator.model.profile import CostProfile, cpu_test_engine
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher
+from kvroute_router.plugins.max_score import MaxScorePicker
 
 PROFILE = CostProfile(name="test", prefill_s_per_token=0.001, step_base_s=0.01,
                       decode_step_s_by_batch={1: 0.01, 8: 0.02}, max_num_seqs=4,
@@ -203,6 +205,23 @@ def test_replicated_picker_names() -> None:
             make_picker(bad, 32)
 
 
+def test_replicas_draw_their_own_tie_breaks() -> None:
+    """Router processes seed their tie-breaks apart: replicas drawing one stream would pick
+    the same engine among equals at their k-th decisions, a herd no real fleet has."""
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+
+    picker = make_picker("kvroute-precise-cost@100/x3shared~1", 32)
+    assert isinstance(picker, ReplicatedPicker)
+    pickers = [replica.profile.picker for replica in picker.replicas]
+    assert all(isinstance(p, MaxScorePicker) for p in pickers)
+    draws = [tuple(p.rng.random() for _ in range(4))
+             for p in pickers if isinstance(p, MaxScorePicker)]
+    assert len(set(draws)) == len(draws)
+    one = make_picker("kvroute-precise-cost@100", 32)  # one router: stream 0, as before
+    assert isinstance(one, RouterPicker) and isinstance(one.profile.picker, MaxScorePicker)
+    assert one.profile.picker.rng.random() == random.Random(0).random()
+
+
 def test_sync_delay_names() -> None:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
     from kvroute_bench.sim.run import split_sync_delay
@@ -225,8 +244,9 @@ def test_sync_delay_names() -> None:
 def _as_processes(delay_s: float) -> tuple[object, list[SimEngine]]:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
 
-    picker = ReplicatedPicker(lambda: RouterPicker(PRECISE, block_size=PROFILE.block_size,
-                                                   scrape_interval_s=0.09, precise=True),
+    picker = ReplicatedPicker(lambda seed: RouterPicker(PRECISE, block_size=PROFILE.block_size,
+                                                        scrape_interval_s=0.09, precise=True,
+                                                        seed=seed),
                               3, "all", delay_s)
     engines = [SimEngine(i, PROFILE) for i in range(4)]
     for _ in range(3):  # one replica per scrape
@@ -281,8 +301,9 @@ def test_replicas_as_processes_scrape_in_turn_and_release_at_their_own_points() 
 def _replicated(shared: str) -> tuple[object, list[SimEngine]]:
     from kvroute_bench.sim.router_picker import ReplicatedPicker
 
-    picker = ReplicatedPicker(lambda: RouterPicker(PRECISE, block_size=PROFILE.block_size,
-                                                   scrape_interval_s=0.1, precise=True),
+    picker = ReplicatedPicker(lambda seed: RouterPicker(PRECISE, block_size=PROFILE.block_size,
+                                                        scrape_interval_s=0.1, precise=True,
+                                                        seed=seed),
                               3, shared)
     engines = [SimEngine(i, PROFILE) for i in range(4)]
     picker.scrape(engines, 0.0)
@@ -501,8 +522,9 @@ def test_synced_replicas_rank_a_follower_after_the_leader_another_replica_sent()
     from kvroute_bench.sim.router_picker import ReplicatedPicker
 
     scoring = {**PRECISE, "prefillPriorityMsPerToken": 2.0}
-    picker = ReplicatedPicker(lambda: RouterPicker(scoring, block_size=PROFILE.block_size,
-                                                   precise=True, engine_priority=True),
+    picker = ReplicatedPicker(lambda seed: RouterPicker(scoring, block_size=PROFILE.block_size,
+                                                        precise=True, engine_priority=True,
+                                                        seed=seed),
                               2, "pending")
     engine = SimEngine(0, PROFILE, scheduling_policy="priority")
     leader = sim_request(1, "another context " * 10 + "question", at=5.0)
@@ -587,13 +609,16 @@ def test_each_replica_queues_its_own_arrivals_and_releases_what_it_finds_room_fo
     for shared in ("", "all"):
         deepest.clear()
         held.clear()
-        picker = ReplicatedPicker(lambda: RouterPicker(
+        picker = ReplicatedPicker(lambda seed: RouterPicker(
             {"scorers": [{"type": "queue-depth", "weight": 1.0}]},
             block_size=profile.block_size, scrape_interval_s=0.1,
-            admission={"saturationQueueDepth": 2}), 3, shared)
+            admission={"saturationQueueDepth": 2}, seed=seed), 3, shared)
         result = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True),
                           pods=2, profile=profile, picker=picker)
         assert result.unfinished == 0 and not any(r.held for r in picker.replicas)
         assert held == {id(r) for r in picker.replicas}
+        # replica sync counts the replicas; each lets go its share of the room
+        assert {r.admission.replicas() if r.admission and r.admission.replicas else 1
+                for r in picker.replicas} == {3 if shared else 1}
         queue_depth[shared] = max(deepest)
     assert queue_depth[""] >= 3 * 2 and queue_depth["all"] <= 2 + 1

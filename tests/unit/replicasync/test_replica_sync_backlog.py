@@ -77,3 +77,24 @@ async def test_records_for_unknown_endpoints_count_nowhere() -> None:
     ghost = DispatchRecord(first.pool, "not-in-the-pool", (), dispatch_id=1, tokens=10**9)
     sync.receive(encode(A, [ghost]))
     assert (first.prefill_backlog, second.prefill_backlog, _gauge(registry)) == (0, 0, 0)
+
+
+async def test_the_replicas_heard_from_lately_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """replicas(): this one plus every other sender heard from in the last PEER_WINDOW_S (its
+    own messages, echoed by the channel, do not count); the admission queue releases this
+    share of the room, and kvroute_replica_sync_replicas shows it."""
+    sync, first, _, registry = _replica()
+    now = [1000.0]
+    monkeypatch.setattr(sync_module, "monotonic", lambda: now[0])
+    assert sync.replicas() == 1
+    sync.receive(encode(A, [_dispatch(first, 1, 10)]))
+    sync.receive(encode(sync.sender_id, [_dispatch(first, 2, 10)]))
+    now[0] += 6.0
+    sync.receive(encode(B, [_dispatch(first, 3, 10)]))
+    assert sync.replicas() == 3
+    assert registry.get_sample_value("kvroute_replica_sync_replicas") == 3
+    now[0] += sync_module.PEER_WINDOW_S - 5.0  # A quiet for 11 s, B for 5 s
+    assert sync.replicas() == 2
+    for k in range(sync_module.MAX_REPLICAS + 5):  # forged senders: bounded
+        sync.receive(encode(bytes([k % 256, k // 256]) * 8, [_dispatch(first, 4, 1)]))
+    assert sync.replicas() == sync_module.MAX_REPLICAS

@@ -249,6 +249,7 @@ async def test_a_dispatch_counts_in_the_other_replicas_prefill_backlog_until_it_
             await eventually(lambda: backlogs(b) == {engine: math.ceil(tokens)},
                              "B counts A's dispatch in the engine's backlog")
             assert sample(b, "kvroute_replica_sync_remote_backlog_tokens") == math.ceil(tokens)
+            assert sample(b, "kvroute_replica_sync_replicas") == 2  # B heard from A
             tasks.append(asyncio.create_task(complete(s, url_b, context(9))))
             await dispatched(b, 1)
             assert engine not in busy(b)

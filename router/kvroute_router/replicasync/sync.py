@@ -306,6 +306,7 @@ class ReplicaSync:
             return
         if sender in self._heard or len(self._heard) < MAX_REPLICAS:
             self._heard[sender] = monotonic()
+        self.replicas()  # the gauge follows replicas joining and leaving
         for record in records:
             self.metrics.received.labels(self.apply(record, sender)).inc()
 
@@ -404,6 +405,8 @@ class ReplicaSync:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None:
                         self.receive(message.get("data"))
+                    else:  # a quiet second: replicas that stopped leave the count
+                        self.replicas()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # redis.RedisError, OSError: Redis is away

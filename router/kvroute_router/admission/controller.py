@@ -25,8 +25,9 @@ from lately), a replica releases its share of that room, ``ceil(room / replicas)
 replica judges the room on its own view of the engines, which shows the others' releases only
 once their dispatch records arrive, and each let go the whole room. In the simulator (three
 replicas as router processes, 1 ms sync, 16 pods past saturation, six seeds) the share cut
-TTFT p90 by 4 % and p99 by 7 % on average (p99 lower on every seed), a third of the replicas'
-loss against one router; below saturation nothing changes (the queue stays empty).
+TTFT p90 by 4 % and p99 by 6.5 % on average (p99 lower on five seeds, level on the sixth), a
+third of the replicas' loss against one router; below saturation nothing changes (the queue
+stays empty).
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@ queued after it, as one routed by the same replica is. And the prompt tokens a d
 the endpoint to compute (what it added to the sender's ``Endpoint.prefill_backlog``, the
 ``prefill-cost`` scorer's load) are added to the receiver's too, under the sender's dispatch id,
 until the answered record or :data:`REMOTE_BACKLOG_TTL_S`: each replica weighs the fleet's
-prefill queue, not a third of it.
+prefill queue, not a third of it. The senders heard in the last :data:`PEER_WINDOW_S` are the
+replica count (:meth:`ReplicaSync.replicas`), whose share of the room each replica's admission
+queue lets go.
 
 Trust: the channel is written by router replicas only; Redis is the trusted hop (the operator's
 own Redis, reachable by the routers alone — docs/security.md, "Replica sync"). Still, a record

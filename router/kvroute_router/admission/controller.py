@@ -124,8 +124,6 @@ class AdmissionController:
         """How many queued requests this replica may have let go, up to ``enough``: its share
         of the :meth:`room`, ``ceil(room / replicas)`` (the whole room with one replica)."""
         replicas = max(1, self.replicas()) if self.replicas is not None else 1
-        if replicas == 1:
-            return min(enough, self.room(enough))
         return min(enough, math.ceil(self.room(replicas * enough) / replicas))
 
     async def admit(self, priority: Priority) -> ApiError | None:

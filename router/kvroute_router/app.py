@@ -200,8 +200,12 @@ class Router:
                 self.metrics.registry)
             self.director.add_dispatch_listener(self.replica_sync.on_dispatch)
             self.director.add_answering_listener(self.replica_sync.on_answering)
-            if self.budget_hook is not None:  # each replica releases its share of the room
+            if self.budget_hook is not None:  # each replica releases its share of the room,
+                # its own waiters among the fleet's oldest
                 self.budget_hook.replicas = self.replica_sync.replicas
+                self.budget_hook.peers_waiting = self.replica_sync.peers_waiting
+                self.budget_hook.waiting_changed = self.replica_sync.on_waiting_changed
+                self.replica_sync.waiting = self.budget_hook.waiting
         self._runtime_collector: RuntimeCollector | None = None
         self.probes = RuntimeProbes(self.metrics, settings.loop_lag_probe_s)
         self._runners: list[web.AppRunner] = []

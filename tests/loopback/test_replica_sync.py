@@ -375,3 +375,32 @@ async def test_without_redis_the_replica_routes_alone_and_says_so(
         assert sum(ep.in_flight for ep in b.datastore.endpoints()) == 0
 
 
+
+
+async def test_a_replicas_waiters_reach_the_other_over_redis(redis_url: str) -> None:
+    """The waiting report over a real Redis: B learns which requests wait in A's admission
+    queue (its own queue then lets go only its own among the fleet's oldest), and that nothing
+    waits there any more once A's queue empties."""
+    from kvroute_router.datastore.store import Datastore
+    from kvroute_router.framework.registry import SharedServices
+    from kvroute_router.replicasync.sync import ReplicaSync
+    from prometheus_client import CollectorRegistry
+
+    a, b = (ReplicaSync.from_url(redis_url, Datastore(), SharedServices(), CollectorRegistry())
+            for _ in range(2))
+    queue = {"default/chat": [(0, 1_700_000_000_000), (0, 1_700_000_000_005)]}
+    a.waiting = lambda limit: {k: v[:limit] for k, v in queue.items() if v}
+    await a.start()
+    await b.start()
+    try:
+        await eventually(lambda: b.metrics.connected._value.get() == 1, "B subscribed")
+        a.on_waiting_changed()
+        await eventually(lambda: b.peers_waiting("default/chat") == queue["default/chat"],
+                         "B knows A's waiters")
+        queue["default/chat"] = []
+        a.on_waiting_changed()
+        await eventually(lambda: b.peers_waiting("default/chat") == [], "A's queue emptied")
+        assert b.replicas() == 2
+    finally:
+        await a.stop()
+        await b.stop()

@@ -50,11 +50,12 @@ import math
 import random
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import Any, NamedTuple
 
 from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 from kvroute_emulator.model.engine import SimEngine, SimRequest
-from kvroute_router.admission.controller import AdmissionController, EndpointLoad
+from kvroute_router.admission.controller import AdmissionController, EndpointLoad, WaitingKey
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics, PrefillInFlight
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
@@ -63,6 +64,7 @@ from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.builtin import register_builtin_plugins
 from kvroute_router.plugins.max_score import MaxScorePicker
 from kvroute_router.plugins.prefix_precise import STATE_MATCH
+from kvroute_router.replicasync.wire import MAX_WAITERS
 
 POOL_KEY = "sim/pool"
 
@@ -212,9 +214,15 @@ class RouterPicker:
             return
         self.now = now
         self._sync(engines)
-        for _ in range(self.admission.release_room(len(self.held))):
+        for _ in range(self.admission.release_count(len(self.held), self.waiting_keys,
+                                                    now_ms=now * 1000)):
             request = self.held.popleft()
             yield request, self.pick(request, engines, now)
+
+    def waiting_keys(self, limit: int) -> list[WaitingKey]:
+        """The first ``limit`` queued requests' order keys (one priority class; arrival ms),
+        as the router's ``AdmissionController.waiting_keys``."""
+        return [(0, round(request.arrival_s * 1000)) for request in islice(self.held, limit)]
 
     def pick(self, request: SimRequest, engines: Sequence[SimEngine],
              now: float | None = None) -> int:
@@ -428,16 +436,24 @@ class ReplicatedPicker:
         if delay_s is not None and delay_s < 0:
             raise ValueError("delay_s must be >= 0")
         self.replicas = [make(index) for index in range(replicas)]
-        if shared:  # replica sync counts the replicas: each releases its share of the room
-            for replica in self.replicas:
+        self._now = 0.0
+        self._reports: list[deque[tuple[float, list[WaitingKey]]]] = [
+            deque([(-math.inf, [])]) for _ in self.replicas]
+        """Each replica's waiting reports (when, its first waiters' keys), oldest first."""
+        if shared:  # replica sync counts the replicas and reports their queues: each releases
+            # its share of the room, its own among the fleet's oldest waiters
+            for k, replica in enumerate(self.replicas):
                 if replica.admission is not None:
                     replica.admission.replicas = lambda: replicas
+                    replica.admission.peers_waiting = (
+                        lambda k=k: self._peers_waiting(k))
         self.scrape_interval_s = self.replicas[0].scrape_interval_s
         self.shared = shared
         self._next = 0
         self._arriving: RouterPicker | None = None
         self._release_turn = 0
         self.delay_s = delay_s or 0.0
+        self._report_delay_s = self.delay_s
         self.as_processes = delay_s is not None
         self._in_transit: deque[_Shared] = deque()  # in order of dispatch, so of arrival
         if self.as_processes:  # one replica scrapes per tick, each at its own phase
@@ -480,6 +496,7 @@ class ReplicatedPicker:
         chooser = self._chooser()
         self._due.add(self.replicas.index(chooser))
         if chooser.hold(request, engines):
+            self._report(self.replicas.index(chooser), request.arrival_s)
             return True
         self._arriving = chooser  # the pick that follows is this replica's
         return False
@@ -506,11 +523,36 @@ class ReplicatedPicker:
             if self.as_processes and k not in due:
                 continue
             replica = self.replicas[k]
+            self._now = now
+            released = False
             for request, index in replica.release(engines, now):
+                released = True
                 self._share(replica, index, request, engines, now)
                 if self.as_processes:
                     self._sent[k].append(request)
                 yield request, index
+            if released:
+                self._report(k, now)
+
+    def _report(self, k: int, now: float) -> None:
+        """Replica ``k``'s queue changed at ``now``: its waiting report (replica sync sends
+        one per change), which the others read ``delay_s`` later."""
+        if self.shared:
+            self._reports[k].append((now, self.replicas[k].waiting_keys(MAX_WAITERS)))
+
+    def _peers_waiting(self, k: int) -> list[WaitingKey]:
+        """The other replicas' waiters as replica ``k`` knows them: each one's latest report
+        sent at least ``delay_s`` before now."""
+        horizon = self._now - self._report_delay_s
+        keys: list[WaitingKey] = []
+        for j, reports in enumerate(self._reports):
+            if j == k:
+                continue
+            while len(reports) > 1 and reports[1][0] <= horizon:
+                reports.popleft()
+            if reports[0][0] <= horizon:
+                keys += reports[0][1]
+        return keys
 
     def pick(self, request: SimRequest, engines: Sequence[SimEngine]) -> int:
         self._deliver(engines, request.arrival_s)

@@ -28,6 +28,16 @@ replicas as router processes, 1 ms sync, 16 pods past saturation, six seeds) the
 TTFT p90 by 4 % and p99 by 6.5 % on average (p99 lower on five seeds, level on the sixth), a
 third of the replicas' loss against one router; below saturation nothing changes (the queue
 stays empty).
+
+*Decision (round 39):* with the other replicas' queues known (``peers_waiting``, each
+replica's waiters' order keys over replica sync), the share goes to the fleet's oldest
+waiters: a replica lets go only its own waiters among the first ``ceil(room / replicas)`` of
+all the replicas' queues merged by (priority, arrival), and leaves the rest to the replicas that
+hold them. Each replica's own first-come-first-served order had let a replica with younger
+waiters release them while another's older ones waited. In the simulator (same set-up, six
+seeds, 1 ms of sync) TTFT p90 -3.6 % and p99 -6.8 % on average, p99 lower on every seed.
+The deference is bounded: a waiter that has waited half the ``queueTimeoutMs`` counts as first
+whatever the others report, so forged or stale reports delay a replica's queue, never stop it.
 """
 
 from __future__ import annotations
@@ -36,7 +46,8 @@ import asyncio
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvroute_api.route_policy import AdmissionSpec
@@ -46,6 +57,9 @@ from kvroute_router.budget.metrics import BudgetMetrics, policy_labels
 from kvroute_router.framework.saturation import Saturation
 
 PRIORITY_HEADER = "x-kvroute-priority"
+
+WaitingKey = tuple[int, int]
+"""A waiter's place in the fleet's order: (-priority, arrival in Unix ms); smaller goes first."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,9 @@ class AdmissionController:
     def __init__(self, policy: str, spec: AdmissionSpec,
                  load: Callable[[], Iterable[EndpointLoad]], *,
                  metrics: BudgetMetrics | None = None,
-                 replicas: Callable[[], int] | None = None) -> None:
+                 replicas: Callable[[], int] | None = None,
+                 peers_waiting: Callable[[], Sequence[WaitingKey]] | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self.policy = policy
         self.spec = spec
         self.load = load
@@ -80,7 +96,13 @@ class AdmissionController:
         self.replicas = replicas
         """The router replicas sharing the engines, this one included (replica sync's
         :meth:`~kvroute_router.replicasync.sync.ReplicaSync.replicas`); None: one."""
-        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self.peers_waiting = peers_waiting
+        """The other replicas' waiters for this policy (their order keys, any order), as
+        replica sync last heard them; None: none known."""
+        self.on_change = on_change
+        """Called when this queue's waiters change (replica sync reports them)."""
+        self._waiting: list[tuple[int, int, int, asyncio.Future[None]]] = []
+        """The waiters' heap: (-priority, sequence, arrival Unix ms, future)."""
         self._sequence = itertools.count()
         self._in_transit = 0
         """Waiters released that have not resumed yet: their requests are not in the load."""
@@ -143,7 +165,7 @@ class AdmissionController:
                 message=f"admission queue is full ({self.spec.max_queue_depth} waiting; "
                         "RoutePolicy spec.admission.maxQueueDepth)", retry_after_s=1.0))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (-priority.value, next(self._sequence), future)
+        entry = (-priority.value, next(self._sequence), int(time.time() * 1000), future)
         heapq.heappush(self._waiting, entry)
         self._set_depth()
         self.release_waiting()
@@ -178,10 +200,10 @@ class AdmissionController:
         reserved first), or it left."""
         self._in_transit = max(0, self._in_transit - 1)
 
-    def _leave(self, entry: tuple[int, int, asyncio.Future[None]]) -> None:
+    def _leave(self, entry: tuple[int, int, int, asyncio.Future[None]]) -> None:
         """Take a waiter out of the queue; when it had already been released, release the next
         one in its place (a slot must never go to a waiter that is gone)."""
-        future = entry[2]
+        future = entry[3]
         released = future.done() and not future.cancelled()
         if released:
             self._resumed()
@@ -203,10 +225,10 @@ class AdmissionController:
         were released."""
         if not self._waiting:
             return 0
-        free = self.release_room(self._in_transit + len(self._waiting)) - self._in_transit
+        free = self.release_count(len(self._waiting), self.waiting_keys, self._in_transit)
         released = 0
         while self._waiting and released < free:
-            _, _, future = heapq.heappop(self._waiting)
+            _, _, _, future = heapq.heappop(self._waiting)
             if not future.done():  # a cancelled waiter's future is done: skipped
                 future.set_result(None)
                 released += 1
@@ -214,11 +236,37 @@ class AdmissionController:
         self._set_depth()
         return released
 
+    def release_count(self, queued: int, mine: Callable[[int], Sequence[WaitingKey]],
+                      in_transit: int = 0, now_ms: float | None = None) -> int:
+        """How many of this replica's ``queued`` waiters to let go now: its share of the room
+        (:meth:`release_room`, counted over every replica's waiters) less ``in_transit``; with
+        the other replicas' waiters known (``peers_waiting``), only as many as it holds among
+        the fleet's first that many by (priority, arrival) or that have waited half the
+        ``queueTimeoutMs`` (the deference is bounded). ``mine(n)``: this replica's first ``n``
+        waiters' keys in the order they go."""
+        peers = self.peers_waiting() if self.peers_waiting is not None else ()
+        free = min(queued, self.release_room(in_transit + queued + len(peers)) - in_transit)
+        if free <= 0 or not peers:
+            return max(0, free)
+        first = mine(free)
+        cut = heapq.nsmallest(free, itertools.chain(first, peers))[-1]
+        now = time.time() * 1000 if now_ms is None else now_ms
+        overdue = now - self.spec.queue_timeout_ms / 2
+        return sum(1 for key in first if key <= cut or key[1] <= overdue)
+
+    def waiting_keys(self, limit: int) -> list[WaitingKey]:
+        """This queue's first ``limit`` waiters' order keys, in the order they go."""
+        if limit >= len(self._waiting):
+            return [(entry[0], entry[2]) for entry in sorted(self._waiting)]
+        return [(entry[0], entry[2]) for entry in heapq.nsmallest(limit, self._waiting)]
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 
     def _set_depth(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
         if self.metrics is not None:
             self.metrics.queue_depth.labels(*policy_labels(self.policy)).set(
                 len(self._waiting))

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 
 from kvroute_api.route_policy import BudgetSpec, RoutePolicy, RoutePolicySpec
 
-from kvroute_router.admission.controller import AdmissionController, EndpointLoad
+from kvroute_router.admission.controller import AdmissionController, EndpointLoad, WaitingKey
 from kvroute_router.admission.tenancy import ApiKeyLookup, TenantDirectory
 from kvroute_router.batching.batcher import BatchRequest, BatchRouter
 from kvroute_router.batching.batcher import PoolState as BatchPoolState
@@ -123,6 +123,11 @@ class BudgetHook:
         self.replicas: Callable[[], int] | None = None
         """The router replicas sharing the engines (replica sync's count), for each policy's
         admission queue; set before the first request, None: one."""
+        self.peers_waiting: Callable[[str], Sequence[WaitingKey]] | None = None
+        """The other replicas' waiters by policy key (replica sync's reports): each queue
+        lets go only its own among the fleet's oldest. None: none known."""
+        self.waiting_changed: Callable[[], None] | None = None
+        """Called when any policy's queue changes (replica sync reports :meth:`waiting`)."""
         self._policies: dict[str, _Policy] = {}
         self._implicit: dict[str, _Policy] = {}
         """Default policies of directly reachable served names, by ``implicit/<model>``."""
@@ -184,11 +189,27 @@ class BudgetHook:
         state = _Policy(
             name=name, key=key, policy=policy,
             controller=AdmissionController(key, spec.admission, lambda: self._load(key),
-                                           metrics=self.metrics, replicas=self.replicas),
+                                           metrics=self.metrics, replicas=self.replicas,
+                                           peers_waiting=lambda: self._peers_waiting(key),
+                                           on_change=self._waiting_changed),
             batcher=BatchRouter(key, spec.batching, self.estimator,
                                 lambda: self._batch_pools(key), self.ledger,
                                 robust_kappa=self.robust_kappa, metrics=self.metrics))
         return state
+
+    def waiting(self, limit: int) -> dict[str, list[WaitingKey]]:
+        """Every policy's first ``limit`` waiters' order keys, by policy key (the queues with
+        waiters only): what replica sync tells the other replicas."""
+        return {state.key: state.controller.waiting_keys(limit)
+                for state in [*self._policies.values(), *self._implicit.values()]
+                if state.controller.queue_depth}
+
+    def _peers_waiting(self, key: str) -> Sequence[WaitingKey]:
+        return self.peers_waiting(key) if self.peers_waiting is not None else ()
+
+    def _waiting_changed(self) -> None:
+        if self.waiting_changed is not None:
+            self.waiting_changed()
 
     def _candidates(self, key: str) -> list[PoolState]:
         """The policy's pools that can take traffic now: primaries with endpoints, else the

@@ -30,7 +30,10 @@ the endpoint to compute (what it added to the sender's ``Endpoint.prefill_backlo
 until the answered record or :data:`REMOTE_BACKLOG_TTL_S`: each replica weighs the fleet's
 prefill queue, not a third of it. The senders heard in the last :data:`PEER_WINDOW_S` are the
 replica count (:meth:`ReplicaSync.replicas`), whose share of the room each replica's admission
-queue lets go.
+queue lets go; and each replica reports the requests waiting in its admission queues (a
+*waiting report*, whenever they change and every :data:`WAITING_REFRESH_S` while there are
+any), so that each lets go only its own among the fleet's oldest
+(:meth:`ReplicaSync.peers_waiting`).
 
 Trust: the channel is written by router replicas only; Redis is the trusted hop (the operator's
 own Redis, reachable by the routers alone — docs/security.md, "Replica sync"). Still, a record
@@ -39,7 +42,9 @@ trustworthy, and a malformed message is dropped whole and counted — at worst a
 skews prefix scores (and which blocks the forecast hides), and can hold requests that reuse the
 forged prefix in the prefill wait (``prefillWaitMs``) or queue them later, for at most
 ``pendingMs``, and can inflate an endpoint's prefill backlog (steering requests away from it)
-for at most :data:`REMOTE_BACKLOG_TTL_S`; it reaches no budget, tenant or response. Redis down:
+for at most :data:`REMOTE_BACKLOG_TTL_S`, and forged waiting reports make a replica's queue
+defer to waiters that do not exist, for at most half the policy's ``queueTimeoutMs`` per
+request; it reaches no budget, tenant or response. Redis down:
 records are dropped (they are stale within a second anyway), the replicas route independently,
 ``kvroute_replica_sync_connected`` is 0, and the receiver reconnects with backoff; a prefix or
 backlog another replica registered here is forgotten at its expiry (so is all a stopped replica
@@ -54,6 +59,7 @@ import logging
 import math
 import os
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from time import monotonic
 from typing import Any
 
@@ -71,11 +77,15 @@ from kvroute_router.replicasync.wire import (
     MAX_BLOCKS,
     MAX_MESSAGE_BYTES,
     MAX_RECORDS,
+    MAX_WAITERS,
     SENDER_ID_BYTES,
+    WAITING_MAGIC,
     DispatchRecord,
     WireError,
     decode,
+    decode_waiting,
     encode,
+    encode_waiting,
 )
 
 log = logging.getLogger(__name__)
@@ -105,6 +115,14 @@ MAX_REPLICAS = 64
 """:meth:`ReplicaSync.replicas` says at most this many: a flood of forged sender ids (only
 possible with write access to the trusted Redis) can shrink each replica's share of the room
 to 1/64, never to nothing."""
+
+
+WAITING_REFRESH_S = 1.0
+"""A replica with waiters reports them again at least this often (a report that did not change
+still says they wait)."""
+WAITING_TTL_S = 3.0
+"""Another replica's waiting report counts this long after it arrived: a replica that stopped
+or lost Redis is not deferred to for longer."""
 
 
 class ReplicaSyncMetrics:
@@ -147,6 +165,16 @@ class ReplicaSyncMetrics:
             "in the last 10 s. Each releases this share of the room from its admission queue.",
             registry=registry)
         self.replicas.set(1)
+        self.waiting_reports = Counter(
+            "kvroute_replica_sync_waiting_reports_total",
+            "Waiting reports (the requests in a replica's admission queues), by outcome "
+            "(published, failed: Redis did not take it; received: another replica's).",
+            ["result"], registry=registry)
+        self.peer_waiting = Gauge(
+            "kvroute_replica_sync_peer_waiting",
+            "Requests the other replicas reported waiting in their admission queues (at most "
+            "256 per policy each): this replica's queue lets go only its own among the oldest.",
+            registry=registry)
 
 
 class ReplicaSync:
@@ -182,6 +210,13 @@ class ReplicaSync:
         self._next_id = 0
         self._heard: dict[bytes, float] = {}
         """Other replicas by sender id -> when a message of theirs last arrived (monotonic)."""
+        self.waiting: Callable[[int], Mapping[str, Sequence[tuple[int, int]]]] | None = None
+        """This replica's admission queues' waiters by policy key (the budget hook's
+        ``waiting``), reported to the others; None: nothing to report."""
+        self._report_due = False
+        self._reported_any = False  # the last report had waiters: refresh it
+        self._peer_waiting: dict[bytes, tuple[float, dict[str, list[tuple[int, int]]]]] = {}
+        """Other replicas' waiting reports by sender: (arrived, monotonic; waiters by policy)."""
 
     def replicas(self) -> int:
         """The router replicas routing now, this one included: 1 + the senders heard from in
@@ -194,6 +229,23 @@ class ReplicaSync:
         count = min(MAX_REPLICAS, 1 + len(self._heard))
         self.metrics.replicas.set(count)
         return count
+
+    def peers_waiting(self, policy: str) -> list[tuple[int, int]]:
+        """The other replicas' waiters for ``policy`` (order keys), from their reports of the
+        last :data:`WAITING_TTL_S`."""
+        horizon = monotonic() - WAITING_TTL_S
+        keys: list[tuple[int, int]] = []
+        for at, waiting in self._peer_waiting.values():
+            if at >= horizon:
+                keys += waiting.get(policy, ())
+        return keys
+
+    def on_waiting_changed(self) -> None:
+        """An admission queue changed: report the waiters (the sender coalesces the changes of
+        one turn of the event loop into one report; no I/O here)."""
+        if self.waiting is not None:
+            self._report_due = True
+            self._wake.set()
 
     @classmethod
     def from_url(cls, url: str, datastore: Datastore, services: SharedServices,
@@ -267,8 +319,12 @@ class ReplicaSync:
 
     async def _send_loop(self) -> None:
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WAITING_REFRESH_S if self._reported_any else None):
+                    await self._wake.wait()
             self._wake.clear()
+            if self._report_due or self._reported_any:
+                await self._report_waiting()
             while self._queue:
                 batch = self._take_batch()
                 if not batch:
@@ -292,11 +348,35 @@ class ReplicaSync:
                     break
                 self.metrics.sent.labels("published").inc(len(batch))
 
+    async def _report_waiting(self) -> None:
+        """Publish this replica's waiters (an empty report once the queues have emptied)."""
+        self._report_due = False
+        if self.waiting is None:
+            return
+        waiting = self.waiting(MAX_WAITERS)
+        try:
+            payload = encode_waiting(self.sender_id, waiting)
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await self.client.publish(self.channel, payload)
+        except WireError as exc:  # more policies with waiters than a report carries
+            log.warning("replica sync: waiting report not sent: %s", exc)
+            self.metrics.waiting_reports.labels("failed").inc()
+            return
+        except Exception as exc:  # redis.RedisError, OSError, TimeoutError
+            self.metrics.waiting_reports.labels("failed").inc()
+            self._outage(exc)
+            return
+        self._reported_any = bool(waiting)
+        self.metrics.waiting_reports.labels("published").inc()
+
     # ---- receiving ---------------------------------------------------------------------------
     def receive(self, payload: object) -> None:
         """Apply one message from the channel (this replica's own are skipped)."""
         if not isinstance(payload, bytes):
             self.metrics.rejected.inc()
+            return
+        if payload[:len(WAITING_MAGIC)] == WAITING_MAGIC:
+            self._receive_waiting(payload)
             return
         try:
             sender, records = decode(payload)
@@ -311,6 +391,33 @@ class ReplicaSync:
         self.replicas()  # the gauge follows replicas joining and leaving
         for record in records:
             self.metrics.received.labels(self.apply(record, sender)).inc()
+
+    def _receive_waiting(self, payload: bytes) -> None:
+        try:
+            sender, waiting = decode_waiting(payload)
+        except WireError as exc:
+            self.metrics.rejected.inc()
+            log.debug("replica sync: waiting report dropped: %s", exc)
+            return
+        if sender == self.sender_id:
+            return
+        if sender not in self._heard and len(self._heard) >= MAX_REPLICAS:
+            return  # as many senders as replicas are counted: a flood goes no further
+        self._heard[sender] = monotonic()
+        self.replicas()
+        self.metrics.waiting_reports.labels("received").inc()
+        if waiting:
+            self._peer_waiting[sender] = (monotonic(), waiting)
+        else:
+            self._peer_waiting.pop(sender, None)
+        self._prune_waiting()
+
+    def _prune_waiting(self) -> None:
+        horizon = monotonic() - WAITING_TTL_S
+        for sender in [s for s, (at, _) in self._peer_waiting.items() if at < horizon]:
+            del self._peer_waiting[sender]
+        self.metrics.peer_waiting.set(sum(len(keys) for _, waiting in self._peer_waiting.values()
+                                          for keys in waiting.values()))
 
     def apply(self, record: DispatchRecord, sender: bytes) -> str:
         """Apply another replica's (``sender``'s) dispatch as this replica's own would be; the
@@ -409,6 +516,7 @@ class ReplicaSync:
                         self.receive(message.get("data"))
                     else:  # a quiet second: replicas that stopped leave the count
                         self.replicas()
+                        self._prune_waiting()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # redis.RedisError, OSError: Redis is away
@@ -438,6 +546,8 @@ class ReplicaSync:
             self._prefill_ended(*key)
         for sender, dispatch_id in list(self._remote_backlog):
             self._backlog_ended(sender, dispatch_id)
+        self._peer_waiting.clear()
+        self.metrics.peer_waiting.set(0)
         self.metrics.connected.set(0)
         with contextlib.suppress(Exception):
             await self.client.aclose()

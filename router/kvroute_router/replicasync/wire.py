@@ -49,12 +49,25 @@ Decoding is strict: a message that breaks any rule below is rejected whole with
 :class:`WireError` (a message comes from a trusted hop, Redis, but a bug or a stray publisher
 must cost at most that message): the magic and version, every length inside the payload and
 under its limit, UTF-8 names, known flags in a valid combination, no trailing bytes.
+
+A second kind of message, the *waiting report* (round 39), says which requests wait in the
+sender's admission queues, so that each replica lets go only its own among the fleet's oldest::
+
+    b"KVRW" | version u8 (1) | sender id (16 bytes) | policy count u16
+    | per policy: key length u16 | policy key (UTF-8) | waiter count u16
+                  | per waiter: -priority int64 | arrival Unix ms uint64
+
+A report replaces everything the sender reported before (an empty one: it has no waiters);
+policies at most :data:`MAX_POLICIES`, waiters per policy at most :data:`MAX_WAITERS` (the
+first ones, in the order they go), at least one each. Decoded as strictly as dispatches. A
+router that reads only dispatch messages rejects it as a bad magic (counted) and keeps
+routing; during a rolling upgrade the old replicas' queues are simply not known to the new.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 MAGIC = b"KVRS"
@@ -80,6 +93,15 @@ _U32 = struct.Struct(">I")
 _U8 = struct.Struct(">B")
 _I64 = struct.Struct(">q")
 _ID_TOKENS = struct.Struct(">II")
+_WAITER = struct.Struct(">qQ")
+
+WAITING_MAGIC = b"KVRW"
+WAITING_VERSION = 1
+MAX_POLICIES = 1024
+"""Policies with waiters in one waiting report at most."""
+MAX_WAITERS = 256
+"""Waiters per policy in a waiting report at most (a replica's share of the room beyond that
+is a fleet past any queue worth ordering)."""
 
 
 class WireError(ValueError):
@@ -275,6 +297,61 @@ def _read_name(payload: bytes, offset: int, what: str) -> tuple[str, int]:
         raise WireError(f"{what} is not UTF-8") from None
 
 
+def encode_waiting(sender: bytes, waiting: Mapping[str, Sequence[tuple[int, int]]]) -> bytes:
+    """One waiting report: the first :data:`MAX_WAITERS` order keys (-priority, arrival Unix
+    ms) of each policy's queue in ``waiting`` (policies without waiters are left out)."""
+    if len(sender) != SENDER_ID_BYTES:
+        raise WireError(f"sender id must be {SENDER_ID_BYTES} bytes, got {len(sender)}")
+    queues = [(key, list(keys)[:MAX_WAITERS]) for key, keys in waiting.items() if keys]
+    if len(queues) > MAX_POLICIES:
+        raise WireError(f"{len(queues)} policies, more than {MAX_POLICIES}")
+    parts = [_HEADER.pack(WAITING_MAGIC, WAITING_VERSION, sender, len(queues))]
+    for key, keys in queues:
+        name = _name(key, "policy key")
+        parts += [_U16.pack(len(name)), name, _U16.pack(len(keys))]
+        for rank, arrival_ms in keys:
+            if not (-(1 << 63) <= rank < 1 << 63 and 0 <= arrival_ms < 1 << 64):
+                raise WireError(f"waiter ({rank}, {arrival_ms}) does not fit the message")
+            parts.append(_WAITER.pack(rank, arrival_ms))
+    return b"".join(parts)
+
+
+def decode_waiting(payload: bytes) -> tuple[bytes, dict[str, list[tuple[int, int]]]]:
+    """The sender id and its waiters' order keys by policy key; :class:`WireError` if the
+    report breaks a rule."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message is {len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
+    if len(payload) < _HEADER.size:
+        raise WireError(f"message is {len(payload)} bytes, shorter than its header")
+    magic, version, sender, count = _HEADER.unpack_from(payload, 0)
+    if magic != WAITING_MAGIC:
+        raise WireError("not a waiting report (bad magic)")
+    if version != WAITING_VERSION:
+        raise WireError(f"waiting report version {version}, this router reads "
+                        f"{WAITING_VERSION}")
+    if count > MAX_POLICIES:
+        raise WireError(f"{count} policies, more than {MAX_POLICIES}")
+    offset = _HEADER.size
+    waiting: dict[str, list[tuple[int, int]]] = {}
+    for _ in range(count):
+        key, offset = _read_name(payload, offset, "policy key")
+        waiters, offset = _read(payload, offset, _U16, "waiter count")
+        if not 0 < waiters <= MAX_WAITERS:
+            raise WireError(f"{waiters} waiters, not 1 to {MAX_WAITERS}")
+        end = offset + _WAITER.size * waiters
+        if end > len(payload):
+            raise WireError("waiters run past the end of the message")
+        if key in waiting:
+            raise WireError(f"policy {key!r} twice in one report")
+        waiting[key] = [(int(rank), int(arrival)) for rank, arrival
+                        in _WAITER.iter_unpack(payload[offset:end])]
+        offset = end
+    if offset != len(payload):
+        raise WireError(f"{len(payload) - offset} trailing bytes after the last policy")
+    return sender, waiting
+
+
 __all__ = ["ANSWERED", "BACKLOG", "COMPUTES", "HELD", "MAX_BLOCKS", "MAX_MESSAGE_BYTES",
-           "MAX_RECORDS", "PRIORITY", "VERSION", "DispatchRecord", "WireError", "decode",
-           "encode"]
+           "MAX_POLICIES", "MAX_RECORDS", "MAX_WAITERS", "PRIORITY", "VERSION",
+           "WAITING_MAGIC", "DispatchRecord", "WireError", "decode", "decode_waiting", "encode",
+           "encode_waiting"]

@@ -5,6 +5,7 @@ director's: tests/unit/router/test_director.py.)"""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 from kvroute_api.route_policy import AdmissionSpec
@@ -218,6 +219,39 @@ async def test_a_replica_lets_go_its_share_of_the_room() -> None:
     load.endpoints = [EndpointLoad(0, 0.2), EndpointLoad(2, 0.2)]
     assert controller.release_waiting() == 4
     assert controller.queue_depth == 0
+    await asyncio.gather(*waiters)
+
+
+async def test_a_replica_lets_go_only_its_own_among_the_fleets_oldest_waiters() -> None:
+    """With the other replicas' waiters known (replica sync's waiting reports), a replica's
+    share of the room goes to the fleet's oldest: while another replica's waiters arrived
+    first, this one lets go none of its own and leaves the room to them; once they are gone,
+    its share. A waiter that has waited half the queue timeout goes whatever the others
+    report (forged or stale reports delay a queue, never stop it). Each change of the queue is
+    reported (``on_change``)."""
+    load = Load()
+    load.saturate()
+    changes: list[int] = []
+    older = int(time.time() * 1000) - 1_000
+    peers: list[tuple[int, int]] = [(0, older + i) for i in range(4)]
+    controller = AdmissionController("chat", AdmissionSpec.model_validate(
+        {"maxQueueDepth": 10, "queueTimeoutMs": 60_000, "saturationQueueDepth": 4}), load,
+        replicas=lambda: 3, peers_waiting=lambda: peers,
+        on_change=lambda: changes.append(controller.queue_depth))
+    waiters = [asyncio.create_task(controller.admit(controller.priority_of({})))
+               for _ in range(4)]
+    await _settle()
+    assert changes[-1] == 4
+    load.endpoints = [EndpointLoad(0, 0.2), EndpointLoad(1, 0.2), EndpointLoad(4, 0.2)]
+    assert controller.release_room(8) == 3  # the share of 7 places
+    assert controller.release_waiting() == 0  # the 3 oldest of the fleet wait elsewhere
+    later = time.time() * 1000 + 31_000  # half the timeout on: they go anyway
+    assert controller.release_count(4, controller.waiting_keys, now_ms=later) == 3
+    peers.clear()  # the other replica let its waiters go
+    assert controller.release_waiting() == 3 and changes[-1] == 1
+    await _settle()
+    load.endpoints = [EndpointLoad(0, 0.2)]
+    assert controller.release_waiting() == 1
     await asyncio.gather(*waiters)
 
 

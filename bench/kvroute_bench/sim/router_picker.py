@@ -424,7 +424,9 @@ class ReplicatedPicker:
     balancer hands it while it finds every engine saturated, and lets them go as it finds
     room, as three router processes each with its own ``AdmissionController`` do: nothing of
     a queue is shared, only (``shared``) the dispatches it releases; with ``shared`` (replica
-    sync, which counts the replicas) each lets go ``1/replicas`` of the room it finds.
+    sync, which counts the replicas and carries their waiting reports) each lets go its own
+    waiters among the first ``1/replicas`` of the room's worth of all the replicas' queues merged
+    by arrival, each replica's report read by the others ``delay_s`` after its queue changed.
     """
 
     def __init__(self, make: Callable[[int], RouterPicker], replicas: int,

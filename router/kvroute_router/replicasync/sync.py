@@ -386,11 +386,19 @@ class ReplicaSync:
             return
         if sender == self.sender_id:
             return
-        if sender in self._heard or len(self._heard) < MAX_REPLICAS:
-            self._heard[sender] = monotonic()
-        self.replicas()  # the gauge follows replicas joining and leaving
+        self._hear(sender)
         for record in records:
             self.metrics.received.labels(self.apply(record, sender)).inc()
+
+    def _hear(self, sender: bytes) -> bool:
+        """Another replica's message arrived: it counts as routing (False: one sender more
+        than :data:`MAX_REPLICAS`, not counted); the gauge follows replicas joining and
+        leaving."""
+        heard = sender in self._heard or len(self._heard) < MAX_REPLICAS
+        if heard:
+            self._heard[sender] = monotonic()
+        self.replicas()
+        return heard
 
     def _receive_waiting(self, payload: bytes) -> None:
         try:
@@ -399,12 +407,8 @@ class ReplicaSync:
             self.metrics.rejected.inc()
             log.debug("replica sync: waiting report dropped: %s", exc)
             return
-        if sender == self.sender_id:
-            return
-        if sender not in self._heard and len(self._heard) >= MAX_REPLICAS:
+        if sender == self.sender_id or not self._hear(sender):
             return  # as many senders as replicas are counted: a flood goes no further
-        self._heard[sender] = monotonic()
-        self.replicas()
         self.metrics.waiting_reports.labels("received").inc()
         if waiting:
             self._peer_waiting[sender] = (monotonic(), waiting)

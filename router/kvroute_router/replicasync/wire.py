@@ -222,13 +222,7 @@ def encode(sender: bytes, records: Sequence[DispatchRecord]) -> bytes:
 
 def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
     """The sender id and records of one message; :class:`WireError` if it breaks a rule."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise WireError(f"message is {len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
-    if len(payload) < _HEADER.size:
-        raise WireError(f"message is {len(payload)} bytes, shorter than its header")
-    magic, version, sender, count = _HEADER.unpack_from(payload, 0)
-    if magic != MAGIC:
-        raise WireError("not a replica-sync message (bad magic)")
+    version, sender, count = _header(payload, MAGIC, "a replica-sync message")
     if version not in _FLAGS:
         raise WireError(f"version {version}, this router reads 1 to {VERSION}")
     if count > MAX_RECORDS:
@@ -264,6 +258,18 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
     if offset != len(payload):
         raise WireError(f"{len(payload) - offset} trailing bytes after the last record")
     return sender, records
+
+
+def _header(payload: bytes, magic: bytes, what: str) -> tuple[int, bytes, int]:
+    """(version, sender id, count) of a message of kind ``magic``, its size checked."""
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise WireError(f"message is {len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
+    if len(payload) < _HEADER.size:
+        raise WireError(f"message is {len(payload)} bytes, shorter than its header")
+    found, version, sender, count = _HEADER.unpack_from(payload, 0)
+    if found != magic:
+        raise WireError(f"not {what} (bad magic)")
+    return int(version), bytes(sender), int(count)
 
 
 def _read_hashes(payload: bytes, offset: int, what: str) -> tuple[tuple[int, ...], int]:
@@ -319,13 +325,7 @@ def encode_waiting(sender: bytes, waiting: Mapping[str, Sequence[tuple[int, int]
 def decode_waiting(payload: bytes) -> tuple[bytes, dict[str, list[tuple[int, int]]]]:
     """The sender id and its waiters' order keys by policy key; :class:`WireError` if the
     report breaks a rule."""
-    if len(payload) > MAX_MESSAGE_BYTES:
-        raise WireError(f"message is {len(payload)} bytes, more than {MAX_MESSAGE_BYTES}")
-    if len(payload) < _HEADER.size:
-        raise WireError(f"message is {len(payload)} bytes, shorter than its header")
-    magic, version, sender, count = _HEADER.unpack_from(payload, 0)
-    if magic != WAITING_MAGIC:
-        raise WireError("not a waiting report (bad magic)")
+    version, sender, count = _header(payload, WAITING_MAGIC, "a waiting report")
     if version != WAITING_VERSION:
         raise WireError(f"waiting report version {version}, this router reads "
                         f"{WAITING_VERSION}")

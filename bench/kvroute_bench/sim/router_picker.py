@@ -455,7 +455,6 @@ class ReplicatedPicker:
         self._arriving: RouterPicker | None = None
         self._release_turn = 0
         self.delay_s = delay_s or 0.0
-        self._report_delay_s = self.delay_s
         self.as_processes = delay_s is not None
         self._in_transit: deque[_Shared] = deque()  # in order of dispatch, so of arrival
         if self.as_processes:  # one replica scrapes per tick, each at its own phase
@@ -545,7 +544,7 @@ class ReplicatedPicker:
     def _peers_waiting(self, k: int) -> list[WaitingKey]:
         """The other replicas' waiters as replica ``k`` knows them: each one's latest report
         sent at least ``delay_s`` before now."""
-        horizon = self._now - self._report_delay_s
+        horizon = self._now - self.delay_s
         keys: list[WaitingKey] = []
         for j, reports in enumerate(self._reports):
             if j == k:

@@ -256,8 +256,6 @@ class AdmissionController:
 
     def waiting_keys(self, limit: int) -> list[WaitingKey]:
         """This queue's first ``limit`` waiters' order keys, in the order they go."""
-        if limit >= len(self._waiting):
-            return [(entry[0], entry[2]) for entry in sorted(self._waiting)]
         return [(entry[0], entry[2]) for entry in heapq.nsmallest(limit, self._waiting)]
 
     @property

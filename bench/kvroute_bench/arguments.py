@@ -137,5 +137,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                      help="how long kvroute pickers' pending-block marks last, simulated s "
                           "(default: the router's 5 s; an emulated fleet at time scale S "
                           "gives them 5/S)")
+    sim.add_argument("--sim-ensemble", type=int, default=1, metavar="K",
+                     help="run each kvroute picker K times, run k with tie-break stream k and "
+                          "its scrapes k/K of an interval earlier, and report the mean (and "
+                          "the p90's range): near saturation one run's TTFT swings by half "
+                          "with a millisecond's change (docs/benchmarks/emulated-fleet.md, "
+                          "round 41); default 1")
     parser.add_argument("--workdir", default=".kvroute/bench",
                         help="folder for engine and router logs")

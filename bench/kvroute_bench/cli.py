@@ -234,6 +234,9 @@ def run(args: argparse.Namespace) -> int:
     if args.sim:
         from kvroute_bench.sim.run import run_sim
 
+        if not 1 <= args.sim_ensemble <= 64:
+            console.print(f"--sim-ensemble {args.sim_ensemble}: runs per picker, 1 to 64")
+            return 2
         args.workloads, args.rates = workloads, rates
         args.sim_pickers = _split(args.sim_pickers)
         return run_sim(args)

@@ -144,12 +144,13 @@ def placement_class(engines: Sequence[SimEngine], chosen: int, hashes: Sequence[
 
 def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
              max_simulated_s: float = 86_400.0, scheduling_policy: str = "fcfs",
-             warmup: int = 0) -> SimResult:
+             warmup: int = 0, scrape_phase: float = 0.0) -> SimResult:
     """Run ``requests`` through ``pods`` engines of ``profile`` (admitting waiting requests by
     ``scheduling_policy``, vLLM's); stops at ``max_simulated_s``. The first ``warmup``
     arrivals run like the rest but are left out of the result (a continuous warm-up:
     latencies, throughput, hits and recomputation count the others; ``requests_per_engine``
-    counts every request)."""
+    counts every request). ``scrape_phase`` (0 to 1, exclusive): a scraping picker's scrapes
+    after the first come that share of an interval earlier."""
     engines = [SimEngine(i, profile, scheduling_policy=scheduling_policy) for i in range(pods)]
     capacity = profile.kv_blocks * profile.block_size
     for r in requests:
@@ -165,10 +166,15 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
     now = 0.0
     scrape_every = float(getattr(picker, "scrape_interval_s", 0.0) or 0.0)
     scrape = getattr(picker, "scrape", None) if scrape_every > 0 else None
+    if not 0.0 <= scrape_phase < 1.0:
+        raise ValueError("scrape_phase must be in [0, 1)")
     if scrape is not None and heap:
         now = heap[0][0]
         scrape(engines, now)
-        heapq.heappush(heap, (now + scrape_every, next(order), "scrape", None))
+        # scrape_phase: the next scrapes come that share of an interval earlier, as a real
+        # router's scrape loop runs at no fixed phase to the arrivals (an ensemble member)
+        heapq.heappush(heap, (now + scrape_every * (1.0 - scrape_phase), next(order), "scrape",
+                              None))
 
     def kick(engine: SimEngine) -> None:
         if engine.index in plans:

@@ -154,7 +154,7 @@ def make_picker(name: str, block_size: int,
     """The picker ``name`` (``trace``: the requests, for ``group-affinity``'s groups;
     ``scheduling_policy``: the engines', a kvroute picker sets priorities under
     ``priority``; ``seed``: a kvroute picker's tie-break stream — replica ``i`` of a
-    replicated picker draws from stream ``i``)."""
+    replicated picker of N draws from stream ``seed * N + i``)."""
     name, delay_s = split_sync_delay(name)
     name, replicas, shared = split_replicas(name)
     if replicas > 1 or shared:
@@ -162,7 +162,7 @@ def make_picker(name: str, block_size: int,
 
         def one(index: int) -> RouterPicker:
             picker = make_picker(name, block_size, scheduling_policy=scheduling_policy,
-                                 seed=index)
+                                 seed=seed * replicas + index)
             assert isinstance(picker, RouterPicker)
             return picker
 
@@ -220,6 +220,26 @@ def sim_trace(args: argparse.Namespace, path: Path, rate: float) -> Trace:
         raise SystemExit(f"--trace {path}: {exc}") from None
 
 
+ENSEMBLE_KEYS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_hit_rate",
+                 "output_tokens_per_s")
+"""What the JSON keeps of each run of an ensemble (``--sim-ensemble``), beside its mean."""
+
+
+def ensemble_mean(members: Sequence[Any]) -> Any:
+    """The mean of an ensemble's results, field by field (dicts by key, lists element by
+    element; None where any run has None). One run is itself."""
+    first = members[0]
+    if len(members) == 1:
+        return first
+    if isinstance(first, dict):
+        return {key: ensemble_mean([m[key] for m in members]) for key in first}
+    if isinstance(first, list):
+        return [ensemble_mean(column) for column in zip(*members, strict=True)]
+    if any(m is None for m in members):
+        return None
+    return sum(members) / len(members)
+
+
 def class_table(classes: Sequence[tuple[str, dict[str, Any]]]) -> Table:
     """TTFT by request class per picker (:func:`~kvroute_bench.sim.fleet.ttft_by_class`):
     which requests make the tail."""
@@ -267,7 +287,11 @@ def run_sim(args: argparse.Namespace) -> int:
                             f"{args.requests} requests at {rate}/s"
                             + (f" after {warmup} continuous warm-up" if warmup else "")
                             + f", engines {args.scheduling_policy}")
-        for column in ("picker", "TTFT p50 ms", "p90", "p99", "e2e p50 ms", "p99",
+        if args.sim_ensemble > 1:
+            table.title = f"{table.title}; the mean of {args.sim_ensemble} runs a picker"
+        for column in ("picker", "TTFT p50 ms", "p90",
+                       *(["p90 min-max"] if args.sim_ensemble > 1 else []), "p99",
+                       "e2e p50 ms", "p99",
                        "out tok/s", "prefix hit", "oracle", *(f"re: {c}" for c in
                                                                 RECOMPUTE_CAUSES),
                        "left holder", "held nowhere", "unfinished", "wall s"):
@@ -276,29 +300,49 @@ def run_sim(args: argparse.Namespace) -> int:
         classes: list[tuple[str, dict[str, Any]]] = []
         for name in args.sim_pickers:
             started = time.monotonic()
-            picker = make_picker(name, profile.block_size, trace.requests,
-                                 args.scheduling_policy)
-            if args.sim_pending_ttl is not None:
-                set_pending_ttl(picker, args.sim_pending_ttl)
-            sim_requests = to_sim_requests(trace.requests, profile.block_size,
-                                           keep_text=name not in REFERENCES,
-                                           hash_blocks=needs_block_hashes(name))
-            result = simulate(sim_requests, args.pods, profile, picker,
-                              scheduling_policy=args.scheduling_policy, warmup=warmup)
+            members = []
+            for member in range(1 if name in REFERENCES else args.sim_ensemble):
+                picker = make_picker(name, profile.block_size, trace.requests,
+                                     args.scheduling_policy, seed=member)
+                if args.sim_pending_ttl is not None:
+                    set_pending_ttl(picker, args.sim_pending_ttl)
+                sim_requests = to_sim_requests(trace.requests, profile.block_size,
+                                               keep_text=name not in REFERENCES,
+                                               hash_blocks=needs_block_hashes(name))
+                result = asdict(simulate(
+                    sim_requests, args.pods, profile, picker,
+                    scheduling_policy=args.scheduling_policy, warmup=warmup,
+                    scrape_phase=member / args.sim_ensemble))
+                result["ttft_by_class"] = ttft_by_class(
+                    sim_requests, [r.group for r in trace.requests], warmup)
+                members.append(result)
+                if args.sim_ensemble > 1:  # progress: a run takes seconds to a minute
+                    console.print(f"[dim]{name}: run {member + 1} of {args.sim_ensemble}, "
+                                  f"TTFT p90 {result['ttft_p90_s'] * 1000:.0f} ms[/dim]")
             wall = time.monotonic() - started
-            by_class = ttft_by_class(sim_requests, [r.group for r in trace.requests], warmup)
-            classes.append((name, by_class))
+            result = ensemble_mean(members)
+            classes.append((name, result["ttft_by_class"]))
+            p90s = [m["ttft_p90_s"] for m in members]
             rows.append({"picker": name, "wall_s": round(wall, 2), "oracle_hit_rate":
-                         round(oracle, 4), **asdict(result), "ttft_by_class": by_class})
-            table.add_row(name, f"{result.ttft_p50_s * 1000:.0f}",
-                          f"{result.ttft_p90_s * 1000:.0f}", f"{result.ttft_p99_s * 1000:.0f}",
-                          f"{result.e2e_p50_s * 1000:.0f}", f"{result.e2e_p99_s * 1000:.0f}",
-                          f"{result.output_tokens_per_s:.1f}", f"{result.prefix_hit_rate:.1%}",
-                          f"{oracle:.1%}",
-                          *(f"{result.recomputed[c]:.1%}" for c in RECOMPUTE_CAUSES),
-                          f"{result.placement['left_holder']:.1%}",
-                          f"{result.placement['held_nowhere']:.1%}",
-                          str(result.unfinished), f"{wall:.1f}")
+                         round(oracle, 4), **result,
+                         **({"ensemble": [
+                             {"seed": i, "scrape_phase": i / args.sim_ensemble,
+                              **{k: m[k] for k in ENSEMBLE_KEYS},
+                              "left_holder": m["placement"]["left_holder"]}
+                             for i, m in enumerate(members)]}
+                            if len(members) > 1 else {})})
+            table.add_row(name, f"{result['ttft_p50_s'] * 1000:.0f}",
+                          f"{result['ttft_p90_s'] * 1000:.0f}",
+                          *([f"{min(p90s) * 1000:.0f}-{max(p90s) * 1000:.0f}"]
+                            if args.sim_ensemble > 1 else []),  # a reference: one run
+                          f"{result['ttft_p99_s'] * 1000:.0f}",
+                          f"{result['e2e_p50_s'] * 1000:.0f}", f"{result['e2e_p99_s'] * 1000:.0f}",
+                          f"{result['output_tokens_per_s']:.1f}",
+                          f"{result['prefix_hit_rate']:.1%}", f"{oracle:.1%}",
+                          *(f"{result['recomputed'][c]:.1%}" for c in RECOMPUTE_CAUSES),
+                          f"{result['placement']['left_holder']:.1%}",
+                          f"{result['placement']['held_nowhere']:.1%}",
+                          f"{result['unfinished']:g}", f"{wall:.1f}")
         console.print(table)
         console.print(class_table(classes))
         stem = f"{args.name}-sim-{label}" if args.name else f"sim-{label}"

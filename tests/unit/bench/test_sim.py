@@ -387,3 +387,77 @@ def test_the_simulator_names_a_bad_trace_file(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"--trace .*bad.jsonl: line 1: neither Mooncake"):
         main(["bench", "--sim", "--pods", "2", "--trace", str(bad), "--requests", "4",
               "--out", str(tmp_path), "--workdir", str(tmp_path / "wd")])
+
+
+class _ScrapeClock(RoundRobinPicker):
+    """Round-robin that records when the simulator scrapes for it."""
+
+    scrape_interval_s = 0.1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrapes: list[float] = []
+
+    def scrape(self, engines: Any, now: float) -> None:
+        self.scrapes.append(now)
+
+
+def test_a_scrape_phase_moves_every_scrape_after_the_first() -> None:
+    """An ensemble member's scrapes run at another phase to the arrivals: the first at the
+    first arrival (a picker needs a snapshot before its first decision), the rest that share
+    of an interval earlier."""
+    trace = generate(ChatParams(requests=8, rate=2.0, seed=3))
+    profile = cpu_test_engine()
+    times = []
+    for phase in (0.0, 0.25):
+        picker = _ScrapeClock()
+        simulate(to_sim_requests(trace.requests, profile.block_size), 2, profile, picker,
+                 scrape_phase=phase)
+        times.append(picker.scrapes)
+    (first, *rest), (first_b, *rest_b) = times
+    assert first == first_b == trace.requests[0].arrival_s
+    assert rest[0] == pytest.approx(first + 0.1) and rest_b[0] == pytest.approx(first + 0.075)
+    assert rest_b[1] - rest_b[0] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="scrape_phase"):
+        simulate(to_sim_requests(trace.requests, profile.block_size), 2, profile,
+                 _ScrapeClock(), scrape_phase=1.0)
+
+
+def test_ensemble_mean_averages_field_by_field() -> None:
+    from kvroute_bench.sim.run import ensemble_mean
+
+    runs = [{"p90": 1.0, "per_engine": [2, 4], "by": {"a": 1.0, "b": None}},
+            {"p90": 3.0, "per_engine": [4, 8], "by": {"a": 2.0, "b": 0.5}}]
+    assert ensemble_mean(runs) == {"p90": 2.0, "per_engine": [3.0, 6.0],
+                                   "by": {"a": 1.5, "b": None}}
+    assert ensemble_mean(runs[:1]) is runs[0]
+
+
+def test_the_simulator_reports_an_ensemble_of_runs(tmp_path: Path) -> None:
+    """``--sim-ensemble K`` runs a kvroute picker K times (tie-break stream k, scrape phase
+    k/K) and reports their mean beside each run; a reference picker (deterministic) runs
+    once; K outside 1..64 is refused."""
+    from kvroute_cli.main import main
+
+    common = ["bench", "--sim", "--profile", "h100", "--pods", "4", "--workload",
+              "precise-prefix", "--requests", "60", "--warmup", "30", "--warmup-mode",
+              "continuous", "--rate", "40", "--kv-blocks", "2000", "--set", "max_context=8192",
+              "--sim-pickers", "round-robin,kvroute-precise-cost@100",
+              "--out", str(tmp_path), "--workdir", str(tmp_path / "wd")]
+    assert main([*common, "--sim-ensemble", "3", "--name", "e"]) == 0
+    rows = json.loads((tmp_path / "e-sim-precise-prefix.json").read_text())["results"]
+    reference, kvroute = rows
+    assert "ensemble" not in reference
+    runs = kvroute["ensemble"]
+    assert [(r["seed"], r["scrape_phase"]) for r in runs] == [(0, 0.0), (1, 1 / 3), (2, 2 / 3)]
+    for key in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_hit_rate"):
+        assert kvroute[key] == pytest.approx(sum(r[key] for r in runs) / 3)
+    # the first run is the run without an ensemble, exactly
+    assert main([*common, "--name", "one"]) == 0
+    one = json.loads((tmp_path / "one-sim-precise-prefix.json").read_text())["results"][1]
+    assert "ensemble" not in one
+    assert one["ttft_p90_s"] == runs[0]["ttft_p90_s"]
+    assert one["prefix_hit_rate"] == runs[0]["prefix_hit_rate"]
+    for bad in ("0", "65"):
+        assert main([*common, "--sim-ensemble", bad, "--name", "bad"]) == 2
+    assert not (tmp_path / "bad-sim-precise-prefix.json").exists()

@@ -17,6 +17,7 @@ CONTENDER_NAMES = ("direct-rr", "direct-one", "envoy-rr", "kvroute-approx", "kvr
                    "kvroute-precise-load-q16", "kvroute-precise-load-q32",
                    "kvroute-precise-cost", "kvroute-precise-cost-w1",
                    "kvroute-precise-cost-w2", "kvroute-precise-cost-w5",
+                   "kvroute-precise-cost-w10",
                    "kvroute-precise-cost-q16", "kvroute-precise-cost-q1000",
                    "kvroute-precise-cost-wait200",
                    "kvroute-precise-cost-wait",

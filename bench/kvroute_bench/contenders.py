@@ -426,7 +426,7 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     # scoring.prefillMissWeight (default 3): 1 is greedy (this request's wait only).
     **{f"precise-cost-w{w}": KvrouteVariant(
         f"kvroute-precise-cost with prefillMissWeight {w} (A/B)", _PRECISE_COST,
-        {"scoring": {"prefillMissWeight": w}}) for w in (1, 2, 5)},
+        {"scoring": {"prefillMissWeight": w}}) for w in (1, 2, 5, 10)},
     # The load-headroom filter's relative queue rule under prefill-cost, which already counts
     # an engine's queue (in prompt tokens): 16 deeper than the least-queued, and lifted.
     "precise-cost-q16": KvrouteVariant(

@@ -425,8 +425,14 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
         _PRECISE_COST),
     # scoring.prefillMissWeight (default 3): 1 is greedy (this request's wait only).
     **{f"precise-cost-w{w}": KvrouteVariant(
-        f"kvroute-precise-cost with prefillMissWeight {w} (A/B)", _PRECISE_COST,
+        f"kvroute-precise-cost with prefillMissWeight {w} (A/B; synced replicas use "
+        f"prefillMissWeightReplicas)", _PRECISE_COST,
         {"scoring": {"prefillMissWeight": w}}) for w in (1, 2, 5, 10)},
+    # scoring.prefillMissWeightReplicas (default 10 since round 42): the weight while replica
+    # sync counts more than one replica; 3 is the one-router weight, the replicas' before.
+    **{f"precise-cost-rw{w}": KvrouteVariant(
+        f"kvroute-precise-cost with prefillMissWeightReplicas {w} (A/B; replicas only)",
+        _PRECISE_COST, {"scoring": {"prefillMissWeightReplicas": w}}) for w in (3, 5)},
     # The load-headroom filter's relative queue rule under prefill-cost, which already counts
     # an engine's queue (in prompt tokens): 16 deeper than the least-queued, and lifted.
     "precise-cost-q16": KvrouteVariant(

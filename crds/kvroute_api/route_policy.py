@@ -120,6 +120,17 @@ class ScoringSpec(ApiModel):
                     "the fleet (the capacity, and the other tenant's context it evicts), so "
                     "tenants move off a busy holder later. 3 measured best on the emulated "
                     "fleet (docs/benchmarks/emulated-fleet.md, round 5).")
+    prefill_miss_weight_replicas: float = Field(
+        default=10.0, ge=0, le=100,
+        description="prefill-cost only: the miss weight a router replica uses instead of "
+                    "prefillMissWeight while replica sync counts more than one replica "
+                    "routing (--replica-sync-redis-url; one router, or replicas without "
+                    "sync, use prefillMissWeight). A replica weighs load it learns from the "
+                    "others a moment late, so a spill it decides on is worth less. 10 against "
+                    "3: TTFT p90 -30 % for three synced replicas at 120 req/s on 16 emulated "
+                    "H100s (three seeds), +5 % at 90 req/s in the simulator "
+                    "(docs/benchmarks/emulated-fleet.md, round 42). Set it to "
+                    "prefillMissWeight for one weight whatever the replica count.")
     prefill_wait_ms: int = Field(
         default=0, ge=0, le=600000,
         description="prefix-precise only: how long a request may wait at the router while the "

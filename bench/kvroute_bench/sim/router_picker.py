@@ -59,7 +59,13 @@ from kvroute_router.admission.controller import AdmissionController, EndpointLoa
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint, EndpointMetrics, PrefillInFlight
 from kvroute_router.framework.profile import SchedulerProfile, build_profile
-from kvroute_router.framework.registry import PluginContext, PluginRegistry, SharedServices
+from kvroute_router.framework.registry import (
+    REPLICA_COUNT,
+    PluginContext,
+    PluginRegistry,
+    ReplicaCount,
+    SharedServices,
+)
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.builtin import register_builtin_plugins
 from kvroute_router.plugins.max_score import MaxScorePicker
@@ -91,6 +97,9 @@ class RouterPicker:
             scoring)
         registry = register_builtin_plugins(PluginRegistry())
         services = SharedServices()
+        self.services = services
+        """The plugins' shared services (a replicated picker with replica sync adds the
+        replica count)."""
         self.now = 0.0  # simulated time of the latest decision or scrape
         self.pool_events: Any = None
         self._state_hashes = ""
@@ -445,6 +454,7 @@ class ReplicatedPicker:
         if shared:  # replica sync counts the replicas and reports their queues: each releases
             # its share of the room, its own among the fleet's oldest waiters
             for k, replica in enumerate(self.replicas):
+                replica.services.put(REPLICA_COUNT, ReplicaCount(lambda: replicas))
                 if replica.admission is not None:
                     replica.admission.replicas = lambda: replicas
                     replica.admission.peers_waiting = (

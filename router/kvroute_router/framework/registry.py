@@ -56,6 +56,20 @@ class SharedServices:
                 del self._objects[key]
 
 
+REPLICA_COUNT = "router/replica-count"
+"""The :class:`SharedServices` key of the router's :class:`ReplicaCount`, absent without replica
+sync."""
+
+
+@dataclass(frozen=True)
+class ReplicaCount:
+    """How many router replicas route now, this one included, as replica sync counts them
+    (``ReplicaSync.replicas``); put under :data:`REPLICA_COUNT` for the plugins that weigh
+    their decisions by it (``prefill-cost``)."""
+
+    count: Callable[[], int]
+
+
 @dataclass(frozen=True)
 class PluginContext:
     """What a factory may use to build a plugin for one (policy, pool) profile."""

@@ -19,6 +19,13 @@ Score: ``(min cost + 1) / (cost + 1)`` — 1 for the cheapest candidate, proport
 the others (a candidate twice as costly scores about 0.5), so the score keeps its meaning when
 weighted against other scorers.
 
+With replica sync counting more than one replica routing, the weight is
+``scoring.prefillMissWeightReplicas`` (default 10) instead: a replica learns the others'
+dispatches a moment late, so the queue it would spill away from is less certain than one
+router's, and a spill decided on it worth less — three synced replicas at 3 sent 36 % of
+prompts away from their holder against one router's 28 % and lost 27 % TTFT p90 near
+saturation; at 10 they were level (emulated-fleet.md, rounds 41 and 42).
+
 What it cannot see: work other routers sent (replicas without replica sync, clients going
 straight to the engine), and decode load. The ``load-headroom`` filter still removes hot
 spots by queue depth before it scores, and the default policy adds ``running-requests`` at
@@ -35,7 +42,12 @@ from typing import ClassVar, Self
 from kvroute_router.framework.cycle_state import CycleState
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.profile import STATE_PREFIX_HELD
-from kvroute_router.framework.registry import PluginContext
+from kvroute_router.framework.registry import (
+    REPLICA_COUNT,
+    PluginContext,
+    ReplicaCount,
+    SharedServices,
+)
 from kvroute_router.framework.request import LLMRequest, unheld_share
 
 
@@ -44,15 +56,31 @@ class PrefillCostScorer:
 
     TYPE: ClassVar[str] = "prefill-cost"
 
-    def __init__(self, miss_weight: float = 3.0) -> None:
+    def __init__(self, miss_weight: float = 3.0, replicas_miss_weight: float | None = None,
+                 services: SharedServices | None = None) -> None:
         self.name = self.TYPE
         self.miss_weight = miss_weight
+        self.replicas_miss_weight = (miss_weight if replicas_miss_weight is None
+                                     else replicas_miss_weight)
+        self._services = services
+        """Where replica sync's :class:`ReplicaCount` is, once the router has one (looked up
+        per decision: replica sync may start after the profile is built)."""
+
+    def weight(self) -> float:
+        """The miss weight of this decision: ``replicas_miss_weight`` while replica sync counts
+        more than one replica, ``miss_weight`` otherwise."""
+        if self._services is None or self.replicas_miss_weight == self.miss_weight:
+            return self.miss_weight
+        replicas = self._services.get(REPLICA_COUNT, ReplicaCount)
+        if replicas is None or replicas.count() <= 1:
+            return self.miss_weight
+        return self.replicas_miss_weight
 
     def score(self, state: CycleState, request: LLMRequest,
               endpoints: Sequence[Endpoint]) -> list[float]:
         held = state.read(STATE_PREFIX_HELD, dict) or {}
         # LLMRequest.prefill_tokens per endpoint (the prompt's size estimated once), weighted.
-        miss = float(request.prompt_size_estimate()) * self.miss_weight
+        miss = float(request.prompt_size_estimate()) * self.weight()
         costs = [ep.prefill_backlog + miss * unheld_share(held.get(ep.name))
                  for ep in endpoints]
         if not costs:
@@ -62,4 +90,5 @@ class PrefillCostScorer:
 
     @classmethod
     def build(cls, context: PluginContext) -> Self:
-        return cls(context.scoring.prefill_miss_weight)
+        return cls(context.scoring.prefill_miss_weight,
+                   context.scoring.prefill_miss_weight_replicas, context.services)

@@ -68,7 +68,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.director import Decision
 from kvroute_router.framework.endpoint import Endpoint, PrefillInFlight
-from kvroute_router.framework.registry import SharedServices
+from kvroute_router.framework.registry import REPLICA_COUNT, ReplicaCount, SharedServices
 from kvroute_router.framework.tasks import cancel_and_wait
 from kvroute_router.kvevents.feed import services_key
 from kvroute_router.kvevents.hub import PoolKVEvents
@@ -187,6 +187,7 @@ class ReplicaSync:
         self.client = client  # redis.asyncio.Redis
         self.datastore = datastore
         self.services = services
+        services.put(REPLICA_COUNT, ReplicaCount(self.replicas))
         self.channel = channel
         self.metrics = ReplicaSyncMetrics(registry)
         self.sender_id = sender_id or os.urandom(SENDER_ID_BYTES)

@@ -622,3 +622,26 @@ def test_each_replica_queues_its_own_arrivals_and_releases_what_it_finds_room_fo
                 for r in picker.replicas} == {3 if shared else 1}
         queue_depth[shared] = max(deepest)
     assert queue_depth[""] >= 3 * 2 and queue_depth["all"] <= 2 + 1
+
+
+def test_synced_replicas_use_the_replicas_miss_weight() -> None:
+    """The simulator's replicas with replica sync (``/xNshared``) count each other as the
+    router's replica sync does, so prefill-cost weighs a miss by prefillMissWeightReplicas;
+    replicas without sync, and one router, by prefillMissWeight."""
+    from kvroute_bench.sim.router_picker import ReplicatedPicker
+    from kvroute_router.plugins.prefill_cost import PrefillCostScorer
+
+    def weights(name: str) -> list[float]:
+        picker = make_picker(name, 32)
+        if isinstance(picker, ReplicatedPicker):
+            routers = picker.replicas
+        else:
+            assert isinstance(picker, RouterPicker)
+            routers = [picker]
+        return [w.scorer.weight() for r in routers for w in r.profile.scorers
+                if isinstance(w.scorer, PrefillCostScorer)]
+
+    assert weights("kvroute-precise-cost@100/x3shared~1") == [10.0] * 3
+    assert weights("kvroute-precise-cost-rw3@100/x3shared~1") == [3.0] * 3
+    assert weights("kvroute-precise-cost@100/x3") == [3.0] * 3
+    assert weights("kvroute-precise-cost@100") == [3.0]

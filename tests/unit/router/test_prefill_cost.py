@@ -197,3 +197,34 @@ def test_the_running_requests_tie_break_never_outweighs_a_holder() -> None:
     ranked = profile.run(state, _request("second"), eps, 2)
     assert state.read(STATE_PREFIX_HELD, dict) == {"e0": 15 / 16, "e1": 0.0}
     assert ranked[0].endpoint is eps[0]
+
+
+def test_a_synced_replica_weighs_a_miss_by_the_replicas_weight() -> None:
+    """prefillMissWeightReplicas (default 10) replaces prefillMissWeight (default 3) while
+    replica sync counts more than one replica routing — counted per decision, so the weight
+    follows the replicas that come and go; one router, or no replica sync, keeps 3."""
+    from kvroute_router.datastore.store import Datastore
+    from kvroute_router.replicasync.sync import ReplicaSync
+    from kvroute_router.replicasync.wire import DispatchRecord, encode
+    from prometheus_client import CollectorRegistry
+
+    services = SharedServices()
+    scorer = PrefillCostScorer.build(PluginContext(
+        scoring=ScoringSpec(), pool_key="default/p", pool=None, services=services))
+    assert (scorer.miss_weight, scorer.replicas_miss_weight) == (3.0, 10.0)
+    state = CycleState()
+    state.write(STATE_PREFIX_HELD, {"e0": 1.0})
+    eps = _endpoints(2500.0, 0.0)  # e0 holds the 1,024-token prompt behind 2,500 queued
+    assert scorer.weight() == 3.0  # no replica sync in this router
+    assert scorer.score(state, _request(), eps) == [1.0, 2501 / 3073]  # e1: 3 x 1,024
+    sync = ReplicaSync(None, Datastore(), services, CollectorRegistry())
+    assert scorer.weight() == 3.0  # replica sync, no other replica heard from
+    sync.receive(encode(b"B" * 16, [DispatchRecord("default/p", "e0", (7, 8), dispatch_id=1,
+                                                   tokens=10)]))
+    assert sync.replicas() == 2
+    assert scorer.weight() == 10.0
+    assert scorer.score(state, _request(), eps) == [1.0, 2501 / 10241]
+    one_weight = PrefillCostScorer.build(PluginContext(
+        scoring=ScoringSpec(prefill_miss_weight_replicas=3.0), pool_key="default/p",
+        pool=None, services=services))
+    assert one_weight.weight() == 3.0  # set to prefillMissWeight: one weight for any count

@@ -440,6 +440,14 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
         {"admission": {"saturationQueueDepth": 16}}),
     # saturationQueueDepth so deep that admission never queues (nor does load-headroom's
     # hot-spot rule fire): what the router's admission queue costs or saves (round 33).
+    # spec.admission.newestFirstAfterMs (off by default): adaptive LIFO once the router's
+    # queue's oldest has waited 500 ms, with saturationQueueDepth 8 (the default) and 4.
+    "precise-cost-lifo": KvrouteVariant(
+        "kvroute-precise-cost with newestFirstAfterMs 500: adaptive LIFO under overload (A/B)",
+        _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500}}),
+    "precise-cost-lifo-q4": KvrouteVariant(
+        "kvroute-precise-cost with newestFirstAfterMs 500 and saturationQueueDepth 4 (A/B)",
+        _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500, "saturationQueueDepth": 4}}),
     "precise-cost-q1000": KvrouteVariant(
         "kvroute-precise-cost with saturationQueueDepth 1000: no admission queueing (A/B)",
         _PRECISE_COST, {"admission": {"saturationQueueDepth": 1000}}),

@@ -298,6 +298,18 @@ class AdmissionSpec(ApiModel):
                     "this counts as saturated: it stops attracting its prefixes and, when all "
                     "are, requests queue. Default 1 (only a full cache): vLLM fills its cache "
                     "by design and queues what does not fit, which saturationQueueDepth sees.")
+    newest_first_after_ms: int | None = Field(
+        default=None, ge=0, le=3_600_000,
+        description="Adaptive LIFO for overload (unset: off, first come first served). Once "
+                    "the oldest request in the router's queue has waited this long, the queue "
+                    "lets the newest go first (within a priority class), and those requests ask "
+                    "the engines for the head of their queues too (vLLM priority scheduling, "
+                    "InferencePool spec.engine.schedulingPolicy Priority). Under sustained "
+                    "overload most requests keep a short time to first token while the oldest "
+                    "wait up to queueTimeoutMs: more requests meet a TTFT objective (goodput), "
+                    "a longer tail. Replicas release their own newest; the fleet-wide oldest-"
+                    "first order does not apply while it is on. Emulated fleet numbers: "
+                    "docs/benchmarks/emulated-fleet.md, round 43.")
     priority_classes: list[PriorityClass] = Field(default_factory=list, max_length=16,
                                                   description="Request priorities.")
     default_priority_class: str | None = Field(default=None, max_length=63,

@@ -90,6 +90,11 @@ class SimResult:
     prefix_hit_rate: float
     requests_per_engine: list[int]
     simulated_s: float
+    goodput_per_s: float = math.nan
+    """Counted requests whose TTFT met the objective (``slo_ttft_s``), per second of the
+    counted span (first arrival to last completion): the fleet bench's goodput."""
+    slo_attainment: float = math.nan
+    """The share of the counted requests whose TTFT met the objective."""
     recomputed: dict[str, float] = field(default_factory=dict)
     """Prompt tokens computed although the oracle would have hit them, as shares of all
     prompt tokens, by cause (:func:`recompute_breakdown`)."""
@@ -144,13 +149,15 @@ def placement_class(engines: Sequence[SimEngine], chosen: int, hashes: Sequence[
 
 def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
              max_simulated_s: float = 86_400.0, scheduling_policy: str = "fcfs",
-             warmup: int = 0, scrape_phase: float = 0.0) -> SimResult:
+             warmup: int = 0, scrape_phase: float = 0.0,
+             slo_ttft_s: float = 1.0) -> SimResult:
     """Run ``requests`` through ``pods`` engines of ``profile`` (admitting waiting requests by
     ``scheduling_policy``, vLLM's); stops at ``max_simulated_s``. The first ``warmup``
     arrivals run like the rest but are left out of the result (a continuous warm-up:
     latencies, throughput, hits and recomputation count the others; ``requests_per_engine``
     counts every request). ``scrape_phase`` (0 to 1, exclusive): a scraping picker's scrapes
-    after the first come that share of an interval earlier."""
+    after the first come that share of an interval earlier. ``slo_ttft_s``: the TTFT objective
+    of the result's goodput."""
     engines = [SimEngine(i, profile, scheduling_policy=scheduling_policy) for i in range(pods)]
     capacity = profile.kv_blocks * profile.block_size
     for r in requests:
@@ -246,6 +253,8 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
     def pct(values: list[float], q: float) -> float:
         return float(np.percentile(values, q)) if values else math.nan
 
+    met = sum(1 for t in ttft if t <= slo_ttft_s)
+
     return SimResult(
         requests=len(measured), unfinished=len(measured) - len(done),
         ttft_p50_s=pct(ttft, 50), ttft_p90_s=pct(ttft, 90), ttft_p99_s=pct(ttft, 99),
@@ -253,6 +262,8 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
         output_tokens_per_s=sum(r.max_tokens for r in done) / span if span > 0 else math.nan,
         prefix_hit_rate=hits / queries if queries else 0.0,
         requests_per_engine=[e.finished for e in engines], simulated_s=now,
+        goodput_per_s=met / span if span > 0 else math.nan,
+        slo_attainment=met / len(measured) if measured else math.nan,
         recomputed=recompute_breakdown(requests, profile.block_size, counted),
         placement={name: round(n / total, 4) if (total := sum(placed.values())) else 0.0
                    for name, n in placed.items()})

@@ -35,10 +35,12 @@ is trustworthy), whose pending marks expire on the simulated clock.
 **Admission queue** (``admission_queue=True``, the default): the router's admission control,
 with the policy's ``spec.admission`` thresholds and the router's own
 :class:`~kvroute_router.admission.controller.AdmissionController` deciding. While every engine is
-saturated on the router's view, arrivals wait in the router, first come first served; at each
-arrival, completion and scrape (the router's release points; its refresh pump runs at the
-scrape period) as many are let go as ``AdmissionController.room`` finds places for, each
-routed at that moment. Replicas (``ReplicatedPicker``) run without it.
+saturated on the router's view, arrivals wait in the router, first come first served (newest
+first once the oldest has waited the policy's ``newestFirstAfterMs``, those requests then
+newest-first at the engines too); at each arrival, completion and scrape (the router's release
+points; its refresh pump runs at the scrape period) as many are let go as
+``AdmissionController.room`` finds places for, each routed at that moment. Replicas
+(``ReplicatedPicker``) each hold their own queue.
 
 Only the engines whose state changed since the last look are re-read, so a decision costs the
 scheduler's own work, not a scan of the fleet.
@@ -118,6 +120,9 @@ class RouterPicker:
         wait in the router's queue, first come first served, and are routed as engines drop
         below saturation (:meth:`hold`, :meth:`release`)."""
         self.held: deque[SimRequest] = deque()
+        self._newest_first: set[int] = set()
+        """Requests the queue let go newest-first (``newestFirstAfterMs``): the engines serve
+        them newest-first too (``LLMRequest.newest_first``)."""
         if isinstance(self.profile.picker, MaxScorePicker):
             # the tie-break draws from a seeded stream: one run's numbers reproduce
             self.profile.picker.rng = random.Random(seed)
@@ -223,9 +228,16 @@ class RouterPicker:
             return
         self.now = now
         self._sync(engines)
+        after = self.admission.spec.newest_first_after_ms
+        newest_first = after is not None and (now - self.held[0].arrival_s) * 1000 >= after
         for _ in range(self.admission.release_count(len(self.held), self.waiting_keys,
-                                                    now_ms=now * 1000)):
-            request = self.held.popleft()
+                                                    now_ms=now * 1000,
+                                                    newest_first=newest_first)):
+            if newest_first:
+                request = self.held.pop()
+                self._newest_first.add(request.id)
+            else:
+                request = self.held.popleft()
             yield request, self.pick(request, engines, now)
 
     def waiting_keys(self, limit: int) -> list[WaitingKey]:
@@ -275,6 +287,7 @@ class RouterPicker:
         uncached = amount if held is None else float(
             max(0, len(request.hashes) - held) * self.block_size)
         llm.received_unix_ms = round(request.arrival_s * 1000)
+        llm.newest_first = request.id in self._newest_first
         priority = llm.engine_priority(uncached, self.priority_ms_per_token)
         if held is not None:
             floor = chosen.prefill_priority_floor(request.hashes[:held])

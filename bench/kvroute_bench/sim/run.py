@@ -221,7 +221,7 @@ def sim_trace(args: argparse.Namespace, path: Path, rate: float) -> Trace:
 
 
 ENSEMBLE_KEYS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_hit_rate",
-                 "output_tokens_per_s")
+                 "output_tokens_per_s", "goodput_per_s")
 """What the JSON keeps of each run of an ensemble (``--sim-ensemble``), beside its mean."""
 
 
@@ -292,7 +292,8 @@ def run_sim(args: argparse.Namespace) -> int:
         for column in ("picker", "TTFT p50 ms", "p90",
                        *(["p90 min-max"] if args.sim_ensemble > 1 else []), "p99",
                        "e2e p50 ms", "p99",
-                       "out tok/s", "prefix hit", "oracle", *(f"re: {c}" for c in
+                       "out tok/s", f"goodput /s (≤{args.slo_ttft:g} s)",
+                       "prefix hit", "oracle", *(f"re: {c}" for c in
                                                                 RECOMPUTE_CAUSES),
                        "left holder", "held nowhere", "unfinished", "wall s"):
             table.add_column(column, justify="left" if column == "picker" else "right")
@@ -312,7 +313,7 @@ def run_sim(args: argparse.Namespace) -> int:
                 result = asdict(simulate(
                     sim_requests, args.pods, profile, picker,
                     scheduling_policy=args.scheduling_policy, warmup=warmup,
-                    scrape_phase=member / args.sim_ensemble))
+                    scrape_phase=member / args.sim_ensemble, slo_ttft_s=args.slo_ttft))
                 result["ttft_by_class"] = ttft_by_class(
                     sim_requests, [r.group for r in trace.requests], warmup)
                 members.append(result)
@@ -338,6 +339,7 @@ def run_sim(args: argparse.Namespace) -> int:
                           f"{result['ttft_p99_s'] * 1000:.0f}",
                           f"{result['e2e_p50_s'] * 1000:.0f}", f"{result['e2e_p99_s'] * 1000:.0f}",
                           f"{result['output_tokens_per_s']:.1f}",
+                          f"{result['goodput_per_s']:.1f}",
                           f"{result['prefix_hit_rate']:.1%}", f"{oracle:.1%}",
                           *(f"{result['recomputed'][c]:.1%}" for c in RECOMPUTE_CAUSES),
                           f"{result['placement']['left_holder']:.1%}",

@@ -38,6 +38,16 @@ waiters release them while another's older ones waited. In the simulator (same s
 seeds, 1 ms of sync) TTFT p90 -3.6 % and p99 -6.8 % on average, p99 lower on every seed.
 The deference is bounded: a waiter that has waited half the ``queueTimeoutMs`` counts as first
 whatever the others report, so forged or stale reports delay a replica's queue, never stop it.
+
+*Decision (round 43):* ``newestFirstAfterMs`` (off by default) is adaptive LIFO for overload:
+while the oldest waiter has waited that long, a release lets the newest go first (highest
+priority class first still), and marks them so the engines serve them newest-first too
+(``LLMRequest.newest_first``). First come first served under sustained overload gives every
+request the whole queue's wait, so none meets a TTFT objective; newest-first keeps most of them
+short and leaves the oldest to wait until ``queueTimeoutMs``. The engines' side matters as much
+as the router's: with the router's queue alone newest-first, the engines' own queues (up to
+``saturationQueueDepth`` each, ranked by arrival) still held ~2 s. While it is on, a replica
+releases its own newest and does not defer to the fleet's oldest (round 39).
 """
 
 from __future__ import annotations
@@ -60,6 +70,9 @@ PRIORITY_HEADER = "x-kvroute-priority"
 
 WaitingKey = tuple[int, int]
 """A waiter's place in the fleet's order: (-priority, arrival in Unix ms); smaller goes first."""
+
+_Waiter = tuple[int, int, int, "asyncio.Future[bool]"]
+"""A queued request: (-priority, sequence, arrival Unix ms, released newest-first?)."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +114,9 @@ class AdmissionController:
         replica sync last heard them; None: none known."""
         self.on_change = on_change
         """Called when this queue's waiters change (replica sync reports them)."""
-        self._waiting: list[tuple[int, int, int, asyncio.Future[None]]] = []
-        """The waiters' heap: (-priority, sequence, arrival Unix ms, future)."""
+        self._waiting: list[_Waiter] = []
+        """The waiters' heap: (-priority, sequence, arrival Unix ms, future); a future's
+        result says whether it was released newest-first."""
         self._sequence = itertools.count()
         self._in_transit = 0
         """Waiters released that have not resumed yet: their requests are not in the load."""
@@ -148,8 +162,11 @@ class AdmissionController:
         replicas = max(1, self.replicas()) if self.replicas is not None else 1
         return min(enough, math.ceil(self.room(replicas * enough) / replicas))
 
-    async def admit(self, priority: Priority) -> ApiError | None:
-        """None when the request may go on (at once or after queueing); a 429 otherwise."""
+    async def admit(self, priority: Priority, *,
+                    on_newest_first: Callable[[], None] | None = None) -> ApiError | None:
+        """None when the request may go on (at once or after queueing); a 429 otherwise.
+        ``on_newest_first`` is called when the queue let it go newest-first
+        (``newestFirstAfterMs``): the caller tells the engines."""
         if not self.saturated() and not self._waiting:
             return None
         if priority.sheddable:
@@ -164,7 +181,7 @@ class AdmissionController:
                 status=429, type="rate_limit_exceeded", code="queue_full",
                 message=f"admission queue is full ({self.spec.max_queue_depth} waiting; "
                         "RoutePolicy spec.admission.maxQueueDepth)", retry_after_s=1.0))
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         entry = (-priority.value, next(self._sequence), int(time.time() * 1000), future)
         heapq.heappush(self._waiting, entry)
         self._set_depth()
@@ -182,6 +199,8 @@ class AdmissionController:
                     message=f"waited {self.spec.queue_timeout_ms} ms for a free endpoint "
                             "(RoutePolicy spec.admission.queueTimeoutMs)", retry_after_s=1.0))
             self._resumed()  # released as the timeout fired: it goes on
+            if future.result() and on_newest_first is not None:
+                on_newest_first()
         except BaseException:
             # The client went away (or the router is stopping) while queued: leave the queue at
             # once, and hand a slot this waiter was just given to the next live one.
@@ -192,6 +211,8 @@ class AdmissionController:
             raise
         else:
             self._resumed()
+            if future.result() and on_newest_first is not None:
+                on_newest_first()
         return None
 
     def _resumed(self) -> None:
@@ -200,7 +221,7 @@ class AdmissionController:
         reserved first), or it left."""
         self._in_transit = max(0, self._in_transit - 1)
 
-    def _leave(self, entry: tuple[int, int, int, asyncio.Future[None]]) -> None:
+    def _leave(self, entry: _Waiter) -> None:
         """Take a waiter out of the queue; when it had already been released, release the next
         one in its place (a slot must never go to a waiter that is gone)."""
         future = entry[3]
@@ -225,28 +246,53 @@ class AdmissionController:
         were released."""
         if not self._waiting:
             return 0
-        free = self.release_count(len(self._waiting), self.waiting_keys, self._in_transit)
+        newest_first = self.newest_first_now()
+        free = self.release_count(len(self._waiting), self.waiting_keys, self._in_transit,
+                                  newest_first=newest_first)
         released = 0
+        if newest_first:
+            going = sorted(self._waiting, key=lambda entry: (entry[0], -entry[1]))
+            gone: set[int] = set()
+            for _, sequence, _, future in going:
+                if released >= free:
+                    break
+                gone.add(sequence)
+                if not future.done():
+                    future.set_result(True)
+                    released += 1
+                    self._in_transit += 1
+            self._waiting = [entry for entry in self._waiting if entry[1] not in gone]
+            heapq.heapify(self._waiting)
         while self._waiting and released < free:
             _, _, _, future = heapq.heappop(self._waiting)
             if not future.done():  # a cancelled waiter's future is done: skipped
-                future.set_result(None)
+                future.set_result(False)
                 released += 1
                 self._in_transit += 1
         self._set_depth()
         return released
 
+    def newest_first_now(self, now_ms: float | None = None) -> bool:
+        """Whether a release now goes newest-first: ``newestFirstAfterMs`` is set and the
+        oldest waiter has waited at least that long."""
+        after = self.spec.newest_first_after_ms
+        if after is None or not self._waiting:
+            return False
+        now = time.time() * 1000 if now_ms is None else now_ms
+        return now - min(entry[2] for entry in self._waiting) >= after
+
     def release_count(self, queued: int, mine: Callable[[int], Sequence[WaitingKey]],
-                      in_transit: int = 0, now_ms: float | None = None) -> int:
+                      in_transit: int = 0, now_ms: float | None = None,
+                      newest_first: bool = False) -> int:
         """How many of this replica's ``queued`` waiters to let go now: its share of the room
         (:meth:`release_room`, counted over every replica's waiters) less ``in_transit``; with
         the other replicas' waiters known (``peers_waiting``), only as many as it holds among
         the fleet's first that many by (priority, arrival) or that have waited half the
-        ``queueTimeoutMs`` (the deference is bounded). ``mine(n)``: this replica's first ``n``
-        waiters' keys in the order they go."""
+        ``queueTimeoutMs`` (the deference is bounded), unless the queue goes ``newest_first``.
+        ``mine(n)``: this replica's first ``n`` waiters' keys in the order they go."""
         peers = self.peers_waiting() if self.peers_waiting is not None else ()
         free = min(queued, self.release_room(in_transit + queued + len(peers)) - in_transit)
-        if free <= 0 or not peers:
+        if free <= 0 or not peers or newest_first:
             return max(0, free)
         first = mine(free)
         cut = heapq.nsmallest(free, itertools.chain(first, peers))[-1]

@@ -318,7 +318,11 @@ class BudgetHook:
     async def _admission_control(self, state: _Policy, request: LLMRequest, tenant: str) -> None:
         """Step 2: shed or queue by priority class when every endpoint is saturated."""
         controller = state.controller
-        error = await controller.admit(controller.priority_of(request.headers))
+        def newest_first() -> None:
+            request.newest_first = True
+
+        error = await controller.admit(controller.priority_of(request.headers),
+                                       on_newest_first=newest_first)
         if error is not None:
             self.ledger.count_requests(state.key, tenant,
                                        self.ledger.budgets_for(state.key, tenant), "shed")

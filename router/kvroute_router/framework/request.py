@@ -52,6 +52,10 @@ class LLMRequest:
     """When the router took the request (wall clock, so replicas agree): the base of the
     vLLM ``priority`` it sets for engines that run priority scheduling
     (:meth:`~kvroute_router.director.Decision.engine_priority`)."""
+    newest_first: bool = False
+    """The admission queue let this request go newest-first (``spec.admission.
+    newestFirstAfterMs``, adaptive LIFO under overload): the engines serve it newest-first
+    too (:meth:`engine_priority`)."""
     allowed_addresses: frozenset[str] | None = None
     """When set, only endpoints with these addresses may be picked (Envoy subset hint)."""
     lora_adapter: str | None = None
@@ -94,8 +98,11 @@ class LLMRequest:
         """The vLLM ``priority`` for an engine that must compute ``uncached_tokens`` of the
         prompt: arrival in ms plus ``ms_per_token`` per such token. Lower is served first, so
         a prompt mostly cached there goes ahead of a long miss that arrived up to the miss's
-        penalty earlier, and never further (no starvation)."""
-        return self.received_unix_ms + round(ms_per_token * uncached_tokens)
+        penalty earlier, and never further (no starvation). A request the admission queue let
+        go newest-first (:attr:`newest_first`) counts its arrival negated: ahead of every
+        request ranked by arrival, the newest of them first."""
+        arrival = -self.received_unix_ms if self.newest_first else self.received_unix_ms
+        return arrival + round(ms_per_token * uncached_tokens)
 
     def prompt_upper_bound(self) -> int:
         """Prompt tokens, never underestimated: the parsed bound when there is one, else exact

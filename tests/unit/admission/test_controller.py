@@ -285,3 +285,76 @@ async def test_a_released_waiter_that_is_gone_gives_its_room_back() -> None:
     gone.cancel()
     await asyncio.gather(gone, return_exceptions=True)
     assert not controller.saturated()
+
+
+async def _three_waiters_released_one_by_one(after: int | None) -> tuple[list[str], list[str]]:
+    """Three waiters a, b, c (in that order) let go one at a time: the order they went in,
+    and those told they went newest-first."""
+    load = Load()
+    load.saturate()
+    controller = AdmissionController("chat", AdmissionSpec.model_validate(
+        {"maxQueueDepth": 10, "queueTimeoutMs": 60_000, "saturationQueueDepth": 4,
+         "newestFirstAfterMs": after}), load)
+    released: list[str] = []
+    told: list[str] = []
+
+    async def wait(name: str) -> None:
+        error = await controller.admit(controller.priority_of({}),
+                                       on_newest_first=lambda: told.append(name))
+        assert error is None
+        released.append(name)
+
+    waiters = []
+    for name in ("a", "b", "c"):
+        waiters.append(asyncio.create_task(wait(name)))
+        await _settle()
+        await asyncio.sleep(0.002)  # distinct arrival ms
+    assert controller.queue_depth == 3
+    assert controller.newest_first_now() is (after == 0)
+    for _ in range(3):
+        load.endpoints = [EndpointLoad(3, 0.2)]  # room for one
+        assert controller.release_waiting() == 1
+        await _settle()
+        load.saturate()
+    await asyncio.gather(*waiters)
+    return released, told
+
+
+async def test_a_late_queue_lets_the_newest_go_first_and_says_so() -> None:
+    """newestFirstAfterMs (adaptive LIFO): once the oldest waiter has waited that long a
+    release lets the newest go first — the highest priority class still first — and tells the
+    request (the engines then serve it newest-first too). Below it, or unset, the oldest goes
+    first and nothing is said."""
+    assert await _three_waiters_released_one_by_one(0) == (["c", "b", "a"], ["c", "b", "a"])
+    assert await _three_waiters_released_one_by_one(60_000) == (["a", "b", "c"], [])
+    assert await _three_waiters_released_one_by_one(None) == (["a", "b", "c"], [])
+
+    # Priority classes first: an older interactive waiter goes before a newer standard one.
+    load = Load()
+    load.saturate()
+    controller = AdmissionController("chat", SPEC.model_copy(update={
+        "newest_first_after_ms": 0, "max_queue_depth": 10, "queue_timeout_ms": 60_000}), load)
+    interactive = asyncio.create_task(controller.admit(controller.priority_of(
+        {"x-kvroute-priority": "interactive"})))
+    await _settle()
+    standard = asyncio.create_task(controller.admit(controller.priority_of({})))
+    await _settle()
+    load.endpoints = [EndpointLoad(3, 0.2)]
+    assert controller.release_waiting() == 1
+    await _settle()
+    assert interactive.done() and not standard.done()
+    standard.cancel()
+    await asyncio.gather(standard, return_exceptions=True)
+
+
+def test_a_late_queue_does_not_defer_to_the_fleets_oldest() -> None:
+    """With newest-first on, a replica releases its own share of the room whatever the other
+    replicas hold (their keys are an oldest-first order)."""
+    load = Load()
+    load.endpoints = [EndpointLoad(0, 0.2)]  # room 4
+    controller = AdmissionController(
+        "chat", AdmissionSpec.model_validate({"saturationQueueDepth": 4}), load,
+        peers_waiting=lambda: [(0, 1), (0, 2), (0, 3), (0, 4)])
+    mine = [(0, 10), (0, 11)]
+    assert controller.release_count(2, lambda n: mine[:n], now_ms=100) == 0
+    assert controller.release_count(2, lambda n: mine[:n], now_ms=100, newest_first=True) == 2

@@ -574,6 +574,41 @@ def test_the_routers_admission_queue_holds_arrivals_while_every_engine_is_satura
     assert unqueued.unfinished == 0 and max(deepest) > 2  # the same burst, unheld
 
 
+def test_a_late_router_queue_lets_the_newest_go_first_at_the_engines_too(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """spec.admission.newestFirstAfterMs in the simulator: first come first served without it
+    (requests reach the engines in arrival order); with it, once the queue is late the newest
+    go first, with an engine priority below every arrival-ranked one (as the router's
+    ``LLMRequest.newest_first``)."""
+    reached: list[tuple[int, int]] = []
+    enqueue = SimEngine.enqueue
+
+    def recording(engine: SimEngine, request: SimRequest) -> None:
+        reached.append((request.id, request.priority))
+        enqueue(engine, request)
+
+    monkeypatch.setattr(SimEngine, "enqueue", recording)
+    profile = cpu_test_engine()
+    trace = generate(ChatParams(requests=40, rate=1000.0))
+    for after in (None, 0):
+        reached.clear()
+        picker = RouterPicker({"scorers": [{"type": "queue-depth", "weight": 1.0}]},
+                              block_size=profile.block_size, engine_priority=True,
+                              admission={"saturationQueueDepth": 2,
+                                         "newestFirstAfterMs": after})
+        result = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True),
+                          pods=2, profile=profile, picker=picker, scheduling_policy="priority")
+        assert result.unfinished == 0 and not picker.held
+        ids = [rid for rid, _ in reached]
+        if after is None:
+            assert ids == sorted(ids) and all(p >= 0 for _, p in reached)
+        else:
+            assert ids != sorted(ids)
+            late = [(rid, p) for rid, p in reached if p < 0]
+            assert late  # let go newest-first: ahead of the arrival-ranked at the engine
+            assert any(rid > later for (rid, _), (later, _) in itertools.pairwise(late))
+
+
 def test_each_replica_queues_its_own_arrivals_and_releases_what_it_finds_room_for(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Three replicas behind round-robin, each with its own admission queue, on two engines

@@ -263,6 +263,40 @@ async def test_a_finished_request_releases_queued_ones_without_any_budget() -> N
     assert routed.endpoints[0] is running
 
 
+async def test_a_request_let_go_newest_first_goes_newest_first_at_the_engine_too() -> None:
+    """spec.admission.newestFirstAfterMs: a request the late queue let go newest-first is
+    marked so, and a priority engine gets it ahead of every request ranked by arrival (its
+    arrival negated); one that never queued is ranked by arrival."""
+    settings = RouterSettings(http_port=None, ext_proc_port=None, grpc_port=None,
+                              metrics_port=None)
+    router = Router(settings)
+    hook = router.budget_hook
+    assert hook is not None
+    policy = make_policy(pools=[{"name": "strong"}], admission={
+        "saturationQueueDepth": 1, "queueTimeoutMs": 60_000, "newestFirstAfterMs": 0})
+    router.datastore.replace(_pools(), [policy])
+    pool = router.datastore.pool("default/strong")
+    assert pool is not None
+    pool.pool.spec.engine.scheduling_policy = "Priority"
+    first = await router.director.route(_request())
+    assert not first.request.newest_first
+    first_priority = first.engine_priority(first.endpoints[0])
+    assert first_priority is not None and first_priority > 0
+    busy = router.datastore.endpoints()
+    for ep in busy:
+        ep.dispatched_since_scrape = 1  # every endpoint saturated
+    queued = asyncio.create_task(router.director.route(_request()))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not queued.done()
+    busy[0].dispatched_since_scrape = 0
+    hook.on_complete(first, Outcome(status=200))
+    routed = await asyncio.wait_for(queued, 5)
+    assert routed.request.newest_first
+    priority = routed.engine_priority(routed.endpoints[0])
+    assert priority is not None and priority < 0 < first_priority
+
+
 async def test_requests_without_budgets_are_left_alone() -> None:
     director, _, _, _ = _setup(make_policy(pools=[{"name": "strong"}, {"name": "weak"}]))
     request = LLMRequest(model="chat", prompt_text=PROMPT)

@@ -251,7 +251,8 @@ class AdmissionController:
                                   newest_first=newest_first)
         released = 0
         if newest_first:
-            going = sorted(self._waiting, key=lambda entry: (entry[0], -entry[1]))
+            # The first ``free`` by (priority, newest): O(queue) a call while the queue is late.
+            going = heapq.nsmallest(free, self._waiting, key=lambda entry: (entry[0], -entry[1]))
             gone: set[int] = set()
             for _, sequence, _, future in going:
                 if released >= free:

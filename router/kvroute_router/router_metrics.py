@@ -174,7 +174,7 @@ class RuntimeProbes:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
-        self._gc_started = 0.0
+        self._gc_started: float | None = None
         self._gc_pause = [metrics.gc_pause.labels(str(g)) for g in range(3)]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -202,7 +202,15 @@ class RuntimeProbes:
         self._arm()
 
     def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._gc_started = time.perf_counter()
-        else:
-            self._gc_pause[info["generation"]].observe(time.perf_counter() - self._gc_started)
+        """A collection starts or stops. Never raises: a pass can start anywhere, at the
+        bottom of a deep stack too, and an exception here would be reported from inside the
+        garbage collector (pytest fails the test that happened to be running). A pass whose
+        start could not be recorded is not observed."""
+        try:
+            if phase == "start":
+                self._gc_started = time.perf_counter()
+            elif self._gc_started is not None:
+                started, self._gc_started = self._gc_started, None
+                self._gc_pause[info["generation"]].observe(time.perf_counter() - started)
+        except RecursionError:
+            self._gc_started = None

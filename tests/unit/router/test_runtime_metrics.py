@@ -223,3 +223,29 @@ def test_children_are_the_series_the_registry_exports() -> None:
     assert ('kvroute_requests_total{endpoint="engine-0",policy="policy",pool="pool",status="200"}'
             ' 3.0') in text
     assert 'endpoint="engine-1",policy="policy",pool="pool",status="429"} 1.0' in text
+
+
+def test_a_gc_pass_at_the_bottom_of_a_deep_stack_never_raises_from_the_probe(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GC callback runs wherever a collection starts; at the recursion limit its own calls
+    raise RecursionError, which escaped from inside the collector (a loopback fuzz test failed
+    on it). The probe drops that pass instead, and the next one is measured."""
+    from kvroute_router.router_metrics import RuntimeProbes
+    from prometheus_client import CollectorRegistry
+
+    probes = RuntimeProbes(RouterMetrics(CollectorRegistry()), 0)
+    observed: list[float] = []
+
+    def deep(value: float) -> None:
+        raise RecursionError("maximum recursion depth exceeded")
+
+    for child in probes._gc_pause:
+        monkeypatch.setattr(child, "observe", deep)
+    probes._on_gc("start", {"generation": 0})
+    probes._on_gc("stop", {"generation": 0})  # raised before
+    probes._on_gc("stop", {"generation": 0})  # no start recorded: nothing observed
+    for child in probes._gc_pause:
+        monkeypatch.setattr(child, "observe", observed.append)
+    probes._on_gc("start", {"generation": 2})
+    probes._on_gc("stop", {"generation": 2})
+    assert len(observed) == 1 and observed[0] >= 0

@@ -199,8 +199,6 @@ class AdmissionController:
                     message=f"waited {self.spec.queue_timeout_ms} ms for a free endpoint "
                             "(RoutePolicy spec.admission.queueTimeoutMs)", retry_after_s=1.0))
             self._resumed()  # released as the timeout fired: it goes on
-            if future.result() and on_newest_first is not None:
-                on_newest_first()
         except BaseException:
             # The client went away (or the router is stopping) while queued: leave the queue at
             # once, and hand a slot this waiter was just given to the next live one.
@@ -211,8 +209,8 @@ class AdmissionController:
             raise
         else:
             self._resumed()
-            if future.result() and on_newest_first is not None:
-                on_newest_first()
+        if future.result() and on_newest_first is not None:  # released, newest-first
+            on_newest_first()
         return None
 
     def _resumed(self) -> None:

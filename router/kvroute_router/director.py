@@ -151,6 +151,12 @@ class Decision:
         """The pool's engines run vLLM's priority scheduling (``spec.engine.schedulingPolicy``)."""
         return self.pool.pool.spec.engine.scheduling_policy == "Priority"
 
+    @property
+    def newest_first_at_engines(self) -> bool:
+        """The admission queue let the request go newest-first and the engines rank by
+        priority: it overtakes every arrival-ranked request queued there."""
+        return self.request.newest_first and self.priority_engines
+
     def engine_priority(self, endpoint: Endpoint) -> int | None:
         """The vLLM ``priority`` to send ``endpoint`` (lower is served first), or None when
         the pool's engines run FCFS (``spec.engine.schedulingPolicy``) and the client's field,
@@ -507,7 +513,7 @@ class Director:
         self.answering(decision, endpoint)  # a second attempt on the same endpoint
         amount = decision.request.prefill_tokens(decision.prefix_match_ratio(endpoint))
         decision.prefill_backlog[endpoint.name] = amount
-        endpoint.prefill_backlog += amount
+        endpoint.add_prefill_backlog(amount, decision.newest_first_at_engines)
         if decision.prefill_wait_s > 0 or decision.priority_engines:
             self._start_prefill(decision, endpoint)
         self._in_flight(decision.pool.name, endpoint.name).inc()
@@ -539,7 +545,7 @@ class Director:
         :meth:`end_attempt` does it otherwise)."""
         amount = decision.prefill_backlog.pop(endpoint.name, 0.0)
         if amount:
-            endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - amount)
+            endpoint.remove_prefill_backlog(amount, decision.newest_first_at_engines)
         started = decision.prefill_started.pop(endpoint.name, None)
         first: int | None = None
         if started is not None:

@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import Any, NamedTuple
 
+from kvroute_api.inference_pool import InferencePool
 from kvroute_api.route_policy import AdmissionSpec, ScoringSpec
 from kvroute_emulator.model.engine import SimEngine, SimRequest
 from kvroute_router.admission.controller import AdmissionController, EndpointLoad, WaitingKey
@@ -85,6 +86,18 @@ class ByteTokenizer:
         return list(prompt_text.encode())
 
 
+def _priority_pool(block_size: int) -> InferencePool:
+    """The simulated pool as the plugins read it when its engines rank by priority (what
+    ``prefill-cost`` reads from it, the pool's ``engine.schedulingPolicy``)."""
+    return InferencePool.model_validate({
+        "apiVersion": "kvroute.io/v1alpha1", "kind": "InferencePool",
+        "metadata": {"name": POOL_KEY.rpartition("/")[2]},
+        "spec": {"mode": "External", "model": {"name": "sim-model"}, "resources": {"gpus": 0},
+                 "engine": {"blockSize": block_size, "schedulingPolicy": "Priority"},
+                 "endpoints": [{"name": "pod-0", "address": "10.0.0.0:8000"}]},
+    }, by_alias=True)
+
+
 class RouterPicker:
     """Routes simulated requests with the router's scheduler profile for ``scoring`` (and the
     saturation thresholds of ``admission``, a RoutePolicy's ``spec.admission``; with
@@ -107,7 +120,8 @@ class RouterPicker:
         self._state_hashes = ""
         if precise:
             self._wire_kv_events(registry, services, block_size, eviction_forecast)
-        context = PluginContext(scoring=spec, pool_key=POOL_KEY, pool=None,
+        context = PluginContext(scoring=spec, pool_key=POOL_KEY,
+                                pool=_priority_pool(block_size) if engine_priority else None,
                                 services=services, policy_key="sim/policy",
                                 admission=(AdmissionSpec.model_validate(admission)
                                            if admission is not None else None))
@@ -251,6 +265,7 @@ class RouterPicker:
         endpoints = self._sync(engines)
         llm = LLMRequest(model=self.model, prompt_text=request.prompt,
                          max_tokens=request.max_tokens)
+        llm.newest_first = request.id in self._newest_first
         state = CycleState()
         ranked = self.profile.run(state, llm, endpoints, 1)
         if not ranked:
@@ -260,7 +275,7 @@ class RouterPicker:
         index = self._position[id(chosen)]
         held = self.profile.prefix_match(ranked[0])
         amount = llm.prefill_tokens(held)
-        chosen.prefill_backlog += amount
+        chosen.add_prefill_backlog(amount, self._newest_first_at_engines(request))
         started: tuple[int, PrefillInFlight] | None = None
         if self.scrape_interval_s > 0:  # director.dispatch: counted before the next scrape
             chosen.in_flight += 1
@@ -287,7 +302,6 @@ class RouterPicker:
         uncached = amount if held is None else float(
             max(0, len(request.hashes) - held) * self.block_size)
         llm.received_unix_ms = round(request.arrival_s * 1000)
-        llm.newest_first = request.id in self._newest_first
         priority = llm.engine_priority(uncached, self.priority_ms_per_token)
         if held is not None:
             floor = chosen.prefill_priority_floor(request.hashes[:held])
@@ -300,6 +314,11 @@ class RouterPicker:
         flight = PrefillInFlight(priority)
         chosen.prefill_in_flight[request.hashes[held]] = flight
         return request.hashes[held], flight
+
+    def _newest_first_at_engines(self, request: SimRequest) -> bool:
+        """``Decision.newest_first_at_engines``: let go newest-first by this picker's queue,
+        to engines that rank by priority."""
+        return self.engine_priority and request.id in self._newest_first
 
     def share_prefill(self, index: int, request: SimRequest,
                       started: tuple[int, PrefillInFlight]) -> None:
@@ -315,7 +334,7 @@ class RouterPicker:
         """Another replica's ``request`` adds ``amount`` prompt tokens to engine ``index``'s
         prefill backlog here too, until its first token (``_answered``)."""
         if amount:
-            self._endpoints[index].prefill_backlog += amount
+            self._endpoints[index].add_prefill_backlog(amount)
             self._unanswered[index].append((request, amount, None))
 
     # --- endpoints ---------------------------------------------------------------------------
@@ -349,11 +368,13 @@ class RouterPicker:
         still = [entry for entry in pending
                  if entry[0].first_token_s is None and entry[0].done_s is None]
         if len(still) < len(pending):
-            answered = sum(e[1] for e in pending) - sum(e[1] for e in still)
-            endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - answered)
-            for request, _, started in pending:  # Director.answering: the prefix is computed
-                if started is not None and (request.first_token_s is not None
-                                            or request.done_s is not None):
+            for request, amount, started in pending:  # Director.answering
+                if request.first_token_s is None and request.done_s is None:
+                    continue
+                if amount:
+                    endpoint.remove_prefill_backlog(amount,
+                                                    self._newest_first_at_engines(request))
+                if started is not None:  # the prefix is computed
                     first, flight = started
                     if endpoint.prefill_in_flight.get(first) is flight:
                         del endpoint.prefill_in_flight[first]

@@ -69,6 +69,11 @@ class Endpoint:
     flight, the part of its prompt the endpoint did not hold when it was dispatched
     (:meth:`LLMRequest.prefill_tokens`), until the first byte of its answer (the prompt is
     computed then) or the attempt's end. What the ``prefill-cost`` scorer adds up."""
+    prefill_backlog_newest_first: float = 0.0
+    """The part of :attr:`prefill_backlog` from attempts the admission queue let go
+    newest-first to a priority engine (``LLMRequest.newest_first``): ranked there ahead of
+    every arrival-ranked request, this is the backlog another newest-first request waits
+    behind (:meth:`prefill_backlog_ahead`)."""
     prefill_in_flight: dict[int, PrefillInFlight] = field(default_factory=dict)
     """Prompt prefixes this endpoint is computing for requests this router sent it: the hash
     of the first block each will compute (the first it did not hold at dispatch) -> its
@@ -90,6 +95,26 @@ class Endpoint:
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+    def add_prefill_backlog(self, tokens: float, newest_first: bool = False) -> None:
+        """An attempt sent here must compute ``tokens`` of its prompt (``newest_first``: it
+        was let go newest-first to a priority engine)."""
+        self.prefill_backlog += tokens
+        if newest_first:
+            self.prefill_backlog_newest_first += tokens
+
+    def remove_prefill_backlog(self, tokens: float, newest_first: bool = False) -> None:
+        """Undo :meth:`add_prefill_backlog` (the attempt started answering or ended)."""
+        self.prefill_backlog = max(0.0, self.prefill_backlog - tokens)
+        if newest_first:
+            self.prefill_backlog_newest_first = max(
+                0.0, self.prefill_backlog_newest_first - tokens)
+
+    def prefill_backlog_ahead(self, newest_first: bool) -> float:
+        """The prompt tokens a request sent here now waits behind: the whole backlog, or for a
+        request let go newest-first to a priority engine only the newest-first part (it
+        overtakes every arrival-ranked request queued there)."""
+        return self.prefill_backlog_newest_first if newest_first else self.prefill_backlog
 
     @property
     def kv_capacity_blocks(self) -> int | None:

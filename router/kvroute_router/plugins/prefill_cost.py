@@ -26,6 +26,12 @@ router's, and a spill decided on it worth less — three synced replicas at 3 se
 prompts away from their holder against one router's 28 % and lost 27 % TTFT p90 near
 saturation; at 10 they were level (emulated-fleet.md, rounds 41 and 42).
 
+A request the admission queue let go newest-first (``spec.admission.newestFirstAfterMs``)
+to priority engines overtakes every arrival-ranked request queued there, so its backlog is
+only the newest-first part (``Endpoint.prefill_backlog_ahead``): counted whole, the holder of
+its prefix looked as slow as under first come first served and the request went to a
+non-holder to compute its context again (emulated-fleet.md, round 44).
+
 What it cannot see: work other routers sent (replicas without replica sync, clients going
 straight to the engine), and decode load. The ``load-headroom`` filter still removes hot
 spots by queue depth before it scores, and the default policy adds ``running-requests`` at
@@ -57,8 +63,12 @@ class PrefillCostScorer:
     TYPE: ClassVar[str] = "prefill-cost"
 
     def __init__(self, miss_weight: float = 3.0, replicas_miss_weight: float | None = None,
-                 services: SharedServices | None = None) -> None:
+                 services: SharedServices | None = None,
+                 priority_engines: bool = False) -> None:
         self.name = self.TYPE
+        self.priority_engines = priority_engines
+        """The pool's engines run vLLM's priority scheduling (newest-first requests overtake
+        there)."""
         self.miss_weight = miss_weight
         self.replicas_miss_weight = (miss_weight if replicas_miss_weight is None
                                      else replicas_miss_weight)
@@ -81,7 +91,8 @@ class PrefillCostScorer:
         held = state.read(STATE_PREFIX_HELD, dict) or {}
         # LLMRequest.prefill_tokens per endpoint (the prompt's size estimated once), weighted.
         miss = float(request.prompt_size_estimate()) * self.weight()
-        costs = [ep.prefill_backlog + miss * unheld_share(held.get(ep.name))
+        newest_first = request.newest_first and self.priority_engines
+        costs = [ep.prefill_backlog_ahead(newest_first) + miss * unheld_share(held.get(ep.name))
                  for ep in endpoints]
         if not costs:
             return []
@@ -91,4 +102,6 @@ class PrefillCostScorer:
     @classmethod
     def build(cls, context: PluginContext) -> Self:
         return cls(context.scoring.prefill_miss_weight,
-                   context.scoring.prefill_miss_weight_replicas, context.services)
+                   context.scoring.prefill_miss_weight_replicas, context.services,
+                   priority_engines=context.pool is not None
+                   and context.pool.spec.engine.scheduling_policy == "Priority")

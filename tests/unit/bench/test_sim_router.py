@@ -13,6 +13,7 @@ from kvroute_bench.sim.run import make_picker, needs_block_hashes, split_picker_
 from kvroute_bench.workloads import ChatParams, generate
 from kvroute_emulator.model.engine import SimEngine, SimRequest
 from kvroute_emulator.model.profile import CostProfile, cpu_test_engine
+from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.kvevents.hashing import BlockHashConfig, BlockHasher
 from kvroute_router.plugins.max_score import MaxScorePicker
 
@@ -607,6 +608,36 @@ def test_a_late_router_queue_lets_the_newest_go_first_at_the_engines_too(
             late = [(rid, p) for rid, p in reached if p < 0]
             assert late  # let go newest-first: ahead of the arrival-ranked at the engine
             assert any(rid > later for (rid, _), (later, _) in itertools.pairwise(late))
+
+
+def test_newest_first_work_is_its_own_backlog_only_at_priority_engines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``Director.dispatch``: a request the late queue let go newest-first adds its prompt
+    to the endpoint's newest-first backlog too (what ``prefill-cost`` counts for the next such
+    request) when the engines rank by priority, and only then."""
+    counted: list[tuple[bool, float, float]] = []
+    add = Endpoint.add_prefill_backlog
+
+    def recording(endpoint: Endpoint, tokens: float, newest_first: bool = False) -> None:
+        add(endpoint, tokens, newest_first)
+        counted.append((newest_first, endpoint.prefill_backlog,
+                        endpoint.prefill_backlog_newest_first))
+
+    monkeypatch.setattr(Endpoint, "add_prefill_backlog", recording)
+    profile = cpu_test_engine()
+    trace = generate(ChatParams(requests=40, rate=1000.0))
+    for priority in (True, False):
+        counted.clear()
+        picker = RouterPicker({"scorers": [{"type": "prefill-cost", "weight": 1.0}]},
+                              block_size=profile.block_size, engine_priority=priority,
+                              admission={"saturationQueueDepth": 2, "newestFirstAfterMs": 0})
+        result = simulate(to_sim_requests(trace.requests, profile.block_size, keep_text=True),
+                          pods=2, profile=profile, picker=picker,
+                          scheduling_policy="priority" if priority else "fcfs")
+        assert result.unfinished == 0
+        flags = {newest for newest, _, _ in counted}
+        assert flags == ({True, False} if priority else {False})
+        assert all(part <= whole for _, whole, part in counted)
 
 
 def test_each_replica_queues_its_own_arrivals_and_releases_what_it_finds_room_for(

@@ -146,6 +146,52 @@ async def test_the_holder_keeps_a_tenant_until_its_backlog_outweighs_recomputing
         "local-0": 2800.0, "local-1": 10.0}
 
 
+async def _holder_with_a_queue(scheduling_policy: str) -> tuple[Director, dict[str, Endpoint]]:
+    """local-0 holds the tenant's context and has 5,000 arrival-ranked tokens queued."""
+    policy = make_policy(scoring={"scorers": [{"type": "prefix-approx", "weight": 0},
+                                              {"type": "prefill-cost"}]})
+    pool = make_pool(count=2, engine={"blockSize": 32, "schedulingPolicy": scheduling_policy})
+    director, _ = make_director([pool], [policy])
+    eps = _by_name(director)
+    eps["local-1"].prefill_backlog = 10.0
+    first = await director.open(_request("first"))
+    assert first.endpoint is eps["local-0"]
+    first.close()
+    eps["local-0"].add_prefill_backlog(5000.0)
+    return director, eps
+
+
+async def test_a_newest_first_request_waits_only_behind_newest_first_work_on_priority_engines(
+        ) -> None:
+    """Let go newest-first (``admission.newestFirstAfterMs``), a request overtakes every
+    arrival-ranked request at a priority engine: the holder's queue of those does not send it
+    to compute the context elsewhere. Its own tokens count in both backlogs until it answers."""
+    director, eps = await _holder_with_a_queue("Priority")
+    late = _request("late")
+    late.newest_first = True
+    newest = await director.open(late)
+    assert newest.endpoint is eps["local-0"]  # 0 + 64 x 3 there, against 10 + 1,024 x 3
+    assert (eps["local-0"].prefill_backlog, eps["local-0"].prefill_backlog_newest_first) == (
+        5064.0, 64.0)
+    # An arrival-ranked request waits behind all of it (5,064 + 192): it goes to local-1.
+    ranked = await director.open(_request("ranked"))
+    assert ranked.endpoint is eps["local-1"]
+    assert eps["local-1"].prefill_backlog_newest_first == 0.0
+    newest.answering()
+    assert (eps["local-0"].prefill_backlog, eps["local-0"].prefill_backlog_newest_first) == (
+        5000.0, 0.0)
+    newest.close()
+    ranked.close()
+    # FCFS engines serve it in arrival order: the whole queue counts, and it leaves.
+    director, eps = await _holder_with_a_queue("FCFS")
+    late = _request("late")
+    late.newest_first = True
+    fcfs = await director.open(late)
+    assert fcfs.endpoint is eps["local-1"]
+    assert eps["local-1"].prefill_backlog_newest_first == 0.0
+    fcfs.close()
+
+
 def test_the_policy_sets_how_much_a_missing_token_weighs() -> None:
     registry = register_builtin_plugins(PluginRegistry())
     eps = _endpoints(1500.0, 0.0)  # e0 holds 3/4 of the prompt but has 1,500 tokens queued

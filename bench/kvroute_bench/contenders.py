@@ -445,6 +445,12 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-lifo": KvrouteVariant(
         "kvroute-precise-cost with newestFirstAfterMs 500: adaptive LIFO under overload (A/B)",
         _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500}}),
+    # ... and with retries.perTryTimeoutMs 60 s: a newest-first queue leaves its oldest at
+    # the engines past the default 10 s, and each such timeout retries elsewhere (round 44).
+    "precise-cost-lifo-t60": KvrouteVariant(
+        "kvroute-precise-cost with newestFirstAfterMs 500 and perTryTimeoutMs 60000 (A/B)",
+        _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500},
+                        "retries": {"perTryTimeoutMs": 60000}}),
     "precise-cost-lifo-q4": KvrouteVariant(
         "kvroute-precise-cost with newestFirstAfterMs 500 and saturationQueueDepth 4 (A/B)",
         _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500, "saturationQueueDepth": 4}}),

@@ -20,7 +20,7 @@ CONTENDER_NAMES = ("direct-rr", "direct-one", "envoy-rr", "kvroute-approx", "kvr
                    "kvroute-precise-cost-w10", "kvroute-precise-cost-rw3",
                    "kvroute-precise-cost-rw5",
                    "kvroute-precise-cost-q16", "kvroute-precise-cost-lifo",
-                   "kvroute-precise-cost-lifo-t60",
+                   "kvroute-precise-cost-lifo-t30",
                    "kvroute-precise-cost-lifo-q4", "kvroute-precise-cost-q1000",
                    "kvroute-precise-cost-wait200",
                    "kvroute-precise-cost-wait",

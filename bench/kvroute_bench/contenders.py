@@ -445,12 +445,12 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost-lifo": KvrouteVariant(
         "kvroute-precise-cost with newestFirstAfterMs 500: adaptive LIFO under overload (A/B)",
         _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500}}),
-    # ... and with retries.perTryTimeoutMs 60 s: a newest-first queue leaves its oldest at
+    # ... and with retries.perTryTimeoutMs 30 s: a newest-first queue leaves its oldest at
     # the engines past the default 10 s, and each such timeout retries elsewhere (round 44).
-    "precise-cost-lifo-t60": KvrouteVariant(
-        "kvroute-precise-cost with newestFirstAfterMs 500 and perTryTimeoutMs 60000 (A/B)",
+    "precise-cost-lifo-t30": KvrouteVariant(
+        "kvroute-precise-cost with newestFirstAfterMs 500 and perTryTimeoutMs 30000 (A/B)",
         _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500},
-                        "retries": {"perTryTimeoutMs": 60000}}),
+                        "retries": {"perTryTimeoutMs": 30000}}),
     "precise-cost-lifo-q4": KvrouteVariant(
         "kvroute-precise-cost with newestFirstAfterMs 500 and saturationQueueDepth 4 (A/B)",
         _PRECISE_COST, {"admission": {"newestFirstAfterMs": 500, "saturationQueueDepth": 4}}),
@@ -558,6 +558,10 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value
+    # A variant's per-try timeout is engine time, like the default's above.
+    try_ms = (extra or {}).get("retries", {}).get("perTryTimeoutMs")
+    if try_ms and fleet.time_scale != 1.0:
+        spec["retries"]["perTryTimeoutMs"] = min(600_000, round(try_ms * fleet.time_scale))
     # How long a prompt may wait for its prefix to be computed: engine time, like the rest.
     wait_ms = spec["scoring"].get("prefillWaitMs", DEFAULT_PREFILL_WAIT_MS)
     if wait_ms and fleet.time_scale != 1.0:

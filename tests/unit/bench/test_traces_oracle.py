@@ -155,6 +155,11 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
         {"admission": {"saturationQueueDepth": 100_000}})[1]["spec"])
     assert merged.admission.queue_timeout_ms == 480_000
     assert merged.admission.saturation_queue_depth == 100_000
+    # A variant's own per-try timeout is engine time too (30 s: 480 s of wall time at 16).
+    longer = RoutePolicySpec.model_validate(kvroute_config(
+        FleetInfo(engines, "m", 16, time_scale=16.0), [],
+        {"retries": {"perTryTimeoutMs": 30_000}})[1]["spec"])
+    assert longer.retries.per_try_timeout_ms == 480_000
     # The prefix wait is engine time too: stretched, the default and a variant's own.
     from kvroute_api.route_policy import ScoringSpec
     from kvroute_bench.contenders import DEFAULT_PREFILL_WAIT_MS, KVROUTE_POLICY_EXTRA

@@ -487,7 +487,7 @@ class ReplicaSync:
         key = (sender, dispatch_id)
         if key in self._remote_backlog or len(self._remote_backlog) >= MAX_REMOTE_BACKLOGS:
             return
-        endpoint.prefill_backlog += tokens
+        endpoint.add_prefill_backlog(tokens)  # counted as arrival-ranked (round 44)
         expiry = asyncio.get_running_loop().call_later(REMOTE_BACKLOG_TTL_S,
                                                        self._backlog_ended, *key)
         self._remote_backlog[key] = (endpoint, tokens, expiry)
@@ -500,7 +500,7 @@ class ReplicaSync:
             return
         endpoint, tokens, expiry = entry
         expiry.cancel()
-        endpoint.prefill_backlog = max(0.0, endpoint.prefill_backlog - tokens)
+        endpoint.remove_prefill_backlog(tokens)
         self._remote_tokens -= tokens
         self.metrics.remote_backlog.set(self._remote_tokens)
 

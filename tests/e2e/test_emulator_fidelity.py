@@ -10,10 +10,8 @@ nothing asserts on timing.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,7 +279,7 @@ async def test_same_restricted_metrics_page(engine_fleet: LocalEngineFleet,
     the same samples and label names, the whole page a multiple of the restricted one, and
     what the router parses from it the same as from the whole page."""
     from kvroute_router.scrape.scraper import FILTERED_PATH
-    from kvroute_router.scrape.vllm_metrics import parse_vllm_metrics
+    from kvroute_router.scrape.vllm_metrics import RUNNING, parse_vllm_metrics
 
     restricted, whole = {}, {}
     async with aiohttp.ClientSession() as s:
@@ -306,8 +304,6 @@ async def test_same_restricted_metrics_page(engine_fleet: LocalEngineFleet,
         assert ours.block_size is not None and ours.hash_algo == "sha256_cbor", side
 
 
-RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
-
 SMALL_CACHE_BLOCKS = 48
 """KV blocks of the small-cache pair (vLLM keeps one as its null block)."""
 
@@ -315,22 +311,16 @@ SMALL_CACHE_BLOCKS = 48
 @pytest.fixture(scope="module")
 def small_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real engine whose KV cache holds 48 blocks of 32 tokens (``--num-gpu-blocks-override``)
-    and an emulated one holding as many usable blocks: eviction is reached in a few requests.
-    Both run one sequence at a time under vLLM's ``priority`` scheduling policy, so a queue
-    forms behind one long request and its order is the policy's (sequential requests, as the
-    eviction test sends, are served as under fcfs)."""
+    and an emulated one holding as many usable blocks: eviction is reached in a few requests."""
     real = LocalEngineFleet(
         count=1, workdir=Path(tmp_path_factory.mktemp("small-cache")), max_model_len=512,
-        extra_args=["--num-gpu-blocks-override", str(SMALL_CACHE_BLOCKS),
-                    "--scheduling-policy", "priority", "--max-num-seqs", "1"],
+        extra_args=["--num-gpu-blocks-override", str(SMALL_CACHE_BLOCKS)],
         startup_timeout_s=float(os.environ.get("KVROUTE_E2E_STARTUP_S", "300")))
     real.start(progress=True)
     try:
-        profile = dataclasses.replace(cpu_test_engine(kv_blocks=SMALL_CACHE_BLOCKS - 1),
-                                      max_num_seqs=1)
-        config = FleetConfig(count=1, profile=profile, model_dir=real.workdir / "model",
-                             served_model_name=MODEL, max_model_len=512,
-                             scheduling_policy="priority")
+        config = FleetConfig(count=1, profile=cpu_test_engine(kv_blocks=SMALL_CACHE_BLOCKS - 1),
+                             model_dir=real.workdir / "model", served_model_name=MODEL,
+                             max_model_len=512)
         with fleet_in_thread(config) as fleet:
             emu = fleet.endpoints()[0]
             yield {"real": real.engines[0].url, "real-events": real.engines[0].kv_events_endpoint,
@@ -397,51 +387,3 @@ async def test_same_output_blocks_and_eviction_order(small_caches: dict[str, str
     assert seen["emulated"]["removed"] == seen["real"]["removed"]
     assert seen["real"]["stored"] == [(4, 128, True), (1, 32, False), (1, 32, False)]
     assert seen["real"]["removed"] == [5, 4, 3, 2, 1, 0]
-
-
-async def _until_gauge(session: aiohttp.ClientSession, url: str, name: str, at_least: float,
-                       alive: asyncio.Task[None]) -> None:
-    """Poll ``url``'s metrics until gauge ``name`` reaches ``at_least``; fails if ``alive``
-    (the request that keeps the queue waiting) ends first. Bounded by the caller's timeout."""
-    for _ in range(1_000_000):
-        async with session.get(f"{url}/metrics") as r:
-            page = await r.text()
-        if sum(x.value for f in text_string_to_metric_families(page) for x in f.samples
-               if x.name == name) >= at_least:
-            return
-        assert not alive.done(), f"{url}: the long request ended before {name} >= {at_least}"
-        await asyncio.sleep(0.01)
-
-
-async def test_a_newest_first_request_overtakes_the_queue(small_caches: dict[str, str]) -> None:
-    """What the router sends for a request its admission queue let go newest-first
-    (``spec.admission.newestFirstAfterMs``): the arrival in unix ms, negated, as the vLLM
-    ``priority``. A real engine under ``--scheduling-policy priority`` accepts it and serves it
-    before an arrival-ranked request (a positive unix-ms priority) that queued earlier; the
-    emulator does the same. One sequence runs at a time, so both wait behind a long request;
-    the order is read once both are seen waiting (no timing is asserted)."""
-    order: dict[str, list[str]] = {}
-    async with aiohttp.ClientSession() as s:
-        for side in ("real", "emulated"):
-            url = small_caches[side]
-            done: list[str] = []
-
-            async def send(name: str, priority: int, max_tokens: int, url: str = url,
-                           done: list[str] = done) -> None:
-                await _post(s, f"{url}/v1/completions", {
-                    "model": MODEL, "prompt": f"[{uuid.uuid4().hex}] {name}",
-                    "max_tokens": max_tokens, "ignore_eos": True, "priority": priority})
-                done.append(name)
-
-            now_ms = int(time.time() * 1000)
-            async with asyncio.timeout(BOUND_S):
-                long = asyncio.create_task(send("long", now_ms, 400))
-                await _until_gauge(s, url, RUNNING, 1, long)
-                ranked = asyncio.create_task(send("arrival-ranked", now_ms + 1, 2))
-                await _until_gauge(s, url, WAITING, 1, long)
-                newest = asyncio.create_task(send("newest-first", -(now_ms + 2), 2))
-                await _until_gauge(s, url, WAITING, 2, long)
-                await asyncio.gather(long, ranked, newest)
-            order[side] = done
-    assert order["real"] == ["long", "newest-first", "arrival-ranked"]
-    assert order["emulated"] == order["real"]

@@ -354,8 +354,13 @@ class RetrySpec(ApiModel):
 
     max_attempts: int = Field(default=3, ge=1, le=10,
                               description="Attempts in total, on distinct endpoints.")
-    per_try_timeout_ms: int = Field(default=10000, ge=100, le=600000,
-                                    description="Time to first byte allowed per attempt.")
+    per_try_timeout_ms: int = Field(
+        default=10000, ge=100, le=600000,
+        description="Time to first byte allowed per attempt of a stream while its endpoint "
+                    "answers nothing else: an endpoint that started answering another request "
+                    "of this router's in that time is busy, not stuck, so the attempt waits "
+                    "another perTryTimeoutMs (up to requestTimeoutSeconds) instead of being "
+                    "sent elsewhere to be computed again.")
 
 
 class RoutePolicySpec(ApiModel):

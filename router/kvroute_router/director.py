@@ -232,6 +232,7 @@ class RequestLifecycle:
         self._director = director
         self._decision = decision
         self._endpoint: Endpoint | None = None
+        self._answered = False
 
     @property
     def decision(self) -> Decision:
@@ -244,10 +245,14 @@ class RequestLifecycle:
     def dispatch(self, endpoint: Endpoint) -> None:
         self.end_attempt()
         self._endpoint = endpoint  # first: a plugin raising in dispatch still gets ended
+        self._answered = False
         self._director.dispatch(self._decision, endpoint)
 
     def answering(self) -> None:
         if self._endpoint is not None:
+            if not self._answered:
+                self._answered = True
+                self._endpoint.answers_started += 1
             self._director.answering(self._decision, self._endpoint)
 
     async def wait_for_prefill(self, limit_s: float) -> float:
@@ -351,6 +356,9 @@ class Director:
 
     def count_retry(self, decision: DecisionView) -> None:
         self.metrics.retries.labels(decision.policy_name, decision.pool_name).inc()
+
+    def count_per_try_extension(self, decision: DecisionView) -> None:
+        self.metrics.per_try_extensions.labels(decision.policy_name, decision.pool_name).inc()
 
     # ---- routing -----------------------------------------------------------------------------
     async def open(self, request: LLMRequest, entrypoint: str = "proxy") -> RequestLifecycle:

@@ -83,6 +83,11 @@ class RouterMetrics:
         self.retries = Counter(
             "kvroute_retries", "Attempts retried on another endpoint before the first byte.",
             ["policy", "pool"], registry=r)
+        self.per_try_extensions = Counter(
+            "kvroute_per_try_extensions",
+            "Per-try timeouts that found the endpoint answering other requests (busy, not "
+            "stuck), so the attempt kept waiting instead of being retried elsewhere.",
+            ["policy", "pool"], registry=r)
         self.shed = Counter(
             "kvroute_shed_requests", "Requests rejected by admission (429), by reason.",
             ["policy", "reason"], registry=r)

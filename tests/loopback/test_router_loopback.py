@@ -53,6 +53,7 @@ class FakeEngine:
     release: asyncio.Event = field(default_factory=asyncio.Event)
     gate_stream: bool = False
     gate_first: bool = False  # hold back even the first byte until ``release``
+    hold_prompt: str | None = None  # a stream with this prompt: its first byte waits as above
     requests: int = 0
     cancelled: int = 0
     models_seen: list[str] = field(default_factory=list)
@@ -132,7 +133,7 @@ class FakeEngine:
                 return web.json_response({"choices": [{"text": "hello"}],
                                           "usage": {"prompt_tokens": 3,
                                                     "completion_tokens": 1}})
-            if self.gate_first:
+            if self.gate_first or body.get("prompt") == self.hold_prompt:
                 await asyncio.wait_for(self.release.wait(), 30)
             response = web.StreamResponse(headers={"content-type": "text/event-stream"})
             await response.prepare(request)
@@ -361,6 +362,48 @@ async def test_hanging_engines_time_out_with_504_and_dead_ones_503(
             s.post(f"{url}/v1/completions", json={"model": "chat", "prompt": "p"}) as resp:
         assert resp.status == 503
         assert "error" in await resp.json()
+
+
+async def test_a_stream_queued_at_a_busy_engine_waits_past_the_per_try_timeout(
+        tmp_path: Path, engines: list[FakeEngine]) -> None:
+    """An engine that keeps answering other requests while a stream waits for its first byte
+    (queued behind them, or behind newer ones on a priority engine) is busy, not stuck: the
+    stream keeps its place past ``perTryTimeoutMs`` instead of being given up (and, with
+    another endpoint, computed a second time there). With nothing else answered it is given
+    up after the per-try timeout, as before."""
+    fake = engines[0]
+    fake.hold_prompt = "queued"
+    retries = {"maxAttempts": 2, "perTryTimeoutMs": 300}
+
+    def extensions(router: Router) -> float:
+        return sum(s.value for metric in router.metrics.registry.collect()
+                   if metric.name == "kvroute_per_try_extensions" for s in metric.samples
+                   if s.name.endswith("_total"))
+
+    async with running_router(tmp_path, engines[:1], retries=retries) as (router, url), \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        async def others() -> None:  # 1.5 s of other answers: five per-try periods
+            for i in range(15):
+                async with s.post(f"{url}/v1/completions", json={
+                        "model": "chat", "prompt": f"other {i}", "stream": True}) as other:
+                    assert other.status == 200
+                    await other.read()
+                await asyncio.sleep(0.1)
+            fake.release.set()
+
+        busy = asyncio.create_task(others())
+        async with s.post(f"{url}/v1/completions", json={
+                "model": "chat", "prompt": "queued", "stream": True}) as resp:
+            assert resp.status == 200
+            assert b"[DONE]" in await resp.read()
+        await busy
+        assert fake.requests == 16  # one attempt each: the queued one was never given up
+        assert extensions(router) >= 3
+        fake.release.clear()  # now it waits with nothing else answered: stuck
+        async with s.post(f"{url}/v1/completions", json={
+                "model": "chat", "prompt": "queued", "stream": True}) as resp:
+            assert resp.status == 504
+            assert (await resp.json())["error"]["code"] == "timeout"
 
 
 async def test_config_reload_does_not_drop_a_stream(tmp_path: Path,

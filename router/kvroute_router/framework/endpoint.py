@@ -81,6 +81,11 @@ class Endpoint:
     request that matched those blocks as pending waits for it (``scoring.prefillWaitMs``)
     instead of computing them a second time beside it, and on priority engines is ranked
     after it (:meth:`prefill_priority_floor`)."""
+    answers_started: int = 0
+    """Attempts on this endpoint whose answer started (its first byte reached this router),
+    counted since start-up: an endpoint whose count moves is making progress, so an attempt
+    that waits there for its first byte is queued behind others, not stuck (the proxy's
+    per-try timeout)."""
     scrape_failures: int = 0
     """Consecutive failed scrapes (0 after a success)."""
     unavailable_until: float = 0.0

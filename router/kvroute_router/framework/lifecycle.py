@@ -178,6 +178,9 @@ class RequestRouter(Protocol):
 
     def count_retry(self, decision: DecisionView) -> None: ...
 
+    def count_per_try_extension(self, decision: DecisionView) -> None:
+        """A per-try timeout found the attempt's endpoint answering others: it waits on."""
+
     @property
     def metrics_registry(self) -> CollectorRegistry:
         """The registry ``/metrics`` exposes."""

@@ -3,8 +3,9 @@
 
 Per request: parse the body, ask the director for a decision, then try the ranked endpoints in
 order (at most ``spec.retries.maxAttempts``). An attempt that fails *before the first byte* —
-connection refused, a 5xx status, or (for streams) no first chunk within ``perTryTimeoutMs`` —
-moves on to the next endpoint; once a byte went to the client the stream is committed. The
+connection refused, a 5xx status, or (for streams) no first chunk within ``perTryTimeoutMs``
+while the endpoint started answering nothing else (a busy endpoint is waited on: see
+``_PerTryTimer``) — moves on to the next endpoint; once a byte went to the client the stream is committed. The
 answer is relayed chunk by chunk as it arrives (no buffering), with ``x-kvroute-endpoint``
 naming the engine. A client that disconnects cancels the handler (``handler_cancellation``),
 which closes the upstream connection, so vLLM aborts the request. Every wait is bounded by the
@@ -297,15 +298,16 @@ class OpenAIProxy:
         assert self._upstream is not None
         decision: DecisionView = routed.decision
         stream = decision.request.stream
-        first_byte_by = (min(deadline, time.monotonic() + decision.per_try_timeout_s) if stream
-                         else deadline)
         status = 0
         ttft: float | None = None
         relayed = _Relayed(stream)
         broken: str | None = None
         try:
             try:
-                async with asyncio.timeout_at(_loop_time(first_byte_by)):
+                async with asyncio.timeout_at(_loop_time(deadline)) as timer, (
+                        _PerTryTimer(timer, endpoint, decision.per_try_timeout_s,
+                                     lambda: self.director.count_per_try_extension(decision))
+                        if stream else contextlib.nullcontext()):
                     upstream = await self._upstream.request(endpoint.address, "POST", path,
                                                             headers, payload)
                     try:
@@ -395,6 +397,43 @@ class OpenAIProxy:
             raise
         finally:
             routed.end_attempt()
+
+
+class _PerTryTimer:
+    """A stream attempt's per-try timeout (``retries.perTryTimeoutMs``), inside the request's
+    deadline ``timer``: it ends the attempt (the timer fires at once) only when ``period_s``
+    passed with no first byte *and* the endpoint started answering nothing else in that time.
+    An endpoint whose :attr:`Endpoint.answers_started` moved is busy, not stuck — this attempt
+    is queued behind others, or on a priority engine behind newer ones — and sending it
+    elsewhere would compute its prompt a second time and queue it again, so it waits another
+    period (``extended`` counts it). A stalled engine answers nobody and is left after one
+    period, two at most."""
+
+    def __init__(self, timer: asyncio.Timeout, endpoint: Endpoint, period_s: float,
+                 extended: Callable[[], None]) -> None:
+        self._timer = timer
+        self._endpoint = endpoint
+        self._period_s = period_s
+        self._extended = extended
+        self._loop = asyncio.get_running_loop()
+        self._seen = endpoint.answers_started
+        self._handle: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> _PerTryTimer:
+        self._handle = self._loop.call_later(self._period_s, self._check)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _check(self) -> None:
+        if self._endpoint.answers_started != self._seen:
+            self._seen = self._endpoint.answers_started
+            self._extended()
+            self._handle = self._loop.call_later(self._period_s, self._check)
+        else:
+            self._timer.reschedule(self._loop.time())
 
 
 class _Relayed:

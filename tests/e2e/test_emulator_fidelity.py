@@ -10,8 +10,10 @@ nothing asserts on timing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,16 +313,22 @@ SMALL_CACHE_BLOCKS = 48
 @pytest.fixture(scope="module")
 def small_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A real engine whose KV cache holds 48 blocks of 32 tokens (``--num-gpu-blocks-override``)
-    and an emulated one holding as many usable blocks: eviction is reached in a few requests."""
+    and an emulated one holding as many usable blocks: eviction is reached in a few requests.
+    Both run one sequence at a time under vLLM's ``priority`` scheduling policy, so a queue
+    forms behind one long request and its order is the policy's (sequential requests, as the
+    eviction test sends, are served as under fcfs)."""
     real = LocalEngineFleet(
         count=1, workdir=Path(tmp_path_factory.mktemp("small-cache")), max_model_len=512,
-        extra_args=["--num-gpu-blocks-override", str(SMALL_CACHE_BLOCKS)],
+        extra_args=["--num-gpu-blocks-override", str(SMALL_CACHE_BLOCKS),
+                    "--scheduling-policy", "priority", "--max-num-seqs", "1"],
         startup_timeout_s=float(os.environ.get("KVROUTE_E2E_STARTUP_S", "300")))
     real.start(progress=True)
     try:
-        config = FleetConfig(count=1, profile=cpu_test_engine(kv_blocks=SMALL_CACHE_BLOCKS - 1),
-                             model_dir=real.workdir / "model", served_model_name=MODEL,
-                             max_model_len=512)
+        profile = dataclasses.replace(cpu_test_engine(kv_blocks=SMALL_CACHE_BLOCKS - 1),
+                                      max_num_seqs=1)
+        config = FleetConfig(count=1, profile=profile, model_dir=real.workdir / "model",
+                             served_model_name=MODEL, max_model_len=512,
+                             scheduling_policy="priority")
         with fleet_in_thread(config) as fleet:
             emu = fleet.endpoints()[0]
             yield {"real": real.engines[0].url, "real-events": real.engines[0].kv_events_endpoint,
@@ -387,3 +395,46 @@ async def test_same_output_blocks_and_eviction_order(small_caches: dict[str, str
     assert seen["emulated"]["removed"] == seen["real"]["removed"]
     assert seen["real"]["stored"] == [(4, 128, True), (1, 32, False), (1, 32, False)]
     assert seen["real"]["removed"] == [5, 4, 3, 2, 1, 0]
+
+
+async def test_a_newest_first_request_overtakes_the_queue(small_caches: dict[str, str]) -> None:
+    """What the router sends for a request its admission queue let go newest-first
+    (``spec.admission.newestFirstAfterMs``): the arrival in unix ms, negated, as the vLLM
+    ``priority``. A real engine under ``--scheduling-policy priority`` accepts it and serves it
+    before an arrival-ranked request (a positive unix-ms priority) that reached the queue
+    earlier; the emulator does the same. One sequence runs at a time: both are sent once a long
+    request's first token arrived (it is running), and the long request must still be
+    streaming after both were sent (else no queue formed, and the test says so)."""
+    order: dict[str, list[str]] = {}
+    async with aiohttp.ClientSession() as s:
+        for side in ("real", "emulated"):
+            url = small_caches[side]
+            done: list[str] = []
+
+            async def send(name: str, priority: int, url: str = url,
+                           done: list[str] = done) -> None:
+                await _post(s, f"{url}/v1/completions", {
+                    "model": MODEL, "prompt": f"[{uuid.uuid4().hex}] {name}", "max_tokens": 2,
+                    "ignore_eos": True, "priority": priority})
+                done.append(name)
+
+            now_ms = int(time.time() * 1000)
+            async with asyncio.timeout(BOUND_S), s.post(f"{url}/v1/completions", json={
+                    "model": MODEL, "prompt": f"[{uuid.uuid4().hex}] long", "max_tokens": 440,
+                    "ignore_eos": True, "stream": True, "priority": now_ms}) as long:
+                assert long.status == 200, await long.text()
+                assert (await long.content.readline()).startswith(b"data: ")  # running
+                ranked = asyncio.create_task(send("arrival-ranked", now_ms + 1))
+                await asyncio.sleep(0.05)  # it reaches the queue first: under fcfs it goes first
+                newest = asyncio.create_task(send("newest-first", -(now_ms + 2)))
+                await asyncio.sleep(0.05)
+                assert not ranked.done() and not newest.done(), (
+                    f"{side}: the long request ended before the queue formed")
+                rest = await long.content.read()
+                assert rest.count(b"data: ") >= 10, (
+                    f"{side}: the long request ended before the queue formed")
+                done.append("long")
+                await asyncio.gather(ranked, newest)
+            order[side] = done
+    assert order["real"] == ["long", "newest-first", "arrival-ranked"]
+    assert order["emulated"] == order["real"]

@@ -5,11 +5,11 @@ Per request: parse the body, ask the director for a decision, then try the ranke
 order (at most ``spec.retries.maxAttempts``). An attempt that fails *before the first byte* —
 connection refused, a 5xx status, or (for streams) no first chunk within ``perTryTimeoutMs``
 while the endpoint started answering nothing else (a busy endpoint is waited on: see
-``_PerTryTimer``) — moves on to the next endpoint; once a byte went to the client the stream is committed. The
-answer is relayed chunk by chunk as it arrives (no buffering), with ``x-kvroute-endpoint``
-naming the engine. A client that disconnects cancels the handler (``handler_cancellation``),
-which closes the upstream connection, so vLLM aborts the request. Every wait is bounded by the
-policy's ``requestTimeoutSeconds``.
+``_PerTryTimer``) — moves on to the next endpoint; once a byte went to the client the stream is
+committed. The answer is relayed chunk by chunk as it arrives (no buffering), with
+``x-kvroute-endpoint`` naming the engine. A client that disconnects cancels the handler
+(``handler_cancellation``), which closes the upstream connection, so vLLM aborts the request.
+Every wait is bounded by the policy's ``requestTimeoutSeconds``.
 
 Non-streaming answers arrive from vLLM all at once, so their first byte is their last: only
 connection failures and 5xx are retried for them, and the per-try timeout does not apply.

@@ -145,6 +145,12 @@ class EngineSpec(ApiModel):
     env: list[EnvVar] = Field(default_factory=list, max_length=64,
                               description="Additional environment variables of the engine.")
 
+    @property
+    def ranks_by_priority(self) -> bool:
+        """The engines admit waiting requests by the ``priority`` the router writes
+        (``schedulingPolicy: Priority``)."""
+        return self.scheduling_policy == "Priority"
+
 
 class AutoscalingSpec(ApiModel):
     """Opt-in autoscaling from Prometheus metrics of the pool's engines."""

@@ -149,7 +149,7 @@ class Decision:
     @property
     def priority_engines(self) -> bool:
         """The pool's engines run vLLM's priority scheduling (``spec.engine.schedulingPolicy``)."""
-        return self.pool.pool.spec.engine.scheduling_policy == "Priority"
+        return self.pool.pool.spec.engine.ranks_by_priority
 
     @property
     def newest_first_at_engines(self) -> bool:

@@ -253,8 +253,6 @@ class AdmissionController:
             going = heapq.nsmallest(free, self._waiting, key=lambda entry: (entry[0], -entry[1]))
             gone: set[int] = set()
             for _, sequence, _, future in going:
-                if released >= free:
-                    break
                 gone.add(sequence)
                 if not future.done():
                     future.set_result(True)

@@ -106,4 +106,4 @@ class PrefillCostScorer:
         return cls(context.scoring.prefill_miss_weight,
                    context.scoring.prefill_miss_weight_replicas, context.services,
                    priority_engines=context.pool is not None
-                   and context.pool.spec.engine.scheduling_policy == "Priority")
+                   and context.pool.spec.engine.ranks_by_priority)

@@ -82,10 +82,12 @@ class AnsweringListener(Protocol):
     """Told when an attempt that added prompt tokens to its endpoint's prefill backlog
     (``backlog``, 0 if none) or registered a prefix it makes the endpoint compute (``first``,
     its first block, from ``Decision.prefill_started``; ``None`` if none) started answering or
-    ended (replica sync tells the other replicas, which counted both from the dispatch)."""
+    ended (replica sync tells the other replicas, which counted both from the dispatch), and
+    when any attempt's first byte came (``first_byte``: the endpoint is answering, which the
+    other replicas count in ``Endpoint.answers_started`` as this one does)."""
 
     def __call__(self, decision: Decision, endpoint: Endpoint, first: int | None,
-                 backlog: float) -> None: ...
+                 backlog: float, first_byte: bool) -> None: ...
 
 
 @dataclass
@@ -250,10 +252,8 @@ class RequestLifecycle:
 
     def answering(self) -> None:
         if self._endpoint is not None:
-            if not self._answered:
-                self._answered = True
-                self._endpoint.answers_started += 1
-            self._director.answering(self._decision, self._endpoint)
+            first_byte, self._answered = not self._answered, True
+            self._director.answering(self._decision, self._endpoint, first_byte=first_byte)
 
     async def wait_for_prefill(self, limit_s: float) -> float:
         if self._endpoint is None:
@@ -326,9 +326,10 @@ class Director:
         self.dispatch_listeners.append(listener)
 
     def add_answering_listener(self, listener: AnsweringListener) -> None:
-        """``listener(decision, endpoint, first, backlog)`` runs, synchronously, when an
-        attempt that added ``backlog`` tokens to ``endpoint.prefill_backlog`` or registered
-        ``first`` in ``endpoint.prefill_in_flight`` starts answering or ends."""
+        """``listener(decision, endpoint, first, backlog, first_byte)`` runs, synchronously,
+        when an attempt that added ``backlog`` tokens to ``endpoint.prefill_backlog`` or
+        registered ``first`` in ``endpoint.prefill_in_flight`` starts answering or ends, and
+        at every attempt's first byte (``first_byte``)."""
         self.answering_listeners.append(listener)
 
     # ---- profiles ----------------------------------------------------------------------------
@@ -547,10 +548,13 @@ class Director:
             endpoint.prefill_in_flight[first] = flight
             decision.prefill_started[endpoint.name] = (first, flight)
 
-    def answering(self, decision: Decision, endpoint: Endpoint) -> None:
+    def answering(self, decision: Decision, endpoint: Endpoint, first_byte: bool = False) -> None:
         """The attempt on ``endpoint`` started answering: its prompt is computed, so it leaves
         the endpoint's prefill backlog, and requests waiting for its prefix go on (once;
-        :meth:`end_attempt` does it otherwise)."""
+        :meth:`end_attempt` does it otherwise). ``first_byte``: this is the attempt's first
+        byte (once per attempt), counted in ``Endpoint.answers_started``."""
+        if first_byte:
+            endpoint.answers_started += 1
         amount = decision.prefill_backlog.pop(endpoint.name, 0.0)
         if amount:
             endpoint.remove_prefill_backlog(amount, decision.newest_first_at_engines)
@@ -561,9 +565,9 @@ class Director:
             if endpoint.prefill_in_flight.get(first) is flight:
                 del endpoint.prefill_in_flight[first]
             flight.done.set()
-        if amount or first is not None:
+        if amount or first is not None or first_byte:
             for listener in self.answering_listeners:
-                listener(decision, endpoint, first, amount)
+                listener(decision, endpoint, first, amount, first_byte)
 
     async def wait_for_prefill(self, decision: Decision, endpoint: Endpoint,
                                limit_s: float) -> float:

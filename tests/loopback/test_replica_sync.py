@@ -325,6 +325,31 @@ async def test_a_dispatch_counts_as_load_on_the_other_replica_until_its_next_scr
         assert counts == {address: int(address == served) for address in counts}
 
 
+def first_bytes(router: Router) -> dict[str, int]:
+    return {ep.address: ep.answers_started for ep in router.datastore.endpoints()
+            if ep.answers_started}
+
+
+async def test_a_first_byte_through_one_replica_counts_as_its_engine_answering_on_the_other(
+        tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
+    """The proxy's per-try timeout gives a stream up only when its engine started answering
+    nothing else in the period (``Endpoint.answers_started``). An engine answering only the
+    other replica's requests is busy too: B's first bytes move A's count of that engine, and
+    A's move B's. Without the *started* record A never sees B's engine answer."""
+    config = _config(tmp_path, fleet)
+    async with two_replicas(config, model_dir, redis_url) as (a, url_a, b, url_b), \
+            aiohttp.ClientSession() as s:
+        through_b = await complete(s, url_b, context(3))
+        assert first_bytes(b) == {through_b: 1}
+        await eventually(lambda: first_bytes(a) == {through_b: 1},
+                         "A counts B's first byte on B's engine")
+        through_a = await complete(s, url_a, context(4))
+        expected = {through_b: 1}
+        expected[through_a] = expected.get(through_a, 0) + 1
+        assert first_bytes(a) == expected
+        await eventually(lambda: first_bytes(b) == expected, "B counts A's first byte")
+
+
 async def test_hostile_or_foreign_records_are_counted_and_change_nothing(
         tmp_path: Path, fleet: EmulatedFleet, model_dir: Path, redis_url: str) -> None:
     import redis.asyncio

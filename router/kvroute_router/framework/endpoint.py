@@ -82,8 +82,9 @@ class Endpoint:
     instead of computing them a second time beside it, and on priority engines is ranked
     after it (:meth:`prefill_priority_floor`)."""
     answers_started: int = 0
-    """Attempts on this endpoint whose answer started (its first byte reached this router),
-    counted since start-up: an endpoint whose count moves is making progress, so an attempt
+    """Attempts on this endpoint whose answer started (its first byte reached this router or,
+    with replica sync, another replica), counted since start-up: an endpoint whose count moves
+    is making progress, so an attempt
     that waits there for its first byte is queued behind others, not stuck (the proxy's
     per-try timeout)."""
     scrape_failures: int = 0

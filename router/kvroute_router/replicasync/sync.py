@@ -28,7 +28,10 @@ queued after it, as one routed by the same replica is. And the prompt tokens a d
 the endpoint to compute (what it added to the sender's ``Endpoint.prefill_backlog``, the
 ``prefill-cost`` scorer's load) are added to the receiver's too, under the sender's dispatch id,
 until the answered record or :data:`REMOTE_BACKLOG_TTL_S`: each replica weighs the fleet's
-prefill queue, not a third of it. The senders heard in the last :data:`PEER_WINDOW_S` are the
+prefill queue, not a third of it. Every attempt's first byte is an answered record too (flag
+*started*), which the receiver counts in the endpoint's ``answers_started``: the proxy's
+per-try timeout tells a busy engine from a stuck one by it, and an engine answering only the
+other replicas' requests is busy. The senders heard in the last :data:`PEER_WINDOW_S` are the
 replica count (:meth:`ReplicaSync.replicas`), whose share of the room each replica's admission
 queue lets go; and each replica reports the requests waiting in its admission queues (a
 *waiting report*, whenever they change and every :data:`WAITING_REFRESH_S` while there are
@@ -42,7 +45,9 @@ trustworthy, and a malformed message is dropped whole and counted — at worst a
 skews prefix scores (and which blocks the forecast hides), and can hold requests that reuse the
 forged prefix in the prefill wait (``prefillWaitMs``) or queue them later, for at most
 ``pendingMs``, and can inflate an endpoint's prefill backlog (steering requests away from it)
-for at most :data:`REMOTE_BACKLOG_TTL_S`, and forged waiting reports make a replica's queue
+for at most :data:`REMOTE_BACKLOG_TTL_S`, and forged first bytes keep a stream waiting at an
+engine that answers nothing (the per-try timeout's "busy" rule) until its
+``requestTimeoutSeconds``, and forged waiting reports make a replica's queue
 defer to waiters that do not exist, for at most half the policy's ``queueTimeoutMs`` per
 request; it reaches no budget, tenant or response. Redis down:
 records are dropped (they are stale within a second anyway), the replicas route independently,
@@ -288,16 +293,17 @@ class ReplicaSync:
                                       dispatch_id=dispatch_id, tokens=tokens, held=touched))
 
     def on_answering(self, decision: Decision, endpoint: Endpoint, first: int | None,
-                     backlog: float) -> None:
+                     backlog: float, first_byte: bool) -> None:
         """The attempt started answering or ended: the other replicas take its tokens off the
-        endpoint's prefill backlog and forget the prefix it registered (``first``), if any (a
-        director ``AnsweringListener``; no I/O)."""
+        endpoint's prefill backlog and forget the prefix it registered (``first``), if any,
+        and count its first byte (``first_byte``) as the endpoint answering (a director
+        ``AnsweringListener``; no I/O)."""
         dispatch_id = self._dispatch_ids.pop((id(decision), endpoint.name), None)
-        if dispatch_id is None and first is None:
+        if dispatch_id is None and first is None and not first_byte:
             return
         self._send(DispatchRecord(decision.pool.key, endpoint.name,
                                   () if first is None else (first,), answered=True,
-                                  dispatch_id=dispatch_id))
+                                  dispatch_id=dispatch_id, started=first_byte))
 
     def _send(self, record: DispatchRecord) -> None:
         if len(self._queue) >= self._max_queued:
@@ -434,6 +440,8 @@ class ReplicaSync:
         if endpoint is None:
             return "unknown_endpoint"
         if record.answered:
+            if record.started:  # the engine answers: the per-try timer's "busy, not stuck"
+                endpoint.answers_started += 1
             if record.blocks:
                 self._prefill_ended(record.pool_key, record.endpoint, record.blocks[0])
             if record.dispatch_id is not None:

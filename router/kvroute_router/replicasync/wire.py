@@ -2,7 +2,7 @@
 
 A message is one Redis pub/sub payload::
 
-    b"KVRS" | version u8 (1 to 4) | sender id (16 bytes) | record count u16 | records
+    b"KVRS" | version u8 (1 to 5) | sender id (16 bytes) | record count u16 | records
 
 and a record is one dispatch, in version 1::
 
@@ -11,7 +11,7 @@ and a record is one dispatch, in version 1::
 
 Version 2 adds a flags byte after the endpoint, and a priority when flag 2 is set; version 3
 allows flag 8, which adds a dispatch id and a token count; version 4 allows flag 16, which adds
-the blocks the dispatch found held::
+the blocks the dispatch found held; version 5 allows flag 32 on an answered record (no field)::
 
     ... | endpoint (UTF-8) | flags u8 | [priority int64] | [dispatch id u32 | tokens u32]
     | [held count u32 | held block hashes] | block count u32 | block hashes
@@ -38,12 +38,21 @@ priority floor work across replicas as within one:
   forecasts the same evictions (without them a replica saw only its own share of the fleet's
   touches and hid the contexts the others kept busy; docs/benchmarks/emulated-fleet.md,
   round 32). Not on an answered record.
+* 32, *started* (version 5, with flag 4): the attempt started answering — its first byte
+  came from the endpoint — rather than ended without answering. The receiver counts it in
+  ``Endpoint.answers_started``, which the proxy's per-try timeout reads to tell a busy engine
+  (answering others) from a stuck one, so a replica that sends an engine nothing else still
+  sees it answering the other replicas' requests. An answered record with this flag may carry
+  no block and no dispatch id (every attempt's first byte is sent, not only those that had a
+  prefix or backlog to take back).
 
 A sender writes the lowest version its records need: 1 when no record has a flag, 2 when none
-has flag 8 or 16, 3 when none has flag 16, so a replica that reads only an older version keeps
-taking what it can read during a rolling upgrade (today nearly every dispatch carries flag 16:
-a replica reading version 3 at most drops those messages, counted as rejected, and routes on
-its own dispatches until it is upgraded too).
+has flag 8, 16 or 32, 3 when none has flag 16 or 32, 4 when none has flag 32, so a replica
+that reads only an older version keeps taking what it can read during a rolling upgrade
+(today nearly every dispatch carries flag 16: a replica reading version 3 at most drops those
+messages, counted as rejected, and routes on its own dispatches until it is upgraded too;
+likewise nearly every message that carries an answered record carries flag 32 since version
+5, which a replica reading version 4 drops).
 
 Decoding is strict: a message that breaks any rule below is rejected whole with
 :class:`WireError` (a message comes from a trusted hop, Redis, but a bug or a stray publisher
@@ -71,12 +80,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 MAGIC = b"KVRS"
-VERSION = 4
-"""The newest version this router writes and reads (it reads 1 to 3 too)."""
-COMPUTES, PRIORITY, ANSWERED, BACKLOG, HELD = 1, 2, 4, 8, 16
-"""The record flags (version 2; ``BACKLOG`` version 3; ``HELD`` version 4)."""
+VERSION = 5
+"""The newest version this router writes and reads (it reads 1 to 4 too)."""
+COMPUTES, PRIORITY, ANSWERED, BACKLOG, HELD, STARTED = 1, 2, 4, 8, 16, 32
+"""The record flags (version 2; ``BACKLOG`` version 3; ``HELD`` version 4; ``STARTED``
+version 5)."""
 _FLAGS = {1: 0, 2: COMPUTES | PRIORITY | ANSWERED, 3: COMPUTES | PRIORITY | ANSWERED | BACKLOG,
-          4: COMPUTES | PRIORITY | ANSWERED | BACKLOG | HELD}
+          4: COMPUTES | PRIORITY | ANSWERED | BACKLOG | HELD,
+          5: COMPUTES | PRIORITY | ANSWERED | BACKLOG | HELD | STARTED}
 """The flags each version allows."""
 SENDER_ID_BYTES = 16
 MAX_MESSAGE_BYTES = 1 << 20
@@ -123,6 +134,8 @@ class DispatchRecord:
     answered: bool = False
     """Not a dispatch: the sender's dispatch computing from ``blocks[0]`` (the only block, if
     any) and/or the one with ``dispatch_id`` started answering or ended."""
+    started: bool = False
+    """With ``answered``: the attempt started answering (its first byte), not ended without."""
     dispatch_id: int | None = None
     """The sender's id of this dispatch (uint32), with ``tokens``: its prefill backlog."""
     tokens: int = 0
@@ -136,7 +149,7 @@ class DispatchRecord:
         return ((COMPUTES if self.computes else 0) | (PRIORITY if self.priority is not None else 0)
                 | (ANSWERED if self.answered else 0)
                 | (BACKLOG if self.dispatch_id is not None else 0)
-                | (HELD if self.held else 0))
+                | (HELD if self.held else 0) | (STARTED if self.started else 0))
 
     def encoded_size(self) -> int:
         flags = self.flags
@@ -150,7 +163,8 @@ def _version(records: Sequence[DispatchRecord]) -> int:
     flags = 0
     for record in records:
         flags |= record.flags
-    return 4 if flags & HELD else 3 if flags & BACKLOG else 2 if flags else 1
+    return (5 if flags & STARTED else 4 if flags & HELD else 3 if flags & BACKLOG
+            else 2 if flags else 1)
 
 
 def _check_flags(flags: int, blocks: int, tokens: int, version: int) -> None:
@@ -159,11 +173,14 @@ def _check_flags(flags: int, blocks: int, tokens: int, version: int) -> None:
     if flags & ~_FLAGS[version]:
         raise WireError(f"unknown record flags {flags:#x} in version {version}")
     if flags & ANSWERED:
-        if flags & ~(ANSWERED | BACKLOG) or blocks > 1 or (blocks == 0 and not flags & BACKLOG):
-            raise WireError("an answered record carries one block, a dispatch id or both, "
-                            "and no other flag")
+        if (flags & ~(ANSWERED | BACKLOG | STARTED) or blocks > 1
+                or (blocks == 0 and not flags & (BACKLOG | STARTED))):
+            raise WireError("an answered record carries one block, a dispatch id, the started "
+                            "flag or several of them, and no other flag")
         if tokens:
             raise WireError("an answered record carries no backlog tokens")
+    elif flags & STARTED:
+        raise WireError("the started flag without the answered flag")
     elif flags & BACKLOG and not tokens:
         raise WireError("a backlog record without tokens")
     if flags & PRIORITY and not flags & COMPUTES:
@@ -253,7 +270,8 @@ def decode(payload: bytes) -> tuple[bytes, list[DispatchRecord]]:
         blocks = struct.unpack_from(f">{blocks_n}Q", payload, offset)
         records.append(DispatchRecord(pool, endpoint, blocks, computes=bool(flags & COMPUTES),
                                       priority=priority, answered=bool(flags & ANSWERED),
-                                      dispatch_id=dispatch_id, tokens=tokens, held=held))
+                                      dispatch_id=dispatch_id, tokens=tokens, held=held,
+                                      started=bool(flags & STARTED)))
         offset = end
     if offset != len(payload):
         raise WireError(f"{len(payload) - offset} trailing bytes after the last record")
@@ -352,6 +370,6 @@ def decode_waiting(payload: bytes) -> tuple[bytes, dict[str, list[tuple[int, int
 
 
 __all__ = ["ANSWERED", "BACKLOG", "COMPUTES", "HELD", "MAX_BLOCKS", "MAX_MESSAGE_BYTES",
-           "MAX_POLICIES", "MAX_RECORDS", "MAX_WAITERS", "PRIORITY", "VERSION",
+           "MAX_POLICIES", "MAX_RECORDS", "MAX_WAITERS", "PRIORITY", "STARTED", "VERSION",
            "WAITING_MAGIC", "DispatchRecord", "WireError", "decode", "decode_waiting", "encode",
            "encode_waiting"]

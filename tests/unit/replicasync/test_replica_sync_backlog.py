@@ -11,12 +11,13 @@ import pytest
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.framework.registry import SharedServices
+from kvroute_router.framework.request import LLMRequest
 from kvroute_router.replicasync import sync as sync_module
 from kvroute_router.replicasync.sync import ReplicaSync
 from kvroute_router.replicasync.wire import DispatchRecord, encode
 from prometheus_client import CollectorRegistry
 
-from tests.unit.router.router_fixtures import make_pool
+from tests.unit.router.router_fixtures import make_director, make_policy, make_pool
 
 A, B = b"A" * 16, b"B" * 16
 
@@ -70,6 +71,37 @@ async def test_a_lost_answered_record_is_forgotten_at_the_expiry(
     assert (first.prefill_backlog, _gauge(registry)) == (100, 0)
     sync.receive(encode(A, [_answered(first, 9)]))  # late: nothing left to take off
     assert first.prefill_backlog == 100
+
+
+async def test_another_replicas_first_bytes_count_as_its_endpoint_answering() -> None:
+    """The per-try timer's "busy, not stuck": a first byte through another replica moves the
+    endpoint's ``answers_started`` here as one of this replica's own does; an attempt that
+    ended without one (a stalled engine's timed-out try) moves nothing."""
+    sync, first, second, _ = _replica()
+    sync.receive(encode(A, [DispatchRecord(first.pool, first.name, (), answered=True,
+                                           started=True)]))
+    sync.receive(encode(B, [DispatchRecord(first.pool, first.name, (), answered=True,
+                                           dispatch_id=4, started=True)]))
+    assert (first.answers_started, second.answers_started) == (2, 0)
+    sync.receive(encode(A, [_answered(second, 1)]))  # ended, never answered
+    assert second.answers_started == 0
+
+
+async def test_every_attempts_first_byte_is_sent_once() -> None:
+    """An attempt with no prefix or backlog to take back sent no answered record before; its
+    first byte is one now (once, not again at its end)."""
+    director, store = make_director([make_pool()], [make_policy()])
+    sync = ReplicaSync(None, store, SharedServices(), CollectorRegistry())
+    director.add_answering_listener(sync.on_answering)
+    routed = await director.open(LLMRequest(model="chat", prompt_text="hello", max_tokens=4))
+    endpoint = routed.endpoint
+    assert endpoint is not None
+    routed.answering()
+    routed.answering()  # later pieces of the same answer
+    routed.close()
+    assert endpoint.answers_started == 1
+    assert list(sync._queue) == [DispatchRecord(endpoint.pool, endpoint.name, (), answered=True,
+                                                started=True)]
 
 
 async def test_records_for_unknown_endpoints_count_nowhere() -> None:

@@ -19,6 +19,7 @@ from kvroute_router.replicasync.wire import (
     MAX_MESSAGE_BYTES,
     MAX_RECORDS,
     PRIORITY,
+    STARTED,
     VERSION,
     DispatchRecord,
     WireError,
@@ -53,7 +54,12 @@ holding = st.builds(  # a dispatch that found part of its prompt held, with any 
         priority=record.priority, dispatch_id=record.dispatch_id, tokens=record.tokens,
         held=held),
     dispatches | computing | with_backlog, hashes.filter(bool))
-records = dispatches | computing | answered | with_backlog | backlog_answered | holding
+started = st.builds(  # an attempt's first byte, with or without a prefix or backlog to end
+    lambda pool, ep, first, dispatch_id: DispatchRecord(pool, ep, first, answered=True,
+                                                        dispatch_id=dispatch_id, started=True),
+    names, names, st.just(()) | st.tuples(st.integers(0, 2**64 - 1)), st.none() | ids)
+records = (dispatches | computing | answered | with_backlog | backlog_answered | holding
+           | started)
 
 
 @given(st.lists(records, max_size=20))
@@ -113,7 +119,12 @@ def test_a_message_without_flags_is_written_as_version_1() -> None:
     assert backlog[4] == 3
     held = encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=0, tokens=16,
                                           held=(7, 8))])
-    assert held[4] == VERSION == 4
+    assert held[4] == 4
+    first_byte = encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=0, tokens=16,
+                                                held=(7, 8)),
+                                 DispatchRecord("p", "e", answered=True, started=True)])
+    assert first_byte[4] == VERSION == 5
+    assert decode(first_byte)[1][1] == DispatchRecord("p", "e", answered=True, started=True)
     assert decode(held)[1] == [DispatchRecord("p", "e", (1,), dispatch_id=0, tokens=16,
                                               held=(7, 8))]
     assert decode(flagged)[1][1] == DispatchRecord("ns/pool", "pod-0", (3,), computes=True,
@@ -122,20 +133,24 @@ def test_a_message_without_flags_is_written_as_version_1() -> None:
 
 @pytest.mark.parametrize(("payload", "reason"), [
     (_header(0, magic=b"XXXX"), "bad magic"),
-    (_header(0, version=5), "version 5"),
+    (_header(0, version=6), "version 6"),
+    (_record(STARTED | ANSWERED, 0, version=4), "unknown record flags 0x24 in version 4"),
+    (_record(STARTED, 1, version=5), "started flag without the answered flag"),
+    (_record(STARTED | ANSWERED | COMPUTES, 1, version=5), "one block, a dispatch id"),
+    (_record(STARTED | ANSWERED, 2, version=5), "one block, a dispatch id"),
     (_record(HELD, 1, version=3), "unknown record flags 0x10 in version 3"),
     (_record(HELD, 1, struct.pack(">I", 0), version=4), "0 held blocks, not 1 to"),
     (_record(HELD, 1, struct.pack(">I", MAX_BLOCKS + 1), version=4), "held blocks, not 1 to"),
     (_record(HELD, 0, struct.pack(">I", 2) + b"\x00" * 8, version=4)[:-4],
      "held block hashes run past"),
     (_record(HELD | ANSWERED, 1, struct.pack(">IQ", 1, 5), version=4),
-     "one block, a dispatch id or both"),
+     "one block, a dispatch id"),
     (_record(8, 1), "unknown record flags 0x8 in version 2"),
     (_v3(16, 1), "unknown record flags 0x10"),
-    (_record(ANSWERED, 2), "one block, a dispatch id or both"),
-    (_record(ANSWERED, 0), "one block, a dispatch id or both"),
-    (_record(ANSWERED | COMPUTES, 1), "one block, a dispatch id or both"),
-    (_v3(ANSWERED | BACKLOG, 2, 1, 0), "one block, a dispatch id or both"),
+    (_record(ANSWERED, 2), "one block, a dispatch id"),
+    (_record(ANSWERED, 0), "one block, a dispatch id"),
+    (_record(ANSWERED | COMPUTES, 1), "one block, a dispatch id"),
+    (_v3(ANSWERED | BACKLOG, 2, 1, 0), "one block, a dispatch id"),
     (_v3(ANSWERED | BACKLOG, 0, 1, 5), "no backlog tokens"),
     (_v3(BACKLOG, 1, 1, 0), "backlog record without tokens"),
     (_v3(BACKLOG, 0, 1)[:-4], "tokens runs past"),
@@ -164,9 +179,9 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
         encode(SENDER, [DispatchRecord("p", "e", (0,) * (MAX_BLOCKS + 1))])
     with pytest.raises(WireError, match="endpoint name is"):
         encode(SENDER, [DispatchRecord("p", "e" * 513)])
-    with pytest.raises(WireError, match="one block, a dispatch id or both"):
+    with pytest.raises(WireError, match="one block, a dispatch id"):
         encode(SENDER, [DispatchRecord("p", "e", (1, 2), answered=True)])
-    with pytest.raises(WireError, match="one block, a dispatch id or both"):
+    with pytest.raises(WireError, match="one block, a dispatch id"):
         encode(SENDER, [DispatchRecord("p", "e", (), answered=True)])
     with pytest.raises(WireError, match="without tokens"):
         encode(SENDER, [DispatchRecord("p", "e", (1,), dispatch_id=3)])
@@ -176,7 +191,7 @@ def test_the_encoder_refuses_what_the_decoder_would() -> None:
         encode(SENDER, [DispatchRecord("p", "e", (), computes=True)])
     with pytest.raises(WireError, match="held blocks, more than"):
         encode(SENDER, [DispatchRecord("p", "e", (), held=(0,) * (MAX_BLOCKS + 1))])
-    with pytest.raises(WireError, match="one block, a dispatch id or both"):
+    with pytest.raises(WireError, match="one block, a dispatch id"):
         encode(SENDER, [DispatchRecord("p", "e", (1,), answered=True, held=(2,))])
     with pytest.raises(WireError, match="not a 64-bit integer"):
         encode(SENDER, [DispatchRecord("p", "e", (1,), computes=True, priority=2**63)])

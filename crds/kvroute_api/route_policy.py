@@ -359,9 +359,9 @@ class RetrySpec(ApiModel):
         description="Time to first byte allowed per attempt of a stream while its endpoint "
                     "answers nothing else: an endpoint that started answering another request "
                     "of this router's (or, with replica sync, another replica's) in that time "
-                    "is busy, not stuck, so the attempt waits "
-                    "another perTryTimeoutMs (up to requestTimeoutSeconds) instead of being "
-                    "sent elsewhere to be computed again.")
+                    "is busy, not stuck, so the attempt waits another perTryTimeoutMs (up to "
+                    "requestTimeoutSeconds) instead of being sent elsewhere to be computed "
+                    "again.")
 
 
 class RoutePolicySpec(ApiModel):

@@ -84,9 +84,8 @@ class Endpoint:
     answers_started: int = 0
     """Attempts on this endpoint whose answer started (its first byte reached this router or,
     with replica sync, another replica), counted since start-up: an endpoint whose count moves
-    is making progress, so an attempt
-    that waits there for its first byte is queued behind others, not stuck (the proxy's
-    per-try timeout)."""
+    is making progress, so an attempt that waits there for its first byte is queued behind
+    others, not stuck (the proxy's per-try timeout)."""
     scrape_failures: int = 0
     """Consecutive failed scrapes (0 after a success)."""
     unavailable_until: float = 0.0

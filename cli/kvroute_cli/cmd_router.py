@@ -45,24 +45,26 @@ def _tokenizer_dirs(values: list[str]) -> dict[str, Path]:
 
 def _router(args: argparse.Namespace) -> int:
     from kvroute_router.app import Router, RouterSettings
+    from kvroute_router.scrape.scraper import scrape_periods
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.config and not args.kubernetes:
         print("kvroute router: give --config FILE (embedded mode) or --kubernetes")
         return 2
-    if (args.idle_scrape_interval_ms is not None
-            and args.idle_scrape_interval_ms < args.scrape_interval_ms):
-        print(f"kvroute router: --idle-scrape-interval-ms ({args.idle_scrape_interval_ms:g}) "
-              f"must be at least --scrape-interval-ms ({args.scrape_interval_ms:g})")
+    accounted_s, idle_s = (None if ms is None else ms / 1000.0 for ms in (
+        args.accounted_scrape_interval_ms, args.idle_scrape_interval_ms))
+    try:
+        scrape_periods(args.scrape_interval_ms / 1000.0, accounted_s, idle_s)
+    except ValueError as exc:
+        print(f"kvroute router: {exc}")
         return 2
     settings = RouterSettings(
         config_paths=[Path(p) for p in args.config or []], kubernetes=args.kubernetes,
         namespace=args.namespace, host=args.host, http_port=args.port,
         ext_proc_port=args.ext_proc_port, grpc_port=args.grpc_port,
         metrics_port=args.metrics_port, scrape_interval_s=args.scrape_interval_ms / 1000.0,
-        idle_scrape_interval_s=(None if args.idle_scrape_interval_ms is None
-                                else args.idle_scrape_interval_ms / 1000.0),
+        accounted_scrape_interval_s=accounted_s, idle_scrape_interval_s=idle_s,
         freeze_startup_heap=args.gc_freeze, loop_lag_probe_s=args.loop_lag_probe_ms / 1000.0)
     try:
         settings.tokenizer_dirs = _tokenizer_dirs(args.tokenizer_dir or [])
@@ -116,14 +118,23 @@ def register(sub: Any) -> None:
     parser.add_argument("--metrics-port", type=_port, default=9090,
                         help="Prometheus metrics port (-1 disables; also on --port /metrics)")
     parser.add_argument("--scrape-interval-ms", type=_milliseconds(zero_ok=False), default=100.0,
-                        help="how often each engine's /metrics is scraped")
+                        help="how often an engine's /metrics is scraped while its pages show "
+                             "requests this router did not send (another replica without "
+                             "replica sync, clients going to it directly), and for 30 s after")
     parser.add_argument("--idle-scrape-interval-ms", type=_milliseconds(zero_ok=False),
                         default=None,
                         help="how often an idle engine (nothing running, waiting or in flight "
                              "for 10 scrapes in a row) is scraped; a request sent to it restores "
-                             "--scrape-interval-ms at once (default: 5x --scrape-interval-ms; "
-                             "keep it under the policies' staleMetricsMs; equal to "
-                             "--scrape-interval-ms: off)")
+                             "the busy period at once (default: 2x "
+                             "--accounted-scrape-interval-ms; keep it under the policies' "
+                             "staleMetricsMs; equal to --accounted-scrape-interval-ms: off)")
+    parser.add_argument("--accounted-scrape-interval-ms", type=_milliseconds(zero_ok=False),
+                        default=None,
+                        help="how often an engine's /metrics is scraped while its pages show "
+                             "no requests but this router's: it counts those itself (default: "
+                             "1000, at least --scrape-interval-ms and at most "
+                             "--idle-scrape-interval-ms; equal to --scrape-interval-ms: every "
+                             "engine at that period, as before 2026-12)")
     parser.add_argument("--gc-freeze", action=argparse.BooleanOptionalAction, default=True,
                         help="once started, gc.freeze() what start-up built, so the garbage "
                              "collector's full passes under traffic stay short (~3-5 ms "

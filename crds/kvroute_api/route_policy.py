@@ -161,12 +161,15 @@ class ScoringSpec(ApiModel):
                     "values cut p50 further and the tail less (docs/benchmarks/emulated-fleet.md, "
                     "round 17).")
     stale_metrics_ms: int = Field(
-        default=1000, ge=100, le=600000,
+        default=3000, ge=100, le=600000,
         description="Metrics older than this are stale; load scorers treat the endpoint as "
                     "average rather than trusting old numbers. Keep it above the router's "
-                    "scrape periods (--scrape-interval-ms, default 100; "
-                    "--idle-scrape-interval-ms, default 500), or snapshots go stale between "
-                    "two scrapes: the router logs a warning naming the flag.")
+                    "scrape periods (--scrape-interval-ms, default 100, for engines also "
+                    "serving requests this router did not send; "
+                    "--accounted-scrape-interval-ms, default 1000; "
+                    "--idle-scrape-interval-ms, default 2000), or snapshots go stale between "
+                    "two scrapes: the router logs a warning naming the flag. (1000 before "
+                    "2026-12, when every engine was scraped every 100 ms.)")
 
 
 class TenancySpec(ApiModel):

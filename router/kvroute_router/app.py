@@ -72,10 +72,13 @@ class RouterSettings:
     grpc_port: int | None = 9003
     metrics_port: int | None = 9090
     scrape_interval_s: float = 0.1
+    accounted_scrape_interval_s: float | None = None
+    """How often an engine whose pages show only this router's requests is scraped; None: 1 s
+    (:func:`~kvroute_router.scrape.scraper.scrape_periods`)."""
     idle_scrape_interval_s: float | None = None
     """How often an idle engine (nothing running, waiting or in flight for
     :data:`~kvroute_router.scrape.scraper.IDLE_AFTER_PAGES` scrapes in a row) is scraped; None:
-    5x ``scrape_interval_s`` (:class:`~kvroute_router.scrape.scraper.MetricsScraper`)."""
+    2x the accounted period (:func:`~kvroute_router.scrape.scraper.scrape_periods`)."""
     config_poll_interval_s: float = 1.0
     freeze_startup_heap: bool = False
     """Once started (configuration loaded, tokenizers and subscribers built), collect and
@@ -156,7 +159,8 @@ class Router:
         self.director = Director(self.datastore, self.registry, self.metrics, self.services)
         self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s,
                                       metrics=self.metrics,
-                                      idle_interval_s=settings.idle_scrape_interval_s)
+                                      idle_interval_s=settings.idle_scrape_interval_s,
+                                      accounted_interval_s=settings.accounted_scrape_interval_s)
         self.datastore.add_listener(self._forget_removed)
         self.source: ConfigFileSource | KubernetesSource | None = None
         if settings.kubernetes:

@@ -103,6 +103,12 @@ class RouterMetrics:
             "Endpoints scraped at the idle period now (--idle-scrape-interval-ms): their last "
             "pages showed nothing running or waiting for several scrapes in a row (kvroute router "
             "--help says how many) and nothing was sent to them since.", ["pool"], registry=r)
+        self.scrape_foreign_load_endpoints = Gauge(
+            "kvroute_scrape_foreign_load_endpoints",
+            "Endpoints scraped at --scrape-interval-ms because a page in the last 30 s showed "
+            "more requests running and waiting than this router sent them (another replica "
+            "without replica sync, or with it, clients going to the engine directly); the "
+            "others are scraped at --accounted-scrape-interval-ms.", ["pool"], registry=r)
         self.scrape_errors = Counter(
             "kvroute_scrape_errors",
             "Failed scrapes of an engine's /metrics, by reason (unreachable: connection error "

@@ -64,6 +64,9 @@ class Endpoint:
     """Requests this router dispatched to the endpoint that have not finished."""
     dispatched_since_scrape: int = 0
     """Dispatches after the latest metrics snapshot (not yet visible in it)."""
+    dispatches: int = 0
+    """Dispatches to the endpoint since start-up, by this router or (replica sync) another one:
+    the scraper's count of those a page it asked for may show (``MetricsScraper.foreign_load``)."""
     prefill_backlog: float = 0.0
     """Prompt tokens this router sent the endpoint that it has not computed yet: per attempt in
     flight, the part of its prompt the endpoint did not hold when it was dispatched
@@ -150,6 +153,7 @@ class Endpoint:
         """A request was sent to the endpoint, by this router or (replica sync) another one:
         not in its snapshot until the next scrape, which comes at the normal period now."""
         self.dispatched_since_scrape += 1
+        self.dispatches += 1
         if self.idle_scrape_wake is not None:
             self.idle_scrape_wake.set()
 

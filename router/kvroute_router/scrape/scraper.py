@@ -1,6 +1,8 @@
-"""Scrapes every endpoint's ``/metrics`` on a fixed interval (default 100 ms), one asyncio task
-per endpoint over one kept-alive connection (:mod:`kvroute_router.scrape.connection`), and swaps
-the parsed snapshot into the :class:`Endpoint`.
+"""Scrapes every endpoint's ``/metrics``, one asyncio task per endpoint over one kept-alive
+connection (:mod:`kvroute_router.scrape.connection`), and swaps the parsed snapshot into the
+:class:`Endpoint`. How often depends on what the pages show (:func:`scrape_periods`): every
+100 ms by default while an engine's pages show requests this router did not send, every 1 s
+while they show only its own, every 2 s while it is idle (below).
 
 A failed or timed-out scrape counts toward ``scrape_failures`` (the healthy filter drops an
 endpoint after 3 in a row); the old snapshot stays and ages, so scorers see it as stale after
@@ -31,13 +33,37 @@ does not answer it with a page carrying ``vllm:num_requests_running`` (a 404, a 
 older server, a proxy that drops the query) while its plain ``/metrics`` answers 200 is scraped
 at ``/metrics`` from then on, for as long as the endpoint keeps its address (logged once).
 
-**Idle engines are scraped less often.** Most of an idle router's CPU is waking up for scrapes
+**Engines serving only this router's requests are scraped every second.** A page tells the
+router what it cannot count itself: the requests others send the engine (replicas without
+replica sync, clients going to it directly) and how the engine split the router's own between
+running and waiting. One router routes as well on a 1 s-old page as on a 100 ms-old one (the
+fleet simulator, docs/benchmarks/router-cpu.md round 25: its in-flight counts and pending blocks
+carry the load it creates; round 27 measured it on the emulated fleet), while at 64 engines with
+thin traffic half its CPU per request was scraping at 100 ms (1.57 ms net per request against
+0.97 at 1 s). Replicas without replica sync lean on the page for each other's load (p90 +16 %
+at a 1 s period in the simulator). So each loop compares the page with what this router can
+account for — the requests it had in flight to the engine when the GET went out, plus every
+dispatch to it (its own or, with replica sync, another replica's) until the page was read
+(:meth:`MetricsScraper.foreign_load`) — and a page showing more running and waiting requests
+than that puts the endpoint at the short period (``interval_s``) for :data:`FOREIGN_HOLD_S`.
+So does a page showing requests waiting (:meth:`MetricsScraper.queueing`), for as long as the
+pages show them: how fast an engine works off its queue is what one router cannot count, and
+its waiting count is what admission control and the ``load-headroom`` filter read (round 48 of
+docs/benchmarks/emulated-fleet.md: without this, TTFT p90 +22 % at 150 req/s on 16 emulated
+engines, where queues form). Otherwise the endpoint is scraped at ``accounted_interval_s``.
+Replicas *with* replica sync learn each other's dispatches but not their ends, so their pages
+show foreign load and keep the short period, as before.
+``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for that
+reason.
+
+**Idle engines are scraped less often still.** Most of an idle router's CPU is waking up for scrapes
 (~0.3-0.65 ms each when nothing else runs, ~83 us back to back; docs/benchmarks/router-cpu.md,
 round 17): 160 wake-ups a second at 16 engines, whatever the traffic. An endpoint whose last
 snapshot shows nothing running or waiting, with nothing in flight to it from this router and
 nothing dispatched since (:meth:`MetricsScraper.idle`), for :data:`IDLE_AFTER_PAGES` scrapes in
-a row, is scraped every ``idle_interval_s`` instead (default 5 x the interval: 500 ms, under the
-policies' default ``staleMetricsMs`` of 1 s, so its snapshot never reads as stale). A dispatch
+a row, is scraped every ``idle_interval_s`` instead (default 2 x ``accounted_interval_s``: 2 s,
+under the policies' default ``staleMetricsMs`` of 3 s, so its snapshot never reads as stale).
+A dispatch
 to it, by this router or by another replica through replica sync
 (:meth:`Endpoint.dispatched`), ends the slow pause at once: the next scrape comes
 :data:`WAKE_SCRAPE_DELAY_S` later, and the engine is scraped at the normal period until it has
@@ -78,8 +104,15 @@ longest pause between a failing endpoint's scrapes, 2 s, so it stays out until o
 FILTERED_PATH = "/metrics/?" + urlencode([("name[]", name) for name in sorted(WANTED)])
 """vLLM's page restricted to the samples :func:`parse_vllm_metrics` reads."""
 _RUNNING_SAMPLE = RUNNING.encode()
-IDLE_INTERVAL_FACTOR = 5.0
-"""The default idle scrape period, in scrape intervals."""
+ACCOUNTED_INTERVAL_S = 1.0
+"""The default period for an endpoint whose pages show no requests but this router's (never
+shorter than the scrape interval)."""
+IDLE_INTERVAL_FACTOR = 2.0
+"""The default idle scrape period, in accounted periods."""
+FOREIGN_HOLD_S = 30.0
+"""How long a page showing requests this router cannot account for keeps the endpoint at the
+short period: traffic from another replica without replica sync comes and goes between two
+requests of it, and should not put the endpoint back at the long period in a gap."""
 IDLE_AFTER_PAGES = 10
 """Idle pages in a row before an endpoint is scraped at the idle period (1 s at the default
 interval): a gap between requests under traffic is not idleness, and routing under traffic
@@ -99,24 +132,44 @@ def _serves_filtered_page(status: int, body: bytes) -> bool:
     return status == 200 and _RUNNING_SAMPLE in body
 
 
+def scrape_periods(interval_s: float, accounted_interval_s: float | None = None,
+                   idle_interval_s: float | None = None) -> tuple[float, float, float]:
+    """The scrape periods ``(interval, accounted, idle)`` in seconds, defaults filled in: the
+    accounted period :data:`ACCOUNTED_INTERVAL_S` (at least ``interval_s``, at most an idle
+    period given), the idle one :data:`IDLE_INTERVAL_FACTOR` x the accounted one. Raises
+    ValueError naming the flag unless ``interval <= accounted <= idle``, all finite."""
+    if not interval_s > 0 or math.isinf(interval_s):
+        raise ValueError(f"--scrape-interval-ms must be a positive number of milliseconds, got "
+                         f"{interval_s * 1000:g}")
+    if accounted_interval_s is None:
+        accounted_interval_s = max(interval_s, ACCOUNTED_INTERVAL_S)
+        if idle_interval_s is not None and idle_interval_s >= interval_s:
+            accounted_interval_s = min(accounted_interval_s, idle_interval_s)
+    if not accounted_interval_s >= interval_s or math.isinf(accounted_interval_s):
+        raise ValueError(f"--accounted-scrape-interval-ms must be a number of milliseconds no "
+                         f"shorter than --scrape-interval-ms ({interval_s * 1000:g}), got "
+                         f"{accounted_interval_s * 1000:g}")
+    if idle_interval_s is None:
+        idle_interval_s = IDLE_INTERVAL_FACTOR * accounted_interval_s
+    if not idle_interval_s >= accounted_interval_s or math.isinf(idle_interval_s):
+        raise ValueError(f"--idle-scrape-interval-ms must be a number of milliseconds no "
+                         f"shorter than --accounted-scrape-interval-ms "
+                         f"({accounted_interval_s * 1000:g}) or --scrape-interval-ms, got "
+                         f"{idle_interval_s * 1000:g}")
+    return interval_s, accounted_interval_s, idle_interval_s
+
+
 class MetricsScraper:
     """Scrape loops for all endpoints of a datastore."""
 
     def __init__(self, datastore: Datastore, interval_s: float = 0.1,
                  timeout_s: float | None = None, metrics: RouterMetrics | None = None,
-                 idle_interval_s: float | None = None) -> None:
-        if not interval_s > 0 or math.isinf(interval_s):
-            raise ValueError(f"the scrape interval must be a positive number of seconds, got "
-                             f"{interval_s}")
-        if idle_interval_s is None:
-            idle_interval_s = IDLE_INTERVAL_FACTOR * interval_s
-        if not idle_interval_s >= interval_s or math.isinf(idle_interval_s):
-            raise ValueError(f"the idle scrape interval must be a number of seconds no shorter "
-                             f"than the scrape interval ({interval_s}), got {idle_interval_s}")
+                 idle_interval_s: float | None = None,
+                 accounted_interval_s: float | None = None) -> None:
         self.datastore = datastore
         self.metrics = metrics
-        self.interval_s = interval_s
-        self.idle_interval_s = idle_interval_s
+        self.interval_s, self.accounted_interval_s, self.idle_interval_s = scrape_periods(
+            interval_s, accounted_interval_s, idle_interval_s)
         self.timeout_s = timeout_s if timeout_s is not None else max(0.5, 5 * interval_s)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._connections: dict[int, MetricsConnection] = {}
@@ -125,8 +178,9 @@ class MetricsScraper:
         self._stale_warned: set[tuple[str, int]] = set()
 
     def phase_s(self, k: int) -> float:
-        """The offset within the interval of the ``k``-th scrape loop started."""
-        return (k * GOLDEN_FRACTION) % 1.0 * self.interval_s
+        """The offset of the ``k``-th scrape loop started within the period it starts at (the
+        accounted one: no page has shown foreign load yet)."""
+        return (k * GOLDEN_FRACTION) % 1.0 * self.accounted_interval_s
 
     async def start(self) -> None:
         self._started = True
@@ -152,12 +206,17 @@ class MetricsScraper:
             current.add((key, stale_ms))
             if (key, stale_ms) in self._stale_warned:
                 continue
-            busy = stale_ms / 1000.0 <= self.interval_s
-            which = "--scrape-interval-ms" if busy else "--idle-scrape-interval-ms"
-            period_ms = (self.interval_s if busy else self.idle_interval_s) * 1000.0
+            which, period_s, whose = next(
+                (flag, period, whose) for flag, period, whose in (
+                    ("--scrape-interval-ms", self.interval_s, "its"),
+                    ("--accounted-scrape-interval-ms", self.accounted_interval_s,
+                     "its accounted"),
+                    ("--idle-scrape-interval-ms", self.idle_interval_s, "its idle"))
+                if stale_ms / 1000.0 <= period)
+            period_ms = period_s * 1000.0
             warnings.append(
                 f"RoutePolicy {key}: scoring.staleMetricsMs ({stale_ms}) is no longer than this "
-                f"router's {which} ({period_ms:g}), so {'its' if busy else 'its idle'} "
+                f"router's {which} ({period_ms:g}), so {whose} "
                 f"endpoints' metrics read as stale between scrapes and load scoring uses "
                 f"averages for them; raise staleMetricsMs above {period_ms:g} (twice is safe) "
                 f"or shorten {which}")
@@ -260,6 +319,20 @@ class MetricsScraper:
         return False
 
     @staticmethod
+    def foreign_load(ep: Endpoint, accountable: int) -> bool:
+        """Whether the endpoint's snapshot shows more requests running and waiting than the
+        ``accountable`` ones: this router's in flight to it when the page was asked for, plus
+        the dispatches to it since (any of them may be on the page)."""
+        m = ep.metrics
+        return m is not None and m.running + m.waiting > accountable
+
+    @staticmethod
+    def queueing(ep: Endpoint) -> bool:
+        """Whether the endpoint's snapshot shows requests waiting: how fast the engine works
+        its queue off is what the page says that this router cannot count itself."""
+        return ep.metrics is not None and ep.metrics.waiting > 0
+
+    @staticmethod
     def idle(ep: Endpoint) -> bool:
         """Nothing running or waiting in the endpoint's snapshot, nothing in flight to it from
         this router and nothing dispatched to it since the snapshot."""
@@ -284,33 +357,59 @@ class MetricsScraper:
     async def _loop(self, ep: Endpoint, phase_s: float = 0.0) -> None:
         offset = phase_s  # added to the first pause only: the loop keeps its phase after
         idle_pages = 0
-        slows = self.idle_interval_s > self.interval_s
-        while True:
-            started = time.monotonic()
-            try:
-                ok = await self.scrape_once(ep)
-            except Exception:  # never let one endpoint's scrape loop die
-                log.exception("scrape of %s failed unexpectedly", ep.address)
-                self._count(ep, "bad_page")
-                ep.metrics = None
-                ok = False
-            idle_pages = idle_pages + 1 if ok and slows and self.idle(ep) else 0
-            if idle_pages >= IDLE_AFTER_PAGES:
-                gauge = (None if self.metrics is None
-                         else self.metrics.scrape_idle_endpoints.labels(ep.pool))
-                if gauge is not None:
-                    gauge.inc()
+        adapts = self.accounted_interval_s > self.interval_s
+        foreign_until = -math.inf  # monotonic: the short period until then
+        foreign_gauge = (None if self.metrics is None or not adapts
+                         else self.metrics.scrape_foreign_load_endpoints.labels(ep.pool))
+        counted = False
+        try:
+            while True:
+                started = time.monotonic()
+                in_flight, dispatches = ep.in_flight, ep.dispatches
                 try:
-                    woken = await self._idle_pause(ep, started + self.idle_interval_s + offset)
-                finally:
-                    if gauge is not None:
-                        gauge.dec()
-                offset = 0.0
-                if woken:  # by a dispatch: the engine's first busy page, soon
-                    idle_pages = 0
-                    await asyncio.sleep(min(self.interval_s, WAKE_SCRAPE_DELAY_S))
-                continue
-            # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
-            pause = self.interval_s if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
-            await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
-            offset = 0.0
+                    ok = await self.scrape_once(ep)
+                except Exception:  # never let one endpoint's scrape loop die
+                    log.exception("scrape of %s failed unexpectedly", ep.address)
+                    self._count(ep, "bad_page")
+                    ep.metrics = None
+                    ok = False
+                if ok and adapts and self.foreign_load(
+                        ep, in_flight + ep.dispatches - dispatches):
+                    foreign_until = time.monotonic() + FOREIGN_HOLD_S
+                foreign = time.monotonic() < foreign_until
+                if foreign_gauge is not None and foreign != counted:
+                    foreign_gauge.inc() if foreign else foreign_gauge.dec()
+                    counted = foreign
+                short = foreign or self.queueing(ep)
+                offset, idle_pages = await self._pause(ep, ok, short, idle_pages, started,
+                                                       offset)
+        finally:
+            if foreign_gauge is not None and counted:
+                foreign_gauge.dec()
+
+    async def _pause(self, ep: Endpoint, ok: bool, short: bool, idle_pages: int,
+                     started: float, offset: float) -> tuple[float, int]:
+        """Wait until the endpoint's next scrape is due (the period its last page called for,
+        the idle pause or a failing endpoint's back-off); the loop's offset and count of idle
+        pages in a row from then on."""
+        slows = self.idle_interval_s > self.interval_s
+        idle_pages = idle_pages + 1 if ok and slows and self.idle(ep) else 0
+        if idle_pages >= IDLE_AFTER_PAGES:
+            gauge = (None if self.metrics is None
+                     else self.metrics.scrape_idle_endpoints.labels(ep.pool))
+            if gauge is not None:
+                gauge.inc()
+            try:
+                woken = await self._idle_pause(ep, started + self.idle_interval_s + offset)
+            finally:
+                if gauge is not None:
+                    gauge.dec()
+            if woken:  # by a dispatch: the engine's first busy page, soon
+                idle_pages = 0
+                await asyncio.sleep(min(self.interval_s, WAKE_SCRAPE_DELAY_S))
+            return 0.0, idle_pages
+        # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
+        period = self.interval_s if short else self.accounted_interval_s
+        pause = period if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
+        await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
+        return 0.0, idle_pages

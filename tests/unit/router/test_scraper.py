@@ -16,7 +16,13 @@ from aiohttp import web
 from kvroute_router.datastore.store import Datastore
 from kvroute_router.framework.endpoint import Endpoint
 from kvroute_router.router_metrics import RouterMetrics
-from kvroute_router.scrape.scraper import FILTERED_PATH, IDLE_AFTER_PAGES, MetricsScraper
+from kvroute_router.scrape import scraper as scraper_module
+from kvroute_router.scrape.scraper import (
+    FILTERED_PATH,
+    IDLE_AFTER_PAGES,
+    MetricsScraper,
+    scrape_periods,
+)
 from kvroute_router.scrape.vllm_metrics import WANTED, MetricsParseError, parse_vllm_metrics
 
 from tests.aiohttp_server import serving
@@ -135,7 +141,7 @@ async def test_endpoints_loaded_together_are_not_scraped_in_lock_step() -> None:
                                    for i, port in enumerate(ports)]}}, by_alias=True)
         store = Datastore()
         store.replace([pool], [])
-        scraper = MetricsScraper(store, interval_s=interval)
+        scraper = MetricsScraper(store, interval_s=interval, accounted_interval_s=interval)
         await scraper.start()
         try:
             await _until(lambda: all(len(arrivals.get(p, [])) >= 3 for p in ports),
@@ -325,7 +331,7 @@ def test_the_cli_refuses_a_scrape_interval_that_is_not_a_positive_duration(
 
 def test_the_scraper_refuses_an_interval_that_is_not_positive() -> None:
     for interval in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="scrape interval"):
+        with pytest.raises(ValueError, match="--scrape-interval-ms"):
             MetricsScraper(Datastore(), interval_s=interval)
 
 
@@ -337,27 +343,34 @@ class Engine:
     """A /metrics page on loopback whose body a test sets (``page``, or ``pages(count)`` by the
     number of scrapes so far), the times it was scraped, and a scraper of it (interval 10-20 ms,
     an idle period of 30 s: far longer than any wait in these tests, so every scrape counted
-    after an idle pause began is one a wake or a busy page caused)."""
+    after an idle pause began is one a wake or a busy page caused). The accounted period is
+    the interval unless a test gives one. ``on_get`` runs as a GET arrives, before the page is
+    written."""
 
     def __init__(self, pages: Callable[[int], str] | None = None) -> None:
         self.page = IDLE
         self.pages = pages
         self.gets: list[float] = []
         self.router_metrics = RouterMetrics()
+        self.on_get: Callable[[], None] | None = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
         self.gets.append(time.monotonic())
+        if self.on_get is not None:
+            self.on_get()
         body = self.page if self.pages is None else self.pages(len(self.gets))
         return web.Response(text=body, content_type="text/plain")
 
     @contextlib.asynccontextmanager
-    async def scraped(self, interval_s: float) -> AsyncIterator[Endpoint]:
+    async def scraped(self, interval_s: float, accounted_s: float | None = None
+                      ) -> AsyncIterator[Endpoint]:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         async with serving(app) as url:
             store = Datastore()
             store.replace([make_pool("p", count=1, base_port=int(url.rsplit(":", 1)[1]))], [])
             scraper = MetricsScraper(store, interval_s=interval_s, idle_interval_s=30.0,
+                                     accounted_interval_s=accounted_s or interval_s,
                                      metrics=self.router_metrics)
             await scraper.start()
             try:
@@ -369,6 +382,85 @@ class Engine:
     def idle_gauge(self, ep: Endpoint) -> float | None:
         return self.router_metrics.registry.get_sample_value("kvroute_scrape_idle_endpoints",
                                                              {"pool": ep.pool})
+
+    def foreign_gauge(self, ep: Endpoint) -> float | None:
+        return self.router_metrics.registry.get_sample_value(
+            "kvroute_scrape_foreign_load_endpoints", {"pool": ep.pool})
+
+
+async def test_an_engine_serving_only_this_routers_requests_is_scraped_at_the_accounted_period(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 64 engines with thin traffic half of one router's CPU per request was scraping
+    (router-cpu.md round 25), for pages that only confirm what it counts itself. A page showing
+    more requests than this router has in flight (another replica's, a direct client's) keeps
+    the short period, for FOREIGN_HOLD_S after the last such page; once the pages show only
+    this router's requests, the engine is scraped at the accounted period."""
+    monkeypatch.setattr(scraper_module, "FOREIGN_HOLD_S", 0.3)
+    engine = Engine()
+    engine.page = BUSY  # two running, none of them this router's
+    gets = engine.gets
+    async with engine.scraped(0.01, accounted_s=30.0) as ep:
+        await _until(lambda: len(gets) >= 6, "scrapes at the short period")
+        assert engine.foreign_gauge(ep) == 1.0
+        ep.in_flight = 2  # the two are this router's now
+        await _until(lambda: engine.foreign_gauge(ep) == 0.0, "the hold to run out")
+        scraped = len(gets)
+        await asyncio.sleep(0.3)  # 30 scrapes at the short period
+        assert len(gets) == scraped, gets
+    assert engine.foreign_gauge(ep) == 0.0
+
+
+async def test_a_dispatch_racing_the_page_is_not_foreign_load() -> None:
+    """A request dispatched while the page is on its way may be on it: the page is compared
+    with this router's in-flight requests when it asked for the page plus every dispatch
+    since, so that request does not put the engine at the short period."""
+    engine = Engine()
+    engine.page = BUSY
+    gets = engine.gets
+    async with engine.scraped(0.01, accounted_s=30.0) as ep:
+        ep.in_flight = 1
+
+        def dispatch() -> None:  # as Director.dispatch does, between the GET and the page
+            engine.on_get = None
+            ep.in_flight += 1
+            ep.dispatched()
+
+        engine.on_get = dispatch
+        await _until(lambda: ep.metrics is not None, "the first page")
+        await asyncio.sleep(0.2)
+        assert len(gets) == 1 and engine.foreign_gauge(ep) in (None, 0.0)
+
+
+async def test_an_engine_with_a_queue_is_scraped_at_the_short_period() -> None:
+    """Requests waiting on an engine: how fast it works them off is what this router cannot
+    count itself, and admission reads the waiting count. Such pages keep the short period even
+    when every request on them is this router's."""
+    queued = ('vllm:num_requests_running{engine="0"} 1.0\n'
+              'vllm:num_requests_waiting{engine="0"} 1.0\n')
+    engine = Engine()
+    engine.page = queued
+    gets = engine.gets
+    async with engine.scraped(0.01, accounted_s=30.0) as ep:
+        ep.in_flight = 2  # both this router's
+        await _until(lambda: len(gets) >= 6, "scrapes at the short period")
+        assert engine.foreign_gauge(ep) in (None, 0.0)
+        engine.page = BUSY  # two running, none waiting: the accounted period
+        await _until(lambda: ep.metrics is not None and ep.metrics.waiting == 0, "the page")
+        scraped = len(gets)
+        await asyncio.sleep(0.3)
+        assert len(gets) == scraped, gets
+
+
+def test_scrape_periods_and_their_defaults() -> None:
+    assert scrape_periods(0.1) == (0.1, 1.0, 2.0)
+    assert scrape_periods(1.0, None, 2.0) == (1.0, 1.0, 2.0)  # the setting round 26 measured
+    assert scrape_periods(0.1, None, 0.5) == (0.1, 0.5, 0.5)  # an idle period given caps it
+    assert scrape_periods(2.0) == (2.0, 2.0, 4.0)  # never shorter than the short period
+    assert scrape_periods(0.1, 0.1) == (0.1, 0.1, 0.2)  # equal to it: no adapting
+    with pytest.raises(ValueError, match="--accounted-scrape-interval-ms must"):
+        scrape_periods(0.2, 0.1)
+    with pytest.raises(ValueError, match="--idle-scrape-interval-ms must"):
+        scrape_periods(0.1, 1.0, 0.5)
 
 
 async def test_an_idle_engine_is_scraped_slowly_until_a_request_is_sent_to_it() -> None:
@@ -478,9 +570,9 @@ def test_the_idle_scrape_period_is_no_shorter_than_the_scrape_interval(
     from kvroute_cli.main import main
 
     scraper = MetricsScraper(Datastore(), interval_s=0.2)
-    assert scraper.idle_interval_s == pytest.approx(1.0)  # 5x by default
+    assert scraper.idle_interval_s == pytest.approx(2.0)  # 2x the accounted 1 s by default
     for idle in (0.1, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="idle scrape interval"):
+        with pytest.raises(ValueError, match="--idle-scrape-interval-ms"):
             MetricsScraper(Datastore(), interval_s=0.2, idle_interval_s=idle)
     config = tmp_path / "pool.yaml"
     config.write_text("")
@@ -558,21 +650,24 @@ async def test_a_policy_whose_metrics_would_read_stale_between_scrapes_is_warned
     average in for endpoints between two of their scrapes: said once per policy and value,
     naming the flag to change, at start and when a policy changes."""
     store = Datastore()
-    store.replace([make_pool("local", count=1)], [make_policy("chat")])  # staleMetricsMs 1000
-    assert MetricsScraper(store, interval_s=0.1).check_staleness() == []  # idle: 500 ms
-    (busy,) = MetricsScraper(store, interval_s=1.0).check_staleness()
-    assert "default/chat" in busy and "--scrape-interval-ms (1000)" in busy
-    scraper = MetricsScraper(store, interval_s=0.3)  # idle period 1.5 s
+    store.replace([make_pool("local", count=1)], [make_policy("chat")])  # staleMetricsMs 3000
+    assert MetricsScraper(store, interval_s=0.1).check_staleness() == []  # idle: 2 s
+    (busy,) = MetricsScraper(store, interval_s=3.0).check_staleness()
+    assert "default/chat" in busy and "--scrape-interval-ms (3000)" in busy
+    (accounted,) = MetricsScraper(store, accounted_interval_s=3.0).check_staleness()
+    assert "--accounted-scrape-interval-ms (3000)" in accounted
+    assert "its accounted endpoints'" in accounted
+    scraper = MetricsScraper(store, interval_s=0.3, idle_interval_s=4.5)
     caplog.clear()
     with caplog.at_level("WARNING", logger="kvroute_router.scrape.scraper"):
         await scraper.start()
         try:
             (idle,) = [r.getMessage() for r in caplog.records]
-            assert "--idle-scrape-interval-ms (1500)" in idle and "staleMetricsMs (1000)" in idle
+            assert "--idle-scrape-interval-ms (4500)" in idle and "staleMetricsMs (3000)" in idle
             assert "its idle endpoints'" in idle
             assert scraper.check_staleness() == []  # once
+            store.set_policy(make_policy("chat", scoring={"staleMetricsMs": 6000}))
             store.set_policy(make_policy("chat", scoring={"staleMetricsMs": 3000}))
-            store.set_policy(make_policy("chat", scoring={"staleMetricsMs": 1000}))
             assert len(caplog.records) == 2  # warned again after a value that was fine
         finally:
             await scraper.stop()

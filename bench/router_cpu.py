@@ -93,7 +93,7 @@ from kvroute_bench.workloads import (
     TraceRequest,
     precise_prefix_trace,
 )
-from kvroute_router.scrape.scraper import IDLE_INTERVAL_FACTOR
+from kvroute_router.scrape.scraper import scrape_periods
 
 # Engines that answer at once: the ceiling measures the router, not the emulated GPUs.
 FAST_PROFILE = {"prefill_s_per_token": 1e-6, "step_base_s": 0.0005,
@@ -260,14 +260,15 @@ async def drive(targets: Sequence[tuple[str, TraceRequest]], model: str, timeout
 def idle_scrape_period_ms(router_args: Sequence[str]) -> float:
     """How often kvroute's router scrapes an idle engine, from the flags ``cpu`` passes it
     (``--router-arg``, the last one of a name winning as in argparse): its
-    ``--idle-scrape-interval-ms``, by default the router's ``IDLE_INTERVAL_FACTOR`` x
-    ``--scrape-interval-ms`` (default 100)."""
+    ``--idle-scrape-interval-ms``, by default the router's (:func:`scrape_periods`)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--scrape-interval-ms", type=float, default=100.0)
+    parser.add_argument("--accounted-scrape-interval-ms", type=float, default=None)
     parser.add_argument("--idle-scrape-interval-ms", type=float, default=None)
     known, _ = parser.parse_known_args(list(router_args))
-    idle: float | None = known.idle_scrape_interval_ms
-    return idle if idle is not None else IDLE_INTERVAL_FACTOR * float(known.scrape_interval_ms)
+    given = [None if ms is None else ms / 1000.0
+             for ms in (known.accounted_scrape_interval_ms, known.idle_scrape_interval_ms)]
+    return 1000.0 * scrape_periods(known.scrape_interval_ms / 1000.0, *given)[2]
 
 
 @dataclass

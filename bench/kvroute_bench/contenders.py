@@ -373,6 +373,9 @@ class KvrouteVariant:
     policy: dict[str, Any] = field(default_factory=dict)
     kv_events: dict[str, Any] = field(default_factory=dict)
     args: tuple[str, ...] = ()  # further ``kvroute router`` flags
+    fixed_scrape: bool = False
+    """Scrape every busy engine at the short period, whatever its pages show (the default
+    before 2026-12; :func:`scrape_periods_ms`)."""
 
     @property
     def ab(self) -> bool:
@@ -423,6 +426,9 @@ KVROUTE_VARIANTS: dict[str, KvrouteVariant] = {
     "precise-cost": KvrouteVariant(
         "kvroute, prefill-cost (backlog + uncached prompt tokens; precise match): the default",
         _PRECISE_COST),
+    "precise-cost-fixed-scrape": KvrouteVariant(
+        "kvroute-precise-cost scraping every busy engine every 100 ms (engine time) whatever "
+        "its pages show, the default before 2026-12 (A/B)", _PRECISE_COST, fixed_scrape=True),
     # scoring.prefillMissWeight (default 3): 1 is greedy (this request's wait only).
     **{f"precise-cost-w{w}": KvrouteVariant(
         f"kvroute-precise-cost with prefillMissWeight {w} (A/B; synced replicas use "
@@ -546,9 +552,9 @@ def kvroute_config(fleet: FleetInfo, scorers: list[dict[str, Any]],
         # time at scale 16, and kvroute would abandon and retry requests no user's would.
         spec["retries"] = {"perTryTimeoutMs": min(600_000, round(10_000 * fleet.time_scale))}
         spec["requestTimeoutSeconds"] = min(86_400, round(600 * fleet.time_scale))
-        # The scrape period is stretched too (see _kvroute), so the age at which load metrics
-        # count as stale must be: 1 s of engine time, its default on real engines.
-        spec["scoring"]["staleMetricsMs"] = min(600_000, round(1000 * fleet.time_scale))
+        # The scrape periods are stretched too (see _kvroute), so the age at which load
+        # metrics count as stale must be: 3 s of engine time, its default on real engines.
+        spec["scoring"]["staleMetricsMs"] = min(600_000, round(3000 * fleet.time_scale))
         # How long admission control holds a request while every engine is saturated before
         # answering 429 (30 s by default): unscaled it is 1.9 s of engine time at scale 16,
         # and long overloaded runs got 429s that a real fleet would not give.
@@ -590,20 +596,30 @@ def _kvroute(variant: str) -> Callable[[FleetInfo, int, Path], list[str]]:
         if fleet.model_dir is not None:
             argv += ["--tokenizer-dir", f"{fleet.model}={fleet.model_dir}"]
         if fleet.time_scale != 1.0:
-            # The /metrics scrape period, stretched like the timeouts: 100 ms of engine time, as
-            # on real engines. Unscaled, kvroute scraped each emulated engine 16x as often per
-            # engine second as it would a real one (16 engines x 10/s for a run 16x longer in
-            # wall time), and that idle parsing was charged to every request's router CPU.
-            argv += ["--scrape-interval-ms", f"{scrape_interval_ms(fleet):g}"]
+            # The /metrics scrape periods, stretched like the timeouts: their defaults in engine
+            # time, as on real engines. Unscaled, kvroute scraped each emulated engine 16x as
+            # often per engine second as it would a real one (16 engines x 10/s for a run 16x
+            # longer in wall time), and that idle parsing was charged to every request's
+            # router CPU.
+            periods = scrape_periods_ms(fleet, KVROUTE_VARIANTS[variant].fixed_scrape)
+            for flag, ms in zip(("--scrape-interval-ms", "--accounted-scrape-interval-ms",
+                                 "--idle-scrape-interval-ms"), periods, strict=True):
+                argv += [flag, f"{ms:g}"]
         if fleet.replica_sync_url is not None:
             argv += ["--replica-sync-redis-url", fleet.replica_sync_url]
         return argv
     return command
 
 
-def scrape_interval_ms(fleet: FleetInfo) -> float:
-    """kvroute's metrics scrape period in wall ms: its 100 ms default in engine time."""
-    return min(60_000.0, 100.0 * fleet.time_scale)
+def scrape_periods_ms(fleet: FleetInfo, fixed: bool = False) -> tuple[float, float, float]:
+    """kvroute's metrics scrape periods (short, accounted, idle) in wall ms: their defaults
+    (100 ms, 1 s, 2 s) in engine time; ``fixed``: every busy engine at the short period and
+    idle ones at 5x it, the default before 2026-12."""
+    short = min(60_000.0, 100.0 * fleet.time_scale)
+    if fixed:
+        return short, short, 5 * short
+    return short, min(60_000.0, 1000.0 * fleet.time_scale), min(120_000.0,
+                                                                2000.0 * fleet.time_scale)
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,10 @@ def test_the_router_view_of_a_step_comes_from_its_histogram_deltas() -> None:
 
 def test_the_idle_scrape_period_is_read_from_the_router_flags() -> None:
     """The per-scrape idle cost divides by how often an idle router scrapes: its idle period
-    (5x the interval by default), not the interval."""
-    assert router_cpu.idle_scrape_period_ms([]) == 500.0
-    assert router_cpu.idle_scrape_period_ms(["--scrape-interval-ms=1600"]) == 8000.0
+    (2x the accounted period by default), not the interval."""
+    assert router_cpu.idle_scrape_period_ms([]) == 2000.0
+    assert router_cpu.idle_scrape_period_ms(["--scrape-interval-ms=1600"]) == 3200.0
+    assert router_cpu.idle_scrape_period_ms(["--accounted-scrape-interval-ms=100"]) == 200.0
     assert router_cpu.idle_scrape_period_ms(["--scrape-interval-ms", "200",
                                              "--idle-scrape-interval-ms=200"]) == 200.0
     assert router_cpu.idle_scrape_period_ms(["--idle-scrape-interval-ms=300",

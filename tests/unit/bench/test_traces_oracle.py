@@ -146,7 +146,7 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
     parsed = RoutePolicySpec.model_validate(spec)
     assert parsed.retries.per_try_timeout_ms == 160_000
     assert parsed.request_timeout_seconds == 9_600
-    assert parsed.scoring.stale_metrics_ms == 16_000  # the scrape period is stretched too
+    assert parsed.scoring.stale_metrics_ms == 48_000  # the scrape period is stretched too
     assert parsed.admission.queue_timeout_ms == 480_000  # admission's 30 s router queue
     assert "admission" not in real
     # A variant's own admission fields merge with the stretched timeout.
@@ -178,7 +178,7 @@ def test_kvroute_timeouts_stretch_with_the_emulated_time() -> None:
         FleetInfo(engines, "m", 16, time_scale=16.0), [],
         KVROUTE_POLICY_EXTRA["precise-cost-nowait"])[1]["spec"])
     assert off.scoring.prefill_wait_ms == 0
-    assert waiting.scoring.stale_metrics_ms == 16_000  # merged with, not replacing, scoring
+    assert waiting.scoring.stale_metrics_ms == 48_000  # merged with, not replacing, scoring
     # The engine-queue penalty per uncached token too; priority engines are declared.
     from kvroute_api.inference_pool import InferencePoolSpec
     from kvroute_bench.contenders import DEFAULT_PRIORITY_MS_PER_TOKEN
@@ -200,3 +200,9 @@ def test_kvroute_scrape_interval_stretches_with_the_emulated_time(tmp_path: Path
     assert "--scrape-interval-ms" not in real
     argv = _kvroute("precise-load")(FleetInfo(engines, "m", 16, time_scale=16.0), 9000, tmp_path)
     assert argv[argv.index("--scrape-interval-ms") + 1] == "1600"
+    assert argv[argv.index("--accounted-scrape-interval-ms") + 1] == "16000"
+    assert argv[argv.index("--idle-scrape-interval-ms") + 1] == "32000"
+    fixed = _kvroute("precise-cost-fixed-scrape")(FleetInfo(engines, "m", 16, time_scale=16.0),
+                                                  9000, tmp_path)
+    assert fixed[fixed.index("--accounted-scrape-interval-ms") + 1] == "1600"
+    assert fixed[fixed.index("--idle-scrape-interval-ms") + 1] == "8000"

@@ -3,7 +3,7 @@
 Both parts start the project's engine emulator (``python -m kvroute_emulator``, the engines of
 ``kvroute engines --emulate``) and one ``kvroute router`` process on the proxy path with the
 precise prefix scorer (``kvroute-precise`` of ``kvroute bench``: an External pool, KV events
-from every engine, only the HTTP proxy listening, the default 100 ms ``/metrics`` scrape), then
+from every engine, only the HTTP proxy listening, the default adaptive ``/metrics`` scrape), then
 send streaming ``/v1/completions`` requests whose prompts are long tenant contexts plus a fresh
 question (``precise_prefix_trace`` of ``kvroute bench``).
 
@@ -11,11 +11,12 @@ question (``precise_prefix_trace`` of ``kvroute bench``).
    window with no traffic (what scraping and the KV-event subscribers cost per second), then
    over ``--requests`` requests sent open-loop at ``--rate``. Reported: gross CPU per request
    (all CPU in the window / requests), and net (minus the idle rate times the window), plus
-   the idle cost per engine scrape. The router scrapes an idle engine at its idle period (5x
-   the interval unless ``--idle-scrape-interval-ms`` says otherwise), a busy one at the
-   interval, so since round 18 the idle rate leaves out the busy engines' extra scrapes and
-   net carries them; ``--router-arg=--idle-scrape-interval-ms=100`` (the interval) measures as
-   earlier rounds did. CPU time is far less sensitive than latency to the other
+   the idle cost per engine scrape (idle CPU over the scrapes the router counted in the
+   window, ``kvroute_scrapes_total``). The router scrapes an idle engine less often than a
+   busy one (docs/router.md, *Scraper*), so since round 18 the idle rate leaves out the busy
+   engines' extra scrapes and net carries them;
+   ``--router-arg=--accounted-scrape-interval-ms=100 --router-arg=--idle-scrape-interval-ms=100``
+   measures as rounds before 18 did. CPU time is far less sensitive than latency to the other
    work on a shared machine, but not immune: on a VM the same instructions take more CPU time
    while neighbours contend for the host's caches, so every run also records a *machine
    probe* (CPU ms of a fixed piece of work in the driver, just before and just after the
@@ -257,10 +258,21 @@ async def drive(targets: Sequence[tuple[str, TraceRequest]], model: str, timeout
 
 # --- part 1: CPU per request ------------------------------------------------------------------
 
+def scrapes_between(before: dict[promtext.Sample, float],
+                    after: dict[promtext.Sample, float]) -> float:
+    """Engine scrapes kvroute's router made between two reads of its /metrics
+    (``kvroute_scrapes_total``, every pool); 0 for a router without it."""
+    return sum(v - before.get(k, 0.0) for k, v in after.items()
+               if k[0] == "kvroute_scrapes_total")
+
+
 def idle_scrape_period_ms(router_args: Sequence[str]) -> float:
     """How often kvroute's router scrapes an idle engine, from the flags ``cpu`` passes it
     (``--router-arg``, the last one of a name winning as in argparse): its
-    ``--idle-scrape-interval-ms``, by default the router's (:func:`scrape_periods`)."""
+    ``--idle-scrape-interval-ms``, by default the router's (:func:`scrape_periods`). The
+    per-scrape idle cost divides by this only where the router does not count its scrapes
+    (``kvroute_scrapes_total``, since round 28): the idle window begins 2 s after the
+    engines are up, inside the first ten pages, which come at the accounted period."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--scrape-interval-ms", type=float, default=100.0)
     parser.add_argument("--accounted-scrape-interval-ms", type=float, default=None)
@@ -295,6 +307,10 @@ class CpuResult:
     probe_ms_after: float = math.nan
     steal_s: float = math.nan
     """vCPU time stolen by the hypervisor during the measured window (both vCPUs)."""
+    idle_scrapes: float = math.nan
+    """Engine scrapes the router counted in the idle window (``kvroute_scrapes_total``);
+    0 for a router that does not count them (a peer, Envoy): the per-scrape cost then
+    assumes the idle period (:func:`idle_scrape_period_ms`)."""
 
 
 def measure_cpu(args: argparse.Namespace) -> CpuResult:
@@ -309,10 +325,12 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
             # Idle: scraping and KV-event subscribers only.
             time.sleep(2.0)
             load_before = loadavg()
+            pages_before = router_samples(fleet)
             idle_t0, idle_c0 = time.monotonic(), fleet.router_cpu()
             time.sleep(args.idle_seconds)
             idle_s = time.monotonic() - idle_t0
             idle_rate = (fleet.router_cpu() - idle_c0) / idle_s
+            idle_scrapes = scrapes_between(pages_before, router_samples(fleet))
             warm = requests[: args.warmup]
             asyncio.run(drive([(url, r) for r in warm], fleet.info.model, 120.0))
             measured = requests[args.warmup:]
@@ -343,7 +361,8 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
         finally:
             fleet.stop()
     n = len(measured)
-    scrapes_per_s = args.engines * 1000.0 / idle_scrape_period_ms(args.router_arg)
+    scrapes_per_s = (idle_scrapes / idle_s if idle_scrapes
+                     else args.engines * 1000.0 / idle_scrape_period_ms(args.router_arg))
     return CpuResult(
         engines=args.engines, requests=n, errors=sum(1 for r in results if not r.ok),
         rate=args.rate, output_tokens=args.output_tokens,
@@ -356,7 +375,8 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
         emulator_cpu_ms_per_request=1000.0 * emu / n,
         loadavg_before=load_before, loadavg_after=load_after,
         error_samples=sorted({r.error for r in results if r.error})[:3],
-        probe_ms_before=probe_before, probe_ms_after=probe_after, steal_s=steal)
+        probe_ms_before=probe_before, probe_ms_after=probe_after, steal_s=steal,
+        idle_scrapes=idle_scrapes)
 
 
 # --- part 2: the ceiling ----------------------------------------------------------------------

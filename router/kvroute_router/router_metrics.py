@@ -109,6 +109,11 @@ class RouterMetrics:
             "more requests running and waiting than this router sent them (another replica "
             "without replica sync, or with it, clients going to the engine directly); the "
             "others are scraped at --accounted-scrape-interval-ms.", ["pool"], registry=r)
+        self.scrapes = Counter(
+            "kvroute_scrapes",
+            "Scrapes of engines' /metrics this router made, failed ones included: how often "
+            "the adaptive period (--scrape-interval-ms, --accounted-scrape-interval-ms, "
+            "--idle-scrape-interval-ms) had it ask.", ["pool"], registry=r)
         self.scrape_errors = Counter(
             "kvroute_scrape_errors",
             "Failed scrapes of an engine's /metrics, by reason (unreachable: connection error "

@@ -23,3 +23,5 @@ def test_the_cpu_measurement_runs_through_the_router(tmp_path: Path) -> None:
     assert result["engines"] == 2 and result["requests"] == 20
     assert result["errors"] == 0 and not result["error_samples"]
     assert result["router_cpu_s"] > 0 and result["gross_cpu_ms_per_request"] > 0
+    # The idle cost per scrape divides by the scrapes the router counted, not by a period.
+    assert result["idle_scrapes"] >= 1

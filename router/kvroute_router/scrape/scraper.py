@@ -362,9 +362,12 @@ class MetricsScraper:
         foreign_gauge = (None if self.metrics is None or not adapts
                          else self.metrics.scrape_foreign_load_endpoints.labels(ep.pool))
         counted = False
+        scrapes = None if self.metrics is None else self.metrics.scrapes.labels(ep.pool)
         try:
             while True:
                 started = time.monotonic()
+                if scrapes is not None:
+                    scrapes.inc()
                 in_flight, dispatches = ep.in_flight, ep.dispatches
                 try:
                     ok = await self.scrape_once(ep)

@@ -28,6 +28,16 @@ def test_a_low_rate_ceiling_step_sends_enough_requests_for_a_p99() -> None:
     assert router_cpu.step_requests(60.0, 15.0, 200) == 900
 
 
+def test_scrapes_are_counted_over_every_pool_between_two_reads() -> None:
+    before = {("kvroute_scrapes_total", (("pool", "a"),)): 10.0,
+              ("kvroute_decision_latency_seconds_count", ()): 5.0}
+    after = {("kvroute_scrapes_total", (("pool", "a"),)): 16.0,
+             ("kvroute_scrapes_total", (("pool", "b"),)): 3.0,
+             ("kvroute_decision_latency_seconds_count", ()): 9.0}
+    assert router_cpu.scrapes_between(before, after) == 9.0
+    assert router_cpu.scrapes_between({}, {}) == 0.0
+
+
 def result(**extra: float) -> dict[str, float]:
     base = {"engines": 16, "output_tokens": 2, "requests": 300, "errors": 0, "rate": 20.0,
             "idle_cpu_s_per_s": 0.04, "idle_cpu_ms_per_scrape": 0.25,

@@ -429,6 +429,8 @@ async def test_a_dispatch_racing_the_page_is_not_foreign_load() -> None:
         await _until(lambda: ep.metrics is not None, "the first page")
         await asyncio.sleep(0.2)
         assert len(gets) == 1 and engine.foreign_gauge(ep) in (None, 0.0)
+        assert engine.router_metrics.registry.get_sample_value(
+            "kvroute_scrapes_total", {"pool": ep.pool}) == 1.0
 
 
 async def test_an_engine_with_a_queue_is_scraped_at_the_short_period() -> None:

@@ -271,7 +271,7 @@ def idle_scrape_period_ms(router_args: Sequence[str]) -> float:
     (``--router-arg``, the last one of a name winning as in argparse): its
     ``--idle-scrape-interval-ms``, by default the router's (:func:`scrape_periods`). The
     per-scrape idle cost divides by this only where the router does not count its scrapes
-    (``kvroute_scrapes_total``, since round 28): the idle window begins 2 s after the
+    (``kvroute_scrapes_total``, since 2026-12-07): the idle window begins 2 s after the
     engines are up, inside the first ten pages, which come at the accounted period."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--scrape-interval-ms", type=float, default=100.0)

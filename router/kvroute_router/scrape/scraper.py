@@ -33,28 +33,27 @@ does not answer it with a page carrying ``vllm:num_requests_running`` (a 404, a 
 older server, a proxy that drops the query) while its plain ``/metrics`` answers 200 is scraped
 at ``/metrics`` from then on, for as long as the endpoint keeps its address (logged once).
 
-**Engines serving only this router's requests are scraped every second.** A page tells the
-router what it cannot count itself: the requests others send the engine (replicas without
-replica sync, clients going to it directly) and how the engine split the router's own between
-running and waiting. One router routes as well on a 1 s-old page as on a 100 ms-old one (the
-fleet simulator, docs/benchmarks/router-cpu.md round 25: its in-flight counts and pending blocks
-carry the load it creates; round 27 measured it on the emulated fleet), while at 64 engines with
-thin traffic half its CPU per request was scraping at 100 ms (1.57 ms net per request against
-0.97 at 1 s). Replicas without replica sync lean on the page for each other's load (p90 +16 %
-at a 1 s period in the simulator). So each loop compares the page with what this router can
-account for — the requests it had in flight to the engine when the GET went out, plus every
-dispatch to it (its own or, with replica sync, another replica's) until the page was read
-(:meth:`MetricsScraper.foreign_load`) — and a page showing more running and waiting requests
-than that puts the endpoint at the short period (``interval_s``) for :data:`FOREIGN_HOLD_S`.
-So does a page showing requests waiting (:meth:`MetricsScraper.queueing`), for as long as the
-pages show them: how fast an engine works off its queue is what one router cannot count, and
-its waiting count is what admission control and the ``load-headroom`` filter read (round 48 of
-docs/benchmarks/emulated-fleet.md: without this, TTFT p90 +22 % at 150 req/s on 16 emulated
-engines, where queues form). Otherwise the endpoint is scraped at ``accounted_interval_s``.
-Replicas *with* replica sync learn each other's dispatches but not their ends, so their pages
-show foreign load and keep the short period, as before.
-``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for that
-reason.
+**Engines serving only this router's requests are scraped every second.** A page tells the router
+what it cannot count itself: the requests others send the engine (replicas without replica sync,
+clients going to it directly) and how the engine split the router's own between running and waiting.
+One router routes as well on a 1 s-old page as on a 100 ms-old one (the fleet simulator,
+docs/benchmarks/router-cpu.md round 25: its in-flight counts and pending blocks carry the load it
+creates; on the emulated fleet, round 48 of docs/benchmarks/emulated-fleet.md), while at 64 engines
+with thin traffic half its CPU per request was scraping at 100 ms (1.57 ms net per request against
+0.97 at 1 s). Replicas without replica sync lean on the page for each other's load (p90 +16 % at a 1
+s period in the simulator). So each loop compares the page with what this router can account for —
+the requests it had in flight to the engine when the GET went out, plus every dispatch to it (its
+own or, with replica sync, another replica's) until the page was read
+(:meth:`MetricsScraper.foreign_load`) — and a page showing more running and waiting requests than
+that puts the endpoint at the short period (``interval_s``) for :data:`FOREIGN_HOLD_S`. So does a
+page showing requests waiting (:meth:`MetricsScraper.queueing`), for as long as the pages show them:
+how fast an engine works off its queue is what one router cannot count, and its waiting count is
+what admission control and the ``load-headroom`` filter read (round 48 of
+docs/benchmarks/emulated-fleet.md: without this, TTFT p90 +22 % at 150 req/s on 16 emulated engines,
+where queues form). Otherwise the endpoint is scraped at ``accounted_interval_s``. Replicas *with*
+replica sync learn each other's dispatches but not their ends, so their pages show foreign load and
+keep the short period, as before. ``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at
+the short period for that reason.
 
 **Idle engines are scraped less often still.** Most of an idle router's CPU is waking up for scrapes
 (~0.3-0.65 ms each when nothing else runs, ~83 us back to back; docs/benchmarks/router-cpu.md,
@@ -384,16 +383,16 @@ class MetricsScraper:
                     foreign_gauge.inc() if foreign else foreign_gauge.dec()
                     counted = foreign
                 short = foreign or self.queueing(ep)
-                offset, idle_pages = await self._pause(ep, ok, short, idle_pages, started,
-                                                       offset)
+                idle_pages = await self._pause(ep, ok, short, idle_pages, started, offset)
+                offset = 0.0
         finally:
             if foreign_gauge is not None and counted:
                 foreign_gauge.dec()
 
     async def _pause(self, ep: Endpoint, ok: bool, short: bool, idle_pages: int,
-                     started: float, offset: float) -> tuple[float, int]:
+                     started: float, offset: float) -> int:
         """Wait until the endpoint's next scrape is due (the period its last page called for,
-        the idle pause or a failing endpoint's back-off); the loop's offset and count of idle
+        the idle pause or a failing endpoint's back-off, ``offset`` added); the count of idle
         pages in a row from then on."""
         slows = self.idle_interval_s > self.interval_s
         idle_pages = idle_pages + 1 if ok and slows and self.idle(ep) else 0
@@ -410,9 +409,9 @@ class MetricsScraper:
             if woken:  # by a dispatch: the engine's first busy page, soon
                 idle_pages = 0
                 await asyncio.sleep(min(self.interval_s, WAKE_SCRAPE_DELAY_S))
-            return 0.0, idle_pages
+            return idle_pages
         # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
         period = self.interval_s if short else self.accounted_interval_s
         pause = period if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
         await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
-        return 0.0, idle_pages
+        return idle_pages

@@ -45,7 +45,8 @@ s period in the simulator). So each loop compares the page with what this router
 the requests it had in flight to the engine when the GET went out, plus every dispatch to it (its
 own or, with replica sync, another replica's) until the page was read
 (:meth:`MetricsScraper.foreign_load`) — and a page showing more running and waiting requests than
-that puts the endpoint at the short period (``interval_s``) for :data:`FOREIGN_HOLD_S`. So does a
+that puts the endpoint at the short period (``interval_s``) for :data:`FOREIGN_HOLD_PERIODS`
+accounted periods. So does a
 page showing requests waiting (:meth:`MetricsScraper.queueing`), for as long as the pages show them:
 how fast an engine works off its queue is what one router cannot count, and its waiting count is
 what admission control and the ``load-headroom`` filter read (round 48 of
@@ -108,10 +109,12 @@ ACCOUNTED_INTERVAL_S = 1.0
 shorter than the scrape interval)."""
 IDLE_INTERVAL_FACTOR = 2.0
 """The default idle scrape period, in accounted periods."""
-FOREIGN_HOLD_S = 30.0
-"""How long a page showing requests this router cannot account for keeps the endpoint at the
-short period: traffic from another replica without replica sync comes and goes between two
-requests of it, and should not put the endpoint back at the long period in a gap."""
+FOREIGN_HOLD_PERIODS = 30.0
+"""How long, in accounted periods (30 s at the default), a page showing requests this router
+cannot account for keeps the endpoint at the short period: traffic from another replica without
+replica sync comes and goes between two requests of it, and should not put the endpoint back at
+the long period in a gap. In accounted periods, so that it stretches with the other periods (the
+bench stretches them by its time dilation: a hold fixed at 30 s was ~2 s of engine time there)."""
 IDLE_AFTER_PAGES = 10
 """Idle pages in a row before an endpoint is scraped at the idle period (1 s at the default
 interval): a gap between requests under traffic is not idleness, and routing under traffic
@@ -170,6 +173,7 @@ class MetricsScraper:
         self.interval_s, self.accounted_interval_s, self.idle_interval_s = scrape_periods(
             interval_s, accounted_interval_s, idle_interval_s)
         self.timeout_s = timeout_s if timeout_s is not None else max(0.5, 5 * interval_s)
+        self.foreign_hold_s = FOREIGN_HOLD_PERIODS * self.accounted_interval_s
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._connections: dict[int, MetricsConnection] = {}
         self._started = False
@@ -377,7 +381,7 @@ class MetricsScraper:
                     ok = False
                 if ok and adapts and self.foreign_load(
                         ep, in_flight + ep.dispatches - dispatches):
-                    foreign_until = time.monotonic() + FOREIGN_HOLD_S
+                    foreign_until = time.monotonic() + self.foreign_hold_s
                 foreign = time.monotonic() < foreign_until
                 if foreign_gauge is not None and foreign != counted:
                     foreign_gauge.inc() if foreign else foreign_gauge.dec()

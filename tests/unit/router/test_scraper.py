@@ -393,9 +393,9 @@ async def test_an_engine_serving_only_this_routers_requests_is_scraped_at_the_ac
     """At 64 engines with thin traffic half of one router's CPU per request was scraping
     (router-cpu.md round 25), for pages that only confirm what it counts itself. A page showing
     more requests than this router has in flight (another replica's, a direct client's) keeps
-    the short period, for FOREIGN_HOLD_S after the last such page; once the pages show only
-    this router's requests, the engine is scraped at the accounted period."""
-    monkeypatch.setattr(scraper_module, "FOREIGN_HOLD_S", 0.3)
+    the short period, for FOREIGN_HOLD_PERIODS accounted periods after the last such page; once
+    the pages show only this router's requests, the engine is scraped at the accounted period."""
+    monkeypatch.setattr(scraper_module, "FOREIGN_HOLD_PERIODS", 0.01)  # 0.3 s of 30 s periods
     engine = Engine()
     engine.page = BUSY  # two running, none of them this router's
     gets = engine.gets
@@ -408,6 +408,21 @@ async def test_an_engine_serving_only_this_routers_requests_is_scraped_at_the_ac
         await asyncio.sleep(0.3)  # 30 scrapes at the short period
         assert len(gets) == scraped, gets
     assert engine.foreign_gauge(ep) == 0.0
+
+
+async def test_the_foreign_load_hold_stretches_with_the_accounted_period() -> None:
+    """The hold is counted in accounted periods, so a router whose periods are stretched (the
+    bench stretches them by its time dilation) holds the short period as long in engine time:
+    a hold fixed at 30 s was ~2 s of engine time in a 16x dilated fleet run. At a 20 ms
+    accounted period it is 0.6 s; fixed, the short period would outlast this test."""
+    engine = Engine()
+    engine.page = BUSY  # two running, none of them this router's
+    async with engine.scraped(0.01, accounted_s=0.02) as ep:
+        await _until(lambda: engine.foreign_gauge(ep) == 1.0, "a page showing foreign load")
+        ep.in_flight = 2  # the two are this router's now
+        held = time.monotonic()
+        await _until(lambda: engine.foreign_gauge(ep) == 0.0, "the hold to run out", 10.0)
+        assert time.monotonic() - held >= 0.5  # about 30 accounted periods, not one
 
 
 async def test_a_dispatch_racing_the_page_is_not_foreign_load() -> None:

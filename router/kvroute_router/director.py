@@ -263,7 +263,7 @@ class RequestLifecycle:
     def end_attempt(self) -> None:
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
-            self._director.end_attempt(self._decision, endpoint)
+            self._director.end_attempt(self._decision, endpoint, answered=self._answered)
 
     def finish(self, endpoint: Endpoint | None, outcome: Outcome) -> None:
         self.end_attempt()
@@ -555,6 +555,12 @@ class Director:
         byte (once per attempt), counted in ``Endpoint.answers_started``."""
         if first_byte:
             endpoint.answers_started += 1
+            # Its prompt is computed: not waiting, whatever the last page says. Counted
+            # until its end, an engine's page a period old showed every dispatch of that
+            # period as waiting (the load-headroom filter and admission read it): at the 1 s
+            # accounted period, 64 emulated engines at 600 req/s had 30 % less goodput than at
+            # the 100 ms one (emulated-fleet round 50).
+            endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)
         amount = decision.prefill_backlog.pop(endpoint.name, 0.0)
         if amount:
             endpoint.remove_prefill_backlog(amount, decision.newest_first_at_engines)
@@ -602,12 +608,14 @@ class Director:
         self._prefill_wait(decision.pool.name).observe(waited)
         return waited
 
-    def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
-        """An attempt on ``endpoint`` is over (successful or not)."""
+    def end_attempt(self, decision: Decision, endpoint: Endpoint, answered: bool = False
+                    ) -> None:
+        """An attempt on ``endpoint`` is over (successful or not); ``answered``: its first
+        byte came (:meth:`answering` took it off the waiting count then)."""
         self.answering(decision, endpoint)
         endpoint.in_flight = max(0, endpoint.in_flight - 1)
-        # A finished request is no longer one the engine's last snapshot is missing.
-        endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)
+        if not answered:  # no longer one the engine's last snapshot is missing
+            endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)
         self._in_flight(decision.pool.name, endpoint.name).dec()
 
     def mark_unavailable(self, endpoint: Endpoint, for_s: float = 2.0) -> None:

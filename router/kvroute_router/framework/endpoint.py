@@ -63,7 +63,9 @@ class Endpoint:
     in_flight: int = 0
     """Requests this router dispatched to the endpoint that have not finished."""
     dispatched_since_scrape: int = 0
-    """Dispatches after the latest metrics snapshot (not yet visible in it)."""
+    """Dispatches after the latest metrics snapshot (not yet visible in it) that have not
+    answered: a request whose first byte came has left the engine's waiting queue, so it no
+    longer counts toward :meth:`waiting_estimate` (``Director.answering``)."""
     dispatches: int = 0
     """Dispatches to the endpoint since start-up, by this router or (replica sync) another one:
     the scraper's count of those a page it asked for may show (``MetricsScraper.foreign_load``)."""
@@ -216,7 +218,8 @@ class Endpoint:
 
     def waiting_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
                          stale_value: float = 0.0) -> float:
-        """Waiting requests, counting dispatches after the snapshot as waiting."""
+        """Waiting requests, counting dispatches after the snapshot that have not answered yet
+        as waiting."""
         m = self.fresh_metrics(stale_after_s, now)
         scraped = stale_value if m is None else m.waiting
         return scraped + float(self.dispatched_since_scrape)

@@ -85,6 +85,26 @@ async def test_in_flight_counts_immediately_and_finish_releases() -> None:
     assert text == 1.0
 
 
+async def test_an_answering_request_is_not_counted_as_waiting() -> None:
+    """A dispatch after the engine's last page counts as waiting only until its first byte:
+    its prompt is computed then. Counted until its end, a page one accounted period (1 s)
+    old showed every dispatch of that period as waiting, and the load-headroom filter and
+    admission took the engines scraped longest ago for hot spots (emulated-fleet round 50)."""
+    director, _store = make_director([make_pool(count=1)], [make_policy()])
+    (ep,) = _store.endpoints()
+    first = await director.route(LLMRequest(model="chat", prompt_text="a"))
+    second = await director.route(LLMRequest(model="chat", prompt_text="b"))
+    director.dispatch(first, ep)
+    director.dispatch(second, ep)
+    assert ep.waiting_estimate() == 2
+    director.answering(first, ep, first_byte=True)
+    assert ep.waiting_estimate() == 1 and ep.running_estimate() == 2
+    director.end_attempt(first, ep, answered=True)  # taken off at its first byte already
+    assert ep.waiting_estimate() == 1 and ep.in_flight == 1
+    director.end_attempt(second, ep)  # failed before answering
+    assert ep.waiting_estimate() == 0 and ep.in_flight == 0
+
+
 async def test_unhealthy_endpoints_are_filtered_and_none_left_is_503() -> None:
     director, store = make_director([make_pool(count=2)], [make_policy()])
     eps = store.endpoints()

@@ -6,7 +6,7 @@ on the endpoint that first served it, and its queue grows without bound. This fi
 before the scorers in every profile and keeps only the endpoints with **headroom**:
 
 * a waiting queue (the engine's ``vllm:num_requests_waiting`` plus this router's dispatches
-  since that scrape) less than ``max_waiting`` (``RoutePolicy.spec.admission.
+  since that scrape that have not answered) less than ``max_waiting`` (``RoutePolicy.spec.admission.
   saturationQueueDepth``) *deeper than the median candidate's* (the lower median:
   :func:`reference_queue`),
 * and KV-cache utilisation below ``max_kv_utilization`` (``saturationKvUtilization``, default

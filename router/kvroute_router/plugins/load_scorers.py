@@ -4,7 +4,7 @@
 candidates' average).
 
 * ``queue-depth`` — fewer waiting requests: the engine's ``vllm:num_requests_waiting`` plus this
-  router's dispatches since that scrape (:meth:`Endpoint.waiting_estimate`).
+  router's dispatches since that scrape that have not answered (:meth:`Endpoint.waiting_estimate`).
 * ``running-requests`` — fewer running requests: the engine's ``vllm:num_requests_running``, or
   this router's own in-flight count when larger (:meth:`Endpoint.running_estimate`).
 * ``kv-utilization`` — more free KV cache: ``1 - vllm:kv_cache_usage_perc`` (already 0-1).

@@ -120,7 +120,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--scrape-interval-ms", type=_milliseconds(zero_ok=False), default=100.0,
                         help="how often an engine's /metrics is scraped while its pages show "
                              "requests this router did not send (another replica without "
-                             "replica sync, clients going to it directly) and for 30 s after, "
+                             "replica sync, clients going to it directly) and for 30 accounted "
+                             "periods after (30 s at the default), "
                              "or requests waiting")
     parser.add_argument("--idle-scrape-interval-ms", type=_milliseconds(zero_ok=False),
                         default=None,

@@ -105,7 +105,8 @@ class RouterMetrics:
             "--help says how many) and nothing was sent to them since.", ["pool"], registry=r)
         self.scrape_foreign_load_endpoints = Gauge(
             "kvroute_scrape_foreign_load_endpoints",
-            "Endpoints scraped at --scrape-interval-ms because a page in the last 30 s showed "
+            "Endpoints scraped at --scrape-interval-ms because a page in the last 30 accounted "
+            "periods (30 s at the default) showed "
             "more requests running and waiting than this router sent them (another replica "
             "without replica sync, or with it, clients going to the engine directly); the "
             "others are scraped at --accounted-scrape-interval-ms.", ["pool"], registry=r)

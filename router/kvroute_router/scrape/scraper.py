@@ -1,8 +1,9 @@
 """Scrapes every endpoint's ``/metrics``, one asyncio task per endpoint over one kept-alive
 connection (:mod:`kvroute_router.scrape.connection`), and swaps the parsed snapshot into the
 :class:`Endpoint`. How often depends on what the pages show (:func:`scrape_periods`): every
-100 ms by default while an engine's pages show requests this router did not send, every 1 s
-while they show only its own, every 2 s while it is idle (below).
+100 ms by default while an engine's pages show requests this router did not send, about once
+per dispatch to it (every 100 ms to 1 s) while they show only its own, every 2 s while it is
+idle (below).
 
 A failed or timed-out scrape counts toward ``scrape_failures`` (the healthy filter drops an
 endpoint after 3 in a row); the old snapshot stays and ages, so scorers see it as stale after
@@ -51,7 +52,16 @@ page showing requests waiting (:meth:`MetricsScraper.queueing`), for as long as 
 how fast an engine works off its queue is what one router cannot count, and its waiting count is
 what admission control and the ``load-headroom`` filter read (round 48 of
 docs/benchmarks/emulated-fleet.md: without this, TTFT p90 +22 % at 150 req/s on 16 emulated engines,
-where queues form). Otherwise the endpoint is scraped at ``accounted_interval_s``. Replicas *with*
+where queues form). Otherwise the endpoint is scraped about once per dispatch to it
+(:func:`accounted_period`): every ``accounted_interval_s`` while it is sent fewer requests than
+one per accounted period, at most every ``interval_s`` however many it is sent. A page's age
+that matters is how much happened on the engine since that the router did not count — its own
+requests' ends, its queue worked off — which grows with the requests through the engine, not
+with the seconds: at 64 emulated engines near saturation (~9 dispatches a second each) a flat 1
+s page cost 25-30 % of goodput against the 100 ms one in two runs (round 50 of
+docs/benchmarks/emulated-fleet.md); once per dispatch scrapes such engines every ~100 ms and
+bounds the scraping at about one page per request, while thin traffic (the case the accounted
+period was made for) keeps the 1 s period. Replicas *with*
 replica sync learn each other's dispatches but not their ends, so their pages show foreign load and
 keep the short period, as before. ``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at
 the short period for that reason.
@@ -107,6 +117,9 @@ _RUNNING_SAMPLE = RUNNING.encode()
 ACCOUNTED_INTERVAL_S = 1.0
 """The default period for an endpoint whose pages show no requests but this router's (never
 shorter than the scrape interval)."""
+DISPATCHES_PER_PAGE = 1.0
+"""Between pages showing only this router's requests, an engine is scraped about once per this
+many dispatches to it (:func:`accounted_period`)."""
 IDLE_INTERVAL_FACTOR = 2.0
 """The default idle scrape period, in accounted periods."""
 FOREIGN_HOLD_PERIODS = 30.0
@@ -159,6 +172,24 @@ def scrape_periods(interval_s: float, accounted_interval_s: float | None = None,
                          f"({accounted_interval_s * 1000:g}) or --scrape-interval-ms, got "
                          f"{idle_interval_s * 1000:g}")
     return interval_s, accounted_interval_s, idle_interval_s
+
+
+def accounted_period(dispatch_rate: float, interval_s: float, accounted_s: float) -> float:
+    """The period between pages that show only this router's requests: about one page per
+    :data:`DISPATCHES_PER_PAGE` dispatches at ``dispatch_rate`` (per second), no shorter than
+    ``interval_s``, no longer than ``accounted_s``."""
+    if dispatch_rate * accounted_s <= DISPATCHES_PER_PAGE:
+        return accounted_s
+    return max(interval_s, DISPATCHES_PER_PAGE / dispatch_rate)
+
+
+def dispatch_rate(rate: float, dispatches: int, elapsed_s: float, horizon_s: float) -> float:
+    """The dispatch rate (per second) averaged over about ``horizon_s`` (exponentially): the
+    last estimate ``rate`` moved by ``dispatches`` seen in the ``elapsed_s`` since."""
+    if elapsed_s <= 0.0:
+        return rate
+    weight = -math.expm1(-elapsed_s / horizon_s)
+    return rate + weight * (dispatches / elapsed_s - rate)
 
 
 class MetricsScraper:
@@ -362,6 +393,7 @@ class MetricsScraper:
         idle_pages = 0
         adapts = self.accounted_interval_s > self.interval_s
         foreign_until = -math.inf  # monotonic: the short period until then
+        rate, counted_at, counted_dispatches = 0.0, time.monotonic(), ep.dispatches
         foreign_gauge = (None if self.metrics is None or not adapts
                          else self.metrics.scrape_foreign_load_endpoints.labels(ep.pool))
         counted = False
@@ -386,18 +418,23 @@ class MetricsScraper:
                 if foreign_gauge is not None and foreign != counted:
                     foreign_gauge.inc() if foreign else foreign_gauge.dec()
                     counted = foreign
-                short = foreign or self.queueing(ep)
-                idle_pages = await self._pause(ep, ok, short, idle_pages, started, offset)
+                now = time.monotonic()
+                rate = dispatch_rate(rate, ep.dispatches - counted_dispatches, now - counted_at,
+                                     self.accounted_interval_s)
+                counted_at, counted_dispatches = now, ep.dispatches
+                period = (self.interval_s if foreign or self.queueing(ep) else accounted_period(
+                    rate, self.interval_s, self.accounted_interval_s))
+                idle_pages = await self._pause(ep, ok, period, idle_pages, started, offset)
                 offset = 0.0
         finally:
             if foreign_gauge is not None and counted:
                 foreign_gauge.dec()
 
-    async def _pause(self, ep: Endpoint, ok: bool, short: bool, idle_pages: int,
+    async def _pause(self, ep: Endpoint, ok: bool, period: float, idle_pages: int,
                      started: float, offset: float) -> int:
-        """Wait until the endpoint's next scrape is due (the period its last page called for,
-        the idle pause or a failing endpoint's back-off, ``offset`` added); the count of idle
-        pages in a row from then on."""
+        """Wait until the endpoint's next scrape is due (``period``, the one its last page
+        called for; the idle pause or a failing endpoint's back-off; ``offset`` added); the
+        count of idle pages in a row from then on."""
         slows = self.idle_interval_s > self.interval_s
         idle_pages = idle_pages + 1 if ok and slows and self.idle(ep) else 0
         if idle_pages >= IDLE_AFTER_PAGES:
@@ -415,7 +452,6 @@ class MetricsScraper:
                 await asyncio.sleep(min(self.interval_s, WAKE_SCRAPE_DELAY_S))
             return idle_pages
         # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
-        period = self.interval_s if short else self.accounted_interval_s
         pause = period if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
         await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
         return idle_pages

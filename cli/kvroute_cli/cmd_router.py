@@ -132,8 +132,10 @@ def register(sub: Any) -> None:
                              "staleMetricsMs; equal to --accounted-scrape-interval-ms: off)")
     parser.add_argument("--accounted-scrape-interval-ms", type=_milliseconds(zero_ok=False),
                         default=None,
-                        help="how often an engine's /metrics is scraped while its pages show "
-                             "no requests but this router's: it counts those itself (default: "
+                        help="the longest period between scrapes of an engine whose pages "
+                             "show no requests but this router's: it counts those itself, and "
+                             "scrapes such an engine about twice per request it sends it, every "
+                             "--scrape-interval-ms at most often (default: "
                              "1000, at least --scrape-interval-ms and at most "
                              "--idle-scrape-interval-ms; equal to --scrape-interval-ms: every "
                              "engine at that period, as before 2026-12)")

@@ -1,7 +1,7 @@
 """Scrapes every endpoint's ``/metrics``, one asyncio task per endpoint over one kept-alive
 connection (:mod:`kvroute_router.scrape.connection`), and swaps the parsed snapshot into the
 :class:`Endpoint`. How often depends on what the pages show (:func:`scrape_periods`): every
-100 ms by default while an engine's pages show requests this router did not send, about once
+100 ms by default while an engine's pages show requests this router did not send, about twice
 per dispatch to it (every 100 ms to 1 s) while they show only its own, every 2 s while it is
 idle (below).
 
@@ -52,19 +52,22 @@ page showing requests waiting (:meth:`MetricsScraper.queueing`), for as long as 
 how fast an engine works off its queue is what one router cannot count, and its waiting count is
 what admission control and the ``load-headroom`` filter read (round 48 of
 docs/benchmarks/emulated-fleet.md: without this, TTFT p90 +22 % at 150 req/s on 16 emulated engines,
-where queues form). Otherwise the endpoint is scraped about once per dispatch to it
+where queues form). Otherwise the endpoint is scraped about twice per dispatch to it
 (:func:`accounted_period`): every ``accounted_interval_s`` while it is sent fewer requests than
-one per accounted period, at most every ``interval_s`` however many it is sent. A page's age
+one per two accounted periods, at most every ``interval_s`` however many it is sent. A page's age
 that matters is how much happened on the engine since that the router did not count — its own
 requests' ends, its queue worked off — which grows with the requests through the engine, not
 with the seconds: at 64 emulated engines near saturation (~9 dispatches a second each) a flat 1
 s page cost 25-30 % of goodput against the 100 ms one in two runs (round 50 of
-docs/benchmarks/emulated-fleet.md); once per dispatch scrapes such engines every ~100 ms and
-bounds the scraping at about one page per request, while thin traffic (the case the accounted
-period was made for) keeps the 1 s period. Replicas *with*
-replica sync learn each other's dispatches but not their ends, so their pages show foreign load and
-keep the short period, as before. ``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at
-the short period for that reason.
+docs/benchmarks/emulated-fleet.md); twice per dispatch scrapes such engines every 100 ms and
+bounds the scraping at about two pages per request (~0.06 ms of router CPU), while thin traffic
+(the case the accounted period was made for) keeps the 1 s period. Round 51 measured one and two
+pages per dispatch there: p90 1,331 and 1,246 ms, goodput 158 and 178 req/s, against the fixed
+100 ms period's 1,263-1,329 ms and 139-189 req/s over four runs (the flat 1 s: 1,390-1,401
+ms). Replicas *with* replica sync learn each other's dispatches but not their ends, so their
+pages show foreign load and keep the short period, as before.
+``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for that
+reason.
 
 **Idle engines are scraped less often still.** Most of an idle router's CPU is waking up for scrapes
 (~0.3-0.65 ms each when nothing else runs, ~83 us back to back; docs/benchmarks/router-cpu.md,
@@ -117,7 +120,7 @@ _RUNNING_SAMPLE = RUNNING.encode()
 ACCOUNTED_INTERVAL_S = 1.0
 """The default period for an endpoint whose pages show no requests but this router's (never
 shorter than the scrape interval)."""
-DISPATCHES_PER_PAGE = 1.0
+DISPATCHES_PER_PAGE = 0.5
 """Between pages showing only this router's requests, an engine is scraped about once per this
 many dispatches to it (:func:`accounted_period`)."""
 IDLE_INTERVAL_FACTOR = 2.0
@@ -175,7 +178,7 @@ def scrape_periods(interval_s: float, accounted_interval_s: float | None = None,
 
 
 def accounted_period(dispatch_rate: float, interval_s: float, accounted_s: float) -> float:
-    """The period between pages that show only this router's requests: about one page per
+    """The period between pages that show only this router's requests: one page per
     :data:`DISPATCHES_PER_PAGE` dispatches at ``dispatch_rate`` (per second), no shorter than
     ``interval_s``, no longer than ``accounted_s``."""
     if dispatch_rate * accounted_s <= DISPATCHES_PER_PAGE:

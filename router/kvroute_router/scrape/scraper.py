@@ -34,7 +34,7 @@ does not answer it with a page carrying ``vllm:num_requests_running`` (a 404, a 
 older server, a proxy that drops the query) while its plain ``/metrics`` answers 200 is scraped
 at ``/metrics`` from then on, for as long as the endpoint keeps its address (logged once).
 
-**Engines serving only this router's requests are scraped every second.** A page tells the router
+**Engines serving only this router's requests are scraped less often.** A page tells the router
 what it cannot count itself: the requests others send the engine (replicas without replica sync,
 clients going to it directly) and how the engine split the router's own between running and waiting.
 One router routes as well on a 1 s-old page as on a 100 ms-old one (the fleet simulator,

@@ -414,14 +414,14 @@ class MetricsScraper:
                     self._count(ep, "bad_page")
                     ep.metrics = None
                     ok = False
+                now = time.monotonic()
                 if ok and adapts and self.foreign_load(
                         ep, in_flight + ep.dispatches - dispatches):
-                    foreign_until = time.monotonic() + self.foreign_hold_s
-                foreign = time.monotonic() < foreign_until
+                    foreign_until = now + self.foreign_hold_s
+                foreign = now < foreign_until
                 if foreign_gauge is not None and foreign != counted:
                     foreign_gauge.inc() if foreign else foreign_gauge.dec()
                     counted = foreign
-                now = time.monotonic()
                 rate = dispatch_rate(rate, ep.dispatches - counted_dispatches, now - counted_at,
                                      self.accounted_interval_s)
                 counted_at, counted_dispatches = now, ep.dispatches

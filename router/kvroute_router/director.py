@@ -108,6 +108,9 @@ class Decision:
     prefill_backlog: dict[str, float] = field(default_factory=dict)
     """What each attempt in flight added to its endpoint's ``prefill_backlog``, by endpoint
     name, until its answer starts or it ends."""
+    dispatch_numbers: dict[str, int] = field(default_factory=dict)
+    """Each attempt in flight's number on its endpoint (``Endpoint.dispatched``), by endpoint
+    name, until its first byte or its end (``Endpoint.answered``)."""
     prefill_started: dict[str, tuple[int, PrefillInFlight]] = field(default_factory=dict)
     """What each attempt in flight registered in its endpoint's ``prefill_in_flight`` (the
     first block it computes, and what its waiters wait on), by endpoint name."""
@@ -263,7 +266,7 @@ class RequestLifecycle:
     def end_attempt(self) -> None:
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
-            self._director.end_attempt(self._decision, endpoint, answered=self._answered)
+            self._director.end_attempt(self._decision, endpoint)
 
     def finish(self, endpoint: Endpoint | None, outcome: Outcome) -> None:
         self.end_attempt()
@@ -516,7 +519,7 @@ class Director:
     def dispatch(self, decision: Decision, endpoint: Endpoint) -> None:
         """The request is being sent to ``endpoint`` (call once per attempt)."""
         endpoint.in_flight += 1
-        endpoint.dispatched()
+        decision.dispatch_numbers[endpoint.name] = endpoint.dispatched()
         # The prompt tokens it must compute (what it did not hold by the decision's prefix
         # match) wait in its prefill backlog until the answer starts.
         self.answering(decision, endpoint)  # a second attempt on the same endpoint
@@ -560,7 +563,7 @@ class Director:
             # period as waiting (the load-headroom filter and admission read it): at the 1 s
             # accounted period, 64 emulated engines at 600 req/s, request imbalance 1.46
             # against 1.26 at the 100 ms one; 1.29 with this (emulated-fleet round 50).
-            endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)
+            self._not_waiting(decision, endpoint)
         amount = decision.prefill_backlog.pop(endpoint.name, 0.0)
         if amount:
             endpoint.remove_prefill_backlog(amount, decision.newest_first_at_engines)
@@ -608,15 +611,19 @@ class Director:
         self._prefill_wait(decision.pool.name).observe(waited)
         return waited
 
-    def end_attempt(self, decision: Decision, endpoint: Endpoint, answered: bool = False
-                    ) -> None:
-        """An attempt on ``endpoint`` is over (successful or not); ``answered``: its first
-        byte came (:meth:`answering` took it off the waiting count then)."""
+    def end_attempt(self, decision: Decision, endpoint: Endpoint) -> None:
+        """An attempt on ``endpoint`` is over (successful or not)."""
         self.answering(decision, endpoint)
         endpoint.in_flight = max(0, endpoint.in_flight - 1)
-        if not answered:  # no longer one the engine's last snapshot is missing
-            endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - 1)
+        self._not_waiting(decision, endpoint)  # unless its first byte did it already
         self._in_flight(decision.pool.name, endpoint.name).dec()
+
+    @staticmethod
+    def _not_waiting(decision: Decision, endpoint: Endpoint) -> None:
+        """The attempt on ``endpoint`` answers or ended: off its waiting count (once)."""
+        number = decision.dispatch_numbers.pop(endpoint.name, None)
+        if number is not None:
+            endpoint.answered(number)
 
     def mark_unavailable(self, endpoint: Endpoint, for_s: float = 2.0) -> None:
         """The endpoint refused a connection: keep it out of picks for ``for_s`` seconds."""

@@ -48,6 +48,7 @@ scheduler's own work, not a scan of the fleet.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import deque
@@ -212,7 +213,7 @@ class RouterPicker:
             if self._scraped[i] != engine.version:
                 endpoint.metrics = self._snapshot(engine)
                 self._scraped[i] = engine.version
-            endpoint.dispatched_since_scrape = 0
+            endpoint.unseen.clear()
 
     def _load(self) -> Iterator[EndpointLoad]:
         """The admission hook's ``_load``: each endpoint's queue estimate and KV usage."""
@@ -279,7 +280,7 @@ class RouterPicker:
         started: tuple[int, PrefillInFlight] | None = None
         if self.scrape_interval_s > 0:  # director.dispatch: counted before the next scrape
             chosen.in_flight += 1
-            chosen.dispatched_since_scrape += 1
+            chosen.dispatched()
             self._seen[index] = -1  # re-read the engine's counts at the next look
         if self.precise:
             hashes = state.read(self._state_hashes, list)
@@ -386,8 +387,9 @@ class RouterPicker:
         self._answered(i, endpoint)
         endpoint.in_flight = len(engine.running) + len(engine.waiting)
         done = engine.finished - self._finished[i]
-        if done:
-            endpoint.dispatched_since_scrape = max(0, endpoint.dispatched_since_scrape - done)
+        if done:  # without identities: the oldest
+            for number in list(itertools.islice(endpoint.unseen, done)):
+                del endpoint.unseen[number]
             self._finished[i] = engine.finished
         self._seen[i] = engine.version
 
@@ -404,7 +406,7 @@ class RouterPicker:
                 continue
             endpoint.metrics = self._snapshot(engine)
             endpoint.in_flight = len(engine.running) + len(engine.waiting)
-            endpoint.dispatched_since_scrape = 0
+            endpoint.unseen.clear()
             self._answered(i, endpoint)
             seen[i] = engine.version
         return self._endpoints[: len(engines)]
@@ -645,4 +647,4 @@ class ReplicatedPicker:
             if self.shared == "all":
                 other.share_backlog(index, request, amount)
             if self.shared in ("counts", "both", "all") and other.scrape_interval_s > 0:
-                other._endpoints[index].dispatched_since_scrape += 1
+                other._endpoints[index].dispatched()

@@ -8,6 +8,7 @@ The datastore owns :class:`Endpoint` objects and mutates them (the scraper repla
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -62,10 +63,15 @@ class Endpoint:
     metrics: EndpointMetrics | None = None
     in_flight: int = 0
     """Requests this router dispatched to the endpoint that have not finished."""
-    dispatched_since_scrape: int = 0
-    """Dispatches after the latest metrics snapshot (not yet visible in it) that have not
-    answered: a request whose first byte came has left the engine's waiting queue, so it no
-    longer counts toward :meth:`waiting_estimate` (``Director.answering``)."""
+    unseen: dict[int, None] = field(default_factory=dict)
+    """The dispatches the latest metrics snapshot does not show (sent after it) that have not
+    answered, by number (:meth:`dispatched`), oldest first: a request whose first byte came has
+    left the engine's waiting queue, so it no longer counts toward :meth:`waiting_estimate`
+    (:meth:`answered`)."""
+    left_since_snapshot: int = 0
+    """This router's requests the latest snapshot may show that have started answering or
+    ended since it was read: no longer waiting, whatever it says (:meth:`answered`), so
+    :meth:`waiting_estimate` takes them off its waiting count."""
     dispatches: int = 0
     """Dispatches to the endpoint since start-up, by this router or (replica sync) another one:
     the scraper's count of those a page it asked for may show (``MetricsScraper.foreign_load``)."""
@@ -151,13 +157,31 @@ class Endpoint:
                   if flight.priority is not None]
         return max(floors) if floors else None
 
-    def dispatched(self) -> None:
+    @property
+    def dispatched_since_scrape(self) -> int:
+        """Dispatches after the latest snapshot that have not answered (:attr:`unseen`)."""
+        return len(self.unseen)
+
+    def dispatched(self) -> int:
         """A request was sent to the endpoint, by this router or (replica sync) another one:
-        not in its snapshot until the next scrape, which comes at the normal period now."""
-        self.dispatched_since_scrape += 1
+        not in its snapshot until the next scrape, which comes at the normal period now. Its
+        number (:attr:`dispatches`), for :meth:`answered`."""
         self.dispatches += 1
+        self.unseen[self.dispatches] = None
         if self.idle_scrape_wake is not None:
             self.idle_scrape_wake.set()
+        return self.dispatches
+
+    def answered(self, number: int) -> None:
+        """This router's dispatch ``number`` started answering or ended before it did: it is
+        not waiting. Sent after the latest snapshot, it leaves :attr:`unseen`; otherwise the
+        snapshot may count it as waiting, and :attr:`left_since_snapshot` takes it off. (One
+        count for both, as before round 52, took a request the page showed running off the
+        dispatches it does not show.)"""
+        if number in self.unseen:
+            del self.unseen[number]
+        else:
+            self.left_since_snapshot += 1
 
     def took_snapshot(self, metrics: EndpointMetrics) -> None:
         """``metrics`` (a page the scraper just read) is the endpoint's snapshot now.
@@ -169,10 +193,17 @@ class Endpoint:
         shows running or waiting, and never more than was counted before. (Resetting to 0, as
         before, dropped 9 % of the dispatches followed by a scrape on the emulated fleet,
         router-cpu.md round 22.) Another replica's dispatches (replica sync) are not in
-        ``in_flight``; they are forgotten as before."""
+        ``in_flight``; they are forgotten as before. The ones forgotten are the oldest: the
+        newest are the likeliest to have missed the page."""
         self.metrics = metrics
-        unseen = self.in_flight - int(metrics.running + metrics.waiting)
-        self.dispatched_since_scrape = max(0, min(self.dispatched_since_scrape, unseen))
+        self.left_since_snapshot = 0
+        unseen = self.unseen
+        forget = len(unseen) - max(0, self.in_flight - int(metrics.running + metrics.waiting))
+        if forget >= len(unseen):
+            unseen.clear()
+        else:
+            for number in list(itertools.islice(unseen, max(0, forget))):
+                del unseen[number]
 
     def metrics_age(self, now: float | None = None) -> float:
         """Seconds since the last successful scrape (infinite when never scraped)."""
@@ -221,8 +252,8 @@ class Endpoint:
         """Waiting requests, counting dispatches after the snapshot that have not answered yet
         as waiting."""
         m = self.fresh_metrics(stale_after_s, now)
-        scraped = stale_value if m is None else m.waiting
-        return scraped + float(self.dispatched_since_scrape)
+        scraped = stale_value if m is None else max(0.0, m.waiting - self.left_since_snapshot)
+        return scraped + float(len(self.unseen))
 
     def kv_usage_estimate(self, stale_after_s: float = math.inf, now: float | None = None,
                           stale_value: float = 0.0) -> float:
@@ -299,7 +330,8 @@ class LoadEstimates:
             return array if all_fresh else np.where(fresh, array, 0.0)
 
         return cls(endpoints=endpoints, fresh=fresh,
-                   scraped_waiting=column([m.waiting for m in ms]),
+                   scraped_waiting=column([max(0.0, m.waiting - ep.left_since_snapshot)
+                                           for m, ep in zip(ms, endpoints, strict=True)]),
                    scraped_running=column([m.running for m in ms]),
                    scraped_kv_usage=column([m.kv_cache_usage for m in ms]),
                    dispatched_since_scrape=np.array(

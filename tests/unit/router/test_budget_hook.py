@@ -206,7 +206,7 @@ async def test_admission_sheds_sheddable_traffic_under_saturation() -> None:
             {"name": "batch", "priority": -1, "sheddable": True}]})
     director, store, _, registry = _setup(policy)
     for ep in store.endpoints():
-        ep.dispatched_since_scrape = 3  # waiting estimate 3 >= 1 on every endpoint
+        ep.unseen = dict.fromkeys(range(3))  # waiting estimate 3 >= 1 on every endpoint
     with pytest.raises(RoutingError) as shed:
         await director.route(_request(headers={"x-kvroute-priority": "batch"}))
     assert shed.value.status == 429 and shed.value.code == "overloaded"
@@ -224,12 +224,12 @@ async def test_admission_still_sheds_when_every_scrape_fails() -> None:
     director, store, _, _ = _setup(policy)
     for ep in store.endpoints():
         ep.scrape_failures = 3  # the healthy filter's limit: not healthy, still reachable
-        ep.dispatched_since_scrape = 3
+        ep.unseen = dict.fromkeys(range(3))
     with pytest.raises(RoutingError) as shed:
         await director.route(_request(headers={"x-kvroute-priority": "batch"}))
     assert shed.value.status == 429 and shed.value.code == "overloaded"
     for ep in store.endpoints():
-        ep.dispatched_since_scrape = 0  # room again: routed under the panic rule
+        ep.unseen.clear()  # room again: routed under the panic rule
     decision = await director.route(_request(headers={"x-kvroute-priority": "batch"}))
     assert decision.ranked
 
@@ -247,13 +247,13 @@ async def test_a_finished_request_releases_queued_ones_without_any_budget() -> N
     router.datastore.replace(_pools(), [policy])
     busy = router.datastore.endpoints()
     for ep in busy:
-        ep.dispatched_since_scrape = 1  # waiting estimate 1 >= 1: every endpoint saturated
+        ep.unseen = dict.fromkeys(range(1))  # waiting estimate 1 >= 1: every endpoint saturated
     queued = asyncio.create_task(router.director.route(_request()))
     for _ in range(5):
         await asyncio.sleep(0)
     assert not queued.done()
     running = busy[0]
-    running.dispatched_since_scrape = 0  # its request ended: the director's end_attempt ...
+    running.unseen.clear()  # its request ended: the director's end_attempt ...
     decision = Decision(request=_request(), policy=policy, policy_key="default/chat",
                         pool=router.datastore.pool("default/strong"),  # type: ignore[arg-type]
                         profile=None, state=None, ranked=[],  # type: ignore[arg-type]
@@ -284,12 +284,12 @@ async def test_a_request_let_go_newest_first_goes_newest_first_at_the_engine_too
     assert first_priority is not None and first_priority > 0
     busy = router.datastore.endpoints()
     for ep in busy:
-        ep.dispatched_since_scrape = 1  # every endpoint saturated
+        ep.unseen = dict.fromkeys(range(1))  # every endpoint saturated
     queued = asyncio.create_task(router.director.route(_request()))
     for _ in range(5):
         await asyncio.sleep(0)
     assert not queued.done()
-    busy[0].dispatched_since_scrape = 0
+    busy[0].unseen.clear()
     hook.on_complete(first, Outcome(status=200))
     routed = await asyncio.wait_for(queued, 5)
     assert routed.request.newest_first
@@ -454,7 +454,7 @@ async def test_shed_requests_are_counted_under_the_tenants_budgets() -> None:
             {"name": "batch", "priority": -1, "sheddable": True}]})
     director, store, _, registry = _setup(policy)
     for ep in store.endpoints():
-        ep.dispatched_since_scrape = 3  # saturated
+        ep.unseen = dict.fromkeys(range(3))  # saturated
     with pytest.raises(RoutingError) as shed:
         await director.route(_request(headers={"x-kvroute-priority": "batch"}))
     assert (shed.value.status, shed.value.code) == (429, "overloaded")

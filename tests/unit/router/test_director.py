@@ -99,10 +99,50 @@ async def test_an_answering_request_is_not_counted_as_waiting() -> None:
     assert ep.waiting_estimate() == 2
     director.answering(first, ep, first_byte=True)
     assert ep.waiting_estimate() == 1 and ep.running_estimate() == 2
-    director.end_attempt(first, ep, answered=True)  # taken off at its first byte already
+    director.end_attempt(first, ep)  # taken off at its first byte already
     assert ep.waiting_estimate() == 1 and ep.in_flight == 1
     director.end_attempt(second, ep)  # failed before answering
     assert ep.waiting_estimate() == 0 and ep.in_flight == 0
+
+
+async def test_a_first_byte_of_a_request_the_page_showed_leaves_the_newer_dispatches_counted(
+        ) -> None:
+    """An engine's waiting count is its page's, less this router's requests the page may show
+    that answered since, plus the dispatches after the page that have not answered. One count
+    for both (before round 52) took the first byte of a request the page showed *running* off
+    a dispatch the page does not show, and the first byte of one it showed *waiting* off
+    nothing when every dispatch was on the page."""
+    director, store = make_director([make_pool(count=1)], [make_policy()])
+    (ep,) = store.endpoints()
+    a, b, c = [await director.route(LLMRequest(model="chat", prompt_text=t)) for t in "abc"]
+    director.dispatch(a, ep)
+    director.dispatch(b, ep)
+    # The page shows one of them (both running): b, the newer, is the one it missed.
+    ep.took_snapshot(EndpointMetrics(running=1.0, scraped_at=time.monotonic()))
+    assert ep.waiting_estimate() == 1 and list(ep.unseen) == [b.dispatch_numbers[ep.name]]
+    director.answering(a, ep, first_byte=True)
+    assert ep.waiting_estimate() == 1  # b still waits
+    director.dispatch(c, ep)
+    assert ep.waiting_estimate() == 2
+    director.answering(b, ep, first_byte=True)
+    assert ep.waiting_estimate() == 1  # c
+    director.end_attempt(c, ep)  # failed before answering
+    assert ep.waiting_estimate() == 0
+    # A page showing two waiting: each first byte takes one off, though none is unseen.
+    ep.took_snapshot(EndpointMetrics(running=1.0, waiting=2.0, scraped_at=time.monotonic()))
+    assert ep.waiting_estimate() == 2
+    director.answering(a, ep, first_byte=False)  # a byte after the first: nothing changes
+    director.end_attempt(a, ep)  # a ended: it answered already
+    assert ep.waiting_estimate() == 2
+    director.end_attempt(b, ep)  # likewise
+    assert ep.waiting_estimate() == 2
+    ep.answered(ep.dispatched())  # as a dispatch and its first byte before the next page
+    assert ep.waiting_estimate() == 2
+    d = await director.route(LLMRequest(model="chat", prompt_text="d"))
+    director.dispatch(d, ep)
+    ep.took_snapshot(EndpointMetrics(waiting=2.0, scraped_at=time.monotonic()))
+    director.answering(d, ep, first_byte=True)
+    assert ep.waiting_estimate() == 1 and ep.unseen == {}
 
 
 async def test_unhealthy_endpoints_are_filtered_and_none_left_is_503() -> None:

@@ -28,7 +28,7 @@ def endpoint(name: str, waiting: float = 0.0, kv: float = 0.1, since_scrape: int
     ep = Endpoint(name=name, address=f"{name}:8000", pool="default/p")
     ep.metrics = EndpointMetrics(waiting=waiting, kv_cache_usage=kv,
                                  scraped_at=time.monotonic() - age_s)
-    ep.dispatched_since_scrape = since_scrape
+    ep.unseen = dict.fromkeys(range(since_scrape))
     return ep
 
 

@@ -34,7 +34,8 @@ def random_endpoints(rng: random.Random, n: int) -> list[Endpoint]:
     eps = []
     for i in range(n):
         ep = Endpoint(name=f"e{i}", address=f"10.0.0.{i}:8000", pool="default/p",
-                      in_flight=rng.randrange(6), dispatched_since_scrape=rng.randrange(4))
+                      in_flight=rng.randrange(6), unseen=dict.fromkeys(range(rng.randrange(4))),
+                      left_since_snapshot=rng.randrange(3))
         kind = rng.random()
         if kind > 0.1:  # fresh, stale (0.1 < kind < 0.25) or missing (<= 0.1)
             age = rng.uniform(0.0, 0.9) if kind > 0.25 else rng.uniform(1.1, 5.0)
@@ -58,14 +59,16 @@ def test_load_estimates_equal_the_endpoint_estimates(seed: int) -> None:
             ep.running_estimate(1.0, NOW, stale_value) for ep in eps]
         assert loads.kv_usage(stale_value).tolist() == [
             ep.kv_usage_estimate(1.0, NOW, stale_value) for ep in eps]
-    fresh = [m for m in (ep.fresh_metrics(1.0, NOW) for ep in eps) if m is not None]
-    average = sum(m.waiting for m in fresh) / len(fresh)
+    # the fresh pages' waiting counts, less their requests answered since
+    fresh = [max(0.0, m.waiting - ep.left_since_snapshot) for ep in eps
+             if (m := ep.fresh_metrics(1.0, NOW)) is not None]
+    average = sum(fresh) / len(fresh)
     assert loads.waiting(None).tolist() == [
         ep.waiting_estimate(1.0, NOW, average) for ep in eps]
 
 
 def test_endpoint_estimates_without_a_clock_ignore_age() -> None:
-    ep = Endpoint(name="e", address="a:1", pool="p", in_flight=5, dispatched_since_scrape=2,
+    ep = Endpoint(name="e", address="a:1", pool="p", in_flight=5, unseen={1: None, 2: None},
                   metrics=EndpointMetrics(running=3.0, waiting=4.0, scraped_at=0.0))
     assert ep.waiting_estimate() == 6.0
     assert ep.running_estimate() == 5.0
@@ -143,7 +146,7 @@ def test_profile_ranks_alike_through_either_picker_path(picker: str) -> None:
             [(s.endpoint.name, s.total, s.by_scorer) for s in b]
         for profile in profiles:  # both learn the same history
             profile.dispatched(CycleState(), request, a[0].endpoint)
-        a[0].endpoint.dispatched_since_scrape += 1
+        a[0].endpoint.dispatched()
 
 
 def test_soft_filters_run_after_hard_ones() -> None:

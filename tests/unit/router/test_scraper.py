@@ -605,7 +605,7 @@ def test_what_counts_as_idle() -> None:
     ep.in_flight = 0
     ep.dispatched()
     assert not MetricsScraper.idle(ep)
-    ep.dispatched_since_scrape = 0
+    ep.unseen.clear()
     ep.metrics = parse_vllm_metrics(BUSY, time.monotonic())
     assert not MetricsScraper.idle(ep)
     ep.metrics = parse_vllm_metrics(

@@ -51,6 +51,11 @@ class PrefillInFlight:
     """Set when the attempt starts answering (its prompt is computed) or ends."""
 
 
+MAX_UNSEEN = 4096
+"""At most this many dispatches in :attr:`Endpoint.unseen`: another replica's dispatches (replica
+sync) leave it only at a page, so an engine whose scrapes keep failing would keep every one."""
+
+
 @dataclass(eq=False, slots=True)
 class Endpoint:
     """One engine of a pool, as the router sees it right now."""
@@ -167,7 +172,10 @@ class Endpoint:
         not in its snapshot until the next scrape, which comes at the normal period now. Its
         number (:attr:`dispatches`), for :meth:`answered`."""
         self.dispatches += 1
-        self.unseen[self.dispatches] = None
+        unseen = self.unseen
+        unseen[self.dispatches] = None
+        if len(unseen) > MAX_UNSEEN:  # an engine not scraped for long: forget the oldest
+            del unseen[next(iter(unseen))]
         if self.idle_scrape_wake is not None:
             self.idle_scrape_wake.set()
         return self.dispatches

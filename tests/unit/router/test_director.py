@@ -8,7 +8,7 @@ import time
 import pytest
 from kvroute_router.datastore.store import Resolution
 from kvroute_router.director import Admission, Decision, Outcome, RoutingError
-from kvroute_router.framework.endpoint import EndpointMetrics
+from kvroute_router.framework.endpoint import MAX_UNSEEN, Endpoint, EndpointMetrics
 from kvroute_router.framework.request import LLMRequest
 from kvroute_router.plugins.load_headroom import LoadHeadroomFilter
 
@@ -143,6 +143,18 @@ async def test_a_first_byte_of_a_request_the_page_showed_leaves_the_newer_dispat
     ep.took_snapshot(EndpointMetrics(waiting=2.0, scraped_at=time.monotonic()))
     director.answering(d, ep, first_byte=True)
     assert ep.waiting_estimate() == 1 and ep.unseen == {}
+
+
+def test_an_engine_never_scraped_keeps_a_bounded_count_of_unseen_dispatches() -> None:
+    """Another replica's dispatches leave ``unseen`` only at a page; an engine whose scrapes
+    keep failing would keep every one without the bound (memory grows with the outage)."""
+    ep = Endpoint(name="e", address="a:1", pool="p")
+    for _ in range(MAX_UNSEEN + 5):
+        ep.dispatched()
+    assert ep.dispatched_since_scrape == MAX_UNSEEN
+    assert next(iter(ep.unseen)) == 6  # the oldest went first
+    ep.answered(MAX_UNSEEN + 5)
+    assert ep.dispatched_since_scrape == MAX_UNSEEN - 1
 
 
 async def test_unhealthy_endpoints_are_filtered_and_none_left_is_503() -> None:

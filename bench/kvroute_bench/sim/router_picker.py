@@ -48,7 +48,6 @@ scheduler's own work, not a scan of the fleet.
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from collections import deque
@@ -387,9 +386,8 @@ class RouterPicker:
         self._answered(i, endpoint)
         endpoint.in_flight = len(engine.running) + len(engine.waiting)
         done = engine.finished - self._finished[i]
-        if done:  # without identities: the oldest
-            for number in list(itertools.islice(endpoint.unseen, done)):
-                del endpoint.unseen[number]
+        if done:
+            endpoint.forget_unseen(done)  # without identities: the oldest
             self._finished[i] = engine.finished
         self._seen[i] = engine.version
 

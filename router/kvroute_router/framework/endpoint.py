@@ -205,12 +205,17 @@ class Endpoint:
         newest are the likeliest to have missed the page."""
         self.metrics = metrics
         self.left_since_snapshot = 0
+        shown = self.in_flight - int(metrics.running + metrics.waiting)
+        self.forget_unseen(len(self.unseen) - max(0, shown))
+
+    def forget_unseen(self, count: int) -> None:
+        """Forget the ``count`` oldest of :attr:`unseen` (all of them, or none for ``count``
+        <= 0)."""
         unseen = self.unseen
-        forget = len(unseen) - max(0, self.in_flight - int(metrics.running + metrics.waiting))
-        if forget >= len(unseen):
+        if count >= len(unseen):
             unseen.clear()
         else:
-            for number in list(itertools.islice(unseen, max(0, forget))):
+            for number in list(itertools.islice(unseen, max(0, count))):
                 del unseen[number]
 
     def metrics_age(self, now: float | None = None) -> float:

@@ -62,10 +62,9 @@ s page cost 25-30 % of goodput against the 100 ms one in two runs (round 50 of
 docs/benchmarks/emulated-fleet.md); twice per dispatch scrapes such engines every 100 ms and
 bounds the scraping at about two pages per request (~0.06 ms of router CPU), while thin traffic
 (the case the accounted period was made for) keeps the 1 s period. Round 51 measured one and two
-pages per dispatch there: p90 1,331 and 1,246 ms, goodput 158 and 178 req/s, against the fixed
-100 ms period's 1,263-1,329 ms and 139-189 req/s over four runs (the flat 1 s: 1,390-1,401
-ms). Replicas *with* replica sync learn each other's dispatches but not their ends, so their
-pages show foreign load and keep the short period, as before.
+pages per dispatch there (two kept: inside the fixed 100 ms period's run-to-run spread).
+Replicas *with* replica sync learn each other's dispatches but not their ends, so their pages
+show foreign load and keep the short period, as before.
 ``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for that
 reason.
 

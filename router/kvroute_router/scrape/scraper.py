@@ -53,20 +53,21 @@ how fast an engine works off its queue is what one router cannot count, and its 
 what admission control and the ``load-headroom`` filter read (round 48 of
 docs/benchmarks/emulated-fleet.md: without this, TTFT p90 +22 % at 150 req/s on 16 emulated engines,
 where queues form). Otherwise the endpoint is scraped about twice per dispatch to it
-(:func:`accounted_period`): every ``accounted_interval_s`` while it is sent fewer requests than
-one per two accounted periods, at most every ``interval_s`` however many it is sent. A page's age
-that matters is how much happened on the engine since that the router did not count — its own
-requests' ends, its queue worked off — which grows with the requests through the engine, not
-with the seconds: at 64 emulated engines near saturation (~9 dispatches a second each) a flat 1
+(:class:`AccountedPacer`): every ``accounted_interval_s`` while it is sent at most one request per
+accounted period (averaged over three), at most every ``interval_s`` however many it is sent. A
+page's age that matters is how much happened on the engine since that the router did not count —
+its own requests' ends, its queue worked off — which grows with the requests through the engine,
+not with the seconds: at 64 emulated engines near saturation (~9 dispatches a second each) a flat 1
 s page cost 25-30 % of goodput against the 100 ms one in two runs (round 50 of
-docs/benchmarks/emulated-fleet.md); twice per dispatch scrapes such engines every 100 ms and
-bounds the scraping at about two pages per request (~0.06 ms of router CPU), while thin traffic
-(the case the accounted period was made for) keeps the 1 s period. Round 51 measured one and two
-pages per dispatch there (two kept: inside the fixed 100 ms period's run-to-run spread).
-Replicas *with* replica sync learn each other's dispatches but not their ends, so their pages
-show foreign load and keep the short period, as before.
-``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for that
-reason.
+docs/benchmarks/emulated-fleet.md); twice per dispatch scrapes such engines every 100 ms and bounds
+the scraping at about two pages per request (~0.06 ms of router CPU), while thin traffic (the case
+the accounted period was made for) keeps the 1 s period. Round 51 measured one and two pages per
+dispatch there (two kept: inside the fixed 100 ms period's run-to-run spread); round 29 of
+docs/benchmarks/router-cpu.md moved the edge of thin traffic from half a request per accounted
+period to one, and averaged over three periods, not one. Replicas *with* replica sync learn each
+other's dispatches but not their ends, so their pages show foreign load and keep the short period,
+as before. ``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for
+that reason.
 
 **Idle engines are scraped less often still.** Most of an idle router's CPU is waking up for scrapes
 (~0.3-0.65 ms each when nothing else runs, ~83 us back to back; docs/benchmarks/router-cpu.md,
@@ -122,6 +123,15 @@ shorter than the scrape interval)."""
 DISPATCHES_PER_PAGE = 0.5
 """Between pages showing only this router's requests, an engine is scraped about once per this
 many dispatches to it (:func:`accounted_period`)."""
+ACCOUNTED_DISPATCHES = 1.0
+"""An engine sent at most this many requests per accounted period, on average, keeps the
+accounted period (:func:`accounted_period`): its page is then at most about one dispatch old.
+At :data:`DISPATCHES_PER_PAGE` instead (round 51) a Poisson stream of 0.47 a second, 64 engines
+at 30 req/s, left it whenever two requests came close: 1.28 pages a second against 1.0, +4-15 %
+of router CPU per request (docs/benchmarks/router-cpu.md rounds 28-29)."""
+RATE_HORIZON_PERIODS = 3.0
+"""The dispatch rate is averaged over about this many accounted periods (:func:`dispatch_rate`):
+over one, two requests close together doubled it for a second."""
 IDLE_INTERVAL_FACTOR = 2.0
 """The default idle scrape period, in accounted periods."""
 FOREIGN_HOLD_PERIODS = 30.0
@@ -177,12 +187,13 @@ def scrape_periods(interval_s: float, accounted_interval_s: float | None = None,
 
 
 def accounted_period(dispatch_rate: float, interval_s: float, accounted_s: float) -> float:
-    """The period between pages that show only this router's requests: one page per
-    :data:`DISPATCHES_PER_PAGE` dispatches at ``dispatch_rate`` (per second), no shorter than
-    ``interval_s``, no longer than ``accounted_s``."""
-    if dispatch_rate * accounted_s <= DISPATCHES_PER_PAGE:
+    """The period between pages that show only this router's requests: ``accounted_s`` while
+    ``dispatch_rate`` (per second) is at most :data:`ACCOUNTED_DISPATCHES` per such period, else
+    one page per :data:`DISPATCHES_PER_PAGE` dispatches, no shorter than ``interval_s``, no
+    longer than ``accounted_s``."""
+    if dispatch_rate * accounted_s <= ACCOUNTED_DISPATCHES:
         return accounted_s
-    return max(interval_s, DISPATCHES_PER_PAGE / dispatch_rate)
+    return min(accounted_s, max(interval_s, DISPATCHES_PER_PAGE / dispatch_rate))
 
 
 def dispatch_rate(rate: float, dispatches: int, elapsed_s: float, horizon_s: float) -> float:
@@ -192,6 +203,25 @@ def dispatch_rate(rate: float, dispatches: int, elapsed_s: float, horizon_s: flo
         return rate
     weight = -math.expm1(-elapsed_s / horizon_s)
     return rate + weight * (dispatches / elapsed_s - rate)
+
+
+class AccountedPacer:
+    """One engine's period between pages that show only this router's requests, from the
+    dispatches to it counted at each page (:func:`dispatch_rate` over
+    :data:`RATE_HORIZON_PERIODS` accounted periods, then :func:`accounted_period`)."""
+
+    def __init__(self, interval_s: float, accounted_s: float, dispatches: int,
+                 now: float) -> None:
+        self.interval_s, self.accounted_s = interval_s, accounted_s
+        self.rate, self.counted_at, self.counted = 0.0, now, dispatches
+
+    def period(self, dispatches: int, now: float) -> float:
+        """The period after a page read at ``now`` (monotonic s), the engine's dispatch count
+        ``dispatches`` then."""
+        self.rate = dispatch_rate(self.rate, dispatches - self.counted, now - self.counted_at,
+                                  RATE_HORIZON_PERIODS * self.accounted_s)
+        self.counted_at, self.counted = now, dispatches
+        return accounted_period(self.rate, self.interval_s, self.accounted_s)
 
 
 class MetricsScraper:
@@ -395,7 +425,8 @@ class MetricsScraper:
         idle_pages = 0
         adapts = self.accounted_interval_s > self.interval_s
         foreign_until = -math.inf  # monotonic: the short period until then
-        rate, counted_at, counted_dispatches = 0.0, time.monotonic(), ep.dispatches
+        pacer = AccountedPacer(self.interval_s, self.accounted_interval_s, ep.dispatches,
+                               time.monotonic())
         foreign_gauge = (None if self.metrics is None or not adapts
                          else self.metrics.scrape_foreign_load_endpoints.labels(ep.pool))
         counted = False
@@ -421,11 +452,8 @@ class MetricsScraper:
                 if foreign_gauge is not None and foreign != counted:
                     foreign_gauge.inc() if foreign else foreign_gauge.dec()
                     counted = foreign
-                rate = dispatch_rate(rate, ep.dispatches - counted_dispatches, now - counted_at,
-                                     self.accounted_interval_s)
-                counted_at, counted_dispatches = now, ep.dispatches
-                period = (self.interval_s if foreign or self.queueing(ep) else accounted_period(
-                    rate, self.interval_s, self.accounted_interval_s))
+                accounted = pacer.period(ep.dispatches, now)
+                period = self.interval_s if foreign or self.queueing(ep) else accounted
                 idle_pages = await self._pause(ep, ok, period, idle_pages, started, offset)
                 offset = 0.0
         finally:

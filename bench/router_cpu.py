@@ -311,6 +311,9 @@ class CpuResult:
     """Engine scrapes the router counted in the idle window (``kvroute_scrapes_total``);
     0 for a router that does not count them (a peer, Envoy): the per-scrape cost then
     assumes the idle period (:func:`idle_scrape_period_ms`)."""
+    window_scrapes: float = math.nan
+    """Engine scrapes the router counted in the measured window (``kvroute_scrapes_total``;
+    0 for a router that does not count them): the scraping part of its CPU, counted."""
 
 
 def measure_cpu(args: argparse.Namespace) -> CpuResult:
@@ -342,11 +345,13 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.0)
             probe_before = machine_probe_ms()
+            pages_before = router_samples(fleet)
             t0, c0, e0 = time.monotonic(), fleet.router_cpu(), fleet.emulator_cpu()
             s0 = steal_seconds()
             results = asyncio.run(drive([(url, r) for r in measured], fleet.info.model, 120.0))
             window = time.monotonic() - t0
             cpu = fleet.router_cpu() - c0
+            window_scrapes = scrapes_between(pages_before, router_samples(fleet))
             emu = fleet.emulator_cpu() - e0
             steal = steal_seconds() - s0
             probe_after = machine_probe_ms()
@@ -376,7 +381,7 @@ def measure_cpu(args: argparse.Namespace) -> CpuResult:
         loadavg_before=load_before, loadavg_after=load_after,
         error_samples=sorted({r.error for r in results if r.error})[:3],
         probe_ms_before=probe_before, probe_ms_after=probe_after, steal_s=steal,
-        idle_scrapes=idle_scrapes)
+        idle_scrapes=idle_scrapes, window_scrapes=window_scrapes)
 
 
 # --- part 2: the ceiling ----------------------------------------------------------------------

@@ -25,3 +25,4 @@ def test_the_cpu_measurement_runs_through_the_router(tmp_path: Path) -> None:
     assert result["router_cpu_s"] > 0 and result["gross_cpu_ms_per_request"] > 0
     # The idle cost per scrape divides by the scrapes the router counted, not by a period.
     assert result["idle_scrapes"] >= 1
+    assert result["window_scrapes"] >= 1  # both engines are scraped while requests run

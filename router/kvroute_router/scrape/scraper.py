@@ -54,20 +54,19 @@ what admission control and the ``load-headroom`` filter read (round 48 of
 docs/benchmarks/emulated-fleet.md: without this, TTFT p90 +22 % at 150 req/s on 16 emulated engines,
 where queues form). Otherwise the endpoint is scraped about twice per dispatch to it
 (:class:`AccountedPacer`): every ``accounted_interval_s`` while it is sent at most one request per
-accounted period (averaged over three), at most every ``interval_s`` however many it is sent. A
-page's age that matters is how much happened on the engine since that the router did not count —
-its own requests' ends, its queue worked off — which grows with the requests through the engine,
-not with the seconds: at 64 emulated engines near saturation (~9 dispatches a second each) a flat 1
-s page cost 25-30 % of goodput against the 100 ms one in two runs (round 50 of
+accounted period (on average), at most every ``interval_s`` however many it is sent. A page's age
+that matters is how much happened on the engine since that the router did not count — its own
+requests' ends, its queue worked off — which grows with the requests through the engine, not with
+the seconds: at 64 emulated engines near saturation (~9 dispatches a second each) a flat 1 s page
+cost 25-30 % of goodput against the 100 ms one in two runs (round 50 of
 docs/benchmarks/emulated-fleet.md); twice per dispatch scrapes such engines every 100 ms and bounds
 the scraping at about two pages per request (~0.06 ms of router CPU), while thin traffic (the case
 the accounted period was made for) keeps the 1 s period. Round 51 measured one and two pages per
 dispatch there (two kept: inside the fixed 100 ms period's run-to-run spread); round 29 of
 docs/benchmarks/router-cpu.md moved the edge of thin traffic from half a request per accounted
-period to one, and averaged over three periods, not one. Replicas *with* replica sync learn each
-other's dispatches but not their ends, so their pages show foreign load and keep the short period,
-as before. ``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for
-that reason.
+period to one. Replicas *with* replica sync learn each other's dispatches but not their ends, so
+their pages show foreign load and keep the short period, as before.
+``kvroute_scrape_foreign_load_endpoints`` counts the endpoints at the short period for that reason.
 
 **Idle engines are scraped less often still.** Most of an idle router's CPU is waking up for scrapes
 (~0.3-0.65 ms each when nothing else runs, ~83 us back to back; docs/benchmarks/router-cpu.md,
@@ -127,11 +126,13 @@ ACCOUNTED_DISPATCHES = 1.0
 """An engine sent at most this many requests per accounted period, on average, keeps the
 accounted period (:func:`accounted_period`): its page is then at most about one dispatch old.
 At :data:`DISPATCHES_PER_PAGE` instead (round 51) a Poisson stream of 0.47 a second, 64 engines
-at 30 req/s, left it whenever two requests came close: 1.28 pages a second against 1.0, +4-15 %
-of router CPU per request (docs/benchmarks/router-cpu.md rounds 28-29)."""
-RATE_HORIZON_PERIODS = 3.0
-"""The dispatch rate is averaged over about this many accounted periods (:func:`dispatch_rate`):
-over one, two requests close together doubled it for a second."""
+at 30 req/s, left it whenever two requests came close: 1.28 pages a second against 1.0; 1.12 now
+(docs/benchmarks/router-cpu.md rounds 28-29)."""
+RATE_HORIZON_PERIODS = 1.0
+"""The dispatch rate is averaged over about this many accounted periods (:func:`dispatch_rate`).
+Three cut thin traffic's pages to the accounted period's 1.0 a second, but a busy engine reached
+the short period ~2 s later, and 16 engines at 120 req/s leaned worse at p90 in two pairs of
+fleet runs (+5 %, +23 %; router-cpu.md round 29): one kept."""
 IDLE_INTERVAL_FACTOR = 2.0
 """The default idle scrape period, in accounted periods."""
 FOREIGN_HOLD_PERIODS = 30.0
@@ -454,16 +455,17 @@ class MetricsScraper:
                     counted = foreign
                 accounted = pacer.period(ep.dispatches, now)
                 period = self.interval_s if foreign or self.queueing(ep) else accounted
-                idle_pages = await self._pause(ep, ok, period, idle_pages, started, offset)
+                idle_pages = await self._pause(ep, ok, period, idle_pages, started + offset)
                 offset = 0.0
         finally:
             if foreign_gauge is not None and counted:
                 foreign_gauge.dec()
 
     async def _pause(self, ep: Endpoint, ok: bool, period: float, idle_pages: int,
-                     started: float, offset: float) -> int:
-        """Wait until the endpoint's next scrape is due (``period``, the one its last page
-        called for; the idle pause or a failing endpoint's back-off; ``offset`` added); the
+                     since: float) -> int:
+        """Wait until the endpoint's next scrape is due: ``period`` (the one its last page
+        called for), the idle pause or a failing endpoint's back-off, counted from ``since``
+        (monotonic: the last scrape's start, the loop's phase added on its first pause); the
         count of idle pages in a row from then on."""
         slows = self.idle_interval_s > self.interval_s
         idle_pages = idle_pages + 1 if ok and slows and self.idle(ep) else 0
@@ -473,7 +475,7 @@ class MetricsScraper:
             if gauge is not None:
                 gauge.inc()
             try:
-                woken = await self._idle_pause(ep, started + self.idle_interval_s + offset)
+                woken = await self._idle_pause(ep, since + self.idle_interval_s)
             finally:
                 if gauge is not None:
                     gauge.dec()
@@ -483,5 +485,5 @@ class MetricsScraper:
             return idle_pages
         # Back off on an endpoint that keeps failing (up to 2 s), not on a healthy one.
         pause = period if ok else min(2.0, self.interval_s * (1 + ep.scrape_failures))
-        await asyncio.sleep(max(0.0, pause + offset - (time.monotonic() - started)))
+        await asyncio.sleep(max(0.0, pause - (time.monotonic() - since)))
         return idle_pages

@@ -348,7 +348,7 @@ class LoadEstimates:
                    scraped_running=column([m.running for m in ms]),
                    scraped_kv_usage=column([m.kv_cache_usage for m in ms]),
                    dispatched_since_scrape=np.array(
-                       [ep.dispatched_since_scrape for ep in endpoints], dtype=f64),
+                       [len(ep.unseen) for ep in endpoints], dtype=f64),
                    in_flight=np.array([ep.in_flight for ep in endpoints], dtype=f64),
                    stale_after_s=stale_after_s, now=now)
 

@@ -120,6 +120,9 @@ class AdmissionController:
         self._sequence = itertools.count()
         self._in_transit = 0
         """Waiters released that have not resumed yet: their requests are not in the load."""
+        if metrics is not None:  # both orders exported from the start: rate() sees the first
+            for order in ("arrival", "newest_first"):
+                metrics.admission_released.labels(*policy_labels(policy), order)
 
     def update_spec(self, spec: AdmissionSpec) -> None:
         self.spec = spec
@@ -258,6 +261,7 @@ class AdmissionController:
                     future.set_result(True)
                     released += 1
                     self._in_transit += 1
+                    self._count_release("newest_first")
             self._waiting = [entry for entry in self._waiting if entry[1] not in gone]
             heapq.heapify(self._waiting)
         while self._waiting and released < free:
@@ -266,6 +270,7 @@ class AdmissionController:
                 future.set_result(False)
                 released += 1
                 self._in_transit += 1
+                self._count_release("arrival")
         self._set_depth()
         return released
 
@@ -311,6 +316,10 @@ class AdmissionController:
         if self.metrics is not None:
             self.metrics.queue_depth.labels(*policy_labels(self.policy)).set(
                 len(self._waiting))
+
+    def _count_release(self, order: str) -> None:
+        if self.metrics is not None:
+            self.metrics.admission_released.labels(*policy_labels(self.policy), order).inc()
 
     def _reject(self, reason: str, error: ApiError) -> ApiError:
         if self.metrics is not None:

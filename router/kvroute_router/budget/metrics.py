@@ -17,6 +17,7 @@ IN_FLIGHT = "kvroute_budget_in_flight"
 ADMISSION_REJECTED_TOTAL = "kvroute_admission_rejected_total"
 ADMISSION_SHED_TOTAL = "kvroute_admission_shed_total"
 ADMISSION_QUEUE_DEPTH = "kvroute_admission_queue_depth"
+ADMISSION_RELEASED_TOTAL = "kvroute_admission_released_total"
 STORE_ERRORS_TOTAL = "kvroute_budget_store_errors_total"
 BATCH_SOLVE_SECONDS = "kvroute_batch_solve_seconds"
 BATCH_SIZE = "kvroute_batch_size"
@@ -97,6 +98,12 @@ class BudgetMetrics:
             ADMISSION_SHED_TOTAL.removesuffix("_total"),
             "Sheddable requests dropped under saturation, by priority class.",
             [*policy, "priority"],
+            registry=target)
+        self.admission_released = Counter(
+            ADMISSION_RELEASED_TOTAL.removesuffix("_total"),
+            "Requests that waited in the admission queue and were let go, by the order the "
+            "queue went in (arrival: first come first served | newest_first: "
+            "spec.admission.newestFirstAfterMs).", [*policy, "order"],
             registry=target)
         self.queue_depth = Gauge(ADMISSION_QUEUE_DEPTH,
                                  "Requests waiting in the router's admission queue.",

@@ -347,6 +347,37 @@ async def test_a_late_queue_lets_the_newest_go_first_and_says_so() -> None:
     await asyncio.gather(standard, return_exceptions=True)
 
 
+async def test_released_waiters_are_counted_by_the_order_the_queue_went_in() -> None:
+    """kvroute_admission_released_total{order}: how many waited in the queue and went, first
+    come first served (arrival) or newest-first (newestFirstAfterMs) — what tells an SRE (and
+    the benchmark) whether newest-first ever started. A cancelled waiter is not counted."""
+    load = Load()
+    load.saturate()
+    registry = CollectorRegistry()
+    spec = AdmissionSpec.model_validate({"maxQueueDepth": 10, "queueTimeoutMs": 60_000,
+                                         "saturationQueueDepth": 4, "newestFirstAfterMs": 30})
+    controller = AdmissionController("chat", spec, load, metrics=BudgetMetrics(registry))
+    waiters = [asyncio.create_task(controller.admit(controller.priority_of({})))
+               for _ in range(4)]
+    await _settle()
+    waiters[3].cancel()
+    await _settle()
+
+    def released(order: str) -> float | None:
+        return registry.get_sample_value("kvroute_admission_released_total",
+                                         {**CHAT, "order": order})
+
+    load.endpoints = [EndpointLoad(3, 0.2)]  # room for one, before the queue is late
+    assert controller.release_waiting() == 1
+    assert (released("arrival"), released("newest_first")) == (1, 0)
+    await asyncio.sleep(0.04)  # the oldest waiter has now waited past 30 ms
+    load.endpoints = [EndpointLoad(2, 0.2)]  # room for two
+    assert controller.release_waiting() == 2
+    assert (released("arrival"), released("newest_first")) == (1, 2)
+    assert await asyncio.gather(*waiters[:3]) == [None, None, None]
+    await asyncio.gather(waiters[3], return_exceptions=True)
+
+
 def test_a_late_queue_does_not_defer_to_the_fleets_oldest() -> None:
     """With newest-first on, a replica releases its own share of the room whatever the other
     replicas hold (their keys are an oldest-first order)."""

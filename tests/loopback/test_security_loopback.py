@@ -129,6 +129,9 @@ async def test_a_directly_reached_name_is_admitted_like_any_policy(
         engine.kv_usage = 0.1  # capacity is back: released (within the 30 s queue timeout)
         status, body = await waiting
         assert status == 200, body
+        assert router.metrics.registry.get_sample_value(  # counted (the bench reads it too)
+            "kvroute_admission_released_total",
+            {"policy_namespace": "implicit", "policy": "fake-model", "order": "arrival"}) == 1
     assert engine.requests == 1
 
 

@@ -52,11 +52,15 @@ def sources(fleet: LocalEngineFleet) -> list[KVEventSource]:
             for e in fleet.engines]
 
 
-async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 120.0,
+                     state: Callable[[], object] | None = None) -> None:
+    """Wait for ``condition``; on timeout the message names ``what`` and, when given, the
+    ``state`` it was in (which half of a compound condition failed)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            seen = f"; state: {state()}" if state is not None else ""
+            raise AssertionError(f"timed out waiting for {what}{seen}")
         await asyncio.sleep(0.1)
 
 
@@ -223,7 +227,7 @@ async def test_evictions_and_restart_are_followed(tmp_path: Path) -> None:
         status = events.status("engine-0")
         assert status is not None
         await eventually(lambda: status.restarts >= 1 and status.trustworthy,
-                         "the restart detected")
+                         "the restart detected", state=status.as_dict)
         assert events.index.match(hashes[-1], ["engine-0"])["engine-0"] == 0
         # Then the router shuts down: closing after a followed restart returns promptly.
         await closed_promptly(events)

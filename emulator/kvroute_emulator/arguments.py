@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvroute_emulator.model.engine import SCHEDULING_POLICIES
+from kvroute_emulator.model.engine import KV_ALLOCATIONS, SCHEDULING_POLICIES
 from kvroute_emulator.model.profile import PROFILE_NAMES
 
 DEFAULT_MAX_MODEL_LEN = {"cpu": 4096, "h100-llama8b": 32768}
@@ -31,8 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser, model_dir_required: bool = Tr
                              "finish_reason stop (0: run to max_tokens)")
     parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                         help="vLLM's waiting-queue order: fcfs (arrival) or priority (the "
-                             "requests' priority field, lower first, then arrival; no "
-                             "preemption)")
+                             "requests' priority field, lower first, then arrival)")
+    parser.add_argument("--kv-allocation", choices=KV_ALLOCATIONS, default="reserve",
+                        help="reserve: a request's KV blocks, prompt and output, are taken "
+                             "at admission, so nothing is preempted; on-demand: as vLLM, a "
+                             "step takes the blocks it fills and a sequence short of blocks "
+                             "preempts one (the newest, or the lowest priority), which is "
+                             "prefilled again later")
     parser.add_argument("--admin-port", type=int, default=0,
                         help="port of the fault-injection API (0: any free port)")
     parser.add_argument("--endpoints-file", help="also write the endpoints JSON here")

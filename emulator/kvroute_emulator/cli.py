@@ -32,7 +32,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
                          served_model_name=args.served_model_name,
                          time_scale=args.time_scale, max_model_len=max_len,
                          admin_port=args.admin_port, eos_after=args.eos_after,
-                         scheduling_policy=args.scheduling_policy)
+                         scheduling_policy=args.scheduling_policy,
+                         kv_allocation=args.kv_allocation)
     try:
         config.check()
     except ValueError as exc:
@@ -68,7 +69,7 @@ def describe(fleet: EmulatedFleet) -> dict[str, Any]:
             "profile": c.profile.name, "time_scale": c.time_scale,
             "block_size": c.profile.block_size, "kv_blocks": c.profile.kv_blocks,
             "max_model_len": c.max_model_len, "model": c.served_model_name,
-            "scheduling_policy": c.scheduling_policy}
+            "scheduling_policy": c.scheduling_policy, "kv_allocation": c.kv_allocation}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -98,7 +98,7 @@ class EmulatedEngine:
 
     def __init__(self, index: int, profile: CostProfile, model: ServedModel,
                  time_scale: float, publisher_factory: Callable[[], KVEventPublisher], *,
-                 scheduling_policy: str = "fcfs") -> None:
+                 scheduling_policy: str = "fcfs", kv_allocation: str = "reserve") -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0 (wall seconds per emulated second)")
         self.index = index
@@ -106,8 +106,10 @@ class EmulatedEngine:
         self.model = model
         self.time_scale = time_scale
         self.scheduling_policy = scheduling_policy
+        self.kv_allocation = kv_allocation
         self._publisher_factory = publisher_factory
-        self.sim = SimEngine(index, profile, scheduling_policy=scheduling_policy)
+        self.sim = SimEngine(index, profile, scheduling_policy=scheduling_policy,
+                             kv_allocation=kv_allocation)
         self.publisher: KVEventPublisher | None = publisher_factory()
         self.stats = EngineStats()
         self.generations: dict[int, Generation] = {}
@@ -166,8 +168,8 @@ class EmulatedEngine:
         """Come back empty: new scheduler state, KV-event sequence from 0, counters reset."""
         if self.alive:
             await self.kill()
-        self.sim = SimEngine(self.index, self.profile,
-                             scheduling_policy=self.scheduling_policy)
+        self.sim = SimEngine(self.index, self.profile, scheduling_policy=self.scheduling_policy,
+                             kv_allocation=self.kv_allocation)
         self.stats = EngineStats()
         self._block_info.clear()
         self._block_refs.clear()

@@ -42,7 +42,7 @@ from aiohttp import web
 
 from kvroute_emulator.engine import EmulatedEngine
 from kvroute_emulator.kvevents import KVEventPublisher
-from kvroute_emulator.model.engine import SCHEDULING_POLICIES
+from kvroute_emulator.model.engine import KV_ALLOCATIONS, SCHEDULING_POLICIES
 from kvroute_emulator.model.profile import CostProfile
 from kvroute_emulator.server import ClientError, EngineServer, RequestTimings
 from kvroute_emulator.tokens import ServedModel
@@ -62,6 +62,7 @@ class FleetConfig:
     admin_port: int = 0
     eos_after: int = 0
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs or priority
+    kv_allocation: str = "reserve"  # the engine model's: reserve or on-demand (preempting)
 
     def check(self) -> None:
         if self.count < 1:
@@ -69,6 +70,9 @@ class FleetConfig:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be {' or '.join(SCHEDULING_POLICIES)}, "
                              f"got {self.scheduling_policy!r}")
+        if self.kv_allocation not in KV_ALLOCATIONS:
+            raise ValueError(f"kv_allocation must be {' or '.join(KV_ALLOCATIONS)}, "
+                             f"got {self.kv_allocation!r}")
         if self.time_scale <= 0:
             raise ValueError("time_scale must be > 0")
         capacity = self.profile.kv_blocks * self.profile.block_size
@@ -132,7 +136,8 @@ class EmulatedFleet:
             return pub
 
         engine = EmulatedEngine(index, self.config.profile, model, self.config.time_scale,
-                                publisher, scheduling_policy=self.config.scheduling_policy)
+                                publisher, scheduling_policy=self.config.scheduling_policy,
+                                kv_allocation=self.config.kv_allocation)
         server = EngineServer(engine, self.config.eos_after, self.timings)
         runner = web.AppRunner(server.app, access_log=None, handler_cancellation=True)
         await runner.setup()

@@ -125,7 +125,7 @@ def render(engine: EmulatedEngine, names: frozenset[str] | None = None) -> str:
         "vllm:kv_cache_usage_perc": used,
         "vllm:prefix_cache_queries_total": float(sim.prefix_queries),
         "vllm:prefix_cache_hits_total": float(sim.prefix_hits),
-        "vllm:num_preemptions_total": 0.0,
+        "vllm:num_preemptions_total": float(sim.preemptions),
         "vllm:prompt_tokens_total": float(stats.prompt_tokens),
         "vllm:generation_tokens_total": float(stats.generation_tokens),
     }

@@ -101,6 +101,9 @@ class SimResult:
     placement: dict[str, float] = field(default_factory=dict)
     """Where the picker sent each counted request against what the engines held at that
     moment, as shares of the counted requests, by :data:`PLACEMENT_CLASSES`."""
+    preempted: int = 0
+    """Counted requests the engines preempted at least once (only with on-demand KV
+    allocation; a preempted request is prefilled again)."""
 
 
 def to_sim_requests(trace: Sequence[TraceRequest], block_size: int, keep_text: bool = False,
@@ -149,16 +152,18 @@ def placement_class(engines: Sequence[SimEngine], chosen: int, hashes: Sequence[
 
 def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
              max_simulated_s: float = 86_400.0, scheduling_policy: str = "fcfs",
+             kv_allocation: str = "reserve",
              warmup: int = 0, scrape_phase: float = 0.0,
              slo_ttft_s: float = 1.0) -> SimResult:
     """Run ``requests`` through ``pods`` engines of ``profile`` (admitting waiting requests by
-    ``scheduling_policy``, vLLM's); stops at ``max_simulated_s``. The first ``warmup``
-    arrivals run like the rest but are left out of the result (a continuous warm-up:
-    latencies, throughput, hits and recomputation count the others; ``requests_per_engine``
-    counts every request). ``scrape_phase`` (0 to 1, exclusive): a scraping picker's scrapes
-    after the first come that share of an interval earlier. ``slo_ttft_s``: the TTFT objective
-    of the result's goodput."""
-    engines = [SimEngine(i, profile, scheduling_policy=scheduling_policy) for i in range(pods)]
+    ``scheduling_policy``, vLLM's, and allocating KV blocks by ``kv_allocation``); stops at
+    ``max_simulated_s``. The first ``warmup`` arrivals run like the rest but are left out of
+    the result (a continuous warm-up: latencies, throughput, hits and recomputation count the
+    others; ``requests_per_engine`` counts every request). ``scrape_phase`` (0 to 1,
+    exclusive): a scraping picker's scrapes after the first come that share of an interval
+    earlier. ``slo_ttft_s``: the TTFT objective of the result's goodput."""
+    engines = [SimEngine(i, profile, scheduling_policy=scheduling_policy,
+                         kv_allocation=kv_allocation) for i in range(pods)]
     capacity = profile.kv_blocks * profile.block_size
     for r in requests:
         if r.prompt_tokens + r.max_tokens > capacity:
@@ -266,7 +271,8 @@ def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, pi
         slo_attainment=met / len(measured) if measured else math.nan,
         recomputed=recompute_breakdown(requests, profile.block_size, counted),
         placement={name: round(n / total, 4) if (total := sum(placed.values())) else 0.0
-                   for name, n in placed.items()})
+                   for name, n in placed.items()},
+        preempted=sum(1 for r in measured if r.preemptions))
 
 
 TTFT_CLASSES = ("first", "follower", "later")

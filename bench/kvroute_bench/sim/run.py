@@ -286,7 +286,9 @@ def run_sim(args: argparse.Namespace) -> int:
         table = Table(title=f"simulated {label}: {args.pods} pods, profile {profile.name}, "
                             f"{args.requests} requests at {rate}/s"
                             + (f" after {warmup} continuous warm-up" if warmup else "")
-                            + f", engines {args.scheduling_policy}")
+                            + f", engines {args.scheduling_policy}"
+                            + (f", KV {args.kv_allocation}"
+                               if args.kv_allocation != "reserve" else ""))
         if args.sim_ensemble > 1:
             table.title = f"{table.title}; the mean of {args.sim_ensemble} runs a picker"
         for column in ("picker", "TTFT p50 ms", "p90",
@@ -295,7 +297,7 @@ def run_sim(args: argparse.Namespace) -> int:
                        "out tok/s", f"goodput /s (≤{args.slo_ttft:g} s)",
                        "prefix hit", "oracle", *(f"re: {c}" for c in
                                                                 RECOMPUTE_CAUSES),
-                       "left holder", "held nowhere", "unfinished", "wall s"):
+                       "left holder", "held nowhere", "preempted", "unfinished", "wall s"):
             table.add_column(column, justify="left" if column == "picker" else "right")
         rows: list[dict[str, Any]] = []
         classes: list[tuple[str, dict[str, Any]]] = []
@@ -312,7 +314,8 @@ def run_sim(args: argparse.Namespace) -> int:
                                                hash_blocks=needs_block_hashes(name))
                 result = asdict(simulate(
                     sim_requests, args.pods, profile, picker,
-                    scheduling_policy=args.scheduling_policy, warmup=warmup,
+                    scheduling_policy=args.scheduling_policy,
+                    kv_allocation=args.kv_allocation, warmup=warmup,
                     scrape_phase=member / args.sim_ensemble, slo_ttft_s=args.slo_ttft))
                 result["ttft_by_class"] = ttft_by_class(
                     sim_requests, [r.group for r in trace.requests], warmup)
@@ -344,7 +347,8 @@ def run_sim(args: argparse.Namespace) -> int:
                           *(f"{result['recomputed'][c]:.1%}" for c in RECOMPUTE_CAUSES),
                           f"{result['placement']['left_holder']:.1%}",
                           f"{result['placement']['held_nowhere']:.1%}",
-                          f"{result['unfinished']:g}", f"{wall:.1f}")
+                          f"{result['preempted']:g}", f"{result['unfinished']:g}",
+                          f"{wall:.1f}")
         console.print(table)
         console.print(class_table(classes))
         stem = f"{args.name}-sim-{label}" if args.name else f"sim-{label}"
@@ -352,6 +356,7 @@ def run_sim(args: argparse.Namespace) -> int:
         path.write_text(json.dumps({"workload": label, "pods": args.pods, "rate": rate,
                                     "warmup": warmup,
                                     "scheduling_policy": args.scheduling_policy,
+                                    "kv_allocation": args.kv_allocation,
                                     "profile": asdict(profile), "params": trace.params,
                                     "results": rows}, indent=1, default=str) + "\n")
         console.print(f"wrote {path}")

@@ -8,13 +8,21 @@ The model follows vLLM v1's scheduler in the parts that decide routing outcomes:
   then waiting sequences are admitted in arrival order while ``max_num_seqs`` and the KV
   capacity allow (chunked prefill: a long prompt spreads over several steps). Under the
   ``priority`` scheduling policy (vLLM's ``--scheduling-policy priority``) they are admitted
-  in (``priority``, arrival) order instead, lower values first; there is no preemption here,
-  so a higher-priority arrival waits for capacity rather than evicting a running sequence.
+  in (``priority``, arrival) order instead, lower values first. A waiting request never
+  preempts a running one (in vLLM either: only a running sequence short of blocks does).
 * On admission the prompt's full blocks are looked up in the prefix cache; the longest cached
   run of leading blocks is reused (at least one prompt token is always computed, as in vLLM).
   Queried and hit tokens feed ``prefix_cache_queries`` / ``prefix_cache_hits``.
-* KV blocks are reserved for the whole prompt and output at admission (a simplification: vLLM
-  allocates as it goes and preempts on exhaustion; here a sequence waits instead). A block
+* KV blocks, by ``kv_allocation``: ``reserve`` (the default) reserves them for the whole
+  prompt and output at admission, so a sequence waits for room instead of being preempted (a
+  simplification). ``on-demand`` allocates as vLLM does: a step takes the blocks its tokens
+  fill, a waiting request is admitted when its first chunk fits, and a running sequence that
+  finds no free block preempts one — the newest admitted under fcfs, the lowest priority
+  (largest (priority, arrival)) under priority, itself when it is that one. The preempted
+  sequence frees its blocks (its full ones stay cached, evictable), goes back to the head of
+  the queue (in priority order under priority), and is prefilled again from its prompt and
+  the tokens it had generated, hitting whatever of that is still cached; no new request is
+  admitted in a step that preempted. Its first token keeps its first time. A block
   becomes cached when the step that fills it is **scheduled**, as vLLM's ``allocate_slots``
   caches it, not when the step ends: a request admitted later in the same step (or while an
   earlier one's long prefill is still in chunks) hits it instead of computing it again —
@@ -55,6 +63,10 @@ from kvroute_emulator.model.profile import CostProfile
 SCHEDULING_POLICIES = ("fcfs", "priority")
 """vLLM's ``--scheduling-policy`` choices: arrival order, or (priority, arrival) order."""
 
+KV_ALLOCATIONS = ("reserve", "on-demand")
+"""How the model hands out KV blocks: the whole request's at admission (no preemption), or
+a step's as it needs them, preempting on exhaustion (vLLM's way)."""
+
 
 def block_hashes(tokens: bytes, block_size: int) -> list[int]:
     """Chained 64-bit hashes of the full blocks of ``tokens``."""
@@ -87,9 +99,26 @@ class SimRequest:
     computed: int = 0  # prompt tokens computed so far (cached ones count as computed)
     generated: int = 0
     blocks: list[int] = field(default_factory=list)  # hashes of cached blocks it pins
+    allocated: int = 0  # blocks it holds while running: ``blocks`` + reserved ones not full
+    prefill_len: int = -1
+    """Tokens to compute before it decodes: the prompt's, or after a preemption the prompt's
+    and the generated ones (set from ``prompt_tokens`` when negative)."""
+    preemptions: int = 0
     output_hashes: list[int] | None = None
     """Hashes of the full blocks after the prompt's (the block where the prompt ends and the
     output begins, then output only), in chain order; ``None``: ids no prompt can have."""
+
+    def __post_init__(self) -> None:
+        if self.prefill_len < 0:
+            self.prefill_len = self.prompt_tokens
+
+    def sequence_hashes(self, block_size: int) -> list[int]:
+        """The full blocks it computes before decoding: the prompt's, and after a preemption
+        those of the generated tokens it computes again."""
+        if self.prefill_len <= self.prompt_tokens:
+            return self.hashes
+        extra = max(0, self.prefill_len // block_size - len(self.hashes))
+        return self.hashes + [self.output_hash(i) for i in range(extra)]
 
     def output_hash(self, index: int) -> int:
         """The hash of the ``index``-th full block after the prompt's full blocks."""
@@ -130,13 +159,17 @@ class SimEngine:
     """One engine; the fleet loop calls :meth:`enqueue`, :meth:`plan_step`, :meth:`finish_step`."""
 
     def __init__(self, index: int, profile: CostProfile, *,
-                 scheduling_policy: str = "fcfs") -> None:
+                 scheduling_policy: str = "fcfs", kv_allocation: str = "reserve") -> None:
         if scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {scheduling_policy!r}: use "
                              f"{' or '.join(SCHEDULING_POLICIES)}")
+        if kv_allocation not in KV_ALLOCATIONS:
+            raise ValueError(f"unknown KV allocation {kv_allocation!r}: use "
+                             f"{' or '.join(KV_ALLOCATIONS)}")
         self.index = index
         self.profile = profile
         self.scheduling_policy = scheduling_policy
+        self.on_demand = kv_allocation == "on-demand"
         # In admission order: arrival order under fcfs; under priority kept sorted on
         # enqueue, so admission and abort read it the same way under both policies.
         self.waiting: deque[SimRequest] = deque()
@@ -149,6 +182,9 @@ class SimEngine:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.finished = 0
+        self.preemptions = 0
+        self._stored: list[int] = []  # blocks the step being planned stores (not yet published)
+        self._released_stored: set[int] = set()  # of those, ones a preemption released
         self.busy_until: float | None = None
         self.version = 0  # bumped on every change a metrics reader could see
 
@@ -168,7 +204,12 @@ class SimEngine:
         while self._free_blocks() < need and self.evictable:
             block, _ = self.evictable.popitem(last=False)
             del self.refcount[block]
-            removed.append(block)
+            if block in self._released_stored:
+                # stored by this step for a sequence it then preempted: never published
+                self._stored.remove(block)
+                self._released_stored.discard(block)
+            else:
+                removed.append(block)
         if removed:
             self.events.append({"type": "BlockRemoved", "block_hashes": removed})
         return self._free_blocks() >= need
@@ -177,13 +218,18 @@ class SimEngine:
 
     def enqueue(self, request: SimRequest) -> None:
         request.engine = self.index
+        self._queue(request)
+        self.version += 1
+
+    def _queue(self, request: SimRequest, *, front: bool = False) -> None:
         if self.scheduling_policy == "priority":
             # vLLM's PriorityRequestQueue order: priority, then arrival time, then request
             # id. A binary-search insert keeps the queue sorted without re-sorting per step.
             bisect.insort(self.waiting, request, key=_priority_order)
+        elif front:
+            self.waiting.appendleft(request)
         else:
             self.waiting.append(request)
-        self.version += 1
 
     def held_blocks(self, hashes: Sequence[int]) -> int:
         """How many of ``hashes``' leading blocks this engine's cache holds."""
@@ -194,15 +240,22 @@ class SimEngine:
             held += 1
         return held
 
-    def _admit(self, request: SimRequest, now: float) -> bool:
+    def _admit(self, request: SimRequest, now: float, budget: int) -> bool:
+        """Admit ``request`` if its blocks fit: all of them (reserve), or those of its first
+        chunk of at most ``budget`` tokens (on demand)."""
         bs = self.profile.block_size
-        hit_blocks = self.held_blocks(request.hashes)
+        sequence = request.sequence_hashes(bs)
+        hit_blocks = self.held_blocks(sequence)
         # vLLM always computes at least the last prompt token.
-        if hit_blocks * bs >= request.prompt_tokens:
-            hit_blocks = max(0, (request.prompt_tokens - 1) // bs)
-        total_blocks = -(-(request.prompt_tokens + request.max_tokens) // bs)
+        if hit_blocks * bs >= request.prefill_len:
+            hit_blocks = max(0, (request.prefill_len - 1) // bs)
+        if self.on_demand:
+            first_chunk = min(budget, request.prefill_len - hit_blocks * bs)
+            total_blocks = -(-(hit_blocks * bs + first_chunk) // bs)
+        else:
+            total_blocks = -(-(request.prompt_tokens + request.max_tokens) // bs)
         new_blocks = total_blocks - hit_blocks
-        hits = request.hashes[:hit_blocks]
+        hits = sequence[:hit_blocks]
         # Room without touching anything, as vLLM checks before it allocates: the free blocks
         # plus the evictable ones that are not among the hits. (Pinning the hits and unpinning
         # them on failure moved them to the recent end of the LRU order.)
@@ -218,13 +271,51 @@ class SimEngine:
         evicted = self._evict(new_blocks)
         assert evicted, "room was checked above"
         request.blocks = list(hits)
+        request.allocated = total_blocks
         self.reserved += new_blocks
-        request.cached_tokens = hit_blocks * bs
-        request.computed = request.cached_tokens
-        request.admitted_s = now
-        self.prefix_queries += request.prompt_tokens
-        self.prefix_hits += request.cached_tokens
+        request.computed = hit_blocks * bs
+        if request.preemptions == 0:  # vLLM counts a resumed request's lookup apart
+            request.cached_tokens = request.computed
+            request.admitted_s = now
+            self.prefix_queries += request.prompt_tokens
+            self.prefix_hits += request.cached_tokens
         return True
+
+    def _grow(self, request: SimRequest, tokens: int) -> bool:
+        """Allocate the blocks ``request`` needs to hold ``tokens`` tokens (on demand); False,
+        allocating nothing, when they are not free or evictable."""
+        need = -(-tokens // self.profile.block_size) - request.allocated
+        if need <= 0:
+            return True
+        if self._free_blocks() + len(self.evictable) < need:
+            return False
+        evicted = self._evict(need)
+        assert evicted, "room was checked above"
+        self.reserved += need
+        request.allocated += need
+        return True
+
+    def _victim(self) -> SimRequest:
+        """The running sequence vLLM preempts: the lowest priority (largest (priority,
+        arrival)) under priority, the newest admitted under fcfs."""
+        if self.scheduling_policy == "priority":
+            return max(self.running, key=_priority_order)
+        return self.running[-1]
+
+    def _preempt(self, request: SimRequest) -> None:
+        """Free ``request``'s blocks (its full ones stay cached) and queue it again at the
+        head, to be prefilled from its prompt and the tokens it generated."""
+        self.running.remove(request)
+        self._released_stored |= set(self._stored).intersection(request.blocks)
+        self.reserved -= request.allocated - len(request.blocks)
+        self._release(request)
+        request.blocks = []
+        request.allocated = 0
+        request.computed = 0
+        request.prefill_len = request.prompt_tokens + request.generated
+        request.preemptions += 1
+        self.preemptions += 1
+        self._queue(request, front=True)
 
     def _unpin(self, block: int) -> None:
         self.refcount[block] -= 1
@@ -243,47 +334,110 @@ class SimEngine:
         self.version += 1
         mark = len(self.events)
         stored: list[int] = []
+        self._stored = stored
         budget = self.profile.max_batched_tokens
-        decode = [r for r in self.running if r.computed >= r.prompt_tokens]
-        budget -= len(decode)
-        bs = self.profile.block_size
-        for r in decode:
-            # The token sampled last step is fed in this one: the blocks it fills.
-            full = (r.prompt_tokens + r.generated) // bs
-            while len(r.blocks) < full:
-                self._cache_block(r, r.output_hash(len(r.blocks) - len(r.hashes)), stored)
-        prefill: list[tuple[SimRequest, int]] = []
-        for r in self.running:
-            if r.computed < r.prompt_tokens and budget > 0:
-                chunk = min(budget, r.prompt_tokens - r.computed)
-                prefill.append((r, chunk))
-                self._cache_chunk(r, chunk, stored)
-                budget -= chunk
-        while (self.waiting and budget > 0
+        if self.on_demand:
+            prefill, decode, budget, preempted = self._plan_running_on_demand(budget)
+        else:
+            prefill, decode, budget = self._plan_running(budget)
+            preempted = False
+        while (not preempted and self.waiting and budget > 0
                and len(self.running) < self.profile.max_num_seqs):
-            if not self._admit(self.waiting[0], now):
+            if not self._admit(self.waiting[0], now, budget):
                 break
             r = self.waiting.popleft()
             self.running.append(r)
-            chunk = min(budget, r.prompt_tokens - r.computed)
+            chunk = min(budget, r.prefill_len - r.computed)
             prefill.append((r, chunk))
             self._cache_chunk(r, chunk, stored)
             budget -= chunk
+        self._stored = []
+        self._released_stored.clear()
         if stored:
             self.events.append({"type": "BlockStored", "block_hashes": stored,
-                                "block_size": bs})
+                                "block_size": self.profile.block_size})
         if not prefill and not decode:
             return None  # nothing admitted, so nothing evicted or stored either
         events = self.events[mark:]
         del self.events[mark:]
         return StepPlan(prefill=prefill, decode=decode, events=events)
 
+    def _plan_running(self, budget: int) -> tuple[list[tuple[SimRequest, int]],
+                                                   list[SimRequest], int]:
+        """The running sequences' share of a step when their blocks are reserved: every
+        decode, then prefill chunks in admission order while the token budget lasts."""
+        decode = [r for r in self.running if r.computed >= r.prefill_len]
+        budget -= len(decode)
+        for r in decode:
+            self._cache_decode(r)
+        prefill: list[tuple[SimRequest, int]] = []
+        for r in self.running:
+            if r.computed < r.prefill_len and budget > 0:
+                chunk = min(budget, r.prefill_len - r.computed)
+                prefill.append((r, chunk))
+                self._cache_chunk(r, chunk, self._stored)
+                budget -= chunk
+        return prefill, decode, budget
+
+    def _plan_running_on_demand(self, budget: int) -> tuple[
+            list[tuple[SimRequest, int]], list[SimRequest], int, bool]:
+        """As :meth:`_plan_running`, allocating each sequence's blocks as the step needs them
+        and preempting (:meth:`_victim`) when none are left; the last item: it preempted."""
+        decode: list[SimRequest] = []
+        prefill: list[tuple[SimRequest, int]] = []
+        preempted = False
+        order = ([r for r in self.running if r.computed >= r.prefill_len]
+                 + [r for r in self.running if r.computed < r.prefill_len])
+        for r in order:
+            if r not in self.running:
+                continue  # preempted earlier in this step
+            decoding = r.computed >= r.prefill_len
+            tokens = 1 if decoding else min(budget, r.prefill_len - r.computed)
+            if tokens <= 0:
+                continue
+            while not self._grow(r, r.prompt_tokens + r.generated if decoding
+                                 else r.computed + tokens):
+                victim = self._victim()
+                preempted = True
+                if victim in decode:
+                    decode.remove(victim)
+                    budget += 1
+                for i, (v, chunk) in enumerate(prefill):
+                    if v is victim:
+                        del prefill[i]
+                        budget += chunk
+                        break
+                self._preempt(victim)
+                if victim is r:
+                    return prefill, decode, budget, preempted
+            budget -= tokens
+            if decoding:
+                decode.append(r)
+                self._cache_decode(r)
+            else:
+                prefill.append((r, tokens))
+                self._cache_chunk(r, tokens, self._stored)
+        return prefill, decode, budget, preempted
+
+    def _cache_decode(self, request: SimRequest) -> None:
+        """The token sampled last step is fed in this one: cache the blocks it fills."""
+        full = (request.prompt_tokens + request.generated) // self.profile.block_size
+        while len(request.blocks) < full:
+            self._cache_block(request, request.output_hash(len(request.blocks)
+                                                           - len(request.hashes)),
+                              self._stored)
+
     def _cache_chunk(self, request: SimRequest, chunk: int, stored: list[int]) -> None:
         """Cache the full prompt blocks ``request``'s next ``chunk`` tokens complete."""
         bs = self.profile.block_size
-        after = min((request.computed + chunk) // bs, len(request.hashes))
+        end = request.computed + chunk
+        after = min(end // bs, len(request.hashes))
         for h in request.hashes[request.computed // bs:after]:
             self._cache_block(request, h, stored)
+        if end > request.prompt_tokens:  # after a preemption: the generated tokens again
+            while len(request.blocks) < end // bs:
+                self._cache_block(request, request.output_hash(len(request.blocks)
+                                                               - len(request.hashes)), stored)
 
     def step_duration(self, plan: StepPlan) -> float:
         return self.profile.step_s(plan.prefill_tokens, len(plan.decode))
@@ -291,24 +445,23 @@ class SimEngine:
     def finish_step(self, plan: StepPlan, now: float) -> list[SimRequest]:
         """Apply a step that ended at ``now``; returns the requests that finished."""
         self.version += 1
-        bs = self.profile.block_size
         self.events.extend(plan.events)
         for r, chunk in plan.prefill:
             r.computed += chunk
-            if r.computed >= r.prompt_tokens:
-                r.first_token_s = now
-                r.generated = 1
+            if r.computed >= r.prefill_len:
+                if r.first_token_s is None:
+                    r.first_token_s = now
+                r.generated += 1  # the first token, or after a preemption the next one
         for r in plan.decode:
             r.generated += 1
         done = [r for r in self.running
-                if r.computed >= r.prompt_tokens and r.generated >= r.max_tokens]
+                if r.computed >= r.prefill_len and r.generated >= r.max_tokens]
         if done:
             self.running = [r for r in self.running
-                            if r.computed < r.prompt_tokens or r.generated < r.max_tokens]
+                            if r.computed < r.prefill_len or r.generated < r.max_tokens]
         for r in done:
             r.done_s = now
-            total_blocks = -(-(r.prompt_tokens + r.max_tokens) // bs)
-            self.reserved -= total_blocks - len(r.blocks)
+            self.reserved -= r.allocated - len(r.blocks)
             self._release(r)
             self.finished += 1
         return done
@@ -346,8 +499,7 @@ class SimEngine:
         for i, r in enumerate(self.running):
             if r is request:
                 del self.running[i]
-                total_blocks = -(-(r.prompt_tokens + r.max_tokens) // self.profile.block_size)
-                self.reserved -= total_blocks - len(r.blocks)
+                self.reserved -= r.allocated - len(r.blocks)
                 self._release(r)
                 r.blocks = []
                 self.version += 1

@@ -149,6 +149,9 @@ class ContenderResult(LatencySummary):
     # kvroute contenders: what the router's own counters added over the measured window,
     # summed over endpoints and replicas (promtext.router_counters); empty for peers.
     router_counters: dict[str, float] = field(default_factory=dict)
+    # Running sequences the engines preempted over the window (vLLM's counter; the emulator
+    # preempts only with --kv-allocation on-demand).
+    engine_preemptions: float = 0.0
 
 
 @dataclass
@@ -191,7 +194,7 @@ def contender_result(contender: Contender, rounds: Sequence[Sequence[RequestResu
         computed_tokens_per_engine=fleet.computed_tokens_per_engine,
         request_imbalance=promtext.imbalance(fleet.requests_per_engine),
         prefill_imbalance=promtext.imbalance(fleet.computed_tokens_per_engine),
-        engine_ttft_mean_s=fleet.engine_ttft_mean_s,
+        engine_ttft_mean_s=fleet.engine_ttft_mean_s, engine_preemptions=fleet.preemptions,
         outside_engine_ttft_s=summary.ttft_mean_s - fleet.engine_ttft_mean_s,
         error_samples=sorted({r.error for r in results if r.error})[:5],
         ttfts_s=sorted(r.ttft_s for r in results if r.ok),

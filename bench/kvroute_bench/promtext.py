@@ -55,9 +55,10 @@ TTFT_SUM = "vllm:time_to_first_token_seconds_sum"
 TTFT_COUNT = "vllm:time_to_first_token_seconds_count"
 E2E_SUM = "vllm:e2e_request_latency_seconds_sum"
 E2E_COUNT = "vllm:e2e_request_latency_seconds_count"
+PREEMPTIONS = "vllm:num_preemptions_total"
 
 _COUNTERS = (REQUESTS, PROMPT_TOKENS, GENERATION_TOKENS, PREFIX_QUERIES, PREFIX_HITS,
-             TTFT_SUM, TTFT_COUNT, E2E_SUM, E2E_COUNT)
+             TTFT_SUM, TTFT_COUNT, E2E_SUM, E2E_COUNT, PREEMPTIONS)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class EngineDelta:
     prefix_hits: float
     ttft_sum_s: float
     ttft_count: float
+    preemptions: float = 0.0  # running sequences the engine preempted (KV ran out)
 
     @property
     def computed_prompt_tokens(self) -> float:
@@ -88,7 +90,7 @@ def delta(before: Mapping[Sample, float], after: Mapping[Sample, float]) -> Engi
         requests=values[REQUESTS], prompt_tokens=values[PROMPT_TOKENS],
         generation_tokens=values[GENERATION_TOKENS], prefix_queries=values[PREFIX_QUERIES],
         prefix_hits=values[PREFIX_HITS], ttft_sum_s=values[TTFT_SUM],
-        ttft_count=values[TTFT_COUNT])
+        ttft_count=values[TTFT_COUNT], preemptions=values[PREEMPTIONS])
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,11 @@ class FleetDelta:
         """Mean TTFT as the engines measured it (from the histograms' sum and count)."""
         count = sum(e.ttft_count for e in self.engines)
         return sum(e.ttft_sum_s for e in self.engines) / count if count else math.nan
+
+    @property
+    def preemptions(self) -> float:
+        """Preemptions over every engine (``vllm:num_preemptions_total``)."""
+        return sum(e.preemptions for e in self.engines)
 
     @property
     def requests_per_engine(self) -> list[float]:
@@ -131,7 +138,8 @@ def combine(deltas: Sequence[FleetDelta]) -> FleetDelta:
             prefix_queries=sum(e.prefix_queries for e in parts),
             prefix_hits=sum(e.prefix_hits for e in parts),
             ttft_sum_s=sum(e.ttft_sum_s for e in parts),
-            ttft_count=sum(e.ttft_count for e in parts)))
+            ttft_count=sum(e.ttft_count for e in parts),
+            preemptions=sum(e.preemptions for e in parts)))
     return FleetDelta(engines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,7 @@ from kvroute_bench.harness import (
     skipped_result,
     to_json,
 )
+from kvroute_bench.report import counters_markdown
 from kvroute_bench.stats import RequestResult
 
 
@@ -47,6 +49,23 @@ def test_result_combines_client_and_engine_numbers() -> None:
     assert math.isnan(routed.router_added_s)  # set by the overhead probe, not from the window
     skipped = skipped_result(CONTENDERS.select(["sglang-router-cache"])[0], "not installed")
     assert math.isnan(skipped.router_added_s) and skipped.skipped == "not installed"
+
+
+def test_engine_preemptions_are_counted_and_reported() -> None:
+    """vLLM's preemption counter moves into the result and the markdown; a run without any
+    says nothing about them."""
+    direct = CONTENDERS.select(["direct-rr"])[0]
+    sample: promtext.Sample = (promtext.PREEMPTIONS, ())
+    before, after = {sample: 5.0}, {sample: 12.0}
+    busy = dataclasses.replace(engine(3, 3000, 1500, 0.6),
+                               preemptions=promtext.delta(before, after).preemptions)
+    fleet = promtext.combine([promtext.FleetDelta([busy, engine(1, 1000, 0, 0.2)])] * 2)
+    r = contender_result(direct, [results(0.25)], fleet)
+    assert r.engine_preemptions == 14
+    assert "Engine preemptions over the measured window" in counters_markdown([r])
+    calm = contender_result(direct, [results(0.25)],
+                            promtext.FleetDelta([engine(1, 1000, 0, 0.2)]))
+    assert calm.engine_preemptions == 0 and counters_markdown([calm]) == ""
 
 
 def test_json_has_no_nan() -> None:

@@ -68,6 +68,10 @@ from kvroute_router.framework.saturation import Saturation
 
 PRIORITY_HEADER = "x-kvroute-priority"
 
+# The ``order`` label values of ``kvroute_admission_released_total``.
+RELEASED_IN_ARRIVAL_ORDER = "arrival"
+RELEASED_NEWEST_FIRST = "newest_first"
+
 WaitingKey = tuple[int, int]
 """A waiter's place in the fleet's order: (-priority, arrival in Unix ms); smaller goes first."""
 
@@ -121,7 +125,7 @@ class AdmissionController:
         self._in_transit = 0
         """Waiters released that have not resumed yet: their requests are not in the load."""
         if metrics is not None:  # both orders exported from the start: rate() sees the first
-            for order in ("arrival", "newest_first"):
+            for order in (RELEASED_IN_ARRIVAL_ORDER, RELEASED_NEWEST_FIRST):
                 metrics.admission_released.labels(*policy_labels(policy), order)
 
     def update_spec(self, spec: AdmissionSpec) -> None:
@@ -261,7 +265,7 @@ class AdmissionController:
                     future.set_result(True)
                     released += 1
                     self._in_transit += 1
-                    self._count_release("newest_first")
+                    self._count_release(RELEASED_NEWEST_FIRST)
             self._waiting = [entry for entry in self._waiting if entry[1] not in gone]
             heapq.heapify(self._waiting)
         while self._waiting and released < free:
@@ -270,7 +274,7 @@ class AdmissionController:
                 future.set_result(False)
                 released += 1
                 self._in_transit += 1
-                self._count_release("arrival")
+                self._count_release(RELEASED_IN_ARRIVAL_ORDER)
         self._set_depth()
         return released
 

@@ -192,7 +192,7 @@ def start_fleet(engines: int, profile: str, workdir: Path, max_context: int,
     args = argparse.Namespace(engines=engines, profile=profile, time_scale=1.0,
                               kv_blocks_set=False, kv_blocks=0, block_size_set=False,
                               block_size=0, max_context=max_context,
-                              scheduling_policy="fcfs")
+                              scheduling_policy="fcfs", kv_allocation="reserve")
     emulated = EmulatedFleetProcess(args, workdir)
     entries = json.loads(emulated.info_path.read_text())
     info = FleetInfo([EngineInfo(name=e["name"], url=e["url"],

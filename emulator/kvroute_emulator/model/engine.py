@@ -349,7 +349,7 @@ class SimEngine:
             self.running.append(r)
             chunk = min(budget, r.prefill_len - r.computed)
             prefill.append((r, chunk))
-            self._cache_chunk(r, chunk, stored)
+            self._cache_chunk(r, chunk)
             budget -= chunk
         self._stored = []
         self._released_stored.clear()
@@ -375,7 +375,7 @@ class SimEngine:
             if r.computed < r.prefill_len and budget > 0:
                 chunk = min(budget, r.prefill_len - r.computed)
                 prefill.append((r, chunk))
-                self._cache_chunk(r, chunk, self._stored)
+                self._cache_chunk(r, chunk)
                 budget -= chunk
         return prefill, decode, budget
 
@@ -416,28 +416,29 @@ class SimEngine:
                 self._cache_decode(r)
             else:
                 prefill.append((r, tokens))
-                self._cache_chunk(r, tokens, self._stored)
+                self._cache_chunk(r, tokens)
         return prefill, decode, budget, preempted
 
     def _cache_decode(self, request: SimRequest) -> None:
         """The token sampled last step is fed in this one: cache the blocks it fills."""
-        full = (request.prompt_tokens + request.generated) // self.profile.block_size
+        self._cache_output_blocks(
+            request, (request.prompt_tokens + request.generated) // self.profile.block_size)
+
+    def _cache_output_blocks(self, request: SimRequest, full: int) -> None:
+        """Cache ``request``'s blocks after its prompt's until it holds ``full`` of them."""
         while len(request.blocks) < full:
             self._cache_block(request, request.output_hash(len(request.blocks)
-                                                           - len(request.hashes)),
-                              self._stored)
+                                                           - len(request.hashes)))
 
-    def _cache_chunk(self, request: SimRequest, chunk: int, stored: list[int]) -> None:
+    def _cache_chunk(self, request: SimRequest, chunk: int) -> None:
         """Cache the full prompt blocks ``request``'s next ``chunk`` tokens complete."""
         bs = self.profile.block_size
         end = request.computed + chunk
         after = min(end // bs, len(request.hashes))
         for h in request.hashes[request.computed // bs:after]:
-            self._cache_block(request, h, stored)
+            self._cache_block(request, h)
         if end > request.prompt_tokens:  # after a preemption: the generated tokens again
-            while len(request.blocks) < end // bs:
-                self._cache_block(request, request.output_hash(len(request.blocks)
-                                                               - len(request.hashes)), stored)
+            self._cache_output_blocks(request, end // bs)
 
     def step_duration(self, plan: StepPlan) -> float:
         return self.profile.step_s(plan.prefill_tokens, len(plan.decode))
@@ -466,7 +467,7 @@ class SimEngine:
             self.finished += 1
         return done
 
-    def _cache_block(self, request: SimRequest, block: int, stored: list[int]) -> None:
+    def _cache_block(self, request: SimRequest, block: int) -> None:
         """``request``'s scheduled step fills ``block``: cache it (or share the copy a concurrent
         request filled), using one of its reserved blocks."""
         count = self.refcount.get(block)
@@ -478,7 +479,7 @@ class SimEngine:
         else:
             self.refcount[block] = 1
             self.pinned += 1
-            stored.append(block)
+            self._stored.append(block)
         self.reserved -= 1
         request.blocks.append(block)
 

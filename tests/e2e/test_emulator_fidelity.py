@@ -459,12 +459,18 @@ async def _newest_first_try(session: aiohttp.ClientSession, url: str, sub: Subsc
         async with asyncio.timeout(TRY_S):
             return await _newest_first_sent(session, url, sub, names, tasks)
     except TimeoutError:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel(tasks)
         await _until_idle(session, url)
         await _events(sub)  # drained: the abandoned requests' own events
         return f"a try passed {TRY_S:.0f} s and was abandoned", []
+    finally:
+        await _cancel(tasks)  # a failed assertion, too, leaves no request of this try running
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _newest_first_sent(session: aiohttp.ClientSession, url: str, sub: Subscriber,

@@ -125,11 +125,11 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
                              "simulated). priority: kvroute's pool declares it and kvroute sets "
                              "each request's priority (scoring.prefillPriorityMsPerToken); the "
                              "peers send none, which the engines serve in arrival order")
-    parser.add_argument("--kv-allocation", choices=("reserve", "on-demand"), default="reserve",
-                        help="the emulated and simulated engines' KV allocation: reserve "
-                             "(a request's blocks at admission, no preemption) or on-demand "
-                             "(vLLM's: blocks as steps fill them, preempting when they run "
-                             "out)")
+    parser.add_argument("--kv-allocation", choices=("reserve", "on-demand"), default="on-demand",
+                        help="the emulated and simulated engines' KV allocation: on-demand "
+                             "(the default, vLLM's: blocks as steps fill them, preempting when "
+                             "they run out) or reserve (a request's blocks at admission, no "
+                             "preemption; the rounds published before round 59)")
     sim = parser.add_argument_group("fleet simulator (--sim)")
     sim.add_argument("--sim", action="store_true",
                      help="simulate the pods instead of starting real engines")

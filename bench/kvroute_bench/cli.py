@@ -110,8 +110,7 @@ class EmulatedFleetProcess:
             argv += ["--max-model-len", str(args.max_context)]
         if args.scheduling_policy != "fcfs":
             argv += ["--scheduling-policy", args.scheduling_policy]
-        if args.kv_allocation != "reserve":
-            argv += ["--kv-allocation", args.kv_allocation]
+        argv += ["--kv-allocation", args.kv_allocation]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT / "emulator"), *filter(None, [env.get("PYTHONPATH")])])

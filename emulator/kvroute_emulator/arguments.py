@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from kvroute_emulator.model.engine import KV_ALLOCATIONS, SCHEDULING_POLICIES
+from kvroute_emulator.model.engine import (
+    DEFAULT_KV_ALLOCATION,
+    KV_ALLOCATIONS,
+    SCHEDULING_POLICIES,
+)
 from kvroute_emulator.model.profile import PROFILE_NAMES
 
 DEFAULT_MAX_MODEL_LEN = {"cpu": 4096, "h100-llama8b": 32768}
@@ -32,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser, model_dir_required: bool = Tr
     parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                         help="vLLM's waiting-queue order: fcfs (arrival) or priority (the "
                              "requests' priority field, lower first, then arrival)")
-    parser.add_argument("--kv-allocation", choices=KV_ALLOCATIONS, default="reserve",
+    parser.add_argument("--kv-allocation", choices=KV_ALLOCATIONS, default=DEFAULT_KV_ALLOCATION,
                         help="reserve: a request's KV blocks, prompt and output, are taken "
                              "at admission, so nothing is preempted; on-demand: as vLLM, a "
                              "step takes the blocks it fills and a sequence short of blocks "

@@ -26,7 +26,7 @@ from typing import Any
 
 from kvroute_emulator.hashing import block_digests, event_hash
 from kvroute_emulator.kvevents import KVEventPublisher
-from kvroute_emulator.model.engine import SimEngine, SimRequest
+from kvroute_emulator.model.engine import DEFAULT_KV_ALLOCATION, SimEngine, SimRequest
 from kvroute_emulator.model.profile import CostProfile
 from kvroute_emulator.tokens import ServedModel
 
@@ -98,7 +98,8 @@ class EmulatedEngine:
 
     def __init__(self, index: int, profile: CostProfile, model: ServedModel,
                  time_scale: float, publisher_factory: Callable[[], KVEventPublisher], *,
-                 scheduling_policy: str = "fcfs", kv_allocation: str = "reserve") -> None:
+                 scheduling_policy: str = "fcfs",
+                 kv_allocation: str = DEFAULT_KV_ALLOCATION) -> None:
         if time_scale <= 0:
             raise ValueError("time_scale must be > 0 (wall seconds per emulated second)")
         self.index = index

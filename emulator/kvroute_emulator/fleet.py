@@ -42,7 +42,11 @@ from aiohttp import web
 
 from kvroute_emulator.engine import EmulatedEngine
 from kvroute_emulator.kvevents import KVEventPublisher
-from kvroute_emulator.model.engine import KV_ALLOCATIONS, SCHEDULING_POLICIES
+from kvroute_emulator.model.engine import (
+    DEFAULT_KV_ALLOCATION,
+    KV_ALLOCATIONS,
+    SCHEDULING_POLICIES,
+)
 from kvroute_emulator.model.profile import CostProfile
 from kvroute_emulator.server import ClientError, EngineServer, RequestTimings
 from kvroute_emulator.tokens import ServedModel
@@ -62,7 +66,7 @@ class FleetConfig:
     admin_port: int = 0
     eos_after: int = 0
     scheduling_policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs or priority
-    kv_allocation: str = "reserve"  # the engine model's: reserve or on-demand (preempting)
+    kv_allocation: str = DEFAULT_KV_ALLOCATION  # the engine model's: on-demand or reserve
 
     def check(self) -> None:
         if self.count < 1:

@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from kvroute_emulator.model.engine import SimEngine, SimRequest, StepPlan, block_hashes
+from kvroute_emulator.model.engine import (
+    DEFAULT_KV_ALLOCATION,
+    SimEngine,
+    SimRequest,
+    StepPlan,
+    block_hashes,
+)
 from kvroute_emulator.model.profile import CostProfile
 
 from kvroute_bench.workloads import TraceRequest
@@ -152,7 +158,7 @@ def placement_class(engines: Sequence[SimEngine], chosen: int, hashes: Sequence[
 
 def simulate(requests: Sequence[SimRequest], pods: int, profile: CostProfile, picker: Picker,
              max_simulated_s: float = 86_400.0, scheduling_policy: str = "fcfs",
-             kv_allocation: str = "reserve",
+             kv_allocation: str = DEFAULT_KV_ALLOCATION,
              warmup: int = 0, scrape_phase: float = 0.0,
              slo_ttft_s: float = 1.0) -> SimResult:
     """Run ``requests`` through ``pods`` engines of ``profile`` (admitting waiting requests by

@@ -287,8 +287,7 @@ def run_sim(args: argparse.Namespace) -> int:
                             f"{args.requests} requests at {rate}/s"
                             + (f" after {warmup} continuous warm-up" if warmup else "")
                             + f", engines {args.scheduling_policy}"
-                            + (f", KV {args.kv_allocation}"
-                               if args.kv_allocation != "reserve" else ""))
+                            + f", KV {args.kv_allocation}")
         if args.sim_ensemble > 1:
             table.title = f"{table.title}; the mean of {args.sim_ensemble} runs a picker"
         for column in ("picker", "TTFT p50 ms", "p90",

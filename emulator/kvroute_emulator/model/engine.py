@@ -67,6 +67,9 @@ KV_ALLOCATIONS = ("reserve", "on-demand")
 """How the model hands out KV blocks: the whole request's at admission (no preemption), or
 a step's as it needs them, preempting on exhaustion (vLLM's way)."""
 
+DEFAULT_KV_ALLOCATION = "on-demand"
+"""vLLM's own; ``reserve`` reproduces the rounds published before round 59."""
+
 
 def block_hashes(tokens: bytes, block_size: int) -> list[int]:
     """Chained 64-bit hashes of the full blocks of ``tokens``."""
@@ -159,7 +162,8 @@ class SimEngine:
     """One engine; the fleet loop calls :meth:`enqueue`, :meth:`plan_step`, :meth:`finish_step`."""
 
     def __init__(self, index: int, profile: CostProfile, *,
-                 scheduling_policy: str = "fcfs", kv_allocation: str = "reserve") -> None:
+                 scheduling_policy: str = "fcfs",
+                 kv_allocation: str = DEFAULT_KV_ALLOCATION) -> None:
         if scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"unknown scheduling policy {scheduling_policy!r}: use "
                              f"{' or '.join(SCHEDULING_POLICIES)}")

@@ -38,6 +38,23 @@ def test_cli_names_match_the_registries() -> None:
     assert list(arguments.CONTENDER_NAMES) == CONTENDERS.names()
 
 
+def test_engine_model_options_match_the_emulator() -> None:
+    """``kvroute bench`` spells the engine model's choices and defaults itself (its parser
+    imports only the standard library); they must be the emulator's."""
+    from kvroute_emulator.model.engine import (
+        DEFAULT_KV_ALLOCATION,
+        KV_ALLOCATIONS,
+        SCHEDULING_POLICIES,
+    )
+
+    parser = argparse.ArgumentParser()
+    arguments.add_arguments(parser, "out")
+    options = {a.dest: a for a in parser._actions}
+    assert tuple(options["kv_allocation"].choices or ()) == KV_ALLOCATIONS
+    assert options["kv_allocation"].default == DEFAULT_KV_ALLOCATION
+    assert tuple(options["scheduling_policy"].choices or ()) == SCHEDULING_POLICIES
+
+
 def test_cli_rejects_unknown_workloads() -> None:
     parser = argparse.ArgumentParser()
     arguments.add_arguments(parser, "out")

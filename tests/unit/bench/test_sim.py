@@ -1,4 +1,8 @@
-"""The simulated engine: batching, chunked prefill, prefix reuse, LRU eviction, events."""
+"""The simulated engine: batching, chunked prefill, prefix reuse, LRU eviction, events.
+
+Tests whose block arithmetic counts a request's output at admission pin the reserved model
+(``kv_allocation="reserve"``); the default, vLLM's on-demand allocation with preemption, has
+its own tests in tests/unit/emulator/test_preemption.py."""
 
 from __future__ import annotations
 
@@ -165,7 +169,7 @@ def test_a_finished_request_is_evicted_last_block_first() -> None:
     """vLLM frees a request's blocks in reverse: its tail goes first and a context evicted in
     part keeps its leading blocks, still a hit (first block first, block 0 went and every hit
     with it)."""
-    engine = SimEngine(0, PROFILE)  # 40 blocks of 4 tokens
+    engine = SimEngine(0, PROFILE, kv_allocation="reserve")  # 40 blocks of 4 tokens
     first = request(1, b"p" * 64, max_tokens=1)  # 16 cached blocks, 17 reserved
     engine.enqueue(first)
     run_until_idle(engine)
@@ -202,7 +206,7 @@ def test_output_blocks_are_cached_once_their_tokens_are_computed() -> None:
 def test_a_request_that_does_not_fit_leaves_the_lru_order_alone() -> None:
     """Admission checks for room before it touches the hits (vLLM does), so a request that
     waits does not make the blocks it would hit the most recently used."""
-    engine = SimEngine(0, PROFILE)  # 40 blocks
+    engine = SimEngine(0, PROFILE, kv_allocation="reserve")  # 40 blocks
     old = request(1, b"a" * 32, max_tokens=1)  # 8 blocks, the oldest
     newer = request(2, b"b" * 32, max_tokens=1)
     for r in (old, newer):
@@ -229,7 +233,9 @@ def test_a_request_that_does_not_fit_leaves_the_lru_order_alone() -> None:
 
 
 def test_requests_wait_for_kv_capacity_instead_of_overcommitting() -> None:
-    engine = SimEngine(0, PROFILE)
+    """Reserved KV (prompt and output at admission): a request that does not fit waits. On
+    demand, it is admitted and a sequence is preempted instead (test_preemption.py)."""
+    engine = SimEngine(0, PROFILE, kv_allocation="reserve")
     engine.enqueue(request(1, b"s" * 120, max_tokens=8))  # 32 blocks
     engine.enqueue(request(2, b"t" * 60, max_tokens=8))  # 17 blocks: must wait
     plan = engine.plan_step(0.0)

@@ -208,7 +208,7 @@ def test_kv_allocation_option_reaches_the_fleet_config(model_dir: Path) -> None:
     assert config_from_args(args).kv_allocation == "on-demand"
     args = build_parser().parse_args(["engines", "--emulate"])
     args.model_dir, args.served_model_name = str(model_dir), "m"
-    assert config_from_args(args).kv_allocation == "reserve"
+    assert config_from_args(args).kv_allocation == "on-demand", "vLLM's allocation by default"
     with pytest.raises(ValueError, match="unknown KV allocation"):
         SimEngine(0, TIGHT, kv_allocation="lazy")
 

@@ -76,11 +76,10 @@ def counters_markdown(results: Sequence[ContenderResult]) -> str:
             listed = ", ".join(f"`{key}` {value:,.0f}"
                                for key, value in sorted(r.router_counters.items()))
             parts.append(f"* {r.name}: {listed}")
-    preempted = [r for r in results if r.engine_preemptions]
     engines = ("\nEngine preemptions over the measured window (`vllm:num_preemptions_total`, "
                "every engine): "
                + ", ".join(f"{r.name} {r.engine_preemptions:,.0f}" for r in results) + "\n"
-               if preempted else "")
+               if any(r.engine_preemptions for r in results) else "")
     if not parts:
         return engines
     return ("\nRouter counters over the measured window (summed over endpoints and replicas):\n\n"

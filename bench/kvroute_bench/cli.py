@@ -108,9 +108,8 @@ class EmulatedFleetProcess:
             argv += ["--block-size", str(args.block_size)]
         if args.max_context:
             argv += ["--max-model-len", str(args.max_context)]
-        if args.scheduling_policy != "fcfs":
-            argv += ["--scheduling-policy", args.scheduling_policy]
-        argv += ["--kv-allocation", args.kv_allocation]
+        argv += ["--scheduling-policy", args.scheduling_policy,
+                 "--kv-allocation", args.kv_allocation]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(REPO_ROOT / "emulator"), *filter(None, [env.get("PYTHONPATH")])])

@@ -35,13 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser, model_dir_required: bool = Tr
                              "finish_reason stop (0: run to max_tokens)")
     parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                         help="vLLM's waiting-queue order: fcfs (arrival) or priority (the "
-                             "requests' priority field, lower first, then arrival)")
+                             "requests' priority field, lower first, then arrival; default "
+                             "%(default)s, as vLLM)")
     parser.add_argument("--kv-allocation", choices=KV_ALLOCATIONS, default=DEFAULT_KV_ALLOCATION,
                         help="reserve: a request's KV blocks, prompt and output, are taken "
                              "at admission, so nothing is preempted; on-demand: as vLLM, a "
                              "step takes the blocks it fills and a sequence short of blocks "
                              "preempts one (the newest, or the lowest priority), which is "
-                             "prefilled again later")
+                             "prefilled again later (default %(default)s, as vLLM; reserve "
+                             "reproduces the benchmark rounds before 59)")
     parser.add_argument("--admin-port", type=int, default=0,
                         help="port of the fault-injection API (0: any free port)")
     parser.add_argument("--endpoints-file", help="also write the endpoints JSON here")

@@ -13,16 +13,17 @@ The model follows vLLM v1's scheduler in the parts that decide routing outcomes:
 * On admission the prompt's full blocks are looked up in the prefix cache; the longest cached
   run of leading blocks is reused (at least one prompt token is always computed, as in vLLM).
   Queried and hit tokens feed ``prefix_cache_queries`` / ``prefix_cache_hits``.
-* KV blocks, by ``kv_allocation``: ``reserve`` (the default) reserves them for the whole
-  prompt and output at admission, so a sequence waits for room instead of being preempted (a
-  simplification). ``on-demand`` allocates as vLLM does: a step takes the blocks its tokens
-  fill, a waiting request is admitted when its first chunk fits, and a running sequence that
-  finds no free block preempts one — the newest admitted under fcfs, the lowest priority
-  (largest (priority, arrival)) under priority, itself when it is that one. The preempted
-  sequence frees its blocks (its full ones stay cached, evictable), goes back to the head of
-  the queue (in priority order under priority), and is prefilled again from its prompt and
-  the tokens it had generated, hitting whatever of that is still cached; no new request is
-  admitted in a step that preempted. Its first token keeps its first time. A block
+* KV blocks, by ``kv_allocation``: ``reserve`` reserves them for the whole prompt and
+  output at admission, so a sequence waits for room instead of being preempted (a
+  simplification; the rounds before 59). ``on-demand`` (the default) allocates as vLLM
+  does: a step takes the blocks its tokens fill, a waiting request is admitted when its
+  first chunk fits, and a running sequence that finds no free block preempts one — the
+  newest admitted under fcfs, the lowest priority (largest (priority, arrival)) under
+  priority, itself when it is that one. The preempted sequence frees its blocks (its full
+  ones stay cached, evictable), goes back to the head of the queue (in priority order under
+  priority), and is prefilled again from its prompt and the tokens it had generated,
+  hitting whatever of that is still cached; no new request is admitted in a step that
+  preempted. Its first token keeps its first time. A block
   becomes cached when the step that fills it is **scheduled**, as vLLM's ``allocate_slots``
   caches it, not when the step ends: a request admitted later in the same step (or while an
   earlier one's long prefill is still in chunks) hits it instead of computing it again —
